@@ -1,0 +1,46 @@
+"""SchedulerOutput -> StepInput: the padded, fixed-shape numpy arrays one jitted step consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from qwenjax.compat import register_dataclass
+from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.scheduler import SchedulerOutput
+
+
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0
+    meta: AttentionMetadata   # positions / slots / block tables / lengths, see AttentionMetadata
+    logits_index: jax.Array   # [B] int32 index along Q of each row's last new token (its logits are sampled)
+
+
+def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int) -> StepInput:
+    B, Q = out.bucket
+    ids = np.zeros((B, Q), np.int32)
+    pos = np.zeros((B, Q), np.int32)
+    slots = np.full((B, Q), num_pages * page_size, np.int32)  # out of range: padding writes are dropped
+    tables = np.zeros((B, max_pages_per_seq), np.int32)
+    seq_lens = np.zeros((B,), np.int32)
+    q_lens = np.zeros((B,), np.int32)
+    last = np.zeros((B,), np.int32)
+    for b, row in enumerate(out.rows):
+        seq, n, start = row.seq, row.num_new_tokens, row.seq.num_computed
+        table = seq.block_table
+        ids[b, :n] = seq.tokens(start, start + n)
+        p = np.arange(start, start + n, dtype=np.int32)
+        pos[b, :n] = p
+        pages = np.asarray(table, np.int32)
+        slots[b, :n] = pages[p // page_size] * page_size + p % page_size
+        tables[b, :len(table)] = pages
+        seq_lens[b] = start + n
+        q_lens[b] = n
+        last[b] = n - 1
+    meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+                             query_lens=q_lens)
+    return StepInput(input_ids=ids, meta=meta, logits_index=last)

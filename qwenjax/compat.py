@@ -1,0 +1,60 @@
+"""Version-specific imports and JAX process settings, kept in one place.
+
+qwenjax supports jax 0.10.x (CPU CI, Python 3.11) and jax 0.11.x (the CUDA 13 GPU image, Python 3.12). Everything
+that differs between them, or that reaches into JAX internals, lives here so the rest of the code imports one name.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def backends_initialized() -> bool:
+    """True once JAX has created its device clients (after which memory settings no longer apply)."""
+    try:
+        from jax._src import xla_bridge
+
+        fn = getattr(xla_bridge, "backends_are_initialized", None)
+        if fn is not None:
+            return bool(fn())
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except ImportError:  # pragma: no cover - layout changed; assume the worst so the caller warns
+        return True
+
+
+def set_gpu_memory_fraction(fraction: float) -> bool:
+    """Sets JAX's GPU memory pool to `fraction` of the device before JAX initialises it.
+
+    JAX preallocates 75% of each GPU by default; the engine sizes everything from `gpu_memory_utilization` instead.
+    Returns False when JAX's backends already exist, in which case the setting cannot take effect any more.
+    """
+    if backends_initialized():
+        current = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+        return current is not None and abs(float(current) - fraction) < 1e-6
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    return True
+
+
+def register_dataclass(cls):
+    """Registers a (frozen) dataclass as a pytree whose fields are all data (array) leaves."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+
+
+def pallas_triton_params(**kwargs):
+    """Compiler params for Pallas' Triton (GPU) lowering; the class was renamed across jax versions."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    cls = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
+    return cls(**kwargs)
+
+
+def platform() -> str:
+    """'gpu' for CUDA devices, else the default backend's platform name ('cpu', 'tpu')."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm", "gpu") else name

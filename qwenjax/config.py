@@ -1,0 +1,220 @@
+"""Frozen, validated configuration: the model's shape (from HF config.json) and the engine's settings.
+
+Both are hashable so they can be static arguments of jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16",
+           "float32": "float32", "float": "float32", "fp32": "float32"}
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The Qwen2 shape. Field names follow HF's Qwen2Config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    architecture: str = "Qwen2ForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        arch = (d.get("architectures") or ["Qwen2ForCausalLM"])[0]
+        if arch not in ("Qwen2ForCausalLM",):
+            raise NotImplementedError(f"architecture {arch!r} is not supported yet; qwenjax serves Qwen2ForCausalLM")
+        if d.get("rope_scaling"):
+            raise NotImplementedError(f"rope_scaling {d['rope_scaling']!r} is not supported yet")
+        if d.get("use_sliding_window"):
+            raise NotImplementedError("use_sliding_window=true is not supported yet")
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            rope_theta=float(d.get("rope_theta", 10000.0)), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"), architecture=arch,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+    @classmethod
+    def from_file(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        D, F, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        qkv = D * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        o = self.num_attention_heads * self.head_dim * D
+        layer = qkv + bias + o + 3 * D * F + 2 * D
+        emb = self.vocab_size * D
+        head = 0 if self.tie_word_embeddings else emb
+        total = L * layer + D + head + (emb if include_embedding else 0)
+        if not include_embedding and self.tie_word_embeddings:
+            total += emb  # the tied lm_head still multiplies by the whole table
+        return total
+
+
+def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
+    import jax.numpy as jnp
+
+    if name == "auto":
+        name = model.torch_dtype
+        if name == "float32":
+            name = "float32"
+    key = _DTYPES.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"dtype must be one of 'auto', 'bfloat16', 'float16', 'float32', got {name!r}")
+    return jnp.dtype(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """User-facing engine arguments, shared by `LLM(...)` and `python -m server` (vLLM's names)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool | None = None
+    num_kv_pages: int | None = None          # override the page count computed from free memory
+    kv_cache_memory_bytes: int | None = None  # budget for pages when the device reports no memory (CPU)
+    generation_config: str = "auto"          # "auto": the model's generation_config.json; "vllm": none; or a dir
+    chat_template: str | None = None
+    served_model_name: tuple[str, ...] | None = None
+    trust_remote_code: bool = False
+    skip_warmup: bool = False
+    decode_buckets: tuple[int, ...] | None = None
+    prefill_token_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+
+    def unsupported(self) -> list[str]:
+        """Arguments whose feature is not built yet: each is refused by name rather than silently ignored."""
+        missing = []
+        if self.quantization not in (None, "none"):
+            missing.append(f"quantization={self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            missing.append(f"kv_cache_dtype={self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size != 1:
+            missing.append(f"tensor_parallel_size={self.tensor_parallel_size}")
+        if self.enable_prefix_caching:
+            missing.append("enable_prefix_caching=True")
+        if self.trust_remote_code:
+            missing.append("trust_remote_code=True")
+        return missing
+
+
+def pow2_at_least(n: int, lo: int = 1) -> int:
+    v = lo
+    while v < n:
+        v *= 2
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Resolved scheduling limits and the static step shapes ("buckets") compiled at start-up.
+
+    Invariants: every decode bucket <= max_num_seqs; every prefill bucket's B*Q <= max_num_batched_tokens (except a
+    single row, which may hold up to max_prefill_chunk tokens); max_prefill_chunk divides into page-aligned chunks.
+    """
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    decode_buckets: tuple[int, ...]                 # B values of decode steps (Q = 1)
+    prefill_buckets: tuple[tuple[int, int], ...]     # (B, Q) of prefill steps, Q > 1
+    max_prefill_chunk: int                           # longest chunk one prefill row carries
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @classmethod
+    def build(cls, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int,
+              decode_buckets=None, prefill_token_buckets=None) -> "SchedulerConfig":
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(2048, min(8192, max_model_len))
+        budget = max_num_batched_tokens
+        if decode_buckets is None:
+            decode_buckets = [b for b in (1, 8, 16, 32, 64, 128, 256, 512) if b < max_num_seqs] + [max_num_seqs]
+        decode_buckets = tuple(sorted(set(int(b) for b in decode_buckets if b <= max_num_seqs)))
+        # Prefill rows carry at most `chunk` tokens; longer prompts are prefilled in several chunks.
+        chunk = min(pow2_at_least(min(budget, max_model_len), 16), pow2_at_least(max_model_len, 16))
+        chunk = min(chunk, budget if budget & (budget - 1) == 0 else pow2_at_least(budget, 16) // 2)
+        chunk = max(chunk, 16)
+        if prefill_token_buckets is None:
+            qs = [q for q in (128, 512, 2048, 8192) if q < chunk] + [chunk]
+        else:
+            qs = sorted(set(int(q) for q in prefill_token_buckets if q <= chunk)) or [chunk]
+        prefill = []
+        for q in qs:
+            rows = max(1, budget // q)
+            b = 1
+            while True:
+                prefill.append((min(b, rows, max_num_seqs), q))
+                if b >= rows or b >= max_num_seqs:
+                    break
+                b *= 4
+        return cls(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                   block_size=block_size, decode_buckets=decode_buckets,
+                   prefill_buckets=tuple(sorted(set(prefill), key=lambda bq: (bq[1], bq[0]))), max_prefill_chunk=qs[-1])

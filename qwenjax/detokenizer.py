@@ -1,0 +1,123 @@
+"""Incremental, UTF-8-safe detokenization of a growing output: text deltas as tokens arrive.
+
+Byte-level BPE (every Qwen2 tokenizer) maps tokens to BYTES, so one character (CJK, emoji) can be split across
+tokens; decoding a prefix that ends mid-character yields U+FFFD. We never emit such a tail: each step decodes a
+small window of recent tokens and emits only once the window's text no longer ends in U+FFFD.
+
+Window invariant: ``self._window = context + pending`` where
+  * ``context`` (``self._window[:self._read]``) are tokens whose text is already emitted (or prompt tokens), it
+    ends on a character boundary and decodes to ``self._context_len`` characters;
+  * ``pending`` are tokens whose text is not yet emitted (at most a few: an incomplete UTF-8 tail is <= 3 bytes).
+The delta is ``decode(window)[context_len:]``; decoding the context along with the new tokens keeps decoders that
+depend on the previous token (e.g. sentencepiece leading spaces) right. After emitting, the emitted tokens become
+the new context, trimmed to ``_CONTEXT_TOKENS``, so each step decodes O(new tokens + _CONTEXT_TOKENS) tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import transformers
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+# Tokens kept before the pending ones as decoding context. Byte-level BPE needs none (its decode is context-free
+# concatenation of bytes); it only matters for decoders that treat the first token specially.
+_CONTEXT_TOKENS = 4
+
+
+class IncrementalDetokenizer:
+    """Turns one request's output tokens into text, a delta per step, never splitting a UTF-8 character.
+
+    Per step call ``add_tokens(new_ids)`` and append/stream its return value; when the request finishes (stop,
+    EOS, length, abort) call ``flush()`` once and treat its return as a last delta: it releases a held-back tail
+    that never completed (e.g. invalid bytes from a random token, which then decode to U+FFFD).
+
+    For byte-level BPE tokenizers (Qwen2) the deltas concatenated, flush included, equal
+    ``tokenizer.decode(output_ids, skip_special_tokens=..., spaces_between_special_tokens=...)`` exactly, and no
+    delta returned by ``add_tokens`` ends in U+FFFD. Skipped special tokens produce no text.
+
+    A held tail can only grow while the output keeps ending in an undecodable byte sequence; for well-formed UTF-8
+    that is at most 3 tokens (a UTF-8 character has at most 4 bytes).
+    """
+
+    def __init__(
+        self,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._spaces_between_special_tokens = spaces_between_special_tokens
+        self._output_text = ""
+        self._finished = False
+
+        # The prompt's last tokens are the first context, unless they end mid-character: then the output would
+        # complete that character and the context text would not be a prefix of the window text.
+        context = [int(i) for i in prompt_token_ids[-_CONTEXT_TOKENS:]]
+        context_text = self._decode(context) if context else ""
+        if context_text.endswith(_REPLACEMENT_CHAR):
+            context, context_text = [], ""
+        self._window: list[int] = context
+        self._read = len(context)
+        self._context_len = len(context_text)
+
+    @property
+    def output_text(self) -> str:
+        """All text emitted so far (deltas of ``add_tokens`` and ``flush`` concatenated)."""
+        return self._output_text
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Output tokens received whose text is held back (an incomplete character so far)."""
+        return len(self._window) - self._read
+
+    @property
+    def finished(self) -> bool:
+        """True once ``flush()`` was called; no more tokens are accepted."""
+        return self._finished
+
+    def add_tokens(self, new_ids: Sequence[int]) -> str:
+        """Append ``new_ids`` (output tokens, in order) and return the newly completed text, possibly ''."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.add_tokens called after flush(); the request has finished")
+        if len(new_ids) == 0:
+            return ""
+        self._window.extend(int(i) for i in new_ids)
+        text = self._decode(self._window)
+        # Hold while the window ends in U+FFFD (possibly an incomplete character), or if its text does not yet reach
+        # past the context (possible only for decoders whose output shrinks when bytes complete a character).
+        if text.endswith(_REPLACEMENT_CHAR) or len(text) < self._context_len:
+            return ""
+        delta = text[self._context_len :]
+        self._output_text += delta
+        self._advance()
+        return delta
+
+    def flush(self) -> str:
+        """Finish: return the held-back text (which may contain U+FFFD); further ``add_tokens`` calls raise."""
+        if self._finished:
+            return ""
+        self._finished = True
+        if self.num_pending_tokens == 0:
+            return ""
+        delta = self._decode(self._window)[self._context_len :]
+        self._output_text += delta
+        return delta
+
+    def _advance(self) -> None:
+        # Everything in the window is emitted and ends on a character boundary: the last tokens become the
+        # context. A context that starts mid-character decodes to the same leading U+FFFDs whatever follows it.
+        self._window = self._window[-_CONTEXT_TOKENS:]
+        self._read = len(self._window)
+        self._context_len = len(self._decode(self._window))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(
+            token_ids,
+            skip_special_tokens=self._skip_special_tokens,
+            spaces_between_special_tokens=self._spaces_between_special_tokens,
+        )

@@ -1,0 +1,260 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
+
+Host loop per step: Scheduler.schedule() -> build_step_input -> ModelRunner.execute (one jitted model step and one
+jitted sampling call) -> read the sampled ids (the only device sync) -> append, detokenize, check stops, free pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Iterable
+
+import numpy as np
+
+from qwenjax import compat
+from qwenjax.batch import build_step_input
+from qwenjax.block_manager import BlockManager
+from qwenjax.config import EngineArgs, SchedulerConfig
+from qwenjax.detokenizer import IncrementalDetokenizer
+from qwenjax.model_setup import LoadedModel, load_model
+from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from qwenjax.runner import ModelRunner
+from qwenjax.sampler import SamplerMode, SamplingRow, build_tensors, choose_mode
+from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler import Scheduler
+from qwenjax.sequence import Request, Sequence, SeqStatus
+from qwenjax.stop_checker import StopChecker
+
+logger = logging.getLogger("qwenjax")
+
+_GREEDY = SamplingParams(temperature=0.0)
+_GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
+WARMUP_MODES = (
+    SamplerMode(all_greedy=True, filter="none", topk_cap=0, penalties=False, num_logprobs=0, has_banned=False),
+    SamplerMode(all_greedy=False, filter="none", topk_cap=0, penalties=False, num_logprobs=0, has_banned=False),
+    SamplerMode(all_greedy=False, filter="topk", topk_cap=64, penalties=False, num_logprobs=0, has_banned=False),
+)
+
+
+class EngineStats:
+    """Counters read by the server's /metrics and the tests."""
+
+    def __init__(self):
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.steps = 0
+        self.max_decode_batch = 0
+        self.preemptions = 0
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, *, memory_source=None):
+        missing = args.unsupported()
+        if missing:
+            raise NotImplementedError(f"not implemented yet in qwenjax: {', '.join(missing)}")
+        if not compat.set_gpu_memory_fraction(args.gpu_memory_utilization):
+            logger.warning("JAX was initialised before the engine, so gpu_memory_utilization=%.2f cannot set its "
+                           "memory pool; start the engine before other JAX work", args.gpu_memory_utilization)
+        self.args = args
+        self.model: LoadedModel = load_model(args, memory_source=memory_source)
+        self.model_config = self.model.config
+        self.tokenizer = self.model.tokenizer
+        self.eos_token_ids = self.model.eos_token_ids
+        self.generation_defaults = self.model.sampling_defaults
+        sc: SchedulerConfig = self.model.scheduler_config
+        self.scheduler_config = sc
+        self.max_model_len = sc.max_model_len
+        self.blocks = BlockManager(self.model.num_pages, sc.block_size)
+        self.scheduler = Scheduler(sc, self.blocks)
+        self.runner: ModelRunner = self.model.runner
+        self.stats = EngineStats()
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(args.seed)
+        self._ids = itertools.count()
+        self.final_only = False  # True: step() reports only requests that finished (offline generate)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str | None, prompt: str | None, params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> Request:
+        """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input."""
+        params = (params or SamplingParams()).apply_generation_defaults(self.generation_defaults) \
+            if self.generation_defaults else (params or SamplingParams())
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("a request needs a prompt or prompt_token_ids")
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it must have at least 1 token")
+        n = len(prompt_token_ids)
+        if n > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, longer than max_model_len={self.max_model_len}; shorten "
+                             f"it or raise max_model_len (at most the model's {self.model_config.max_position_embeddings})")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range: ids must be in [0, {vocab})")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = []
+        for i in range(params.n):
+            seed = (params.seed + 0x9E3779B9 * i) & 0xFFFFFFFF if params.seed is not None \
+                else int(self._rng.integers(0, 2**32))
+            seq = Sequence(request_id=request_id, index=i, prompt_token_ids=prompt_token_ids, params=params, seed=seed,
+                           arrival_time=arrival, priority=priority)
+            if params.detokenize:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens)
+            if params.stop:
+                seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            seqs.append(seq)
+        req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
+                      seqs=seqs, arrival_time=arrival)
+        self.requests[request_id] = req
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return req
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Ends requests now (finish_reason 'abort') and returns their pages."""
+        for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if not seq.finished:
+                    self._finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out is None:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
+            return []
+        self.stats.steps += 1
+        self.stats.preemptions = self.scheduler.num_preemptions
+        now = time.monotonic()
+        B, _ = out.bucket
+        rows = []
+        for r in out.rows:
+            req = self.requests[r.seq.request_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            if r.samples:
+                s = r.seq
+                rows.append(SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
+                                        prompt_ids=s.prompt_token_ids,
+                                        banned_ids=s.params.banned_token_ids(len(s.output_token_ids),
+                                                                             self.eos_token_ids)))
+            else:
+                rows.append(_GREEDY_ROW)
+        inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
+                               max_pages_per_seq=self.scheduler_config.max_pages_per_seq)
+        mode = choose_mode(rows)
+        tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size)
+        res = self.runner.execute(inp, out.has_context, tensors, mode)
+        ids = np.asarray(res.token_ids)
+        want_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
+        lps = np.asarray(res.logprobs) if want_lp else None
+        top_ids = np.asarray(res.top_ids) if want_lp and mode.num_logprobs else None
+        top_lps = np.asarray(res.top_logprobs) if want_lp and mode.num_logprobs else None
+        if out.kind == "decode":
+            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows))
+        touched: dict[str, Request] = {}
+        for b, r in enumerate(out.rows):
+            seq = r.seq
+            seq.num_computed += r.num_new_tokens
+            if seq.num_computed <= len(seq.prompt_token_ids):
+                self.stats.prompt_tokens += r.num_new_tokens
+            if r.samples:
+                lp = None if lps is None else (float(lps[b]), None if top_ids is None else (top_ids[b], top_lps[b]))
+                self._append_token(seq, int(ids[b]), lp)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        return self._outputs(touched.values())
+
+    def _append_token(self, seq: Sequence, token: int, lp) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if lp is not None:
+            seq.cumulative_logprob += lp[0]
+            if seq.logprobs is not None:
+                entry = {token: Logprob(lp[0])}
+                if lp[1] is not None and p.logprobs:
+                    for rank, (tid, val) in enumerate(zip(lp[1][0][:p.logprobs], lp[1][1][:p.logprobs]), 1):
+                        entry.setdefault(int(tid), Logprob(float(val), rank))
+                for tid, l in entry.items():
+                    l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid) if p.detokenize else None
+                    if l.rank is None:
+                        l.rank = 1 + sum(1 for o in entry.values() if o.rank and o.logprob > l.logprob)
+                seq.logprobs.append(entry)
+        delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer is not None else ""
+        seq.output_text += delta
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_id_set(self.eos_token_ids):
+                seq.stop_reason = token if token in p.stop_token_ids else None
+                return self._finish(seq, "stop")
+            if seq.stop_checker is not None and delta:
+                match = seq.stop_checker.check(seq.output_text, len(delta))
+                if match is not None:
+                    seq.output_text, seq.stop_reason = match.text, match.stop
+                    return self._finish(seq, "stop", flush=False)
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
+        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True) -> None:
+        seq.finish_reason = reason
+        if flush and seq.detokenizer is not None:
+            seq.output_text += seq.detokenizer.flush()
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _outputs(self, reqs: Iterable[Request]) -> list[RequestOutput]:
+        outs = []
+        for req in reqs:
+            finished = req.finished
+            if finished:
+                req.finished_time = time.monotonic()
+                self.requests.pop(req.request_id, None)
+            elif self.final_only:
+                continue
+            outs.append(self.request_output(req))
+        return outs
+
+    def request_output(self, req: Request) -> RequestOutput:
+        comps = [CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
+                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                                  logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                 for s in req.seqs]
+        first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+        metrics = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+                                 first_token_time=first, finished_time=req.finished_time,
+                                 num_preemptions=sum(s.num_preemptions for s in req.seqs))
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=None, outputs=comps, finished=req.finished, metrics=metrics)

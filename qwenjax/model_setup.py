@@ -1,0 +1,142 @@
+"""Start-up: resolve the checkpoint, load weights, size the KV cache from free memory, compile every bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import jax
+
+from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
+from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, kv_dtype, page_bytes, plan_num_pages)
+from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
+from qwenjax.runner import ModelRunner
+from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
+
+logger = logging.getLogger("qwenjax")
+
+CPU_KV_CACHE_BYTES = 1 << 30  # pages budget where the device reports no memory (CPU), unless overridden
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    path: Path | None
+    config: ModelConfig
+    dtype: object
+    tokenizer: object
+    eos_token_ids: tuple[int, ...]
+    sampling_defaults: dict
+    scheduler_config: SchedulerConfig
+    runner: ModelRunner
+    num_pages: int
+    load_seconds: float
+    warmup_seconds: float
+
+
+def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelConfig | None = None) -> LoadedModel:
+    """Everything the engine needs on the device. `random_weights` skips the checkpoint (benchmarks)."""
+    from qwenjax.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+    t0 = time.perf_counter()
+    if random_weights is not None:
+        path, cfg = None, random_weights
+    else:
+        model = args.model or DEFAULT_MODEL_NAME
+        path = default_model_dir() if model == DEFAULT_MODEL_NAME else resolve_model_path(model)
+        cfg = load_model_config(path)
+    dtype = resolve_dtype(args.dtype, cfg)
+    tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
+        (args.tokenizer or default_tokenizer_dir())
+    tokenizer = load_tokenizer(tok_dir)
+    defaults = _generation_defaults(args, path)
+    eos = tuple(defaults.eos_token_ids) or tuple(x for x in (cfg.eos_token_id, tokenizer.eos_token_id) if x is not None)
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} is larger than the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+    sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                               decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets)
+    graphdef, params = random_params(cfg, dtype, args.seed) if path is None else load_params(path, cfg, dtype)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    logger.info("loaded %s: %.2f GiB of %s weights in %.1f s", path or "random weights", weight_bytes / 2**30,
+                dtype.name, load_s)
+
+    cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)
+    buckets = [(b, 1, False) for b in sc.decode_buckets] + [(b, q, False) for b, q in sc.prefill_buckets] + \
+              [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
+    num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source)
+    kv = allocate(cfg, num_pages, sc.block_size, cache_dtype)
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size)
+    runner.kv_cache_width = sc.max_pages_per_seq
+    logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
+                num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
+                cache_dtype.name)
+    warm = 0.0
+    if not args.skip_warmup:
+        from qwenjax.engine import WARMUP_MODES
+
+        logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
+        try:
+            warm = runner.warmup(buckets, list(WARMUP_MODES))
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                raise RuntimeError(
+                    f"warm-up ran out of device memory with {num_pages} KV pages; lower --max-model-len "
+                    f"(now {max_model_len}) or --gpu-memory-utilization (now {args.gpu_memory_utilization}), or "
+                    f"--max-num-seqs / --max-num-batched-tokens") from e
+            raise
+        logger.info("warm-up done: %d buckets compiled in %.1f s", len(buckets), warm)
+    return LoadedModel(path=path, config=cfg, dtype=dtype, tokenizer=tokenizer, eos_token_ids=eos,
+                       sampling_defaults=defaults.sampling_overrides(), scheduler_config=sc, runner=runner,
+                       num_pages=num_pages, load_seconds=load_s, warmup_seconds=warm)
+
+
+def _generation_defaults(args: EngineArgs, path: Path | None):
+    from qwenjax.tokenizer import GenerationDefaults
+
+    if args.generation_config == "vllm":
+        return GenerationDefaults()
+    src = path if args.generation_config == "auto" else Path(args.generation_config)
+    return load_generation_defaults(src) if src is not None else GenerationDefaults()
+
+
+def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source) -> int:
+    if args.num_kv_pages is not None:
+        need = sc.max_pages_per_seq
+        if args.num_kv_pages < need:
+            raise ValueError(f"num_kv_pages={args.num_kv_pages} cannot hold one sequence of max_model_len="
+                             f"{sc.max_model_len} tokens ({need} pages of {sc.block_size}); lower max_model_len")
+        return args.num_kv_pages
+    mem = (memory_source or device_memory)()
+    if mem is None:
+        free = args.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        return plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
+                              free_bytes=free, detail="budget from kv_cache_memory_bytes; the device reports no memory")
+    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source)
+    free = mem.limit - mem.in_use - activation
+    if args.kv_cache_memory_bytes is not None:
+        free = min(free, args.kv_cache_memory_bytes)
+    detail = (f"pool {mem.limit / 2**30:.2f} GiB = gpu_memory_utilization {args.gpu_memory_utilization} of the "
+              f"device, weights {mem.in_use / 2**30:.2f} GiB, peak activations {activation / 2**30:.2f} GiB")
+    logger.info("memory: %s", detail)
+    return plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
+                          free_bytes=free, detail=detail)
+
+
+def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo, memory_source) -> int:
+    """Runs the largest prefill and decode buckets once on a minimal cache; returns the peak extra bytes."""
+    pages = sc.max_pages_per_seq + 1
+    kv = allocate(cfg, pages, sc.block_size, cache_dtype)
+    kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size)
+    runner.kv_cache_width = sc.max_pages_per_seq
+    largest = sorted(buckets, key=lambda b: b[0] * b[1])[-1:] + [max(b for b in buckets if b[1] == 1)]
+    runner.warmup(largest, [])
+    after = (memory_source or device_memory)()
+    del runner, kv
+    return max(0, after.peak - before.in_use - kv_bytes)

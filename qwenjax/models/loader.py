@@ -1,0 +1,146 @@
+"""Checkpoint loading: a local HF directory (or a hub id already in the huggingface_hub cache) -> model parameters.
+
+Hugging Face names map onto the NNX module tree by splitting on dots; Linear weights are stored [out, in] by torch
+and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from qwenjax.config import ModelConfig
+from qwenjax.models.qwen2 import Qwen2ForCausalLM
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory, or a hub id resolved offline through the huggingface_hub cache."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(f"model {model!r} is not a directory with a Hugging Face checkpoint "
+                                 f"(config.json and *.safetensors), nor a hub id like 'Qwen/Qwen2-7B-Instruct'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:  # the hub's own errors differ across versions; ours says what to do
+        raise ModelNotFoundError(
+            f"model {model!r} is not available offline: it is not a local directory and not in the Hugging Face "
+            f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it first "
+            f"(`huggingface-cli download {model}`) or pass a local checkpoint path. ({type(e).__name__})") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise ModelNotFoundError(f"no *.safetensors weights in {str(path)!r}")
+    return found
+
+
+def hf_name_to_path(name: str) -> tuple[tuple, bool]:
+    """'model.layers.3.self_attn.q_proj.weight' -> (('model','layers',3,'self_attn','q_proj','kernel'), transpose)."""
+    parts: list = [int(p) if p.isdigit() else p for p in name.split(".")]
+    leaf = parts[-1]
+    if parts[-2] == "embed_tokens":
+        return tuple(parts[:-1]) + ("embedding",), False
+    if leaf == "weight" and (parts[-2].endswith("_proj") or parts[-2] == "lm_head"):
+        return tuple(parts[:-1]) + ("kernel",), True
+    return tuple(parts), False
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> Qwen2ForCausalLM:
+    return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load_params(path: Path, cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """Reads every tensor once into its place; raises if any parameter is missing or has the wrong shape."""
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
+    loaded: dict[tuple, jax.Array] = {}
+    for file in safetensors_files(path):
+        for name, arr in SafetensorsFile(file).items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            key, transpose = hf_name_to_path(name)
+            if key not in wanted:
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+            if transpose:
+                arr = arr.T
+            shape = tuple(wanted[key].shape)
+            if arr.shape != shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
+            loaded[key] = jnp.asarray(arr, dtype=dtype)
+    missing = [".".join(map(str, k)) for k in wanted if k not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    state = nnx.from_flat_state([(k, wanted[k].replace(loaded[k])) for k in wanted])
+    return graphdef, state
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: tensors come out as numpy views (bfloat16 through ml_dtypes), no copy."""
+
+    _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+               "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n))
+        self.header.pop("__metadata__", None)
+        self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        dtype = np.dtype(self._DTYPES[info["dtype"]])
+        return self._data[start:end].view(dtype).reshape(info["shape"])
+
+    def items(self):
+        for name in self.keys():
+            yield name, self.get(name)
+
+
+def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random weights in the real shapes, initialised on the device (no host copy): for benchmarks."""
+    graphdef, _ = nnx.split(abstract_model(cfg, dtype))
+
+    @jax.jit
+    def init():
+        return nnx.split(Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+
+    return graphdef, init()
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    return ModelConfig.from_file(str(path / "config.json"))

@@ -1,0 +1,81 @@
+"""The device side: parameters, the paged KV cache, and the jitted fixed-shape step.
+
+`step` is pure, `(params, kv_cache, StepInput) -> (kv_cache, logits)`, with the cache donated so XLA updates the
+pages in place; the sampler is a second small jitted call on the logits, dispatched without a host sync between.
+Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the sampler's static mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax import sampler
+from qwenjax.batch import StepInput
+from qwenjax.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("qwenjax")
+
+
+class ModelRunner:
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int):
+        self.graphdef = graphdef
+        self.params = params
+        self.kv_cache = kv_cache
+        self.vocab_size = vocab_size
+        self._step = jax.jit(functools.partial(_forward, graphdef), static_argnames=("has_context",),
+                             donate_argnums=(1,))
+        self._sample = jax.jit(sampler.sample, static_argnames=("mode",))
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv_cache[0][0].shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.kv_cache[0][0].shape[2]
+
+    def execute(self, inp: StepInput, has_context: bool, tensors: sampler.SamplingTensors,
+                mode: sampler.SamplerMode) -> sampler.SamplerOutput:
+        """Dispatches one step and its sampling; returns device arrays (reading them is the only sync)."""
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, inp, has_context=has_context)
+        return self._sample(logits, tensors, mode=mode)
+
+    def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
+        """Compiles every (B, Q, has_context) bucket and each sampler mode per B, running each once on dummy rows."""
+        t0 = time.perf_counter()
+        decode_rows = sorted({b for b, _, _ in buckets})
+        for b, q, ctx in buckets:
+            inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width)
+            self.kv_cache, logits = self._step(self.params, self.kv_cache, inp, has_context=ctx)
+        for b in decode_rows:
+            logits = jnp.zeros((b, self.vocab_size), jnp.float32)
+            for mode in modes:
+                tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size)
+                self._sample(logits, tensors, mode=mode).token_ids.block_until_ready()
+        jax.block_until_ready(self.kv_cache)
+        return time.perf_counter() - t0
+
+    kv_cache_width: int = 0  # pages per row in block tables; set by the engine
+
+
+def _forward(graphdef, params, kv_cache, inp: StepInput, *, has_context: bool):
+    model = nnx.merge(graphdef, params)
+    hidden, kv_cache = model(inp.input_ids, inp.meta, kv_cache, has_context=has_context)
+    last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
+    return kv_cache, model.logits(last)
+
+
+def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int) -> StepInput:
+    """A step whose every write is dropped (slots out of range) and whose rows read page 0: for compiling."""
+    meta = AttentionMetadata(positions=np.zeros((b, q), np.int32),
+                             slot_mapping=np.full((b, q), num_pages * page_size, np.int32),
+                             block_tables=np.zeros((b, width), np.int32), seq_lens=np.ones((b,), np.int32),
+                             query_lens=np.ones((b,), np.int32))
+    return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32))

@@ -1,0 +1,281 @@
+"""On-device sampling over per-row parameter arrays, and the host helpers that build those arrays.
+
+Axis letters: B rows (one per sequence being sampled), V vocabulary, C filter candidates, Hp / Ho prompt / output
+history length, Kb banned ids, L returned top logprobs.
+
+Per row, in vLLM's order: penalties on the raw logits (repetition over prompt+output tokens, then frequency and
+presence over output tokens), banned ids -> -inf, temperature, min_p, top-k, then top-p over what top-k kept, then a
+Gumbel-max draw. Greedy rows take the argmax of the penalised logits. Returned logprobs are log_softmax of the raw
+logits (vLLM v1's default), whatever the penalties and filters did.
+
+Filters are expressed as one per-row threshold: a token survives iff its scaled logit is >= the threshold. Tokens
+tied with the last kept one therefore all survive, and the result depends only on the row's own values, not on
+whether candidates came from lax.top_k or a full sort.
+
+The Gumbel noise of a row is drawn over the whole vocabulary from fold_in(key(seed), step), indexed by token id, so
+a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+
+FILTERS = ("none", "topk", "sort")
+TOPK_CAPS = (64, 256, 1024)  # lax.top_k candidate counts; a row with larger top_k needs the full sort
+LOGPROB_BUCKETS = (0, 5, 20)  # num_logprobs is rounded up to one of these (exact above the last)
+MIN_HISTORY = 16  # smallest padded history / banned-list length; lengths are powers of two from here
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerMode:
+    """The static part of a sampling call: one compiled variant per value. Build it with choose_mode()."""
+
+    all_greedy: bool  # every row greedy: argmax of the (penalised, banned) logits; no noise, no filters
+    filter: str  # "none": no row has top-k/top-p; "topk": lax.top_k(topk_cap) candidates; "sort": full sort
+    topk_cap: int  # candidates when filter == "topk" (every filtering row has 1 <= top_k <= cap); 0 otherwise
+    penalties: bool  # some row has a repetition, presence or frequency penalty
+    num_logprobs: int  # L: top logprobs returned per row; 0 returns only the sampled token's logprob
+    has_banned: bool  # some row has banned ids (min_tokens not reached)
+
+    def __post_init__(self):
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {self.filter!r}.")
+        if (self.filter == "topk") != (self.topk_cap > 0):
+            raise ValueError(f"topk_cap must be > 0 exactly when filter == 'topk', got {self.topk_cap} "
+                             f"with filter={self.filter!r}.")
+        if self.all_greedy and self.filter != "none":
+            raise ValueError(f"an all-greedy mode has no filter, got filter={self.filter!r}.")
+        if self.num_logprobs < 0:
+            raise ValueError(f"num_logprobs must be non-negative, got {self.num_logprobs}.")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters. Token-id arrays are padded with V, which every scatter drops."""
+
+    temperature: jax.Array  # [B] f32; < GREEDY_TEMPERATURE (0 from build_tensors) => greedy row
+    top_p: jax.Array  # [B] f32; 1.0 => off
+    top_k: jax.Array  # [B] i32; 0 => off
+    min_p: jax.Array  # [B] f32; 0.0 => off
+    repetition_penalty: jax.Array  # [B] f32; 1.0 => off
+    presence_penalty: jax.Array  # [B] f32; 0.0 => off
+    frequency_penalty: jax.Array  # [B] f32; 0.0 => off
+    seeds: jax.Array  # [B] u32
+    steps: jax.Array  # [B] i32 tokens the row has generated so far; folded into the row's key
+    prompt_tokens: jax.Array  # [B, Hp] i32 prompt ids (for repetition_penalty), padded with V
+    output_tokens: jax.Array  # [B, Ho] i32 generated ids (for all three penalties), padded with V
+    banned: jax.Array  # [B, Kb] i32 ids forced to -inf this step, padded with V
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [B] i32
+    logprobs: jax.Array  # [B] f32 log_softmax(raw logits) at the sampled token
+    top_ids: jax.Array  # [B, L] i32 most likely ids under the raw logits, best first
+    top_logprobs: jax.Array  # [B, L] f32 their log_softmax values
+
+
+# ----------------------------------------------------------------------------------------------- device side
+
+
+def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerOutput:
+    """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.
+
+    `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
+    and with "topk" a row's top-p only sees the topk_cap most likely tokens.
+    """
+    raw = logits.astype(jnp.float32)
+    x = raw
+    if mode.penalties:
+        x = apply_penalties(x, t)
+    if mode.has_banned:
+        x = apply_banned(x, t)
+
+    if mode.all_greedy:
+        token_ids = jnp.argmax(x, axis=-1)
+    else:
+        scores = filtered_logits(x, t, mode) + _gumbel_noise(t.seeds, t.steps, x.shape[-1])
+        greedy = (t.temperature < GREEDY_TEMPERATURE)[:, None]
+        token_ids = jnp.argmax(jnp.where(greedy, x, scores), axis=-1)
+    token_ids = token_ids.astype(jnp.int32)
+
+    # Logprobs without materialising log_softmax over [B, V]: raw - logsumexp(raw).
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
+    if mode.num_logprobs > 0:
+        top_vals, top_ids = jax.lax.top_k(raw, mode.num_logprobs)
+        top_logprobs = top_vals - lse[:, None]
+    else:
+        top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
+        top_logprobs = jnp.zeros((raw.shape[0], 0), jnp.float32)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_ids=top_ids.astype(jnp.int32),
+                         top_logprobs=top_logprobs)
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Repetition penalty over prompt+output tokens, then frequency and presence penalties over output tokens."""
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+    counts = jnp.zeros((b, v), jnp.int32).at[rows, t.output_tokens].add(1, mode="drop")  # [B, V]
+    in_prompt = jnp.zeros((b, v), jnp.bool_).at[rows, t.prompt_tokens].set(True, mode="drop")  # [B, V]
+    generated = counts > 0
+    rep = t.repetition_penalty[:, None]
+    # Dividing positive and multiplying negative logits makes a seen token less likely whatever its sign.
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(in_prompt | generated, penalised, logits)
+    logits = logits - t.frequency_penalty[:, None] * counts.astype(jnp.float32)
+    return logits - t.presence_penalty[:, None] * generated.astype(jnp.float32)
+
+
+def apply_banned(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, t.banned].set(-jnp.inf, mode="drop")
+
+
+def filtered_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> jax.Array:
+    """Temperature-scaled logits [B, V] with the tokens min_p, top-k and top-p drop set to -inf.
+
+    This is the distribution a non-greedy row samples from (softmax of the result). Greedy rows are scaled by 1.
+    """
+    temperature = jnp.where(t.temperature < GREEDY_TEMPERATURE, 1.0, t.temperature)
+    x = logits / temperature[:, None]
+    # min_p: p < min_p * p_max  <=>  x < x_max + log(min_p); log(0) = -inf keeps everything.
+    x_max = jnp.max(x, axis=-1, keepdims=True)
+    x = jnp.where(x < x_max + jnp.log(t.min_p)[:, None], -jnp.inf, x)
+    if mode.filter == "none":
+        return x
+    if mode.filter == "topk":
+        candidates, _ = jax.lax.top_k(x, min(mode.topk_cap, x.shape[-1]))  # [B, C] descending
+    else:
+        candidates = jnp.sort(x, axis=-1, descending=True)  # [B, V]
+    threshold = _top_k_top_p_threshold(candidates, t.top_k, t.top_p)
+    return jnp.where(x < threshold[:, None], -jnp.inf, x)
+
+
+def _top_k_top_p_threshold(candidates: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[B] lowest kept value, given each row's candidates [B, C] in descending order.
+
+    Top-k keeps values >= the k-th candidate. Top-p then keeps, within what top-k kept and renormalised, the
+    smallest prefix whose mass reaches top_p: a candidate stays iff the mass strictly before it is < top_p.
+    """
+    c = candidates.shape[-1]
+    kth = jnp.take_along_axis(candidates, (jnp.clip(top_k, 1, c) - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)  # [B]
+    kept = jnp.where(candidates < kth[:, None], -jnp.inf, candidates)
+    probs = jax.nn.softmax(kept, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p[:, None]
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # keep is a prefix: mass_before never decreases
+    last = jnp.take_along_axis(kept, (n_keep - 1)[:, None], axis=-1)[:, 0]
+    # top_p == 1 is off, even where rounding pushes the running mass past 1 before the last candidate.
+    return jnp.maximum(kth, jnp.where(top_p < 1.0, last, -jnp.inf))
+
+
+def _gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V)."""
+
+    def row(seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.gumbel(key, (vocab_size,), jnp.float32)
+
+    return jax.vmap(row)(seeds, steps)
+
+
+# ------------------------------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """What the host knows about one sequence to be sampled this step."""
+
+    params: SamplingParams
+    seed: int  # the request's seed (params.seed, or one the engine drew); reduced mod 2**32
+    output_ids: Sequence[int] = ()  # tokens generated so far; its length is the step folded into the key
+    prompt_ids: Sequence[int] = ()  # only read when the row has a repetition penalty
+    banned_ids: Sequence[int] = ()  # e.g. params.banned_token_ids(len(output_ids), eos_ids)
+
+
+def choose_mode(rows: Sequence[SamplingRow]) -> SamplerMode:
+    """The cheapest SamplerMode that samples every row exactly (up to ties, see the module docstring)."""
+    sampled = [r.params for r in rows if not r.params.is_greedy]
+    filtering = [p for p in sampled if p.top_k > 0 or p.top_p < 1.0]
+    max_top_k = max((p.top_k for p in filtering), default=0)
+    if not filtering:
+        filter_, cap = "none", 0
+    elif any(p.top_k == 0 for p in filtering) or max_top_k > TOPK_CAPS[-1]:
+        filter_, cap = "sort", 0  # top-p over the whole vocabulary, or a top_k beyond the largest cap
+    else:
+        filter_, cap = "topk", next(c for c in TOPK_CAPS if c >= max_top_k)
+    wanted = max((r.params.logprobs or 0 for r in rows), default=0)
+    num_logprobs = next((b for b in LOGPROB_BUCKETS if b >= wanted), wanted)
+    return SamplerMode(
+        all_greedy=not sampled,
+        filter=filter_,
+        topk_cap=cap,
+        penalties=any(_has_penalty(r.params) for r in rows),
+        num_logprobs=num_logprobs,
+        has_banned=any(len(r.banned_ids) > 0 for r in rows),
+    )
+
+
+def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int) -> SamplingTensors:
+    """Numpy SamplingTensors for `rows`, padded to `num_rows` (padding rows are greedy and unpenalised).
+
+    History and banned lengths are padded to powers of two (at least MIN_HISTORY) so that few shapes compile;
+    token lists are only copied for rows whose penalties read them.
+    """
+    if len(rows) > num_rows:
+        raise ValueError(f"got {len(rows)} rows for a batch of num_rows={num_rows}.")
+    b, v = num_rows, vocab_size
+    f32 = lambda fill: np.full((b,), fill, np.float32)  # noqa: E731
+    temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
+    rep, presence, frequency = f32(1.0), f32(0.0), f32(0.0)
+    top_k = np.zeros((b,), np.int32)
+    seeds = np.zeros((b,), np.uint32)
+    steps = np.zeros((b,), np.int32)
+    prompts: list[Sequence[int]] = [()] * b
+    outputs: list[Sequence[int]] = [()] * b
+    banned: list[Sequence[int]] = [()] * b
+    for i, r in enumerate(rows):
+        p = r.params
+        temperature[i] = 0.0 if p.is_greedy else p.temperature
+        top_p[i], top_k[i], min_p[i] = p.top_p, p.top_k, p.min_p
+        rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        seeds[i] = r.seed & 0xFFFFFFFF
+        steps[i] = len(r.output_ids)
+        if p.repetition_penalty != 1.0:
+            prompts[i] = r.prompt_ids
+        if _has_penalty(p):
+            outputs[i] = r.output_ids
+        banned[i] = r.banned_ids
+    return SamplingTensors(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency,
+        seeds=seeds, steps=steps,
+        prompt_tokens=_pad_ids(prompts, v), output_tokens=_pad_ids(outputs, v), banned=_pad_ids(banned, v),
+    )
+
+
+def history_bucket(length: int) -> int:
+    """Padded length for `length` ids: the next power of two, at least MIN_HISTORY."""
+    return max(MIN_HISTORY, 1 << max(length - 1, 0).bit_length())
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _pad_ids(lists: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
+    out = np.full((len(lists), history_bucket(max(map(len, lists), default=0))), vocab_size, np.int32)
+    for i, ids in enumerate(lists):
+        out[i, : len(ids)] = ids
+    return out

@@ -1,0 +1,85 @@
+"""Host-side state of requests and their sequences (one sequence per sample of `n`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+
+from qwenjax.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One generated continuation. Invariant: the KV of token_ids[:num_computed] is in the pages of block_table."""
+
+    request_id: str
+    index: int                      # which of the request's n samples
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int                       # per-sequence sampling seed (from the request's seed, or the engine's RNG)
+    arrival_time: float
+    priority: int = 0
+    seq_id: int = dataclasses.field(default_factory=lambda: next(_seq_ids))
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list | None = None    # per generated token: {token_id: Logprob}
+    output_text: str = ""
+    detokenizer: object = None
+    stop_checker: object = None
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    finished_time: float | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)

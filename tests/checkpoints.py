@@ -1,0 +1,50 @@
+"""Tiny random Qwen2 checkpoints in Hugging Face format, written by transformers itself (torch on CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from qwenjax.tokenizer import default_tokenizer_dir
+
+REAL_VOCAB = 151936
+
+
+def write_checkpoint(path: Path, *, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
+                     num_heads=4, num_kv_heads=2, tie=False, seed=0, max_position_embeddings=512,
+                     shards: int = 1, with_tokenizer: bool = False, rope_theta=10000.0) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie,
+                      rope_theta=rope_theta, rms_norm_eps=1e-6, bos_token_id=151643 if vocab_size > 151645 else 0,
+                      eos_token_id=151645 if vocab_size > 151645 else 1, torch_dtype="float32")
+    model = Qwen2ForCausalLM(cfg).eval()
+    # Larger-than-default weights so logits are far from uniform and greedy ties are rare.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+    path.mkdir(parents=True, exist_ok=True)
+    max_shard = None
+    if shards > 1:
+        total = sum(p.numel() * 4 for p in model.parameters())
+        max_shard = f"{max(1, total // shards // 1000 + 1)}KB"
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": max_shard} if max_shard else {}))
+    if with_tokenizer:
+        for f in Path(default_tokenizer_dir()).iterdir():
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def hf_model(path: Path):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()

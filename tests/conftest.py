@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny HF checkpoints written once per session, and small-engine settings for CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tests.checkpoints import write_checkpoint  # noqa: E402
+
+# Small static shapes keep CPU compile time down: every engine in the tests compiles these buckets only.
+SMALL_ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256, block_size=16,
+                    decode_buckets=(8,), prefill_token_buckets=(32, 128), num_kv_pages=64)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def untied_gqa2(ckpt_dir):
+    return write_checkpoint(ckpt_dir / "untied_gqa2", num_heads=4, num_kv_heads=2, tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tied_mha(ckpt_dir):
+    return write_checkpoint(ckpt_dir / "tied_mha", num_heads=4, num_kv_heads=4, tie=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def gqa7_odd(ckpt_dir):
+    # 7 query heads over 1 kv head, head_dim 10: hidden 70, ffn 97 (nothing a power of two)
+    return write_checkpoint(ckpt_dir / "gqa7_odd", hidden_size=70, intermediate_size=97, num_heads=7,
+                            num_kv_heads=1, tie=False, seed=3, num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def sharded(ckpt_dir):
+    return write_checkpoint(ckpt_dir / "sharded", num_heads=4, num_kv_heads=2, tie=False, seed=4, shards=3)
+
+
+@pytest.fixture(scope="session")
+def real_vocab(ckpt_dir):
+    """Qwen2's real vocabulary and tokenizer, for text prompts, chat templates and stop strings."""
+    from tests.checkpoints import REAL_VOCAB
+
+    return write_checkpoint(ckpt_dir / "real_vocab", vocab_size=REAL_VOCAB, hidden_size=32, intermediate_size=64,
+                            num_heads=2, num_kv_heads=1, tie=True, seed=5, with_tokenizer=True)
