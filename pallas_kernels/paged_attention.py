@@ -37,9 +37,12 @@ _dot = getattr(plgpu, "dot", None) or pl.dot
 _LOG2E = math.log2(math.e)
 _MASK = -1e30  # finite: keeps exp2(m_prev - m_next) a number when a block is fully masked
 _GROUP_ROWS = 16  # rows of the q tile; Triton's dot needs M >= 16
-_TARGET_PROGRAMS = 1024  # about 8 resident programs per H100 SM: enough bytes in flight to stream HBM
+# Defaults, tuned on an H100 (batch 64, context 4096, 28/4 heads, dim 128, page 16; BENCHMARKS.md):
+_BLOCK_BYTES = 16384  # K bytes per compute block: 64 tokens of bf16 dim 128 beat 128 and 256 tokens
+_MAX_BLOCK_TOKENS = 128
+_TARGET_PROGRAMS = 1024  # K * S * C: splits 2-4 at batch 64 (within 3% of each other), more for uneven lengths
 _MIN_BLOCKS_PER_SPLIT = 2  # a split shorter than this costs more in the combine than it saves
-_BLOCK_TOKENS = 128  # default tokens per compute block (pages_per_compute_block * page_size)
+_F16_MAX = 65504.0
 
 _Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _KV_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e5m2, jnp.float8_e4m3fn)
@@ -47,186 +50,197 @@ _FP8_DTYPES = (jnp.float8_e5m2, jnp.float8_e4m3fn)
 
 
 def _compute_dtype(q_dtype, kv_dtype):
-  """dtype of the dot inputs: q's for fp8 pages, f32 if either side is f32, else bf16 when mixed."""
-  if jnp.float32 in (q_dtype, kv_dtype):
-    return jnp.dtype(jnp.float32)
-  if kv_dtype in _FP8_DTYPES or kv_dtype == q_dtype:
-    return jnp.dtype(q_dtype)
-  return jnp.dtype(jnp.bfloat16)  # f16 q with bf16 pages: bf16 keeps the range of the cache
+    """dtype of the dot inputs.
+
+    f32 if either side is f32; f16 for fp8 pages (both fp8 formats convert to f16 exactly and cheaply, and f16 keeps
+    more of q and of the probabilities than bf16; q is clamped to the f16 range); else the pages' dtype when they
+    match q, and bf16 when f16 q meets bf16 pages (bf16 keeps the range of the cache).
+    """
+    if jnp.float32 in (q_dtype, kv_dtype):
+        return jnp.dtype(jnp.float32)
+    if kv_dtype in _FP8_DTYPES:
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(q_dtype if kv_dtype == q_dtype else jnp.bfloat16)
 
 
 def _load_pages(ref, pages, mask):
-  """Gathers a [B, H] block of tokens from ref [P, page, H]; pages [B, 1] holds each token's page id.
+    """Gathers a [B, H] block of tokens from ref [P, page, H]; pages [B, 1] holds each token's page id.
 
-  Token b of the block sits in slot b % page of its page. Integer-array indices throughout: Pallas
-  interpret mode cannot mix an array index with slices in a masked load, and Triton sees the same
-  pointer arithmetic either way. Masked lanes read as 0 and cost no bandwidth.
-  """
-  _, page_size, head_dim = ref.shape
-  block_k = pages.shape[0]
-  slot = lax.rem(lax.broadcasted_iota(jnp.int32, (block_k, 1), 0), page_size)
-  dim = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-  return plgpu.load(ref.at[pages, slot, dim], mask=mask, other=jnp.zeros((), ref.dtype))
+    Token b of the block sits in slot b % page of its page. Integer-array indices throughout: Pallas
+    interpret mode cannot mix an array index with slices in a masked load, and Triton sees the same
+    pointer arithmetic either way. Masked lanes read as 0 and cost no bandwidth.
+    """
+    _, page_size, head_dim = ref.shape
+    block_k = pages.shape[0]
+    slot = lax.rem(lax.broadcasted_iota(jnp.int32, (block_k, 1), 0), page_size)
+    dim = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    return plgpu.load(ref.at[pages, slot, dim], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
 def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs,
                    page_size, pages_per_block, pages_per_split, max_len, sm_scale, compute_dtype):
-  # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [pages_per_split],
-  # q_ref [16, H], k_ref / v_ref [P, page, H]; out_refs: o [16, H] (+ lse [16] when split).
-  rows, head_dim = q_ref.shape
-  block_k = pages_per_block * page_size
-  length = jnp.clip(lengths_ref[0], 0, max_len)  # clamp: never index past the block table
-  first_page = pl.program_id(2) * pages_per_split
-  num_pages = jnp.minimum(pl.cdiv(length, page_size) - first_page, pages_per_split)
-  num_blocks = pl.cdiv(jnp.maximum(num_pages, 0), pages_per_block) + 1
+    # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [pages_per_split],
+    # q_ref [16, H], k_ref / v_ref [P, page, H]; out_refs: o [16, H] (+ lse [16] when split).
+    rows, head_dim = q_ref.shape
+    block_k = pages_per_block * page_size
+    length = jnp.clip(lengths_ref[0], 0, max_len)  # clamp: never index past the block table
+    first_page = pl.program_id(2) * pages_per_split
+    num_pages = jnp.minimum(pl.cdiv(length, page_size) - first_page, pages_per_split)
+    num_blocks = pl.cdiv(jnp.maximum(num_pages, 0), pages_per_block)
 
-  q = q_ref[...].astype(compute_dtype)
-  qk_scale = scales_ref[0] * (sm_scale * _LOG2E)
-  tok_kv = lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)  # token of the block, per element
-  page_of_tok = lax.div(lax.broadcasted_iota(jnp.int32, (block_k, 1), 0), page_size)
-  tok_s = lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+    q = q_ref[...]
+    if compute_dtype == jnp.float16 and q.dtype != jnp.float16:
+        q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
+    q = q.astype(compute_dtype)
+    qk_scale = scales_ref[0] * (sm_scale * _LOG2E)
+    tok_kv = lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)  # token of the block, per element
+    page_of_tok = lax.div(lax.broadcasted_iota(jnp.int32, (block_k, 1), 0), page_size)
+    tok_s = lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
 
-  def body(i, carry):
-    acc, m_prev, l_prev = carry
-    start = (first_page + i * pages_per_block) * page_size
-    pages = tables_ref[page_of_tok + i * pages_per_block]  # [block_k, 1]
-    # Slots at or past `length` are never read: they may hold garbage (NaN). Zeroed V keeps
-    # p * v finite where p == 0.
-    kv_mask = tok_kv + start < length
-    k = _load_pages(k_ref, pages, kv_mask).astype(compute_dtype)
-    s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32, log2 units
-    s = jnp.where(tok_s + start < length, s, _MASK)
-    m_next = jnp.maximum(m_prev, s.max(axis=1))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    l_next = l_prev * alpha + p.sum(axis=1)
-    v = _load_pages(v_ref, pages, kv_mask).astype(compute_dtype)
-    acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v)
-    return acc, m_next, l_next
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        start = (first_page + i * pages_per_block) * page_size
+        pages = tables_ref[page_of_tok + i * pages_per_block]  # [block_k, 1]
+        # Slots at or past `length` are never read: they may hold garbage (NaN). Zeroed V keeps
+        # p * v finite where p == 0.
+        kv_mask = tok_kv + start < length
+        k = _load_pages(k_ref, pages, kv_mask).astype(compute_dtype)
+        s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32, log2 units
+        s = jnp.where(tok_s + start < length, s, _MASK)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * alpha + p.sum(axis=1)
+        v = _load_pages(v_ref, pages, kv_mask).astype(compute_dtype)
+        acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v)
+        return acc, m_next, l_next
 
-  init = (jnp.zeros((rows, head_dim), jnp.float32),
-          jnp.full((rows,), -jnp.inf, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, num_blocks, body, init)
-  l_safe = jnp.where(l == 0.0, 1.0, l)  # empty split or padding row: output 0, lse -inf
-  out = acc * (scales_ref[1] / l_safe)[:, None]
-  if len(out_refs) == 1:
-    out_refs[0][...] = out.astype(out_refs[0].dtype)
-  else:
-    o_ref, lse_ref = out_refs
-    o_ref[...] = out
-    lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, num_blocks, body, init)
+    l_safe = jnp.where(l == 0.0, 1.0, l)  # empty split or padding row: output 0, lse -inf
+    out = acc * (scales_ref[1] / l_safe)[:, None]
+    if len(out_refs) == 1:
+        out_refs[0][...] = out.astype(out_refs[0].dtype)
+    else:
+        o_ref, lse_ref = out_refs
+        o_ref[...] = out
+        lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
 
 
 def _combine_splits(o_part, lse):
-  """Merges C partial outputs [C, ...rows, H] (each normalized) by their base-2 log-sum-exp [C, ...rows]."""
-  top = lse.max(axis=0)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  w = jnp.exp2(lse - top)  # exp2(-inf) == 0 for empty splits
-  den = w.sum(axis=0)
-  num = (o_part * w[..., None]).sum(axis=0)
-  return num / jnp.where(den == 0.0, 1.0, den)[..., None]
+    """Merges C partial outputs [C, ...rows, H] (each normalized) by their base-2 log-sum-exp [C, ...rows]."""
+    top = lse.max(axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp2(lse - top)  # exp2(-inf) == 0 for empty splits
+    den = w.sum(axis=0)
+    num = (o_part * w[..., None]).sum(axis=0)
+    return num / jnp.where(den == 0.0, 1.0, den)[..., None]
 
 
-def default_settings(batch, num_kv_heads, max_pages, page_size):
-  """(pages_per_compute_block, num_splits) used when the caller leaves them None.
+def default_settings(batch, num_kv_heads, max_pages, page_size, head_dim=128, kv_dtype=jnp.bfloat16):
+    """(pages_per_compute_block, num_splits) used when the caller leaves them None.
 
-  Block: `_BLOCK_TOKENS` tokens, cut down for short block tables. Splits: enough programs in flight
-  (K * S * C ~ `_TARGET_PROGRAMS`) while each split keeps `_MIN_BLOCKS_PER_SPLIT` blocks of the
-  longest possible context (max_pages * page_size: lengths are dynamic, the table width is not).
-  """
-  ppcb = max(1, min(_BLOCK_TOKENS // page_size, pl.next_power_of_2(max_pages)))
-  blocks = pl.cdiv(max_pages, ppcb)
-  want = pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads)
-  num_splits = max(1, min(want, blocks // _MIN_BLOCKS_PER_SPLIT))
-  return ppcb, num_splits
+    Block: `_BLOCK_BYTES` of K per step (at most `_MAX_BLOCK_TOKENS` tokens), cut down for short block tables.
+    Splits: enough programs in flight (K * S * C ~ `_TARGET_PROGRAMS`) while each split keeps
+    `_MIN_BLOCKS_PER_SPLIT` blocks of the longest possible context (max_pages * page_size: lengths are dynamic,
+    the table width is not).
+    """
+    tokens = min(_MAX_BLOCK_TOKENS, _BLOCK_BYTES // (head_dim * jnp.dtype(kv_dtype).itemsize))
+    ppcb = max(1, min(tokens // page_size, pl.next_power_of_2(max_pages)))
+    blocks = pl.cdiv(max_pages, ppcb)
+    want = pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads)
+    num_splits = max(1, min(want, blocks // _MIN_BLOCKS_PER_SPLIT))
+    return ppcb, num_splits
 
 
 def _paged_attention_kernel_call(q, k_pages, v_pages, block_tables, lengths, scales, *, sm_scale,
-                                 pages_per_block, num_splits, num_warps, num_stages, interpret):
-  seqs, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape
-  max_pages = block_tables.shape[1]
-  group = num_q_heads // num_kv_heads
-  pages_per_split = pl.cdiv(pl.cdiv(max_pages, num_splits), pages_per_block) * pages_per_block
-  num_splits = pl.cdiv(max_pages, pages_per_split)  # drop splits that would start past the table
-  if num_splits * pages_per_split != max_pages:
-    # Padding entries are never dereferenced (their tokens are >= length); 0 keeps them valid.
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, num_splits * pages_per_split - max_pages)))
-  q4 = q.reshape(seqs, num_kv_heads, group, head_dim)
-  q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, _GROUP_ROWS - group), (0, 0)))
-  kernel = functools.partial(
-      _decode_kernel, page_size=page_size, pages_per_block=pages_per_block,
-      pages_per_split=pages_per_split, max_len=max_pages * page_size, sm_scale=sm_scale,
-      compute_dtype=_compute_dtype(q.dtype, k_pages.dtype))
-  kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, s, c: (h, 0, 0, 0))
-  in_specs = [
-      pl.BlockSpec((1,), lambda h, s, c: (s,)),  # lengths
-      pl.BlockSpec((2,), lambda h, s, c: (0,)),  # scales
-      pl.BlockSpec((None, pages_per_split), lambda h, s, c: (s, c)),  # block tables
-      pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0)),  # q
-      kv_spec, kv_spec,
-  ]
-  rows = (seqs, num_kv_heads, _GROUP_ROWS)
-  if num_splits == 1:
-    out_shape = [jax.ShapeDtypeStruct((*rows, head_dim), q.dtype)]
-    out_specs = [pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0))]
-  else:
-    out_shape = [jax.ShapeDtypeStruct((num_splits, *rows, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((num_splits, *rows), jnp.float32)]
-    out_specs = [
-        pl.BlockSpec((None, None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (c, s, h, 0, 0)),
-        pl.BlockSpec((None, None, None, _GROUP_ROWS), lambda h, s, c: (c, s, h, 0)),
+                                 pages_per_block, num_splits, num_warps, num_stages, interpret,
+                                 compute_dtype=None):
+    seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    max_pages = block_tables.shape[1]
+    group = num_q_heads // num_kv_heads
+    pages_per_split = pl.cdiv(pl.cdiv(max_pages, num_splits), pages_per_block) * pages_per_block
+    num_splits = pl.cdiv(max_pages, pages_per_split)  # drop splits that would start past the table
+    if num_splits * pages_per_split != max_pages:
+        # Padding entries are never dereferenced (their tokens are >= length); 0 keeps them valid.
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, num_splits * pages_per_split - max_pages)))
+    q4 = q.reshape(seqs, num_kv_heads, group, head_dim)
+    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, _GROUP_ROWS - group), (0, 0)))
+    kernel = functools.partial(
+        _decode_kernel, page_size=page_size, pages_per_block=pages_per_block,
+        pages_per_split=pages_per_split, max_len=max_pages * page_size, sm_scale=sm_scale,
+        compute_dtype=jnp.dtype(compute_dtype or _compute_dtype(q.dtype, k_pages.dtype)))
+    kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, s, c: (h, 0, 0, 0))
+    in_specs = [
+        pl.BlockSpec((1,), lambda h, s, c: (s,)),  # lengths
+        pl.BlockSpec((2,), lambda h, s, c: (0,)),  # scales
+        pl.BlockSpec((None, pages_per_split), lambda h, s, c: (s, c)),  # block tables
+        pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0)),  # q
+        kv_spec, kv_spec,
     ]
-  outs = pl.pallas_call(
-      kernel,
-      grid=(num_kv_heads, seqs, num_splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name=f"qwenjax_paged_decode_p{page_size}_b{pages_per_block}_c{num_splits}",
-  )(lengths, scales, block_tables, q4, k_pages, v_pages)
-  out = outs[0] if num_splits == 1 else _combine_splits(*outs)
-  return out[:, :, :group].reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
+    rows = (seqs, num_kv_heads, _GROUP_ROWS)
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((*rows, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, *rows), jnp.float32)]
+        out_specs = [
+            pl.BlockSpec((None, None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (c, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, _GROUP_ROWS), lambda h, s, c: (c, s, h, 0)),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, seqs, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"qwenjax_paged_decode_p{page_size}_b{pages_per_block}_c{num_splits}",
+    )(lengths, scales, block_tables, q4, k_pages, v_pages)
+    out = outs[0] if num_splits == 1 else _combine_splits(*outs)
+    return out[:, :, :group].reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
 def _is_pow2(x):
-  return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+    return isinstance(x, int) and x > 0 and x & (x - 1) == 0
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, pages_per_block, num_splits):
-  if q.ndim != 3 or k_pages.ndim != 4:
-    raise ValueError(f"q must be [S, N, H] and k_pages [K, P, page_size, H]; got q{q.shape}, "
-                     f"k_pages{k_pages.shape}")
-  if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-    raise ValueError(f"k_pages and v_pages must match; got {k_pages.shape} {k_pages.dtype} and "
-                     f"{v_pages.shape} {v_pages.dtype}")
-  seqs, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, kv_head_dim = k_pages.shape
-  if num_q_heads % num_kv_heads or not 1 <= num_q_heads // num_kv_heads <= 8:
-    raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads}) "
-                     "with a GQA ratio in 1..8")
-  if kv_head_dim != head_dim or head_dim not in (64, 128):
-    raise ValueError(f"head_dim must be 64 or 128 and equal in q and pages; got q {head_dim}, "
-                     f"pages {kv_head_dim}")
-  if not _is_pow2(page_size) or not 16 <= page_size <= 128:
-    raise ValueError(f"page_size must be a power of two in 16..128; got {page_size}")
-  if q.dtype not in _Q_DTYPES:
-    raise ValueError(f"q dtype must be bfloat16, float16 or float32; got {q.dtype}")
-  if k_pages.dtype not in _KV_DTYPES:
-    raise ValueError("KV page dtype must be bfloat16, float16, float32, float8_e5m2 or "
-                     f"float8_e4m3fn; got {k_pages.dtype}")
-  if block_tables.ndim != 2 or block_tables.shape[0] != seqs or block_tables.dtype != jnp.int32:
-    raise ValueError(f"block_tables must be int32 [S={seqs}, maxP]; got {block_tables.dtype}"
-                     f"{block_tables.shape}")
-  if lengths.shape != (seqs,) or lengths.dtype != jnp.int32:
-    raise ValueError(f"lengths must be int32 [S={seqs}]; got {lengths.dtype}{lengths.shape}")
-  if pages_per_block is not None and not _is_pow2(pages_per_block):
-    raise ValueError(f"pages_per_compute_block must be a power of two; got {pages_per_block}")
-  if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-    raise ValueError(f"num_splits must be a positive int; got {num_splits}")
+    if q.ndim != 3 or k_pages.ndim != 4:
+        raise ValueError(f"q must be [S, N, H] and k_pages [K, P, page_size, H]; got q{q.shape}, "
+                         f"k_pages{k_pages.shape}")
+    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must match; got {k_pages.shape} {k_pages.dtype} and "
+                         f"{v_pages.shape} {v_pages.dtype}")
+    seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, kv_head_dim = k_pages.shape
+    if num_q_heads % num_kv_heads or not 1 <= num_q_heads // num_kv_heads <= 8:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads}) "
+                         "with a GQA ratio in 1..8")
+    if kv_head_dim != head_dim or head_dim not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128 and equal in q and pages; got q {head_dim}, "
+                         f"pages {kv_head_dim}")
+    if not _is_pow2(page_size) or not 16 <= page_size <= 128:
+        raise ValueError(f"page_size must be a power of two in 16..128; got {page_size}")
+    if q.dtype not in _Q_DTYPES:
+        raise ValueError(f"q dtype must be bfloat16, float16 or float32; got {q.dtype}")
+    if k_pages.dtype not in _KV_DTYPES:
+        raise ValueError("KV page dtype must be bfloat16, float16, float32, float8_e5m2 or "
+                         f"float8_e4m3fn; got {k_pages.dtype}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != seqs or block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables must be int32 [S={seqs}, maxP]; got {block_tables.dtype}"
+                         f"{block_tables.shape}")
+    if lengths.shape != (seqs,) or lengths.dtype != jnp.int32:
+        raise ValueError(f"lengths must be int32 [S={seqs}]; got {lengths.dtype}{lengths.shape}")
+    if pages_per_block is not None and not _is_pow2(pages_per_block):
+        raise ValueError(f"pages_per_compute_block must be a power of two; got {pages_per_block}")
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"num_splits must be a positive int; got {num_splits}")
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_compute_block", "num_splits",
@@ -234,57 +248,57 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, pages_per_block, num_s
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scale=None, v_scale=None,
                     sm_scale=None, pages_per_compute_block=None, num_splits=None, num_warps=None,
                     num_stages=None, interpret=False):
-  """Decode attention of one new token per sequence over a paged KV cache.
+    """Decode attention of one new token per sequence over a paged KV cache.
 
-  Args:
-    q: [S, N, H] bfloat16 / float16 / float32 queries.
-    k_pages, v_pages: [K, P, page_size, H] pages (bf16, f16, f32, float8_e5m2, float8_e4m3fn).
-    block_tables: int32 [S, maxP] page ids per sequence.
-    lengths: int32 [S] context length incl. the current token; 0 gives a zero output row.
-    k_scale, v_scale: per-tensor dequantization scales (scalar or float32 array); default 1.0.
-    sm_scale: softmax scale (static); default 1/sqrt(H).
-    pages_per_compute_block: pages per inner-loop step, a power of two (static).
-    num_splits: KV splits (flash-decoding); 1 disables the combine step (static).
-    num_warps, num_stages: Triton launch settings (static); default 4 and 2.
-    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    Args:
+        q: [S, N, H] bfloat16 / float16 / float32 queries.
+        k_pages, v_pages: [K, P, page_size, H] pages (bf16, f16, f32, float8_e5m2, float8_e4m3fn).
+        block_tables: int32 [S, maxP] page ids per sequence.
+        lengths: int32 [S] context length incl. the current token; 0 gives a zero output row.
+        k_scale, v_scale: per-tensor dequantization scales (scalar or float32 array); default 1.0.
+        sm_scale: softmax scale (static); default 1/sqrt(H).
+        pages_per_compute_block: pages per inner-loop step, a power of two (static).
+        num_splits: KV splits (flash-decoding); 1 disables the combine step (static).
+        num_warps, num_stages: Triton launch settings (static); default 4 and 2.
+        interpret: run the kernel in Pallas interpret mode (CPU tests).
 
-  Returns:
-    [S, N, H] attention output in q's dtype.
-  """
-  _validate(q, k_pages, v_pages, block_tables, lengths, pages_per_compute_block, num_splits)
-  seqs, _, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  ppcb, splits = default_settings(seqs, num_kv_heads, block_tables.shape[1], page_size)
-  scales = jnp.stack([jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(()),
-                      jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(())])
-  return _paged_attention_kernel_call(
-      q, k_pages, v_pages, block_tables, lengths, scales,
-      sm_scale=float(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale),
-      pages_per_block=pages_per_compute_block or ppcb, num_splits=num_splits or splits,
-      num_warps=num_warps or 4, num_stages=num_stages or 2, interpret=interpret)
+    Returns:
+        [S, N, H] attention output in q's dtype.
+    """
+    _validate(q, k_pages, v_pages, block_tables, lengths, pages_per_compute_block, num_splits)
+    seqs, _, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    ppcb, splits = default_settings(seqs, num_kv_heads, block_tables.shape[1], page_size, head_dim, k_pages.dtype)
+    scales = jnp.stack([jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(()),
+                        jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(())])
+    return _paged_attention_kernel_call(
+        q, k_pages, v_pages, block_tables, lengths, scales,
+        sm_scale=float(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale),
+        pages_per_block=pages_per_compute_block or ppcb, num_splits=num_splits or splits,
+        num_warps=num_warps or 4, num_stages=num_stages or 2, interpret=interpret)
 
 
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, k_scale=1.0,
                               v_scale=1.0, sm_scale=None):
-  """Plain-jnp paged decode attention in float32 (gathers every page of the block table)."""
-  seqs, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  group = num_q_heads // num_kv_heads
-  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-  max_len = block_tables.shape[1] * page_size
+    """Plain-jnp paged decode attention in float32 (gathers every page of the block table)."""
+    seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    max_len = block_tables.shape[1] * page_size
 
-  def gather(pages, scale):  # -> [S, K, T, H] float32, T = maxP * page_size
-    x = pages[:, block_tables].astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
-    return x.reshape(num_kv_heads, seqs, max_len, head_dim).transpose(1, 0, 2, 3)
+    def gather(pages, scale):  # -> [S, K, T, H] float32, T = maxP * page_size
+        x = pages[:, block_tables].astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+        return x.reshape(num_kv_heads, seqs, max_len, head_dim).transpose(1, 0, 2, 3)
 
-  valid = jnp.arange(max_len)[None, :] < jnp.clip(lengths, 0, max_len)[:, None]  # [S, T]
-  k = jnp.where(valid[:, None, :, None], gather(k_pages, k_scale), 0.0)
-  v = jnp.where(valid[:, None, :, None], gather(v_pages, v_scale), 0.0)
-  qf = q.astype(jnp.float32).reshape(seqs, num_kv_heads, group, head_dim)
-  s = jnp.einsum("skgh,skth->skgt", qf, k, precision="highest") * sm_scale
-  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  den = p.sum(axis=-1, keepdims=True)
-  o = jnp.einsum("skgt,skth->skgh", p / jnp.where(den == 0.0, 1.0, den), v, precision="highest")
-  return o.reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
+    valid = jnp.arange(max_len)[None, :] < jnp.clip(lengths, 0, max_len)[:, None]  # [S, T]
+    k = jnp.where(valid[:, None, :, None], gather(k_pages, k_scale), 0.0)
+    v = jnp.where(valid[:, None, :, None], gather(v_pages, v_scale), 0.0)
+    qf = q.astype(jnp.float32).reshape(seqs, num_kv_heads, group, head_dim)
+    s = jnp.einsum("skgh,skth->skgt", qf, k, precision="highest") * sm_scale
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    den = p.sum(axis=-1, keepdims=True)
+    o = jnp.einsum("skgt,skth->skgh", p / jnp.where(den == 0.0, 1.0, den), v, precision="highest")
+    return o.reshape(seqs, num_q_heads, head_dim).astype(q.dtype)

@@ -18,9 +18,13 @@ class StepInput:
     input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0
     meta: AttentionMetadata   # positions / slots / block tables / lengths, see AttentionMetadata
     logits_index: jax.Array   # [B] int32 index along Q of each row's last new token (its logits are sampled)
+    slots: jax.Array          # [B] int32 row of the penalty state; padding rows use the scratch row R - 1
+    prompt_lens: jax.Array    # [B] int32 prompt length: new tokens at positions >= it are outputs (recompute)
+    reset: jax.Array          # [B] bool the row starts at position 0: clear its penalty state first
 
 
-def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int) -> StepInput:
+def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
+                     scratch_slot: int) -> StepInput:
     B, Q = out.bucket
     ids = np.zeros((B, Q), np.int32)
     pos = np.zeros((B, Q), np.int32)
@@ -29,6 +33,9 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
     seq_lens = np.zeros((B,), np.int32)
     q_lens = np.zeros((B,), np.int32)
     last = np.zeros((B,), np.int32)
+    slot_rows = np.full((B,), scratch_slot, np.int32)
+    prompt_lens = np.zeros((B,), np.int32)
+    reset = np.zeros((B,), np.bool_)
     for b, row in enumerate(out.rows):
         seq, n, start = row.seq, row.num_new_tokens, row.seq.num_computed
         table = seq.block_table
@@ -41,6 +48,10 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
         seq_lens[b] = start + n
         q_lens[b] = n
         last[b] = n - 1
+        slot_rows[b] = seq.slot
+        prompt_lens[b] = len(seq.prompt_token_ids)
+        reset[b] = start == 0
     meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
                              query_lens=q_lens)
-    return StepInput(input_ids=ids, meta=meta, logits_index=last)
+    return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
+                     reset=reset)

@@ -126,6 +126,7 @@ class EngineArgs:
     chat_template: str | None = None
     served_model_name: tuple[str, ...] | None = None
     trust_remote_code: bool = False
+    load_format: str = "auto"                # "auto": safetensors; "dummy": random weights in config.json's shapes
     skip_warmup: bool = False
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
@@ -143,6 +144,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
 

@@ -6,6 +6,7 @@ jitted sampling call) -> read the sampled ids (the only device sync) -> append, 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -31,11 +32,12 @@ logger = logging.getLogger("qwenjax")
 
 _GREEDY = SamplingParams(temperature=0.0)
 _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
-WARMUP_MODES = (
-    SamplerMode(all_greedy=True, filter="none", topk_cap=0, penalties=False, num_logprobs=0, has_banned=False),
-    SamplerMode(all_greedy=False, filter="none", topk_cap=0, penalties=False, num_logprobs=0, has_banned=False),
-    SamplerMode(all_greedy=False, filter="topk", topk_cap=64, penalties=False, num_logprobs=0, has_banned=False),
-)
+# Penalties are always applied (from the device-resident history; a no-op at their neutral values), so a request's
+# penalties never select another compiled variant. Warm-up compiles the modes of greedy, plain temperature, and
+# top-k/top-p with top_k <= 64 (Qwen2's generation_config: top_k 20); a row with top_p but no top_k, logprobs, or
+# min_tokens compiles its sampler variant (small) on first use.
+WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=True, num_logprobs=0, has_banned=False)
+                     for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
 
 
 class EngineStats:
@@ -165,15 +167,15 @@ class LLMEngine:
             if r.samples:
                 s = r.seq
                 rows.append(SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
-                                        prompt_ids=s.prompt_token_ids,
                                         banned_ids=s.params.banned_token_ids(len(s.output_token_ids),
                                                                              self.eos_token_ids)))
             else:
                 rows.append(_GREEDY_ROW)
         inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
-                               max_pages_per_seq=self.scheduler_config.max_pages_per_seq)
-        mode = choose_mode(rows)
-        tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size)
+                               max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
+                               scratch_slot=self.runner.scratch_slot)
+        mode = dataclasses.replace(choose_mode(rows), penalties=True)
+        tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
         res = self.runner.execute(inp, out.has_context, tensors, mode)
         ids = np.asarray(res.token_ids)
         want_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)

@@ -59,11 +59,12 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets)
-    graphdef, params = random_params(cfg, dtype, args.seed) if path is None else load_params(path, cfg, dtype)
+    dummy = path is None or args.load_format == "dummy"
+    graphdef, params = random_params(cfg, dtype, args.seed) if dummy else load_params(path, cfg, dtype)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    logger.info("loaded %s: %.2f GiB of %s weights in %.1f s", path or "random weights", weight_bytes / 2**30,
+    logger.info("loaded %s: %.2f GiB of %s weights in %.1f s", "random weights" if dummy else path, weight_bytes / 2**30,
                 dtype.name, load_s)
 
     cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)
@@ -71,7 +72,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
               [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
     num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source)
     kv = allocate(cfg, num_pages, sc.block_size, cache_dtype)
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size)
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs)
     runner.kv_cache_width = sc.max_pages_per_seq
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
                 num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
@@ -133,7 +134,7 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     pages = sc.max_pages_per_seq + 1
     kv = allocate(cfg, pages, sc.block_size, cache_dtype)
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size)
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs)
     runner.kv_cache_width = sc.max_pages_per_seq
     largest = sorted(buckets, key=lambda b: b[0] * b[1])[-1:] + [max(b for b in buckets if b[1] == 1)]
     runner.warmup(largest, [])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax import sampler
+from qwenjax import penalty_state, sampler
 from qwenjax.batch import StepInput
 from qwenjax.layers.attention import AttentionMetadata
 
@@ -24,14 +24,17 @@ logger = logging.getLogger("qwenjax")
 
 
 class ModelRunner:
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int):
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int,
+                 max_num_seqs: int):
         self.graphdef = graphdef
         self.params = params
         self.kv_cache = kv_cache
         self.vocab_size = vocab_size
+        self.scratch_slot = max_num_seqs  # penalty-state row written by padding rows
+        self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size)
         self._step = jax.jit(functools.partial(_forward, graphdef), static_argnames=("has_context",),
-                             donate_argnums=(1,))
-        self._sample = jax.jit(sampler.sample, static_argnames=("mode",))
+                             donate_argnums=(1, 2))
+        self._sample = jax.jit(_sample, static_argnames=("mode",))
 
     @property
     def num_pages(self) -> int:
@@ -44,38 +47,50 @@ class ModelRunner:
     def execute(self, inp: StepInput, has_context: bool, tensors: sampler.SamplingTensors,
                 mode: sampler.SamplerMode) -> sampler.SamplerOutput:
         """Dispatches one step and its sampling; returns device arrays (reading them is the only sync)."""
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, inp, has_context=has_context)
-        return self._sample(logits, tensors, mode=mode)
+        self.kv_cache, self.penalties, logits = self._step(self.params, self.kv_cache, self.penalties, inp,
+                                                           has_context=has_context)
+        return self._sample(logits, tensors, self.penalties, inp.slots, mode=mode)
 
     def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
         """Compiles every (B, Q, has_context) bucket and each sampler mode per B, running each once on dummy rows."""
         t0 = time.perf_counter()
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
-            inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width)
-            self.kv_cache, logits = self._step(self.params, self.kv_cache, inp, has_context=ctx)
+            inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width, self.scratch_slot)
+            self.kv_cache, self.penalties, logits = self._step(self.params, self.kv_cache, self.penalties, inp,
+                                                               has_context=ctx)
         for b in decode_rows:
             logits = jnp.zeros((b, self.vocab_size), jnp.float32)
+            slots = np.full((b,), self.scratch_slot, np.int32)
             for mode in modes:
-                tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size)
-                self._sample(logits, tensors, mode=mode).token_ids.block_until_ready()
+                tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
+                self._sample(logits, tensors, self.penalties, slots, mode=mode).token_ids.block_until_ready()
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
     kv_cache_width: int = 0  # pages per row in block tables; set by the engine
 
 
-def _forward(graphdef, params, kv_cache, inp: StepInput, *, has_context: bool):
+def _forward(graphdef, params, kv_cache, penalties, inp: StepInput, *, has_context: bool):
     model = nnx.merge(graphdef, params)
     hidden, kv_cache = model(inp.input_ids, inp.meta, kv_cache, has_context=has_context)
     last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
-    return kv_cache, model.logits(last)
+    penalties = penalty_state.update(penalties, inp.input_ids, inp.meta.positions, inp.meta.query_lens,
+                                     inp.prompt_lens, inp.slots, inp.reset)
+    return kv_cache, penalties, model.logits(last)
 
 
-def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int) -> StepInput:
+def _sample(logits, tensors, penalties, slots, *, mode):
+    history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
+    return sampler.sample(logits, tensors, mode, history=history)
+
+
+def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int) -> StepInput:
     """A step whose every write is dropped (slots out of range) and whose rows read page 0: for compiling."""
     meta = AttentionMetadata(positions=np.zeros((b, q), np.int32),
                              slot_mapping=np.full((b, q), num_pages * page_size, np.int32),
                              block_tables=np.zeros((b, width), np.int32), seq_lens=np.ones((b,), np.int32),
                              query_lens=np.ones((b,), np.int32))
-    return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32))
+    return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32),
+                     slots=np.full((b,), scratch_slot, np.int32), prompt_lens=np.zeros((b,), np.int32),
+                     reset=np.zeros((b,), np.bool_))

@@ -10,7 +10,7 @@ logits (vLLM v1's default), whatever the penalties and filters did.
 
 Filters are expressed as one per-row threshold: a token survives iff its scaled logit is >= the threshold. Tokens
 tied with the last kept one therefore all survive, and the result depends only on the row's own values, not on
-whether candidates came from lax.top_k or a full sort.
+whether candidates came from a top-k or a full sort.
 
 The Gumbel noise of a row is drawn over the whole vocabulary from fold_in(key(seed), step), indexed by token id, so
 a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode.
@@ -28,7 +28,7 @@ import numpy as np
 from qwenjax.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 FILTERS = ("none", "topk", "sort")
-TOPK_CAPS = (64, 256, 1024)  # lax.top_k candidate counts; a row with larger top_k needs the full sort
+TOPK_CAPS = (64, 256, 1024)  # candidate counts of mode 'topk'; a larger top_k needs mode 'sort'
 LOGPROB_BUCKETS = (0, 5, 20)  # num_logprobs is rounded up to one of these (exact above the last)
 MIN_HISTORY = 16  # smallest padded history / banned-list length; lengths are powers of two from here
 
@@ -38,8 +38,11 @@ class SamplerMode:
     """The static part of a sampling call: one compiled variant per value. Build it with choose_mode()."""
 
     all_greedy: bool  # every row greedy: argmax of the (penalised, banned) logits; no noise, no filters
-    filter: str  # "none": no row has top-k/top-p; "topk": lax.top_k(topk_cap) candidates; "sort": full sort
-    topk_cap: int  # candidates when filter == "topk" (every filtering row has 1 <= top_k <= cap); 0 otherwise
+    # "none": no row has top-k/top-p. "topk": every row with top-p has a top_k, and all top_k <= topk_cap: the
+    # topk_cap best tokens are the candidates. "sort": some row has top-p alone (or top_k > 1024): the 1024 best
+    # tokens are the candidates when they hold every row's kept set, else the whole batch sorts its rows.
+    filter: str
+    topk_cap: int  # candidates when filter == "topk"; 0 otherwise
     penalties: bool  # some row has a repetition, presence or frequency penalty
     num_logprobs: int  # L: top logprobs returned per row; 0 returns only the sampled token's logprob
     has_banned: bool  # some row has banned ids (min_tokens not reached)
@@ -87,7 +90,8 @@ class SamplerOutput:
 # ----------------------------------------------------------------------------------------------- device side
 
 
-def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerOutput:
+def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
+           history: tuple[jax.Array, jax.Array] | None = None) -> SamplerOutput:
     """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.
 
     `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
@@ -96,7 +100,7 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerO
     raw = logits.astype(jnp.float32)
     x = raw
     if mode.penalties:
-        x = apply_penalties(x, t)
+        x = apply_penalties(x, t, history)
     if mode.has_banned:
         x = apply_banned(x, t)
 
@@ -112,7 +116,7 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerO
     lse = jax.nn.logsumexp(raw, axis=-1)
     chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
     if mode.num_logprobs > 0:
-        top_vals, top_ids = jax.lax.top_k(raw, mode.num_logprobs)
+        top_vals, top_ids = chunked_top_k(raw, mode.num_logprobs)
         top_logprobs = top_vals - lse[:, None]
     else:
         top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
@@ -121,12 +125,16 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerO
                          top_logprobs=top_logprobs)
 
 
-def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+def apply_penalties(logits: jax.Array, t: SamplingTensors,
+                    history: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Repetition penalty over prompt+output tokens, then frequency and presence penalties over output tokens."""
     b, v = logits.shape
     rows = jnp.arange(b)[:, None]
-    counts = jnp.zeros((b, v), jnp.int32).at[rows, t.output_tokens].add(1, mode="drop")  # [B, V]
-    in_prompt = jnp.zeros((b, v), jnp.bool_).at[rows, t.prompt_tokens].set(True, mode="drop")  # [B, V]
+    if history is not None:
+        in_prompt, counts = history  # [B, V] bool, [B, V] int32
+    else:
+        counts = jnp.zeros((b, v), jnp.int32).at[rows, t.output_tokens].add(1, mode="drop")  # [B, V]
+        in_prompt = jnp.zeros((b, v), jnp.bool_).at[rows, t.prompt_tokens].set(True, mode="drop")  # [B, V]
     generated = counts > 0
     rep = t.repetition_penalty[:, None]
     # Dividing positive and multiplying negative logits makes a seen token less likely whatever its sign.
@@ -151,33 +159,70 @@ def filtered_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) ->
     # min_p: p < min_p * p_max  <=>  x < x_max + log(min_p); log(0) = -inf keeps everything.
     x_max = jnp.max(x, axis=-1, keepdims=True)
     x = jnp.where(x < x_max + jnp.log(t.min_p)[:, None], -jnp.inf, x)
+    v = x.shape[-1]
     if mode.filter == "none":
         return x
     if mode.filter == "topk":
-        candidates, _ = jax.lax.top_k(x, min(mode.topk_cap, x.shape[-1]))  # [B, C] descending
+        candidates, _ = chunked_top_k(x, min(mode.topk_cap, v))
+        threshold, _ = _threshold(candidates, t.top_k, t.top_p, lse=None)
     else:
-        candidates = jnp.sort(x, axis=-1, descending=True)  # [B, V]
-    threshold = _top_k_top_p_threshold(candidates, t.top_k, t.top_p)
+        # Top-p without top-k: the TOPK_CAPS[-1] best tokens nearly always hold the top-p set; the full sort runs
+        # (for the whole batch) only when some row's set reaches past them.
+        lse = jax.nn.logsumexp(x, axis=-1)
+        candidates, _ = chunked_top_k(x, min(TOPK_CAPS[-1], v))
+        threshold, contained = _threshold(candidates, t.top_k, t.top_p, lse)
+        full_sort = lambda: _threshold(jnp.sort(x, axis=-1, descending=True), t.top_k, t.top_p, lse)[0]  # noqa
+        threshold = jax.lax.cond(jnp.all(contained), lambda: threshold, full_sort)
     return jnp.where(x < threshold[:, None], -jnp.inf, x)
 
 
-def _top_k_top_p_threshold(candidates: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[B] lowest kept value, given each row's candidates [B, C] in descending order.
+def _threshold(candidates: jax.Array, top_k: jax.Array, top_p: jax.Array, lse: jax.Array | None):
+    """([B] lowest kept value, [B] bool exact) given each row's best values `candidates` [B, C], descending.
 
-    Top-k keeps values >= the k-th candidate. Top-p then keeps, within what top-k kept and renormalised, the
-    smallest prefix whose mass reaches top_p: a candidate stays iff the mass strictly before it is < top_p.
+    Top-k keeps values >= the k-th best. Top-p then keeps, within what top-k kept and renormalised, the smallest
+    prefix whose mass reaches top_p: a token stays iff the mass strictly before it is < top_p. `lse` is the row's
+    logsumexp over the whole vocabulary, used for rows without top-k; None when every top-p row has a top_k <= C.
+    `exact` is False for rows whose kept set may reach past the candidates.
     """
     c = candidates.shape[-1]
     kth = jnp.take_along_axis(candidates, (jnp.clip(top_k, 1, c) - 1)[:, None], axis=-1)[:, 0]
     kth = jnp.where(top_k > 0, kth, -jnp.inf)  # [B]
     kept = jnp.where(candidates < kth[:, None], -jnp.inf, candidates)
-    probs = jax.nn.softmax(kept, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # keep is a prefix: mass_before never decreases
+    kept_lse = jax.nn.logsumexp(kept, axis=-1)
+    if lse is not None:
+        kept_lse = jnp.where(top_k > 0, kept_lse, lse)
+    probs = jnp.exp(kept - kept_lse[:, None])  # the row's renormalised probabilities, best first
+    cumulative = jnp.cumsum(probs, axis=-1)
+    keep = cumulative - probs < top_p[:, None]
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # keep is a prefix: the mass before never decreases
     last = jnp.take_along_axis(kept, (n_keep - 1)[:, None], axis=-1)[:, 0]
     # top_p == 1 is off, even where rounding pushes the running mass past 1 before the last candidate.
-    return jnp.maximum(kth, jnp.where(top_p < 1.0, last, -jnp.inf))
+    threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, last, -jnp.inf))
+    top_k_inside = (top_k == 0) | (top_k <= c)
+    top_p_inside = (top_p >= 1.0) | (cumulative[:, -1] >= top_p)
+    return threshold, top_k_inside & top_p_inside
+
+
+def chunked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """([B, k] largest values of each row of x [B, V], descending; [B, k] i32 their ids), like lax.top_k.
+
+    XLA lowers lax.top_k on GPU to a full sort of the row. Instead: the k chunks (of `chunk` tokens) with the
+    largest maxima hold the k largest values, ties included (every chunk left out has a maximum <= the k-th value
+    and at least k values >= it lie in the chosen chunks), so one max pass and two small top_k calls suffice.
+    Where a row has fewer than k finite values, the ids of its -inf tail are unspecified (possibly >= V).
+    """
+    b, v = x.shape
+    chunk = 64 if k <= 256 else 16  # fastest on an H100 at B = 256, V = 151936
+    groups = -(-v // chunk)
+    if groups < 4 * k:  # small vocabulary: the direct call is as cheap
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids.astype(jnp.int32)
+    x = jnp.pad(x, ((0, 0), (0, groups * chunk - v)), constant_values=-jnp.inf).reshape(b, groups, chunk)
+    _, group_ids = jax.lax.top_k(jnp.max(x, axis=-1), k)  # [B, k]
+    candidates = jnp.take_along_axis(x, group_ids[:, :, None], axis=1).reshape(b, k * chunk)
+    values, pos = jax.lax.top_k(candidates, k)
+    ids = jnp.take_along_axis(group_ids, pos // chunk, axis=-1) * chunk + pos % chunk
+    return values, ids.astype(jnp.int32)
 
 
 def _gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
@@ -227,7 +272,8 @@ def choose_mode(rows: Sequence[SamplingRow]) -> SamplerMode:
     )
 
 
-def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int) -> SamplingTensors:
+def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int,
+                  with_history: bool = True) -> SamplingTensors:
     """Numpy SamplingTensors for `rows`, padded to `num_rows` (padding rows are greedy and unpenalised).
 
     History and banned lengths are padded to powers of two (at least MIN_HISTORY) so that few shapes compile;
@@ -252,9 +298,9 @@ def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int
         rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
         seeds[i] = r.seed & 0xFFFFFFFF
         steps[i] = len(r.output_ids)
-        if p.repetition_penalty != 1.0:
+        if with_history and p.repetition_penalty != 1.0:
             prompts[i] = r.prompt_ids
-        if _has_penalty(p):
+        if with_history and _has_penalty(p):
             outputs[i] = r.output_ids
         banned[i] = r.banned_ids
     return SamplingTensors(

@@ -54,6 +54,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Each running sequence owns one row of the device-side penalty state; at most max_num_seqs run at once.
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
 
     # ---- membership
     def add(self, seq: Sequence) -> None:
@@ -64,6 +66,8 @@ class Scheduler:
         """Takes a sequence out of the queues (finished or aborted) and returns its pages."""
         if seq in self.running:
             self.running.remove(seq)
+            self._free_slots.append(seq.slot)
+            seq.slot = None
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
@@ -113,6 +117,7 @@ class Scheduler:
         for r in rows:
             self.waiting.remove(r.seq)
             r.seq.status = SeqStatus.RUNNING
+            r.seq.slot = self._free_slots.pop()
             self.running.append(r.seq)
         longest = max(r.num_new_tokens for r in rows)
         return SchedulerOutput("prefill", rows, False, self._prefill_bucket(len(rows), longest))
@@ -146,6 +151,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: drop the pages; the whole sequence is prefilled again later."""
         self.running.remove(seq)
+        self._free_slots.append(seq.slot)
+        seq.slot = None
         self.blocks.release(seq.block_table)
         seq.num_computed = 0
         seq.num_preemptions += 1

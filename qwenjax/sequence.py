@@ -34,6 +34,7 @@ class Sequence:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
+    slot: int | None = None         # row of the device-side penalty state while running (see runner.PenaltyState)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -13,7 +13,7 @@ REAL_VOCAB = 151936
 
 def write_checkpoint(path: Path, *, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
                      num_heads=4, num_kv_heads=2, tie=False, seed=0, max_position_embeddings=512,
-                     shards: int = 1, with_tokenizer: bool = False, rope_theta=10000.0) -> Path:
+                     shards: int = 1, with_tokenizer: bool = False, rope_theta=10000.0, embed_std=0.5) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -30,7 +30,7 @@ def write_checkpoint(path: Path, *, vocab_size=512, hidden_size=64, intermediate
             if "norm" in name:
                 p.uniform_(0.8, 1.2)
             else:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+                p.normal_(0.0, 0.08 if "embed" not in name else embed_std)
     path.mkdir(parents=True, exist_ok=True)
     max_shard = None
     if shards > 1:

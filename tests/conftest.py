@@ -48,4 +48,4 @@ def real_vocab(ckpt_dir):
     from tests.checkpoints import REAL_VOCAB
 
     return write_checkpoint(ckpt_dir / "real_vocab", vocab_size=REAL_VOCAB, hidden_size=32, intermediate_size=64,
-                            num_heads=2, num_kv_heads=1, tie=True, seed=5, with_tokenizer=True)
+                            num_heads=2, num_kv_heads=1, tie=True, seed=5, with_tokenizer=True, embed_std=0.15)

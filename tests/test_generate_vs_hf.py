@@ -60,3 +60,21 @@ def test_preemption_keeps_tokens_identical(untied_gqa2, prompts, hf_tokens):
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert ours == hf_tokens
     assert llm.llm_engine.blocks.num_free == 10
+
+
+def test_repetition_penalty_equals_hf(untied_gqa2, prompts):
+    """The device-resident penalty history (prompt mask + output counts) matches HF's logits processor, including
+    after preemption, where the history is rebuilt by the recompute."""
+    model = hf_model(untied_gqa2)
+    ref = []
+    with torch.no_grad():
+        for p in prompts:
+            g = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                               repetition_penalty=1.8, pad_token_id=0, eos_token_id=None)
+            ref.append(g[0, len(p):].tolist())
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, repetition_penalty=1.8)
+    for overrides in ({}, {"num_kv_pages": 10, "max_model_len": 96}):
+        llm = LLM(str(untied_gqa2), **{**SMALL_ENGINE, **overrides})
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == ref
+    assert llm.llm_engine.scheduler.num_preemptions > 0

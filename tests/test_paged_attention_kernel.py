@@ -20,36 +20,36 @@ LENGTHS = (1, 15, 16, 17, 70)
 
 def make_case(name, *, group, head_dim, page_size, q_dtype, kv_dtype, lengths=LENGTHS,
               num_kv_heads=2, spare_pages=3, kv_range=1.0):
-  """Random q / pages / permuted block tables, with NaN wherever the kernel must not read.
+    """Random q / pages / permuted block tables, with NaN wherever the kernel must not read.
 
-  NaN goes into: slots past each sequence's length in its last page, every unused page, and the
-  page that block-table entries past a row's length point to.
-  """
-  key = jax.random.key(zlib.crc32(name.encode()))  # a fresh key per case
-  kq, kk, kv, kp = jax.random.split(key, 4)
-  seqs = len(lengths)
-  max_pages = max(1, -(-max(lengths) // page_size)) + 1  # one table entry past the longest row
-  num_pages = seqs * max_pages + spare_pages
-  q = jax.random.normal(kq, (seqs, num_kv_heads * group, head_dim), F32).astype(q_dtype)
-  shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k = np.array(kv_range * jax.random.normal(kk, shape, F32))
-  v = np.array(kv_range * jax.random.normal(kv, shape, F32))
-  perm = np.array(jax.random.permutation(kp, num_pages))
-  poison = int(perm[-1])  # never holds data
-  tables = np.full((seqs, max_pages), poison, np.int32)
-  used = set()
-  for s, n in enumerate(lengths):
-    pages = perm[s * max_pages: s * max_pages + -(-n // page_size)]
-    tables[s, :len(pages)] = pages
-    used.update(int(p) for p in pages)
-    if n % page_size:
-      for x in (k, v):
-        x[:, pages[-1], n % page_size:] = np.nan
-  for p in set(range(num_pages)) - used:
-    k[:, p] = np.nan
-    v[:, p] = np.nan
-  return (q, jnp.asarray(k, kv_dtype), jnp.asarray(v, kv_dtype), jnp.asarray(tables),
-          jnp.asarray(lengths, jnp.int32))
+    NaN goes into: slots past each sequence's length in its last page, every unused page, and the
+    page that block-table entries past a row's length point to.
+    """
+    key = jax.random.key(zlib.crc32(name.encode()))  # a fresh key per case
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    seqs = len(lengths)
+    max_pages = max(1, -(-max(lengths) // page_size)) + 1  # one table entry past the longest row
+    num_pages = seqs * max_pages + spare_pages
+    q = jax.random.normal(kq, (seqs, num_kv_heads * group, head_dim), F32).astype(q_dtype)
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    k = np.array(kv_range * jax.random.normal(kk, shape, F32))
+    v = np.array(kv_range * jax.random.normal(kv, shape, F32))
+    perm = np.array(jax.random.permutation(kp, num_pages))
+    poison = int(perm[-1])  # never holds data
+    tables = np.full((seqs, max_pages), poison, np.int32)
+    used = set()
+    for s, n in enumerate(lengths):
+        pages = perm[s * max_pages: s * max_pages + -(-n // page_size)]
+        tables[s, :len(pages)] = pages
+        used.update(int(p) for p in pages)
+        if n % page_size:
+            for x in (k, v):
+                x[:, pages[-1], n % page_size:] = np.nan
+    for p in set(range(num_pages)) - used:
+        k[:, p] = np.nan
+        v[:, p] = np.nan
+    return (q, jnp.asarray(k, kv_dtype), jnp.asarray(v, kv_dtype), jnp.asarray(tables),
+            jnp.asarray(lengths, jnp.int32))
 
 
 CASES = [  # group, head_dim, page_size, q dtype, kv dtype, num_splits
@@ -69,64 +69,66 @@ CASES = [  # group, head_dim, page_size, q dtype, kv dtype, num_splits
 
 @pytest.mark.parametrize("group,head_dim,page_size,q_dtype,kv_dtype,num_splits", CASES)
 def test_matches_reference(group, head_dim, page_size, q_dtype, kv_dtype, num_splits):
-  name = f"ref-{group}-{head_dim}-{page_size}-{q_dtype.__name__}-{kv_dtype.__name__}-{num_splits}"
-  fp8 = kv_dtype in (E5M2, E4M3)
-  # e4m3 holds scaled values: stored * scale is the true value.
-  k_scale, v_scale = (0.5, 2.0) if kv_dtype == E4M3 else (1.0, 1.0)
-  q, k, v, tables, lengths = make_case(name, group=group, head_dim=head_dim, page_size=page_size,
-                                       q_dtype=q_dtype, kv_dtype=kv_dtype,
-                                       kv_range=3.0 if kv_dtype == E4M3 else 1.0)
-  out = paged_attention(q, k, v, tables, lengths, k_scale=k_scale, v_scale=v_scale,
-                        pages_per_compute_block=2 if page_size <= 32 else None,
-                        num_splits=num_splits, interpret=True)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  if fp8:  # reference on the dequantized cache
-    k, v = k.astype(F32) * k_scale, v.astype(F32) * v_scale
-  ref = paged_attention_reference(q, k, v, tables, lengths)
-  atol = 1e-5 if q_dtype == F32 else (3e-2 if v_scale != 1.0 else 1.5e-2)
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             atol=atol, rtol=1e-2)
+    name = f"ref-{group}-{head_dim}-{page_size}-{q_dtype.__name__}-{kv_dtype.__name__}-{num_splits}"
+    fp8 = kv_dtype in (E5M2, E4M3)
+    # e4m3 holds scaled values: stored * scale is the true value.
+    k_scale, v_scale = (0.5, 2.0) if kv_dtype == E4M3 else (1.0, 1.0)
+    q, k, v, tables, lengths = make_case(name, group=group, head_dim=head_dim, page_size=page_size,
+                                         q_dtype=q_dtype, kv_dtype=kv_dtype,
+                                         kv_range=3.0 if kv_dtype == E4M3 else 1.0)
+    out = paged_attention(q, k, v, tables, lengths, k_scale=k_scale, v_scale=v_scale,
+                          pages_per_compute_block=2 if page_size <= 32 else None,
+                          num_splits=num_splits, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if fp8:  # reference on the dequantized cache
+        k, v = k.astype(F32) * k_scale, v.astype(F32) * v_scale
+    ref = paged_attention_reference(q, k, v, tables, lengths)
+    atol = 1e-5 if q_dtype == F32 else (3e-2 if v_scale != 1.0 else 1.5e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               atol=atol, rtol=1e-2)
 
 
 def test_splits_agree_with_single_pass():
-  q, k, v, tables, lengths = make_case("splits", group=4, head_dim=64, page_size=16, q_dtype=F32,
-                                       kv_dtype=F32, lengths=(3, 64, 65, 130, 200))
-  run = functools.partial(paged_attention, q, k, v, tables, lengths, interpret=True,
-                          pages_per_compute_block=2)
-  one = run(num_splits=1)
-  for splits in (2, 5, 16):  # 16 > pages: empty splits must drop out of the merge
-    np.testing.assert_allclose(run(num_splits=splits), one, atol=1e-5, rtol=1e-5)
+    q, k, v, tables, lengths = make_case("splits", group=4, head_dim=64, page_size=16, q_dtype=F32,
+                                         kv_dtype=F32, lengths=(3, 64, 65, 130, 200))
+    run = functools.partial(paged_attention, q, k, v, tables, lengths, interpret=True,
+                            pages_per_compute_block=2)
+    one = run(num_splits=1)
+    for splits in (2, 5, 16):  # 16 > pages: empty splits must drop out of the merge
+        np.testing.assert_allclose(run(num_splits=splits), one, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_rows_are_zero():
-  q, k, v, tables, lengths = make_case("padding", group=2, head_dim=64, page_size=16,
-                                       q_dtype=BF16, kv_dtype=BF16, lengths=(0, 20, 0))
-  for splits in (1, 2):
-    out = np.asarray(paged_attention(q, k, v, tables, lengths, num_splits=splits, interpret=True),
-                     np.float32)
-    assert np.isfinite(out).all()
-    assert not out[0].any() and not out[2].any()
-    ref = paged_attention_reference(q, k, v, tables, lengths)
-    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=1.5e-2, rtol=1e-2)
+    q, k, v, tables, lengths = make_case("padding", group=2, head_dim=64, page_size=16,
+                                         q_dtype=BF16, kv_dtype=BF16, lengths=(0, 20, 0))
+    for splits in (1, 2):
+        out = np.asarray(paged_attention(q, k, v, tables, lengths, num_splits=splits, interpret=True),
+                         np.float32)
+        assert np.isfinite(out).all()
+        assert not out[0].any() and not out[2].any()
+        ref = paged_attention_reference(q, k, v, tables, lengths)
+        np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=1.5e-2, rtol=1e-2)
 
 
 def test_custom_softmax_scale():
-  q, k, v, tables, lengths = make_case("sm_scale", group=2, head_dim=64, page_size=16,
-                                       q_dtype=F32, kv_dtype=F32)
-  out = paged_attention(q, k, v, tables, lengths, sm_scale=0.3, interpret=True)
-  ref = paged_attention_reference(q, k, v, tables, lengths, sm_scale=0.3)
-  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    q, k, v, tables, lengths = make_case("sm_scale", group=2, head_dim=64, page_size=16,
+                                         q_dtype=F32, kv_dtype=F32)
+    out = paged_attention(q, k, v, tables, lengths, sm_scale=0.3, interpret=True)
+    ref = paged_attention_reference(q, k, v, tables, lengths, sm_scale=0.3)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_default_settings():
-  assert default_settings(64, 4, 256, 16) == (8, 4)  # benchmark shape: 256 -> 1024 programs
-  assert default_settings(1, 4, 2048, 16) == (8, 128)  # long single sequence: split wide
-  assert default_settings(512, 4, 64, 16) == (8, 1)  # big batch: no combine step
-  assert default_settings(2, 1, 1, 128) == (1, 1)  # tiny table
+    assert default_settings(64, 4, 256, 16) == (4, 4)  # benchmark shape: 64-token blocks, 1024 programs
+    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 4)  # fp8: same bytes per block, twice the tokens
+    assert default_settings(64, 4, 256, 16, 64) == (8, 4)
+    assert default_settings(1, 4, 2048, 16) == (4, 256)  # one long sequence: split wide
+    assert default_settings(512, 4, 64, 16) == (4, 1)  # big batch: no combine step
+    assert default_settings(2, 1, 1, 128) == (1, 1)  # tiny table
 
 
 def _spec(shape, dtype):
-  return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 GOOD = dict(q=_spec((2, 8, 64), BF16), k=_spec((2, 10, 16, 64), BF16),
@@ -153,7 +155,7 @@ GOOD = dict(q=_spec((2, 8, 64), BF16), k=_spec((2, 10, 16, 64), BF16),
     ({}, dict(num_splits=0), "num_splits"),
 ])
 def test_validation_errors(change, kwargs, match):
-  args = {**GOOD, **change}
-  fn = functools.partial(paged_attention, interpret=True, **kwargs)
-  with pytest.raises(ValueError, match=match):
-    jax.eval_shape(fn, args["q"], args["k"], args["v"], args["tables"], args["lengths"])
+    args = {**GOOD, **change}
+    fn = functools.partial(paged_attention, interpret=True, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(fn, args["q"], args["k"], args["v"], args["tables"], args["lengths"])

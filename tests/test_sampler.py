@@ -15,6 +15,7 @@ from qwenjax.sampler import (
     apply_penalties,
     build_tensors,
     choose_mode,
+    chunked_top_k,
     filtered_logits,
     history_bucket,
     sample,
@@ -276,6 +277,41 @@ def test_logprobs_come_from_raw_logits():
     assert none.top_ids.shape == (2, 0) and none.top_logprobs.shape == (2, 0)
 
 
+@pytest.mark.parametrize("k", [5, 64, 1024])
+def test_chunked_top_k_is_exact_with_ties(k):
+    # Integer logits make many ties, across chunks and at the k-th value.
+    x = jnp.asarray(np.random.default_rng(8).integers(-50, 50, size=(3, 70001)), jnp.float32)
+    x = x.at[1, :].set(-jnp.inf).at[1, 123].set(3.0).at[1, 70000].set(2.0)  # a row with two finite values
+    want_values, _ = jax.lax.top_k(x, k)
+    values, ids = jax.jit(chunked_top_k, static_argnums=1)(x, k)
+    np.testing.assert_array_equal(values, want_values)
+    assert ids.dtype == jnp.int32
+    finite = np.isfinite(np.asarray(values))
+    rows = np.nonzero(finite)[0]
+    np.testing.assert_array_equal(np.asarray(x)[rows, np.asarray(ids)[finite]], np.asarray(values)[finite])
+    assert len(set(np.asarray(ids[0]).tolist())) == k
+
+
+def test_sort_mode_falls_back_to_a_full_sort_only_when_needed():
+    # Row 0's top-p set is 3 tokens: the 1024 candidates hold it. Row 1 is almost flat, so top_p=0.9 keeps about
+    # 90% of 5000 tokens: only the full sort finds its threshold. Both must match the reference.
+    v = 5000
+    rng = np.random.default_rng(9)
+    peaked = rng.normal(size=v).astype(np.float32)
+    peaked[:3] += 30.0
+    flat = (rng.normal(size=v) * 0.01).astype(np.float32)
+    for rows_logits, params in [([peaked, peaked], [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5)]),
+                                ([peaked, flat], [SamplingParams(top_p=0.9), SamplingParams(top_p=0.9)])]:
+        logits = np.stack(rows_logits)
+        m = choose_mode(rows_of(*params))
+        assert m.filter == "sort"
+        out = np.asarray(jit_filtered(jnp.asarray(logits), tensors(rows_of(*params), v), m))
+        for i, p in enumerate(params):
+            want = reference_keep(logits[i], p.temperature, p.min_p, p.top_k, p.top_p)
+            np.testing.assert_array_equal(np.isfinite(out[i]), want)
+    assert np.isfinite(out[1]).sum() > 4000
+
+
 def test_qwen_vocab_is_cheap():
     v = QWEN_VOCAB
     rng = np.random.default_rng(7)
@@ -328,7 +364,7 @@ def test_full_sort_only_in_sort_mode(m, sorts):
     jaxpr = jax.make_jaxpr(functools.partial(sample, mode=m))(jnp.zeros((2, v)), tensors(rows, v))
     names = primitive_names(jaxpr.jaxpr)
     assert ("sort" in names) == sorts, sorted(names)
-    assert ("top_k" in names) == (m.filter == "topk" or m.num_logprobs > 0)
+    assert ("top_k" in names) == (m.filter != "none" or m.num_logprobs > 0)
 
 
 # ----------------------------------------------------------------------------------------------- host helpers

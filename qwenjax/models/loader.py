@@ -27,6 +27,8 @@ class ModelNotFoundError(FileNotFoundError):
 def resolve_model_path(model: str) -> Path:
     """A local directory, or a hub id resolved offline through the huggingface_hub cache."""
     path = Path(os.path.expanduser(model))
+    if path.is_file() and path.name.endswith(".json"):
+        raise ModelNotFoundError(f"model {model!r} is a file; pass the checkpoint directory that holds config.json")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json")

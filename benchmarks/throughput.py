@@ -1,0 +1,246 @@
+"""throughput: offline batched generation through LLM.generate, greedy, ignore_eos (BENCHMARKS.md).
+
+Workloads: `fixed` (throughput-fixed): 512 requests, prompt 512, 256 new tokens; `random` (throughput-random): 1000
+requests, prompt lengths uniform in [128, 1024], output lengths uniform in [64, 512], seed 0. All requests are
+submitted at once; the timed region is one generate call over all of them.
+
+Figures: output_tok_s = generated tokens / wall; total_tok_s = (prompt + generated tokens) / wall; wall_s; mfu = the
+FLOP floor (2 x non-embedding params per prompt and output token, plus causal attention; BENCHMARKS.md) over the bf16
+matmul rate measured in this run, divided by wall. With a peer file of the same workload (from `--peer transformers`,
+run in its own call on the same machine), speedup_vs_transformers = output_tok_s / the peer's output_tok_s.
+
+  python benchmarks/throughput.py --workload fixed --model qwen2-7b-instruct [--profile] [--out $OUT]
+  python benchmarks/throughput.py --workload fixed --model qwen2-7b-instruct --peer transformers
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+WORKLOADS = {"fixed": "throughput-fixed", "random": "throughput-random"}
+
+
+def parse(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0])
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
+    w.add_argument("--num-prompts", type=int, default=None, help="default 512 (fixed) / 1000 (random), x --scale")
+    w.add_argument("--prompt-len", type=int, default=None, help="fixed: default 512 (x --scale)")
+    w.add_argument("--output-len", type=int, default=None, help="fixed: default 256 (x --scale)")
+    w.add_argument("--prompt-range", type=common._int_list, default=None, help="random: lo,hi (default 128,1024)")
+    w.add_argument("--output-range", type=common._int_list, default=None, help="random: lo,hi (default 64,512)")
+    w.add_argument("--peer", choices=("transformers",), default=None,
+                   help="run the peer (transformers continuous batching, bf16, random init) on the same workload "
+                        "instead of qwenjax, and write its figure where the qwenjax run merges it")
+    args = p.parse_args(argv)
+    s = args.scale
+    if args.workload == "fixed":
+        args.num_prompts = args.num_prompts or common.scaled(512, s)
+        args.prompt_len = args.prompt_len or common.scaled(512, s, 2)
+        args.output_len = args.output_len or common.scaled(256, s, 2)
+    else:
+        args.num_prompts = args.num_prompts or common.scaled(1000, s)
+        args.prompt_range = tuple(args.prompt_range or (common.scaled(128, s, 2), common.scaled(1024, s, 2)))
+        args.output_range = tuple(args.output_range or (common.scaled(64, s, 2), common.scaled(512, s, 2)))
+    return args
+
+
+def make_workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    import numpy as np
+
+    n = args.num_prompts
+    if args.workload == "fixed":
+        return common.random_prompts(n, args.prompt_len, seed=args.seed, vocab_size=vocab_size), \
+            [args.output_len] * n
+    rng = np.random.default_rng(args.seed)
+    plens = rng.integers(args.prompt_range[0], args.prompt_range[1] + 1, size=n)
+    olens = rng.integers(args.output_range[0], args.output_range[1] + 1, size=n)
+    return common.random_prompts(n, plens.tolist(), seed=args.seed + 1, vocab_size=vocab_size), olens.tolist()
+
+
+def workload_config(args, prompts, olens) -> dict:
+    c = {"workload": args.workload, "num_requests": args.num_prompts, "seed": args.seed, "dtype": args.dtype,
+         "kv_cache_dtype": "auto", "greedy": True, "ignore_eos": True, "detokenize": True,
+         "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(olens)}
+    if args.workload == "fixed":
+        c.update(prompt_len=args.prompt_len, output_len=args.output_len,
+                 standard=(args.num_prompts, args.prompt_len, args.output_len) == (512, 512, 256))
+    else:
+        c.update(prompt_len_range=list(args.prompt_range), output_len_range=list(args.output_range),
+                 standard=(args.num_prompts, tuple(args.prompt_range), tuple(args.output_range)) ==
+                 (1000, (128, 1024), (64, 512)))
+    return c
+
+
+def engine_defaults(args, prompts, olens) -> dict:
+    """Minimal buckets for the workload: decode at full concurrency (fixed: one bucket, every step has all rows),
+    prefill at the prompt lengths, with a token budget of up to 8192 per prefill step."""
+    pmax = max(map(len, prompts))
+    mml = common.round_up(pmax + max(olens), args.block_size)
+    if args.workload == "fixed":
+        seqs = min(args.num_prompts, 512)
+        decode = (seqs,)
+        prefill = (args.prompt_len,)
+    else:
+        seqs = min(args.num_prompts, 256)
+        decode = tuple(sorted({max(1, seqs // 16), max(1, seqs // 4), max(1, seqs // 2), seqs}))
+        prefill = tuple(sorted({max(2, pmax // 4), max(2, pmax // 2), pmax}))
+    budget = min(8192, _pow2(len(prompts) * pmax))
+    budget = max(budget, _pow2(pmax))
+    return dict(max_model_len=mml, max_num_seqs=seqs, max_num_batched_tokens=budget, decode_buckets=decode,
+                prefill_buckets=prefill)
+
+
+def _pow2(n: int) -> int:
+    v = 16
+    while v < n:
+        v *= 2
+    return v
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    bench = WORKLOADS[args.workload]
+    spec = common.resolve_model(args.model)
+    cfg_vocab = spec.config["vocab_size"]
+    prompts, olens = make_workload(args, cfg_vocab)
+    if args.peer:
+        return run_peer(args, spec, bench, prompts, olens)
+    common.setup_jax(args)
+    cfg = common.model_config(spec)
+    dev = common.device_info()
+    d = engine_defaults(args, prompts, olens)
+    kwargs = common.engine_kwargs(args, **d)
+    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                       gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
+    llm, startup = common.build_llm(spec, kwargs)
+    common.warm_generate(llm, prompts)
+
+    before = common.stats_snapshot(llm)
+    params = [common.greedy(o) for o in olens]
+    outs, wall = common.timed_generate(llm, prompts, params)
+    stats = common.stats_delta(before, common.stats_snapshot(llm))
+    got = [len(o.outputs[0].token_ids) for o in outs]
+    bad = [(i, g, o) for i, (g, o) in enumerate(zip(got, olens)) if g != o]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests produced the wrong token count, e.g. (index, got, want) {bad[:3]}")
+    ptoks, otoks = sum(map(len, prompts)), sum(got)
+    flops = common.sum_flops([common.request_flops(cfg, len(p), o) for p, o in zip(prompts, olens)])
+    mm = ceilings["matmul_tflops"]
+    metrics = {"output_tok_s": otoks / wall, "total_tok_s": (ptoks + otoks) / wall, "wall_s": wall,
+               "mfu": common.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
+               "flop_floor_s": flops["total"] / (mm * 1e12) if mm else None,
+               "steps": stats["steps"], "preemptions": stats["preemptions"]}
+    config = workload_config(args, prompts, olens)
+    config.update(common.engine_config(llm, kwargs, startup))
+    config["flops"] = flops
+    config["engine_stats"] = stats
+    if args.profile:
+        prof = common.profile_generate(llm, prompts, params, profile_dir=args.profile_dir)
+        metrics["device_busy"] = prof.get("device_busy")
+        config["profile"] = prof
+    result = common.make_result(benchmark=bench, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                metrics=metrics)
+    merged = common.find_and_merge(result, devtag=dev["devtag"], results_dirs=[args.results_dir])
+    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    rows = [("model", spec.name), ("device", dev["device"]), ("requests", args.num_prompts),
+            ("prompt / output tokens", f"{ptoks} / {otoks}"), ("wall_s", wall),
+            ("output_tok_s", metrics["output_tok_s"]), ("total_tok_s", metrics["total_tok_s"]),
+            ("mfu", metrics["mfu"]), ("steps", stats["steps"]), ("preemptions", stats["preemptions"]),
+            ("matmul_tflops", mm), ("startup_s (load + compile)", startup)]
+    if "device_busy" in metrics:
+        rows.append(("device_busy", metrics["device_busy"]))
+    if merged:
+        rows.append(("speedup_vs_transformers", result["metrics"].get("speedup_vs_transformers")))
+    rows.append(("result", str(path)))
+    common.print_table(f"{bench} {spec.name}", rows)
+    return result
+
+
+def run_peer(args, spec, bench: str, prompts, olens) -> dict:
+    """transformers continuous batching (what `generate_batch` runs), on the same requests, greedy, EOS disabled.
+
+    generate_batch's own body: a manager from `continuous_batching_context_manager` (paged cache sized from free
+    memory, CUDA-graph warm-up), `add_request` per prompt (each with its own max_new_tokens, so the random workload
+    runs as is), then results until every request is done. The timed region starts after the manager's set-up and
+    warm-up, as ours starts after our compilation; `setup_s` records what it excluded. If that API is missing, the
+    public `generate_batch` call is timed whole instead (fixed workload only) and `method` says so.
+    """
+    common.peer_process_setup()
+    import torch
+    from transformers import GenerationConfig
+
+    model, dev, init_s = common.torch_model(spec)
+    gcfg = GenerationConfig(max_new_tokens=max(olens), do_sample=False, pad_token_id=0)
+    gcfg.eos_token_id = -1  # disabled: ignore_eos
+    n = len(prompts)
+    results, setup_s, method = {}, None, "continuous_batching_context_manager + add_request"
+    try:
+        try:
+            from transformers.generation.continuous_batching.utils import WorkloadHints
+
+            hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(olens),
+                                  num_requests=n)
+        except ImportError:
+            hints = None
+        t0 = time.perf_counter()
+        kw = {"workload_hints": hints} if hints is not None else {}
+        with model.continuous_batching_context_manager(generation_config=gcfg, block=True, timeout=5, warmup=True,
+                                                       **kw) as manager:
+            setup_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i, (p, o) in enumerate(zip(prompts, olens)):
+                manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=int(o), eos_token_id=-1)
+            while len(results) < n:
+                r = manager.get_result(timeout=1)
+                if r is None:
+                    if not manager.is_running():
+                        raise RuntimeError("transformers' generation thread stopped")
+                    continue
+                if r.is_finished():
+                    results[r.request_id] = r
+            wall = time.perf_counter() - t1
+    except (AttributeError, TypeError) as e:
+        if args.workload != "fixed":
+            raise
+        print(f"continuous_batching_context_manager failed ({e}); timing generate_batch whole", flush=True)
+        method = f"generate_batch, timed whole (set-up and warm-up included): {type(e).__name__}: {e}"
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        results = model.generate_batch(inputs=prompts, generation_config=gcfg)
+        wall = time.perf_counter() - t1
+    errors = [r.error for r in results.values() if getattr(r, "error", None)]
+    if errors or len(results) != n:
+        raise RuntimeError(f"transformers finished {len(results)} of {n} requests; errors: {errors[:3]}")
+    otoks = sum(len(r.generated_tokens) for r in results.values())
+    ptoks = sum(map(len, prompts))
+    setup = common.peer_setup_info(model, dev, init_s)
+    setup.update({"setup_s": round(setup_s, 2) if setup_s is not None else None, "method": method,
+                  "expected_output_tokens": sum(olens)})
+    common.free_torch(model)
+    common.setup_jax(args)
+    cfg = common.model_config(spec)
+    devinfo = common.device_info()
+    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=devinfo["platform"])
+    config = workload_config(args, prompts, olens)
+    config.update({"peer": "transformers", "peer_key": "transformers_generate_batch",
+                   "compare_metric": "output_tok_s", "speedup_key": "speedup_vs_transformers", "peer_setup": setup})
+    metrics = {"output_tok_s": otoks / wall, "total_tok_s": (ptoks + otoks) / wall, "wall_s": wall}
+    peer = common.make_result(benchmark=bench, model=spec.name, dev=devinfo, config=config, ceilings=ceilings,
+                              metrics=metrics)
+    path = common.write_peer(peer, devtag=devinfo["devtag"], results_dir=args.results_dir, out=args.out)
+    common.print_table(f"{bench} {spec.name}: transformers continuous batching (peer)",
+                       [("wall_s", wall), ("output_tok_s", metrics["output_tok_s"]),
+                        ("total_tok_s", metrics["total_tok_s"]), ("output tokens", otoks),
+                        ("setup_s (excluded)", setup_s), ("peer file", str(path))])
+    return peer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite on CPU (what CI runs). Prints the slowest tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JAX_PLATFORMS=cpu
+exec python -m pytest tests -q -ra --durations=25 --timeout=900 "$@"

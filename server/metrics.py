@@ -1,0 +1,99 @@
+"""Prometheus metrics of one app, in a private registry, under vLLM's metric names so its dashboards work.
+
+Engine state (running / waiting sequences, KV cache usage, preemptions) is read from the engine at scrape time.
+Per-request figures are counted by the app as its requests progress: prompt tokens once a request's prompt has been
+processed (its first token exists), generated tokens as they arrive, and time to first token, inter-token latency
+(from the engine's step times) and end-to-end latency, all measured from the request's arrival at the server.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from qwenjax.outputs import RequestOutput
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0)
+
+
+class _EngineCollector:
+    def __init__(self, engine, model_name: str):
+        self.engine = engine  # the LLMEngine; only counters and queue lengths are read
+        self.labels = [model_name]
+
+    def collect(self):
+        e = self.engine
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Sequences in the running batch.", e.num_running),
+                ("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", e.num_waiting),
+                ("vllm:kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = all).", e.blocks.usage)):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(self.labels, value)
+            yield g
+        c = CounterMetricFamily("vllm:num_preemptions", "Sequences preempted (their pages taken back).",
+                                labels=["model_name"])
+        c.add_metric(self.labels, e.stats.preemptions)
+        yield c
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        lab = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, from arrival.", lab,
+                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive token steps of a request.",
+                             lab, buckets=ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", lab,
+                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", lab, registry=r).labels(
+            model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", lab, registry=r).labels(
+            model_name)
+        self._success = Counter("vllm:request_success", "Requests finished, by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        r.register(_EngineCollector(engine, model_name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self, arrival: float, prompt_tokens: int) -> "RequestTracker":
+        return RequestTracker(self, arrival, prompt_tokens)
+
+
+class RequestTracker:
+    """Feeds one engine request's progress into the metrics; `update` is called with each output received."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float, prompt_tokens: int):
+        self.m = metrics
+        self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
+        self.tokens = 0
+        self.done = False
+
+    def update(self, stream, out: RequestOutput) -> None:
+        if self.done:
+            return
+        m = self.m
+        n = sum(len(c.token_ids) for c in out.outputs)
+        if n > self.tokens:
+            if self.tokens == 0:
+                m.prompt_tokens.inc(self.prompt_tokens)
+                if stream.first_token_time is not None:
+                    m.ttft.observe(max(0.0, stream.first_token_time - self.arrival))
+            m.generation_tokens.inc(n - self.tokens)
+            self.tokens = n
+        for gap in stream.take_itl():
+            m.itl.observe(gap)
+        if out.finished:
+            self.done = True
+            if stream.finished_time is not None:
+                m.e2e.observe(max(0.0, stream.finished_time - self.arrival))
+            m._success.labels(m.model_name, out.outputs[0].finish_reason or "abort").inc()
