@@ -57,10 +57,13 @@ def device_tag():
 def commit():
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL,
-                                       text=True).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL,
+                                      text=True).strip()
+        if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
+            return sha
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("QWENJAX_COMMIT", "unknown")
+        pass
+    return os.environ.get("QWENJAX_COMMIT", "unknown")
 
 
 def time_us(fn, *args, iters=50, reps=7):
@@ -218,8 +221,8 @@ def time_peer(args, max_pages):
     return best
 
 
-def sweep(args, budget_s):
-    """Our kernel over block / split / launch settings; returns rows sorted by time."""
+def sweep(args, budget_s, blocks=(4, 8, 16), splits=(1, 2, 4, 8), launch=True):
+    """Our kernel over block / split (then launch) settings; returns rows sorted by time."""
     rows = []
 
     def run(**cfg):
@@ -233,9 +236,9 @@ def sweep(args, budget_s):
         rows.append(dict(us=us, **cfg))
         log(f"ours {cfg}: {us:8.1f} us")
 
-    for ppcb, splits in itertools.product((4, 8, 16), (1, 2, 4, 8)):
-        run(pages_per_compute_block=ppcb, num_splits=splits, num_warps=4, num_stages=2)
-    if rows:
+    for ppcb, c in itertools.product(blocks, splits):
+        run(pages_per_compute_block=ppcb, num_splits=c, num_warps=4, num_stages=2)
+    if rows and launch:
         b = min(rows, key=lambda r: r["us"])
         for warps, stages in itertools.product((4, 8), (1, 2, 3, 4)):
             if (warps, stages) != (4, 2):
@@ -244,14 +247,32 @@ def sweep(args, budget_s):
     return sorted(rows, key=lambda r: r["us"])
 
 
-def decode_case(name, key, lengths, copy, *, kv_dtype=jnp.bfloat16, max_pages=None, with_peer=True):
+def bf16_compute_us(args):
+    """Ablation for fp8 pages: the kernel with bf16 dot inputs (fp8 -> bf16) instead of the default f16."""
+    from pallas_kernels import paged_attention as module
+
+    q, k = args[0], args[1]
+    ppcb, splits = default_settings(q.shape[0], KV_HEADS, args[3].shape[1], PAGE, HEAD_DIM, k.dtype)
+    fn = jax.jit(lambda *a: module._paged_attention_kernel_call(
+        *a, jnp.ones((2,), jnp.float32), sm_scale=HEAD_DIM ** -0.5, pages_per_block=ppcb, num_splits=splits,
+        num_warps=4, num_stages=2, interpret=False, compute_dtype=jnp.bfloat16))
+    return time_us(fn, *args)
+
+
+def decode_case(name, key, lengths, copy, *, kv_dtype=jnp.bfloat16, max_pages=None, with_peer=True,
+                sweep_grid=None, budget_s=1e9):
     args = make_inputs(key, lengths, kv_dtype=kv_dtype, max_pages=max_pages)
     mp = args[3].shape[1]
     us = time_us(ours(), *args)
     nbytes = kv_bytes(lengths, kv_dtype)
     row = dict(case=name, us=us, kv_bytes=nbytes, bw_fraction=nbytes / (us * 1e-6) / (copy * 1e12),
                defaults=dict(zip(("pages_per_compute_block", "num_splits"),
-                                 default_settings(len(lengths), KV_HEADS, mp, PAGE))))
+                                 default_settings(len(lengths), KV_HEADS, mp, PAGE, HEAD_DIM, kv_dtype))))
+    if sweep_grid:
+        row["sweep"] = sweep(args, budget_s, *sweep_grid, launch=False)[:6]
+    if jnp.dtype(kv_dtype).itemsize == 1:
+        row["us_bf16_compute"] = bf16_compute_us(args)
+        log(f"{name}: fp8 -> bf16 dot inputs {row['us_bf16_compute']:.1f} us (default f16: {us:.1f} us)")
     if with_peer:
         ref = np.asarray(paged_attention_reference(*args), np.float32)
         row["max_err_vs_reference"] = float(np.max(np.abs(np.asarray(ours()(*args), np.float32) - ref)))
@@ -292,7 +313,8 @@ def main():
     sweep_rows = sweep(main_args, a.budget_s) if a.sweep else []
     del main_args
     mixed_lengths = np.random.default_rng(1).integers(512, 8193, size=64)
-    mixed_row, _ = decode_case("batch64-mixed-512-8192", jax.random.key(1), mixed_lengths, copy, max_pages=512)
+    mixed_row, _ = decode_case("batch64-mixed-512-8192", jax.random.key(1), mixed_lengths, copy, max_pages=512,
+                               sweep_grid=((4, 8), (1, 2, 4, 8, 16)) if a.sweep else None, budget_s=a.budget_s + 60)
     result = dict(
         benchmark="attention-decode", **base,
         config=dict(batch=64, context=4096, q_heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page_size=PAGE,
@@ -309,7 +331,8 @@ def main():
         name = jnp.dtype(dtype).name
         try:
             fp8[name], _ = decode_case(f"batch64-ctx8192-{name}", jax.random.key(2), [8192] * 64, copy,
-                                       kv_dtype=dtype, with_peer=False)
+                                       kv_dtype=dtype, with_peer=False, budget_s=a.budget_s + 90,
+                                       sweep_grid=((4, 8, 16), (1, 2, 4)) if a.sweep else None)
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             log(f"ctx8192 {name} failed: {type(e).__name__}: {str(e)[:2000]}")
             fp8[name] = dict(case=f"batch64-ctx8192-{name}", us=float("nan"), bw_fraction=float("nan"))
@@ -333,6 +356,9 @@ def main():
         print("\nsweep (best first):")
         for r in sweep_rows[:12]:
             print("  ", r)
+        for r in (mixed_row, b, e):
+            for x in r.get("sweep", [])[:3]:
+                print(f"   {r['case']}: {x}")
     failed = 0
     if a.check:
         rows = check_grid(deadline_s=a.check_deadline_s)

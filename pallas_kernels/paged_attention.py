@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # --- jax version differences live here only. ------------------------------------------------------
-# jax <= 0.4.35 called the Triton params `TritonCompilerParams` and had the dot in `pl.dot`;
-# jax 0.10 / 0.11 have `plgpu.CompilerParams` and `plgpu.dot`.
+# Older jax releases named the Triton params `TritonCompilerParams` and had the dot only as `pl.dot`;
+# jax 0.10 / 0.11 (CPU tests, GPU image) have `plgpu.CompilerParams` and `plgpu.dot`.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 _dot = getattr(plgpu, "dot", None) or pl.dot
 # ---------------------------------------------------------------------------------------------------
@@ -37,10 +37,10 @@ _dot = getattr(plgpu, "dot", None) or pl.dot
 _LOG2E = math.log2(math.e)
 _MASK = -1e30  # finite: keeps exp2(m_prev - m_next) a number when a block is fully masked
 _GROUP_ROWS = 16  # rows of the q tile; Triton's dot needs M >= 16
-# Defaults, tuned on an H100 (batch 64, context 4096, 28/4 heads, dim 128, page 16; BENCHMARKS.md):
-_BLOCK_BYTES = 16384  # K bytes per compute block: 64 tokens of bf16 dim 128 beat 128 and 256 tokens
+# Defaults, from sweeps on an H100 (batch 64, 28/4 heads, dim 128, page 16; benchmarks/attention_decode.py):
+_BLOCK_BYTES = 16384  # K bytes per compute block: bf16 best at 64 tokens, fp8 at 128 (both beat half and double)
 _MAX_BLOCK_TOKENS = 128
-_TARGET_PROGRAMS = 1024  # K * S * C: splits 2-4 at batch 64 (within 3% of each other), more for uneven lengths
+_TARGET_PROGRAMS = 512  # K * S * C: at 256 (s, kv head) pairs, 2 splits beat 1, 4, 8, 16 at contexts 4k, 8k, 512..8k
 _MIN_BLOCKS_PER_SPLIT = 2  # a split shorter than this costs more in the combine than it saves
 _F16_MAX = 65504.0
 

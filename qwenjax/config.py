@@ -152,12 +152,11 @@ class EngineArgs:
     def unsupported(self) -> list[str]:
         """Arguments whose feature is not built yet: each is refused by name rather than silently ignored."""
         missing = []
-        if self.quantization not in (None, "none"):
-            missing.append(f"quantization={self.quantization!r}")
+        if self.quantization not in (None, "none", "awq", "gptq"):
+            missing.append(f"quantization={self.quantization!r} (supported: 'awq', 'gptq', or None to read it "
+                           f"from the checkpoint's config.json)")
         if self.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
             missing.append(f"kv_cache_dtype={self.kv_cache_dtype!r}")
-        if self.tensor_parallel_size != 1:
-            missing.append(f"tensor_parallel_size={self.tensor_parallel_size}")
         if self.enable_prefix_caching:
             missing.append("enable_prefix_caching=True")
         if self.trust_remote_code:

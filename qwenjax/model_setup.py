@@ -12,7 +12,9 @@ import jax
 from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
 from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, kv_dtype, page_bytes, plan_num_pages)
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
+from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.runner import ModelRunner
+from qwenjax.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
 
 logger = logging.getLogger("qwenjax")
@@ -59,20 +61,28 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets)
+    mesh = make_mesh(args.tensor_parallel_size)
+    check_divisible(cfg, args.tensor_parallel_size)
     dummy = path is None or args.load_format == "dummy"
-    graphdef, params = random_params(cfg, dtype, args.seed) if dummy else load_params(path, cfg, dtype)
+    quant = resolve_quant_config(args.quantization, path)  # `quantization=` omitted: read from the checkpoint
+    if quant is not None and args.tensor_parallel_size != 1:
+        raise NotImplementedError(f"{quant.method} checkpoints with tensor_parallel_size={args.tensor_parallel_size} "
+                                  f"are not supported yet; use tensor_parallel_size=1")
+    graphdef, params = random_params(cfg, dtype, args.seed, mesh=mesh, quant=quant) if dummy else \
+        load_params(path, cfg, dtype, mesh=mesh, quant=quant)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    logger.info("loaded %s: %.2f GiB of %s weights in %.1f s", "random weights" if dummy else path, weight_bytes / 2**30,
-                dtype.name, load_s)
+    logger.info("loaded %s: %.2f GiB of %s weights%s in %.1f s", "random weights" if dummy else path,
+                weight_bytes / 2**30, dtype.name, f" ({quant.method} {quant.bits}-bit, group {quant.group_size})"
+                if quant else "", load_s)
 
     cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)
     buckets = [(b, 1, False) for b in sc.decode_buckets] + [(b, q, False) for b, q in sc.prefill_buckets] + \
               [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
-    num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source)
-    kv = allocate(cfg, num_pages, sc.block_size, cache_dtype)
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs)
+    num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
+    kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs, mesh=mesh)
     runner.kv_cache_width = sc.max_pages_per_seq
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
                 num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
@@ -106,7 +116,7 @@ def _generation_defaults(args: EngineArgs, path: Path | None):
     return load_generation_defaults(src) if src is not None else GenerationDefaults()
 
 
-def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source) -> int:
+def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh) -> int:
     if args.num_kv_pages is not None:
         need = sc.max_pages_per_seq
         if args.num_kv_pages < need:
@@ -118,7 +128,7 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
         free = args.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
         return plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
                               free_bytes=free, detail="budget from kv_cache_memory_bytes; the device reports no memory")
-    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source)
+    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source, mesh)
     free = mem.limit - mem.in_use - activation
     if args.kv_cache_memory_bytes is not None:
         free = min(free, args.kv_cache_memory_bytes)
@@ -129,12 +139,13 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
                           free_bytes=free, detail=detail)
 
 
-def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo, memory_source) -> int:
+def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo, memory_source,
+                         mesh) -> int:
     """Runs the largest prefill and decode buckets once on a minimal cache; returns the peak extra bytes."""
     pages = sc.max_pages_per_seq + 1
-    kv = allocate(cfg, pages, sc.block_size, cache_dtype)
+    kv = allocate(cfg, pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs)
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs, mesh=mesh)
     runner.kv_cache_width = sc.max_pages_per_seq
     largest = sorted(buckets, key=lambda b: b[0] * b[1])[-1:] + [max(b for b in buckets if b[1] == 1)]
     runner.warmup(largest, [])

@@ -24,9 +24,9 @@ class PenaltyState:
     output_counts: jax.Array  # [R, V] int32
 
 
-def empty(rows: int, vocab_size: int) -> PenaltyState:
+def empty(rows: int, vocab_size: int, sharding=None) -> PenaltyState:
     make = jax.jit(lambda: PenaltyState(jnp.zeros((rows, vocab_size), jnp.bool_),
-                                        jnp.zeros((rows, vocab_size), jnp.int32)))
+                                        jnp.zeros((rows, vocab_size), jnp.int32)), out_shardings=sharding)
     return make()
 
 

@@ -19,22 +19,28 @@ from flax import nnx
 from qwenjax import penalty_state, sampler
 from qwenjax.batch import StepInput
 from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.sharding import replicated
 
 logger = logging.getLogger("qwenjax")
 
 
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int,
-                 max_num_seqs: int):
+                 max_num_seqs: int, mesh):
         self.graphdef = graphdef
         self.params = params
         self.kv_cache = kv_cache
         self.vocab_size = vocab_size
+        self.mesh = mesh
         self.scratch_slot = max_num_seqs  # penalty-state row written by padding rows
-        self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size)
+        rep = replicated(mesh)
+        self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size, rep)
+        # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
+        kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
+        pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
         self._step = jax.jit(functools.partial(_forward, graphdef), static_argnames=("has_context",),
-                             donate_argnums=(1, 2))
-        self._sample = jax.jit(_sample, static_argnames=("mode",))
+                             donate_argnums=(1, 2), out_shardings=(kv_out, pen_out, rep))
+        self._sample = jax.jit(_sample, static_argnames=("mode",), out_shardings=rep)
 
     @property
     def num_pages(self) -> int:

@@ -118,11 +118,19 @@ def test_custom_softmax_scale():
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_fp8_pages_with_q_beyond_f16_range_stay_finite():
+    # fp8 pages run the dots in f16; q is clamped to the f16 range rather than overflowing to inf.
+    q, k, v, tables, lengths = make_case("q-range", group=2, head_dim=64, page_size=16, q_dtype=BF16,
+                                         kv_dtype=E5M2, lengths=(5, 40))
+    out = paged_attention(q * 1e6, k, v, tables, lengths, interpret=True)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
 def test_default_settings():
-    assert default_settings(64, 4, 256, 16) == (4, 4)  # benchmark shape: 64-token blocks, 1024 programs
-    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 4)  # fp8: same bytes per block, twice the tokens
-    assert default_settings(64, 4, 256, 16, 64) == (8, 4)
-    assert default_settings(1, 4, 2048, 16) == (4, 256)  # one long sequence: split wide
+    assert default_settings(64, 4, 256, 16) == (4, 2)  # benchmark shape: 64-token blocks, 512 programs
+    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 2)  # fp8: same bytes per block, twice the tokens
+    assert default_settings(64, 4, 256, 16, 64) == (8, 2)
+    assert default_settings(1, 4, 2048, 16) == (4, 128)  # one long sequence: split wide
     assert default_settings(512, 4, 64, 16) == (4, 1)  # big batch: no combine step
     assert default_settings(2, 1, 1, 128) == (1, 1)  # tiny table
 

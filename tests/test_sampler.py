@@ -5,8 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers import RepetitionPenaltyLogitsProcessor
 
 from qwenjax.sampler import (
     SamplerMode,
@@ -127,6 +125,9 @@ def test_top_k_is_applied_before_top_p():
 
 
 def test_repetition_penalty_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     v = 300
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(4, v)).astype(np.float32) * 4

@@ -6,6 +6,7 @@ and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -15,9 +16,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from qwenjax.config import ModelConfig
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
+from qwenjax.quantization import gptq
+from qwenjax.quantization.config import QuantConfig
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -63,7 +67,11 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def hf_name_to_path(name: str) -> tuple[tuple, bool]:
-    """'model.layers.3.self_attn.q_proj.weight' -> (('model','layers',3,'self_attn','q_proj','kernel'), transpose)."""
+    """'model.layers.3.self_attn.q_proj.weight' -> (('model','layers',3,'self_attn','q_proj','kernel'), transpose).
+
+    Quantized tensors (`qweight`, `qzeros`, `scales`, `g_idx`) keep their names and layouts: QuantLinear holds them
+    exactly as the checkpoint stores them, never transposed.
+    """
     parts: list = [int(p) if p.isdigit() else p for p in name.split(".")]
     leaf = parts[-1]
     if parts[-2] == "embed_tokens":
@@ -73,13 +81,24 @@ def hf_name_to_path(name: str) -> tuple[tuple, bool]:
     return tuple(parts), False
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> Qwen2ForCausalLM:
-    return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
+    return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
 
 
-def load_params(path: Path, cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    """Reads every tensor once into its place; raises if any parameter is missing or has the wrong shape."""
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
+                quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Reads every tensor into its place on the mesh; raises if any parameter is missing or has the wrong shape.
+
+    Each device receives only its shard: tensors are memory-mapped and every shard is sliced (and cast) from the
+    map on its own, so no full host copy of the model is made.
+    With `quant` (QuantConfig.from_checkpoint(path)), the projections' packed int32 arrays load as int32, unchanged;
+    float tensors (scales included) are cast to `dtype`.
+    """
+    from qwenjax.sharding import make_mesh, param_spec
+
+    mesh = mesh or make_mesh(1)
+    n = mesh.shape["tp"]
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
     wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
     loaded: dict[tuple, jax.Array] = {}
     for file in safetensors_files(path):
@@ -90,18 +109,38 @@ def load_params(path: Path, cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.
             if key not in wanted:
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+                if quant is None and name.endswith(".qweight"):
+                    raise ValueError(f"checkpoint {str(path)!r} is quantized (it holds {name!r}); load it with "
+                                     f"quant=QuantConfig.from_checkpoint(path)")
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}"
+                                 + (f" quantized with {quant.method}" if quant else ""))
+            if np.issubdtype(wanted[key].dtype, np.integer) != np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"checkpoint tensor {name!r} is {arr.dtype}, the model expects "
+                                 f"{'an integer (packed)' if np.issubdtype(wanted[key].dtype, np.integer) else 'a float'}"
+                                 f" tensor")
             if transpose:
                 arr = arr.T
             shape = tuple(wanted[key].shape)
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
-            loaded[key] = jnp.asarray(arr, dtype=dtype)
+            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n)), wanted[key].dtype)
+    if quant is not None and not quant.desc_act:  # g_idx is implied (k // group_size); some checkpoints omit it
+        for k in wanted:
+            if k[-1] == "g_idx" and k not in loaded:
+                loaded[k] = place(gptq.default_g_idx(wanted[k].shape[0], quant.group_size),
+                                  NamedSharding(mesh, param_spec(k, cfg, n)), np.int32)
     missing = [".".join(map(str, k)) for k in wanted if k not in loaded]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")
     state = nnx.from_flat_state([(k, wanted[k].replace(loaded[k])) for k in wanted])
     return graphdef, state
+
+
+def place(arr: np.ndarray, sharding, dtype) -> jax.Array:
+    """A (memory-mapped) host array onto the devices of `sharding`, each device reading only its own slice."""
+    dtype = np.dtype(dtype)
+    return jax.make_array_from_callback(arr.shape, sharding,
+                                        lambda index: np.ascontiguousarray(arr[index]).astype(dtype, copy=False))
 
 
 class SafetensorsFile:
@@ -133,13 +172,19 @@ class SafetensorsFile:
             yield name, self.get(name)
 
 
-def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random weights in the real shapes, initialised on the device (no host copy): for benchmarks."""
-    graphdef, _ = nnx.split(abstract_model(cfg, dtype))
+def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
+                  quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random weights in the real shapes, initialised on the devices in their shards (no host copy): benchmarks."""
+    from qwenjax.sharding import make_mesh, param_spec
 
-    @jax.jit
+    mesh = mesh or make_mesh(1)
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
+    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, mesh.shape["tp"])))
+                                     for p, _ in nnx.to_flat_state(abstract)])
+
+    @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+        return nnx.split(Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
 
     return graphdef, init()
 

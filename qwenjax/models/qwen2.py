@@ -13,23 +13,29 @@ from flax import nnx
 from qwenjax.config import ModelConfig
 from qwenjax.layers.attention import AttentionMetadata, attention
 from qwenjax.layers.norm import RMSNorm
+from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import apply_rope, rope_cos_sin
+from qwenjax.quantization.config import QuantConfig
 
 KVCache = list  # per layer: (k_pages [K, P, S, H], v_pages [K, P, S, H])
 
 
-def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
+            quant: QuantConfig | None = None) -> nnx.Linear | QuantLinear:
+    """A projection: float nnx.Linear, or QuantLinear (packed AWQ/GPTQ arrays) when the checkpoint is quantized."""
+    if quant is not None:
+        return QuantLinear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs)
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
 
 class Qwen2Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = _linear(D, N * H, True, dtype, rngs)
-        self.k_proj = _linear(D, K * H, True, dtype, rngs)
-        self.v_proj = _linear(D, K * H, True, dtype, rngs)
-        self.o_proj = _linear(N * H, D, False, dtype, rngs)
+        self.q_proj = _linear(D, N * H, True, dtype, rngs, quant)
+        self.k_proj = _linear(D, K * H, True, dtype, rngs, quant)
+        self.v_proj = _linear(D, K * H, True, dtype, rngs, quant)
+        self.o_proj = _linear(N * H, D, False, dtype, rngs, quant)
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
 
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata, has_context: bool):
@@ -43,20 +49,20 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(D, F, False, dtype, rngs)
-        self.up_proj = _linear(D, F, False, dtype, rngs)
-        self.down_proj = _linear(F, D, False, dtype, rngs)
+        self.gate_proj = _linear(D, F, False, dtype, rngs, quant)
+        self.up_proj = _linear(D, F, False, dtype, rngs, quant)
+        self.down_proj = _linear(F, D, False, dtype, rngs, quant)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs, quant=quant)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs, quant=quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
@@ -68,10 +74,10 @@ class Qwen2DecoderLayer(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
-        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs, quant=quant) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
@@ -87,9 +93,11 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+        """`quant` set: the seven projections of every layer are QuantLinear; embeddings and lm_head stay float,
+        as in published AWQ/GPTQ checkpoints."""
         self.config = cfg
-        self.model = Qwen2Model(cfg, dtype=dtype, rngs=rngs)
+        self.model = Qwen2Model(cfg, dtype=dtype, rngs=rngs, quant=quant)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 

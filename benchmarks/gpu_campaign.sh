@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The GPU benchmark campaign, for one call on the device machine (one H100; 10 minutes a command).
+#
+#   QWENJAX_COMMIT=<sha> bash benchmarks/gpu_campaign.sh [STAGE ...]
+#
+# Stages (default: tests 0.5b 7b; the whole list rarely fits one 10-minute call, so split it, see README.md):
+#   tests            JAX_PLATFORMS=cpu pytest -q -x tests (time-boxed)
+#   0.5b | 7b        latency (+ profile) and throughput-fixed for qwen2-0.5b-instruct / qwen2-7b-instruct
+#                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
+#   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
+#   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
+#   random-M         throughput-random (1000 requests)
+#   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
+#   peer-latency-M   transformers generate on the latency workload
+#
+# Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
+# in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
+# result of the same workload and merges into it, and the other way round. A JAX persistent compilation cache lives
+# in .jaxcache/ (also ignored) for the same reason. Each step gets `timeout` with what is left of the call's budget
+# (CAMPAIGN_BUDGET_S, default 560 s), and a step that needs more than is left is skipped, so the call always ends
+# with its table and its files.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+START=$(date +%s)
+BUDGET=${CAMPAIGN_BUDGET_S:-560}
+OUT=${OUT:-$REPO/build/campaign-out}
+LOGS=$(mktemp -d /tmp/qwenjax-campaign-XXXX)
+RESULTS=$REPO/build/bench-results
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export QWENJAX_COMPILATION_CACHE=${QWENJAX_COMPILATION_CACHE:-$REPO/.jaxcache}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
+PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests 0.5b 7b)
+STATUS=()
+
+finish() {
+    tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+    {
+        echo "campaign: ${STAGES[*]}  ($(( $(date +%s) - START )) s, commit ${QWENJAX_COMMIT:-unknown})"
+        printf '  %s\n' "${STATUS[@]}"
+        "$PY" - "$OUT" <<'EOF'
+import glob, json, os, sys
+rows = []
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    try:
+        r = json.load(open(f))
+    except Exception:
+        continue
+    m, c = r.get("metrics", {}), r.get("ceilings", {})
+    keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
+                        "speedup_vs_dense_forward", "speedup_vs_transformers", "device_busy") if m.get(k) is not None]
+    fig = "  ".join(f"{k}={m[k]:.4g}" for k in keys)
+    peer = r.get("config", {}).get("peer")
+    rows.append(f"{r['benchmark'] + (' [peer ' + peer + ']' if peer else ''):34s} {r['model']:22s} {fig}  "
+                f"(copy {c.get('copy_tbps')} TB/s, mm {c.get('matmul_tflops')} TF/s)")
+print("\n".join(rows) if rows else "no result files")
+EOF
+    } | tee "$OUT/summary.txt"
+}
+trap finish EXIT
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# step NAME MIN_SECONDS CAP_SECONDS command...: runs under `timeout` (what is left of the budget, at most CAP when
+# CAP > 0); skipped when less than MIN_SECONDS is left.
+step() {
+    local name=$1 need=$2 cap=$3; shift 3
+    local rem; rem=$(left)
+    if [ "$rem" -lt "$need" ]; then
+        STATUS+=("$name: skipped (${rem}s left, needs ~${need}s)"); echo "== $name: skipped, ${rem}s left"; return
+    fi
+    [ "$cap" -gt 0 ] && [ "$cap" -lt "$rem" ] && rem=$cap
+    echo "== $name (limit ${rem}s): $*"
+    local t0; t0=$(date +%s)
+    timeout --kill-after=10 "$rem" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then STATUS+=("$name: ok (${dt}s)"); else STATUS+=("$name: FAILED rc=$rc (${dt}s)"); fi
+    # The script's own table (or the failure) goes to the call's output; the whole log goes into logs.tar.gz.
+    if [ $rc -eq 0 ] && grep -q '^== ' "$LOGS/$name.log"; then
+        sed -n '/^== /,$p' "$LOGS/$name.log" | tail -n 25
+    else
+        tail -n 30 "$LOGS/$name.log"
+    fi
+}
+
+model_of() { case $1 in 0.5b) echo qwen2-0.5b-instruct ;; 7b) echo qwen2-7b-instruct ;; *) echo "$1" ;; esac; }
+
+{
+    nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv 2>&1
+    "$PY" -c "import jax, sys; print(sys.version); print(jax.__version__, jax.devices())" 2>&1
+    "$PY" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" 2>&1
+} >"$LOGS/env.log"
+head -n 3 "$LOGS/env.log"
+
+# CAMPAIGN_EXTRA_ARGS go to every benchmark command (e.g. "--scale 0.02 --ceilings small" for a CPU dry run).
+read -r -a EXTRA <<<"${CAMPAIGN_EXTRA_ARGS:-}"
+COMMON=(--results-dir "$RESULTS" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"})
+for s in "${STAGES[@]}"; do
+    case $s in
+        tests)
+            step tests 60 "${TESTS_TIMEOUT_S:-240}" env JAX_PLATFORMS=cpu "$PY" -m pytest -q -x tests \
+                -p no:cacheprovider
+            ;;
+        0.5b|7b|bench-*)
+            m=$(model_of "${s#bench-}")
+            step "latency-$s" 60 0 "$PY" benchmarks/latency.py --model "$m" --profile "${COMMON[@]}"
+            prof=(); { [ "$s" != 7b ] || [ "${PROFILE_7B:-0}" = 1 ]; } && prof=(--profile)
+            need=90; [ "$s" = 7b ] && need=240
+            step "throughput-fixed-$s" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                ${prof[@]+"${prof[@]}"} "${COMMON[@]}"
+            ;;
+        prefill-*)
+            m=$(model_of "${s#prefill-}")
+            step "$s" 90 0 "$PY" benchmarks/prefill.py --model "$m" "${COMMON[@]}"
+            ;;
+        random-*)
+            m=$(model_of "${s#random-}")
+            step "$s" 150 0 "$PY" benchmarks/throughput.py --workload random --model "$m" "${COMMON[@]}"
+            ;;
+        peer-latency-*)
+            m=$(model_of "${s#peer-latency-}")
+            step "$s" 60 0 "$PY" benchmarks/latency.py --model "$m" --peer transformers "${COMMON[@]}"
+            ;;
+        peer-*)
+            m=$(model_of "${s#peer-}")
+            need=120; [ "$s" = peer-7b ] && need=450
+            step "$s" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" --peer transformers \
+                "${COMMON[@]}"
+            ;;
+        *)
+            echo "unknown stage $s"; STATUS+=("$s: unknown stage")
+            ;;
+    esac
+done

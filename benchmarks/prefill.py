@@ -1,0 +1,185 @@
+"""prefill: 8 prompts of 2048 tokens, 1 new token each, through LLM.generate (BENCHMARKS.md).
+
+Figures: tok_s = prompt tokens / wall of one generate call (median of --repeats); mfu = the FLOP floor (2 x
+non-embedding params per prompt token plus causal attention) over the bf16 matmul rate measured in this run, divided
+by that wall; speedup_vs_dense_forward = the dense forward's time / ours, where the dense forward is a plain jnp
+Qwen2 forward of the same prompts with the same random weights (the engine's own arrays), no pages, attention through
+jax.nn.dot_product_attention (cuDNN on GPU, XLA elsewhere), layers unrolled, logits and argmax of the last position
+only, timed the same way (host numpy ids in, host-visible token out, median of --repeats after a warm-up).
+
+  python benchmarks/prefill.py --model qwen2-7b-instruct [--out $OUT]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BENCHMARK = "prefill"
+
+
+def parse(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0])
+    w = p.add_argument_group("workload")
+    w.add_argument("--batch", type=int, default=None, help="prompts per generate call, default 8 (x --scale)")
+    w.add_argument("--prompt-len", type=int, default=None, help="default 2048 (x --scale)")
+    w.add_argument("--repeats", type=int, default=5, help="timed generate calls; the median is reported")
+    args = p.parse_args(argv)
+    args.batch = args.batch or common.scaled(8, args.scale)
+    args.prompt_len = args.prompt_len or common.scaled(2048, args.scale, 2)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- dense forward
+
+
+def dense_weights(llm) -> dict:
+    """The engine's parameter arrays (no copies), by role."""
+    from flax import nnx
+
+    flat = {tuple(k): (v.get_value() if hasattr(v, "get_value") else v.value)
+            for k, v in nnx.to_flat_state(llm.llm_engine.runner.params)}
+    cfg = llm.llm_engine.model_config
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        g = lambda *path: flat[("model", "layers", i) + path]  # noqa: E731
+        layers.append({n: g("self_attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj", "o_proj")} |
+                      {n + "_b": g("self_attn", n, "bias") for n in ("q_proj", "k_proj", "v_proj")} |
+                      {n: g("mlp", n, "kernel") for n in ("gate_proj", "up_proj", "down_proj")} |
+                      {"ln1": g("input_layernorm", "weight"), "ln2": g("post_attention_layernorm", "weight")})
+    embed = flat[("model", "embed_tokens", "embedding")]
+    head = None if cfg.tie_word_embeddings else flat[("lm_head", "kernel")]  # tied: the table, transposed in jit
+    return {"embed": embed, "layers": layers, "norm": flat[("model", "norm", "weight")], "head": head}
+
+
+def dense_forward(cfg, impl: str):
+    """ids [B, T] -> greedy next token [B]: Qwen2 as plain jnp, causal attention over the prompt, nothing cached."""
+    import jax
+    import jax.numpy as jnp
+
+    N, K, H, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+
+    def rms(x, w):
+        x32 = x.astype(jnp.float32)
+        return w * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+
+    def rope(x, cos, sin):  # x [B, T, heads, H]; rotate-half layout
+        xf = x.astype(jnp.float32)
+        rot = jnp.concatenate([-xf[..., H // 2:], xf[..., :H // 2]], -1)
+        return (xf * cos + rot * sin).astype(x.dtype)
+
+    def fwd(w, ids):
+        B, T = ids.shape
+        x = w["embed"][ids]
+        inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+        f = jnp.arange(T, dtype=jnp.float32)[:, None] * inv
+        cos = jnp.cos(jnp.concatenate([f, f], -1))[None, :, None, :]
+        sin = jnp.sin(jnp.concatenate([f, f], -1))[None, :, None, :]
+        for lw in w["layers"]:  # unrolled
+            h = rms(x, lw["ln1"])
+            q = (h @ lw["q_proj"] + lw["q_proj_b"]).reshape(B, T, N, H)
+            k = (h @ lw["k_proj"] + lw["k_proj_b"]).reshape(B, T, K, H)
+            v = (h @ lw["v_proj"] + lw["v_proj_b"]).reshape(B, T, K, H)
+            a = jax.nn.dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True,
+                                             scale=H ** -0.5, implementation=impl)
+            x = x + a.reshape(B, T, N * H) @ lw["o_proj"]
+            h = rms(x, lw["ln2"])
+            x = x + (jax.nn.silu(h @ lw["gate_proj"]) * (h @ lw["up_proj"])) @ lw["down_proj"]
+        head = w["embed"].T if w["head"] is None else w["head"]
+        logits = (rms(x[:, -1], w["norm"]) @ head).astype(jnp.float32)
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return jax.jit(fwd)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    common.setup_jax(args)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    spec = common.resolve_model(args.model)
+    cfg = common.model_config(spec)
+    dev = common.device_info()
+    B, P = args.batch, args.prompt_len
+    budget = 16
+    while budget < B * P:
+        budget *= 2
+    kwargs = common.engine_kwargs(args, max_model_len=common.round_up(P, args.block_size), max_num_seqs=B,
+                                  max_num_batched_tokens=budget, decode_buckets=(B,), prefill_buckets=(P,))
+    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"], gemm_tokens=B * P)
+    llm, startup = common.build_llm(spec, kwargs)
+    sets = [common.random_prompts(B, P, seed=args.seed + r, vocab_size=cfg.vocab_size)
+            for r in range(args.repeats + 1)]
+    common.warm_generate(llm, sets[-1], max_tokens=1)
+
+    before = common.stats_snapshot(llm)
+    walls, engine_tokens = [], []
+    for r in range(args.repeats):
+        outs, wall = common.timed_generate(llm, sets[r], common.greedy(1))
+        walls.append(wall)
+        engine_tokens.append([o.outputs[0].token_ids[0] for o in outs])
+    stats = common.stats_delta(before, common.stats_snapshot(llm))
+    wall = statistics.median(walls)
+
+    # The dense forward, on the same weights and the same prompts.
+    impl = "cudnn" if dev["platform"] == "gpu" and llm.llm_engine.model.dtype in (jnp.bfloat16, jnp.float16) \
+        else "xla"
+    w = dense_weights(llm)
+    fwd = dense_forward(cfg, impl)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(w, np.asarray(sets[-1], np.int32)))
+    dense_compile = time.perf_counter() - t0
+    dense_walls, agree = [], []
+    for r in range(args.repeats):
+        ids = np.asarray(sets[r], np.int32)
+        t0 = time.perf_counter()
+        toks = np.asarray(fwd(w, ids))
+        dense_walls.append(time.perf_counter() - t0)
+        agree += [int(a) == int(b) for a, b in zip(toks, engine_tokens[r])]
+    dense = statistics.median(dense_walls)
+
+    tokens = B * P
+    flops = common.sum_flops([common.request_flops(cfg, P, 0)] * B)
+    mm = ceilings["matmul_tflops"]
+    metrics = {"tok_s": tokens / wall, "mfu": common.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
+               "speedup_vs_dense_forward": dense / wall, "ms": wall * 1e3, "dense_forward_ms": dense * 1e3,
+               "dense_forward_tok_s": tokens / dense,
+               "dense_forward_mfu": common.ratio(flops["total"] / (mm * 1e12), dense) if mm else None,
+               "dense_token_agreement": sum(agree) / len(agree)}
+    config = {"batch": B, "prompt_len": P, "output_len": 1, "dtype": args.dtype, "kv_cache_dtype": "auto",
+              "seed": args.seed, "repeats": args.repeats, "standard": (B, P) == (8, 2048),
+              "dense_forward": {"attention_implementation": impl, "compile_seconds": round(dense_compile, 2),
+                                "walls_ms": [round(x * 1e3, 3) for x in dense_walls]},
+              "walls_ms": [round(x * 1e3, 3) for x in walls], "flops": flops, "engine_stats": stats}
+    config.update(common.engine_config(llm, kwargs, startup))
+    if args.profile:
+        prof = common.profile_generate(llm, sets[0], common.greedy(1), profile_dir=args.profile_dir)
+        metrics["device_busy"] = prof.get("device_busy")
+        config["profile"] = prof
+    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                metrics=metrics)
+    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    rows = [("model", spec.name), ("device", dev["device"]), ("batch x prompt", f"{B} x {P}"),
+            ("ms", wall * 1e3), ("tok_s", metrics["tok_s"]), ("mfu", metrics["mfu"]),
+            ("dense forward ms", dense * 1e3), ("speedup_vs_dense_forward", metrics["speedup_vs_dense_forward"]),
+            ("dense token agreement", metrics["dense_token_agreement"]), ("matmul_tflops", mm),
+            ("startup_s (load + compile)", startup)]
+    if "device_busy" in metrics:
+        rows.append(("device_busy", metrics["device_busy"]))
+    rows.append(("result", str(path)))
+    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The device mesh and where every parameter and KV page lives on it (tensor parallelism, Megatron style).
+
+One mesh axis, "tp". Column-parallel projections (q/k/v/gate/up) split their output features, row-parallel ones
+(o/down) their input features, so each layer needs one all-reduce after attention and one after the MLP, which
+XLA's SPMD partitioner inserts. Embedding and lm_head split the vocabulary. KV pages split on kv heads; when the
+mesh is larger than the kv head count (Qwen2-0.5B has 2), k/v projections and pages are replicated instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qwenjax.config import ModelConfig
+
+AXIS = "tp"
+
+
+def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if tensor_parallel_size > len(devices):
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs {tensor_parallel_size} devices, but "
+                         f"JAX sees {len(devices)} ({devices[0].platform})")
+    return Mesh(np.asarray(devices[:tensor_parallel_size]), (AXIS,))
+
+
+def check_divisible(cfg: ModelConfig, n: int) -> None:
+    """vLLM's rule: attention heads and the FFN width must split evenly over the mesh."""
+    if cfg.num_attention_heads % n:
+        raise ValueError(f"Total number of attention heads ({cfg.num_attention_heads}) must be divisible by "
+                         f"tensor parallel size ({n}).")
+    if cfg.intermediate_size % n:
+        raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by tensor parallel size "
+                         f"({n}).")
+
+
+def kv_heads_sharded(cfg: ModelConfig, n: int) -> bool:
+    return n > 1 and cfg.num_key_value_heads % n == 0
+
+
+def param_spec(path: tuple, cfg: ModelConfig, n: int) -> P:
+    """PartitionSpec of the parameter at NNX path `path` (e.g. ('model','layers',0,'self_attn','q_proj','kernel'))."""
+    if n == 1:
+        return P()
+    names = [p for p in path if isinstance(p, str)]
+    leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
+    if owner == "embed_tokens":
+        return P(AXIS, None)                      # [V, D]
+    if owner == "lm_head":
+        return P(None, AXIS)                      # [D, V]
+    if owner in ("k_proj", "v_proj") and not kv_heads_sharded(cfg, n):
+        return P()                                # replicated kv heads
+    if owner in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        return P(None, AXIS) if leaf == "kernel" else P(AXIS)   # [D, out] / [out]
+    if owner in ("o_proj", "down_proj"):
+        return P(AXIS, None) if leaf == "kernel" else P()       # [in, D]
+    return P()                                    # norms
+
+
+def param_shardings(mesh: Mesh, flat_paths, cfg: ModelConfig) -> dict:
+    n = mesh.shape[AXIS]
+    return {path: NamedSharding(mesh, param_spec(path, cfg, n)) for path in flat_paths}
+
+
+def kv_sharding(mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
+    """KV pages [K, P, S, H]: split on kv heads when they divide evenly, else replicated."""
+    n = mesh.shape[AXIS]
+    return NamedSharding(mesh, P(AXIS, None, None, None) if kv_heads_sharded(cfg, n) else P())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,1 @@
+"""qwenjax's OpenAI-compatible HTTP server: `python -m server --model ...` (see server/README.md)."""

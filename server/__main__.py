@@ -1,0 +1,115 @@
+"""python -m server [--model PATH_OR_HUB_ID] [--mesh N] ...: the OpenAI-compatible server (vLLM's flags).
+
+Loads and compiles the model before binding the port, then serves until interrupted. With no --model it serves the
+built-in default model (random weights, real Qwen2 tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qwenjax.config import EngineArgs
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,64,256, got {text!r}") from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="localhost", help="address to bind")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients may send as `model` (the first is reported); default: --model")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on every API route")
+    s.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
+
+    e = p.add_argument_group("engine (shared with qwenjax.LLM)")
+    e.add_argument("--model", default=None, help="checkpoint directory or Hugging Face id (cached offline); "
+                   "default: the built-in tiny random Qwen2")
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--mesh", "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=1,
+                   help="devices to shard the model over (tensor parallelism)")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--quantization", "-q", default=None)
+    e.add_argument("--kv-cache-dtype", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--generation-config", default="auto",
+                   help="'auto': the model's generation_config.json; 'vllm': none; or a directory holding one")
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    e.add_argument("--enable-prefix-caching", nargs="?", const=True, default=False, type=_bool)
+    e.add_argument("--enable-chunked-prefill", nargs="?", const=True, default=None, type=_bool)
+    e.add_argument("--num-kv-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
+    e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--skip-warmup", action="store_true")
+    e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
+    e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
+    return p
+
+
+ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
+                "quantization", "kv_cache_dtype", "dtype", "seed", "block_size", "max_num_seqs",
+                "max_num_batched_tokens", "generation_config", "load_format", "enable_prefix_caching",
+                "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
+                "decode_buckets", "prefill_token_buckets", "chat_template")
+
+
+def engine_args(ns: argparse.Namespace) -> EngineArgs:
+    kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS}
+    kwargs["served_model_name"] = tuple(ns.served_model_name) if ns.served_model_name else None
+    return EngineArgs(**kwargs)
+
+
+def served_names(ns: argparse.Namespace) -> list[str]:
+    from qwenjax.default_model import DEFAULT_MODEL_NAME
+
+    return list(ns.served_model_name or [ns.model or DEFAULT_MODEL_NAME])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = engine_args(ns)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+    import uvicorn
+
+    from qwenjax.async_engine import AsyncLLMEngine
+    from server.app import create_app
+
+    engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0)
+    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
+    logging.getLogger("qwenjax.server").info("serving %s on http://%s:%d/v1", ", ".join(served_names(ns)), ns.host,
+                                             ns.port)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_keep_alive=5)
+
+
+if __name__ == "__main__":
+    main()

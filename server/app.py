@@ -1,0 +1,168 @@
+"""create_app(engine, ...): the FastAPI app of the OpenAI-compatible server.
+
+Routes: POST /v1/chat/completions, /v1/completions, /tokenize, /detokenize, /generate (vLLM's demo server);
+GET /v1/models, /health, /version, /metrics. Every error is OpenAI's JSON shape
+{"error": {"message", "type", "param", "code"}}; bad input is a 400 (never FastAPI's 422). With `api_key`, every
+route except /health, /version and /metrics needs `Authorization: Bearer <key>`.
+
+The app does not own the engine unless `shutdown_engine=True` (python -m server): several apps may share one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import qwenjax
+from qwenjax.async_engine import AsyncLLMEngine
+from qwenjax.tokenizer import apply_chat_template, load_chat_template
+from server.errors import error_response, parse_model, validation_error
+from server.metrics import ServerMetrics
+from server.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from server.serving import ClientGone, OpenAIServing
+
+logger = logging.getLogger("qwenjax.server")
+
+OPEN_PATHS = ("/health", "/version", "/metrics")
+
+
+def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[str, ...] | None = None,
+               api_key: str | None = None, chat_template: str | None = None, model_root: str | None = None,
+               shutdown_engine: bool = False) -> FastAPI:
+    """The server's app over a running AsyncLLMEngine.
+
+    served_model_names: the names clients may send as `model` (the first is the one reported); default: the
+    engine's served_model_name or model argument. chat_template: a Jinja template or a path to one, overriding the
+    tokenizer's (default: the engine arguments' chat_template).
+    """
+    llm = engine.engine
+    args = getattr(llm, "args", None)
+    names = list(served_model_names or (args.served_model_name if args is not None else None)
+                 or [getattr(args, "model", None) or "qwenjax/tiny-random-qwen2"])
+    template = chat_template if chat_template is not None else getattr(args, "chat_template", None)
+    template = load_chat_template(template) if template is not None else None
+    metrics = ServerMetrics(llm, names[0])
+    serving = OpenAIServing(engine, model_names=names, metrics=metrics, chat_template=template)
+    root = model_root or getattr(args, "model", None) or names[0]
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if shutdown_engine:
+            engine.shutdown()
+
+    app = FastAPI(title="qwenjax OpenAI-compatible server", version=qwenjax.__version__, lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth:
+            raise APIError("You didn't provide an API key. Send it in an 'Authorization: Bearer <key>' header.",
+                           status=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError("Incorrect API key provided.", status=401, code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(check_key)]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it: the connection is closed
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return error_response(APIError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code,
+                                       type=kind, code=exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(APIError(f"internal server error: {type(exc).__name__}: {exc}", status=500,
+                                       type="server_error", code=500))
+
+    @app.get("/health")
+    async def health():
+        if engine.dead:
+            return error_response(APIError(f"the engine loop is not running: {engine.error}", status=503,
+                                           type="server_error", code=503))
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": qwenjax.__version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        data = [{"id": n, "object": "model", "created": created, "owned_by": "qwenjax", "root": root,
+                 "parent": None, "max_model_len": serving.max_model_len, "permission": []} for n in names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request):
+        return await serving.chat(request)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request):
+        return await serving.completions(request)
+
+    @app.post("/generate", dependencies=auth)
+    async def generate(request: Request):
+        return await serving.generate(request)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        req = parse_model(TokenizeRequest, await request.body())
+        serving.check_model(req.model)
+        tok = serving.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("send exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise APIError("messages is empty", param="messages")
+            try:
+                text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
+                                           chat_template=template)
+            except ValueError as e:
+                raise APIError(str(e), param="messages") from None
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return body
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        req = parse_model(DetokenizeRequest, await request.body())
+        serving.check_model(req.model)
+        serving.check_ids(req.tokens, "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    return app
+

@@ -1,0 +1,301 @@
+"""The generation endpoints: /v1/chat/completions, /v1/completions and the demo /generate.
+
+Each request is validated here before the engine sees it (model name, prompt and max_tokens against max_model_len,
+sampling values), so the engine's own validation is a second line. The handler then waits for the first output
+while watching the connection: errors of the engine still become a proper HTTP error, and a client that leaves
+gets its request aborted (its pages freed) at once. Streams then go out as SSE; Starlette cancels the body
+iterator when the client disconnects, and its `finally` aborts whatever is unfinished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, NamedTuple
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from qwenjax.async_engine import AsyncLLMEngine, EngineDeadError
+from qwenjax.tokenizer import apply_chat_template
+from server.errors import parse_json, parse_model
+from server.formatting import ChatFormatter, CompletionFormatter, TokenText
+from server.metrics import ServerMetrics
+from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, sampling_params_from_dict
+
+
+class Prompt(NamedTuple):
+    text: str | None
+    ids: list[int]
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, awaitable, on_disconnect):
+    """Awaits `awaitable` unless the client disconnects first: then calls on_disconnect() and raises ClientGone."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            on_disconnect()
+            work.cancel()
+        watch.cancel()
+    if work.cancelled():
+        raise ClientGone()
+    return work.result()
+
+
+class Job:
+    """The engine requests of one HTTP request (one per prompt), their merged outputs and their metrics."""
+
+    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, prompts: list[Prompt], params, base_id: str,
+                 arrival: float):
+        self.streams = []
+        self.trackers = [metrics.tracker(arrival, len(p.ids)) for p in prompts]
+        try:
+            for i, p in enumerate(prompts):
+                rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                self.streams.append(engine.add_request(rid, p.text, params, prompt_token_ids=p.ids,
+                                                       priority=params.priority, arrival_time=arrival))
+        except EngineDeadError as e:
+            self.abort()
+            raise _dead(e) from None
+
+    def abort(self) -> None:
+        for s in self.streams:
+            s.abort()
+
+    async def outputs(self) -> AsyncIterator[tuple[int, object]]:
+        """(prompt index, cumulative output) until every request finished; engine errors become APIErrors."""
+        try:
+            if len(self.streams) == 1:
+                async for out in self.streams[0]:
+                    self.trackers[0].update(self.streams[0], out)
+                    yield 0, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, stream):
+                try:
+                    async for out in stream:
+                        queue.put_nowait((i, out, None))
+                except Exception as e:  # noqa: BLE001 - handed to the consumer
+                    queue.put_nowait((i, None, e))
+                queue.put_nowait((i, None, None))
+
+            tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+            try:
+                left = len(tasks)
+                while left:
+                    i, out, err = await queue.get()
+                    if err is not None:
+                        raise err
+                    if out is None:
+                        left -= 1
+                        continue
+                    self.trackers[i].update(self.streams[i], out)
+                    yield i, out
+            finally:
+                for t in tasks:
+                    t.cancel()
+        except EngineDeadError as e:
+            raise _dead(e) from None
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise APIError(str(e)) from None
+        finally:
+            self.abort()  # a no-op for finished requests
+
+    async def collect(self) -> list:
+        finals = [None] * len(self.streams)
+        async for i, out in self.outputs():
+            finals[i] = out
+        return finals
+
+
+def _dead(e: EngineDeadError) -> APIError:
+    return APIError(f"the engine is not running: {e}", status=503, type="server_error", code=503)
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, *, model_names: list[str], metrics: ServerMetrics,
+                 chat_template: str | None):
+        self.engine = engine
+        llm = engine.engine
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.model_config.vocab_size
+        self.default_max_tokens = (getattr(llm, "generation_defaults", None) or {}).get("max_tokens")
+        self.model_names = model_names
+        self.metrics = metrics
+        self.chat_template = chat_template
+        self.token_text = TokenText(self.tokenizer)
+
+    # ------------------------------------------------------------------ validation
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return name or self.model_names[0]
+        raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.model_names)}.",
+                       status=404, param="model", code="model_not_found")
+
+    def max_tokens(self, prompt_len: int, requested: int | None, *, what: str, param: str) -> int:
+        """The completion budget: what the client asked, checked against max_model_len, or all that is left."""
+        limit = self.max_model_len
+        if requested is not None and requested < 1:
+            raise APIError(f"{param} must be at least 1, got {requested}", param=param)
+        if prompt_len >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, your request has "
+                           f"{prompt_len} input tokens in the {what}, which leaves no room to generate. Please reduce "
+                           f"the length of the {what}.", param=what, code="context_length_exceeded")
+        if requested is None:
+            left = limit - prompt_len
+            return left if self.default_max_tokens is None else min(left, self.default_max_tokens)
+        if prompt_len + requested > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+                           f"completion). Please reduce the length of the {what} or completion.", param=param,
+                           code="context_length_exceeded")
+        return requested
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is out of range: ids must be in [0, {self.vocab_size})", param=param)
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> Prompt:
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        try:
+            text = apply_chat_template(self.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+                                       chat_template=self.chat_template, **kwargs)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
+            raise APIError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
+        return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ endpoints
+    async def chat(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req = parse_model(ChatCompletionRequest, await request.body())
+        req.warn_ignored("/v1/chat/completions")
+        req.check()
+        model = self.check_model(req.model)
+        prompt = self.chat_prompt(req)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens(), what="messages", param=param)
+        num_lp = req.num_logprobs()
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=num_lp)
+        so = req.stream_options
+        fmt = ChatFormatter(request_id=f"chatcmpl-{uuid.uuid4().hex}", model=model, params=params,
+                            prompt_lens=[len(prompt.ids)], token_text=self.token_text, num_logprobs=num_lp,
+                            include_usage=bool(so and so.include_usage),
+                            continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
+        return await self._respond(request, fmt, [prompt], params, req.stream, arrival)
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req = parse_model(CompletionRequest, await request.body())
+        req.warn_ignored("/v1/completions")
+        req.check()
+        model = self.check_model(req.model)
+        prompts = []
+        for k, p in enumerate(req.prompts()):
+            where = "prompt" if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else f"prompt[{k}]"
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, add_special_tokens=False)
+                if not ids:
+                    raise APIError(f"{where} is empty: it must have at least 1 token", param="prompt")
+                prompts.append(Prompt(p, ids))
+            elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+                self.check_ids(p, "prompt")
+                prompts.append(Prompt(None, p))
+            else:
+                raise APIError(f"{where} must be a non-empty string or a non-empty list of token ids", param="prompt")
+        lens = [len(p.ids) for p in prompts]
+        max_tokens = min(self.max_tokens(n, req.max_tokens, what="prompt", param="max_tokens") for n in lens)
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs)
+        echo = [p.text if p.text is not None else self.tokenizer.decode(p.ids) for p in prompts] if req.echo else None
+        so = req.stream_options
+        fmt = CompletionFormatter(request_id=f"cmpl-{uuid.uuid4().hex}", model=model, params=params,
+                                  prompt_lens=lens, token_text=self.token_text, num_logprobs=req.logprobs,
+                                  include_usage=bool(so and so.include_usage), echo_texts=echo,
+                                  continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
+        return await self._respond(request, fmt, prompts, params, req.stream, arrival)
+
+    async def generate(self, request: Request) -> Response:
+        """vLLM's demo server: {"prompt": str, "stream": bool, <SamplingParams fields>} -> {"text": [prompt + out]}."""
+        arrival = time.monotonic()
+        body = parse_json(await request.body())
+        if not isinstance(body, dict):
+            raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+        prompt = body.pop("prompt", None)
+        stream = body.pop("stream", False)
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError("prompt must be a non-empty string", param="prompt")
+        if not isinstance(stream, bool):
+            raise APIError(f"stream must be true or false, got {stream!r}", param="stream")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        params = sampling_params_from_dict(body)
+        self.max_tokens(len(ids), params.max_tokens, what="prompt", param="max_tokens")
+        job = Job(self.engine, self.metrics, [Prompt(prompt, ids)], params, f"gen-{uuid.uuid4().hex}", arrival)
+        texts = lambda out: {"text": [prompt + c.text for c in out.outputs]}  # noqa: E731
+        if not stream:
+            (final,) = await race_disconnect(request, job.collect(), job.abort)
+            return JSONResponse(texts(final))
+        outputs = job.outputs()
+        first = await race_disconnect(request, outputs.__anext__(), job.abort)
+
+        async def body_iter():
+            try:
+                yield (json.dumps(texts(first[1]), ensure_ascii=False) + "\0").encode("utf-8")
+                async for _, out in outputs:
+                    yield (json.dumps(texts(out), ensure_ascii=False) + "\0").encode("utf-8")
+            finally:
+                job.abort()
+
+        return StreamingResponse(body_iter(), media_type="application/json")
+
+    # ------------------------------------------------------------------ shared
+    async def _respond(self, request: Request, fmt, prompts: list[Prompt], params, stream: bool,
+                       arrival: float) -> Response:
+        job = Job(self.engine, self.metrics, prompts, params, fmt.id, arrival)
+        if not stream:
+            finals = await race_disconnect(request, job.collect(), job.abort)
+            return JSONResponse(fmt.response(finals))
+        outputs = job.outputs()
+        first = await race_disconnect(request, outputs.__anext__(), job.abort)
+
+        async def body_iter():
+            try:
+                for chunk in fmt.stream_chunks(*first):
+                    yield sse(chunk)
+                async for i, out in outputs:
+                    for chunk in fmt.stream_chunks(i, out):
+                        yield sse(chunk)
+                for chunk in fmt.final_chunks():
+                    yield sse(chunk)
+            except APIError as e:  # the engine failed mid-stream: the status line is long gone
+                yield sse(e.body())
+            finally:
+                job.abort()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body_iter(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

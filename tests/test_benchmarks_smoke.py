@@ -1,0 +1,113 @@
+"""The benchmark scripts on CPU: a tiny scale of each workload end to end, and the shape of their result files.
+
+One subprocess runs latency, throughput (fixed and random) and prefill with the built-in tiny model's config
+(random weights) so imports and the tokenizer load once; the figures themselves mean nothing on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402
+
+TOP_FIELDS = ("benchmark", "model", "device", "mesh", "commit", "config", "ceilings", "metrics", "peers")
+METRICS = {
+    "latency": ("tok_s", "ms_per_token", "mbu"),
+    "throughput-fixed": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
+    "throughput-random": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
+    "prefill": ("tok_s", "mfu", "speedup_vs_dense_forward"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    res = tmp_path_factory.mktemp("results")
+    out = tmp_path_factory.mktemp("out")
+    common_args = ["--model", "tiny", "--results-dir", str(res), "--out", str(out), "--ceilings", "small"]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / 'benchmarks')!r})
+        import latency, throughput, prefill
+        a = {common_args!r}
+        latency.main(a + ["--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
+        throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "10", "--output-len", "5"])
+        throughput.main(a + ["--skip-warmup", "--workload", "random", "--num-prompts", "5", "--prompt-range", "4,20",
+                             "--output-range", "2,6", "--decode-buckets", "5", "--prefill-buckets", "20"])
+        prefill.main(a + ["--skip-warmup", "--batch", "2", "--prompt-len", "24", "--repeats", "2"])
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    files = {json.loads(p.read_text())["benchmark"]: json.loads(p.read_text()) for p in res.glob("*.json")}
+    return {"files": files, "names": sorted(p.name for p in res.glob("*.json")),
+            "out": sorted(p.name for p in out.glob("*.json")), "stdout": proc.stdout}
+
+
+def test_every_benchmark_wrote_a_complete_result(results):
+    files = results["files"]
+    assert sorted(files) == sorted(METRICS)
+    for bench, res in files.items():
+        for f in TOP_FIELDS:
+            assert f in res, (bench, f)
+        assert res["model"] == "tiny" and res["mesh"] == 1 and res["commit"] == "smoke-test"
+        assert res["device"].startswith("cpu")
+        assert res["ceilings"]["copy_tbps"] > 0 and res["ceilings"]["matmul_tflops"] > 0
+        for m in METRICS[bench]:
+            assert isinstance(res["metrics"][m], (int, float)) and res["metrics"][m] > 0, (bench, m)
+        assert res["config"]["dtype"] == "bfloat16" and res["config"]["kv_cache_dtype"] == "auto"
+        assert res["config"]["num_kv_pages"] > 0 and res["config"]["decode_buckets"]
+    assert results["names"] == results["out"]  # --out got a copy of each
+    for name in results["names"]:
+        assert name.endswith(f"-tiny-cpu-{common.today()}.json")
+
+
+def test_workload_details(results):
+    files = results["files"]
+    lat = files["latency"]
+    assert (lat["config"]["batch"], lat["config"]["prompt_len"], lat["config"]["output_len"]) == (1, 12, 6)
+    assert abs(lat["metrics"]["tok_s"] * lat["metrics"]["ms_per_token"] - 1000) < 1e-3 * 1000
+    assert "device_busy" in lat["metrics"]  # None on CPU: the trace has no device plane
+    assert "note" in lat["config"]["profile"]
+    fixed = files["throughput-fixed"]
+    assert fixed["config"]["output_tokens"] == 6 * 5 and fixed["config"]["prompt_tokens"] == 6 * 10
+    rnd = files["throughput-random"]
+    assert rnd["config"]["num_requests"] == 5 and 5 * 2 <= rnd["config"]["output_tokens"] <= 5 * 6
+    pre = files["prefill"]
+    assert pre["metrics"]["dense_token_agreement"] >= 0.5  # same weights, same prompts: the same greedy token
+    assert "prefill tiny" in results["stdout"] and "throughput-fixed tiny" in results["stdout"]
+
+
+def test_floors_match_benchmarks_md():
+    cfg = common.model_config(common.resolve_model("qwen2-7b-instruct"))
+    assert abs(common.decode_weight_bytes(cfg) / 1e9 - 14.14) < 0.01  # "14.14 GB of such weights"
+    assert abs(common.linear_flops_per_token(cfg) / 1e9 - 14.1) < 0.1  # "about 14 GFLOP per token"
+    fl = common.sum_flops([common.request_flops(cfg, 512, 256)] * 512)
+    assert abs(fl["linear"] / 1e15 - 5.56) < 0.05  # "about 393k tokens and 5.5 PFLOP"
+    assert 0 < fl["attention"] < 0.1 * fl["linear"]
+    tiny = common.model_config(common.resolve_model("qwen2-0.5b-instruct"))
+    # Tied embeddings: the table is the lm_head, counted once.
+    assert common.decode_weight_bytes(tiny) == 2 * tiny.num_params()
+
+
+def test_union_and_merge():
+    assert common._union_ns([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    res = {"benchmark": "throughput-fixed", "model": "m", "metrics": {"output_tok_s": 1000.0},
+           "config": {"num_requests": 4, "prompt_len": 8, "output_len": 4, "seed": 0}, "peers": {}}
+    peer = {"benchmark": "throughput-fixed", "model": "m", "device": "d", "commit": "c",
+            "metrics": {"output_tok_s": 250.0}, "ceilings": {"copy_tbps": 1.0},
+            "config": dict(res["config"], peer="transformers", peer_key="transformers_generate_batch",
+                           compare_metric="output_tok_s", speedup_key="speedup_vs_transformers")}
+    common.merge_peer(res, peer)
+    assert res["metrics"]["speedup_vs_transformers"] == 4.0
+    assert res["peers"]["transformers_generate_batch"]["ceilings"] == {"copy_tbps": 1.0}

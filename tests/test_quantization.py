@@ -1,0 +1,271 @@
+"""AWQ / GPTQ checkpoints: config parsing, the packed layouts, packed parameters, and logits and greedy tokens equal to
+the dequantized float model's (a float checkpoint holding exactly the dequantized weights, run through the same code).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from qwenjax import LLM, SamplingParams
+from qwenjax.kv_cache import allocate
+from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
+from qwenjax.models.loader import load_model_config, load_params
+from qwenjax.quantization import QuantConfig, awq, gptq, resolve_quant_config
+from tests.checkpoints import write_checkpoint
+from tests.conftest import SMALL_ENGINE
+from tests.quant_writer import Scheme, write_quantized
+
+SCHEMES = [
+    Scheme("awq", group_size=128),
+    Scheme("awq", group_size=64),
+    Scheme("gptq", bits=4, group_size=128, sym=True, checkpoint_format="gptq"),
+    Scheme("gptq", bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2"),
+    Scheme("gptq", bits=4, group_size=32, sym=True, desc_act=True, checkpoint_format="gptq"),
+    Scheme("gptq", bits=4, group_size=96, sym=False, checkpoint_format="gptq"),  # ragged last group
+    Scheme("gptq", bits=8, group_size=-1, sym=False, checkpoint_format="gptq"),
+    Scheme("gptq", bits=8, group_size=64, sym=True, desc_act=True, checkpoint_format="gptq_v2"),
+]
+ATOL = 2e-4  # float32 end to end, the same weights: only summation order differs
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    # Every projection's input width (128, 256) is a multiple of every group size used above except 96.
+    return write_checkpoint(tmp_path_factory.mktemp("quant") / "float", vocab_size=512, hidden_size=128,
+                            intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, tie=False, seed=21)
+
+
+@pytest.fixture(scope="module")
+def quantized(float_ckpt, tmp_path_factory):
+    """scheme -> (quantized dir, dequantized float dir, grids), written on first use."""
+    made = {}
+
+    def get(scheme: Scheme):
+        if scheme not in made:
+            root = tmp_path_factory.mktemp(scheme.name)
+            grids = write_quantized(float_ckpt, root / "q", root / "deq", scheme, seed=len(made))
+            made[scheme] = (root / "q", root / "deq", grids)
+        return made[scheme]
+
+    return get
+
+
+def _logits(path, ids, quant, *, decode_from: int):
+    """Logits at every position through the paged cache: one prefill, then one token per decode step."""
+    cfg = load_model_config(path)
+    model = nnx.merge(*load_params(path, cfg, jnp.float32, quant=quant))
+    page, pages = 16, 8
+    kv = allocate(cfg, pages, page, jnp.float32)
+    table = np.random.default_rng(0).permutation(pages).astype(np.int32)[None]
+    out = []
+    for start, end in [(0, decode_from)] + [(i, i + 1) for i in range(decode_from, len(ids))]:
+        pos = np.arange(start, end, dtype=np.int32)[None]
+        meta = AttentionMetadata(positions=pos, slot_mapping=table[0][pos // page] * page + pos % page,
+                                 block_tables=table, seq_lens=np.array([end], np.int32),
+                                 query_lens=np.array([end - start], np.int32))
+        hidden, kv = model(np.asarray(ids[start:end], np.int32)[None], meta, kv, has_context=start > 0)
+        out.append(np.asarray(model.logits(hidden[0])))
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_spellings():
+    awq_new = QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                     "version": "gemm", "modules_to_not_convert": None})
+    awq_old = QuantConfig.from_dict({"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+                                    default_method="awq")
+    assert awq_new == awq_old == QuantConfig("awq", 4, 128, checkpoint_format="gemm")
+    g = QuantConfig.from_dict({"quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": True, "sym": False,
+                               "checkpoint_format": "gptq_v2"})
+    assert (g.bits, g.group_size, g.desc_act, g.sym, g.checkpoint_format, g.pack_factor) == \
+        (8, -1, True, False, "gptq_v2", 4)
+    assert QuantConfig.from_dict({"bits": 4, "group_size": 128}, default_method="gptq").checkpoint_format == "gptq"
+    assert hash(g) == hash(QuantConfig.from_dict(dict(quant_method="gptq", bits=8, group_size=-1, desc_act=True,
+                                                      sym=False, checkpoint_format="gptq_v2")))
+
+
+@pytest.mark.parametrize("d, err, words", [
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, NotImplementedError, ["bits=3", "(4, 8)"]),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, NotImplementedError, ["bits=8", "(4,)"]),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, NotImplementedError,
+     ["'gemv'", "'gemm'"]),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, NotImplementedError,
+     ["zero_point"]),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["mlp"]},
+     NotImplementedError, ["modules_to_not_convert"]),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, NotImplementedError,
+     ["'marlin'", "'gptq', 'gptq_v2'"]),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "is_marlin_format": True}, NotImplementedError,
+     ["is_marlin_format"]),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, ValueError, ["group_size", "-1", "got 0"]),
+    ({"quant_method": "fp8", "bits": 8}, NotImplementedError, ["'fp8'", "'awq', 'gptq'"]),
+    ({"quant_method": "gptq", "group_size": 128}, ValueError, ["bits"]),
+    ({"quant_method": "gptq", "bits": "4", "group_size": 128}, ValueError, ["bits must be an integer"]),
+])
+def test_config_errors_name_the_field(d, err, words):
+    with pytest.raises(err) as e:
+        QuantConfig.from_dict(d)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+# ------------------------------------------------------------------ bit layouts
+
+
+def test_awq_nibble_order():
+    # Nibble i holds the value i: output column c*8 + order[i] must read i.
+    word = sum(i << (4 * i) for i in range(8))
+    packed = np.array([[word, word]], np.uint32).view(np.int32)
+    expect = np.array([0, 4, 1, 5, 2, 6, 3, 7] * 2)
+    np.testing.assert_array_equal(awq.unpack(packed), [expect])
+    np.testing.assert_array_equal(np.asarray(awq.unpack(jnp.asarray(packed))), [expect])
+
+
+def test_gptq_packing_and_v1_zero_offset():
+    word = np.array(0x76543210, np.uint32).view(np.int32)
+    q = gptq.unpack_qweight(np.full((1, 3), word, np.int32), 4)  # value j of a word is input row j
+    np.testing.assert_array_equal(q, np.repeat(np.arange(8)[:, None], 3, axis=1))
+    sym = np.array([[0x77777777]], np.uint32).view(np.int32)
+    np.testing.assert_array_equal(gptq.unpack_qzeros(sym, 4, "gptq"), np.full((1, 8), 8))  # v1 stores zero - 1
+    np.testing.assert_array_equal(gptq.unpack_qzeros(sym, 4, "gptq_v2"), np.full((1, 8), 7))
+    sym8 = np.array([[0x7F7F7F7F]], np.uint32).view(np.int32)
+    np.testing.assert_array_equal(np.asarray(gptq.unpack_qzeros(jnp.asarray(sym8), 8, "gptq")), np.full((1, 4), 128))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_dequantized_weights_equal_grid(scheme, quantized):
+    qdir, _, grids = quantized(scheme)
+    quant = QuantConfig.from_checkpoint(qdir)
+    tensors = load_file(str(qdir / "model.safetensors"))
+    if scheme.method == "gptq" and scheme.sym and scheme.checkpoint_format == "gptq" and scheme.bits == 4:
+        assert (tensors["model.layers.0.mlp.up_proj.qzeros"].view(np.uint32) == 0x77777777).all()
+    for module, grid in grids.items():
+        t = {k: tensors[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if f"{module}.{k}" in
+             tensors}
+        want = grid.dequantized()
+        g_idx = t.get("g_idx")
+        host = dequantize_weight(t["qweight"], t["qzeros"], t["scales"], g_idx, quant=quant, dtype=np.float32)
+        dev = dequantize_weight(*(jnp.asarray(t[k]) for k in ("qweight", "qzeros", "scales")),
+                                None if g_idx is None else jnp.asarray(g_idx), quant=quant, dtype=jnp.float32)
+        np.testing.assert_array_equal(host, want, err_msg=module)
+        np.testing.assert_array_equal(np.asarray(dev), want, err_msg=module)
+
+
+# ------------------------------------------------------------------ the model
+
+
+@pytest.mark.parametrize("scheme", [SCHEMES[1], SCHEMES[4]], ids=lambda s: s.name)
+def test_params_hold_packed_int32(scheme, quantized):
+    qdir, _, _ = quantized(scheme)
+    quant = QuantConfig.from_checkpoint(qdir)
+    cfg = load_model_config(qdir)
+    graphdef, params = load_params(qdir, cfg, jnp.float32, quant=quant)
+    model = nnx.merge(graphdef, params)
+    tensors = load_file(str(qdir / "model.safetensors"))
+    layer = model.model.layers[1]
+    for name, proj in [("self_attn.q_proj", layer.self_attn.q_proj), ("mlp.down_proj", layer.mlp.down_proj)]:
+        assert isinstance(proj, QuantLinear) and not hasattr(proj, "kernel")
+        for leaf in ("qweight", "qzeros") + (("g_idx",) if scheme.method == "gptq" else ()):
+            arr = getattr(proj, leaf)[...]
+            assert arr.dtype == jnp.int32, (name, leaf, arr.dtype)
+            np.testing.assert_array_equal(np.asarray(arr), tensors[f"model.layers.1.{name}.{leaf}"])
+        assert proj.scales[...].dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(proj.scales[...]), tensors[f"model.layers.1.{name}.scales"])
+    # q/k/v biases are kept; o/gate/up/down have none; embeddings and lm_head stay float.
+    for p in ("q_proj", "k_proj", "v_proj"):
+        np.testing.assert_array_equal(np.asarray(getattr(layer.self_attn, p).bias[...]),
+                                      tensors[f"model.layers.1.self_attn.{p}.bias"])
+    assert layer.self_attn.o_proj.bias is None and layer.mlp.up_proj.bias is None
+    assert isinstance(model.lm_head, nnx.Linear) and model.lm_head.kernel[...].dtype == jnp.float32
+    # The packed words hold exactly `bits` bits per weight: nothing was dequantized or widened at load.
+    packed = sum(x.nbytes for p, x in nnx.to_flat_state(params) if p[-1] in ("qweight",))
+    floats = sum(g.q.size for g in quantized(scheme)[2].values()) * 4
+    assert packed * (32 // scheme.bits) == floats
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_logits_match_dequantized_float_model(scheme, quantized):
+    qdir, ddir, _ = quantized(scheme)
+    ids = list(np.random.default_rng(3).integers(0, 512, 24))
+    ours = _logits(qdir, ids, QuantConfig.from_checkpoint(qdir), decode_from=18)
+    ref = _logits(ddir, ids, None, decode_from=18)
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=1e-4)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_loading_quantized_checkpoint_without_quant_is_a_clear_error(quantized):
+    qdir, _, _ = quantized(SCHEMES[0])
+    with pytest.raises(ValueError, match="is quantized"):
+        load_params(qdir, load_model_config(qdir), jnp.float32)
+
+
+# ------------------------------------------------------------------ the engine
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPTS = [list(map(int, np.random.default_rng(5).integers(0, 512, n))) for n in (3, 17, 40)]
+
+
+def _greedy(path, **kw):
+    llm = LLM(str(path), **{**SMALL_ENGINE, **kw})
+    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
+                                                         use_tqdm=False)]
+
+
+@pytest.mark.parametrize("scheme, arg", [
+    (Scheme("awq", group_size=64, legacy_file=True), None),  # quant_config.json, quantization= omitted
+    (SCHEMES[4], "gptq"),
+])
+def test_engine_greedy_equals_dequantized(scheme, arg, quantized):
+    qdir, ddir, _ = quantized(scheme)
+    assert _greedy(qdir, quantization=arg) == _greedy(ddir)
+
+
+def test_quantization_argument_checked_against_checkpoint(quantized, float_ckpt):
+    gdir, _, _ = quantized(SCHEMES[2])
+    with pytest.raises(ValueError, match="requested but the checkpoint .* quantized with 'gptq'"):
+        LLM(str(gdir), quantization="awq", **SMALL_ENGINE)
+    with pytest.raises(ValueError, match="not quantized"):
+        LLM(str(float_ckpt), quantization="gptq", **SMALL_ENGINE)
+    with pytest.raises(NotImplementedError, match="quantization='fp8' .*supported: 'awq', 'gptq'"):
+        LLM(str(gdir), quantization="fp8", **SMALL_ENGINE)
+    assert resolve_quant_config(None, gdir) == QuantConfig("gptq", 4, 128, sym=True, checkpoint_format="gptq")
+    assert resolve_quant_config(None, float_ckpt) is None
+    assert resolve_quant_config("awq", None) == QuantConfig.default("awq")
+
+
+def test_legacy_gptq_quantize_config(quantized):
+    qdir, _, _ = quantized(Scheme("gptq", bits=4, group_size=64, sym=False, legacy_file=True))
+    assert "quantization_config" not in json.loads((qdir / "config.json").read_text())
+    q = QuantConfig.from_checkpoint(qdir)
+    assert (q.method, q.bits, q.group_size, q.sym, q.checkpoint_format) == ("gptq", 4, 64, False, "gptq")
+
+
+def test_layer_shape_errors_name_the_numbers():
+    with pytest.raises(ValueError, match="group_size 128 must divide the layer's 96 inputs"):
+        QuantLinear(96, 64, use_bias=False, quant=QuantConfig("awq", 4, 128, checkpoint_format="gemm"),
+                    dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="60 outputs is not a multiple of 8"):
+        QuantLinear(128, 60, use_bias=False, quant=QuantConfig("gptq", 4, 128), dtype=jnp.float32,
+                    rngs=nnx.Rngs(0))
+
+
+def test_random_quantized_params_run():
+    from qwenjax.models.loader import random_params
+    from qwenjax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    graphdef, params = random_params(cfg, jnp.float32, quant=QuantConfig.default("gptq"))
+    model = nnx.merge(graphdef, params)
+    assert model.model.layers[0].mlp.up_proj.qweight[...].dtype == jnp.int32
+    y = model.model.layers[0].mlp(jnp.ones((2, 128), jnp.float32))
+    assert np.isfinite(np.asarray(y)).all() and 0.01 < float(jnp.std(y)) < 10

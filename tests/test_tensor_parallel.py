@@ -1,0 +1,65 @@
+"""Tensor parallelism on 8 CPU devices (a subprocess, so the device-count flag does not leak)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.checkpoints import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_with_devices(args: list[str], n: int = 8, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tp_result(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp")
+    # 8 query heads over 2 kv heads: mesh 2 splits kv heads, meshes 4 and 8 replicate them.
+    ckpt = write_checkpoint(d / "ckpt", hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=9)
+    out = d / "result.json"
+    proc = run_with_devices(["-m", "tests.tp_worker", str(ckpt), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def test_meshes_give_identical_greedy_tokens(tp_result):
+    base = tp_result[1]["tokens"]
+    for n in (2, 4, 8):
+        assert tp_result[n]["tokens"] == base, f"mesh {n}"
+
+
+def test_meshes_give_the_same_logprobs(tp_result):
+    base = np.concatenate([np.asarray(x) for x in tp_result[1]["logprobs"]])
+    for n in (2, 4, 8):
+        ours = np.concatenate([np.asarray(x) for x in tp_result[n]["logprobs"]])
+        np.testing.assert_allclose(ours, base, atol=1e-4)
+
+
+def test_parameter_and_kv_shardings(tp_result):
+    specs = tp_result[4]["param_specs"]
+    assert specs["model.layers.0.self_attn.q_proj.kernel"] == [None, "tp"]
+    assert specs["model.layers.0.self_attn.q_proj.bias"] == ["tp"]
+    assert specs["model.layers.0.self_attn.o_proj.kernel"] == ["tp", None]
+    assert specs["model.layers.0.mlp.gate_proj.kernel"] == [None, "tp"]
+    assert specs["model.layers.0.mlp.down_proj.kernel"] == ["tp", None]
+    assert specs["model.embed_tokens.embedding"] == ["tp", None]
+    assert specs["lm_head.kernel"] == [None, "tp"]
+    # 2 kv heads on 4 devices: replicated projections and pages
+    assert specs["model.layers.0.self_attn.k_proj.kernel"] == []
+    assert tp_result[4]["kv_spec"] == [] and tp_result[4]["kv_shard_shape"][0] == 2
+    # mesh 2: one kv head per device
+    assert tp_result[2]["param_specs"]["model.layers.0.self_attn.k_proj.kernel"] == [None, "tp"]
+    assert tp_result[2]["kv_spec"] == ["tp", None, None, None]
+    assert tp_result[2]["kv_shard_shape"][0] == 1 and tp_result[2]["kv_devices"] == 2

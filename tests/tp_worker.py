@@ -1,0 +1,42 @@
+"""Run in a subprocess with 8 CPU devices: greedy tokens and logits for meshes 1, 2, 4, 8, plus shardings."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def main(path: str, out: str) -> None:
+    from qwenjax import LLM, SamplingParams
+    from tests.conftest import SMALL_ENGINE
+
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(3)
+    prompts = [list(map(int, rng.integers(0, 512, n))) for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    result = {}
+    for n in (1, 2, 4, 8):
+        llm = LLM(path, **SMALL_ENGINE, tensor_parallel_size=n)
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        runner = llm.llm_engine.runner
+        from flax import nnx
+        specs = {".".join(map(str, p)): list(v.value.sharding.spec) for p, v in nnx.to_flat_state(runner.params)
+                 if p[:3] == ("model", "layers", 0) or p[0] == "lm_head" or p[1] == "embed_tokens"}
+        result[n] = {
+            "tokens": [o.outputs[0].token_ids for o in outs],
+            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                         for o in outs],
+            "param_specs": specs,
+            "kv_spec": list(runner.kv_cache[0][0].sharding.spec),
+            "kv_devices": len(runner.kv_cache[0][0].sharding.device_set),
+            "kv_shard_shape": list(runner.kv_cache[0][0].addressable_shards[0].data.shape),
+        }
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
