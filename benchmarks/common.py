@@ -404,16 +404,18 @@ def ratio(num: float | None, den: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------- profile
 
 
-def profile_generate(llm, prompts, params, *, profile_dir: str | None) -> dict:
+def profile_generate(llm, prompts, params, *, profile_dir: str | None,
+                     unprofiled_wall_s: float | None = None) -> dict:
     """Repeats a generate under jax.profiler.trace and reports device_busy = device-active time / wall time.
 
     Method: the trace spans only this generate call (started right before it, stopped right after), so no clock
-    alignment is needed. Device-active time is the union of the intervals of every event on the GPU planes'
-    stream lines ("/device:GPU:N", lines named "Stream ..."; kernels and memcpys as CUPTI records them), merged
-    across streams so overlapping work counts once; wall time is the host's perf_counter around the call. The
-    union of the "XLA Modules" line (one span per executable run, which includes the gaps between its kernels) is
-    reported too, as `module_busy`. The Python tracer is off so the trace costs the host little; CUPTI still adds
-    some per-launch overhead, so `wall_s` here can exceed the unprofiled run's. On CPU the trace has no device
+    alignment between host and device timestamps is needed. Device-active time is the union of the intervals of
+    every event on the GPU planes' stream lines ("/device:GPU:N", lines named "Stream #..."; kernels, memcpys and
+    memsets as CUPTI records them), merged across streams so overlapping work counts once; wall time is the host's
+    perf_counter around the call. Beside it: `kernel_busy` (kernels alone, no memcpy/memset), `module_busy` (the
+    union of the "XLA Modules" line, one span per executable run, gaps between its kernels included) and
+    `device_busy_unprofiled` (the same device-active time over the unprofiled run's wall: CUPTI slows the host's
+    launches a little, so the profiled wall is longer). The Python tracer is off. On CPU the trace has no device
     plane (XLA runs on host threads): device_busy is then None and `note` says why.
     """
     import jax
@@ -434,6 +436,8 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None) -> dict:
     info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None}
     try:
         info.update(device_busy_from_trace(logdir, wall))
+        if info.get("device_active_s") is not None and unprofiled_wall_s:
+            info["device_busy_unprofiled"] = round(info["device_active_s"] / unprofiled_wall_s, 4)
     except Exception as e:  # a profile that cannot be read must not lose the benchmark's figures
         info["note"] = f"could not read the trace: {type(e).__name__}: {e}"
     return info
@@ -454,26 +458,31 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
     if not planes:
         return {"note": "no device plane in the trace (on CPU XLA runs on host threads): device_busy not computed",
                 "planes": [p.name for p in pd.planes]}
-    busy_ns, module_ns, n_events, used_lines = 0, 0, 0, []
+    busy_ns = kernel_ns = module_ns = 0.0
+    n_events, used_lines = 0, []
     for plane in planes:
         lines = list(plane.lines)
         streams = [ln for ln in lines if ln.name.startswith("Stream")]
         if not streams:
             streams = [ln for ln in lines if ln.name not in _DERIVED_LINES]
-        intervals = []
+        every, kernels = [], []
         for ln in streams:
             used_lines.append(f"{plane.name}:{ln.name}")
             for ev in ln.events:
-                intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-        n_events += len(intervals)
-        busy_ns += _union_ns(intervals)
+                iv = (ev.start_ns, ev.start_ns + ev.duration_ns)
+                every.append(iv)
+                if not ev.name.lower().startswith(("memcpy", "memset")):
+                    kernels.append(iv)
+        n_events += len(every)
+        busy_ns += _union_ns(every)
+        kernel_ns += _union_ns(kernels)
         mods = [ln for ln in lines if ln.name == "XLA Modules"]
         module_ns += _union_ns([(ev.start_ns, ev.start_ns + ev.duration_ns) for ln in mods for ev in ln.events])
-    n = len(planes)
+    n = len(planes)  # several devices: the mean over them
     wall_ns = wall_s * 1e9
-    return {"device_busy": round(busy_ns / n / wall_ns, 4),
+    return {"device_busy": round(busy_ns / n / wall_ns, 4), "kernel_busy": round(kernel_ns / n / wall_ns, 4),
             "module_busy": round(module_ns / n / wall_ns, 4) if module_ns else None,
-            "device_active_s": round(busy_ns / n / 1e9, 4), "events": n_events, "lines": used_lines[:32],
+            "device_active_s": round(busy_ns / n / 1e9, 6), "events": n_events, "lines": used_lines[:32],
             "xplane": files[-1]}
 
 

@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
                        "kv_bytes_per_token": common.kv_bytes_per_token(cfg), "method": "BENCHMARKS.md decode floor"}
     config["runs"] = [{k: round(v, 4) for k, v in r.items()} for r in runs]
     if args.profile:
-        prof = common.profile_generate(llm, [prompts[0]], common.greedy(O), profile_dir=args.profile_dir)
+        prof = common.profile_generate(llm, [prompts[0]], common.greedy(O), profile_dir=args.profile_dir,
+                                       unprofiled_wall_s=runs[0]["wall_s"])
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
     result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,

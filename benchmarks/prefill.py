@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
               "walls_ms": [round(x * 1e3, 3) for x in walls], "flops": flops, "engine_stats": stats}
     config.update(common.engine_config(llm, kwargs, startup))
     if args.profile:
-        prof = common.profile_generate(llm, sets[0], common.greedy(1), profile_dir=args.profile_dir)
+        prof = common.profile_generate(llm, sets[0], common.greedy(1), profile_dir=args.profile_dir,
+                                       unprofiled_wall_s=walls[0])
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
     result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,

@@ -78,8 +78,10 @@ def workload_config(args, prompts, olens) -> dict:
 
 
 def engine_defaults(args, prompts, olens) -> dict:
-    """Minimal buckets for the workload: decode at full concurrency (fixed: one bucket, every step has all rows),
-    prefill at the prompt lengths, with a token budget of up to 8192 per prefill step."""
+    """Few buckets, each compiled at start-up (a 7B bucket takes 10-30 s): fixed: one decode bucket at full
+    concurrency (every decode step has all rows) and one prefill Q, the prompt length; random: decode at 1/4, 1/2
+    and all of max_num_seqs (256), prefill Q at half and all of the longest prompt. A prefill step carries up to
+    8192 tokens (16 prompts of 512)."""
     pmax = max(map(len, prompts))
     mml = common.round_up(pmax + max(olens), args.block_size)
     if args.workload == "fixed":
@@ -88,8 +90,8 @@ def engine_defaults(args, prompts, olens) -> dict:
         prefill = (args.prompt_len,)
     else:
         seqs = min(args.num_prompts, 256)
-        decode = tuple(sorted({max(1, seqs // 16), max(1, seqs // 4), max(1, seqs // 2), seqs}))
-        prefill = tuple(sorted({max(2, pmax // 4), max(2, pmax // 2), pmax}))
+        decode = tuple(sorted({max(1, seqs // 4), max(1, seqs // 2), seqs}))
+        prefill = tuple(sorted({max(2, pmax // 2), pmax}))
     budget = min(8192, _pow2(len(prompts) * pmax))
     budget = max(budget, _pow2(pmax))
     return dict(max_model_len=mml, max_num_seqs=seqs, max_num_batched_tokens=budget, decode_buckets=decode,
@@ -141,7 +143,8 @@ def main(argv=None) -> dict:
     config["flops"] = flops
     config["engine_stats"] = stats
     if args.profile:
-        prof = common.profile_generate(llm, prompts, params, profile_dir=args.profile_dir)
+        prof = common.profile_generate(llm, prompts, params, profile_dir=args.profile_dir,
+                                       unprofiled_wall_s=wall)
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
     result = common.make_result(benchmark=bench, model=spec.name, dev=dev, config=config, ceilings=ceilings,

@@ -66,7 +66,8 @@ class ModelRunner:
             self.kv_cache, self.penalties, logits = self._step(self.params, self.kv_cache, self.penalties, inp,
                                                                has_context=ctx)
         for b in decode_rows:
-            logits = jnp.zeros((b, self.vocab_size), jnp.float32)
+            # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
+            logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))
             slots = np.full((b,), self.scratch_slot, np.int32)
             for mode in modes:
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)

@@ -50,14 +50,14 @@ async def race_disconnect(request: Request, awaitable, on_disconnect):
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not work.done():
+        gone = not work.done()
+        if gone:
             on_disconnect()
             work.cancel()
         watch.cancel()
-    if work.cancelled():
+    if gone:
         raise ClientGone()
     return work.result()
-
 
 class Job:
     """The engine requests of one HTTP request (one per prompt), their merged outputs and their metrics."""

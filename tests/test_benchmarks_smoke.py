@@ -39,7 +39,7 @@ def results(tmp_path_factory):
         sys.path.insert(0, {str(REPO / 'benchmarks')!r})
         import latency, throughput, prefill
         a = {common_args!r}
-        latency.main(a + ["--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
+        latency.main(a + ["--skip-warmup", "--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
         throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "10", "--output-len", "5"])
         throughput.main(a + ["--skip-warmup", "--workload", "random", "--num-prompts", "5", "--prompt-range", "4,20",
                              "--output-range", "2,6", "--decode-buckets", "5", "--prefill-buckets", "20"])
@@ -111,3 +111,29 @@ def test_union_and_merge():
     common.merge_peer(res, peer)
     assert res["metrics"]["speedup_vs_transformers"] == 4.0
     assert res["peers"]["transformers_generate_batch"]["ceilings"] == {"copy_tbps": 1.0}
+
+
+def test_device_busy_from_a_gpu_shaped_trace(tmp_path):
+    """device_busy is the union of the GPU stream lines' events over wall; derived lines do not count."""
+    from jax.profiler import ProfileData
+
+    text = """
+    planes { id: 1 name: "/device:GPU:0"
+      lines { id: 1 name: "Stream #13(Kernel)" timestamp_ns: 1000
+        events { metadata_id: 1 offset_ps: 0 duration_ps: 10000000 }
+        events { metadata_id: 1 offset_ps: 5000000 duration_ps: 10000000 } }
+      lines { id: 2 name: "Stream #14(MemcpyH2D)" timestamp_ns: 1000
+        events { metadata_id: 2 offset_ps: 20000000 duration_ps: 5000000 } }
+      lines { id: 3 name: "XLA Modules" timestamp_ns: 1000
+        events { metadata_id: 3 offset_ps: 0 duration_ps: 30000000 } }
+      event_metadata { key: 1 value { id: 1 name: "fusion_1" } }
+      event_metadata { key: 2 value { id: 2 name: "MemcpyH2D" } }
+      event_metadata { key: 3 value { id: 3 name: "jit_step" } } }
+    """
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    (d / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+    info = common.device_busy_from_trace(str(tmp_path), 40e-6)  # 40 us of wall
+    assert info["device_busy"] == 0.5  # [0, 15) us of kernels + [20, 25) us of copy = 20 us
+    assert info["kernel_busy"] == 0.375
+    assert info["module_busy"] == 0.75

@@ -94,7 +94,7 @@ def test_splits_agree_with_single_pass():
     run = functools.partial(paged_attention, q, k, v, tables, lengths, interpret=True,
                             pages_per_compute_block=2)
     one = run(num_splits=1)
-    for splits in (2, 5, 16):  # 16 > pages: empty splits must drop out of the merge
+    for splits in (3, 16):  # 16 > pages: empty splits must drop out of the merge
         np.testing.assert_allclose(run(num_splits=splits), one, atol=1e-5, rtol=1e-5)
 
 
