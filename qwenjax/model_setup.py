@@ -13,6 +13,7 @@ from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, resolve_dty
 from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, kv_dtype, page_bytes, plan_num_pages)
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
 from qwenjax.quantization.config import resolve_quant_config
+from qwenjax.convert import is_orbax_checkpoint, restore_params
 from qwenjax.runner import ModelRunner
 from qwenjax.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
@@ -68,8 +69,14 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     if quant is not None and args.tensor_parallel_size != 1:
         raise NotImplementedError(f"{quant.method} checkpoints with tensor_parallel_size={args.tensor_parallel_size} "
                                   f"are not supported yet; use tensor_parallel_size=1")
-    graphdef, params = random_params(cfg, dtype, args.seed, mesh=mesh, quant=quant) if dummy else \
-        load_params(path, cfg, dtype, mesh=mesh, quant=quant)
+    if dummy:
+        graphdef, params = random_params(cfg, dtype, args.seed, mesh=mesh, quant=quant)
+    elif is_orbax_checkpoint(path):
+        if quant is not None:
+            raise NotImplementedError("orbax checkpoints of quantized models are not supported yet")
+        graphdef, params = restore_params(path, cfg, dtype, mesh=mesh)
+    else:
+        graphdef, params = load_params(path, cfg, dtype, mesh=mesh, quant=quant)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

@@ -1,0 +1,85 @@
+"""`qwenjax convert`: a Hugging Face checkpoint -> an orbax-checkpoint directory that restores straight into the
+sharded layout (each device reads its own shard; no safetensors parsing or transposes at start-up).
+
+Layout of the output directory: `config.json` (+ tokenizer and generation_config files copied), and `orbax/`, the
+NNX parameter state saved with orbax's StandardCheckpointer. `LLM(model=that_dir)` detects `orbax/` and restores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from qwenjax.config import ModelConfig
+
+ORBAX_DIR = "orbax"
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+         "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def is_orbax_checkpoint(path: Path) -> bool:
+    return (path / ORBAX_DIR).is_dir()
+
+
+def convert(src: Path, dst: Path, *, dtype: str = "auto") -> float:
+    """Writes dst from src; returns the seconds taken."""
+    import orbax.checkpoint as ocp
+
+    from qwenjax.config import resolve_dtype
+    from qwenjax.models.loader import load_model_config, load_params
+
+    t0 = time.perf_counter()
+    cfg = load_model_config(src)
+    _, params = load_params(src, cfg, resolve_dtype(dtype, cfg))
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _COPY:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    if dtype != "auto":  # the restored arrays carry this dtype; config.json says so
+        import json
+
+        raw = json.loads((dst / "config.json").read_text())
+        raw["torch_dtype"] = str(resolve_dtype(dtype, cfg))
+        (dst / "config.json").write_text(json.dumps(raw, indent=2))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((dst / ORBAX_DIR).absolute(), nnx.to_pure_dict(params), force=True)
+    return time.perf_counter() - t0
+
+
+def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """Restores the saved state with each array placed in its mesh sharding (read shard by shard)."""
+    import orbax.checkpoint as ocp
+
+    from qwenjax.models.loader import abstract_model
+    from qwenjax.sharding import param_spec
+
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    n = mesh.shape["tp"]
+    target = nnx.to_pure_dict(abstract)
+
+    def with_sharding(p, leaf):
+        path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in p)
+        path = tuple(int(x) if isinstance(x, str) and x.isdigit() else x for x in path)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, param_spec(path, cfg, n)))
+
+    target = jax.tree_util.tree_map_with_path(with_sharding, target)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore((path / ORBAX_DIR).absolute(), target)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return graphdef, abstract
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="qwenjax convert", description=__doc__)
+    ap.add_argument("src", help="Hugging Face checkpoint directory")
+    ap.add_argument("dst", help="output directory")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+    secs = convert(Path(args.src), Path(args.dst), dtype=args.dtype)
+    print(f"wrote {args.dst} in {secs:.1f} s")
