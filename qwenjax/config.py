@@ -127,6 +127,9 @@ class EngineArgs:
     served_model_name: tuple[str, ...] | None = None
     trust_remote_code: bool = False
     load_format: str = "auto"                # "auto": safetensors; "dummy": random weights in config.json's shapes
+    distributed_coordinator: str | None = None  # "host:port" of process 0 for multi-host runs (jax.distributed)
+    num_processes: int = 1
+    process_id: int = 0
     skip_warmup: bool = False
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None

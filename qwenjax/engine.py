@@ -12,13 +12,15 @@ import logging
 import time
 from typing import Iterable
 
+import jax
 import numpy as np
 
-from qwenjax import compat
+from qwenjax import compat, lockstep
 from qwenjax.batch import build_step_input
 from qwenjax.block_manager import BlockManager
 from qwenjax.config import EngineArgs, SchedulerConfig
 from qwenjax.detokenizer import IncrementalDetokenizer
+from qwenjax.lockstep import to_host
 from qwenjax.model_setup import LoadedModel, load_model
 from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from qwenjax.runner import ModelRunner
@@ -60,6 +62,8 @@ class LLMEngine:
             logger.warning("JAX was initialised before the engine, so gpu_memory_utilization=%.2f cannot set its "
                            "memory pool; start the engine before other JAX work", args.gpu_memory_utilization)
         self.args = args
+        if args.num_processes > 1:
+            lockstep.initialize(args.distributed_coordinator, args.num_processes, args.process_id)
         self.model: LoadedModel = load_model(args, memory_source=memory_source)
         self.model_config = self.model.config
         self.tokenizer = self.model.tokenizer
@@ -76,6 +80,21 @@ class LLMEngine:
         self._rng = np.random.default_rng(args.seed)
         self._ids = itertools.count()
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
+        # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
+        self.is_leader = jax.process_index() == 0
+        self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
+
+    def follow(self) -> int:
+        """On a process other than 0: run process 0's steps until it shuts down. Returns the steps run."""
+        if self.is_leader:
+            raise RuntimeError("follow() is for processes other than 0; process 0 schedules and steps")
+        return lockstep.follow(self.runner)
+
+    def shutdown(self) -> None:
+        """On process 0 of several: releases the followers (their follow() returns)."""
+        if self._leader is not None:
+            self._leader.stop()
+            self._leader = None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, prompt: str | None, params: SamplingParams | None = None, *,
@@ -176,12 +195,14 @@ class LLMEngine:
                                scratch_slot=self.runner.scratch_slot)
         mode = dataclasses.replace(choose_mode(rows), penalties=True)
         tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
+        if self._leader is not None:
+            self._leader.send_step(inp, tensors, mode, out.has_context)
         res = self.runner.execute(inp, out.has_context, tensors, mode)
-        ids = np.asarray(res.token_ids)
+        ids = to_host(res.token_ids)
         want_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
-        lps = np.asarray(res.logprobs) if want_lp else None
-        top_ids = np.asarray(res.top_ids) if want_lp and mode.num_logprobs else None
-        top_lps = np.asarray(res.top_logprobs) if want_lp and mode.num_logprobs else None
+        lps = to_host(res.logprobs) if want_lp else None
+        top_ids = to_host(res.top_ids) if want_lp and mode.num_logprobs else None
+        top_lps = to_host(res.top_logprobs) if want_lp and mode.num_logprobs else None
         if out.kind == "decode":
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows))
         touched: dict[str, Request] = {}

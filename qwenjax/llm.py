@@ -37,6 +37,17 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine(self.engine_args, memory_source=memory_source)
         self._next_id = 0
+        if not self.llm_engine.is_leader:
+            # Several hosts: this process serves process 0's steps, then returns once process 0 shuts down.
+            self.llm_engine.follow()
+        elif self.engine_args.num_processes > 1:
+            import atexit
+
+            atexit.register(self.llm_engine.shutdown)
+
+    def shutdown(self) -> None:
+        """Releases the other processes of a multi-host run (also done at exit)."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -49,6 +60,8 @@ class LLM:
         A prompt is a string, a dict with `prompt` or `prompt_token_ids`, or (through `prompt_token_ids=`) a list of
         token ids. If any prompt is invalid, nothing is queued and the error says which one.
         """
+        if not self.llm_engine.is_leader:
+            raise RuntimeError("generate() runs on process 0; the other processes replay its steps inside LLM()")
         items = _normalise_prompts(prompts, prompt_token_ids)
         if sampling_params is None:
             sampling_params = SamplingParams()

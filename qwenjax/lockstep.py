@@ -1,0 +1,107 @@
+"""Several hosts, one model: process 0 schedules, every process runs the same jitted step on its shards.
+
+jax.distributed joins the processes into one global mesh (no home-made communication layer). Each step, process 0
+broadcasts a fixed-size header (the static bucket and sampler mode) and then the step's arrays with
+`multihost_utils.broadcast_one_to_all`; the other processes ("followers") rebuild the same call and dispatch it, so
+every process enqueues identical programs in identical order, which SPMD execution requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+
+from qwenjax.batch import StepInput
+from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.sampler import SamplerMode, SamplingTensors
+
+logger = logging.getLogger("qwenjax")
+
+_FILTERS = ("none", "topk", "sort")
+_STOP, _STEP = 0, 1
+_HEADER = 16
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Joins this process to the others (call before any other JAX work). On CPU, collectives go through gloo."""
+    if _initialized():
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    logger.info("process %d of %d joined %s: %d local / %d global devices", process_id, num_processes, coordinator,
+                jax.local_device_count(), jax.device_count())
+
+
+def _initialized() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host (a global array over several processes is not fully addressable)."""
+    return np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+
+
+def _header(cmd: int, inp: StepInput | None = None, tensors: SamplingTensors | None = None,
+            mode: SamplerMode | None = None, has_context: bool = False) -> np.ndarray:
+    h = np.zeros((_HEADER,), np.int32)
+    h[0] = cmd
+    if cmd == _STEP:
+        B, Q = inp.input_ids.shape
+        h[1:13] = [B, Q, has_context, mode.all_greedy, _FILTERS.index(mode.filter), mode.topk_cap, mode.penalties,
+                   mode.num_logprobs, mode.has_banned, tensors.prompt_tokens.shape[1], tensors.output_tokens.shape[1],
+                   tensors.banned.shape[1]]
+        h[13] = inp.meta.block_tables.shape[1]
+    return h
+
+
+def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, bool]:
+    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width = (int(x) for x in h[1:14])
+    i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+    f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    meta = AttentionMetadata(positions=i32(B, Q), slot_mapping=i32(B, Q), block_tables=i32(B, width),
+                             seq_lens=i32(B), query_lens=i32(B))
+    inp = StepInput(input_ids=i32(B, Q), meta=meta, logits_index=i32(B), slots=i32(B), prompt_lens=i32(B),
+                    reset=np.zeros((B,), np.bool_))
+    t = SamplingTensors(temperature=f32(B), top_p=f32(B), top_k=i32(B), min_p=f32(B), repetition_penalty=f32(B),
+                        presence_penalty=f32(B), frequency_penalty=f32(B), seeds=np.zeros((B,), np.uint32),
+                        steps=i32(B), prompt_tokens=i32(B, hp), output_tokens=i32(B, ho), banned=i32(B, kb))
+    mode = SamplerMode(all_greedy=bool(greedy), filter=_FILTERS[filt], topk_cap=cap, penalties=bool(pen),
+                       num_logprobs=nlp, has_banned=bool(banned))
+    return inp, t, mode, bool(ctx)
+
+
+class Leader:
+    """Process 0's side: announces each step before dispatching it locally."""
+
+    def send_step(self, inp: StepInput, tensors: SamplingTensors, mode: SamplerMode, has_context: bool) -> None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.broadcast_one_to_all(_header(_STEP, inp, tensors, mode, has_context))
+        multihost_utils.broadcast_one_to_all((inp, tensors))
+
+    def stop(self) -> None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.broadcast_one_to_all(_header(_STOP))
+
+
+def follow(runner) -> int:
+    """A follower's loop: replays process 0's steps until it stops. Returns the number of steps run."""
+    from jax.experimental import multihost_utils
+
+    steps = 0
+    while True:
+        h = np.asarray(multihost_utils.broadcast_one_to_all(np.zeros((_HEADER,), np.int32)))
+        if h[0] == _STOP:
+            return steps
+        inp, tensors, mode, ctx = _template(h)
+        inp, tensors = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all((inp, tensors)))
+        res = runner.execute(inp, ctx, tensors, mode)
+        jax.block_until_ready(res.token_ids)
+        steps += 1
