@@ -63,7 +63,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-kv-pages", type=int, default=None,
                    help="KV pages; default: exactly what the workload needs at full concurrency; 0: let the "
-                        "engine size the cache from free device memory")
+                        "engine size the cache from free device memory (its activation estimate then includes the "
+                        "peak of the ceilings, measured first: about 4 GiB fewer pages)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--decode-buckets", type=_int_list, default=None, help="comma-separated decode batch sizes")
     e.add_argument("--prefill-buckets", type=_int_list, default=None,

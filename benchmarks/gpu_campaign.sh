@@ -40,7 +40,7 @@ STATUS=()
 finish() {
     tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
     {
-        echo "campaign: ${STAGES[*]}  ($(( $(date +%s) - START )) s, commit ${QWENJAX_COMMIT:-unknown})"
+        echo "campaign: ${STAGES[*]}  ($(( $(date +%s) - START )) s, commit ${QWENJAX_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)})"
         printf '  %s\n' "${STATUS[@]}"
         "$PY" - "$OUT" <<'EOF'
 import glob, json, os, sys

@@ -28,7 +28,8 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
     B, Q = out.bucket
     ids = np.zeros((B, Q), np.int32)
     pos = np.zeros((B, Q), np.int32)
-    slots = np.full((B, Q), num_pages * page_size, np.int32)  # out of range: padding writes are dropped
+    # Padding slots are out of range (their writes are dropped) and distinct, so the scatter's indices stay unique.
+    slots = (num_pages * page_size + np.arange(B * Q, dtype=np.int32)).reshape(B, Q)
     tables = np.zeros((B, max_pages_per_seq), np.int32)
     seq_lens = np.zeros((B,), np.int32)
     q_lens = np.zeros((B,), np.int32)
@@ -39,12 +40,16 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
     for b, row in enumerate(out.rows):
         seq, n, start = row.seq, row.num_new_tokens, row.seq.num_computed
         table = seq.block_table
-        ids[b, :n] = seq.tokens(start, start + n)
-        p = np.arange(start, start + n, dtype=np.int32)
-        pos[b, :n] = p
-        pages = np.asarray(table, np.int32)
-        slots[b, :n] = pages[p // page_size] * page_size + p % page_size
-        tables[b, :len(table)] = pages
+        if Q == 1:  # decode, the hot path: plain Python per row, no per-row numpy calls
+            ids[b, 0] = seq.token_at(start)
+            pos[b, 0] = start
+            slots[b, 0] = table[start // page_size] * page_size + start % page_size
+        else:
+            ids[b, :n] = seq.tokens(start, start + n)
+            p = np.arange(start, start + n, dtype=np.int32)
+            pos[b, :n] = p
+            slots[b, :n] = np.asarray(table, np.int32)[p // page_size] * page_size + p % page_size
+        tables[b, :len(table)] = table
         seq_lens[b] = start + n
         q_lens[b] = n
         last[b] = n - 1

@@ -130,10 +130,6 @@ class LLMEngine:
                 else int(self._rng.integers(0, 2**32))
             seq = Sequence(request_id=request_id, index=i, prompt_token_ids=prompt_token_ids, params=params, seed=seed,
                            arrival_time=arrival, priority=priority)
-            if params.detokenize:
-                seq.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-                    spaces_between_special_tokens=params.spaces_between_special_tokens)
             if params.stop:
                 seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
             if params.logprobs is not None:
@@ -235,7 +231,17 @@ class LLMEngine:
                     if l.rank is None:
                         l.rank = 1 + sum(1 for o in entry.values() if o.rank and o.logprob > l.logprob)
                 seq.logprobs.append(entry)
-        delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer is not None else ""
+        delta = ""
+        if p.detokenize and (p.stop or not self.final_only):
+            # Text is needed as it grows (stop strings, streaming); offline without stop strings decodes once at
+            # the end instead, which gives the same text (the incremental deltas concatenate to the full decode).
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+                    spaces_between_special_tokens=p.spaces_between_special_tokens)
+                delta = seq.detokenizer.add_tokens(seq.output_token_ids)
+            else:
+                delta = seq.detokenizer.add_tokens([token])
         seq.output_text += delta
         n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens:
@@ -255,6 +261,10 @@ class LLMEngine:
         seq.finish_reason = reason
         if flush and seq.detokenizer is not None:
             seq.output_text += seq.detokenizer.flush()
+        elif seq.detokenizer is None and seq.params.detokenize and seq.output_token_ids:
+            seq.output_text = self.tokenizer.decode(
+                seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens,
+                spaces_between_special_tokens=seq.params.spaces_between_special_tokens)
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
 

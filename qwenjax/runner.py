@@ -95,7 +95,7 @@ def _sample(logits, tensors, penalties, slots, *, mode):
 def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int) -> StepInput:
     """A step whose every write is dropped (slots out of range) and whose rows read page 0: for compiling."""
     meta = AttentionMetadata(positions=np.zeros((b, q), np.int32),
-                             slot_mapping=np.full((b, q), num_pages * page_size, np.int32),
+                             slot_mapping=(num_pages * page_size + np.arange(b * q, dtype=np.int32)).reshape(b, q),
                              block_tables=np.zeros((b, width), np.int32), seq_lens=np.ones((b,), np.int32),
                              query_lens=np.ones((b,), np.int32))
     return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32),

@@ -6,6 +6,7 @@ One subprocess runs latency, throughput (fixed and random) and prefill with the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import common  # noqa: E402
+# benchmarks/ is not a package: load its common.py under a name no other module can shadow.
+_spec = importlib.util.spec_from_file_location("qwenjax_benchmarks_common", REPO / "benchmarks" / "common.py")
+common = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = common  # dataclasses look their module up there
+_spec.loader.exec_module(common)
 
 TOP_FIELDS = ("benchmark", "model", "device", "mesh", "commit", "config", "ceilings", "metrics", "peers")
 METRICS = {
