@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--gpu" not in sys.argv:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", help="run the GPU-only tests (tests/gpu) on an NVIDIA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are deselected (not skipped) unless --gpu is given; with --gpu only they run."""
+    gpu = config.getoption("--gpu")
+    keep = [i for i in items if ("gpu" in i.keywords) == gpu]
+    dropped = [i for i in items if ("gpu" in i.keywords) != gpu]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 from tests.checkpoints import write_checkpoint  # noqa: E402
 
