@@ -129,6 +129,11 @@ class AsyncLLMEngine:
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()  # ("add", stream, kwargs) | ("abort", id)
         self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._pending: list = []  # the last step's (stream, output, time), delivered at the next dispatch
+        # Counters for benchmarks: engine.step() calls, seconds inside them, seconds asleep with nothing to do.
+        self.num_steps = 0
+        self.step_seconds = 0.0
+        self.idle_seconds = 0.0
         self._stopping = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -206,38 +211,80 @@ class AsyncLLMEngine:
                 self._cond.notify()
 
     # ------------------------------------------------------------------ the engine thread
+    def _hook_dispatch(self):
+        """Delivers a step's outputs once the NEXT step has been dispatched to the device.
+
+        The event loop's work on a step's outputs (formatting and sending one chunk per request) needs the GIL, and
+        so does the engine's host work before a step (scheduling, building inputs). Handing the outputs over right
+        after a step would make the two contend; handing them over once the next step is on the device lets the loop
+        run while the engine thread waits for the device with the GIL released. Needs the engine's runner to expose
+        `execute` (the dispatch); otherwise outputs are delivered right after each step.
+        """
+        runner = getattr(self.engine, "runner", None)
+        execute = getattr(runner, "execute", None)
+        if execute is None:
+            return None
+
+        def execute_then_deliver(*args, **kwargs):
+            res = execute(*args, **kwargs)
+            self._flush()
+            return res
+
+        runner.execute = execute_then_deliver
+        return lambda: setattr(runner, "execute", execute)
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._deliver(pending)
+
     def _run(self) -> None:
         engine = self.engine
         log = _ThroughputLog(engine, self.log_interval_s)
+        unhook = self._hook_dispatch()
         try:
             while True:
                 with self._cond:
                     while not (self._commands or self._stopping or engine.has_unfinished_requests()):
+                        self._flush()
                         log.idle()
+                        t_idle = time.monotonic()
                         self._cond.wait()
+                        self.idle_seconds += time.monotonic() - t_idle
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, collections.deque()
-                ready = self._apply(commands)
+                self._deliver(self._apply(commands))
                 if engine.has_unfinished_requests():
                     log.begin()
+                    t0 = time.monotonic()
                     outs = engine.step()
                     t = time.monotonic()
-                    ready.extend((self._streams[o.request_id], o) for o in outs if o.request_id in self._streams)
+                    self.step_seconds += t - t0
+                    self.num_steps += 1
+                    self._flush()  # the step did not dispatch (nothing schedulable), or there was no hook
+                    streams = self._streams
+                    self._pending = [(streams[o.request_id], o, t) for o in outs if o.request_id in streams]
                     for o in outs:
                         if o.finished:
-                            self._streams.pop(o.request_id, None)
+                            streams.pop(o.request_id, None)
                     log.step(t)
-                self._deliver(ready, time.monotonic())
+                    if unhook is None or not engine.has_unfinished_requests():
+                        self._flush()
+            self._flush()
             reason: BaseException = EngineDeadError("the engine was shut down")
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("the engine loop died; failing every open request")
             reason = EngineDeadError(f"the engine loop died: {type(e).__name__}: {e}")
             reason.__cause__ = e
+        if unhook is not None:
+            unhook()
         with self._cond:
             self._error = reason
             pending, self._commands = self._commands, collections.deque()
         streams = list(self._streams.values()) + [c[1] for c in pending if c[0] == "add"]
+        streams += [p[0] for p in self._pending]
+        self._pending = []
         self._streams.clear()
         self._fail(streams, reason)
 
@@ -264,17 +311,19 @@ class AsyncLLMEngine:
                 req = engine.requests.get(rid)
                 engine.abort_request(rid)
                 if stream is not None and req is not None:
-                    ready.append((stream, engine.request_output(req)))  # finished, finish_reason "abort"
+                    # finished, finish_reason "abort"
+                    ready.append((stream, engine.request_output(req), time.monotonic()))
         return ready
 
     @staticmethod
-    def _deliver(ready, t: float) -> None:
+    def _deliver(ready) -> None:
+        """Hands (stream, output, step time) triples to their event loops, one callback per loop."""
         by_loop: dict = {}
-        for stream, out in ready:
-            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for item in ready:
+            by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items, t)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop is closed: its clients are gone
                 pass
 
@@ -287,8 +336,8 @@ class AsyncLLMEngine:
                 pass
 
 
-def _put_all(items, t: float) -> None:
-    for stream, out in items:
+def _put_all(items) -> None:
+    for stream, out, t in items:
         stream._put(out, t)
 
 

@@ -14,6 +14,7 @@ from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, kv_dtype, pag
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
 from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.convert import is_orbax_checkpoint, restore_params
+from qwenjax.layers.attention import decode_backend
 from qwenjax.runner import ModelRunner
 from qwenjax.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
@@ -91,6 +92,8 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs, mesh=mesh)
     runner.kv_cache_width = sc.max_pages_per_seq
+    logger.info("decode attention: %s (head_dim %d, %s)", decode_backend(cfg.head_dim), cfg.head_dim,
+                jax.default_backend())
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
                 num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
                 cache_dtype.name)

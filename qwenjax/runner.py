@@ -29,6 +29,8 @@ class ModelRunner:
                  max_num_seqs: int, mesh):
         self.graphdef = graphdef
         self.params = params
+        # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
+        self._param_leaves, param_tree = jax.tree.flatten(params)
         self.kv_cache = kv_cache
         self.vocab_size = vocab_size
         self.mesh = mesh
@@ -38,7 +40,7 @@ class ModelRunner:
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
-        self._step = jax.jit(functools.partial(_forward, graphdef), static_argnames=("has_context",),
+        self._step = jax.jit(functools.partial(_forward, graphdef, param_tree), static_argnames=("has_context",),
                              donate_argnums=(1, 2), out_shardings=(kv_out, pen_out, rep))
         self._sample = jax.jit(_sample, static_argnames=("mode",), out_shardings=rep)
 
@@ -53,7 +55,7 @@ class ModelRunner:
     def execute(self, inp: StepInput, has_context: bool, tensors: sampler.SamplingTensors,
                 mode: sampler.SamplerMode) -> sampler.SamplerOutput:
         """Dispatches one step and its sampling; returns device arrays (reading them is the only sync)."""
-        self.kv_cache, self.penalties, logits = self._step(self.params, self.kv_cache, self.penalties, inp,
+        self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties, inp,
                                                            has_context=has_context)
         return self._sample(logits, tensors, self.penalties, inp.slots, mode=mode)
 
@@ -63,8 +65,8 @@ class ModelRunner:
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width, self.scratch_slot)
-            self.kv_cache, self.penalties, logits = self._step(self.params, self.kv_cache, self.penalties, inp,
-                                                               has_context=ctx)
+            self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
+                                                               inp, has_context=ctx)
         for b in decode_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
             logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))
@@ -78,8 +80,8 @@ class ModelRunner:
     kv_cache_width: int = 0  # pages per row in block tables; set by the engine
 
 
-def _forward(graphdef, params, kv_cache, penalties, inp: StepInput, *, has_context: bool):
-    model = nnx.merge(graphdef, params)
+def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, inp: StepInput, *, has_context: bool):
+    model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
     hidden, kv_cache = model(inp.input_ids, inp.meta, kv_cache, has_context=has_context)
     last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
     penalties = penalty_state.update(penalties, inp.input_ids, inp.meta.positions, inp.meta.query_lens,

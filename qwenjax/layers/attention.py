@@ -70,10 +70,19 @@ def prefill_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, query_lens
                                         query_seq_lengths=lens, key_value_seq_lengths=lens, implementation=impl)
 
 
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def decode_backend(head_dim: int) -> str:
+    """Which decode attention runs: "pallas" (GPU, head_dim 64 or 128) or "reference" (jnp). Logged at start-up, so
+    a GPU engine never falls back without saying so."""
+    return "pallas" if platform() == "gpu" and head_dim in KERNEL_HEAD_DIMS else "reference"
+
+
 def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                      *, sm_scale: float) -> jax.Array:
     """One new token per row (Q == 1): the Pallas kernel on GPU, the jnp reference elsewhere."""
-    if platform() == "gpu":
+    if decode_backend(q.shape[-1]) == "pallas":
         from pallas_kernels.paged_attention import paged_attention
 
         out = paged_attention(q[:, 0], k_pages, v_pages, meta.block_tables, meta.seq_lens, sm_scale=sm_scale)

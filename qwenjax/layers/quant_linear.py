@@ -6,8 +6,9 @@ Parameters carry Hugging Face's names and layouts, so the loader copies them wit
 (the bit layouts are documented in qwenjax/quantization/awq.py and gptq.py). Invariant: the packed arrays are never
 dequantized outside the jitted matmul; the float weight exists only as a temporary inside `quant_matmul`.
 
-`quant_matmul` is the single entry point of the product: today the XLA path (unpack with shifts and masks, subtract
-the zeros, scale, dot in the activation dtype); a Pallas kernel slots in behind `_kernel_applies`.
+`quant_matmul` is the single entry point of the product: the Pallas kernel (pallas_kernels/quant_matmul.py) where
+`_kernel_applies` (GPU, bf16/f16 activations, group-ordered weights, shapes its tiles fit), else the XLA path (unpack
+with shifts and masks, subtract the zeros, scale, dot in the activation dtype).
 """
 
 from __future__ import annotations
@@ -52,15 +53,31 @@ class QuantLinear(nnx.Module):
 
 def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig) -> jax.Array:
     """x [..., I] @ dequantized W [I, O] -> [..., O] in x.dtype. The one place a low-bit product is computed."""
-    if _kernel_applies(x, quant):  # pragma: no cover - GPU only
-        raise NotImplementedError("the Pallas low-bit matmul is not wired in yet")
+    I, O = x.shape[-1], scales.shape[-1]
+    if _kernel_applies(x, O, quant):  # pragma: no cover - GPU only
+        from pallas_kernels import quant_matmul as qmm
+
+        y = qmm.quant_matmul(x.reshape(-1, I), qweight, qzeros, scales.astype(x.dtype), fmt=_kernel_format(quant),
+                             bits=quant.bits, group_size=quant.group_size)
+        return y.reshape(*x.shape[:-1], O)
     w = dequantize_weight(qweight, qzeros, scales, g_idx, quant=quant, dtype=x.dtype)
     return jnp.dot(x, w)
 
 
-def _kernel_applies(x, quant: QuantConfig) -> bool:
-    """Where the Pallas kernel replaces the XLA path. Nothing yet: every shape takes the XLA fallback."""
-    return False
+def _kernel_format(quant: QuantConfig) -> str:
+    return "awq" if quant.method == "awq" else quant.checkpoint_format
+
+
+def _kernel_applies(x, out_features: int, quant: QuantConfig) -> bool:
+    """The Pallas kernel takes the product on a GPU for bf16/f16 activations and group-ordered weights (not GPTQ
+    act-order, whose g_idx is arbitrary) in the shapes its tiles fit; everything else takes the XLA path."""
+    if jax.default_backend() != "gpu" or quant.desc_act:
+        return False
+    from pallas_kernels import quant_matmul as qmm
+
+    m = int(np.prod(x.shape[:-1]))
+    return qmm.supported(m, x.shape[-1], out_features, fmt=_kernel_format(quant), bits=quant.bits,
+                         group_size=quant.group_size, dtype=x.dtype)
 
 
 def dequantize_weight(qweight, qzeros, scales, g_idx, *, quant: QuantConfig, dtype) -> jax.Array:

@@ -22,7 +22,20 @@ from qwenjax.runner import dummy_input
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = dict(max_model_len=512, max_num_seqs=64, decode_buckets=(1, 8, 64), prefill_token_buckets=(128, 512),
-              num_kv_pages=256)
+              num_kv_pages=256, load_format="dummy")
+# A small Qwen2 with head_dim 64 (the kernel's), random weights from a fixed seed: threefry gives the same values
+# on every backend, so the CPU and GPU engines hold identical weights.
+CONFIG = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936,
+          "max_position_embeddings": 1024, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+          "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu-model")
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    return str(d)
 
 
 def _kernel_in(hlo: str) -> bool:
@@ -30,25 +43,27 @@ def _kernel_in(hlo: str) -> bool:
     return "__gpu$xla.gpu.triton" in hlo
 
 
-def test_kernel_in_every_decode_bucket():
-    llm = LLM(None, dtype="bfloat16", **ENGINE)
+def test_kernel_in_every_decode_bucket(model_dir):
+    llm = LLM(model_dir, dtype="bfloat16", **ENGINE)
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
     for b in sc.decode_buckets:
         inp = dummy_input(b, 1, runner.num_pages, runner.page_size, runner.kv_cache_width, runner.scratch_slot)
-        hlo = runner._step.lower(runner.params, runner.kv_cache, runner.penalties, inp,
+        hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, inp,
                                  has_context=False).compile().as_text()
         calls = sorted({line.split("custom_call_target=")[1].split(",")[0] for line in hlo.splitlines()
                         if "custom_call_target=" in line})
         assert _kernel_in(hlo), f"decode bucket {b}: no Pallas kernel in the compiled step; custom calls: {calls}"
 
 
-def test_gpu_tokens_equal_cpu_tokens(tmp_path):
+def test_gpu_tokens_equal_cpu_tokens(model_dir):
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: float32 on both sides
     prompts = [[1, 2, 3, 4, 5], list(range(100, 140))]
     p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    gpu = LLM(None, dtype="float32", **ENGINE).generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False)
-    code = ("import json,sys; from qwenjax import LLM, SamplingParams; "
-            f"o = LLM(None, dtype='float32', **{ENGINE!r}).generate(prompt_token_ids={prompts!r}, "
+    gpu = LLM(model_dir, dtype="float32", **ENGINE).generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False)
+    code = ("import json,sys,jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
+            "from qwenjax import LLM, SamplingParams; "
+            f"o = LLM({model_dir!r}, dtype='float32', **{ENGINE!r}).generate(prompt_token_ids={prompts!r}, "
             "sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False); "
             "print(json.dumps([x.outputs[0].token_ids for x in o]))")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
