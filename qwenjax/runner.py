@@ -55,8 +55,9 @@ class ModelRunner:
     def execute(self, inp: StepInput, has_context: bool, tensors: sampler.SamplingTensors,
                 mode: sampler.SamplerMode) -> sampler.SamplerOutput:
         """Dispatches one step and its sampling; returns device arrays (reading them is the only sync)."""
-        self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties, inp,
-                                                           has_context=has_context)
+        with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
+            self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
+                                                               inp, has_context=has_context)
         return self._sample(logits, tensors, self.penalties, inp.slots, mode=mode)
 
     def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
@@ -65,8 +66,9 @@ class ModelRunner:
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width, self.scratch_slot)
-            self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               inp, has_context=ctx)
+            with jax.set_mesh(self.mesh):
+                self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache,
+                                                                   self.penalties, inp, has_context=ctx)
         for b in decode_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
             logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))

@@ -63,3 +63,9 @@ def test_parameter_and_kv_shardings(tp_result):
     assert tp_result[2]["param_specs"]["model.layers.0.self_attn.k_proj.kernel"] == [None, "tp"]
     assert tp_result[2]["kv_spec"] == ["tp", None, None, None]
     assert tp_result[2]["kv_shard_shape"][0] == 1 and tp_result[2]["kv_devices"] == 2
+
+
+def test_decode_kernel_under_shard_map():
+    proc = run_with_devices(["-m", "tests.sharded_kernel_worker"], n=4, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("ok") == 2

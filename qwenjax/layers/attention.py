@@ -10,9 +10,11 @@ cached prefix and to the new tokens up to itself through the same pages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from qwenjax.compat import platform, register_dataclass
 
@@ -83,11 +85,41 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta:
                      *, sm_scale: float) -> jax.Array:
     """One new token per row (Q == 1): the Pallas kernel on GPU, the jnp reference elsewhere."""
     if decode_backend(q.shape[-1]) == "pallas":
-        from pallas_kernels.paged_attention import paged_attention
-
-        out = paged_attention(q[:, 0], k_pages, v_pages, meta.block_tables, meta.seq_lens, sm_scale=sm_scale)
+        out = sharded_decode_kernel(q[:, 0], k_pages, v_pages, meta.block_tables, meta.seq_lens,
+                                    mesh=jax.sharding.get_abstract_mesh(), sm_scale=sm_scale)
         return out[:, None]
     return paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale)
+
+
+def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, sm_scale: float,
+                          interpret: bool = False):
+    """The Pallas decode kernel on each device's heads (shard_map over the "tp" axis of `mesh`).
+
+    q [S, N, H] is split on query heads. Pages [K, P, S, H] are split on kv heads when K divides over the mesh;
+    otherwise they are replicated and each device slices the one kv head its query heads belong to.
+    """
+    from pallas_kernels.paged_attention import paged_attention
+
+    kernel = functools.partial(paged_attention, sm_scale=sm_scale, interpret=interpret)
+    n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
+    if n == 1:
+        return kernel(q, k_pages, v_pages, block_tables, lengths)
+    N, K = q.shape[1], k_pages.shape[0]
+    G = N // K
+    heads = P(None, "tp", None)
+    if K % n == 0:
+        body, kv_spec = kernel, P("tp", None, None, None)
+    elif n % K == 0 and G % (N // n) == 0:
+        def body(q, k, v, t, l):  # this device's N/n query heads all read kv head (first q head) // G
+            kv = jax.lax.axis_index("tp") * (N // n) // G
+            k = jax.lax.dynamic_slice_in_dim(k, kv, 1, axis=0)
+            v = jax.lax.dynamic_slice_in_dim(v, kv, 1, axis=0)
+            return kernel(q, k, v, t, l)
+        kv_spec = P()
+    else:
+        raise NotImplementedError(f"decode kernel with {N} query / {K} kv heads over a mesh of {n}")
+    return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P(), P()), out_specs=heads,
+                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
