@@ -3,10 +3,13 @@
 Threads and ownership:
   * the engine thread is the only one that calls into the LLMEngine's mutating methods (add_request, step,
     abort_request). Other threads submit commands to `_commands` under `_cond` and wake it.
-  * each request has a RequestStream living on the caller's event loop. The engine thread never touches a stream
-    directly: after every step it hands the step's outputs to the loop with ONE `call_soon_threadsafe` per loop.
+  * each request has a RequestStream living on the caller's event loop. The engine thread never touches a stream's
+    loop-side state: it hands each step's outputs to the loop with ONE `call_soon_threadsafe` per loop, at the moment
+    the next step has been dispatched to the device (so the loop's per-token work runs while the engine thread waits
+    for the device with the GIL released, instead of competing with its host work), or at once when no step follows.
   * a stream keeps only the newest RequestOutput (outputs are cumulative, so nothing is lost by skipping older ones
-    when the consumer is slower than the engine), plus the step times of its tokens for latency metrics.
+    when the consumer is slower than the engine), plus the step times of its tokens for latency metrics. With
+    `stream_interval` N > 1 a request's outputs are handed over every N steps (first and last at once).
 
 Failure: an exception escaping `step()` kills the loop. Every open stream then raises EngineDeadError, later
 submissions raise it at once, and `dead` turns True (the server's /health answers 503). A bad request (ValueError
@@ -54,7 +57,8 @@ class RequestStream:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self._last_token_time: float | None = None
-        self._num_tokens = 0
+        self._step_times: list[float] = []  # engine thread only: token steps not yet delivered
+        self._delivered = False  # engine thread only: an output went out
         self._itl: list[float] = []
 
     @property
@@ -91,20 +95,20 @@ class RequestStream:
             await self._event.wait()
 
     # ---- called on the stream's loop
-    def _put(self, out: RequestOutput, t: float) -> None:
+    def _put(self, out: RequestOutput, times: list[float], t: float) -> None:
+        """The newest output; `times` are the engine steps that produced tokens since the last one, `t` now."""
         if self._closed:
             return
-        n = sum(len(c.token_ids) for c in out.outputs)
-        if n > self._num_tokens:
+        for step_time in times:
             if self._last_token_time is None:
-                self.first_token_time = t
+                self.first_token_time = step_time
             else:
-                self._itl.append(t - self._last_token_time)
-            self._last_token_time, self._num_tokens = t, n
+                self._itl.append(step_time - self._last_token_time)
+            self._last_token_time = step_time
         self._latest = out
         if out.finished:
             self._closed = True
-            self.finished_time = t
+            self.finished_time = times[-1] if times else t
         self._event.set()
 
     def _fail(self, exc: BaseException) -> None:
@@ -122,14 +126,21 @@ class AsyncLLMEngine:
     other threads; nothing else of it may be called while the loop runs.
     """
 
-    def __init__(self, engine, *, log_interval_s: float = LOG_INTERVAL_S, start: bool = True):
+    def __init__(self, engine, *, log_interval_s: float = LOG_INTERVAL_S, stream_interval: int = 1,
+                 start: bool = True):
+        """stream_interval: a request's outputs reach its stream every this many engine steps (its first and last
+        output always at once). Above 1 it cuts the event loop's per-token work under heavy load, at the price of
+        chunks that carry several tokens."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
         self.engine = engine
         engine.final_only = False
         self.log_interval_s = log_interval_s
+        self.stream_interval = stream_interval
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()  # ("add", stream, kwargs) | ("abort", id)
         self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._pending: list = []  # the last step's (stream, output, time), delivered at the next dispatch
+        self._pending: list = []  # the last step's (stream, output, step times), delivered at the next dispatch
         # Counters for benchmarks: engine.step() calls, seconds inside them, seconds asleep with nothing to do.
         self.num_steps = 0
         self.step_seconds = 0.0
@@ -263,11 +274,7 @@ class AsyncLLMEngine:
                     self.step_seconds += t - t0
                     self.num_steps += 1
                     self._flush()  # the step did not dispatch (nothing schedulable), or there was no hook
-                    streams = self._streams
-                    self._pending = [(streams[o.request_id], o, t) for o in outs if o.request_id in streams]
-                    for o in outs:
-                        if o.finished:
-                            streams.pop(o.request_id, None)
+                    self._pending = self._collect(outs, t)
                     log.step(t)
                     if unhook is None or not engine.has_unfinished_requests():
                         self._flush()
@@ -287,6 +294,23 @@ class AsyncLLMEngine:
         self._pending = []
         self._streams.clear()
         self._fail(streams, reason)
+
+    def _collect(self, outs, t: float) -> list:
+        """(stream, output, token step times) to deliver for this step's outputs: every request's first and last
+        output, and the others every `stream_interval` steps."""
+        streams, ready = self._streams, []
+        due = self.stream_interval <= 1 or self.num_steps % self.stream_interval == 0
+        for o in outs:
+            stream = streams.get(o.request_id)
+            if stream is None:
+                continue
+            stream._step_times.append(t)
+            if due or o.finished or not stream._delivered:
+                ready.append((stream, o, stream._step_times))
+                stream._step_times, stream._delivered = [], True
+            if o.finished:
+                del streams[o.request_id]
+        return ready
 
     def _apply(self, commands) -> list:
         """Applies queued adds and aborts in submission order; returns outputs of aborted requests to deliver."""
@@ -311,8 +335,7 @@ class AsyncLLMEngine:
                 req = engine.requests.get(rid)
                 engine.abort_request(rid)
                 if stream is not None and req is not None:
-                    # finished, finish_reason "abort"
-                    ready.append((stream, engine.request_output(req), time.monotonic()))
+                    ready.append((stream, engine.request_output(req), []))  # finished, finish_reason "abort"
         return ready
 
     @staticmethod
@@ -323,7 +346,7 @@ class AsyncLLMEngine:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, items, time.monotonic())
             except RuntimeError:  # the loop is closed: its clients are gone
                 pass
 
@@ -336,9 +359,9 @@ class AsyncLLMEngine:
                 pass
 
 
-def _put_all(items) -> None:
-    for stream, out, t in items:
-        stream._put(out, t)
+def _put_all(items, t: float) -> None:
+    for stream, out, times in items:
+        stream._put(out, times, t)
 
 
 class _ThroughputLog:

@@ -137,10 +137,25 @@ class LLMEngine:
             seqs.append(seq)
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                       seqs=seqs, arrival_time=arrival)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
         self.requests[request_id] = req
         for seq in seqs:
             self.scheduler.add(seq)
         return req
+
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list:
+        """vLLM's shape: None for the first token, then {token: Logprob} with the token itself and the top k."""
+        chosen, ranks, top_ids, top_lps = self.runner.prompt_logprobs(ids, k)
+        out: list = [None]
+        for i, tok in enumerate(ids[1:]):
+            entry = {tok: Logprob(float(chosen[i]), rank=int(ranks[i]))}
+            for rank, (t, lp) in enumerate(zip(top_ids[i][:k], top_lps[i][:k]), 1):
+                entry.setdefault(int(t), Logprob(float(lp), rank))
+            for t, l in entry.items():
+                l.decoded_token = self.tokenizer.convert_ids_to_tokens(t)
+            out.append(entry)
+        return out
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Ends requests now (finish_reason 'abort') and returns their pages."""
@@ -189,16 +204,18 @@ class LLMEngine:
         inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
                                max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
                                scratch_slot=self.runner.scratch_slot)
-        mode = dataclasses.replace(choose_mode(rows), penalties=True)
+        mode = choose_mode(rows)
+        # Penalties always on (see WARMUP_MODES); a row asking for logprobs, even 0 top ones, gets ranks too.
+        wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
+        mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
         tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
         if self._leader is not None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
-        res = self.runner.execute(inp, out.has_context, tensors, mode)
+        res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
         ids = to_host(res.token_ids)
-        want_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
-        lps = to_host(res.logprobs) if want_lp else None
-        top_ids = to_host(res.top_ids) if want_lp and mode.num_logprobs else None
-        top_lps = to_host(res.top_logprobs) if want_lp and mode.num_logprobs else None
+        if wants_lp:
+            lps, ranks = to_host(res.logprobs), to_host(ranks)
+            top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)
         if out.kind == "decode":
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows))
         touched: dict[str, Request] = {}
@@ -208,7 +225,7 @@ class LLMEngine:
             if seq.num_computed <= len(seq.prompt_token_ids):
                 self.stats.prompt_tokens += r.num_new_tokens
             if r.samples:
-                lp = None if lps is None else (float(lps[b]), None if top_ids is None else (top_ids[b], top_lps[b]))
+                lp = (float(lps[b]), int(ranks[b]), top_ids[b], top_lps[b]) if wants_lp else None
                 self._append_token(seq, int(ids[b]), lp)
                 touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
@@ -220,16 +237,15 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         if lp is not None:
-            seq.cumulative_logprob += lp[0]
+            chosen, rank, top_ids, top_lps = lp
+            seq.cumulative_logprob += chosen
             if seq.logprobs is not None:
-                entry = {token: Logprob(lp[0])}
-                if lp[1] is not None and p.logprobs:
-                    for rank, (tid, val) in enumerate(zip(lp[1][0][:p.logprobs], lp[1][1][:p.logprobs]), 1):
-                        entry.setdefault(int(tid), Logprob(float(val), rank))
-                for tid, l in entry.items():
-                    l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid) if p.detokenize else None
-                    if l.rank is None:
-                        l.rank = 1 + sum(1 for o in entry.values() if o.rank and o.logprob > l.logprob)
+                entry = {token: Logprob(chosen, rank)}
+                for r, (tid, val) in enumerate(zip(top_ids[:p.logprobs], top_lps[:p.logprobs]), 1):
+                    entry.setdefault(int(tid), Logprob(float(val), r))
+                if p.detokenize:
+                    for tid, l in entry.items():
+                        l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid)
                 seq.logprobs.append(entry)
         delta = ""
         if p.detokenize and (p.stop or not self.final_only):
@@ -290,4 +306,5 @@ class LLMEngine:
                                  first_token_time=first, finished_time=req.finished_time,
                                  num_preemptions=sum(s.num_preemptions for s in req.seqs))
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=None, outputs=comps, finished=req.finished, metrics=metrics)
+                             prompt_logprobs=req.prompt_logprobs, outputs=comps, finished=req.finished,
+                             metrics=metrics)

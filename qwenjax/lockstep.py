@@ -102,6 +102,6 @@ def follow(runner) -> int:
             return steps
         inp, tensors, mode, ctx = _template(h)
         inp, tensors = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all((inp, tensors)))
-        res = runner.execute(inp, ctx, tensors, mode)
+        res, _ = runner.execute(inp, ctx, tensors, mode)
         jax.block_until_ready(res.token_ids)
         steps += 1

@@ -31,6 +31,7 @@ class ModelRunner:
         self.params = params
         # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
         self._param_leaves, param_tree = jax.tree.flatten(params)
+        self._param_tree = param_tree
         self.kv_cache = kv_cache
         self.vocab_size = vocab_size
         self.mesh = mesh
@@ -53,8 +54,9 @@ class ModelRunner:
         return self.kv_cache[0][0].shape[2]
 
     def execute(self, inp: StepInput, has_context: bool, tensors: sampler.SamplingTensors,
-                mode: sampler.SamplerMode) -> sampler.SamplerOutput:
-        """Dispatches one step and its sampling; returns device arrays (reading them is the only sync)."""
+                mode: sampler.SamplerMode) -> tuple[sampler.SamplerOutput, jax.Array | None]:
+        """Dispatches one step and its sampling; returns device arrays (reading them is the only sync): the sampler's
+        output and, when the mode returns logprobs, the sampled tokens' ranks."""
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
                                                                inp, has_context=has_context)
@@ -75,11 +77,38 @@ class ModelRunner:
             slots = np.full((b,), self.scratch_slot, np.int32)
             for mode in modes:
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
-                self._sample(logits, tensors, self.penalties, slots, mode=mode).token_ids.block_until_ready()
+                self._sample(logits, tensors, self.penalties, slots, mode=mode)[0].token_ids.block_until_ready()
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
     kv_cache_width: int = 0  # pages per row in block tables; set by the engine
+
+    def prompt_logprobs(self, token_ids: list[int], k: int) -> tuple[np.ndarray, ...]:
+        """Log-probabilities the model gives each prompt token after the ones before it, plus the top `k`.
+
+        One extra forward over the prompt (dense causal attention, a one-page scratch cache whose writes are all
+        dropped), compiled once per power-of-two prompt length on first use. Returns logprobs [n-1], their ranks
+        in the whole vocabulary [n-1], and the top-k ids and logprobs [n-1, k].
+        """
+        n = len(token_ids)
+        q = max(16, 1 << (n - 1).bit_length())
+        if self._prompt_lp is None:
+            self._prompt_lp = jax.jit(functools.partial(_prompt_logprobs, self.graphdef, self._param_tree),
+                                      static_argnames=("k",))
+            layer = self.kv_cache[0][0]
+            scratch = jnp.zeros((layer.shape[0], 1, layer.shape[2], layer.shape[3]), layer.dtype)
+            self._scratch_kv = [(scratch, scratch)] * len(self.kv_cache)
+        ids = np.zeros((1, q), np.int32)
+        ids[0, :n] = token_ids
+        meta = AttentionMetadata(positions=np.arange(q, dtype=np.int32)[None],
+                                 slot_mapping=(self.page_size + np.arange(q, dtype=np.int32))[None],
+                                 block_tables=np.zeros((1, 1), np.int32), seq_lens=np.array([n], np.int32),
+                                 query_lens=np.array([n], np.int32))
+        with jax.set_mesh(self.mesh):
+            outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=k)
+        return tuple(np.asarray(x)[:n - 1] for x in outs)
+
+    _prompt_lp = None
 
 
 def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, inp: StepInput, *, has_context: bool):
@@ -91,9 +120,25 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, inp: StepI
     return kv_cache, penalties, model.logits(last)
 
 
+def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, meta, *, k: int):
+    model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
+    hidden, _ = model(input_ids, meta, kv_cache, has_context=False)
+    logprobs = jax.nn.log_softmax(model.logits(hidden[0]), axis=-1)          # [Q, V]: position i predicts i + 1
+    targets = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])           # last entry is discarded
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
+    top_lps, top_ids = jax.lax.top_k(logprobs, max(k, 1))
+    return chosen, ranks, top_ids, top_lps
+
+
 def _sample(logits, tensors, penalties, slots, *, mode):
+    """Returns the SamplerOutput and, when logprobs are asked for, each sampled token's rank in the vocabulary."""
     history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
-    return sampler.sample(logits, tensors, mode, history=history)
+    out = sampler.sample(logits, tensors, mode, history=history)
+    if mode.num_logprobs == 0:
+        return out, None
+    lse = jax.nn.logsumexp(logits, axis=-1)  # rank = 1 + tokens with a higher logprob, as vLLM reports it
+    return out, 1 + jnp.sum(logits > (out.logprobs + lse)[:, None], axis=-1).astype(jnp.int32)
 
 
 def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int) -> StepInput:

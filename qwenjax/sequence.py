@@ -80,6 +80,7 @@ class Request:
     first_scheduled_time: float | None = None
     finished_time: float | None = None
     error: Exception | None = None
+    prompt_logprobs: list | None = None   # [None, {token: Logprob}, ...] when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:

@@ -144,6 +144,14 @@ def test_logprobs(llm):
     assert out.cumulative_logprob == pytest.approx(total, rel=1e-5)
 
 
+def test_sampled_token_rank_is_its_rank_in_the_vocabulary(llm):
+    out = llm.generate(["Hi"], SamplingParams(temperature=5.0, seed=11, max_tokens=6, logprobs=0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    ranks = [entry[tok].rank for tok, entry in zip(out.token_ids, out.logprobs)]
+    assert all(len(e) == 1 for e in out.logprobs)
+    assert all(r >= 1 for r in ranks) and max(ranks) > 1  # hot sampling picks tokens below the top
+
+
 def test_generation_config_defaults_apply_where_unset(llm):
     engine = llm.llm_engine
     req = engine.add_request("defaults-1", "hi", SamplingParams(max_tokens=2, top_k=5))

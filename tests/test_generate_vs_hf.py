@@ -78,3 +78,20 @@ def test_repetition_penalty_equals_hf(untied_gqa2, prompts):
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == ref
     assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_prompt_logprobs_equal_hf(untied_gqa2, prompts):
+    p = prompts[5]  # 31 tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(untied_gqa2)(torch.tensor([p])).logits[0], -1).numpy()
+    llm = LLM(str(untied_gqa2), **SMALL_ENGINE)
+    out = llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    lps = out.prompt_logprobs
+    assert len(lps) == len(p) and lps[0] is None
+    for i, entry in enumerate(lps[1:]):
+        tok = p[i + 1]
+        assert entry[tok].logprob == pytest.approx(float(ref[i, tok]), abs=2e-4)
+        top = np.argsort(-ref[i])[:3]
+        assert all(int(t) in entry for t in top)
+        assert entry[tok].rank == 1 + int((ref[i] > ref[i, tok] + 1e-6).sum())
