@@ -69,3 +69,18 @@ def test_decode_kernel_under_shard_map():
     proc = run_with_devices(["-m", "tests.sharded_kernel_worker"], n=4, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("ok") == 2
+
+
+def test_sharded_loading_makes_no_full_host_copy(tmp_path, capsys):
+    """Peak anonymous host memory while loading at mesh 8 stays near what the 8 CPU devices hold (their shards),
+    well under shards + one full copy of the checkpoint, which loading through a host copy would need."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", vocab_size=4096, hidden_size=256, intermediate_size=1024,
+                            num_layers=4, num_heads=8, num_kv_heads=8, seed=2)
+    out = tmp_path / "mem.json"
+    proc = run_with_devices(["-m", "tests.load_memory_worker", str(ckpt), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    with capsys.disabled():
+        print(f"\nloading {r['checkpoint'] / 2**20:.1f} MiB at mesh 8: peak extra host memory "
+              f"{r['peak_extra'] / 2**20:.1f} MiB, shards placed {r['placed'] / 2**20:.1f} MiB, {r['seconds']:.2f} s")
+    assert r["peak_extra"] < r["placed"] + 0.5 * r["checkpoint"]
