@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax import penalty_state, sampler
+from qwenjax import packing, penalty_state, sampler
 from qwenjax.batch import StepInput
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.sharding import replicated
@@ -41,9 +41,10 @@ class ModelRunner:
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
-        self._step = jax.jit(functools.partial(_forward, graphdef, param_tree), static_argnames=("has_context",),
-                             donate_argnums=(1, 2), out_shardings=(kv_out, pen_out, rep))
-        self._sample = jax.jit(_sample, static_argnames=("mode",), out_shardings=rep)
+        self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
+                             static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
+                             out_shardings=(kv_out, pen_out, rep))
+        self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), out_shardings=rep)
 
     @property
     def num_pages(self) -> int:
@@ -57,10 +58,16 @@ class ModelRunner:
                 mode: sampler.SamplerMode) -> tuple[sampler.SamplerOutput, jax.Array | None]:
         """Dispatches one step and its sampling; returns device arrays (reading them is the only sync): the sampler's
         output and, when the mode returns logprobs, the sampled tokens' ranks."""
+        logits = self._run_step(inp, has_context)
+        i_buf, f_buf, layout = packing.pack((tensors, inp.slots))
+        return self._sample(logits, self.penalties, i_buf, f_buf, mode=mode, layout=layout)
+
+    def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
+        i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               inp, has_context=has_context)
-        return self._sample(logits, tensors, self.penalties, inp.slots, mode=mode)
+                                                               i_buf, f_buf, has_context=has_context, layout=layout)
+        return logits
 
     def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
         """Compiles every (B, Q, has_context) bucket and each sampler mode per B, running each once on dummy rows."""
@@ -68,16 +75,16 @@ class ModelRunner:
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width, self.scratch_slot)
-            with jax.set_mesh(self.mesh):
-                self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache,
-                                                                   self.penalties, inp, has_context=ctx)
+            self._run_step(inp, ctx)
         for b in decode_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
             logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))
             slots = np.full((b,), self.scratch_slot, np.int32)
             for mode in modes:
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
-                self._sample(logits, tensors, self.penalties, slots, mode=mode)[0].token_ids.block_until_ready()
+                i_buf, f_buf, layout = packing.pack((tensors, slots))
+                out, _ = self._sample(logits, self.penalties, i_buf, f_buf, mode=mode, layout=layout)
+                out.token_ids.block_until_ready()
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
@@ -111,7 +118,8 @@ class ModelRunner:
     _prompt_lp = None
 
 
-def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, inp: StepInput, *, has_context: bool):
+def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, i_buf, f_buf, *, has_context: bool, layout):
+    inp: StepInput = packing.unpack(i_buf, f_buf, layout)
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
     hidden, kv_cache = model(inp.input_ids, inp.meta, kv_cache, has_context=has_context)
     last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
@@ -131,8 +139,9 @@ def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, me
     return chosen, ranks, top_ids, top_lps
 
 
-def _sample(logits, tensors, penalties, slots, *, mode):
+def _sample(logits, penalties, i_buf, f_buf, *, mode, layout):
     """Returns the SamplerOutput and, when logprobs are asked for, each sampled token's rank in the vocabulary."""
+    tensors, slots = packing.unpack(i_buf, f_buf, layout)
     history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
     out = sampler.sample(logits, tensors, mode, history=history)
     if mode.num_logprobs == 0:

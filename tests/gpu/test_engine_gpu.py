@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from qwenjax import LLM, SamplingParams
+from qwenjax import LLM, SamplingParams, packing
 from qwenjax.runner import dummy_input
 
 pytestmark = pytest.mark.gpu
@@ -49,9 +49,10 @@ def test_kernel_in_every_decode_bucket(model_dir):
     sc = llm.llm_engine.scheduler_config
     for b in sc.decode_buckets:
         inp = dummy_input(b, 1, runner.num_pages, runner.page_size, runner.kv_cache_width, runner.scratch_slot)
+        i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(runner.mesh):
-            hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, inp,
-                                     has_context=False).compile().as_text()
+            hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, i_buf, f_buf,
+                                     has_context=False, layout=layout).compile().as_text()
         calls = sorted({line.split("custom_call_target=")[1].split(",")[0] for line in hlo.splitlines()
                         if "custom_call_target=" in line})
         assert _kernel_in(hlo), f"decode bucket {b}: no Pallas kernel in the compiled step; custom calls: {calls}"
