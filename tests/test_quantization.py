@@ -210,12 +210,16 @@ def test_loading_quantized_checkpoint_without_quant_is_a_clear_error(quantized):
 
 # ------------------------------------------------------------------ the engine
 
+# SMALL_ENGINE with three buckets (decode B=4, one 64-token prefill row, and its cached-prefix variant): each LLM here
+# compiles in a few seconds on CPU.
+ENGINE = {**SMALL_ENGINE, "max_model_len": 64, "max_num_seqs": 4, "max_num_batched_tokens": 64,
+          "decode_buckets": (4,), "prefill_token_buckets": (64,)}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = [list(map(int, np.random.default_rng(5).integers(0, 512, n))) for n in (3, 17, 40)]
 
 
 def _greedy(path, **kw):
-    llm = LLM(str(path), **{**SMALL_ENGINE, **kw})
+    llm = LLM(str(path), **{**ENGINE, **kw})
     return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
                                                          use_tqdm=False)]
 
@@ -232,11 +236,11 @@ def test_engine_greedy_equals_dequantized(scheme, arg, quantized):
 def test_quantization_argument_checked_against_checkpoint(quantized, float_ckpt):
     gdir, _, _ = quantized(SCHEMES[2])
     with pytest.raises(ValueError, match="requested but the checkpoint .* quantized with 'gptq'"):
-        LLM(str(gdir), quantization="awq", **SMALL_ENGINE)
+        LLM(str(gdir), quantization="awq", **ENGINE)
     with pytest.raises(ValueError, match="not quantized"):
-        LLM(str(float_ckpt), quantization="gptq", **SMALL_ENGINE)
+        LLM(str(float_ckpt), quantization="gptq", **ENGINE)
     with pytest.raises(NotImplementedError, match="quantization='fp8' .*supported: 'awq', 'gptq'"):
-        LLM(str(gdir), quantization="fp8", **SMALL_ENGINE)
+        LLM(str(gdir), quantization="fp8", **ENGINE)
     assert resolve_quant_config(None, gdir) == QuantConfig("gptq", 4, 128, sym=True, checkpoint_format="gptq")
     assert resolve_quant_config(None, float_ckpt) is None
     assert resolve_quant_config("awq", None) == QuantConfig.default("awq")
