@@ -222,28 +222,6 @@ class AsyncLLMEngine:
                 self._cond.notify()
 
     # ------------------------------------------------------------------ the engine thread
-    def _hook_dispatch(self):
-        """Delivers a step's outputs once the NEXT step has been dispatched to the device.
-
-        The event loop's work on a step's outputs (formatting and sending one chunk per request) needs the GIL, and
-        so does the engine's host work before a step (scheduling, building inputs). Handing the outputs over right
-        after a step would make the two contend; handing them over once the next step is on the device lets the loop
-        run while the engine thread waits for the device with the GIL released. Needs the engine's runner to expose
-        `execute` (the dispatch); otherwise outputs are delivered right after each step.
-        """
-        runner = getattr(self.engine, "runner", None)
-        execute = getattr(runner, "execute", None)
-        if execute is None:
-            return None
-
-        def execute_then_deliver(*args, **kwargs):
-            res = execute(*args, **kwargs)
-            self._flush()
-            return res
-
-        runner.execute = execute_then_deliver
-        return lambda: setattr(runner, "execute", execute)
-
     def _flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
@@ -252,7 +230,6 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         engine = self.engine
         log = _ThroughputLog(engine, self.log_interval_s)
-        unhook = self._hook_dispatch()
         try:
             while True:
                 with self._cond:
@@ -269,14 +246,16 @@ class AsyncLLMEngine:
                 if engine.has_unfinished_requests():
                     log.begin()
                     t0 = time.monotonic()
-                    outs = engine.step()
+                    # The previous step's outputs go to the event loop once this step is on the device: the
+                    # loop's per-token work then runs while this thread waits for the device (GIL released).
+                    outs = engine.step(on_dispatch=self._flush)
                     t = time.monotonic()
                     self.step_seconds += t - t0
                     self.num_steps += 1
-                    self._flush()  # the step did not dispatch (nothing schedulable), or there was no hook
+                    self._flush()  # the step did not dispatch (nothing schedulable)
                     self._pending = self._collect(outs, t)
                     log.step(t)
-                    if unhook is None or not engine.has_unfinished_requests():
+                    if not engine.has_unfinished_requests():
                         self._flush()
             self._flush()
             reason: BaseException = EngineDeadError("the engine was shut down")
@@ -284,8 +263,6 @@ class AsyncLLMEngine:
             logger.exception("the engine loop died; failing every open request")
             reason = EngineDeadError(f"the engine loop died: {type(e).__name__}: {e}")
             reason.__cause__ = e
-        if unhook is not None:
-            unhook()
         with self._cond:
             self._error = reason
             pending, self._commands = self._commands, collections.deque()

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -179,7 +179,9 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_dispatch: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Runs one scheduler step. `on_dispatch` is called once the step is on the device, before its tokens are
+        awaited (a server hands the previous step's outputs to its event loop there)."""
         out = self.scheduler.schedule()
         if out is None:
             if self.scheduler.has_work():
@@ -212,6 +214,8 @@ class LLMEngine:
         if self._leader is not None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
         res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+        if on_dispatch is not None:
+            on_dispatch()
         ids = to_host(res.token_ids)
         if wants_lp:
             lps, ranks = to_host(res.logprobs), to_host(ranks)

@@ -7,6 +7,7 @@ built-in default model (random weights, real Qwen2 tokenizer).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -41,6 +42,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    s.add_argument("--stream-interval", type=int, default=1,
+                   help="send each stream's new text every N engine steps (first and last at once); >1 lightens "
+                        "the server's per-token work under heavy load")
     s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
 
     e = p.add_argument_group("engine (shared with qwenjax.LLM)")
@@ -104,8 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     from qwenjax.async_engine import AsyncLLMEngine
     from server.app import create_app
 
-    engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0)
+    engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
+                                             stream_interval=ns.stream_interval)
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
+    # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
+    # garbage collector's full passes, which otherwise stall every request while they walk it.
+    gc.collect()
+    gc.freeze()
     logging.getLogger("qwenjax.server").info("serving %s on http://%s:%d/v1", ", ".join(served_names(ns)), ns.host,
                                              ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_keep_alive=5)

@@ -8,6 +8,7 @@ engine cuts a matched stop string out of the final text.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from qwenjax.outputs import CompletionOutput, RequestOutput
 from qwenjax.stop_checker import StopChecker
 
 MIN_LOGPROB = -9999.0  # -inf is not JSON; OpenAI clients get this instead
+_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -117,7 +119,20 @@ class Formatter:
 
     def stream_chunks(self, i: int, out: RequestOutput) -> list[dict]:
         """Chunks for prompt i's newest cumulative output."""
-        chunks = []
+        return [self.chunk([choice]) for choice in self._stream_choices(i, out)]
+
+    def stream_sse(self, i: int, out: RequestOutput) -> list[bytes]:
+        """stream_chunks as SSE events; the fixed part of each chunk is encoded once per response (hot path)."""
+        if not hasattr(self, "_sse_head"):
+            self._sse_head = (f'data: {{"id":{_JSON(self.id)},"object":{_JSON(self.chunk_object)},'
+                              f'"created":{self.created},"model":{_JSON(self.model)},"choices":[')
+        tail = "]}\n\n"
+        if self.include_usage:
+            tail = "],\"usage\":" + (_JSON(self.usage()) if self.continuous_usage else "null") + "}\n\n"
+        return [(self._sse_head + _JSON(choice) + tail).encode("utf-8") for choice in self._stream_choices(i, out)]
+
+    def _stream_choices(self, i: int, out: RequestOutput) -> list[dict]:
+        choices = []
         for comp in out.outputs:
             p = self.progress[i][comp.index]
             if p.done:
@@ -131,8 +146,8 @@ class Formatter:
             if delta or reason is not None or lp or first:
                 choice = self.stream_choice(i * self.n + comp.index, i, comp, delta, a, b, first)
                 if choice is not None:
-                    chunks.append(self.chunk([choice]))
-        return chunks
+                    choices.append(choice)
+        return choices
 
     def final_chunks(self) -> list[dict]:
         if not self.include_usage:

@@ -8,8 +8,10 @@ processed (its first token exists), generated tokens as they arrive, and time to
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import bisect
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from qwenjax.outputs import RequestOutput
 
@@ -41,18 +43,51 @@ class _EngineCollector:
         yield c
 
 
+class _Histogram:
+    """A histogram observed from one thread (the app's event loop): a few hundred nanoseconds per observation,
+    against a few microseconds for prometheus_client's locked one, since ITL is observed once per token."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.buckets = name, doc, tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def family(self, labels: list[str]) -> HistogramMetricFamily:
+        f = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        cum, rows = 0, []
+        for le, n in zip([*map(str, self.buckets), "+Inf"], self.counts):
+            cum += n
+            rows.append((le, cum))
+        f.add_metric(labels, rows, self.sum)
+        return f
+
+
+class _HistogramCollector:
+    def __init__(self, histograms: list[_Histogram], model_name: str):
+        self.histograms, self.labels = histograms, [model_name]
+
+    def collect(self):
+        for h in self.histograms:
+            yield h.family(self.labels)
+
+
 class ServerMetrics:
     def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         lab = ["model_name"]
         r = self.registry
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, from arrival.", lab,
-                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive token steps of a request.",
-                             lab, buckets=ITL_BUCKETS, registry=r).labels(model_name)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", lab,
-                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.ttft = _Histogram("vllm:time_to_first_token_seconds", "Time to first token, from arrival.",
+                               TTFT_BUCKETS)
+        self.itl = _Histogram("vllm:inter_token_latency_seconds",
+                              "Time between consecutive token steps of a request.", ITL_BUCKETS)
+        self.e2e = _Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                              E2E_BUCKETS)
+        r.register(_HistogramCollector([self.ttft, self.itl, self.e2e], model_name))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", lab, registry=r).labels(
             model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", lab, registry=r).labels(
@@ -97,3 +132,9 @@ class RequestTracker:
             if stream.finished_time is not None:
                 m.e2e.observe(max(0.0, stream.finished_time - self.arrival))
             m._success.labels(m.model_name, out.outputs[0].finish_reason or "abort").inc()
+
+    def abort(self) -> None:
+        """The client left before the request finished."""
+        if not self.done:
+            self.done = True
+            self.m._success.labels(self.m.model_name, "abort").inc()

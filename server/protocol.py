@@ -88,7 +88,7 @@ class _Request(BaseModel):
             if value is not None and name in self.model_fields_set:
                 given[name] = value
         for name in ("ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
-                     "include_stop_str_in_output"):
+                     "include_stop_str_in_output", "priority"):
             if name in self.model_fields_set:
                 given[name] = getattr(self, name)
         if logprobs is not None:

@@ -59,6 +59,7 @@ async def race_disconnect(request: Request, awaitable, on_disconnect):
         raise ClientGone()
     return work.result()
 
+
 class Job:
     """The engine requests of one HTTP request (one per prompt), their merged outputs and their metrics."""
 
@@ -76,8 +77,10 @@ class Job:
             raise _dead(e) from None
 
     def abort(self) -> None:
-        for s in self.streams:
-            s.abort()
+        for s, t in zip(self.streams, self.trackers):
+            if not s.finished:
+                s.abort()
+                t.abort()
 
     async def outputs(self) -> AsyncIterator[tuple[int, object]]:
         """(prompt index, cumulative output) until every request finished; engine errors become APIErrors."""
@@ -284,11 +287,11 @@ class OpenAIServing:
 
         async def body_iter():
             try:
-                for chunk in fmt.stream_chunks(*first):
-                    yield sse(chunk)
+                for chunk in fmt.stream_sse(*first):
+                    yield chunk
                 async for i, out in outputs:
-                    for chunk in fmt.stream_chunks(i, out):
-                        yield sse(chunk)
+                    for chunk in fmt.stream_sse(i, out):
+                        yield chunk
                 for chunk in fmt.final_chunks():
                     yield sse(chunk)
             except APIError as e:  # the engine failed mid-stream: the status line is long gone

@@ -18,6 +18,7 @@ import threading
 import time
 
 import httpx
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -77,17 +78,20 @@ class ServerThread:
 def _force_sampled_tokens(llm: LLMEngine) -> None:
     original = llm.runner.execute
 
-    def execute(inp, has_context, tensors, mode):
-        res = original(inp, has_context, tensors, mode)
+    def execute(*args, **kwargs):
+        result = original(*args, **kwargs)
+        res = result[0] if isinstance(result, tuple) else result  # (SamplerOutput, extras) or SamplerOutput
+        tensors = args[2] if len(args) > 2 else kwargs["tensors"]
         seeds = [int(s) for s in np.asarray(tensors.seeds)]
         if not any(s in FORCED for s in seeds):
-            return res
+            return result
         ids, steps = np.array(res.token_ids), np.asarray(tensors.steps)
         for b, s in enumerate(seeds):
             if s in FORCED:
                 script = FORCED[s]
                 ids[b] = script[min(int(steps[b]), len(script) - 1)]
-        return dataclasses.replace(res, token_ids=ids)
+        res = dataclasses.replace(res, token_ids=jnp.asarray(ids))
+        return (res, *result[1:]) if isinstance(result, tuple) else res
 
     llm.runner.execute = execute
 
@@ -449,7 +453,6 @@ def test_200_concurrent_streams_batch_together(server, engine):
     assert len(results) == 200
     for text, usage, reason in results:
         assert usage["completion_tokens"] == tokens and reason == "length"
-    print("max_decode_batch", llm.stats.max_decode_batch, llm.stats.steps)
     assert llm.stats.max_decode_batch >= 64, llm.stats.max_decode_batch
 
 
@@ -476,6 +479,7 @@ def test_100_disconnecting_clients_free_every_page(server, engine):
         async with httpx.AsyncClient(limits=limits, timeout=120) as c:
             await asyncio.gather(*(leave_streaming(c, i) for i in range(50)), *(leave_waiting(c, i) for i in range(50)))
 
+    before = metrics_of(server.url).get("vllm:request_success_total{finished_reason=abort}", 0)
     asyncio.run(main())
     deadline = time.monotonic() + 120
     while llm.blocks.num_free != llm.blocks.num_pages or llm.has_unfinished_requests():
@@ -485,3 +489,5 @@ def test_100_disconnecting_clients_free_every_page(server, engine):
                                                          "temperature": 0}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(server.url + "/health").status_code == 200
+    # every one of them was aborted (none ran to its 200 tokens)
+    assert metrics_of(server.url)["vllm:request_success_total{finished_reason=abort}"] - before == 100
