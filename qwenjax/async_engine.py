@@ -258,6 +258,7 @@ class AsyncLLMEngine:
                     if not engine.has_unfinished_requests():
                         self._flush()
             self._flush()
+            engine.shutdown()  # several hosts: release the other processes (nothing otherwise)
             reason: BaseException = EngineDeadError("the engine was shut down")
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("the engine loop died; failing every open request")

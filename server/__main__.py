@@ -71,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--skip-warmup", action="store_true")
+    e.add_argument("--distributed-coordinator", default=None,
+                   help="host:port of process 0 when one model spans several hosts (jax.distributed)")
+    e.add_argument("--num-processes", type=int, default=1, help="processes (hosts) in a multi-host run")
+    e.add_argument("--process-id", type=int, default=0,
+                   help="this process's index; process 0 serves HTTP, the others replay its steps")
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     return p
@@ -80,7 +85,8 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "quantization", "kv_cache_dtype", "dtype", "seed", "block_size", "max_num_seqs",
                 "max_num_batched_tokens", "generation_config", "load_format", "enable_prefix_caching",
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
-                "decode_buckets", "prefill_token_buckets", "chat_template")
+                "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
+                "num_processes", "process_id")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
@@ -106,8 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from qwenjax.async_engine import AsyncLLMEngine
+    from qwenjax.engine import LLMEngine
     from server.app import create_app
 
+    if args.num_processes > 1 and args.process_id != 0:
+        # Several hosts: this process holds its shards and replays process 0's steps until process 0 stops.
+        steps = LLMEngine(args).follow()
+        logging.getLogger("qwenjax.server").info("process %d: process 0 stopped after %d steps", args.process_id,
+                                                 steps)
+        return
     engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
                                              stream_interval=ns.stream_interval)
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)

@@ -65,6 +65,9 @@ class FakeEngine:
         comp = CompletionOutput(0, req.target[:req.n], list(range(req.n)), None, None, req.reason)
         return RequestOutput(req.rid, req.target, [1], None, [comp], req.reason is not None)
 
+    def shutdown(self):
+        self.shut_down = True
+
     def step(self, on_dispatch=None):
         self.stats.steps += 1
         if self.fail_at_step is not None and self.stats.steps >= self.fail_at_step:

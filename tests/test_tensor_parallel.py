@@ -84,3 +84,44 @@ def test_sharded_loading_makes_no_full_host_copy(tmp_path, capsys):
         print(f"\nloading {r['checkpoint'] / 2**20:.1f} MiB at mesh 8: peak extra host memory "
               f"{r['peak_extra'] / 2**20:.1f} MiB, shards placed {r['placed'] / 2**20:.1f} MiB, {r['seconds']:.2f} s")
     assert r["peak_extra"] < r["placed"] + 0.5 * r["checkpoint"]
+
+
+def test_server_with_mesh_4_starts_and_serves(tmp_path):
+    """`python -m server --mesh 4` on 4 CPU devices: the built-in model sharded 4 ways answers over HTTP."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--mesh", "4", "--host", "127.0.0.1", "--port",
+                             str(port), "--max-model-len", "128", "--max-num-seqs", "4", "--decode-buckets", "4",
+                             "--prefill-token-buckets", "32", "--num-kv-pages", "32", "--dtype", "float32"],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(1)
+        body = json.dumps({"model": "qwenjax/tiny-random-qwen2", "prompt": "Hello", "max_tokens": 5,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        assert out["usage"]["completion_tokens"] == 5 and out["choices"][0]["finish_reason"] == "length"
+        assert "decode attention" in (tmp_path / "server.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
