@@ -58,3 +58,10 @@ def platform() -> str:
     """'gpu' for CUDA devices, else the default backend's platform name ('cpu', 'tpu')."""
     name = jax.default_backend()
     return "gpu" if name in ("cuda", "rocm", "gpu") else name
+
+
+def distributed_initialized() -> bool:
+    """True once jax.distributed.initialize() has run in this process."""
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from qwenjax.batch import StepInput
+from qwenjax.compat import distributed_initialized
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.sampler import SamplerMode, SamplingTensors
 
@@ -27,19 +28,13 @@ _HEADER = 16
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     """Joins this process to the others (call before any other JAX work). On CPU, collectives go through gloo."""
-    if _initialized():
+    if distributed_initialized():
         return
     if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     logger.info("process %d of %d joined %s: %d local / %d global devices", process_id, num_processes, coordinator,
                 jax.local_device_count(), jax.device_count())
-
-
-def _initialized() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -90,8 +90,8 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
               [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
     num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
     kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs, mesh=mesh)
-    runner.kv_cache_width = sc.max_pages_per_seq
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
     logger.info("decode attention: %s (head_dim %d, %s)", decode_backend(cfg.head_dim), cfg.head_dim,
                 jax.default_backend())
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
@@ -155,8 +155,8 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     pages = sc.max_pages_per_seq + 1
     kv = allocate(cfg, pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
-    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs, mesh=mesh)
-    runner.kv_cache_width = sc.max_pages_per_seq
+    runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
     largest = sorted(buckets, key=lambda b: b[0] * b[1])[-1:] + [max(b for b in buckets if b[1] == 1)]
     runner.warmup(largest, [])
     after = (memory_source or device_memory)()

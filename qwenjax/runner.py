@@ -26,7 +26,7 @@ logger = logging.getLogger("qwenjax")
 
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int,
-                 max_num_seqs: int, mesh):
+                 max_num_seqs: int, block_table_width: int, mesh):
         self.graphdef = graphdef
         self.params = params
         # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
@@ -34,6 +34,7 @@ class ModelRunner:
         self._param_tree = param_tree
         self.kv_cache = kv_cache
         self.vocab_size = vocab_size
+        self.block_table_width = block_table_width  # pages per row in every step's block tables
         self.mesh = mesh
         self.scratch_slot = max_num_seqs  # penalty-state row written by padding rows
         rep = replicated(mesh)
@@ -45,6 +46,7 @@ class ModelRunner:
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
                              out_shardings=(kv_out, pen_out, rep))
         self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), out_shardings=rep)
+        self._prompt_lp = None  # compiled on the first request with prompt_logprobs
 
     @property
     def num_pages(self) -> int:
@@ -74,7 +76,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
-            inp = dummy_input(b, q, self.num_pages, self.page_size, self.kv_cache_width, self.scratch_slot)
+            inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot)
             self._run_step(inp, ctx)
         for b in decode_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
@@ -87,8 +89,6 @@ class ModelRunner:
                 out.token_ids.block_until_ready()
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
-
-    kv_cache_width: int = 0  # pages per row in block tables; set by the engine
 
     def prompt_logprobs(self, token_ids: list[int], k: int) -> tuple[np.ndarray, ...]:
         """Log-probabilities the model gives each prompt token after the ones before it, plus the top `k`.
@@ -115,7 +115,6 @@ class ModelRunner:
             outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=k)
         return tuple(np.asarray(x)[:n - 1] for x in outs)
 
-    _prompt_lp = None
 
 
 def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, i_buf, f_buf, *, has_context: bool, layout):

@@ -48,7 +48,7 @@ def test_kernel_in_every_decode_bucket(model_dir):
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
     for b in sc.decode_buckets:
-        inp = dummy_input(b, 1, runner.num_pages, runner.page_size, runner.kv_cache_width, runner.scratch_slot)
+        inp = dummy_input(b, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(runner.mesh):
             hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, i_buf, f_buf,
