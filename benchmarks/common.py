@@ -543,6 +543,17 @@ def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None
     return path
 
 
+def print_result_table(title: str, rows: list, result: dict, merged: bool, path) -> None:
+    """The workload's rows, then device_busy and the peer ratio when present, then the result file."""
+    m = result["metrics"]
+    if "device_busy" in m:
+        rows.append(("device_busy", m["device_busy"]))
+    if merged:
+        rows.append(("speedup_vs_transformers", m.get("speedup_vs_transformers")))
+    rows.append(("result", str(path)))
+    print_table(title, rows)
+
+
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n== {title}")

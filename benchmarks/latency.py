@@ -98,12 +98,7 @@ def main(argv=None) -> dict:
             ("ms_per_token", ms), ("tok_s", metrics["tok_s"]), ("mbu", metrics["mbu"]),
             ("ttft_ms", metrics["ttft_ms"]), ("copy_tbps", ceilings["copy_tbps"]),
             ("startup_s (load + compile)", startup)]
-    if "device_busy" in metrics:
-        rows.append(("device_busy", metrics["device_busy"]))
-    if merged:
-        rows.append(("speedup_vs_transformers", result["metrics"].get("speedup_vs_transformers")))
-    rows.append(("result", str(path)))
-    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, merged, path)
     return result
 
 

@@ -76,17 +76,10 @@ def parse(argv=None):
     s.add_argument("--client-only", default=None, help=argparse.SUPPRESS)  # internal: workload JSON path
     s.add_argument("--client-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    sc = args.scale
-    if args.dataset == "fixed":
-        args.num_prompts = args.num_prompts or common.scaled(512, sc)
-        args.prompt_len = args.prompt_len or common.scaled(512, sc, 2)
-        args.output_len = args.output_len or common.scaled(256, sc, 2)
-    else:
-        args.num_prompts = args.num_prompts or common.scaled(500, sc)
-        args.prompt_range = tuple(args.prompt_range or (common.scaled(128, sc, 2), common.scaled(1024, sc, 2)))
-        args.output_range = tuple(args.output_range or (common.scaled(64, sc, 2), common.scaled(512, sc, 2)))
     args.workload = args.dataset  # throughput.py's name, for its helpers
-    return args
+    import throughput
+
+    return throughput.fill_workload_defaults(args, random_prompts=500)
 
 
 # ----------------------------------------------------------------------------------------------- the client

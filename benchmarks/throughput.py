@@ -37,14 +37,19 @@ def parse(argv=None):
     w.add_argument("--peer", choices=("transformers",), default=None,
                    help="run the peer (transformers continuous batching, bf16, random init) on the same workload "
                         "instead of qwenjax, and write its figure where the qwenjax run merges it")
-    args = p.parse_args(argv)
+    return fill_workload_defaults(p.parse_args(argv), random_prompts=1000)
+
+
+def fill_workload_defaults(args, *, random_prompts: int):
+    """BENCHMARKS.md's sizes (x --scale) for whatever the command line left unset: fixed 512 x (512 -> 256);
+    random `random_prompts` requests of 128-1024 -> 64-512 tokens."""
     s = args.scale
     if args.workload == "fixed":
         args.num_prompts = args.num_prompts or common.scaled(512, s)
         args.prompt_len = args.prompt_len or common.scaled(512, s, 2)
         args.output_len = args.output_len or common.scaled(256, s, 2)
     else:
-        args.num_prompts = args.num_prompts or common.scaled(1000, s)
+        args.num_prompts = args.num_prompts or common.scaled(random_prompts, s)
         args.prompt_range = tuple(args.prompt_range or (common.scaled(128, s, 2), common.scaled(1024, s, 2)))
         args.output_range = tuple(args.output_range or (common.scaled(64, s, 2), common.scaled(512, s, 2)))
     return args
@@ -156,12 +161,7 @@ def main(argv=None) -> dict:
             ("output_tok_s", metrics["output_tok_s"]), ("total_tok_s", metrics["total_tok_s"]),
             ("mfu", metrics["mfu"]), ("steps", stats["steps"]), ("preemptions", stats["preemptions"]),
             ("matmul_tflops", mm), ("startup_s (load + compile)", startup)]
-    if "device_busy" in metrics:
-        rows.append(("device_busy", metrics["device_busy"]))
-    if merged:
-        rows.append(("speedup_vs_transformers", result["metrics"].get("speedup_vs_transformers")))
-    rows.append(("result", str(path)))
-    common.print_table(f"{bench} {spec.name}", rows)
+    common.print_result_table(f"{bench} {spec.name}", rows, result, merged, path)
     return result
 
 
