@@ -136,8 +136,13 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
     mem = (memory_source or device_memory)()
     if mem is None:
         free = args.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-        return plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
-                              free_bytes=free, detail="budget from kv_cache_memory_bytes; the device reports no memory")
+        pages = plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
+                               free_bytes=free, detail="budget from kv_cache_memory_bytes; the device reports no memory")
+        if args.kv_cache_memory_bytes is None:
+            # CPU: no more pages than every sequence at full length can use; a larger cache only costs time
+            # (the CPU backend copies what GPUs update in place).
+            pages = min(pages, sc.max_num_seqs * sc.max_pages_per_seq)
+        return pages
     activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source, mesh)
     free = mem.limit - mem.in_use - activation
     if args.kv_cache_memory_bytes is not None:
