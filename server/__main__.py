@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("qwenjax.server").info("process %d: process 0 stopped after %d steps", args.process_id,
                                                  steps)
         return
-    engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
-                                             stream_interval=ns.stream_interval)
+    try:
+        engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
+                                                 stream_interval=ns.stream_interval)
+    except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
+        # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
+        sys.exit(f"error: {e}")
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.
