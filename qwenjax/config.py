@@ -36,6 +36,14 @@ class ModelConfig:
     architecture: str = "Qwen2ForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Qwen2-MoE (Qwen2MoeForCausalLM); num_experts == 0 is a dense model and the rest are then unused.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0   # 0: no shared expert
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -43,6 +51,15 @@ class ModelConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got "
+                             f"{self.num_experts_per_tok}")
+        if self.num_experts and self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be at least 1, got {self.decoder_sparse_step}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """HF's rule: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def q_per_kv(self) -> int:
@@ -51,24 +68,35 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         arch = (d.get("architectures") or ["Qwen2ForCausalLM"])[0]
-        if arch not in ("Qwen2ForCausalLM",):
-            raise NotImplementedError(f"architecture {arch!r} is not supported yet; qwenjax serves Qwen2ForCausalLM")
+        if arch not in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
+            raise NotImplementedError(f"architecture {arch!r} is not supported yet; qwenjax serves Qwen2ForCausalLM "
+                                      f"and Qwen2MoeForCausalLM")
         if d.get("rope_scaling"):
             raise NotImplementedError(f"rope_scaling {d['rope_scaling']!r} is not supported yet")
         if d.get("use_sliding_window"):
             raise NotImplementedError("use_sliding_window=true is not supported yet")
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
+        # transformers 5 writes rope_theta inside rope_parameters
+        rope_theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        moe = {}
+        if arch == "Qwen2MoeForCausalLM":
+            moe = dict(num_experts=int(d["num_experts"]), num_experts_per_tok=int(d["num_experts_per_tok"]),
+                       moe_intermediate_size=int(d["moe_intermediate_size"]),
+                       shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                       norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                       decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
+                       mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()))
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
-            rope_theta=float(d.get("rope_theta", 10000.0)), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"), architecture=arch,
-            bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+            bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, **moe)
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
@@ -80,10 +108,18 @@ class ModelConfig:
         qkv = D * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
         o = self.num_attention_heads * self.head_dim * D
-        layer = qkv + bias + o + 3 * D * F + 2 * D
+        layer = qkv + bias + o + 2 * D
+        mlps = 0
+        for i in range(L):
+            if self.is_moe_layer(i):  # router, stacked experts, shared expert and its gate
+                Fs = self.shared_expert_intermediate_size
+                mlps += D * self.num_experts + 3 * D * self.moe_intermediate_size * self.num_experts
+                mlps += (3 * D * Fs + D) if Fs else 0
+            else:
+                mlps += 3 * D * F
         emb = self.vocab_size * D
         head = 0 if self.tie_word_embeddings else emb
-        total = L * layer + D + head + (emb if include_embedding else 0)
+        total = L * layer + mlps + D + head + (emb if include_embedding else 0)
         if not include_embedding and self.tie_word_embeddings:
             total += emb  # the tied lm_head still multiplies by the whole table
         return total
@@ -118,8 +154,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
     enable_chunked_prefill: bool | None = None
+    scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
     num_kv_pages: int | None = None          # override the page count computed from free memory
     kv_cache_memory_bytes: int | None = None  # budget for pages when the device reports no memory (CPU)
     generation_config: str = "auto"          # "auto": the model's generation_config.json; "vllm": none; or a dir
@@ -149,6 +186,11 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        from qwenjax.policies import POLICIES
+
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(map(repr, POLICIES))}, "
+                             f"got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
 
@@ -160,8 +202,6 @@ class EngineArgs:
                            f"from the checkpoint's config.json)")
         if self.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
             missing.append(f"kv_cache_dtype={self.kv_cache_dtype!r}")
-        if self.enable_prefix_caching:
-            missing.append("enable_prefix_caching=True")
         if self.trust_remote_code:
             missing.append("trust_remote_code=True")
         return missing

@@ -51,6 +51,8 @@ class EngineStats:
         self.steps = 0
         self.max_decode_batch = 0
         self.preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
 
 
 class LLMEngine:
@@ -72,8 +74,9 @@ class LLMEngine:
         sc: SchedulerConfig = self.model.scheduler_config
         self.scheduler_config = sc
         self.max_model_len = sc.max_model_len
-        self.blocks = BlockManager(self.model.num_pages, sc.block_size)
-        self.scheduler = Scheduler(sc, self.blocks)
+        self.blocks = BlockManager(self.model.num_pages, sc.block_size,
+                                   enable_prefix_caching=args.enable_prefix_caching)
+        self.scheduler = Scheduler(sc, self.blocks, policy=args.scheduling_policy)
         self.runner: ModelRunner = self.model.runner
         self.stats = EngineStats()
         self.requests: dict[str, Request] = {}
@@ -99,7 +102,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, prompt: str | None, params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
-                    priority: int = 0) -> Request:
+                    priority: int = 0, client: str | None = None) -> Request:
         """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input."""
         params = (params or SamplingParams()).apply_generation_defaults(self.generation_defaults) \
             if self.generation_defaults else (params or SamplingParams())
@@ -129,7 +132,7 @@ class LLMEngine:
             seed = (params.seed + 0x9E3779B9 * i) & 0xFFFFFFFF if params.seed is not None \
                 else int(self._rng.integers(0, 2**32))
             seq = Sequence(request_id=request_id, index=i, prompt_token_ids=prompt_token_ids, params=params, seed=seed,
-                           arrival_time=arrival, priority=priority)
+                           arrival_time=arrival, priority=priority, client=client)
             if params.stop:
                 seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
             if params.logprobs is not None:
@@ -189,6 +192,8 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queries = self.blocks.query_tokens
+        self.stats.prefix_cache_hits = self.blocks.hit_tokens
         now = time.monotonic()
         B, _ = out.bucket
         rows = []

@@ -7,7 +7,16 @@ without chunked prefill, so new requests join the running batch between decode s
 Invariants:
 - a sequence is in exactly one of `waiting`, `running`, or neither (finished / aborted);
 - every running sequence holds pages for all its computed tokens; waiting sequences hold none;
-- a decode step includes every running sequence whose only uncomputed token is its newest one.
+- a decode step includes every running sequence whose only uncomputed token is its newest one;
+- with prefix caching, a page is named (see block_manager) only once every token in it is computed: names are
+  given at the start of `schedule()`, after the engine has counted the previous step's tokens, and before a
+  sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
+
+A sequence admitted with a prefix hit starts at `num_computed = cached tokens` and reads the cached pages, so it runs
+through the context prefill path, which is compiled for one row: such a row runs alone in its step. At least its
+last token is always computed (there must be logits to sample), so a hit covers at most (tokens - 1) // page_size
+blocks and never a page the new row writes into. Sequences with non-neutral penalties take no hits: the device-side
+penalty history of a row is built from the tokens its steps feed, so a row must start at position 0.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections import deque
 
 from qwenjax.block_manager import BlockManager
 from qwenjax.config import SchedulerConfig
+from qwenjax.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
 from qwenjax.sequence import Sequence, SeqStatus
 
 
@@ -36,21 +46,11 @@ class SchedulerOutput:
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
 
 
-class FCFSPolicy:
-    """First come, first served; the newest running sequence is preempted first."""
-
-    def admit_order(self, waiting: deque[Sequence]) -> list[Sequence]:
-        return list(waiting)
-
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return max(running, key=lambda s: (s.arrival_time, s.seq_id))
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy=None):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy: str | SchedulingPolicy | None = None):
         self.config = config
         self.blocks = blocks
-        self.policy = policy or FCFSPolicy()
+        self.policy = make_policy(policy)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -65,22 +65,51 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of the queues (finished or aborted) and returns its pages."""
         if seq in self.running:
+            self._name_pages(seq)
             self.running.remove(seq)
             self._free_slots.append(seq.slot)
             seq.slot = None
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
+        seq.num_named_pages = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- scheduling
     def schedule(self) -> SchedulerOutput | None:
+        for seq in self.running:  # pages the previous step filled get their names
+            self._name_pages(seq)
         out = self._schedule_prefill()
         if out is None:
             out = self._schedule_decode()
+        if out is not None:
+            self.policy.on_scheduled(out.rows)
         return out
+
+    # ---- prefix caching
+    def _name_pages(self, seq: Sequence) -> None:
+        blocks = self.blocks
+        if not blocks.enable_prefix_caching:
+            return
+        full = seq.num_computed // blocks.page_size
+        if full <= seq.num_named_pages:
+            return
+        if len(seq.block_hashes) < full:
+            blocks.hash_blocks(seq.tokens(0, full * blocks.page_size), seq.block_hashes)
+        blocks.commit(seq.block_table, seq.block_hashes, seq.num_named_pages, full)
+        seq.num_named_pages = full
+
+    def _prefix_hit(self, seq: Sequence) -> list[int] | None:
+        """Cached pages for the leading blocks of a sequence about to start; None where it may not look."""
+        blocks = self.blocks
+        if not blocks.enable_prefix_caching or seq.num_computed or seq.block_table or _uses_history(seq.params):
+            return None
+        max_blocks = (seq.num_tokens - 1) // blocks.page_size  # the last token is always computed
+        if len(seq.block_hashes) < max_blocks:
+            blocks.hash_blocks(seq.tokens(0, max_blocks * blocks.page_size), seq.block_hashes)
+        return blocks.lookup(seq.block_hashes, max_blocks)
 
     def _prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
         for b, q in self.config.prefill_buckets:  # sorted by (Q, B): the smallest shape that fits
@@ -100,18 +129,35 @@ class Scheduler:
                 return SchedulerOutput("prefill", [row], True, self._prefill_bucket(1, n))
         rows: list[ScheduledSeq] = []
         budget = self.config.max_num_batched_tokens
-        for seq in self.policy.admit_order(self.waiting):
+        ps = self.blocks.page_size
+        computing: set[int] = set()  # names of the blocks this step's rows compute
+        for seq in self.policy.order(self.waiting):
             if len(self.running) + len(rows) >= self.config.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed, chunk)
+            hit = self._prefix_hit(seq)
+            pages = hit or []
+            if pages and rows:
+                continue  # a row reading cached pages runs alone (context prefill is compiled for B = 1)
+            if hit is not None and len(seq.block_hashes) > len(pages) and seq.block_hashes[len(pages)] in computing:
+                continue  # another row (e.g. a sibling of n > 1) computes its next block now: take it as a hit next step
+            cached = len(pages) * ps
+            n = min(seq.num_tokens - cached, chunk)
             longest = max([r.num_new_tokens for r in rows] + [n])
             bucket = self._prefill_bucket(len(rows) + 1, longest)
             if bucket is None or (rows and (len(rows) + 1) * longest > budget):
                 break
-            if not self.blocks.can_admit(self.blocks.pages_needed(seq.block_table, n)):
+            need = self.blocks.pages_needed(pages, cached + n) + self.blocks.num_reclaimed(pages)
+            if not self.blocks.can_admit(need):
                 break
-            self.blocks.grow(seq.block_table, n)
-            rows.append(ScheduledSeq(seq, n, samples=n == seq.num_tokens))
+            if hit is not None:
+                self.blocks.take(seq.block_table, pages, query_tokens=seq.num_tokens)
+                seq.num_computed = seq.num_cached_tokens = cached
+                seq.num_named_pages = len(pages)
+            self.blocks.grow(seq.block_table, cached + n)
+            rows.append(ScheduledSeq(seq, n, samples=cached + n == seq.num_tokens))
+            if pages:
+                break
+            computing.update(seq.block_hashes[:(cached + n) // ps])
         if not rows:
             return None
         for r in rows:
@@ -120,12 +166,13 @@ class Scheduler:
             r.seq.slot = self._free_slots.pop()
             self.running.append(r.seq)
         longest = max(r.num_new_tokens for r in rows)
-        return SchedulerOutput("prefill", rows, False, self._prefill_bucket(len(rows), longest))
+        has_context = rows[0].seq.num_computed > 0
+        return SchedulerOutput("prefill", rows, has_context, self._prefill_bucket(len(rows), longest))
 
     def _schedule_decode(self) -> SchedulerOutput | None:
         preempted: list[Sequence] = []
         rows: list[ScheduledSeq] = []
-        for seq in sorted(self.running, key=lambda s: (s.arrival_time, s.seq_id)):
+        for seq in sorted(self.running, key=self.policy.key):
             if seq.status is SeqStatus.RUNNING and self._make_room(seq, seq.num_tokens, preempted):
                 rows.append(ScheduledSeq(seq, 1, samples=True))
         rows = [r for r in rows if r.seq.status is SeqStatus.RUNNING]  # a policy may evict an earlier row
@@ -140,8 +187,9 @@ class Scheduler:
         Cannot loop forever: each round frees a sequence, and one sequence alone always fits (checked at start-up).
         """
         while not self.blocks.grow(seq.block_table, num_tokens):
-            others = [s for s in self.running if s is not seq]
-            victim = self.policy.victim(others) if others else seq
+            # The policy's victim among all running sequences, `seq` included: a newer sequence never takes an older
+            # one's pages under FCFS.
+            victim = self.policy.victim(self.running) if seq in self.running else seq
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -150,12 +198,20 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: drop the pages; the whole sequence is prefilled again later."""
+        self._name_pages(seq)
         self.running.remove(seq)
         self._free_slots.append(seq.slot)
         seq.slot = None
         self.blocks.release(seq.block_table)
+        seq.num_named_pages = 0
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _uses_history(params) -> bool:
+    """The row's sampling reads the device-side token history (penalties), which prefix hits would leave out."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)

@@ -45,6 +45,16 @@ class Sequence:
     detokenizer: object = None
     stop_checker: object = None
     first_token_time: float | None = None
+    client: str | None = None       # who sent it, for fair-share scheduling; defaults to the request id
+    # Prefix caching: names of the sequence's full blocks (a hash chain over its tokens, kept across preemption
+    # since tokens never change), how many leading pages of block_table are named, and the prompt tokens found cached.
+    block_hashes: list[int] = dataclasses.field(default_factory=list)
+    num_named_pages: int = 0
+    num_cached_tokens: int = 0
+
+    def __post_init__(self):
+        if self.client is None:
+            self.client = self.request_id
 
     @property
     def num_tokens(self) -> int:

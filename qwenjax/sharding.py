@@ -2,7 +2,10 @@
 
 One mesh axis, "tp". Column-parallel projections (q/k/v/gate/up) split their output features, row-parallel ones
 (o/down) their input features, so each layer needs one all-reduce after attention and one after the MLP, which
-XLA's SPMD partitioner inserts. Embedding and lm_head split the vocabulary. KV pages split on kv heads; when the
+XLA's SPMD partitioner inserts. Embedding and lm_head split the vocabulary. Qwen2-MoE's stacked experts
+([E, D, F] / [E, F, D]) are tensor parallel on F, like a dense MLP: every device holds a 1/n slice of every expert,
+so the work stays balanced whatever the router picks and no all-to-all of tokens is needed; the router and the
+shared expert's gate are replicated, the shared expert splits like the dense MLP. KV pages split on kv heads; when the
 mesh is larger than the kv head count (Qwen2-0.5B has 2), k/v projections and pages are replicated instead.
 """
 
@@ -33,6 +36,9 @@ def check_divisible(cfg: ModelConfig, n: int) -> None:
     if cfg.intermediate_size % n:
         raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by tensor parallel size "
                          f"({n}).")
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if cfg.num_experts and getattr(cfg, name) % n:
+            raise ValueError(f"{name} ({getattr(cfg, name)}) must be divisible by tensor parallel size ({n}).")
 
 
 def kv_heads_sharded(cfg: ModelConfig, n: int) -> bool:
@@ -45,6 +51,8 @@ def param_spec(path: tuple, cfg: ModelConfig, n: int) -> P:
         return P()
     names = [p for p in path if isinstance(p, str)]
     leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
+    if owner == "experts":                        # stacked experts, split on F
+        return P(None, AXIS, None) if leaf == "down_proj" else P(None, None, AXIS)   # [E, F, D] / [E, D, F]
     if owner == "embed_tokens":
         return P(AXIS, None)                      # [V, D]
     if owner == "lm_head":

@@ -65,7 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--generation-config", default="auto",
                    help="'auto': the model's generation_config.json; 'vllm': none; or a directory holding one")
     e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    e.add_argument("--enable-prefix-caching", nargs="?", const=True, default=False, type=_bool)
+    e.add_argument("--enable-prefix-caching", nargs="?", const=True, default=True, type=_bool,
+                   help="automatic prefix caching (on by default, as in vLLM); pass false to turn it off")
     e.add_argument("--enable-chunked-prefill", nargs="?", const=True, default=None, type=_bool)
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 
 from qwenjax.config import ModelConfig
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
+from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import gptq
 from qwenjax.quantization.config import QuantConfig
 
@@ -76,13 +77,27 @@ def hf_name_to_path(name: str) -> tuple[tuple, bool]:
     leaf = parts[-1]
     if parts[-2] == "embed_tokens":
         return tuple(parts[:-1]) + ("embedding",), False
-    if leaf == "weight" and (parts[-2].endswith("_proj") or parts[-2] == "lm_head"):
+    if leaf == "weight" and (parts[-2].endswith("_proj") or parts[-2] in ("lm_head", "gate", "shared_expert_gate")):
         return tuple(parts[:-1]) + ("kernel",), True
     return tuple(parts), False
 
 
+def hf_expert_name(name: str) -> tuple[tuple, int] | None:
+    """'model.layers.3.mlp.experts.7.up_proj.weight' -> (('model','layers',3,'mlp','experts','up_proj'), 7): the
+    stacked [E, ...] array this expert's (transposed) weight is row 7 of; None for any other tensor."""
+    parts: list = [int(p) if p.isdigit() else p for p in name.split(".")]
+    if len(parts) >= 4 and parts[-4] == "experts" and isinstance(parts[-3], int) and parts[-1] == "weight":
+        return tuple(parts[:-3]) + (parts[-2],), parts[-3]
+    return None
+
+
+def model_class(cfg: ModelConfig):
+    return Qwen2MoeForCausalLM if cfg.architecture == "Qwen2MoeForCausalLM" else Qwen2ForCausalLM
+
+
 def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
-    return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
+    cls = model_class(cfg)
+    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
 
 
 def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
@@ -101,9 +116,21 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
     wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
     loaded: dict[tuple, jax.Array] = {}
+    experts: dict[tuple, dict[int, np.ndarray]] = {}   # stacked key -> expert id -> [in, out] (a memmap view)
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if cfg.num_experts and not cfg.shared_expert_intermediate_size and ".shared_expert" in name:
+                continue  # zero-width shared expert: HF stores [0, D] tensors and a gate that scales zero
+            expert = hf_expert_name(name)
+            if expert is not None and expert[0] in wanted:
+                key, e = expert
+                want = tuple(wanted[key].shape[1:])
+                if arr.T.shape != want or not 0 <= e < wanted[key].shape[0]:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects "
+                                     f"{want[::-1]} for each of {wanted[key].shape[0]} experts")
+                experts.setdefault(key, {})[e] = arr.T
                 continue
             key, transpose = hf_name_to_path(name)
             if key not in wanted:
@@ -124,6 +151,12 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
             loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n)), wanted[key].dtype)
+    for key, per_expert in experts.items():
+        if len(per_expert) != wanted[key].shape[0]:
+            absent = sorted(set(range(wanted[key].shape[0])) - set(per_expert))
+            raise ValueError(f"checkpoint {str(path)!r} lacks experts {absent[:5]} of {'.'.join(map(str, key))}")
+        loaded[key] = place(StackedExperts(per_expert), NamedSharding(mesh, param_spec(key, cfg, n)),
+                            wanted[key].dtype)
     if quant is not None and not quant.desc_act:  # g_idx is implied (k // group_size); some checkpoints omit it
         for k in wanted:
             if k[-1] == "g_idx" and k not in loaded:
@@ -141,6 +174,21 @@ def place(arr: np.ndarray, sharding, dtype) -> jax.Array:
     dtype = np.dtype(dtype)
     return jax.make_array_from_callback(arr.shape, sharding,
                                         lambda index: np.ascontiguousarray(arr[index]).astype(dtype, copy=False))
+
+
+class StackedExperts:
+    """E per-expert [in, out] arrays seen as one [E, in, out] array; indexing reads only the experts and the slice
+    asked for, so `place` gives each device its shard without stacking the whole layer on the host."""
+
+    def __init__(self, per_expert: dict[int, np.ndarray]):
+        self.parts = [per_expert[e] for e in range(len(per_expert))]
+        self.shape = (len(self.parts),) + self.parts[0].shape
+        self.dtype = self.parts[0].dtype
+
+    def __getitem__(self, index):
+        index = tuple(index) + (slice(None),) * (3 - len(tuple(index)))
+        rows = range(*index[0].indices(self.shape[0]))
+        return np.stack([self.parts[e][index[1:]] for e in rows])
 
 
 class SafetensorsFile:
@@ -184,7 +232,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
+        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
 
     return graphdef, init()
 

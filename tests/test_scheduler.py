@@ -1,0 +1,201 @@
+"""Scheduler on the host: prefix hits through admission, n > 1 sharing, policy orders and preemption victims."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenjax.block_manager import BlockManager
+from qwenjax.config import EngineArgs, SchedulerConfig
+from qwenjax.policies import POLICIES, FairSharePolicy, make_policy
+from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler import Scheduler
+from qwenjax.sequence import Sequence
+
+PS = 16
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _config(**kw):
+    return SchedulerConfig.build(**{**dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256,
+                                           block_size=PS, decode_buckets=(8,), prefill_token_buckets=(32, 128)),
+                                    **kw})
+
+
+def _sched(num_pages=64, caching=True, policy=None, **kw):
+    return Scheduler(_config(**kw), BlockManager(num_pages, PS, enable_prefix_caching=caching), policy)
+
+
+def _seq(tokens, t=0.0, rid="r", params=GREEDY, **kw):
+    return Sequence(request_id=rid, index=0, prompt_token_ids=list(tokens), params=params, seed=0, arrival_time=t,
+                    **kw)
+
+
+def _run(s: Scheduler, out, token=1):
+    """What the engine does after a step: count computed tokens, append a sampled token."""
+    for r in out.rows:
+        r.seq.num_computed += r.num_new_tokens
+        if r.samples:
+            r.seq.output_token_ids.append(token)
+
+
+def test_second_prompt_hits_the_first_ones_pages():
+    s = _sched()
+    prefix = list(range(100, 140))  # 40 tokens: 2 full blocks + 8
+    a = _seq(prefix + [1, 2], rid="a")
+    s.add(a)
+    out = s.schedule()
+    assert not out.has_context and a.block_table == [0, 1, 2] and out.rows[0].num_new_tokens == 42
+    _run(s, out)
+    b = _seq(prefix + [3, 4, 5], rid="b")
+    s.add(b)
+    out = s.schedule()
+    assert out.kind == "prefill" and out.has_context and out.bucket == (1, 32)
+    assert [r.seq for r in out.rows] == [b]
+    assert b.block_table == [0, 1, 3] and b.num_computed == 32 and b.num_cached_tokens == 32
+    assert out.rows[0].num_new_tokens == 11 and out.rows[0].samples
+    assert (s.blocks.query_tokens, s.blocks.hit_tokens) == (43 + 42, 32)
+    assert [s.blocks.ref_count(p) for p in range(4)] == [2, 2, 1, 1]
+    _run(s, out)
+    s.remove(a)
+    s.remove(b)
+    assert s.blocks.num_free == 64
+    s.blocks.check()
+
+
+def test_whole_prompt_cached_still_computes_its_last_block():
+    s = _sched()
+    p = list(range(32))  # exactly 2 blocks
+    a = _seq(p, rid="a")
+    s.add(a)
+    _run(s, s.schedule())
+    s.remove(a)
+    assert s.blocks.num_cached_free == 2
+    b = _seq(p, rid="b")
+    s.add(b)
+    out = s.schedule()
+    # At most (32 - 1) // 16 = 1 block hits: the last block is recomputed into a fresh page, never a shared one.
+    # Page 0 hits; page 1 (a's named last block) stays cached and free; the fresh page comes from the plain list.
+    assert b.block_table == [0, 2] and b.num_computed == 16 and out.rows[0].num_new_tokens == 16
+    assert out.has_context and s.blocks.ref_count(1) == 0 and s.blocks.num_cached_free == 1
+
+
+def test_n_siblings_share_the_prompt_pages():
+    s = _sched()
+    p = list(range(40))
+    sibs = [Sequence(request_id="r", index=i, prompt_token_ids=p, params=GREEDY, seed=i, arrival_time=0.0)
+            for i in range(3)]
+    other = _seq([9] * 5, t=1.0, rid="o")
+    for q in sibs + [other]:
+        s.add(q)
+    out = s.schedule()
+    # Sibling 0 computes the two full blocks; siblings 1 and 2 wait for them as hits, `other` joins the batch.
+    assert [r.seq for r in out.rows] == [sibs[0], other] and not out.has_context
+    _run(s, out)
+    out = s.schedule()
+    assert [r.seq for r in out.rows] == [sibs[1]] and out.has_context and sibs[1].block_table[:2] == [0, 1]
+    _run(s, out)
+    out = s.schedule()
+    assert [r.seq for r in out.rows] == [sibs[2]] and sibs[2].block_table[:2] == [0, 1]
+    assert s.blocks.ref_count(0) == 3 and s.blocks.hit_tokens == 64
+
+
+def test_penalised_sequences_take_no_hits():
+    s = _sched()
+    p = list(range(40))
+    a = _seq(p, rid="a")
+    s.add(a)
+    _run(s, s.schedule())
+    b = _seq(p, rid="b", params=SamplingParams(temperature=0.0, repetition_penalty=1.1))
+    s.add(b)
+    out = s.schedule()
+    assert not out.has_context and b.num_computed == 0 and b.block_table == [3, 4, 5]
+
+
+def test_preempted_sequence_recomputes_from_its_own_cached_pages():
+    s = _sched(num_pages=5, max_model_len=80)
+    a = _seq(list(range(32)), t=0.0, rid="a")  # 2 pages
+    b = _seq(list(range(50, 82)), t=1.0, rid="b")  # 2 pages
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    _run(s, out)
+    out = s.schedule()  # decode: both at 33 tokens need a third page; one free: b (newest) is preempted
+    assert out.kind == "decode" and [r.seq for r in out.rows] == [a] and out.preempted == [b]
+    assert a.block_table == [0, 1, 4]
+    _run(s, out)
+    s.remove(a)
+    out = s.schedule()
+    # b's two full blocks (pages 2, 3) were named before release and are still cached: only its newest token runs.
+    assert out.has_context and [r.seq for r in out.rows] == [b] and b.block_table[:2] == [2, 3]
+    assert b.num_computed == 32 and out.rows[0].num_new_tokens == 1 and out.rows[0].samples
+
+
+# ---- policies
+
+def test_policy_names_and_engine_args():
+    assert set(POLICIES) == {"fcfs", "priority", "spf", "fair"}
+    assert EngineArgs(scheduling_policy="priority").scheduling_policy == "priority"
+    with pytest.raises(ValueError, match="scheduling_policy must be one of 'fcfs', 'priority', 'spf', 'fair'"):
+        EngineArgs(scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="got 'x'"):
+        make_policy("x")
+
+
+def _admitted(policy, seqs, max_num_seqs=1):
+    s = _sched(caching=False, policy=policy, max_num_seqs=max_num_seqs, decode_buckets=(max_num_seqs,))
+    for q in seqs:
+        s.add(q)
+    order = []
+    while s.has_work():
+        out = s.schedule()
+        if out.kind == "prefill":
+            order += [r.seq.request_id for r in out.rows]
+        for r in out.rows:
+            s.remove(r.seq)  # finish at once: the next one is admitted
+    return order
+
+
+def test_admission_orders():
+    seqs = lambda: [_seq([1] * 30, t=0, rid="a", priority=2), _seq([1] * 5, t=1, rid="b", priority=0),
+                    _seq([1] * 20, t=2, rid="c", priority=1), _seq([1] * 10, t=3, rid="d", priority=0)]
+    assert _admitted("fcfs", seqs()) == ["a", "b", "c", "d"]
+    assert _admitted("priority", seqs()) == ["b", "d", "c", "a"]
+    assert _admitted("spf", seqs()) == ["b", "d", "c", "a"]
+
+
+def test_shortest_prompt_first_order():
+    seqs = [_seq([1] * 30, t=0, rid="a"), _seq([1] * 5, t=1, rid="b"), _seq([1] * 20, t=2, rid="c"),
+            _seq([1] * 10, t=3, rid="d")]
+    assert _admitted("spf", seqs) == ["b", "d", "c", "a"]
+
+
+def test_fair_share_alternates_clients():
+    # Client x sends four requests before client y's two; fair share interleaves them by tokens served.
+    seqs = [_seq([1] * 10, t=i, rid=f"x{i}", client="x") for i in range(4)] + \
+           [_seq([1] * 10, t=10 + i, rid=f"y{i}", client="y") for i in range(2)]
+    assert _admitted("fcfs", list(seqs)) == ["x0", "x1", "x2", "x3", "y0", "y1"]
+    seqs = [_seq([1] * 10, t=i, rid=f"x{i}", client="x") for i in range(4)] + \
+           [_seq([1] * 10, t=10 + i, rid=f"y{i}", client="y") for i in range(2)]
+    assert _admitted("fair", seqs) == ["x0", "y0", "x1", "y1", "x2", "x3"]
+
+
+def test_client_defaults_to_the_request_id():
+    assert _seq([1], rid="q7").client == "q7"
+
+
+def test_fair_share_newcomer_starts_at_the_least_usage():
+    p = FairSharePolicy()
+    p.usage.update({"x": 500, "y": 300})
+    assert p.key(_seq([1], rid="z"))[0] == 300
+
+
+@pytest.mark.parametrize("policy,victim", [("fcfs", "c"), ("priority", "a"), ("spf", "a"), ("fair", "b")])
+def test_preemption_victim_per_policy(policy, victim):
+    a = _seq([1] * 40, t=0, rid="a", priority=5, client="k")
+    b = _seq([1] * 10, t=1, rid="b", priority=0, client="heavy")
+    c = _seq([1] * 20, t=2, rid="c", priority=1, client="k2")
+    pol = make_policy(policy)
+    if policy == "fair":
+        pol.usage.update({"k": 10, "heavy": 900, "k2": 20})
+    assert pol.victim([a, b, c]).request_id == victim
