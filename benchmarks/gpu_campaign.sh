@@ -4,7 +4,7 @@
 #   QWENJAX_COMMIT=<sha> bash benchmarks/gpu_campaign.sh [STAGE ...]
 #
 # Stages (default: tests 0.5b 7b; the whole list rarely fits one 10-minute call, so split it, see README.md):
-#   tests            JAX_PLATFORMS=cpu pytest -q -x tests (time-boxed)
+#   tests            JAX_PLATFORMS=cpu pytest tests, the whole CPU suite (time-boxed; -n 12 with pytest-xdist)
 #   0.5b | 7b        latency (+ profile) and throughput-fixed for qwen2-0.5b-instruct / qwen2-7b-instruct
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
@@ -103,8 +103,11 @@ COMMON=(--results-dir "$RESULTS" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"})
 for s in "${STAGES[@]}"; do
     case $s in
         tests)
-            step tests 60 "${TESTS_TIMEOUT_S:-240}" env JAX_PLATFORMS=cpu "$PY" -m pytest -q -x tests \
-                -p no:cacheprovider
+            # The whole CPU suite (the only place the image's JAX version runs it), spread over the host's cores
+            # with pytest-xdist when it is installed.
+            par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TESTS_WORKERS:-12}")
+            step tests 60 "${TESTS_TIMEOUT_S:-420}" env JAX_PLATFORMS=cpu "$PY" -m pytest -q -ra tests \
+                --durations=10 --timeout=400 -p no:cacheprovider ${par[@]+"${par[@]}"}
             ;;
         0.5b|7b|bench-*)
             m=$(model_of "${s#bench-}")

@@ -157,6 +157,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
     enable_chunked_prefill: bool | None = None
     scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
+    async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine.py)
     num_kv_pages: int | None = None          # override the page count computed from free memory
     kv_cache_memory_bytes: int | None = None  # budget for pages when the device reports no memory (CPU)
     generation_config: str = "auto"          # "auto": the model's generation_config.json; "vllm": none; or a dir

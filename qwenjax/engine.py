@@ -2,6 +2,8 @@
 
 Host loop per step: Scheduler.schedule() -> build_step_input -> ModelRunner.execute (one jitted model step and one
 jitted sampling call) -> read the sampled ids (the only device sync) -> append, detokenize, check stops, free pages.
+With async scheduling (default) the reading is one step behind: step N+1 is on the device while the host reads and
+handles step N's tokens, so the host's work hides under the device's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOu
 from qwenjax.runner import ModelRunner
 from qwenjax.sampler import SamplerMode, SamplingRow, build_tensors, choose_mode
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.scheduler import Scheduler
-from qwenjax.sequence import Request, Sequence, SeqStatus
+from qwenjax.scheduler import Scheduler, SchedulerOutput
+from qwenjax.sequence import PENDING, Request, Sequence, SeqStatus
 from qwenjax.stop_checker import StopChecker
 
 logger = logging.getLogger("qwenjax")
@@ -40,6 +42,16 @@ _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
 # min_tokens compiles its sampler variant (small) on first use.
 WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=True, num_logprobs=0, has_banned=False)
                      for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step: its device results, and (row, sequence, output index) of each row that samples."""
+
+    result: object          # SamplerOutput of device arrays
+    ranks: jax.Array | None
+    wants_lp: bool
+    samples: list[tuple[int, Sequence, int]]
 
 
 class EngineStats:
@@ -83,6 +95,7 @@ class LLMEngine:
         self._rng = np.random.default_rng(args.seed)
         self._ids = itertools.count()
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
+        self._in_flight: _InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
         self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
@@ -128,11 +141,13 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = []
+        # Ends by length at max_tokens outputs, or when prompt + outputs reach max_model_len.
+        max_out = self.max_model_len - n if params.max_tokens is None else min(params.max_tokens, self.max_model_len - n)
         for i in range(params.n):
             seed = (params.seed + 0x9E3779B9 * i) & 0xFFFFFFFF if params.seed is not None \
                 else int(self._rng.integers(0, 2**32))
             seq = Sequence(request_id=request_id, index=i, prompt_token_ids=prompt_token_ids, params=params, seed=seed,
-                           arrival_time=arrival, priority=priority, client=client)
+                           arrival_time=arrival, priority=priority, client=client, max_output_tokens=max_out)
             if params.stop:
                 seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
             if params.logprobs is not None:
@@ -183,13 +198,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self, on_dispatch: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Runs one scheduler step. `on_dispatch` is called once the step is on the device, before its tokens are
-        awaited (a server hands the previous step's outputs to its event loop there)."""
-        out = self.scheduler.schedule()
-        if out is None:
-            if self.scheduler.has_work():
+        """Runs one scheduler step and returns the outputs of the requests it advanced.
+
+        With async scheduling (the default) the step schedules and dispatches step N+1, then reads step N's tokens
+        and returns N's outputs, so the host's bookkeeping runs while the device computes N+1. Rows whose sequence
+        ended at step N (a stop token, an abort) are computed once more by N+1 and discarded. `on_dispatch` is called
+        once a step is on the device, before any tokens are awaited (a server hands the previous step's outputs to
+        its event loop there)."""
+        sched = self.scheduler.schedule()
+        launched = self._dispatch(sched) if sched is not None else None
+        if launched is not None and on_dispatch is not None:
+            on_dispatch()
+        if self.args.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is None:
+            if sched is None and self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
             return []
+        return self._process(done)
+
+    def _dispatch(self, out: SchedulerOutput) -> _InFlight:
+        """Puts one scheduled step on the device and does the bookkeeping that does not need its tokens: computed
+        counts advance, and each sampling row gets a PENDING output (its value arrives in `_process`)."""
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = self.blocks.query_tokens
@@ -219,29 +251,43 @@ class LLMEngine:
         if self._leader is not None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
         res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
-        if on_dispatch is not None:
-            on_dispatch()
-        ids = to_host(res.token_ids)
-        if wants_lp:
-            lps, ranks = to_host(res.logprobs), to_host(ranks)
-            top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)
         if out.kind == "decode":
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows))
-        touched: dict[str, Request] = {}
+        samples = []
         for b, r in enumerate(out.rows):
             seq = r.seq
             seq.num_computed += r.num_new_tokens
             if seq.num_computed <= len(seq.prompt_token_ids):
                 self.stats.prompt_tokens += r.num_new_tokens
             if r.samples:
-                lp = (float(lps[b]), int(ranks[b]), top_ids[b], top_lps[b]) if wants_lp else None
-                self._append_token(seq, int(ids[b]), lp)
-                touched[seq.request_id] = self.requests[seq.request_id]
+                samples.append((b, seq, len(seq.output_token_ids)))
+                seq.output_token_ids.append(PENDING)
+                seq.num_pending += 1
+        return _InFlight(res, ranks, wants_lp, samples)
+
+    def _process(self, step: _InFlight) -> list[RequestOutput]:
+        """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
+        stops and lengths, and frees the pages of sequences that ended."""
+        res = step.result
+        ids = to_host(res.token_ids)
+        if step.wants_lp:
+            lps, ranks = to_host(res.logprobs), to_host(step.ranks)
+            top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)
+        touched: dict[str, Request] = {}
+        for b, seq, index in step.samples:
+            if seq.finished:
+                continue  # ended (stop, abort) after this step was dispatched: the token is discarded
+            token = int(ids[b])
+            seq.output_token_ids[index] = token
+            seq.num_pending -= 1
+            lp = (float(lps[b]), int(ranks[b]), top_ids[b], top_lps[b]) if step.wants_lp else None
+            self._append_token(seq, token, index, lp)
+            touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
 
-    def _append_token(self, seq: Sequence, token: int, lp) -> None:
+    def _append_token(self, seq: Sequence, token: int, index: int, lp) -> None:
+        """Output `index` of `seq` is now known to be `token` (outputs before it are known too)."""
         p = seq.params
-        seq.output_token_ids.append(token)
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -264,11 +310,11 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
                     spaces_between_special_tokens=p.spaces_between_special_tokens)
-                delta = seq.detokenizer.add_tokens(seq.output_token_ids)
+                delta = seq.detokenizer.add_tokens(seq.output_token_ids[:index + 1])
             else:
                 delta = seq.detokenizer.add_tokens([token])
         seq.output_text += delta
-        n_out = len(seq.output_token_ids)
+        n_out = index + 1
         if n_out >= p.min_tokens:
             if token in p.stop_token_id_set(self.eos_token_ids):
                 seq.stop_reason = token if token in p.stop_token_ids else None
@@ -278,12 +324,14 @@ class LLMEngine:
                 if match is not None:
                     seq.output_text, seq.stop_reason = match.text, match.stop
                     return self._finish(seq, "stop", flush=False)
-        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
-        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= seq.max_output_tokens:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, *, flush: bool = True) -> None:
         seq.finish_reason = reason
+        if seq.num_pending:  # tokens a step in flight samples after the end: never reported
+            del seq.output_token_ids[-seq.num_pending:]
+            seq.num_pending = 0
         if flush and seq.detokenizer is not None:
             seq.output_text += seq.detokenizer.flush()
         elif seq.detokenizer is None and seq.params.detokenize and seq.output_token_ids:
@@ -306,7 +354,8 @@ class LLMEngine:
         return outs
 
     def request_output(self, req: Request) -> RequestOutput:
-        comps = [CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
+        comps = [CompletionOutput(index=s.index, text=s.output_text,
+                                  token_ids=s.output_token_ids[:s.num_known_outputs],
                                   cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                   logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                  for s in req.seqs]

@@ -1,8 +1,14 @@
 """The device side: parameters, the paged KV cache, and the jitted fixed-shape step.
 
-`step` is pure, `(params, kv_cache, StepInput) -> (kv_cache, logits)`, with the cache donated so XLA updates the
-pages in place; the sampler is a second small jitted call on the logits, dispatched without a host sync between.
-Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the sampler's static mode.
+`step` is pure, `(params, kv_cache, penalties, last_tokens, inputs) -> (kv_cache, penalties, logits)`, with the
+cache donated so XLA updates the pages in place; the sampler is a second small jitted call on the logits, dispatched
+without a host sync between. Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the
+sampler's static mode.
+
+`last_tokens[slot]` is the token the sampler last drew for the sequence in penalty-state row `slot`. An input id < 0
+(a placeholder, see sequence.PENDING) is replaced by it inside the step, so step N+1 can be dispatched before the host
+has read step N's tokens (async scheduling). The device runs calls in dispatch order, so step N's sampler has
+written the row before step N+1 reads it.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ class ModelRunner:
         self.scratch_slot = max_num_seqs  # penalty-state row written by padding rows
         rep = replicated(mesh)
         self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size, rep)
+        self.last_tokens = jax.jit(lambda: jnp.zeros((max_num_seqs + 1,), jnp.int32), out_shardings=rep)()
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
         self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
                              out_shardings=(kv_out, pen_out, rep))
-        self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), out_shardings=rep)
+        self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), donate_argnums=(2,), out_shardings=rep)
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
 
     @property
@@ -62,13 +69,16 @@ class ModelRunner:
         output and, when the mode returns logprobs, the sampled tokens' ranks."""
         logits = self._run_step(inp, has_context)
         i_buf, f_buf, layout = packing.pack((tensors, inp.slots))
-        return self._sample(logits, self.penalties, i_buf, f_buf, mode=mode, layout=layout)
+        out, ranks, self.last_tokens = self._sample(logits, self.penalties, self.last_tokens, i_buf, f_buf,
+                                                    mode=mode, layout=layout)
+        return out, ranks
 
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               i_buf, f_buf, has_context=has_context, layout=layout)
+                                                               self.last_tokens, i_buf, f_buf,
+                                                               has_context=has_context, layout=layout)
         return logits
 
     def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
@@ -85,7 +95,8 @@ class ModelRunner:
             for mode in modes:
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
                 i_buf, f_buf, layout = packing.pack((tensors, slots))
-                out, _ = self._sample(logits, self.penalties, i_buf, f_buf, mode=mode, layout=layout)
+                out, _, self.last_tokens = self._sample(logits, self.penalties, self.last_tokens, i_buf, f_buf,
+                                                        mode=mode, layout=layout)
                 out.token_ids.block_until_ready()
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
@@ -117,12 +128,14 @@ class ModelRunner:
 
 
 
-def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, i_buf, f_buf, *, has_context: bool, layout):
+def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *,
+             has_context: bool, layout):
     inp: StepInput = packing.unpack(i_buf, f_buf, layout)
+    ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots][:, None], inp.input_ids)  # placeholders: from device
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
-    hidden, kv_cache = model(inp.input_ids, inp.meta, kv_cache, has_context=has_context)
+    hidden, kv_cache = model(ids, inp.meta, kv_cache, has_context=has_context)
     last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
-    penalties = penalty_state.update(penalties, inp.input_ids, inp.meta.positions, inp.meta.query_lens,
+    penalties = penalty_state.update(penalties, ids, inp.meta.positions, inp.meta.query_lens,
                                      inp.prompt_lens, inp.slots, inp.reset)
     return kv_cache, penalties, model.logits(last)
 
@@ -138,15 +151,17 @@ def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, me
     return chosen, ranks, top_ids, top_lps
 
 
-def _sample(logits, penalties, i_buf, f_buf, *, mode, layout):
-    """Returns the SamplerOutput and, when logprobs are asked for, each sampled token's rank in the vocabulary."""
+def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):
+    """Returns the SamplerOutput, each sampled token's rank in the vocabulary when logprobs are asked for (else
+    None), and last_tokens with the sampled ids written to the rows' slots (padding rows write the scratch row)."""
     tensors, slots = packing.unpack(i_buf, f_buf, layout)
     history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
     out = sampler.sample(logits, tensors, mode, history=history)
+    last_tokens = last_tokens.at[slots].set(out.token_ids.astype(jnp.int32))
     if mode.num_logprobs == 0:
-        return out, None
+        return out, None, last_tokens
     lse = jax.nn.logsumexp(logits, axis=-1)  # rank = 1 + tokens with a higher logprob, as vLLM reports it
-    return out, 1 + jnp.sum(logits > (out.logprobs + lse)[:, None], axis=-1).astype(jnp.int32)
+    return out, 1 + jnp.sum(logits > (out.logprobs + lse)[:, None], axis=-1).astype(jnp.int32), last_tokens
 
 
 def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int) -> StepInput:

@@ -7,7 +7,10 @@ without chunked prefill, so new requests join the running batch between decode s
 Invariants:
 - a sequence is in exactly one of `waiting`, `running`, or neither (finished / aborted);
 - every running sequence holds pages for all its computed tokens; waiting sequences hold none;
-- a decode step includes every running sequence whose only uncomputed token is its newest one;
+- a decode step includes every running sequence whose only uncomputed token is its newest one, except those whose
+  outputs (pending ones included, see Sequence) already reach their length limit;
+- the newest token may be a placeholder (async scheduling): its value is on the device only, and the step that feeds
+  it reads it there. Every token the scheduler hashes (computed, full pages) is known on the host.
 - with prefix caching, a page is named (see block_manager) only once every token in it is computed: names are
   given at the start of `schedule()`, after the engine has counted the previous step's tokens, and before a
   sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
@@ -173,6 +176,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         rows: list[ScheduledSeq] = []
         for seq in sorted(self.running, key=self.policy.key):
+            if seq.at_length_limit:
+                continue  # its pending last token ends it (async scheduling): another step would be wasted
             if seq.status is SeqStatus.RUNNING and self._make_room(seq, seq.num_tokens, preempted):
                 rows.append(ScheduledSeq(seq, 1, samples=True))
         rows = [r for r in rows if r.seq.status is SeqStatus.RUNNING]  # a policy may evict an earlier row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import sys
 import time
 
 from qwenjax.sampling_params import SamplingParams
@@ -17,11 +18,18 @@ class SeqStatus(enum.Enum):
 
 
 _seq_ids = itertools.count()
+PENDING = -1  # an output id sampled on the device and not read yet; the step feeding it takes it from the device
 
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """One generated continuation. Invariant: the KV of token_ids[:num_computed] is in the pages of block_table."""
+    """One generated continuation. Invariant: the KV of token_ids[:num_computed] is in the pages of block_table.
+
+    With async scheduling a sampled token is known on the device before the host reads it: the engine appends a
+    PENDING placeholder when it dispatches a step that samples, and replaces it when it reads that step. At most the
+    last `num_pending` output ids are placeholders (0, 1, or 2 while two steps overlap), and every token before
+    num_computed - 1 is known on the host whenever the scheduler runs.
+    """
 
     request_id: str
     index: int                      # which of the request's n samples
@@ -51,6 +59,8 @@ class Sequence:
     block_hashes: list[int] = dataclasses.field(default_factory=list)
     num_named_pages: int = 0
     num_cached_tokens: int = 0
+    num_pending: int = 0            # trailing output ids that are PENDING placeholders
+    max_output_tokens: int = sys.maxsize  # outputs at which it ends by length (max_tokens, or max_model_len)
 
     def __post_init__(self):
         if self.client is None:
@@ -59,6 +69,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_known_outputs(self) -> int:
+        return len(self.output_token_ids) - self.num_pending
+
+    @property
+    def at_length_limit(self) -> bool:
+        """Its outputs, pending ones included, reach the length limit: it ends whatever they turn out to be."""
+        return len(self.output_token_ids) >= self.max_output_tokens
 
     @property
     def num_uncomputed(self) -> int:
