@@ -69,6 +69,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--decode-buckets", type=_int_list, default=None, help="comma-separated decode batch sizes")
     e.add_argument("--prefill-buckets", type=_int_list, default=None,
                    help="comma-separated prefill Q lengths (prefill_token_buckets)")
+    e.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model dtype), fp8_e5m2, fp8 / fp8_e4m3: result files get a -kv<dtype> suffix")
     e.add_argument("--skip-warmup", action="store_true",
                    help="skip the engine's start-up compilation (buckets then compile in the untimed warm-up "
                         "generate, or, if it does not reach them, inside the timed region: for smoke runs only)")
@@ -172,7 +174,8 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 max_num_batched_tokens=args.max_num_batched_tokens or max_num_batched_tokens,
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
-                prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup)
+                prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def build_llm(spec: ModelSpec, kwargs: dict):
@@ -449,8 +452,11 @@ _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "TensorFlow 
 
 
 def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
+    import jax
     from jax.profiler import ProfileData
 
+    if jax.default_backend() == "cpu":  # a GPU machine's trace shows its idle GPU plane even when JAX runs on CPU
+        return {"note": "JAX runs on CPU (XLA on host threads): device_busy not computed"}
     files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         return {"note": "the trace wrote no .xplane.pb file"}
@@ -532,7 +538,8 @@ def _round(v):
 
 
 def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None, name: str | None = None) -> Path:
-    name = name or result_name(result["benchmark"], result["model"], devtag)
+    kv = result.get("config", {}).get("kv_cache_dtype", "auto")
+    name = name or result_name(result["benchmark"] + ("" if kv == "auto" else f"-kv{kv}"), result["model"], devtag)
     os.makedirs(results_dir, exist_ok=True)
     path = Path(results_dir) / name
     path.write_text(json.dumps(result, indent=2) + "\n")

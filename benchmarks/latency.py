@@ -40,7 +40,7 @@ def parse(argv=None):
 
 def workload_config(args) -> dict:
     return {"batch": 1, "prompt_len": args.prompt_len, "output_len": args.output_len, "dtype": args.dtype,
-            "kv_cache_dtype": "auto", "seed": args.seed, "repeats": args.repeats, "greedy": True, "ignore_eos": True,
+            "kv_cache_dtype": args.kv_cache_dtype, "seed": args.seed, "repeats": args.repeats, "greedy": True, "ignore_eos": True,
             "standard": (args.prompt_len, args.output_len) == (128, 256)}
 
 

@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
                "dense_forward_tok_s": tokens / dense,
                "dense_forward_mfu": common.ratio(flops["total"] / (mm * 1e12), dense) if mm else None,
                "dense_token_agreement": sum(agree) / len(agree)}
-    config = {"batch": B, "prompt_len": P, "output_len": 1, "dtype": args.dtype, "kv_cache_dtype": "auto",
+    config = {"batch": B, "prompt_len": P, "output_len": 1, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "seed": args.seed, "repeats": args.repeats, "standard": (B, P) == (8, 2048),
               "dense_forward": {"attention_implementation": impl, "compile_seconds": round(dense_compile, 2),
                                 "walls_ms": [round(x * 1e3, 3) for x in dense_walls]},

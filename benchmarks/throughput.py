@@ -70,7 +70,7 @@ def make_workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
 
 def workload_config(args, prompts, olens) -> dict:
     c = {"workload": args.workload, "num_requests": args.num_prompts, "seed": args.seed, "dtype": args.dtype,
-         "kv_cache_dtype": "auto", "greedy": True, "ignore_eos": True, "detokenize": True,
+         "kv_cache_dtype": args.kv_cache_dtype, "greedy": True, "ignore_eos": True, "detokenize": True,
          "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(olens)}
     if args.workload == "fixed":
         c.update(prompt_len=args.prompt_len, output_len=args.output_len,

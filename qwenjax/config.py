@@ -153,7 +153,7 @@ class EngineArgs:
     block_size: int = 16
     tensor_parallel_size: int = 1
     quantization: str | None = None
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"              # KV_CACHE_DTYPES; fp8 ones: see qwenjax/layers/fp8_kv.py
     enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
     enable_chunked_prefill: bool | None = None
     scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
@@ -201,8 +201,6 @@ class EngineArgs:
         if self.quantization not in (None, "none", "awq", "gptq"):
             missing.append(f"quantization={self.quantization!r} (supported: 'awq', 'gptq', or None to read it "
                            f"from the checkpoint's config.json)")
-        if self.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            missing.append(f"kv_cache_dtype={self.kv_cache_dtype!r}")
         if self.trust_remote_code:
             missing.append("trust_remote_code=True")
         return missing

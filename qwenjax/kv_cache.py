@@ -38,8 +38,11 @@ MemorySource = Callable[[], "MemoryInfo | None"]
 
 
 def kv_dtype(name: str, model_dtype) -> jnp.dtype:
+    """The page dtype of a `kv_cache_dtype` (config.KV_CACHE_DTYPES). fp8 pages are one byte per value, so the same
+    memory holds twice the tokens of bf16 pages; layers/fp8_kv.py says what they store."""
     return {"auto": jnp.dtype(model_dtype), "bfloat16": jnp.dtype(jnp.bfloat16), "float16": jnp.dtype(jnp.float16),
-            "float32": jnp.dtype(jnp.float32)}[name]
+            "float32": jnp.dtype(jnp.float32), "fp8_e5m2": jnp.dtype(jnp.float8_e5m2),
+            "fp8": jnp.dtype(jnp.float8_e4m3fn), "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn)}[name]
 
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:

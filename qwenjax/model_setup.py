@@ -15,6 +15,7 @@ from qwenjax.models.loader import load_model_config, load_params, random_params,
 from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.convert import is_orbax_checkpoint, restore_params
 from qwenjax.layers.attention import decode_backend
+from qwenjax.layers.fp8_kv import describe_scales, uses_scale
 from qwenjax.runner import ModelRunner
 from qwenjax.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
@@ -86,6 +87,13 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                 if quant else "", load_s)
 
     cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)
+    if uses_scale(cache_dtype):  # fp8_e4m3 pages: say where their scales come from, as vLLM does
+        found, scales = describe_scales(params)
+        if found:
+            logger.info("KV cache %s: per-layer scales from the checkpoint (%s)", args.kv_cache_dtype, scales)
+        else:
+            logger.warning("KV cache %s: the checkpoint has no k/v scales, using 1.0; K/V values beyond +-448 "
+                           "saturate (fp8_e5m2 needs no scales)", args.kv_cache_dtype)
     buckets = [(b, 1, False) for b in sc.decode_buckets] + [(b, q, False) for b, q in sc.prefill_buckets] + \
               [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
     num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)

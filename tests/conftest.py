@@ -26,6 +26,11 @@ def pytest_collection_modifyitems(config, items):
 
 from tests.checkpoints import write_checkpoint  # noqa: E402
 
+def pythonpath_with(root) -> str:
+    """PYTHONPATH for a test's subprocess: the repository first, then whatever the caller had (site dirs)."""
+    return os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+
+
 # Small static shapes keep CPU compile time down: every engine in the tests compiles these buckets only.
 SMALL_ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256, block_size=16,
                     decode_buckets=(8,), prefill_token_buckets=(32, 128), num_kv_pages=64)

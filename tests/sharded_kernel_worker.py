@@ -1,4 +1,5 @@
-"""Subprocess with 4 CPU devices: the decode kernel under shard_map (interpret mode) equals the reference."""
+"""Subprocess with 4 CPU devices: the decode kernel under shard_map (interpret mode) equals the reference, with
+float32 pages and with fp8 (e4m3) pages whose per-tensor k/v scales reach every device."""
 
 import jax
 import jax.numpy as jnp
@@ -9,20 +10,23 @@ from pallas_kernels.paged_attention import paged_attention_reference
 from qwenjax.layers.attention import sharded_decode_kernel
 from qwenjax.sharding import make_mesh
 
-for N, K in ((8, 4), (8, 2)):  # kv heads split over 4 devices / kv heads replicated, 2 devices per kv head
+E4M3 = jnp.float8_e4m3fn
+# kv heads split over 4 devices / kv heads replicated, 2 devices per kv head; each with f32 and fp8 pages
+for N, K, dtype in ((8, 4, jnp.float32), (8, 2, jnp.float32), (8, 4, E4M3), (8, 2, E4M3)):
     mesh = make_mesh(4)
     key = jax.random.split(jax.random.PRNGKey(N * 10 + K), 3)
     S, H, pages, page = 3, 64, 12, 16
+    k_scale, v_scale = (0.5, 2.0) if dtype == E4M3 else (1.0, 1.0)
     q = jax.random.normal(key[0], (S, N, H), jnp.float32)
-    k = jax.random.normal(key[1], (K, pages, page, H), jnp.float32)
-    v = jax.random.normal(key[2], (K, pages, page, H), jnp.float32)
+    k = (jax.random.normal(key[1], (K, pages, page, H), jnp.float32) / k_scale).astype(dtype)
+    v = (jax.random.normal(key[2], (K, pages, page, H), jnp.float32) / v_scale).astype(dtype)
     tables = jnp.asarray(np.random.default_rng(0).permutation(pages)[:S * 4].reshape(S, 4), jnp.int32)
     lens = jnp.asarray([5, 33, 64], jnp.int32)
-    ref = paged_attention_reference(q, k, v, tables, lens)
+    ref = paged_attention_reference(q, k.astype(jnp.float32) * k_scale, v.astype(jnp.float32) * v_scale, tables, lens)
     kv_spec = P("tp") if K % 4 == 0 else P()
     k, v = (jax.device_put(a, NamedSharding(mesh, kv_spec)) for a in (k, v))
     q = jax.device_put(q, NamedSharding(mesh, P(None, "tp", None)))
-    out = jax.jit(lambda *a: sharded_decode_kernel(*a, mesh=mesh, sm_scale=H ** -0.5, interpret=True))(
-        q, k, v, tables, lens)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
-    print("ok", N, K)
+    out = jax.jit(lambda *a: sharded_decode_kernel(*a, mesh=mesh, sm_scale=H ** -0.5, k_scale=jnp.float32(k_scale),
+                                                   v_scale=jnp.float32(v_scale), interpret=True))(q, k, v, tables, lens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)  # f32 q: f32 dots
+    print("ok", N, K, jnp.dtype(dtype).name)

@@ -56,7 +56,7 @@ def test_missing_model_path_is_clear():
         LLM("Qwen/Qwen2-does-not-exist", **SMALL_ENGINE)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype='fp8_e5m2'")])
+@pytest.mark.parametrize("kwargs,name", [({"trust_remote_code": True}, "trust_remote_code=True")])
 def test_unbuilt_features_are_named(real_vocab, kwargs, name):
     with pytest.raises(NotImplementedError, match=name.replace("(", r"\(")):
         LLM(str(real_vocab), **{**SMALL_ENGINE, **kwargs})

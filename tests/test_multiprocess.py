@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qwenjax import LLM, SamplingParams
 from tests.checkpoints import write_checkpoint
-from tests.conftest import SMALL_ENGINE
+from tests.conftest import SMALL_ENGINE, pythonpath_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_two_processes_match_one(tmp_path):
                             seed=12)
     coord = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": pythonpath_with(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.mp_worker", str(ckpt), coord, str(pid),
                                str(tmp_path / f"out{pid}.json")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]

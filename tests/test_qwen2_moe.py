@@ -70,8 +70,18 @@ def test_prefill_and_decode_logits_match_hf(name, moe_ckpts):
 def _collect_avals(jaxpr, out: list) -> None:
     for eqn in jaxpr.eqns:
         out.append((eqn.primitive.name, [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in _sub_jaxprs(eqn.params):
             _collect_avals(sub, out)
+
+
+def _sub_jaxprs(params: dict):
+    """Jaxprs nested in an equation's params (pjit, custom_vjp, scan, cond branches...), on every JAX version."""
+    for v in params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(x, jax.extend.core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jax.extend.core.Jaxpr):
+                yield x
 
 
 def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate():

@@ -5,18 +5,22 @@ H head dim, P pages in the cache, S page size, M pages per row in the block tabl
 
 Invariant: new K/V are written into their slots *before* attention reads the pages, so a token attends to the
 cached prefix and to the new tokens up to itself through the same pages.
+
+FP8 pages (kv_cache_dtype fp8_e5m2 / fp8_e4m3, see `fp8_kv`): written by a saturating cast (K / k_scale for e4m3),
+read back as stored * scale in float32 by every reader here, and handed to the Pallas kernel as they are, with the
+scales, on GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.compat import platform, register_dataclass
+from qwenjax.layers.fp8_kv import from_pages, page_scale, to_pages
 
 
 @register_dataclass
@@ -29,25 +33,32 @@ class AttentionMetadata:
     query_lens: jax.Array    # [B] int32 new tokens in the row; padding rows 0
 
 
-def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Scatters new [B, Q, K, H] into pages [K, P, S, H] at flat slot indices [B, Q]; out-of-range slots drop."""
+def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """Scatters new [B, Q, K, H] into pages [K, P, S, H] at flat slot indices [B, Q]; out-of-range slots drop.
+
+    fp8 pages store the saturating cast of new / scale (`fp8_kv.to_pages`): never inf or NaN from finite values.
+    """
     K, P, S, H = pages.shape
     flat = pages.reshape(K, P * S, H)
-    vals = new.reshape(-1, K, H).astype(pages.dtype).transpose(1, 0, 2)
+    vals = to_pages(new.reshape(-1, K, H), pages.dtype, scale).transpose(1, 0, 2)
     flat = flat.at[:, slots.reshape(-1), :].set(vals, mode="drop", unique_indices=True)
     return flat.reshape(K, P, S, H)
 
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
-                              *, sm_scale: float) -> jax.Array:
-    """q [B, Q, N, H] attends to its row's pages up to its own position. float32 math, returns q's dtype."""
+                              *, sm_scale: float, k_scale: jax.Array | None = None,
+                              v_scale: jax.Array | None = None) -> jax.Array:
+    """q [B, Q, N, H] attends to its row's pages up to its own position. float32 math, returns q's dtype.
+
+    Pages are dequantized as they are gathered: K = stored * k_scale, V = stored * v_scale (None: stored as is).
+    """
     B, Q, N, H = q.shape
     K, P, S, _ = k_pages.shape
     M = meta.block_tables.shape[1]
     G = N // K
     # Gather each row's pages: [K, B, M, S, H] -> [K, B, C, H] with C = M * S.
-    k = k_pages[:, meta.block_tables].reshape(K, B, M * S, H).astype(jnp.float32)
-    v = v_pages[:, meta.block_tables].reshape(K, B, M * S, H).astype(jnp.float32)
+    k = from_pages(k_pages[:, meta.block_tables], k_scale).reshape(K, B, M * S, H)
+    v = from_pages(v_pages[:, meta.block_tables], v_scale).reshape(K, B, M * S, H)
     qg = q.reshape(B, Q, K, G, H).astype(jnp.float32)
     scores = jnp.einsum("bqkgh,kbch->bkgqc", qg, k) * sm_scale
     ctx = jnp.arange(M * S, dtype=jnp.int32)
@@ -65,6 +76,8 @@ def prefill_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, query_lens
     """Rows with no cached prefix: causal attention among the row's new tokens, no page reads.
 
     q [B, Q, N, H], k/v [B, Q, K, H]. On GPU in bf16/fp16 this is cuDNN's fused attention.
+    It reads the fresh K/V, never the pages: with an fp8 cache these rows attend to unquantized K/V (as vLLM's
+    prefill does), and only later steps see the fp8-rounded values.
     """
     lens = jnp.maximum(query_lens, 1)  # padding rows: attend to their first (garbage) token, stay finite
     impl = "cudnn" if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
@@ -82,59 +95,70 @@ def decode_backend(head_dim: int) -> str:
 
 
 def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
-                     *, sm_scale: float) -> jax.Array:
+                     *, sm_scale: float, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
     """One new token per row (Q == 1): the Pallas kernel on GPU, the jnp reference elsewhere."""
     if decode_backend(q.shape[-1]) == "pallas":
         out = sharded_decode_kernel(q[:, 0], k_pages, v_pages, meta.block_tables, meta.seq_lens,
-                                    mesh=jax.sharding.get_abstract_mesh(), sm_scale=sm_scale)
+                                    mesh=jax.sharding.get_abstract_mesh(), sm_scale=sm_scale, k_scale=k_scale,
+                                    v_scale=v_scale)
         return out[:, None]
-    return paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale)
+    return paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
 
 
-def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, sm_scale: float,
-                          interpret: bool = False):
+def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, sm_scale: float, k_scale=None,
+                          v_scale=None, interpret: bool = False):
     """The Pallas decode kernel on each device's heads (shard_map over the "tp" axis of `mesh`).
 
     q [S, N, H] is split on query heads. Pages [K, P, S, H] are split on kv heads when K divides over the mesh;
     otherwise they are replicated and each device slices the one kv head its query heads belong to.
+    k_scale / v_scale (float32 scalars, None: 1.0) dequantize fp8 pages inside the kernel; every device gets both.
     """
     from pallas_kernels.paged_attention import paged_attention
 
-    kernel = functools.partial(paged_attention, sm_scale=sm_scale, interpret=interpret)
+    scales = jnp.stack([jnp.asarray(1.0 if s is None else s, jnp.float32).reshape(()) for s in (k_scale, v_scale)])
+
+    def kernel(q, k, v, t, l, s):  # s [2]: (k_scale, v_scale)
+        return paged_attention(q, k, v, t, l, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale, interpret=interpret)
+
     n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
     if n == 1:
-        return kernel(q, k_pages, v_pages, block_tables, lengths)
+        return kernel(q, k_pages, v_pages, block_tables, lengths, scales)
     N, K = q.shape[1], k_pages.shape[0]
     G = N // K
     heads = P(None, "tp", None)
     if K % n == 0:
         body, kv_spec = kernel, P("tp", None, None, None)
     elif n % K == 0 and G % (N // n) == 0:
-        def body(q, k, v, t, l):  # this device's N/n query heads all read kv head (first q head) // G
+        def body(q, k, v, t, l, s):  # this device's N/n query heads all read kv head (first q head) // G
             kv = jax.lax.axis_index("tp") * (N // n) // G
             k = jax.lax.dynamic_slice_in_dim(k, kv, 1, axis=0)
             v = jax.lax.dynamic_slice_in_dim(v, kv, 1, axis=0)
-            return kernel(q, k, v, t, l)
+            return kernel(q, k, v, t, l, s)
         kv_spec = P()
     else:
         raise NotImplementedError(f"decode kernel with {N} query / {K} kv heads over a mesh of {n}")
-    return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P(), P()), out_specs=heads,
-                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths)
+    return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P(), P(), P()), out_specs=heads,
+                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths, scales)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-              meta: AttentionMetadata, *, has_context: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+              meta: AttentionMetadata, *, has_context: bool, k_scale: jax.Array | None = None,
+              v_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes k/v [B, Q, K, H] into the pages and attends. Returns (out [B, Q, N, H], k_pages, v_pages).
 
     `has_context` (static) is False when every row starts at position 0, so prefill needs no page reads.
+    k_scale / v_scale: the layer's float32 scalars; used only with float8_e4m3fn pages (`fp8_kv.page_scale`).
     """
     sm_scale = q.shape[-1] ** -0.5
-    k_pages = write_kv(k_pages, k, meta.slot_mapping)
-    v_pages = write_kv(v_pages, v, meta.slot_mapping)
+    k_scale, v_scale = page_scale(k_pages.dtype, k_scale), page_scale(v_pages.dtype, v_scale)
+    k_pages = write_kv(k_pages, k, meta.slot_mapping, k_scale)
+    v_pages = write_kv(v_pages, v, meta.slot_mapping, v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if q.shape[1] == 1:
-        out = decode_attention(q, k_pages, v_pages, meta, sm_scale=sm_scale)
+        out = decode_attention(q, k_pages, v_pages, meta, sm_scale=sm_scale, **scales)
     elif not has_context:
         out = prefill_attention_dense(q, k, v, meta.query_lens, sm_scale=sm_scale)
     else:
-        out = paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale)
+        out = paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale, **scales)
     return out, k_pages, v_pages

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
+from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import gptq
@@ -91,6 +92,41 @@ def hf_expert_name(name: str) -> tuple[tuple, int] | None:
     return None
 
 
+# A layer's fp8 KV-cache scale tensors, as spelled after `...self_attn.` (vLLM's maybe_remap_kv_scale_name):
+# the standard k_scale / v_scale, ModelOpt's k_proj.k_scale / v_proj.v_scale, compressed-tensors'
+# k_proj.output_scale / v_proj.output_scale, and the deprecated single kv_scale, which sets both.
+_KV_SCALE_NAMES = {("k_scale",): ("k_scale",), ("v_scale",): ("v_scale",),
+                   ("k_proj", "k_scale"): ("k_scale",), ("v_proj", "v_scale"): ("v_scale",),
+                   ("k_proj", "output_scale"): ("k_scale",), ("v_proj", "output_scale"): ("v_scale",),
+                   ("kv_scale",): ("k_scale", "v_scale")}
+
+
+def hf_kv_scale_paths(name: str) -> tuple[tuple, ...] | None:
+    """'model.layers.3.self_attn.k_scale' -> (('model','layers',3,'self_attn','k_scale'),): the KVScale variables
+    a checkpoint's KV-cache scale sets; None for any other tensor."""
+    parts: list = [int(p) if p.isdigit() else p for p in name.split(".")]
+    if "self_attn" not in parts:
+        return None
+    at = parts.index("self_attn") + 1
+    leaves = _KV_SCALE_NAMES.get(tuple(parts[at:]))
+    return None if leaves is None else tuple(tuple(parts[:at]) + (leaf,) for leaf in leaves)
+
+
+def kv_scale_value(name: str, arr: np.ndarray) -> np.float32:
+    """A checkpoint's KV-cache scale as a float32 scalar; per-tensor (one value) and positive, or an error."""
+    if arr.size != 1:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(arr.shape)}; a KV-cache scale must be one "
+                         f"per-tensor value (shape [] or [1]): per-head or per-channel KV scales are not supported")
+    value = np.float32(np.asarray(arr, np.float32).reshape(()))
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"checkpoint tensor {name!r} is {value}; a KV-cache scale must be positive and finite")
+    return value
+
+
+def replicated_scalar(value: np.float32, mesh) -> jax.Array:
+    return jax.device_put(np.asarray(value, np.float32), NamedSharding(mesh, PartitionSpec()))
+
+
 def model_class(cfg: ModelConfig):
     return Qwen2MoeForCausalLM if cfg.architecture == "Qwen2MoeForCausalLM" else Qwen2ForCausalLM
 
@@ -108,6 +144,8 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     map on its own, so no full host copy of the model is made.
     With `quant` (QuantConfig.from_checkpoint(path)), the projections' packed int32 arrays load as int32, unchanged;
     float tensors (scales included) are cast to `dtype`.
+    fp8 KV-cache scales (`self_attn.k_scale` / `v_scale` and older spellings, see `hf_kv_scale_paths`) load into
+    each layer's KVScale variables when present, 1.0 otherwise; only fp8_e4m3 KV pages use them.
     """
     from qwenjax.sharding import make_mesh, param_spec
 
@@ -120,6 +158,12 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
+                continue
+            scale_paths = hf_kv_scale_paths(name)
+            if scale_paths is not None and all(k in wanted for k in scale_paths):
+                value = replicated_scalar(kv_scale_value(name, arr), mesh)
+                for k in scale_paths:
+                    loaded[k] = value
                 continue
             if cfg.num_experts and not cfg.shared_expert_intermediate_size and ".shared_expert" in name:
                 continue  # zero-width shared expert: HF stores [0, D] tensors and a gate that scales zero
@@ -162,6 +206,9 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             if k[-1] == "g_idx" and k not in loaded:
                 loaded[k] = place(gptq.default_g_idx(wanted[k].shape[0], quant.group_size),
                                   NamedSharding(mesh, param_spec(k, cfg, n)), np.int32)
+    for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
+        if isinstance(wanted[k], KVScale) and k not in loaded:
+            loaded[k] = replicated_scalar(np.float32(1.0), mesh)
     missing = [".".join(map(str, k)) for k in wanted if k not in loaded]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")

@@ -12,6 +12,7 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.layers.attention import AttentionMetadata, attention
+from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import apply_rope, rope_cos_sin
@@ -36,6 +37,9 @@ class Qwen2Attention(nnx.Module):
         self.k_proj = _linear(D, K * H, True, dtype, rngs, quant)
         self.v_proj = _linear(D, K * H, True, dtype, rngs, quant)
         self.o_proj = _linear(N * H, D, False, dtype, rngs, quant)
+        # fp8_e4m3 KV pages hold K / k_scale and V / v_scale: the checkpoint's per-tensor scales, else 1.0.
+        self.k_scale = KVScale(jnp.ones((), jnp.float32))
+        self.v_scale = KVScale(jnp.ones((), jnp.float32))
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
 
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata, has_context: bool):
@@ -44,7 +48,8 @@ class Qwen2Attention(nnx.Module):
         k = self.k_proj(x).reshape(B, Q, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, Q, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, k_pages, v_pages = attention(q, k, v, k_pages, v_pages, meta, has_context=has_context)
+        out, k_pages, v_pages = attention(q, k, v, k_pages, v_pages, meta, has_context=has_context,
+                                          k_scale=self.k_scale[...], v_scale=self.v_scale[...])
         return self.o_proj(out.reshape(B, Q, -1)), k_pages, v_pages
 
 
