@@ -12,6 +12,8 @@
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
 #   peer-latency-M   transformers generate on the latency workload
+#   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
+#   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -127,6 +129,21 @@ for s in "${STAGES[@]}"; do
         random-*)
             m=$(model_of "${s#random-}")
             step "$s" 150 0 "$PY" benchmarks/throughput.py --workload random --model "$m" "${COMMON[@]}"
+            ;;
+        sim-*)
+            # The simulator's step-time model, then its validation on a trace the fit never saw (same engine shape).
+            m=$(model_of "${s#sim-}")
+            step "step-profile-$m" 150 300 "$PY" benchmarks/step_profile.py --model "$m" "${COMMON[@]}"
+            prof=$(ls -t "$RESULTS"/step-profile-*.json 2>/dev/null | head -n 1)
+            step "sim-validate-$m" 90 0 "$PY" benchmarks/sim_validate.py --model "$m" ${prof:+--step-model "$prof"} \
+                "${COMMON[@]}"
+            ;;
+        fp8-*)
+            # latency and throughput-fixed with the fp8_e5m2 KV cache (result files get a -kvfp8_e5m2 suffix)
+            m=$(model_of "${s#fp8-}")
+            step "latency-fp8-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
+            step "throughput-fixed-fp8-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
             ;;
         peer-latency-*)
             m=$(model_of "${s#peer-latency-}")

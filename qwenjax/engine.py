@@ -9,6 +9,7 @@ handles step N's tokens, so the host's work hides under the device's.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import time
@@ -42,6 +43,19 @@ _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
 # min_tokens compiles its sampler variant (small) on first use.
 WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=True, num_logprobs=0, has_banned=False)
                      for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
+
+
+def freeze_gc_heap() -> None:
+    """Moves every object alive now (modules, the model, compiled executables) out of reach of Python's cyclic GC.
+
+    A full collection walks every tracked object, millions of them once JAX and transformers are imported; during
+    generation the steps' allocations trigger one every second or so, and it stalls the host for milliseconds
+    while the device waits (measured on CPU: ~9 ms of a 512-row decode step's host time). vLLM's engine core does the
+    same after start-up. Unfreezing first lets an earlier, dropped engine's cycles be collected rather than kept.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +113,7 @@ class LLMEngine:
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
         self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
+        freeze_gc_heap()
 
     def follow(self) -> int:
         """On a process other than 0: run process 0's steps until it shuts down. Returns the steps run."""

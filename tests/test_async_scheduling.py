@@ -119,3 +119,9 @@ def test_async_scheduling_flag_reaches_the_server():
     assert engine_args(make_parser().parse_args([])).async_scheduling is True
     assert engine_args(make_parser().parse_args(["--async-scheduling", "false"])).async_scheduling is False
     assert engine_args(make_parser().parse_args(["--scheduling-policy", "priority"])).scheduling_policy == "priority"
+
+
+def test_engine_start_freezes_the_gc_heap(engines):
+    import gc
+
+    assert gc.get_freeze_count() > 0  # start-up objects are out of the cyclic GC's full collections

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["offline_generation.ipynb", "kernels.ipynb"]
+NOTEBOOKS = ["offline_generation.ipynb", "kernels.ipynb", "scheduling_research.ipynb"]
 CELL_TIMEOUT_S = 300
 
 
