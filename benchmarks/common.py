@@ -438,6 +438,9 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
     finally:
         jax.profiler.stop_trace()
     info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None}
+    if jax.default_backend() == "cpu":  # a GPU machine's trace shows its idle GPU even when JAX runs on the CPU
+        info["note"] = "JAX runs on the CPU (XLA on host threads): device_busy not computed"
+        return info
     try:
         info.update(device_busy_from_trace(logdir, wall))
         if info.get("device_active_s") is not None and unprofiled_wall_s:
@@ -452,11 +455,8 @@ _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "TensorFlow 
 
 
 def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
-    import jax
     from jax.profiler import ProfileData
 
-    if jax.default_backend() == "cpu":  # a GPU machine's trace shows its idle GPU plane even when JAX runs on CPU
-        return {"note": "JAX runs on CPU (XLA on host threads): device_busy not computed"}
     files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         return {"note": "the trace wrote no .xplane.pb file"}
