@@ -20,7 +20,9 @@ class StepInput:
     logits_index: jax.Array   # [B] int32 index along Q of each row's last new token (its logits are sampled)
     slots: jax.Array          # [B] int32 row of the penalty state; padding rows use the scratch row R - 1
     prompt_lens: jax.Array    # [B] int32 prompt length: new tokens at positions >= it are outputs (recompute)
-    reset: jax.Array          # [B] bool the row starts at position 0: clear its penalty state first
+    reset: jax.Array          # [B] bool rebuild the row's penalty state: clear it, then add `history`
+    history: jax.Array        # [B, L] int32 tokens at positions [0, start) of a row that starts after 0 in a slot it
+                              # just got (a prefix-cache hit), -1 elsewhere; L = 0 in steps without context
 
 
 def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
@@ -37,6 +39,8 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
     slot_rows = np.full((B,), scratch_slot, np.int32)
     prompt_lens = np.zeros((B,), np.int32)
     reset = np.zeros((B,), np.bool_)
+    # Only steps with context have rows that start after position 0; the width is static per such bucket.
+    history = np.full((B, max_pages_per_seq * page_size if out.has_context else 0), -1, np.int32)
     for b, row in enumerate(out.rows):
         seq, n, start = row.seq, row.num_new_tokens, row.seq.num_computed
         table = seq.block_table
@@ -55,8 +59,12 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
         last[b] = n - 1
         slot_rows[b] = seq.slot
         prompt_lens[b] = len(seq.prompt_token_ids)
-        reset[b] = start == 0
+        if start == 0:
+            reset[b] = True
+        elif start == seq.num_cached_tokens:  # admitted now with its first `start` tokens found in the prefix cache
+            reset[b] = True
+            history[b, :start] = seq.tokens(0, start)
     meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
                              query_lens=q_lens)
     return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
-                     reset=reset)
+                     reset=reset, history=history)

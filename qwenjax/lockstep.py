@@ -52,17 +52,18 @@ def _header(cmd: int, inp: StepInput | None = None, tensors: SamplingTensors | N
                    mode.num_logprobs, mode.has_banned, tensors.prompt_tokens.shape[1], tensors.output_tokens.shape[1],
                    tensors.banned.shape[1]]
         h[13] = inp.meta.block_tables.shape[1]
+        h[14] = inp.history.shape[1]
     return h
 
 
 def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, bool]:
-    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width = (int(x) for x in h[1:14])
+    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist = (int(x) for x in h[1:15])
     i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     meta = AttentionMetadata(positions=i32(B, Q), slot_mapping=i32(B, Q), block_tables=i32(B, width),
                              seq_lens=i32(B), query_lens=i32(B))
     inp = StepInput(input_ids=i32(B, Q), meta=meta, logits_index=i32(B), slots=i32(B), prompt_lens=i32(B),
-                    reset=np.zeros((B,), np.bool_))
+                    reset=np.zeros((B,), np.bool_), history=i32(B, hist))
     t = SamplingTensors(temperature=f32(B), top_p=f32(B), top_k=i32(B), min_p=f32(B), repetition_penalty=f32(B),
                         presence_penalty=f32(B), frequency_penalty=f32(B), seeds=np.zeros((B,), np.uint32),
                         steps=i32(B), prompt_tokens=i32(B, hp), output_tokens=i32(B, ho), banned=i32(B, kb))

@@ -5,6 +5,9 @@ One row per running sequence (rows assigned by the scheduler, plus a scratch row
 The model step adds its input tokens: prompt positions to the mask, later positions to the counts. Every generated
 token is the input of the next step, so before sampling at step N the counts hold every output token so far.
 This keeps the sampler's shapes fixed whatever the history length (no recompiles as sequences grow).
+
+A row that starts after position 0 in a slot it just got (its first tokens were found in the prefix cache) is rebuilt
+from `history`, the tokens of the positions it skips, in the same step, so penalties see the whole sequence.
 """
 
 from __future__ import annotations
@@ -30,21 +33,33 @@ def empty(rows: int, vocab_size: int, sharding=None) -> PenaltyState:
     return make()
 
 
-def update(state: PenaltyState, input_ids, positions, query_lens, prompt_lens, slots, reset) -> PenaltyState:
-    """Adds a step's new tokens [B, Q] to their rows; rows with `reset` are cleared first (prefill steps only)."""
+def update(state: PenaltyState, input_ids, positions, query_lens, prompt_lens, slots, reset,
+           history) -> PenaltyState:
+    """Adds a step's new tokens [B, Q] to their rows. Rows with `reset` (prefill steps only) are cleared first, then
+    given `history` [B, L] (the tokens of positions 0..L-1 they skip; -1: none)."""
     B, Q = input_ids.shape
     V = state.prompt_mask.shape[1]
     mask, counts = state.prompt_mask, state.output_counts
-    if Q > 1:  # a row starting at position 0 (new or recomputed sequence) forgets its previous owner's history
+    if Q > 1:  # a row starting afresh (new, recomputed, or a prefix hit) forgets its previous owner's history
         keep = ~reset[:, None]
         mask = mask.at[slots].set(mask[slots] & keep)
         counts = counts.at[slots].set(jnp.where(keep, counts[slots], 0))
+    if history.shape[1]:
+        mask, counts = _add(mask, counts, history, jnp.arange(history.shape[1])[None, :], history >= 0,
+                            prompt_lens, slots)
     valid = jnp.arange(Q)[None, :] < query_lens[:, None]
-    is_prompt = positions < prompt_lens[:, None]
-    rows = jnp.broadcast_to(slots[:, None], (B, Q))
-    mask = mask.at[rows, jnp.where(valid & is_prompt, input_ids, V)].set(True, mode="drop")
-    counts = counts.at[rows, jnp.where(valid & ~is_prompt, input_ids, V)].add(1, mode="drop")
+    mask, counts = _add(mask, counts, input_ids, positions, valid, prompt_lens, slots)
     return PenaltyState(mask, counts)
+
+
+def _add(mask, counts, tokens, positions, valid, prompt_lens, slots):
+    """Tokens [B, T] at `positions` into their rows: prompt positions to the mask, later ones to the counts."""
+    V = mask.shape[1]
+    is_prompt = positions < prompt_lens[:, None]
+    rows = jnp.broadcast_to(slots[:, None], tokens.shape)
+    mask = mask.at[rows, jnp.where(valid & is_prompt, tokens, V)].set(True, mode="drop")
+    counts = counts.at[rows, jnp.where(valid & ~is_prompt, tokens, V)].add(1, mode="drop")
+    return mask, counts
 
 
 def rows_of(state: PenaltyState, slots) -> tuple[jax.Array, jax.Array]:

@@ -86,7 +86,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         decode_rows = sorted({b for b, _, _ in buckets})
         for b, q, ctx in buckets:
-            inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot)
+            inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
+                              has_context=ctx)
             self._run_step(inp, ctx)
         for b in decode_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
@@ -136,7 +137,7 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_token
     hidden, kv_cache = model(ids, inp.meta, kv_cache, has_context=has_context)
     last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
     penalties = penalty_state.update(penalties, ids, inp.meta.positions, inp.meta.query_lens,
-                                     inp.prompt_lens, inp.slots, inp.reset)
+                                     inp.prompt_lens, inp.slots, inp.reset, inp.history)
     return kv_cache, penalties, model.logits(last)
 
 
@@ -164,7 +165,8 @@ def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):
     return out, 1 + jnp.sum(logits > (out.logprobs + lse)[:, None], axis=-1).astype(jnp.int32), last_tokens
 
 
-def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int) -> StepInput:
+def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int, *,
+                has_context: bool = False) -> StepInput:
     """A step whose every write is dropped (slots out of range) and whose rows read page 0: for compiling."""
     meta = AttentionMetadata(positions=np.zeros((b, q), np.int32),
                              slot_mapping=(num_pages * page_size + np.arange(b * q, dtype=np.int32)).reshape(b, q),
@@ -172,4 +174,5 @@ def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scra
                              query_lens=np.ones((b,), np.int32))
     return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32),
                      slots=np.full((b,), scratch_slot, np.int32), prompt_lens=np.zeros((b,), np.int32),
-                     reset=np.zeros((b,), np.bool_))
+                     reset=np.zeros((b,), np.bool_),
+                     history=np.full((b, width * page_size if has_context else 0), -1, np.int32))

@@ -18,8 +18,8 @@ Invariants:
 A sequence admitted with a prefix hit starts at `num_computed = cached tokens` and reads the cached pages, so it runs
 through the context prefill path, which is compiled for one row: such a row runs alone in its step. At least its
 last token is always computed (there must be logits to sample), so a hit covers at most (tokens - 1) // page_size
-blocks and never a page the new row writes into. Sequences with non-neutral penalties take no hits: the device-side
-penalty history of a row is built from the tokens its steps feed, so a row must start at position 0.
+blocks and never a page the new row writes into. Penalties see the whole sequence all the same: the step that admits
+a row with a hit rebuilds its device-side penalty history from the skipped tokens (see batch.StepInput.history).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Scheduler:
     def _prefix_hit(self, seq: Sequence) -> list[int] | None:
         """Cached pages for the leading blocks of a sequence about to start; None where it may not look."""
         blocks = self.blocks
-        if not blocks.enable_prefix_caching or seq.num_computed or seq.block_table or _uses_history(seq.params):
+        if not blocks.enable_prefix_caching or seq.num_computed or seq.block_table:
             return None
         max_blocks = (seq.num_tokens - 1) // blocks.page_size  # the last token is always computed
         if len(seq.block_hashes) < max_blocks:
@@ -215,8 +215,3 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-
-def _uses_history(params) -> bool:
-    """The row's sampling reads the device-side token history (penalties), which prefix hits would leave out."""
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)

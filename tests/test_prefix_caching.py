@@ -94,3 +94,43 @@ def test_priority_and_client_reach_the_scheduler(untied_gqa2, prompts):
     req = llm.llm_engine.add_request("c1", None, GREEDY, prompt_token_ids=prompts[5], client="tenant-a")
     assert req.seqs[0].client == "tenant-a"
     llm.llm_engine.abort_request("c1")
+
+
+PENALIZED = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, repetition_penalty=1.8)
+
+
+@pytest.fixture(scope="module")
+def hf_penalized(untied_gqa2, prompts):
+    """HF's greedy generate with its repetition penalty (over prompt and output tokens, as vLLM's)."""
+    model = hf_model(untied_gqa2)
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                               repetition_penalty=1.8, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+                for p in prompts]
+
+
+def test_penalized_requests_hit_the_cache_and_still_see_the_whole_prompt(untied_gqa2, prompts, hf_penalized):
+    """A row admitted with a prefix hit rebuilds its penalty history from the tokens it skips: HF's tokens with and
+    without caching, and the hits counted (Qwen2-Instruct's generation_config asks repetition_penalty 1.05)."""
+    want = [[t] for t in hf_penalized]
+    for caching in (False, True):
+        llm = LLM(str(untied_gqa2), **SMALL_ENGINE, enable_prefix_caching=caching)
+        assert _generate(llm, prompts, PENALIZED) == want
+        assert (llm.llm_engine.stats.prefix_cache_hits > 0) == caching
+        assert _generate(llm, prompts, PENALIZED) == want  # the second call hits pages the first left cached
+
+
+def test_penalties_with_hits_under_preemption(untied_gqa2, prompts):
+    """Recomputed sequences re-enter through hits that cover output tokens too: those must count as outputs
+    (frequency / presence penalties), the prompt's as prompt (repetition penalty). Same tokens as without caching."""
+    p = SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True, repetition_penalty=1.3,
+                       presence_penalty=0.6, frequency_penalty=0.4)
+    kw = {**SMALL_ENGINE, "num_kv_pages": 10, "max_model_len": 96}
+    res = {}
+    for caching in (False, True):
+        llm = LLM(str(untied_gqa2), **kw, enable_prefix_caching=caching)
+        res[caching] = _generate(llm, prompts, p)
+        eng = llm.llm_engine
+        assert eng.scheduler.num_preemptions > 0 and eng.blocks.num_free == 10
+    assert res[True] == res[False]
+    assert eng.stats.prefix_cache_hits > 0

@@ -99,7 +99,9 @@ def test_n_siblings_share_the_prompt_pages():
     assert s.blocks.ref_count(0) == 3 and s.blocks.hit_tokens == 64
 
 
-def test_penalised_sequences_take_no_hits():
+def test_penalised_sequences_take_hits_and_their_step_rebuilds_the_history():
+    from qwenjax.batch import build_step_input
+
     s = _sched()
     p = list(range(40))
     a = _seq(p, rid="a")
@@ -108,7 +110,12 @@ def test_penalised_sequences_take_no_hits():
     b = _seq(p, rid="b", params=SamplingParams(temperature=0.0, repetition_penalty=1.1))
     s.add(b)
     out = s.schedule()
-    assert not out.has_context and b.num_computed == 0 and b.block_table == [3, 4, 5]
+    assert out.has_context and b.num_computed == 32 and b.block_table[:2] == a.block_table[:2]
+    inp = build_step_input(out, page_size=16, num_pages=s.blocks.num_pages, max_pages_per_seq=s.config.max_pages_per_seq,
+                           scratch_slot=99)
+    # The admitting step clears b's penalty row and refills it with the 32 tokens it skips; nothing else.
+    assert inp.reset.tolist() == [True] and inp.history.shape == (1, s.config.max_pages_per_seq * 16)
+    assert inp.history[0, :32].tolist() == p[:32] and (inp.history[0, 32:] == -1).all()
 
 
 def test_preempted_sequence_recomputes_from_its_own_cached_pages():

@@ -51,7 +51,8 @@ def test_kernel_in_every_decode_bucket(model_dir):
         inp = dummy_input(b, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(runner.mesh):
-            hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, i_buf, f_buf,
+            hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
+                                     i_buf, f_buf,
                                      has_context=False, layout=layout).compile().as_text()
         calls = sorted({line.split("custom_call_target=")[1].split(",")[0] for line in hlo.splitlines()
                         if "custom_call_target=" in line})
