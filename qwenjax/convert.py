@@ -66,7 +66,8 @@ def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.Gr
     def with_sharding(p, leaf):
         path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in p)
         path = tuple(int(x) if isinstance(x, str) and x.isdigit() else x for x in path)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, param_spec(path, cfg, n)))
+        sharding = NamedSharding(mesh, param_spec(path, cfg, n, leaf.shape))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     target = jax.tree_util.tree_map_with_path(with_sharding, target)
     with ocp.StandardCheckpointer() as ckptr:

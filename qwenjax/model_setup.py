@@ -68,9 +68,6 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     check_divisible(cfg, args.tensor_parallel_size)
     dummy = path is None or args.load_format == "dummy"
     quant = resolve_quant_config(args.quantization, path)  # `quantization=` omitted: read from the checkpoint
-    if quant is not None and args.tensor_parallel_size != 1:
-        raise NotImplementedError(f"{quant.method} checkpoints with tensor_parallel_size={args.tensor_parallel_size} "
-                                  f"are not supported yet; use tensor_parallel_size=1")
     if dummy:
         graphdef, params = random_params(cfg, dtype, args.seed, mesh=mesh, quant=quant)
     elif is_orbax_checkpoint(path):

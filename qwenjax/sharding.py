@@ -45,8 +45,24 @@ def kv_heads_sharded(cfg: ModelConfig, n: int) -> bool:
     return n > 1 and cfg.num_key_value_heads % n == 0
 
 
-def param_spec(path: tuple, cfg: ModelConfig, n: int) -> P:
-    """PartitionSpec of the parameter at NNX path `path` (e.g. ('model','layers',0,'self_attn','q_proj','kernel'))."""
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def param_spec(path: tuple, cfg: ModelConfig, n: int, shape: tuple[int, ...] | None = None) -> P:
+    """PartitionSpec of the parameter at NNX path `path` (e.g. ('model','layers',0,'self_attn','q_proj','kernel')).
+
+    With `shape`, a split that would not divide evenly over the mesh gives a replicated parameter instead (e.g. a
+    GPTQ layer quantized as one group has a single row of scales). Any spec computes the same values; the specs
+    only decide where the bytes live and which collectives XLA inserts.
+    """
+    spec = _spec(path, cfg, n)
+    if shape is not None and any(ax is not None and shape[i] % n for i, ax in enumerate(spec)):
+        return P()
+    return spec
+
+
+def _spec(path: tuple, cfg: ModelConfig, n: int) -> P:
     if n == 1:
         return P()
     names = [p for p in path if isinstance(p, str)]
@@ -59,16 +75,19 @@ def param_spec(path: tuple, cfg: ModelConfig, n: int) -> P:
         return P(None, AXIS)                      # [D, V]
     if owner in ("k_proj", "v_proj") and not kv_heads_sharded(cfg, n):
         return P()                                # replicated kv heads
-    if owner in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-        return P(None, AXIS) if leaf == "kernel" else P(AXIS)   # [D, out] / [out]
-    if owner in ("o_proj", "down_proj"):
-        return P(AXIS, None) if leaf == "kernel" else P()       # [in, D]
-    return P()                                    # norms
-
-
-def param_shardings(mesh: Mesh, flat_paths, cfg: ModelConfig) -> dict:
-    n = mesh.shape[AXIS]
-    return {path: NamedSharding(mesh, param_spec(path, cfg, n)) for path in flat_paths}
+    # Quantized layers (layers/quant_linear.py) split the same features: AWQ qweight [I, O/8], qzeros [G, O/8],
+    # GPTQ qweight [I/pf, O], qzeros [G, O/pf], scales [G, O] of both keep O last and the input side (rows, or
+    # groups of rows) first, so column-parallel splits the last axis and row-parallel the first. GPTQ's g_idx [I]
+    # maps input rows to groups: whole for column-parallel, split with the rows for row-parallel.
+    if owner in COLUMN_PARALLEL:
+        if leaf == "bias":
+            return P(AXIS)                        # [out]
+        return P() if leaf == "g_idx" else P(None, AXIS)   # kernel [D, out]; qweight / qzeros / scales
+    if owner in ROW_PARALLEL:
+        if leaf == "bias":
+            return P()
+        return P(AXIS) if leaf == "g_idx" else P(AXIS, None)   # kernel [in, D]; qweight / qzeros / scales
+    return P()                                    # norms, KV scales
 
 
 def kv_sharding(mesh: Mesh, cfg: ModelConfig) -> NamedSharding:

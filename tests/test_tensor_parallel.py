@@ -126,3 +126,38 @@ def test_server_with_mesh_4_starts_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_quantized_checkpoints_shard_like_float_ones(tmp_path):
+    """AWQ and GPTQ (act-order) weights stay packed and split over 4 devices along the same features as the float
+    weights (column-parallel outputs, row-parallel inputs and their groups), and give mesh 1's greedy tokens."""
+    from tests.quant_writer import Scheme, write_quantized
+
+    src = write_checkpoint(tmp_path / "float", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                           num_heads=4, num_kv_heads=2, tie=False, seed=21)
+    paths = {}
+    for scheme in (Scheme("awq", group_size=32), Scheme("gptq", bits=4, group_size=32, desc_act=True)):
+        write_quantized(src, tmp_path / scheme.name, None, scheme, seed=1)
+        paths[scheme.method] = str(tmp_path / scheme.name)
+    out = tmp_path / "result.json"
+    proc = run_with_devices(["-m", "tests.tp_quant_worker", str(out), *paths.values()], n=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for method, path in paths.items():
+        one, four = res[f"{path}|1"], res[f"{path}|4"]
+        assert four["tokens"] == one["tokens"], method
+        specs, shards = four["specs"], four["shard_shapes"]
+        assert four["dtypes"]["self_attn.q_proj.qweight"] == "int32"  # packed on the devices
+        for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"):           # column-parallel
+            assert specs[f"{name}.qweight"] == specs[f"{name}.scales"] == specs[f"{name}.qzeros"] == [None, "tp"]
+        for name in ("self_attn.o_proj", "mlp.down_proj"):                          # row-parallel
+            assert specs[f"{name}.qweight"] == specs[f"{name}.scales"] == specs[f"{name}.qzeros"] == ["tp", None]
+        # 2 kv heads on 4 devices: k/v projections are replicated, as in the float model
+        assert specs["self_attn.k_proj.qweight"] == []
+        # down_proj [256 in -> 128 out], 8 groups of 32 rows: each device holds 64 input rows and their 2 groups
+        assert shards["mlp.down_proj.scales"] == [2, 128]
+        if method == "awq":
+            assert shards["mlp.down_proj.qweight"] == [64, 16] and shards["self_attn.q_proj.qweight"] == [128, 4]
+        else:
+            assert shards["mlp.down_proj.qweight"] == [8, 128] and specs["mlp.down_proj.g_idx"] == ["tp"]
+            assert specs["self_attn.q_proj.g_idx"] == []

@@ -81,9 +81,14 @@ _KERNEL_BITS = (4,)
 def _kernel_applies(x, out_features: int, quant: QuantConfig) -> bool:
     """The Pallas kernel takes the product on a GPU for bf16/f16 activations and group-ordered weights (not GPTQ
     act-order, whose g_idx is arbitrary) in the shapes its tiles fit, where it was measured faster than XLA;
-    everything else takes the XLA path."""
+    everything else takes the XLA path. Under tensor parallelism (a "tp" mesh axis over more than one device) the
+    XLA path runs too: XLA partitions it along the weights' shards, while the kernel's custom call has no
+    partitioning rule and would gather the whole packed weight onto every device."""
     if jax.default_backend() != "gpu" or quant.desc_act or quant.method not in _KERNEL_METHODS or \
             quant.bits not in _KERNEL_BITS:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.shape.get("tp", 1) > 1:
         return False
     from pallas_kernels import quant_matmul as qmm
 

@@ -194,18 +194,18 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             shape = tuple(wanted[key].shape)
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
-            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n)), wanted[key].dtype)
+            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, shape)), wanted[key].dtype)
     for key, per_expert in experts.items():
         if len(per_expert) != wanted[key].shape[0]:
             absent = sorted(set(range(wanted[key].shape[0])) - set(per_expert))
             raise ValueError(f"checkpoint {str(path)!r} lacks experts {absent[:5]} of {'.'.join(map(str, key))}")
-        loaded[key] = place(StackedExperts(per_expert), NamedSharding(mesh, param_spec(key, cfg, n)),
+        loaded[key] = place(StackedExperts(per_expert), NamedSharding(mesh, param_spec(key, cfg, n, wanted[key].shape)),
                             wanted[key].dtype)
     if quant is not None and not quant.desc_act:  # g_idx is implied (k // group_size); some checkpoints omit it
         for k in wanted:
             if k[-1] == "g_idx" and k not in loaded:
                 loaded[k] = place(gptq.default_g_idx(wanted[k].shape[0], quant.group_size),
-                                  NamedSharding(mesh, param_spec(k, cfg, n)), np.int32)
+                                  NamedSharding(mesh, param_spec(k, cfg, n, wanted[k].shape)), np.int32)
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
@@ -274,8 +274,8 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
 
     mesh = mesh or make_mesh(1)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
-    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, mesh.shape["tp"])))
-                                     for p, _ in nnx.to_flat_state(abstract)])
+    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, mesh.shape["tp"], v.shape)))
+                                     for p, v in nnx.to_flat_state(abstract)])
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
