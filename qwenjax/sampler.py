@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -238,9 +239,9 @@ def _gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Ar
 # ------------------------------------------------------------------------------------------------- host side
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingRow:
-    """What the host knows about one sequence to be sampled this step."""
+class SamplingRow(NamedTuple):
+    """What the host knows about one sequence to be sampled this step (a NamedTuple: built for every row of every
+    step, where a frozen dataclass's __init__ costs several times more)."""
 
     params: SamplingParams
     seed: int  # the request's seed (params.seed, or one the engine drew); reduced mod 2**32
@@ -281,28 +282,36 @@ def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int
     """
     if len(rows) > num_rows:
         raise ValueError(f"got {len(rows)} rows for a batch of num_rows={num_rows}.")
-    b, v = num_rows, vocab_size
+    b, v, n = num_rows, vocab_size, len(rows)
     f32 = lambda fill: np.full((b,), fill, np.float32)  # noqa: E731
     temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
     rep, presence, frequency = f32(1.0), f32(0.0), f32(0.0)
     top_k = np.zeros((b,), np.int32)
     seeds = np.zeros((b,), np.uint32)
     steps = np.zeros((b,), np.int32)
+    # Column by column from Python lists (one numpy conversion per field rather than one per row and field: a
+    # 512-row decode step builds this every step).
+    ps = [r.params for r in rows]
+    temperature[:n] = [0.0 if p.is_greedy else p.temperature for p in ps]
+    top_p[:n] = [p.top_p for p in ps]
+    top_k[:n] = [p.top_k for p in ps]
+    min_p[:n] = [p.min_p for p in ps]
+    rep[:n] = [p.repetition_penalty for p in ps]
+    presence[:n] = [p.presence_penalty for p in ps]
+    frequency[:n] = [p.frequency_penalty for p in ps]
+    seeds[:n] = [r.seed & 0xFFFFFFFF for r in rows]
+    steps[:n] = [len(r.output_ids) for r in rows]
     prompts: list[Sequence[int]] = [()] * b
     outputs: list[Sequence[int]] = [()] * b
     banned: list[Sequence[int]] = [()] * b
     for i, r in enumerate(rows):
         p = r.params
-        temperature[i] = 0.0 if p.is_greedy else p.temperature
-        top_p[i], top_k[i], min_p[i] = p.top_p, p.top_k, p.min_p
-        rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        seeds[i] = r.seed & 0xFFFFFFFF
-        steps[i] = len(r.output_ids)
         if with_history and p.repetition_penalty != 1.0:
             prompts[i] = r.prompt_ids
         if with_history and _has_penalty(p):
             outputs[i] = r.output_ids
-        banned[i] = r.banned_ids
+        if r.banned_ids:
+            banned[i] = r.banned_ids
     return SamplingTensors(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency,
@@ -323,5 +332,6 @@ def _has_penalty(p: SamplingParams) -> bool:
 def _pad_ids(lists: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
     out = np.full((len(lists), history_bucket(max(map(len, lists), default=0))), vocab_size, np.int32)
     for i, ids in enumerate(lists):
-        out[i, : len(ids)] = ids
+        if ids:
+            out[i, : len(ids)] = ids
     return out
