@@ -14,6 +14,7 @@
 #   peer-latency-M   transformers generate on the latency workload
 #   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
+#   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -54,7 +55,8 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         continue
     m, c = r.get("metrics", {}), r.get("ceilings", {})
     keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
-                        "speedup_vs_dense_forward", "speedup_vs_transformers", "device_busy") if m.get(k) is not None]
+                        "speedup_vs_dense_forward", "speedup_vs_transformers", "ttft_ms_p50_uncached",
+                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "device_busy") if m.get(k) is not None]
     fig = "  ".join(f"{k}={m[k]:.4g}" for k in keys)
     peer = r.get("config", {}).get("peer")
     rows.append(f"{r['benchmark'] + (' [peer ' + peer + ']' if peer else ''):34s} {r['model']:22s} {fig}  "
@@ -144,6 +146,12 @@ for s in "${STAGES[@]}"; do
             step "latency-fp8-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
             step "throughput-fixed-fp8-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
+            ;;
+        prefix-*)
+            # Two engines one after the other (uncached, cached); the second finds the first's programs in .jaxcache.
+            m=$(model_of "${s#prefix-}")
+            need=90; [ "$s" = prefix-7b ] && need=240
+            step "$s" $need 0 "$PY" benchmarks/prefix_caching.py --model "$m" "${COMMON[@]}"
             ;;
         peer-latency-*)
             m=$(model_of "${s#peer-latency-}")

@@ -433,10 +433,15 @@ def main(argv=None) -> dict | None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("qwenjax.server").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        # Served from a cold prefix cache, like the offline run: the offline run's pages would otherwise turn every
+        # served prompt into a prefix hit (one context-prefill step each), which is another workload.
+        llm.reset_prefix_cache()
         engine = AsyncLLMEngine(llm.llm_engine, stream_interval=args.stream_interval)
         try:
             with _Uvicorn(create_app(engine, served_model_names=[spec.name]), args.http) as srv:
-                run_clients(args, srv.url, prompts[:8], [4] * len(prompts[:8]))  # the server's own first requests
+                # The server's own first requests, on reversed prompts: nothing they cache is a prefix of the run's.
+                warm = [p[::-1] for p in prompts[:8]]
+                run_clients(args, srv.url, warm, [4] * len(warm))
                 mark = {}
 
                 def cpu():

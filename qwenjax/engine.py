@@ -200,6 +200,11 @@ class LLMEngine:
                 if not seq.finished:
                     self._finish(seq, "abort")
 
+    def reset_prefix_cache(self) -> int:
+        """Drops the names of every free cached page, so no later request hits them (pages held by running
+        sequences keep theirs). Returns the number of pages dropped."""
+        return self.blocks.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

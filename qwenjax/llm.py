@@ -52,6 +52,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets the prefix cache's free pages (vLLM's `LLM.reset_prefix_cache`), e.g. between benchmark runs.
+        Returns how many pages it dropped."""
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True,
                  priority: Sequence[int] | None = None) -> list[RequestOutput]:

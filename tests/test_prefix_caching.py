@@ -134,3 +134,14 @@ def test_penalties_with_hits_under_preemption(untied_gqa2, prompts):
         assert eng.scheduler.num_preemptions > 0 and eng.blocks.num_free == 10
     assert res[True] == res[False]
     assert eng.stats.prefix_cache_hits > 0
+
+
+def test_reset_prefix_cache_forgets_free_pages(untied_gqa2, prompts):
+    llm = LLM(str(untied_gqa2), **SMALL_ENGINE, enable_prefix_caching=True)
+    _generate(llm, prompts)
+    stats = llm.llm_engine.stats
+    assert llm.reset_prefix_cache() > 0
+    before = stats.prefix_cache_hits
+    _generate(llm, prompts[:1])  # its pages were cached by the first call; after the reset nothing is
+    assert stats.prefix_cache_hits == before
+    llm.llm_engine.blocks.check()
