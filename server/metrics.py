@@ -1,6 +1,7 @@
 """Prometheus metrics of one app, in a private registry, under vLLM's metric names so its dashboards work.
 
-Engine state (running / waiting sequences, KV cache usage, preemptions) is read from the engine at scrape time.
+Engine state (running / waiting sequences, KV cache usage, preemptions, prefix cache queries and hits in tokens) is
+read from the engine at scrape time.
 Per-request figures are counted by the app as its requests progress: prompt tokens once a request's prompt has been
 processed (its first token exists), generated tokens as they arrive, and time to first token, inter-token latency
 (from the engine's step times) and end-to-end latency, all measured from the request's arrival at the server.
@@ -37,10 +38,13 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric(self.labels, value)
             yield g
-        c = CounterMetricFamily("vllm:num_preemptions", "Sequences preempted (their pages taken back).",
-                                labels=["model_name"])
-        c.add_metric(self.labels, e.stats.preemptions)
-        yield c
+        for name, doc, value in (
+                ("vllm:num_preemptions", "Sequences preempted (their pages taken back).", e.stats.preemptions),
+                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.blocks.query_tokens),
+                ("vllm:prefix_cache_hits", "Of those, tokens found cached (not computed).", e.blocks.hit_tokens)):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(self.labels, value)
+            yield c
 
 
 class _Histogram:

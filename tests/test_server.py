@@ -419,6 +419,21 @@ def test_metrics_count_what_was_sent(server, client, engine):
     assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0.0
     assert after["vllm:num_preemptions_total"] == engine.engine.stats.preemptions
+    # Every prompt is looked up in the prefix cache (on by default); hits are counted in tokens, as vLLM's.
+    assert delta("vllm:prefix_cache_queries_total") == sent_prompt
+
+
+def test_metrics_count_prefix_cache_hits(server, client, engine):
+    page = engine.engine.blocks.page_size
+    prompt = [7 + (i * 13) % 400 for i in range(2 * page + 9)]  # two full pages, then 9 tokens
+    engine.engine.reset_prefix_cache()
+    before = metrics_of(server.url)
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    after = metrics_of(server.url)
+    assert after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"] == 2 * len(prompt)
+    # the second request finds the first one's two full pages
+    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] == 2 * page
 
 
 # ---------------------------------------------------------------------------------------------- load
