@@ -15,6 +15,7 @@
 #   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
+#   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -56,7 +57,7 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     m, c = r.get("metrics", {}), r.get("ceilings", {})
     keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
                         "speedup_vs_dense_forward", "speedup_vs_transformers", "ttft_ms_p50_uncached",
-                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "device_busy") if m.get(k) is not None]
+                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "speedup_vs_offline", "device_busy") if m.get(k) is not None]
     fig = "  ".join(f"{k}={m[k]:.4g}" for k in keys)
     peer = r.get("config", {}).get("peer")
     rows.append(f"{r['benchmark'] + (' [peer ' + peer + ']' if peer else ''):34s} {r['model']:22s} {fig}  "
@@ -152,6 +153,11 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#prefix-}")
             need=90; [ "$s" = prefix-7b ] && need=240
             step "$s" $need 0 "$PY" benchmarks/prefix_caching.py --model "$m" "${COMMON[@]}"
+            ;;
+        serve-*)
+            m=$(model_of "${s#serve-}")
+            need=120; [ "$s" = serve-7b ] && need=300
+            step "$s" $need 0 "$PY" benchmarks/serve.py --model "$m" --compare-offline "${COMMON[@]}"
             ;;
         peer-latency-*)
             m=$(model_of "${s#peer-latency-}")
