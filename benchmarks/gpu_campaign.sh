@@ -16,6 +16,8 @@
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
+#   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
+#   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -57,7 +59,7 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     m, c = r.get("metrics", {}), r.get("ceilings", {})
     keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
                         "speedup_vs_dense_forward", "speedup_vs_transformers", "ttft_ms_p50_uncached",
-                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "speedup_vs_offline", "device_busy") if m.get(k) is not None]
+                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "speedup_vs_offline", "itl_ms_p99_unchunked", "itl_ms_p99_chunked", "speedup_vs_no_chunked_prefill", "device_busy") if m.get(k) is not None]
     fig = "  ".join(f"{k}={m[k]:.4g}" for k in keys)
     peer = r.get("config", {}).get("peer")
     rows.append(f"{r['benchmark'] + (' [peer ' + peer + ']' if peer else ''):34s} {r['model']:22s} {fig}  "
@@ -153,6 +155,14 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#prefix-}")
             need=90; [ "$s" = prefix-7b ] && need=240
             step "$s" $need 0 "$PY" benchmarks/prefix_caching.py --model "$m" "${COMMON[@]}"
+            ;;
+        chunked-*)
+            m=$(model_of "${s#chunked-}")
+            need=90; [ "$s" = chunked-7b ] && need=240
+            step "$s" $need 0 "$PY" benchmarks/chunked_prefill.py --model "$m" "${COMMON[@]}"
+            ;;
+        gputests)
+            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-300}" "$PY" -m pytest -q -ra tests/gpu --gpu -p no:cacheprovider
             ;;
         serve-*)
             m=$(model_of "${s#serve-}")

@@ -143,18 +143,14 @@ def main(argv=None) -> dict:
     rows = [("model", spec.name), ("device", dev["device"]),
             ("workload", f"{args.num_requests} x ({args.prefix_len} shared + {args.suffix_len} -> "
                          f"{args.output_len}), {args.request_rate:g} req/s")]
-    for k in ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "output_tok_s", "prefix_cache_hits"):
-        rows.append((f"{k} uncached / cached", f"{_fmt(metrics[k + '_uncached'])} / {_fmt(metrics[k + '_cached'])}"))
+    rows += common.paired_rows(metrics, ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "output_tok_s",
+                                         "prefix_cache_hits"), RUNS)
     rows += [("prefix_cache_hit_rate", metrics["prefix_cache_hit_rate"]),
              ("speedup_vs_no_prefix_caching", metrics["speedup_vs_no_prefix_caching"]),
              ("startup_s uncached / cached", f"{runs['uncached']['engine']['startup_seconds']:.1f} / "
                                              f"{runs['cached']['engine']['startup_seconds']:.1f}")]
     common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

@@ -98,22 +98,10 @@ def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *ou
     tok_s = lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
 
     def body(i, carry):
-        acc, m_prev, l_prev = carry
         start = (first_page + i * pages_per_block) * page_size
         pages = tables_ref[page_of_tok + i * pages_per_block]  # [block_k, 1]
-        # Slots at or past `length` are never read: they may hold garbage (NaN). Zeroed V keeps
-        # p * v finite where p == 0.
-        kv_mask = tok_kv + start < length
-        k = _load_pages(k_ref, pages, kv_mask).astype(compute_dtype)
-        s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32, log2 units
-        s = jnp.where(tok_s + start < length, s, _MASK)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l_next = l_prev * alpha + p.sum(axis=1)
-        v = _load_pages(v_ref, pages, kv_mask).astype(compute_dtype)
-        acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v)
-        return acc, m_next, l_next
+        return _attend_block(carry, q, k_ref, v_ref, pages, tok_kv + start < length, tok_s + start < length,
+                             qk_scale, compute_dtype)
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -127,6 +115,24 @@ def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *ou
         o_ref, lse_ref = out_refs
         o_ref[...] = out
         lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
+
+
+def _attend_block(carry, q, k_ref, v_ref, pages, kv_mask, visible, qk_scale, compute_dtype):
+    """One block of the online softmax (base-2): carry (acc [rows, H], m [rows], l [rows]) updated with the block's
+    tokens. pages [block_k, 1]: each token's page; kv_mask [block_k, H]: tokens to read (slots past it may hold
+    garbage, NaN included: they are never loaded, and the zeros loaded instead keep p * v finite where p == 0);
+    visible [rows, block_k]: which tokens each q row may attend to."""
+    acc, m_prev, l_prev = carry
+    k = _load_pages(k_ref, pages, kv_mask).astype(compute_dtype)
+    s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32, log2 units
+    s = jnp.where(visible, s, _MASK)
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - m_next[:, None])
+    l_next = l_prev * alpha + p.sum(axis=1)
+    v = _load_pages(v_ref, pages, kv_mask).astype(compute_dtype)
+    acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v)
+    return acc, m_next, l_next
 
 
 def _combine_splits(o_part, lse):

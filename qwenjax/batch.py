@@ -8,63 +8,90 @@ import jax
 import numpy as np
 
 from qwenjax.compat import register_dataclass
-from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata
 from qwenjax.scheduler import SchedulerOutput
 
 
 @register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
-    input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0
-    meta: AttentionMetadata   # positions / slots / block tables / lengths, see AttentionMetadata
-    logits_index: jax.Array   # [B] int32 index along Q of each row's last new token (its logits are sampled)
-    slots: jax.Array          # [B] int32 row of the penalty state; padding rows use the scratch row R - 1
-    prompt_lens: jax.Array    # [B] int32 prompt length: new tokens at positions >= it are outputs (recompute)
-    reset: jax.Array          # [B] bool rebuild the row's penalty state: clear it, then add `history`
-    history: jax.Array        # [B, L] int32 tokens at positions [0, start) of a row that starts after 0 in a slot it
-                              # just got (a prefix-cache hit), -1 elsewhere; L = 0 in steps without context
+    input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0; a mixed step: [D + B * Q] flat
+    meta: AttentionMetadata | MixedMetadata  # positions / slots / block tables / lengths per segment
+    logits_index: jax.Array   # [R] int32 flat index (into the step's T tokens) of each row's last new token
+    slots: jax.Array          # [R] int32 row of the penalty state; padding rows use the scratch row
+    prompt_lens: jax.Array    # [R] int32 prompt length: new tokens at positions >= it are outputs (recompute)
+    reset: jax.Array          # [R] bool rebuild the row's penalty state: clear it, then add `history`
+    history: jax.Array        # [B, L] int32 tokens at positions [0, start) of a prefill row that starts after 0 in a
+                              # slot it just got (a prefix-cache hit), -1 elsewhere; L = 0 in steps without context
+# R = B rows, or D + B in a mixed step (decode rows first). Per-row arrays follow the sampler's row order.
+
+
+class _Segment:
+    """numpy arrays of one segment of B rows x Q new tokens, filled row by row."""
+
+    def __init__(self, B: int, Q: int, *, page_size: int, num_pages: int, width: int, slot_base: int):
+        self.Q, self.page_size = Q, page_size
+        self.ids = np.zeros((B, Q), np.int32)
+        self.pos = np.zeros((B, Q), np.int32)
+        # Padding slots are out of range (their writes are dropped) and distinct, so the scatter's indices stay unique.
+        self.slots = (num_pages * page_size + slot_base + np.arange(B * Q, dtype=np.int32)).reshape(B, Q)
+        self.tables = np.zeros((B, width), np.int32)
+        self.seq_lens = np.zeros((B,), np.int32)
+        self.q_lens = np.zeros((B,), np.int32)
+
+    def fill(self, b: int, seq, n: int) -> None:
+        start, table, ps = seq.num_computed, seq.block_table, self.page_size
+        if self.Q == 1:  # decode, the hot path: plain Python per row, no per-row numpy calls
+            self.ids[b, 0] = seq.token_at(start)
+            self.pos[b, 0] = start
+            self.slots[b, 0] = table[start // ps] * ps + start % ps
+        else:
+            self.ids[b, :n] = seq.tokens(start, start + n)
+            p = np.arange(start, start + n, dtype=np.int32)
+            self.pos[b, :n] = p
+            self.slots[b, :n] = np.asarray(table, np.int32)[p // ps] * ps + p % ps
+        self.tables[b, :len(table)] = table
+        self.seq_lens[b] = start + n
+        self.q_lens[b] = n
+
+    def meta(self) -> AttentionMetadata:
+        return AttentionMetadata(positions=self.pos, slot_mapping=self.slots, block_tables=self.tables,
+                                 seq_lens=self.seq_lens, query_lens=self.q_lens)
 
 
 def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
                      scratch_slot: int) -> StepInput:
     B, Q = out.bucket
-    ids = np.zeros((B, Q), np.int32)
-    pos = np.zeros((B, Q), np.int32)
-    # Padding slots are out of range (their writes are dropped) and distinct, so the scatter's indices stay unique.
-    slots = (num_pages * page_size + np.arange(B * Q, dtype=np.int32)).reshape(B, Q)
-    tables = np.zeros((B, max_pages_per_seq), np.int32)
-    seq_lens = np.zeros((B,), np.int32)
-    q_lens = np.zeros((B,), np.int32)
-    last = np.zeros((B,), np.int32)
-    slot_rows = np.full((B,), scratch_slot, np.int32)
-    prompt_lens = np.zeros((B,), np.int32)
-    reset = np.zeros((B,), np.bool_)
+    D = out.decode_bucket
+    geo = dict(page_size=page_size, num_pages=num_pages, width=max_pages_per_seq)
+    dec = _Segment(D, 1, slot_base=0, **geo) if D else None
+    seg = _Segment(B, Q, slot_base=D, **geo)
+    R = D + B
+    last = np.zeros((R,), np.int32)
+    slot_rows = np.full((R,), scratch_slot, np.int32)
+    prompt_lens = np.zeros((R,), np.int32)
+    reset = np.zeros((R,), np.bool_)
     # Only steps with context have rows that start after position 0; the width is static per such bucket.
     history = np.full((B, max_pages_per_seq * page_size if out.has_context else 0), -1, np.int32)
-    for b, row in enumerate(out.rows):
+    for i, row in enumerate(out.rows):
         seq, n, start = row.seq, row.num_new_tokens, row.seq.num_computed
-        table = seq.block_table
-        if Q == 1:  # decode, the hot path: plain Python per row, no per-row numpy calls
-            ids[b, 0] = seq.token_at(start)
-            pos[b, 0] = start
-            slots[b, 0] = table[start // page_size] * page_size + start % page_size
+        r = out.row_index(i)
+        if r < D:
+            dec.fill(r, seq, n)
+            last[r] = r
         else:
-            ids[b, :n] = seq.tokens(start, start + n)
-            p = np.arange(start, start + n, dtype=np.int32)
-            pos[b, :n] = p
-            slots[b, :n] = np.asarray(table, np.int32)[p // page_size] * page_size + p % page_size
-        tables[b, :len(table)] = table
-        seq_lens[b] = start + n
-        q_lens[b] = n
-        last[b] = n - 1
-        slot_rows[b] = seq.slot
-        prompt_lens[b] = len(seq.prompt_token_ids)
-        if start == 0:
-            reset[b] = True
-        elif start == seq.num_cached_tokens:  # admitted now with its first `start` tokens found in the prefix cache
-            reset[b] = True
-            history[b, :start] = seq.tokens(0, start)
-    meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
-                             query_lens=q_lens)
+            b = r - D
+            seg.fill(b, seq, n)
+            last[r] = D + b * Q + n - 1
+            if start == seq.num_cached_tokens > 0:  # admitted now with its first `start` tokens found cached
+                history[b, :start] = seq.tokens(0, start)
+        slot_rows[r] = seq.slot
+        prompt_lens[r] = len(seq.prompt_token_ids)
+        if start == 0 or (r >= D and Q > 1 and start == seq.num_cached_tokens):
+            reset[r] = True
+    if dec is None:
+        ids, meta = seg.ids, seg.meta()
+    else:
+        ids, meta = np.concatenate([dec.ids.reshape(-1), seg.ids.reshape(-1)]), MixedMetadata(dec.meta(), seg.meta())
     return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
                      reset=reset, history=history)

@@ -44,6 +44,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Not from config.json: the engine's placement of the stacked experts on a mesh (EngineArgs.enable_expert_parallel),
+    # kept here because the model and sharding.param_spec both receive this config.
+    expert_parallel: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -152,10 +155,11 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False     # MoE: split the experts over the mesh (E) instead of their width (F)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"              # KV_CACHE_DTYPES; fp8 ones: see qwenjax/layers/fp8_kv.py
     enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
-    enable_chunked_prefill: bool | None = None
+    enable_chunked_prefill: bool | None = None  # None / True: prompt chunks join decode steps; False: never
     scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
     async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine.py)
     num_kv_pages: int | None = None          # override the page count computed from free memory
@@ -206,6 +210,9 @@ class EngineArgs:
         return missing
 
 
+MIXED_CHUNK = 512  # most prompt tokens a mixed (decode + prefill) step carries
+
+
 def pow2_at_least(n: int, lo: int = 1) -> int:
     v = lo
     while v < n:
@@ -228,6 +235,14 @@ class SchedulerConfig:
     decode_buckets: tuple[int, ...]                 # B values of decode steps (Q = 1)
     prefill_buckets: tuple[tuple[int, int], ...]     # (B, Q) of prefill steps, Q > 1
     max_prefill_chunk: int                           # longest chunk one prefill row carries
+    # Chunked prefill (vLLM's default): Q values of the one prefill row a mixed step adds to a decode step. Empty:
+    # prefill never joins decodes (every prefill runs in a step of its own, as with enable_chunked_prefill=False).
+    mixed_chunks: tuple[int, ...] = ()
+
+    @property
+    def mixed_buckets(self) -> tuple[tuple[int, int, int], ...]:
+        """(D, 1, Q) shapes of mixed steps: D decode rows (a decode bucket) and one prefill row of Q tokens."""
+        return tuple((d, 1, q) for d in self.decode_buckets for q in self.mixed_chunks)
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -235,7 +250,8 @@ class SchedulerConfig:
 
     @classmethod
     def build(cls, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int,
-              decode_buckets=None, prefill_token_buckets=None) -> "SchedulerConfig":
+              decode_buckets=None, prefill_token_buckets=None,
+              enable_chunked_prefill: bool | None = True) -> "SchedulerConfig":
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(2048, min(8192, max_model_len))
         budget = max_num_batched_tokens
@@ -259,6 +275,10 @@ class SchedulerConfig:
                 if b >= rows or b >= max_num_seqs:
                     break
                 b *= 4
+        # Mixed steps carry at most MIXED_CHUNK prompt tokens, so a decode step they join stays short (the decodes'
+        # inter-token latency); the compiled Q values are the prefill Q buckets up to it, and the chunk itself.
+        mixed = tuple(sorted({q for q in qs if q <= MIXED_CHUNK} | {min(MIXED_CHUNK, qs[-1])}))
         return cls(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                    block_size=block_size, decode_buckets=decode_buckets,
-                   prefill_buckets=tuple(sorted(set(prefill), key=lambda bq: (bq[1], bq[0]))), max_prefill_chunk=qs[-1])
+                   prefill_buckets=tuple(sorted(set(prefill), key=lambda bq: (bq[1], bq[0]))), max_prefill_chunk=qs[-1],
+                   mixed_chunks=mixed if enable_chunked_prefill is not False else ())

@@ -76,6 +76,7 @@ class EngineStats:
         self.generation_tokens = 0
         self.steps = 0
         self.max_decode_batch = 0
+        self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
@@ -247,7 +248,7 @@ class LLMEngine:
         self.stats.prefix_cache_queries = self.blocks.query_tokens
         self.stats.prefix_cache_hits = self.blocks.hit_tokens
         now = time.monotonic()
-        B, _ = out.bucket
+        B = out.num_rows
         rows = []
         for r in out.rows:
             req = self.requests[r.seq.request_id]
@@ -260,6 +261,8 @@ class LLMEngine:
                                                                              self.eos_token_ids)))
             else:
                 rows.append(_GREEDY_ROW)
+        if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
+            rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
         inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
                                max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
                                scratch_slot=self.runner.scratch_slot)
@@ -271,16 +274,17 @@ class LLMEngine:
         if self._leader is not None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
         res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
-        if out.kind == "decode":
-            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows))
+        self.stats.mixed_steps += out.kind == "mixed"
+        if out.kind != "prefill":
+            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows) - (out.kind == "mixed"))
         samples = []
-        for b, r in enumerate(out.rows):
+        for i, r in enumerate(out.rows):
             seq = r.seq
             seq.num_computed += r.num_new_tokens
             if seq.num_computed <= len(seq.prompt_token_ids):
                 self.stats.prompt_tokens += r.num_new_tokens
             if r.samples:
-                samples.append((b, seq, len(seq.output_token_ids)))
+                samples.append((out.row_index(i), seq, len(seq.output_token_ids)))
                 seq.output_token_ids.append(PENDING)
                 seq.num_pending += 1
         return _InFlight(res, ranks, wants_lp, samples)

@@ -16,7 +16,7 @@ import numpy as np
 
 from qwenjax.batch import StepInput
 from qwenjax.compat import distributed_initialized
-from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, segments
 from qwenjax.sampler import SamplerMode, SamplingTensors
 
 logger = logging.getLogger("qwenjax")
@@ -47,26 +47,31 @@ def _header(cmd: int, inp: StepInput | None = None, tensors: SamplingTensors | N
     h = np.zeros((_HEADER,), np.int32)
     h[0] = cmd
     if cmd == _STEP:
-        B, Q = inp.input_ids.shape
+        seg = segments(inp.meta)[-1]  # a mixed step: its prefill segment; D decode rows go in h[15]
+        B, Q = seg.positions.shape
         h[1:13] = [B, Q, has_context, mode.all_greedy, _FILTERS.index(mode.filter), mode.topk_cap, mode.penalties,
                    mode.num_logprobs, mode.has_banned, tensors.prompt_tokens.shape[1], tensors.output_tokens.shape[1],
                    tensors.banned.shape[1]]
-        h[13] = inp.meta.block_tables.shape[1]
+        h[13] = seg.block_tables.shape[1]
         h[14] = inp.history.shape[1]
+        h[15] = inp.slots.shape[0] - B
     return h
 
 
 def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, bool]:
-    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist = (int(x) for x in h[1:15])
+    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist, D = (int(x) for x in h[1:16])
     i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
-    meta = AttentionMetadata(positions=i32(B, Q), slot_mapping=i32(B, Q), block_tables=i32(B, width),
-                             seq_lens=i32(B), query_lens=i32(B))
-    inp = StepInput(input_ids=i32(B, Q), meta=meta, logits_index=i32(B), slots=i32(B), prompt_lens=i32(B),
-                    reset=np.zeros((B,), np.bool_), history=i32(B, hist))
-    t = SamplingTensors(temperature=f32(B), top_p=f32(B), top_k=i32(B), min_p=f32(B), repetition_penalty=f32(B),
-                        presence_penalty=f32(B), frequency_penalty=f32(B), seeds=np.zeros((B,), np.uint32),
-                        steps=i32(B), prompt_tokens=i32(B, hp), output_tokens=i32(B, ho), banned=i32(B, kb))
+    seg = lambda b, q: AttentionMetadata(positions=i32(b, q), slot_mapping=i32(b, q),  # noqa: E731
+                                         block_tables=i32(b, width), seq_lens=i32(b), query_lens=i32(b))
+    meta = MixedMetadata(seg(D, 1), seg(B, Q)) if D else seg(B, Q)
+    ids = i32(D + B * Q) if D else i32(B, Q)
+    R = D + B
+    inp = StepInput(input_ids=ids, meta=meta, logits_index=i32(R), slots=i32(R), prompt_lens=i32(R),
+                    reset=np.zeros((R,), np.bool_), history=i32(B, hist))
+    t = SamplingTensors(temperature=f32(R), top_p=f32(R), top_k=i32(R), min_p=f32(R), repetition_penalty=f32(R),
+                        presence_penalty=f32(R), frequency_penalty=f32(R), seeds=np.zeros((R,), np.uint32),
+                        steps=i32(R), prompt_tokens=i32(R, hp), output_tokens=i32(R, ho), banned=i32(R, kb))
     mode = SamplerMode(all_greedy=bool(greedy), filter=_FILTERS[filt], topk_cap=cap, penalties=bool(pen),
                        num_logprobs=nlp, has_banned=bool(banned))
     return inp, t, mode, bool(ctx)

@@ -63,7 +63,10 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                          f"{cfg.max_position_embeddings}")
     sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                               decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets)
+                               decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets,
+                               enable_chunked_prefill=args.enable_chunked_prefill)
+    if args.enable_expert_parallel and cfg.num_experts:  # the model and the param specs read it from cfg
+        cfg = dataclasses.replace(cfg, expert_parallel=True)
     mesh = make_mesh(args.tensor_parallel_size)
     check_divisible(cfg, args.tensor_parallel_size)
     dummy = path is None or args.load_format == "dummy"
@@ -91,8 +94,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         else:
             logger.warning("KV cache %s: the checkpoint has no k/v scales, using 1.0; K/V values beyond +-448 "
                            "saturate (fp8_e5m2 needs no scales)", args.kv_cache_dtype)
-    buckets = [(b, 1, False) for b in sc.decode_buckets] + [(b, q, False) for b, q in sc.prefill_buckets] + \
-              [(1, q, True) for q in sorted({q for _, q in sc.prefill_buckets})]
+    # (B, Q, has_context, D): decode steps, prefill steps, one-row context prefill, and mixed steps (D decode rows +
+    # one context-prefill row of Q tokens) when chunked prefill is on.
+    buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(b, q, False, 0) for b, q in sc.prefill_buckets] + \
+              [(1, q, True, 0) for q in sorted({q for _, q in sc.prefill_buckets})] + \
+              [(b, q, True, d) for d, b, q in sc.mixed_buckets]
     num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
     kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
@@ -167,7 +173,7 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
                          block_table_width=sc.max_pages_per_seq, mesh=mesh)
-    largest = sorted(buckets, key=lambda b: b[0] * b[1])[-1:] + [max(b for b in buckets if b[1] == 1)]
+    largest = sorted(buckets, key=lambda b: b[0] * b[1] + b[3])[-1:] + [max(b for b in buckets if b[1] == 1)]
     runner.warmup(largest, [])
     after = (memory_source or device_memory)()
     del runner, kv

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from qwenjax import packing, penalty_state, sampler
-from qwenjax.batch import StepInput
-from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.batch import StepInput, build_step_input
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, segments
+from qwenjax.scheduler import SchedulerOutput
 from qwenjax.sharding import replicated
 
 logger = logging.getLogger("qwenjax")
@@ -81,15 +82,16 @@ class ModelRunner:
                                                                has_context=has_context, layout=layout)
         return logits
 
-    def warmup(self, buckets: list[tuple[int, int, bool]], modes: list[sampler.SamplerMode]) -> float:
-        """Compiles every (B, Q, has_context) bucket and each sampler mode per B, running each once on dummy rows."""
+    def warmup(self, buckets: list[tuple[int, int, bool, int]], modes: list[sampler.SamplerMode]) -> float:
+        """Compiles every (B, Q, has_context, D) bucket (D > 0: a mixed step of D decode rows and a (B, Q) prefill
+        segment) and each sampler mode per row count, running each once on dummy rows."""
         t0 = time.perf_counter()
-        decode_rows = sorted({b for b, _, _ in buckets})
-        for b, q, ctx in buckets:
+        sampler_rows = sorted({d + b for b, _, _, d in buckets})
+        for b, q, ctx, d in buckets:
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
-                              has_context=ctx)
+                              has_context=ctx, decode_rows=d)
             self._run_step(inp, ctx)
-        for b in decode_rows:
+        for b in sampler_rows:
             # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
             logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))
             slots = np.full((b,), self.scratch_slot, np.int32)
@@ -132,12 +134,27 @@ class ModelRunner:
 def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *,
              has_context: bool, layout):
     inp: StepInput = packing.unpack(i_buf, f_buf, layout)
-    ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots][:, None], inp.input_ids)  # placeholders: from device
+    segs = segments(inp.meta)
+    # Placeholders (ids < 0) are the newest tokens of decode rows: read from the device (see the module docstring).
+    ids, rows, start = [], 0, 0
+    for seg in segs:
+        B, Q = seg.positions.shape
+        seg_ids = inp.input_ids.reshape(-1)[start:start + B * Q].reshape(B, Q)
+        ids.append(jnp.where(seg_ids < 0, last_tokens[inp.slots[rows:rows + B]][:, None], seg_ids))
+        rows, start = rows + B, start + B * Q
+    flat = jnp.concatenate([x.reshape(-1) for x in ids]) if len(ids) > 1 else ids[0]
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
-    hidden, kv_cache = model(ids, inp.meta, kv_cache, has_context=has_context)
-    last = hidden[jnp.arange(hidden.shape[0]), inp.logits_index]  # [B, D]: only sampled positions get logits
-    penalties = penalty_state.update(penalties, ids, inp.meta.positions, inp.meta.query_lens,
-                                     inp.prompt_lens, inp.slots, inp.reset, inp.history)
+    hidden, kv_cache = model(flat, inp.meta, kv_cache, has_context=has_context)
+    last = hidden.reshape(-1, hidden.shape[-1])[inp.logits_index]  # [R, D]: only sampled positions get logits
+    rows = 0
+    for seg, seg_ids in zip(segs, ids):
+        B, Q = seg_ids.shape
+        r = slice(rows, rows + B)
+        # The history belongs to the prefill segment (the last one); a decode segment has none.
+        history = inp.history if Q > 1 or len(segs) == 1 else jnp.zeros((B, 0), jnp.int32)
+        penalties = penalty_state.update(penalties, seg_ids, seg.positions, seg.query_lens, inp.prompt_lens[r],
+                                         inp.slots[r], inp.reset[r], history)
+        rows += B
     return kv_cache, penalties, model.logits(last)
 
 
@@ -161,18 +178,17 @@ def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):
     last_tokens = last_tokens.at[slots].set(out.token_ids.astype(jnp.int32))
     if mode.num_logprobs == 0:
         return out, None, last_tokens
-    lse = jax.nn.logsumexp(logits, axis=-1)  # rank = 1 + tokens with a higher logprob, as vLLM reports it
-    return out, 1 + jnp.sum(logits > (out.logprobs + lse)[:, None], axis=-1).astype(jnp.int32), last_tokens
+    # rank = 1 + tokens with a higher logprob, as vLLM reports it; compared on the logits themselves (exact: a
+    # logprob + logsumexp round trip can put the token above itself).
+    chosen = jnp.take_along_axis(logits, out.token_ids.astype(jnp.int32)[:, None], axis=-1)
+    return out, 1 + jnp.sum(logits > chosen, axis=-1).astype(jnp.int32), last_tokens
 
 
 def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int, *,
-                has_context: bool = False) -> StepInput:
-    """A step whose every write is dropped (slots out of range) and whose rows read page 0: for compiling."""
-    meta = AttentionMetadata(positions=np.zeros((b, q), np.int32),
-                             slot_mapping=(num_pages * page_size + np.arange(b * q, dtype=np.int32)).reshape(b, q),
-                             block_tables=np.zeros((b, width), np.int32), seq_lens=np.ones((b,), np.int32),
-                             query_lens=np.ones((b,), np.int32))
-    return StepInput(input_ids=np.zeros((b, q), np.int32), meta=meta, logits_index=np.zeros((b,), np.int32),
-                     slots=np.full((b,), scratch_slot, np.int32), prompt_lens=np.zeros((b,), np.int32),
-                     reset=np.zeros((b,), np.bool_),
-                     history=np.full((b, width * page_size if has_context else 0), -1, np.int32))
+                has_context: bool = False, decode_rows: int = 0) -> StepInput:
+    """A step of padding rows only (every write dropped, nothing read): for compiling a bucket. `decode_rows` > 0
+    makes it a mixed step of that many decode rows plus the (b, q) prefill segment."""
+    out = SchedulerOutput("mixed" if decode_rows else ("decode" if q == 1 else "prefill"), [], has_context, (b, q),
+                          decode_bucket=decode_rows)
+    return build_step_input(out, page_size=page_size, num_pages=num_pages, max_pages_per_seq=width,
+                            scratch_slot=scratch_slot)

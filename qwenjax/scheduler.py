@@ -1,8 +1,14 @@
 """Continuous batching on the host: which sequences run in the next step, and how many new tokens each brings.
 
-A step is either a prefill step (rows bring Q > 1 new tokens: prompts, chunks of long prompts, recomputes after
-preemption) or a decode step (every running sequence brings its one newest token). Prefill goes first, as in vLLM
-without chunked prefill, so new requests join the running batch between decode steps.
+A step is a prefill step (rows bring Q > 1 new tokens: prompts, chunks of long prompts, recomputes after
+preemption), a decode step (every running sequence brings its one newest token), or, with chunked prefill (on by
+default, as in vLLM), a mixed step: a decode step plus one prefill row of at most `mixed_chunks[-1]` tokens.
+
+Which one (chunked prefill on): while sequences are decoding, prefill work that is a single row (the next chunk of
+a long prompt or recompute, or the one request that can start now: a new arrival, a prefix-cache hit) joins the
+decodes as a mixed step, so the decodes never stall behind it; a burst of requests that can start together (several
+admissible at once: a batch's start, many slots freed) runs as a prefill step of many rows, which is the fastest way
+through it. With chunked prefill off, prefill goes first, as in vLLM without it, and a long prompt's chunks run alone.
 
 Invariants:
 - a sequence is in exactly one of `waiting`, `running`, or neither (finished / aborted);
@@ -16,7 +22,8 @@ Invariants:
   sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
 
 A sequence admitted with a prefix hit starts at `num_computed = cached tokens` and reads the cached pages, so it runs
-through the context prefill path, which is compiled for one row: such a row runs alone in its step. At least its
+through the context prefill path, which is compiled for one row: such a row runs alone in its prefill step (or as the
+prefill row of a mixed step). At least its
 last token is always computed (there must be logits to sample), so a hit covers at most (tokens - 1) // page_size
 blocks and never a page the new row writes into. Penalties see the whole sequence all the same: the step that admits
 a row with a hit rebuilds its device-side penalty history from the skipped tokens (see batch.StepInput.history).
@@ -42,11 +49,22 @@ class ScheduledSeq:
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    kind: str                          # "prefill" | "decode"
-    rows: list[ScheduledSeq]
+    kind: str                          # "prefill" | "decode" | "mixed"
+    rows: list[ScheduledSeq]           # mixed: the decode rows, then the prefill row
     has_context: bool                  # some prefill row starts after position 0 (reads cached pages)
-    bucket: tuple[int, int]            # (B, Q) static step shape
+    bucket: tuple[int, int]            # (B, Q) static step shape; mixed: of the prefill segment
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
+    decode_bucket: int = 0             # mixed: D, the decode segment's padded rows (rows[:num_decode] fill the first)
+    num_decode: int = 0                # mixed: decode rows scheduled
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the step's sampler (padding included): a mixed step's prefill rows come after its D."""
+        return self.decode_bucket + self.bucket[0]
+
+    def row_index(self, i: int) -> int:
+        """The sampler / penalty row of `rows[i]`."""
+        return i if i < self.num_decode else self.decode_bucket + i - self.num_decode
 
 
 class Scheduler:
@@ -84,7 +102,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         for seq in self.running:  # pages the previous step filled get their names
             self._name_pages(seq)
-        out = self._schedule_prefill()
+        out = self._schedule_mixed() if self.config.mixed_chunks else None
+        if out is None:
+            out = self._schedule_prefill()
         if out is None:
             out = self._schedule_decode()
         if out is not None:
@@ -164,20 +184,73 @@ class Scheduler:
         if not rows:
             return None
         for r in rows:
-            self.waiting.remove(r.seq)
-            r.seq.status = SeqStatus.RUNNING
-            r.seq.slot = self._free_slots.pop()
-            self.running.append(r.seq)
+            self._start(r.seq)
         longest = max(r.num_new_tokens for r in rows)
         has_context = rows[0].seq.num_computed > 0
         return SchedulerOutput("prefill", rows, has_context, self._prefill_bucket(len(rows), longest))
+
+    def _schedule_mixed(self) -> SchedulerOutput | None:
+        """Decodes plus one prefill row (see the module docstring), or None: no decodes, no single prefill row, or a
+        burst of admissible requests (left to a prefill step)."""
+        if not any(s.num_uncomputed == 1 and not s.at_length_limit for s in self.running):
+            return None
+        chunk = self.config.mixed_chunks[-1]
+        partial = next((s for s in self.running if s.num_uncomputed > 1), None)
+        candidate = None
+        if partial is None:
+            free = min(self.config.max_num_seqs - len(self.running), len(self.waiting))
+            if free == 0 or free > 1:
+                return None  # nothing to start, or a burst: a prefill step of many rows
+            candidate = next(iter(self.policy.order(self.waiting)))
+        decode = self._schedule_decode()
+        if decode is None or decode.preempted:
+            return decode  # pages ran short: no prefill joins (the preempted wait at the front of the queue)
+        prefill = None
+        if partial is not None:
+            n = min(partial.num_uncomputed, chunk)
+            if self.blocks.grow(partial.block_table, partial.num_computed + n):
+                prefill = ScheduledSeq(partial, n, samples=partial.num_computed + n == partial.num_tokens)
+        else:
+            prefill = self._admit(candidate, chunk)
+        if prefill is None:
+            return decode
+        q = next(q for q in self.config.mixed_chunks if q >= prefill.num_new_tokens)
+        # Always the context path (it handles a row starting at 0 too): one compiled program per (D, Q), not two.
+        return SchedulerOutput("mixed", decode.rows + [prefill], True, (1, q),
+                               decode_bucket=decode.bucket[0], num_decode=len(decode.rows))
+
+    def _admit(self, seq: Sequence, chunk: int) -> ScheduledSeq | None:
+        """Starts one waiting sequence with at most `chunk` new tokens (after a prefix hit), or None if its pages do
+        not fit now."""
+        hit = self._prefix_hit(seq)
+        pages = hit or []
+        cached = len(pages) * self.blocks.page_size
+        n = min(seq.num_tokens - cached, chunk)
+        need = self.blocks.pages_needed(pages, cached + n) + self.blocks.num_reclaimed(pages)
+        if not self.blocks.can_admit(need):
+            return None
+        if hit is not None:
+            self.blocks.take(seq.block_table, pages, query_tokens=seq.num_tokens)
+            seq.num_computed = seq.num_cached_tokens = cached
+            seq.num_named_pages = len(pages)
+        self.blocks.grow(seq.block_table, cached + n)
+        self._start(seq)
+        return ScheduledSeq(seq, n, samples=cached + n == seq.num_tokens)
+
+    def _start(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        seq.slot = self._free_slots.pop()
+        self.running.append(seq)
 
     def _schedule_decode(self) -> SchedulerOutput | None:
         preempted: list[Sequence] = []
         rows: list[ScheduledSeq] = []
         for seq in sorted(self.running, key=self.policy.key):
-            if seq.at_length_limit:
-                continue  # its pending last token ends it (async scheduling): another step would be wasted
+            if seq.at_length_limit or seq.num_uncomputed != 1:
+                # Its pending last token ends it (async scheduling): another step would be wasted; or it is still
+                # prefilling (a mixed step's prefill row).
+                continue
             if seq.status is SeqStatus.RUNNING and self._make_room(seq, seq.num_tokens, preempted):
                 rows.append(ScheduledSeq(seq, 1, samples=True))
         rows = [r for r in rows if r.seq.status is SeqStatus.RUNNING]  # a policy may evict an earlier row

@@ -70,8 +70,9 @@ def test_e5m2_pages_ignore_the_layers_scale():
     kv = jnp.asarray([[[[3.0, -40.0, 1.5, 0.25]]]], jnp.float32)        # [B, Q, K, H]
     meta = _meta(np.zeros((1, 1), np.int32), 0, 1, 4)
     pages = jnp.zeros((1, 1, 4, 4), E5M2)
-    _, k_pages, _ = attention(q, kv, kv, pages, pages, meta, has_context=True, k_scale=jnp.float32(8.0),
-                              v_scale=jnp.float32(8.0))
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731 - attention takes the step's tokens flat
+    _, k_pages, _ = attention(flat(q), flat(kv), flat(kv), pages, pages, meta, has_context=True,
+                              k_scale=jnp.float32(8.0), v_scale=jnp.float32(8.0))
     np.testing.assert_array_equal(np.asarray(k_pages[0, 0, 0].astype(jnp.float32)), [3.0, -40.0, 1.5, 0.25])
 
 

@@ -16,8 +16,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def _config(**kw):
+    # Chunked prefill (mixed steps) off unless a test turns it on: most tests here look at prefill steps.
     return SchedulerConfig.build(**{**dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256,
-                                           block_size=PS, decode_buckets=(8,), prefill_token_buckets=(32, 128)),
+                                           block_size=PS, decode_buckets=(8,), prefill_token_buckets=(32, 128),
+                                           enable_chunked_prefill=False),
                                     **kw})
 
 
@@ -206,3 +208,87 @@ def test_preemption_victim_per_policy(policy, victim):
     if policy == "fair":
         pol.usage.update({"k": 10, "heavy": 900, "k2": 20})
     assert pol.victim([a, b, c]).request_id == victim
+
+
+# ------------------------------------------------------------------ chunked prefill: mixed steps
+
+
+def test_mixed_buckets_follow_the_prefill_buckets_up_to_the_chunk():
+    c = _config(enable_chunked_prefill=True, decode_buckets=(1, 8), prefill_token_buckets=(32, 128, 512, 2048),
+                max_model_len=4096, max_num_batched_tokens=4096)
+    assert c.mixed_chunks == (32, 128, 512)
+    assert c.mixed_buckets == tuple((d, 1, q) for d in (1, 8) for q in (32, 128, 512))
+    assert _config(enable_chunked_prefill=False).mixed_buckets == ()
+
+
+def test_new_request_joins_running_decodes():
+    s = _sched(enable_chunked_prefill=True)
+    a = _seq(range(40), rid="a")
+    s.add(a)
+    out = s.schedule()
+    assert out.kind == "prefill" and [r.seq for r in out.rows] == [a]
+    _run(s, out)
+    b = _seq(range(100, 120), rid="b")
+    s.add(b)
+    out = s.schedule()
+    # a decodes, b's whole prompt (20 tokens, bucket Q 32) rides along, after the decode segment's D = 8 rows.
+    assert out.kind == "mixed" and [r.seq for r in out.rows] == [a, b]
+    assert [r.num_new_tokens for r in out.rows] == [1, 20] and out.rows[1].samples
+    assert out.bucket == (1, 32) and out.decode_bucket == 8 and out.num_decode == 1 and out.has_context
+    assert out.num_rows == 9 and [out.row_index(i) for i in range(2)] == [0, 8]
+    assert b.slot is not None and b in s.running and not s.waiting
+
+
+def test_long_prompt_chunks_ride_with_decodes():
+    s = _sched(enable_chunked_prefill=True, max_model_len=512, max_num_batched_tokens=512,
+               prefill_token_buckets=(32, 128))
+    a = _seq(range(10), rid="a")
+    s.add(a)
+    _run(s, s.schedule())
+    long = _seq(range(1000, 1300), rid="long")  # 300 tokens: chunks of at most 128 (the largest mixed Q)
+    s.add(long)
+    chunks = []
+    for _ in range(3):
+        out = s.schedule()
+        assert out.kind == "mixed" and out.rows[0].seq is a and out.rows[-1].seq is long
+        chunks.append((long.num_computed, out.rows[-1].num_new_tokens, out.rows[-1].samples))
+        _run(s, out)
+    assert chunks == [(0, 128, False), (128, 128, False), (256, 44, True)]
+    assert len(long.block_table) == -(-301 // PS)  # pages for the prompt and the sampled token's slot to come
+
+
+def test_burst_of_requests_runs_as_a_prefill_step():
+    s = _sched(enable_chunked_prefill=True)
+    a = _seq(range(10), rid="a")
+    s.add(a)
+    _run(s, s.schedule())
+    b, c = _seq(range(100, 110), rid="b"), _seq(range(200, 210), rid="c")
+    s.add(b)
+    s.add(c)
+    out = s.schedule()  # two can start: one prefill step of both, the decode waits a step
+    assert out.kind == "prefill" and [r.seq for r in out.rows] == [b, c]
+
+
+def test_prefix_hit_joins_decodes_with_its_cached_pages():
+    s = _sched(enable_chunked_prefill=True)
+    prefix = list(range(500, 532))  # two full pages
+    a = _seq(prefix + [1, 2], rid="a")
+    s.add(a)
+    _run(s, s.schedule())
+    b = _seq(prefix + [7, 8, 9], rid="b")
+    s.add(b)
+    out = s.schedule()
+    assert out.kind == "mixed" and out.rows[-1].seq is b
+    assert b.num_computed == 32 and b.num_cached_tokens == 32 and out.rows[-1].num_new_tokens == 3
+    assert b.block_table[:2] == a.block_table[:2]
+
+
+def test_no_room_for_the_chunk_leaves_a_decode_step():
+    s = _sched(num_pages=4, enable_chunked_prefill=True)
+    a = _seq(range(40), rid="a")  # 3 pages of 4
+    s.add(a)
+    _run(s, s.schedule())
+    b = _seq(range(100, 140), rid="b")  # needs 3 more pages: does not fit
+    s.add(b)
+    out = s.schedule()
+    assert out.kind == "decode" and [r.seq for r in out.rows] == [a] and b in s.waiting and not b.block_table

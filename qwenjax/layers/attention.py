@@ -33,6 +33,31 @@ class AttentionMetadata:
     query_lens: jax.Array    # [B] int32 new tokens in the row; padding rows 0
 
 
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MixedMetadata:
+    """A mixed step: D decode rows ([D, 1] metadata) and a prefill segment ([B, Q] metadata) in one program.
+
+    The step's tokens are flat, [D + B * Q]: the decode rows' tokens first, then the prefill rows' (row-major,
+    padded to Q). Projections and MLPs run once over all of them (one weight read for both kinds of rows); only
+    attention treats the segments apart: decode rows through the decode kernel, prefill rows through the prefill
+    path (`has_context` says whether they may read cached pages). The segment sizes are static (array shapes).
+    """
+
+    decode: AttentionMetadata
+    prefill: AttentionMetadata
+
+
+def segments(meta: "AttentionMetadata | MixedMetadata") -> tuple[AttentionMetadata, ...]:
+    """The step's segments in token order."""
+    return (meta.decode, meta.prefill) if isinstance(meta, MixedMetadata) else (meta,)
+
+
+def flat_positions(meta: "AttentionMetadata | MixedMetadata") -> jax.Array:
+    """[T] positions of the step's tokens in token order."""
+    return jnp.concatenate([s.positions.reshape(-1) for s in segments(meta)])
+
+
 def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """Scatters new [B, Q, K, H] into pages [K, P, S, H] at flat slot indices [B, Q]; out-of-range slots drop.
 
@@ -57,8 +82,10 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     M = meta.block_tables.shape[1]
     G = N // K
     # Gather each row's pages: [K, B, M, S, H] -> [K, B, C, H] with C = M * S.
-    k = from_pages(k_pages[:, meta.block_tables], k_scale).reshape(K, B, M * S, H)
-    v = from_pages(v_pages[:, meta.block_tables], v_scale).reshape(K, B, M * S, H)
+    # Slots at or past a row's length may hold anything (stale or NaN): zero them, so 0-probability terms stay 0.
+    in_row = (jnp.arange(M * S, dtype=jnp.int32)[None, :] < meta.seq_lens[:, None])[None, :, :, None]
+    k = jnp.where(in_row, from_pages(k_pages[:, meta.block_tables], k_scale).reshape(K, B, M * S, H), 0.0)
+    v = jnp.where(in_row, from_pages(v_pages[:, meta.block_tables], v_scale).reshape(K, B, M * S, H), 0.0)
     qg = q.reshape(B, Q, K, G, H).astype(jnp.float32)
     scores = jnp.einsum("bqkgh,kbch->bkgqc", qg, k) * sm_scale
     ctx = jnp.arange(M * S, dtype=jnp.int32)
@@ -89,8 +116,8 @@ KERNEL_HEAD_DIMS = (64, 128)
 
 
 def decode_backend(head_dim: int) -> str:
-    """Which decode attention runs: "pallas" (GPU, head_dim 64 or 128) or "reference" (jnp). Logged at start-up, so
-    a GPU engine never falls back without saying so."""
+    """Which paged attention runs (decode rows and prefill rows over cached pages): "pallas" (GPU, head_dim 64 or
+    128) or "reference" (jnp). Logged at start-up, so a GPU engine never falls back without saying so."""
     return "pallas" if platform() == "gpu" and head_dim in KERNEL_HEAD_DIMS else "reference"
 
 
@@ -106,59 +133,100 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta:
     return paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
 
 
+def context_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
+                      *, sm_scale: float, k_scale: jax.Array | None = None,
+                      v_scale: jax.Array | None = None) -> jax.Array:
+    """Chunks of Q > 1 new tokens over cached pages (their own K/V already written): the Pallas prefill kernel on
+    GPU, the jnp reference elsewhere. Padding tokens of a row may differ between the two (never read)."""
+    if decode_backend(q.shape[-1]) == "pallas":
+        return sharded_prefill_kernel(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_lens,
+                                      mesh=jax.sharding.get_abstract_mesh(), sm_scale=sm_scale, k_scale=k_scale,
+                                      v_scale=v_scale)
+    return paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+
+
 def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, sm_scale: float, k_scale=None,
                           v_scale=None, interpret: bool = False):
-    """The Pallas decode kernel on each device's heads (shard_map over the "tp" axis of `mesh`).
-
-    q [S, N, H] is split on query heads. Pages [K, P, S, H] are split on kv heads when K divides over the mesh;
-    otherwise they are replicated and each device slices the one kv head its query heads belong to.
-    k_scale / v_scale (float32 scalars, None: 1.0) dequantize fp8 pages inside the kernel; every device gets both.
-    """
+    """The Pallas decode kernel, q [S, N, H], on each device's heads (see `_over_heads`)."""
     from pallas_kernels.paged_attention import paged_attention
 
-    scales = jnp.stack([jnp.asarray(1.0 if s is None else s, jnp.float32).reshape(()) for s in (k_scale, v_scale)])
-
-    def kernel(q, k, v, t, l, s):  # s [2]: (k_scale, v_scale)
+    def kernel(q, k, v, s, t, l):  # s [2]: (k_scale, v_scale)
         return paged_attention(q, k, v, t, l, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale, interpret=interpret)
 
+    return _over_heads(kernel, q, k_pages, v_pages, (block_tables, lengths), k_scale, v_scale, mesh=mesh)
+
+
+def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, *, mesh, sm_scale: float,
+                           k_scale=None, v_scale=None, interpret: bool = False):
+    """The Pallas prefill-over-pages kernel, q [B, Q, N, H], on each device's heads (see `_over_heads`)."""
+    from pallas_kernels.paged_prefill import paged_prefill_attention
+
+    def kernel(q, k, v, s, t, sl, ql):
+        return paged_prefill_attention(q, k, v, t, sl, ql, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,
+                                       interpret=interpret)
+
+    return _over_heads(kernel, q, k_pages, v_pages, (block_tables, seq_lens, query_lens), k_scale, v_scale,
+                       mesh=mesh)
+
+
+def _over_heads(kernel, q, k_pages, v_pages, rest: tuple, k_scale, v_scale, *, mesh):
+    """Runs `kernel(q, k_pages, v_pages, scales, *rest)` under shard_map over the "tp" axis of `mesh`.
+
+    q [..., N, H] is split on query heads (axis -2). Pages [K, P, S, H] are split on kv heads when K divides over
+    the mesh; otherwise they are replicated and each device slices the one kv head its query heads belong to.
+    k_scale / v_scale (float32 scalars, None: 1.0) dequantize fp8 pages inside the kernel; every device gets both.
+    `rest` (block tables, lengths) is replicated.
+    """
+    scales = jnp.stack([jnp.asarray(1.0 if s is None else s, jnp.float32).reshape(()) for s in (k_scale, v_scale)])
     n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
     if n == 1:
-        return kernel(q, k_pages, v_pages, block_tables, lengths, scales)
-    N, K = q.shape[1], k_pages.shape[0]
+        return kernel(q, k_pages, v_pages, scales, *rest)
+    N, K = q.shape[-2], k_pages.shape[0]
     G = N // K
-    heads = P(None, "tp", None)
+    heads = P(*([None] * (q.ndim - 2)), "tp", None)
     if K % n == 0:
         body, kv_spec = kernel, P("tp", None, None, None)
     elif n % K == 0 and G % (N // n) == 0:
-        def body(q, k, v, t, l, s):  # this device's N/n query heads all read kv head (first q head) // G
+        def body(q, k, v, *args):  # this device's N/n query heads all read kv head (first q head) // G
             kv = jax.lax.axis_index("tp") * (N // n) // G
             k = jax.lax.dynamic_slice_in_dim(k, kv, 1, axis=0)
             v = jax.lax.dynamic_slice_in_dim(v, kv, 1, axis=0)
-            return kernel(q, k, v, t, l, s)
+            return kernel(q, k, v, *args)
         kv_spec = P()
     else:
-        raise NotImplementedError(f"decode kernel with {N} query / {K} kv heads over a mesh of {n}")
-    return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P(), P(), P()), out_specs=heads,
-                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths, scales)
+        raise NotImplementedError(f"paged attention kernel with {N} query / {K} kv heads over a mesh of {n}")
+    return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, kv_spec, P()) + (P(),) * len(rest),
+                         out_specs=heads, check_vma=False)(q, k_pages, v_pages, scales, *rest)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-              meta: AttentionMetadata, *, has_context: bool, k_scale: jax.Array | None = None,
+              meta: AttentionMetadata | MixedMetadata, *, has_context: bool, k_scale: jax.Array | None = None,
               v_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes k/v [B, Q, K, H] into the pages and attends. Returns (out [B, Q, N, H], k_pages, v_pages).
+    """Writes k/v [T, K, H] into the pages and attends. Returns (out [T, N, H], k_pages, v_pages).
 
-    `has_context` (static) is False when every row starts at position 0, so prefill needs no page reads.
-    k_scale / v_scale: the layer's float32 scalars; used only with float8_e4m3fn pages (`fp8_kv.page_scale`).
+    The T tokens are the segments' tokens in order (`segments`): one segment of [B, Q] rows, or a mixed step's
+    decode segment then its prefill segment. `has_context` (static) is False when every prefill row starts at
+    position 0, so prefill needs no page reads. k_scale / v_scale: the layer's float32 scalars; used only with
+    float8_e4m3fn pages (`fp8_kv.page_scale`).
     """
     sm_scale = q.shape[-1] ** -0.5
     k_scale, v_scale = page_scale(k_pages.dtype, k_scale), page_scale(v_pages.dtype, v_scale)
-    k_pages = write_kv(k_pages, k, meta.slot_mapping, k_scale)
-    v_pages = write_kv(v_pages, v, meta.slot_mapping, v_scale)
+    slots = jnp.concatenate([s.slot_mapping.reshape(-1) for s in segments(meta)])
+    k_pages = write_kv(k_pages, k, slots, k_scale)
+    v_pages = write_kv(v_pages, v, slots, v_scale)
     scales = dict(k_scale=k_scale, v_scale=v_scale)
-    if q.shape[1] == 1:
-        out = decode_attention(q, k_pages, v_pages, meta, sm_scale=sm_scale, **scales)
-    elif not has_context:
-        out = prefill_attention_dense(q, k, v, meta.query_lens, sm_scale=sm_scale)
-    else:
-        out = paged_attention_reference(q, k_pages, v_pages, meta, sm_scale=sm_scale, **scales)
-    return out, k_pages, v_pages
+    outs, start = [], 0
+    for seg in segments(meta):
+        B, Q = seg.positions.shape
+        end = start + B * Q
+        qs = q[start:end].reshape(B, Q, *q.shape[1:])
+        if Q == 1:
+            out = decode_attention(qs, k_pages, v_pages, seg, sm_scale=sm_scale, **scales)
+        elif not has_context:
+            ks, vs = (x[start:end].reshape(B, Q, *x.shape[1:]) for x in (k, v))
+            out = prefill_attention_dense(qs, ks, vs, seg.query_lens, sm_scale=sm_scale)
+        else:
+            out = context_attention(qs, k_pages, v_pages, seg, sm_scale=sm_scale, **scales)
+        outs.append(out.reshape(B * Q, *q.shape[1:]))
+        start = end
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs)), k_pages, v_pages

@@ -1,7 +1,9 @@
 """Qwen2ForCausalLM as Flax NNX modules. Attribute names follow Hugging Face's, so loading is a mapping.
 
-Shapes: B rows, Q new tokens per row, D model dim, N/K query/kv heads, H head dim, F ffn dim, V vocabulary.
-The KV cache is passed in and returned (never stored on the module) so the jitted step stays pure.
+Shapes: T tokens of the step (its rows' new tokens, flat: see layers/attention.segments), D model dim, N/K query/kv
+heads, H head dim, F ffn dim, V vocabulary. Everything but attention is per token, so the layers run on [T, D]; the
+model takes ids [B, Q] (one segment of rows) or [T] (a mixed step) and returns hidden states of the same leading
+shape. The KV cache is passed in and returned (never stored on the module) so the jitted step stays pure.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
-from qwenjax.layers.attention import AttentionMetadata, attention
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, attention, flat_positions
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
@@ -42,15 +44,15 @@ class Qwen2Attention(nnx.Module):
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
 
-    def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata, has_context: bool):
-        B, Q, _ = x.shape
-        q = self.q_proj(x).reshape(B, Q, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, Q, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, Q, self.num_kv_heads, self.head_dim)
+    def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool):
+        T = x.shape[0]  # x [T, D], cos / sin [T, H]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, k_pages, v_pages = attention(q, k, v, k_pages, v_pages, meta, has_context=has_context,
                                           k_scale=self.k_scale[...], v_scale=self.v_scale[...])
-        return self.o_proj(out.reshape(B, Q, -1)), k_pages, v_pages
+        return self.o_proj(out.reshape(T, -1)), k_pages, v_pages
 
 
 class Qwen2MLP(nnx.Module):
@@ -86,15 +88,15 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
-    def __call__(self, input_ids, meta: AttentionMetadata, kv_cache: KVCache, has_context: bool):
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(meta.positions, self.head_dim, self.rope_theta)
+    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, has_context: bool):
+        x = self.embed_tokens(input_ids.reshape(-1))  # [T, D]
+        cos, sin = rope_cos_sin(flat_positions(meta), self.head_dim, self.rope_theta)
         new_cache = []
         # Python loop: the layers are unrolled into one program (a scan over stacked weights ran 2.2x slower).
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache):
             x, k_pages, v_pages = layer(x, cos, sin, k_pages, v_pages, meta, has_context)
             new_cache.append((k_pages, v_pages))
-        return self.norm(x), new_cache
+        return self.norm(x).reshape(*input_ids.shape, -1), new_cache
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -106,8 +108,8 @@ class Qwen2ForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
-    def __call__(self, input_ids, meta: AttentionMetadata, kv_cache: KVCache, *, has_context: bool):
-        """input_ids [B, Q] -> final hidden states [B, Q, D] and the updated cache."""
+    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, *, has_context: bool):
+        """input_ids [B, Q] (or [T] with MixedMetadata) -> final hidden states [B, Q, D] ([T, D]) and the cache."""
         return self.model(input_ids, meta, kv_cache, has_context)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -75,3 +75,24 @@ def test_gpu_tokens_equal_cpu_tokens(model_dir):
     cpu = json.loads(out.stdout.strip().splitlines()[-1])
     assert [o.outputs[0].token_ids for o in gpu] == cpu
     assert jax.default_backend() == "gpu"
+
+
+def test_prefill_kernel_in_every_context_and_mixed_bucket(model_dir):
+    """Context-prefill and mixed steps read pages through the Pallas prefill kernel (a mixed step also runs the decode
+    kernel): one Pallas custom call per layer and kernel, never the jnp reference."""
+    llm = LLM(model_dir, dtype="bfloat16", **ENGINE)
+    runner = llm.llm_engine.runner
+    sc = llm.llm_engine.scheduler_config
+    layers = CONFIG["num_hidden_layers"]
+    shapes = [(1, q, 0) for q in sorted({q for _, q in sc.prefill_buckets})]
+    shapes += [(b, q, d) for d, b, q in sc.mixed_buckets]
+    assert any(d for _, _, d in shapes), "no mixed buckets: chunked prefill should be on by default"
+    for b, q, d in shapes:
+        inp = dummy_input(b, q, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot,
+                          has_context=True, decode_rows=d)
+        i_buf, f_buf, layout = packing.pack(inp)
+        with jax.set_mesh(runner.mesh):
+            hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
+                                     i_buf, f_buf, has_context=True, layout=layout).compile().as_text()
+        n = sum("custom_call_target=\"__gpu$xla.gpu.triton\"" in line for line in hlo.splitlines())
+        assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}): {n} Pallas calls for {layers} layers"
