@@ -17,6 +17,7 @@
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
+#   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
@@ -161,12 +162,15 @@ for s in "${STAGES[@]}"; do
             need=90; [ "$s" = chunked-7b ] && need=240
             step "$s" $need 0 "$PY" benchmarks/chunked_prefill.py --model "$m" "${COMMON[@]}"
             ;;
+        attn-prefill)
+            step attn-prefill 60 240 "$PY" benchmarks/attention_prefill.py --sweep --out "$OUT"
+            ;;
         gputests)
-            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-300}" "$PY" -m pytest -q -ra tests/gpu --gpu -p no:cacheprovider
+            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-420}" "$PY" -m pytest -q -ra tests/gpu --gpu -p no:cacheprovider
             ;;
         serve-*)
             m=$(model_of "${s#serve-}")
-            need=120; [ "$s" = serve-7b ] && need=300
+            need=120; [ "$s" = serve-7b ] && need=360
             step "$s" $need 0 "$PY" benchmarks/serve.py --model "$m" --compare-offline "${COMMON[@]}"
             ;;
         peer-latency-*)

@@ -12,9 +12,13 @@ itl_ms_* (mean, p50, p99), req_s, output_tok_s (generated tokens / duration of t
 offline figure for the same workload and engine, speedup_vs_offline = output_tok_s / offline output_tok_s.
 
 By default the script builds the engine itself (random weights in `--model`'s shape, like the other benchmarks),
-optionally runs the same workload offline through LLM.generate on that very engine first (`--compare-offline`),
-then serves it with uvicorn on loopback and drives it from a client subprocess (so the client's Python does not
-compete with the server's for one interpreter). With `--base-url` it only drives a server that is already running.
+optionally runs the same workload offline through LLM.generate first (`--compare-offline`), then serves it with
+uvicorn on loopback as `python -m server` does, the engine in an engine core process of its own, and drives it from
+client subprocesses (so the clients' Python does not compete with the server's for one interpreter). The device
+belongs to one process at a time: the ceilings and the offline run happen in a child process that exits before the
+served engine starts (same engine arguments, so the same engine). `--disable-frontend-multiprocessing` serves from a
+thread of this process instead, on the very engine of the offline run. With `--base-url` it only drives a server that
+is already running.
 
   python benchmarks/serve.py --model qwen2-7b-instruct --compare-offline --out $OUT      # the issue's bar
   python benchmarks/serve.py --model tiny --scale 0.02 --compare-offline                 # CPU smoke run
@@ -69,8 +73,12 @@ def parse(argv=None):
     s.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                    help="gc.collect() + gc.freeze() before each timed run (offline and served alike), as python -m "
                         "server does after start-up")
+    s.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="the server's flag: its engine runs in a thread of the server's process (and the offline "
+                        "run on that same engine) instead of an engine process of its own")
     s.add_argument("--sample-stacks", action="store_true",
-                   help="sample the engine and event-loop threads' Python stacks during the served run")
+                   help="sample the event-loop thread's Python stacks during the served run, and the engine "
+                        "thread's (thread mode) or the engine reader thread's (process mode)")
     s.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
                    help="client processes sharing the requests")
     s.add_argument("--client-only", default=None, help=argparse.SUPPRESS)  # internal: workload JSON path
@@ -358,6 +366,57 @@ def _thread_cpu(tid: int) -> float | None:
         return None
 
 
+def _proc_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) of a whole process, every thread included, from /proc (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _device_phase(args, spec, prompts, olens, keep_llm: bool = False) -> dict:
+    """Everything that needs the device before serving: device info, the engine's arguments (sized against the
+    device's memory), ceilings, the engine's start-up and the offline run (--compare-offline). Runs in a child process
+    unless the server's engine runs in a thread (then `llm` is kept for it)."""
+    import throughput
+
+    common.setup_jax(args)
+    cfg = common.model_config(spec)
+    dev = common.device_info()
+    kwargs = common.engine_kwargs(args, **throughput.engine_defaults(args, prompts, olens))
+    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                       gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
+    llm, startup = common.build_llm(spec, kwargs)
+    gct = _GCTimer()
+    common.warm_generate(llm, prompts)
+    out = {"dev": dev, "kwargs": kwargs, "ceilings": ceilings, "config": common.engine_config(llm, kwargs, startup),
+           "metrics": {}, "offline": None}
+    if args.compare_offline:
+        params = [common.greedy(o) for o in olens]
+        before = common.stats_snapshot(llm)
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        gct.active = True
+        cpu0 = time.thread_time()
+        outs, wall = common.timed_generate(llm, prompts, params)
+        out["config"]["offline_thread_cpu_s"] = round(time.thread_time() - cpu0, 3)
+        gct.active = False
+        out["config"]["offline_gc"] = gct.report()
+        off_stats = common.stats_delta(before, common.stats_snapshot(llm))
+        got = sum(len(o.outputs[0].token_ids) for o in outs)
+        if got != sum(olens):
+            raise RuntimeError(f"offline run generated {got} tokens, wanted {sum(olens)}")
+        out["offline"] = got / wall
+        out["metrics"].update(offline_wall_s=wall, offline_step_ms=1e3 * wall / max(off_stats["steps"], 1),
+                              offline_steps=off_stats["steps"])
+    if keep_llm:
+        out["llm"] = llm
+    return out
+
+
 def _server_info(srv) -> dict:
     import importlib.metadata as md
 
@@ -398,45 +457,42 @@ def main(argv=None) -> dict | None:
         dev = {"device": f"remote server at {args.base_url}", "devtag": "remote", "platform": "remote", "count": None}
         client = run_clients(args, args.base_url, prompts, olens)
     else:
-        common.setup_jax(args)
-        cfg = common.model_config(spec)
-        dev = common.device_info()
-        kwargs = common.engine_kwargs(args, **throughput.engine_defaults(args, prompts, olens))
-        ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                           gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
-        llm, startup = common.build_llm(spec, kwargs)
-        gct = _GCTimer()
-        common.warm_generate(llm, prompts)
-        config.update(common.engine_config(llm, kwargs, startup))
-        if args.compare_offline:
-            params = [common.greedy(o) for o in olens]
-            before = common.stats_snapshot(llm)
-            if args.gc_freeze:
-                gc.collect()
-                gc.freeze()
-            gct.active = True
-            cpu0 = time.thread_time()
-            outs, wall = common.timed_generate(llm, prompts, params)
-            config["offline_thread_cpu_s"] = round(time.thread_time() - cpu0, 3)
-            gct.active = False
-            config["offline_gc"] = gct.report()
-            off_stats = common.stats_delta(before, common.stats_snapshot(llm))
-            got = sum(len(o.outputs[0].token_ids) for o in outs)
-            if got != sum(olens):
-                raise RuntimeError(f"offline run generated {got} tokens, wanted {sum(olens)}")
-            offline = got / wall
-            metrics_extra.update(offline_wall_s=wall, offline_step_ms=1e3 * wall / max(off_stats["steps"], 1),
-                                 offline_steps=off_stats["steps"])
+        process = not args.disable_frontend_multiprocessing
+        if process:
+            # One process owns the device at a time: the ceilings and the offline run happen in a child that exits
+            # before the served engine's own process starts (this one never initialises JAX, as python -m server).
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                phase = pool.submit(_device_phase, args, spec, prompts, olens).result()
+        else:
+            phase = _device_phase(args, spec, prompts, olens, keep_llm=True)
+        dev, ceilings, kwargs = phase["dev"], phase["ceilings"], phase["kwargs"]
+        config.update(phase["config"])
+        metrics_extra.update(phase["metrics"])
+        offline = phase["offline"] or offline
         from qwenjax.async_engine import AsyncLLMEngine
+        from qwenjax.config import EngineArgs
         from server.app import create_app
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("qwenjax.server").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        # Served from a cold prefix cache, like the offline run: the offline run's pages would otherwise turn every
-        # served prompt into a prefix hit (one context-prefill step each), which is another workload.
-        llm.reset_prefix_cache()
-        engine = AsyncLLMEngine(llm.llm_engine, stream_interval=args.stream_interval)
+        if process:
+            if args.compilation_cache_dir:  # the engine's process finds the programs the device phase compiled
+                os.environ.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(args.compilation_cache_dir),
+                                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            engine = AsyncLLMEngine(EngineArgs(model=spec.dir, load_format="dummy", **kwargs),
+                                    stream_interval=args.stream_interval)
+        else:
+            llm = phase["llm"]
+            # Served from a cold prefix cache, like the offline run: the offline run's pages would otherwise turn
+            # every served prompt into a prefix hit (one context-prefill step each), which is another workload.
+            llm.reset_prefix_cache()
+            engine = AsyncLLMEngine(llm.llm_engine, stream_interval=args.stream_interval)
+        gct = _GCTimer()
         try:
             with _Uvicorn(create_app(engine, served_model_names=[spec.name]), args.http) as srv:
                 # The server's own first requests, on reversed prompts: nothing they cache is a prefix of the run's.
@@ -445,18 +501,21 @@ def main(argv=None) -> dict | None:
                 mark = {}
 
                 def cpu():
-                    return {"loop": _thread_cpu(srv.thread.native_id), "engine": _thread_cpu(engine._thread.native_id)}
+                    eng = _proc_cpu(engine.engine_pid) if process else _thread_cpu(engine._thread.native_id)
+                    return {"loop": _thread_cpu(srv.thread.native_id), "engine": eng}
 
                 def at_start():
-                    mark.update(stats=common.stats_snapshot(llm), steps=engine.num_steps, step_s=engine.step_seconds,
-                                cpu=cpu())
+                    mark.update(stats=dict(vars(engine.engine.stats)), steps=engine.num_steps,
+                                step_s=engine.step_seconds, cpu=cpu())
 
                 if args.gc_freeze:
                     gc.collect()
                     gc.freeze()
-                gct.seconds, gct.count, gct.active = [0.0] * 3, [0] * 3, True
-                sampler = _StackSampler({"engine": engine._thread.native_id, "loop": srv.thread.native_id}) \
-                    if args.sample_stacks else contextlib.nullcontext()
+                gct.active = True
+                threads = {"loop": srv.thread.native_id}
+                threads.update({"reader": engine._client._reader.native_id} if process else
+                               {"engine": engine._thread.native_id})
+                sampler = _StackSampler(threads) if args.sample_stacks else contextlib.nullcontext()
                 with sampler:
                     client = run_clients(args, srv.url, prompts, olens, at_start)
                 gct.active = False
@@ -467,7 +526,7 @@ def main(argv=None) -> dict | None:
                         print(f"-- {name} thread, top stacks")
                         for frac, key in rows:
                             print(f"  {frac:6.3f}  {key}")
-                stats = common.stats_delta(mark["stats"], common.stats_snapshot(llm))
+                stats = common.stats_delta(mark["stats"], dict(vars(engine.engine.stats)))
                 steps, step_s = engine.num_steps - mark["steps"], engine.step_seconds - mark["step_s"]
                 cpu_end = cpu()
         finally:
@@ -476,11 +535,13 @@ def main(argv=None) -> dict | None:
         config["engine_stats"] = stats
         config["server"] = _server_info(srv)
         config["server"]["stream_interval"] = args.stream_interval
+        config["server"]["engine"] = "process" if process else "thread"
         metrics_extra.update(server_step_ms=1e3 * step_s / max(steps, 1), server_engine_busy=step_s / dur,
                              server_steps=steps)
-        if cpu_end["loop"] is not None:  # CPU seconds of the server's two threads over the timed run
+        if cpu_end["loop"] is not None:  # CPU seconds of the server's loop thread and its engine over the timed run
             config["server"]["loop_thread_cpu_s"] = round(cpu_end["loop"] - mark["cpu"]["loop"], 3)
-            config["server"]["engine_thread_cpu_s"] = round(cpu_end["engine"] - mark["cpu"]["engine"], 3)
+            config["server"]["engine_process_cpu_s" if process else "engine_thread_cpu_s"] = \
+                round(cpu_end["engine"] - mark["cpu"]["engine"], 3)
             config["server"]["loop_cpu_us_per_token"] = round(1e6 * config["server"]["loop_thread_cpu_s"] /
                                                               sum(olens), 2)
     metrics = dict(client["metrics"])

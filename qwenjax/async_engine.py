@@ -1,19 +1,34 @@
-"""AsyncLLMEngine: one background thread owns the LLMEngine (and so the device); asyncio code talks to it.
+"""AsyncLLMEngine: serves an LLMEngine to asyncio code, from a child process (the default) or from a thread.
+
+Two modes, one API (add_request -> RequestStream, abort, generate, `dead`, shutdown):
+
+  * process mode (`AsyncLLMEngine(engine_args)`, `python -m server`): the LLMEngine lives in an engine core process
+    (qwenjax/engine_core.py) spawned at start; this process never initialises JAX. The engine's host work per step
+    then runs on its own core instead of competing for one GIL with the event loop's per-token work. Commands go to
+    the child through a sender thread, one message per batch; a reader thread receives one message per engine step
+    (the outputs as deltas, plus a stats snapshot) and routes each output to its stream (qwenjax/engine_client.py).
+    `engine.engine` is then an EngineView: the tokenizer, config and counters the server reads, without the model.
+  * thread mode (`AsyncLLMEngine(llm_engine)`, or `multiprocess=False`, `--disable-frontend-multiprocessing`): one
+    background thread of this process owns the LLMEngine. Multi-host runs (num_processes > 1) always use it.
 
 Threads and ownership:
-  * the engine thread is the only one that calls into the LLMEngine's mutating methods (add_request, step,
-    abort_request). Other threads submit commands to `_commands` under `_cond` and wake it.
-  * each request has a RequestStream living on the caller's event loop. The engine thread never touches a stream's
-    loop-side state: it hands each step's outputs to the loop with ONE `call_soon_threadsafe` per loop, at the moment
-    the next step has been dispatched to the device (so the loop's per-token work runs while the engine thread waits
-    for the device with the GIL released, instead of competing with its host work), or at once when no step follows.
-  * a stream keeps only the newest RequestOutput (outputs are cumulative, so nothing is lost by skipping older ones
-    when the consumer is slower than the engine), plus the step times of its tokens for latency metrics. With
-    `stream_interval` N > 1 a request's outputs are handed over every N steps (first and last at once).
+  * only the engine's own loop (the thread, or the child) calls the LLMEngine's mutating methods (add_request, step,
+    abort_request). Other threads submit commands and wake it.
+  * each request has a RequestStream living on the caller's event loop. The engine thread (or the reader thread)
+    never touches a stream's loop-side state: it hands each step's outputs to the loop with ONE
+    `call_soon_threadsafe` per loop. The engine loop sends a step's outputs once the next step has been dispatched to
+    the device (in thread mode the loop's per-token work then runs while the engine thread waits for the device with
+    the GIL released; in process mode the pickling and the write overlap the device's work), or at once when no
+    step follows.
+  * a stream keeps only the newest output (outputs are cumulative, so nothing is lost by skipping older ones when
+    the consumer is slower than the engine), plus the step times of its tokens for latency metrics. In process mode
+    the newest output is kept as the request's accumulated deltas and built into a RequestOutput when the consumer
+    takes it. With `stream_interval` N > 1 a request's outputs are handed over every N steps (first and last at once).
 
-Failure: an exception escaping `step()` kills the loop. Every open stream then raises EngineDeadError, later
-submissions raise it at once, and `dead` turns True (the server's /health answers 503). A bad request (ValueError
-or TypeError from add_request) fails only its own stream.
+Failure: an exception escaping `step()` kills the loop, and in process mode so does the child's death (killed, out of
+memory). Every open stream then raises EngineDeadError, later submissions raise it at once, and `dead` turns True
+(the server's /health answers 503). A bad request (ValueError or TypeError from add_request) fails only its own
+stream.
 """
 
 from __future__ import annotations
@@ -25,121 +40,58 @@ import threading
 import time
 from typing import AsyncIterator
 
+from qwenjax.engine_client import EngineCoreClient, RemoteOutput
+from qwenjax.engine_core import KNOWN_ERRORS, ThroughputLog
 from qwenjax.outputs import RequestOutput
+from qwenjax.request_stream import EngineDeadError, RequestStream
 from qwenjax.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestStream"]
 
 logger = logging.getLogger("qwenjax")
 
 LOG_INTERVAL_S = 5.0
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped (an exception in a step, or shutdown); no request can be served any more."""
-
-
-class RequestStream:
-    """The outputs of one request, as an async iterator of cumulative RequestOutputs ending with a finished one.
-
-    Lives on one event loop; `_put` and `_fail` run on that loop (scheduled by the engine thread). Timing fields are
-    monotonic times of the engine steps that produced tokens: `first_token_time`, and `itl`, the gaps between
-    consecutive token-producing steps, which a metrics consumer drains with `take_itl()`.
-    """
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort):
-        self.request_id = request_id
-        self.loop = loop
-        self._abort = abort
-        self._latest: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._done = False       # the consumer has received the finished output (or the error)
-        self._closed = False     # a finished output or an error has arrived
-        self._event = asyncio.Event()
-        self.first_token_time: float | None = None
-        self.finished_time: float | None = None
-        self._last_token_time: float | None = None
-        self._step_times: list[float] = []  # engine thread only: token steps not yet delivered
-        self._delivered = False  # engine thread only: an output went out
-        self._itl: list[float] = []
-
-    @property
-    def finished(self) -> bool:
-        """True once the final output or an error arrived: nothing of this request remains in the engine."""
-        return self._closed
-
-    def take_itl(self) -> list[float]:
-        """Inter-token gaps (seconds) recorded since the last call."""
-        out, self._itl = self._itl, []
-        return out
-
-    def abort(self) -> None:
-        """Asks the engine to drop this request (thread-safe, idempotent); the stream then ends with 'abort'."""
-        if not self._closed:
-            self._abort(self.request_id)
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        while True:
-            if self._latest is not None:
-                out, self._latest = self._latest, None
-                if out.finished:
-                    self._done = True
-                return out
-            if self._error is not None and not self._done:
-                self._done = True
-                raise self._error
-            if self._done:
-                raise StopAsyncIteration
-            self._event.clear()
-            await self._event.wait()
-
-    # ---- called on the stream's loop
-    def _put(self, out: RequestOutput, times: list[float], t: float) -> None:
-        """The newest output; `times` are the engine steps that produced tokens since the last one, `t` now."""
-        if self._closed:
-            return
-        for step_time in times:
-            if self._last_token_time is None:
-                self.first_token_time = step_time
-            else:
-                self._itl.append(step_time - self._last_token_time)
-            self._last_token_time = step_time
-        self._latest = out
-        if out.finished:
-            self._closed = True
-            self.finished_time = times[-1] if times else t
-        self._event.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._error = exc
-        self._event.set()
-
-
 class AsyncLLMEngine:
     """Serves an LLMEngine to asyncio code: `add_request` / `generate` from any event loop, `abort` from anywhere.
 
-    Read-only attributes of the wrapped engine (tokenizer, max_model_len, model_config, counters) may be read from
-    other threads; nothing else of it may be called while the loop runs.
+    `engine` is EngineArgs (the engine is built in an engine core process, or with `multiprocess=False` here and run
+    in a thread) or an LLMEngine already built (run in a thread). `engine.engine` is what the server reads of the
+    engine: the LLMEngine itself in thread mode (read-only attributes only, from other threads), an EngineView in
+    process mode.
     """
 
-    def __init__(self, engine, *, log_interval_s: float = LOG_INTERVAL_S, stream_interval: int = 1,
-                 start: bool = True):
-        """stream_interval: a request's outputs reach its stream every this many engine steps (its first and last
-        output always at once). Above 1 it cuts the event loop's per-token work under heavy load, at the price of
-        chunks that carry several tokens."""
+    def __init__(self, engine, *, multiprocess: bool | None = None, log_interval_s: float = LOG_INTERVAL_S,
+                 stream_interval: int = 1, start: bool = True, engine_setup=None):
+        """multiprocess: run the engine in its own process (default when `engine` is EngineArgs; an LLMEngine
+        object always runs in a thread). stream_interval: a request's outputs reach its stream every this many engine
+        steps (its first and last output always at once); above 1 it cuts the event loop's per-token work under
+        heavy load, at the price of chunks that carry several tokens. engine_setup: a function called with the
+        LLMEngine once it is built, in whichever process runs it (picklable in process mode: a module-level
+        function); tests use it to script the sampler."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
-        self.engine = engine
-        engine.final_only = False
+        from qwenjax.config import EngineArgs
+
+        self.args = engine if isinstance(engine, EngineArgs) else getattr(engine, "args", None)
+        if not isinstance(engine, EngineArgs):
+            if multiprocess:
+                raise ValueError("multiprocess=True needs EngineArgs (the engine is built in the engine process), "
+                                 f"got a built {type(engine).__name__}")
+            multiprocess = False
+        else:
+            multiprocess = True if multiprocess is None else bool(multiprocess)
+            if multiprocess and engine.num_processes > 1:
+                logger.warning("num_processes=%d: the engine runs in a thread of this process (the engine core "
+                               "process does not combine with multi-host runs yet)", engine.num_processes)
+                multiprocess = False
+        self.multiprocess = multiprocess
         self.log_interval_s = log_interval_s
         self.stream_interval = stream_interval
         self._cond = threading.Condition()
-        self._commands: collections.deque = collections.deque()  # ("add", stream, kwargs) | ("abort", id)
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._commands: collections.deque = collections.deque()  # thread mode: ("add", stream, kwargs) | ("abort", id)
+        self._streams: dict[str, RequestStream] = {}  # thread mode: engine thread only; process mode: under _cond
         self._pending: list = []  # the last step's (stream, output, step times), delivered at the next dispatch
         # Counters for benchmarks: engine.step() calls, seconds inside them, seconds asleep with nothing to do.
         self.num_steps = 0
@@ -148,19 +100,33 @@ class AsyncLLMEngine:
         self._stopping = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._client = None
+        self.engine = None
+        if multiprocess:
+            self._client = EngineCoreClient(engine, on_step=self._on_step, on_exit=self._on_exit,
+                                            stream_interval=stream_interval, log_interval_s=log_interval_s,
+                                            engine_setup=engine_setup)
+        else:
+            if isinstance(engine, EngineArgs):
+                from qwenjax.engine import LLMEngine
+
+                engine = LLMEngine(engine)
+            if engine_setup is not None:
+                engine_setup(engine)
+            self.engine = engine
+            engine.final_only = False
         if start:
             self.start()
 
     @classmethod
     def from_engine_args(cls, args, **kwargs) -> "AsyncLLMEngine":
-        from qwenjax.engine import LLMEngine
-
-        return cls(LLMEngine(args), **kwargs)
+        """The engine built from `args`: in an engine core process unless `multiprocess=False`."""
+        return cls(args, **kwargs)
 
     # ------------------------------------------------------------------ state
     @property
     def dead(self) -> bool:
-        """True once the loop has stopped (an exception, or shutdown)."""
+        """True once the loop has stopped (an exception, the engine process's death, or shutdown)."""
         return self._error is not None
 
     @property
@@ -169,16 +135,32 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
+        if self._client is not None:
+            return self._client.is_running
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine core process's id (process mode), else None."""
+        return self._client.process.pid if self._client is not None and self._client.process is not None else None
+
     def start(self) -> None:
-        if self._thread is not None:
+        """Starts the engine loop. Process mode: spawns the engine process and returns once its engine is built
+        (raising what its start-up raised)."""
+        if self._thread is not None or (self._client is not None and self._client.process is not None):
             raise RuntimeError("the engine loop is already started")
+        if self._client is not None:
+            self.engine = self._client.start()
+            return
         self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stops the loop after its current step; open streams fail with EngineDeadError."""
+        """Stops the loop after its current step (process mode: and the engine process); open streams fail with
+        EngineDeadError."""
+        if self._client is not None:
+            self._client.shutdown(timeout)
+            return
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -189,18 +171,32 @@ class AsyncLLMEngine:
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams, *,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     arrival_time: float | None = None) -> RequestStream:
-        """Queues a request for the engine thread and returns its stream. Must be called on a running event loop.
+        """Queues a request for the engine and returns its stream. Must be called on a running event loop.
 
         Validation errors of the engine (ValueError, TypeError) are raised by the stream's first `__anext__`.
         """
-        stream = RequestStream(str(request_id), asyncio.get_running_loop(), self.abort)
+        rid = str(request_id)
+        loop = asyncio.get_running_loop()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         kwargs = dict(prompt=prompt, params=params, prompt_token_ids=prompt_token_ids, priority=priority,
-                      arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+                      arrival_time=arrival)
+        if self._client is None:
+            stream = RequestStream(rid, loop, self.abort)
+            with self._cond:
+                if self._error is not None:
+                    raise EngineDeadError(f"the engine loop is not running: {self._error}") from self._error
+                self._commands.append(("add", stream, kwargs))
+                self._cond.notify()
+            return stream
+        stream = RequestStream(rid, loop, self.abort, RemoteOutput(rid, prompt, prompt_token_ids, arrival))
         with self._cond:
             if self._error is not None:
                 raise EngineDeadError(f"the engine loop is not running: {self._error}") from self._error
-            self._commands.append(("add", stream, kwargs))
-            self._cond.notify()
+            if rid in self._streams:
+                loop.call_soon(stream._fail, ValueError(f"request id {rid!r} is already in use"))
+                return stream
+            self._streams[rid] = stream
+        self._client.submit(("add", rid, kwargs))
         return stream
 
     async def generate(self, prompt: str | None, params: SamplingParams, request_id: str,
@@ -216,12 +212,47 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Drops a request (thread-safe). Applied between steps; its pages are freed before the next step."""
+        if self._client is not None:
+            if self._error is None:
+                self._client.submit(("abort", str(request_id)))
+            return
         with self._cond:
             if self._error is None:
                 self._commands.append(("abort", str(request_id)))
                 self._cond.notify()
 
-    # ------------------------------------------------------------------ the engine thread
+    # ------------------------------------------------------------------ process mode: the reader thread
+    def _on_step(self, t_sent: float, outputs, errors, stats) -> None:
+        """One step message of the engine process: each output goes to its stream, each refused add fails its own."""
+        self.num_steps, self.step_seconds = stats["num_steps"], stats["step_seconds"]
+        self.idle_seconds = stats["idle_seconds"]
+        ready, failed = [], []
+        with self._cond:
+            streams = self._streams
+            for rid, delta, times in outputs:
+                stream = streams.get(rid)
+                if stream is None:
+                    continue
+                if delta[1]:  # finished
+                    del streams[rid]
+                ready.append((stream, delta, times))
+            for rid, kind, message in errors:
+                stream = streams.pop(rid, None)
+                if stream is not None:
+                    failed.append((stream, _rebuild_error(kind, message)))
+        if ready:
+            self._deliver(ready, _put_deltas)
+        for stream, exc in failed:
+            self._fail([stream], exc)
+
+    def _on_exit(self, reason: str) -> None:
+        exc = EngineDeadError(reason)
+        with self._cond:
+            self._error = exc
+            streams, self._streams = list(self._streams.values()), {}
+        self._fail(streams, exc)
+
+    # ------------------------------------------------------------------ thread mode: the engine thread
     def _flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
@@ -229,7 +260,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         engine = self.engine
-        log = _ThroughputLog(engine, self.log_interval_s)
+        log = ThroughputLog(engine, self.log_interval_s)
         try:
             while True:
                 with self._cond:
@@ -316,15 +347,16 @@ class AsyncLLMEngine:
                     ready.append((stream, engine.request_output(req), []))  # finished, finish_reason "abort"
         return ready
 
+    # ------------------------------------------------------------------ both modes
     @staticmethod
-    def _deliver(ready) -> None:
-        """Hands (stream, output, step time) triples to their event loops, one callback per loop."""
+    def _deliver(ready, put=None) -> None:
+        """Hands (stream, output, step times) triples to their event loops, one callback per loop."""
         by_loop: dict = {}
         for item in ready:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items, time.monotonic())
+                loop.call_soon_threadsafe(put or _put_all, items, time.monotonic())
             except RuntimeError:  # the loop is closed: its clients are gone
                 pass
 
@@ -342,38 +374,12 @@ def _put_all(items, t: float) -> None:
         stream._put(out, times, t)
 
 
-class _ThroughputLog:
-    """Logs throughput, queue sizes and KV usage every `interval` seconds while the engine is busy."""
+def _put_deltas(items, t: float) -> None:
+    for stream, delta, times in items:
+        stream._put_delta(delta, times, t)
 
-    def __init__(self, engine, interval: float):
-        self.engine = engine
-        self.interval = interval
-        self.t0 = time.monotonic()
-        self.prompt0 = engine.stats.prompt_tokens
-        self.gen0 = engine.stats.generation_tokens
-        self.busy = False
 
-    def begin(self) -> None:
-        if not self.busy:  # a burst starts: measure from here, not from the end of the last one
-            self.t0 = time.monotonic()
-            self.prompt0, self.gen0 = self.engine.stats.prompt_tokens, self.engine.stats.generation_tokens
-            self.busy = True
-
-    def step(self, now: float) -> None:
-        if now - self.t0 >= self.interval:
-            self._emit(now)
-
-    def idle(self) -> None:
-        now = time.monotonic()
-        if self.busy and now - self.t0 >= 1.0:  # the tail of a burst, unless too short to say anything
-            self._emit(now)
-        self.busy = False
-
-    def _emit(self, now: float) -> None:
-        e, dt = self.engine, max(now - self.t0, 1e-9)
-        s = e.stats
-        logger.info("prompt throughput: %.1f tokens/s, generation throughput: %.1f tokens/s, running: %d, "
-                    "waiting: %d, KV cache usage: %.1f%%, preemptions: %d", (s.prompt_tokens - self.prompt0) / dt,
-                    (s.generation_tokens - self.gen0) / dt, e.num_running, e.num_waiting, 100.0 * e.blocks.usage,
-                    s.preemptions)
-        self.t0, self.prompt0, self.gen0 = now, s.prompt_tokens, s.generation_tokens
+def _rebuild_error(kind: str, message: str) -> BaseException:
+    """The engine process's validation error as the same exception type (ValueError, TypeError, ...)."""
+    cls = KNOWN_ERRORS.get(kind)
+    return cls(message) if cls is not None else RuntimeError(f"{kind}: {message}")

@@ -1,7 +1,9 @@
 """python -m server [--model PATH_OR_HUB_ID] [--mesh N] ...: the OpenAI-compatible server (vLLM's flags).
 
 Loads and compiles the model before binding the port, then serves until interrupted. With no --model it serves the
-built-in default model (random weights, real Qwen2 tokenizer).
+built-in default model (random weights, real Qwen2 tokenizer). The engine runs in its own process (the engine core:
+JAX, the model, scheduling, detokenization), this one serves HTTP; --disable-frontend-multiprocessing runs the
+engine in a thread of this process instead (multi-host runs always do).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="send each stream's new text every N engine steps (first and last at once); >1 lightens "
                         "the server's per-token work under heavy load")
     s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
+    s.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="run the engine in a thread of the server's process instead of its own process (the "
+                        "engine's host work then shares one GIL with the HTTP event loop: slower under load)")
 
     e = p.add_argument_group("engine (shared with qwenjax.LLM)")
     e.add_argument("--model", default=None, help="checkpoint directory or Hugging Face id (cached offline); "
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  steps)
         return
     try:
-        engine = AsyncLLMEngine.from_engine_args(args, log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
+        engine = AsyncLLMEngine.from_engine_args(args, multiprocess=not ns.disable_frontend_multiprocessing,
+                                                 log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
                                                  stream_interval=ns.stream_interval)
     except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.

@@ -1,9 +1,12 @@
 """The OpenAI-compatible server end to end: real uvicorn on loopback, the built-in default model on CPU, the official
-`openai` client, curl, and load from many concurrent clients. One engine serves the whole module (two apps).
+`openai` client, curl, and load from many concurrent clients. One engine serves the whole module (two apps), in an
+engine core process as `python -m server` runs it: what the tests read of the engine (counters, free pages) comes
+from the child's stats snapshots.
 
-Some tests need known output text from a model with random weights: a request whose seed is in FORCED gets its sampled
-token ids replaced by a script after the real sampler ran (the engine, detokenizer, stop checker and server paths are
-all the real ones; only the sampler's choice is overridden).
+Some tests need known output text from a model with random weights: a request whose seed is in FORCED_TEXTS gets its
+sampled token ids replaced by a script (one token per UTF-8 byte of the text) after the real sampler ran, in the
+engine process (the engine, detokenizer, stop checker and server paths are all the real ones; only the sampler's
+choice is overridden).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ ENGINE_ARGS = EngineArgs(model=None, dtype="float32", max_model_len=256, max_num
                          decode_buckets=(4, 256), prefill_token_buckets=(64,), num_kv_pages=1024,
                          generation_config="vllm")
 API_KEY = "test-key-123"
-FORCED: dict[int, list[int]] = {}  # seed -> token ids the sampler is made to produce, in order
+FORCED_TEXTS = {4242: "Hello world. STOP and more",  # S, T, O, P arrive one token each
+                777: "你好，世界！🎉😀 Qwen2 说：“欢迎来到北京” 👨‍👩‍👧 ok"}  # CJK and emoji split over 3-4 tokens
+FORCED: dict[int, list[int]] = {}  # in the engine's process: seed -> token ids the sampler is made to produce
 
 GUIDE_BODY = """{
     "model": "Qwen/Qwen2-7B-Instruct",
@@ -76,6 +81,8 @@ class ServerThread:
 
 
 def _force_sampled_tokens(llm: LLMEngine) -> None:
+    """engine_setup hook (runs in the engine process): scripts the sampler for the seeds of FORCED_TEXTS."""
+    FORCED.update({seed: byte_tokens(llm.tokenizer, text) for seed, text in FORCED_TEXTS.items()})
     original = llm.runner.execute
 
     def execute(*args, **kwargs):
@@ -98,9 +105,8 @@ def _force_sampled_tokens(llm: LLMEngine) -> None:
 
 @pytest.fixture(scope="module")
 def engine():
-    llm = LLMEngine(ENGINE_ARGS)
-    _force_sampled_tokens(llm)
-    eng = AsyncLLMEngine(llm)
+    eng = AsyncLLMEngine(ENGINE_ARGS, engine_setup=_force_sampled_tokens)  # an engine core process
+    assert eng.multiprocess and eng.engine_pid is not None
     yield eng
     eng.shutdown()
 
@@ -237,9 +243,8 @@ def test_completions_batch_of_prompts_and_echo(client, tok):
 
 
 def test_stop_string_is_cut_and_never_streamed(client, tok):
-    text = "Hello world. STOP and more"
-    FORCED[4242] = byte_tokens(tok, text)  # S, T, O, P arrive one token each: the stream must hold "S", "ST", ...
-    kw = dict(model=MODEL, prompt="x", max_tokens=len(FORCED[4242]), temperature=0, seed=4242, stop=["STOP"])
+    script = byte_tokens(tok, FORCED_TEXTS[4242])  # S, T, O, P arrive one token each: the stream must hold "S", ...
+    kw = dict(model=MODEL, prompt="x", max_tokens=len(script), temperature=0, seed=4242, stop=["STOP"])
     full = client.completions.create(**kw)
     assert full.choices[0].text == "Hello world. " and full.choices[0].finish_reason == "stop"
     assert full.choices[0].model_extra["stop_reason"] == "STOP"
@@ -250,9 +255,8 @@ def test_stop_string_is_cut_and_never_streamed(client, tok):
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_chinese_and_emoji_stream_without_broken_characters(client, tok, endpoint):
-    text = "你好，世界！🎉😀 Qwen2 说：“欢迎来到北京” 👨‍👩‍👧 ok"
-    FORCED[777] = byte_tokens(tok, text)  # every CJK character and emoji split over 3-4 single-byte tokens
-    kw = dict(model=MODEL, max_tokens=len(FORCED[777]), temperature=0, seed=777, stream=True)
+    text = FORCED_TEXTS[777]  # every CJK character and emoji split over 3-4 single-byte tokens
+    kw = dict(model=MODEL, max_tokens=len(byte_tokens(tok, text)), temperature=0, seed=777, stream=True)
     if endpoint == "chat":
         chunks = client.chat.completions.create(messages=[{"role": "user", "content": "说你好"}], **kw)
         pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
@@ -472,7 +476,7 @@ def test_200_concurrent_streams_batch_together(server, engine):
 
 
 def test_100_disconnecting_clients_free_every_page(server, engine):
-    llm = engine.engine
+    llm = engine.engine  # the engine process's counters, as of its newest step message
 
     async def leave_streaming(c, i):
         body = {"model": MODEL, "prompt": f"leave {i}", "max_tokens": 200, "ignore_eos": True, "temperature": 0,
@@ -498,7 +502,7 @@ def test_100_disconnecting_clients_free_every_page(server, engine):
     asyncio.run(main())
     deadline = time.monotonic() + 120
     while llm.blocks.num_free != llm.blocks.num_pages or llm.has_unfinished_requests():
-        assert time.monotonic() < deadline, (llm.blocks.num_free, llm.blocks.num_pages, len(llm.requests))
+        assert time.monotonic() < deadline, (llm.blocks.num_free, llm.blocks.num_pages, llm.num_requests)
         time.sleep(0.05)
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "still alive?", "max_tokens": 3,
                                                          "temperature": 0}, timeout=120)

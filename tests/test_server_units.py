@@ -159,6 +159,14 @@ def test_bad_request_fails_only_its_own_stream():
         eng.shutdown()
 
 
+def test_a_built_engine_runs_in_a_thread():
+    fake = FakeEngine()
+    with pytest.raises(ValueError, match="multiprocess=True needs EngineArgs"):
+        AsyncLLMEngine(fake, multiprocess=True, start=False)
+    eng = AsyncLLMEngine(fake, start=False)
+    assert not eng.multiprocess and eng.engine is fake and eng.engine_pid is None
+
+
 def test_idle_loop_sleeps():
     fake = FakeEngine()
     eng = AsyncLLMEngine(fake)
@@ -177,30 +185,31 @@ def test_idle_loop_sleeps():
     assert not eng.is_running
 
 
-def test_engine_death_reaches_every_request_and_health():
-    tok = load_tokenizer(default_tokenizer_dir())
-    fake = FakeEngine(tok, fail_at_step=3)
-    eng = AsyncLLMEngine(fake)
+def check_engine_death(eng, params: SamplingParams, message: str) -> None:
+    """Three requests on an engine whose loop dies at a step with `message`: each fails with EngineDeadError, later
+    submissions fail at once, /health and new HTTP requests answer 503."""
     app = create_app(eng, served_model_names=["m"])
 
     async def main():
-        waiting = [eng.add_request(f"d{i}", "z" * 1000, SamplingParams()) for i in range(3)]
+        waiting = [eng.add_request(f"d{i}", "z" * 50, params) for i in range(3)]
         for s in waiting:
-            with pytest.raises(EngineDeadError, match="device on fire"):
+            with pytest.raises(EngineDeadError, match=message):
                 async for _ in s:
                     pass
         assert eng.dead
         with pytest.raises(EngineDeadError):
             eng.add_request("late", "z", SamplingParams())
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            health = await c.get("/health")
-            late = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        return health, late
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/health"), await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
 
     health, late = run(main())
-    assert health.status_code == 503 and "device on fire" in health.json()["error"]["message"]
+    assert health.status_code == 503 and message in health.json()["error"]["message"]
     assert late.status_code == 503 and late.json()["error"]["type"] == "server_error"
+
+
+def test_engine_death_reaches_every_request_and_health():
+    tok = load_tokenizer(default_tokenizer_dir())
+    check_engine_death(AsyncLLMEngine(FakeEngine(tok, fail_at_step=3)), SamplingParams(), "device on fire")
 
 
 def test_engine_death_mid_request_is_an_http_error():
@@ -235,6 +244,8 @@ def test_cli_flags_map_onto_engine_args():
     assert engine_args(make_parser().parse_args(["--tensor-parallel-size", "2"])).tensor_parallel_size == 2
     d = make_parser().parse_args([])
     assert (d.host, d.port, d.model) == ("localhost", 8000, None)
+    assert not d.disable_frontend_multiprocessing  # the engine runs in its own process by default
+    assert make_parser().parse_args(["--disable-frontend-multiprocessing"]).disable_frontend_multiprocessing
     assert served_names(d) == ["qwenjax/tiny-random-qwen2"]
     assert served_names(make_parser().parse_args(["--model", "/x/y"])) == ["/x/y"]
 

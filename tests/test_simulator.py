@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwenjax.layers.attention import segments
 from qwenjax.sim import (Fixed, Gamma, Lengths, LengthsFromFile, LogNormal, OnOff, Poisson, SimConfig, StepSample,
                          StepShape, StepTimeModel, Trace, TraceRequest, Uniform, compare_policies, make_trace,
                          simulate)
@@ -327,12 +328,23 @@ class _EmulatedDevice:
         self.model, self.free = model, 0.0
 
     def execute(self, inp, has_context, tensors, mode):
-        B, Q = inp.input_ids.shape
-        q, lens = np.asarray(inp.meta.query_lens), np.asarray(inp.meta.seq_lens)
-        kv = int(lens.sum()) if Q == 1 or has_context else 0
-        shape = StepShape("decode" if Q == 1 else "prefill", int((q > 0).sum()), int(q.sum()), kv, B, B * Q)
+        parts = []
+        for seg in segments(inp.meta):  # one segment, or a mixed step's decode and prefill segments
+            B, Q = seg.positions.shape
+            q, lens = np.asarray(seg.query_lens), np.asarray(seg.seq_lens)
+            kv = int(lens.sum()) if Q == 1 or has_context else 0
+            parts.append(StepShape("decode" if Q == 1 else "prefill", int((q > 0).sum()), int(q.sum()), kv, B, B * Q))
+        if len(parts) == 1:
+            shape = parts[0]
+        else:
+            d, p = parts
+            shape = StepShape("mixed", d.rows + p.rows, d.new_tokens + p.new_tokens,
+                              d.kv_tokens_read + p.kv_tokens_read, d.padded_rows + p.padded_rows,
+                              d.padded_tokens + p.padded_tokens, decode_rows=d.rows,
+                              decode_padded_rows=d.padded_rows, decode_kv_tokens=d.kv_tokens_read)
         self.free = max(self.free, time.monotonic()) + self.model.time(shape)
-        return types.SimpleNamespace(token_ids=_Pending(np.full((B,), 100, np.int32), self.free)), None
+        rows = inp.slots.shape[0]
+        return types.SimpleNamespace(token_ids=_Pending(np.full((rows,), 100, np.int32), self.free)), None
 
 
 def test_profile_and_simulation_reproduce_an_emulated_device():

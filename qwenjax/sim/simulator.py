@@ -56,12 +56,14 @@ class SimConfig:
     @classmethod
     def build(cls, *, max_model_len: int = 2048, max_num_seqs: int = 128, max_num_batched_tokens: int | None = None,
               block_size: int = 16, num_kv_pages: int | None = None, enable_prefix_caching: bool = True,
-              async_scheduling: bool = True, decode_buckets=None, prefill_token_buckets=None) -> "SimConfig":
+              async_scheduling: bool = True, decode_buckets=None, prefill_token_buckets=None,
+              enable_chunked_prefill: bool = True) -> "SimConfig":
         """Engine argument names and defaults, resolved as the engine resolves them (model_setup.load_model).
         num_kv_pages None: room for max_num_seqs sequences at max_model_len (no preemption)."""
         sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                                   decode_buckets=decode_buckets, prefill_token_buckets=prefill_token_buckets)
+                                   decode_buckets=decode_buckets, prefill_token_buckets=prefill_token_buckets,
+                                   enable_chunked_prefill=enable_chunked_prefill)
         pages = num_kv_pages if num_kv_pages is not None else sc.max_num_seqs * sc.max_pages_per_seq
         return cls(scheduler=sc, num_kv_pages=pages, enable_prefix_caching=enable_prefix_caching,
                    async_scheduling=async_scheduling)
@@ -80,14 +82,16 @@ class SimConfig:
                          max_num_batched_tokens=d["max_num_batched_tokens"], block_size=d["block_size"],
                          num_kv_pages=d["num_kv_pages"], enable_prefix_caching=d["enable_prefix_caching"],
                          async_scheduling=d.get("async_scheduling", True), decode_buckets=d["decode_buckets"],
-                         prefill_token_buckets=sorted({q for _, q in d["prefill_buckets"]}))
+                         prefill_token_buckets=sorted({q for _, q in d["prefill_buckets"]}),
+                         enable_chunked_prefill=bool(d.get("mixed_chunks", ())))
 
     def to_dict(self) -> dict:
         sc = self.scheduler
         return {"max_model_len": sc.max_model_len, "max_num_seqs": sc.max_num_seqs,
                 "max_num_batched_tokens": sc.max_num_batched_tokens, "block_size": sc.block_size,
                 "decode_buckets": list(sc.decode_buckets), "prefill_buckets": [list(b) for b in sc.prefill_buckets],
-                "max_prefill_chunk": sc.max_prefill_chunk, "num_kv_pages": self.num_kv_pages,
+                "max_prefill_chunk": sc.max_prefill_chunk, "mixed_chunks": list(sc.mixed_chunks),
+                "num_kv_pages": self.num_kv_pages,
                 "enable_prefix_caching": self.enable_prefix_caching, "async_scheduling": self.async_scheduling}
 
 
@@ -177,7 +181,7 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
                              priority=r.priority, client=r.client) for i, r in enumerate(trace)]
     n, nxt = len(trace), 0
     clock = 0.0
-    steps = {"prefill": 0, "decode": 0}
+    steps = {"prefill": 0, "decode": 0, "mixed": 0}
     busy = 0.0
     decode_rows = 0
     in_flight = None  # async: (sampling rows, end, duration) of the step whose tokens are not handled yet
@@ -208,8 +212,8 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
             clock += dt
             busy += dt
             steps[out.kind] += 1
-            if out.kind == "decode":
-                decode_rows += len(out.rows)
+            if out.kind != "prefill":
+                decode_rows += len(out.rows) - (out.kind == "mixed")
             launched = (sampled, clock, dt)
         if config.async_scheduling:
             done, in_flight = in_flight, launched
@@ -234,7 +238,8 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
         if blocks.num_free != blocks.num_pages:
             raise AssertionError(f"{blocks.num_pages - blocks.num_free} KV pages still held after the trace")
     metrics = _metrics(records, blocks, sched, steps, busy)
-    metrics["decode_batch_mean"] = decode_rows / steps["decode"] if steps["decode"] else 0.0
+    decode_steps = steps["decode"] + steps["mixed"]
+    metrics["decode_batch_mean"] = decode_rows / decode_steps if decode_steps else 0.0
     return SimReport(policy=name, metrics=metrics, requests=tuple(records))
 
 
@@ -268,7 +273,7 @@ def _metrics(records: list[RequestRecord], blocks: BlockManager, sched: Schedule
         m[f"{name}_ms_p50"] = float(np.percentile(arr, 50)) if len(arr) else None
         m[f"{name}_ms_p99"] = float(np.percentile(arr, 99)) if len(arr) else None
     m.update({"preemptions": sched.num_preemptions, "prefill_steps": steps["prefill"],
-              "decode_steps": steps["decode"], "busy_s": busy,
+              "decode_steps": steps["decode"], "mixed_steps": steps["mixed"], "busy_s": busy,
               "prefix_cache_queries": blocks.query_tokens, "prefix_cache_hits": blocks.hit_tokens,
               "prefix_cache_hit_rate": blocks.hit_tokens / blocks.query_tokens if blocks.query_tokens else 0.0,
               "kv_pages": blocks.num_pages, "kv_pages_free_at_end": blocks.num_free})

@@ -50,22 +50,38 @@ FEATURES = {
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    kind: str              # "prefill" | "decode"
+    kind: str              # "prefill" | "decode" | "mixed" (a decode step with one prefill row, see scheduler.py)
     rows: int              # sequences in the step
     new_tokens: int        # tokens the step computes (sum of its rows' num_new_tokens)
     kv_tokens_read: int    # KV tokens attention reads from pages: decode and context prefill; 0 for a dense prefill
-    padded_rows: int       # B of the compiled bucket
-    padded_tokens: int     # B * Q of the compiled bucket
+    padded_rows: int       # B of the compiled bucket (mixed: D + B)
+    padded_tokens: int     # B * Q of the compiled bucket (mixed: D + B * Q)
+    # mixed only: the decode segment's rows, its padded rows D, and the KV tokens its rows read
+    decode_rows: int = 0
+    decode_padded_rows: int = 0
+    decode_kv_tokens: int = 0
+
+    def parts(self) -> tuple["StepShape", "StepShape"]:
+        """A mixed step as its decode segment and its prefill segment, each shaped as a step of its own."""
+        d = StepShape("decode", self.decode_rows, self.decode_rows, self.decode_kv_tokens, self.decode_padded_rows,
+                      self.decode_padded_rows)
+        p = StepShape("prefill", self.rows - self.decode_rows, self.new_tokens - self.decode_rows,
+                      self.kv_tokens_read - self.decode_kv_tokens, self.padded_rows - self.decode_padded_rows,
+                      self.padded_tokens - self.decode_padded_rows)
+        return d, p
 
 
 def step_shape(out) -> StepShape:
     """The shape of a SchedulerOutput. Call it before the engine counts the step's tokens (num_computed is still the
     rows' start)."""
     B, Q = out.bucket
-    reads_pages = out.kind == "decode" or out.has_context  # a fresh prefill attends its new tokens densely
+    D = out.decode_bucket
+    reads_pages = out.kind != "prefill" or out.has_context  # a fresh prefill attends its new tokens densely
     kv = sum(r.seq.num_computed + r.num_new_tokens for r in out.rows) if reads_pages else 0
+    decode_kv = sum(r.seq.num_computed + 1 for r in out.rows[:out.num_decode])
     return StepShape(kind=out.kind, rows=len(out.rows), new_tokens=sum(r.num_new_tokens for r in out.rows),
-                     kv_tokens_read=kv, padded_rows=B, padded_tokens=B * Q)
+                     kv_tokens_read=kv, padded_rows=D + B, padded_tokens=D + B * Q, decode_rows=out.num_decode,
+                     decode_padded_rows=D, decode_kv_tokens=decode_kv if D else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +96,18 @@ class StepSample:
     padded_tokens: int
     seconds: float
     steps: int = 1
+    decode_rows: int = 0          # mixed steps: as in StepShape
+    decode_padded_rows: int = 0
+    decode_kv_tokens: float = 0
+
+    parts = StepShape.parts
 
     @classmethod
     def of(cls, shape: StepShape, seconds: float, steps: int = 1) -> "StepSample":
         return cls(kind=shape.kind, rows=shape.rows, new_tokens=shape.new_tokens,
                    kv_tokens_read=shape.kv_tokens_read, padded_rows=shape.padded_rows,
-                   padded_tokens=shape.padded_tokens, seconds=seconds, steps=steps)
+                   padded_tokens=shape.padded_tokens, seconds=seconds, steps=steps, decode_rows=shape.decode_rows,
+                   decode_padded_rows=shape.decode_padded_rows, decode_kv_tokens=shape.decode_kv_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,6 +158,9 @@ class StepTimeModel:
     meta: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # where it was fitted
 
     def linear(self, shape: StepShape | StepSample) -> float:
+        if shape.kind == "mixed":  # its decode segment and its prefill row, with one step's fixed cost, not two
+            d, p = shape.parts()
+            return self.linear(d) + self.linear(p) - min(self.decode.base, self.prefill.base)
         c = self.decode if shape.kind == "decode" else self.prefill
         return float(np.dot([getattr(c, f) for f in FEATURES[shape.kind]], _features(shape.kind, shape)))
 

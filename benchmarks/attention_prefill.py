@@ -1,0 +1,134 @@
+"""Paged prefill attention on one GPU: our Pallas kernel (a chunk over its pages, causal) against cuDNN's and jax's
+Mosaic GPU flash attention on the same tokens held contiguously.
+
+Workload (BENCHMARKS.md `attention-prefill`): one prompt of 2048, 4096 and 8192 tokens prefilled over pages (no
+cached prefix, causal), Qwen2-7B's attention shape (28 q / 4 kv heads, dim 128), bf16, page 16; plus, for the record,
+a 512-token chunk after 7680 cached tokens (the engine's mixed-step shape). Peers on the contiguous tokens:
+`jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)` (bf16) and
+`jax.experimental.pallas.ops.gpu.attention_mgpu` (fp16: it rejects bf16 on jax 0.11.2), each timed in the same run.
+TFLOP/s counts the causal work: 4 * H * N * (T^2 / 2) for T tokens (2 * H * N * T * C for a chunk of T over C).
+
+    python3 benchmarks/attention_prefill.py [--sweep] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from attention_decode import HEAD_DIM, HEADS, KV_HEADS, MODEL, PAGE, commit, device_name, log, time_us, write  # noqa: E402
+from pallas_kernels.paged_prefill import default_settings, paged_prefill_attention  # noqa: E402
+
+LENGTHS = (2048, 4096, 8192)
+
+
+def make_case(key, chunk: int, cached: int):
+    """q [1, chunk, N, H] and pages holding cached + chunk tokens (random order), plus the contiguous K/V."""
+    total = cached + chunk
+    pages = -(-total // PAGE)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (1, chunk, HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, total, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, total, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    perm = np.random.default_rng(0).permutation(pages + 1).astype(np.int32)
+    table = perm[:pages]
+
+    def to_pages(x):  # [1, total, K, H] -> [K, P + 1, PAGE, H] with the row's pages at `table`
+        x = jnp.pad(x[0], ((0, pages * PAGE - total), (0, 0), (0, 0))).reshape(pages, PAGE, KV_HEADS, HEAD_DIM)
+        out = jnp.zeros((pages + 1, PAGE, KV_HEADS, HEAD_DIM), x.dtype).at[table].set(x)
+        return out.transpose(2, 0, 1, 3)
+
+    return (q, to_pages(k), to_pages(v), jnp.asarray(table[None]), jnp.asarray([total], jnp.int32),
+            jnp.asarray([chunk], jnp.int32)), (k, v)
+
+
+def flops(chunk: int, cached: int) -> float:
+    # q . k and p . v over the visible tokens: chunk token i sees cached + i + 1.
+    visible = chunk * cached + chunk * (chunk + 1) / 2
+    return 4.0 * HEADS * HEAD_DIM * visible
+
+
+def cudnn_fn():
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+
+
+def mgpu_fn():
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+    return jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
+
+
+def run_case(name, chunk, cached, *, peers=True, sweep=False):
+    args, (k, v) = make_case(jax.random.key(chunk + cached), chunk, cached)
+    f = flops(chunk, cached)
+    bq, ppb = default_settings(HEADS, KV_HEADS, PAGE, HEAD_DIM)
+    ours = jax.jit(lambda *a: paged_prefill_attention(*a))
+    us = time_us(ours, *args, iters=10, reps=5)
+    row = dict(name=name, chunk=chunk, cached=cached, us=us, tflops=f / us / 1e6,
+               settings=dict(block_q=bq, pages_per_block=ppb))
+    log(f"{name}: ours {us:.1f} us, {row['tflops']:.1f} TFLOP/s")
+    if sweep:
+        row["sweep"] = []
+        for bq_, ppb_, warps, stages in ((16, 4, 4, 2), (16, 4, 8, 2), (16, 8, 8, 2), (8, 4, 4, 2), (16, 2, 4, 3),
+                                         (16, 4, 4, 3), (32, 4, 8, 2), (16, 8, 4, 3)):
+            fn = jax.jit(lambda *a, bq_=bq_, ppb_=ppb_, w=warps, s=stages: paged_prefill_attention(
+                *a, block_q=bq_, pages_per_block=ppb_, num_warps=w, num_stages=s))
+            try:
+                t = time_us(fn, *args, iters=10, reps=3)
+                row["sweep"].append(dict(block_q=bq_, pages_per_block=ppb_, num_warps=warps, num_stages=stages, us=t))
+                log(f"  sweep bq={bq_} ppb={ppb_} warps={warps} stages={stages}: {t:.1f} us")
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile is recorded and skipped
+                row["sweep"].append(dict(block_q=bq_, pages_per_block=ppb_, num_warps=warps, num_stages=stages,
+                                         error=str(e)[:200]))
+    if peers and cached == 0:
+        qc, kc, vc = args[0], k, v
+        for peer, fn, cast in (("cudnn", cudnn_fn, jnp.bfloat16), ("attention_mgpu", mgpu_fn, jnp.float16)):
+            try:
+                t = time_us(fn(), qc.astype(cast), kc.astype(cast), vc.astype(cast), iters=10, reps=5)
+                row[peer] = dict(us=t, tflops=f / t / 1e6, dtype=jnp.dtype(cast).name)
+                row[f"speedup_vs_{peer}"] = t / us
+                log(f"  {peer}: {t:.1f} us, {f / t / 1e6:.1f} TFLOP/s -> ours {t / us:.2f}x")
+            except Exception as e:  # noqa: BLE001 - a peer that fails is recorded, not fatal
+                row[peer] = dict(error=str(e)[:300])
+                log(f"  {peer}: failed: {str(e)[:200]}")
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="time our kernel over a few tile / launch settings")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
+    a = ap.parse_args()
+    log(f"device {device_name()}, jax {jax.__version__}, commit {commit()}")
+    rows = [run_case(f"prefill-{t}", t, 0, sweep=a.sweep and t == 4096) for t in LENGTHS]
+    rows.append(run_case("chunk-512-after-7680", 512, 7680, peers=False))
+    main_rows = rows[:len(LENGTHS)]
+
+    def mean(key):
+        vals = [r[key] for r in main_rows if isinstance(r.get(key), float)]
+        return float(np.mean(vals)) if vals else None
+
+    result = dict(benchmark="attention-prefill", model=MODEL, device=device_name(), mesh=1, commit=commit(),
+                  jax=jax.__version__,
+                  config=dict(lengths=list(LENGTHS), q_heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                              page_size=PAGE, q_dtype="bfloat16", kv_cache_dtype="bfloat16", causal=True),
+                  ceilings={}, metrics=dict(tflops=mean("tflops"), speedup_vs_cudnn=mean("speedup_vs_cudnn"),
+                                            speedup_vs_attention_mgpu=mean("speedup_vs_attention_mgpu")),
+                  peers={}, cases=rows)
+    write(a.out, "attention-prefill", result)
+    print("== attention-prefill")
+    for r in rows:
+        print(f"  {r['name']:22s} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s  "
+              f"cudnn {r.get('speedup_vs_cudnn', float('nan')):.2f}x  "
+              f"mgpu {r.get('speedup_vs_attention_mgpu', float('nan')):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
