@@ -4,7 +4,12 @@ Byte-level BPE (every Qwen2 tokenizer) maps tokens to BYTES, so one character (C
 tokens; decoding a prefix that ends mid-character yields U+FFFD. We never emit such a tail: each step decodes a
 small window of recent tokens and emits only once the window's text no longer ends in U+FFFD.
 
-Window invariant: ``self._window = context + pending`` where
+Fast path (byte-level BPE tokenizers whose decode is the concatenation of the tokens' bytes, Qwen2's): each token
+is looked up in a per-tokenizer table of its bytes and fed to an incremental UTF-8 decoder, which holds an incomplete
+tail by itself: no tokenizer call per token (about 1 us a token instead of about 10). The general path below serves
+every other tokenizer.
+
+Window invariant (general path): ``self._window = context + pending`` where
   * ``context`` (``self._window[:self._read]``) are tokens whose text is already emitted (or prompt tokens), it
     ends on a character boundary and decodes to ``self._context_len`` characters;
   * ``pending`` are tokens whose text is not yet emitted (at most a few: an incomplete UTF-8 tail is <= 3 bytes).
@@ -15,6 +20,7 @@ the new context, trimmed to ``_CONTEXT_TOKENS``, so each step decodes O(new toke
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 import transformers
@@ -24,6 +30,54 @@ _REPLACEMENT_CHAR = "\ufffd"
 # Tokens kept before the pending ones as decoding context. Byte-level BPE needs none (its decode is context-free
 # concatenation of bytes); it only matters for decoders that treat the first token specially.
 _CONTEXT_TOKENS = 4
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the printable character each byte is written as in a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_TABLES: dict[int, tuple] = {}  # id(backend tokenizer) -> (backend tokenizer, pieces, special ids)
+
+
+def byte_table(tokenizer) -> tuple[list[bytes], frozenset[int]] | None:
+    """(bytes of each token id, the special token ids) for a byte-level BPE tokenizer whose decode is exactly the
+    UTF-8 decoding (errors replaced) of its tokens' bytes, special ones as their text; None for any other.
+
+    Ids the vocabulary does not know decode to nothing, as in the tokenizer's own decode.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel" or \
+            getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    hit = _TABLES.get(id(backend))
+    if hit is not None and hit[0] is backend:
+        return hit[1], hit[2]
+    decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    pieces = []
+    for i in range(len(tokenizer)):
+        token = backend.id_to_token(i)
+        if token is None:
+            pieces.append(b"")
+        elif i in added:
+            pieces.append(added[i].content.encode("utf-8"))
+        elif all(c in decoder for c in token):
+            pieces.append(bytes(decoder[c] for c in token))
+        else:
+            return None  # not a byte-level vocabulary after all
+    special = frozenset(i for i, t in added.items() if t.special)
+    _TABLES[id(backend)] = (backend, pieces, special)
+    return pieces, special
 
 
 class IncrementalDetokenizer:
@@ -54,6 +108,15 @@ class IncrementalDetokenizer:
         self._spaces_between_special_tokens = spaces_between_special_tokens
         self._output_text = ""
         self._finished = False
+        table = byte_table(tokenizer)
+        if table is not None:
+            self._pieces, special = table
+            self._skip = special if skip_special_tokens else frozenset()
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            self._held = ""          # decoded text ending in U+FFFD, held back until more text follows
+            self._held_tokens = 0    # tokens added since text last went out
+            return
+        self._pieces = None
 
         # The prompt's last tokens are the first context, unless they end mid-character: then the output would
         # complete that character and the context text would not be a prefix of the window text.
@@ -73,6 +136,8 @@ class IncrementalDetokenizer:
     @property
     def num_pending_tokens(self) -> int:
         """Output tokens received whose text is held back (an incomplete character so far)."""
+        if self._pieces is not None:
+            return self._held_tokens
         return len(self._window) - self._read
 
     @property
@@ -86,6 +151,8 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.add_tokens called after flush(); the request has finished")
         if len(new_ids) == 0:
             return ""
+        if self._pieces is not None:
+            return self._add_fast(new_ids)
         self._window.extend(int(i) for i in new_ids)
         text = self._decode(self._window)
         # Hold while the window ends in U+FFFD (possibly an incomplete character), or if its text does not yet reach
@@ -102,11 +169,27 @@ class IncrementalDetokenizer:
         if self._finished:
             return ""
         self._finished = True
+        if self._pieces is not None:
+            delta, self._held, self._held_tokens = self._held + self._utf8.decode(b"", final=True), "", 0
+            self._output_text += delta
+            return delta
         if self.num_pending_tokens == 0:
             return ""
         delta = self._decode(self._window)[self._context_len :]
         self._output_text += delta
         return delta
+
+    def _add_fast(self, new_ids: Sequence[int]) -> str:
+        pieces, skip, n = self._pieces, self._skip, len(self._pieces)
+        data = b"".join(pieces[i] for i in map(int, new_ids) if i not in skip and 0 <= i < n)
+        text = self._held + self._utf8.decode(data)  # an incomplete character's bytes stay in the decoder
+        self._held_tokens += len(new_ids)
+        if text.endswith(_REPLACEMENT_CHAR):  # as the general path: never hand out a trailing U+FFFD before flush
+            self._held = text
+            return ""
+        self._held, self._held_tokens = "", 0 if not self._utf8.getstate()[0] else self._held_tokens
+        self._output_text += text
+        return text
 
     def _advance(self) -> None:
         # Everything in the window is emitted and ends on a character boundary: the last tokens become the

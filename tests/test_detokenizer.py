@@ -236,3 +236,23 @@ def test_streaming_with_holdback_never_leaks_a_stop(tok, prompt_ids):
         streamed = visible
     assert final == "我爱"
     assert final.startswith(streamed) and not any(s[:1] in streamed for s in stops)
+
+
+def test_byte_level_fast_path_is_used_and_agrees_with_the_general_path(tok, prompt_ids):
+    from qwenjax.detokenizer import byte_table
+
+    pieces, special = byte_table(tok)
+    assert len(pieces) == len(tok) and special == {IM_START, IM_END, ENDOFTEXT}
+    assert IncrementalDetokenizer(tok, prompt_ids)._pieces is not None
+    general = _CountingTokenizer(tok)  # no backend_tokenizer: the windowed tokenizer.decode path
+    assert byte_table(general) is None
+    rng = random.Random(7)
+    fragments = [i for i in range(0, 151643, 11) if tok.decode([i]).endswith(REPLACEMENT)]
+    for trial in range(100):
+        ids = [rng.choice(fragments) if rng.random() < 0.5 else rng.randrange(151646) for _ in range(rng.randint(1, 30))]
+        skip = trial % 2 == 0
+        fast = _stream(tok, prompt_ids, ids, 1, skip_special_tokens=skip)
+        slow = _stream(general, prompt_ids, ids, 1, skip_special_tokens=skip)
+        # The same text (the paths may hold an invalid byte back for different steps), never a trailing U+FFFD.
+        assert "".join(fast[0]) + fast[1] == "".join(slow[0]) + slow[1] == tok.decode(ids, skip_special_tokens=skip)
+        assert not any(d.endswith(REPLACEMENT) for d in fast[0]), ids
