@@ -134,24 +134,62 @@ class ModelSpec:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    if name == "tiny":
-        from qwenjax.default_model import CONFIG
-
-        cfg = dict(CONFIG)
-    else:
-        path = Path(os.path.expanduser(name))
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            path = CONFIG_DIR / f"{name}.json"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise SystemExit(f"--model {name!r}: no such config; known: tiny, {', '.join(known)}, or a path")
-        cfg = json.loads(path.read_text())
-        name = path.stem if path.name != "config.json" else path.parent.name
+    name, cfg = model_config_dict(name)
     d = tempfile.mkdtemp(prefix=f"qwenjax-bench-{name}-")
     (Path(d) / "config.json").write_text(json.dumps(cfg))
     return ModelSpec(name=re.sub(r"[^A-Za-z0-9._-]", "_", name), config=cfg, dir=d)
+
+
+def model_config_dict(name: str) -> tuple[str, dict]:
+    """--model's (result name, HF config dict): 'tiny', a config stem, or a path to a config.json / its directory."""
+    if name == "tiny":
+        from qwenjax.default_model import CONFIG
+
+        return name, dict(CONFIG)
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file() and quantized_suffix(name):
+        suffix = quantized_suffix(name)
+        base, cfg = model_config_dict(name[:-len(suffix)])
+        return name, with_quantization(cfg, suffix)
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise SystemExit(f"--model {name!r}: no such config; known: tiny, {', '.join(known)}, or a path; any of "
+                         f"them with {', '.join(QUANTIZED_SUFFIXES)} appended for quantized weights")
+    return (path.stem if path.name != "config.json" else path.parent.name), json.loads(path.read_text())
+
+
+# --model NAME-awq / NAME-gptq-int4 / NAME-gptq-int8: NAME's config plus the quantization_config that Qwen's published
+# checkpoints of that kind carry (AWQ: AutoAWQ GEMM 4-bit, group 128, zero point; GPTQ: AutoGPTQ v1, group 128,
+# desc_act false, sym true). The weights are random packed words (QuantLinear's init), created on the device.
+QUANTIZED_SUFFIXES = {
+    "-awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
+             "modules_to_not_convert": None},
+    "-gptq-int4": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                   "static_groups": False, "true_sequential": True, "damp_percent": 0.01},
+    "-gptq-int8": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True,
+                   "static_groups": False, "true_sequential": True, "damp_percent": 0.01},
+}
+
+
+def quantized_suffix(name: str) -> str | None:
+    return next((s for s in QUANTIZED_SUFFIXES if name.endswith(s) and len(name) > len(s)), None)
+
+
+def with_quantization(cfg: dict, suffix: str) -> dict:
+    """`cfg` with the suffix's quantization_config. Group 128 where it divides every projection's inputs, else the
+    largest power of two (>= 16) that does: only the tiny CPU configs need that (hidden 64), and the result records
+    it."""
+    qc = dict(QUANTIZED_SUFFIXES[suffix])
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    ins = math.gcd(cfg["hidden_size"], cfg["intermediate_size"], heads * head_dim)
+    while qc["group_size"] > 16 and ins % qc["group_size"]:
+        qc["group_size"] //= 2
+    return dict(cfg, quantization_config=qc)
 
 
 def model_config(spec: ModelSpec):
@@ -168,6 +206,11 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
     pages_per_seq = -(-mml // args.block_size)
     if args.num_kv_pages is None:
         pages = seqs * pages_per_seq + 1
+        if not kv_pages_fit(args, pages):
+            print(f"KV cache: {pages} pages (every sequence at full length) do not fit beside the weights; the engine "
+                  f"sizes the cache from free memory and the scheduler caps concurrency (as --num-kv-pages 0)",
+                  flush=True)
+            pages = None
     else:
         pages = args.num_kv_pages or None  # 0: the engine sizes the cache from free memory
     return dict(dtype=args.dtype, seed=args.seed, max_model_len=mml, max_num_seqs=seqs,
@@ -176,6 +219,32 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
                 prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
                 kv_cache_dtype=args.kv_cache_dtype)
+
+
+KV_FIT_RESERVE = 8 << 30  # activations of the largest step and what the ceilings leave behind, kept free
+
+
+def kv_pages_fit(args, pages: int) -> bool:
+    """Whether `pages` KV pages fit in the device's pool beside the model's weights and KV_FIT_RESERVE. True where
+    the device reports no memory (CPU) or JAX has not started yet (asking would fix its pool too early). Qwen2-57B-A14B
+    on one 141 GB H200 is the case that fails: 107 GiB of bf16 weights leave no room for throughput-fixed's 512 x 768
+    tokens (22.5 GB)."""
+    from qwenjax import compat
+
+    if not compat.backends_initialized():
+        return True
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return True
+    from qwenjax.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(model_config_dict(args.model)[1])
+    itemsize = 2 if args.dtype in ("bfloat16", "float16", "bf16", "fp16", "half") else 4
+    kv_itemsize = 1 if args.kv_cache_dtype.startswith("fp8") else itemsize
+    need = cfg.num_params() * itemsize + pages * kv_bytes_per_token(cfg, kv_itemsize) * args.block_size
+    return need + KV_FIT_RESERVE <= int(stats["bytes_limit"])
 
 
 def build_llm(spec: ModelSpec, kwargs: dict):
@@ -198,8 +267,26 @@ def engine_config(llm, kwargs: dict, startup_s: float) -> dict:
         "decode_buckets": list(sc.decode_buckets), "prefill_buckets": [list(b) for b in sc.prefill_buckets],
         "max_prefill_chunk": sc.max_prefill_chunk, "num_kv_pages": m.num_pages,
         "load_seconds": round(m.load_seconds, 3), "warmup_seconds": round(m.warmup_seconds, 3),
-        "startup_seconds": round(startup_s, 3),
+        "startup_seconds": round(startup_s, 3), "quantization": _quantization_config(m.path),
+        "device_memory_gib": device_memory_gib(),
     }
+
+
+def device_memory_gib() -> dict | None:
+    """The first device's pool, bytes in use and peak so far (GiB), or None where it reports none (CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return {k: round(int(stats[key]) / 2**30, 3) for k, key in
+            (("limit", "bytes_limit"), ("in_use", "bytes_in_use"), ("peak", "peak_bytes_in_use")) if key in stats}
+
+
+def _quantization_config(path) -> dict | None:
+    """The quantization_config of the engine's model directory (a quantized --model), else None."""
+    f = Path(path) / "config.json" if path is not None else None
+    return json.loads(f.read_text()).get("quantization_config") if f is not None and f.is_file() else None
 
 
 def random_prompts(n: int, lengths, *, seed: int, vocab_size: int) -> list[list[int]]:
@@ -350,28 +437,74 @@ def kv_bytes_per_token(cfg, itemsize: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
-def decode_weight_bytes(cfg, itemsize: int = 2) -> int:
-    """Bytes a decode step must read: every weight except the embedding table, lm_head in full (for tied
-    embeddings the table IS the lm_head, counted once). ModelConfig.num_params(include_embedding=False)."""
-    return cfg.num_params(include_embedding=False) * itemsize
+def experts_read(cfg, batch: int = 1) -> float:
+    """Routed experts per MoE layer that a step of `batch` tokens reads: k for one token; for more, the expected
+    number of distinct experts when each token picks k of E uniformly, E x (1 - (1 - k/E)^batch). 0 for dense."""
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    if not E:
+        return 0
+    return k if batch <= 1 else E * (1.0 - (1.0 - k / E) ** batch)
 
 
-def decode_floor_seconds(cfg, context_lens, copy_tbps: float, *, batch_contexts=None, itemsize: int = 2) -> float:
+def active_params(cfg, experts: float | None = None) -> float:
+    """Parameters other than the embedding table that one token's forward uses (lm_head in full; for tied
+    embeddings the table IS the lm_head, counted once): all of them for a dense model; for a MoE model every layer's
+    attention, norms, router and shared expert but only `experts` (default k, the token's own) of its E routed
+    experts. Qwen2-57B-A14B: about 13.7B of its 57.4B (14.3B with the embedding table: the "A14B")."""
+    total = cfg.num_params(include_embedding=False)
+    if not cfg.num_experts:
+        return total
+    used = cfg.num_experts_per_tok if experts is None else experts
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return total - (cfg.num_experts - used) * per_expert * moe_layers
+
+
+def decode_weight_bytes(cfg, itemsize: int = 2, batch: int = 1, quant: dict | None = None) -> int:
+    """Bytes a decode step of `batch` rows must read: every weight except the embedding table, lm_head in full (for
+    tied embeddings the table IS the lm_head, counted once); of a MoE layer's routed experts only those the step's
+    tokens picked (k at batch 1, `experts_read` beyond). Dense: ModelConfig.num_params(include_embedding=False).
+
+    With `quant` (a checkpoint's quantization_config; dense models), each layer's seven projections count their
+    packed bytes instead (`quantized_projection_bytes`)."""
+    total = int(round(active_params(cfg, experts_read(cfg, batch) if cfg.num_experts else None) * itemsize))
+    return total + (quantized_projection_bytes(cfg, quant, itemsize) if quant else 0)
+
+
+def quantized_projection_bytes(cfg, quant: dict, itemsize: int = 2) -> int:
+    """What packing changes in a decode step's bytes: per projection of every layer, minus its float weight, plus
+    bits / 8 bytes per weight and, per group of input rows and output column, one scale (`itemsize`) and one packed
+    zero (bits / 8). GPTQ's g_idx is not read by a step without act-order and is not counted; biases stay float."""
+    if cfg.num_experts:
+        raise NotImplementedError("packed-byte floors of quantized MoE models are not defined")
+    bits, group = int(quant["bits"]), int(quant.get("group_size") or quant.get("q_group_size") or -1)
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    Nq, Nkv = cfg.num_attention_heads * H, cfg.num_key_value_heads * H
+    delta = 0
+    for i, o in [(D, Nq), (D, Nkv), (D, Nkv), (Nq, D), (D, F), (D, F), (F, D)]:  # q k v o gate up down: (in, out)
+        groups = 1 if group == -1 else -(-i // group)
+        delta += i * o * bits // 8 + groups * o * itemsize + groups * o * bits // 8 - i * o * itemsize
+    return cfg.num_hidden_layers * delta
+
+
+def decode_floor_seconds(cfg, context_lens, copy_tbps: float, *, batch_contexts=None, itemsize: int = 2,
+                         quant: dict | None = None) -> float:
     """Floor of a sequence of decode steps: step i reads the weights once plus the KV of its rows' contexts.
 
     context_lens: for batch 1, the context length (tokens attended) of each decode step. batch_contexts: for larger
-    batches, a list per step of its rows' context lengths (the weights are still read once per step).
+    batches, a list per step of its rows' context lengths (the weights are still read once per step; for a MoE model
+    the routed experts that step's rows pick, `experts_read`).
     """
-    w = decode_weight_bytes(cfg, itemsize)
     kv = kv_bytes_per_token(cfg, itemsize)
     steps = [[c] for c in context_lens] if batch_contexts is None else batch_contexts
-    total = sum(w + kv * sum(rows) for rows in steps)
+    total = sum(decode_weight_bytes(cfg, itemsize, batch=len(rows), quant=quant) + kv * sum(rows) for rows in steps)
     return total / (copy_tbps * 1e12)
 
 
 def linear_flops_per_token(cfg) -> int:
-    """2 x (parameters other than the embedding table), lm_head included (BENCHMARKS.md's rule)."""
-    return 2 * cfg.num_params(include_embedding=False)
+    """2 x (parameters other than the embedding table) one token's forward multiplies, lm_head included
+    (BENCHMARKS.md's rule); for a MoE model its k routed experts, not all E (`active_params`)."""
+    return int(2 * active_params(cfg))
 
 
 def lm_head_params(cfg) -> int:

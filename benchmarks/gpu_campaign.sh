@@ -19,6 +19,15 @@
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
+#   moe-57b          qwen2-57b-a14b-instruct on one H200 (141 GB): moe_layer.py (the MoE block's MBU), latency,
+#                    throughput-fixed with the KV cache sized from free memory (--num-kv-pages 0); moe-57b-layer,
+#                    moe-57b-latency, moe-57b-throughput run one of the three
+#   quant-7b         latency + throughput-fixed of qwen2-7b-instruct-awq and qwen2-7b-instruct-gptq-int4 (random
+#                    packed weights; models: QUANT_7B_MODELS)
+#   quant-72b        quant-72b-latency then quant-72b-throughput: qwen2-72b-instruct-awq on one 80 GB H100 (QUANT_72B_MODEL;
+#                    throughput-fixed with the KV cache sized from free memory, QUANT_72B_ARGS); if the call runs short,
+#                    run the two halves in two calls (the second finds the first's compiled init in .jaxcache)
+#   quant-matmul     benchmarks/quant_matmul.py: the low-bit matmul paths at 7B layer shapes (QUANT_MATMUL_ARGS)
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -182,6 +191,29 @@ for s in "${STAGES[@]}"; do
             need=120; [ "$s" = peer-7b ] && need=450
             step "$s" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" --peer transformers \
                 "${COMMON[@]}"
+            ;;
+        moe-57b|moe-57b-layer|moe-57b-latency|moe-57b-throughput)
+            # Qwen2-57B-A14B in bf16 on ONE H200 (107 GiB of random weights made on the device at start-up, one
+            # parameter at a time): the MoE block alone (moe-layer: its own MBU against the activated experts'
+            # bytes), then latency, then throughput-fixed with the KV cache sized from free memory (512 x 768 tokens
+            # cannot fit beside the weights; the scheduler caps concurrency and preempts). moe-57b runs all three;
+            # -layer / -latency / -throughput one each, for when the 57B's compilation leaves too little of one call.
+            # MOE_EXTRA_ARGS go to latency and throughput.
+            m=qwen2-57b-a14b-instruct
+            part=${s#moe-57b}; part=${part#-}
+            read -r -a MOE_EXTRA <<<"${MOE_EXTRA_ARGS:-}"
+            if [ -z "$part" ] || [ "$part" = layer ]; then
+                step "moe-layer-$m" 60 150 "$PY" benchmarks/moe_layer.py --model "$m" "${COMMON[@]}"
+            fi
+            if [ -z "$part" ] || [ "$part" = latency ]; then
+                cap=0; [ -z "$part" ] && cap=300
+                step "latency-$m" 150 $cap "$PY" benchmarks/latency.py --model "$m" \
+                    ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} "${COMMON[@]}"
+            fi
+            if [ -z "$part" ] || [ "$part" = throughput ]; then
+                step "throughput-fixed-$m" 200 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                    --num-kv-pages 0 ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} "${COMMON[@]}"
+            fi
             ;;
         *)
             echo "unknown stage $s"; STATUS+=("$s: unknown stage")

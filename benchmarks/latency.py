@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     ms = statistics.median(r["ms_per_token"] for r in runs)
     wall = statistics.median(r["wall_s"] for r in runs)
     # Decode step i (1 <= i < O) feeds token P + i - 1 and attends over P + i tokens.
-    floor_s = common.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"]) \
+    quant = spec.config.get("quantization_config")  # packed weights: the floor counts their packed bytes
+    floor_s = common.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"], quant=quant) \
         if ceilings["copy_tbps"] else None
     floor_ms = floor_s / max(O - 1, 1) * 1e3 if floor_s else None
     metrics = {"tok_s": 1e3 / ms, "ms_per_token": ms, "mbu": common.ratio(floor_ms, ms),
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
                "floor_ms_per_token": floor_ms}
     config = workload_config(args)
     config.update(common.engine_config(llm, kwargs, startup))
-    config["floor"] = {"decode_weight_bytes": common.decode_weight_bytes(cfg),
+    config["floor"] = {"decode_weight_bytes": common.decode_weight_bytes(cfg, quant=quant),
                        "kv_bytes_per_token": common.kv_bytes_per_token(cfg), "method": "BENCHMARKS.md decode floor"}
     config["runs"] = [{k: round(v, 4) for k, v in r.items()} for r in runs]
     if args.profile:

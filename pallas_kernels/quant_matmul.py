@@ -30,6 +30,12 @@ element from its own word (gather loads served from L1, one dot of K = block_k) 
 The small per-slab dots (K = block_k / pf) and their register-to-shared layout conversions are the suspects; the
 next steps are a load-time repack into a kernel-friendly packed layout, or a Mosaic GPU (wgmma) kernel after jax's
 hopper_mixed_type_matmul_mgpu.
+Those figures were wall times of calls with many arguments and outputs each, which the host's dispatch may have
+bounded (benchmarks/quant_matmul.py now times a whole XLA program of products and profiles device time).
+
+Use in the model (qwenjax/layers/quant_linear.py, kernel_path): decode rows up to GEMV_MAX_ROWS go to the GEMV kernel
+(pallas_kernels/quant_gemv.py); this kernel takes 4-bit GPTQ from there to 16 rows. Its "awq" format is the AWQ
+checkpoint's layout, which the model no longer holds (the loader repacks AWQ for the GEMV): it is kept for the sweep.
 """
 from __future__ import annotations
 
@@ -242,13 +248,14 @@ def quant_matmul(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
 
 
 def quant_matmul_reference(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int):
-    """Plain jnp: dequantize the whole weight in float32, then one float32 matmul; -> [M, N] in x.dtype."""
-    from qwenjax.quantization import awq, gptq
+    """Plain jnp: dequantize the whole weight in float32, then one float32 matmul; -> [M, N] in x.dtype. `fmt`:
+    "awq", "awq_kp" (AWQ repacked along K, see qwenjax/quantization/repack.py), "gptq" or "gptq_v2"."""
+    from qwenjax.quantization import awq, gptq, repack
 
     k = x.shape[1]
-    if fmt == "awq":
-        w = awq.dequantize(qweight, qzeros, scales, group_size=k if group_size == -1 else group_size,
-                           dtype=jnp.float32)
+    if fmt in ("awq", "awq_kp"):
+        dequantize = awq.dequantize if fmt == "awq" else repack.dequantize_kpacked
+        w = dequantize(qweight, qzeros, scales, group_size=k if group_size == -1 else group_size, dtype=jnp.float32)
     else:
         g_idx = gptq.default_g_idx(k, group_size)
         w = gptq.dequantize(qweight, qzeros, scales, jnp.asarray(g_idx), bits=bits, checkpoint_format=fmt,

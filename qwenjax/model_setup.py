@@ -174,7 +174,11 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
                          block_table_width=sc.max_pages_per_seq, mesh=mesh)
     largest = sorted(buckets, key=lambda b: b[0] * b[1] + b[3])[-1:] + [max(b for b in buckets if b[1] == 1)]
-    runner.warmup(largest, [])
+    from qwenjax.engine import WARMUP_MODES
+
+    # The sampler's programs too: at 512 rows its [B, V] float32 work is several hundred MB, and once the pages
+    # have taken every free byte a warm-up that meets it for the first time runs out of memory.
+    runner.warmup(largest, list(WARMUP_MODES))
     after = (memory_source or device_memory)()
     del runner, kv
     return max(0, after.peak - before.in_use - kv_bytes)

@@ -4,8 +4,10 @@ One mesh axis, "tp". Column-parallel projections (q/k/v/gate/up) split their out
 (o/down) their input features, so each layer needs one all-reduce after attention and one after the MLP, which
 XLA's SPMD partitioner inserts. Embedding and lm_head split the vocabulary. Qwen2-MoE's stacked experts
 ([E, D, F] / [E, F, D]) are tensor parallel on F, like a dense MLP: every device holds a 1/n slice of every expert,
-so the work stays balanced whatever the router picks and no all-to-all of tokens is needed; the router and the
-shared expert's gate are replicated, the shared expert splits like the dense MLP. KV pages split on kv heads; when the
+so the work stays balanced whatever the router picks and no all-to-all of tokens is needed. With expert parallelism
+(`cfg.expert_parallel`, EngineArgs.enable_expert_parallel) they split on E instead: each device holds E/n whole
+experts and computes the pairs routed to them (models/qwen2_moe.py, Qwen2MoeExperts). Either way the router and the
+shared expert's gate are replicated and the shared expert splits like the dense MLP. KV pages split on kv heads; when the
 mesh is larger than the kv head count (Qwen2-0.5B has 2), k/v projections and pages are replicated instead.
 """
 
@@ -36,7 +38,12 @@ def check_divisible(cfg: ModelConfig, n: int) -> None:
     if cfg.intermediate_size % n:
         raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by tensor parallel size "
                          f"({n}).")
-    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+    if cfg.num_experts and cfg.expert_parallel and cfg.num_experts % n:
+        raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by tensor parallel size ({n}) with "
+                         f"expert parallelism.")
+    moe_split = ("shared_expert_intermediate_size",) if cfg.expert_parallel else \
+        ("moe_intermediate_size", "shared_expert_intermediate_size")
+    for name in moe_split:
         if cfg.num_experts and getattr(cfg, name) % n:
             raise ValueError(f"{name} ({getattr(cfg, name)}) must be divisible by tensor parallel size ({n}).")
 
@@ -67,6 +74,8 @@ def _spec(path: tuple, cfg: ModelConfig, n: int) -> P:
         return P()
     names = [p for p in path if isinstance(p, str)]
     leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
+    if owner == "experts" and cfg.expert_parallel:
+        return P(AXIS, None, None)                # stacked experts, split on E: [E, D, F] / [E, F, D]
     if owner == "experts":                        # stacked experts, split on F
         return P(None, AXIS, None) if leaf == "down_proj" else P(None, None, AXIS)   # [E, F, D] / [E, D, F]
     if owner == "embed_tokens":

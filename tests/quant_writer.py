@@ -128,6 +128,17 @@ def pack_cols(vals: np.ndarray, bits: int) -> np.ndarray:
     return pack_rows(vals.T, bits).T.copy()
 
 
+def pack_awq_kp(vals: np.ndarray) -> np.ndarray:
+    """[I, O] 4-bit values -> the repacked AWQ layout (qwenjax/quantization/repack.py) int32 [I, O/8]: nibble j of
+    word (8w + a, b) is row 8w + j, column 8b + a. Written with loops, independently of the library."""
+    I, O = vals.shape
+    words = np.zeros((I, O // 8), np.uint64)
+    for j in range(8):
+        for a in range(8):
+            words[a::8, :] |= vals[j::8, a::8].astype(np.uint64) << np.uint64(4 * j)
+    return _to_int32(words)
+
+
 def layer_tensors(grid: Grid, scheme: Scheme) -> dict[str, np.ndarray]:
     """The checkpoint tensors of one quantized layer (without bias)."""
     if scheme.method == "awq":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,3 +51,85 @@ def test_kernel_rejects_what_it_cannot_do():
     assert not supported(4, 256, 64, fmt="gptq", bits=4, group_size=32, dtype=jnp.bfloat16)  # slab K 4 < 16
     assert not supported(4, 256, 64, fmt="awq", bits=4, group_size=128, dtype=jnp.bfloat16)   # N/8 = 8 < 16
     assert not supported(4, 256, 64, fmt="gptq", bits=4, group_size=128, dtype=jnp.float32)
+
+
+# ------------------------------------------------------------------ the GEMV decode kernel (pallas_kernels/quant_gemv.py)
+
+from pallas_kernels import quant_gemv as qg  # noqa: E402
+from qwenjax.quantization import repack  # noqa: E402
+from tests.quant_writer import pack_awq_kp, pack_cols  # noqa: E402
+
+GEMV_CASES = [  # scheme, kernel format, M, K, N, settings (None: the defaults)
+    (Scheme("awq", group_size=128), "awq_kp", 1, 256, 128, {}),
+    (Scheme("awq", group_size=64), "awq_kp", 3, 256, 64, dict(block_n=16, num_splits=2, xload="bcast")),
+    (Scheme("awq", group_size=128), "awq_kp", 8, 256, 128, dict(block_n=64, block_kw=2)),
+    (Scheme("awq", group_size=64), "awq_kp", 16, 128, 64, {}),
+    (Scheme("gptq", bits=4, group_size=128, sym=True), "gptq", 1, 512, 64, dict(num_splits=3, xload="bcast1")),
+    (Scheme("gptq", bits=4, group_size=64, sym=False), "gptq", 3, 256, 128, dict(block_n=32, unpack="shift")),
+    (Scheme("gptq", bits=4, group_size=-1, sym=False, checkpoint_format="gptq_v2"), "gptq_v2", 8, 256, 32, {}),
+    (Scheme("gptq", bits=4, group_size=128, sym=False, checkpoint_format="gptq_v2"), "gptq_v2", 16, 256, 64,
+     dict(block_kw=1, num_splits=4)),
+    (Scheme("gptq", bits=8, group_size=128, sym=False), "gptq", 1, 256, 64, {}),
+    (Scheme("gptq", bits=8, group_size=64, sym=True, checkpoint_format="gptq_v2"), "gptq_v2", 3, 256, 32,
+     dict(num_splits=2, xload="bcast")),
+    (Scheme("gptq", bits=8, group_size=-1, sym=False), "gptq", 16, 128, 32, dict(block_kw=2)),
+]
+
+
+def _gemv_args(scheme, fmt, m, k, n, seed):
+    rng = np.random.default_rng(seed)  # fresh weights, zeros, scales and x for every case
+    grid = quantize(rng.normal(0, 0.05, (k, n)), scheme, rng)
+    if fmt == "awq_kp":
+        qw, qz = pack_awq_kp(grid.q), pack_cols(grid.z[:, :], 4)  # written independently of repack.py
+        t = layer_tensors(grid, scheme)  # ... and the library's repack of the checkpoint arrays must give the same
+        np.testing.assert_array_equal(repack.awq_to_kpacked(t["qweight"]), qw)
+        np.testing.assert_array_equal(repack.awq_zeros_natural(t["qzeros"]), qz)
+    else:
+        t = layer_tensors(grid, scheme)
+        qw, qz = t["qweight"], t["qzeros"]
+    x = jnp.asarray(rng.normal(0, 1, (m, k)), jnp.bfloat16)
+    s = jnp.asarray(grid.s, jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ ((grid.q - grid.z[grid.g_idx]) * np.asarray(s, np.float64)[grid.g_idx])
+    return (x, jnp.asarray(qw), jnp.asarray(qz), s), exact
+
+
+@pytest.mark.parametrize("scheme, fmt, m, k, n, settings", GEMV_CASES,
+                         ids=[f"{c[1]}-{c[0].bits}b-g{c[0].group_size}-m{c[2]}" for c in GEMV_CASES])
+def test_gemv_matches_exact_product(scheme, fmt, m, k, n, settings):
+    args, exact = _gemv_args(scheme, fmt, m, k, n, seed=zlib.crc32(f"{scheme.name}-{fmt}-{m}-{k}-{n}".encode()))
+    kw = dict(fmt=fmt, bits=scheme.bits, group_size=scheme.group_size)
+    out = np.asarray(qg.quant_gemv(*args, **kw, **settings, interpret=True), np.float64)
+    ref = np.asarray(qg.quant_gemv_reference(*args, **kw), np.float64)
+    assert out.shape == (m, n)
+    # float32 accumulation of exact (q - z) * x products, one rounding of the output to bfloat16
+    tol = 2.0 ** -7 * np.abs(exact).max()
+    np.testing.assert_allclose(out, exact, atol=tol, rtol=0)
+    np.testing.assert_allclose(ref, exact, atol=tol, rtol=0)
+    assert qg.supported(m, k, n, dtype=jnp.bfloat16, **kw)
+
+
+def test_gemv_settings_and_rejections():
+    # CONFIGS entries win for their (K, N) up to their row count; the heuristic covers the rest.
+    saved = dict(qg.CONFIGS)
+    try:
+        qg.CONFIGS.clear()
+        qg.CONFIGS[(4, 256, 128)] = (64, 2, 2, 4, 2, "bcast")
+        assert qg.settings(3, 256, 128, fmt="gptq", bits=4, group_size=128) == (64, 2, 2, 4, 2, "bcast")
+        assert qg.settings(5, 256, 128, fmt="gptq", bits=4, group_size=128) == \
+            qg.heuristic(5, 256, 128, fmt="gptq", bits=4, group_size=128)
+    finally:
+        qg.CONFIGS.clear()
+        qg.CONFIGS.update(saved)
+    x = jnp.zeros((17, 256), jnp.bfloat16)
+    qw, qz, s = jnp.zeros((32, 64), jnp.int32), jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        qg.quant_gemv(x, qw, qz, s, fmt="gptq", bits=4, group_size=128, interpret=True)
+    with pytest.raises(ValueError, match="awq_kp supports bits"):
+        qg.quant_gemv(x[:2], qw, qz, s, fmt="awq_kp", bits=8, group_size=128, interpret=True)
+    with pytest.raises(ValueError, match="xload must be one of"):
+        qg.quant_gemv(x[:2], qw, qz, s, fmt="gptq", bits=4, group_size=128, xload="gather", interpret=True)
+    with pytest.raises(ValueError, match="block_kw=3"):
+        qg.quant_gemv(x[:2], qw, qz, s, fmt="gptq", bits=4, group_size=128, block_kw=3, interpret=True)
+    assert not qg.supported(17, 256, 64, fmt="gptq", bits=4, group_size=128, dtype=jnp.bfloat16)
+    assert not qg.supported(4, 256, 64, fmt="gptq", bits=4, group_size=128, dtype=jnp.float32)
+    assert qg.supported(4, 256, 64, fmt="gptq", bits=4, group_size=32, dtype=jnp.bfloat16)

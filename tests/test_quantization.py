@@ -17,7 +17,7 @@ from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
 from qwenjax.models.loader import load_model_config, load_params
-from qwenjax.quantization import QuantConfig, awq, gptq, resolve_quant_config
+from qwenjax.quantization import QuantConfig, awq, gptq, repack, resolve_quant_config
 from tests.checkpoints import write_checkpoint
 from tests.conftest import SMALL_ENGINE
 from tests.quant_writer import Scheme, write_quantized
@@ -141,6 +141,26 @@ def test_gptq_packing_and_v1_zero_offset():
     np.testing.assert_array_equal(np.asarray(gptq.unpack_qzeros(jnp.asarray(sym8), 8, "gptq")), np.full((1, 4), 128))
 
 
+def test_awq_repack_is_exact_and_shard_local():
+    rng = np.random.default_rng(11)
+    I, O, g = 64, 48, 32
+    qweight = rng.integers(-2**31, 2**31, (I, O // 8), dtype=np.int64).astype(np.int32)
+    qzeros = rng.integers(-2**31, 2**31, (I // g, O // 8), dtype=np.int64).astype(np.int32)
+    scales = rng.uniform(0.5, 1.5, (I // g, O)).astype(np.float32)
+    kp, zn = repack.awq_to_kpacked(qweight), repack.awq_zeros_natural(qzeros)
+    assert kp.shape == qweight.shape and kp.dtype == np.int32 and zn.shape == qzeros.shape
+    want = awq.dequantize(qweight, qzeros, scales, group_size=g)
+    np.testing.assert_array_equal(repack.dequantize_kpacked(kp, zn, scales, group_size=g), want)
+    np.testing.assert_array_equal(repack.unpack_kpacked(kp), awq.unpack(qweight))
+    # The device (jnp) repack gives the same words.
+    np.testing.assert_array_equal(np.asarray(repack.awq_to_kpacked(jnp.asarray(qweight))), kp)
+    np.testing.assert_array_equal(np.asarray(repack.awq_zeros_natural(jnp.asarray(qzeros))), zn)
+    # Tensor-parallel shards (rows of o/down, packed columns of q/k/v/gate/up) repack on their own to the same words.
+    np.testing.assert_array_equal(repack.awq_to_kpacked(qweight[16:40]), kp[16:40])
+    np.testing.assert_array_equal(repack.awq_to_kpacked(qweight[:, 2:5]), kp[:, 2:5])
+    np.testing.assert_array_equal(repack.awq_zeros_natural(qzeros[:, 2:5]), zn[:, 2:5])
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_dequantized_weights_equal_grid(scheme, quantized):
     qdir, _, grids = quantized(scheme)
@@ -153,6 +173,8 @@ def test_dequantized_weights_equal_grid(scheme, quantized):
              tensors}
         want = grid.dequantized()
         g_idx = t.get("g_idx")
+        if scheme.method == "awq":  # QuantLinear holds AWQ repacked (the loader does this on the device)
+            t["qweight"], t["qzeros"] = repack.awq_to_kpacked(t["qweight"]), repack.awq_zeros_natural(t["qzeros"])
         host = dequantize_weight(t["qweight"], t["qzeros"], t["scales"], g_idx, quant=quant, dtype=np.float32)
         dev = dequantize_weight(*(jnp.asarray(t[k]) for k in ("qweight", "qzeros", "scales")),
                                 None if g_idx is None else jnp.asarray(g_idx), quant=quant, dtype=jnp.float32)
@@ -177,7 +199,10 @@ def test_params_hold_packed_int32(scheme, quantized):
         for leaf in ("qweight", "qzeros") + (("g_idx",) if scheme.method == "gptq" else ()):
             arr = getattr(proj, leaf)[...]
             assert arr.dtype == jnp.int32, (name, leaf, arr.dtype)
-            np.testing.assert_array_equal(np.asarray(arr), tensors[f"model.layers.1.{name}.{leaf}"])
+            want = tensors[f"model.layers.1.{name}.{leaf}"]
+            if scheme.method == "awq":  # repacked at load within 8 x 8 blocks, same shape (repack.py)
+                want = {"qweight": repack.awq_to_kpacked, "qzeros": repack.awq_zeros_natural}[leaf](want)
+            np.testing.assert_array_equal(np.asarray(arr), want)
         assert proj.scales[...].dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(proj.scales[...]), tensors[f"model.layers.1.{name}.scales"])
     # q/k/v biases are kept; o/gate/up/down have none; embeddings and lm_head stay float.
@@ -273,3 +298,24 @@ def test_random_quantized_params_run():
     assert model.model.layers[0].mlp.up_proj.qweight[...].dtype == jnp.int32
     y = model.model.layers[0].mlp(jnp.ones((2, 128), jnp.float32))
     assert np.isfinite(np.asarray(y)).all() and 0.01 < float(jnp.std(y)) < 10
+
+
+def test_kernel_path_per_shape(monkeypatch):
+    """Which product takes which path on a GPU (decided by shape and format; the kernels themselves are tested in
+    test_quant_matmul_kernel.py and, compiled, in tests/gpu)."""
+    import jax
+
+    from qwenjax.layers import quant_linear as ql
+
+    gptq, awq = QuantConfig("gptq", 4, 128), QuantConfig("awq", 4, 128, checkpoint_format="gemm")
+    x = lambda m: jnp.zeros((m, 3584), jnp.bfloat16)
+    assert ql.kernel_path(x(1), 18944, gptq) is None  # CPU: always XLA
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ql.kernel_path(x(1), 18944, gptq) == ql.kernel_path(x(ql.GEMV_MAX_ROWS), 512, awq) == "gemv"
+    assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, gptq) == "mma"
+    assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, awq) is None
+    assert ql.kernel_path(x(64), 3584, gptq) is None and ql.kernel_path(x(512), 3584, awq) is None
+    assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 4, 128, desc_act=True)) is None
+    assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 8, 128)) is None  # not yet checked on a GPU
+    assert ql.kernel_path(x(1).astype(jnp.float32), 3584, gptq) is None
+    assert ql.kernel_format(awq) == "awq_kp" and ql.kernel_format(gptq) == "gptq"

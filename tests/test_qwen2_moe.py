@@ -1,10 +1,10 @@
 """Qwen2-MoE (Qwen2MoeForCausalLM): logits and greedy tokens equal transformers' on tiny random checkpoints, the
-expert layer is a grouped matmul (ragged_dot) with no [tokens, experts, ...] intermediate, and a mesh of 4 agrees."""
+expert layer is a grouped matmul (ragged_dot) with no [tokens, experts, ...] intermediate, and a mesh of 4, tensor
+parallel or expert parallel, agrees with one device and with transformers."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,12 @@ def _sub_jaxprs(params: dict):
                 yield x
 
 
-def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate():
+@pytest.mark.parametrize("placement", ["one_device", "tensor_parallel_4", "expert_parallel_4"])
+def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate(placement):
+    """The routed experts are three grouped matmuls over the T*k pairs, with no [T, E, ...] array, on one device and
+    inside the shard_map of a 4-device mesh (traced against an abstract mesh: no devices needed)."""
+    import dataclasses
+
     from qwenjax.models.qwen2_moe import Qwen2MoeSparseMoeBlock
 
     B, Q, D, E, k, F = 2, 20, 32, 8, 2, 24
@@ -92,14 +97,24 @@ def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate():
     cfg = ModelConfig(vocab_size=64, hidden_size=D, intermediate_size=56, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=E,
                       num_experts_per_tok=k, moe_intermediate_size=F, shared_expert_intermediate_size=48)
+    cfg = dataclasses.replace(cfg, expert_parallel=placement == "expert_parallel_4")
     block = Qwen2MoeSparseMoeBlock(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(block)
     x = jnp.ones((B, Q, D), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
+    trace = lambda: jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
+    if placement == "one_device":
+        jaxpr = trace()
+    else:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((4,), ("tp",))):
+            jaxpr = trace()
     eqns: list = []
     _collect_avals(jaxpr, eqns)
+    prims = [prim for prim, _ in eqns]
+    assert ("shard_map" in prims) == (placement != "one_device") and ("psum" in prims or "psum2" in prims
+                                                                       or placement == "one_device"), prims
+    f_local = F // 4 if placement == "tensor_parallel_4" else F   # expert parallel: whole experts, E/4 of them
     ragged = [shapes for prim, shapes in eqns if prim.startswith("ragged_dot")]
-    assert len(ragged) == 3 and all(s == [(T * k, F)] or s == [(T * k, D)] for s in ragged), ragged
+    assert len(ragged) == 3 and all(s in ([(T * k, f_local)], [(T * k, D)]) for s in ragged), ragged
     for prim, shapes in eqns:
         for shape in shapes:
             assert not (len(shape) >= 3 and T in shape and E in shape), (prim, shape)   # no [T, E, ...]
@@ -126,49 +141,97 @@ def test_batched_greedy_generation_equals_hf(moe_ckpts):
     assert [o.outputs[0].token_ids for o in outs] == ref
 
 
-def test_mesh_of_4_matches_mesh_of_1(moe_ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def mesh_results(moe_ckpts, tmp_path_factory):
+    """The 4-device worker on two checkpoints: shared expert on with norm_topk_prob, and off without it."""
     from tests.test_tensor_parallel import run_with_devices
 
-    out = tmp_path / "mesh.json"
-    proc = run_with_devices(["-m", "tests.test_qwen2_moe", str(moe_ckpts["shared_norm"]), str(out)], n=4,
-                            timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = {int(n): v for n, v in json.loads(out.read_text()).items()}
-    assert r[4]["tokens"] == r[1]["tokens"]
-    np.testing.assert_allclose(np.asarray(r[4]["logprobs"]), np.asarray(r[1]["logprobs"]), atol=1e-4)
-    specs = r[4]["specs"]
-    assert specs["model.layers.0.mlp.experts.gate_proj"] == [None, None, "tp"]
-    assert specs["model.layers.0.mlp.experts.down_proj"] == [None, "tp", None]
-    assert specs["model.layers.0.mlp.gate.kernel"] == []
-    assert specs["model.layers.0.mlp.shared_expert.up_proj.kernel"] == [None, "tp"]
-    assert r[4]["expert_shard_shape"] == [8, 64, 24 // 4]
+    d = tmp_path_factory.mktemp("mesh")
+    out = {}
+    for name in ("shared_norm", "noshared_nonorm"):
+        proc = run_with_devices(["-m", "tests.moe_mesh_worker", str(moe_ckpts[name]), str(d / f"{name}.json")], n=4,
+                                timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[name] = json.loads((d / f"{name}.json").read_text())
+    return out
 
 
-def _mesh_worker(path: str, out: str) -> None:
-    """Runs under 4 CPU devices: greedy tokens and logprobs at meshes 1 and 4, and the expert shardings."""
-    from qwenjax import LLM, SamplingParams
-    from tests.conftest import SMALL_ENGINE
-
-    assert jax.device_count() == 4, jax.devices()
-    rng = np.random.default_rng(3)
-    prompts = [list(map(int, rng.integers(0, 512, n))) for n in (5, 17, 28)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    result = {}
-    for n in (1, 4):
-        llm = LLM(path, **{**SMALL_ENGINE, "prefill_token_buckets": (32,), "skip_warmup": True},
-                  tensor_parallel_size=n)
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-        flat = {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(llm.llm_engine.runner.params)}
-        result[n] = {
-            "tokens": [o.outputs[0].token_ids for o in outs],
-            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-                         for o in outs],
-            "specs": {k: list(v.sharding.spec) for k, v in flat.items() if k.startswith("model.layers.0.")},
-            "expert_shard_shape": list(flat["model.layers.0.mlp.experts.gate_proj"].addressable_shards[0].data.shape),
-        }
-    with open(out, "w") as f:
-        json.dump(result, f)
+def _hf_reference(path, prompts: list[list[int]], new: int):
+    """HF's greedy continuations, each token the argmax of a full forward over the sequence so far (transformers'
+    cached `generate` drifted from its own full forward by more than a near-tie on one of these prompts), and its
+    log-softmax at every prompt position."""
+    model = hf_moe_model(path)
+    tokens, prompt_lp = [], []
+    with torch.no_grad():
+        for p in prompts:
+            seq = list(p)
+            for _ in range(new):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            tokens.append(seq[len(p):])
+            prompt_lp.append(torch.log_softmax(model(torch.tensor([p])).logits[0], -1).numpy())
+    return tokens, prompt_lp
 
 
-if __name__ == "__main__":
-    _mesh_worker(sys.argv[1], sys.argv[2])
+def _same_logprobs(a: list[dict], b: list[dict], atol: float) -> None:
+    """Top-k logprob dicts per position: the same ids, values within atol."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            assert x is None and y is None
+            continue
+        assert set(x) == set(y), (x, y)
+        np.testing.assert_allclose([x[t] for t in sorted(x)], [y[t] for t in sorted(x)], atol=atol)
+
+
+@pytest.mark.parametrize("name", ["shared_norm", "noshared_nonorm"])
+def test_mesh_of_4_tensor_and_expert_parallel_match_mesh_of_1_and_hf(name, mesh_results, moe_ckpts):
+    from tests.moe_mesh_worker import NEW_TOKENS, prompts
+
+    r = mesh_results[name]
+    hf_tokens, hf_prompt_lp = _hf_reference(moe_ckpts[name], prompts(), NEW_TOKENS)
+    assert r["mesh1"]["tokens"] == hf_tokens
+    for placement in ("tp4", "ep4"):
+        assert r[placement]["tokens"] == r["mesh1"]["tokens"], placement
+        for i in range(len(hf_tokens)):
+            _same_logprobs(r[placement]["logprobs"][i], r["mesh1"]["logprobs"][i], atol=1e-4)
+            _same_logprobs(r[placement]["prompt_logprobs"][i], r["mesh1"]["prompt_logprobs"][i], atol=1e-4)
+    for i, lp in enumerate(hf_prompt_lp):  # every prompt position's top 5 against HF's log-softmax
+        for pos, entries in enumerate(r["ep4"]["prompt_logprobs"][i]):
+            if entries is None:
+                continue
+            ids = sorted(entries, key=lambda t: -entries[t])   # values, not the order of near-ties below the top
+            assert int(ids[0]) == int(np.argmax(lp[pos - 1])), (i, pos)
+            np.testing.assert_allclose([entries[t] for t in ids], lp[pos - 1][[int(t) for t in ids]], atol=2e-4)
+
+
+def test_expert_shardings_on_a_mesh_of_4(mesh_results):
+    tp, ep = mesh_results["shared_norm"]["tp4"], mesh_results["shared_norm"]["ep4"]
+    # tensor parallel: every expert's F = 24 split 4 ways
+    assert tp["specs"]["model.layers.0.mlp.experts.gate_proj"] == [None, None, "tp"]
+    assert tp["specs"]["model.layers.0.mlp.experts.down_proj"] == [None, "tp", None]
+    assert tp["expert_shard_shape"] == [8, 64, 24 // 4] and tp["down_shard_shape"] == [8, 24 // 4, 64]
+    # expert parallel: 8 whole experts split 4 ways
+    for leaf in ("gate_proj", "up_proj", "down_proj"):
+        assert ep["specs"][f"model.layers.0.mlp.experts.{leaf}"] == ["tp", None, None]
+    assert ep["expert_shard_shape"] == [2, 64, 24] and ep["down_shard_shape"] == [2, 24, 64]
+    dummy = mesh_results["shared_norm"]["dummy_ep4_specs"]  # load_format="dummy" places them the same way
+    assert dummy["model.layers.0.mlp.experts.down_proj"] == ["tp", None, None]
+    assert {k: dummy[k] for k in ep["specs"]} == ep["specs"]
+    for r in (tp, ep):  # router replicated, shared expert tensor parallel in both
+        assert r["specs"]["model.layers.0.mlp.gate.kernel"] == []
+        assert r["specs"]["model.layers.0.mlp.shared_expert.up_proj.kernel"] == [None, "tp"]
+        assert r["specs"]["model.layers.0.mlp.shared_expert.down_proj.kernel"] == ["tp", None]
+
+
+def test_expert_parallel_needs_experts_divisible_by_the_mesh():
+    import dataclasses
+
+    from qwenjax.sharding import check_divisible
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=56, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=6,
+                      num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=0)
+    check_divisible(cfg, 4)  # tensor parallel: F = 24 splits 4 ways
+    with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by tensor parallel size \(4\)"):
+        check_divisible(dataclasses.replace(cfg, expert_parallel=True), 4)
+    check_divisible(dataclasses.replace(cfg, expert_parallel=True, moe_intermediate_size=10), 2)  # F need not split

@@ -1,14 +1,17 @@
 """QuantLinear: a weight-only quantized linear layer that keeps the checkpoint's packed arrays on the device.
 
-Parameters carry Hugging Face's names and layouts, so the loader copies them without translation:
+Parameters carry Hugging Face's names and shapes, so the loader copies them without translation:
   AWQ   qweight int32 [I, O/8], qzeros int32 [G, O/8], scales [G, O], bias [O] (q/k/v only)
   GPTQ  qweight int32 [I/pf, O], qzeros int32 [G, O/pf], scales [G, O], g_idx int32 [I], bias [O] (q/k/v only)
-(the bit layouts are documented in qwenjax/quantization/awq.py and gptq.py). Invariant: the packed arrays are never
-dequantized outside the jitted matmul; the float weight exists only as a temporary inside `quant_matmul`.
+GPTQ's words keep the checkpoint's bits. AWQ's are repacked once at load, within each 8 x 8 block and in the same
+shapes (qwenjax/quantization/repack.py: every word then holds 8 consecutive input rows of one column, the layout the
+decode kernel streams; the zeros in natural column order). Invariant: the packed arrays are never dequantized
+outside the jitted matmul; the float weight exists only as a temporary inside `quant_matmul`.
 
-`quant_matmul` is the single entry point of the product: the Pallas kernel (pallas_kernels/quant_matmul.py) where
-`_kernel_applies` (GPU, bf16/f16 activations, group-ordered weights, shapes its tiles fit), else the XLA path (unpack
-with shifts and masks, subtract the zeros, scale, dot in the activation dtype).
+`quant_matmul` is the single entry point of the product; `kernel_path` picks, per shape: the GEMV kernel
+(pallas_kernels/quant_gemv.py) for decode rows, the tensor-core kernel (pallas_kernels/quant_matmul.py) where it was
+measured faster, else the XLA path (unpack with shifts and masks, subtract the zeros, scale, dot in the activation
+dtype), which is what prefill and large batches take.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax.quantization import awq, gptq
+from qwenjax.quantization import gptq, repack
 from qwenjax.quantization.config import QuantConfig
 
 
@@ -54,55 +57,74 @@ class QuantLinear(nnx.Module):
 def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig) -> jax.Array:
     """x [..., I] @ dequantized W [I, O] -> [..., O] in x.dtype. The one place a low-bit product is computed."""
     I, O = x.shape[-1], scales.shape[-1]
-    if _kernel_applies(x, O, quant):  # pragma: no cover - GPU only
+    path = kernel_path(x, O, quant)
+    if path == "gemv":  # pragma: no cover - GPU only
+        from pallas_kernels import quant_gemv
+
+        y = quant_gemv.quant_gemv(x.reshape(-1, I), qweight, qzeros, scales, fmt=kernel_format(quant),
+                                  bits=quant.bits, group_size=quant.group_size)
+        return y.reshape(*x.shape[:-1], O)
+    if path == "mma":  # pragma: no cover - GPU only
         from pallas_kernels import quant_matmul as qmm
 
-        y = qmm.quant_matmul(x.reshape(-1, I), qweight, qzeros, scales.astype(x.dtype), fmt=_kernel_format(quant),
+        y = qmm.quant_matmul(x.reshape(-1, I), qweight, qzeros, scales.astype(x.dtype), fmt=quant.checkpoint_format,
                              bits=quant.bits, group_size=quant.group_size)
         return y.reshape(*x.shape[:-1], O)
     w = dequantize_weight(qweight, qzeros, scales, g_idx, quant=quant, dtype=x.dtype)
     return jnp.dot(x, w)
 
 
-def _kernel_format(quant: QuantConfig) -> str:
-    return "awq" if quant.method == "awq" else quant.checkpoint_format
+def kernel_format(quant: QuantConfig) -> str:
+    """The GEMV kernel's name for the layer's layout (AWQ is repacked at load: "awq_kp")."""
+    return "awq_kp" if quant.method == "awq" else quant.checkpoint_format
 
 
-# Rows up to which the kernel beats the XLA path. Measured on an H100 at Qwen2-7B shapes (group 128, bf16): GPTQ
-# 4-bit decode 1.4-1.9x faster than XLA's dequantize-then-dot; at 256+ rows XLA was 2-4x faster; AWQ's kernel was
-# no faster than XLA at any size, so AWQ stays on XLA until the kernel improves. 8-bit GPTQ compiles and measured
-# 1.6-1.8x faster than XLA at batch 1, but its GPU output has not been compared with the reference yet (only interpret
-# mode), so it stays on XLA too.
-_KERNEL_MAX_ROWS = 16
-_KERNEL_METHODS = ("gptq",)
-_KERNEL_BITS = (4,)
+# Rows each kernel takes (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
+# 25 us for gate/up (bf16 about 45 us, XLA's dequantize-then-dot about 100 us), and still ahead of XLA at 4 rows
+# (61 us) though behind bf16; at 16 rows 160 us, behind both, with its x loads as measured (see quant_gemv.py). The
+# tensor-core kernel (GPTQ checkpoint layout, 4 bits) measured 1.4-1.9x faster than XLA for 1-16 rows before the
+# GEMV, so GPTQ keeps it above GEMV_MAX_ROWS; at 256+ rows XLA was 2-4x faster than it. Everything else: XLA.
+# Re-derive both from the sweep's `auto` column after a change to either kernel.
+# 8-bit GPTQ passes the GEMV's interpret-mode tests but has not been checked on a GPU yet (quant_matmul.py
+# --formats gptq8 compares every variant's output with a float32 reference): add 8 to _GEMV_BITS once it has.
+GEMV_MAX_ROWS = 4
+_GEMV_BITS = (4,)
+MMA_ROWS = (GEMV_MAX_ROWS + 1, 16)
+_MMA_BITS = (4,)
 
 
-def _kernel_applies(x, out_features: int, quant: QuantConfig) -> bool:
-    """The Pallas kernel takes the product on a GPU for bf16/f16 activations and group-ordered weights (not GPTQ
-    act-order, whose g_idx is arbitrary) in the shapes its tiles fit, where it was measured faster than XLA;
-    everything else takes the XLA path. Under tensor parallelism (a "tp" mesh axis over more than one device) the
-    XLA path runs too: XLA partitions it along the weights' shards, while the kernel's custom call has no
-    partitioning rule and would gather the whole packed weight onto every device."""
-    if jax.default_backend() != "gpu" or quant.desc_act or quant.method not in _KERNEL_METHODS or \
-            quant.bits not in _KERNEL_BITS:
-        return False
+def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
+    """"gemv", "mma" or None (the XLA path) for this product.
+
+    The kernels take bf16/f16 activations on a GPU, group-ordered weights (not GPTQ act-order, whose g_idx is
+    arbitrary), in the shapes their tiles fit. Under tensor parallelism (a "tp" mesh axis over more than one device)
+    the XLA path runs: XLA partitions it along the weights' shards, while a kernel's custom call has no partitioning
+    rule and would gather the whole packed weight onto every device."""
+    if jax.default_backend() != "gpu" or quant.desc_act:
+        return None
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.shape.get("tp", 1) > 1:
-        return False
-    from pallas_kernels import quant_matmul as qmm
+        return None
+    m, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+    if 1 <= m <= GEMV_MAX_ROWS and quant.bits in _GEMV_BITS:
+        from pallas_kernels import quant_gemv
 
-    m = int(np.prod(x.shape[:-1]))
-    if m > _KERNEL_MAX_ROWS:
-        return False
-    return qmm.supported(m, x.shape[-1], out_features, fmt=_kernel_format(quant), bits=quant.bits,
-                         group_size=quant.group_size, dtype=x.dtype)
+        if quant_gemv.supported(m, k, out_features, fmt=kernel_format(quant), bits=quant.bits,
+                                group_size=quant.group_size, dtype=x.dtype):
+            return "gemv"
+    if MMA_ROWS[0] <= m <= MMA_ROWS[1] and quant.method == "gptq" and quant.bits in _MMA_BITS:
+        from pallas_kernels import quant_matmul as qmm
+
+        if qmm.supported(m, k, out_features, fmt=quant.checkpoint_format, bits=quant.bits,
+                         group_size=quant.group_size, dtype=x.dtype):
+            return "mma"
+    return None
 
 
 def dequantize_weight(qweight, qzeros, scales, g_idx, *, quant: QuantConfig, dtype) -> jax.Array:
     """The float weight [I, O] of one layer, for the XLA path (inside jit: fused into the matmul's producer)."""
-    if quant.method == "awq":
-        return awq.dequantize(qweight, qzeros, scales, group_size=quant.group_size, dtype=dtype)
+    if quant.method == "awq":  # the repacked layout (repack.py)
+        return repack.dequantize_kpacked(qweight, qzeros, scales, group_size=quant.group_size, dtype=dtype)
     if quant.desc_act:
         return gptq.dequantize(qweight, qzeros, scales, g_idx, bits=quant.bits,
                                checkpoint_format=quant.checkpoint_format, dtype=dtype)
@@ -142,6 +164,9 @@ def _check_shape(I: int, O: int, quant: QuantConfig) -> None:
                          f"is not a multiple of {pf}")
     if quant.method == "awq" and I % quant.group_size:
         raise ValueError(f"AWQ group_size {quant.group_size} must divide the layer's {I} inputs")
+    if quant.method == "awq" and I % repack.PACK:
+        raise ValueError(f"AWQ layers are repacked 8 input rows per word; a layer with {I} inputs is not a "
+                         f"multiple of 8")
     if quant.method == "gptq" and I % pf:
         raise ValueError(f"GPTQ {quant.bits}-bit packs {pf} input rows per int32; a layer with {I} inputs is not a "
                          f"multiple of {pf}")

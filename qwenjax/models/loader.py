@@ -22,7 +22,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
-from qwenjax.quantization import gptq
+from qwenjax.quantization import gptq, repack
 from qwenjax.quantization.config import QuantConfig
 
 
@@ -206,6 +206,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             if k[-1] == "g_idx" and k not in loaded:
                 loaded[k] = place(gptq.default_g_idx(wanted[k].shape[0], quant.group_size),
                                   NamedSharding(mesh, param_spec(k, cfg, n, wanted[k].shape)), np.int32)
+    loaded = repack.repack_loaded(loaded, quant)  # AWQ words -> the decode kernel's layout, same shapes
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
@@ -269,19 +270,55 @@ class SafetensorsFile:
 
 def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
                   quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random weights in the real shapes, initialised on the devices in their shards (no host copy): benchmarks."""
+    """Random weights in the real shapes, initialised on the devices in their shards (no host copy): benchmarks.
+
+    Float models: one parameter at a time, each from its own key, by a jitted initializer shared by every parameter
+    of the same shape, kind and sharding (`_leaf_init`): a 57B model compiles about twenty small programs instead of
+    one that holds every weight, and the memory beyond the weights made so far is one parameter's transient (the
+    largest, a layer's [64, 3584, 2560] bf16 expert stack, is 1.1 GiB). Kinds follow the modules' own initializers
+    (`init_kind`). Quantized models: the modules' constructor in one jit (their packed arrays have their own init).
+    """
     from qwenjax.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
-    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, mesh.shape["tp"], v.shape)))
-                                     for p, v in nnx.to_flat_state(abstract)])
+    n = mesh.shape["tp"]
+    flat = list(nnx.to_flat_state(abstract))
+    if quant is None:
+        base = jax.random.key(seed)
+        values = []
+        for i, (path, var) in enumerate(flat):
+            sharding = NamedSharding(mesh, param_spec(path, cfg, n, var.shape))
+            value = _leaf_init(init_kind(path), tuple(var.shape), np.dtype(var.dtype), sharding)(
+                jax.random.fold_in(base, i))
+            values.append(jax.block_until_ready(value))  # one parameter's transient memory at a time
+        return graphdef, nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values)])
+    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, n, v.shape))) for p, v in flat])
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
         return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
 
     return graphdef, init()
+
+
+def init_kind(path: tuple) -> str:
+    """How the float model's modules initialise the parameter at `path`: "zeros" (biases), "ones" (RMSNorm weights,
+    KV-cache scales) or "normal" (normal(0.02): projection kernels, embeddings, stacked experts, routers)."""
+    leaf = path[-1]
+    if leaf == "bias":
+        return "zeros"
+    if leaf in ("kernel", "embedding") or (len(path) > 1 and path[-2] == "experts"):
+        return "normal"
+    return "ones"
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_init(kind: str, shape: tuple, dtype: np.dtype, sharding):
+    if kind == "normal":
+        return jax.jit(lambda key: nnx.initializers.normal(0.02)(key, shape, dtype), out_shardings=sharding)
+    fill = jnp.zeros if kind == "zeros" else jnp.ones
+    return jax.jit(lambda key: fill(shape, dtype), out_shardings=sharding)
 
 
 def load_model_config(path: Path) -> ModelConfig:

@@ -1,9 +1,10 @@
 """Qwen2MoeForCausalLM (Qwen2-57B-A14B) as Flax NNX modules, reusing the dense Qwen2 attention, norms and MLP.
 
 Shapes: T tokens (B*Q flattened), D model dim, E experts, k experts per token, F expert ffn dim.
-The experts of a layer are stacked ([E, D, F] / [E, F, D]) and run as one grouped matmul (`jax.lax.ragged_dot`)
-over the T*k (token, expert) pairs sorted by expert, so no [T, E, F] (or [T, E, D]) array is ever built: the
-work and memory follow the k experts each token chose, not all E.
+The experts of a layer are stacked ([E, D, F] / [E, F, D]) and run as one grouped matmul over the T*k (token, expert)
+pairs sorted by expert (`jax.lax.ragged_dot`; on GPU the Pallas kernel in pallas_kernels/grouped_matmul.py), so no
+[T, E, F] (or [T, E, D]) array is ever built: the work and memory follow the k experts each token chose, not all E.
+On a mesh the experts are tensor parallel (split on F) or, with `expert_parallel`, split on E (Qwen2MoeExperts).
 """
 
 from __future__ import annotations
@@ -13,16 +14,30 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from qwenjax.compat import platform
 from qwenjax.config import ModelConfig
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
 from qwenjax.quantization.config import QuantConfig
+from qwenjax.sharding import AXIS
 
 
 class Qwen2MoeExperts(nnx.Module):
     """E SwiGLU experts, stacked. HF stores `experts.{e}.{gate,up,down}_proj.weight` per expert; the loader
-    transposes and stacks them into these arrays (names kept: `experts.gate_proj` etc.)."""
+    transposes and stacks them into these arrays (names kept: `experts.gate_proj` etc.).
+
+    On a mesh ("tp" axis of n > 1 devices, traced under `jax.set_mesh`) the experts run under shard_map, each device
+    on its own slice of the stacked weights, and the partial outputs are summed with one psum (an all-reduce, as
+    after a row-parallel projection):
+      tensor parallel (default): every device holds every expert's F/n slice, so every (token, expert) pair is
+        local and each device computes its F/n share of every pair;
+      expert parallel (`cfg.expert_parallel`): every device holds E/n whole experts and computes only the pairs
+        routed to them (the rest are sorted past its groups and cost nothing but a zero store).
+    The activations are replicated over the mesh when they reach the MLP (the attention output was all-reduced), so
+    every device routes all tokens itself and no token is sent anywhere.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -30,12 +45,67 @@ class Qwen2MoeExperts(nnx.Module):
         self.gate_proj = nnx.Param(init(rngs.params(), (E, D, F), dtype))   # [E, D, F]
         self.up_proj = nnx.Param(init(rngs.params(), (E, D, F), dtype))     # [E, D, F]
         self.down_proj = nnx.Param(init(rngs.params(), (E, F, D), dtype))   # [E, F, D]
+        self.expert_parallel = cfg.expert_parallel
 
-    def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """x_sorted [M, D] rows grouped by expert (group_sizes [E] rows each, in expert order) -> [M, D]."""
-        gate = jax.lax.ragged_dot(x_sorted, self.gate_proj[...], group_sizes)   # [M, F]
-        up = jax.lax.ragged_dot(x_sorted, self.up_proj[...], group_sizes)       # [M, F]
-        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.down_proj[...], group_sizes)  # [M, D]
+    def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+        """x [T, D], routing weights and expert ids [T, k] -> sum over each token's k experts, [T, D]."""
+        stacks = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        mesh = jax.sharding.get_abstract_mesh()
+        n = 1 if mesh is None or mesh.empty or AXIS not in mesh.axis_names else mesh.shape[AXIS]
+        if n == 1:
+            return routed_experts(x, weights, experts, *stacks, first_expert=0)
+        if self.expert_parallel:
+            specs = (P(AXIS, None, None),) * 3
+        else:
+            specs = (P(None, None, AXIS), P(None, None, AXIS), P(None, AXIS, None))
+        ep = self.expert_parallel
+
+        def body(x, weights, experts, gate, up, down):
+            first = jax.lax.axis_index(AXIS) * gate.shape[0] if ep else 0
+            return jax.lax.psum(routed_experts(x, weights, experts, gate, up, down, first_expert=first), AXIS)
+
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()) + specs, out_specs=P(),
+                             check_vma=False)(x, weights, experts, *stacks)
+
+
+def routed_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
+                   down: jax.Array, *, first_expert) -> jax.Array:
+    """The routed experts' output for the (token, expert) pairs whose expert is one of the El held here.
+
+    x [T, D]; weights, experts [T, k]; gate / up [El, D, F'], down [El, F', D] hold experts first_expert ..
+    first_expert + El - 1 (all E with first_expert 0 on one device or under tensor parallelism, where F' = F/n).
+
+    Static shapes: the T*k pairs are sorted by local expert with every pair of another device's expert given the
+    key El, so the local pairs come first, grouped by expert, and the rest form a tail past sum(group_sizes). The
+    grouped matmul computes only the grouped rows (its tail comes out as zeros) and the weights of the tail are
+    zeroed too, so one buffer of T*k rows serves whatever share of pairs is local, with no [T, E, ...] array and no
+    dynamic shape. The pairs are put back in (token, slot) order by a row gather and each token sums its k.
+    """
+    T, k = experts.shape
+    el = gate.shape[0]
+    local = experts - first_expert
+    is_local = (local >= 0) & (local < el)
+    key = jnp.where(is_local, local, el).reshape(-1)                      # [T*k], el = not on this device
+    order = jnp.argsort(key, stable=True)                                 # [T*k]
+    group_sizes = jnp.bincount(key, length=el + 1)[:el].astype(jnp.int32)   # [El]
+    xs = x[order // k]                                                    # [T*k, D], expert order
+    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)   # [T*k, F']
+    y = grouped_matmul(h, down, group_sizes)                              # [T*k, D]
+    y = y * jnp.where(is_local, weights, 0).reshape(-1)[order][:, None]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))   # [T*k]
+    return y[inverse].reshape(T, k, -1).sum(axis=1)                       # [T, D]
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, K] rows grouped by group_sizes [G] @ w [G, K, N] -> [M, N], rows past the groups zero
+    (`jax.lax.ragged_dot`'s contract). On GPU the Pallas kernel: XLA expands ragged_dot there into a dense dot over
+    all G groups (pallas_kernels/grouped_matmul.py has the numbers); elsewhere ragged_dot itself."""
+    if platform() == "gpu":
+        from pallas_kernels.grouped_matmul import grouped_matmul as kernel, supported
+
+        if supported(w.shape[1], w.shape[2], w.dtype) and x.dtype == w.dtype:
+            return kernel(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes)
 
 
 def route(router_logits: jax.Array, k: int, norm_topk_prob: bool, dtype) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +120,8 @@ def route(router_logits: jax.Array, k: int, norm_topk_prob: bool, dtype) -> tupl
 
 class Qwen2MoeSparseMoeBlock(nnx.Module):
     """Router (`gate`), stacked routed experts, and an optional shared expert scaled by sigmoid(`shared_expert_gate`).
-    With shared_expert_intermediate_size 0 the shared expert is absent (HF's would add exactly zero)."""
+    With shared_expert_intermediate_size 0 the shared expert is absent (HF's would add exactly zero). The router is
+    replicated on a mesh; the shared expert is tensor parallel like a dense MLP (see sharding.py)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         D = cfg.hidden_size
@@ -67,17 +138,8 @@ class Qwen2MoeSparseMoeBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                          # [T, D]
-        T, k = x.shape[0], self.top_k
-        weights, experts = route(self.gate(x), k, self.norm_topk_prob, x.dtype)   # [T, k], [T, k]
-        # Sort the T*k (token, expert) pairs by expert so each expert's rows are contiguous for ragged_dot.
-        flat = experts.reshape(-1)                                            # [T*k]
-        order = jnp.argsort(flat, stable=True)                                # [T*k]
-        group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)   # [E]
-        y = self.experts(x[order // k], group_sizes)                          # [T*k, D], expert order
-        y = y * weights.reshape(-1)[order][:, None]
-        # Back to (token, slot) order through the inverse permutation (a row gather), then sum each token's k.
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))   # [T*k]
-        out = y[inverse].reshape(T, k, -1).sum(axis=1)                        # [T, D]
+        weights, experts = route(self.gate(x), self.top_k, self.norm_topk_prob, x.dtype)   # [T, k], [T, k]
+        out = self.experts(x, weights, experts)                               # [T, D]
         if self.has_shared:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)

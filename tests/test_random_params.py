@@ -1,0 +1,54 @@
+"""Random ("dummy") weights: made on the device one parameter at a time, with the kinds the modules' own
+initializers give (zeros, ones, normal(0.02)), deterministic in the seed, dense and MoE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwenjax.config import ModelConfig
+from qwenjax.models.loader import init_kind, model_class, random_params
+
+BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+CONFIGS = {
+    "dense": ModelConfig(**BASE),
+    "moe": ModelConfig(**BASE, architecture="Qwen2MoeForCausalLM", num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(1,)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_random_params_follow_the_modules_initializers(name):
+    cfg = CONFIGS[name]
+    _, state = random_params(cfg, jnp.float32, seed=3)
+    eager = nnx.split(model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)))[1]
+    ours, theirs = list(nnx.to_flat_state(state)), list(nnx.to_flat_state(eager))
+    assert [p for p, _ in ours] == [p for p, _ in theirs]
+    kinds = set()
+    for (path, v), (_, e) in zip(ours, theirs):
+        a, b = np.asarray(v[...]), np.asarray(e[...])
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        kind = "ones" if (b == 1).all() else "zeros" if (b == 0).all() else "normal"
+        assert init_kind(path) == kind, path
+        kinds.add(kind)
+        if kind == "normal" and a.size >= 1000:
+            assert abs(a.std() - 0.02) < 0.002 and abs(a.mean()) < 0.002, path
+        elif kind != "normal":
+            np.testing.assert_array_equal(a, b)
+    assert kinds == {"ones", "zeros", "normal"}
+
+
+def test_random_params_are_deterministic_in_the_seed():
+    cfg = CONFIGS["moe"]
+    leaves = lambda seed: jax.tree.leaves(random_params(cfg, jnp.bfloat16, seed=seed)[1])  # noqa: E731
+    a, b, c = leaves(0), leaves(0), leaves(1)
+    assert all((np.asarray(x, np.float32) == np.asarray(y, np.float32)).all() for x, y in zip(a, b))
+    assert any((np.asarray(x, np.float32) != np.asarray(y, np.float32)).any() for x, y in zip(a, c))
+    # distinct parameters of one shape get distinct values (each its own key)
+    flat = dict(nnx.to_flat_state(random_params(cfg, jnp.float32, seed=0)[1]))
+    up = lambda i: np.asarray(flat[("model", "layers", i, "self_attn", "q_proj", "kernel")][...])  # noqa: E731
+    assert not np.array_equal(up(0), up(1))
