@@ -1,7 +1,7 @@
 """Host time of a 512-row decode step, serving against offline (CPU is enough: it measures the host, not the device).
 
-The engine core's loop body as the server runs it (final_only False: incremental detokenization, a RequestOutput per
-request, then the delta encoding sent to the server process) and as offline generation runs it (final_only True,
+The engine core's loop body as the server runs it (final_only False: incremental detokenization, then each advanced
+request's delta encoded straight from it, EngineCore's raw_outputs) and as offline generation runs it (final_only True,
 text decoded once at the end), on the built-in tiny model with 512 running requests. Host time = wall time minus
 the time spent waiting for sampled ids in `to_host`. The device step of the 7B shape on an H100 at 512 rows is
 ~22 ms: a serving host step near or above that shows as slower served steps (benchmarks/NOTES.md).
@@ -43,6 +43,7 @@ def main(modes: list[str]) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=WARM_STEPS + STEPS + 4, ignore_eos=True)
     for mode in modes:
         eng.final_only = mode == "offline"
+        eng.raw_outputs = mode == "serve"
         enc = OutputEncoder()
         for i in range(ROWS):
             rid = f"{mode}{i}"
@@ -55,7 +56,7 @@ def main(modes: list[str]) -> None:
         for _ in range(STEPS):
             for out in eng.step():
                 if mode == "serve":
-                    enc.encode(out)
+                    enc.encode_request(out)
         wall = (time.perf_counter() - t) / STEPS
         print(f"{mode}: wall {wall * 1e3:.1f} ms/step, host {(wall - waited[0] / STEPS) * 1e3:.1f} ms/step", flush=True)
         while eng.has_unfinished_requests():

@@ -110,6 +110,7 @@ class LLMEngine:
         self._rng = np.random.default_rng(args.seed)
         self._ids = itertools.count()
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
+        self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: _InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
@@ -374,7 +375,7 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
             elif self.final_only:
                 continue
-            outs.append(self.request_output(req))
+            outs.append(req if self.raw_outputs else self.request_output(req))
         return outs
 
     def request_output(self, req: Request) -> RequestOutput:

@@ -143,28 +143,43 @@ class OutputEncoder:
         self.sent.pop(request_id, None)
 
     def encode(self, out) -> tuple:
-        rid = out.request_id
+        """The delta of a RequestOutput."""
+        comps = [(c.token_ids, len(c.token_ids), c.text, c.logprobs, c.cumulative_logprob, c.finish_reason,
+                  c.stop_reason) for c in out.outputs]
+        m = out.metrics
+        return self._encode(out.request_id, comps, out.finished, lambda: None if m is None else (
+            m.first_scheduled_time, m.first_token_time, m.finished_time, m.num_preemptions), out)
+
+    def encode_request(self, req) -> tuple:
+        """The same delta read straight from a live Request (LLMEngine.raw_outputs): no RequestOutput is built and no
+        token list copied, which is most of the per-request host work of a serving step."""
+        comps = [(s.output_token_ids, s.num_known_outputs, s.output_text, s.logprobs,
+                  s.cumulative_logprob if s.logprobs is not None else None, s.finish_reason, s.stop_reason)
+                 for s in req.seqs]
+        return self._encode(req.request_id, comps, req.finished, lambda: (
+            req.first_scheduled_time, min((s.first_token_time for s in req.seqs if s.first_token_time), default=None),
+            req.finished_time, sum(s.num_preemptions for s in req.seqs)), req)
+
+    def _encode(self, rid: str, comps: list, finished: bool, metrics, out) -> tuple:
+        """comps: per completion (token ids, how many of them are known, text, logprobs, cumulative logprob,
+        finish reason, stop reason); metrics() gives the timing tuple; `out` has prompt_token_ids and
+        prompt_logprobs."""
         state = self.sent.get(rid)
         if state is None:  # not added through this encoder (cannot happen in the core loop): send all of it
             state = [None, True]
         first = state[0] is None
         if first:
-            state[0] = [[0, 0, 0] for _ in out.outputs]
-        counts, comps = state[0], []
-        finished = out.finished
-        for c, n in zip(out.outputs, counts):
-            ids, text, lps = c.token_ids, c.text, c.logprobs
-            t0 = n[0] if n[0] <= len(ids) else 0
+            state[0] = [[0, 0, 0] for _ in comps]
+        counts, deltas = state[0], []
+        for (ids, known, text, lps, cum, reason, stop), n in zip(comps, counts):
+            t0 = n[0] if n[0] <= known else 0
             x0 = 0 if finished or n[1] > len(text) else n[1]
             l0 = 0 if lps is None or n[2] > len(lps) else n[2]
-            comps.append((t0, ids[t0:], x0, text[x0:], l0, None if lps is None else lps[l0:], c.cumulative_logprob,
-                          c.finish_reason, c.stop_reason))
-            n[0], n[1], n[2] = len(ids), len(text), 0 if lps is None else len(lps)
+            deltas.append((t0, ids[t0:known], x0, text[x0:], l0, None if lps is None else lps[l0:], cum, reason, stop))
+            n[0], n[1], n[2] = known, len(text), 0 if lps is None else len(lps)
         extra = None
         if first or finished:
-            m = out.metrics
-            extra = {"metrics": None if m is None else (m.first_scheduled_time, m.first_token_time, m.finished_time,
-                                                        m.num_preemptions)}
+            extra = {"metrics": metrics()}
             if first:
                 if state[1]:
                     extra["prompt_token_ids"] = out.prompt_token_ids
@@ -174,7 +189,7 @@ class OutputEncoder:
             self.sent.pop(rid, None)
         else:
             self.sent[rid] = state
-        return comps, finished, extra
+        return deltas, finished, extra
 
 
 class EngineCore:
@@ -183,6 +198,7 @@ class EngineCore:
     def __init__(self, engine, cmd_conn, out_conn, *, stream_interval: int = 1, log_interval_s: float = 5.0):
         self.engine = engine
         engine.final_only = False
+        engine.raw_outputs = True  # step() hands back the touched Requests; encode_request reads them directly
         self.cmd, self.out = cmd_conn, out_conn
         self.stream_interval = stream_interval
         self.log_interval_s = log_interval_s
@@ -262,7 +278,7 @@ class EngineCore:
                 continue
             st[0].append(t)
             if due or o.finished or not st[1]:
-                self.outputs.append((o.request_id, enc.encode(o), st[0]))
+                self.outputs.append((o.request_id, enc.encode_request(o), st[0]))
                 st[0], st[1] = [], True
             if o.finished:
                 del live[o.request_id]

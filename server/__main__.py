@@ -72,7 +72,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     e.add_argument("--enable-prefix-caching", nargs="?", const=True, default=True, type=_bool,
                    help="automatic prefix caching (on by default, as in vLLM); pass false to turn it off")
-    e.add_argument("--enable-chunked-prefill", nargs="?", const=True, default=None, type=_bool)
+    e.add_argument("--enable-chunked-prefill", nargs="?", const=True, default=None, type=_bool,
+                   help="prompt chunks (at most 512 tokens) ride along with running decodes (on by default, as in "
+                        "vLLM); pass false to give every prefill a step of its own")
+    e.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: split the experts over the mesh (whole experts per device) instead of "
+                        "splitting every expert's width")
     e.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority, spf (shortest prompt first), fair")
     e.add_argument("--async-scheduling", nargs="?", const=True, default=True, type=_bool,
                    help="overlap host scheduling with the device: step N+1 is dispatched before step N's tokens "
@@ -96,7 +101,7 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "max_num_batched_tokens", "generation_config", "load_format", "enable_prefix_caching",
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
-                "num_processes", "process_id", "scheduling_policy", "async_scheduling")
+                "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:

@@ -94,6 +94,30 @@ def test_deltas_rebuild_every_cumulative_output():
     assert "r" not in enc.sent  # forgotten once finished
 
 
+def test_deltas_read_from_requests_equal_deltas_of_their_outputs():
+    """The engine core encodes each advanced Request directly (raw_outputs); the deltas equal those of the
+    RequestOutputs the engine builds otherwise, step by step: n = 2 with logprobs, a stop string, async placeholders."""
+    from qwenjax.engine import LLMEngine
+
+    engine = LLMEngine(ARGS)
+    engine.raw_outputs = True
+    direct, via_outputs = OutputEncoder(), OutputEncoder()
+    params = [SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=9, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=20, stop=["e"], ignore_eos=True)]
+    for i, p in enumerate(params):
+        engine.add_request(str(i), "Tell me about dragons", p)
+        for enc in (direct, via_outputs):
+            enc.add(str(i), send_prompt_ids=False)
+    seen = 0
+    while engine.has_unfinished_requests():
+        for req in engine.step():
+            a = direct.encode_request(req)
+            b = via_outputs.encode(engine.request_output(req))
+            assert a == b, (req.request_id, a, b)
+            seen += 1
+    assert seen >= 10 and not direct.sent and not via_outputs.sent
+
+
 # ---------------------------------------------------------------------------------------------- one shared engine
 def test_frontend_never_initialises_jax(engine, jax_before):
     assert engine.multiprocess and engine.engine_pid != os.getpid()

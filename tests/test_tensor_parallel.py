@@ -66,10 +66,10 @@ def test_parameter_and_kv_shardings(tp_result):
     assert tp_result[2]["kv_shard_shape"][0] == 1 and tp_result[2]["kv_devices"] == 2
 
 
-def test_decode_kernel_under_shard_map():
+def test_paged_kernels_under_shard_map():
     proc = run_with_devices(["-m", "tests.sharded_kernel_worker"], n=4, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok") == 4
+    assert proc.stdout.count("ok") == 6 and proc.stdout.count("ok prefill") == 2
 
 
 def test_sharded_loading_makes_no_full_host_copy(tmp_path, capsys):
