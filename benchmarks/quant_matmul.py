@@ -33,7 +33,6 @@ over a layer's seven projections (q, k, v, o, gate, up, down): `<fmt>_layer_m<M>
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -131,7 +130,7 @@ def variants(fmt, bits, m, k, n, interpret):
     """(name, settings, fn(x, qw, qz, s), reference fn) of the quantized paths for one case (gemv grid excluded)."""
     import jax.numpy as jnp
 
-    from pallas_kernels import quant_gemv, quant_matmul as qmm
+    from pallas_kernels import quant_matmul as qmm
     from qwenjax.layers import quant_linear
     from qwenjax.quantization import QuantConfig
 

@@ -8,7 +8,6 @@ every process enqueues identical programs in identical order, which SPMD executi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax

@@ -24,7 +24,7 @@ from flax import nnx
 
 from qwenjax import packing, penalty_state, sampler
 from qwenjax.batch import StepInput, build_step_input
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, segments
+from qwenjax.layers.attention import AttentionMetadata, segments
 from qwenjax.scheduler import SchedulerOutput
 from qwenjax.sharding import replicated
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from qwenjax.batch import StepInput
 from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.models.loader import load_model_config, load_params

@@ -31,7 +31,7 @@ class QuantLinear(nnx.Module):
         _check_shape(in_features, out_features, quant)
         self.in_features, self.out_features = in_features, out_features
         self.quant, self.dtype = quant, jnp.dtype(dtype)
-        G, pf = quant.num_groups(in_features), quant.pack_factor
+        G = quant.num_groups(in_features)
         # Random packed values and mid-point zeros: a model of the right shape and scale for dummy-weight runs
         # (std of W about 0.02, as the float model's init); real weights replace all of them at load.
         bits = jax.random.bits(rngs.params(), _qweight_shape(in_features, out_features, quant), jnp.uint32)

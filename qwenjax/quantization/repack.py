@@ -18,7 +18,6 @@ Every function takes numpy or jax arrays and returns the same kind.
 
 from __future__ import annotations
 
-import numpy as np
 
 from qwenjax.quantization import awq
 from qwenjax.quantization.packing import array_module, unpack_cols

@@ -3,7 +3,6 @@ Qwen2-7B shapes at the default settings, against the exact product. Run with `py
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
