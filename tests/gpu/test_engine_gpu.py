@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from qwenjax import LLM, SamplingParams, packing
@@ -99,3 +100,47 @@ def test_prefill_kernel_in_every_context_and_mixed_bucket(model_dir):
                                      i_buf, f_buf, has_context=True, layout=layout).compile().as_text()
         n = sum("custom_call_target=\"__gpu$xla.gpu.triton\"" in line for line in hlo.splitlines())
         assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}): {n} Pallas calls for {layers} layers"
+
+
+MIXED_ENGINE = dict(max_model_len=256, max_num_seqs=8, decode_buckets=(8,), prefill_token_buckets=(32,),
+                    max_num_batched_tokens=64, num_kv_pages=128, load_format="dummy")
+_STAGGERED = """
+import json, jax
+jax.config.update('jax_default_matmul_precision', 'highest')
+from qwenjax import SamplingParams
+from qwenjax.config import EngineArgs
+from qwenjax.engine import LLMEngine
+eng = LLMEngine(EngineArgs(model={model!r}, dtype='float32', **{engine!r}))
+prompts = [list(range(1, 6)), list(range(200, 300)), list(range(400, 417))]  # the 100-token one takes 4 chunks
+p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+done, pending = {{}}, list(enumerate(prompts))
+while pending or eng.has_unfinished_requests():
+    if pending:
+        i, ids = pending.pop(0)
+        eng.add_request(str(i), None, p, prompt_token_ids=ids)
+    for _ in range(2 if pending else 1):
+        for out in eng.step():
+            if out.finished:
+                c = out.outputs[0]
+                done[out.request_id] = (c.token_ids, [e[t].logprob for t, e in zip(c.token_ids, c.logprobs)])
+print(json.dumps({{"tokens": [done[str(i)][0] for i in range(3)], "logprobs": [done[str(i)][1] for i in range(3)],
+                  "mixed": eng.stats.mixed_steps}}))
+"""
+
+
+def test_gpu_mixed_steps_equal_cpu_tokens(model_dir):
+    """Requests arriving while others decode (chunks of a long prompt and late arrivals in mixed steps, through the
+    Pallas prefill and decode kernels) give the CPU engine's greedy tokens and their logprobs (float32 on both
+    sides; random weights repeat tokens, so the logprobs are what shows an attention difference)."""
+    code = _STAGGERED.format(model=model_dir, engine=MIXED_ENGINE)
+    runs = {}
+    for platform in ("gpu", "cpu"):
+        env = {**os.environ, **({"JAX_PLATFORMS": "cpu"} if platform == "cpu" else {})}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[platform] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["gpu"]["mixed"] >= 4 and runs["gpu"]["mixed"] == runs["cpu"]["mixed"]
+    assert runs["gpu"]["tokens"] == runs["cpu"]["tokens"]
+    np.testing.assert_allclose(np.concatenate(runs["gpu"]["logprobs"]), np.concatenate(runs["cpu"]["logprobs"]),
+                               atol=1e-3)
