@@ -603,6 +603,7 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
                 "planes": [p.name for p in pd.planes]}
     busy_ns = kernel_ns = module_ns = 0.0
     n_events, used_lines = 0, []
+    by_name: dict[str, list[float]] = {}  # kernel name -> [total ns, count]: where the device time goes
     for plane in planes:
         lines = list(plane.lines)
         streams = [ln for ln in lines if ln.name.startswith("Stream")]
@@ -616,6 +617,9 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
                 every.append(iv)
                 if not ev.name.lower().startswith(("memcpy", "memset")):
                     kernels.append(iv)
+                acc = by_name.setdefault(ev.name, [0.0, 0])
+                acc[0] += ev.duration_ns
+                acc[1] += 1
         n_events += len(every)
         busy_ns += _union_ns(every)
         kernel_ns += _union_ns(kernels)
@@ -626,6 +630,9 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
     return {"device_busy": round(busy_ns / n / wall_ns, 4), "kernel_busy": round(kernel_ns / n / wall_ns, 4),
             "module_busy": round(module_ns / n / wall_ns, 4) if module_ns else None,
             "device_active_s": round(busy_ns / n / 1e9, 6), "events": n_events, "lines": used_lines[:32],
+            "top_kernels": [{"name": name[:160], "ms": round(ns / 1e6, 3), "count": c,
+                             "share": round(ns / max(busy_ns, 1.0), 4)}
+                            for name, (ns, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]],
             "xplane": files[-1]}
 
 
