@@ -5,6 +5,7 @@
 #
 # Stages (default: tests 0.5b 7b; the whole list rarely fits one 10-minute call, so split it, see README.md):
 #   tests            JAX_PLATFORMS=cpu pytest tests, the whole CPU suite (time-boxed; -n 12 with pytest-xdist)
+#   tests-bg         the same in the background, beside the stages after it (waited for at the end)
 #   0.5b | 7b        latency (+ profile) and throughput-fixed for qwen2-0.5b-instruct / qwen2-7b-instruct
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
@@ -53,7 +54,14 @@ STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests 0.5b 7b)
 STATUS=()
 
+BG_PIDS=()
+
 finish() {
+    # A background stage (tests-bg) is waited for; its own timeout bounds the wait.
+    for pid in ${BG_PIDS[@]+"${BG_PIDS[@]}"}; do wait "$pid"; done
+    if [ -f "$LOGS/tests.status" ]; then
+        STATUS+=("$(cat "$LOGS/tests.status")"); tail -n 15 "$LOGS/tests.log"
+    fi
     tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
     {
         echo "campaign: ${STAGES[*]}  ($(( $(date +%s) - START )) s, commit ${QWENJAX_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)})"
@@ -119,15 +127,31 @@ read -r -a EXTRA <<<"${CAMPAIGN_EXTRA_ARGS:-}"
 COMMON=(--results-dir "$RESULTS" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"})
 for s in "${STAGES[@]}"; do
     case $s in
-        tests)
+        tests|tests-bg)
             # The whole CPU suite (the only place the image's JAX version runs it), spread over the host's cores
             # with pytest-xdist when it is installed (a file's tests stay on one worker: the guide's blocks share
             # a session). Left out, for the machine and not the code: the notebooks (no Jupyter kernel in the
             # image) and the guide's `pip install` block (no package index), which the guide's block count sees.
+            # tests-bg runs it in the background beside the next stages (put it before stages whose timing does
+            # not matter, e.g. gputests): the host has 16 cores, the GPU stages use few of them.
             par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TESTS_WORKERS:-12}" --dist loadfile)
-            step tests 60 "${TESTS_TIMEOUT_S:-420}" env JAX_PLATFORMS=cpu "$PY" -m pytest -q -ra tests \
-                --durations=10 --timeout=400 -p no:cacheprovider ${par[@]+"${par[@]}"} \
-                --ignore=tests/test_notebooks.py -k "not bash-line23 and not test_every_block_ran"
+            cmd=(env JAX_PLATFORMS=cpu "$PY" -m pytest -q -ra tests --durations=10 --timeout=400 \
+                -p no:cacheprovider ${par[@]+"${par[@]}"} --ignore=tests/test_notebooks.py \
+                -k "not bash-line23 and not test_every_block_ran")
+            if [ "$s" = tests ]; then
+                step tests 60 "${TESTS_TIMEOUT_S:-420}" "${cmd[@]}"
+            else
+                lim=$(left); [ "$lim" -gt "${TESTS_TIMEOUT_S:-420}" ] && lim=${TESTS_TIMEOUT_S:-420}
+                echo "== tests (background, limit ${lim}s)"
+                (
+                    t0=$(date +%s)
+                    timeout --kill-after=10 "$lim" "${cmd[@]}" >"$LOGS/tests.log" 2>&1
+                    rc=$?
+                    r="ok"; [ $rc -ne 0 ] && r="FAILED rc=$rc"
+                    echo "tests (background): $r ($(( $(date +%s) - t0 ))s)" >"$LOGS/tests.status"
+                ) &
+                BG_PIDS+=($!)
+            fi
             ;;
         0.5b|7b|bench-*)
             m=$(model_of "${s#bench-}")
@@ -175,7 +199,11 @@ for s in "${STAGES[@]}"; do
             step attn-prefill 60 240 "$PY" benchmarks/attention_prefill.py --sweep --out "$OUT"
             ;;
         gputests)
-            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-420}" "$PY" -m pytest -q -ra tests/gpu --gpu -p no:cacheprovider
+            # A per-test timeout so one slow test shows as a failure with its traceback instead of eating the
+            # stage's budget; the 57B-shape MoE tests (the slowest) last.
+            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-420}" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider \
+                --timeout="${GPU_TEST_TIMEOUT_S:-150}" --durations=15 tests/gpu/test_engine_gpu.py \
+                tests/gpu/test_prefill_kernel_gpu.py tests/gpu/test_quant_gemv_gpu.py tests/gpu/test_moe_gpu.py
             ;;
         serve-*)
             m=$(model_of "${s#serve-}")
@@ -213,6 +241,33 @@ for s in "${STAGES[@]}"; do
             if [ -z "$part" ] || [ "$part" = throughput ]; then
                 step "throughput-fixed-$m" 200 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                     --num-kv-pages 0 ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} "${COMMON[@]}"
+            fi
+            ;;
+        quant-matmul)
+            read -r -a QM_ARGS <<<"${QUANT_MATMUL_ARGS:---budget-s 400}"
+            step quant-matmul 120 480 "$PY" benchmarks/quant_matmul.py "${QM_ARGS[@]}" "${COMMON[@]}"
+            ;;
+        quant-7b)
+            # Random packed 4-bit weights in the published checkpoints' layouts, through the whole engine.
+            for m in ${QUANT_7B_MODELS:-qwen2-7b-instruct-awq qwen2-7b-instruct-gptq-int4}; do
+                step "latency-$m" 90 0 "$PY" benchmarks/latency.py --model "$m" "${COMMON[@]}"
+                step "throughput-fixed-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                    "${COMMON[@]}"
+            done
+            ;;
+        quant-72b|quant-72b-latency|quant-72b-throughput)
+            # Qwen2-72B in AWQ on one 80 GB H100 (~41 GB of packed weights); throughput with the KV cache sized
+            # from free memory.
+            m=${QUANT_72B_MODEL:-qwen2-72b-instruct-awq}
+            part=${s#quant-72b}; part=${part#-}
+            read -r -a Q72_EXTRA <<<"${QUANT_72B_ARGS:-}"
+            if [ -z "$part" ] || [ "$part" = latency ]; then
+                step "latency-$m" 150 0 "$PY" benchmarks/latency.py --model "$m" \
+                    ${Q72_EXTRA[@]+"${Q72_EXTRA[@]}"} "${COMMON[@]}"
+            fi
+            if [ -z "$part" ] || [ "$part" = throughput ]; then
+                step "throughput-fixed-$m" 200 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                    --num-kv-pages 0 ${Q72_EXTRA[@]+"${Q72_EXTRA[@]}"} "${COMMON[@]}"
             fi
             ;;
         *)

@@ -140,7 +140,7 @@ def test_gpu_mixed_steps_equal_cpu_tokens(model_dir):
                              cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]
         runs[platform] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert runs["gpu"]["mixed"] >= 4 and runs["gpu"]["mixed"] == runs["cpu"]["mixed"]
-    assert runs["gpu"]["tokens"] == runs["cpu"]["tokens"]
+    assert runs["gpu"]["mixed"] >= 4 and runs["gpu"]["mixed"] == runs["cpu"]["mixed"], runs
+    assert runs["gpu"]["tokens"] == runs["cpu"]["tokens"], runs
     np.testing.assert_allclose(np.concatenate(runs["gpu"]["logprobs"]), np.concatenate(runs["cpu"]["logprobs"]),
                                atol=1e-3)
