@@ -58,6 +58,12 @@ _TWO23 = float(1 << 23)
 # (max rows, K, N) -> (block_n, block_kw, num_splits, num_warps, num_stages, xload). A product takes the entry with
 # the smallest max rows >= M for its (K, N); see `settings`. Paste benchmarks/quant_matmul.py's output here.
 CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {
+    # H100, benchmarks/quant_matmul.py --rows 1,4,16 --budget-s 150 (dad883a; greedy search cut by its budget)
+    (1, 3584, 512): (128, 8, 56, 2, 3, 'strided'),     # gptq
+    (4, 3584, 3584): (512, 4, 42, 4, 3, 'strided'),    # gptq
+    (1, 18944, 3584): (128, 8, 74, 2, 3, 'strided'),   # awq
+    (4, 3584, 512): (512, 4, 112, 4, 3, 'strided'),    # awq
+    (4, 3584, 18944): (512, 4, 8, 4, 3, 'strided'),    # awq
 }
 XLOADS = ("strided", "bcast", "bcast1")
 _TARGET_PROGRAMS_M1 = 2048  # M <= 2: short programs, many of them (measured best on an H100 at every 7B shape)

@@ -24,6 +24,25 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
 
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """With --gpu, a failure's traceback is written as it happens: the GPU campaign's time limit may stop the run
+    before pytest's summary, and its device time is too short to run the tests again to see why."""
+    if report.failed and _CONFIG is not None and _CONFIG.getoption("--gpu"):
+        tr = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
 from tests.checkpoints import write_checkpoint  # noqa: E402
 
 def pythonpath_with(root) -> str:

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenjax.config import ModelConfig
 from qwenjax.models.loader import load_model_config
+from qwenjax.sharding import param_spec
 from tests.moe_checkpoints import hf_moe_model, write_moe_checkpoint
 from tests.test_model_vs_hf import ATOL, _our_logits
 
@@ -101,12 +103,22 @@ def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate(placement):
     block = Qwen2MoeSparseMoeBlock(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(block)
     x = jnp.ones((B, Q, D), jnp.float32)
-    trace = lambda: jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
+    trace = lambda state, x: jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
     if placement == "one_device":
-        jaxpr = trace()
+        jaxpr = trace(state, x)
     else:
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((4,), ("tp",))):
-            jaxpr = trace()
+        # The parameters as the engine places them (jax 0.11 checks shard_map's in_specs against the inputs').
+        mesh = jax.sharding.AbstractMesh((4,), ("tp",))
+
+        def placed(p, leaf):
+            path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in p)
+            spec = param_spec(tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path), cfg, 4,
+                              leaf.shape)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+
+        with jax.sharding.use_abstract_mesh(mesh):
+            jaxpr = trace(jax.tree_util.tree_map_with_path(placed, state),
+                          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())))
     eqns: list = []
     _collect_avals(jaxpr, eqns)
     prims = [prim for prim, _ in eqns]
