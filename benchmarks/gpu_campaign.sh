@@ -9,6 +9,7 @@
 #   0.5b | 7b        latency (+ profile) and throughput-fixed for qwen2-0.5b-instruct / qwen2-7b-instruct
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
+#   latency-M        latency alone, profiled (device_busy and the top kernels)
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
@@ -152,6 +153,10 @@ for s in "${STAGES[@]}"; do
                 ) &
                 BG_PIDS+=($!)
             fi
+            ;;
+        latency-*)
+            m=$(model_of "${s#latency-}")
+            step "$s" 60 0 "$PY" benchmarks/latency.py --model "$m" --profile "${COMMON[@]}"
             ;;
         0.5b|7b|bench-*)
             m=$(model_of "${s#bench-}")
