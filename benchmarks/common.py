@@ -704,11 +704,10 @@ def print_result_table(title: str, rows: list, result: dict, merged: bool, path)
     print_table(title, rows)
 
 
-def paired_rows(metrics: dict, keys, runs: tuple[str, str]) -> list[tuple[str, str]]:
-    """Table rows "key a / b" for metrics recorded per run as key_a and key_b (None prints as -)."""
+def paired_rows(metrics: dict, keys, runs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Table rows "key a / b [/ c]" for metrics recorded per run as key_a, key_b, ... (None prints as -)."""
     fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return [(f"{k} {runs[0]} / {runs[1]}", f"{fmt(metrics[f'{k}_{runs[0]}'])} / {fmt(metrics[f'{k}_{runs[1]}'])}")
-            for k in keys]
+    return [(f"{k} {' / '.join(runs)}", " / ".join(fmt(metrics.get(f"{k}_{r}")) for r in runs)) for k in keys]
 
 
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:

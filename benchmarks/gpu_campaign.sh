@@ -17,6 +17,7 @@
 #   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
+#                    (PREFIX_ARGS, e.g. --sync-run)
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
@@ -193,7 +194,9 @@ for s in "${STAGES[@]}"; do
             # Two engines one after the other (uncached, cached); the second finds the first's programs in .jaxcache.
             m=$(model_of "${s#prefix-}")
             need=90; [ "$s" = prefix-7b ] && need=240
-            step "$s" $need 0 "$PY" benchmarks/prefix_caching.py --model "$m" "${COMMON[@]}"
+            read -r -a PREFIX_EXTRA <<<"${PREFIX_ARGS:-}"
+            step "$s" $need 0 "$PY" benchmarks/prefix_caching.py --model "$m" ${PREFIX_EXTRA[@]+"${PREFIX_EXTRA[@]}"} \
+                "${COMMON[@]}"
             ;;
         chunked-*)
             m=$(model_of "${s#chunked-}")
@@ -207,7 +210,7 @@ for s in "${STAGES[@]}"; do
             # A per-test timeout so one slow test shows as a failure with its traceback instead of eating the
             # stage's budget; the 57B-shape MoE tests (the slowest) last.
             step gputests 60 "${GPU_TESTS_TIMEOUT_S:-420}" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider \
-                --timeout="${GPU_TEST_TIMEOUT_S:-150}" --durations=15 tests/gpu/test_engine_gpu.py \
+                --timeout="${GPU_TEST_TIMEOUT_S:-300}" --durations=15 tests/gpu/test_engine_gpu.py \
                 tests/gpu/test_prefill_kernel_gpu.py tests/gpu/test_quant_gemv_gpu.py tests/gpu/test_moe_gpu.py
             ;;
         serve-*)

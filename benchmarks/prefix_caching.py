@@ -15,7 +15,9 @@ Per run (suffix _cached / _uncached): ttft_ms_{mean,p50,median,p99} (first token
 ((finish - first token) / (tokens - 1)), output_tok_s (output tokens over last finish - first arrival),
 prefix_cache_hits / prefix_cache_queries (prompt tokens found cached / looked up, over the timed replay). Then
 prefix_cache_hit_rate (the cached run's hits / queries) and speedup_vs_no_prefix_caching = median uncached TTFT /
-median cached TTFT.
+median cached TTFT. TTFT's two parts: ttft_queue_ms_p50 (arrival -> the request's first step dispatched) and
+ttft_after_scheduled_ms_p50 (-> its first token read). --sync-run adds a third run (suffix _cached_sync): cached,
+async scheduling off, which shows what the step dispatched ahead of a new arrival costs its TTFT.
 
 Engine defaults, sized to the workload: max_model_len = prompt + output rounded up to a page (1120), max_num_seqs 32,
 a 4096-token prefill budget, prefill Q buckets 64 (the suffix after a prefix hit, with its cached context) and 1088
@@ -49,6 +51,8 @@ def parse(argv=None):
     w.add_argument("--suffix-len", type=int, default=None, help=f"unique suffix, default {DEFAULTS['suffix_len']}")
     w.add_argument("--output-len", type=int, default=None, help=f"default {DEFAULTS['output_len']}")
     w.add_argument("--request-rate", type=float, default=8.0, help="arrivals per second, evenly spaced (not scaled)")
+    p.add_argument("--sync-run", action="store_true",
+                   help="a third run, cached without async scheduling (what the step dispatched ahead costs TTFT)")
     args = p.parse_args(argv)
     args.standard = all(getattr(args, k) is None for k in DEFAULTS) and args.scale == 1.0 and args.request_rate == 8.0
     lo = {"num_requests": 2, "prefix_len": 1, "suffix_len": 1, "output_len": 2}
@@ -86,9 +90,11 @@ def engine_kwargs(args, enable_prefix_caching: bool) -> dict:
     return kw
 
 
-def run_one(args, spec, cfg, trace, warm_trace, *, cached: bool) -> dict:
+def run_one(args, spec, cfg, trace, warm_trace, *, cached: bool, async_scheduling: bool = True) -> dict:
     """One engine, built, warmed, replayed, freed: its summary, stats over the replay and engine configuration."""
     kwargs = engine_kwargs(args, cached)
+    if not async_scheduling:
+        kwargs["async_scheduling"] = False
     llm, startup = common.build_llm(spec, kwargs)
     # Two warm-up prompts one after the other: the second hits the first's prefix (the context-prefill path).
     warm = [warm_trace.prompt_token_ids(i, cfg.vocab_size) for i in range(2)]
@@ -120,10 +126,12 @@ def main(argv=None) -> dict:
     ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
                                        gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
     trace, warm_trace = make_trace(args, args.seed), make_trace(args, args.seed + 1)
-    runs = {name: run_one(args, spec, cfg, trace, warm_trace, cached=name == "cached") for name in RUNS}
+    names = RUNS + (("cached_sync",) if args.sync_run else ())
+    runs = {name: run_one(args, spec, cfg, trace, warm_trace, cached=name != "uncached",
+                          async_scheduling=name != "cached_sync") for name in names}
 
     metrics = {}
-    for name in RUNS:
+    for name in names:
         for k, v in runs[name]["summary"].items():
             if k not in ("num_requests", "output_tokens", "total_time_s"):
                 metrics[f"{k}_{name}"] = v
@@ -143,8 +151,9 @@ def main(argv=None) -> dict:
     rows = [("model", spec.name), ("device", dev["device"]),
             ("workload", f"{args.num_requests} x ({args.prefix_len} shared + {args.suffix_len} -> "
                          f"{args.output_len}), {args.request_rate:g} req/s")]
-    rows += common.paired_rows(metrics, ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "output_tok_s",
-                                         "prefix_cache_hits"), RUNS)
+    rows += common.paired_rows(metrics, ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "ttft_queue_ms_p50",
+                                         "ttft_after_scheduled_ms_p50", "tpot_ms_mean", "output_tok_s",
+                                         "prefix_cache_hits"), names)
     rows += [("prefix_cache_hit_rate", metrics["prefix_cache_hit_rate"]),
              ("speedup_vs_no_prefix_caching", metrics["speedup_vs_no_prefix_caching"]),
              ("startup_s uncached / cached", f"{runs['uncached']['engine']['startup_seconds']:.1f} / "

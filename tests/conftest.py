@@ -9,6 +9,10 @@ import pytest
 
 if "--gpu" not in sys.argv:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+else:
+    # GPU tests start engines in this process and in subprocesses: without preallocation each process takes what
+    # it uses, not 75% of the GPU, so a subprocess's engine is not left out of memory by this one's.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def pytest_addoption(parser):

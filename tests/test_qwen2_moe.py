@@ -107,8 +107,9 @@ def test_moe_layer_is_a_ragged_dot_without_dense_expert_intermediate(placement):
     if placement == "one_device":
         jaxpr = trace(state, x)
     else:
-        # The parameters as the engine places them (jax 0.11 checks shard_map's in_specs against the inputs').
-        mesh = jax.sharding.AbstractMesh((4,), ("tp",))
+        # Auto axes (the engine's Mesh has them; jax 0.11.2's AbstractMesh rejected this trace otherwise) and the
+        # parameters placed as the engine places them.
+        mesh = jax.sharding.AbstractMesh((4,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
 
         def placed(p, leaf):
             path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in p)
