@@ -257,8 +257,11 @@ for s in "${STAGES[@]}"; do
             ;;
         quant-7b)
             # Random packed 4-bit weights in the published checkpoints' layouts, through the whole engine.
+            # Both latencies (profiled: the top kernels) first, then both throughputs.
             for m in ${QUANT_7B_MODELS:-qwen2-7b-instruct-awq qwen2-7b-instruct-gptq-int4}; do
-                step "latency-$m" 90 0 "$PY" benchmarks/latency.py --model "$m" "${COMMON[@]}"
+                step "latency-$m" 90 0 "$PY" benchmarks/latency.py --model "$m" --profile "${COMMON[@]}"
+            done
+            for m in ${QUANT_7B_MODELS:-qwen2-7b-instruct-awq qwen2-7b-instruct-gptq-int4}; do
                 step "throughput-fixed-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                     "${COMMON[@]}"
             done
