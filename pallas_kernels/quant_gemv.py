@@ -55,8 +55,10 @@ _MAGIC = 0x4B000000      # float32 bits of 2**23: (v | _MAGIC) viewed as float32
 _TWO23 = float(1 << 23)
 
 
-# (max rows, K, N) -> (block_n, block_kw, num_splits, num_warps, num_stages, xload). A product takes the entry with
-# the smallest max rows >= M for its (K, N); see `settings`. Paste benchmarks/quant_matmul.py's output here.
+# (max rows, K, N) -> (block_n, block_kw, num_splits, num_warps, num_stages, xload). Paste benchmarks/quant_matmul.py's
+# output here. The sweep measures the row counts SWEEP_ROWS and writes an entry only where its best beat the
+# heuristic, so an entry for r rows covers only the M above the sweep's previous row count (M = 1 never takes the
+# M = 4 entry: at M = 1 the heuristic won, e.g. gate/up 28.3 us against 31.5 us with the M = 4 settings).
 CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {
     # H100, benchmarks/quant_matmul.py --rows 1,4,16 --budget-s 150 (dad883a; greedy search cut by its budget)
     (1, 3584, 512): (128, 8, 56, 2, 3, 'strided'),     # gptq
@@ -65,6 +67,8 @@ CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {
     (4, 3584, 512): (512, 4, 112, 4, 3, 'strided'),    # awq
     (4, 3584, 18944): (512, 4, 8, 4, 3, 'strided'),    # awq
 }
+SWEEP_ROWS = (1, 4, 16)
+assert all(rows in SWEEP_ROWS for rows, _, _ in CONFIGS), "CONFIGS rows must be sweep row counts (SWEEP_ROWS)"
 XLOADS = ("strided", "bcast", "bcast1")
 _TARGET_PROGRAMS_M1 = 2048  # M <= 2: short programs, many of them (measured best on an H100 at every 7B shape)
 _TARGET_PROGRAMS = 288      # M > 2: about two waves of an H100's 132 SMs
@@ -72,12 +76,15 @@ _TARGET_PROGRAMS = 288      # M > 2: about two waves of an H100's 132 SMs
 
 def settings(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
     """(block_n, block_kw, num_splits, num_warps, num_stages, xload) for a product: CONFIGS, else the heuristic."""
-    found = sorted((rows, cfg) for (rows, kk, nn), cfg in CONFIGS.items() if kk == k and nn == n and rows >= m)
-    if found:
-        cfg = tuple(found[0][1])
-        if _valid(k, n, fmt, bits, group_size, cfg[0], cfg[1]) is None:
-            return cfg
+    cfg = CONFIGS.get((_sweep_rows(m), k, n))
+    if cfg is not None and _valid(k, n, fmt, bits, group_size, cfg[0], cfg[1]) is None:
+        return tuple(cfg)
     return heuristic(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
+
+
+def _sweep_rows(m: int) -> int | None:
+    """The sweep's row count whose CONFIGS entry covers M rows: the smallest of SWEEP_ROWS >= M (None above them)."""
+    return next((r for r in SWEEP_ROWS if r >= m), None)
 
 
 def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):

@@ -109,14 +109,18 @@ def test_gemv_matches_exact_product(scheme, fmt, m, k, n, settings):
 
 
 def test_gemv_settings_and_rejections():
-    # CONFIGS entries win for their (K, N) up to their row count; the heuristic covers the rest.
+    # A CONFIGS entry for r rows covers the M above the sweep's previous row count up to r; the heuristic covers
+    # the rest (below too: the sweep writes no entry where the heuristic won, e.g. at M = 1).
     saved = dict(qg.CONFIGS)
+    heur = lambda m: qg.heuristic(m, 256, 128, fmt="gptq", bits=4, group_size=128)  # noqa: E731
     try:
         qg.CONFIGS.clear()
         qg.CONFIGS[(4, 256, 128)] = (64, 2, 2, 4, 2, "bcast")
-        assert qg.settings(3, 256, 128, fmt="gptq", bits=4, group_size=128) == (64, 2, 2, 4, 2, "bcast")
-        assert qg.settings(5, 256, 128, fmt="gptq", bits=4, group_size=128) == \
-            qg.heuristic(5, 256, 128, fmt="gptq", bits=4, group_size=128)
+        for m in (2, 3, 4):
+            assert qg.settings(m, 256, 128, fmt="gptq", bits=4, group_size=128) == (64, 2, 2, 4, 2, "bcast")
+        for m in (1, 5):
+            assert qg.settings(m, 256, 128, fmt="gptq", bits=4, group_size=128) == heur(m)
+        assert heur(1) != (64, 2, 2, 4, 2, "bcast")
     finally:
         qg.CONFIGS.clear()
         qg.CONFIGS.update(saved)
