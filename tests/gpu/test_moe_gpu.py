@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 E, D, F, K = 64, 3584, 2560, 8
 CONFIG = {"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
           "max_position_embeddings": 1024, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
           "tie_word_embeddings": False, "torch_dtype": "float32", "num_experts": 16, "num_experts_per_tok": 4,
           "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256, "norm_topk_prob": False}
