@@ -368,10 +368,9 @@ def test_profile_and_simulation_reproduce_an_emulated_device():
     model = sp.fit(prof, meta={})
     assert 0.8 <= model.schedule_ahead <= 1.0  # the device is the bottleneck: the host schedules a step ahead
     # Each sample is a phase's wall time over real sleeps, so one phase that shared the host with a busy neighbour
-    # can be off by ~10% (seen under 12 parallel test workers; on the GPU host beside the GPU tests the mean error
-    # reached 5.2%, one phase 7%); the fit as a whole must stay close.
+    # can be off by ~10% (seen under 12 parallel test workers); the fit as a whole must stay close.
     errors = [abs(model.time(s) / true.time(s) - 1) for s in prof["samples"]]
-    assert sum(errors) / len(errors) < 0.08 and max(errors) < 0.2, errors
+    assert sum(errors) / len(errors) < 0.05 and max(errors) < 0.2, errors
 
     trace = make_trace(60, Poisson(12.0), Lengths(Uniform(16, 128), Uniform(8, 64)), seed=3)
     prompts = [trace.prompt_token_ids(i, vocab) for i in range(len(trace))]
