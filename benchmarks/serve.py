@@ -506,7 +506,7 @@ def main(argv=None) -> dict | None:
 
                 def at_start():
                     mark.update(stats=dict(vars(engine.engine.stats)), steps=engine.num_steps,
-                                step_s=engine.step_seconds, cpu=cpu())
+                                step_s=engine.step_seconds, idle_s=engine.idle_seconds_now(), cpu=cpu())
 
                 if args.gc_freeze:
                     gc.collect()
@@ -528,6 +528,7 @@ def main(argv=None) -> dict | None:
                             print(f"  {frac:6.3f}  {key}")
                 stats = common.stats_delta(mark["stats"], dict(vars(engine.engine.stats)))
                 steps, step_s = engine.num_steps - mark["steps"], engine.step_seconds - mark["step_s"]
+                idle_s = engine.idle_seconds_now() - mark["idle_s"]
                 cpu_end = cpu()
         finally:
             engine.shutdown()
@@ -536,8 +537,11 @@ def main(argv=None) -> dict | None:
         config["server"] = _server_info(srv)
         config["server"]["stream_interval"] = args.stream_interval
         config["server"]["engine"] = "process" if process else "thread"
+        # The engine loop's time over the run: in engine.step() (busy), blocked for requests with none unfinished
+        # (idle), and the rest (between steps: applying commands, collecting and sending the step's outputs).
         metrics_extra.update(server_step_ms=1e3 * step_s / max(steps, 1), server_engine_busy=step_s / dur,
-                             server_steps=steps)
+                             server_steps=steps, server_engine_idle_s=idle_s,
+                             server_engine_between_steps_s=max(0.0, dur - step_s - idle_s))
         if cpu_end["loop"] is not None:  # CPU seconds of the server's loop thread and its engine over the timed run
             config["server"]["loop_thread_cpu_s"] = round(cpu_end["loop"] - mark["cpu"]["loop"], 3)
             config["server"]["engine_process_cpu_s" if process else "engine_thread_cpu_s"] = \
@@ -558,7 +562,8 @@ def main(argv=None) -> dict | None:
     rows += [(k, metrics[k]) for k in ("duration_s", "req_s", "output_tok_s", "total_tok_s", "ttft_ms_mean",
                                        "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99",
                                        "itl_ms_mean", "itl_ms_p50", "itl_ms_p99", "chunks_per_token",
-                                       "server_step_ms", "server_engine_busy", "server_steps", "offline_step_ms",
+                                       "server_step_ms", "server_engine_busy", "server_engine_idle_s",
+                                       "server_engine_between_steps_s", "server_steps", "offline_step_ms",
                                        "offline_steps") if metrics.get(k) is not None]
     if offline:
         rows += [("offline_output_tok_s", offline), ("speedup_vs_offline", metrics["speedup_vs_offline"])]

@@ -97,6 +97,7 @@ class AsyncLLMEngine:
         self.num_steps = 0
         self.step_seconds = 0.0
         self.idle_seconds = 0.0
+        self.idle_since: float | None = None  # when the engine's current wait for requests began (None: working)
         self._stopping = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -138,6 +139,12 @@ class AsyncLLMEngine:
         if self._client is not None:
             return self._client.is_running
         return self._thread is not None and self._thread.is_alive()
+
+    def idle_seconds_now(self) -> float:
+        """Seconds the engine loop has waited for requests with none unfinished, the wait in progress included (in
+        process mode as of the engine's last message; the clocks are the host's monotonic clock)."""
+        since = self.idle_since
+        return self.idle_seconds + (time.monotonic() - since if since is not None else 0.0)
 
     @property
     def engine_pid(self) -> int | None:
@@ -225,7 +232,7 @@ class AsyncLLMEngine:
     def _on_step(self, t_sent: float, outputs, errors, stats) -> None:
         """One step message of the engine process: each output goes to its stream, each refused add fails its own."""
         self.num_steps, self.step_seconds = stats["num_steps"], stats["step_seconds"]
-        self.idle_seconds = stats["idle_seconds"]
+        self.idle_seconds, self.idle_since = stats["idle_seconds"], stats["idle_since"]
         ready, failed = [], []
         with self._cond:
             streams = self._streams
@@ -267,9 +274,10 @@ class AsyncLLMEngine:
                     while not (self._commands or self._stopping or engine.has_unfinished_requests()):
                         self._flush()
                         log.idle()
-                        t_idle = time.monotonic()
+                        self.idle_since = time.monotonic()
                         self._cond.wait()
-                        self.idle_seconds += time.monotonic() - t_idle
+                        self.idle_seconds += time.monotonic() - self.idle_since
+                        self.idle_since = None
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, collections.deque()

@@ -210,6 +210,7 @@ class EngineCore:
         self.num_steps = 0
         self.step_seconds = 0.0
         self.idle_seconds = 0.0
+        self.idle_since: float | None = None  # when the current wait for requests began (None while working)
 
     # ------------------------------------------------------------------ messages
     def flush(self) -> None:
@@ -217,7 +218,8 @@ class EngineCore:
         if not (self.outputs or self.errors or self.dirty):
             return
         stats = snapshot(self.engine)
-        stats.update(num_steps=self.num_steps, step_seconds=self.step_seconds, idle_seconds=self.idle_seconds)
+        stats.update(num_steps=self.num_steps, step_seconds=self.step_seconds, idle_seconds=self.idle_seconds,
+                     idle_since=self.idle_since)
         outputs, errors = self.outputs, self.errors
         self.outputs, self.errors, self.dirty = [], [], False
         self.out.send(("step", time.monotonic(), outputs, errors, stats))
@@ -242,12 +244,13 @@ class EngineCore:
         while True:
             idle = not engine.has_unfinished_requests()
             if idle:
+                self.idle_since, self.dirty = time.monotonic(), True  # the frontend learns the engine waits
                 self.flush()
                 log.idle()
-                t_idle = time.monotonic()
             commands = self._receive(block=idle)
             if idle:
-                self.idle_seconds += time.monotonic() - t_idle
+                self.idle_seconds += time.monotonic() - self.idle_since
+                self.idle_since = None
             if commands is None:  # the frontend is gone: nobody is left to tell
                 engine.shutdown()
                 return

@@ -166,6 +166,31 @@ def test_stream_interval_and_token_times(engine):
     assert stream.first_token_time <= stream.finished_time
 
 
+def test_idle_time_counts_the_wait_in_progress(engine):
+    """The engine process tells the frontend when it starts waiting for requests, so the idle time of a window
+    (benchmarks/serve.py's server_engine_idle_s) includes a wait still in progress, and a step ends it."""
+    async def one():
+        return [o async for o in engine.generate(None, SamplingParams(max_tokens=3, ignore_eos=True), "idle-1",
+                                                 prompt_token_ids=[5, 6, 7])]
+
+    asyncio.run(one())
+    _wait(lambda: engine.idle_since is not None, 30, "the engine process never reported waiting")
+    a = engine.idle_seconds_now()
+    time.sleep(0.3)
+    b = engine.idle_seconds_now()
+    assert 0.29 <= b - a < 5.0
+    steps = engine.num_steps
+
+    async def two():
+        return [o async for o in engine.generate(None, SamplingParams(max_tokens=3, ignore_eos=True), "idle-2",
+                                                 prompt_token_ids=[8, 9])]
+
+    asyncio.run(two())
+    _wait(lambda: engine.idle_since is not None and engine.num_steps > steps, 30, "no idle report after the steps")
+    assert engine.idle_seconds >= b  # the finished wait was added, whole
+    assert engine.idle_seconds_now() >= engine.idle_seconds
+
+
 def test_abort_in_flight_frees_its_pages(engine):
     async def main():
         stream = engine.add_request("long", None, SamplingParams(max_tokens=100, ignore_eos=True, temperature=0),
