@@ -71,6 +71,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="comma-separated prefill Q lengths (prefill_token_buckets)")
     e.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model dtype), fp8_e5m2, fp8 / fp8_e4m3: result files get a -kv<dtype> suffix")
+    e.add_argument("--attention-backend", choices=("auto", "reference"), default="auto",
+                   help="reference: the jnp paged attention even on GPU (the kernels' end-to-end effect); result "
+                        "files get an -attnref suffix")
     e.add_argument("--skip-warmup", action="store_true",
                    help="skip the engine's start-up compilation (buckets then compile in the untimed warm-up "
                         "generate, or, if it does not reach them, inside the timed region: for smoke runs only)")
@@ -114,6 +117,9 @@ def setup_jax(args) -> None:
     # The engine sets the pool from gpu_memory_utilization when it starts first; the ceilings run before it, so the
     # same setting is made here (the engine then finds it in place).
     compat.set_gpu_memory_fraction(args.gpu_memory_utilization)
+    from qwenjax.layers import attention
+
+    os.environ[attention.BACKEND_ENV] = getattr(args, "attention_backend", "auto")  # engine processes inherit it
     import jax
 
     if args.compilation_cache_dir:
@@ -666,6 +672,7 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
     config = dict(config)
     config.setdefault("dtype", "bfloat16")
     config.setdefault("kv_cache_dtype", "auto")
+    config.setdefault("attention_backend", os.environ.get("QWENJAX_ATTENTION_BACKEND", "auto"))
     config["env"] = {"jax": jax.__version__, "python": _platform.python_version(), "platform": dev["platform"],
                      "host_cpus": os.cpu_count(), "dirty_tree": dirty, "date": today(),
                      "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -681,8 +688,10 @@ def _round(v):
 
 
 def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None, name: str | None = None) -> Path:
-    kv = result.get("config", {}).get("kv_cache_dtype", "auto")
-    name = name or result_name(result["benchmark"] + ("" if kv == "auto" else f"-kv{kv}"), result["model"], devtag)
+    cfg = result.get("config", {})
+    kv, attn = cfg.get("kv_cache_dtype", "auto"), cfg.get("attention_backend", "auto")
+    suffix = ("" if kv == "auto" else f"-kv{kv}") + ("" if attn == "auto" else "-attnref")
+    name = name or result_name(result["benchmark"] + suffix, result["model"], devtag)
     os.makedirs(results_dir, exist_ok=True)
     path = Path(results_dir) / name
     path.write_text(json.dumps(result, indent=2) + "\n")

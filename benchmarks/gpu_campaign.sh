@@ -15,12 +15,14 @@
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
 #   peer-latency-M   transformers generate on the latency workload
 #   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
+#   attnref-M        latency and throughput-fixed with the jnp reference attention (the kernels' end-to-end effect)
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #                    (PREFIX_ARGS, e.g. --sync-run)
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
+#   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
 #   moe-57b          qwen2-57b-a14b-instruct on one H200 (141 GB): moe_layer.py (the MoE block's MBU), latency,
 #                    throughput-fixed with the KV cache sized from free memory (--num-kv-pages 0); moe-57b-layer,
@@ -190,6 +192,15 @@ for s in "${STAGES[@]}"; do
             step "throughput-fixed-fp8-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
             ;;
+        attnref-*)
+            # latency and throughput-fixed with the jnp reference attention instead of the Pallas kernels (the
+            # kernels' end-to-end effect; result files get an -attnref suffix): compare with the same call's 7b stage.
+            m=$(model_of "${s#attnref-}")
+            step "latency-attnref-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --attention-backend reference \
+                "${COMMON[@]}"
+            step "throughput-fixed-attnref-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                --attention-backend reference "${COMMON[@]}"
+            ;;
         prefix-*)
             # Two engines one after the other (uncached, cached); the second finds the first's programs in .jaxcache.
             m=$(model_of "${s#prefix-}")
@@ -205,6 +216,9 @@ for s in "${STAGES[@]}"; do
             ;;
         attn-prefill)
             step attn-prefill 60 240 "$PY" benchmarks/attention_prefill.py --sweep --out "$OUT"
+            ;;
+        kernel-isa)
+            step kernel-isa 60 200 "$PY" benchmarks/kernel_isa.py --out "$OUT"
             ;;
         gputests)
             # A per-test timeout so one slow test shows as a failure with its traceback instead of eating the

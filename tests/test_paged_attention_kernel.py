@@ -167,3 +167,19 @@ def test_validation_errors(change, kwargs, match):
     fn = functools.partial(paged_attention, interpret=True, **kwargs)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(fn, args["q"], args["k"], args["v"], args["tables"], args["lengths"])
+
+
+def test_attention_backend_override(monkeypatch):
+    """QWENJAX_ATTENTION_BACKEND=reference makes a GPU trace the jnp reference (the benchmarks' end-to-end
+    comparison); unset, a GPU picks the kernel; an unknown value is an error naming the allowed ones."""
+    from qwenjax.layers import attention
+
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    monkeypatch.delenv(attention.BACKEND_ENV, raising=False)
+    assert attention.decode_backend(128) == "pallas"
+    assert attention.decode_backend(96) == "reference"  # no kernel for this head dim
+    monkeypatch.setenv(attention.BACKEND_ENV, "reference")
+    assert attention.decode_backend(128) == "reference"
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="'triton': expected one of auto, reference"):
+        attention.decode_backend(128)

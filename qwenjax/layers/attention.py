@@ -14,6 +14,7 @@ scales, on GPU.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -113,11 +114,20 @@ def prefill_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, query_lens
 
 
 KERNEL_HEAD_DIMS = (64, 128)
+# "reference" makes every platform trace the jnp reference (the benchmarks' kernel-versus-reference comparison);
+# "auto" (unset) picks by platform. Read when a step is traced: set it before the engine starts.
+BACKEND_ENV = "QWENJAX_ATTENTION_BACKEND"
+BACKENDS = ("auto", "reference")
 
 
 def decode_backend(head_dim: int) -> str:
     """Which paged attention runs (decode rows and prefill rows over cached pages): "pallas" (GPU, head_dim 64 or
     128) or "reference" (jnp). Logged at start-up, so a GPU engine never falls back without saying so."""
+    forced = os.environ.get(BACKEND_ENV, "auto")
+    if forced not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    if forced == "reference":
+        return "reference"
     return "pallas" if platform() == "gpu" and head_dim in KERNEL_HEAD_DIMS else "reference"
 
 
