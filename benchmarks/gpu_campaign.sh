@@ -24,6 +24,7 @@
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
 #   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
+#                    (one step per file: gputests-prefill_kernel, -quant_gemv, -moe, -engine run one of them)
 #   moe-57b          qwen2-57b-a14b-instruct on one H200 (141 GB): moe_layer.py (the MoE block's MBU), latency,
 #                    throughput-fixed with the KV cache sized from free memory (--num-kv-pages 0); moe-57b-layer,
 #                    moe-57b-latency, moe-57b-throughput run one of the three
@@ -220,12 +221,16 @@ for s in "${STAGES[@]}"; do
         kernel-isa)
             step kernel-isa 60 200 "$PY" benchmarks/kernel_isa.py --out "$OUT"
             ;;
-        gputests)
-            # A per-test timeout so one slow test shows as a failure with its traceback instead of eating the
-            # stage's budget; the 57B-shape MoE tests (the slowest) last.
-            step gputests 60 "${GPU_TESTS_TIMEOUT_S:-420}" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider \
-                --timeout="${GPU_TEST_TIMEOUT_S:-300}" --durations=15 tests/gpu/test_engine_gpu.py \
-                tests/gpu/test_prefill_kernel_gpu.py tests/gpu/test_quant_gemv_gpu.py tests/gpu/test_moe_gpu.py
+        gputests|gputests-*)
+            # One step per test file, each with its own limit, so a slow file cannot eat the others' time; the kernel
+            # grids first, the engines (which compile float32 steps on the GPU and the CPU) last. A per-test timeout
+            # shows a stuck test with its traceback; the log has each test's time as it ends (conftest.py).
+            files=(prefill_kernel quant_gemv moe engine); [ "$s" != gputests ] && files=("${s#gputests-}")
+            for f in "${files[@]}"; do
+                case $f in prefill_kernel|quant_gemv) cap=150 ;; moe) cap=200 ;; *) cap=${GPU_TESTS_TIMEOUT_S:-400} ;; esac
+                step "gputests-$f" 60 "$cap" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider \
+                    --timeout="${GPU_TEST_TIMEOUT_S:-240}" --durations=10 "tests/gpu/test_${f}_gpu.py"
+            done
             ;;
         serve-*)
             m=$(model_of "${s#serve-}")

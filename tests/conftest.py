@@ -31,12 +31,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report):
-    """With --gpu, a failure's traceback is written as it happens: the GPU campaign's time limit may stop the run
-    before pytest's summary, and its device time is too short to run the tests again to see why."""
-    if report.failed and _CONFIG is not None and _CONFIG.getoption("--gpu"):
-        tr = _CONFIG.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            tr.write_line(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+    """With --gpu, each test's time and outcome, and a failure's traceback, are written as they happen: the GPU
+    campaign's time limit may stop the run before pytest's summary, and its device time is too short to run the
+    tests again to see why (or which test was running)."""
+    if _CONFIG is None or not _CONFIG.getoption("--gpu"):
+        return
+    tr = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+    if tr is None:
+        return
+    if report.when == "call" or report.failed:
+        tr.write_line(f"[gpu] {report.nodeid} {report.when} {report.outcome} {report.duration:.1f}s")
+    if report.failed:
+        tr.write_line(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
 
 _CONFIG = None

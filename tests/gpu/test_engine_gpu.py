@@ -22,8 +22,9 @@ from qwenjax.runner import dummy_input
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
+# skip_warmup: each test compiles only the buckets it lowers or runs (the warm-up compiled them all, per engine).
 ENGINE = dict(max_model_len=512, max_num_seqs=64, decode_buckets=(1, 8, 64), prefill_token_buckets=(128, 512),
-              num_kv_pages=256, load_format="dummy")
+              num_kv_pages=256, load_format="dummy", skip_warmup=True)
 # A small Qwen2 with head_dim 64 (the kernel's), random weights from a fixed seed: threefry gives the same values
 # on every backend, so the CPU and GPU engines hold identical weights. A 4096-token vocabulary (ids past it are never
 # sampled; the packaged tokenizer still decodes them): at Qwen2's 152k, compiling the float32 steps and sampler on
@@ -41,13 +42,19 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def bf16_llm(model_dir):
+    """One bf16 engine for the tests that lower its buckets."""
+    return LLM(model_dir, dtype="bfloat16", **ENGINE)
+
+
 def _kernel_in(hlo: str) -> bool:
     """Pallas' Triton lowering emits a custom call with this target (XLA's own Triton GEMM fusions do not)."""
     return "__gpu$xla.gpu.triton" in hlo
 
 
-def test_kernel_in_every_decode_bucket(model_dir):
-    llm = LLM(model_dir, dtype="bfloat16", **ENGINE)
+def test_kernel_in_every_decode_bucket(bf16_llm):
+    llm = bf16_llm
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
     for b in sc.decode_buckets:
@@ -83,10 +90,10 @@ def test_gpu_tokens_equal_cpu_tokens(model_dir):
     assert jax.default_backend() == "gpu"
 
 
-def test_prefill_kernel_in_every_context_and_mixed_bucket(model_dir):
+def test_prefill_kernel_in_every_context_and_mixed_bucket(bf16_llm):
     """Context-prefill and mixed steps read pages through the Pallas prefill kernel (a mixed step also runs the decode
     kernel): one Pallas custom call per layer and kernel, never the jnp reference."""
-    llm = LLM(model_dir, dtype="bfloat16", **ENGINE)
+    llm = bf16_llm
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
     layers = CONFIG["num_hidden_layers"]
@@ -105,7 +112,7 @@ def test_prefill_kernel_in_every_context_and_mixed_bucket(model_dir):
 
 
 MIXED_ENGINE = dict(max_model_len=256, max_num_seqs=8, decode_buckets=(8,), prefill_token_buckets=(32,),
-                    max_num_batched_tokens=64, num_kv_pages=128, load_format="dummy")
+                    max_num_batched_tokens=64, num_kv_pages=128, load_format="dummy", skip_warmup=True)
 _STAGGERED = """
 import json, jax
 jax.config.update('jax_default_matmul_precision', 'highest')
