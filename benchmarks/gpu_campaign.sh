@@ -79,6 +79,8 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         r = json.load(open(f))
     except Exception:
         continue
+    if not isinstance(r, dict) or "model" not in r:  # not a benchmark result (e.g. kernel-isa.json)
+        continue
     m, c = r.get("metrics", {}), r.get("ceilings", {})
     keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
                         "speedup_vs_dense_forward", "speedup_vs_transformers", "ttft_ms_p50_uncached",
@@ -226,9 +228,17 @@ for s in "${STAGES[@]}"; do
             # grids first, the engines (which compile float32 steps on the GPU and the CPU) last. A per-test timeout
             # shows a stuck test with its traceback; the log has each test's time as it ends (conftest.py).
             files=(prefill_kernel quant_gemv moe engine); [ "$s" != gputests ] && files=("${s#gputests-}")
+            # Compilation (host) dominates: the prefill kernel grid and the engine tests run on 4 xdist workers.
             for f in "${files[@]}"; do
-                case $f in prefill_kernel|quant_gemv) cap=150 ;; moe) cap=200 ;; *) cap=${GPU_TESTS_TIMEOUT_S:-400} ;; esac
-                step "gputests-$f" 60 "$cap" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider \
+                par=()
+                case $f in
+                    prefill_kernel) cap=200; par=(-n 4) ;;
+                    quant_gemv) cap=150 ;;
+                    moe) cap=200 ;;
+                    *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;
+                esac
+                "$PY" -c "import xdist" 2>/dev/null || par=()
+                step "gputests-$f" 60 "$cap" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider ${par[@]+"${par[@]}"} \
                     --timeout="${GPU_TEST_TIMEOUT_S:-240}" --durations=10 "tests/gpu/test_${f}_gpu.py"
             done
             ;;

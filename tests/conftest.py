@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-if "--gpu" not in sys.argv:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-else:
+if "--gpu" in sys.argv or os.environ.get("QWENJAX_GPU_TESTS") == "1":
+    os.environ["QWENJAX_GPU_TESTS"] = "1"  # pytest-xdist's workers, whose argv lacks --gpu, inherit it
     # GPU tests start engines in this process and in subprocesses: without preallocation each process takes what
     # it uses, not 75% of the GPU, so a subprocess's engine is not left out of memory by this one's.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_addoption(parser):
