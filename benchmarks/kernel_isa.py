@@ -1,12 +1,17 @@
-"""Which tensor-core instructions our Pallas kernels compile to on this GPU: Hopper's warpgroup MMA (`wgmma`) or the
-older warp-level `mma.sync` (the Ampere path, which tops out well below Hopper's peak).
+"""Which tensor-core instructions our Pallas kernels compile to for Hopper (sm_90): the warpgroup MMA (`wgmma`, the
+instruction Hopper's peak needs) or the warp-level `mma.sync` (the Ampere path), read from the PTX.
 
-Each kernel is compiled and run once in a child process with XLA's dump directory set; every text file of the dump
-(HLO, LLVM IR, PTX, Triton's MLIR where XLA writes it) is then searched for the instruction names. The counts say
-what limits a compute-bound kernel (issue 3: the paged prefill kernel at ~0.55x cuDNN), without a profiler that
-reads hardware counters.
+XLA compiles a Pallas kernel's Triton IR inside its own GPU compiler and writes no PTX for it. So the kernels are
+lowered here for CUDA (this works on any host: JAX lowers for a platform it does not run), their Triton IR (without
+debug locations) and launch settings (num_warps, num_stages) are taken from the lowering, and the IR is compiled for
+sm_90 by the standalone Triton compiler (`triton.compile`, the same compiler family XLA bundles; no GPU needed).
+Counts of instructions in the PTX and the MMA layout version in the TTGIR say what limits a compute-bound kernel
+(issue 3: the paged prefill kernel at ~0.55x cuDNN).
 
-    python3 benchmarks/kernel_isa.py [--out DIR]     # GPU only
+    python3 benchmarks/kernel_isa.py [--triton-python PY] [--out DIR]
+
+--triton-python: an interpreter that can `import triton` (default: this one), for hosts whose JAX environment has
+no Triton (e.g. the CPU machines: `pip install triton` into a separate virtual environment).
 """
 from __future__ import annotations
 
@@ -20,76 +25,101 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATTERNS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "mma_v3_layout": r"versionMajor\s*=\s*3",
-            "mma_v2_layout": r"versionMajor\s*=\s*2", "cp_async_bulk_tma": r"cp\.async\.bulk\.tensor",
-            "cp_async": r"\bcp\.async\.(ca|cg)"}
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+N, K, H, S = 28, 4, 128, 16  # Qwen2-7B's attention shape, page 16
 
-# One small run of each kernel at the 7B attention shape (28 q / 4 kv heads, dim 128, page 16).
-CHILD = r"""
-import sys
-import jax, jax.numpy as jnp
-sys.path.insert(0, sys.argv[2])
-which = sys.argv[1]
-N, K, H, S = 28, 4, 128, 16
-key = jax.random.key(0)
-if which == "prefill":
-    from pallas_kernels.paged_prefill import paged_prefill_attention
-    T = 2048; P = T // S + 1
-    q = jax.random.normal(key, (1, T, N, H), jnp.bfloat16)
-    kp = jax.random.normal(key, (K, P, S, H), jnp.bfloat16)
-    out = jax.jit(paged_prefill_attention)(q, kp, kp, jnp.arange(P - 1, dtype=jnp.int32)[None],
-                                           jnp.asarray([T], jnp.int32), jnp.asarray([T], jnp.int32))
-else:
-    from pallas_kernels.paged_attention import paged_attention
-    B, C = 8, 1024; P = B * C // S + 1
-    q = jax.random.normal(key, (B, N, H), jnp.bfloat16)
-    kp = jax.random.normal(key, (K, P, S, H), jnp.bfloat16)
-    tables = jnp.arange(B * C // S, dtype=jnp.int32).reshape(B, C // S)
-    out = jax.jit(paged_attention)(q, kp, kp, tables, jnp.full((B,), C, jnp.int32))
-jax.block_until_ready(out)
-print("ran", which, out.shape)
+COMPILE = r"""
+import json, re, sys, triton
+from triton.backends.compiler import GPUTarget
+rows = []
+for item in json.loads(sys.argv[1]):
+    try:
+        k = triton.compile(item["ttir"], target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": item["num_warps"], "num_stages": item["num_stages"]})
+        ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+        item.update(wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                    mma_layout_versions=sorted(set(re.findall(r"versionMajor = (\d)", ttgir))),
+                    cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+                    tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__)
+    except Exception as e:  # noqa: BLE001 - recorded
+        item.update(error=f"{type(e).__name__}: {str(e)[:400]}")
+    rows.append(item)
+print(json.dumps(rows))
 """
 
 
-def inspect(which: str) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={d}".strip(),
-                   TRITON_KERNEL_DUMP="1", TRITON_DUMP_DIR=d, MLIR_ENABLE_DUMP="0")
-        run = subprocess.run([sys.executable, "-c", CHILD, which, str(HERE.parent)], env=env, capture_output=True,
-                             text=True, timeout=300)
-        files = [p for p in Path(d).rglob("*") if p.is_file()]
-        counts = {k: 0 for k in PATTERNS}
-        hits: dict[str, dict[str, int]] = {}
-        for p in files:
-            try:
-                text = p.read_text(errors="ignore")
-            except OSError:
-                continue
-            for k, pat in PATTERNS.items():
-                n = len(re.findall(pat, text))
-                if n:
-                    counts[k] += n
-                    hits.setdefault(p.name, {})[k] = n
-        return dict(kernel=which, rc=run.returncode, stdout_tail=run.stdout[-300:], stderr_tail=run.stderr[-600:],
-                    dump_files=len(files), suffixes=sorted({p.suffix for p in files}), counts=counts,
-                    files_with_hits=dict(sorted(hits.items())[:20]))
+def lower(which: str, out_dir: str) -> dict:
+    """Lowers one kernel for CUDA; returns its Triton IR file, dots and launch settings."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    from pallas_kernels.paged_attention import paged_attention
+    from pallas_kernels.paged_prefill import paged_prefill_attention
+
+    mods = []
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def keep(*a, **k):
+        r = orig(*a, **k)
+        mods.append(r.module.operation.get_asm(enable_debug_info=False))
+        return r
+
+    sds = jax.ShapeDtypeStruct
+    if which == "prefill":  # one 2048-token prompt over its pages
+        T = 2048
+        P = T // S + 1
+        args = (sds((1, T, N, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16),
+                sds((1, P - 1), jnp.int32), sds((1,), jnp.int32), sds((1,), jnp.int32))
+        fn = paged_prefill_attention
+    else:  # decode, batch 64, context 4096
+        B, C = 64, 4096
+        P = B * C // S + 1
+        args = (sds((B, N, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16),
+                sds((B, C // S), jnp.int32), sds((B,), jnp.int32))
+        fn = paged_attention
+    reg.lowering.lower_jaxpr_to_triton_module = keep
+    try:
+        exp = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    text = exp.mlir_module()
+    warps = [int(x) for x in re.findall(r"num_warps = (\d+)", text)]
+    stages = [int(x) for x in re.findall(r"num_stages = (\d+)", text)]
+    path = os.path.join(out_dir, f"{which}.ttir")
+    Path(path).write_text(mods[0])
+    dots = re.findall(r"tt\.dot .*?: (tensor<[^>]*>) \* (tensor<[^>]*>)", mods[0])
+    return dict(kernel=which, ttir=path, num_warps=warps[0], num_stages=stages[0], dots=[" * ".join(d) for d in dots],
+                jax=jax.__version__)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--triton-python", default=sys.executable)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
     a = ap.parse_args()
-    rows = [inspect(w) for w in ("prefill", "decode")]
-    os.makedirs(a.out, exist_ok=True)
-    Path(a.out, "kernel-isa.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("== kernel-isa")
+    with tempfile.TemporaryDirectory() as d:
+        items = [lower(w, d) for w in ("prefill", "decode")]
+        run = subprocess.run([a.triton_python, "-c", COMPILE, json.dumps(items)], capture_output=True, text=True,
+                             timeout=600)
+        if run.returncode:
+            sys.exit(f"triton compile failed: {run.stderr[-2000:]}")
+        rows = json.loads(run.stdout.strip().splitlines()[-1])
     for r in rows:
-        print(f"  {r['kernel']:8s} rc={r['rc']} files={r['dump_files']} {r['suffixes']}")
-        print(f"           {r['counts']}")
-        for name, c in list(r["files_with_hits"].items())[:6]:
-            print(f"           {name}: {c}")
-        if r["rc"]:
-            print("  stderr:", r["stderr_tail"])
+        r.pop("ttir")
+    import attention_decode
+
+    result = dict(benchmark="kernel-isa", target="sm_90", commit=attention_decode.commit(), rows=rows,
+                  note="Triton IR lowered by jax for CUDA, compiled by the standalone Triton compiler for sm_90")
+    os.makedirs(a.out, exist_ok=True)
+    Path(a.out, "kernel-isa.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("== kernel-isa (sm_90)")
+    for r in rows:
+        print(f"  {r['kernel']:8s} warps={r['num_warps']} stages={r['num_stages']} dots={r['dots']}")
+        print(f"           wgmma={r.get('wgmma')} mma.sync={r.get('mma_sync')} mma layout v{r.get('mma_layout_versions')}"
+              f" cp.async={r.get('cp_async')} tma={r.get('tma')} {r.get('error', '')}")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def summarize(records: list[dict]) -> dict:
     m["e2e_ms_mean"] = statistics.fmean(r["latency"] for r in recs) * 1e3 if recs else None
     m["chunks_per_token"] = (sum(len(r["itl"]) + 1 for r in recs) / out_tok) if out_tok else None
     errors = [r.get("error") for r in records if not r["ok"]]
-    return {"metrics": m, "errors": errors[:5]}
+    return {"metrics": m, "errors": errors[:5], "t_start": min(r["t_start"] for r in records),
+            "t_end": max(r["t_end"] for r in records)}
 
 
 def client_main(args) -> None:
@@ -412,6 +413,7 @@ def _device_phase(args, spec, prompts, olens, keep_llm: bool = False) -> dict:
         out["offline"] = got / wall
         out["metrics"].update(offline_wall_s=wall, offline_step_ms=1e3 * wall / max(off_stats["steps"], 1),
                               offline_steps=off_stats["steps"])
+        out["config"]["offline_engine_stats"] = off_stats
     if keep_llm:
         out["llm"] = llm
     return out
@@ -505,7 +507,7 @@ def main(argv=None) -> dict | None:
                     return {"loop": _thread_cpu(srv.thread.native_id), "engine": eng}
 
                 def at_start():
-                    mark.update(stats=dict(vars(engine.engine.stats)), steps=engine.num_steps,
+                    mark.update(wall=time.time(), stats=dict(vars(engine.engine.stats)), steps=engine.num_steps,
                                 step_s=engine.step_seconds, idle_s=engine.idle_seconds_now(), cpu=cpu())
 
                 if args.gc_freeze:
@@ -528,7 +530,17 @@ def main(argv=None) -> dict | None:
                             print(f"  {frac:6.3f}  {key}")
                 stats = common.stats_delta(mark["stats"], dict(vars(engine.engine.stats)))
                 steps, step_s = engine.num_steps - mark["steps"], engine.step_seconds - mark["step_s"]
-                idle_s = engine.idle_seconds_now() - mark["idle_s"]
+                # Idle within the clients' window only (duration_s): not before their first request left (a
+                # client that warmed up late), nor after their last response (idle now, while the clients exit).
+                # The engine's last step ended `drain` seconds before the clients' last response: the frontend's
+                # backlog of outputs (0 when the engine kept pace).
+                idle_s = engine.idle_seconds_now() - mark["idle_s"] - max(0.0, client["t_start"] - mark["wall"])
+                drain = 0.0
+                if engine.idle_since is not None:
+                    idle_now, since_end = time.monotonic() - engine.idle_since, max(0.0, time.time() - client["t_end"])
+                    idle_s -= min(idle_now, since_end)
+                    drain = max(0.0, idle_now - since_end)
+                config["client_start_delay_s"] = round(client["t_start"] - mark["wall"], 4)
                 cpu_end = cpu()
         finally:
             engine.shutdown()
@@ -541,7 +553,8 @@ def main(argv=None) -> dict | None:
         # (idle), and the rest (between steps: applying commands, collecting and sending the step's outputs).
         metrics_extra.update(server_step_ms=1e3 * step_s / max(steps, 1), server_engine_busy=step_s / dur,
                              server_steps=steps, server_engine_idle_s=idle_s,
-                             server_engine_between_steps_s=max(0.0, dur - step_s - idle_s))
+                             server_engine_between_steps_s=max(0.0, dur - step_s - idle_s),
+                             server_output_drain_s=drain)
         if cpu_end["loop"] is not None:  # CPU seconds of the server's loop thread and its engine over the timed run
             config["server"]["loop_thread_cpu_s"] = round(cpu_end["loop"] - mark["cpu"]["loop"], 3)
             config["server"]["engine_process_cpu_s" if process else "engine_thread_cpu_s"] = \
@@ -563,7 +576,8 @@ def main(argv=None) -> dict | None:
                                        "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99",
                                        "itl_ms_mean", "itl_ms_p50", "itl_ms_p99", "chunks_per_token",
                                        "server_step_ms", "server_engine_busy", "server_engine_idle_s",
-                                       "server_engine_between_steps_s", "server_steps", "offline_step_ms",
+                                       "server_engine_between_steps_s", "server_output_drain_s", "server_steps",
+                                       "offline_step_ms",
                                        "offline_steps") if metrics.get(k) is not None]
     if offline:
         rows += [("offline_output_tok_s", offline), ("speedup_vs_offline", metrics["speedup_vs_offline"])]

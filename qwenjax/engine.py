@@ -76,7 +76,10 @@ class EngineStats:
         self.generation_tokens = 0
         self.steps = 0
         self.max_decode_batch = 0
+        self.prefill_steps = 0         # steps of prompt tokens only
+        self.decode_steps = 0          # steps of one new token a row only
         self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
+        self.step_rows = 0             # rows over all steps (steps / step_rows: how full the steps ran)
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
@@ -276,6 +279,9 @@ class LLMEngine:
             self._leader.send_step(inp, tensors, mode, out.has_context)
         res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
         self.stats.mixed_steps += out.kind == "mixed"
+        self.stats.prefill_steps += out.kind == "prefill"
+        self.stats.decode_steps += out.kind == "decode"
+        self.stats.step_rows += len(out.rows)
         if out.kind != "prefill":
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows) - (out.kind == "mixed"))
         samples = []
