@@ -73,6 +73,9 @@ def parse(argv=None):
     s.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                    help="gc.collect() + gc.freeze() before each timed run (offline and served alike), as python -m "
                         "server does after start-up")
+    s.add_argument("--frontend-gc-threshold", type=int, default=None,
+                   help="gc.set_threshold(N) in the serving process for the served run (Python's default is 700); "
+                        "the result file gets a -gcN suffix")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="the server's flag: its engine runs in a thread of the server's process (and the offline "
                         "run on that same engine) instead of an engine process of its own")
@@ -513,6 +516,9 @@ def main(argv=None) -> dict | None:
                 if args.gc_freeze:
                     gc.collect()
                     gc.freeze()
+                if args.frontend_gc_threshold:
+                    gc.set_threshold(args.frontend_gc_threshold, *gc.get_threshold()[1:])
+                config["server_gc_threshold"] = list(gc.get_threshold())
                 gct.active = True
                 threads = {"loop": srv.thread.native_id}
                 threads.update({"reader": engine._client._reader.native_id} if process else
@@ -569,7 +575,10 @@ def main(argv=None) -> dict | None:
     config["errors"] = client["errors"]
     result = common.make_result(benchmark="serve", model=spec.name, dev=dev, config=config, ceilings=ceilings,
                                 metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    name = None
+    if args.frontend_gc_threshold:
+        name = common.result_name(f"serve-gc{args.frontend_gc_threshold}", spec.name, dev["devtag"])
+    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out, name=name)
     rows = [("model", spec.name), ("device", dev["device"]), ("requests ok / failed",
                                                               f"{metrics['completed']} / {metrics['failed']}")]
     rows += [(k, metrics[k]) for k in ("duration_s", "req_s", "output_tok_s", "total_tok_s", "ttft_ms_mean",
