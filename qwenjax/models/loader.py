@@ -1,7 +1,9 @@
 """Checkpoint loading: a local HF directory (or a hub id already in the huggingface_hub cache) -> model parameters.
 
 Hugging Face names map onto the NNX module tree by splitting on dots; Linear weights are stored [out, in] by torch
-and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`.
+and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`. The parts of a fused
+projection (q_proj/k_proj/v_proj -> qkv_proj, gate_proj/up_proj -> gate_up_proj, models/fusion.py) are gathered
+from the checkpoint and placed as one parameter, its columns in per-shard order (`FusedColumns`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
+from qwenjax.models.fusion import FUSED, Fusion, fused_key, interleave, part_keys
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import gptq, repack
@@ -131,13 +134,14 @@ def model_class(cfg: ModelConfig):
     return Qwen2MoeForCausalLM if cfg.architecture == "Qwen2MoeForCausalLM" else Qwen2ForCausalLM
 
 
-def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None,
+                   fusion: Fusion = Fusion()) -> Qwen2ForCausalLM:
     cls = model_class(cfg)
-    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
+    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant, fusion=fusion))
 
 
-def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
-                quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantConfig | None = None,
+                fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State]:
     """Reads every tensor into its place on the mesh; raises if any parameter is missing or has the wrong shape.
 
     Each device receives only its shard: tensors are memory-mapped and every shard is sliced (and cast) from the
@@ -146,15 +150,22 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     float tensors (scales included) are cast to `dtype`.
     fp8 KV-cache scales (`self_attn.k_scale` / `v_scale` and older spellings, see `hf_kv_scale_paths`) load into
     each layer's KVScale variables when present, 1.0 otherwise; only fp8_e4m3 KV pages use them.
+    Projections are fused as `Fusion.decide` says for this mesh; `fuse=False` keeps every projection separate (the
+    layout convert.py saves). A GPTQ act-order checkpoint whose fused parts have different g_idx raises ValueError.
     """
     from qwenjax.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
+    fusion = Fusion.decide(cfg, n, quant) if fuse else Fusion.none(n)
+    model = abstract_model(cfg, dtype, quant, fusion)
+    graphdef, abstract = nnx.split(model)
     wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
     loaded: dict[tuple, jax.Array] = {}
     experts: dict[tuple, dict[int, np.ndarray]] = {}   # stacked key -> expert id -> [in, out] (a memmap view)
+    # fused key -> part index -> the part (a memmap view) until every part has been read: parts may sit in different
+    # files, and a view holds no host memory of its own.
+    pending: dict[tuple, dict[int, np.ndarray]] = {}
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -177,6 +188,10 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
                 experts.setdefault(key, {})[e] = arr.T
                 continue
             key, transpose = hf_name_to_path(name)
+            part = None
+            fused = fused_key(key) if key not in wanted else None
+            if fused is not None and fused[0] in wanted:
+                key, part = fused
             if key not in wanted:
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
@@ -192,9 +207,19 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             if transpose:
                 arr = arr.T
             shape = tuple(wanted[key].shape)
+            if part is not None:
+                shape = _part_shape(key, shape, _submodule(model, key[:-2]), part)
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
-            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, shape)), wanted[key].dtype)
+            if part is not None:
+                parts = pending.setdefault(key, {})
+                parts[part] = arr
+                if len(parts) < len(FUSED[key[-2]]):
+                    continue
+                arr = _fused_host_array(key, [parts[i] for i in range(len(parts))], n, quant)
+                del pending[key]
+            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, wanted[key].shape)),
+                                wanted[key].dtype)
     for key, per_expert in experts.items():
         if len(per_expert) != wanted[key].shape[0]:
             absent = sorted(set(range(wanted[key].shape[0])) - set(per_expert))
@@ -210,11 +235,43 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
-    missing = [".".join(map(str, k)) for k in wanted if k not in loaded]
+    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending]
+    missing += [".".join(map(str, p)) for k, parts in pending.items() if k not in loaded
+                for i, p in enumerate(part_keys(k)) if i not in parts]   # a fused parameter's absent parts
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")
     state = nnx.from_flat_state([(k, wanted[k].replace(loaded[k])) for k in wanted])
     return graphdef, state
+
+
+def _submodule(model, path: tuple):
+    for p in path:
+        model = model[p] if isinstance(p, int) else getattr(model, p)
+    return model
+
+
+def _part_shape(key: tuple, shape: tuple, owner, part: int) -> tuple:
+    """The shape part `part` of the fused parameter `key` ([..., W], per-shard order) has in the checkpoint: the
+    fused array's leading shape and its share of the last axis (its columns' share of the module's
+    `<fused>_widths`, in that axis's units: columns or packed words); g_idx [I] is the shared input's, whole."""
+    if key[-1] == "g_idx":
+        return shape
+    widths = getattr(owner, f"{key[-2]}_widths")
+    return shape[:-1] + (shape[-1] * widths[part] // sum(widths),)
+
+
+def _fused_host_array(key: tuple, parts: list, shards: int, quant: QuantConfig | None):
+    """The fused parameter `key` from its parts, read lazily (FusedColumns). GPTQ's g_idx is one array for the
+    fused layer: the parts read the same input, and an act-order checkpoint must give them the same row -> group
+    map (AutoGPTQ orders rows by the shared input's Hessian, so they agree); without act-order it is not read."""
+    if key[-1] != "g_idx":
+        return FusedColumns(parts, shards)
+    if quant is not None and quant.desc_act and any(not np.array_equal(parts[0], p) for p in parts[1:]):
+        names = "/".join(FUSED[key[-2]])
+        raise ValueError(f"GPTQ act-order (desc_act) checkpoint: the g_idx of {names} in "
+                         f"{'.'.join(map(str, key[:-2]))} differ; they read the same input and are fused into one "
+                         f"{key[-2]} with one g_idx, so their rows must be assigned to the same groups")
+    return parts[0]
 
 
 def place(arr: np.ndarray, sharding, dtype) -> jax.Array:
@@ -237,6 +294,28 @@ class StackedExperts:
         index = tuple(index) + (slice(None),) * (3 - len(tuple(index)))
         rows = range(*index[0].indices(self.shape[0]))
         return np.stack([self.parts[e][index[1:]] for e in rows])
+
+
+class FusedColumns:
+    """The parts [..., W_i] of a fused parameter seen as one [..., sum W_i] array in per-shard order for `shards`
+    (models/fusion.py). Indexing reads only the parts' columns of the shards asked for, so `place` gives each device
+    its slice without building the fused array on the host."""
+
+    def __init__(self, parts: list[np.ndarray], shards: int):
+        self.parts, self.shards = parts, shards
+        self.shape = tuple(parts[0].shape[:-1]) + (sum(p.shape[-1] for p in parts),)
+        self.dtype = parts[0].dtype
+
+    def __getitem__(self, index):
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+        lead, (start, stop, _) = index[:-1], index[-1].indices(self.shape[-1])
+        block = self.shape[-1] // self.shards
+        if start % block or stop % block:  # not whole shards (no sharding asks for this): the columns of all
+            return interleave([p[lead] for p in self.parts], self.shards)[..., start:stop]
+        first, last = start // block, stop // block
+        return interleave([p[lead + (slice(first * p.shape[-1] // self.shards,
+                                                    last * p.shape[-1] // self.shards),)] for p in self.parts],
+                                  last - first)
 
 
 class SafetensorsFile:
@@ -281,8 +360,9 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
     from qwenjax.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
     n = mesh.shape["tp"]
+    fusion = Fusion.decide(cfg, n, quant)
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant, fusion))
     flat = list(nnx.to_flat_state(abstract))
     if quant is None:
         base = jax.random.key(seed)
@@ -297,7 +377,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
+        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant, fusion=fusion))[1]
 
     return graphdef, init()
 
