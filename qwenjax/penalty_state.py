@@ -38,7 +38,6 @@ def update(state: PenaltyState, input_ids, positions, query_lens, prompt_lens, s
     """Adds a step's new tokens [B, Q] to their rows. Rows with `reset` (prefill steps only) are cleared first, then
     given `history` [B, L] (the tokens of positions 0..L-1 they skip; -1: none)."""
     B, Q = input_ids.shape
-    V = state.prompt_mask.shape[1]
     mask, counts = state.prompt_mask, state.output_counts
     if Q > 1:  # a row starting afresh (new, recomputed, or a prefix hit) forgets its previous owner's history
         keep = ~reset[:, None]
