@@ -16,8 +16,8 @@ from qwenjax import LLM, SamplingParams
 from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
-from qwenjax.models.fusion import FUSED, GATE_UP, QKV, split_columns
-from qwenjax.models.loader import FusedColumns, load_model_config, load_params
+from qwenjax.models.fusion import FUSED, GATE_UP, QKV, FusedColumns, split_columns
+from qwenjax.models.loader import load_model_config, load_params
 from qwenjax.quantization import QuantConfig, awq, gptq, repack, resolve_quant_config
 from tests.checkpoints import write_checkpoint
 from tests.conftest import SMALL_ENGINE

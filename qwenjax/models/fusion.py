@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from qwenjax.config import ModelConfig
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.quantization.packing import array_module
@@ -108,3 +110,49 @@ def split_columns(y, widths: tuple[int, ...], shards: int) -> list:
         out.append(y[..., at:at + w // shards].reshape(*lead, w))
         at += w // shards
     return out
+
+
+def part_shape(key: tuple, shape: tuple, owner, part: int) -> tuple:
+    """The shape part `part` of the fused parameter `key` ([..., W], per-shard order) has in the checkpoint: the
+    fused array's leading shape and its share of the last axis (its columns' share of the module's
+    `<fused>_widths`, in that axis's units: columns or packed words); g_idx [I] is the shared input's, whole."""
+    if key[-1] == "g_idx":
+        return shape
+    widths = getattr(owner, f"{key[-2]}_widths")
+    return shape[:-1] + (shape[-1] * widths[part] // sum(widths),)
+
+
+def fused_host_array(key: tuple, parts: list, shards: int, quant: QuantConfig | None):
+    """The loader's fused parameter `key` from its parts (memory-mapped checkpoint arrays, in order), read lazily
+    (FusedColumns). GPTQ's g_idx is one array for the fused layer: the parts read the same input, and an act-order
+    checkpoint must give them the same row -> group map (AutoGPTQ orders rows by the shared input's Hessian, so they
+    agree), else ValueError; without act-order g_idx is not read (quant_linear.dequantize_weight)."""
+    if key[-1] != "g_idx":
+        return FusedColumns(parts, shards)
+    if quant is not None and quant.desc_act and any(not np.array_equal(parts[0], p) for p in parts[1:]):
+        names = "/".join(FUSED[key[-2]])
+        raise ValueError(f"GPTQ act-order (desc_act) checkpoint: the g_idx of {names} in "
+                         f"{'.'.join(map(str, key[:-2]))} differ; they read the same input and are fused into one "
+                         f"{key[-2]} with one g_idx, so their rows must be assigned to the same groups")
+    return parts[0]
+
+
+class FusedColumns:
+    """The parts [..., W_i] of a fused parameter seen as one [..., sum W_i] array in per-shard order for `shards`.
+    Indexing reads only the parts' columns of the shards asked for, so the loader's `place` gives each device its
+    slice without building the fused array on the host."""
+
+    def __init__(self, parts: list[np.ndarray], shards: int):
+        self.parts, self.shards = parts, shards
+        self.shape = tuple(parts[0].shape[:-1]) + (sum(p.shape[-1] for p in parts),)
+        self.dtype = parts[0].dtype
+
+    def __getitem__(self, index):
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+        lead, (start, stop, _) = index[:-1], index[-1].indices(self.shape[-1])
+        block = self.shape[-1] // self.shards
+        if start % block or stop % block:  # not whole shards (no sharding asks for this): the columns of all
+            return interleave([p[lead] for p in self.parts], self.shards)[..., start:stop]
+        first, last = start // block, stop // block
+        return interleave([p[lead + (slice(first * p.shape[-1] // self.shards, last * p.shape[-1] // self.shards),)]
+                           for p in self.parts], last - first)

@@ -3,7 +3,7 @@
 Hugging Face names map onto the NNX module tree by splitting on dots; Linear weights are stored [out, in] by torch
 and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`. The parts of a fused
 projection (q_proj/k_proj/v_proj -> qkv_proj, gate_proj/up_proj -> gate_up_proj, models/fusion.py) are gathered
-from the checkpoint and placed as one parameter, its columns in per-shard order (`FusedColumns`).
+from the checkpoint and placed as one parameter, its columns in per-shard order (fusion.FusedColumns).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
-from qwenjax.models.fusion import FUSED, Fusion, fused_key, interleave, part_keys
+from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import gptq, repack
@@ -208,7 +208,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                 arr = arr.T
             shape = tuple(wanted[key].shape)
             if part is not None:
-                shape = _part_shape(key, shape, _submodule(model, key[:-2]), part)
+                shape = part_shape(key, shape, _submodule(model, key[:-2]), part)
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
             if part is not None:
@@ -216,7 +216,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                 parts[part] = arr
                 if len(parts) < len(FUSED[key[-2]]):
                     continue
-                arr = _fused_host_array(key, [parts[i] for i in range(len(parts))], n, quant)
+                arr = fused_host_array(key, [parts[i] for i in range(len(parts))], n, quant)
                 del pending[key]
             loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, wanted[key].shape)),
                                 wanted[key].dtype)
@@ -250,30 +250,6 @@ def _submodule(model, path: tuple):
     return model
 
 
-def _part_shape(key: tuple, shape: tuple, owner, part: int) -> tuple:
-    """The shape part `part` of the fused parameter `key` ([..., W], per-shard order) has in the checkpoint: the
-    fused array's leading shape and its share of the last axis (its columns' share of the module's
-    `<fused>_widths`, in that axis's units: columns or packed words); g_idx [I] is the shared input's, whole."""
-    if key[-1] == "g_idx":
-        return shape
-    widths = getattr(owner, f"{key[-2]}_widths")
-    return shape[:-1] + (shape[-1] * widths[part] // sum(widths),)
-
-
-def _fused_host_array(key: tuple, parts: list, shards: int, quant: QuantConfig | None):
-    """The fused parameter `key` from its parts, read lazily (FusedColumns). GPTQ's g_idx is one array for the
-    fused layer: the parts read the same input, and an act-order checkpoint must give them the same row -> group
-    map (AutoGPTQ orders rows by the shared input's Hessian, so they agree); without act-order it is not read."""
-    if key[-1] != "g_idx":
-        return FusedColumns(parts, shards)
-    if quant is not None and quant.desc_act and any(not np.array_equal(parts[0], p) for p in parts[1:]):
-        names = "/".join(FUSED[key[-2]])
-        raise ValueError(f"GPTQ act-order (desc_act) checkpoint: the g_idx of {names} in "
-                         f"{'.'.join(map(str, key[:-2]))} differ; they read the same input and are fused into one "
-                         f"{key[-2]} with one g_idx, so their rows must be assigned to the same groups")
-    return parts[0]
-
-
 def place(arr: np.ndarray, sharding, dtype) -> jax.Array:
     """A (memory-mapped) host array onto the devices of `sharding`, each device reading only its own slice."""
     dtype = np.dtype(dtype)
@@ -294,28 +270,6 @@ class StackedExperts:
         index = tuple(index) + (slice(None),) * (3 - len(tuple(index)))
         rows = range(*index[0].indices(self.shape[0]))
         return np.stack([self.parts[e][index[1:]] for e in rows])
-
-
-class FusedColumns:
-    """The parts [..., W_i] of a fused parameter seen as one [..., sum W_i] array in per-shard order for `shards`
-    (models/fusion.py). Indexing reads only the parts' columns of the shards asked for, so `place` gives each device
-    its slice without building the fused array on the host."""
-
-    def __init__(self, parts: list[np.ndarray], shards: int):
-        self.parts, self.shards = parts, shards
-        self.shape = tuple(parts[0].shape[:-1]) + (sum(p.shape[-1] for p in parts),)
-        self.dtype = parts[0].dtype
-
-    def __getitem__(self, index):
-        index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
-        lead, (start, stop, _) = index[:-1], index[-1].indices(self.shape[-1])
-        block = self.shape[-1] // self.shards
-        if start % block or stop % block:  # not whole shards (no sharding asks for this): the columns of all
-            return interleave([p[lead] for p in self.parts], self.shards)[..., start:stop]
-        first, last = start // block, stop // block
-        return interleave([p[lead + (slice(first * p.shape[-1] // self.shards,
-                                                    last * p.shape[-1] // self.shards),)] for p in self.parts],
-                                  last - first)
 
 
 class SafetensorsFile:
