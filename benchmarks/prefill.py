@@ -39,7 +39,8 @@ def parse(argv=None):
 
 
 def dense_weights(llm) -> dict:
-    """The engine's parameter arrays (no copies), by role."""
+    """The engine's parameter arrays (no copies), by role: q/k/v and gate/up as the engine holds them, fused
+    (`qkv`, `gate_up`: models/fusion.py) or separate."""
     from flax import nnx
 
     flat = {tuple(k): (v.get_value() if hasattr(v, "get_value") else v.value)
@@ -48,21 +49,38 @@ def dense_weights(llm) -> dict:
     layers = []
     for i in range(cfg.num_hidden_layers):
         g = lambda *path: flat[("model", "layers", i) + path]  # noqa: E731
-        layers.append({n: g("self_attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj", "o_proj")} |
-                      {n + "_b": g("self_attn", n, "bias") for n in ("q_proj", "k_proj", "v_proj")} |
-                      {n: g("mlp", n, "kernel") for n in ("gate_proj", "up_proj", "down_proj")} |
+        has = lambda *path: ("model", "layers", i) + path in flat  # noqa: E731
+        attn = ("qkv_proj",) if has("self_attn", "qkv_proj", "kernel") else ("q_proj", "k_proj", "v_proj")
+        mlp = ("gate_up_proj",) if has("mlp", "gate_up_proj", "kernel") else ("gate_proj", "up_proj")
+        layers.append({n: g("self_attn", n, "kernel") for n in attn + ("o_proj",)} |
+                      {n + "_b": g("self_attn", n, "bias") for n in attn} |
+                      {n: g("mlp", n, "kernel") for n in mlp + ("down_proj",)} |
                       {"ln1": g("input_layernorm", "weight"), "ln2": g("post_attention_layernorm", "weight")})
     embed = flat[("model", "embed_tokens", "embedding")]
     head = None if cfg.tie_word_embeddings else flat[("lm_head", "kernel")]  # tied: the table, transposed in jit
     return {"embed": embed, "layers": layers, "norm": flat[("model", "norm", "weight")], "head": head}
 
 
-def dense_forward(cfg, impl: str):
-    """ids [B, T] -> greedy next token [B]: Qwen2 as plain jnp, causal attention over the prompt, nothing cached."""
+def dense_forward(cfg, impl: str, shards: int = 1):
+    """ids [B, T] -> greedy next token [B]: Qwen2 as plain jnp, causal attention over the prompt, nothing cached.
+    `shards`: the mesh size the fused weights' columns are ordered for (models/fusion.py)."""
     import jax
     import jax.numpy as jnp
 
+    from qwenjax.models.fusion import split_columns
+
     N, K, H, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    F = cfg.intermediate_size
+
+    def qkv(h, lw):
+        if "qkv_proj" in lw:
+            return split_columns(h @ lw["qkv_proj"] + lw["qkv_proj_b"], (N * H, K * H, K * H), shards)
+        return [h @ lw[n] + lw[n + "_b"] for n in ("q_proj", "k_proj", "v_proj")]
+
+    def gate_up(h, lw):
+        if "gate_up_proj" in lw:
+            return split_columns(h @ lw["gate_up_proj"], (F, F), shards)
+        return h @ lw["gate_proj"], h @ lw["up_proj"]
 
     def rms(x, w):
         x32 = x.astype(jnp.float32)
@@ -82,14 +100,14 @@ def dense_forward(cfg, impl: str):
         sin = jnp.sin(jnp.concatenate([f, f], -1))[None, :, None, :]
         for lw in w["layers"]:  # unrolled
             h = rms(x, lw["ln1"])
-            q = (h @ lw["q_proj"] + lw["q_proj_b"]).reshape(B, T, N, H)
-            k = (h @ lw["k_proj"] + lw["k_proj_b"]).reshape(B, T, K, H)
-            v = (h @ lw["v_proj"] + lw["v_proj_b"]).reshape(B, T, K, H)
+            q, k, v = qkv(h, lw)
+            q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
             a = jax.nn.dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True,
                                              scale=H ** -0.5, implementation=impl)
             x = x + a.reshape(B, T, N * H) @ lw["o_proj"]
             h = rms(x, lw["ln2"])
-            x = x + (jax.nn.silu(h @ lw["gate_proj"]) * (h @ lw["up_proj"])) @ lw["down_proj"]
+            gate, up = gate_up(h, lw)
+            x = x + (jax.nn.silu(gate) * up) @ lw["down_proj"]
         head = w["embed"].T if w["head"] is None else w["head"]
         logits = (rms(x[:, -1], w["norm"]) @ head).astype(jnp.float32)
         return jnp.argmax(logits, -1).astype(jnp.int32)
@@ -135,7 +153,7 @@ def main(argv=None) -> dict:
     impl = "cudnn" if dev["platform"] == "gpu" and llm.llm_engine.model.dtype in (jnp.bfloat16, jnp.float16) \
         else "xla"
     w = dense_weights(llm)
-    fwd = dense_forward(cfg, impl)
+    fwd = dense_forward(cfg, impl, llm.llm_engine.runner.mesh.shape["tp"])
     t0 = time.perf_counter()
     jax.block_until_ready(fwd(w, np.asarray(sets[-1], np.int32)))
     dense_compile = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """quant-matmul: every low-bit matmul path at Qwen2-7B layer shapes, timed on one GPU, best configuration per shape.
 
 For each row count M (default 1, 4, 16, 64, 512), layer shape (q/o 3584->3584, k/v 3584->512, qkv 3584->4608,
-gate/up 3584->18944, down 18944->3584) and format (gptq = GPTQ 4-bit, awq = AWQ 4-bit, gptq8 on request), group 128:
+gate/up 3584->18944, gate_up2 3584->37888, down 18944->3584; qkv and gate_up2 are the fused projections the model
+runs on one device, models/fusion.py) and format (gptq = GPTQ 4-bit, awq = AWQ 4-bit, gptq8 on request), group 128:
   bf16     jnp.dot with a bf16 weight: the float model's product (once per shape and M)
   xla      QuantLinear's XLA path: unpack, subtract zeros, scale, dot (what prefill takes)
   auto     QuantLinear.quant_matmul as the model calls it (kernel_path's choice)
@@ -48,7 +49,7 @@ import common  # noqa: E402
 BENCHMARK = "quant-matmul"
 # Qwen2-7B: hidden 3584, 28 q heads and 4 kv heads of 128, ffn 18944. (K, N) per layer name.
 SHAPES_7B = {"q_o": (3584, 3584), "kv": (3584, 512), "gate_up": (3584, 18944), "down": (18944, 3584),
-             "qkv": (3584, 4608)}
+             "qkv": (3584, 4608), "gate_up2": (3584, 37888)}
 LAYER_SUM = {"q_o": 2, "kv": 2, "gate_up": 2, "down": 1}  # a decoder layer's seven projections
 SHAPES_TINY = {"q_o": (256, 256), "kv": (256, 64), "down": (512, 256)}
 FORMATS = {"gptq": ("gptq", 4), "awq": ("awq", 4), "gptq8": ("gptq", 8)}
@@ -66,8 +67,9 @@ def parse(argv=None):
     p.add_argument("--model", default="qwen2-7b-instruct", help="names the result file; shapes are Qwen2-7B's")
     p.add_argument("--rows", type=common._int_list, default=(1, 4, 16, 64, 512))
     p.add_argument("--layers", default="q_o,kv,gate_up,down",
-                   help="comma-separated subset of " + ",".join(SHAPES_7B) + " (qkv: q, k and v fused, not a model "
-                        "shape today)")
+                   help="comma-separated subset of " + ",".join(SHAPES_7B) + " (qkv: q, k and v fused; gate_up2: "
+                        "gate and up fused: the model's projections, models/fusion.py; the LAYER sum counts the "
+                        "separate ones)")
     p.add_argument("--formats", default="gptq,awq", help="comma-separated subset of " + ",".join(FORMATS))
     p.add_argument("--grid", choices=tuple(GRIDS), default="greedy",
                    help="the GEMV search, run after every path's defaults at every M (M = 1 first)")

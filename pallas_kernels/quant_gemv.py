@@ -56,7 +56,8 @@ _TWO23 = float(1 << 23)
 
 
 # (max rows, K, N) -> (block_n, block_kw, num_splits, num_warps, num_stages, xload). Paste benchmarks/quant_matmul.py's
-# output here. The sweep measures the row counts SWEEP_ROWS and writes an entry only where its best beat the
+# output here. The model fuses q/k/v and gate/up (qwenjax/models/fusion.py): at 7B its shapes are qkv 3584 -> 4608
+# and gate/up 3584 -> 37888 (`--layers qkv,q_o,gate_up2,down`), which take the heuristic until swept. The sweep measures the row counts SWEEP_ROWS and writes an entry only where its best beat the
 # heuristic, so an entry for r rows covers only the M above the sweep's previous row count (M = 1 never takes the
 # M = 4 entry: at M = 1 the heuristic won, e.g. gate/up 28.3 us against 31.5 us with the M = 4 settings).
 CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {

@@ -3,11 +3,15 @@ sharded layout (each device reads its own shard; no safetensors parsing or trans
 
 Layout of the output directory: `config.json` (+ tokenizer and generation_config files copied), and `orbax/`, the
 NNX parameter state saved with orbax's StandardCheckpointer. `LLM(model=that_dir)` detects `orbax/` and restores.
+The saved state keeps every projection separate (q_proj, k_proj, ..., as the Hugging Face checkpoint does), so one
+checkpoint serves every mesh: the fused projections' column order depends on the mesh (models/fusion.py), and
+restoring fuses the parts on the devices, each device concatenating its own shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +40,7 @@ def convert(src: Path, dst: Path, *, dtype: str = "auto") -> float:
 
     t0 = time.perf_counter()
     cfg = load_model_config(src)
-    _, params = load_params(src, cfg, resolve_dtype(dtype, cfg))
+    _, params = load_params(src, cfg, resolve_dtype(dtype, cfg), fuse=False)
     dst.mkdir(parents=True, exist_ok=True)
     for name in _COPY:
         if (src / name).is_file():
@@ -53,27 +57,51 @@ def convert(src: Path, dst: Path, *, dtype: str = "auto") -> float:
 
 
 def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """Restores the saved state with each array placed in its mesh sharding (read shard by shard)."""
+    """Restores the saved state with each array placed in its mesh sharding (read shard by shard), then fuses the
+    projections `Fusion.decide` fuses for this mesh, one parameter at a time, on the devices."""
     import orbax.checkpoint as ocp
 
+    from qwenjax.models.fusion import Fusion, part_keys
     from qwenjax.models.loader import abstract_model
     from qwenjax.sharding import param_spec
 
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
     n = mesh.shape["tp"]
-    target = nnx.to_pure_dict(abstract)
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.decide(cfg, n)))
+    _, saved = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.none(n)))  # what convert() writes
 
     def with_sharding(p, leaf):
-        path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in p)
-        path = tuple(int(x) if isinstance(x, str) and x.isdigit() else x for x in path)
-        sharding = NamedSharding(mesh, param_spec(path, cfg, n, leaf.shape))
+        sharding = NamedSharding(mesh, param_spec(_path(p), cfg, n, leaf.shape))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    target = jax.tree_util.tree_map_with_path(with_sharding, target)
+    target = jax.tree_util.tree_map_with_path(with_sharding, nnx.to_pure_dict(saved))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore((path / ORBAX_DIR).absolute(), target)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return graphdef, abstract
+    arrays = {_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    del restored
+    values = []
+    for key, var in nnx.to_flat_state(abstract):
+        if key in arrays:
+            value = arrays.pop(key)
+        else:  # a fused parameter: each device concatenates its shards of the parts, which are then freed
+            sharding = NamedSharding(mesh, param_spec(key, cfg, n, var.shape))
+            value = _fuse_on_devices(n, sharding)([arrays.pop(k) for k in part_keys(key)])
+        values.append((key, var.replace(value)))
+    return graphdef, nnx.from_flat_state(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _fuse_on_devices(shards: int, sharding):
+    """A jitted models.fusion.interleave into `sharding`, one per (shards, sharding): every layer's fused parameter
+    of a shape reuses one program. Parts split over "tp" give each device its own shards, so it runs locally."""
+    from qwenjax.models.fusion import interleave
+
+    return jax.jit(functools.partial(interleave, shards=shards), out_shardings=sharding)
+
+
+def _path(keys) -> tuple:
+    """A pure-dict tree path -> the NNX parameter path (layer indices as ints)."""
+    path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k for k in keys)
+    return tuple(int(x) if isinstance(x, str) and x.isdigit() else x for x in path)
 
 
 def main(argv=None) -> None:

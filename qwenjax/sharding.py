@@ -9,6 +9,9 @@ so the work stays balanced whatever the router picks and no all-to-all of tokens
 experts and computes the pairs routed to them (models/qwen2_moe.py, Qwen2MoeExperts). Either way the router and the
 shared expert's gate are replicated and the shared expert splits like the dense MLP. KV pages split on kv heads; when the
 mesh is larger than the kv head count (Qwen2-0.5B has 2), k/v projections and pages are replicated instead.
+The fused projections qkv_proj and gate_up_proj (models/fusion.py) are column-parallel too: their columns are stored
+in per-shard order, so an even split of their outputs gives each device its own slice of every part. q/k/v are fused
+only where k/v split with q (`Fusion.decide`), so a replicated k/v projection is always a separate one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwenjax.config import ModelConfig
+from qwenjax.models.fusion import FUSED
 
 AXIS = "tp"
 
@@ -52,7 +56,7 @@ def kv_heads_sharded(cfg: ModelConfig, n: int) -> bool:
     return n > 1 and cfg.num_key_value_heads % n == 0
 
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") + tuple(FUSED)
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 

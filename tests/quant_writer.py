@@ -32,6 +32,9 @@ class Scheme:
     group_size: int = 128       # -1: one group (GPTQ)
     sym: bool = True            # GPTQ only; AWQ is always asymmetric (zero_point)
     desc_act: bool = False      # GPTQ: rows assigned to groups through a shuffled g_idx
+    # desc_act: layers that read one input (q/k/v, gate/up) share its row order, as GPTQ's does (the order comes
+    # from that input's Hessian); False shuffles every layer on its own, which qwenjax's fused layers refuse.
+    shared_act_order: bool = True
     checkpoint_format: str = "gptq"  # GPTQ "gptq" | "gptq_v2"
     legacy_file: bool = False   # write quant_config.json / quantize_config.json instead of quantization_config
 
@@ -40,7 +43,8 @@ class Scheme:
         if self.method == "awq":
             return f"awq-g{self.group_size}" + ("-legacy" if self.legacy_file else "")
         return (f"gptq-{self.checkpoint_format}-{self.bits}b-g{self.group_size}-{'sym' if self.sym else 'asym'}"
-                + ("-descact" if self.desc_act else "") + ("-legacy" if self.legacy_file else ""))
+                + ("-descact" if self.desc_act else "") + ("-own-order" if not self.shared_act_order else "")
+                + ("-legacy" if self.legacy_file else ""))
 
     def config_dict(self) -> dict:
         if self.method == "awq":
@@ -68,13 +72,17 @@ class Grid:
         return ((self.q - self.z[self.g_idx]).astype(np.float32) * self.s[self.g_idx].astype(np.float32))
 
 
-def quantize(w: np.ndarray, scheme: Scheme, rng: np.random.Generator) -> Grid:
-    """w [I, O] float -> its grid: round-to-nearest per group (the formats, not GPTQ's error feedback, are tested)."""
+def quantize(w: np.ndarray, scheme: Scheme, rng: np.random.Generator, order: np.ndarray | None = None) -> Grid:
+    """w [I, O] float -> its grid: round-to-nearest per group (the formats, not GPTQ's error feedback, are tested).
+    desc_act: the rows in `order` fill group 0, then group 1, ... (default: a random order)."""
     I, O = w.shape
     maxq = 2 ** scheme.bits - 1
     group = I if scheme.group_size == -1 else scheme.group_size
     G = -(-I // group)
-    order = rng.permutation(I) if scheme.desc_act else np.arange(I)
+    if not scheme.desc_act:
+        order = np.arange(I)
+    elif order is None:
+        order = rng.permutation(I)
     g_idx = np.empty(I, np.int32)
     g_idx[order] = np.arange(I) // group  # desc_act: the rows of a group are scattered over the matrix
     w = w.astype(np.float64)
@@ -155,10 +163,16 @@ def write_quantized(src: Path, dst: Path, dequant_dst: Path | None, scheme: Sche
     rng = np.random.default_rng(seed)
     tensors = load_file(str(src / "model.safetensors"))
     quantized, dequantized, grids = {}, {}, {}
+    orders: dict[str, np.ndarray] = {}  # desc_act with shared_act_order: one row order per layer input
     for name, arr in tensors.items():
         module, leaf = name.rsplit(".", 1)
         if leaf == "weight" and module.rsplit(".", 1)[-1] in PROJECTIONS:
-            grid = quantize(arr.T, scheme, rng)  # torch stores [out, in]
+            order = None
+            if scheme.desc_act and scheme.shared_act_order:
+                parent, proj = module.rsplit(".", 1)
+                key = parent + ("." + proj if proj in ("o_proj", "down_proj") else "")
+                order = orders.setdefault(key, rng.permutation(arr.shape[1]))
+            grid = quantize(arr.T, scheme, rng, order)  # torch stores [out, in]
             grids[module] = grid
             for k, v in layer_tensors(grid, scheme).items():
                 quantized[f"{module}.{k}"] = v

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,14 +19,18 @@ from tests.checkpoints import hf_model
 ATOL = 2e-4  # float32 end to end; differences come from summation order only
 
 
-def _our_logits(path, token_ids: list[int], *, chunk: int | None = None, decode_from: int | None = None):
+def _our_logits(path, token_ids: list[int], *, chunk: int | None = None, decode_from: int | None = None,
+                mesh=None):
     """Logits at every position, computed through the paged cache: prefill of the first `decode_from` tokens (in
-    chunks of `chunk`, the later ones reading the cached prefix), then one token per decode step."""
+    chunks of `chunk`, the later ones reading the cached prefix), then one token per decode step. With `mesh`, the
+    parameters and pages are sharded over it (tests/tp_fused_worker.py)."""
+    from qwenjax.sharding import kv_sharding
+
     cfg = load_model_config(path)
-    graphdef, params = load_params(path, cfg, jnp.float32)
+    graphdef, params = load_params(path, cfg, jnp.float32, mesh=mesh)
     model = nnx.merge(graphdef, params)
     page, pages = 16, 16
-    kv = allocate(cfg, pages, page, jnp.float32)
+    kv = allocate(cfg, pages, page, jnp.float32, None if mesh is None else kv_sharding(mesh, cfg))
     table = np.random.default_rng(0).permutation(pages).astype(np.int32)[None]  # scattered pages
     n = len(token_ids)
     decode_from = n if decode_from is None else decode_from
@@ -40,8 +47,9 @@ def _our_logits(path, token_ids: list[int], *, chunk: int | None = None, decode_
                                  block_tables=table, seq_lens=np.array([end], np.int32),
                                  query_lens=np.array([end - start], np.int32))
         ids = np.asarray(token_ids[start:end], np.int32)[None]
-        hidden, kv = model(ids, meta, kv, has_context=start > 0)
-        out.append(np.asarray(model.logits(hidden[0])))
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            hidden, kv = model(ids, meta, kv, has_context=start > 0)
+            out.append(np.asarray(model.logits(hidden[0])))
     return np.concatenate(out)
 
 

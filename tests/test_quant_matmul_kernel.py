@@ -137,3 +137,35 @@ def test_gemv_settings_and_rejections():
     assert not qg.supported(17, 256, 64, fmt="gptq", bits=4, group_size=128, dtype=jnp.bfloat16)
     assert not qg.supported(4, 256, 64, fmt="gptq", bits=4, group_size=128, dtype=jnp.float32)
     assert qg.supported(4, 256, 64, fmt="gptq", bits=4, group_size=32, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("scheme, fmt", [(Scheme("awq", group_size=64), "awq_kp"),
+                                         (Scheme("gptq", bits=4, group_size=64, sym=False), "gptq")],
+                         ids=["awq_kp", "gptq"])
+def test_gemv_of_a_fused_layer_is_its_parts(scheme, fmt):
+    """A fused projection (models/fusion.py): three parts of 64, 32 and 32 columns, each quantized and packed on its
+    own and placed side by side as on one device, through the GEMV kernel with its default settings: each part of
+    the output is that part's exact product. Qwen2-7B's fused shapes (qkv 3584 -> 4608, gate/up 3584 -> 37888)
+    have no swept CONFIGS entry and must fit the heuristic's settings."""
+    from qwenjax.models.fusion import interleave, split_columns
+
+    rng = np.random.default_rng(17)
+    k, widths = 256, (64, 32, 32)
+    grids = [quantize(rng.normal(0, 0.05, (k, n)), scheme, rng) for n in widths]
+    if fmt == "awq_kp":
+        packed = [(pack_awq_kp(g.q), pack_cols(g.z, 4)) for g in grids]
+    else:
+        packed = [(t["qweight"], t["qzeros"]) for t in (layer_tensors(g, scheme) for g in grids)]
+    qw, qz = (jnp.asarray(interleave([p[i] for p in packed], 1)) for i in (0, 1))
+    s = jnp.asarray(interleave([g.s for g in grids], 1), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(0, 1, (1, k)), jnp.bfloat16)
+    kw = dict(fmt=fmt, bits=scheme.bits, group_size=scheme.group_size)
+    assert qg.supported(1, k, sum(widths), dtype=jnp.bfloat16, **kw)
+    out = np.asarray(qg.quant_gemv(x, qw, qz, s, **kw, interpret=True), np.float64)
+    for got, g, s_part in zip(split_columns(out, widths, 1), grids, split_columns(np.asarray(s, np.float64), widths, 1)):
+        exact = np.asarray(x, np.float64) @ ((g.q - g.z[g.g_idx]) * s_part[g.g_idx])
+        np.testing.assert_allclose(got, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+    for n in (4608, 37888):
+        for m in (1, 4):
+            assert (qg._sweep_rows(m), 3584, n) not in qg.CONFIGS
+            assert qg.supported(m, 3584, n, fmt=fmt, bits=4, group_size=128, dtype=jnp.bfloat16)

@@ -16,6 +16,7 @@ from qwenjax import LLM, SamplingParams
 from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
+from qwenjax.models.fusion import FUSED, GATE_UP, QKV, FusedColumns, split_columns
 from qwenjax.models.loader import load_model_config, load_params
 from qwenjax.quantization import QuantConfig, awq, gptq, repack, resolve_quant_config
 from tests.checkpoints import write_checkpoint
@@ -194,27 +195,82 @@ def test_params_hold_packed_int32(scheme, quantized):
     model = nnx.merge(graphdef, params)
     tensors = load_file(str(qdir / "model.safetensors"))
     layer = model.model.layers[1]
-    for name, proj in [("self_attn.q_proj", layer.self_attn.q_proj), ("mlp.down_proj", layer.mlp.down_proj)]:
+    # One device: a fused layer's arrays are its parts' side by side along their last axis (models/fusion.py); the
+    # shared input's g_idx is the parts' own.
+    for name, proj, parts in [("self_attn", layer.self_attn.qkv_proj, FUSED[QKV]),
+                              ("mlp", layer.mlp.gate_up_proj, FUSED[GATE_UP]),
+                              ("mlp", layer.mlp.down_proj, ("down_proj",))]:
         assert isinstance(proj, QuantLinear) and not hasattr(proj, "kernel")
         for leaf in ("qweight", "qzeros") + (("g_idx",) if scheme.method == "gptq" else ()):
             arr = getattr(proj, leaf)[...]
             assert arr.dtype == jnp.int32, (name, leaf, arr.dtype)
-            want = tensors[f"model.layers.1.{name}.{leaf}"]
+            want = [tensors[f"model.layers.1.{name}.{p}.{leaf}"] for p in parts]
+            want = want[0] if leaf == "g_idx" else np.concatenate(want, axis=-1)
             if scheme.method == "awq":  # repacked at load within 8 x 8 blocks, same shape (repack.py)
                 want = {"qweight": repack.awq_to_kpacked, "qzeros": repack.awq_zeros_natural}[leaf](want)
             np.testing.assert_array_equal(np.asarray(arr), want)
         assert proj.scales[...].dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(proj.scales[...]), tensors[f"model.layers.1.{name}.scales"])
-    # q/k/v biases are kept; o/gate/up/down have none; embeddings and lm_head stay float.
-    for p in ("q_proj", "k_proj", "v_proj"):
-        np.testing.assert_array_equal(np.asarray(getattr(layer.self_attn, p).bias[...]),
-                                      tensors[f"model.layers.1.self_attn.{p}.bias"])
-    assert layer.self_attn.o_proj.bias is None and layer.mlp.up_proj.bias is None
+        np.testing.assert_array_equal(np.asarray(proj.scales[...]), np.concatenate(
+            [tensors[f"model.layers.1.{name}.{p}.scales"] for p in parts], axis=-1))
+    # q/k/v biases are kept (fused like the weights); o/gate/up/down have none; embeddings and lm_head stay float.
+    np.testing.assert_array_equal(np.asarray(layer.self_attn.qkv_proj.bias[...]), np.concatenate(
+        [tensors[f"model.layers.1.self_attn.{p}.bias"] for p in FUSED[QKV]]))
+    assert layer.self_attn.o_proj.bias is None and layer.mlp.gate_up_proj.bias is None
     assert isinstance(model.lm_head, nnx.Linear) and model.lm_head.kernel[...].dtype == jnp.float32
     # The packed words hold exactly `bits` bits per weight: nothing was dequantized or widened at load.
     packed = sum(x.nbytes for p, x in nnx.to_flat_state(params) if p[-1] in ("qweight",))
     floats = sum(g.q.size for g in quantized(scheme)[2].values()) * 4
     assert packed * (32 // scheme.bits) == floats
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[3], SCHEMES[4], SCHEMES[7]], ids=lambda s: s.name)
+def test_fused_packed_arrays_dequantize_to_the_parts(scheme, shards, quantized):
+    """The loader's view of a fused layer's packed arrays in per-shard order for 1, 2 and 4 shards (AWQ words of 8
+    columns, GPTQ qweight columns and qzeros words of 8 or 4, scales, q/k/v biases) dequantizes to the unfused
+    layers' exact weights once `split_columns` takes the parts back out; and every shard's slice, as `place`
+    reads it for one device, is the same as that slice of the whole fused array."""
+    qdir, _, grids = quantized(scheme)
+    quant = QuantConfig.from_checkpoint(qdir)
+    tensors = load_file(str(qdir / "model.safetensors"))
+    for fused, parts in FUSED.items():
+        owner = "model.layers.0." + ("self_attn" if fused == QKV else "mlp")
+        leaves = ("qweight", "qzeros", "scales") + (("bias",) if fused == QKV else ())
+        views = {leaf: FusedColumns([tensors[f"{owner}.{p}.{leaf}"] for p in parts], shards) for leaf in leaves}
+        arrays = {leaf: v[(slice(None),) * len(v.shape)] for leaf, v in views.items()}
+        for leaf, v in views.items():
+            block = v.shape[-1] // shards
+            for j in range(shards):
+                cols = (slice(None),) * (len(v.shape) - 1) + (slice(j * block, (j + 1) * block),)
+                np.testing.assert_array_equal(v[cols], arrays[leaf][cols], err_msg=leaf)
+        if scheme.method == "awq":
+            w = awq.dequantize(arrays["qweight"], arrays["qzeros"], arrays["scales"], group_size=quant.group_size,
+                               dtype=np.float32)
+        else:
+            w = gptq.dequantize(arrays["qweight"], arrays["qzeros"], arrays["scales"], tensors[f"{owner}.q_proj.g_idx"
+                                if fused == QKV else f"{owner}.gate_proj.g_idx"], bits=quant.bits,
+                                checkpoint_format=quant.checkpoint_format, dtype=np.float32)
+        widths = tuple(grids[f"{owner}.{p}"].q.shape[1] for p in parts)
+        assert w.shape[1] == sum(widths)
+        for p, got in zip(parts, split_columns(w, widths, shards)):
+            np.testing.assert_array_equal(got, grids[f"{owner}.{p}"].dequantized(), err_msg=p)
+        if fused == QKV:
+            for p, got in zip(parts, split_columns(arrays["bias"], widths, shards)):
+                np.testing.assert_array_equal(got, tensors[f"{owner}.{p}.bias"], err_msg=p)
+
+
+def test_gptq_act_order_parts_with_different_g_idx_are_refused(float_ckpt, tmp_path):
+    """q/k/v (and gate/up) read one input; fused, they have one g_idx. An act-order checkpoint whose parts order
+    their rows differently cannot be fused, and loading says so, naming the layer and the parts."""
+    scheme = Scheme("gptq", bits=4, group_size=32, desc_act=True, shared_act_order=False)
+    write_quantized(float_ckpt, tmp_path / "q", None, scheme, seed=3)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    g = [tensors[f"model.layers.0.self_attn.{p}.g_idx"] for p in FUSED[QKV]]
+    assert not np.array_equal(g[0], g[1])  # the writer did shuffle them apart
+    with pytest.raises(ValueError, match=r"act-order .* the g_idx of (q_proj/k_proj/v_proj|gate_proj/up_proj) in "
+                                         r"model\.layers\.0\.(self_attn|mlp) differ"):
+        load_params(tmp_path / "q", load_model_config(tmp_path / "q"), jnp.float32,
+                    quant=QuantConfig.from_checkpoint(tmp_path / "q"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
@@ -295,7 +351,7 @@ def test_random_quantized_params_run():
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
     graphdef, params = random_params(cfg, jnp.float32, quant=QuantConfig.default("gptq"))
     model = nnx.merge(graphdef, params)
-    assert model.model.layers[0].mlp.up_proj.qweight[...].dtype == jnp.int32
+    assert model.model.layers[0].mlp.gate_up_proj.qweight[...].dtype == jnp.int32
     y = model.model.layers[0].mlp(jnp.ones((2, 128), jnp.float32))
     assert np.isfinite(np.asarray(y)).all() and 0.01 < float(jnp.std(y)) < 10
 

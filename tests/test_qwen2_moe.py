@@ -230,9 +230,9 @@ def test_expert_shardings_on_a_mesh_of_4(mesh_results):
     dummy = mesh_results["shared_norm"]["dummy_ep4_specs"]  # load_format="dummy" places them the same way
     assert dummy["model.layers.0.mlp.experts.down_proj"] == ["tp", None, None]
     assert {k: dummy[k] for k in ep["specs"]} == ep["specs"]
-    for r in (tp, ep):  # router replicated, shared expert tensor parallel in both
+    for r in (tp, ep):  # router replicated, shared expert tensor parallel in both (its gate/up fused)
         assert r["specs"]["model.layers.0.mlp.gate.kernel"] == []
-        assert r["specs"]["model.layers.0.mlp.shared_expert.up_proj.kernel"] == [None, "tp"]
+        assert r["specs"]["model.layers.0.mlp.shared_expert.gate_up_proj.kernel"] == [None, "tp"]
         assert r["specs"]["model.layers.0.mlp.shared_expert.down_proj.kernel"] == ["tp", None]
 
 

@@ -50,5 +50,22 @@ def test_random_params_are_deterministic_in_the_seed():
     assert any((np.asarray(x, np.float32) != np.asarray(y, np.float32)).any() for x, y in zip(a, c))
     # distinct parameters of one shape get distinct values (each its own key)
     flat = dict(nnx.to_flat_state(random_params(cfg, jnp.float32, seed=0)[1]))
-    up = lambda i: np.asarray(flat[("model", "layers", i, "self_attn", "q_proj", "kernel")][...])  # noqa: E731
+    up = lambda i: np.asarray(flat[("model", "layers", i, "self_attn", "qkv_proj", "kernel")][...])  # noqa: E731
     assert not np.array_equal(up(0), up(1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_random_params_are_made_in_the_fused_shapes(name):
+    """One device: q/k/v and gate/up come out fused ([D, (N + 2K) H], [D, 2F]; the shared expert's [D, 2 Fs]),
+    with no separate q/k/v/gate/up parameters left; the routed experts' stacks stay separate."""
+    cfg = CONFIGS[name]
+    flat = {p: v.shape for p, v in nnx.to_flat_state(random_params(cfg, jnp.float32, seed=0)[1])}
+    D, H = cfg.hidden_size, cfg.head_dim
+    assert flat[("model", "layers", 0, "self_attn", "qkv_proj", "kernel")] == (D, (4 + 2 * 2) * H)
+    assert flat[("model", "layers", 0, "self_attn", "qkv_proj", "bias")] == ((4 + 2 * 2) * H,)
+    assert flat[("model", "layers", 1, "mlp", "gate_up_proj", "kernel")] == (D, 2 * cfg.intermediate_size)
+    if cfg.num_experts:
+        assert flat[("model", "layers", 0, "mlp", "shared_expert", "gate_up_proj", "kernel")] == (D, 2 * 48)
+        assert flat[("model", "layers", 0, "mlp", "experts", "gate_proj")] == (8, D, 32)
+    assert not [p for p in flat if {"q_proj", "k_proj", "v_proj"} & set(p) or
+                ({"gate_proj", "up_proj"} & set(p) and "experts" not in p)]

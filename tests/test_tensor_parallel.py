@@ -53,17 +53,58 @@ def test_parameter_and_kv_shardings(tp_result):
     assert specs["model.layers.0.self_attn.q_proj.kernel"] == [None, "tp"]
     assert specs["model.layers.0.self_attn.q_proj.bias"] == ["tp"]
     assert specs["model.layers.0.self_attn.o_proj.kernel"] == ["tp", None]
-    assert specs["model.layers.0.mlp.gate_proj.kernel"] == [None, "tp"]
+    assert specs["model.layers.0.mlp.gate_up_proj.kernel"] == [None, "tp"]
     assert specs["model.layers.0.mlp.down_proj.kernel"] == ["tp", None]
     assert specs["model.embed_tokens.embedding"] == ["tp", None]
     assert specs["lm_head.kernel"] == [None, "tp"]
-    # 2 kv heads on 4 devices: replicated projections and pages
+    # 2 kv heads on 4 devices: replicated k/v projections (so q/k/v are not fused) and pages
     assert specs["model.layers.0.self_attn.k_proj.kernel"] == []
     assert tp_result[4]["kv_spec"] == [] and tp_result[4]["kv_shard_shape"][0] == 2
-    # mesh 2: one kv head per device
-    assert tp_result[2]["param_specs"]["model.layers.0.self_attn.k_proj.kernel"] == [None, "tp"]
+    # mesh 2: one kv head per device, q/k/v fused and split like q
+    assert tp_result[2]["param_specs"]["model.layers.0.self_attn.qkv_proj.kernel"] == [None, "tp"]
     assert tp_result[2]["kv_spec"] == ["tp", None, None, None]
     assert tp_result[2]["kv_shard_shape"][0] == 1 and tp_result[2]["kv_devices"] == 2
+
+
+def test_fused_projections_on_meshes_match_hf(tmp_path):
+    """The oracle on meshes 2 and 4: fused q/k/v and gate/up, columns in per-shard order (models/fusion.py), give
+    Hugging Face's logits (prefill, then decode steps). 4 kv heads divide both meshes, so q/k/v are fused on both;
+    2 kv heads divide mesh 2 only, and on mesh 4 (k/v replicated) q/k/v stay three projections while gate/up are
+    fused. The orbax conversion (separate parts, convert.py) restores on each mesh to exactly the loaded arrays."""
+    import torch
+
+    from qwenjax.convert import convert
+    from tests.checkpoints import hf_model
+
+    ckpts = {kv: write_checkpoint(tmp_path / f"kv{kv}", hidden_size=64, intermediate_size=128, num_heads=8,
+                                  num_kv_heads=kv, seed=30 + kv) for kv in (4, 2)}
+    for ckpt in ckpts.values():
+        convert(ckpt, ckpt.with_name(ckpt.name + "-orbax"))
+    ids = list(map(int, np.random.default_rng(12).integers(0, 512, 24)))
+    out = tmp_path / "result.json"
+    proc = run_with_devices(["-m", "tests.tp_fused_worker", str(out), json.dumps(ids),
+                             *[f"{c}|{c.with_name(c.name + '-orbax')}" for c in ckpts.values()]], n=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for kv, ckpt in ckpts.items():
+        with torch.no_grad():
+            ref = hf_model(ckpt)(torch.tensor([ids])).logits[0].numpy()
+        for n in (2, 4):
+            r = res[f"{ckpt}|{n}"]
+            fused_qkv = kv % n == 0
+            specs = r["layer0"]
+            assert ("self_attn.qkv_proj.kernel" in specs) == fused_qkv, (kv, n)
+            assert ("self_attn.k_proj.kernel" in specs) != fused_qkv, (kv, n)
+            assert specs["mlp.gate_up_proj.kernel"] == [None, "tp"] and "mlp.gate_proj.kernel" not in specs
+            if fused_qkv:
+                assert specs["self_attn.qkv_proj.kernel"] == [None, "tp"]
+                assert specs["self_attn.qkv_proj.bias"] == ["tp"]
+            else:
+                assert specs["self_attn.k_proj.kernel"] == [] and specs["self_attn.q_proj.kernel"] == [None, "tp"]
+            ours = np.asarray(r["logits"], np.float32)
+            np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4, err_msg=f"kv {kv} mesh {n}")
+            assert (ours.argmax(-1) == ref.argmax(-1)).all()
+            assert r["restored_equal"], (kv, n)
 
 
 def test_paged_kernels_under_shard_map():
@@ -129,8 +170,9 @@ def test_server_with_mesh_4_starts_and_serves(tmp_path):
 
 
 def test_quantized_checkpoints_shard_like_float_ones(tmp_path):
-    """AWQ and GPTQ (act-order) weights stay packed and split over 4 devices along the same features as the float
-    weights (column-parallel outputs, row-parallel inputs and their groups), and give mesh 1's greedy tokens."""
+    """AWQ and GPTQ (act-order) weights stay packed and split over 2 and 4 devices along the same features as the
+    float weights (column-parallel outputs, row-parallel inputs and their groups), and give mesh 1's greedy tokens.
+    Mesh 2 fuses q/k/v and gate/up (packed columns in per-shard order); mesh 4 fuses gate/up only (2 kv heads)."""
     from tests.quant_writer import Scheme, write_quantized
 
     src = write_checkpoint(tmp_path / "float", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
@@ -144,11 +186,14 @@ def test_quantized_checkpoints_shard_like_float_ones(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     for method, path in paths.items():
-        one, four = res[f"{path}|1"], res[f"{path}|4"]
-        assert four["tokens"] == one["tokens"], method
+        one, two, four = res[f"{path}|1"], res[f"{path}|2"], res[f"{path}|4"]
+        assert two["tokens"] == one["tokens"] and four["tokens"] == one["tokens"], method
+        for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            assert two["specs"][f"{name}.qweight"] == two["specs"][f"{name}.qzeros"] == [None, "tp"]
+        assert two["specs"]["self_attn.qkv_proj.bias"] == ["tp"]
         specs, shards = four["specs"], four["shard_shapes"]
         assert four["dtypes"]["self_attn.q_proj.qweight"] == "int32"  # packed on the devices
-        for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"):           # column-parallel
+        for name in ("self_attn.q_proj", "mlp.gate_up_proj"):                       # column-parallel
             assert specs[f"{name}.qweight"] == specs[f"{name}.scales"] == specs[f"{name}.qzeros"] == [None, "tp"]
         for name in ("self_attn.o_proj", "mlp.down_proj"):                          # row-parallel
             assert specs[f"{name}.qweight"] == specs[f"{name}.scales"] == specs[f"{name}.qzeros"] == ["tp", None]

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 4 CPU devices: AWQ / GPTQ checkpoints on meshes 1 and 4 (greedy tokens, shardings)."""
+"""Run in a subprocess with 4 CPU devices: AWQ / GPTQ checkpoints on meshes 1, 2 and 4 (greedy tokens, shardings)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(out: str, *paths: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     result = {}
     for path in paths:
-        for n in (1, 4):
+        for n in (1, 2, 4):
             llm = LLM(path, **SMALL_ENGINE, tensor_parallel_size=n)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
             layer0 = {".".join(map(str, p[3:])): v[...] for p, v in nnx.to_flat_state(llm.llm_engine.runner.params)

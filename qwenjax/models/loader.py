@@ -1,7 +1,9 @@
 """Checkpoint loading: a local HF directory (or a hub id already in the huggingface_hub cache) -> model parameters.
 
 Hugging Face names map onto the NNX module tree by splitting on dots; Linear weights are stored [out, in] by torch
-and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`.
+and [in, out] by Flax, so they are transposed, and an Embed's `weight` is its `embedding`. The parts of a fused
+projection (q_proj/k_proj/v_proj -> qkv_proj, gate_proj/up_proj -> gate_up_proj, models/fusion.py) are gathered
+from the checkpoint and placed as one parameter, its columns in per-shard order (fusion.FusedColumns).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
+from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import gptq, repack
@@ -131,13 +134,14 @@ def model_class(cfg: ModelConfig):
     return Qwen2MoeForCausalLM if cfg.architecture == "Qwen2MoeForCausalLM" else Qwen2ForCausalLM
 
 
-def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype, quant: QuantConfig | None = None,
+                   fusion: Fusion = Fusion()) -> Qwen2ForCausalLM:
     cls = model_class(cfg)
-    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
+    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0), quant=quant, fusion=fusion))
 
 
-def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
-                quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantConfig | None = None,
+                fuse: bool = True) -> tuple[nnx.GraphDef, nnx.State]:
     """Reads every tensor into its place on the mesh; raises if any parameter is missing or has the wrong shape.
 
     Each device receives only its shard: tensors are memory-mapped and every shard is sliced (and cast) from the
@@ -146,15 +150,22 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     float tensors (scales included) are cast to `dtype`.
     fp8 KV-cache scales (`self_attn.k_scale` / `v_scale` and older spellings, see `hf_kv_scale_paths`) load into
     each layer's KVScale variables when present, 1.0 otherwise; only fp8_e4m3 KV pages use them.
+    Projections are fused as `Fusion.decide` says for this mesh; `fuse=False` keeps every projection separate (the
+    layout convert.py saves). A GPTQ act-order checkpoint whose fused parts have different g_idx raises ValueError.
     """
     from qwenjax.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
+    fusion = Fusion.decide(cfg, n, quant) if fuse else Fusion.none(n)
+    model = abstract_model(cfg, dtype, quant, fusion)
+    graphdef, abstract = nnx.split(model)
     wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
     loaded: dict[tuple, jax.Array] = {}
     experts: dict[tuple, dict[int, np.ndarray]] = {}   # stacked key -> expert id -> [in, out] (a memmap view)
+    # fused key -> part index -> the part (a memmap view) until every part has been read: parts may sit in different
+    # files, and a view holds no host memory of its own.
+    pending: dict[tuple, dict[int, np.ndarray]] = {}
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -177,6 +188,10 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
                 experts.setdefault(key, {})[e] = arr.T
                 continue
             key, transpose = hf_name_to_path(name)
+            part = None
+            fused = fused_key(key) if key not in wanted else None
+            if fused is not None and fused[0] in wanted:
+                key, part = fused
             if key not in wanted:
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
@@ -192,9 +207,19 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
             if transpose:
                 arr = arr.T
             shape = tuple(wanted[key].shape)
+            if part is not None:
+                shape = part_shape(key, shape, _submodule(model, key[:-2]), part)
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
-            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, shape)), wanted[key].dtype)
+            if part is not None:
+                parts = pending.setdefault(key, {})
+                parts[part] = arr
+                if len(parts) < len(FUSED[key[-2]]):
+                    continue
+                arr = fused_host_array(key, [parts[i] for i in range(len(parts))], n, quant)
+                del pending[key]
+            loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, wanted[key].shape)),
+                                wanted[key].dtype)
     for key, per_expert in experts.items():
         if len(per_expert) != wanted[key].shape[0]:
             absent = sorted(set(range(wanted[key].shape[0])) - set(per_expert))
@@ -210,11 +235,19 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None,
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
-    missing = [".".join(map(str, k)) for k in wanted if k not in loaded]
+    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending]
+    missing += [".".join(map(str, p)) for k, parts in pending.items() if k not in loaded
+                for i, p in enumerate(part_keys(k)) if i not in parts]   # a fused parameter's absent parts
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")
     state = nnx.from_flat_state([(k, wanted[k].replace(loaded[k])) for k in wanted])
     return graphdef, state
+
+
+def _submodule(model, path: tuple):
+    for p in path:
+        model = model[p] if isinstance(p, int) else getattr(model, p)
+    return model
 
 
 def place(arr: np.ndarray, sharding, dtype) -> jax.Array:
@@ -281,8 +314,9 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
     from qwenjax.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant))
     n = mesh.shape["tp"]
+    fusion = Fusion.decide(cfg, n, quant)
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant, fusion))
     flat = list(nnx.to_flat_state(abstract))
     if quant is None:
         base = jax.random.key(seed)
@@ -297,7 +331,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant))[1]
+        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant, fusion=fusion))[1]
 
     return graphdef, init()
 

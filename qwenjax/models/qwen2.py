@@ -18,6 +18,7 @@ from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import apply_rope, rope_cos_sin
+from qwenjax.models.fusion import Fusion, split_columns
 from qwenjax.quantization.config import QuantConfig
 
 KVCache = list  # per layer: (k_pages [K, P, S, H], v_pages [K, P, S, H])
@@ -33,11 +34,19 @@ def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
 
 
 class Qwen2Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+    """q/k/v as one `qkv_proj` (columns in per-shard order, models/fusion.py) when `fusion.qkv`, else three
+    projections."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = _linear(D, N * H, True, dtype, rngs, quant)
-        self.k_proj = _linear(D, K * H, True, dtype, rngs, quant)
-        self.v_proj = _linear(D, K * H, True, dtype, rngs, quant)
+        self.qkv_proj_widths, self.shards, self.fused_qkv = (N * H, K * H, K * H), fusion.shards, fusion.qkv
+        if fusion.qkv:
+            self.qkv_proj = _linear(D, (N + 2 * K) * H, True, dtype, rngs, quant)
+        else:
+            self.q_proj = _linear(D, N * H, True, dtype, rngs, quant)
+            self.k_proj = _linear(D, K * H, True, dtype, rngs, quant)
+            self.v_proj = _linear(D, K * H, True, dtype, rngs, quant)
         self.o_proj = _linear(N * H, D, False, dtype, rngs, quant)
         # fp8_e4m3 KV pages hold K / k_scale and V / v_scale: the checkpoint's per-tensor scales, else 1.0.
         self.k_scale = KVScale(jnp.ones((), jnp.float32))
@@ -46,9 +55,13 @@ class Qwen2Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool):
         T = x.shape[0]  # x [T, D], cos / sin [T, H]
-        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv:
+            q, k, v = split_columns(self.qkv_proj(x), self.qkv_proj_widths, self.shards)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, k_pages, v_pages = attention(q, k, v, k_pages, v_pages, meta, has_context=has_context,
                                           k_scale=self.k_scale[...], v_scale=self.v_scale[...])
@@ -56,20 +69,32 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+    """SwiGLU; gate/up as one `gate_up_proj` (columns in per-shard order, models/fusion.py) when `fusion.gate_up`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(D, F, False, dtype, rngs, quant)
-        self.up_proj = _linear(D, F, False, dtype, rngs, quant)
+        self.gate_up_proj_widths, self.shards, self.fused_gate_up = (F, F), fusion.shards, fusion.gate_up
+        if fusion.gate_up:
+            self.gate_up_proj = _linear(D, 2 * F, False, dtype, rngs, quant)
+        else:
+            self.gate_proj = _linear(D, F, False, dtype, rngs, quant)
+            self.up_proj = _linear(D, F, False, dtype, rngs, quant)
         self.down_proj = _linear(F, D, False, dtype, rngs, quant)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up:
+            gate, up = split_columns(self.gate_up_proj(x), self.gate_up_proj_widths, self.shards)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
-        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs, quant=quant)
-        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs, quant=quant)
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs, quant=quant, fusion=fusion)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs, quant=quant, fusion=fusion)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
@@ -81,10 +106,12 @@ class Qwen2DecoderLayer(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
-        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs, quant=quant) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs, quant=quant, fusion=fusion)
+                                for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
@@ -100,11 +127,13 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, quant: QuantConfig | None = None):
-        """`quant` set: the seven projections of every layer are QuantLinear; embeddings and lm_head stay float,
-        as in published AWQ/GPTQ checkpoints."""
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
+        """`quant` set: the projections of every layer are QuantLinear; embeddings and lm_head stay float, as in
+        published AWQ/GPTQ checkpoints. `fusion` (Fusion.decide for the mesh): which projections are fused and
+        for how many shards their columns are ordered; the default is one device's layout."""
         self.config = cfg
-        self.model = Qwen2Model(cfg, dtype=dtype, rngs=rngs, quant=quant)
+        self.model = Qwen2Model(cfg, dtype=dtype, rngs=rngs, quant=quant, fusion=fusion)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 

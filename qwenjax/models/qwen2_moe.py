@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from qwenjax.compat import platform
 from qwenjax.config import ModelConfig
 from qwenjax.layers.norm import RMSNorm
+from qwenjax.models.fusion import Fusion
 from qwenjax.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.sharding import AXIS
@@ -121,9 +122,10 @@ def route(router_logits: jax.Array, k: int, norm_topk_prob: bool, dtype) -> tupl
 class Qwen2MoeSparseMoeBlock(nnx.Module):
     """Router (`gate`), stacked routed experts, and an optional shared expert scaled by sigmoid(`shared_expert_gate`).
     With shared_expert_intermediate_size 0 the shared expert is absent (HF's would add exactly zero). The router is
-    replicated on a mesh; the shared expert is tensor parallel like a dense MLP (see sharding.py)."""
+    replicated on a mesh; the shared expert is tensor parallel like a dense MLP (see sharding.py), its gate/up fused
+    as a dense MLP's are (`fusion`); the routed experts' stacks stay separate."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, fusion: Fusion = Fusion()):
         D = cfg.hidden_size
         lin = dict(use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.normal(0.02))
         self.gate = nnx.Linear(D, cfg.num_experts, **lin)                    # router: kernel [D, E]
@@ -131,7 +133,7 @@ class Qwen2MoeSparseMoeBlock(nnx.Module):
         self.has_shared = cfg.shared_expert_intermediate_size > 0
         if self.has_shared:
             shared_cfg = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_intermediate_size)
-            self.shared_expert = Qwen2MLP(shared_cfg, dtype=dtype, rngs=rngs)
+            self.shared_expert = Qwen2MLP(shared_cfg, dtype=dtype, rngs=rngs, fusion=fusion)
             self.shared_expert_gate = nnx.Linear(D, 1, **lin)
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
@@ -148,21 +150,21 @@ class Qwen2MoeSparseMoeBlock(nnx.Module):
 class Qwen2MoeDecoderLayer(Qwen2DecoderLayer):
     """Qwen2's decoder layer whose MLP is sparse or dense by `cfg.is_moe_layer(i)`; the call is the dense one."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
-        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, fusion: Fusion = Fusion()):
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs, fusion=fusion)
         if cfg.is_moe_layer(layer):
-            self.mlp = Qwen2MoeSparseMoeBlock(cfg, dtype=dtype, rngs=rngs)
+            self.mlp = Qwen2MoeSparseMoeBlock(cfg, dtype=dtype, rngs=rngs, fusion=fusion)
         else:
-            self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
+            self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs, fusion=fusion)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
 
 class Qwen2MoeModel(Qwen2Model):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, fusion: Fusion = Fusion()):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
-        self.layers = nnx.List([Qwen2MoeDecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Qwen2MoeDecoderLayer(cfg, i, dtype=dtype, rngs=rngs, fusion=fusion)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
@@ -172,12 +174,13 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     """Same calling convention as Qwen2ForCausalLM: `model(input_ids [B, Q], meta, kv_cache, has_context=...)
     -> (hidden [B, Q, D], kv_cache)` and `.logits(hidden)`."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, quant: QuantConfig | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, quant: QuantConfig | None = None,
+                 fusion: Fusion = Fusion()):
         if quant is not None:
             raise NotImplementedError(f"{quant.method} quantized Qwen2MoeForCausalLM checkpoints are not supported "
                                       f"yet; use a float checkpoint")
         self.config = cfg
-        self.model = Qwen2MoeModel(cfg, dtype=dtype, rngs=rngs)
+        self.model = Qwen2MoeModel(cfg, dtype=dtype, rngs=rngs, fusion=fusion)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.normal(0.02))

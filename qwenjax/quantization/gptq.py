@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwenjax.quantization.packing import array_module, unpack_cols, unpack_rows
+from qwenjax.quantization.packing import unpack_cols, unpack_rows
 
 
 def unpack_qweight(qweight, bits: int):
@@ -41,7 +41,6 @@ def default_g_idx(in_features: int, group_size: int) -> np.ndarray:
 
 def dequantize(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str, dtype=None):
     """-> W [I, O] in `dtype` (default: the scales' dtype), gathering each row's group through g_idx."""
-    xp = array_module(qweight)
     dtype = dtype or scales.dtype
     pf = 32 // bits
     I, O = qweight.shape[0] * pf, qweight.shape[1]
