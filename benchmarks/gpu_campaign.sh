@@ -20,7 +20,7 @@
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #                    (PREFIX_ARGS, e.g. --sync-run)
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
-#   serve-gc-M       the same with the serving process's gen-0 GC threshold at SERVE_GC_THRESHOLD (default 50000)
+#   serve-gc-M       the same with the serving process's gen-0 GC threshold at SERVE_GC_THRESHOLD (default 700)
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
 #   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
@@ -244,10 +244,11 @@ for s in "${STAGES[@]}"; do
             done
             ;;
         serve-gc-*)
-            # The same with the serving process's gen-0 GC threshold raised (SERVE_GC_THRESHOLD, default 50000).
+            # The same with another gen-0 GC threshold in the serving process (SERVE_GC_THRESHOLD, default Python's
+            # 700; python -m server sets 50000).
             m=$(model_of "${s#serve-gc-}")
             step "$s" 200 0 "$PY" benchmarks/serve.py --model "$m" --compare-offline \
-                --frontend-gc-threshold "${SERVE_GC_THRESHOLD:-50000}" "${COMMON[@]}"
+                --frontend-gc-threshold "${SERVE_GC_THRESHOLD:-700}" "${COMMON[@]}"
             ;;
         serve-*)
             m=$(model_of "${s#serve-}")

@@ -74,8 +74,8 @@ def parse(argv=None):
                    help="gc.collect() + gc.freeze() before each timed run (offline and served alike), as python -m "
                         "server does after start-up")
     s.add_argument("--frontend-gc-threshold", type=int, default=None,
-                   help="gc.set_threshold(N) in the serving process for the served run (Python's default is 700); "
-                        "the result file gets a -gcN suffix")
+                   help="gc.set_threshold(N) in the serving process for the served run; default: python -m server's "
+                        "(server/__main__.py GC_THRESHOLD0); another value gives the result file a -gcN suffix")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="the server's flag: its engine runs in a thread of the server's process (and the offline "
                         "run on that same engine) instead of an engine process of its own")
@@ -299,6 +299,16 @@ class _Uvicorn:
         self.thread.join(60)
 
 
+def server_gc_threshold() -> int:
+    from server.__main__ import GC_THRESHOLD0
+
+    return GC_THRESHOLD0
+
+
+def gc_threshold(args) -> int:
+    return args.frontend_gc_threshold or server_gc_threshold()
+
+
 class _GCTimer:
     """Seconds spent in garbage collection, by generation, while active (gc.callbacks)."""
 
@@ -516,8 +526,7 @@ def main(argv=None) -> dict | None:
                 if args.gc_freeze:
                     gc.collect()
                     gc.freeze()
-                if args.frontend_gc_threshold:
-                    gc.set_threshold(args.frontend_gc_threshold, *gc.get_threshold()[1:])
+                gc.set_threshold(gc_threshold(args), *gc.get_threshold()[1:])  # as python -m server does
                 config["server_gc_threshold"] = list(gc.get_threshold())
                 gct.active = True
                 threads = {"loop": srv.thread.native_id}
@@ -576,8 +585,8 @@ def main(argv=None) -> dict | None:
     result = common.make_result(benchmark="serve", model=spec.name, dev=dev, config=config, ceilings=ceilings,
                                 metrics=metrics)
     name = None
-    if args.frontend_gc_threshold:
-        name = common.result_name(f"serve-gc{args.frontend_gc_threshold}", spec.name, dev["devtag"])
+    if gc_threshold(args) != server_gc_threshold():
+        name = common.result_name(f"serve-gc{gc_threshold(args)}", spec.name, dev["devtag"])
     path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out, name=name)
     rows = [("model", spec.name), ("device", dev["device"]), ("requests ok / failed",
                                                               f"{metrics['completed']} / {metrics['failed']}")]
