@@ -53,10 +53,12 @@ def lower(which: str, out_dir: str) -> dict:
     """Lowers one kernel for CUDA; returns its Triton IR file, dots and launch settings."""
     import jax
     import jax.numpy as jnp
-    from jax._src.pallas.triton import pallas_call_registration as reg
 
     from pallas_kernels.paged_attention import paged_attention
     from pallas_kernels.paged_prefill import paged_prefill_attention
+    from qwenjax.compat import pallas_triton_registration
+
+    reg = pallas_triton_registration()
 
     mods = []
     orig = reg.lowering.lower_jaxpr_to_triton_module

@@ -65,3 +65,15 @@ def distributed_initialized() -> bool:
     from jax._src import distributed
 
     return distributed.global_state.client is not None
+
+
+def pallas_triton_registration():
+    """JAX's internal module that lowers a Pallas kernel to Triton IR (its `lowering.lower_jaxpr_to_triton_module`),
+    for benchmarks/kernel_isa.py, which reads the Triton IR of our kernels. An internal path: it moves between
+    versions, so a missing one is an error that says which JAX was found."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration
+    except ImportError as e:
+        raise RuntimeError(f"jax {jax.__version__} has no jax._src.pallas.triton.pallas_call_registration: "
+                           f"kernel_isa.py needs the Pallas Triton lowering ({e})") from None
+    return pallas_call_registration
