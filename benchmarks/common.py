@@ -669,10 +669,12 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
     commit, dirty = git_commit()
     import jax
 
+    from qwenjax.layers.attention import BACKEND_ENV
+
     config = dict(config)
     config.setdefault("dtype", "bfloat16")
     config.setdefault("kv_cache_dtype", "auto")
-    config.setdefault("attention_backend", os.environ.get("QWENJAX_ATTENTION_BACKEND", "auto"))
+    config.setdefault("attention_backend", os.environ.get(BACKEND_ENV, "auto"))
     config["env"] = {"jax": jax.__version__, "python": _platform.python_version(), "platform": dev["platform"],
                      "host_cpus": os.cpu_count(), "dirty_tree": dirty, "date": today(),
                      "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

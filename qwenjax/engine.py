@@ -79,7 +79,7 @@ class EngineStats:
         self.prefill_steps = 0         # steps of prompt tokens only
         self.decode_steps = 0          # steps of one new token a row only
         self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
-        self.step_rows = 0             # rows over all steps (steps / step_rows: how full the steps ran)
+        self.step_rows = 0             # rows over all steps (step_rows / steps: the mean rows a step)
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
