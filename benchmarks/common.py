@@ -86,6 +86,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     m.add_argument("--profile", action="store_true",
                    help="after the timed run, repeat it under jax.profiler and report device_busy")
     m.add_argument("--profile-dir", default=None, help="trace directory (default: a fresh temp directory)")
+    m.add_argument("--tag", default=None,
+                   help="a variant's name (e.g. of an XLA_FLAGS setting): kept in the result's config and appended "
+                        "to its file name")
     return p
 
 
@@ -110,6 +113,9 @@ def round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------------------------- JAX set-up
 
 
+RUN_TAG: str | None = None  # --tag of this process's benchmark (setup_jax sets it; make_result records it)
+
+
 def setup_jax(args) -> None:
     """Process settings that must precede JAX's device initialisation."""
     from qwenjax import compat
@@ -120,6 +126,8 @@ def setup_jax(args) -> None:
     from qwenjax.layers import attention
 
     os.environ[attention.BACKEND_ENV] = getattr(args, "attention_backend", "auto")  # engine processes inherit it
+    global RUN_TAG
+    RUN_TAG = getattr(args, "tag", None)
     import jax
 
     if args.compilation_cache_dir:
@@ -606,7 +614,7 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
     planes = [p for p in pd.planes if re.match(r"/device:(GPU|TPU)", p.name)]
     if not planes:
         return {"note": "no device plane in the trace (on CPU XLA runs on host threads): device_busy not computed",
-                "planes": [p.name for p in pd.planes]}
+                "planes": [p.name for p in pd.planes], "top_host_events": top_host_events(pd)}
     busy_ns = kernel_ns = module_ns = 0.0
     n_events, used_lines = 0, []
     by_name: dict[str, list[float]] = {}  # kernel name -> [total ns, count]: where the device time goes
@@ -639,7 +647,24 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
             "top_kernels": [{"name": name[:160], "ms": round(ns / 1e6, 3), "count": c,
                              "share": round(ns / max(busy_ns, 1.0), 4)}
                             for name, (ns, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]],
+            "top_host_events": top_host_events(pd),
             "xplane": files[-1]}
+
+
+def top_host_events(pd, n: int = 40) -> list[dict]:
+    """The host's side of a trace (where the launches come from): TraceMe spans of JAX, PjRt and XLA's thunks, and
+    the CUDA API calls CUPTI records, summed by plane and name; inclusive (a span contains its children)."""
+    host: dict[str, list[float]] = {}
+    for plane in pd.planes:
+        if re.match(r"/device:", plane.name):
+            continue
+        for ln in plane.lines:
+            for ev in ln.events:
+                acc = host.setdefault(f"{plane.name}|{ev.name[:100]}", [0.0, 0])
+                acc[0] += ev.duration_ns
+                acc[1] += 1
+    return [{"name": name, "ms": round(ns / 1e6, 3), "count": c}
+            for name, (ns, c) in sorted(host.items(), key=lambda kv: -kv[1][0])[:n]]
 
 
 def _union_ns(intervals: list[tuple[float, float]]) -> float:
@@ -675,8 +700,11 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
     config.setdefault("dtype", "bfloat16")
     config.setdefault("kv_cache_dtype", "auto")
     config.setdefault("attention_backend", os.environ.get(BACKEND_ENV, "auto"))
+    if RUN_TAG:
+        config.setdefault("tag", RUN_TAG)
     config["env"] = {"jax": jax.__version__, "python": _platform.python_version(), "platform": dev["platform"],
                      "host_cpus": os.cpu_count(), "dirty_tree": dirty, "date": today(),
+                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     return {"benchmark": benchmark, "model": model, "device": dev["device"], "mesh": dev["count"],
             "commit": commit, "config": config, "ceilings": ceilings,
@@ -692,7 +720,8 @@ def _round(v):
 def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None, name: str | None = None) -> Path:
     cfg = result.get("config", {})
     kv, attn = cfg.get("kv_cache_dtype", "auto"), cfg.get("attention_backend", "auto")
-    suffix = ("" if kv == "auto" else f"-kv{kv}") + ("" if attn == "auto" else "-attnref")
+    suffix = ("" if kv == "auto" else f"-kv{kv}") + ("" if attn == "auto" else "-attnref") + \
+        (f"-{cfg['tag']}" if cfg.get("tag") else "")
     name = name or result_name(result["benchmark"] + suffix, result["model"], devtag)
     os.makedirs(results_dir, exist_ok=True)
     path = Path(results_dir) / name

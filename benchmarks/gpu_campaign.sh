@@ -10,6 +10,8 @@
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
 #   latency-M        latency alone, profiled (device_busy and the top kernels)
+#   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
+#                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
@@ -122,6 +124,16 @@ step() {
 }
 
 model_of() { case $1 in 0.5b) echo qwen2-0.5b-instruct ;; 7b) echo qwen2-7b-instruct ;; *) echo "$1" ;; esac; }
+# XLA_FLAGS of a named variant (dispatch-M): command buffers (CUDA graphs) as XLA's default puts them, off, or for
+# every kind of thunk that can go into one, even runs of a single kernel.
+xla_variant() {
+    case $1 in
+        default) echo "" ;;
+        cmdbuf-off) echo "--xla_gpu_enable_command_buffer=" ;;
+        cmdbuf-all) echo "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1" ;;
+        *) echo "unknown XLA variant $1" >&2; echo "" ;;
+    esac
+}
 
 {
     nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv 2>&1
@@ -160,6 +172,21 @@ for s in "${STAGES[@]}"; do
                 ) &
                 BG_PIDS+=($!)
             fi
+            ;;
+        dispatch-*)
+            # Where a batch-1 decode step's host time goes (dispatch.py), under each XLA_FLAGS variant of
+            # DISPATCH_VARIANTS (default: all of xla_variant's), then latency profiled under DISPATCH_LATENCY ones.
+            m=$(model_of "${s#dispatch-}")
+            for v in ${DISPATCH_VARIANTS:-default cmdbuf-off cmdbuf-all}; do
+                xf=$(echo ${XLA_FLAGS:-} $(xla_variant "$v"))
+                step "dispatch-$v-$m" 60 200 env ${xf:+"XLA_FLAGS=$xf"} "$PY" \
+                    benchmarks/dispatch.py --model "$m" --tag "$v" "${COMMON[@]}"
+            done
+            for v in ${DISPATCH_LATENCY:-}; do
+                xf=$(echo ${XLA_FLAGS:-} $(xla_variant "$v"))
+                step "latency-$v-$m" 60 0 env ${xf:+"XLA_FLAGS=$xf"} "$PY" \
+                    benchmarks/latency.py --model "$m" --profile --tag "$v" "${COMMON[@]}"
+            done
             ;;
         latency-*)
             m=$(model_of "${s#latency-}")

@@ -83,6 +83,8 @@ class EngineStats:
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
+        self.host_dispatch_s = 0.0     # seconds in runner.execute: JAX's dispatch of the step and its sampler
+        self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
 
 
 class LLMEngine:
@@ -277,7 +279,9 @@ class LLMEngine:
         tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
         if self._leader is not None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
+        t0 = time.perf_counter()
         res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+        self.stats.host_dispatch_s += time.perf_counter() - t0
         self.stats.mixed_steps += out.kind == "mixed"
         self.stats.prefill_steps += out.kind == "prefill"
         self.stats.decode_steps += out.kind == "decode"
@@ -300,7 +304,9 @@ class LLMEngine:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
         res = step.result
+        t0 = time.perf_counter()
         ids = to_host(res.token_ids)
+        self.stats.host_wait_s += time.perf_counter() - t0
         if step.wants_lp:
             lps, ranks = to_host(res.logprobs), to_host(step.ranks)
             top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)

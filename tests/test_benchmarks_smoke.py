@@ -29,6 +29,8 @@ METRICS = {
     "throughput-fixed": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
     "throughput-random": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
     "prefill": ("tok_s", "mfu", "speedup_vs_dense_forward"),
+    "dispatch": ("build_us", "pack_us", "enqueue_step_us", "enqueue_sample_us", "enqueue_noop_us", "roundtrip_us",
+                 "pipelined_us"),
 }
 
 
@@ -40,13 +42,14 @@ def results(tmp_path_factory):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-        import latency, throughput, prefill
+        import latency, throughput, prefill, dispatch
         a = {common_args!r}
         latency.main(a + ["--skip-warmup", "--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
         throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "10", "--output-len", "5"])
         throughput.main(a + ["--skip-warmup", "--workload", "random", "--num-prompts", "5", "--prompt-range", "4,20",
                              "--output-range", "2,6", "--decode-buckets", "5", "--prefill-buckets", "20"])
         prefill.main(a + ["--skip-warmup", "--batch", "2", "--prompt-len", "24", "--repeats", "2"])
+        dispatch.main(a + ["--skip-warmup", "--iters", "5", "--context", "64", "--tag", "smoke"])
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -65,7 +68,8 @@ def test_every_benchmark_wrote_a_complete_result(results):
             assert f in res, (bench, f)
         assert res["model"] == "tiny" and res["mesh"] == 1 and res["commit"] == "smoke-test"
         assert res["device"].startswith("cpu")
-        assert res["ceilings"]["copy_tbps"] > 0 and res["ceilings"]["matmul_tflops"] > 0
+        if bench != "dispatch":  # host timings: no ceilings
+            assert res["ceilings"]["copy_tbps"] > 0 and res["ceilings"]["matmul_tflops"] > 0
         for m in METRICS[bench]:
             assert isinstance(res["metrics"][m], (int, float)) and res["metrics"][m] > 0, (bench, m)
         assert res["config"]["dtype"] == "bfloat16" and res["config"]["kv_cache_dtype"] == "auto"
@@ -82,6 +86,15 @@ def test_workload_details(results):
     assert abs(lat["metrics"]["tok_s"] * lat["metrics"]["ms_per_token"] - 1000) < 1e-3 * 1000
     assert "device_busy" in lat["metrics"]  # None on CPU: the trace has no device plane
     assert "note" in lat["config"]["profile"]
+    # The host's share of each step, from the engine's counters: dispatching it and waiting for its token.
+    assert lat["metrics"]["dispatch_ms_per_step"] > 0 and lat["metrics"]["wait_ms_per_step"] >= 0
+    assert all(r["dispatch_ms_per_step"] > 0 for r in lat["config"]["runs"])
+    disp = files["dispatch"]
+    assert disp["config"]["tag"] == "smoke" and "dispatch-smoke-tiny" in " ".join(results["names"])
+    hlo = disp["config"]["decode_step_hlo"]
+    assert hlo["fusion"] > 0  # the compiled decode step's entry computation was found and counted
+    # a step (model + sampler) costs more than a no-op dispatch of the same arguments
+    assert disp["metrics"]["roundtrip_us"] > disp["metrics"]["enqueue_noop_us"]
     fixed = files["throughput-fixed"]
     assert fixed["config"]["output_tokens"] == 6 * 5 and fixed["config"]["prompt_tokens"] == 6 * 10
     rnd = files["throughput-random"]

@@ -1,0 +1,181 @@
+"""dispatch: where the host's time of a batch-1 decode step goes (issue 11: the latency and 0.5B rows).
+
+With async scheduling the wall time of a decode step is at least the host's own loop: building the inputs, putting
+the step and its sampler on the device (JAX dispatch, then XLA launching the program's kernels from the calling
+thread), and reading the previous step's token. This measures each part on the engine's own runner, at its batch-1
+decode bucket, on rows of padding (the same program and the same kernels as a real decode step; every KV write is
+dropped):
+
+  build_us          build_step_input + build_tensors + choose_mode (the engine's host bookkeeping before dispatch)
+  pack_us           packing.pack of the step and of the sampler inputs (the two host-to-device buffers)
+  enqueue_step_us   the jitted step's call, from call to return, with the device idle before it
+  enqueue_sample_us the sampler's call, likewise
+  enqueue_noop_us   a jitted function taking the same arguments (parameters, KV cache) that returns one scalar:
+                    JAX's argument handling alone, without the model's kernels
+  roundtrip_us      step + sampler + reading the token, one after another (no overlap): device time + launch
+  pipelined_us      the same with step N+1 dispatched before step N's token is read, as the engine runs
+
+Each figure is the median over --iters calls. The compiled decode step's text gives the number of kernels its entry
+computation launches (fusions, custom calls, library calls) and how many of them XLA put into command buffers (CUDA
+graphs: one launch for many kernels). Run it under several XLA_FLAGS (gpu_campaign.sh's dispatch-M stage) to see
+what command buffers change; --tag names the variant in the result file.
+
+  python benchmarks/dispatch.py --model qwen2-0.5b-instruct --out $OUT
+  python benchmarks/dispatch.py --model tiny --scale 0.05 --skip-warmup      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BENCHMARK = "dispatch"
+
+
+def parse(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0])
+    w = p.add_argument_group("workload")
+    w.add_argument("--iters", type=int, default=200, help="calls timed per figure; the median is reported")
+    w.add_argument("--context", type=int, default=256, help="max_model_len of the engine (a latency-sized one)")
+    return p.parse_args(argv)
+
+
+def _median_us(fn, iters: int) -> float:
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def hlo_kernels(text: str) -> dict:
+    """Counts, in a compiled program's text, the instructions of its entry computation that launch work (fusions,
+    custom calls incl. Pallas kernels and cuBLAS GEMMs, copies) and the command-buffer calls that group kernels."""
+    entry = text[text.find("ENTRY"):] if "ENTRY" in text else text
+    entry = entry[:entry.find("\n}\n")] if "\n}\n" in entry else entry
+    counts = {"fusion": len(re.findall(r"= [^=]*\bfusion\(", entry)),
+              "custom_call": len(re.findall(r"\bcustom-call\(", entry)),
+              "copy": len(re.findall(r"\bcopy(-start)?\(", entry)),
+              "command_buffer_calls": len(re.findall(r"command_buffer", entry)),
+              "while": len(re.findall(r"\bwhile\(", entry)),
+              "conditional": len(re.findall(r"\bconditional\(", entry))}
+    counts["command_buffer_computations"] = len(re.findall(r"^%?command_buffer[\w.]*\s", text, re.M))
+    counts["triton_calls"] = len(re.findall(r"__gpu\$xla\.gpu\.triton", text))
+    counts["gemm_calls"] = len(re.findall(r"__cublas", text))
+    return counts
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    spec = common.resolve_model(args.model)
+    common.setup_jax(args)
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax import packing, sampler
+    from qwenjax.engine import WARMUP_MODES
+    from qwenjax.lockstep import to_host
+    from qwenjax.runner import dummy_input
+
+    cfg = common.model_config(spec)
+    dev = common.device_info()
+    kwargs = common.engine_kwargs(args, max_model_len=common.round_up(args.context, args.block_size), max_num_seqs=1,
+                                  max_num_batched_tokens=None, decode_buckets=(1,), prefill_buckets=(16,))
+    llm, startup = common.build_llm(spec, kwargs)
+    eng = llm.llm_engine
+    runner = eng.runner
+    width = eng.scheduler_config.max_pages_per_seq
+    mode = dataclasses.replace(WARMUP_MODES[0], penalties=True)  # greedy, as the latency workload; the engine's mode
+
+    def build():
+        inp = dummy_input(1, 1, runner.num_pages, runner.page_size, width, runner.scratch_slot)
+        tensors = sampler.build_tensors([], num_rows=1, vocab_size=cfg.vocab_size, with_history=False)
+        return inp, tensors
+
+    inp, tensors = build()
+    slots = inp.slots
+
+    def enqueue_step():
+        return runner._run_step(inp, False)
+
+    def sample(logits):
+        i_buf, f_buf, layout = packing.pack((tensors, slots))
+        out, _, runner.last_tokens = runner._sample(logits, runner.penalties, runner.last_tokens, i_buf, f_buf,
+                                                    mode=mode, layout=layout)
+        return out
+
+    def roundtrip():
+        to_host(sample(enqueue_step()).token_ids)
+
+    for _ in range(5):  # compiled at start-up unless --skip-warmup; these calls also settle the allocator
+        roundtrip()
+    it = args.iters
+
+    def timed_enqueue(fn):
+        """fn's call time with an idle device before each call (its outputs waited for after the timing)."""
+        ts = []
+        for _ in range(it):
+            jax.block_until_ready(runner.kv_cache)
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+            jax.block_until_ready(out)
+        return statistics.median(ts) * 1e6
+
+    metrics = {"build_us": _median_us(build, it),
+               "pack_us": _median_us(lambda: (packing.pack(inp), packing.pack((tensors, slots))), it),
+               "enqueue_step_us": timed_enqueue(enqueue_step)}
+    logits = enqueue_step()
+    metrics["enqueue_sample_us"] = timed_enqueue(lambda: sample(logits).token_ids)
+    noop = jax.jit(lambda leaves, kv, x: x + 1)
+    x0 = jnp.zeros((), jnp.int32)
+    noop(runner._param_leaves, runner.kv_cache, x0).block_until_ready()
+    metrics["enqueue_noop_us"] = timed_enqueue(lambda: noop(runner._param_leaves, runner.kv_cache, x0))
+    metrics["roundtrip_us"] = _median_us(roundtrip, it)
+
+    def pipelined(n: int) -> float:
+        prev = sample(enqueue_step())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            cur = sample(enqueue_step())
+            to_host(prev.token_ids)
+            prev = cur
+        to_host(prev.token_ids)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    pipelined(10)
+    metrics["pipelined_us"] = pipelined(it)
+    metrics["num_args_step"] = len(runner._param_leaves) + sum(len(layer) for layer in runner.kv_cache) + 4
+
+    i_buf, f_buf, layout = packing.pack(inp)
+    with jax.set_mesh(runner.mesh):
+        text = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
+                                  i_buf, f_buf, has_context=False, layout=layout).compile().as_text()
+    kernels = hlo_kernels(text or "")
+    print(f"compiled decode step: {len(text or '')} characters of text; entry: {kernels}", flush=True)
+
+    config = {"batch": 1, "context": args.context, "iters": it, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "decode_step_hlo": kernels}
+    config.update(common.engine_config(llm, kwargs, startup))
+    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
+                                metrics=metrics)
+    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    rows = [("model", spec.name), ("device", dev["device"]), ("XLA_FLAGS", config["xla_flags"] or "-")]
+    rows += [(k, f"{v:.1f}" if isinstance(v, float) else v) for k, v in metrics.items()]
+    rows += [("entry kernels / command buffers", f"{kernels['fusion']} fusions, {kernels['custom_call']} custom "
+              f"calls, {kernels['command_buffer_calls']} command-buffer calls"), ("result", str(path))]
+    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    return result
+
+
+if __name__ == "__main__":
+    main()
