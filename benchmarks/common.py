@@ -74,6 +74,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", choices=("auto", "reference"), default="auto",
                    help="reference: the jnp paged attention even on GPU (the kernels' end-to-end effect); result "
                         "files get an -attnref suffix")
+    e.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps one dispatch runs (multi-step decode); result files get a -steps<K> suffix")
     e.add_argument("--skip-warmup", action="store_true",
                    help="skip the engine's start-up compilation (buckets then compile in the untimed warm-up "
                         "generate, or, if it does not reach them, inside the timed region: for smoke runs only)")
@@ -232,7 +234,7 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
                 prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
-                kv_cache_dtype=args.kv_cache_dtype)
+                kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
 
 
 KV_FIT_RESERVE = 8 << 30  # activations of the largest step and what the ceilings leave behind, kept free
@@ -722,6 +724,8 @@ def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None
     kv, attn = cfg.get("kv_cache_dtype", "auto"), cfg.get("attention_backend", "auto")
     suffix = ("" if kv == "auto" else f"-kv{kv}") + ("" if attn == "auto" else "-attnref") + \
         (f"-{cfg['tag']}" if cfg.get("tag") else "")
+    steps = cfg.get("engine_args", {}).get("num_scheduler_steps", 1)
+    suffix += f"-steps{steps}" if steps > 1 else ""
     name = name or result_name(result["benchmark"] + suffix, result["model"], devtag)
     os.makedirs(results_dir, exist_ok=True)
     path = Path(results_dir) / name

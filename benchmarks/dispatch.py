@@ -14,6 +14,8 @@ dropped):
                     JAX's argument handling alone, without the model's kernels
   roundtrip_us      step + sampler + reading the token, one after another (no overlap): device time + launch
   pipelined_us      the same with step N+1 dispatched before step N's token is read, as the engine runs
+  steps_*           with --num-scheduler-steps K > 1: the K-step decode program's enqueue, and its round trip and
+                    pipelined time divided by K (per token a row)
 
 Each figure is the median over --iters calls. The compiled decode step's text gives the number of kernels its entry
 computation launches (fusions, custom calls, library calls) and how many of them XLA put into command buffers (CUDA
@@ -154,6 +156,26 @@ def main(argv=None) -> dict:
 
     pipelined(10)
     metrics["pipelined_us"] = pipelined(it)
+    K = eng.scheduler_config.num_scheduler_steps
+    if K > 1:  # multi-step decode: one dispatch of K steps, its figures per token (per decode step)
+        def steps():
+            return runner.execute_steps(inp, tensors, mode, K)
+
+        metrics["enqueue_steps_us"] = timed_enqueue(lambda: steps().token_ids)
+        metrics["steps_roundtrip_us_per_token"] = _median_us(lambda: to_host(steps().token_ids), it) / K
+
+        def steps_pipelined(n: int) -> float:
+            prev = steps()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                cur = steps()
+                to_host(prev.token_ids)
+                prev = cur
+            to_host(prev.token_ids)
+            return (time.perf_counter() - t0) / n / K * 1e6
+
+        steps_pipelined(5)
+        metrics["steps_pipelined_us_per_token"] = steps_pipelined(max(it // K, 10))
     metrics["num_args_step"] = len(runner._param_leaves) + sum(len(layer) for layer in runner.kv_cache) + 4
 
     i_buf, f_buf, layout = packing.pack(inp)

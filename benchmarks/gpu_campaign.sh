@@ -10,6 +10,7 @@
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
 #   latency-M        latency alone, profiled (device_busy and the top kernels)
+#   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
 #                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
@@ -187,6 +188,17 @@ for s in "${STAGES[@]}"; do
                 step "latency-$v-$m" 60 0 env ${xf:+"XLA_FLAGS=$xf"} "$PY" \
                     benchmarks/latency.py --model "$m" --profile --tag "$v" "${COMMON[@]}"
             done
+            ;;
+        multistep-*)
+            # Multi-step decode (--num-scheduler-steps, MULTI_STEPS, default 8): dispatch.py, latency (profiled) and
+            # throughput-fixed; result files get a -steps<K> suffix. Compare with the same call's 0.5b / 7b stages.
+            m=$(model_of "${s#multistep-}")
+            ms=(--num-scheduler-steps "${MULTI_STEPS:-8}")
+            step "dispatch-steps-$m" 60 200 "$PY" benchmarks/dispatch.py --model "$m" "${ms[@]}" "${COMMON[@]}"
+            step "latency-steps-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --profile "${ms[@]}" "${COMMON[@]}"
+            need=90; [ "$s" = multistep-7b ] && need=240
+            step "throughput-fixed-steps-$m" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
+                --profile "${ms[@]}" "${COMMON[@]}"
             ;;
         latency-*)
             m=$(model_of "${s#latency-}")

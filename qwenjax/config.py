@@ -140,6 +140,9 @@ def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
     return jnp.dtype(key)
 
 
+MAX_SCHEDULER_STEPS = 64  # most decode steps one dispatch runs (num_scheduler_steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineArgs:
     """User-facing engine arguments, shared by `LLM(...)` and `python -m server` (vLLM's names)."""
@@ -161,6 +164,7 @@ class EngineArgs:
     enable_chunked_prefill: bool | None = None  # None / True: prompt chunks join decode steps; False: never
     scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
     async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine.py)
+    num_scheduler_steps: int = 1              # decode steps one dispatch runs on the device (vLLM's multi-step)
     num_kv_pages: int | None = None          # override the page count computed from free memory
     kv_cache_memory_bytes: int | None = None  # budget for pages when the device reports no memory (CPU)
     generation_config: str = "auto"          # "auto": the model's generation_config.json; "vllm": none; or a dir
@@ -197,6 +201,9 @@ class EngineArgs:
                              f"got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
+                             f"{self.num_scheduler_steps}")
 
     def unsupported(self) -> list[str]:
         """Arguments whose feature is not built yet: each is refused by name rather than silently ignored."""
@@ -206,6 +213,9 @@ class EngineArgs:
                            f"from the checkpoint's config.json)")
         if self.trust_remote_code:
             missing.append("trust_remote_code=True")
+        if self.num_scheduler_steps > 1 and self.num_processes > 1:
+            missing.append(f"num_scheduler_steps={self.num_scheduler_steps} with num_processes={self.num_processes} "
+                           f"(multi-step decode is not replayed on follower hosts yet; use 1 there)")
         return missing
 
 
@@ -237,6 +247,9 @@ class SchedulerConfig:
     # Chunked prefill (vLLM's default): Q values of the one prefill row a mixed step adds to a decode step. Empty:
     # prefill never joins decodes (every prefill runs in a step of its own, as with enable_chunked_prefill=False).
     mixed_chunks: tuple[int, ...] = ()
+    # Decode steps one dispatch runs on the device when every row can take them all (multi-step decode, see
+    # scheduler._schedule_decode); 1: one step a dispatch.
+    num_scheduler_steps: int = 1
 
     @property
     def mixed_buckets(self) -> tuple[tuple[int, int, int], ...]:
@@ -250,7 +263,7 @@ class SchedulerConfig:
     @classmethod
     def build(cls, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int,
               decode_buckets=None, prefill_token_buckets=None,
-              enable_chunked_prefill: bool | None = True) -> "SchedulerConfig":
+              enable_chunked_prefill: bool | None = True, num_scheduler_steps: int = 1) -> "SchedulerConfig":
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(2048, min(8192, max_model_len))
         budget = max_num_batched_tokens
@@ -280,4 +293,5 @@ class SchedulerConfig:
         return cls(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                    block_size=block_size, decode_buckets=decode_buckets,
                    prefill_buckets=tuple(sorted(set(prefill), key=lambda bq: (bq[1], bq[0]))), max_prefill_chunk=qs[-1],
-                   mixed_chunks=mixed if enable_chunked_prefill is not False else ())
+                   mixed_chunks=mixed if enable_chunked_prefill is not False else (),
+                   num_scheduler_steps=num_scheduler_steps)

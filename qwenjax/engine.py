@@ -79,6 +79,7 @@ class EngineStats:
         self.prefill_steps = 0         # steps of prompt tokens only
         self.decode_steps = 0          # steps of one new token a row only
         self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
+        self.multi_steps = 0           # decode dispatches that ran num_scheduler_steps steps (counted once in steps)
         self.step_rows = 0             # rows over all steps (step_rows / steps: the mean rows a step)
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
@@ -277,10 +278,17 @@ class LLMEngine:
         wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
         mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
         tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
-        if self._leader is not None:
-            self._leader.send_step(inp, tensors, mode, out.has_context)
+        K = out.num_steps
+        if K > 1 and mode not in WARMUP_MODES:
+            K = 1  # a multi-step program per sampler mode compiles the whole model: only the warmed-up modes get one
         t0 = time.perf_counter()
-        res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+        if K > 1:
+            res, ranks = self.runner.execute_steps(inp, tensors, mode, K), None
+            self.stats.multi_steps += 1
+        else:
+            if self._leader is not None:
+                self._leader.send_step(inp, tensors, mode, out.has_context)
+            res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
         self.stats.host_dispatch_s += time.perf_counter() - t0
         self.stats.mixed_steps += out.kind == "mixed"
         self.stats.prefill_steps += out.kind == "prefill"
@@ -298,6 +306,13 @@ class LLMEngine:
                 samples.append((out.row_index(i), seq, len(seq.output_token_ids)))
                 seq.output_token_ids.append(PENDING)
                 seq.num_pending += 1
+        # Multi-step: step k of the dispatch samples row b's output at flat index k * B + b of its [K, B] tokens.
+        for k in range(1, K):
+            for b, seq, index in samples[:len(out.rows)]:
+                samples.append((k * B + b, seq, index + k))
+                seq.output_token_ids.append(PENDING)
+                seq.num_pending += 1
+                seq.num_computed += 1
         return _InFlight(res, ranks, wants_lp, samples)
 
     def _process(self, step: _InFlight) -> list[RequestOutput]:
@@ -305,7 +320,7 @@ class LLMEngine:
         stops and lengths, and frees the pages of sequences that ended."""
         res = step.result
         t0 = time.perf_counter()
-        ids = to_host(res.token_ids)
+        ids = to_host(res.token_ids).reshape(-1)  # [K, B] of a multi-step dispatch: flat, see _dispatch
         self.stats.host_wait_s += time.perf_counter() - t0
         if step.wants_lp:
             lps, ranks = to_host(res.logprobs), to_host(step.ranks)

@@ -64,7 +64,8 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets,
-                               enable_chunked_prefill=args.enable_chunked_prefill)
+                               enable_chunked_prefill=args.enable_chunked_prefill,
+                               num_scheduler_steps=args.num_scheduler_steps)
     if args.enable_expert_parallel and cfg.num_experts:  # the model and the param specs read it from cfg
         cfg = dataclasses.replace(cfg, expert_parallel=True)
     mesh = make_mesh(args.tensor_parallel_size)
@@ -114,7 +115,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
 
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
-            warm = runner.warmup(buckets, list(WARMUP_MODES))
+            warm = runner.warmup(buckets, list(WARMUP_MODES), num_steps=sc.num_scheduler_steps)
         except Exception as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 raise RuntimeError(

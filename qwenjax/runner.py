@@ -5,6 +5,14 @@ cache donated so XLA updates the pages in place; the sampler is a second small j
 without a host sync between. Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the
 sampler's static mode.
 
+`decode_steps` runs K decode steps in one jitted call (multi-step decode, `num_scheduler_steps`): a `lax.fori_loop`
+whose body is the model, the penalty update and the sampler, each step feeding the token the one before drew. One
+dispatch, one host-to-device copy and one token read then serve K tokens a row, so the host's per-dispatch cost
+(JAX's dispatch and the launch of the program's few hundred kernels: ~2.5 ms a step for Qwen2-0.5B on an H100,
+benchmarks/NOTES.md) is paid once per K steps. Step k of the loop is step 0's input with positions and context
+lengths advanced by k; its KV slots come from the rows' block tables (the scheduler reserved the pages), and its
+sampling keys fold in the row's output index + k, so every token equals the one K single steps would draw.
+
 `last_tokens[slot]` is the token the sampler last drew for the sequence in penalty-state row `slot`. An input id < 0
 (a placeholder, see sequence.PENDING) is replaced by it inside the step, so step N+1 can be dispatched before the host
 has read step N's tokens (async scheduling). The device runs calls in dispatch order, so step N's sampler has
@@ -13,8 +21,10 @@ written the row before step N+1 reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -29,6 +39,10 @@ from qwenjax.scheduler import SchedulerOutput
 from qwenjax.sharding import replicated
 
 logger = logging.getLogger("qwenjax")
+
+# Multi-step decode's loop: 1 keeps it an XLA while loop (one body, compiled once); an integer k > 1 unrolls k bodies
+# per iteration (a longer program, and more kernels between the loop's host-driven iterations). For measurements.
+MULTI_STEP_UNROLL = int(os.environ.get("QWENJAX_MULTI_STEP_UNROLL", "1"))
 
 
 class ModelRunner:
@@ -54,6 +68,9 @@ class ModelRunner:
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
                              out_shardings=(kv_out, pen_out, rep))
         self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), donate_argnums=(2,), out_shardings=rep)
+        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree),
+                                     static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
+                                     out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
 
     @property
@@ -74,6 +91,17 @@ class ModelRunner:
                                                     mode=mode, layout=layout)
         return out, ranks
 
+    def execute_steps(self, inp: StepInput, tensors: sampler.SamplingTensors, mode: sampler.SamplerMode,
+                      num_steps: int) -> sampler.SamplerOutput:
+        """Dispatches `num_steps` decode steps of a decode-bucket input as one call (see the module docstring);
+        returns the sampler's output with a leading [num_steps] axis (logprobs: the sampled tokens' only)."""
+        i_buf, f_buf, layout = packing.pack((inp, tensors))
+        with jax.set_mesh(self.mesh):
+            self.kv_cache, self.penalties, self.last_tokens, out = self._decode_steps(
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, layout=layout,
+                mode=mode, num_steps=num_steps)
+        return out
+
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
@@ -82,10 +110,18 @@ class ModelRunner:
                                                                has_context=has_context, layout=layout)
         return logits
 
-    def warmup(self, buckets: list[tuple[int, int, bool, int]], modes: list[sampler.SamplerMode]) -> float:
+    def warmup(self, buckets: list[tuple[int, int, bool, int]], modes: list[sampler.SamplerMode],
+               num_steps: int = 1) -> float:
         """Compiles every (B, Q, has_context, D) bucket (D > 0: a mixed step of D decode rows and a (B, Q) prefill
-        segment) and each sampler mode per row count, running each once on dummy rows."""
+        segment) and each sampler mode per row count, running each once on dummy rows; with `num_steps` > 1 also
+        the multi-step decode of every decode bucket in each mode."""
         t0 = time.perf_counter()
+        if num_steps > 1:
+            for b in sorted({b for b, q, ctx, d in buckets if q == 1 and not ctx and not d}):
+                inp = dummy_input(b, 1, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot)
+                tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
+                for mode in modes:
+                    self.execute_steps(inp, tensors, mode, num_steps).token_ids.block_until_ready()
         sampler_rows = sorted({d + b for b, _, _, d in buckets})
         for b, q, ctx, d in buckets:
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
@@ -156,6 +192,44 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_token
                                          inp.slots[r], inp.reset[r], history)
         rows += B
     return kv_cache, penalties, model.logits(last)
+
+
+def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *, layout,
+                  mode, num_steps: int):
+    """`num_steps` decode steps in one program (see the module docstring). Returns the cache, the penalty state,
+    last_tokens and a SamplerOutput whose token_ids / logprobs are [num_steps, B]."""
+    inp, tensors = packing.unpack(i_buf, f_buf, layout)
+    meta: AttentionMetadata = inp.meta
+    model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
+    page_size = kv_cache[0][0].shape[2]
+    live = (meta.query_lens > 0)[:, None]  # padding rows keep their out-of-range slots: their writes stay dropped
+    B = meta.positions.shape[0]
+
+    def step(k, carry):
+        kv, pen, last, ids, tokens, logprobs = carry
+        pos = meta.positions + k
+        page = jnp.take_along_axis(meta.block_tables, jnp.where(live, pos // page_size, 0), axis=1)
+        m = dataclasses.replace(meta, positions=pos,
+                                slot_mapping=jnp.where(live, page * page_size + pos % page_size, meta.slot_mapping),
+                                seq_lens=jnp.where(live[:, 0], meta.seq_lens + k, meta.seq_lens))
+        hidden, kv = model(ids, m, kv, has_context=False)
+        logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[inp.logits_index])
+        pen = penalty_state.update(pen, ids, pos, meta.query_lens, inp.prompt_lens, inp.slots, inp.reset,
+                                   inp.history)
+        history = penalty_state.rows_of(pen, inp.slots) if mode.penalties else None
+        out = sampler.sample(logits, dataclasses.replace(tensors, steps=tensors.steps + k), mode, history=history)
+        last = last.at[inp.slots].set(out.token_ids)
+        return kv, pen, last, out.token_ids[:, None], tokens.at[k].set(out.token_ids), \
+            logprobs.at[k].set(out.logprobs)
+
+    ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots][:, None], inp.input_ids)  # [B, 1]
+    carry = (kv_cache, penalties, last_tokens, ids, jnp.zeros((num_steps, B), jnp.int32),
+             jnp.zeros((num_steps, B), jnp.float32))
+    kv_cache, penalties, last_tokens, _, tokens, logprobs = jax.lax.fori_loop(0, num_steps, step, carry,
+                                                                              unroll=MULTI_STEP_UNROLL)
+    empty = jnp.zeros((num_steps, B, 0))
+    return kv_cache, penalties, last_tokens, sampler.SamplerOutput(
+        token_ids=tokens, logprobs=logprobs, top_ids=empty.astype(jnp.int32), top_logprobs=empty)
 
 
 def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, meta, *, k: int):

@@ -12,12 +12,14 @@ through it. With chunked prefill off, prefill goes first, as in vLLM without it,
 
 Invariants:
 - a sequence is in exactly one of `waiting`, `running`, or neither (finished / aborted);
-- every running sequence holds pages for all its computed tokens; waiting sequences hold none;
+- every running sequence holds pages for all its computed tokens (a multi-step decode reserves its steps' slots up
+  front); waiting sequences hold none;
 - a decode step includes every running sequence whose only uncomputed token is its newest one, except those whose
   outputs (pending ones included, see Sequence) already reach their length limit;
-- the newest token may be a placeholder (async scheduling): its value is on the device only, and the step that feeds
-  it reads it there. Every token the scheduler hashes (computed, full pages) is known on the host.
-- with prefix caching, a page is named (see block_manager) only once every token in it is computed: names are
+- the newest tokens may be placeholders (async scheduling; a multi-step decode's tokens): their values are on the
+  device only, and the step that feeds the newest one reads it there. Every token the scheduler hashes (computed and
+  known, full pages) is known on the host.
+- with prefix caching, a page is named (see block_manager) only once every token in it is computed and known: names are
   given at the start of `schedule()`, after the engine has counted the previous step's tokens, and before a
   sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
 
@@ -56,6 +58,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
     decode_bucket: int = 0             # mixed: D, the decode segment's padded rows (rows[:num_decode] fill the first)
     num_decode: int = 0                # mixed: decode rows scheduled
+    num_steps: int = 1                 # decode: steps the dispatch runs (multi-step); each row samples one per step
 
     @property
     def num_rows(self) -> int:
@@ -106,7 +109,7 @@ class Scheduler:
         if out is None:
             out = self._schedule_prefill()
         if out is None:
-            out = self._schedule_decode()
+            out = self._schedule_decode(self.config.num_scheduler_steps)
         if out is not None:
             self.policy.on_scheduled(out.rows)
         return out
@@ -116,7 +119,8 @@ class Scheduler:
         blocks = self.blocks
         if not blocks.enable_prefix_caching:
             return
-        full = seq.num_computed // blocks.page_size
+        # Computed tokens may still be pending (multi-step: a dispatch's tokens before its last): hash known ones.
+        full = min(seq.num_computed, seq.num_tokens - seq.num_pending) // blocks.page_size
         if full <= seq.num_named_pages:
             return
         if len(seq.block_hashes) < full:
@@ -243,21 +247,28 @@ class Scheduler:
         seq.slot = self._free_slots.pop()
         self.running.append(seq)
 
-    def _schedule_decode(self) -> SchedulerOutput | None:
-        preempted: list[Sequence] = []
-        rows: list[ScheduledSeq] = []
-        for seq in sorted(self.running, key=self.policy.key):
-            if seq.at_length_limit or seq.num_uncomputed != 1:
+    def _schedule_decode(self, steps: int = 1) -> SchedulerOutput | None:
+        """Every decoding sequence feeds its newest token. With `steps` > 1 (multi-step decode, only when no prefill
+        work can start: prefill and mixed steps are tried first) the dispatch runs `steps` decode steps back to back
+        on the device, each feeding the token the one before sampled, if every row can take them all: room for
+        `steps` more outputs under its length limit, no logprobs, min_tokens reached (its banned ids cannot change
+        within the dispatch). Otherwise one step. Pages are reserved for all the steps' tokens up front."""
+        seqs = [s for s in sorted(self.running, key=self.policy.key)
                 # Its pending last token ends it (async scheduling): another step would be wasted; or it is still
                 # prefilling (a mixed step's prefill row).
-                continue
-            if seq.status is SeqStatus.RUNNING and self._make_room(seq, seq.num_tokens, preempted):
+                if not s.at_length_limit and s.num_uncomputed == 1]
+        if steps > 1 and not all(_takes_steps(s, steps) for s in seqs):
+            steps = 1
+        preempted: list[Sequence] = []
+        rows: list[ScheduledSeq] = []
+        for seq in seqs:
+            if seq.status is SeqStatus.RUNNING and self._make_room(seq, seq.num_tokens + steps - 1, preempted):
                 rows.append(ScheduledSeq(seq, 1, samples=True))
         rows = [r for r in rows if r.seq.status is SeqStatus.RUNNING]  # a policy may evict an earlier row
         if not rows:
             return None
         b = next(b for b in self.config.decode_buckets if b >= len(rows))
-        return SchedulerOutput("decode", rows, False, (b, 1), preempted)
+        return SchedulerOutput("decode", rows, False, (b, 1), preempted, num_steps=steps)
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Grows `seq` to `num_tokens` slots, preempting the policy's victims; False if `seq` itself was preempted.
@@ -288,3 +299,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+
+
+def _takes_steps(seq: Sequence, steps: int) -> bool:
+    """Whether `seq` can decode `steps` tokens in one dispatch (see Scheduler._schedule_decode)."""
+    n = len(seq.output_token_ids)  # pending ones included
+    p = seq.params
+    return seq.max_output_tokens - n >= steps and p.logprobs is None and n >= p.min_tokens

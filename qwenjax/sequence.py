@@ -26,9 +26,10 @@ class Sequence:
     """One generated continuation. Invariant: the KV of token_ids[:num_computed] is in the pages of block_table.
 
     With async scheduling a sampled token is known on the device before the host reads it: the engine appends a
-    PENDING placeholder when it dispatches a step that samples, and replaces it when it reads that step. At most the
-    last `num_pending` output ids are placeholders (0, 1, or 2 while two steps overlap), and every token before
-    num_computed - 1 is known on the host whenever the scheduler runs.
+    PENDING placeholder when it dispatches a step that samples (K of them for a K-step decode dispatch), and replaces
+    it when it reads that step. Exactly the last `num_pending` output ids are placeholders (at most 2K while two
+    dispatches overlap); with K = 1, every token before num_computed - 1 is known on the host whenever the scheduler
+    runs.
     """
 
     request_id: str

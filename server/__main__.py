@@ -88,6 +88,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", nargs="?", const=True, default=True, type=_bool,
                    help="overlap host scheduling with the device: step N+1 is dispatched before step N's tokens "
                         "are read (on by default); pass false to run steps one at a time")
+    e.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps one dispatch runs on the device (multi-step decode): fewer host round trips "
+                        "a token, tokens stream in groups of this many; 1 (the default) runs one step a dispatch")
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     e.add_argument("--trust-remote-code", action="store_true")
@@ -107,7 +110,8 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "max_num_batched_tokens", "generation_config", "load_format", "enable_prefix_caching",
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
-                "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel")
+                "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel",
+                "num_scheduler_steps")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:

@@ -54,6 +54,21 @@ def test_one_sequence_at_a_time_equals_hf(untied_gqa2, prompts, hf_tokens):
     assert llm.llm_engine.stats.max_decode_batch == 1
 
 
+def test_multi_step_decode_equals_hf(untied_gqa2, prompts, hf_tokens):
+    """num_scheduler_steps=4: 12 tokens = the prefill's 1, two 4-step dispatches, then 3 single steps."""
+    llm, ours = _generate(untied_gqa2, prompts, num_scheduler_steps=4)
+    assert ours == hf_tokens
+    assert llm.llm_engine.stats.multi_steps == 2
+    assert llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages
+
+
+def test_multi_step_decode_under_preemption_equals_hf(untied_gqa2, prompts, hf_tokens):
+    llm, ours = _generate(untied_gqa2, prompts, num_kv_pages=10, max_model_len=96, num_scheduler_steps=4)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.stats.multi_steps > 0
+    assert ours == hf_tokens
+
+
 def test_preemption_keeps_tokens_identical(untied_gqa2, prompts, hf_tokens):
     # 10 pages of 16 tokens for 8 sequences needing up to 6 pages each: preemption by recompute must happen.
     llm, ours = _generate(untied_gqa2, prompts, num_kv_pages=10, max_model_len=96)
