@@ -85,6 +85,14 @@ def lower(which: str, out_dir: str) -> dict:
     try:
         exp = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    except RuntimeError as e:
+        if "No supported GPU devices found" not in str(e):
+            raise
+        # jax 0.11 reads the GPU's compute capability while lowering (0.10 did not): without a GPU it asks for an
+        # abstract device, which this script does not set up.
+        raise RuntimeError(f"jax {jax.__version__} lowers Pallas Triton kernels for CUDA only with a GPU visible "
+                           f"(it reads the device's compute capability): run kernel_isa.py on the GPU host, or "
+                           f"under jax 0.10 on any host") from e
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     text = exp.mlir_module()
