@@ -84,7 +84,7 @@ class EngineStats:
         self.preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
-        self.host_dispatch_s = 0.0     # seconds in runner.execute: JAX's dispatch of the step and its sampler
+        self.host_dispatch_s = 0.0     # seconds in runner.execute(_steps): JAX's dispatch of the step(s) and sampler
         self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
 
 

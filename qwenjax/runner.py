@@ -5,7 +5,7 @@ cache donated so XLA updates the pages in place; the sampler is a second small j
 without a host sync between. Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the
 sampler's static mode.
 
-`decode_steps` runs K decode steps in one jitted call (multi-step decode, `num_scheduler_steps`): a `lax.fori_loop`
+`execute_steps` runs K decode steps in one jitted call (multi-step decode, `num_scheduler_steps`): a `lax.fori_loop`
 whose body is the model, the penalty update and the sampler, each step feeding the token the one before drew. One
 dispatch, one host-to-device copy and one token read then serve K tokens a row, so the host's per-dispatch cost
 (JAX's dispatch and the launch of the program's few hundred kernels: ~2.5 ms a step for Qwen2-0.5B on an H100,
