@@ -214,14 +214,29 @@ def model_config(spec: ModelSpec):
     return ModelConfig.from_dict(spec.config)
 
 
+def batch_limits() -> tuple[int, int | None]:
+    """The engine's default (max_num_seqs, max_num_batched_tokens) for offline use on this device
+    (config.batch_defaults; None: the engine's budget from max_model_len). Call after setup_jax."""
+    import jax
+
+    from qwenjax.config import batch_defaults
+    from qwenjax.kv_cache import device_memory, device_total_bytes
+
+    return batch_defaults("llm", device_total_bytes(device_memory()), jax.local_devices()[0].device_kind)
+
+
 def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None,
                   decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...]) -> dict:
     """LLM(...) keyword arguments: explicit flags win over the workload-sized defaults given here."""
+    from qwenjax.block_manager import pages_to_admit
+
     mml = args.max_model_len or max_model_len
     seqs = args.max_num_seqs or max_num_seqs
     pages_per_seq = -(-mml // args.block_size)
     if args.num_kv_pages is None:
-        pages = seqs * pages_per_seq + 1
+        # Every sequence at full length, admissible all at once (above the admission watermark): a cache sized to
+        # the page admitted 7 of prefill's 8 x 2,048 prompts in its first step (5fd4a06).
+        pages = pages_to_admit(seqs * pages_per_seq + 1)
         if not kv_pages_fit(args, pages):
             print(f"KV cache: {pages} pages (every sequence at full length) do not fit beside the weights; the engine "
                   f"sizes the cache from free memory and the scheduler caps concurrency (as --num-kv-pages 0)",
@@ -606,7 +621,7 @@ _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "TensorFlow 
                   "Framework Name Scope", "Framework Ops", "Source code", "Launch Stats", "Host Threads")
 
 
-def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
+def device_busy_from_trace(logdir: str, wall_s: float, top: int = 20) -> dict:
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -648,7 +663,7 @@ def device_busy_from_trace(logdir: str, wall_s: float) -> dict:
             "device_active_s": round(busy_ns / n / 1e9, 6), "events": n_events, "lines": used_lines[:32],
             "top_kernels": [{"name": name[:160], "ms": round(ns / 1e6, 3), "count": c,
                              "share": round(ns / max(busy_ns, 1.0), 4)}
-                            for name, (ns, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]],
+                            for name, (ns, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
             "top_host_events": top_host_events(pd),
             "xplane": files[-1]}
 

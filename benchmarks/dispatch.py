@@ -22,6 +22,11 @@ computation launches (fusions, custom calls, library calls) and how many of them
 graphs: one launch for many kernels). Run it under several XLA_FLAGS (gpu_campaign.sh's dispatch-M stage) to see
 what command buffers change; --tag names the variant in the result file.
 
+With --kernels N, the device's side too: N round trips of the decode program (the K-step one with
+--num-scheduler-steps K) under the profiler, every kernel with its time a call, its calls a token and its time a
+token, and where it comes from (the compiled program's metadata: the source line and the op of the fusion's root),
+so the per-layer small kernels between the GEMMs show by name (`kernels` in the result; `device_us_per_token`).
+
   python benchmarks/dispatch.py --model qwen2-0.5b-instruct --out $OUT
   python benchmarks/dispatch.py --model tiny --scale 0.05 --skip-warmup      # CPU smoke run
 """
@@ -47,6 +52,8 @@ def parse(argv=None):
     w = p.add_argument_group("workload")
     w.add_argument("--iters", type=int, default=200, help="calls timed per figure; the median is reported")
     w.add_argument("--context", type=int, default=256, help="max_model_len of the engine (a latency-sized one)")
+    w.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also profile N round trips of the decode program: each kernel's time and origin")
     return p.parse_args(argv)
 
 
@@ -74,6 +81,31 @@ def hlo_kernels(text: str) -> dict:
     counts["triton_calls"] = len(re.findall(r"__gpu\$xla\.gpu\.triton", text))
     counts["gemm_calls"] = len(re.findall(r"__cublas", text))
     return counts
+
+
+def hlo_sources(text: str) -> dict[str, str]:
+    """Kernel name (as the profiler shows it: '.' and '-' as '_') -> "file:line op" of each fusion and custom call in
+    a compiled program's text, from the metadata XLA keeps on the instruction (its root op's)."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=[^\n]*?\b(?:fusion|custom-call)\([^\n]*", text, re.M):
+        line = m.group(0)
+        src = re.search(r'source_file="([^"]*)"\s+source_line=(\d+)', line)
+        op = re.search(r'op_name="([^"]*)"', line)
+        where = f"{Path(src.group(1)).name}:{src.group(2)}" if src else "?"
+        what = "/".join(op.group(1).split("/")[-2:]) if op else ""
+        out[re.sub(r"[.\-]", "_", m.group(1))] = f"{where} {what}".strip()
+    return out
+
+
+def kernel_table(profile: dict, sources: dict[str, str], tokens: int) -> list[dict]:
+    """The profile's kernels, per token of a row: time a call, calls and time a token, origin."""
+    rows = []
+    for k in profile.get("top_kernels", []):
+        name = k["name"]
+        rows.append({"name": name, "us_per_call": round(k["ms"] * 1e3 / max(k["count"], 1), 2),
+                     "calls_per_token": round(k["count"] / tokens, 2), "us_per_token": round(k["ms"] * 1e3 / tokens, 2),
+                     "source": sources.get(re.sub(r"[.\-]", "_", name), "")})
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -187,6 +219,9 @@ def main(argv=None) -> dict:
 
     config = {"batch": 1, "context": args.context, "iters": it, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "decode_step_hlo": kernels}
+    table = []
+    if args.kernels:
+        table = profile_kernels(runner, inp, tensors, mode, K, roundtrip, args.kernels, text or "", config, metrics)
     config.update(common.engine_config(llm, kwargs, startup))
     result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
                                 metrics=metrics)
@@ -195,8 +230,58 @@ def main(argv=None) -> dict:
     rows += [(k, f"{v:.1f}" if isinstance(v, float) else v) for k, v in metrics.items()]
     rows += [("entry kernels / command buffers", f"{kernels['fusion']} fusions, {kernels['custom_call']} custom "
               f"calls, {kernels['command_buffer_calls']} command-buffer calls"), ("result", str(path))]
+    rows += [(f"{k['name'][:48]}", f"{k['us_per_call']:.2f} us x {k['calls_per_token']:g} = {k['us_per_token']:.1f} "
+              f"us/token  {k['source'][:70]}") for k in table]
     common.print_table(f"{BENCHMARK} {spec.name}", rows)
     return result
+
+
+def profile_kernels(runner, inp, tensors, mode, K: int, roundtrip, n: int, step_text: str, config: dict,
+                    metrics: dict) -> list[dict]:
+    """--kernels: n round trips of the decode program under the profiler (Python and host tracers off); fills
+    config["kernels"] and metrics["device_us_per_token"] (every kernel's time a token, the device's own cost)."""
+    import tempfile
+
+    import jax
+
+    from qwenjax import packing
+    from qwenjax.lockstep import to_host
+
+    if K > 1:
+        def fn():
+            to_host(runner.execute_steps(inp, tensors, mode, K).token_ids)
+
+        i_buf, f_buf, layout = packing.pack((inp, tensors))
+        with jax.set_mesh(runner.mesh):
+            text = runner._decode_steps.lower(runner._param_leaves, runner.kv_cache, runner.penalties,
+                                              runner.last_tokens, i_buf, f_buf, layout=layout, mode=mode,
+                                              num_steps=K).compile().as_text() or ""
+    else:
+        fn, text = roundtrip, step_text
+    for _ in range(3):
+        fn()
+    logdir = tempfile.mkdtemp(prefix="qwenjax-kernels-")
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    opts.host_tracer_level = 0
+    jax.profiler.start_trace(logdir, profiler_options=opts)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        wall = time.perf_counter() - t0
+    finally:
+        jax.profiler.stop_trace()
+    if jax.default_backend() == "cpu":
+        config["kernels_note"] = "JAX runs on the CPU: no device kernels to list"
+        return []
+    prof = common.device_busy_from_trace(logdir, wall, top=80)
+    tokens = n * K
+    table = kernel_table(prof, hlo_sources(text), tokens)
+    config["kernels"] = table
+    config["kernels_profile"] = {k: prof.get(k) for k in ("device_busy", "device_active_s", "events")}
+    metrics["device_us_per_token"] = round((prof.get("device_active_s") or 0.0) * 1e6 / tokens, 2)
+    return table
 
 
 if __name__ == "__main__":

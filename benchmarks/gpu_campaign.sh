@@ -13,6 +13,10 @@
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
 #                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
+#                    (DISPATCH_ARGS go to dispatch.py, e.g. "--kernels 20 --num-scheduler-steps 8": the device's kernels
+#                    of the decode program, each with its time a token and its source line)
+#   attn-decode      attention_decode.py --check: the decode kernel against jax's paged_attention (attention-decode,
+#                    attention-decode-fp8) and against the reference over the GQA / head-dim / page / dtype grid
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
@@ -180,8 +184,9 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#dispatch-}")
             for v in ${DISPATCH_VARIANTS:-default cmdbuf-off cmdbuf-all}; do
                 xf=$(echo ${XLA_FLAGS:-} $(xla_variant "$v"))
+                read -r -a DARGS <<<"${DISPATCH_ARGS:-}"
                 step "dispatch-$v-$m" 60 200 env ${xf:+"XLA_FLAGS=$xf"} "$PY" \
-                    benchmarks/dispatch.py --model "$m" --tag "$v" "${COMMON[@]}"
+                    benchmarks/dispatch.py --model "$m" --tag "$v" ${DARGS[@]+"${DARGS[@]}"} "${COMMON[@]}"
             done
             for v in ${DISPATCH_LATENCY:-}; do
                 xf=$(echo ${XLA_FLAGS:-} $(xla_variant "$v"))
@@ -256,6 +261,9 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#chunked-}")
             need=90; [ "$s" = chunked-7b ] && need=240
             step "$s" $need 0 "$PY" benchmarks/chunked_prefill.py --model "$m" "${COMMON[@]}"
+            ;;
+        attn-decode)
+            step attn-decode 120 300 "$PY" benchmarks/attention_decode.py --check --check-deadline-s 150 --out "$OUT"
             ;;
         attn-prefill)
             step attn-prefill 60 240 "$PY" benchmarks/attention_prefill.py --sweep --out "$OUT"

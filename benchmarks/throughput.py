@@ -83,21 +83,23 @@ def workload_config(args, prompts, olens) -> dict:
 
 
 def engine_defaults(args, prompts, olens) -> dict:
-    """Few buckets, each compiled at start-up (a 7B bucket takes 10-30 s): fixed: one decode bucket at full
-    concurrency (every decode step has all rows) and one prefill Q, the prompt length; random: decode at 1/4, 1/2
-    and all of max_num_seqs (256), prefill Q at half and all of the longest prompt. A prefill step carries up to
-    8192 tokens (16 prompts of 512)."""
+    """Few buckets, each compiled at start-up (a 7B bucket takes 10-30 s), within the engine's own defaults for this
+    device (`common.batch_limits`: vLLM's offline defaults, 1024 sequences and 16,384 tokens a step on an H100; 256
+    and 8,192 elsewhere): fixed: one decode bucket at full concurrency (every decode step has all rows) and one
+    prefill Q, the prompt length; random: decode at 1/4, 1/2 and all of max_num_seqs, prefill Q at half and all of
+    the longest prompt."""
+    limit_seqs, limit_tokens = common.batch_limits()
+    limit_tokens = limit_tokens or 8192
     pmax = max(map(len, prompts))
     mml = common.round_up(pmax + max(olens), args.block_size)
+    seqs = min(args.num_prompts, limit_seqs)
     if args.workload == "fixed":
-        seqs = min(args.num_prompts, 512)
         decode = (seqs,)
         prefill = (args.prompt_len,)
     else:
-        seqs = min(args.num_prompts, 256)
         decode = tuple(sorted({max(1, seqs // 4), max(1, seqs // 2), seqs}))
         prefill = tuple(sorted({max(2, pmax // 2), pmax}))
-    budget = min(8192, _pow2(len(prompts) * pmax))
+    budget = min(limit_tokens, _pow2(len(prompts) * pmax))
     budget = max(budget, _pow2(pmax))
     return dict(max_model_len=mml, max_num_seqs=seqs, max_num_batched_tokens=budget, decode_buckets=decode,
                 prefill_buckets=prefill)

@@ -11,8 +11,10 @@ Layout contract with the engine (one layer):
   lengths      [S] int32          context tokens incl. the current one; 0 marks a padding row (output 0)
 fp8 pages hold values directly; true value = stored * scale (per-tensor float32 k_scale / v_scale).
 
-Kernel: grid (K, S, C). A program takes the G q heads of one kv head (padded to 16 rows, the smallest
-Triton dot), walks its share of the sequence's pages `pages_per_compute_block` pages at a time with an
+Kernel: grid (K, S, C). A program takes the G q heads of one kv head as a tile of 16 rows (the smallest
+Triton dot): rows G..15 are masked off when q is loaded (read as 0) and when the output is stored, so q and the
+output stay [S, N, H] in memory with no pad or slice around the call (each of those was a kernel of its own in a
+batch-1 decode step). It walks its share of the sequence's pages `pages_per_compute_block` pages at a time with an
 online softmax in float32 (base-2 exponentials), and either writes the normalized output (C == 1) or a
 float32 partial plus its log-sum-exp, merged by `_combine_splits` in plain jnp.
 """
@@ -78,17 +80,22 @@ def _load_pages(ref, pages, mask):
 
 
 def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs,
-                   page_size, pages_per_block, pages_per_split, max_len, sm_scale, compute_dtype):
-    # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [pages_per_split],
-    # q_ref [16, H], k_ref / v_ref [P, page, H]; out_refs: o [16, H] (+ lse [16] when split).
-    rows, head_dim = q_ref.shape
+                   page_size, pages_per_block, pages_per_split, max_len, sm_scale, compute_dtype, group):
+    # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [pages_per_split], q_ref [S, N, H] (all of it),
+    # k_ref / v_ref [P, page, H]; out_refs: o [S, N, H] (all of it), or, split, o [16, H] and lse [16] (this
+    # program's tile, rows past `group` unused).
+    rows, head_dim = _GROUP_ROWS, q_ref.shape[-1]
     block_k = pages_per_block * page_size
     length = jnp.clip(lengths_ref[0], 0, max_len)  # clamp: never index past the block table
     first_page = pl.program_id(2) * pages_per_split
     num_pages = jnp.minimum(pl.cdiv(length, page_size) - first_page, pages_per_split)
     num_blocks = pl.cdiv(jnp.maximum(num_pages, 0), pages_per_block)
 
-    q = q_ref[...]
+    # This kv head's q rows: group h * G .. h * G + G - 1 of sequence s; the tile's other rows are masked (the
+    # last kv head's tile reaches past N: masked lanes are never read or written).
+    heads = pl.ds(pl.program_id(0) * group, rows)
+    in_group = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group
+    q = plgpu.load(q_ref.at[pl.program_id(1), heads, :], mask=in_group, other=jnp.zeros((), q_ref.dtype))
     if compute_dtype == jnp.float16 and q.dtype != jnp.float16:
         q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
     q = q.astype(compute_dtype)
@@ -110,7 +117,8 @@ def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *ou
     l_safe = jnp.where(l == 0.0, 1.0, l)  # empty split or padding row: output 0, lse -inf
     out = acc * (scales_ref[1] / l_safe)[:, None]
     if len(out_refs) == 1:
-        out_refs[0][...] = out.astype(out_refs[0].dtype)
+        o_ref = out_refs[0]
+        plgpu.store(o_ref.at[pl.program_id(1), heads, :], out.astype(o_ref.dtype), mask=in_group)
     else:
         o_ref, lse_ref = out_refs
         o_ref[...] = out
@@ -173,24 +181,23 @@ def _paged_attention_kernel_call(q, k_pages, v_pages, block_tables, lengths, sca
     if num_splits * pages_per_split != max_pages:
         # Padding entries are never dereferenced (their tokens are >= length); 0 keeps them valid.
         block_tables = jnp.pad(block_tables, ((0, 0), (0, num_splits * pages_per_split - max_pages)))
-    q4 = q.reshape(seqs, num_kv_heads, group, head_dim)
-    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, _GROUP_ROWS - group), (0, 0)))
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, pages_per_block=pages_per_block,
         pages_per_split=pages_per_split, max_len=max_pages * page_size, sm_scale=sm_scale,
-        compute_dtype=jnp.dtype(compute_dtype or _compute_dtype(q.dtype, k_pages.dtype)))
+        compute_dtype=jnp.dtype(compute_dtype or _compute_dtype(q.dtype, k_pages.dtype)), group=group)
     kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, s, c: (h, 0, 0, 0))
+    whole_q = pl.BlockSpec(q.shape, lambda h, s, c: (0, 0, 0))  # the kernel picks its rows (masked loads / stores)
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, c: (s,)),  # lengths
         pl.BlockSpec((2,), lambda h, s, c: (0,)),  # scales
         pl.BlockSpec((None, pages_per_split), lambda h, s, c: (s, c)),  # block tables
-        pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0)),  # q
+        whole_q,
         kv_spec, kv_spec,
     ]
     rows = (seqs, num_kv_heads, _GROUP_ROWS)
     if num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((*rows, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, _GROUP_ROWS, head_dim), lambda h, s, c: (s, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        out_specs = [whole_q]
     else:
         out_shape = [jax.ShapeDtypeStruct((num_splits, *rows, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, *rows), jnp.float32)]
@@ -207,9 +214,12 @@ def _paged_attention_kernel_call(q, k_pages, v_pages, block_tables, lengths, sca
         compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"qwenjax_paged_decode_p{page_size}_b{pages_per_block}_c{num_splits}",
-    )(lengths, scales, block_tables, q4, k_pages, v_pages)
-    out = outs[0] if num_splits == 1 else _combine_splits(*outs)
-    return out[:, :, :group].reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
+    )(lengths, scales, block_tables, q, k_pages, v_pages)
+    if num_splits == 1:
+        return outs[0]
+    o_part, lse = outs  # the tiles' rows past `group` dropped before the merge (fused into it by XLA)
+    out = _combine_splits(o_part[..., :group, :], lse[..., :group])
+    return out.reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
 def _is_pow2(x):

@@ -35,8 +35,20 @@ def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+WATERMARK = 0.01  # fraction of the pages kept free when admitting new sequences (vLLM's default watermark)
+
+
+def pages_to_admit(pages: int, watermark: float = WATERMARK) -> int:
+    """The smallest cache in which new sequences needing `pages` pages in all can be admitted at once: admission
+    leaves the watermark free (`can_admit`)."""
+    total = pages
+    while total - pages < int(watermark * total):
+        total += 1
+    return total
+
+
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, *, watermark: float = 0.01,
+    def __init__(self, num_pages: int, page_size: int, *, watermark: float = WATERMARK,
                  enable_prefix_caching: bool = False):
         if num_pages < 1:
             raise ValueError(f"num_pages must be at least 1, got {num_pages}")

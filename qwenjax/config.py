@@ -142,6 +142,19 @@ def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
 
 MAX_SCHEDULER_STEPS = 64  # most decode steps one dispatch runs (num_scheduler_steps)
 
+USAGE_CONTEXTS = ("llm", "server")  # the offline LLM class, the OpenAI server (vLLM's UsageContext)
+LARGE_DEVICE_BYTES = 70 << 30  # devices at least this large (H100, H200; not the A100) batch more by default
+
+
+def batch_defaults(usage_context: str, device_bytes: int | None, device_kind: str = "") -> tuple[int, int | None]:
+    """(max_num_seqs, max_num_batched_tokens) when the user leaves them unset, as vLLM chooses them
+    (EngineArgs.get_batch_defaults): on a device of at least 70 GiB other than an A100, 1024 sequences and a step
+    budget of 16,384 tokens offline or 8,192 in the server; elsewhere 256 sequences and, for the budget, None
+    (SchedulerConfig.build's max(2048, min(8192, max_model_len))). `device_bytes` None (CPU): elsewhere."""
+    if device_bytes is not None and device_bytes >= LARGE_DEVICE_BYTES and "a100" not in device_kind.lower():
+        return 1024, (16384 if usage_context == "llm" else 8192)
+    return 256, None
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineArgs:
@@ -153,8 +166,8 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None           # None: batch_defaults for the device and usage_context
+    max_num_batched_tokens: int | None = None  # None: batch_defaults, else max(2048, min(8192, max_model_len))
     block_size: int = 16
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False     # MoE: split the experts over the mesh (E) instead of their width (F)
@@ -178,12 +191,16 @@ class EngineArgs:
     skip_warmup: bool = False
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
+    usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults
 
     def __post_init__(self):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(f"usage_context must be one of {', '.join(map(repr, USAGE_CONTEXTS))}, "
+                             f"got {self.usage_context!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

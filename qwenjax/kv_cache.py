@@ -7,6 +7,7 @@ already gpu_memory_utilization x device memory (the engine sets XLA_PYTHON_CLIEN
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
@@ -32,6 +33,14 @@ def device_memory(device=None) -> MemoryInfo | None:
         return None
     return MemoryInfo(limit=int(stats["bytes_limit"]), in_use=int(stats.get("bytes_in_use", 0)),
                       peak=int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))))
+
+
+def device_total_bytes(mem: MemoryInfo | None) -> int | None:
+    """The whole device's memory from its pool's limit: JAX's pool is XLA_PYTHON_CLIENT_MEM_FRACTION of the device
+    (the engine sets it from gpu_memory_utilization; 0.75, JAX's default, where unset). None where `mem` is."""
+    if mem is None:
+        return None
+    return int(mem.limit / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
 
 
 MemorySource = Callable[[], "MemoryInfo | None"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import jax
 
-from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
-from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, kv_dtype, page_bytes, plan_num_pages)
+from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, batch_defaults, resolve_dtype
+from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, device_total_bytes, kv_dtype, page_bytes,
+                              plan_num_pages)
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
 from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.convert import is_orbax_checkpoint, restore_params
@@ -61,8 +62,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     if max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} is larger than the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}")
-    sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
-                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+    seqs, budget = batch_defaults(args.usage_context, device_total_bytes((memory_source or device_memory)()),
+                                  jax.local_devices()[0].device_kind)
+    sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs or seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens or budget,
+                               block_size=args.block_size,
                                decode_buckets=args.decode_buckets, prefill_token_buckets=args.prefill_token_buckets,
                                enable_chunked_prefill=args.enable_chunked_prefill,
                                num_scheduler_steps=args.num_scheduler_steps)

@@ -71,8 +71,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--block-size", type=int, default=16)
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences running at once (default, as in vLLM's server: 1024 on a GPU of at least "
+                        "70 GiB other than an A100, else 256)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens one step carries (default, as in vLLM's server: 8192 on such a GPU, else "
+                        "max(2048, min(8192, max model len)))")
     e.add_argument("--generation-config", default="auto",
                    help="'auto': the model's generation_config.json; 'vllm': none; or a directory holding one")
     e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
@@ -117,7 +121,7 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
     kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS}
     kwargs["served_model_name"] = tuple(ns.served_model_name) if ns.served_model_name else None
-    return EngineArgs(**kwargs)
+    return EngineArgs(**kwargs, usage_context="server")
 
 
 def served_names(ns: argparse.Namespace) -> list[str]:

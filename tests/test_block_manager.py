@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from qwenjax.block_manager import BlockManager, block_hash
+import pytest
+
+from qwenjax.block_manager import BlockManager, block_hash, pages_to_admit
 
 PS = 4
 
@@ -130,3 +132,10 @@ def test_reclaimed_count_and_reset():
     assert bm.reset_prefix_cache() == 2
     assert bm.lookup(bm.hash_blocks([5] * 8, []), 2) == []
     bm.check()
+
+
+@pytest.mark.parametrize("need", [1, 25, 1025, 24577])
+def test_pages_to_admit_is_the_smallest_cache_that_admits(need):
+    total = pages_to_admit(need)
+    assert BlockManager(total, 16).can_admit(need)
+    assert total == need or not BlockManager(total - 1, 16).can_admit(need)

@@ -208,3 +208,41 @@ def test_too_small_cache_names_the_fixes(real_vocab):
     msg = str(e.value)
     assert "max_model_len=128" in msg and "--max-model-len" in msg and "--gpu-memory-utilization" in msg
     assert "80 tokens" in msg  # 5 pages of 16
+
+
+@pytest.mark.parametrize("device_gib, kind, usage, expect", [
+    (80, "NVIDIA H100 80GB HBM3", "llm", (1024, 16384)),
+    (141, "NVIDIA H200", "server", (1024, 8192)),
+    (80, "NVIDIA A100-SXM4-80GB", "llm", (256, None)),
+    (48, "NVIDIA L40S", "llm", (256, None)),
+    (None, "cpu", "llm", (256, None)),
+])
+def test_batch_defaults_follow_vllm(device_gib, kind, usage, expect):
+    from qwenjax.config import batch_defaults
+
+    assert batch_defaults(usage, None if device_gib is None else device_gib << 30, kind) == expect
+
+
+@pytest.mark.parametrize("limit_gib, expect", [(0.9 * 80, (1024, 16384)), (0.9 * 40, (256, 2048))])
+def test_engine_takes_the_batch_defaults_of_its_device(untied_gqa2, limit_gib, expect):
+    """max_num_seqs / max_num_batched_tokens left unset: the engine asks the device (here a stand-in reporting the
+    pool of an 80 GiB or a 40 GiB device), as vLLM does; set ones win. The 40 GiB device keeps the engine's own
+    budget, max(2048, min(8192, max_model_len))."""
+    args = {k: v for k, v in SMALL_ENGINE.items() if k not in ("max_num_seqs", "max_num_batched_tokens")}
+    mem = lambda: MemoryInfo(limit=int(limit_gib * (1 << 30)), in_use=0, peak=0)  # noqa: E731
+    llm = LLM(str(untied_gqa2), memory_source=mem, **args, skip_warmup=True)
+    sc = llm.llm_engine.scheduler_config
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == expect
+    out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    set_ = LLM(str(untied_gqa2), memory_source=mem, **args, max_num_seqs=4, max_num_batched_tokens=64,
+               skip_warmup=True).llm_engine.scheduler_config
+    assert (set_.max_num_seqs, set_.max_num_batched_tokens) == (4, 64)
+
+
+def test_usage_context_is_checked():
+    from qwenjax.config import EngineArgs
+
+    with pytest.raises(ValueError, match="usage_context must be one of 'llm', 'server', got 'batch'"):
+        EngineArgs(usage_context="batch")

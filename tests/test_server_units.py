@@ -242,6 +242,9 @@ def test_cli_flags_map_onto_engine_args():
     assert a.decode_buckets == (8, 64) and a.load_format == "dummy"
     assert served_names(ns) == ["Qwen/Qwen2-7B-Instruct", "qwen"] and ns.api_key == "k"
     assert engine_args(make_parser().parse_args(["--tensor-parallel-size", "2"])).tensor_parallel_size == 2
+    plain = engine_args(make_parser().parse_args([]))  # left to the device, with the server's defaults (8192 tokens)
+    assert (plain.max_num_seqs, plain.max_num_batched_tokens, plain.usage_context) == (None, None, "server")
+    assert a.usage_context == "server"
     moe = engine_args(make_parser().parse_args(["--enable-expert-parallel", "--enable-chunked-prefill", "false"]))
     assert moe.enable_expert_parallel and moe.enable_chunked_prefill is False
     assert not engine_args(make_parser().parse_args([])).enable_expert_parallel
