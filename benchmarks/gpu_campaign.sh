@@ -199,7 +199,9 @@ for s in "${STAGES[@]}"; do
             # throughput-fixed; result files get a -steps<K> suffix. Compare with the same call's 0.5b / 7b stages.
             m=$(model_of "${s#multistep-}")
             ms=(--num-scheduler-steps "${MULTI_STEPS:-8}")
-            step "dispatch-steps-$m" 60 200 "$PY" benchmarks/dispatch.py --model "$m" "${ms[@]}" "${COMMON[@]}"
+            read -r -a DARGS <<<"${DISPATCH_ARGS:-}"
+            step "dispatch-steps-$m" 60 200 "$PY" benchmarks/dispatch.py --model "$m" "${ms[@]}" \
+                ${DARGS[@]+"${DARGS[@]}"} "${COMMON[@]}"
             step "latency-steps-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --profile "${ms[@]}" "${COMMON[@]}"
             need=90; [ "$s" = multistep-7b ] && need=240
             step "throughput-fixed-steps-$m" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \

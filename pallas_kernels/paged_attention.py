@@ -44,6 +44,9 @@ _BLOCK_BYTES = 16384  # K bytes per compute block: bf16 best at 64 tokens, fp8 a
 _MAX_BLOCK_TOKENS = 128
 _TARGET_PROGRAMS = 512  # K * S * C: at 256 (s, kv head) pairs, 2 splits beat 1, 4, 8, 16 at contexts 4k, 8k, 512..8k
 _MIN_BLOCKS_PER_SPLIT = 2  # a split shorter than this costs more in the combine than it saves
+# Block tables of at most this many blocks run in one pass: at batch 1 the split's combine (three XLA kernels, ~4.8 us
+# a layer on an H100 at b004b55) cost more than the 2-split kernel itself (2.15 us) at a 256-token context.
+_SINGLE_PASS_BLOCKS = 8
 _F16_MAX = 65504.0
 
 _Q_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -157,13 +160,15 @@ def default_settings(batch, num_kv_heads, max_pages, page_size, head_dim=128, kv
     """(pages_per_compute_block, num_splits) used when the caller leaves them None.
 
     Block: `_BLOCK_BYTES` of K per step (at most `_MAX_BLOCK_TOKENS` tokens), cut down for short block tables.
-    Splits: enough programs in flight (K * S * C ~ `_TARGET_PROGRAMS`) while each split keeps
-    `_MIN_BLOCKS_PER_SPLIT` blocks of the longest possible context (max_pages * page_size: lengths are dynamic,
-    the table width is not).
+    Splits: none for tables of at most `_SINGLE_PASS_BLOCKS` blocks; else enough programs in flight
+    (K * S * C ~ `_TARGET_PROGRAMS`) while each split keeps `_MIN_BLOCKS_PER_SPLIT` blocks of the longest possible
+    context (max_pages * page_size: lengths are dynamic, the table width is not).
     """
     tokens = min(_MAX_BLOCK_TOKENS, _BLOCK_BYTES // (head_dim * jnp.dtype(kv_dtype).itemsize))
     ppcb = max(1, min(tokens // page_size, pl.next_power_of_2(max_pages)))
     blocks = pl.cdiv(max_pages, ppcb)
+    if blocks <= _SINGLE_PASS_BLOCKS:
+        return ppcb, 1
     want = pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads)
     num_splits = max(1, min(want, blocks // _MIN_BLOCKS_PER_SPLIT))
     return ppcb, num_splits

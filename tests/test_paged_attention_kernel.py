@@ -133,6 +133,8 @@ def test_default_settings():
     assert default_settings(1, 4, 2048, 16) == (4, 128)  # one long sequence: split wide
     assert default_settings(512, 4, 64, 16) == (4, 1)  # big batch: no combine step
     assert default_settings(2, 1, 1, 128) == (1, 1)  # tiny table
+    assert default_settings(1, 4, 24, 16) == (4, 1)  # batch-1 latency context (384): one pass, no combine kernels
+    assert default_settings(1, 4, 40, 16) == (4, 5)  # 10 blocks: split again
 
 
 def _spec(shape, dtype):

@@ -98,11 +98,17 @@ class Qwen2DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, k_pages, v_pages, meta, has_context):
-        h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), cos, sin, k_pages, v_pages, meta, has_context)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_pages, v_pages
+    def __call__(self, x, residual, cos, sin, k_pages, v_pages, meta, has_context):
+        """x: the previous layer's MLP output (the embeddings for the first layer, whose `residual` is None), not
+        yet added to the residual stream. Returns this layer's MLP output and the stream before it: the sum of the
+        two is Hugging Face's hidden state after the layer. Each add is fused with the norm that follows it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual, k_pages, v_pages
 
 
 class Qwen2Model(nnx.Module):
@@ -118,12 +124,13 @@ class Qwen2Model(nnx.Module):
     def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, has_context: bool):
         x = self.embed_tokens(input_ids.reshape(-1))  # [T, D]
         cos, sin = rope_cos_sin(flat_positions(meta), self.head_dim, self.rope_theta)
-        new_cache = []
+        new_cache, residual = [], None
         # Python loop: the layers are unrolled into one program (a scan over stacked weights ran 2.2x slower).
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache):
-            x, k_pages, v_pages = layer(x, cos, sin, k_pages, v_pages, meta, has_context)
+            x, residual, k_pages, v_pages = layer(x, residual, cos, sin, k_pages, v_pages, meta, has_context)
             new_cache.append((k_pages, v_pages))
-        return self.norm(x).reshape(*input_ids.shape, -1), new_cache
+        out = self.norm(x) if residual is None else self.norm.add(x, residual)[0]
+        return out.reshape(*input_ids.shape, -1), new_cache
 
 
 class Qwen2ForCausalLM(nnx.Module):

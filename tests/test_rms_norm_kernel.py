@@ -1,0 +1,71 @@
+"""Fused residual add + RMSNorm kernel (Pallas interpret mode on CPU) against the jnp reference, and the decoder
+layer's use of it: the model's hidden states do not depend on which of the two runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.rms_norm import add_rms_norm, reference
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+def _inputs(t, d, dtype, seed):
+    kx, kr, kw = jax.random.split(jax.random.key(seed), 3)
+    x = (jax.random.normal(kx, (t, d), F32) * 3).astype(dtype)
+    r = (jax.random.normal(kr, (t, d), F32) * 10).astype(dtype)
+    w = (1 + 0.1 * jax.random.normal(kw, (d,), F32)).astype(dtype)
+    return x, r, w
+
+
+@pytest.mark.parametrize("t, d, dtype", [(1, 3584, BF16), (5, 896, BF16), (3, 100, F32), (4, 64, F16),
+                                         (2, 8192, BF16)])
+def test_matches_reference(t, d, dtype):
+    x, r, w = _inputs(t, d, dtype, seed=t * 1000 + d)
+    y, s = add_rms_norm(x, r, w, eps=1e-6, interpret=True)
+    y_ref, s_ref = reference(x, r, w, eps=1e-6)
+    assert y.dtype == s.dtype == dtype and y.shape == s.shape == (t, d)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))  # the same add
+    tol = 1e-5 if dtype == F32 else 1.6e-2  # one rounding step of the model dtype at most (sum order differs)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
+
+
+def test_rows_are_independent():
+    """Each row is normalized by its own statistics: changing one row leaves the others' outputs alone."""
+    x, r, w = _inputs(4, 256, F32, seed=7)
+    y, _ = add_rms_norm(x, r, w, eps=1e-6, interpret=True)
+    y2, _ = add_rms_norm(x.at[2].multiply(100.0), r, w, eps=1e-6, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y)[[0, 1, 3]], np.asarray(y2)[[0, 1, 3]])
+    assert not np.allclose(np.asarray(y)[2], np.asarray(y2)[2])
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 8), (2, 9), (8,)), "x and residual must both be"),
+    (((2, 8), (2, 8), (9,)), r"weight must be \[D=8\]"),
+])
+def test_validation(shapes, match):
+    xs, rs, ws = shapes
+    with pytest.raises(ValueError, match=match):
+        add_rms_norm(jnp.ones(xs), jnp.ones(rs), jnp.ones(ws), eps=1e-6, interpret=True)
+
+
+def test_dtype_mismatch_is_refused():
+    with pytest.raises(ValueError, match="must share a dtype"):
+        add_rms_norm(jnp.ones((2, 8), BF16), jnp.ones((2, 8), F32), jnp.ones((8,), BF16), eps=1e-6, interpret=True)
+
+
+def test_decoder_uses_the_kernel_path_with_the_same_result(monkeypatch):
+    """RMSNorm.add on the GPU path (the kernel, interpreted here) gives the jnp path's result."""
+    from qwenjax.layers import norm
+
+    x, r, w = _inputs(3, 128, F32, seed=3)
+    layer = norm.RMSNorm(128, 1e-6, dtype=F32)
+    layer.weight[...] = w
+    want = layer.add(x, r)  # CPU: jnp
+    monkeypatch.setattr(norm, "platform", lambda: "gpu")
+    real = norm.fused_add_rms_norm
+    monkeypatch.setattr(norm, "fused_add_rms_norm",
+                        lambda *a, **k: real(*a, **{**k, "interpret": True}))
+    got = layer.add(x, r)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
