@@ -12,6 +12,7 @@ in its own call) into a result file after the fact, e.g. on a machine without a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -575,6 +576,22 @@ def ratio(num: float | None, den: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------- profile
 
 
+@contextlib.contextmanager
+def quiet_trace(logdir: str, host_tracer_level: int = 0):
+    """jax.profiler's trace into `logdir` with the Python tracer off (it slows the host's launches most) and the
+    host's TraceMe spans at `host_tracer_level` (0: none, 1: JAX's and XLA's own)."""
+    import jax
+
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    opts.host_tracer_level = host_tracer_level
+    jax.profiler.start_trace(logdir, profiler_options=opts)
+    try:
+        yield logdir
+    finally:
+        jax.profiler.stop_trace()
+
+
 def profile_generate(llm, prompts, params, *, profile_dir: str | None,
                      unprofiled_wall_s: float | None = None) -> dict:
     """Repeats a generate under jax.profiler.trace and reports device_busy = device-active time / wall time.
@@ -593,17 +610,11 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
 
     logdir = profile_dir or tempfile.mkdtemp(prefix="qwenjax-profile-")
     os.makedirs(logdir, exist_ok=True)
-    opts = jax.profiler.ProfileOptions()
-    opts.python_tracer_level = 0
-    opts.host_tracer_level = 1
     gc.collect()
-    jax.profiler.start_trace(logdir, profiler_options=opts)
-    try:
+    with quiet_trace(logdir, host_tracer_level=1):
         t0 = time.perf_counter()
         llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         wall = time.perf_counter() - t0
-    finally:
-        jax.profiler.stop_trace()
     info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None}
     if jax.default_backend() == "cpu":  # a GPU machine's trace shows its idle GPU even when JAX runs on the CPU
         info["note"] = "JAX runs on the CPU (XLA on host threads): device_busy not computed"

@@ -261,17 +261,11 @@ def profile_kernels(runner, inp, tensors, mode, K: int, roundtrip, n: int, step_
     for _ in range(3):
         fn()
     logdir = tempfile.mkdtemp(prefix="qwenjax-kernels-")
-    opts = jax.profiler.ProfileOptions()
-    opts.python_tracer_level = 0
-    opts.host_tracer_level = 0
-    jax.profiler.start_trace(logdir, profiler_options=opts)
-    try:
+    with common.quiet_trace(logdir):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         wall = time.perf_counter() - t0
-    finally:
-        jax.profiler.stop_trace()
     if jax.default_backend() == "cpu":
         config["kernels_note"] = "JAX runs on the CPU: no device kernels to list"
         return []

@@ -273,15 +273,9 @@ def device_kernels(many, xs, weights, calls: int, runs: int = 1) -> dict:
     from jax.profiler import ProfileData
 
     d = tempfile.mkdtemp(prefix="qwenjax-qmm-")
-    opts = jax.profiler.ProfileOptions()
-    opts.python_tracer_level = 0
-    opts.host_tracer_level = 0
-    jax.profiler.start_trace(d, profiler_options=opts)
-    try:
+    with common.quiet_trace(d):
         for _ in range(runs):
             jax.block_until_ready(many(xs, weights))
-    finally:
-        jax.profiler.stop_trace()
     files = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     per: dict[str, float] = {}
     for plane in ProfileData.from_file(files[-1]).planes if files else []:
