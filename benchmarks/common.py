@@ -297,7 +297,7 @@ def engine_config(llm, kwargs: dict, startup_s: float) -> dict:
         "max_model_len": sc.max_model_len, "max_num_seqs": sc.max_num_seqs,
         "max_num_batched_tokens": sc.max_num_batched_tokens, "block_size": sc.block_size,
         "decode_buckets": list(sc.decode_buckets), "prefill_buckets": [list(b) for b in sc.prefill_buckets],
-        "max_prefill_chunk": sc.max_prefill_chunk, "num_kv_pages": m.num_pages,
+        "packed_buckets": [list(b) for b in sc.packed_buckets], "max_prefill_chunk": sc.max_prefill_chunk, "num_kv_pages": m.num_pages,
         "load_seconds": round(m.load_seconds, 3), "warmup_seconds": round(m.warmup_seconds, 3),
         "startup_seconds": round(startup_s, 3), "quantization": _quantization_config(m.path),
         "device_memory_gib": device_memory_gib(),

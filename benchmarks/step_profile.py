@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from qwenjax.config import packed_len  # noqa: E402
 
 BENCHMARK = "step-profile"
 
@@ -215,10 +216,9 @@ def make_grid(args, sc) -> list[Phase]:
         for b in batches:
             phases.append(Phase(f"decode B={b} C={c}", c, b, K + 1))
     for p in args.prefill_lens or sorted({pmin, (pmin + pmax) // 2, (3 * pmax) // 4, pmax}):
-        fits = [min(b, sc.max_num_batched_tokens // p) for b, q in sc.prefill_buckets if q >= p]
-        if not fits or max(fits) < 1:
-            raise SystemExit(f"no prefill bucket holds a {p}-token prompt: {sc.prefill_buckets}")
-        rmax = max(fits)
+        if p > sc.max_prefill_chunk:
+            raise SystemExit(f"a {p}-token prompt is longer than the prefill chunk ({sc.max_prefill_chunk})")
+        rmax = max(1, min(sc.max_num_seqs, sc.max_num_batched_tokens // packed_len(p)))  # rows of a packed step
         for r in sorted({1, min(2, rmax), max(1, 3 * rmax // 4), rmax}):
             phases.append(Phase(f"prefill R={r} P={p}", p, r * M, 1, per_step=r))
     if args.context_prefill:

@@ -299,6 +299,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scale=None,
         num_warps=num_warps or 4, num_stages=num_stages or 2, interpret=interpret)
 
 
+def masked_softmax(s, visible):
+    """Softmax over the last axis of the entries where `visible`; 0 elsewhere, and all 0 where a row sees none."""
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    den = p.sum(axis=-1, keepdims=True)
+    return p / jnp.where(den == 0.0, 1.0, den)
+
+
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, k_scale=1.0,
                               v_scale=1.0, sm_scale=None):
     """Plain-jnp paged decode attention in float32 (gathers every page of the block table)."""
@@ -317,9 +326,5 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, k_s
     v = jnp.where(valid[:, None, :, None], gather(v_pages, v_scale), 0.0)
     qf = q.astype(jnp.float32).reshape(seqs, num_kv_heads, group, head_dim)
     s = jnp.einsum("skgh,skth->skgt", qf, k, precision="highest") * sm_scale
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    den = p.sum(axis=-1, keepdims=True)
-    o = jnp.einsum("skgt,skth->skgh", p / jnp.where(den == 0.0, 1.0, den), v, precision="highest")
+    o = jnp.einsum("skgt,skth->skgh", masked_softmax(s, valid[:, None, None, :]), v, precision="highest")
     return o.reshape(seqs, num_q_heads, head_dim).astype(q.dtype)

@@ -1,4 +1,5 @@
-"""SchedulerOutput -> StepInput: the padded, fixed-shape numpy arrays one jitted step consumes."""
+"""SchedulerOutput -> StepInput: the padded, fixed-shape numpy arrays one jitted step consumes (see the layouts in
+layers/attention.py: [B, Q] rows, a mixed step's decode + prefill segments, a packed prefill step)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ import jax
 import numpy as np
 
 from qwenjax.compat import register_dataclass
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata
+from qwenjax.config import packed_len
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata
 from qwenjax.scheduler import SchedulerOutput
 
 
 @register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
-    input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0; a mixed step: [D + B * Q] flat
-    meta: AttentionMetadata | MixedMetadata  # positions / slots / block tables / lengths per segment
+    input_ids: jax.Array      # [B, Q] int32 new tokens of each row, padded with 0; a mixed step: [D + B * Q] flat;
+                              # a packed step: [T] flat (rows at their row_starts)
+    meta: AttentionMetadata | MixedMetadata | PackedMetadata  # positions / slots / block tables / lengths
     logits_index: jax.Array   # [R] int32 flat index (into the step's T tokens) of each row's last new token
     slots: jax.Array          # [R] int32 row of the penalty state; padding rows use the scratch row
     prompt_lens: jax.Array    # [R] int32 prompt length: new tokens at positions >= it are outputs (recompute)
     reset: jax.Array          # [R] bool rebuild the row's penalty state: clear it, then add `history`
     history: jax.Array        # [B, L] int32 tokens at positions [0, start) of a prefill row that starts after 0 in a
                               # slot it just got (a prefix-cache hit), -1 elsewhere; L = 0 in steps without context
-# R = B rows, or D + B in a mixed step (decode rows first). Per-row arrays follow the sampler's row order.
+# R = B rows, D + B in a mixed step (decode rows first), or a packed step's R. Per-row arrays follow the sampler's
+# row order.
 
 
 class _Segment:
@@ -59,8 +63,48 @@ class _Segment:
                                  seq_lens=self.seq_lens, query_lens=self.q_lens)
 
 
+def _packed_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
+                  scratch_slot: int) -> StepInput:
+    """A packed prefill step: the rows' tokens back to back on T slots, each row starting at a multiple of
+    PACKED_ROW_ALIGN; every row starts at position 0."""
+    R, T = out.bucket
+    ps = page_size
+    ids = np.zeros((T,), np.int32)
+    pos = np.zeros((T,), np.int32)
+    slots = num_pages * ps + np.arange(T, dtype=np.int32)  # padding: out of range (dropped) and distinct
+    tables = np.zeros((R, max_pages_per_seq), np.int32)
+    seq_lens = np.zeros((R,), np.int32)
+    q_lens = np.zeros((R,), np.int32)
+    starts = np.full((R,), T, np.int32)  # padding rows start at the end: row_starts stays nondecreasing
+    last = np.zeros((R,), np.int32)
+    slot_rows = np.full((R,), scratch_slot, np.int32)
+    prompt_lens = np.zeros((R,), np.int32)
+    o = 0
+    for r, row in enumerate(out.rows):
+        seq, n = row.seq, row.num_new_tokens
+        table = np.asarray(seq.block_table, np.int32)
+        p = np.arange(n, dtype=np.int32)
+        ids[o:o + n] = seq.tokens(0, n)
+        pos[o:o + n] = p
+        slots[o:o + n] = table[p // ps] * ps + p % ps
+        tables[r, :len(table)] = table
+        seq_lens[r] = q_lens[r] = n
+        starts[r] = o
+        last[r] = o + n - 1
+        slot_rows[r] = seq.slot
+        prompt_lens[r] = len(seq.prompt_token_ids)
+        o += packed_len(n)
+    meta = PackedMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+                          query_lens=q_lens, row_starts=starts)
+    return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
+                     reset=q_lens > 0, history=np.zeros((R, 0), np.int32))
+
+
 def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
                      scratch_slot: int) -> StepInput:
+    if out.packed:
+        return _packed_input(out, page_size=page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+                             scratch_slot=scratch_slot)
     B, Q = out.bucket
     D = out.decode_bucket
     geo = dict(page_size=page_size, num_pages=num_pages, width=max_pages_per_seq)

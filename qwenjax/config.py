@@ -237,6 +237,14 @@ class EngineArgs:
 
 
 MIXED_CHUNK = 512  # most prompt tokens a mixed (decode + prefill) step carries
+# A packed prefill step lays its rows back to back on one token axis, each row starting at a multiple of this, so
+# the prefill kernel's query tiles (16 tokens x the GQA group, pallas_kernels/paged_prefill.py) never span two rows.
+PACKED_ROW_ALIGN = 16
+
+
+def packed_len(n: int) -> int:
+    """Token slots a row of `n` new tokens takes in a packed prefill step."""
+    return -(-n // PACKED_ROW_ALIGN) * PACKED_ROW_ALIGN
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:
@@ -250,8 +258,14 @@ def pow2_at_least(n: int, lo: int = 1) -> int:
 class SchedulerConfig:
     """Resolved scheduling limits and the static step shapes ("buckets") compiled at start-up.
 
-    Invariants: every decode bucket <= max_num_seqs; every prefill bucket's B*Q <= max_num_batched_tokens (except a
-    single row, which may hold up to max_prefill_chunk tokens); max_prefill_chunk divides into page-aligned chunks.
+    Three kinds of prefill shape: a packed step (fresh rows starting at position 0, back to back on one token axis
+    of T slots, each row aligned to PACKED_ROW_ALIGN: `packed_buckets` (R, T), R = the sampler's rows); a one-row
+    step of Q tokens over cached pages (`prefill_buckets` (1, Q): the next chunk of a long prompt, a prefix-cache
+    hit); and a mixed step's prefill row (`mixed_chunks`).
+
+    Invariants: every decode bucket <= max_num_seqs; a packed bucket's R = min(max_num_seqs, T // PACKED_ROW_ALIGN)
+    (every row takes at least PACKED_ROW_ALIGN slots, so R rows always fit); the largest packed T holds
+    max_num_batched_tokens (rounded up to the alignment) and every row of max_prefill_chunk tokens.
     """
 
     max_model_len: int
@@ -259,7 +273,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     block_size: int
     decode_buckets: tuple[int, ...]                 # B values of decode steps (Q = 1)
-    prefill_buckets: tuple[tuple[int, int], ...]     # (B, Q) of prefill steps, Q > 1
+    prefill_buckets: tuple[tuple[int, int], ...]     # (1, Q) of one-row prefill steps over cached pages
     max_prefill_chunk: int                           # longest chunk one prefill row carries
     # Chunked prefill (vLLM's default): Q values of the one prefill row a mixed step adds to a decode step. Empty:
     # prefill never joins decodes (every prefill runs in a step of its own, as with enable_chunked_prefill=False).
@@ -267,6 +281,7 @@ class SchedulerConfig:
     # Decode steps one dispatch runs on the device when every row can take them all (multi-step decode, see
     # scheduler._schedule_decode); 1: one step a dispatch.
     num_scheduler_steps: int = 1
+    packed_buckets: tuple[tuple[int, int], ...] = ()  # (R, T) of packed prefill steps, by T
 
     @property
     def mixed_buckets(self) -> tuple[tuple[int, int, int], ...]:
@@ -295,20 +310,17 @@ class SchedulerConfig:
             qs = [q for q in (128, 512, 2048, 8192) if q < chunk] + [chunk]
         else:
             qs = sorted(set(int(q) for q in prefill_token_buckets if q <= chunk)) or [chunk]
-        prefill = []
-        for q in qs:
-            rows = max(1, budget // q)
-            b = 1
-            while True:
-                prefill.append((min(b, rows, max_num_seqs), q))
-                if b >= rows or b >= max_num_seqs:
-                    break
-                b *= 4
+        # Packed steps: T at each Q value (a few short prompts), at the budget (a burst of prompts), and at a quarter of
+        # it (the tail of a burst).
+        sizes = {packed_len(q) for q in qs} | {packed_len(budget)}
+        if budget // 4 > qs[-1]:
+            sizes.add(packed_len(budget // 4))
+        packed = tuple((min(max_num_seqs, t // PACKED_ROW_ALIGN), t) for t in sorted(sizes))
         # Mixed steps carry at most MIXED_CHUNK prompt tokens, so a decode step they join stays short (the decodes'
         # inter-token latency); the compiled Q values are the prefill Q buckets up to it, and the chunk itself.
         mixed = tuple(sorted({q for q in qs if q <= MIXED_CHUNK} | {min(MIXED_CHUNK, qs[-1])}))
         return cls(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                    block_size=block_size, decode_buckets=decode_buckets,
-                   prefill_buckets=tuple(sorted(set(prefill), key=lambda bq: (bq[1], bq[0]))), max_prefill_chunk=qs[-1],
+                   prefill_buckets=tuple((1, q) for q in qs), max_prefill_chunk=qs[-1], packed_buckets=packed,
                    mixed_chunks=mixed if enable_chunked_prefill is not False else (),
                    num_scheduler_steps=num_scheduler_steps)

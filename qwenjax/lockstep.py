@@ -15,14 +15,14 @@ import numpy as np
 
 from qwenjax.batch import StepInput
 from qwenjax.compat import distributed_initialized
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, segments
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata, segments
 from qwenjax.sampler import SamplerMode, SamplingTensors
 
 logger = logging.getLogger("qwenjax")
 
 _FILTERS = ("none", "topk", "sort")
 _STOP, _STEP = 0, 1
-_HEADER = 16
+_HEADER = 17
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -47,24 +47,30 @@ def _header(cmd: int, inp: StepInput | None = None, tensors: SamplingTensors | N
     h[0] = cmd
     if cmd == _STEP:
         seg = segments(inp.meta)[-1]  # a mixed step: its prefill segment; D decode rows go in h[15]
-        B, Q = seg.positions.shape
+        packed = isinstance(seg, PackedMetadata)
+        B, Q = (seg.seq_lens.shape[0], seg.positions.shape[0]) if packed else seg.positions.shape
         h[1:13] = [B, Q, has_context, mode.all_greedy, _FILTERS.index(mode.filter), mode.topk_cap, mode.penalties,
                    mode.num_logprobs, mode.has_banned, tensors.prompt_tokens.shape[1], tensors.output_tokens.shape[1],
                    tensors.banned.shape[1]]
         h[13] = seg.block_tables.shape[1]
         h[14] = inp.history.shape[1]
         h[15] = inp.slots.shape[0] - B
+        h[16] = packed
     return h
 
 
 def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, bool]:
-    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist, D = (int(x) for x in h[1:16])
+    B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist, D, packed = (int(x) for x in h[1:17])
     i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     seg = lambda b, q: AttentionMetadata(positions=i32(b, q), slot_mapping=i32(b, q),  # noqa: E731
                                          block_tables=i32(b, width), seq_lens=i32(b), query_lens=i32(b))
-    meta = MixedMetadata(seg(D, 1), seg(B, Q)) if D else seg(B, Q)
-    ids = i32(D + B * Q) if D else i32(B, Q)
+    if packed:  # B rows on Q token slots
+        meta = PackedMetadata(positions=i32(Q), slot_mapping=i32(Q), block_tables=i32(B, width), seq_lens=i32(B),
+                              query_lens=i32(B), row_starts=i32(B))
+    else:
+        meta = MixedMetadata(seg(D, 1), seg(B, Q)) if D else seg(B, Q)
+    ids = i32(D + B * Q) if D else (i32(Q) if packed else i32(B, Q))
     R = D + B
     inp = StepInput(input_ids=ids, meta=meta, logits_index=i32(R), slots=i32(R), prompt_lens=i32(R),
                     reset=np.zeros((R,), np.bool_), history=i32(B, hist))

@@ -99,10 +99,10 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         else:
             logger.warning("KV cache %s: the checkpoint has no k/v scales, using 1.0; K/V values beyond +-448 "
                            "saturate (fp8_e5m2 needs no scales)", args.kv_cache_dtype)
-    # (B, Q, has_context, D): decode steps, prefill steps, one-row context prefill, and mixed steps (D decode rows +
-    # one context-prefill row of Q tokens) when chunked prefill is on.
-    buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(b, q, False, 0) for b, q in sc.prefill_buckets] + \
-              [(1, q, True, 0) for q in sorted({q for _, q in sc.prefill_buckets})] + \
+    # (B, Q, has_context, D): decode steps, packed prefill steps ((R, T, False, 0)), one-row context prefill, and
+    # mixed steps (D decode rows + one context-prefill row of Q tokens) when chunked prefill is on.
+    buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(r, t, False, 0) for r, t in sc.packed_buckets] + \
+              [(1, q, True, 0) for _, q in sc.prefill_buckets] + \
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
     num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
     kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
@@ -178,7 +178,10 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
                          block_table_width=sc.max_pages_per_seq, mesh=mesh)
-    largest = sorted(buckets, key=lambda b: b[0] * b[1] + b[3])[-1:] + [max(b for b in buckets if b[1] == 1)]
+    def slots(b):  # token slots of a bucket: a packed one (Q > 1, no context, no decode rows) has Q
+        return b[1] if b[1] > 1 and not b[2] and not b[3] else b[0] * b[1] + b[3]
+
+    largest = sorted(buckets, key=slots)[-1:] + [max(b for b in buckets if b[1] == 1)]
     from qwenjax.engine import WARMUP_MODES
 
     # The sampler's programs too: at 512 rows its [B, V] float32 work is several hundred MB, and once the pages

@@ -51,6 +51,19 @@ def update(state: PenaltyState, input_ids, positions, query_lens, prompt_lens, s
     return PenaltyState(mask, counts)
 
 
+def update_packed(state: PenaltyState, input_ids, positions, token_rows, real, prompt_lens, slots,
+                  reset) -> PenaltyState:
+    """`update` for a packed prefill step: tokens [T] at `positions`, each in row `token_rows` (real where `real`);
+    rows with `reset` (every real row: all start at position 0) are cleared first."""
+    mask, counts = state.prompt_mask, state.output_counts
+    keep = ~reset[:, None]
+    mask = mask.at[slots].set(mask[slots] & keep)
+    counts = counts.at[slots].set(jnp.where(keep, counts[slots], 0))
+    mask, counts = _add(mask, counts, input_ids[:, None], positions[:, None], real[:, None], prompt_lens[token_rows],
+                        slots[token_rows])
+    return PenaltyState(mask, counts)
+
+
 def _add(mask, counts, tokens, positions, valid, prompt_lens, slots):
     """Tokens [B, T] at `positions` into their rows: prompt positions to the mask, later ones to the counts."""
     V = mask.shape[1]

@@ -34,7 +34,7 @@ from flax import nnx
 
 from qwenjax import packing, penalty_state, sampler
 from qwenjax.batch import StepInput, build_step_input
-from qwenjax.layers.attention import AttentionMetadata, segments
+from qwenjax.layers.attention import AttentionMetadata, PackedMetadata, segments
 from qwenjax.scheduler import SchedulerOutput
 from qwenjax.sharding import replicated
 
@@ -170,6 +170,8 @@ class ModelRunner:
 def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *,
              has_context: bool, layout):
     inp: StepInput = packing.unpack(i_buf, f_buf, layout)
+    if isinstance(inp.meta, PackedMetadata):
+        return _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp)
     segs = segments(inp.meta)
     # Placeholders (ids < 0) are the newest tokens of decode rows: read from the device (see the module docstring).
     ids, rows, start = [], 0, 0
@@ -191,6 +193,19 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_token
         penalties = penalty_state.update(penalties, seg_ids, seg.positions, seg.query_lens, inp.prompt_lens[r],
                                          inp.slots[r], inp.reset[r], history)
         rows += B
+    return kv_cache, penalties, model.logits(last)
+
+
+def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp: StepInput):
+    """`_forward` of a packed prefill step (fresh rows at position 0 on T token slots)."""
+    meta: PackedMetadata = inp.meta
+    row, real = meta.token_rows()
+    ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots[row]], inp.input_ids)
+    model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
+    hidden, kv_cache = model(ids, meta, kv_cache, has_context=False)
+    last = hidden.reshape(-1, hidden.shape[-1])[inp.logits_index]
+    penalties = penalty_state.update_packed(penalties, ids, meta.positions, row, real, inp.prompt_lens, inp.slots,
+                                            inp.reset)
     return kv_cache, penalties, model.logits(last)
 
 
@@ -263,6 +278,6 @@ def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scra
     """A step of padding rows only (every write dropped, nothing read): for compiling a bucket. `decode_rows` > 0
     makes it a mixed step of that many decode rows plus the (b, q) prefill segment."""
     out = SchedulerOutput("mixed" if decode_rows else ("decode" if q == 1 else "prefill"), [], has_context, (b, q),
-                          decode_bucket=decode_rows)
+                          decode_bucket=decode_rows)  # (b, q) of a prefill step without context: packed (R, T)
     return build_step_input(out, page_size=page_size, num_pages=num_pages, max_pages_per_seq=width,
                             scratch_slot=scratch_slot)

@@ -4,6 +4,11 @@ A step is a prefill step (rows bring Q > 1 new tokens: prompts, chunks of long p
 preemption), a decode step (every running sequence brings its one newest token), or, with chunked prefill (on by
 default, as in vLLM), a mixed step: a decode step plus one prefill row of at most `mixed_chunks[-1]` tokens.
 
+A prefill step of rows that all start at position 0 is packed: the rows lie back to back on one token axis, each
+taking its own length rounded up to PACKED_ROW_ALIGN slots, and rows join while those slots stay within
+max_num_batched_tokens (vLLM's budget counts each row's own tokens too). A prefill row that starts after 0 (the
+next chunk of a long prompt, a prefix-cache hit) runs alone over its cached pages.
+
 Which one (chunked prefill on): while sequences are decoding, prefill work that is a single row (the next chunk of
 a long prompt or recompute, or the one request that can start now: a new arrival, a prefix-cache hit) joins the
 decodes as a mixed step, so the decodes never stall behind it; a burst of requests that can start together (several
@@ -37,7 +42,7 @@ import dataclasses
 from collections import deque
 
 from qwenjax.block_manager import BlockManager
-from qwenjax.config import SchedulerConfig
+from qwenjax.config import SchedulerConfig, packed_len
 from qwenjax.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
 from qwenjax.sequence import Sequence, SeqStatus
 
@@ -54,11 +59,22 @@ class SchedulerOutput:
     kind: str                          # "prefill" | "decode" | "mixed"
     rows: list[ScheduledSeq]           # mixed: the decode rows, then the prefill row
     has_context: bool                  # some prefill row starts after position 0 (reads cached pages)
-    bucket: tuple[int, int]            # (B, Q) static step shape; mixed: of the prefill segment
+    bucket: tuple[int, int]            # (B, Q) static step shape; mixed: of the prefill segment; packed: (R, T)
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
     decode_bucket: int = 0             # mixed: D, the decode segment's padded rows (rows[:num_decode] fill the first)
     num_decode: int = 0                # mixed: decode rows scheduled
     num_steps: int = 1                 # decode: steps the dispatch runs (multi-step); each row samples one per step
+
+    @property
+    def packed(self) -> bool:
+        """A prefill step of fresh rows (all at position 0): packed on one token axis, bucket (R rows, T slots)."""
+        return self.kind == "prefill" and not self.has_context
+
+    @property
+    def num_slots(self) -> int:
+        """Token slots of the compiled step, padding included."""
+        B, Q = self.bucket
+        return Q if self.packed else self.decode_bucket + B * Q
 
     @property
     def num_rows(self) -> int:
@@ -144,6 +160,12 @@ class Scheduler:
                 return b, q
         return None
 
+    def _packed_bucket(self, rows: int, slots: int) -> tuple[int, int] | None:
+        for r, t in self.config.packed_buckets:  # sorted by T: the smallest that fits
+            if t >= slots and r >= rows:
+                return r, t
+        return None
+
     def _schedule_prefill(self) -> SchedulerOutput | None:
         chunk = self.config.max_prefill_chunk
         # A partly prefilled sequence (long prompt, or recompute) continues alone: its rows read cached pages.
@@ -155,7 +177,8 @@ class Scheduler:
                 row = ScheduledSeq(seq, n, samples=seq.num_computed + n == seq.num_tokens)
                 return SchedulerOutput("prefill", [row], True, self._prefill_bucket(1, n))
         rows: list[ScheduledSeq] = []
-        budget = self.config.max_num_batched_tokens
+        budget = packed_len(self.config.max_num_batched_tokens)
+        slots = 0  # token slots of the packed rows so far
         ps = self.blocks.page_size
         computing: set[int] = set()  # names of the blocks this step's rows compute
         for seq in self.policy.order(self.waiting):
@@ -169,9 +192,8 @@ class Scheduler:
                 continue  # another row (e.g. a sibling of n > 1) computes its next block now: take it as a hit next step
             cached = len(pages) * ps
             n = min(seq.num_tokens - cached, chunk)
-            longest = max([r.num_new_tokens for r in rows] + [n])
-            bucket = self._prefill_bucket(len(rows) + 1, longest)
-            if bucket is None or (rows and (len(rows) + 1) * longest > budget):
+            if rows and (slots + packed_len(n) > budget or self._packed_bucket(len(rows) + 1, slots + packed_len(n))
+                         is None):
                 break
             need = self.blocks.pages_needed(pages, cached + n) + self.blocks.num_reclaimed(pages)
             if not self.blocks.can_admit(need):
@@ -182,6 +204,7 @@ class Scheduler:
                 seq.num_named_pages = len(pages)
             self.blocks.grow(seq.block_table, cached + n)
             rows.append(ScheduledSeq(seq, n, samples=cached + n == seq.num_tokens))
+            slots += packed_len(n)
             if pages:
                 break
             computing.update(seq.block_hashes[:(cached + n) // ps])
@@ -189,9 +212,9 @@ class Scheduler:
             return None
         for r in rows:
             self._start(r.seq)
-        longest = max(r.num_new_tokens for r in rows)
-        has_context = rows[0].seq.num_computed > 0
-        return SchedulerOutput("prefill", rows, has_context, self._prefill_bucket(len(rows), longest))
+        if rows[0].seq.num_computed > 0:  # a prefix hit: alone, over its cached pages
+            return SchedulerOutput("prefill", rows, True, self._prefill_bucket(1, rows[0].num_new_tokens))
+        return SchedulerOutput("prefill", rows, False, self._packed_bucket(len(rows), slots))
 
     def _schedule_mixed(self) -> SchedulerOutput | None:
         """Decodes plus one prefill row (see the module docstring), or None: no decodes, no single prefill row, or a

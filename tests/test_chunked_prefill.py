@@ -70,8 +70,12 @@ def test_sampling_with_penalties_equals_chunked_prefill_off(untied_gqa2, prompts
     for on in (True, False):
         engine = _engine(untied_gqa2, enable_chunked_prefill=on)
         done = _staggered(engine, prompts, params)
-        results[on] = {k: [(c.token_ids, [round(e[t].logprob, 4) for t, e in zip(c.token_ids, c.logprobs)])
-                           for c in v] for k, v in done.items()}
+        results[on] = {k: [(c.token_ids, [e[t].logprob for t, e in zip(c.token_ids, c.logprobs)]) for c in v]
+                       for k, v in done.items()}
         mixed[on] = engine.stats.mixed_steps
     assert mixed[True] >= 6 and mixed[False] == 0
-    assert results[True] == results[False]
+    assert results[True].keys() == results[False].keys()
+    for k, outs in results[True].items():  # the same tokens; logprobs within float32 rounding (the steps differ)
+        for (tokens, lps), (tokens_off, lps_off) in zip(outs, results[False][k]):
+            assert tokens == tokens_off, f"request {k}"
+            np.testing.assert_allclose(lps, lps_off, atol=1e-5, err_msg=f"request {k}")

@@ -330,8 +330,12 @@ class _EmulatedDevice:
     def execute(self, inp, has_context, tensors, mode):
         parts = []
         for seg in segments(inp.meta):  # one segment, or a mixed step's decode and prefill segments
-            B, Q = seg.positions.shape
             q, lens = np.asarray(seg.query_lens), np.asarray(seg.seq_lens)
+            if seg.positions.ndim == 1:  # a packed prefill step: R rows on T slots
+                B, T = len(q), seg.positions.shape[0]
+                parts.append(StepShape("prefill", int((q > 0).sum()), int(q.sum()), 0, B, T))
+                continue
+            B, Q = seg.positions.shape
             kv = int(lens.sum()) if Q == 1 or has_context else 0
             parts.append(StepShape("decode" if Q == 1 else "prefill", int((q > 0).sum()), int(q.sum()), kv, B, B * Q))
         if len(parts) == 1:

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache: the single dispatch point between the jnp references and the GPU kernels.
 
 Shapes (axis letters): B rows (sequences) in the step, Q new tokens per row, N query heads, K kv heads, G = N // K,
-H head dim, P pages in the cache, S page size, M pages per row in the block table.
+H head dim, P pages in the cache, S page size, M pages per row in the block table; a packed prefill step has R rows
+on T token slots (PackedMetadata).
 
 Invariant: new K/V are written into their slots *before* attention reads the pages, so a token attends to the
 cached prefix and to the new tokens up to itself through the same pages.
@@ -49,12 +50,39 @@ class MixedMetadata:
     prefill: AttentionMetadata
 
 
-def segments(meta: "AttentionMetadata | MixedMetadata") -> tuple[AttentionMetadata, ...]:
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedMetadata:
+    """A packed prefill step: R rows of fresh tokens (each starting at position 0) back to back on one axis of T
+    token slots, row r's `query_lens[r]` tokens at [row_starts[r], row_starts[r] + query_lens[r]).
+
+    Invariants (batch.py builds them): row_starts are multiples of config.PACKED_ROW_ALIGN and nondecreasing, rows
+    do not overlap; padding rows have query_lens = seq_lens = 0 and start at T; slots between and after rows are
+    padding (out-of-range slot, position 0). Only projections see the padding slots: at most PACKED_ROW_ALIGN - 1 a
+    row, against the [B, Q] layout's padding of every row to the longest.
+    """
+
+    positions: jax.Array     # [T] int32 position of each slot's token in its row (padding: 0)
+    slot_mapping: jax.Array  # [T] int32 page * S + offset; padding: out of range, dropped
+    block_tables: jax.Array  # [R, M] int32
+    seq_lens: jax.Array      # [R] int32 = query_lens (fresh rows)
+    query_lens: jax.Array    # [R] int32 tokens of the row; padding rows 0
+    row_starts: jax.Array    # [R] int32 first slot of the row; padding rows T
+
+    def token_rows(self) -> tuple[jax.Array, jax.Array]:
+        """([T] row of each slot (clipped into range), [T] whether the slot holds one of its row's tokens)."""
+        t = jnp.arange(self.positions.shape[0], dtype=jnp.int32)
+        row = jnp.clip(jnp.searchsorted(self.row_starts, t, side="right").astype(jnp.int32) - 1, 0,
+                       self.row_starts.shape[0] - 1)
+        return row, (t >= self.row_starts[row]) & (t < self.row_starts[row] + self.query_lens[row])
+
+
+def segments(meta: "AttentionMetadata | MixedMetadata | PackedMetadata") -> tuple:
     """The step's segments in token order."""
     return (meta.decode, meta.prefill) if isinstance(meta, MixedMetadata) else (meta,)
 
 
-def flat_positions(meta: "AttentionMetadata | MixedMetadata") -> jax.Array:
+def flat_positions(meta: "AttentionMetadata | MixedMetadata | PackedMetadata") -> jax.Array:
     """[T] positions of the step's tokens in token order."""
     return jnp.concatenate([s.positions.reshape(-1) for s in segments(meta)])
 
@@ -111,6 +139,57 @@ def prefill_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, query_lens
     impl = "cudnn" if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=sm_scale, is_causal=True,
                                         query_seq_lengths=lens, key_value_seq_lengths=lens, implementation=impl)
+
+
+PACKED_REFERENCE_TILE = 256  # query slots per piece of the packed reference (its scores are [tile, N, T])
+
+
+def packed_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, meta: PackedMetadata,
+                               *, sm_scale: float) -> jax.Array:
+    """A packed step's causal attention among each row's own tokens, from the fresh k/v [T, K, H] (as stored in the
+    pages: the caller rounds them through the page dtype). q [T, N, H]; 0 at padding slots. float32 math.
+
+    Every query slot scores all T key slots, masked to its row and to positions up to its own; the query axis runs
+    in pieces of PACKED_REFERENCE_TILE so the scores stay [tile, N, T].
+    """
+    from pallas_kernels.paged_attention import masked_softmax
+
+    T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    row, real = meta.token_rows()
+    row = jnp.where(real, row, -1)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    tile = min(T, PACKED_REFERENCE_TILE)
+    pad = -T % tile
+
+    def piece(args):
+        qt, rt, pt = args  # [tile, N, H], [tile], [tile]
+        s = jnp.einsum("tkgh,skh->tkgs", qt.reshape(tile, K, G, H).astype(jnp.float32), kf) * sm_scale
+        visible = (rt[:, None] == row[None, :]) & (rt[:, None] >= 0) & (meta.positions[None, :] <= pt[:, None])
+        return jnp.einsum("tkgs,skh->tkgh", masked_softmax(s, visible[:, None, None, :]), vf).reshape(tile, N, H)
+
+    qs = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(-1, tile, N, H)
+    rs = jnp.pad(row, (0, pad), constant_values=-1).reshape(-1, tile)
+    ps = jnp.pad(meta.positions, (0, pad)).reshape(-1, tile)
+    out = jax.lax.map(piece, (qs, rs, ps)).reshape(-1, N, H)[:T]
+    return out.astype(q.dtype)
+
+
+def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                     meta: PackedMetadata, *, sm_scale: float, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
+    """A packed prefill step's attention, its K/V already in the pages: the ragged Pallas prefill kernel over the
+    pages on GPU; elsewhere the jnp reference on the fresh k/v rounded through the page dtype, which is what the
+    kernel reads back (so fp8 pages give both paths the same inputs)."""
+    if decode_backend(q.shape[-1]) == "pallas":
+        return sharded_ragged_prefill_kernel(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_lens,
+                                             meta.row_starts, mesh=jax.sharding.get_abstract_mesh(),
+                                             sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+    if k_pages.dtype != k.dtype:
+        k = from_pages(to_pages(k, k_pages.dtype, k_scale), k_scale)
+        v = from_pages(to_pages(v, v_pages.dtype, v_scale), v_scale)
+    return packed_attention_reference(q, k, v, meta, sm_scale=sm_scale)
 
 
 KERNEL_HEAD_DIMS = (64, 128)
@@ -179,6 +258,21 @@ def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_le
                        mesh=mesh)
 
 
+def sharded_ragged_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *, mesh,
+                                  sm_scale: float, k_scale=None, v_scale=None, interpret: bool = False):
+    """The Pallas prefill kernel on a packed layout, q [T, N, H], on each device's heads (see `_over_heads`)."""
+    from pallas_kernels.paged_prefill import ragged_paged_prefill_attention
+
+    from qwenjax.config import PACKED_ROW_ALIGN
+
+    def kernel(q, k, v, s, t, sl, ql, rs):
+        return ragged_paged_prefill_attention(q, k, v, t, sl, ql, rs, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,
+                                              row_align=PACKED_ROW_ALIGN, interpret=interpret)
+
+    return _over_heads(kernel, q, k_pages, v_pages, (block_tables, seq_lens, query_lens, row_starts), k_scale,
+                       v_scale, mesh=mesh)
+
+
 def _over_heads(kernel, q, k_pages, v_pages, rest: tuple, k_scale, v_scale, *, mesh):
     """Runs `kernel(q, k_pages, v_pages, scales, *rest)` under shard_map over the "tp" axis of `mesh`.
 
@@ -214,9 +308,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pa
               v_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes k/v [T, K, H] into the pages and attends. Returns (out [T, N, H], k_pages, v_pages).
 
-    The T tokens are the segments' tokens in order (`segments`): one segment of [B, Q] rows, or a mixed step's
-    decode segment then its prefill segment. `has_context` (static) is False when every prefill row starts at
-    position 0, so prefill needs no page reads. k_scale / v_scale: the layer's float32 scalars; used only with
+    The T tokens are the segments' tokens in order (`segments`): one segment of [B, Q] rows, a mixed step's
+    decode segment then its prefill segment, or a packed prefill step's slots (PackedMetadata). `has_context`
+    (static) is False when every prefill row starts at position 0, so prefill needs no page reads. k_scale / v_scale: the layer's float32 scalars; used only with
     float8_e4m3fn pages (`fp8_kv.page_scale`).
     """
     sm_scale = q.shape[-1] ** -0.5
@@ -225,6 +319,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pa
     k_pages = write_kv(k_pages, k, slots, k_scale)
     v_pages = write_kv(v_pages, v, slots, v_scale)
     scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if isinstance(meta, PackedMetadata):
+        return packed_attention(q, k, v, k_pages, v_pages, meta, sm_scale=sm_scale, **scales), k_pages, v_pages
     outs, start = [], 0
     for seg in segments(meta):
         B, Q = seg.positions.shape

@@ -55,7 +55,7 @@ class StepShape:
     new_tokens: int        # tokens the step computes (sum of its rows' num_new_tokens)
     kv_tokens_read: int    # KV tokens attention reads from pages: decode and context prefill; 0 for a dense prefill
     padded_rows: int       # B of the compiled bucket (mixed: D + B)
-    padded_tokens: int     # B * Q of the compiled bucket (mixed: D + B * Q)
+    padded_tokens: int     # B * Q of the compiled bucket (mixed: D + B * Q; packed prefill: its T slots)
     # mixed only: the decode segment's rows, its padded rows D, and the KV tokens its rows read
     decode_rows: int = 0
     decode_padded_rows: int = 0
@@ -74,13 +74,13 @@ class StepShape:
 def step_shape(out) -> StepShape:
     """The shape of a SchedulerOutput. Call it before the engine counts the step's tokens (num_computed is still the
     rows' start)."""
-    B, Q = out.bucket
+    B = out.bucket[0]
     D = out.decode_bucket
     reads_pages = out.kind != "prefill" or out.has_context  # a fresh prefill attends its new tokens densely
     kv = sum(r.seq.num_computed + r.num_new_tokens for r in out.rows) if reads_pages else 0
     decode_kv = sum(r.seq.num_computed + 1 for r in out.rows[:out.num_decode])
     return StepShape(kind=out.kind, rows=len(out.rows), new_tokens=sum(r.num_new_tokens for r in out.rows),
-                     kv_tokens_read=kv, padded_rows=D + B, padded_tokens=D + B * Q, decode_rows=out.num_decode,
+                     kv_tokens_read=kv, padded_rows=D + B, padded_tokens=out.num_slots, decode_rows=out.num_decode,
                      decode_padded_rows=D, decode_kv_tokens=decode_kv if D else 0)
 
 

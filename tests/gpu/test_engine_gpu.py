@@ -93,26 +93,28 @@ def test_gpu_tokens_equal_cpu_tokens(model_dir):
     assert jax.default_backend() == "gpu"
 
 
-def test_prefill_kernel_in_every_context_and_mixed_bucket(bf16_llm):
-    """Context-prefill and mixed steps read pages through the Pallas prefill kernel (a mixed step also runs the decode
-    kernel): one Pallas custom call per layer and kernel, never the jnp reference."""
+def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
+    """Packed prefill, context-prefill and mixed steps attend through the Pallas prefill kernel (a mixed step also
+    runs the decode kernel): one Pallas custom call per layer and kernel, never the jnp reference."""
     llm = bf16_llm
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
     layers = CONFIG["num_hidden_layers"]
-    shapes = [(1, q, 0) for q in sorted({q for _, q in sc.prefill_buckets})]
-    shapes += [(b, q, d) for d, b, q in sc.mixed_buckets]
-    assert any(d for _, _, d in shapes), "no mixed buckets: chunked prefill should be on by default"
-    for b, q, d in shapes:
+    shapes = [(r, t, 0, False) for r, t in sc.packed_buckets]
+    shapes += [(1, q, 0, True) for _, q in sc.prefill_buckets]
+    shapes += [(b, q, d, True) for d, b, q in sc.mixed_buckets]
+    assert any(d for _, _, d, _ in shapes), "no mixed buckets: chunked prefill should be on by default"
+    assert len(sc.packed_buckets) >= 2
+    for b, q, d, ctx in shapes:
         inp = dummy_input(b, q, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot,
-                          has_context=True, decode_rows=d)
+                          has_context=ctx, decode_rows=d)
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(runner.mesh):
             hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
-                                     i_buf, f_buf, has_context=True, layout=layout).compile().as_text()
+                                     i_buf, f_buf, has_context=ctx, layout=layout).compile().as_text()
         n = sum(_kernel_in(line) and "qwenjax_paged" in line for line in hlo.splitlines())
-        assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}): {n} Pallas attention calls for " \
-            f"{layers} layers"
+        assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {n} Pallas attention " \
+            f"calls for {layers} layers"
 
 
 MIXED_ENGINE = dict(max_model_len=256, max_num_seqs=8, decode_buckets=(8,), prefill_token_buckets=(32,),
