@@ -37,7 +37,9 @@ def test_prefix_caching_benchmark_smoke(tmp_path):
     assert abs(m["prefix_cache_hit_rate"] - hits / 540) < 1e-6
     assert c["runs"]["cached"]["engine"]["engine_args"]["enable_prefix_caching"] is True
     assert c["runs"]["uncached"]["engine"]["engine_args"]["enable_prefix_caching"] is False
-    assert c["runs"]["cached"]["engine"]["prefill_buckets"] == [[1, 6], [2, 6], [1, 54], [2, 54]]
+    engine = c["runs"]["cached"]["engine"]
+    assert engine["prefill_buckets"] == [[1, 6], [1, 54]]  # one-row steps over cached pages (the hits)
+    assert [t for _, t in engine["packed_buckets"]][:2] == [16, 64]  # fresh rows: 6 and 54 rounded up to 16
     ratio = m["ttft_ms_p50_uncached"] / m["ttft_ms_p50_cached"]
     assert abs(m["speedup_vs_no_prefix_caching"] / ratio - 1) < 1e-3
     assert "== prefix-caching tiny" in proc.stdout and "speedup_vs_no_prefix_caching" in proc.stdout
