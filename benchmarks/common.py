@@ -67,6 +67,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         "engine size the cache from free device memory (its activation estimate then includes the "
                         "peak of the ceilings, measured first: about 4 GiB fewer pages)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--mesh", type=int, default=1,
+                   help="tensor-parallel size (python -m server --mesh N): the model over N devices; ceilings are "
+                        "then N x one device's, and result files get a -meshN suffix")
     e.add_argument("--decode-buckets", type=_int_list, default=None, help="comma-separated decode batch sizes")
     e.add_argument("--prefill-buckets", type=_int_list, default=None,
                    help="comma-separated prefill Q lengths (prefill_token_buckets)")
@@ -250,7 +253,8 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
                 prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
-                kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
+                kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
+                tensor_parallel_size=args.mesh)
 
 
 KV_FIT_RESERVE = 8 << 30  # activations of the largest step and what the ceilings leave behind, kept free
@@ -276,7 +280,7 @@ def kv_pages_fit(args, pages: int) -> bool:
     itemsize = 2 if args.dtype in ("bfloat16", "float16", "bf16", "fp16", "half") else 4
     kv_itemsize = 1 if args.kv_cache_dtype.startswith("fp8") else itemsize
     need = cfg.num_params() * itemsize + pages * kv_bytes_per_token(cfg, kv_itemsize) * args.block_size
-    return need + KV_FIT_RESERVE <= int(stats["bytes_limit"])
+    return need / args.mesh + KV_FIT_RESERVE <= int(stats["bytes_limit"])  # weights and pages split over the mesh
 
 
 def build_llm(spec: ModelSpec, kwargs: dict):
@@ -734,7 +738,8 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
                      "host_cpus": os.cpu_count(), "dirty_tree": dirty, "date": today(),
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    return {"benchmark": benchmark, "model": model, "device": dev["device"], "mesh": dev["count"],
+    mesh = config.get("engine_args", {}).get("tensor_parallel_size", 1)
+    return {"benchmark": benchmark, "model": model, "device": dev["device"], "mesh": mesh,
             "commit": commit, "config": config, "ceilings": ceilings,
             "metrics": {k: _round(v) for k, v in metrics.items()}, "peers": peers or {}}
 
@@ -752,6 +757,7 @@ def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None
         (f"-{cfg['tag']}" if cfg.get("tag") else "")
     steps = cfg.get("engine_args", {}).get("num_scheduler_steps", 1)
     suffix += f"-steps{steps}" if steps > 1 else ""
+    suffix += f"-mesh{result['mesh']}" if result.get("mesh", 1) > 1 else ""
     name = name or result_name(result["benchmark"] + suffix, result["model"], devtag)
     os.makedirs(results_dir, exist_ok=True)
     path = Path(results_dir) / name

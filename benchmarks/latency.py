@@ -80,8 +80,9 @@ def main(argv=None) -> dict:
     wall = statistics.median(r["wall_s"] for r in runs)
     # Decode step i (1 <= i < O) feeds token P + i - 1 and attends over P + i tokens.
     quant = spec.config.get("quantization_config")  # packed weights: the floor counts their packed bytes
-    floor_s = common.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"], quant=quant) \
-        if ceilings["copy_tbps"] else None
+    # Each of the mesh's devices reads its shard: the floor is at `mesh` times one device's bandwidth.
+    floor_s = common.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"] * args.mesh,
+                                          quant=quant) if ceilings["copy_tbps"] else None
     floor_ms = floor_s / max(O - 1, 1) * 1e3 if floor_s else None
     metrics = {"tok_s": 1e3 / ms, "ms_per_token": ms, "mbu": common.ratio(floor_ms, ms),
                "ttft_ms": statistics.median(r["ttft_ms"] for r in runs), "e2e_tok_s": O / wall,

@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         raise RuntimeError(f"{len(bad)} requests produced the wrong token count, e.g. (index, got, want) {bad[:3]}")
     ptoks, otoks = sum(map(len, prompts)), sum(got)
     flops = common.sum_flops([common.request_flops(cfg, len(p), o) for p, o in zip(prompts, olens)])
-    mm = ceilings["matmul_tflops"]
+    mm = ceilings["matmul_tflops"] and ceilings["matmul_tflops"] * args.mesh  # the mesh's devices together
     metrics = {"output_tok_s": otoks / wall, "total_tok_s": (ptoks + otoks) / wall, "wall_s": wall,
                "mfu": common.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
                "flop_floor_s": flops["total"] / (mm * 1e12) if mm else None,
