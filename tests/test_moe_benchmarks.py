@@ -63,10 +63,12 @@ def test_kv_pages_fit_on_a_141gb_gpu(monkeypatch):
     monkeypatch.setattr(compat, "backends_initialized", lambda: True)
     monkeypatch.setattr(jax, "local_devices", lambda: [Dev()])
     pages = 512 * 48 + 1
-    for model, fits in (("qwen2-7b-instruct", True), ("qwen2-57b-a14b-instruct", False)):
-        args = argparse.Namespace(model=model, dtype="bfloat16", kv_cache_dtype="auto", block_size=16)
-        assert common.kv_pages_fit(args, pages) is fits, model
-    args = argparse.Namespace(model="qwen2-57b-a14b-instruct", dtype="bfloat16", kv_cache_dtype="auto", block_size=16)
+    for model, mesh, fits in (("qwen2-7b-instruct", 1, True), ("qwen2-57b-a14b-instruct", 1, False),
+                              ("qwen2-57b-a14b-instruct", 2, True)):  # over two GPUs, each holds half
+        args = argparse.Namespace(model=model, dtype="bfloat16", kv_cache_dtype="auto", block_size=16, mesh=mesh)
+        assert common.kv_pages_fit(args, pages) is fits, (model, mesh)
+    args = argparse.Namespace(model="qwen2-57b-a14b-instruct", dtype="bfloat16", kv_cache_dtype="auto", block_size=16,
+                              mesh=1)
     assert common.kv_pages_fit(args, 25)  # latency's one sequence
 
 
