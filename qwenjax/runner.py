@@ -36,7 +36,7 @@ from qwenjax import packing, penalty_state, sampler
 from qwenjax.batch import StepInput, build_step_input
 from qwenjax.layers.attention import AttentionMetadata, PackedMetadata, segments
 from qwenjax.scheduler import SchedulerOutput
-from qwenjax.sharding import replicated
+from qwenjax.sharding import replicated, vocab_sharding
 
 logger = logging.getLogger("qwenjax")
 
@@ -58,15 +58,18 @@ class ModelRunner:
         self.block_table_width = block_table_width  # pages per row in every step's block tables
         self.mesh = mesh
         self.scratch_slot = max_num_seqs  # penalty-state row written by padding rows
-        rep = replicated(mesh)
-        self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size, rep)
+        rep, by_vocab = replicated(mesh), vocab_sharding(mesh, vocab_size)
+        self.logits_sharding = by_vocab
+        # The penalty state and the logits stay split on V over a mesh (sharding.vocab_sharding): no step gathers
+        # them; the sampled tokens come out replicated.
+        self.penalties = penalty_state.empty(max_num_seqs + 1, vocab_size, by_vocab)
         self.last_tokens = jax.jit(lambda: jnp.zeros((max_num_seqs + 1,), jnp.int32), out_shardings=rep)()
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
         self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
-                             out_shardings=(kv_out, pen_out, rep))
+                             out_shardings=(kv_out, pen_out, by_vocab))
         self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), donate_argnums=(2,), out_shardings=rep)
         self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree),
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
@@ -128,8 +131,8 @@ class ModelRunner:
                               has_context=ctx, decode_rows=d)
             self._run_step(inp, ctx)
         for b in sampler_rows:
-            # Same layout as a real step's logits (replicated on the mesh), or the executable would not be reused.
-            logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), replicated(self.mesh))
+            # Same layout as a real step's logits (split on V over a mesh), or the executable would not be reused.
+            logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), self.logits_sharding)
             slots = np.full((b,), self.scratch_slot, np.int32)
             for mode in modes:
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)

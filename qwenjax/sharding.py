@@ -111,3 +111,12 @@ def kv_sharding(mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def vocab_sharding(mesh: Mesh, vocab_size: int) -> NamedSharding:
+    """[rows, V] arrays computed from the logits (the logits themselves, the penalty state): split on V like lm_head's
+    output, when V divides evenly, so a step never gathers them. Replicated, they cost an all-gather of every
+    [rows, V] array each dispatch (the penalty state: (max_num_seqs + 1) x V x 5 bytes, ~195 MB for 256 rows of
+    Qwen2's vocabulary, benchmarks/NOTES.md); split, the sampler's reductions over V all-reduce a few values a row."""
+    n = mesh.shape[AXIS]
+    return NamedSharding(mesh, P(None, AXIS) if n > 1 and vocab_size % n == 0 else P())

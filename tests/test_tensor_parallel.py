@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from tests.conftest import pythonpath_with
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_with_devices(args: list[str], n: int = 8, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
+def run_with_devices(args: list[str], n: int = 8, timeout: int = 900, xla_flags: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {xla_flags}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": pythonpath_with(ROOT)}
     return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
@@ -30,15 +31,21 @@ def tp_result(tmp_path_factory):
     # 8 query heads over 2 kv heads: mesh 2 splits kv heads, meshes 4 and 8 replicate them.
     ckpt = write_checkpoint(d / "ckpt", hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=9)
     out = d / "result.json"
-    proc = run_with_devices(["-m", "tests.tp_worker", str(ckpt), str(out)])
+    dump = d / "hlo"  # the compiled steps and sampler calls of every mesh, as XLA optimized them
+    proc = run_with_devices(["-m", "tests.tp_worker", str(ckpt), str(out)],
+                            xla_flags=f"--xla_dump_to={dump} --xla_dump_hlo_as_text "
+                                      "--xla_dump_hlo_module_re=.*(decode_steps|forward|sample).*")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+    result = {int(k) if k.isdigit() else k: v for k, v in json.loads(out.read_text()).items()}
+    result["hlo"] = dump
+    return result
 
 
 def test_meshes_give_identical_greedy_tokens(tp_result):
     base = tp_result[1]["tokens"]
     for n in (2, 4, 8):
         assert tp_result[n]["tokens"] == base, f"mesh {n}"
+    assert tp_result["multi_step_mesh2_tokens"] == base
 
 
 def test_meshes_give_the_same_logprobs(tp_result):
@@ -46,6 +53,25 @@ def test_meshes_give_the_same_logprobs(tp_result):
     for n in (2, 4, 8):
         ours = np.concatenate([np.asarray(x) for x in tp_result[n]["logprobs"]])
         np.testing.assert_allclose(ours, base, atol=1e-4)
+
+
+def test_steps_keep_vocab_sized_arrays_split(tp_result):
+    """Over a mesh the logits and the penalty state stay split on V (sharding.vocab_sharding): no compiled step
+    or sampler call all-gathers a [rows, V] array, except the sampler's top-k on this 512-token vocabulary (it calls
+    lax.top_k on whole rows below 4 x k chunks; on Qwen2's vocabulary it gathers only the chunk maxima). A gathered
+    penalty state costs ~195 MB a dispatch at 256 rows of the real vocabulary."""
+    V = tp_result[2]["vocab_size"]
+    files = [f for f in Path(tp_result["hlo"]).glob("*after_optimizations.txt")
+             if re.search(r"num_partitions=[2-8]\b", f.read_text()[:10000])]
+    assert {name for f in files for name in ("decode_steps", "forward", "sample") if name in f.name} == \
+        {"decode_steps", "forward", "sample"}
+    gathers = [(f.name, line.strip()) for f in files for line in f.read_text().splitlines()
+               if " all-gather(" in line or " all-gather-start(" in line]
+    assert gathers, "no all-gather at all over a mesh: the sampler's argmax should gather per-device candidates"
+    whole_rows = [(name, line[:160]) for name, line in gathers
+                  if f",{V}]" in re.split(r" all-gather(-start)?\(", line)[0] and "top_k" not in line]
+    assert not whole_rows, whole_rows
+    assert tp_result[2]["penalty_spec"] == [None, "tp"] and tp_result[2]["logits_spec"] == [None, "tp"]
 
 
 def test_parameter_and_kv_shardings(tp_result):
@@ -110,7 +136,7 @@ def test_fused_projections_on_meshes_match_hf(tmp_path):
 def test_paged_kernels_under_shard_map():
     proc = run_with_devices(["-m", "tests.sharded_kernel_worker"], n=4, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok") == 6 and proc.stdout.count("ok prefill") == 2
+    assert proc.stdout.count("ok") == 8 and proc.stdout.count("ok prefill") == 2 and proc.stdout.count("ok rope") == 2
 
 
 def test_sharded_loading_makes_no_full_host_copy(tmp_path, capsys):

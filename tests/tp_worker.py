@@ -33,7 +33,14 @@ def main(path: str, out: str) -> None:
             "kv_spec": list(runner.kv_cache[0][0].sharding.spec),
             "kv_devices": len(runner.kv_cache[0][0].sharding.device_set),
             "kv_shard_shape": list(runner.kv_cache[0][0].addressable_shards[0].data.shape),
+            "penalty_spec": list(runner.penalties.output_counts.sharding.spec),
+            "logits_spec": list(runner.logits_sharding.spec),
+            "vocab_size": runner.vocab_size,
         }
+    # Multi-step decode over a mesh: one program of K steps (its HLO is checked by test_tensor_parallel.py too).
+    llm = LLM(path, **SMALL_ENGINE, tensor_parallel_size=2, num_scheduler_steps=4)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    result["multi_step_mesh2_tokens"] = [o.outputs[0].token_ids for o in outs]
     with open(out, "w") as f:
         json.dump(result, f)
 
