@@ -614,12 +614,19 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
 
     logdir = profile_dir or tempfile.mkdtemp(prefix="qwenjax-profile-")
     os.makedirs(logdir, exist_ok=True)
+    # From a cold prefix cache, as timed_generate: otherwise the repeat finds every prompt cached and runs another
+    # workload (each prompt a one-row context step), as the profiles of sessions 1-8 did (benchmarks/NOTES.md).
+    llm.reset_prefix_cache()
     gc.collect()
+    before = stats_snapshot(llm)
     with quiet_trace(logdir, host_tracer_level=1):
         t0 = time.perf_counter()
         llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         wall = time.perf_counter() - t0
-    info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None}
+    steps = stats_delta(before, stats_snapshot(llm))  # the profiled run's steps: the timed run's, if it repeats it
+    info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None,
+                            "engine_stats": {k: steps[k] for k in ("steps", "prefill_steps", "decode_steps",
+                                                                   "mixed_steps", "multi_steps", "prefix_cache_hits")}}
     if jax.default_backend() == "cpu":  # a GPU machine's trace shows its idle GPU even when JAX runs on the CPU
         info["note"] = "JAX runs on the CPU (XLA on host threads): device_busy not computed"
         return info

@@ -60,12 +60,15 @@ def freeze_gc_heap() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _InFlight:
-    """A dispatched step: its device results, and (row, sequence, output index) of each row that samples."""
+    """A dispatched step: its device results, and (row, sequence, first output index) of each row that samples.
+    Row b's tokens are the results' flat entries k * B + b, k < num_steps: its outputs index, index + 1, ..."""
 
     result: object          # SamplerOutput of device arrays
     ranks: jax.Array | None
     wants_lp: bool
     samples: list[tuple[int, Sequence, int]]
+    num_steps: int = 1      # K of a multi-step dispatch
+    num_rows: int = 0       # B: the sampler's rows a step
 
 
 class EngineStats:
@@ -297,45 +300,75 @@ class LLMEngine:
         if out.kind != "prefill":
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows) - (out.kind == "mixed"))
         samples = []
+        pending = [PENDING] * K
         for i, r in enumerate(out.rows):
             seq = r.seq
             seq.num_computed += r.num_new_tokens
             if seq.num_computed <= len(seq.prompt_token_ids):
                 self.stats.prompt_tokens += r.num_new_tokens
-            if r.samples:
+            if r.samples:  # every row of a multi-step dispatch: it decodes
                 samples.append((out.row_index(i), seq, len(seq.output_token_ids)))
-                seq.output_token_ids.append(PENDING)
-                seq.num_pending += 1
-        # Multi-step: step k of the dispatch samples row b's output at flat index k * B + b of its [K, B] tokens.
-        for k in range(1, K):
-            for b, seq, index in samples[:len(out.rows)]:
-                samples.append((k * B + b, seq, index + k))
-                seq.output_token_ids.append(PENDING)
-                seq.num_pending += 1
-                seq.num_computed += 1
-        return _InFlight(res, ranks, wants_lp, samples)
+                seq.output_token_ids.extend(pending)
+                seq.num_pending += K
+                seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
+        return _InFlight(res, ranks, wants_lp, samples, K, B)
 
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
         res = step.result
         t0 = time.perf_counter()
-        ids = to_host(res.token_ids).reshape(-1)  # [K, B] of a multi-step dispatch: flat, see _dispatch
+        ids = to_host(res.token_ids)  # [B], or [K, B] of a multi-step dispatch
         self.stats.host_wait_s += time.perf_counter() - t0
+        B = step.num_rows
+        by_row = ids.reshape(step.num_steps, B).T.tolist()  # row b's K tokens, as Python ints in one pass
         if step.wants_lp:
-            lps, ranks = to_host(res.logprobs), to_host(step.ranks)
+            lps, ranks = to_host(res.logprobs).reshape(-1), to_host(step.ranks)
             top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)
         touched: dict[str, Request] = {}
         for b, seq, index in step.samples:
             if seq.finished:
-                continue  # ended (stop, abort) after this step was dispatched: the token is discarded
-            token = int(ids[b])
-            seq.output_token_ids[index] = token
-            seq.num_pending -= 1
-            lp = (float(lps[b]), int(ranks[b]), top_ids[b], top_lps[b]) if step.wants_lp else None
-            self._append_token(seq, token, index, lp)
+                continue  # ended (stop, abort) after this step was dispatched: its tokens are discarded
+            if step.wants_lp or self._needs_text(seq):
+                for k, token in enumerate(by_row[b]):
+                    if seq.finished:
+                        break
+                    seq.output_token_ids[index + k] = token
+                    seq.num_pending -= 1
+                    i = k * B + b
+                    lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
+                    self._append_token(seq, token, index + k, lp)
+            else:
+                self._append_tokens(seq, by_row[b], index)
             touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
+
+    def _needs_text(self, seq: Sequence) -> bool:
+        """Its text is needed as it grows (stop strings, streaming), so tokens go one by one through the
+        detokenizer; offline without stop strings decodes once at the end instead."""
+        p = seq.params
+        return p.detokenize and (bool(p.stop) or not self.final_only)
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], index: int) -> None:
+        """`_append_token` for outputs index, index + 1, ... of a sequence that needs no logprobs and no text as it
+        grows, in one pass: it ends at the first stop id at or past min_tokens, or at its length limit."""
+        p = seq.params
+        end = min(len(tokens), seq.max_output_tokens - index)  # outputs past the length limit are never reported
+        reason = "length" if index + end >= seq.max_output_tokens else None
+        stops = p.stop_token_id_set(self.eos_token_ids)
+        if stops:
+            for j in range(max(0, p.min_tokens - index - 1), end):
+                if tokens[j] in stops:
+                    end, reason = j + 1, "stop"
+                    seq.stop_reason = tokens[j] if tokens[j] in p.stop_token_ids else None
+                    break
+        seq.output_token_ids[index:index + end] = tokens[:end]
+        seq.num_pending -= end
+        self.stats.generation_tokens += end
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _append_token(self, seq: Sequence, token: int, index: int, lp) -> None:
         """Output `index` of `seq` is now known to be `token` (outputs before it are known too)."""
@@ -355,9 +388,7 @@ class LLMEngine:
                         l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid)
                 seq.logprobs.append(entry)
         delta = ""
-        if p.detokenize and (p.stop or not self.final_only):
-            # Text is needed as it grows (stop strings, streaming); offline without stop strings decodes once at
-            # the end instead, which gives the same text (the incremental deltas concatenate to the full decode).
+        if self._needs_text(seq):  # else the text is decoded once at the end: the deltas concatenate to it
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,

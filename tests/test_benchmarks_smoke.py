@@ -45,7 +45,8 @@ def results(tmp_path_factory):
         import latency, throughput, prefill, dispatch
         a = {common_args!r}
         latency.main(a + ["--skip-warmup", "--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
-        throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "10", "--output-len", "5"])
+        throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "40", "--output-len", "5",
+                             "--profile"])
         throughput.main(a + ["--skip-warmup", "--workload", "random", "--num-prompts", "5", "--prompt-range", "4,20",
                              "--output-range", "2,6", "--decode-buckets", "5", "--prefill-buckets", "20"])
         prefill.main(a + ["--skip-warmup", "--batch", "2", "--prompt-len", "24", "--repeats", "2"])
@@ -96,7 +97,12 @@ def test_workload_details(results):
     # a step (model + sampler) costs more than a no-op dispatch of the same arguments
     assert disp["metrics"]["roundtrip_us"] > disp["metrics"]["enqueue_noop_us"]
     fixed = files["throughput-fixed"]
-    assert fixed["config"]["output_tokens"] == 6 * 5 and fixed["config"]["prompt_tokens"] == 6 * 10
+    assert fixed["config"]["output_tokens"] == 6 * 5 and fixed["config"]["prompt_tokens"] == 6 * 40
+    # The profiled repeat runs the timed run's workload: the same steps, from a cold prefix cache (the prompts'
+    # full blocks, cached by the timed run, would otherwise make each prompt a one-row context step).
+    timed, profiled = fixed["config"]["engine_stats"], fixed["config"]["profile"]["engine_stats"]
+    assert {k: profiled[k] for k in ("steps", "prefill_steps", "decode_steps", "prefix_cache_hits")} == \
+        {k: timed[k] for k in ("steps", "prefill_steps", "decode_steps", "prefix_cache_hits")}
     rnd = files["throughput-random"]
     assert rnd["config"]["num_requests"] == 5 and 5 * 2 <= rnd["config"]["output_tokens"] <= 5 * 6
     pre = files["prefill"]
