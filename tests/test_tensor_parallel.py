@@ -68,7 +68,11 @@ def test_steps_keep_vocab_sized_arrays_split(tp_result):
     gathers = [(f.name, line.strip()) for f in files for line in f.read_text().splitlines()
                if " all-gather(" in line or " all-gather-start(" in line]
     assert gathers, "no all-gather at all over a mesh: the sampler's argmax should gather per-device candidates"
-    whole_rows = [(name, line[:160]) for name, line in gathers
+    def where(line):  # the gather's shape and the JAX op (and source line) it came from
+        meta = re.findall(r'(?:op_name|source_file|source_line)=("[^"]*"|\d+)', line)
+        return re.split(r" all-gather(-start)?\(", line)[0].split("=")[-1].strip(), meta
+
+    whole_rows = [(name, where(line)) for name, line in gathers
                   if f",{V}]" in re.split(r" all-gather(-start)?\(", line)[0] and "top_k" not in line]
     assert not whole_rows, whole_rows
     assert tp_result[2]["penalty_spec"] == [None, "tp"] and tp_result[2]["logits_spec"] == [None, "tp"]
