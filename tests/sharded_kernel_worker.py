@@ -55,3 +55,33 @@ for N, K, dtype in ((8, 4, jnp.float32), (8, 2, E4M3)):
     real = np.arange(Q)[None, :] < np.asarray(q_lens)[:, None]
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5, rtol=2e-5)
     print("ok prefill", N, K, jnp.dtype(dtype).name)
+
+# The fused RoPE + page-write kernel under shard_map: q heads split; kv heads (and pages) split when K divides over
+# the mesh, else replicated (every device writes all of them): pages and q equal the jnp path's, bit for bit.
+from pallas_kernels.rope_kv_write import rope_kv_write_reference  # noqa: E402
+from qwenjax.layers.attention import sharded_rope_kv_write  # noqa: E402
+from qwenjax.layers.rotary import rope_cos_sin  # noqa: E402
+
+for N, K, dtype in ((8, 4, jnp.bfloat16), (8, 2, E4M3)):
+    mesh = make_mesh(4)
+    key = jax.random.split(jax.random.PRNGKey(N * 1000 + K), 3)
+    T, H, pages, page = 6, 64, 4, 16
+    q = jax.random.normal(key[0], (T, N, H), jnp.float32).astype(jnp.bfloat16)
+    k = (jax.random.normal(key[1], (T, K, H), jnp.float32) * 3).astype(jnp.bfloat16)
+    v = (jax.random.normal(key[2], (T, K, H), jnp.float32) * 3).astype(jnp.bfloat16)
+    cos, sin = rope_cos_sin(jnp.asarray([0, 5, 17, 300, 4000, 9], jnp.int32), H, 1e6)
+    slots = jnp.asarray([7, 63, pages * page, 0, 31, pages * page + 1], jnp.int32)
+    cache = jnp.full((K, pages, page, H), 3.0, dtype)
+    scales = (jnp.float32(0.37), jnp.float32(1.9)) if dtype == E4M3 else (None, None)
+    ref = jax.jit(lambda *a: rope_kv_write_reference(*a, k_scale=scales[0], v_scale=scales[1]))(
+        q, k, v, cos, sin, cache, cache, slots)
+    kv_spec = P(None, "tp", None) if K % 4 == 0 else P()
+    page_spec = P("tp") if K % 4 == 0 else P()
+    k, v = (jax.device_put(a, NamedSharding(mesh, kv_spec)) for a in (k, v))
+    q = jax.device_put(q, NamedSharding(mesh, P(None, "tp", None)))
+    kp, vp = (jax.device_put(cache, NamedSharding(mesh, page_spec)) for _ in range(2))
+    out = jax.jit(lambda *a: sharded_rope_kv_write(*a, mesh=mesh, k_scale=scales[0], v_scale=scales[1],
+                                                   interpret=True))(q, k, v, cos, sin, kp, vp, slots)
+    for got, want in zip(out, ref):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    print("ok rope", N, K, jnp.dtype(dtype).name)

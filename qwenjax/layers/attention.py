@@ -5,7 +5,8 @@ H head dim, P pages in the cache, S page size, M pages per row in the block tabl
 on T token slots (PackedMetadata).
 
 Invariant: new K/V are written into their slots *before* attention reads the pages, so a token attends to the
-cached prefix and to the new tokens up to itself through the same pages.
+cached prefix and to the new tokens up to itself through the same pages. The model calls `rope_and_write` (RoPE on
+q and k plus both page writes: one fused Pallas kernel on GPU) and then `attend`.
 
 FP8 pages (kv_cache_dtype fp8_e5m2 / fp8_e4m3, see `fp8_kv`): written by a saturating cast (K / k_scale for e4m3),
 read back as stored * scale in float32 by every reader here, and handed to the Pallas kernel as they are, with the
@@ -23,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax.compat import platform, register_dataclass
 from qwenjax.layers.fp8_kv import from_pages, page_scale, to_pages
+from qwenjax.layers.rotary import apply_rope
 
 
 @register_dataclass
@@ -303,24 +305,111 @@ def _over_heads(kernel, q, k_pages, v_pages, rest: tuple, k_scale, v_scale, *, m
                          out_specs=heads, check_vma=False)(q, k_pages, v_pages, scales, *rest)
 
 
+def step_slots(meta: "AttentionMetadata | MixedMetadata | PackedMetadata") -> jax.Array:
+    """[T] flat slots of the step's tokens in token order."""
+    return jnp.concatenate([s.slot_mapping.reshape(-1) for s in segments(meta)])
+
+
+def reads_fresh_kv(meta: "AttentionMetadata | MixedMetadata | PackedMetadata", *, has_context: bool,
+                   head_dim: int) -> bool:
+    """Whether `attend` reads this step's k/v arrays rather than the pages alone: dense prefill rows (a segment of
+    Q > 1 with no context) and, off the Pallas path, the packed reference."""
+    if isinstance(meta, PackedMetadata):
+        return decode_backend(head_dim) != "pallas"
+    return any(seg.positions.shape[1] > 1 and not has_context for seg in segments(meta))
+
+
+# The fused kernel runs for steps of at most this many tokens. Device time a call on an H100, kernel against the
+# four XLA kernels it replaces (benchmarks/rope_kv_write.py: 7B shape, bf16, profiler kernel time): 1.41 / 5.37 us at
+# 1 token, 1.74 / 4.15 at 64, 5.67 / 8.08 at 1024; from 2048 tokens on both run near copy bandwidth and the kernel is
+# no faster (16.1 / 15.5 at 2048, 32.3 / 33.8 at 4096, 64.0 / 62.9 at 8192), so longer steps keep the XLA path.
+FUSED_ROPE_WRITE_MAX_TOKENS = 1024
+
+
+def fused_rope_write(meta: "AttentionMetadata | MixedMetadata | PackedMetadata", *, has_context: bool,
+                     head_dim: int) -> bool:
+    """Whether `rope_and_write` runs the fused Pallas kernel: with the Pallas attention (GPU), for steps whose
+    attention reads K/V from the pages alone (the kernel keeps no rotated k array) and of at most
+    FUSED_ROPE_WRITE_MAX_TOKENS tokens."""
+    tokens = sum(seg.positions.size for seg in segments(meta))
+    return (decode_backend(head_dim) == "pallas" and tokens <= FUSED_ROPE_WRITE_MAX_TOKENS
+            and not reads_fresh_kv(meta, has_context=has_context, head_dim=head_dim))
+
+
+def rope_and_write(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
+                   v_pages: jax.Array, meta: "AttentionMetadata | MixedMetadata | PackedMetadata", *,
+                   has_context: bool, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> tuple:
+    """RoPE on q [T, N, H] and k [T, K, H] (cos / sin [T, H]), then k and v [T, K, H] written into their slots.
+
+    Returns (q, k, v, k_pages, v_pages): q rotated; k rotated and v as given where `attend` reads them
+    (`reads_fresh_kv`), else None. On GPU (`fused_rope_write`) one Pallas kernel does it all
+    (pallas_kernels/rope_kv_write.py, bit-identical to the jnp path); elsewhere `apply_rope` and `write_kv`.
+    k_scale / v_scale: the layer's scales (`fp8_kv.page_scale` picks what the pages use).
+    """
+    k_scale, v_scale = page_scale(k_pages.dtype, k_scale), page_scale(v_pages.dtype, v_scale)
+    slots = step_slots(meta)
+    if fused_rope_write(meta, has_context=has_context, head_dim=q.shape[-1]):
+        q, k_pages, v_pages = sharded_rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, slots,
+                                                    mesh=jax.sharding.get_abstract_mesh(), k_scale=k_scale,
+                                                    v_scale=v_scale)
+        return q, None, None, k_pages, v_pages
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v, write_kv(k_pages, k, slots, k_scale), write_kv(v_pages, v, slots, v_scale)
+
+
+def sharded_rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, slots, *, mesh, k_scale=None, v_scale=None,
+                          interpret: bool = False):
+    """The fused RoPE + page-write kernel on each device's heads, under shard_map over the "tp" axis of `mesh`: q
+    split on its heads; k, v and the pages split on kv heads when K divides over the mesh, else replicated (each
+    device then writes every kv head, the same values, into its copy of the pages). cos, sin, slots replicated."""
+    from pallas_kernels.rope_kv_write import rope_kv_write
+
+    def kernel(q, k, v, cos, sin, k_pages, v_pages, slots, scales):
+        return rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, slots,
+                             k_scale=None if k_scale is None else scales[0],
+                             v_scale=None if v_scale is None else scales[1], interpret=interpret)
+
+    scales = jnp.stack([jnp.asarray(1.0 if s is None else s, jnp.float32).reshape(()) for s in (k_scale, v_scale)])
+    args = (q, k, v, cos, sin, k_pages, v_pages, slots, scales)
+    n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
+    if n == 1:
+        return kernel(*args)
+    heads = P(None, "tp", None)
+    kv, pages = (heads, P("tp", None, None, None)) if k.shape[1] % n == 0 else (P(), P())
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, kv, kv, P(), P(), pages, pages, P(), P()),
+                         out_specs=(heads, pages, pages), check_vma=False)(*args)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-              meta: AttentionMetadata | MixedMetadata, *, has_context: bool, k_scale: jax.Array | None = None,
-              v_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes k/v [T, K, H] into the pages and attends. Returns (out [T, N, H], k_pages, v_pages).
+              meta: AttentionMetadata | MixedMetadata | PackedMetadata, *, has_context: bool,
+              k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """Writes k/v [T, K, H] (k already rotated) into the pages and attends (`attend`). Returns (out [T, N, H],
+    k_pages, v_pages). The model goes through `rope_and_write` then `attend` instead, which fuses RoPE and the
+    writes on GPU."""
+    k_scale, v_scale = page_scale(k_pages.dtype, k_scale), page_scale(v_pages.dtype, v_scale)
+    slots = step_slots(meta)
+    k_pages = write_kv(k_pages, k, slots, k_scale)
+    v_pages = write_kv(v_pages, v, slots, v_scale)
+    out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, k_scale=k_scale, v_scale=v_scale)
+    return out, k_pages, v_pages
+
+
+def attend(q: jax.Array, k: jax.Array | None, v: jax.Array | None, k_pages: jax.Array, v_pages: jax.Array,
+           meta: AttentionMetadata | MixedMetadata | PackedMetadata, *, has_context: bool,
+           k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+    """Attention of q [T, N, H] (rotated) over the pages, which already hold this step's K/V. Returns [T, N, H].
 
     The T tokens are the segments' tokens in order (`segments`): one segment of [B, Q] rows, a mixed step's
     decode segment then its prefill segment, or a packed prefill step's slots (PackedMetadata). `has_context`
-    (static) is False when every prefill row starts at position 0, so prefill needs no page reads. k_scale / v_scale: the layer's float32 scalars; used only with
-    float8_e4m3fn pages (`fp8_kv.page_scale`).
+    (static) is False when every prefill row starts at position 0, so prefill needs no page reads. k / v [T, K, H]:
+    this step's rotated K and V, read only where `reads_fresh_kv` (else they may be None). k_scale / v_scale: the
+    layer's float32 scalars; used only with float8_e4m3fn pages (`fp8_kv.page_scale`).
     """
     sm_scale = q.shape[-1] ** -0.5
     k_scale, v_scale = page_scale(k_pages.dtype, k_scale), page_scale(v_pages.dtype, v_scale)
-    slots = jnp.concatenate([s.slot_mapping.reshape(-1) for s in segments(meta)])
-    k_pages = write_kv(k_pages, k, slots, k_scale)
-    v_pages = write_kv(v_pages, v, slots, v_scale)
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     if isinstance(meta, PackedMetadata):
-        return packed_attention(q, k, v, k_pages, v_pages, meta, sm_scale=sm_scale, **scales), k_pages, v_pages
+        return packed_attention(q, k, v, k_pages, v_pages, meta, sm_scale=sm_scale, **scales)
     outs, start = [], 0
     for seg in segments(meta):
         B, Q = seg.positions.shape
@@ -335,4 +424,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pa
             out = context_attention(qs, k_pages, v_pages, seg, sm_scale=sm_scale, **scales)
         outs.append(out.reshape(B * Q, *q.shape[1:]))
         start = end
-    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs)), k_pages, v_pages
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)

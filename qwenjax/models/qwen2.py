@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, attention, flat_positions
+from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, attend, flat_positions, rope_and_write
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
-from qwenjax.layers.rotary import apply_rope, rope_cos_sin
+from qwenjax.layers.rotary import rope_cos_sin
 from qwenjax.models.fusion import Fusion, split_columns
 from qwenjax.quantization.config import QuantConfig
 
@@ -62,9 +62,10 @@ class Qwen2Attention(nnx.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, k_pages, v_pages = attention(q, k, v, k_pages, v_pages, meta, has_context=has_context,
-                                          k_scale=self.k_scale[...], v_scale=self.v_scale[...])
+        scales = dict(k_scale=self.k_scale[...], v_scale=self.v_scale[...])
+        q, k, v, k_pages, v_pages = rope_and_write(q, k, v, cos, sin, k_pages, v_pages, meta, has_context=has_context,
+                                                   **scales)
+        out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, **scales)
         return self.o_proj(out.reshape(T, -1)), k_pages, v_pages
 
 

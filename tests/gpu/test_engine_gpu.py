@@ -1,6 +1,7 @@
 """GPU-only checks, run on the device machine with `pytest tests/gpu --gpu` (deselected elsewhere).
 
-- every decode bucket's compiled step contains the Pallas paged-attention kernel (no silent jnp fallback);
+- every decode bucket's compiled step contains the Pallas paged-attention kernel (no silent jnp fallback), and the
+  fused RoPE + K/V page-write kernel once a layer (no apply_rope / scatter kernels left);
 - the engine on one GPU (mesh 1) gives the same greedy tokens as on CPU for the same checkpoint (bf16 on both
   sides would differ by rounding, so both run float32 here).
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from qwenjax import LLM, SamplingParams, packing
+from qwenjax.layers import attention
 from qwenjax.runner import dummy_input
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +72,13 @@ def test_kernel_in_every_decode_bucket(bf16_llm):
         # The fused residual add + RMSNorm: two a layer (the first layer's input norm has no add; the final norm does).
         norms = sum(_kernel_in(line) and "qwenjax_add_rms_norm" in line for line in hlo.splitlines())
         assert norms == 2 * CONFIG["num_hidden_layers"], f"decode bucket {b}: {norms} add_rms_norm kernels"
+        ropes = _count(hlo, "qwenjax_rope_kv_write")
+        assert ropes == CONFIG["num_hidden_layers"], f"decode bucket {b}: {ropes} rope_kv_write kernels"
+
+
+def _count(hlo: str, name: str) -> int:
+    """Pallas custom calls of the kernel named `name` in a compiled module's text."""
+    return sum(_kernel_in(line) and name in line for line in hlo.splitlines())
 
 
 def test_gpu_tokens_equal_cpu_tokens(model_dir):
@@ -115,6 +124,11 @@ def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
         n = sum(_kernel_in(line) and "qwenjax_paged" in line for line in hlo.splitlines())
         assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {n} Pallas attention " \
             f"calls for {layers} layers"
+        # RoPE + page writes: the fused kernel where rope_and_write picks it (attention reads the pages alone).
+        fused = attention.fused_rope_write(inp.meta, has_context=ctx, head_dim=CONFIG["hidden_size"] // 4)
+        ropes = _count(hlo, "qwenjax_rope_kv_write")
+        assert ropes == (layers if fused else 0), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {ropes} " \
+            f"rope_kv_write kernels (fused: {fused})"
 
 
 MIXED_ENGINE = dict(max_model_len=256, max_num_seqs=8, decode_buckets=(8,), prefill_token_buckets=(32,),
