@@ -97,19 +97,15 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
 
     `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
     and with "topk" a row's top-p only sees the topk_cap most likely tokens. `vocab_sharding` (over a mesh: the
-    logits' split on V, sharding.vocab_sharding) is given to the penalty rows and the Gumbel noise too, so no
-    [B, V] array is gathered to meet another's layout (jax 0.11.2's partitioner gathered the logits).
+    logits' split on V, sharding.vocab_sharding) is given to the Gumbel noise too, so no [B, V] array is gathered
+    to meet it (jax 0.11's partitioner gathered the logits to the replicated noise's layout).
     """
     raw = logits.astype(jnp.float32)
     x = raw
-    if vocab_sharding is not None and history is not None:  # rows gathered from the split penalty state
-        history = tuple(jax.lax.with_sharding_constraint(h, vocab_sharding) for h in history)
     if mode.penalties:
         x = apply_penalties(x, t, history)
     if mode.has_banned:
         x = apply_banned(x, t)
-    if vocab_sharding is not None:  # the penalised logits keep the logits' split, whatever their operands had
-        x = jax.lax.with_sharding_constraint(x, vocab_sharding)
 
     if mode.all_greedy:
         token_ids = jnp.argmax(x, axis=-1)
