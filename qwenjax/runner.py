@@ -70,10 +70,8 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
                              out_shardings=(kv_out, pen_out, by_vocab))
-        split = by_vocab if mesh.size > 1 else None  # the sampler's [B, V] arrays follow the logits' split
-        self._sample = jax.jit(functools.partial(_sample, vocab_sharding=split), static_argnames=("mode", "layout"),
-                               donate_argnums=(2,), out_shardings=rep)
-        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree, vocab_sharding=split),
+        self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), donate_argnums=(2,), out_shardings=rep)
+        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree),
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
                                      out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
@@ -215,7 +213,7 @@ def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, las
 
 
 def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *, layout,
-                  mode, num_steps: int, vocab_sharding=None):
+                  mode, num_steps: int):
     """`num_steps` decode steps in one program (see the module docstring). Returns the cache, the penalty state,
     last_tokens and a SamplerOutput whose token_ids / logprobs are [num_steps, B]."""
     inp, tensors = packing.unpack(i_buf, f_buf, layout)
@@ -237,8 +235,7 @@ def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_
         pen = penalty_state.update(pen, ids, pos, meta.query_lens, inp.prompt_lens, inp.slots, inp.reset,
                                    inp.history)
         history = penalty_state.rows_of(pen, inp.slots) if mode.penalties else None
-        out = sampler.sample(logits, dataclasses.replace(tensors, steps=tensors.steps + k), mode, history=history,
-                             vocab_sharding=vocab_sharding)
+        out = sampler.sample(logits, dataclasses.replace(tensors, steps=tensors.steps + k), mode, history=history)
         last = last.at[inp.slots].set(out.token_ids)
         return kv, pen, last, out.token_ids[:, None], tokens.at[k].set(out.token_ids), \
             logprobs.at[k].set(out.logprobs)
@@ -264,12 +261,12 @@ def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, me
     return chosen, ranks, top_ids, top_lps
 
 
-def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout, vocab_sharding=None):
+def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):
     """Returns the SamplerOutput, each sampled token's rank in the vocabulary when logprobs are asked for (else
     None), and last_tokens with the sampled ids written to the rows' slots (padding rows write the scratch row)."""
     tensors, slots = packing.unpack(i_buf, f_buf, layout)
     history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
-    out = sampler.sample(logits, tensors, mode, history=history, vocab_sharding=vocab_sharding)
+    out = sampler.sample(logits, tensors, mode, history=history)
     last_tokens = last_tokens.at[slots].set(out.token_ids.astype(jnp.int32))
     if mode.num_logprobs == 0:
         return out, None, last_tokens

@@ -92,13 +92,11 @@ class SamplerOutput:
 
 
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
-           history: tuple[jax.Array, jax.Array] | None = None, vocab_sharding=None) -> SamplerOutput:
+           history: tuple[jax.Array, jax.Array] | None = None) -> SamplerOutput:
     """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.
 
     `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
-    and with "topk" a row's top-p only sees the topk_cap most likely tokens. `vocab_sharding` (over a mesh: the
-    logits' split on V, sharding.vocab_sharding) is given to the Gumbel noise too, so no [B, V] array is gathered
-    to meet it (jax 0.11's partitioner gathered the logits to the replicated noise's layout).
+    and with "topk" a row's top-p only sees the topk_cap most likely tokens.
     """
     raw = logits.astype(jnp.float32)
     x = raw
@@ -110,10 +108,7 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
     if mode.all_greedy:
         token_ids = jnp.argmax(x, axis=-1)
     else:
-        noise = _gumbel_noise(t.seeds, t.steps, x.shape[-1])
-        if vocab_sharding is not None:
-            noise = jax.lax.with_sharding_constraint(noise, vocab_sharding)
-        scores = filtered_logits(x, t, mode) + noise
+        scores = filtered_logits(x, t, mode) + _gumbel_noise(t.seeds, t.steps, x.shape[-1])
         greedy = (t.temperature < GREEDY_TEMPERATURE)[:, None]
         token_ids = jnp.argmax(jnp.where(greedy, x, scores), axis=-1)
     token_ids = token_ids.astype(jnp.int32)
