@@ -68,7 +68,6 @@ class _InFlight:
     wants_lp: bool
     samples: list[tuple[int, Sequence, int]]
     num_steps: int = 1      # K of a multi-step dispatch
-    num_rows: int = 0       # B: the sampler's rows a step
 
 
 class EngineStats:
@@ -311,17 +310,17 @@ class LLMEngine:
                 seq.output_token_ids.extend(pending)
                 seq.num_pending += K
                 seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
-        return _InFlight(res, ranks, wants_lp, samples, K, B)
+        return _InFlight(res, ranks, wants_lp, samples, K)
 
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
         res = step.result
         t0 = time.perf_counter()
-        ids = to_host(res.token_ids)  # [B], or [K, B] of a multi-step dispatch
+        ids = to_host(res.token_ids).reshape(step.num_steps, -1)  # [K, B]: [B] tokens a step
         self.stats.host_wait_s += time.perf_counter() - t0
-        B = step.num_rows
-        by_row = ids.reshape(step.num_steps, B).T.tolist()  # row b's K tokens, as Python ints in one pass
+        B = ids.shape[1]
+        by_row = ids.T.tolist()  # row b's K tokens, as Python ints in one pass
         if step.wants_lp:
             lps, ranks = to_host(res.logprobs).reshape(-1), to_host(step.ranks)
             top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)
