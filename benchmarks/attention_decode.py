@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels.paged_attention import (  # noqa: E402
+    default_num_stages,
     default_settings,
     paged_attention,
     paged_attention_reference,
@@ -255,21 +256,22 @@ def bf16_compute_us(args):
     ppcb, splits = default_settings(q.shape[0], KV_HEADS, args[3].shape[1], PAGE, HEAD_DIM, k.dtype)
     fn = jax.jit(lambda *a: module._paged_attention_kernel_call(
         *a, jnp.ones((2,), jnp.float32), sm_scale=HEAD_DIM ** -0.5, pages_per_block=ppcb, num_splits=splits,
-        num_warps=4, num_stages=2, interpret=False, compute_dtype=jnp.bfloat16))
+        num_warps=4, num_stages=default_num_stages(k.dtype), interpret=False, compute_dtype=jnp.bfloat16))
     return time_us(fn, *args)
 
 
 def decode_case(name, key, lengths, copy, *, kv_dtype=jnp.bfloat16, max_pages=None, with_peer=True,
-                sweep_grid=None, budget_s=1e9):
+                sweep_grid=None, budget_s=1e9, launch=False):
     args = make_inputs(key, lengths, kv_dtype=kv_dtype, max_pages=max_pages)
     mp = args[3].shape[1]
     us = time_us(ours(), *args)
     nbytes = kv_bytes(lengths, kv_dtype)
     row = dict(case=name, us=us, kv_bytes=nbytes, bw_fraction=nbytes / (us * 1e-6) / (copy * 1e12),
                defaults=dict(zip(("pages_per_compute_block", "num_splits"),
-                                 default_settings(len(lengths), KV_HEADS, mp, PAGE, HEAD_DIM, kv_dtype))))
+                                 default_settings(len(lengths), KV_HEADS, mp, PAGE, HEAD_DIM, kv_dtype)),
+                        num_stages=default_num_stages(kv_dtype)))
     if sweep_grid:
-        row["sweep"] = sweep(args, budget_s, *sweep_grid, launch=False)[:6]
+        row["sweep"] = sweep(args, budget_s, *sweep_grid, launch=launch)[:8]
     if jnp.dtype(kv_dtype).itemsize == 1:
         row["us_bf16_compute"] = bf16_compute_us(args)
         log(f"{name}: fp8 -> bf16 dot inputs {row['us_bf16_compute']:.1f} us (default f16: {us:.1f} us)")
@@ -302,12 +304,18 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--budget-s", type=float, default=200.0, help="skip sweep configs past this many seconds")
     ap.add_argument("--check-deadline-s", type=float, default=450.0, help="skip check cases past this many seconds")
+    ap.add_argument("--fp8-only", action="store_true",
+                    help="only the context-8192 bf16 / fp8_e5m2 pair (with --sweep: also over launch settings)")
     a = ap.parse_args()
     log(f"device {device_name()}, jax {jax.__version__}, commit {commit()}")
     base = dict(model=MODEL, device=device_name(), mesh=1, commit=commit(), jax=jax.__version__)
 
     copy = copy_tbps()
     log(f"copy bandwidth {copy:.2f} TB/s")
+    if a.fp8_only:
+        b, e = fp8_pair(a, base, copy, launch=a.sweep)
+        print_table((b, e), b, e, copy, [])
+        return
     key = jax.random.key(0)
     main_row, main_args = decode_case("batch64-ctx4096", key, [4096] * 64, copy)
     sweep_rows = sweep(main_args, a.budget_s) if a.sweep else []
@@ -325,40 +333,8 @@ def main():
         peers=dict(jax_paged_attention=main_row.get("peer")),
         cases=[main_row, mixed_row], sweep=sweep_rows)
     write(a.out, "attention-decode", result)
-
-    fp8 = {}
-    for dtype in (jnp.bfloat16, jnp.float8_e5m2):
-        name = jnp.dtype(dtype).name
-        try:
-            fp8[name], _ = decode_case(f"batch64-ctx8192-{name}", jax.random.key(2), [8192] * 64, copy,
-                                       kv_dtype=dtype, with_peer=False, budget_s=a.budget_s + 90,
-                                       sweep_grid=((4, 8, 16), (1, 2, 4)) if a.sweep else None)
-        except Exception as e:  # noqa: BLE001 - keep the rest of the run
-            log(f"ctx8192 {name} failed: {type(e).__name__}: {str(e)[:2000]}")
-            fp8[name] = dict(case=f"batch64-ctx8192-{name}", us=float("nan"), bw_fraction=float("nan"))
-    b, e = fp8["bfloat16"], fp8["float8_e5m2"]
-    write(a.out, "attention-decode-fp8", dict(
-        benchmark="attention-decode-fp8", **base,
-        config=dict(batch=64, context=8192, q_heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page_size=PAGE,
-                    kv_cache_dtype="float8_e5m2", q_dtype="bfloat16", settings=e.get("defaults")),
-        ceilings=dict(copy_tbps=copy),
-        metrics=dict(us=e["us"], speedup_vs_bf16_kv=b["us"] / e["us"], bw_fraction=e["bw_fraction"]),
-        peers=dict(bf16_kv=dict(us=b["us"], bw_fraction=b["bw_fraction"])), cases=[b, e]))
-
-    print(f"\n{'case':34s} {'ours us':>9s} {'bw frac':>8s} {'peer us':>9s} {'speedup':>8s}")
-    for r in (main_row, mixed_row, b, e):
-        peer = r.get("peer", {}).get("us")
-        sp = r.get("speedup_vs_jax_paged_attention")
-        print(f"{r['case']:34s} {r['us']:9.1f} {r['bw_fraction']:8.1%} {peer or float('nan'):9.1f} "
-              f"{sp or float('nan'):8.2f}")
-    print(f"fp8_e5m2 vs bf16 KV at ctx 8192: {b['us'] / e['us']:.2f}x; copy {copy:.2f} TB/s; {device_name()}")
-    if sweep_rows:
-        print("\nsweep (best first):")
-        for r in sweep_rows[:12]:
-            print("  ", r)
-        for r in (mixed_row, b, e):
-            for x in r.get("sweep", [])[:3]:
-                print(f"   {r['case']}: {x}")
+    b, e = fp8_pair(a, base, copy)
+    print_table((main_row, mixed_row, b, e), b, e, copy, sweep_rows)
     failed = 0
     if a.check:
         rows = check_grid(deadline_s=a.check_deadline_s)
@@ -371,6 +347,47 @@ def main():
         print(f"check: {len(rows) - failed}/{len(rows)} passed\n", flush=True)
         write(a.out, "attention-decode-check", dict(benchmark="attention-decode-check", **base, rows=rows))
     sys.exit(1 if failed else 0)
+
+
+def fp8_pair(a, base, copy, launch=False):
+    """bf16 and fp8_e5m2 KV at context 8192 (the `attention-decode-fp8` row), written as its JSON."""
+    fp8 = {}
+    for dtype in (jnp.bfloat16, jnp.float8_e5m2):
+        name = jnp.dtype(dtype).name
+        try:
+            fp8[name], _ = decode_case(f"batch64-ctx8192-{name}", jax.random.key(2), [8192] * 64, copy,
+                                       kv_dtype=dtype, with_peer=False, budget_s=a.budget_s + 90,
+                                       sweep_grid=((4, 8, 16), (1, 2, 4)) if a.sweep else None,
+                                       launch=launch)
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            log(f"ctx8192 {name} failed: {type(e).__name__}: {str(e)[:2000]}")
+            fp8[name] = dict(case=f"batch64-ctx8192-{name}", us=float("nan"), bw_fraction=float("nan"))
+    b, e = fp8["bfloat16"], fp8["float8_e5m2"]
+    write(a.out, "attention-decode-fp8", dict(
+        benchmark="attention-decode-fp8", **base,
+        config=dict(batch=64, context=8192, q_heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page_size=PAGE,
+                    kv_cache_dtype="float8_e5m2", q_dtype="bfloat16", settings=e.get("defaults")),
+        ceilings=dict(copy_tbps=copy),
+        metrics=dict(us=e["us"], speedup_vs_bf16_kv=b["us"] / e["us"], bw_fraction=e["bw_fraction"]),
+        peers=dict(bf16_kv=dict(us=b["us"], bw_fraction=b["bw_fraction"])), cases=[b, e]))
+    return b, e
+
+
+def print_table(rows, b, e, copy, sweep_rows):
+    print(f"\n{'case':34s} {'ours us':>9s} {'bw frac':>8s} {'peer us':>9s} {'speedup':>8s}")
+    for r in rows:
+        peer = r.get("peer", {}).get("us")
+        sp = r.get("speedup_vs_jax_paged_attention")
+        print(f"{r['case']:34s} {r['us']:9.1f} {r['bw_fraction']:8.1%} {peer or float('nan'):9.1f} "
+              f"{sp or float('nan'):8.2f}")
+    print(f"fp8_e5m2 vs bf16 KV at ctx 8192: {b['us'] / e['us']:.2f}x; copy {copy:.2f} TB/s; {device_name()}")
+    if sweep_rows:
+        print("\nsweep (best first):")
+        for r in sweep_rows[:12]:
+            print("  ", r)
+    for r in rows[1:]:
+        for x in r.get("sweep", [])[:3]:
+            print(f"   {r['case']}: {x}")
 
 
 if __name__ == "__main__":

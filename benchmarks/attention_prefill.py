@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from attention_decode import HEAD_DIM, HEADS, KV_HEADS, MODEL, PAGE, commit, device_name, log, time_us, write  # noqa: E402
 from pallas_kernels.paged_prefill import default_settings, paged_prefill_attention  # noqa: E402
+from pallas_kernels.paged_prefill_hopper import HopperPrefillConfig, hopper_ragged_prefill_attention  # noqa: E402
 
 LENGTHS = (2048, 4096, 8192)
 
@@ -65,7 +66,33 @@ def mgpu_fn():
     return jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
 
 
-def run_case(name, chunk, cached, *, peers=True, sweep=False):
+def time_hopper(args, f):
+    """The Hopper (Mosaic GPU) kernel on the same pages, q packed [T, N, H], over its configs: the best, and each;
+    its output checked against the Triton kernel's."""
+    q, k, v, tables, seq_lens, query_lens = args
+    packed = (q[0], k, v, tables, seq_lens, query_lens, jnp.zeros((1,), jnp.int32))
+    want = np.asarray(paged_prefill_attention(*args), np.float32)[0]
+    rows = []
+    for block_kv, stages in ((128, 2), (64, 2), (128, 3), (64, 3)):
+        cfg = HopperPrefillConfig(block_kv=block_kv, num_stages=stages)
+        fn = jax.jit(lambda *a, cfg=cfg: hopper_ragged_prefill_attention(*a, config=cfg))
+        try:
+            err = float(np.max(np.abs(np.asarray(fn(*packed), np.float32) - want)))
+            t = time_us(fn, *packed, iters=10, reps=5)
+        except Exception as e:  # noqa: BLE001 - a config that fails is recorded, not fatal
+            rows.append(dict(block_kv=block_kv, num_stages=stages, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(f"  hopper block_kv={block_kv} stages={stages}: failed: {str(e)[:300]}")
+            continue
+        rows.append(dict(block_kv=block_kv, num_stages=stages, us=t, tflops=f / t / 1e6,
+                         max_abs_diff_vs_triton_kernel=err))
+        log(f"  hopper block_kv={block_kv} stages={stages}: {t:.1f} us, {f / t / 1e6:.1f} TFLOP/s, "
+            f"max |diff| vs the Triton kernel {err:.3g}")
+    ok = [r for r in rows if "us" in r]
+    best = dict(min(ok, key=lambda r: r["us"])) if ok else {}
+    return dict(best, configs=rows)
+
+
+def run_case(name, chunk, cached, *, peers=True, sweep=False, hopper=True):
     args, (k, v) = make_case(jax.random.key(chunk + cached), chunk, cached)
     f = flops(chunk, cached)
     bq, ppb = default_settings(HEADS, KV_HEADS, PAGE, HEAD_DIM)
@@ -74,6 +101,8 @@ def run_case(name, chunk, cached, *, peers=True, sweep=False):
     row = dict(name=name, chunk=chunk, cached=cached, us=us, tflops=f / us / 1e6,
                settings=dict(block_q=bq, pages_per_block=ppb))
     log(f"{name}: ours {us:.1f} us, {row['tflops']:.1f} TFLOP/s")
+    if hopper:
+        row["hopper"] = time_hopper(args, f)
     if sweep:
         row["sweep"] = []
         for bq_, ppb_, warps, stages in ((16, 4, 4, 2), (16, 4, 8, 2), (16, 8, 8, 2), (8, 4, 4, 2), (16, 2, 4, 3),
@@ -95,6 +124,8 @@ def run_case(name, chunk, cached, *, peers=True, sweep=False):
                 row[peer] = dict(us=t, tflops=f / t / 1e6, dtype=jnp.dtype(cast).name)
                 row[f"speedup_vs_{peer}"] = t / us
                 log(f"  {peer}: {t:.1f} us, {f / t / 1e6:.1f} TFLOP/s -> ours {t / us:.2f}x")
+                if row.get("hopper", {}).get("us"):
+                    row["hopper"][f"speedup_vs_{peer}"] = t / row["hopper"]["us"]
             except Exception as e:  # noqa: BLE001 - a peer that fails is recorded, not fatal
                 row[peer] = dict(error=str(e)[:300])
                 log(f"  {peer}: failed: {str(e)[:200]}")
@@ -104,15 +135,21 @@ def run_case(name, chunk, cached, *, peers=True, sweep=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="time our kernel over a few tile / launch settings")
+    ap.add_argument("--no-hopper", action="store_true", help="skip the Hopper (Mosaic GPU) kernel")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
     log(f"device {device_name()}, jax {jax.__version__}, commit {commit()}")
-    rows = [run_case(f"prefill-{t}", t, 0, sweep=a.sweep and t == 4096) for t in LENGTHS]
-    rows.append(run_case("chunk-512-after-7680", 512, 7680, peers=False))
+    rows = [run_case(f"prefill-{t}", t, 0, sweep=a.sweep and t == 4096, hopper=not a.no_hopper) for t in LENGTHS]
+    rows.append(run_case("chunk-512-after-7680", 512, 7680, peers=False, hopper=not a.no_hopper))
     main_rows = rows[:len(LENGTHS)]
 
     def mean(key):
         vals = [r[key] for r in main_rows if isinstance(r.get(key), float)]
+        return float(np.mean(vals)) if vals else None
+
+    def hmean(key):
+        vals = [r.get("hopper", {}).get(key) for r in main_rows]
+        vals = [x for x in vals if isinstance(x, float)]
         return float(np.mean(vals)) if vals else None
 
     result = dict(benchmark="attention-prefill", model=MODEL, device=device_name(), mesh=1, commit=commit(),
@@ -120,7 +157,10 @@ def main():
                   config=dict(lengths=list(LENGTHS), q_heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                               page_size=PAGE, q_dtype="bfloat16", kv_cache_dtype="bfloat16", causal=True),
                   ceilings={}, metrics=dict(tflops=mean("tflops"), speedup_vs_cudnn=mean("speedup_vs_cudnn"),
-                                            speedup_vs_attention_mgpu=mean("speedup_vs_attention_mgpu")),
+                                            speedup_vs_attention_mgpu=mean("speedup_vs_attention_mgpu"),
+                                            hopper_tflops=hmean("tflops"),
+                                            hopper_speedup_vs_cudnn=hmean("speedup_vs_cudnn"),
+                                            hopper_speedup_vs_attention_mgpu=hmean("speedup_vs_attention_mgpu")),
                   peers={}, cases=rows)
     write(a.out, "attention-prefill", result)
     print("== attention-prefill")
@@ -128,6 +168,12 @@ def main():
         print(f"  {r['name']:22s} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s  "
               f"cudnn {r.get('speedup_vs_cudnn', float('nan')):.2f}x  "
               f"mgpu {r.get('speedup_vs_attention_mgpu', float('nan')):.2f}x")
+        h = r.get("hopper", {})
+        if h.get("us"):
+            print(f"  {'  hopper kernel':22s} {h['us']:9.1f} us {h['tflops']:6.1f} TFLOP/s  "
+                  f"cudnn {h.get('speedup_vs_cudnn', float('nan')):.2f}x  "
+                  f"mgpu {h.get('speedup_vs_attention_mgpu', float('nan')):.2f}x  "
+                  f"(block_kv {h['block_kv']}, {h['num_stages']} stages)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #   serve-gc-M       the same with the serving process's gen-0 GC threshold at SERVE_GC_THRESHOLD (default 700)
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
-#   attn-prefill     attention_prefill.py --sweep: the paged prefill kernel against cuDNN and attention_mgpu
+#   attn-prefill     attention_prefill.py --sweep: the paged prefill kernels (Triton, Hopper) against cuDNN and
+#                    attention_mgpu; attn-prefill-nosweep without the Triton kernel's sweep
+#   attn-decode-fp8  attention_decode.py --fp8-only --sweep: bf16 / fp8_e5m2 KV at context 8192, launch settings too
 #   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
 #                    (one step per file: gputests-prefill_kernel, -quant_gemv, -moe, -engine run one of them)
@@ -270,6 +272,13 @@ for s in "${STAGES[@]}"; do
         attn-prefill)
             step attn-prefill 60 240 "$PY" benchmarks/attention_prefill.py --sweep --out "$OUT"
             ;;
+        attn-prefill-nosweep)
+            step attn-prefill 60 200 "$PY" benchmarks/attention_prefill.py --out "$OUT"
+            ;;
+        attn-decode-fp8)
+            step attn-decode-fp8 60 200 "$PY" benchmarks/attention_decode.py --fp8-only --sweep --budget-s 120 \
+                --out "$OUT"
+            ;;
         kernel-isa)
             step kernel-isa 60 200 "$PY" benchmarks/kernel_isa.py --out "$OUT"
             ;;
@@ -283,6 +292,7 @@ for s in "${STAGES[@]}"; do
                 par=()
                 case $f in
                     prefill_kernel) cap=200; par=(-n 4) ;;
+                    prefill_hopper) cap=200 ;;
                     quant_gemv) cap=150 ;;
                     moe) cap=200 ;;
                     *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;

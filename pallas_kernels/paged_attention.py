@@ -43,6 +43,10 @@ _GROUP_ROWS = 16  # rows of the q tile; Triton's dot needs M >= 16
 _BLOCK_BYTES = 16384  # K bytes per compute block: bf16 best at 64 tokens, fp8 at 128 (both beat half and double)
 _MAX_BLOCK_TOKENS = 128
 _TARGET_PROGRAMS = 512  # K * S * C: at 256 (s, kv head) pairs, 2 splits beat 1, 4, 8, 16 at contexts 4k, 8k, 512..8k
+# fp8 pages: half that. At 256 pairs and context 8k, 1 split beat 2 and 4 (226 / 229 / 236 us, 2 stages), and 4
+# pipeline stages beat 2 and 3 (221.5 / 226.2 / 222.5 us, 1 split); bf16 pages: 2 stages (3 and 4 within 0.7%).
+_TARGET_PROGRAMS_FP8 = 256
+_NUM_STAGES, _NUM_STAGES_FP8 = 2, 4
 _MIN_BLOCKS_PER_SPLIT = 2  # a split shorter than this costs more in the combine than it saves
 # Block tables of at most this many blocks run in one pass: at batch 1 the split's combine (three XLA kernels, ~4.8 us
 # a layer on an H100 at b004b55) cost more than the 2-split kernel itself (2.15 us) at a 256-token context.
@@ -169,9 +173,15 @@ def default_settings(batch, num_kv_heads, max_pages, page_size, head_dim=128, kv
     blocks = pl.cdiv(max_pages, ppcb)
     if blocks <= _SINGLE_PASS_BLOCKS:
         return ppcb, 1
-    want = pl.cdiv(_TARGET_PROGRAMS, batch * num_kv_heads)
+    target = _TARGET_PROGRAMS_FP8 if jnp.dtype(kv_dtype).itemsize == 1 else _TARGET_PROGRAMS
+    want = pl.cdiv(target, batch * num_kv_heads)
     num_splits = max(1, min(want, blocks // _MIN_BLOCKS_PER_SPLIT))
     return ppcb, num_splits
+
+
+def default_num_stages(kv_dtype) -> int:
+    """Triton pipeline stages used when the caller leaves num_stages None (see `_NUM_STAGES_FP8`)."""
+    return _NUM_STAGES_FP8 if jnp.dtype(kv_dtype).itemsize == 1 else _NUM_STAGES
 
 
 def _paged_attention_kernel_call(q, k_pages, v_pages, block_tables, lengths, scales, *, sm_scale,
@@ -280,7 +290,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scale=None,
         sm_scale: softmax scale (static); default 1/sqrt(H).
         pages_per_compute_block: pages per inner-loop step, a power of two (static).
         num_splits: KV splits (flash-decoding); 1 disables the combine step (static).
-        num_warps, num_stages: Triton launch settings (static); default 4 and 2.
+        num_warps, num_stages: Triton launch settings (static); default 4 and `default_num_stages`.
         interpret: run the kernel in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -296,7 +306,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scale=None,
         q, k_pages, v_pages, block_tables, lengths, scales,
         sm_scale=float(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale),
         pages_per_block=pages_per_compute_block or ppcb, num_splits=num_splits or splits,
-        num_warps=num_warps or 4, num_stages=num_stages or 2, interpret=interpret)
+        num_warps=num_warps or 4, num_stages=num_stages or default_num_stages(k_pages.dtype), interpret=interpret)
 
 
 def masked_softmax(s, visible):

@@ -128,7 +128,9 @@ def test_fp8_pages_with_q_beyond_f16_range_stay_finite():
 
 def test_default_settings():
     assert default_settings(64, 4, 256, 16) == (4, 2)  # benchmark shape: 64-token blocks, 512 programs
-    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 2)  # fp8: same bytes per block, twice the tokens
+    # fp8: same bytes per block (twice the tokens), half the programs: one split at 256 (sequence, kv head) pairs
+    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 1)
+    assert default_settings(32, 4, 512, 16, 128, E5M2) == (8, 2)
     assert default_settings(64, 4, 256, 16, 64) == (8, 2)
     assert default_settings(1, 4, 2048, 16) == (4, 128)  # one long sequence: split wide
     assert default_settings(512, 4, 64, 16) == (4, 1)  # big batch: no combine step

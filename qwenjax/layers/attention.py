@@ -199,6 +199,25 @@ KERNEL_HEAD_DIMS = (64, 128)
 # "auto" (unset) picks by platform. Read when a step is traced: set it before the engine starts.
 BACKEND_ENV = "QWENJAX_ATTENTION_BACKEND"
 BACKENDS = ("auto", "reference")
+# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps): "auto" takes the Hopper
+# (Mosaic GPU) kernel on compute capability 9.x where it supports the shapes and dtypes (q and pages one 16-bit
+# dtype), else the Triton one; "triton" forces the Triton kernel. Read when a step is traced.
+PREFILL_KERNEL_ENV = "QWENJAX_PREFILL_KERNEL"
+PREFILL_KERNELS = ("auto", "triton")
+
+
+def prefill_kernel(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> str:
+    """"hopper" or "triton": the GPU kernel `sharded_prefill_kernel` runs for these shapes (see PREFILL_KERNEL_ENV)."""
+    from pallas_kernels import paged_prefill_hopper
+
+    forced = os.environ.get(PREFILL_KERNEL_ENV, "auto")
+    if forced not in PREFILL_KERNELS:
+        raise ValueError(f"{PREFILL_KERNEL_ENV}={forced!r}: expected one of {', '.join(PREFILL_KERNELS)}")
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if forced == "auto" and capability.startswith("9.") and paged_prefill_hopper.supports(
+            q_dtype, kv_dtype, head_dim, page_size, group):
+        return "hopper"
+    return "triton"
 
 
 def decode_backend(head_dim: int) -> str:
@@ -249,10 +268,17 @@ def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, s
 
 def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, *, mesh, sm_scale: float,
                            k_scale=None, v_scale=None, interpret: bool = False):
-    """The Pallas prefill-over-pages kernel, q [B, Q, N, H], on each device's heads (see `_over_heads`)."""
+    """The Pallas prefill-over-pages kernel, q [B, Q, N, H], on each device's heads (see `_over_heads`): the Hopper
+    kernel where `prefill_kernel` picks it (16-bit pages: no scales), else the Triton one."""
     from pallas_kernels.paged_prefill import paged_prefill_attention
+    from pallas_kernels.paged_prefill_hopper import hopper_paged_prefill_attention
+
+    hopper = not interpret and prefill_kernel(q.dtype, k_pages.dtype, q.shape[-1], k_pages.shape[2],
+                                              q.shape[-2] // k_pages.shape[0]) == "hopper"
 
     def kernel(q, k, v, s, t, sl, ql):
+        if hopper:
+            return hopper_paged_prefill_attention(q, k, v, t, sl, ql, sm_scale=sm_scale)
         return paged_prefill_attention(q, k, v, t, sl, ql, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,
                                        interpret=interpret)
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -122,8 +123,16 @@ def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
             hlo = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
                                      i_buf, f_buf, has_context=ctx, layout=layout).compile().as_text()
         n = sum(_kernel_in(line) and "qwenjax_paged" in line for line in hlo.splitlines())
-        assert n == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {n} Pallas attention " \
-            f"calls for {layers} layers"
+        hopper = sum('custom_call_target="mosaic_gpu' in line for line in hlo.splitlines())
+        # Context and mixed steps attend their chunk with the Hopper (Mosaic GPU) kernel where it applies.
+        want_hopper = ctx and attention.prefill_kernel(jnp.bfloat16, runner.kv_cache[0][0].dtype,
+                                                       CONFIG["hidden_size"] // CONFIG["num_attention_heads"],
+                                                       runner.page_size, CONFIG["num_attention_heads"]
+                                                       // CONFIG["num_key_value_heads"]) == "hopper"
+        assert hopper == (layers if want_hopper else 0), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {hopper} " \
+            f"Mosaic GPU attention calls (Hopper kernel expected: {want_hopper})"
+        assert n + hopper == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {n} Pallas " \
+            f"Triton + {hopper} Mosaic GPU attention calls for {layers} layers"
         # RoPE + page writes: the fused kernel where rope_and_write picks it (attention reads the pages alone).
         fused = attention.fused_rope_write(inp.meta, has_context=ctx, head_dim=CONFIG["hidden_size"] // 4)
         ropes = _count(hlo, "qwenjax_rope_kv_write")
