@@ -292,7 +292,7 @@ for s in "${STAGES[@]}"; do
                 par=()
                 case $f in
                     prefill_kernel) cap=200; par=(-n 4) ;;
-                    prefill_hopper) cap=200 ;;
+                    prefill_hopper) cap=300 ;;
                     quant_gemv) cap=150 ;;
                     moe) cap=200 ;;
                     *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;
