@@ -13,6 +13,7 @@ TFLOP/s counts the causal work: 4 * H * N * (T^2 / 2) for T tokens (2 * H * N * 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -92,6 +93,45 @@ def time_hopper(args, f):
     return dict(best, configs=rows)
 
 
+class _Exp2AsMultiply:
+    """Stands in for jax.numpy inside the Hopper kernel's module during an ablation: exp2 becomes a multiply (an FMA
+    pipe op instead of the special-function unit), everything else is jax.numpy. Timing only: the output is wrong."""
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+    @staticmethod
+    def exp2(x):
+        return x * 0.5
+
+
+def ablate_exp(chunk: int) -> dict:
+    """Where the Hopper kernel's time goes at one causal prefill of `chunk` tokens: the kernel as is, then with its
+    exponentials replaced by multiplies (the softmax's special-function work gone, its matmuls and data movement
+    unchanged). The difference is the time the exponentials are not hidden behind the tensor cores."""
+    from pallas_kernels import paged_prefill_hopper as hop
+
+    args, _ = make_case(jax.random.key(chunk), chunk, 0)
+    q, k, v, tables, seq_lens, query_lens = args
+    packed = (q[0], k, v, tables, seq_lens, query_lens, jnp.zeros((1,), jnp.int32))
+    f = flops(chunk, 0)
+    row = {"chunk": chunk, "config": dataclasses.asdict(HopperPrefillConfig())}
+    for name in ("kernel", "exp2_as_multiply"):
+        saved = hop.jnp
+        if name != "kernel":
+            hop.jnp = _Exp2AsMultiply()
+        try:
+            # A new function object: a fresh trace (the jit caches of the kernel's jitted API key on the function).
+            fn = jax.jit(lambda *a: hop.hopper_ragged_prefill_attention.__wrapped__(*a))
+            us = time_us(fn, *packed, iters=10, reps=5)
+        finally:
+            hop.jnp = saved
+        row[name] = {"us": us, "tflops": f / us / 1e6}
+        log(f"ablation {chunk}: {name} {us:.1f} us, {f / us / 1e6:.1f} TFLOP/s")
+    row["exp_share"] = 1.0 - row["exp2_as_multiply"]["us"] / row["kernel"]["us"]
+    return row
+
+
 def run_case(name, chunk, cached, *, peers=True, sweep=False, hopper=True):
     args, (k, v) = make_case(jax.random.key(chunk + cached), chunk, cached)
     f = flops(chunk, cached)
@@ -136,9 +176,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="time our kernel over a few tile / launch settings")
     ap.add_argument("--no-hopper", action="store_true", help="skip the Hopper (Mosaic GPU) kernel")
+    ap.add_argument("--ablate", action="store_true",
+                    help="only the Hopper kernel's exponential ablation at each length (see `ablate_exp`)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
     log(f"device {device_name()}, jax {jax.__version__}, commit {commit()}")
+    if a.ablate:
+        rows = [ablate_exp(t) for t in LENGTHS]
+        write(a.out, "attention-prefill-ablation", dict(
+            benchmark="attention-prefill-ablation", model=MODEL, device=device_name(), mesh=1, commit=commit(),
+            jax=jax.__version__, config=dict(lengths=list(LENGTHS), q_heads=HEADS, kv_heads=KV_HEADS,
+                                             head_dim=HEAD_DIM, page_size=PAGE, causal=True),
+            metrics={f"exp_share_{r['chunk']}": r["exp_share"] for r in rows}, cases=rows))
+        print("== attention-prefill-ablation (Hopper kernel, default config)")
+        for r in rows:
+            print(f"  {r['chunk']:5d} tokens: kernel {r['kernel']['us']:8.1f} us, exp2 as multiply "
+                  f"{r['exp2_as_multiply']['us']:8.1f} us: exponentials {r['exp_share']:.0%} of the time")
+        return
     rows = [run_case(f"prefill-{t}", t, 0, sweep=a.sweep and t == 4096, hopper=not a.no_hopper) for t in LENGTHS]
     rows.append(run_case("chunk-512-after-7680", 512, 7680, peers=False, hopper=not a.no_hopper))
     main_rows = rows[:len(LENGTHS)]

@@ -31,6 +31,7 @@
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernels (Triton, Hopper) against cuDNN and
 #                    attention_mgpu; attn-prefill-nosweep without the Triton kernel's sweep
+#   attn-prefill-ablate  attention_prefill.py --ablate: the Hopper kernel with its exponentials as multiplies
 #   attn-decode-fp8  attention_decode.py --fp8-only --sweep: bf16 / fp8_e5m2 KV at context 8192, launch settings too
 #   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
@@ -274,6 +275,9 @@ for s in "${STAGES[@]}"; do
             ;;
         attn-prefill-nosweep)
             step attn-prefill 60 200 "$PY" benchmarks/attention_prefill.py --out "$OUT"
+            ;;
+        attn-prefill-ablate)
+            step attn-prefill-ablate 60 200 "$PY" benchmarks/attention_prefill.py --ablate --out "$OUT"
             ;;
         attn-decode-fp8)
             step attn-decode-fp8 60 200 "$PY" benchmarks/attention_decode.py --fp8-only --sweep --budget-s 120 \
