@@ -334,6 +334,10 @@ def hopper_ragged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens,
     tables = block_tables
     if width > block_tables.shape[1]:
         tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
+    # Lengths are data, not checked at trace time: clamp them so no block is read past the table (as the Triton
+    # kernel clamps them in its program).
+    seq_lens = jnp.clip(seq_lens, 0, block_tables.shape[1] * page)
+    query_lens = jnp.clip(query_lens, 0, seq_lens)
     meta = _tile_metadata(seq_lens, query_lens, row_starts, num_tiles=Tp // tile, tile=tile)
     out = _kernel_call(jnp.pad(q, ((0, Tp - T), (0, 0), (0, 0))), k_pages, v_pages, tables, meta,
                        sm_scale=float(1.0 / math.sqrt(H) if sm_scale is None else sm_scale), config=config)
