@@ -163,7 +163,7 @@ def resolve_model(name: str) -> ModelSpec:
 def model_config_dict(name: str) -> tuple[str, dict]:
     """--model's (result name, HF config dict): 'tiny', a config stem, or a path to a config.json / its directory."""
     if name == "tiny":
-        from qwenjax.default_model import CONFIG
+        from qwenjax.models.default_model import CONFIG
 
         return name, dict(CONFIG)
     path = Path(os.path.expanduser(name))
@@ -224,7 +224,7 @@ def batch_limits() -> tuple[int, int | None]:
     import jax
 
     from qwenjax.config import batch_defaults
-    from qwenjax.kv_cache import device_memory, device_total_bytes
+    from qwenjax.worker.kv_cache import device_memory, device_total_bytes
 
     return batch_defaults("llm", device_total_bytes(device_memory()), jax.local_devices()[0].device_kind)
 
@@ -232,7 +232,7 @@ def batch_limits() -> tuple[int, int | None]:
 def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None,
                   decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...]) -> dict:
     """LLM(...) keyword arguments: explicit flags win over the workload-sized defaults given here."""
-    from qwenjax.block_manager import pages_to_admit
+    from qwenjax.core.block_manager import pages_to_admit
 
     mml = args.max_model_len or max_model_len
     seqs = args.max_num_seqs or max_num_seqs

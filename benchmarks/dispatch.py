@@ -115,10 +115,10 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qwenjax import packing, sampler
-    from qwenjax.engine import WARMUP_MODES
-    from qwenjax.lockstep import to_host
-    from qwenjax.runner import dummy_input
+    from qwenjax.engine.llm_engine import WARMUP_MODES
+    from qwenjax.worker import packing, sampler
+    from qwenjax.worker.lockstep import to_host
+    from qwenjax.worker.model_runner import dummy_input
 
     cfg = common.model_config(spec)
     dev = common.device_info()
@@ -244,8 +244,8 @@ def profile_kernels(runner, inp, tensors, mode, K: int, roundtrip, n: int, step_
 
     import jax
 
-    from qwenjax import packing
-    from qwenjax.lockstep import to_host
+    from qwenjax.worker import packing
+    from qwenjax.worker.lockstep import to_host
 
     if K > 1:
         def fn():

@@ -32,10 +32,10 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
 
     from qwenjax.config import ModelConfig
-    from qwenjax.convert import convert, restore_params
-    from qwenjax.default_model import write_random_checkpoint
+    from qwenjax.models.convert import convert, restore_params
+    from qwenjax.models.default_model import write_random_checkpoint
     from qwenjax.models.loader import load_params
-    from qwenjax.sharding import make_mesh
+    from qwenjax.models.sharding import make_mesh
 
     spec = common.resolve_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="qwenjax-load-"))

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels.rope_kv_write import default_block_tokens, rope_kv_write  # noqa: E402
+from pallas_kernels.rope_kv_write import apply_rope, default_block_tokens, rope_kv_write  # noqa: E402
 from qwenjax.layers.attention import write_kv  # noqa: E402
-from qwenjax.layers.rotary import apply_rope, rope_cos_sin  # noqa: E402
+from qwenjax.layers.rotary import rope_cos_sin  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, PAGES = 28, 4, 128, 16, 2000
 

@@ -487,8 +487,8 @@ def main(argv=None) -> dict | None:
         config.update(phase["config"])
         metrics_extra.update(phase["metrics"])
         offline = phase["offline"] or offline
-        from qwenjax.async_engine import AsyncLLMEngine
         from qwenjax.config import EngineArgs
+        from qwenjax.engine.async_llm import AsyncLLMEngine
         from server.app import create_app
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from qwenjax import SamplingParams
-from qwenjax import engine as engine_mod
 from qwenjax.config import EngineArgs
-from qwenjax.engine import LLMEngine
-from qwenjax.engine_core import OutputEncoder
+from qwenjax.engine import llm_engine as engine_mod
+from qwenjax.engine.core import OutputEncoder
+from qwenjax.engine.llm_engine import LLMEngine
 
 ROWS, PROMPT, WARM_STEPS, STEPS = 512, 64, 8, 25
 

@@ -53,7 +53,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     step_profile.fill_sizing_defaults(args)
     args.num_requests = args.num_requests or common.scaled(200, args.scale, 2)
-    from qwenjax.policies import POLICIES
+    from qwenjax.core.policies import POLICIES
 
     if args.policy not in POLICIES:
         raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, got {args.policy!r}")

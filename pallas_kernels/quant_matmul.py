@@ -2,7 +2,7 @@
 
 Axis letters: M rows of x (tokens), K inputs, N outputs, G groups (K / group_size, or 1), S K-splits.
 
-Layout contract (the checkpoints' own arrays, untouched; see qwenjax/quantization/awq.py and gptq.py):
+Layout contract (the checkpoints' own arrays, untouched; see awq_layout.py and gptq_layout.py beside this file):
   x        [M, K]        bfloat16 / float16
   awq      qweight int32 [K, N/8], qzeros int32 [G, N/8]; nibble i of packed column c is output c*8 + ORDER[i]
   gptq     qweight int32 [K/pf, N] (value j of word w is input row w*pf + j), qzeros int32 [G, N/pf] (packed along
@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import awq_layout as awq, gptq_layout as gptq
 
 # --- jax version differences live here only (as in paged_attention.py). -------------------------
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -250,11 +252,9 @@ def quant_matmul(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
 def quant_matmul_reference(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int):
     """Plain jnp: dequantize the whole weight in float32, then one float32 matmul; -> [M, N] in x.dtype. `fmt`:
     "awq", "awq_kp" (AWQ repacked along K, see qwenjax/quantization/repack.py), "gptq" or "gptq_v2"."""
-    from qwenjax.quantization import awq, gptq, repack
-
     k = x.shape[1]
     if fmt in ("awq", "awq_kp"):
-        dequantize = awq.dequantize if fmt == "awq" else repack.dequantize_kpacked
+        dequantize = awq.dequantize if fmt == "awq" else awq.dequantize_kpacked
         w = dequantize(qweight, qzeros, scales, group_size=k if group_size == -1 else group_size, dtype=jnp.float32)
     else:
         g_idx = gptq.default_g_idx(k, group_size)

@@ -20,7 +20,7 @@ aliased to the outputs (input_output_aliases): under a jit that donates the cach
 
 Numerics are bit-identical to `apply_rope` then `write_kv` (the reference below) as XLA compiles them under jit:
   x' = x * cos + rotate_half(x) * sin in float32, rounded to x's dtype (q's, k's);
-  a page stores `fp8_kv.to_pages(k' or v, dtype, scale)`: a plain cast, or for fp8 the cast of clip(x / scale, +-max)
+  a page stores `page_format.to_pages(k' or v, dtype, scale)`: a plain cast, or for fp8 the cast of clip(x / scale, +-max)
   (the division only when a scale is given: the engine passes one for float8_e4m3fn pages alone, `page_scale`).
 Three of XLA's rewrites are reproduced, each checked on an H100 (tests/gpu/test_rope_kv_write_gpu.py):
   - FMA contraction: inside a fusion x * cos + r * sin becomes fma(x, cos, r * sin); Triton contracts the same
@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.page_format import FP8_MAX, write_kv
 from pallas_kernels.paged_attention import _CompilerParams, _is_pow2
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -76,7 +77,7 @@ def _rotate(x_lo, x_hi, cos_lo, sin_lo, cos_hi, sin_hi):
 
 
 def _to_page(x, dtype, inv_scale, fp8_max):
-    """What a page of `dtype` stores for x (v, or rotated k from `_k_for_page`): `fp8_kv.to_pages`, whose x / scale
+    """What a page of `dtype` stores for x (v, or rotated k from `_k_for_page`): `page_format.to_pages`, whose x / scale
     XLA compiles to x * (1 / scale) (a division by a broadcast scalar becomes a multiplication by its reciprocal):
     inv_scale is that reciprocal, computed by XLA outside the kernel."""
     if fp8_max is None:
@@ -143,8 +144,6 @@ def _kernel(slots_ref, scales_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, _k_pag
 
 def _rope_kv_write_call(q, k, v, cos, sin, k_pages, v_pages, slots, scales, *, k_scaled, v_scaled, block_tokens,
                         num_warps, interpret):
-    from qwenjax.layers.fp8_kv import FP8_MAX
-
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     q_heads = pl.cdiv(num_q_heads, num_kv_heads)
@@ -222,7 +221,7 @@ def rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, slots, *, k_scale=None, v
             caller's jit donates them.
         slots: int32 [T] flat slot (page * S + offset) of each token; < 0 or >= P * S: padding, nothing written.
         k_scale, v_scale: scalars, or None: fp8 pages store the saturating cast of x / scale when one is given
-            (`fp8_kv.to_pages`); other page dtypes ignore them.
+            (`page_format.to_pages`); other page dtypes ignore them.
         block_tokens: tokens per program, a power of two (static); default `default_block_tokens(T)`.
         num_warps: Triton warps per program (static); default 2.
         interpret: run the kernel in Pallas interpret mode (CPU tests).
@@ -240,11 +239,17 @@ def rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, slots, *, k_scale=None, v
                                num_warps=num_warps or 2, interpret=interpret)
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., heads, H]; cos/sin [..., H] broadcast over heads. Math in float32, result in x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[..., None, :] + rotated * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
 def rope_kv_write_reference(q, k, v, cos, sin, k_pages, v_pages, slots, *, k_scale=None, v_scale=None):
     """The same from the engine's jnp path: `apply_rope` on q and k, then `write_kv` of k and v."""
-    from qwenjax.layers.attention import write_kv
-    from qwenjax.layers.rotary import apply_rope
-
     _, num_pages, page_size, _ = k_pages.shape
     # write_kv drops slots >= P * S but would wrap a negative one: every padding slot goes past the end (distinct).
     spare = num_pages * page_size + jnp.arange(slots.shape[0], dtype=jnp.int32)

@@ -1,7 +1,7 @@
 """qwenjax: vLLM's offline and serving API for Qwen2, in JAX."""
 
 from qwenjax.config import EngineArgs
-from qwenjax.llm import LLM
+from qwenjax.engine.llm import LLM
 from qwenjax.outputs import CompletionOutput, Logprob, RequestOutput
 from qwenjax.sampling_params import SamplingParams
 

@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     if cmd == "generate":
         from qwenjax.__main__ import main as run
     elif cmd == "convert":
-        from qwenjax.convert import main as run
+        from qwenjax.models.convert import main as run
     else:
         raise SystemExit(f"qwenjax: unknown command {cmd!r}; use generate or convert")
     run(rest)

@@ -9,10 +9,13 @@ import dataclasses
 import json
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16",
            "float32": "float32", "float": "float32", "fp32": "float32"}
+# The names of qwenjax.core.policies.POLICIES (config sits below core, so it keeps the names, not the classes).
+SCHEDULING_POLICIES = ("fcfs", "priority", "spf", "fair")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -128,8 +131,8 @@ class ModelConfig:
 
 
 def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
-    import jax.numpy as jnp
-
+    """The engine's parameter dtype for `dtype` ("auto": the checkpoint's torch_dtype). numpy dtypes (bfloat16 from
+    ml_dtypes, as JAX's own is), so config stays free of JAX and the host side can import it."""
     if name == "auto":
         name = model.torch_dtype
         if name == "float32":
@@ -137,7 +140,7 @@ def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
     key = _DTYPES.get(str(name).lower())
     if key is None:
         raise ValueError(f"dtype must be one of 'auto', 'bfloat16', 'float16', 'float32', got {name!r}")
-    return jnp.dtype(key)
+    return np.dtype(ml_dtypes.bfloat16 if key == "bfloat16" else key)
 
 
 MAX_SCHEDULER_STEPS = 64  # most decode steps one dispatch runs (num_scheduler_steps)
@@ -175,7 +178,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"              # KV_CACHE_DTYPES; fp8 ones: see qwenjax/layers/fp8_kv.py
     enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
     enable_chunked_prefill: bool | None = None  # None / True: prompt chunks join decode steps; False: never
-    scheduling_policy: str = "fcfs"           # see qwenjax.policies.POLICIES: fcfs, priority, spf, fair
+    scheduling_policy: str = "fcfs"           # SCHEDULING_POLICIES (qwenjax.core.policies.POLICIES' names)
     async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine.py)
     num_scheduler_steps: int = 1              # decode steps one dispatch runs on the device (vLLM's multi-step)
     num_kv_pages: int | None = None          # override the page count computed from free memory
@@ -211,10 +214,8 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
-        from qwenjax.policies import POLICIES
-
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(map(repr, POLICIES))}, "
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(map(repr, SCHEDULING_POLICIES))}, "
                              f"got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")

@@ -125,7 +125,7 @@ def engine_args(ns: argparse.Namespace) -> EngineArgs:
 
 
 def served_names(ns: argparse.Namespace) -> list[str]:
-    from qwenjax.default_model import DEFAULT_MODEL_NAME
+    from qwenjax.models.default_model import DEFAULT_MODEL_NAME
 
     return list(ns.served_model_name or [ns.model or DEFAULT_MODEL_NAME])
 
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from qwenjax.async_engine import AsyncLLMEngine
-    from qwenjax.engine import LLMEngine
+    from qwenjax.engine.async_llm import AsyncLLMEngine
+    from qwenjax.engine.llm_engine import LLMEngine
     from server.app import create_app
 
     if args.num_processes > 1 and args.process_id != 0:

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import qwenjax
-from qwenjax.async_engine import AsyncLLMEngine
+from qwenjax.engine.async_llm import AsyncLLMEngine
 from qwenjax.tokenizer import apply_chat_template, load_chat_template
 from server.errors import error_response, parse_model, validation_error
 from server.metrics import ServerMetrics

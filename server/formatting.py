@@ -12,8 +12,8 @@ import json
 import time
 from typing import Any
 
+from qwenjax.core.stop_checker import StopChecker
 from qwenjax.outputs import CompletionOutput, RequestOutput
-from qwenjax.stop_checker import StopChecker
 
 MIN_LOGPROB = -9999.0  # -inf is not JSON; OpenAI clients get this instead
 _JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode

@@ -20,7 +20,7 @@ def main(ckpt: str, out: str) -> None:
     import jax.numpy as jnp
 
     from qwenjax.models.loader import load_model_config, load_params, safetensors_files
-    from qwenjax.sharding import make_mesh
+    from qwenjax.models.sharding import make_mesh
 
     cfg = load_model_config(Path(ckpt))
     mesh = make_mesh(8)

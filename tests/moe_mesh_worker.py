@@ -65,7 +65,7 @@ def _dummy_specs(path: str) -> dict:
     from flax import nnx
 
     from qwenjax.models.loader import load_model_config, random_params
-    from qwenjax.sharding import make_mesh
+    from qwenjax.models.sharding import make_mesh
 
     cfg = dataclasses.replace(load_model_config(Path(path)), expert_parallel=True)
     _, state = random_params(cfg, jnp.float32, seed=0, mesh=make_mesh(4))

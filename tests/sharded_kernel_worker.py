@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.paged_attention import paged_attention_reference
 from qwenjax.layers.attention import sharded_decode_kernel
-from qwenjax.sharding import make_mesh
+from qwenjax.models.sharding import make_mesh
 
 E4M3 = jnp.float8_e4m3fn
 # kv heads split over 4 devices / kv heads replicated, 2 devices per kv head; each with f32 and fp8 pages

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from qwenjax import LLM, SamplingParams
-from qwenjax.sequence import PENDING
+from qwenjax.core.sequence import PENDING
 from tests.conftest import SMALL_ENGINE
 
 PROMPTS = ["Hello there, how are you", "Tell me a story about a dragon", "1 2 3 4 5 6", "x", "The capital of"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenjax.block_manager import BlockManager, block_hash, pages_to_admit
+from qwenjax.core.block_manager import BlockManager, block_hash, pages_to_admit
 
 PS = 4
 

@@ -10,7 +10,7 @@ import torch
 
 from qwenjax import SamplingParams
 from qwenjax.config import EngineArgs
-from qwenjax.engine import LLMEngine
+from qwenjax.engine.llm_engine import LLMEngine
 from tests.checkpoints import hf_model
 from tests.conftest import SMALL_ENGINE
 

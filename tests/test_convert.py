@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from qwenjax import LLM, SamplingParams
-from qwenjax.convert import convert
+from qwenjax.models.convert import convert
 from tests.conftest import SMALL_ENGINE
 
 

@@ -1,11 +1,11 @@
-"""qwenjax.detokenizer and qwenjax.stop_checker on the packaged Qwen2 tokenizer (CPU)."""
+"""qwenjax.core.detokenizer and qwenjax.core.stop_checker on the packaged Qwen2 tokenizer (CPU)."""
 
 import random
 
 import pytest
 
-from qwenjax.detokenizer import IncrementalDetokenizer
-from qwenjax.stop_checker import StopChecker, StopMatch
+from qwenjax.core.detokenizer import IncrementalDetokenizer
+from qwenjax.core.stop_checker import StopChecker, StopMatch
 from qwenjax.tokenizer import apply_chat_template, default_tokenizer_dir, load_tokenizer
 
 REPLACEMENT = "\ufffd"
@@ -239,7 +239,7 @@ def test_streaming_with_holdback_never_leaks_a_stop(tok, prompt_ids):
 
 
 def test_byte_level_fast_path_is_used_and_agrees_with_the_general_path(tok, prompt_ids):
-    from qwenjax.detokenizer import byte_table
+    from qwenjax.core.detokenizer import byte_table
 
     pieces, special = byte_table(tok)
     assert len(pieces) == len(tok) and special == {IM_START, IM_END, ENDOFTEXT}

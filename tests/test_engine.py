@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from qwenjax import LLM, SamplingParams
-from qwenjax.kv_cache import KVCacheTooSmallError, MemoryInfo
 from qwenjax.models.loader import ModelNotFoundError
+from qwenjax.worker.kv_cache import KVCacheTooSmallError, MemoryInfo
 from tests.conftest import SMALL_ENGINE
 
 

@@ -1,5 +1,5 @@
-"""AsyncLLMEngine's process mode: the engine core process (qwenjax/engine_core.py) and its frontend client
-(qwenjax/engine_client.py). Deltas round-trip without a process; the rest spawns small engines of the built-in model
+"""AsyncLLMEngine's process mode: the engine core process (qwenjax/engine/core.py) and its frontend client
+(qwenjax/engine/core_client.py). Deltas round-trip without a process; the rest spawns small engines of the built-in model
 (skip_warmup: each bucket compiles on first use) and checks what crosses the pipes: refused requests, aborts that free
 pages, start-up errors, and the engine's death (an exception in a step, or the process killed) reaching every open
 request and /health."""
@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 
-from qwenjax.async_engine import AsyncLLMEngine, EngineDeadError
 from qwenjax.config import EngineArgs
-from qwenjax.engine_client import RemoteOutput
-from qwenjax.engine_core import OutputEncoder
+from qwenjax.engine.async_llm import AsyncLLMEngine, EngineDeadError
+from qwenjax.engine.core import OutputEncoder
+from qwenjax.engine.core_client import RemoteOutput
 from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from server.app import create_app
@@ -97,7 +97,7 @@ def test_deltas_rebuild_every_cumulative_output():
 def test_deltas_read_from_requests_equal_deltas_of_their_outputs():
     """The engine core encodes each advanced Request directly (raw_outputs); the deltas equal those of the
     RequestOutputs the engine builds otherwise, step by step: n = 2 with logprobs, a stop string, async placeholders."""
-    from qwenjax.engine import LLMEngine
+    from qwenjax.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(ARGS)
     engine.raw_outputs = True

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
-from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.models.loader import load_model_config, load_params
-from flax import nnx
+from qwenjax.worker.kv_cache import allocate
 from tests.checkpoints import hf_model
 
 ATOL = 2e-4  # float32 end to end; differences come from summation order only
@@ -24,7 +24,7 @@ def _our_logits(path, token_ids: list[int], *, chunk: int | None = None, decode_
     """Logits at every position, computed through the paged cache: prefill of the first `decode_from` tokens (in
     chunks of `chunk`, the later ones reading the cached prefix), then one token per decode step. With `mesh`, the
     parameters and pages are sharded over it (tests/tp_fused_worker.py)."""
-    from qwenjax.sharding import kv_sharding
+    from qwenjax.models.sharding import kv_sharding
 
     cfg = load_model_config(path)
     graphdef, params = load_params(path, cfg, jnp.float32, mesh=mesh)

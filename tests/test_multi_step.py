@@ -93,9 +93,9 @@ def test_multi_step_program_updates_the_cache_in_place(engines):
     would read and write the whole cache every token)."""
     eng = engines[K].llm_engine
     runner = eng.runner
-    from qwenjax import packing, sampler
-    from qwenjax.engine import WARMUP_MODES
-    from qwenjax.runner import dummy_input
+    from qwenjax.engine.llm_engine import WARMUP_MODES
+    from qwenjax.worker import packing, sampler
+    from qwenjax.worker.model_runner import dummy_input
 
     b = eng.scheduler_config.decode_buckets[0]
     inp = dummy_input(b, 1, runner.num_pages, runner.page_size, eng.scheduler_config.max_pages_per_seq,

@@ -11,15 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax import penalty_state
-from qwenjax.batch import build_step_input
-from qwenjax.block_manager import BlockManager
 from qwenjax.config import PACKED_ROW_ALIGN, SchedulerConfig, packed_len
-from qwenjax.layers.attention import (AttentionMetadata, PackedMetadata, packed_attention, paged_attention_reference,
-                                      prefill_attention_dense, sharded_ragged_prefill_kernel, write_kv)
+from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.scheduler import Scheduler
+from qwenjax.core.sequence import Sequence
+from qwenjax.layers.attention import (
+    AttentionMetadata,
+    PackedMetadata,
+    packed_attention,
+    paged_attention_reference,
+    prefill_attention_dense,
+    sharded_ragged_prefill_kernel,
+    write_kv,
+)
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.scheduler import Scheduler
-from qwenjax.sequence import Sequence
+from qwenjax.worker import penalty_state
+from qwenjax.worker.step_input import build_step_input
 
 PS = 16
 GREEDY = SamplingParams(temperature=0.0)

@@ -12,13 +12,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from pallas_kernels import awq_layout as awq, gptq_layout as gptq
 from qwenjax import LLM, SamplingParams
-from qwenjax.kv_cache import allocate
 from qwenjax.layers.attention import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
 from qwenjax.models.fusion import FUSED, GATE_UP, QKV, FusedColumns, split_columns
 from qwenjax.models.loader import load_model_config, load_params
-from qwenjax.quantization import QuantConfig, awq, gptq, repack, resolve_quant_config
+from qwenjax.quantization import QuantConfig, repack, resolve_quant_config
+from qwenjax.worker.kv_cache import allocate
 from tests.checkpoints import write_checkpoint
 from tests.conftest import SMALL_ENGINE
 from tests.quant_writer import Scheme, write_quantized
@@ -151,8 +152,8 @@ def test_awq_repack_is_exact_and_shard_local():
     kp, zn = repack.awq_to_kpacked(qweight), repack.awq_zeros_natural(qzeros)
     assert kp.shape == qweight.shape and kp.dtype == np.int32 and zn.shape == qzeros.shape
     want = awq.dequantize(qweight, qzeros, scales, group_size=g)
-    np.testing.assert_array_equal(repack.dequantize_kpacked(kp, zn, scales, group_size=g), want)
-    np.testing.assert_array_equal(repack.unpack_kpacked(kp), awq.unpack(qweight))
+    np.testing.assert_array_equal(awq.dequantize_kpacked(kp, zn, scales, group_size=g), want)
+    np.testing.assert_array_equal(awq.unpack_kpacked(kp), awq.unpack(qweight))
     # The device (jnp) repack gives the same words.
     np.testing.assert_array_equal(np.asarray(repack.awq_to_kpacked(jnp.asarray(qweight))), kp)
     np.testing.assert_array_equal(np.asarray(repack.awq_zeros_natural(jnp.asarray(qzeros))), zn)
@@ -344,8 +345,8 @@ def test_layer_shape_errors_name_the_numbers():
 
 
 def test_random_quantized_params_run():
-    from qwenjax.models.loader import random_params
     from qwenjax.config import ModelConfig
+    from qwenjax.models.loader import random_params
 
     cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)

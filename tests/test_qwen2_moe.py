@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenjax.config import ModelConfig
 from qwenjax.models.loader import load_model_config
-from qwenjax.sharding import param_spec
+from qwenjax.models.sharding import param_spec
 from tests.moe_checkpoints import hf_moe_model, write_moe_checkpoint
 from tests.test_model_vs_hf import ATOL, _our_logits
 
@@ -239,7 +239,7 @@ def test_expert_shardings_on_a_mesh_of_4(mesh_results):
 def test_expert_parallel_needs_experts_divisible_by_the_mesh():
     import dataclasses
 
-    from qwenjax.sharding import check_divisible
+    from qwenjax.models.sharding import check_divisible
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=56, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=6,

@@ -5,10 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rope_kv_write import rope_kv_write, rope_kv_write_reference
+from pallas_kernels.rope_kv_write import (
+    apply_rope,
+    rope_kv_write,
+    rope_kv_write_reference,
+)
 from qwenjax.layers import attention
 from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata
-from qwenjax.layers.rotary import apply_rope, rope_cos_sin
+from qwenjax.layers.rotary import rope_cos_sin
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 E5M2, E4M3 = jnp.float8_e5m2, jnp.float8_e4m3fn

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.sampler import (
+from qwenjax.sampling_params import SamplingParams
+from qwenjax.worker.sampler import (
     SamplerMode,
     SamplingRow,
     apply_banned,
@@ -18,7 +19,6 @@ from qwenjax.sampler import (
     history_bucket,
     sample,
 )
-from qwenjax.sampling_params import SamplingParams
 
 QWEN_VOCAB = 151936
 jit_sample = jax.jit(sample, static_argnames="mode")

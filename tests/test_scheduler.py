@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from qwenjax.block_manager import BlockManager
-from qwenjax.config import EngineArgs, SchedulerConfig
-from qwenjax.policies import POLICIES, FairSharePolicy, make_policy
+from qwenjax.config import SCHEDULING_POLICIES, EngineArgs, SchedulerConfig
+from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.policies import POLICIES, FairSharePolicy, make_policy
+from qwenjax.core.scheduler import Scheduler
+from qwenjax.core.sequence import Sequence
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.scheduler import Scheduler
-from qwenjax.sequence import Sequence
 
 PS = 16
 GREEDY = SamplingParams(temperature=0.0)
@@ -38,6 +38,14 @@ def _run(s: Scheduler, out, token=1):
         r.seq.num_computed += r.num_new_tokens
         if r.samples:
             r.seq.output_token_ids.append(token)
+
+
+def test_config_names_every_registered_policy():
+    """EngineArgs validates scheduling_policy against config's names (config sits below core): they must be the
+    registry's."""
+    assert tuple(POLICIES) == SCHEDULING_POLICIES
+    with pytest.raises(ValueError, match="scheduling_policy must be one of 'fcfs', 'priority', 'spf', 'fair'"):
+        EngineArgs(scheduling_policy="lifo")
 
 
 def test_second_prompt_hits_the_first_ones_pages():
@@ -102,7 +110,7 @@ def test_n_siblings_share_the_prompt_pages():
 
 
 def test_penalised_sequences_take_hits_and_their_step_rebuilds_the_history():
-    from qwenjax.batch import build_step_input
+    from qwenjax.worker.step_input import build_step_input
 
     s = _sched()
     p = list(range(40))

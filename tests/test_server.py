@@ -28,9 +28,9 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from qwenjax.async_engine import AsyncLLMEngine
 from qwenjax.config import EngineArgs
-from qwenjax.engine import LLMEngine
+from qwenjax.engine.async_llm import AsyncLLMEngine
+from qwenjax.engine.llm_engine import LLMEngine
 from server.app import create_app
 
 MODEL = "Qwen/Qwen2-7B-Instruct"  # served under the guide's name as well as the default model's

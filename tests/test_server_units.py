@@ -10,7 +10,7 @@ import types
 import httpx
 import pytest
 
-from qwenjax.async_engine import AsyncLLMEngine, EngineDeadError
+from qwenjax.engine.async_llm import AsyncLLMEngine, EngineDeadError
 from qwenjax.outputs import CompletionOutput, RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from qwenjax.tokenizer import default_tokenizer_dir, load_tokenizer

@@ -19,9 +19,25 @@ import numpy as np
 import pytest
 
 from qwenjax.layers.attention import segments
-from qwenjax.sim import (Fixed, Gamma, Lengths, LengthsFromFile, LogNormal, OnOff, Poisson, SimConfig, StepSample,
-                         StepShape, StepTimeModel, Trace, TraceRequest, Uniform, compare_policies, make_trace,
-                         simulate)
+from qwenjax.sim import (
+    Fixed,
+    Gamma,
+    Lengths,
+    LengthsFromFile,
+    LogNormal,
+    OnOff,
+    Poisson,
+    SimConfig,
+    StepSample,
+    StepShape,
+    StepTimeModel,
+    Trace,
+    TraceRequest,
+    Uniform,
+    compare_policies,
+    make_trace,
+    simulate,
+)
 from qwenjax.sim.step_model import QWEN2_7B_H100_ESTIMATE, Coefficients
 from qwenjax.sim.traces import SharedPrefix
 
@@ -216,7 +232,7 @@ def test_fair_share_protects_the_light_client():
 
 
 def test_a_policy_of_your_own():
-    from qwenjax.policies import SchedulingPolicy
+    from qwenjax.core.policies import SchedulingPolicy
 
     class ShortestOutputFirst(SchedulingPolicy):
         """An oracle: admits the request with the fewest tokens to generate first."""

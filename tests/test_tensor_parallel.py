@@ -103,7 +103,7 @@ def test_fused_projections_on_meshes_match_hf(tmp_path):
     fused. The orbax conversion (separate parts, convert.py) restores on each mesh to exactly the loaded arrays."""
     import torch
 
-    from qwenjax.convert import convert
+    from qwenjax.models.convert import convert
     from tests.checkpoints import hf_model
 
     ckpts = {kv: write_checkpoint(tmp_path / f"kv{kv}", hidden_size=64, intermediate_size=128, num_heads=8,

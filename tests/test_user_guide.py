@@ -99,7 +99,7 @@ def _kv_bytes_per_token(cfg: dict, itemsize: int) -> int:
 
 def kv_scale(nbytes: int) -> int:
     """A KV budget for Qwen2-7B-Instruct (bf16) -> the one giving the built-in model (float32) as many tokens."""
-    from qwenjax.default_model import CONFIG
+    from qwenjax.models.default_model import CONFIG
 
     big = json.loads((ROOT / "qwenjax/assets/configs/qwen2-7b-instruct.json").read_text())
     return nbytes * _kv_bytes_per_token(CONFIG, 4) // _kv_bytes_per_token(big, 2)
@@ -152,7 +152,7 @@ class Checkpoints:
         return self.made[kind]
 
     def _builtin(self) -> Path:
-        from qwenjax.default_model import default_model_dir
+        from qwenjax.models.default_model import default_model_dir
 
         return default_model_dir()
 

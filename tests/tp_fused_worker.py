@@ -15,9 +15,9 @@ def main(out: str, ids: str, *pairs: str) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from qwenjax.convert import restore_params
+    from qwenjax.models.convert import restore_params
     from qwenjax.models.loader import load_model_config, load_params
-    from qwenjax.sharding import make_mesh
+    from qwenjax.models.sharding import make_mesh
     from tests.test_model_vs_hf import _our_logits
 
     assert jax.device_count() == 4, jax.devices()

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.page_format import from_pages, to_pages, write_kv
+from pallas_kernels.rope_kv_write import apply_rope
 from qwenjax.compat import platform, register_dataclass
-from qwenjax.layers.fp8_kv import from_pages, page_scale, to_pages
-from qwenjax.layers.rotary import apply_rope
+from qwenjax.layers.fp8_kv import page_scale
 
 
 @register_dataclass
@@ -87,18 +88,6 @@ def segments(meta: "AttentionMetadata | MixedMetadata | PackedMetadata") -> tupl
 def flat_positions(meta: "AttentionMetadata | MixedMetadata | PackedMetadata") -> jax.Array:
     """[T] positions of the step's tokens in token order."""
     return jnp.concatenate([s.positions.reshape(-1) for s in segments(meta)])
-
-
-def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """Scatters new [B, Q, K, H] into pages [K, P, S, H] at flat slot indices [B, Q]; out-of-range slots drop.
-
-    fp8 pages store the saturating cast of new / scale (`fp8_kv.to_pages`): never inf or NaN from finite values.
-    """
-    K, P, S, H = pages.shape
-    flat = pages.reshape(K, P * S, H)
-    vals = to_pages(new.reshape(-1, K, H), pages.dtype, scale).transpose(1, 0, 2)
-    flat = flat.at[:, slots.reshape(-1), :].set(vals, mode="drop", unique_indices=True)
-    return flat.reshape(K, P, S, H)
 
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
@@ -290,7 +279,6 @@ def sharded_ragged_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, q
                                   sm_scale: float, k_scale=None, v_scale=None, interpret: bool = False):
     """The Pallas prefill kernel on a packed layout, q [T, N, H], on each device's heads (see `_over_heads`)."""
     from pallas_kernels.paged_prefill import ragged_paged_prefill_attention
-
     from qwenjax.config import PACKED_ROW_ALIGN
 
     def kernel(q, k, v, s, t, sl, ql, rs):

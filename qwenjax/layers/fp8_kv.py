@@ -1,13 +1,12 @@
-"""FP8 KV pages: what a page stores for a K/V value, how it becomes a value again, and the per-layer scales.
+"""FP8 KV pages: the per-layer scales and which page dtypes use them. What a page stores and the saturating cast
+are the kernels' page format (pallas_kernels/page_format.py), shared with the engine's jnp path.
 
-vLLM's convention, kept in this one place:
+vLLM's convention:
   kv_cache_dtype "fp8_e5m2"          pages are float8_e5m2 and hold the value itself (a direct cast, no scale).
   kv_cache_dtype "fp8" / "fp8_e4m3"  pages are float8_e4m3fn and hold value / scale; true value = stored * scale,
                                      with one float32 k_scale and one v_scale per layer (per tensor), read from the
                                      checkpoint when it has them and 1.0 otherwise.
-Invariant: writing a finite value never stores inf or NaN. The cast saturates: the value (divided by the scale for
-e4m3) is clipped to the format's largest finite value (e5m2 57344, e4m3fn 448) before the cast, so an outlier
-becomes +-max rather than inf (e5m2) or NaN (e4m3fn has no inf) that would poison every later attention read.
+Invariant: writing a finite value never stores inf or NaN (page_format.to_pages saturates).
 """
 
 from __future__ import annotations
@@ -16,17 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-FP8_MAX = {jnp.dtype(jnp.float8_e5m2): 57344.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
-
 
 class KVScale(nnx.Variable):
     """One layer's per-tensor K (or V) dequantization scale, a float32 scalar. Model state, not a trainable
     parameter; it is an input array of the jitted step like the weights, so every checkpoint compiles the same
     shapes. Only float8_e4m3fn pages use it (see `page_scale`)."""
-
-
-def is_fp8(dtype) -> bool:
-    return jnp.dtype(dtype) in FP8_MAX
 
 
 def uses_scale(dtype) -> bool:
@@ -37,23 +30,6 @@ def uses_scale(dtype) -> bool:
 def page_scale(dtype, scale: jax.Array | None) -> jax.Array | None:
     """The scale that pages of `dtype` are written and read with: the layer's scale, or None (no scaling)."""
     return scale if uses_scale(dtype) else None
-
-
-def to_pages(x: jax.Array, dtype, scale: jax.Array | None = None) -> jax.Array:
-    """Values -> what pages of `dtype` store: for fp8, the saturating cast of x / scale; otherwise a plain cast."""
-    if not is_fp8(dtype):
-        return x.astype(dtype)
-    x = x.astype(jnp.float32)
-    if scale is not None:
-        x = x / scale
-    top = FP8_MAX[jnp.dtype(dtype)]
-    return jnp.clip(x, -top, top).astype(dtype)
-
-
-def from_pages(pages: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """Stored pages -> float32 values: stored * scale (fp8 e4m3), or the stored values themselves."""
-    x = pages.astype(jnp.float32)
-    return x if scale is None else x * scale
 
 
 def describe_scales(state) -> tuple[bool, str]:

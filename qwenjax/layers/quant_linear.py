@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax.quantization import gptq, repack
+from pallas_kernels import awq_layout, gptq_layout as gptq
+from qwenjax.quantization import repack
 from qwenjax.quantization.config import QuantConfig
 
 
@@ -124,7 +125,7 @@ def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
 def dequantize_weight(qweight, qzeros, scales, g_idx, *, quant: QuantConfig, dtype) -> jax.Array:
     """The float weight [I, O] of one layer, for the XLA path (inside jit: fused into the matmul's producer)."""
     if quant.method == "awq":  # the repacked layout (repack.py)
-        return repack.dequantize_kpacked(qweight, qzeros, scales, group_size=quant.group_size, dtype=dtype)
+        return awq_layout.dequantize_kpacked(qweight, qzeros, scales, group_size=quant.group_size, dtype=dtype)
     if quant.desc_act:
         return gptq.dequantize(qweight, qzeros, scales, g_idx, bits=quant.bits,
                                checkpoint_format=quant.checkpoint_format, dtype=dtype)

@@ -33,9 +33,9 @@ import dataclasses
 
 import numpy as np
 
+from pallas_kernels.int_packing import array_module
 from qwenjax.config import ModelConfig
 from qwenjax.quantization.config import QuantConfig
-from qwenjax.quantization.packing import array_module
 
 QKV = "qkv_proj"
 GATE_UP = "gate_up_proj"

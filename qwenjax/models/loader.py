@@ -20,12 +20,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pallas_kernels import gptq_layout as gptq
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
-from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
+from qwenjax.models.fusion import (
+    FUSED,
+    Fusion,
+    fused_host_array,
+    fused_key,
+    part_keys,
+    part_shape,
+)
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
-from qwenjax.quantization import gptq, repack
+from qwenjax.quantization import repack
 from qwenjax.quantization.config import QuantConfig
 
 
@@ -153,7 +161,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     Projections are fused as `Fusion.decide` says for this mesh; `fuse=False` keeps every projection separate (the
     layout convert.py saves). A GPTQ act-order checkpoint whose fused parts have different g_idx raises ValueError.
     """
-    from qwenjax.sharding import make_mesh, param_spec
+    from qwenjax.models.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]
@@ -311,7 +319,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
     largest, a layer's [64, 3584, 2560] bf16 expert stack, is 1.1 GiB). Kinds follow the modules' own initializers
     (`init_kind`). Quantized models: the modules' constructor in one jit (their packed arrays have their own init).
     """
-    from qwenjax.sharding import make_mesh, param_spec
+    from qwenjax.models.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]

@@ -1,6 +1,6 @@
 """Load-time repack of AWQ weights into the K-packed layout that the decode kernel streams (pallas_kernels/quant_gemv.py).
 
-AWQ packs eight 4-bit values along the OUTPUT dimension (qwenjax/quantization/awq.py); a GEMV wants each word to hold
+AWQ packs eight 4-bit values along the OUTPUT dimension (pallas_kernels/awq_layout.py); a GEMV wants each word to hold
 consecutive INPUT rows of one column, as GPTQ does, so a thread's word is eight multiply-adds into one output. The
 repacked arrays keep the checkpoint's shapes and dtype (packed int32, never dequantized):
 
@@ -18,9 +18,8 @@ Every function takes numpy or jax arrays and returns the same kind.
 
 from __future__ import annotations
 
-
-from qwenjax.quantization import awq
-from qwenjax.quantization.packing import array_module, unpack_cols
+from pallas_kernels import awq_layout as awq
+from pallas_kernels.int_packing import array_module
 
 PACK = 8
 
@@ -47,29 +46,6 @@ def awq_zeros_natural(qzeros):
     xp = array_module(qzeros)
     G, C = qzeros.shape
     return _pack_last(awq.unpack(qzeros).reshape(G, C, PACK), xp)
-
-
-def unpack_kpacked(qweight):
-    """awq_kp qweight int32 [I, O/8] -> [I, O] values in 0..15."""
-    xp = array_module(qweight)
-    I, C = qweight.shape
-    shifts = xp.asarray([4 * j for j in range(PACK)], dtype=xp.int32)
-    v = (qweight.reshape(I // PACK, PACK, C)[..., None] >> shifts) & 0xF  # [w, a, b, j]
-    return v.transpose(0, 3, 2, 1).reshape(I, C * PACK)                    # [w, j, b, a] -> row 8w + j, col 8b + a
-
-
-def dequantize_kpacked(qweight, qzeros, scales, *, group_size: int, dtype=None):
-    """awq_kp arrays -> W [I, O] in `dtype` (default: the scales' dtype); exactly awq.dequantize of the originals."""
-    dtype = dtype or scales.dtype
-    I, O = qweight.shape[0], qweight.shape[1] * PACK
-    G = scales.shape[0]
-    if I != G * group_size or scales.shape != (G, O) or qzeros.shape != (G, O // PACK):
-        raise ValueError(f"AWQ shapes disagree: qweight {tuple(qweight.shape)} (in {I}, out {O}), qzeros "
-                         f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}, group_size {group_size}")
-    q = unpack_kpacked(qweight).reshape(G, group_size, O)
-    z = unpack_cols(qzeros, 4)[:, None, :]
-    w = (q - z).astype(dtype) * scales.astype(dtype)[:, None, :]
-    return w.reshape(I, O)
 
 
 def repack_loaded(loaded: dict, quant) -> dict:

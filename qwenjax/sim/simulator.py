@@ -24,12 +24,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from qwenjax.block_manager import BlockManager
 from qwenjax.config import SchedulerConfig
-from qwenjax.policies import POLICIES, SchedulingPolicy
+from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.policies import POLICIES, SchedulingPolicy
+from qwenjax.core.scheduler import Scheduler, SchedulerOutput
+from qwenjax.core.sequence import SeqStatus, Sequence
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.scheduler import Scheduler, SchedulerOutput
-from qwenjax.sequence import Sequence, SeqStatus
 from qwenjax.sim.step_model import StepTimeModel, step_shape
 from qwenjax.sim.traces import NUM_REGULAR_TOKENS, Trace
 
@@ -157,7 +157,7 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
              on_step: Callable[[float, SchedulerOutput], None] | None = None) -> SimReport:
     """Replays `trace` through a fresh Scheduler and BlockManager under `policy` on a clock driven by `model`.
 
-    `policy`: a registered name (qwenjax.policies.POLICIES) or a SchedulingPolicy subclass (a fresh instance per run,
+    `policy`: a registered name (qwenjax.core.policies.POLICIES) or a SchedulingPolicy subclass (a fresh instance per run,
     since policies such as fair share keep state).
     `vocab_size`: prompt ids are drawn below it (Trace.prompt_token_ids), as a replay on an engine draws them.
     `check`: assert the block manager's invariants at the end, with every page back in the free pool.

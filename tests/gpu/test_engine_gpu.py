@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax import LLM, SamplingParams, packing
+from qwenjax import LLM, SamplingParams
 from qwenjax.layers import attention
-from qwenjax.runner import dummy_input
+from qwenjax.worker import packing
+from qwenjax.worker.model_runner import dummy_input
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ import json, jax
 jax.config.update('jax_default_matmul_precision', 'highest')
 from qwenjax import SamplingParams
 from qwenjax.config import EngineArgs
-from qwenjax.engine import LLMEngine
+from qwenjax.engine.llm_engine import LLMEngine
 eng = LLMEngine(EngineArgs(model={model!r}, dtype='float32', **{engine!r}))
 prompts = [list(range(1, 6)), list(range(200, 300)), list(range(400, 417))]  # the 100-token one takes 4 chunks
 p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rope_kv_write import rope_kv_write
+from pallas_kernels.rope_kv_write import apply_rope, rope_kv_write
 from qwenjax.layers.attention import write_kv
-from qwenjax.layers.rotary import apply_rope, rope_cos_sin
+from qwenjax.layers.rotary import rope_cos_sin
 
 pytestmark = pytest.mark.gpu
 BF16, F16, F32, E5M2, E4M3 = jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e5m2, jnp.float8_e4m3fn

@@ -1,5 +1,5 @@
 """RequestStream: the outputs of one served request on its event loop, fed by the engine's loop (thread or
-process mode, see qwenjax/async_engine.py); EngineDeadError, what every open stream raises once the engine stops."""
+process mode, see qwenjax/engine/async_llm.py); EngineDeadError, what every open stream raises once the engine stops."""
 
 from __future__ import annotations
 

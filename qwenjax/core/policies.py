@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable
 
-from qwenjax.sequence import Sequence
+from qwenjax.core.sequence import Sequence
 
 
 class SchedulingPolicy:

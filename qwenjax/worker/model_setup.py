@@ -9,17 +9,41 @@ from pathlib import Path
 
 import jax
 
-from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, batch_defaults, resolve_dtype
-from qwenjax.kv_cache import (MemoryInfo, allocate, device_memory, device_total_bytes, kv_dtype, page_bytes,
-                              plan_num_pages)
-from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
-from qwenjax.quantization.config import resolve_quant_config
-from qwenjax.convert import is_orbax_checkpoint, restore_params
+from qwenjax.config import (
+    EngineArgs,
+    ModelConfig,
+    SchedulerConfig,
+    batch_defaults,
+    resolve_dtype,
+)
 from qwenjax.layers.attention import decode_backend
 from qwenjax.layers.fp8_kv import describe_scales, uses_scale
-from qwenjax.runner import ModelRunner
-from qwenjax.sharding import check_divisible, kv_sharding, make_mesh
-from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
+from qwenjax.models.convert import is_orbax_checkpoint, restore_params
+from qwenjax.models.loader import (
+    load_model_config,
+    load_params,
+    random_params,
+    resolve_model_path,
+)
+from qwenjax.models.sharding import check_divisible, kv_sharding, make_mesh
+from qwenjax.quantization.config import resolve_quant_config
+from qwenjax.tokenizer import (
+    default_tokenizer_dir,
+    load_generation_defaults,
+    load_tokenizer,
+    resolve_tokenizer_dir,
+)
+from qwenjax.worker.kv_cache import (
+    MemoryInfo,
+    allocate,
+    device_memory,
+    device_total_bytes,
+    kv_dtype,
+    page_bytes,
+    plan_num_pages,
+)
+from qwenjax.worker.model_runner import ModelRunner
+from qwenjax.worker.sampler import WARMUP_MODES
 
 logger = logging.getLogger("qwenjax")
 
@@ -43,7 +67,7 @@ class LoadedModel:
 
 def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelConfig | None = None) -> LoadedModel:
     """Everything the engine needs on the device. `random_weights` skips the checkpoint (benchmarks)."""
-    from qwenjax.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    from qwenjax.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
     t0 = time.perf_counter()
     if random_weights is not None:
@@ -115,7 +139,6 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                 cache_dtype.name)
     warm = 0.0
     if not args.skip_warmup:
-        from qwenjax.engine import WARMUP_MODES
 
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
@@ -182,7 +205,6 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
         return b[1] if b[1] > 1 and not b[2] and not b[3] else b[0] * b[1] + b[3]
 
     largest = sorted(buckets, key=slots)[-1:] + [max(b for b in buckets if b[1] == 1)]
-    from qwenjax.engine import WARMUP_MODES
 
     # The sampler's programs too: at 512 rows its [B, V] float32 work is several hundred MB, and once the pages
     # have taken every free byte a warm-up that meets it for the first time runs out of memory.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwenjax.quantization.packing import array_module
+from pallas_kernels.int_packing import array_module, unpack_cols
 
 BITS = 4
 PACK = 8  # values per int32 word
@@ -44,5 +44,31 @@ def dequantize(qweight, qzeros, scales, *, group_size: int, dtype=None):
                          f"qzeros ({I // group_size}, {O // PACK}) and scales ({I // group_size}, {O})")
     q = unpack(qweight, dtype=xp.int32).reshape(G, group_size, O)
     z = unpack(qzeros, dtype=xp.int32)[:, None, :]
+    w = (q - z).astype(dtype) * scales.astype(dtype)[:, None, :]
+    return w.reshape(I, O)
+
+
+# The K-packed variant ("awq_kp"), made at load by qwenjax/quantization/repack.py: nibble j of word (8w + a, b) is
+# row 8w + j, column 8b + a; qzeros in natural order (nibble a of word b is column 8b + a).
+
+def unpack_kpacked(qweight):
+    """awq_kp qweight int32 [I, O/8] -> [I, O] values in 0..15."""
+    xp = array_module(qweight)
+    I, C = qweight.shape
+    shifts = xp.asarray([4 * j for j in range(PACK)], dtype=xp.int32)
+    v = (qweight.reshape(I // PACK, PACK, C)[..., None] >> shifts) & 0xF  # [w, a, b, j]
+    return v.transpose(0, 3, 2, 1).reshape(I, C * PACK)                    # [w, j, b, a] -> row 8w + j, col 8b + a
+
+
+def dequantize_kpacked(qweight, qzeros, scales, *, group_size: int, dtype=None):
+    """awq_kp arrays -> W [I, O] in `dtype` (default: the scales' dtype); exactly awq.dequantize of the originals."""
+    dtype = dtype or scales.dtype
+    I, O = qweight.shape[0], qweight.shape[1] * PACK
+    G = scales.shape[0]
+    if I != G * group_size or scales.shape != (G, O) or qzeros.shape != (G, O // PACK):
+        raise ValueError(f"AWQ shapes disagree: qweight {tuple(qweight.shape)} (in {I}, out {O}), qzeros "
+                         f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}, group_size {group_size}")
+    q = unpack_kpacked(qweight).reshape(G, group_size, O)
+    z = unpack_cols(qzeros, 4)[:, None, :]
     w = (q - z).astype(dtype) * scales.astype(dtype)[:, None, :]
     return w.reshape(I, O)

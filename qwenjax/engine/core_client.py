@@ -1,4 +1,4 @@
-"""The frontend's side of the engine core process (qwenjax/engine_core.py): spawning it, two threads that talk to it,
+"""The frontend's side of the engine core process (qwenjax/engine/core.py): spawning it, two threads that talk to it,
 and what the server reads of the engine without loading the model.
 
 Threads of the frontend process, besides the caller's event loops:
@@ -20,9 +20,9 @@ import threading
 import types
 from typing import Callable
 
-from qwenjax.engine_core import KNOWN_ERRORS, run_engine_core, widen_pipe
+from qwenjax.engine.core import KNOWN_ERRORS, run_engine_core, widen_pipe
+from qwenjax.engine.request_stream import EngineDeadError
 from qwenjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from qwenjax.request_stream import EngineDeadError
 
 logger = logging.getLogger("qwenjax")
 

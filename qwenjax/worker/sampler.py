@@ -91,6 +91,13 @@ class SamplerOutput:
 # ----------------------------------------------------------------------------------------------- device side
 
 
+# Penalties are always applied (from the device-resident history; a no-op at their neutral values), so a request's
+# penalties never select another compiled variant. Warm-up compiles the modes of greedy, plain temperature, and
+# top-k/top-p with top_k <= 64 (Qwen2's generation_config: top_k 20); a row with top_p but no top_k, logprobs, or
+# min_tokens compiles its sampler variant (small) on first use.
+WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=True, num_logprobs=0, has_banned=False)
+                     for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
+
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
            history: tuple[jax.Array, jax.Array] | None = None) -> SamplerOutput:
     """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.

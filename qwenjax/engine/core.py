@@ -332,7 +332,7 @@ def run_engine_core(args, cmd_conn, out_conn, options: dict) -> None:
     logging.getLogger("qwenjax").setLevel(options.get("log_level", logging.INFO))
     widen_pipe(out_conn)
     try:
-        from qwenjax.engine import LLMEngine
+        from qwenjax.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(args)
         setup = options.get("engine_setup")

@@ -18,31 +18,26 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from qwenjax import compat, lockstep
-from qwenjax.batch import build_step_input
-from qwenjax.block_manager import BlockManager
+from qwenjax import compat
 from qwenjax.config import EngineArgs, SchedulerConfig
-from qwenjax.detokenizer import IncrementalDetokenizer
-from qwenjax.lockstep import to_host
-from qwenjax.model_setup import LoadedModel, load_model
+from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.detokenizer import IncrementalDetokenizer
+from qwenjax.core.scheduler import Scheduler, SchedulerOutput
+from qwenjax.core.sequence import PENDING, Request, SeqStatus, Sequence
+from qwenjax.core.stop_checker import StopChecker
 from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from qwenjax.runner import ModelRunner
-from qwenjax.sampler import SamplerMode, SamplingRow, build_tensors, choose_mode
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.scheduler import Scheduler, SchedulerOutput
-from qwenjax.sequence import PENDING, Request, Sequence, SeqStatus
-from qwenjax.stop_checker import StopChecker
+from qwenjax.worker import lockstep
+from qwenjax.worker.lockstep import to_host
+from qwenjax.worker.model_runner import ModelRunner
+from qwenjax.worker.model_setup import LoadedModel, load_model
+from qwenjax.worker.sampler import WARMUP_MODES, SamplingRow, build_tensors, choose_mode
+from qwenjax.worker.step_input import build_step_input
 
 logger = logging.getLogger("qwenjax")
 
 _GREEDY = SamplingParams(temperature=0.0)
 _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
-# Penalties are always applied (from the device-resident history; a no-op at their neutral values), so a request's
-# penalties never select another compiled variant. Warm-up compiles the modes of greedy, plain temperature, and
-# top-k/top-p with top_k <= 64 (Qwen2's generation_config: top_k 20); a row with top_p but no top_k, logprobs, or
-# min_tokens compiles its sampler variant (small) on first use.
-WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=True, num_logprobs=0, has_banned=False)
-                     for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
 
 
 def freeze_gc_heap() -> None:

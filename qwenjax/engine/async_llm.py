@@ -3,10 +3,10 @@
 Two modes, one API (add_request -> RequestStream, abort, generate, `dead`, shutdown):
 
   * process mode (`AsyncLLMEngine(engine_args)`, `python -m server`): the LLMEngine lives in an engine core process
-    (qwenjax/engine_core.py) spawned at start; this process never initialises JAX. The engine's host work per step
+    (qwenjax/engine/core.py) spawned at start; this process never initialises JAX. The engine's host work per step
     then runs on its own core instead of competing for one GIL with the event loop's per-token work. Commands go to
     the child through a sender thread, one message per batch; a reader thread receives one message per engine step
-    (the outputs as deltas, plus a stats snapshot) and routes each output to its stream (qwenjax/engine_client.py).
+    (the outputs as deltas, plus a stats snapshot) and routes each output to its stream (qwenjax/engine/core_client.py).
     `engine.engine` is then an EngineView: the tokenizer, config and counters the server reads, without the model.
   * thread mode (`AsyncLLMEngine(llm_engine)`, or `multiprocess=False`, `--disable-frontend-multiprocessing`): one
     background thread of this process owns the LLMEngine. Multi-host runs (num_processes > 1) always use it.
@@ -40,10 +40,10 @@ import threading
 import time
 from typing import AsyncIterator
 
-from qwenjax.engine_client import EngineCoreClient, RemoteOutput
-from qwenjax.engine_core import KNOWN_ERRORS, ThroughputLog
+from qwenjax.engine.core import KNOWN_ERRORS, ThroughputLog
+from qwenjax.engine.core_client import EngineCoreClient, RemoteOutput
+from qwenjax.engine.request_stream import EngineDeadError, RequestStream
 from qwenjax.outputs import RequestOutput
-from qwenjax.request_stream import EngineDeadError, RequestStream
 from qwenjax.sampling_params import SamplingParams
 
 __all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestStream"]
@@ -109,7 +109,7 @@ class AsyncLLMEngine:
                                             engine_setup=engine_setup)
         else:
             if isinstance(engine, EngineArgs):
-                from qwenjax.engine import LLMEngine
+                from qwenjax.engine.llm_engine import LLMEngine
 
                 engine = LLMEngine(engine)
             if engine_setup is not None:

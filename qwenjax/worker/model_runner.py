@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax import packing, penalty_state, sampler
-from qwenjax.batch import StepInput, build_step_input
+from qwenjax.core.scheduler import SchedulerOutput
 from qwenjax.layers.attention import AttentionMetadata, PackedMetadata, segments
-from qwenjax.scheduler import SchedulerOutput
-from qwenjax.sharding import replicated, vocab_sharding
+from qwenjax.models.sharding import replicated, vocab_sharding
+from qwenjax.worker import packing, penalty_state, sampler
+from qwenjax.worker.step_input import StepInput, build_step_input
 
 logger = logging.getLogger("qwenjax")
 

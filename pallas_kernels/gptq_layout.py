@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwenjax.quantization.packing import unpack_cols, unpack_rows
+from pallas_kernels.int_packing import unpack_cols, unpack_rows
 
 
 def unpack_qweight(qweight, bits: int):

@@ -63,7 +63,7 @@ def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.Gr
 
     from qwenjax.models.fusion import Fusion, part_keys
     from qwenjax.models.loader import abstract_model
-    from qwenjax.sharding import param_spec
+    from qwenjax.models.sharding import param_spec
 
     n = mesh.shape["tp"]
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.decide(cfg, n)))

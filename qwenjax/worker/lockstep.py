@@ -13,10 +13,15 @@ import logging
 import jax
 import numpy as np
 
-from qwenjax.batch import StepInput
 from qwenjax.compat import distributed_initialized
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata, segments
-from qwenjax.sampler import SamplerMode, SamplingTensors
+from qwenjax.layers.attention import (
+    AttentionMetadata,
+    MixedMetadata,
+    PackedMetadata,
+    segments,
+)
+from qwenjax.worker.sampler import SamplerMode, SamplingTensors
+from qwenjax.worker.step_input import StepInput
 
 logger = logging.getLogger("qwenjax")
 

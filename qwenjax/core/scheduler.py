@@ -41,10 +41,10 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from qwenjax.block_manager import BlockManager
 from qwenjax.config import SchedulerConfig, packed_len
-from qwenjax.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
-from qwenjax.sequence import Sequence, SeqStatus
+from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
+from qwenjax.core.sequence import SeqStatus, Sequence
 
 
 @dataclasses.dataclass

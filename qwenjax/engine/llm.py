@@ -7,7 +7,7 @@ import time
 from typing import Any, Sequence
 
 from qwenjax.config import EngineArgs
-from qwenjax.engine import LLMEngine
+from qwenjax.engine.llm_engine import LLMEngine
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from qwenjax.tokenizer import apply_chat_template, load_chat_template

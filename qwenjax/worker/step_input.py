@@ -10,8 +10,8 @@ import numpy as np
 
 from qwenjax.compat import register_dataclass
 from qwenjax.config import packed_len
+from qwenjax.core.scheduler import SchedulerOutput
 from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata
-from qwenjax.scheduler import SchedulerOutput
 
 
 @register_dataclass
