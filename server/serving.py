@@ -24,12 +24,7 @@ from qwenjax.tokenizer import apply_chat_template
 from server.errors import parse_json, parse_model
 from server.formatting import ChatFormatter, CompletionFormatter, TokenText
 from server.metrics import ServerMetrics
-from server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    sampling_params_from_dict,
-)
+from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, sampling_params_from_dict
 
 
 class Prompt(NamedTuple):

@@ -14,13 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from pallas_kernels.page_format import from_pages
 from qwenjax import LLM, SamplingParams
-from qwenjax.layers.attention import (
-    AttentionMetadata,
-    attention,
-    paged_attention_reference,
-    sharded_decode_kernel,
-    write_kv,
-)
+from qwenjax.layers.attention import attention, paged_attention_reference, sharded_decode_kernel, write_kv
+from qwenjax.layers.attention_metadata import AttentionMetadata
 from qwenjax.models.loader import load_model_config, load_params
 from qwenjax.worker.kv_cache import MemoryInfo, allocate
 from tests.conftest import SMALL_ENGINE

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.layers.attention_metadata import AttentionMetadata
 from qwenjax.models.loader import load_model_config, load_params
 from qwenjax.worker.kv_cache import allocate
 from tests.checkpoints import hf_model

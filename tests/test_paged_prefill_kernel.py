@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_prefill import (paged_prefill_attention, paged_prefill_reference,
-                                          ragged_paged_prefill_attention, ragged_paged_prefill_reference)
-from qwenjax.layers.attention import AttentionMetadata, paged_attention_reference
+                                           ragged_paged_prefill_attention, ragged_paged_prefill_reference)
+from qwenjax.layers.attention import paged_attention_reference
+from qwenjax.layers.attention_metadata import AttentionMetadata
 from tests.test_paged_attention_kernel import make_case
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32

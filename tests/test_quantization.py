@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from pallas_kernels import awq_layout as awq, gptq_layout as gptq
 from qwenjax import LLM, SamplingParams
-from qwenjax.layers.attention import AttentionMetadata
+from qwenjax.layers.attention_metadata import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
 from qwenjax.models.fusion import FUSED, GATE_UP, QKV, FusedColumns, split_columns
 from qwenjax.models.loader import load_model_config, load_params

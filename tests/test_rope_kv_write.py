@@ -5,13 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rope_kv_write import (
-    apply_rope,
-    rope_kv_write,
-    rope_kv_write_reference,
-)
+from pallas_kernels.rope_kv_write import apply_rope, rope_kv_write, rope_kv_write_reference
 from qwenjax.layers import attention
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata
+from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, PackedMetadata
 from qwenjax.layers.rotary import rope_cos_sin
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32

@@ -7,18 +7,8 @@ import numpy as np
 import pytest
 
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.worker.sampler import (
-    SamplerMode,
-    SamplingRow,
-    apply_banned,
-    apply_penalties,
-    build_tensors,
-    choose_mode,
-    chunked_top_k,
-    filtered_logits,
-    history_bucket,
-    sample,
-)
+from qwenjax.worker.sampler import (SamplerMode, SamplingRow, apply_banned, apply_penalties, build_tensors, choose_mode,
+                                    chunked_top_k, filtered_logits, history_bucket, sample)
 
 QWEN_VOCAB = 151936
 jit_sample = jax.jit(sample, static_argnames="mode")

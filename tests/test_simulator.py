@@ -18,26 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwenjax.layers.attention import segments
-from qwenjax.sim import (
-    Fixed,
-    Gamma,
-    Lengths,
-    LengthsFromFile,
-    LogNormal,
-    OnOff,
-    Poisson,
-    SimConfig,
-    StepSample,
-    StepShape,
-    StepTimeModel,
-    Trace,
-    TraceRequest,
-    Uniform,
-    compare_policies,
-    make_trace,
-    simulate,
-)
+from qwenjax.layers.attention_metadata import segments
+from qwenjax.sim import (Fixed, Gamma, Lengths, LengthsFromFile, LogNormal, OnOff, Poisson, SimConfig, StepSample,
+                         StepShape, StepTimeModel, Trace, TraceRequest, Uniform, compare_policies, make_trace, simulate)
 from qwenjax.sim.step_model import QWEN2_7B_H100_ESTIMATE, Coefficients
 from qwenjax.sim.traces import SharedPrefix
 

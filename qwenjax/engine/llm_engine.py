@@ -21,9 +21,9 @@ import numpy as np
 from qwenjax import compat
 from qwenjax.config import EngineArgs, SchedulerConfig
 from qwenjax.core.block_manager import BlockManager
-from qwenjax.core.detokenizer import IncrementalDetokenizer
+from qwenjax.core.output_processor import OutputProcessor
 from qwenjax.core.scheduler import Scheduler, SchedulerOutput
-from qwenjax.core.sequence import PENDING, Request, SeqStatus, Sequence
+from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.core.stop_checker import StopChecker
 from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from qwenjax.sampling_params import SamplingParams
@@ -109,6 +109,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.blocks, policy=args.scheduling_policy)
         self.runner: ModelRunner = self.model.runner
         self.stats = EngineStats()
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.scheduler, self.stats)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(args.seed)
         self._ids = itertools.count()
@@ -203,7 +204,7 @@ class LLMEngine:
                 continue
             for seq in req.seqs:
                 if not seq.finished:
-                    self._finish(seq, "abort")
+                    self.output_processor.finish(seq, "abort")
 
     def reset_prefix_cache(self) -> int:
         """Drops the names of every free cached page, so no later request hits them (pages held by running
@@ -331,9 +332,9 @@ class LLMEngine:
                     seq.num_pending -= 1
                     i = k * B + b
                     lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
-                    self._append_token(seq, token, index + k, lp)
+                    self.output_processor.append_token(seq, token, index + k, lp, text=self._needs_text(seq))
             else:
-                self._append_tokens(seq, by_row[b], index)
+                self.output_processor.append_tokens(seq, by_row[b], index)
             touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
 
@@ -342,81 +343,6 @@ class LLMEngine:
         detokenizer; offline without stop strings decodes once at the end instead."""
         p = seq.params
         return p.detokenize and (bool(p.stop) or not self.final_only)
-
-    def _append_tokens(self, seq: Sequence, tokens: list[int], index: int) -> None:
-        """`_append_token` for outputs index, index + 1, ... of a sequence that needs no logprobs and no text as it
-        grows, in one pass: it ends at the first stop id at or past min_tokens, or at its length limit."""
-        p = seq.params
-        end = min(len(tokens), seq.max_output_tokens - index)  # outputs past the length limit are never reported
-        reason = "length" if index + end >= seq.max_output_tokens else None
-        stops = p.stop_token_id_set(self.eos_token_ids)
-        if stops:
-            for j in range(max(0, p.min_tokens - index - 1), end):
-                if tokens[j] in stops:
-                    end, reason = j + 1, "stop"
-                    seq.stop_reason = tokens[j] if tokens[j] in p.stop_token_ids else None
-                    break
-        seq.output_token_ids[index:index + end] = tokens[:end]
-        seq.num_pending -= end
-        self.stats.generation_tokens += end
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        if reason is not None:
-            self._finish(seq, reason)
-
-    def _append_token(self, seq: Sequence, token: int, index: int, lp) -> None:
-        """Output `index` of `seq` is now known to be `token` (outputs before it are known too)."""
-        p = seq.params
-        self.stats.generation_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        if lp is not None:
-            chosen, rank, top_ids, top_lps = lp
-            seq.cumulative_logprob += chosen
-            if seq.logprobs is not None:
-                entry = {token: Logprob(chosen, rank)}
-                for r, (tid, val) in enumerate(zip(top_ids[:p.logprobs], top_lps[:p.logprobs]), 1):
-                    entry.setdefault(int(tid), Logprob(float(val), r))
-                if p.detokenize:
-                    for tid, l in entry.items():
-                        l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid)
-                seq.logprobs.append(entry)
-        delta = ""
-        if self._needs_text(seq):  # else the text is decoded once at the end: the deltas concatenate to it
-            if seq.detokenizer is None:
-                seq.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-                    spaces_between_special_tokens=p.spaces_between_special_tokens)
-                delta = seq.detokenizer.add_tokens(seq.output_token_ids[:index + 1])
-            else:
-                delta = seq.detokenizer.add_tokens([token])
-        seq.output_text += delta
-        n_out = index + 1
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_id_set(self.eos_token_ids):
-                seq.stop_reason = token if token in p.stop_token_ids else None
-                return self._finish(seq, "stop")
-            if seq.stop_checker is not None and delta:
-                match = seq.stop_checker.check(seq.output_text, len(delta))
-                if match is not None:
-                    seq.output_text, seq.stop_reason = match.text, match.stop
-                    return self._finish(seq, "stop", flush=False)
-        if n_out >= seq.max_output_tokens:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True) -> None:
-        seq.finish_reason = reason
-        if seq.num_pending:  # tokens a step in flight samples after the end: never reported
-            del seq.output_token_ids[-seq.num_pending:]
-            seq.num_pending = 0
-        if flush and seq.detokenizer is not None:
-            seq.output_text += seq.detokenizer.flush()
-        elif seq.detokenizer is None and seq.params.detokenize and seq.output_token_ids:
-            seq.output_text = self.tokenizer.decode(
-                seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens,
-                spaces_between_special_tokens=seq.params.spaces_between_special_tokens)
-        self.scheduler.remove(seq)
-        seq.status = SeqStatus.FINISHED
 
     def _outputs(self, reqs: Iterable[Request]) -> list[RequestOutput]:
         outs = []

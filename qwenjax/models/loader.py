@@ -23,14 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pallas_kernels import gptq_layout as gptq
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
-from qwenjax.models.fusion import (
-    FUSED,
-    Fusion,
-    fused_host_array,
-    fused_key,
-    part_keys,
-    part_shape,
-)
+from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import repack

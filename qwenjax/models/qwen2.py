@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, attend, flat_positions, rope_and_write
+from qwenjax.layers.attention import attend, rope_and_write
+from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, flat_positions
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear

@@ -20,13 +20,7 @@ from qwenjax.compat import platform
 from qwenjax.config import ModelConfig
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.models.fusion import Fusion
-from qwenjax.models.qwen2 import (
-    Qwen2Attention,
-    Qwen2DecoderLayer,
-    Qwen2ForCausalLM,
-    Qwen2MLP,
-    Qwen2Model,
-)
+from qwenjax.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
 from qwenjax.models.sharding import AXIS
 from qwenjax.quantization.config import QuantConfig
 

@@ -14,12 +14,7 @@ import jax
 import numpy as np
 
 from qwenjax.compat import distributed_initialized
-from qwenjax.layers.attention import (
-    AttentionMetadata,
-    MixedMetadata,
-    PackedMetadata,
-    segments,
-)
+from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, PackedMetadata, segments
 from qwenjax.worker.sampler import SamplerMode, SamplingTensors
 from qwenjax.worker.step_input import StepInput
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax.core.scheduler import SchedulerOutput
-from qwenjax.layers.attention import AttentionMetadata, PackedMetadata, segments
+from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata, segments
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler
 from qwenjax.worker.step_input import StepInput, build_step_input

@@ -11,7 +11,7 @@ import numpy as np
 from qwenjax.compat import register_dataclass
 from qwenjax.config import packed_len
 from qwenjax.core.scheduler import SchedulerOutput
-from qwenjax.layers.attention import AttentionMetadata, MixedMetadata, PackedMetadata
+from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, PackedMetadata
 
 
 @register_dataclass
