@@ -179,7 +179,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True        # automatic prefix caching, on by default as in vLLM v1
     enable_chunked_prefill: bool | None = None  # None / True: prompt chunks join decode steps; False: never
     scheduling_policy: str = "fcfs"           # SCHEDULING_POLICIES (qwenjax.core.policies.POLICIES' names)
-    async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine.py)
+    async_scheduling: bool = True             # dispatch step N+1 before reading step N's tokens (engine/llm_engine.py)
     num_scheduler_steps: int = 1              # decode steps one dispatch runs on the device (vLLM's multi-step)
     num_kv_pages: int | None = None          # override the page count computed from free memory
     kv_cache_memory_bytes: int | None = None  # budget for pages when the device reports no memory (CPU)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test suite on CPU (what CI runs). Prints the slowest tests.
+# The import contracts (.importlinter: the tree's layering), then the test suite on CPU (what CI runs). Prints the
+# slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
+lint-imports
 exec python -m pytest tests -q -ra --durations=25 --timeout=900 "$@"

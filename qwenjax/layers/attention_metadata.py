@@ -47,7 +47,7 @@ class PackedMetadata:
     """A packed prefill step: R rows of fresh tokens (each starting at position 0) back to back on one axis of T
     token slots, row r's `query_lens[r]` tokens at [row_starts[r], row_starts[r] + query_lens[r]).
 
-    Invariants (batch.py builds them): row_starts are multiples of config.PACKED_ROW_ALIGN and nondecreasing, rows
+    Invariants (worker/step_input.py builds them): row_starts are multiples of config.PACKED_ROW_ALIGN and nondecreasing, rows
     do not overlap; padding rows have query_lens = seq_lens = 0 and start at T; slots between and after rows are
     padding (out-of-range slot, position 0). Only projections see the padding slots: at most PACKED_ROW_ALIGN - 1 a
     row, against the [B, Q] layout's padding of every row to the longest.
