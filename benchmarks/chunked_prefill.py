@@ -31,7 +31,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import floors  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
 
 BENCHMARK = "chunked-prefill"
 RUNS = ("unchunked", "chunked")  # the order they run in
@@ -39,7 +45,7 @@ DEFAULTS = dict(streams=32, stream_prompt_len=128, long_prompt_len=8192, long_ou
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload (x --scale unless set)")
     for k, v in DEFAULTS.items():
         w.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v}")
@@ -48,7 +54,7 @@ def parse(argv=None):
     args.standard = all(getattr(args, k) is None for k in DEFAULTS) and args.scale == 1.0 and args.interval == 0.5
     for k, v in DEFAULTS.items():
         if getattr(args, k) is None:
-            setattr(args, k, common.scaled(v, args.scale, 2 if k != "num_long" else 1))
+            setattr(args, k, cli_args.scaled(v, args.scale, 2 if k != "num_long" else 1))
     return args
 
 
@@ -59,9 +65,10 @@ def engine_kwargs(args, chunked: bool) -> dict:
     seqs = args.streams + args.num_long
     long_q = pow2_at_least(args.long_prompt_len, 16)
     chunk = min(512, long_q)
-    kw = common.engine_kwargs(args, max_model_len=common.round_up(args.long_prompt_len + args.long_output_len, bs),
-                              max_num_seqs=seqs, max_num_batched_tokens=max(long_q, 16),
-                              decode_buckets=(seqs,), prefill_buckets=tuple(sorted({chunk, long_q})))
+    kw = engine_setup.engine_kwargs(args,
+                                    max_model_len=cli_args.round_up(args.long_prompt_len + args.long_output_len, bs),
+                                    max_num_seqs=seqs, max_num_batched_tokens=max(long_q, 16),
+                                    decode_buckets=(seqs,), prefill_buckets=tuple(sorted({chunk, long_q})))
     kw["enable_chunked_prefill"] = chunked
     return kw
 
@@ -72,11 +79,11 @@ def run_one(args, spec, cfg, *, chunked: bool) -> dict:
     from qwenjax import SamplingParams
 
     kwargs = engine_kwargs(args, chunked)
-    llm, startup = common.build_llm(spec, kwargs)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
     rng = np.random.default_rng(args.seed)
     ids = lambda n: list(map(int, rng.integers(0, cfg.vocab_size, n)))  # noqa: E731
     # Warm-up (untimed): a long prompt alone, then one arriving while another decodes (the mixed-step path).
-    common.warm_generate(llm, [ids(args.long_prompt_len)])
+    workloads.warm_generate(llm, [ids(args.long_prompt_len)])
     engine = llm.llm_engine
     engine.add_request("warm-a", None, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                        prompt_token_ids=ids(args.stream_prompt_len))
@@ -98,11 +105,11 @@ def run_one(args, spec, cfg, *, chunked: bool) -> dict:
     counts = {rid: 0 for rid in streams}
     token_times: dict[str, list[float]] = {rid: [] for rid in streams}
     long_done: dict[str, dict] = {}
-    before = common.stats_snapshot(llm)
+    before = workloads.stats_snapshot(llm)
     gc.collect()
 
-    def step():
-        now_outs = engine.step()
+    def step():  # only called before `del engine, llm` below, which clears this closure's cell on purpose
+        now_outs = engine.step()  # noqa: F821
         now = time.monotonic()
         for out in now_outs:
             rid = out.request_id
@@ -130,8 +137,8 @@ def run_one(args, spec, cfg, *, chunked: bool) -> dict:
     engine.abort_request(streams)
     while engine.has_unfinished_requests():
         engine.step()
-    stats = common.stats_delta(before, common.stats_snapshot(llm))
-    econf = common.engine_config(llm, kwargs, startup)
+    stats = workloads.stats_delta(before, workloads.stats_snapshot(llm))
+    econf = engine_setup.engine_config(llm, kwargs, startup)
     del engine, llm
     gc.collect()
 
@@ -150,16 +157,16 @@ def run_one(args, spec, cfg, *, chunked: bool) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = common.resolve_model(args.model)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                       gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
+    spec = model_specs.resolve_model(args.model)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                                gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
     runs = {name: run_one(args, spec, cfg, chunked=name == "chunked") for name in RUNS}
     metrics = {f"{k}_{name}": v for name in RUNS for k, v in runs[name]["summary"].items()}
     metrics["itl_ms_p99"] = runs["chunked"]["summary"]["itl_ms_p99"]
-    metrics["speedup_vs_no_chunked_prefill"] = common.ratio(runs["unchunked"]["summary"]["itl_ms_p99"],
+    metrics["speedup_vs_no_chunked_prefill"] = floors.ratio(runs["unchunked"]["summary"]["itl_ms_p99"],
                                                             runs["chunked"]["summary"]["itl_ms_p99"])
     config = {"streams": args.streams, "stream_prompt_len": args.stream_prompt_len,
               "long_prompt_len": args.long_prompt_len, "long_output_len": args.long_output_len,
@@ -167,16 +174,16 @@ def main(argv=None) -> dict:
               "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype, "greedy": True, "ignore_eos": True,
               "runs": runs}
     config.update(runs["chunked"]["engine"])
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]),
             ("workload", f"{args.streams} streams ({args.stream_prompt_len} prompt) + {args.num_long} x "
                          f"{args.long_prompt_len} -> {args.long_output_len} every {args.interval:g} s")]
-    rows += common.paired_rows(metrics, ("itl_ms_p50", "itl_ms_p99", "itl_ms_max", "long_ttft_ms_mean", "steps",
-                                         "mixed_steps"), RUNS)
+    rows += result_files.paired_rows(metrics, ("itl_ms_p50", "itl_ms_p99", "itl_ms_max", "long_ttft_ms_mean", "steps",
+                                               "mixed_steps"), RUNS)
     rows.append(("speedup_vs_no_chunked_prefill", metrics["speedup_vs_no_chunked_prefill"]))
-    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
+    result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
 
 

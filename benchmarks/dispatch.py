@@ -42,13 +42,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import engine_setup  # noqa: E402
+import model_specs  # noqa: E402
+import profiling  # noqa: E402
+import result_files  # noqa: E402
 
 BENCHMARK = "dispatch"
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload")
     w.add_argument("--iters", type=int, default=200, help="calls timed per figure; the median is reported")
     w.add_argument("--context", type=int, default=256, help="max_model_len of the engine (a latency-sized one)")
@@ -110,8 +114,8 @@ def kernel_table(profile: dict, sources: dict[str, str], tokens: int) -> list[di
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = common.resolve_model(args.model)
-    common.setup_jax(args)
+    spec = model_specs.resolve_model(args.model)
+    engine_setup.setup_jax(args)
     import jax
     import jax.numpy as jnp
 
@@ -120,11 +124,12 @@ def main(argv=None) -> dict:
     from qwenjax.worker.lockstep import to_host
     from qwenjax.worker.model_runner import dummy_input
 
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    kwargs = common.engine_kwargs(args, max_model_len=common.round_up(args.context, args.block_size), max_num_seqs=1,
-                                  max_num_batched_tokens=None, decode_buckets=(1,), prefill_buckets=(16,))
-    llm, startup = common.build_llm(spec, kwargs)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    kwargs = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(args.context, args.block_size),
+                                        max_num_seqs=1, max_num_batched_tokens=None, decode_buckets=(1,),
+                                        prefill_buckets=(16,))
+    llm, startup = engine_setup.build_llm(spec, kwargs)
     eng = llm.llm_engine
     runner = eng.runner
     width = eng.scheduler_config.max_pages_per_seq
@@ -222,17 +227,17 @@ def main(argv=None) -> dict:
     table = []
     if args.kernels:
         table = profile_kernels(runner, inp, tensors, mode, K, roundtrip, args.kernels, text or "", config, metrics)
-    config.update(common.engine_config(llm, kwargs, startup))
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("XLA_FLAGS", config["xla_flags"] or "-")]
     rows += [(k, f"{v:.1f}" if isinstance(v, float) else v) for k, v in metrics.items()]
     rows += [("entry kernels / command buffers", f"{kernels['fusion']} fusions, {kernels['custom_call']} custom "
               f"calls, {kernels['command_buffer_calls']} command-buffer calls"), ("result", str(path))]
     rows += [(f"{k['name'][:48]}", f"{k['us_per_call']:.2f} us x {k['calls_per_token']:g} = {k['us_per_token']:.1f} "
               f"us/token  {k['source'][:70]}") for k in table]
-    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    result_files.print_table(f"{BENCHMARK} {spec.name}", rows)
     return result
 
 
@@ -261,7 +266,7 @@ def profile_kernels(runner, inp, tensors, mode, K: int, roundtrip, n: int, step_
     for _ in range(3):
         fn()
     logdir = tempfile.mkdtemp(prefix="qwenjax-kernels-")
-    with common.quiet_trace(logdir):
+    with profiling.quiet_trace(logdir):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -269,7 +274,7 @@ def profile_kernels(runner, inp, tensors, mode, K: int, roundtrip, n: int, step_
     if jax.default_backend() == "cpu":
         config["kernels_note"] = "JAX runs on the CPU: no device kernels to list"
         return []
-    prof = common.device_busy_from_trace(logdir, wall, top=80)
+    prof = profiling.device_busy_from_trace(logdir, wall, top=80)
     tokens = n * K
     table = kernel_table(prof, hlo_sources(text), tokens)
     config["kernels"] = table

@@ -18,13 +18,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import floors  # noqa: E402
+import model_specs  # noqa: E402
+import peers  # noqa: E402
+import profiling  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
 
 BENCHMARK = "latency"
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload")
     w.add_argument("--prompt-len", type=int, default=None, help="default 128 (x --scale)")
     w.add_argument("--output-len", type=int, default=None, help="default 256 (x --scale)")
@@ -33,8 +41,8 @@ def parse(argv=None):
                    help="run the peer (transformers generate, bf16, random init) instead of qwenjax, in its own "
                         "process, and write its figure where the qwenjax run merges it")
     args = p.parse_args(argv)
-    args.prompt_len = args.prompt_len or common.scaled(128, args.scale, 2)
-    args.output_len = args.output_len or common.scaled(256, args.scale, 2)
+    args.prompt_len = args.prompt_len or cli_args.scaled(128, args.scale, 2)
+    args.output_len = args.output_len or cli_args.scaled(256, args.scale, 2)
     return args
 
 
@@ -46,25 +54,25 @@ def workload_config(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = common.resolve_model(args.model)
+    spec = model_specs.resolve_model(args.model)
     if args.peer:
         return run_peer(args, spec)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"])
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"])
     P, O = args.prompt_len, args.output_len
-    kwargs = common.engine_kwargs(args, max_model_len=common.round_up(P + O, args.block_size), max_num_seqs=1,
-                                  max_num_batched_tokens=None, decode_buckets=(1,), prefill_buckets=(P,))
-    llm, startup = common.build_llm(spec, kwargs)
-    prompts = common.random_prompts(args.repeats + 1, P, seed=args.seed, vocab_size=cfg.vocab_size)
-    common.warm_generate(llm, prompts[-1:])
+    kwargs = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(P + O, args.block_size), max_num_seqs=1,
+                                        max_num_batched_tokens=None, decode_buckets=(1,), prefill_buckets=(P,))
+    llm, startup = engine_setup.build_llm(spec, kwargs)
+    prompts = workloads.random_prompts(args.repeats + 1, P, seed=args.seed, vocab_size=cfg.vocab_size)
+    workloads.warm_generate(llm, prompts[-1:])
 
     runs = []
     for i in range(args.repeats):
-        before = common.stats_snapshot(llm)
-        outs, wall = common.timed_generate(llm, [prompts[i]], common.greedy(O))
-        st = common.stats_delta(before, common.stats_snapshot(llm))
+        before = workloads.stats_snapshot(llm)
+        outs, wall = workloads.timed_generate(llm, [prompts[i]], workloads.greedy(O))
+        st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
         out = outs[0]
         n = len(out.outputs[0].token_ids)
         if n != O:
@@ -81,34 +89,34 @@ def main(argv=None) -> dict:
     # Decode step i (1 <= i < O) feeds token P + i - 1 and attends over P + i tokens.
     quant = spec.config.get("quantization_config")  # packed weights: the floor counts their packed bytes
     # Each of the mesh's devices reads its shard: the floor is at `mesh` times one device's bandwidth.
-    floor_s = common.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"] * args.mesh,
+    floor_s = floors.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"] * args.mesh,
                                           quant=quant) if ceilings["copy_tbps"] else None
     floor_ms = floor_s / max(O - 1, 1) * 1e3 if floor_s else None
-    metrics = {"tok_s": 1e3 / ms, "ms_per_token": ms, "mbu": common.ratio(floor_ms, ms),
+    metrics = {"tok_s": 1e3 / ms, "ms_per_token": ms, "mbu": floors.ratio(floor_ms, ms),
                "ttft_ms": statistics.median(r["ttft_ms"] for r in runs), "e2e_tok_s": O / wall,
                "floor_ms_per_token": floor_ms,
                "dispatch_ms_per_step": statistics.median(r["dispatch_ms_per_step"] for r in runs),
                "wait_ms_per_step": statistics.median(r["wait_ms_per_step"] for r in runs)}
     config = workload_config(args)
-    config.update(common.engine_config(llm, kwargs, startup))
-    config["floor"] = {"decode_weight_bytes": common.decode_weight_bytes(cfg, quant=quant),
-                       "kv_bytes_per_token": common.kv_bytes_per_token(cfg), "method": "BENCHMARKS.md decode floor"}
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
+    config["floor"] = {"decode_weight_bytes": floors.decode_weight_bytes(cfg, quant=quant),
+                       "kv_bytes_per_token": floors.kv_bytes_per_token(cfg), "method": "BENCHMARKS.md decode floor"}
     config["runs"] = [{k: round(v, 4) for k, v in r.items()} for r in runs]
     if args.profile:
-        prof = common.profile_generate(llm, [prompts[0]], common.greedy(O), profile_dir=args.profile_dir,
-                                       unprofiled_wall_s=runs[0]["wall_s"])
+        prof = profiling.profile_generate(llm, [prompts[0]], workloads.greedy(O), profile_dir=args.profile_dir,
+                                          unprofiled_wall_s=runs[0]["wall_s"])
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    merged = common.find_and_merge(result, devtag=dev["devtag"], results_dirs=[args.results_dir])
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    merged = peers.find_and_merge(result, devtag=dev["devtag"], results_dirs=[args.results_dir])
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("prompt -> new tokens", f"{P} -> {O}"),
             ("ms_per_token", ms), ("tok_s", metrics["tok_s"]), ("mbu", metrics["mbu"]),
             ("ttft_ms", metrics["ttft_ms"]), ("copy_tbps", ceilings["copy_tbps"]),
             ("dispatch / wait ms a step", f"{metrics['dispatch_ms_per_step']:.3f} / {metrics['wait_ms_per_step']:.3f}"),
             ("startup_s (load + compile)", startup)]
-    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, merged, path)
+    result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, merged, path)
     return result
 
 
@@ -118,12 +126,12 @@ def run_peer(args, spec) -> dict:
     Its decode-only rate is (t(O tokens) - t(1 token)) / (O - 1), each the median of --repeats timed calls after one
     warm-up call, so prefill drops out as it does on the qwenjax side.
     """
-    common.peer_process_setup()
+    peers.peer_process_setup()
     import torch
 
     P, O = args.prompt_len, args.output_len
-    model, dev, init_s = common.torch_model(spec)
-    prompt = common.random_prompts(1, P, seed=args.seed, vocab_size=spec.config["vocab_size"])[0]
+    model, dev, init_s = peers.torch_model(spec)
+    prompt = workloads.random_prompts(1, P, seed=args.seed, vocab_size=spec.config["vocab_size"])[0]
     ids = torch.tensor([prompt], device=dev)
     mask = torch.ones_like(ids)
 
@@ -143,23 +151,23 @@ def run_peer(args, spec) -> dict:
     t1 = statistics.median(gen(1) for _ in range(args.repeats))
     tn = statistics.median(gen(O) for _ in range(args.repeats))
     ms = (tn - t1) / max(O - 1, 1) * 1e3
-    setup = common.peer_setup_info(model, dev, init_s)
-    common.free_torch(model)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    devinfo = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=devinfo["platform"])
+    setup = peers.peer_setup_info(model, dev, init_s)
+    peers.free_torch(model)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    devinfo = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=devinfo["platform"])
     config = workload_config(args)
     config.update({"peer": "transformers", "peer_key": "transformers_generate", "compare_metric": "tok_s",
                    "speedup_key": "speedup_vs_transformers", "peer_setup": setup,
                    "method": "decode-only: (t(O) - t(1)) / (O - 1), medians of repeats"})
     metrics = {"tok_s": 1e3 / ms, "ms_per_token": ms, "e2e_tok_s": O / tn}
-    peer = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=devinfo, config=config, ceilings=ceilings,
-                              metrics=metrics)
-    path = common.write_peer(peer, devtag=devinfo["devtag"], results_dir=args.results_dir, out=args.out)
-    common.print_table(f"{BENCHMARK} {spec.name}: transformers generate (peer)",
-                       [("ms_per_token", ms), ("tok_s", metrics["tok_s"]), ("e2e_tok_s", metrics["e2e_tok_s"]),
-                        ("peer file", str(path))])
+    peer = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=devinfo, config=config, ceilings=ceilings,
+                                    metrics=metrics)
+    path = peers.write_peer(peer, devtag=devinfo["devtag"], results_dir=args.results_dir, out=args.out)
+    result_files.print_table(f"{BENCHMARK} {spec.name}: transformers generate (peer)",
+                             [("ms_per_token", ms), ("tok_s", metrics["tok_s"]), ("e2e_tok_s", metrics["e2e_tok_s"]),
+                              ("peer file", str(path))])
     return peer
 
 

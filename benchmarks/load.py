@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -37,7 +38,7 @@ def main(argv=None) -> dict:
     from qwenjax.models.loader import load_params
     from qwenjax.models.sharding import make_mesh
 
-    spec = common.resolve_model(args.model)
+    spec = model_specs.resolve_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="qwenjax-load-"))
     try:
         src, dst = tmp / "hf", tmp / "orbax"
@@ -61,16 +62,16 @@ def main(argv=None) -> dict:
         ckpt_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    dev = common.device_info()
+    dev = result_files.device_info()
     metrics = {"safetensors_s": min(times["safetensors"]), "orbax_s": min(times["orbax"]),
                "speedup_vs_safetensors": min(times["safetensors"]) / min(times["orbax"]), "convert_s": convert_s}
     result = {"benchmark": "load", "model": args.model, "device": dev["device"], "mesh": args.mesh,
-              "commit": common.git_commit()[0], "config": {"dtype": args.dtype, "checkpoint_gb_float32": ckpt_gb,
+              "commit": result_files.git_commit()[0], "config": {"dtype": args.dtype, "checkpoint_gb_float32": ckpt_gb,
                                                         "write_random_checkpoint_s": write_s, "repeats": args.repeats,
                                                         "all_times_s": times},
               "ceilings": {}, "metrics": metrics, "peers": {}}
     print(json.dumps(metrics, indent=2))
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     print("result", path)
     return result
 

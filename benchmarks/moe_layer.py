@@ -25,7 +25,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
 
 BENCHMARK = "moe-layer"
 SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages); None: the kernel's default for that M
@@ -35,10 +39,10 @@ SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages); None: the kerne
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     p.set_defaults(model="qwen2-57b-a14b-instruct")
     w = p.add_argument_group("workload")
-    w.add_argument("--tokens", type=common._int_list, default=(1, 64, 256), help="token counts T, comma-separated")
+    w.add_argument("--tokens", type=cli_args._int_list, default=(1, 64, 256), help="token counts T, comma-separated")
     w.add_argument("--repeats", type=int, default=7, help="timed groups per figure (median)")
     w.add_argument("--inner", type=int, default=10, help="calls per timed group")
     w.add_argument("--no-compare-xla", action="store_true", help="skip the jax.lax.ragged_dot comparison (GPU)")
@@ -60,8 +64,8 @@ def block_figures(cfg, T: int, unique: int, itemsize: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = common.resolve_model(args.model)
-    common.setup_jax(args)
+    spec = model_specs.resolve_model(args.model)
+    engine_setup.setup_jax(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -71,11 +75,11 @@ def main(argv=None) -> dict:
     from qwenjax.models import qwen2_moe
     from qwenjax.models.qwen2_moe import Qwen2MoeSparseMoeBlock, route
 
-    cfg = common.model_config(spec)
+    cfg = model_specs.model_config(spec)
     if not cfg.num_experts:
         raise SystemExit(f"--model {args.model!r} has no experts (num_experts 0)")
-    dev = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"])
+    dev = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"])
     dtype = jnp.dtype(args.dtype)
     make = lambda: Qwen2MoeSparseMoeBlock(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
     graphdef, _ = nnx.split(nnx.eval_shape(make))
@@ -88,7 +92,7 @@ def main(argv=None) -> dict:
     gpu = compat.platform() == "gpu"
     copy_bps = ceilings["copy_tbps"] * 1e12 if ceilings["copy_tbps"] else None
     mm = ceilings["matmul_tflops"]
-    time_it = lambda fn, *a: statistics.median(common._time_fn(fn, *a, reps=args.repeats, inner=args.inner))
+    time_it = lambda fn, *a: statistics.median(device_ceilings._time_fn(fn, *a, reps=args.repeats, inner=args.inner))
 
     per_t, metrics = {}, {}
     for T in args.tokens:
@@ -125,9 +129,9 @@ def main(argv=None) -> dict:
                              for T, r in per_t.items()},
               "method": "bytes: unique experts x 3 x D x F + shared expert + router + x in/out, at the weights' "
                         "itemsize; mbu = bytes / copy_tbps / time"}
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"])]
     for T, r in per_t.items():
         rows += [(f"T={T} us", r["us"]), (f"T={T} routed_us", r["routed_us"]), (f"T={T} experts", r["unique_experts"]),
@@ -136,7 +140,7 @@ def main(argv=None) -> dict:
         if "speedup_vs_xla_ragged_dot" in r:
             rows.append((f"T={T} speedup_vs_xla_ragged_dot", r["speedup_vs_xla_ragged_dot"]))
     rows += [("copy_tbps", ceilings["copy_tbps"]), ("result", str(path))]
-    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    result_files.print_table(f"{BENCHMARK} {spec.name}", rows)
     return result
 
 

@@ -18,20 +18,27 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import floors  # noqa: E402
+import model_specs  # noqa: E402
+import profiling  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
 
 BENCHMARK = "prefill"
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload")
     w.add_argument("--batch", type=int, default=None, help="prompts per generate call, default 8 (x --scale)")
     w.add_argument("--prompt-len", type=int, default=None, help="default 2048 (x --scale)")
     w.add_argument("--repeats", type=int, default=5, help="timed generate calls; the median is reported")
     args = p.parse_args(argv)
-    args.batch = args.batch or common.scaled(8, args.scale)
-    args.prompt_len = args.prompt_len or common.scaled(2048, args.scale, 2)
+    args.batch = args.batch or cli_args.scaled(8, args.scale)
+    args.prompt_len = args.prompt_len or cli_args.scaled(2048, args.scale, 2)
     return args
 
 
@@ -120,33 +127,33 @@ def dense_forward(cfg, impl: str, shards: int = 1):
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.setup_jax(args)
+    engine_setup.setup_jax(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    spec = common.resolve_model(args.model)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
+    spec = model_specs.resolve_model(args.model)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
     B, P = args.batch, args.prompt_len
     budget = 16
     while budget < B * P:
         budget *= 2
-    kwargs = common.engine_kwargs(args, max_model_len=common.round_up(P, args.block_size), max_num_seqs=B,
-                                  max_num_batched_tokens=budget, decode_buckets=(B,), prefill_buckets=(P,))
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"], gemm_tokens=B * P)
-    llm, startup = common.build_llm(spec, kwargs)
-    sets = [common.random_prompts(B, P, seed=args.seed + r, vocab_size=cfg.vocab_size)
+    kwargs = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(P, args.block_size), max_num_seqs=B,
+                                        max_num_batched_tokens=budget, decode_buckets=(B,), prefill_buckets=(P,))
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"], gemm_tokens=B * P)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
+    sets = [workloads.random_prompts(B, P, seed=args.seed + r, vocab_size=cfg.vocab_size)
             for r in range(args.repeats + 1)]
-    common.warm_generate(llm, sets[-1], max_tokens=1)
+    workloads.warm_generate(llm, sets[-1], max_tokens=1)
 
-    before = common.stats_snapshot(llm)
+    before = workloads.stats_snapshot(llm)
     walls, engine_tokens = [], []
     for r in range(args.repeats):
-        outs, wall = common.timed_generate(llm, sets[r], common.greedy(1))
+        outs, wall = workloads.timed_generate(llm, sets[r], workloads.greedy(1))
         walls.append(wall)
         engine_tokens.append([o.outputs[0].token_ids[0] for o in outs])
-    stats = common.stats_delta(before, common.stats_snapshot(llm))
+    stats = workloads.stats_delta(before, workloads.stats_snapshot(llm))
     wall = statistics.median(walls)
 
     # The dense forward, on the same weights and the same prompts.
@@ -167,27 +174,27 @@ def main(argv=None) -> dict:
     dense = statistics.median(dense_walls)
 
     tokens = B * P
-    flops = common.sum_flops([common.request_flops(cfg, P, 0)] * B)
+    flops = floors.sum_flops([floors.request_flops(cfg, P, 0)] * B)
     mm = ceilings["matmul_tflops"]
-    metrics = {"tok_s": tokens / wall, "mfu": common.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
+    metrics = {"tok_s": tokens / wall, "mfu": floors.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
                "speedup_vs_dense_forward": dense / wall, "ms": wall * 1e3, "dense_forward_ms": dense * 1e3,
                "dense_forward_tok_s": tokens / dense,
-               "dense_forward_mfu": common.ratio(flops["total"] / (mm * 1e12), dense) if mm else None,
+               "dense_forward_mfu": floors.ratio(flops["total"] / (mm * 1e12), dense) if mm else None,
                "dense_token_agreement": sum(agree) / len(agree)}
     config = {"batch": B, "prompt_len": P, "output_len": 1, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "seed": args.seed, "repeats": args.repeats, "standard": (B, P) == (8, 2048),
               "dense_forward": {"attention_implementation": impl, "compile_seconds": round(dense_compile, 2),
                                 "walls_ms": [round(x * 1e3, 3) for x in dense_walls]},
               "walls_ms": [round(x * 1e3, 3) for x in walls], "flops": flops, "engine_stats": stats}
-    config.update(common.engine_config(llm, kwargs, startup))
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
     if args.profile:
-        prof = common.profile_generate(llm, sets[0], common.greedy(1), profile_dir=args.profile_dir,
-                                       unprofiled_wall_s=walls[0])
+        prof = profiling.profile_generate(llm, sets[0], workloads.greedy(1), profile_dir=args.profile_dir,
+                                          unprofiled_wall_s=walls[0])
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("batch x prompt", f"{B} x {P}"),
             ("ms", wall * 1e3), ("tok_s", metrics["tok_s"]), ("mfu", metrics["mfu"]),
             ("dense forward ms", dense * 1e3), ("speedup_vs_dense_forward", metrics["speedup_vs_dense_forward"]),
@@ -196,7 +203,7 @@ def main(argv=None) -> dict:
     if "device_busy" in metrics:
         rows.append(("device_busy", metrics["device_busy"]))
     rows.append(("result", str(path)))
-    common.print_table(f"{BENCHMARK} {spec.name}", rows)
+    result_files.print_table(f"{BENCHMARK} {spec.name}", rows)
     return result
 
 

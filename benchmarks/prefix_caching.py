@@ -35,8 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import floors  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
 import sim_validate  # noqa: E402
+import workloads  # noqa: E402
 
 BENCHMARK = "prefix-caching"
 RUNS = ("uncached", "cached")  # the order they run in
@@ -44,7 +50,7 @@ DEFAULTS = dict(num_requests=200, prefix_len=1024, suffix_len=64, output_len=32)
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload (x --scale unless set)")
     w.add_argument("--num-requests", type=int, default=None, help=f"default {DEFAULTS['num_requests']}")
     w.add_argument("--prefix-len", type=int, default=None, help=f"shared prefix, default {DEFAULTS['prefix_len']}")
@@ -58,7 +64,7 @@ def parse(argv=None):
     lo = {"num_requests": 2, "prefix_len": 1, "suffix_len": 1, "output_len": 2}
     for k, v in DEFAULTS.items():
         if getattr(args, k) is None:
-            setattr(args, k, common.scaled(v, args.scale, lo[k]))
+            setattr(args, k, cli_args.scaled(v, args.scale, lo[k]))
     if args.request_rate <= 0:
         raise SystemExit(f"--request-rate must be > 0, got {args.request_rate}")
     return args
@@ -81,11 +87,11 @@ def engine_kwargs(args, enable_prefix_caching: bool) -> dict:
     prompt = args.prefix_len + args.suffix_len
     # After a hit, the cached pages are the prefix's full blocks (never the prompt's last token): the rest is computed.
     ctx_q = prompt - bs * min(args.prefix_len // bs, (prompt - 1) // bs)
-    seqs = common.scaled(32, args.scale, 2)
-    kw = common.engine_kwargs(args, max_model_len=common.round_up(prompt + args.output_len, bs), max_num_seqs=seqs,
-                              max_num_batched_tokens=pow2_at_least(2 * prompt, 16),
-                              decode_buckets=tuple(sorted({max(1, seqs // 4), seqs})),
-                              prefill_buckets=tuple(sorted({ctx_q, prompt})))
+    seqs = cli_args.scaled(32, args.scale, 2)
+    kw = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(prompt + args.output_len, bs),
+                                    max_num_seqs=seqs, max_num_batched_tokens=pow2_at_least(2 * prompt, 16),
+                                    decode_buckets=tuple(sorted({max(1, seqs // 4), seqs})),
+                                    prefill_buckets=tuple(sorted({ctx_q, prompt})))
     kw["enable_prefix_caching"] = enable_prefix_caching
     return kw
 
@@ -95,20 +101,20 @@ def run_one(args, spec, cfg, trace, warm_trace, *, cached: bool, async_schedulin
     kwargs = engine_kwargs(args, cached)
     if not async_scheduling:
         kwargs["async_scheduling"] = False
-    llm, startup = common.build_llm(spec, kwargs)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
     # Two warm-up prompts one after the other: the second hits the first's prefix (the context-prefill path).
     warm = [warm_trace.prompt_token_ids(i, cfg.vocab_size) for i in range(2)]
     for p in warm:
-        common.warm_generate(llm, [p])
+        workloads.warm_generate(llm, [p])
     engine = llm.llm_engine
     engine.final_only = True  # as in sim_validate: only finished requests are reported
     prompts = [trace.prompt_token_ids(i, cfg.vocab_size) for i in range(len(trace))]
-    before = common.stats_snapshot(llm)
+    before = workloads.stats_snapshot(llm)
     t0 = time.perf_counter()
     summary = sim_validate.summarize(sim_validate.replay(engine, trace, prompts), trace)
     replay_s = time.perf_counter() - t0
-    stats = common.stats_delta(before, common.stats_snapshot(llm))
-    econf = common.engine_config(llm, kwargs, startup)
+    stats = workloads.stats_delta(before, workloads.stats_snapshot(llm))
+    econf = engine_setup.engine_config(llm, kwargs, startup)
     del engine, llm
     gc.collect()
     summary["ttft_ms_median"] = summary["ttft_ms_p50"]
@@ -119,12 +125,12 @@ def run_one(args, spec, cfg, trace, warm_trace, *, cached: bool, async_schedulin
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = common.resolve_model(args.model)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                       gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
+    spec = model_specs.resolve_model(args.model)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                                gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
     trace, warm_trace = make_trace(args, args.seed), make_trace(args, args.seed + 1)
     names = RUNS + (("cached_sync",) if args.sync_run else ())
     runs = {name: run_one(args, spec, cfg, trace, warm_trace, cached=name != "uncached",
@@ -136,8 +142,8 @@ def main(argv=None) -> dict:
             if k not in ("num_requests", "output_tokens", "total_time_s"):
                 metrics[f"{k}_{name}"] = v
     c = runs["cached"]["summary"]
-    metrics["prefix_cache_hit_rate"] = common.ratio(c["prefix_cache_hits"], c["prefix_cache_queries"])
-    metrics["speedup_vs_no_prefix_caching"] = common.ratio(runs["uncached"]["summary"]["ttft_ms_p50"],
+    metrics["prefix_cache_hit_rate"] = floors.ratio(c["prefix_cache_hits"], c["prefix_cache_queries"])
+    metrics["speedup_vs_no_prefix_caching"] = floors.ratio(runs["uncached"]["summary"]["ttft_ms_p50"],
                                                            c["ttft_ms_p50"])
     config = {"num_requests": args.num_requests, "prompt_len": args.prefix_len + args.suffix_len,
               "prefix_len": args.prefix_len, "suffix_len": args.suffix_len, "output_len": args.output_len,
@@ -145,20 +151,20 @@ def main(argv=None) -> dict:
               "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype, "greedy": True, "ignore_eos": True,
               "detokenize": False, "trace": trace.summary(), "runs": runs}
     config.update(runs["cached"]["engine"])  # the engine's configuration (the same for both but the cache switch)
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]),
             ("workload", f"{args.num_requests} x ({args.prefix_len} shared + {args.suffix_len} -> "
                          f"{args.output_len}), {args.request_rate:g} req/s")]
-    rows += common.paired_rows(metrics, ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "ttft_queue_ms_p50",
-                                         "ttft_after_scheduled_ms_p50", "tpot_ms_mean", "output_tok_s",
-                                         "prefix_cache_hits"), names)
+    rows += result_files.paired_rows(metrics, ("ttft_ms_p50", "ttft_ms_mean", "ttft_ms_p99", "ttft_queue_ms_p50",
+                                               "ttft_after_scheduled_ms_p50", "tpot_ms_mean", "output_tok_s",
+                                               "prefix_cache_hits"), names)
     rows += [("prefix_cache_hit_rate", metrics["prefix_cache_hit_rate"]),
              ("speedup_vs_no_prefix_caching", metrics["speedup_vs_no_prefix_caching"]),
              ("startup_s uncached / cached", f"{runs['uncached']['engine']['startup_seconds']:.1f} / "
                                              f"{runs['cached']['engine']['startup_seconds']:.1f}")]
-    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
+    result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
 
 

@@ -18,7 +18,8 @@ client subprocesses (so the clients' Python does not compete with the server's f
 belongs to one process at a time: the ceilings and the offline run happen in a child process that exits before the
 served engine starts (same engine arguments, so the same engine). `--disable-frontend-multiprocessing` serves from a
 thread of this process instead, on the very engine of the offline run. With `--base-url` it only drives a server that
-is already running.
+is already running. The load generator is serve_client.py, the server's thread serve_server.py, and what is measured
+in the serving process (GC time, stack samples, CPU seconds) serve_probes.py.
 
   python benchmarks/serve.py --model qwen2-7b-instruct --compare-offline --out $OUT      # the issue's bar
   python benchmarks/serve.py --model tiny --scale 0.02 --compare-offline                 # CPU smoke run
@@ -28,35 +29,36 @@ is already running.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
+from serve_client import client_main, run_clients  # noqa: E402
+from serve_probes import _GCTimer, _proc_cpu, _StackSampler, _thread_cpu  # noqa: E402
+from serve_server import _server_info, _Uvicorn, gc_threshold, server_gc_threshold  # noqa: E402
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=("fixed", "random"), default="fixed")
     w.add_argument("--num-prompts", type=int, default=None, help="default 512 (fixed) / 500 (random), x --scale")
     w.add_argument("--prompt-len", type=int, default=None, help="fixed: default 512 (x --scale)")
     w.add_argument("--output-len", type=int, default=None, help="fixed: default 256 (x --scale)")
-    w.add_argument("--prompt-range", type=common._int_list, default=None, help="random: lo,hi (default 128,1024)")
-    w.add_argument("--output-range", type=common._int_list, default=None, help="random: lo,hi (default 64,512)")
+    w.add_argument("--prompt-range", type=cli_args._int_list, default=None, help="random: lo,hi (default 128,1024)")
+    w.add_argument("--output-range", type=cli_args._int_list, default=None, help="random: lo,hi (default 64,512)")
     w.add_argument("--request-rate", type=float, default=math.inf, help="requests/s; inf sends all at once")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     w.add_argument("--max-concurrency", type=int, default=512, help="requests in flight at most")
@@ -93,333 +95,36 @@ def parse(argv=None):
     return throughput.fill_workload_defaults(args, random_prompts=500)
 
 
-# ----------------------------------------------------------------------------------------------- the client
-def _body(model: str, prompt: list[int], out_len: int) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-
-
-class _Record:
-    """One request as the client saw it."""
-
-    def __init__(self, prompt_len: int, want: int):
-        self.d = {"ok": False, "prompt_len": prompt_len, "want": want, "ttft": None, "itl": [], "tokens": 0}
-        self.t0 = time.perf_counter()
-        self.last = None
-
-    def line(self, line: str) -> bool:
-        """Feeds one SSE line; False on an error event."""
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            return True
-        chunk = json.loads(line[6:])
-        if "error" in chunk:
-            self.d["error"] = chunk["error"].get("message")
-            return False
-        now = time.perf_counter()
-        if any(c.get("text") for c in chunk.get("choices", ())):
-            if self.d["ttft"] is None:
-                self.d["ttft"] = now - self.t0
-            else:
-                self.d["itl"].append(now - self.last)
-            self.last = now
-        if chunk.get("usage"):
-            self.d["tokens"] = chunk["usage"]["completion_tokens"]
-        return True
-
-    def done(self) -> dict:
-        d = self.d
-        d["latency"] = time.perf_counter() - self.t0
-        d["t_start"], d["t_end"] = time.time() - d["latency"], time.time()
-        d["ok"] = d["tokens"] == d["want"] and d["ttft"] is not None
-        if not d["ok"] and "error" not in d:
-            d["error"] = f"got {d['tokens']} tokens, wanted {d['want']}"
-        return d
-
-
-async def _one_aiohttp(session, url, model, prompt, out_len) -> dict:
-    rec = _Record(len(prompt), out_len)
-    try:
-        async with session.post(url + "/v1/completions", json=_body(model, prompt, out_len)) as r:
-            if r.status != 200:
-                rec.d["error"] = f"HTTP {r.status}: {(await r.read())[:300]!r}"
-                return rec.done()
-            async for raw in r.content:
-                if not rec.line(raw.decode("utf-8").rstrip("\r\n")):
-                    break
-    except Exception as e:  # noqa: BLE001 - recorded as a failed request
-        rec.d["error"] = f"{type(e).__name__}: {e}"
-    return rec.done()
-
-
-async def _one_httpx(client, url, model, prompt, out_len) -> dict:
-    rec = _Record(len(prompt), out_len)
-    try:
-        async with client.stream("POST", url + "/v1/completions", json=_body(model, prompt, out_len)) as r:
-            if r.status_code != 200:
-                rec.d["error"] = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
-                return rec.done()
-            async for line in r.aiter_lines():
-                if not rec.line(line):
-                    break
-    except Exception as e:  # noqa: BLE001 - recorded as a failed request
-        rec.d["error"] = f"{type(e).__name__}: {e}"
-    return rec.done()
-
-
-async def _drive(url: str, model: str, prompts, olens, rate: float, burstiness: float, concurrency: int,
-                 seed: int, start_at: float) -> list[dict]:
-    """Sends the requests (aiohttp when installed: its C parser keeps the client out of the way; else httpx)."""
-    import numpy as np
-
-    try:
-        import aiohttp
-
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8, force_close=False),
-                                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=60))
-        one = _one_aiohttp
-    except ImportError:
-        import httpx
-
-        n = concurrency + 8
-        session = httpx.AsyncClient(limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                                    timeout=httpx.Timeout(None, connect=60))
-        one = _one_httpx
-    async with session:
-        warm = await one(session, url, model, prompts[0][:16], 4)
-        if not warm["ok"]:
-            raise SystemExit(f"the warm-up request failed: {warm.get('error')}")
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        sem = asyncio.Semaphore(concurrency)
-        rng = np.random.default_rng(seed)
-
-        async def limited(p, o):
-            async with sem:
-                return await one(session, url, model, p, o)
-
-        tasks = []
-        for i, (p, o) in enumerate(zip(prompts, olens)):
-            tasks.append(asyncio.ensure_future(limited(p, o)))
-            if math.isfinite(rate) and i + 1 < len(prompts):
-                await asyncio.sleep(rng.gamma(burstiness, 1.0 / (rate * burstiness)))
-        return list(await asyncio.gather(*tasks))
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def summarize(records: list[dict]) -> dict:
-    recs = [r for r in records if r["ok"]]
-    dur = max(r["t_end"] for r in records) - min(r["t_start"] for r in records)
-    ttft = [r["ttft"] for r in recs]
-    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in recs if r["tokens"] > 1]
-    itl = [x for r in recs for x in r["itl"]]
-    out_tok = sum(r["tokens"] for r in recs)
-    in_tok = sum(r["prompt_len"] for r in recs)
-    m = {"completed": len(recs), "failed": len(records) - len(recs), "duration_s": dur,
-         "req_s": len(recs) / dur, "output_tok_s": out_tok / dur, "total_tok_s": (in_tok + out_tok) / dur}
-    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
-        m[f"{name}_ms_mean"] = statistics.fmean(xs) * 1e3 if xs else None
-        m[f"{name}_ms_p50"] = _pct(xs, 0.5) * 1e3 if xs else None
-        m[f"{name}_ms_p99"] = _pct(xs, 0.99) * 1e3 if xs else None
-    m["e2e_ms_mean"] = statistics.fmean(r["latency"] for r in recs) * 1e3 if recs else None
-    m["chunks_per_token"] = (sum(len(r["itl"]) + 1 for r in recs) / out_tok) if out_tok else None
-    errors = [r.get("error") for r in records if not r["ok"]]
-    return {"metrics": m, "errors": errors[:5], "t_start": min(r["t_start"] for r in records),
-            "t_end": max(r["t_end"] for r in records)}
-
-
-def client_main(args) -> None:
-    work = json.loads(Path(args.client_only).read_text())
-    recs = asyncio.run(_drive(args.base_url, work["model"], work["prompts"], work["olens"], args.request_rate,
-                              args.burstiness, args.max_concurrency, args.seed, work["start_at"]))
-    Path(args.client_json).write_text(json.dumps(recs))
-
-
-def run_clients(args, url: str, prompts, olens, at_start=None) -> dict:
-    """Splits the requests over --client-procs processes (rate and concurrency split alike) and merges them.
-
-    The clients connect and warm up, then all start at one agreed time, when `at_start()` (if given) is called."""
-    import httpx
-
-    model = args.served_model_name or httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
-    k = max(1, min(args.client_procs, len(prompts)))
-    with tempfile.TemporaryDirectory() as d:
-        start_at = time.time() + 5.0 + 0.2 * k  # every client imports, warms up, then starts together
-        procs, outs = [], []
-        for j in range(k):
-            work, res = Path(d) / f"work{j}.json", Path(d) / f"result{j}.json"
-            work.write_text(json.dumps({"prompts": prompts[j::k], "olens": olens[j::k], "model": model,
-                                        "start_at": start_at}))
-            conc = max(1, args.max_concurrency // k + (j < args.max_concurrency % k))
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--client-only", str(work), "--client-json",
-                   str(res), "--base-url", url, "--request-rate", str(args.request_rate / k), "--burstiness",
-                   str(args.burstiness), "--max-concurrency", str(conc), "--seed", str(args.seed + j), "--model",
-                   args.model]
-            env = dict(os.environ, JAX_PLATFORMS="cpu")  # the clients never touch the accelerator
-            procs.append(subprocess.Popen(cmd, env=env))
-            outs.append(res)
-        if at_start is not None:
-            time.sleep(max(0.0, start_at - time.time()))
-            at_start()
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise RuntimeError(f"client processes exited with {codes}")
-        records = [r for res in outs for r in json.loads(res.read_text())]
-    return {"model": model, **summarize(records)}
-
-
-# ----------------------------------------------------------------------------------------------- the server
-class _Uvicorn:
-    def __init__(self, app, http: str = "auto"):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=4096, timeout_keep_alive=60,
-                                                   http=http))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn failed to start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
-
-
-def server_gc_threshold() -> int:
-    from server.__main__ import GC_THRESHOLD0
-
-    return GC_THRESHOLD0
-
-
-def gc_threshold(args) -> int:
-    return args.frontend_gc_threshold or server_gc_threshold()
-
-
-class _GCTimer:
-    """Seconds spent in garbage collection, by generation, while active (gc.callbacks)."""
-
-    def __init__(self):
-        self.seconds, self.count, self._t0, self.active = [0.0] * 3, [0] * 3, None, False
-        gc.callbacks.append(self._cb)
-
-    def _cb(self, phase, info):
-        if not self.active:
-            return
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        elif self._t0 is not None:
-            g = info["generation"]
-            self.seconds[g] += time.perf_counter() - self._t0
-            self.count[g] += 1
-
-    def report(self) -> dict:
-        return {"seconds": [round(x, 4) for x in self.seconds], "collections": list(self.count)}
-
-
-class _StackSampler:
-    """Samples where named threads are every `interval` seconds (a poor man's py-spy: frames of sys._current_frames),
-    and counts the innermost frames that are in our code or the libraries that matter."""
-
-    def __init__(self, threads: dict[str, int], interval: float = 0.002, depth: int = 4):
-        self.threads, self.interval, self.depth = threads, interval, depth
-        self.counts = {name: {} for name in threads}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        idents = {t.native_id: t.ident for t in threading.enumerate()}
-        want = {name: idents.get(tid) for name, tid in self.threads.items()}
-        while not self._stop.wait(self.interval):
-            frames = sys._current_frames()
-            for name, ident in want.items():
-                f, parts = frames.get(ident), []
-                while f is not None and len(parts) < self.depth:
-                    code = f.f_code
-                    parts.append(f"{Path(code.co_filename).name}:{code.co_name}:{f.f_lineno}")
-                    f = f.f_back
-                key = " < ".join(parts)
-                self.counts[name][key] = self.counts[name].get(key, 0) + 1
-
-    def report(self, top: int = 12) -> dict:
-        out = {}
-        for name, c in self.counts.items():
-            total = sum(c.values()) or 1
-            out[name] = [(round(n / total, 3), k) for k, n in sorted(c.items(), key=lambda kv: -kv[1])[:top]]
-        return out
-
-
-def _thread_cpu(tid: int) -> float | None:
-    """CPU seconds (user + system) of one thread of this process, from /proc (Linux); None elsewhere."""
-    try:
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _proc_cpu(pid: int | None) -> float | None:
-    """CPU seconds (user + system) of a whole process, every thread included, from /proc (Linux); None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, TypeError):
-        return None
-
-
 def _device_phase(args, spec, prompts, olens, keep_llm: bool = False) -> dict:
     """Everything that needs the device before serving: device info, the engine's arguments (sized against the
     device's memory), ceilings, the engine's start-up and the offline run (--compare-offline). Runs in a child process
     unless the server's engine runs in a thread (then `llm` is kept for it)."""
     import throughput
 
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    kwargs = common.engine_kwargs(args, **throughput.engine_defaults(args, prompts, olens))
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                       gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
-    llm, startup = common.build_llm(spec, kwargs)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    kwargs = engine_setup.engine_kwargs(args, **throughput.engine_defaults(args, prompts, olens))
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                                gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
     gct = _GCTimer()
-    common.warm_generate(llm, prompts)
-    out = {"dev": dev, "kwargs": kwargs, "ceilings": ceilings, "config": common.engine_config(llm, kwargs, startup),
-           "metrics": {}, "offline": None}
+    workloads.warm_generate(llm, prompts)
+    out = {"dev": dev, "kwargs": kwargs, "ceilings": ceilings,
+           "config": engine_setup.engine_config(llm, kwargs, startup), "metrics": {}, "offline": None}
     if args.compare_offline:
-        params = [common.greedy(o) for o in olens]
-        before = common.stats_snapshot(llm)
+        params = [workloads.greedy(o) for o in olens]
+        before = workloads.stats_snapshot(llm)
         if args.gc_freeze:
             gc.collect()
             gc.freeze()
         gct.active = True
         cpu0 = time.thread_time()
-        outs, wall = common.timed_generate(llm, prompts, params)
+        outs, wall = workloads.timed_generate(llm, prompts, params)
         out["config"]["offline_thread_cpu_s"] = round(time.thread_time() - cpu0, 3)
         gct.active = False
         out["config"]["offline_gc"] = gct.report()
-        off_stats = common.stats_delta(before, common.stats_snapshot(llm))
+        off_stats = workloads.stats_delta(before, workloads.stats_snapshot(llm))
         got = sum(len(o.outputs[0].token_ids) for o in outs)
         if got != sum(olens):
             raise RuntimeError(f"offline run generated {got} tokens, wanted {sum(olens)}")
@@ -432,27 +137,13 @@ def _device_phase(args, spec, prompts, olens, keep_llm: bool = False) -> dict:
     return out
 
 
-def _server_info(srv) -> dict:
-    import importlib.metadata as md
-
-    cfg = srv.server.config
-    info = {"http": type(cfg.http_protocol_class).__name__ if not isinstance(cfg.http_protocol_class, type)
-            else cfg.http_protocol_class.__name__, "loop": cfg.loop, "stream_interval": None}
-    for pkg in ("uvicorn", "fastapi", "starlette", "uvloop", "httptools", "aiohttp", "httpx"):
-        try:
-            info[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            info[pkg] = None
-    return info
-
-
 def main(argv=None) -> dict | None:
     args = parse(argv)
     if args.client_only:
         return client_main(args)
     import throughput
 
-    spec = common.resolve_model(args.model)
+    spec = model_specs.resolve_model(args.model)
     prompts, olens = throughput.make_workload(args, spec.config["vocab_size"])
     config = {"dataset": args.dataset, "num_requests": args.num_prompts, "seed": args.seed, "dtype": args.dtype,
               "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
@@ -543,7 +234,7 @@ def main(argv=None) -> dict | None:
                         print(f"-- {name} thread, top stacks")
                         for frac, key in rows:
                             print(f"  {frac:6.3f}  {key}")
-                stats = common.stats_delta(mark["stats"], dict(vars(engine.engine.stats)))
+                stats = workloads.stats_delta(mark["stats"], dict(vars(engine.engine.stats)))
                 steps, step_s = engine.num_steps - mark["steps"], engine.step_seconds - mark["step_s"]
                 # Idle within the clients' window only (duration_s): not before their first request left (a
                 # client that warmed up late), nor after their last response (idle now, while the clients exit).
@@ -582,12 +273,13 @@ def main(argv=None) -> dict | None:
         metrics["offline_output_tok_s"] = offline
         metrics["speedup_vs_offline"] = metrics["output_tok_s"] / offline
     config["errors"] = client["errors"]
-    result = common.make_result(benchmark="serve", model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
+    result = result_files.make_result(benchmark="serve", model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
     name = None
     if gc_threshold(args) != server_gc_threshold():
-        name = common.result_name(f"serve-gc{gc_threshold(args)}", spec.name, dev["devtag"])
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out, name=name)
+        name = result_files.result_name(f"serve-gc{gc_threshold(args)}", spec.name, dev["devtag"])
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out,
+                                     name=name)
     rows = [("model", spec.name), ("device", dev["device"]), ("requests ok / failed",
                                                               f"{metrics['completed']} / {metrics['failed']}")]
     rows += [(k, metrics[k]) for k in ("duration_s", "req_s", "output_tok_s", "total_tok_s", "ttft_ms_mean",
@@ -600,7 +292,7 @@ def main(argv=None) -> dict | None:
     if offline:
         rows += [("offline_output_tok_s", offline), ("speedup_vs_offline", metrics["speedup_vs_offline"])]
     rows.append(("result", str(path)))
-    common.print_table(f"serve {spec.name}", rows)
+    result_files.print_table(f"serve {spec.name}", rows)
     if metrics["failed"]:
         raise SystemExit(f"{metrics['failed']} requests failed, e.g. {client['errors'][:2]}")
     return result

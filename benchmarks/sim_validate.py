@@ -27,15 +27,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import engine_setup  # noqa: E402
+import repo_paths  # noqa: E402
+import result_files  # noqa: E402
 import step_profile  # noqa: E402
+import workloads  # noqa: E402
 
 BENCHMARK = "simulator-validation"
 FIGURES = ("ttft_ms_mean", "tpot_ms_mean", "output_tok_s")
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     step_profile.add_engine_workload_args(p)
     w = p.add_argument_group("validation trace")
     w.add_argument("--step-model", default=None,
@@ -52,7 +56,7 @@ def parse(argv=None):
     w.add_argument("--save-trace", default=None, help="also write the trace as JSONL here")
     args = p.parse_args(argv)
     step_profile.fill_sizing_defaults(args)
-    args.num_requests = args.num_requests or common.scaled(200, args.scale, 2)
+    args.num_requests = args.num_requests or cli_args.scaled(200, args.scale, 2)
     from qwenjax.core.policies import POLICIES
 
     if args.policy not in POLICIES:
@@ -71,7 +75,7 @@ def make_trace(args):
 def find_model(args, devtag: str, model_name: str) -> str:
     if args.step_model:
         return args.step_model
-    kv = "" if args.kv_cache_dtype == "auto" else f"-kv{args.kv_cache_dtype}"  # common.write_result's naming
+    kv = "" if args.kv_cache_dtype == "auto" else f"-kv{args.kv_cache_dtype}"  # result_files.write_result's naming
     pattern = os.path.join(args.results_dir, f"{step_profile.BENCHMARK}{kv}-{model_name}-{devtag}-*.json")
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not found:
@@ -154,7 +158,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"the step-time model {model_path} was fitted on another engine configuration ("
                          f"{', '.join(mismatch)} differ):\n  fitted: {fitted_on}\n  here:   {here}\nrun "
                          f"step_profile.py with the same flags, or pass --allow-config-mismatch")
-    common.warm_generate(llm, prompts[:2])
+    workloads.warm_generate(llm, prompts[:2])
 
     t_replay = time.perf_counter()
     measured = summarize(replay(engine, trace, prompts), trace)
@@ -180,11 +184,11 @@ def main(argv=None) -> dict:
               "simulate_s": round(sim_s, 3), "step_model_path": _display_path(model_path),
               "step_model": model.to_dict(), "config_mismatch": mismatch, "measured": measured,
               "simulated": simulated}
-    config.update(common.engine_config(llm, kwargs, startup))
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
     config["sim_config"] = sim_config.to_dict()
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("step model", config["step_model_path"]),
             ("trace", f"{len(trace)} requests, {args.request_rate:g} req/s, seed {args.trace_seed}")]
     for f in FIGURES:
@@ -192,13 +196,13 @@ def main(argv=None) -> dict:
                                                    f"  ({metrics[f + '_rel_err']:+.1%})"))
     rows += [("max_abs_rel_err", metrics["max_abs_rel_err"]), ("pass", metrics["pass"]), ("replay_s", replay_s),
              ("startup_s (load + compile)", startup)]
-    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
+    result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
 
 
 def _display_path(path: str) -> str:
     p = Path(path).resolve()
-    return str(p.relative_to(common.REPO)) if p.is_relative_to(common.REPO) else str(p)
+    return str(p.relative_to(repo_paths.REPO)) if p.is_relative_to(repo_paths.REPO) else str(p)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import model_specs  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
 from qwenjax.config import packed_len  # noqa: E402
 
 BENCHMARK = "step-profile"
@@ -53,15 +58,15 @@ BENCHMARK = "step-profile"
 def add_engine_workload_args(p) -> None:
     """The flags that size the engine; step_profile and sim_validate take the same ones."""
     w = p.add_argument_group("workload sizing (shared with sim_validate.py)")
-    w.add_argument("--prompt-range", type=common._int_list, default=None, help="lo,hi (default 128,1024, x --scale)")
-    w.add_argument("--output-range", type=common._int_list, default=None, help="lo,hi (default 64,512, x --scale)")
+    w.add_argument("--prompt-range", type=cli_args._int_list, default=None, help="lo,hi (default 128,1024, x --scale)")
+    w.add_argument("--output-range", type=cli_args._int_list, default=None, help="lo,hi (default 64,512, x --scale)")
 
 
 def fill_sizing_defaults(args) -> None:
     s = args.scale
-    args.prompt_range = tuple(args.prompt_range or (common.scaled(128, s, 2), common.scaled(1024, s, 2)))
-    args.output_range = tuple(args.output_range or (common.scaled(64, s, 2), common.scaled(512, s, 2)))
-    args.max_num_seqs = args.max_num_seqs or common.scaled(128, s, 2)
+    args.prompt_range = tuple(args.prompt_range or (cli_args.scaled(128, s, 2), cli_args.scaled(1024, s, 2)))
+    args.output_range = tuple(args.output_range or (cli_args.scaled(64, s, 2), cli_args.scaled(512, s, 2)))
+    args.max_num_seqs = args.max_num_seqs or cli_args.scaled(128, s, 2)
     for name, r in (("--prompt-range", args.prompt_range), ("--output-range", args.output_range)):
         if len(r) != 2 or r[0] > r[1]:
             raise SystemExit(f"{name} takes lo,hi with lo <= hi, got {','.join(map(str, r))}")
@@ -72,25 +77,26 @@ def engine_kwargs(args) -> dict:
     from qwenjax.config import SchedulerConfig, pow2_at_least
 
     pmax, omax = args.prompt_range[1], args.output_range[1]
-    mml = common.round_up(pmax + omax, args.block_size)
+    mml = cli_args.round_up(pmax + omax, args.block_size)
     budget = pow2_at_least(4 * pmax, 16)
     decode = SchedulerConfig.build(max_model_len=args.max_model_len or mml, max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=args.max_num_batched_tokens or budget,
                                    block_size=args.block_size).decode_buckets  # the engine's own default
-    kw = common.engine_kwargs(args, max_model_len=mml, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                              decode_buckets=decode, prefill_buckets=tuple(sorted({max(2, pmax // 2), pmax})))
+    kw = engine_setup.engine_kwargs(args, max_model_len=mml, max_num_seqs=args.max_num_seqs,
+                                    max_num_batched_tokens=budget, decode_buckets=decode,
+                                    prefill_buckets=tuple(sorted({max(2, pmax // 2), pmax})))
     kw["enable_prefix_caching"] = True
     return kw
 
 
 def prepare(args):
     """(model spec, ModelConfig, device info, ceilings): what comes before the engine in both scripts."""
-    spec = common.resolve_model(args.model)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                       gemm_tokens=engine_kwargs(args)["max_num_batched_tokens"])
+    spec = model_specs.resolve_model(args.model)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                                gemm_tokens=engine_kwargs(args)["max_num_batched_tokens"])
     return spec, cfg, dev, ceilings
 
 
@@ -99,7 +105,7 @@ def build_engine(args, spec, **extra):
     finished requests only, and requests ask for no detokenization (see sampling()): the simulator models the
     engine's core loop, not a server's text handling."""
     kwargs = dict(engine_kwargs(args), **extra)
-    llm, startup = common.build_llm(spec, kwargs)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
     llm.llm_engine.final_only = True
     return llm, kwargs, startup
 
@@ -232,7 +238,7 @@ def make_grid(args, sc) -> list[Phase]:
 
 def run_phase(engine, rec: StepRecorder, phase: Phase, rng, vocab: int, ids) -> dict:
     """Runs one phase to the end (no request left): its steps, the requests' first-token times, the end time."""
-    hi = min(vocab, common.NUM_REGULAR_TOKENS)
+    hi = min(vocab, workloads.NUM_REGULAR_TOKENS)
     prefix = rng.integers(0, hi, size=phase.prefix_len).tolist()
     params = sampling(phase.max_tokens)
     first: dict[str, float] = {}
@@ -264,23 +270,23 @@ def run_phase(engine, rec: StepRecorder, phase: Phase, rng, vocab: int, ids) -> 
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     add_engine_workload_args(p)
     g = p.add_argument_group("grid")
     g.add_argument("--decode-steps", type=int, default=None, help="decode steps per decode phase (default 48, x "
                                                                    "--scale, at least 4)")
     g.add_argument("--prefill-steps", type=int, default=6, help="steps per prefill / context phase")
-    g.add_argument("--batches", type=common._int_list, default=None, help="decode batch sizes (default: every "
+    g.add_argument("--batches", type=cli_args._int_list, default=None, help="decode batch sizes (default: every "
                                                                           "decode bucket and half-way below each)")
-    g.add_argument("--contexts", type=common._int_list, default=None, help="decode context lengths (default: low, "
+    g.add_argument("--contexts", type=cli_args._int_list, default=None, help="decode context lengths (default: low, "
                                                                            "middle and high end of --prompt-range)")
-    g.add_argument("--prefill-lens", type=common._int_list, default=None, help="prefill prompt lengths")
+    g.add_argument("--prefill-lens", type=cli_args._int_list, default=None, help="prefill prompt lengths")
     g.add_argument("--no-context-prefill", dest="context_prefill", action="store_false",
                    help="skip the context-prefill (prefix hit) phases")
     g.add_argument("--steps-out", default=None, help="also write every step (shape, interval) to this JSON file")
     args = p.parse_args(argv)
     fill_sizing_defaults(args)
-    args.decode_steps = args.decode_steps or common.scaled(48, args.scale, 4)
+    args.decode_steps = args.decode_steps or cli_args.scaled(48, args.scale, 4)
     if args.prefill_steps < 3:
         raise SystemExit("--prefill-steps must be at least 3 (the first and last step of each run are left out)")
     return args
@@ -334,15 +340,15 @@ def main(argv=None) -> dict:
     llm, kwargs, startup = build_engine(args, spec)
     engine = llm.llm_engine
     grid = make_grid(args, engine.scheduler_config)
-    common.warm_generate(llm, [list(range(1, args.prompt_range[0] + 1))] * 2)
+    workloads.warm_generate(llm, [list(range(1, args.prompt_range[0] + 1))] * 2)
     t0 = time.perf_counter()
     prof = profile(engine, grid, seed=args.seed, vocab=cfg.vocab_size, keep_steps=bool(args.steps_out))
     profile_s = time.perf_counter() - t0
     samples = prof["samples"]
     sim_config = SimConfig.from_engine(engine).to_dict()
-    commit, _ = common.git_commit()
+    commit, _ = result_files.git_commit()
     model = fit(prof, meta={
-        "model": spec.name, "device": dev["device"], "commit": commit, "date": common.today(),
+        "model": spec.name, "device": dev["device"], "commit": commit, "date": result_files.today(),
         "sim_config": sim_config, "kv_cache_dtype": args.kv_cache_dtype, "dtype": args.dtype,
         "samples": len(samples), "steps": sum(s.steps for s in samples),
         "fitted_on": "step_profile grid (homogeneous decode / prefill / context-prefill phases)"})
@@ -357,15 +363,15 @@ def main(argv=None) -> dict:
               "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype, "greedy": True, "ignore_eos": True,
               "detokenize": False, "timing": "interval between schedule() calls through LLMEngine.step, mean over "
               "each run of same-shape steps, first and last left out"}
-    config.update(common.engine_config(llm, kwargs, startup))
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
     config["sim_config"] = sim_config
     config["phases"] = prof["phases"]
     config["step_model"] = model.to_dict()
     config["fit_errors"] = errs
     config["samples"] = [s.to_dict() for s in samples]
-    result = common.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     if args.steps_out:
         Path(args.steps_out).write_text(json.dumps(prof["steps"]) + "\n")
     d, p = model.decode, model.prefill
@@ -379,7 +385,7 @@ def main(argv=None) -> dict:
             ("schedule_ahead (of a step)", model.schedule_ahead)]
     rows += [(f"{k}_fit_rel_err_{s}", metrics[f"{k}_fit_rel_err_{s}"]) for k in errs for s in ("mean", "max")]
     rows += [("profile_s", profile_s), ("startup_s (load + compile)", startup)]
-    common.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
+    result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
 
 

@@ -20,20 +20,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import engine_setup  # noqa: E402
+import floors  # noqa: E402
+import model_specs  # noqa: E402
+import peers  # noqa: E402
+import profiling  # noqa: E402
+import result_files  # noqa: E402
+import workloads  # noqa: E402
 
 WORKLOADS = {"fixed": "throughput-fixed", "random": "throughput-random"}
 
 
 def parse(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0])
+    p = cli_args.base_parser(__doc__.splitlines()[0])
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
     w.add_argument("--num-prompts", type=int, default=None, help="default 512 (fixed) / 1000 (random), x --scale")
     w.add_argument("--prompt-len", type=int, default=None, help="fixed: default 512 (x --scale)")
     w.add_argument("--output-len", type=int, default=None, help="fixed: default 256 (x --scale)")
-    w.add_argument("--prompt-range", type=common._int_list, default=None, help="random: lo,hi (default 128,1024)")
-    w.add_argument("--output-range", type=common._int_list, default=None, help="random: lo,hi (default 64,512)")
+    w.add_argument("--prompt-range", type=cli_args._int_list, default=None, help="random: lo,hi (default 128,1024)")
+    w.add_argument("--output-range", type=cli_args._int_list, default=None, help="random: lo,hi (default 64,512)")
     w.add_argument("--peer", choices=("transformers",), default=None,
                    help="run the peer (transformers continuous batching, bf16, random init) on the same workload "
                         "instead of qwenjax, and write its figure where the qwenjax run merges it")
@@ -45,13 +53,13 @@ def fill_workload_defaults(args, *, random_prompts: int):
     random `random_prompts` requests of 128-1024 -> 64-512 tokens."""
     s = args.scale
     if args.workload == "fixed":
-        args.num_prompts = args.num_prompts or common.scaled(512, s)
-        args.prompt_len = args.prompt_len or common.scaled(512, s, 2)
-        args.output_len = args.output_len or common.scaled(256, s, 2)
+        args.num_prompts = args.num_prompts or cli_args.scaled(512, s)
+        args.prompt_len = args.prompt_len or cli_args.scaled(512, s, 2)
+        args.output_len = args.output_len or cli_args.scaled(256, s, 2)
     else:
-        args.num_prompts = args.num_prompts or common.scaled(random_prompts, s)
-        args.prompt_range = tuple(args.prompt_range or (common.scaled(128, s, 2), common.scaled(1024, s, 2)))
-        args.output_range = tuple(args.output_range or (common.scaled(64, s, 2), common.scaled(512, s, 2)))
+        args.num_prompts = args.num_prompts or cli_args.scaled(random_prompts, s)
+        args.prompt_range = tuple(args.prompt_range or (cli_args.scaled(128, s, 2), cli_args.scaled(1024, s, 2)))
+        args.output_range = tuple(args.output_range or (cli_args.scaled(64, s, 2), cli_args.scaled(512, s, 2)))
     return args
 
 
@@ -60,12 +68,12 @@ def make_workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
 
     n = args.num_prompts
     if args.workload == "fixed":
-        return common.random_prompts(n, args.prompt_len, seed=args.seed, vocab_size=vocab_size), \
+        return workloads.random_prompts(n, args.prompt_len, seed=args.seed, vocab_size=vocab_size), \
             [args.output_len] * n
     rng = np.random.default_rng(args.seed)
     plens = rng.integers(args.prompt_range[0], args.prompt_range[1] + 1, size=n)
     olens = rng.integers(args.output_range[0], args.output_range[1] + 1, size=n)
-    return common.random_prompts(n, plens.tolist(), seed=args.seed + 1, vocab_size=vocab_size), olens.tolist()
+    return workloads.random_prompts(n, plens.tolist(), seed=args.seed + 1, vocab_size=vocab_size), olens.tolist()
 
 
 def workload_config(args, prompts, olens) -> dict:
@@ -84,14 +92,14 @@ def workload_config(args, prompts, olens) -> dict:
 
 def engine_defaults(args, prompts, olens) -> dict:
     """Few buckets, each compiled at start-up (a 7B bucket takes 10-30 s), within the engine's own defaults for this
-    device (`common.batch_limits`: vLLM's offline defaults, 1024 sequences and 16,384 tokens a step on an H100; 256
-    and 8,192 elsewhere): fixed: one decode bucket at full concurrency (every decode step has all rows) and one
+    device (`engine_setup.batch_limits`: vLLM's offline defaults, 1024 sequences and 16,384 tokens a step on an H100;
+    256 and 8,192 elsewhere): fixed: one decode bucket at full concurrency (every decode step has all rows) and one
     prefill Q, the prompt length; random: decode at 1/4, 1/2 and all of max_num_seqs, prefill Q at half and all of
     the longest prompt."""
-    limit_seqs, limit_tokens = common.batch_limits()
+    limit_seqs, limit_tokens = engine_setup.batch_limits()
     limit_tokens = limit_tokens or 8192
     pmax = max(map(len, prompts))
-    mml = common.round_up(pmax + max(olens), args.block_size)
+    mml = cli_args.round_up(pmax + max(olens), args.block_size)
     seqs = min(args.num_prompts, limit_seqs)
     if args.workload == "fixed":
         decode = (seqs,)
@@ -115,55 +123,55 @@ def _pow2(n: int) -> int:
 def main(argv=None) -> dict:
     args = parse(argv)
     bench = WORKLOADS[args.workload]
-    spec = common.resolve_model(args.model)
+    spec = model_specs.resolve_model(args.model)
     cfg_vocab = spec.config["vocab_size"]
     prompts, olens = make_workload(args, cfg_vocab)
     if args.peer:
         return run_peer(args, spec, bench, prompts, olens)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    dev = common.device_info()
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    dev = result_files.device_info()
     d = engine_defaults(args, prompts, olens)
-    kwargs = common.engine_kwargs(args, **d)
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
-                                       gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
-    llm, startup = common.build_llm(spec, kwargs)
-    common.warm_generate(llm, prompts)
+    kwargs = engine_setup.engine_kwargs(args, **d)
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
+                                                gemm_tokens=kwargs["max_num_batched_tokens"] or 8192)
+    llm, startup = engine_setup.build_llm(spec, kwargs)
+    workloads.warm_generate(llm, prompts)
 
-    before = common.stats_snapshot(llm)
-    params = [common.greedy(o) for o in olens]
-    outs, wall = common.timed_generate(llm, prompts, params)
-    stats = common.stats_delta(before, common.stats_snapshot(llm))
+    before = workloads.stats_snapshot(llm)
+    params = [workloads.greedy(o) for o in olens]
+    outs, wall = workloads.timed_generate(llm, prompts, params)
+    stats = workloads.stats_delta(before, workloads.stats_snapshot(llm))
     got = [len(o.outputs[0].token_ids) for o in outs]
     bad = [(i, g, o) for i, (g, o) in enumerate(zip(got, olens)) if g != o]
     if bad:
         raise RuntimeError(f"{len(bad)} requests produced the wrong token count, e.g. (index, got, want) {bad[:3]}")
     ptoks, otoks = sum(map(len, prompts)), sum(got)
-    flops = common.sum_flops([common.request_flops(cfg, len(p), o) for p, o in zip(prompts, olens)])
+    flops = floors.sum_flops([floors.request_flops(cfg, len(p), o) for p, o in zip(prompts, olens)])
     mm = ceilings["matmul_tflops"] and ceilings["matmul_tflops"] * args.mesh  # the mesh's devices together
     metrics = {"output_tok_s": otoks / wall, "total_tok_s": (ptoks + otoks) / wall, "wall_s": wall,
-               "mfu": common.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
+               "mfu": floors.ratio(flops["total"] / (mm * 1e12), wall) if mm else None,
                "flop_floor_s": flops["total"] / (mm * 1e12) if mm else None,
                "steps": stats["steps"], "preemptions": stats["preemptions"]}
     config = workload_config(args, prompts, olens)
-    config.update(common.engine_config(llm, kwargs, startup))
+    config.update(engine_setup.engine_config(llm, kwargs, startup))
     config["flops"] = flops
     config["engine_stats"] = stats
     if args.profile:
-        prof = common.profile_generate(llm, prompts, params, profile_dir=args.profile_dir,
-                                       unprofiled_wall_s=wall)
+        prof = profiling.profile_generate(llm, prompts, params, profile_dir=args.profile_dir,
+                                          unprofiled_wall_s=wall)
         metrics["device_busy"] = prof.get("device_busy")
         config["profile"] = prof
-    result = common.make_result(benchmark=bench, model=spec.name, dev=dev, config=config, ceilings=ceilings,
-                                metrics=metrics)
-    merged = common.find_and_merge(result, devtag=dev["devtag"], results_dirs=[args.results_dir])
-    path = common.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    result = result_files.make_result(benchmark=bench, model=spec.name, dev=dev, config=config, ceilings=ceilings,
+                                      metrics=metrics)
+    merged = peers.find_and_merge(result, devtag=dev["devtag"], results_dirs=[args.results_dir])
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("requests", args.num_prompts),
             ("prompt / output tokens", f"{ptoks} / {otoks}"), ("wall_s", wall),
             ("output_tok_s", metrics["output_tok_s"]), ("total_tok_s", metrics["total_tok_s"]),
             ("mfu", metrics["mfu"]), ("steps", stats["steps"]), ("preemptions", stats["preemptions"]),
             ("matmul_tflops", mm), ("startup_s (load + compile)", startup)]
-    common.print_result_table(f"{bench} {spec.name}", rows, result, merged, path)
+    result_files.print_result_table(f"{bench} {spec.name}", rows, result, merged, path)
     return result
 
 
@@ -176,11 +184,11 @@ def run_peer(args, spec, bench: str, prompts, olens) -> dict:
     warm-up, as ours starts after our compilation; `setup_s` records what it excluded. If that API is missing, the
     public `generate_batch` call is timed whole instead (fixed workload only) and `method` says so.
     """
-    common.peer_process_setup()
+    peers.peer_process_setup()
     import torch
     from transformers import GenerationConfig
 
-    model, dev, init_s = common.torch_model(spec)
+    model, dev, init_s = peers.torch_model(spec)
     gcfg = GenerationConfig(max_new_tokens=max(olens), do_sample=False, pad_token_id=0)
     gcfg.eos_token_id = -1  # disabled: ignore_eos
     n = len(prompts)
@@ -225,25 +233,25 @@ def run_peer(args, spec, bench: str, prompts, olens) -> dict:
         raise RuntimeError(f"transformers finished {len(results)} of {n} requests; errors: {errors[:3]}")
     otoks = sum(len(r.generated_tokens) for r in results.values())
     ptoks = sum(map(len, prompts))
-    setup = common.peer_setup_info(model, dev, init_s)
+    setup = peers.peer_setup_info(model, dev, init_s)
     setup.update({"setup_s": round(setup_s, 2) if setup_s is not None else None, "method": method,
                   "expected_output_tokens": sum(olens)})
-    common.free_torch(model)
-    common.setup_jax(args)
-    cfg = common.model_config(spec)
-    devinfo = common.device_info()
-    ceilings = common.measure_ceilings(cfg, mode=args.ceilings, platform=devinfo["platform"])
+    peers.free_torch(model)
+    engine_setup.setup_jax(args)
+    cfg = model_specs.model_config(spec)
+    devinfo = result_files.device_info()
+    ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=devinfo["platform"])
     config = workload_config(args, prompts, olens)
     config.update({"peer": "transformers", "peer_key": "transformers_generate_batch",
                    "compare_metric": "output_tok_s", "speedup_key": "speedup_vs_transformers", "peer_setup": setup})
     metrics = {"output_tok_s": otoks / wall, "total_tok_s": (ptoks + otoks) / wall, "wall_s": wall}
-    peer = common.make_result(benchmark=bench, model=spec.name, dev=devinfo, config=config, ceilings=ceilings,
-                              metrics=metrics)
-    path = common.write_peer(peer, devtag=devinfo["devtag"], results_dir=args.results_dir, out=args.out)
-    common.print_table(f"{bench} {spec.name}: transformers continuous batching (peer)",
-                       [("wall_s", wall), ("output_tok_s", metrics["output_tok_s"]),
-                        ("total_tok_s", metrics["total_tok_s"]), ("output tokens", otoks),
-                        ("setup_s (excluded)", setup_s), ("peer file", str(path))])
+    peer = result_files.make_result(benchmark=bench, model=spec.name, dev=devinfo, config=config, ceilings=ceilings,
+                                    metrics=metrics)
+    path = peers.write_peer(peer, devtag=devinfo["devtag"], results_dir=args.results_dir, out=args.out)
+    result_files.print_table(f"{bench} {spec.name}: transformers continuous batching (peer)",
+                             [("wall_s", wall), ("output_tok_s", metrics["output_tok_s"]),
+                              ("total_tok_s", metrics["total_tok_s"]), ("output tokens", otoks),
+                              ("setup_s (excluded)", setup_s), ("peer file", str(path))])
     return peer
 
 

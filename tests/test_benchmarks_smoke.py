@@ -6,7 +6,7 @@ One subprocess runs latency, throughput (fixed and random) and prefill with the 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -17,11 +17,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# benchmarks/ is not a package: load its common.py under a name no other module can shadow.
-_spec = importlib.util.spec_from_file_location("qwenjax_benchmarks_common", REPO / "benchmarks" / "common.py")
-common = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = common  # dataclasses look their module up there
-_spec.loader.exec_module(common)
+
+
+def bench_modules(*names: str) -> list:
+    """benchmarks/ helper modules by name. benchmarks/ is not a package and its modules import each other by name, so
+    they are imported with it on the path, which is taken off again after (no later import finds one by accident)."""
+    path = str(REPO / "benchmarks")
+    sys.path.insert(0, path)
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(path)
+
+
+floors, model_specs, peers, profiling, result_files = bench_modules("floors", "model_specs", "peers", "profiling",
+                                                                    "result_files")
 
 TOP_FIELDS = ("benchmark", "model", "device", "mesh", "commit", "config", "ceilings", "metrics", "peers")
 METRICS = {
@@ -77,7 +87,7 @@ def test_every_benchmark_wrote_a_complete_result(results):
         assert res["config"]["num_kv_pages"] > 0 and res["config"]["decode_buckets"]
     assert results["names"] == results["out"]  # --out got a copy of each
     for name in results["names"]:
-        assert name.endswith(f"-tiny-cpu-{common.today()}.json")
+        assert name.endswith(f"-tiny-cpu-{result_files.today()}.json")
 
 
 def test_workload_details(results):
@@ -111,26 +121,26 @@ def test_workload_details(results):
 
 
 def test_floors_match_benchmarks_md():
-    cfg = common.model_config(common.resolve_model("qwen2-7b-instruct"))
-    assert abs(common.decode_weight_bytes(cfg) / 1e9 - 14.14) < 0.01  # "14.14 GB of such weights"
-    assert abs(common.linear_flops_per_token(cfg) / 1e9 - 14.1) < 0.1  # "about 14 GFLOP per token"
-    fl = common.sum_flops([common.request_flops(cfg, 512, 256)] * 512)
+    cfg = model_specs.model_config(model_specs.resolve_model("qwen2-7b-instruct"))
+    assert abs(floors.decode_weight_bytes(cfg) / 1e9 - 14.14) < 0.01  # "14.14 GB of such weights"
+    assert abs(floors.linear_flops_per_token(cfg) / 1e9 - 14.1) < 0.1  # "about 14 GFLOP per token"
+    fl = floors.sum_flops([floors.request_flops(cfg, 512, 256)] * 512)
     assert abs(fl["linear"] / 1e15 - 5.56) < 0.05  # "about 393k tokens and 5.5 PFLOP"
     assert 0 < fl["attention"] < 0.1 * fl["linear"]
-    tiny = common.model_config(common.resolve_model("qwen2-0.5b-instruct"))
+    tiny = model_specs.model_config(model_specs.resolve_model("qwen2-0.5b-instruct"))
     # Tied embeddings: the table is the lm_head, counted once.
-    assert common.decode_weight_bytes(tiny) == 2 * tiny.num_params()
+    assert floors.decode_weight_bytes(tiny) == 2 * tiny.num_params()
 
 
 def test_union_and_merge():
-    assert common._union_ns([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert profiling._union_ns([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
     res = {"benchmark": "throughput-fixed", "model": "m", "metrics": {"output_tok_s": 1000.0},
            "config": {"num_requests": 4, "prompt_len": 8, "output_len": 4, "seed": 0}, "peers": {}}
     peer = {"benchmark": "throughput-fixed", "model": "m", "device": "d", "commit": "c",
             "metrics": {"output_tok_s": 250.0}, "ceilings": {"copy_tbps": 1.0},
             "config": dict(res["config"], peer="transformers", peer_key="transformers_generate_batch",
                            compare_metric="output_tok_s", speedup_key="speedup_vs_transformers")}
-    common.merge_peer(res, peer)
+    peers.merge_peer(res, peer)
     assert res["metrics"]["speedup_vs_transformers"] == 4.0
     assert res["peers"]["transformers_generate_batch"]["ceilings"] == {"copy_tbps": 1.0}
 
@@ -155,7 +165,7 @@ def test_device_busy_from_a_gpu_shaped_trace(tmp_path):
     d = tmp_path / "plugins" / "profile" / "run"
     d.mkdir(parents=True)
     (d / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
-    info = common.device_busy_from_trace(str(tmp_path), 40e-6)  # 40 us of wall
+    info = profiling.device_busy_from_trace(str(tmp_path), 40e-6)  # 40 us of wall
     assert info["device_busy"] == 0.5  # [0, 15) us of kernels + [20, 25) us of copy = 20 us
     assert info["kernel_busy"] == 0.375
     assert info["module_busy"] == 0.75

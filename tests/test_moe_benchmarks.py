@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_benchmarks_smoke import REPO, common
+from tests.test_benchmarks_smoke import REPO, bench_modules
+
+engine_setup, floors, model_specs, repo_paths = bench_modules("engine_setup", "floors", "model_specs", "repo_paths")
 
 SCALED = dict(hidden_size=112, intermediate_size=192, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
               moe_intermediate_size=32, shared_expert_intermediate_size=160, max_position_embeddings=4096)
 
 
 def scaled_57b(d: Path) -> Path:
-    cfg = json.loads((common.CONFIG_DIR / "qwen2-57b-a14b-instruct.json").read_text())
+    cfg = json.loads((repo_paths.CONFIG_DIR / "qwen2-57b-a14b-instruct.json").read_text())
     cfg.update(SCALED)
     out = d / "qwen2-57b-a14b-scaled"
     out.mkdir(parents=True, exist_ok=True)
@@ -30,22 +32,22 @@ def scaled_57b(d: Path) -> Path:
 
 
 def test_floors_count_activated_experts_only():
-    cfg = common.model_config(common.resolve_model("qwen2-57b-a14b-instruct"))
+    cfg = model_specs.model_config(model_specs.resolve_model("qwen2-57b-a14b-instruct"))
     assert 57.3e9 < cfg.num_params() < 57.5e9
     # attention, norms, router, shared expert, 8 of 64 routed experts per layer, lm_head: 13.70B ("A14B" counts
     # the 0.54B embedding table too)
-    assert abs(common.active_params(cfg) / 1e9 - 13.705) < 0.01
-    assert abs((common.active_params(cfg) + cfg.vocab_size * cfg.hidden_size) / 1e9 - 14.25) < 0.05
-    assert common.decode_weight_bytes(cfg) == 2 * round(common.active_params(cfg))
-    assert abs(common.linear_flops_per_token(cfg) / 1e9 - 27.41) < 0.01
+    assert abs(floors.active_params(cfg) / 1e9 - 13.705) < 0.01
+    assert abs((floors.active_params(cfg) + cfg.vocab_size * cfg.hidden_size) / 1e9 - 14.25) < 0.05
+    assert floors.decode_weight_bytes(cfg) == 2 * round(floors.active_params(cfg))
+    assert abs(floors.linear_flops_per_token(cfg) / 1e9 - 27.41) < 0.01
     # larger decode batches read more distinct experts, never more than all 64
-    b8, b512 = common.decode_weight_bytes(cfg, batch=8), common.decode_weight_bytes(cfg, batch=512)
-    assert common.decode_weight_bytes(cfg) < b8 < b512 <= 2 * cfg.num_params(include_embedding=False)
-    assert common.experts_read(cfg, 1) == 8 and 63.9 < common.experts_read(cfg, 512) <= 64
-    floor = common.decode_floor_seconds(cfg, [100, 200], 1.0)  # two batch-1 steps at 1 TB/s
-    assert floor == pytest.approx((2 * common.decode_weight_bytes(cfg) + 300 * common.kv_bytes_per_token(cfg)) / 1e12)
-    dense = common.model_config(common.resolve_model("qwen2-7b-instruct"))
-    assert common.decode_weight_bytes(dense, batch=64) == common.decode_weight_bytes(dense)  # dense: unchanged
+    b8, b512 = floors.decode_weight_bytes(cfg, batch=8), floors.decode_weight_bytes(cfg, batch=512)
+    assert floors.decode_weight_bytes(cfg) < b8 < b512 <= 2 * cfg.num_params(include_embedding=False)
+    assert floors.experts_read(cfg, 1) == 8 and 63.9 < floors.experts_read(cfg, 512) <= 64
+    floor = floors.decode_floor_seconds(cfg, [100, 200], 1.0)  # two batch-1 steps at 1 TB/s
+    assert floor == pytest.approx((2 * floors.decode_weight_bytes(cfg) + 300 * floors.kv_bytes_per_token(cfg)) / 1e12)
+    dense = model_specs.model_config(model_specs.resolve_model("qwen2-7b-instruct"))
+    assert floors.decode_weight_bytes(dense, batch=64) == floors.decode_weight_bytes(dense)  # dense: unchanged
 
 
 def test_kv_pages_fit_on_a_141gb_gpu(monkeypatch):
@@ -66,10 +68,10 @@ def test_kv_pages_fit_on_a_141gb_gpu(monkeypatch):
     for model, mesh, fits in (("qwen2-7b-instruct", 1, True), ("qwen2-57b-a14b-instruct", 1, False),
                               ("qwen2-57b-a14b-instruct", 2, True)):  # over two GPUs, each holds half
         args = argparse.Namespace(model=model, dtype="bfloat16", kv_cache_dtype="auto", block_size=16, mesh=mesh)
-        assert common.kv_pages_fit(args, pages) is fits, (model, mesh)
+        assert engine_setup.kv_pages_fit(args, pages) is fits, (model, mesh)
     args = argparse.Namespace(model="qwen2-57b-a14b-instruct", dtype="bfloat16", kv_cache_dtype="auto", block_size=16,
                               mesh=1)
-    assert common.kv_pages_fit(args, 25)  # latency's one sequence
+    assert engine_setup.kv_pages_fit(args, 25)  # latency's one sequence
 
 
 def test_moe_benchmarks_run_on_a_scaled_57b_config(tmp_path):
@@ -102,8 +104,8 @@ def test_moe_benchmarks_run_on_a_scaled_57b_config(tmp_path):
     D, F, Fs, E = 112, 32, 160, 64
     assert per["activated_bytes"] == (8 * 3 * D * F + 3 * D * Fs + D + D * E + 2 * D) * 2
     lat = files["latency"]
-    cfg = common.model_config(common.resolve_model(str(cfg_path)))
-    assert lat["config"]["floor"]["decode_weight_bytes"] == common.decode_weight_bytes(cfg)
+    cfg = model_specs.model_config(model_specs.resolve_model(str(cfg_path)))
+    assert lat["config"]["floor"]["decode_weight_bytes"] == floors.decode_weight_bytes(cfg)
     assert lat["metrics"]["mbu"] > 0
     thr = files["throughput-fixed"]
     assert thr["config"]["output_tokens"] == 6 * 12 and thr["config"]["num_kv_pages"] == 6

@@ -3,27 +3,23 @@ of latency and throughput-fixed for each format, the quant_matmul sweep in inter
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("qwenjax_benchmarks_common_q", REPO / "benchmarks" / "common.py")
-common = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = common
-_spec.loader.exec_module(common)
+from tests.test_benchmarks_smoke import REPO, bench_modules
+
+floors, model_specs, result_files = bench_modules("floors", "model_specs", "result_files")
 
 
 def test_quantized_model_names_resolve():
-    awq = common.resolve_model("qwen2-7b-instruct-awq")
-    gptq = common.resolve_model("qwen2-7b-instruct-gptq-int4")
-    base = common.resolve_model("qwen2-7b-instruct")
+    awq = model_specs.resolve_model("qwen2-7b-instruct-awq")
+    gptq = model_specs.resolve_model("qwen2-7b-instruct-gptq-int4")
+    base = model_specs.resolve_model("qwen2-7b-instruct")
     assert awq.name == "qwen2-7b-instruct-awq" and gptq.name == "qwen2-7b-instruct-gptq-int4"
     assert {k: v for k, v in awq.config.items() if k != "quantization_config"} == base.config
     assert awq.config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 128,
@@ -35,40 +31,40 @@ def test_quantized_model_names_resolve():
 
     assert QuantConfig.from_checkpoint(awq.dir) == QuantConfig("awq", 4, 128, checkpoint_format="gemm")
     assert QuantConfig.from_checkpoint(gptq.dir) == QuantConfig("gptq", 4, 128, sym=True, checkpoint_format="gptq")
-    assert common.resolve_model("tiny-awq").config["quantization_config"]["group_size"] == 64  # hidden 64
+    assert model_specs.resolve_model("tiny-awq").config["quantization_config"]["group_size"] == 64  # hidden 64
     with pytest.raises(SystemExit, match="-gptq-int4"):
-        common.resolve_model("no-such-model")
+        model_specs.resolve_model("no-such-model")
 
 
 def test_decode_floor_counts_packed_bytes():
-    cfg = common.model_config(common.resolve_model("qwen2-7b-instruct"))
-    q4 = common.resolve_model("qwen2-7b-instruct-awq").config["quantization_config"]
+    cfg = model_specs.model_config(model_specs.resolve_model("qwen2-7b-instruct"))
+    q4 = model_specs.resolve_model("qwen2-7b-instruct-awq").config["quantization_config"]
     D, F, L = 3584, 18944, 28
     per_layer = [(D, D), (D, 512), (D, 512), (D, D), (D, F), (D, F), (F, D)]
     weights = L * sum(i * o for i, o in per_layer)
     packed = L * sum(i * o // 2 + (i // 128) * o * 2 + (i // 128) * o // 2 for i, o in per_layer)
-    want = common.decode_weight_bytes(cfg) - 2 * weights + packed
-    assert common.decode_weight_bytes(cfg, quant=q4) == want
+    want = floors.decode_weight_bytes(cfg) - 2 * weights + packed
+    assert floors.decode_weight_bytes(cfg, quant=q4) == want
     assert abs(want / 1e9 - 4.48) < 0.01  # 3.39 GB of packed layers + lm_head, norms, biases in bf16
-    q8 = common.resolve_model("qwen2-7b-instruct-gptq-int8").config["quantization_config"]
-    assert common.decode_weight_bytes(cfg, quant=q8) - want == L * sum(i * o // 2 + (i // 128) * o // 2
+    q8 = model_specs.resolve_model("qwen2-7b-instruct-gptq-int8").config["quantization_config"]
+    assert floors.decode_weight_bytes(cfg, quant=q8) - want == L * sum(i * o // 2 + (i // 128) * o // 2
                                                                         for i, o in per_layer)
-    floor = common.decode_floor_seconds(cfg, [200], 2.0, quant=q4)
-    assert floor == (want + 200 * common.kv_bytes_per_token(cfg)) / 2e12
-    big = common.model_config(common.resolve_model("qwen2-72b-instruct"))
-    q72 = common.resolve_model("qwen2-72b-instruct-awq").config["quantization_config"]
-    assert abs(common.decode_weight_bytes(big, quant=q72) / 1e9 - 38.97) < 0.01
+    floor = floors.decode_floor_seconds(cfg, [200], 2.0, quant=q4)
+    assert floor == (want + 200 * floors.kv_bytes_per_token(cfg)) / 2e12
+    big = model_specs.model_config(model_specs.resolve_model("qwen2-72b-instruct"))
+    q72 = model_specs.resolve_model("qwen2-72b-instruct-awq").config["quantization_config"]
+    assert abs(floors.decode_weight_bytes(big, quant=q72) / 1e9 - 38.97) < 0.01
 
 
 def test_72b_awq_fits_one_80gb_h100():
     """The quant-72b stage's numbers: weights (the decode bytes plus the embedding table), 0.9 of an H100's 80 GB,
     and 96 sequences of 768 tokens of bf16 KV beside them with room for activations."""
-    spec = common.resolve_model("qwen2-72b-instruct-awq")
-    cfg = common.model_config(spec)
-    weights = common.decode_weight_bytes(cfg, quant=spec.config["quantization_config"]) + \
+    spec = model_specs.resolve_model("qwen2-72b-instruct-awq")
+    cfg = model_specs.model_config(spec)
+    weights = floors.decode_weight_bytes(cfg, quant=spec.config["quantization_config"]) + \
         cfg.vocab_size * cfg.hidden_size * 2
     pool = 0.9 * 81559 * 2**20
-    kv = 96 * 768 * common.kv_bytes_per_token(cfg)
+    kv = 96 * 768 * floors.kv_bytes_per_token(cfg)
     assert weights / 2**30 < 39.0 and kv / 2**30 < 22.6
     assert pool - weights - kv > 6 * 2**30  # left for the activation peak (a few GiB at 8192 prefill tokens)
 
@@ -98,16 +94,16 @@ def results(tmp_path_factory):
 
 def test_quantized_benchmarks_write_results(results):
     for m in ("tiny-awq", "tiny-gptq-int4"):
-        lat = results[common.result_name("latency", m, "cpu")]
-        fixed = results[common.result_name("throughput-fixed", m, "cpu")]
+        lat = results[result_files.result_name("latency", m, "cpu")]
+        fixed = results[result_files.result_name("throughput-fixed", m, "cpu")]
         assert lat["model"] == m and lat["metrics"]["tok_s"] > 0 and lat["metrics"]["mbu"] > 0
         assert fixed["metrics"]["output_tok_s"] > 0 and fixed["config"]["output_tokens"] == 16
         assert lat["config"]["quantization"]["quant_method"] == m.split("-")[1]
         assert fixed["config"]["quantization"]["group_size"] == 64
-        cfg = common.model_config(common.resolve_model(m))
+        cfg = model_specs.model_config(model_specs.resolve_model(m))
         assert lat["config"]["floor"]["decode_weight_bytes"] == \
-            common.decode_weight_bytes(cfg, quant=lat["config"]["quantization"]) < common.decode_weight_bytes(cfg)
-    sweep = results[common.result_name("quant-matmul", "qwen2-7b-instruct", "cpu")]
+            floors.decode_weight_bytes(cfg, quant=lat["config"]["quantization"]) < floors.decode_weight_bytes(cfg)
+    sweep = results[result_files.result_name("quant-matmul", "qwen2-7b-instruct", "cpu")]
     assert sweep["config"]["interpret"] and sweep["metrics"]["variants_failed"] == 0
     ran = {(r["fmt"], r["variant"]) for r in sweep["config"]["runs"] if r["status"] == "ok"}
     assert {("bf16", "bf16"), ("gptq", "xla"), ("gptq", "gemv"), ("awq", "xla"), ("awq", "gemv")} <= ran
