@@ -206,9 +206,19 @@ def test_chat_logprobs_greedy(client):
         assert entry.top_logprobs[0].token == entry.token
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
-    text = r.choices[0].message.content
-    if "\ufffd" not in text:
-        assert bytes(b for e in content for b in e.bytes).decode("utf-8") == text
+
+
+def test_chat_logprobs_bytes_spell_the_text(client, tok):
+    """Each logprobs entry's bytes are its token's UTF-8 bytes, also for tokens holding part of a character: a
+    known text whose CJK characters and emoji are split over single-byte tokens comes back whole from the bytes."""
+    text = FORCED_TEXTS[777]
+    script = byte_tokens(tok, text)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], seed=777,
+                                       max_tokens=len(script), temperature=0, logprobs=True, top_logprobs=1)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == text and len(content) == len(script)
+    assert all(len(e.bytes) == 1 for e in content)  # one byte per token (byte_tokens)
+    assert bytes(b for e in content for b in e.bytes).decode("utf-8") == text
 
 
 def test_completions_n_seed_logprobs(client):
