@@ -100,3 +100,11 @@ def real_vocab(ckpt_dir):
 
     return write_checkpoint(ckpt_dir / "real_vocab", vocab_size=REAL_VOCAB, hidden_size=32, intermediate_size=64,
                             num_heads=2, num_kv_heads=1, tie=True, seed=5, with_tokenizer=True, embed_std=0.15)
+
+
+@pytest.fixture(scope="session")
+def eos_chain(ckpt_dir):
+    """(checkpoint, chain token ids): greedy output of any prompt is exactly the chain's tokens, then EOS."""
+    from tests.checkpoints import write_eos_chain_checkpoint
+
+    return write_eos_chain_checkpoint(ckpt_dir / "eos_chain")

@@ -278,6 +278,37 @@ def test_chinese_and_emoji_stream_without_broken_characters(client, tok, endpoin
     assert len([p for p in pieces if p]) > 10
 
 
+def test_eos_ends_a_request_with_stop(eos_chain):
+    """Served from a checkpoint whose greedy continuation of any prompt is " one two three" then EOS
+    (tests/checkpoints.py): completions and chat, whole and streamed, end with finish_reason "stop" after exactly 4
+    completion tokens (EOS counted, as vLLM counts it), the EOS itself not in the text."""
+    from tests.checkpoints import EOS_CHAIN_WORDS
+    from tests.conftest import SMALL_ENGINE
+
+    path, chain = eos_chain
+    text = "".join(EOS_CHAIN_WORDS)
+    eng = AsyncLLMEngine(EngineArgs(model=str(path), skip_warmup=True, **SMALL_ENGINE))
+    try:
+        with ServerThread(create_app(eng, served_model_names=["eos"])) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+            kw = dict(model="eos", max_tokens=20, temperature=0)
+            r = c.completions.create(prompt="Hello world", **kw)
+            assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "stop")
+            assert r.choices[0].model_extra["stop_reason"] is None and r.usage.completion_tokens == len(chain) + 1
+            r = c.chat.completions.create(messages=[{"role": "user", "content": "Count"}], **kw)
+            assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, "stop")
+            assert r.usage.completion_tokens == len(chain) + 1
+            chunks = list(c.chat.completions.create(messages=[{"role": "user", "content": "Count"}], stream=True,
+                                                    stream_options={"include_usage": True}, **kw))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+            assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+            assert chunks[-1].usage.completion_tokens == len(chain) + 1
+            r = c.completions.create(prompt="Hello world", **{**kw, "max_tokens": len(chain)})
+            assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
+    finally:
+        eng.shutdown()
+
+
 def test_guide_curl_request(server):
     def curl(body):
         cmd = ["curl", "-sS", "-w", "\n%{http_code}", server.url + "/v1/chat/completions", "-H",
