@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite on CPU (what CI runs). Prints the slowest tests.
+# The test suite on CPU (what CI runs). Prints the slowest tests and the skipped ones (-ra, and conftest's count);
+# --no-skips fails the run if any test skipped: GPU-only tests are deselected on CPU, so nothing should skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
-exec python -m pytest tests -q -ra --durations=25 --timeout=900 "$@"
+exec python -m pytest tests -q -ra --durations=25 --timeout=900 --no-skips "$@"
