@@ -47,3 +47,54 @@ def hf_model(path: Path):
     from transformers import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+EOS_CHAIN_WORDS = (" one", " two", " three")
+
+
+def write_eos_chain_checkpoint(path: Path, words=EOS_CHAIN_WORDS, *, margin: float = 20.0) -> tuple[Path, list[int]]:
+    """A Qwen2 checkpoint (real vocabulary and tokenizer, written by transformers) whose greedy continuation of any
+    prompt not ending in one of `words` is exactly those words' tokens and then EOS (151645).
+
+    How: every layer's o_proj and down_proj are zero, so the last hidden state is the embedding of the current token;
+    chain token i has embedding 5 x e_i (a basis vector), every other token a small random embedding plus 5 x e_31;
+    lm_head maps e_31 to the first chain token, e_i to chain token i + 1 and the last one's to EOS, each `margin`
+    above a random background row (std 0.08; after the final RMSNorm a logit gap of about 100 at margin 20, so even
+    sampling at temperature 1 follows the chain). Returns the path and the chain's token ids."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(default_tokenizer_dir())
+    chain = []
+    for w in words:
+        ids = tok.encode(w, add_special_tokens=False)
+        assert len(ids) == 1, (w, ids)
+        chain.append(ids[0])
+    eos, hidden, generic = 151645, 32, 31
+    assert len(chain) < generic
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=REAL_VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=eos,
+                      torch_dtype="float32")
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()  # the layers add nothing to the residual stream
+            elif "norm" in name:
+                p.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.normal_(0.0, 0.15)
+        embed[:, generic] = 5.0
+        head.normal_(0.0, 0.08)
+        for i, t in enumerate(chain):
+            embed[t] = 0.0
+            embed[t, i] = 5.0
+        for src, dst in zip([generic] + list(range(len(chain))), chain + [eos]):
+            head[dst, src] += margin
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in Path(default_tokenizer_dir()).iterdir():
+        shutil.copy(f, path / f.name)
+    return path, chain

@@ -18,6 +18,8 @@ else:
 
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", help="run the GPU-only tests (tests/gpu) on an NVIDIA GPU")
+    parser.addoption("--no-skips", action="store_true",
+                     help="fail the run if any test skips (CI on CPU: GPU tests are deselected, never skipped)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,6 +46,21 @@ def pytest_runtest_logreport(report):
         tr.write_line(f"[gpu] {report.nodeid} {report.when} {report.outcome} {report.duration:.1f}s")
     if report.failed:
         tr.write_line(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Always says how many tests skipped, and which: a skip is a check that did not run."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.write_line(f"skipped tests: {len(skipped)}" + (" (--no-skips: the run fails)" if skipped and
+                                                                    config.getoption("--no-skips") else ""))
+    for report in skipped:
+        terminalreporter.write_line(f"  skipped: {report.nodeid}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if session.config.getoption("--no-skips") and reporter is not None and reporter.stats.get("skipped"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 _CONFIG = None
@@ -100,3 +117,11 @@ def real_vocab(ckpt_dir):
 
     return write_checkpoint(ckpt_dir / "real_vocab", vocab_size=REAL_VOCAB, hidden_size=32, intermediate_size=64,
                             num_heads=2, num_kv_heads=1, tie=True, seed=5, with_tokenizer=True, embed_std=0.15)
+
+
+@pytest.fixture(scope="session")
+def eos_chain(ckpt_dir):
+    """(checkpoint, chain token ids): greedy output of any prompt is exactly the chain's tokens, then EOS."""
+    from tests.checkpoints import write_eos_chain_checkpoint
+
+    return write_eos_chain_checkpoint(ckpt_dir / "eos_chain")

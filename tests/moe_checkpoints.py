@@ -44,3 +44,29 @@ def hf_moe_model(path: Path):
     from transformers import Qwen2MoeForCausalLM
 
     return Qwen2MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_param_counts(config_path: Path) -> dict[str, int]:
+    """Parameters of transformers' Qwen2MoeForCausalLM built from `config_path` on the meta device (no memory):
+    "total", "embedding" (the input table), and "active", what one token's forward uses besides the embedding
+    table: every parameter but the routed experts, and of those num_experts_per_tok / num_experts (each expert is
+    the same size, so a token's k experts are k / E of them)."""
+    import json
+
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**json.loads(Path(config_path).read_text()))
+    with torch.device("meta"):
+        model = Qwen2MoeForCausalLM(cfg)
+    embedding = experts = other = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            embedding += p.numel()
+        elif ".mlp.experts." in name:  # stacked [E, ...] tensors, or one module per expert in older transformers
+            experts += p.numel()
+        else:
+            other += p.numel()
+    assert experts % cfg.num_experts == 0
+    return {"total": embedding + experts + other, "embedding": embedding,
+            "active": other + experts // cfg.num_experts * cfg.num_experts_per_tok}

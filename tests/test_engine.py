@@ -115,17 +115,38 @@ def test_stop_strings_cut_the_text(llm):
     assert kept.text == full.text[:full.text.index(stop) + len(stop)]
 
 
-def test_eos_ends_generation(llm):
-    eos = llm.llm_engine.eos_token_ids
-    assert set(eos) == {151645, 151643}
-    # Force EOS by banning nothing and making it the only allowed token via stop ids semantics: greedy until length,
-    # then verify that an EOS id in the output ends it with stop_reason None.
-    out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(
-        temperature=1.0, seed=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
-    if out.finish_reason == "stop":
-        assert out.token_ids[-1] in eos and out.stop_reason is None
-    else:
-        assert out.finish_reason == "length" and not set(out.token_ids) & set(eos)
+def test_eos_ends_generation(eos_chain):
+    """A checkpoint whose greedy continuation of any prompt is " one two three" and then EOS (transformers'
+    generate agrees): EOS ends the request with finish_reason "stop" at exactly that length, greedy or sampled;
+    ignore_eos runs on to max_tokens; a max_tokens that stops short of EOS is "length"."""
+    import torch
+
+    from tests.checkpoints import EOS_CHAIN_WORDS, hf_model
+
+    path, chain = eos_chain
+    eos = 151645
+    prompts = [[1, 2, 3], [9707, 1879, 13, 220]]
+    hf = hf_model(path)
+    for ids in prompts:
+        got = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos)[0, len(ids):].tolist()
+        assert got == chain + [eos], got  # the checkpoint does what it is built for
+    llm = LLM(str(path), **SMALL_ENGINE)
+    assert eos in llm.llm_engine.eos_token_ids
+    text = "".join(EOS_CHAIN_WORDS)
+    for params in (SamplingParams(temperature=0, max_tokens=20), SamplingParams(temperature=1.0, seed=3, max_tokens=20),
+                   SamplingParams(temperature=0, max_tokens=len(chain) + 1)):  # EOS as the last token allowed
+        for out in llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False):
+            o = out.outputs[0]
+            assert (o.finish_reason, o.stop_reason, o.token_ids, o.text) == ("stop", None, chain + [eos], text), params
+    ignoring = llm.generate(prompt_token_ids=prompts[:1], use_tqdm=False,
+                            sampling_params=SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    o = ignoring[0].outputs[0]
+    assert o.finish_reason == "length" and o.token_ids == ((chain + [eos]) * 3)[:10]  # EOS maps back to " one"
+    short = llm.generate(prompt_token_ids=prompts[:1], use_tqdm=False,
+                         sampling_params=SamplingParams(temperature=0, max_tokens=len(chain)))[0].outputs[0]
+    assert short.finish_reason == "length" and short.token_ids == chain
+    assert _all_pages_free(llm)
 
 
 def test_logprobs(llm):

@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,17 +25,14 @@ from qwenjax.engine.core_client import RemoteOutput
 from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from server.app import create_app
+from tests.conftest import pythonpath_with
 from tests.test_server_units import check_engine_death
+
+REPO = Path(__file__).resolve().parents[1]
 
 ARGS = EngineArgs(model=None, dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256,
                   decode_buckets=(8,), prefill_token_buckets=(32, 128), num_kv_pages=64, generation_config="vllm",
                   skip_warmup=True)
-
-
-def _jax_initialised() -> bool:
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
 
 
 def _explode_at_third_step(llm) -> None:
@@ -47,6 +48,19 @@ def _explode_at_third_step(llm) -> None:
     llm.step = step
 
 
+class _StoppedClock:
+    """Stands in for the `time` module: monotonic() reads `now`; everything else is the real module's."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def _wait(cond, timeout=60.0, what=""):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -55,12 +69,7 @@ def _wait(cond, timeout=60.0, what=""):
 
 
 @pytest.fixture(scope="module")
-def jax_before():
-    return _jax_initialised()
-
-
-@pytest.fixture(scope="module")
-def engine(jax_before):
+def engine():
     eng = AsyncLLMEngine(ARGS, stream_interval=2)  # applied in the engine process
     yield eng
     eng.shutdown()
@@ -119,10 +128,43 @@ def test_deltas_read_from_requests_equal_deltas_of_their_outputs():
 
 
 # ---------------------------------------------------------------------------------------------- one shared engine
-def test_frontend_never_initialises_jax(engine, jax_before):
+def test_frontend_never_initialises_jax():
+    """In a fresh interpreter (this one may already have started JAX for other tests): a process-mode engine starts,
+    serves a request and answers the tokenizer, and JAX was never initialised in the frontend; then jax.devices()
+    initialises it there (the probe can tell)."""
+    script = textwrap.dedent("""
+        import asyncio
+        from jax._src import xla_bridge
+        from qwenjax.engine.async_llm import AsyncLLMEngine
+        from qwenjax.sampling_params import SamplingParams
+        from tests.test_engine_process import ARGS
+
+        async def main(eng):
+            return [o async for o in eng.generate("hello", SamplingParams(max_tokens=3, temperature=0), "r")]
+
+        eng = AsyncLLMEngine(ARGS)
+        try:
+            final = asyncio.run(main(eng))[-1]
+            view = eng.engine
+            print("engine", eng.multiprocess, eng.engine_pid is not None, final.finished,
+                  len(final.outputs[0].token_ids), view.tokenizer.decode(view.tokenizer.encode("hello")))
+            print("frontend initialised JAX:", xla_bridge.backends_are_initialized())
+        finally:
+            eng.shutdown()
+        import jax
+        jax.devices()
+        print("after jax.devices():", xla_bridge.backends_are_initialized())
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=pythonpath_with(REPO))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.splitlines()[-3:] == ["engine True True True 3 hello", "frontend initialised JAX: False",
+                                             "after jax.devices(): True"], proc.stdout
+
+
+def test_the_frontend_view_reads_the_engine_process(engine):
     assert engine.multiprocess and engine.engine_pid != os.getpid()
-    if not jax_before:  # (a test run before this module may have initialised JAX in this process)
-        assert not _jax_initialised()
     view = engine.engine
     assert view.max_model_len == 128 and view.model_config.vocab_size == 151936
     assert view.tokenizer.decode(view.tokenizer.encode("hello")) == "hello"
@@ -166,7 +208,7 @@ def test_stream_interval_and_token_times(engine):
     assert stream.first_token_time <= stream.finished_time
 
 
-def test_idle_time_counts_the_wait_in_progress(engine):
+def test_idle_time_counts_the_wait_in_progress(engine, monkeypatch):
     """The engine process tells the frontend when it starts waiting for requests, so the idle time of a window
     (benchmarks/serve.py's server_engine_idle_s) includes a wait still in progress, and a step ends it."""
     async def one():
@@ -175,10 +217,15 @@ def test_idle_time_counts_the_wait_in_progress(engine):
 
     asyncio.run(one())
     _wait(lambda: engine.idle_since is not None, 30, "the engine process never reported waiting")
-    a = engine.idle_seconds_now()
-    time.sleep(0.3)
-    b = engine.idle_seconds_now()
-    assert 0.29 <= b - a < 5.0
+    since, done = engine.idle_since, engine.idle_seconds
+    # The frontend's clock, stopped at chosen instants: the wait in progress counts up to each of them.
+    clock = _StoppedClock()
+    monkeypatch.setattr(sys.modules[type(engine).idle_seconds_now.__module__], "time", clock)
+    for elapsed in (7.0, 9.5):
+        clock.now = since + elapsed
+        assert engine.idle_seconds_now() == pytest.approx(done + elapsed, abs=1e-6)
+    monkeypatch.undo()
+    waited = engine.idle_seconds_now()  # the idle time so far, the wait in progress included (the real clock)
     steps = engine.num_steps
 
     async def two():
@@ -187,7 +234,7 @@ def test_idle_time_counts_the_wait_in_progress(engine):
 
     asyncio.run(two())
     _wait(lambda: engine.idle_since is not None and engine.num_steps > steps, 30, "no idle report after the steps")
-    assert engine.idle_seconds >= b  # the finished wait was added, whole
+    assert engine.idle_seconds >= waited  # the finished wait was added, whole
     assert engine.idle_seconds_now() >= engine.idle_seconds
 
 
@@ -223,8 +270,7 @@ def test_reset_prefix_cache_runs_in_the_engine_process(engine):
 
 def test_thread_mode_gives_the_same_outputs(engine):
     """The same greedy request with logprobs, n=2 sampled with a seed, and a stop string, through the engine process
-    and through an engine in a thread of this process (which initialises JAX here: keep this test after the check
-    above)."""
+    and through an engine in a thread of this process."""
     requests = [("greedy", "The capital of France is", SamplingParams(max_tokens=8, temperature=0, logprobs=2)),
                 ("seeded", "Once upon a time", SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=3)),
                 ("stop", "abc", SamplingParams(max_tokens=12, temperature=0, stop=[" "]))]

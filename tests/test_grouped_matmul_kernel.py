@@ -3,6 +3,8 @@ its contract: empty groups, one group holding every row, rows past the groups (z
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +49,16 @@ def test_tile_table_covers_each_group_in_order():
 
 
 def test_default_settings_follow_rows_per_expert():
-    # Qwen2-57B-A14B's experts: decode of one token (8 pairs over 64 experts) and a prefill of 8192 tokens
-    assert default_settings(8, 3584, 2560, 64) == (16, 128, 64)
-    assert default_settings(65536, 3584, 2560, 64) == (128, 128, 64)
+    """default_settings' docstring over a grid of shapes: 16-row tiles when the groups hold 16 rows or fewer on
+    average (decode), else 128; the widest power-of-two tile of at most 128 columns and 64 of K that divides N and
+    K; every tiling is one the kernel accepts."""
+    for m, g, k, n in itertools.product((1, 8, 16 * 64, 16 * 64 + 64, 65536), (1, 8, 64), (16, 48, 3584, 4096),
+                                        (16, 80, 2560, 4096)):
+        bm, bn, bk = default_settings(m, k, n, g)
+        assert bm == (16 if m / g <= 16 else 128), (m, g, bm)
+        for b, dim, cap in ((bn, n, 128), (bk, k, 64)):
+            assert b & (b - 1) == 0 and 16 <= b <= cap and dim % b == 0, (m, k, n, g, bn, bk)
+            assert b == cap or dim % (2 * b), (dim, b)  # the widest that divides
+    # Qwen2-57B-A14B's experts (64, K 3584, N 2560): one decode token's 8 (token, expert) pairs, an 8192-token prefill
+    assert default_settings(8, 3584, 2560, 64)[0] == 16 and default_settings(8 * 8192, 3584, 2560, 64)[0] == 128
     assert supported(3584, 2560, jnp.bfloat16) and not supported(3584, 2561, jnp.bfloat16)

@@ -1,5 +1,6 @@
 """Paged decode attention kernel (Pallas interpret mode on CPU) against the jnp reference."""
 import functools
+import itertools
 import zlib
 
 import jax
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import paged_attention as pa
 from pallas_kernels.paged_attention import (
     default_settings,
     paged_attention,
@@ -126,17 +128,37 @@ def test_fp8_pages_with_q_beyond_f16_range_stay_finite():
     assert np.isfinite(np.asarray(out, np.float32)).all()
 
 
-def test_default_settings():
-    assert default_settings(64, 4, 256, 16) == (4, 2)  # benchmark shape: 64-token blocks, 512 programs
-    # fp8: same bytes per block (twice the tokens), half the programs: one split at 256 (sequence, kv head) pairs
-    assert default_settings(64, 4, 512, 16, 128, E5M2) == (8, 1)
-    assert default_settings(32, 4, 512, 16, 128, E5M2) == (8, 2)
-    assert default_settings(64, 4, 256, 16, 64) == (8, 2)
-    assert default_settings(1, 4, 2048, 16) == (4, 128)  # one long sequence: split wide
-    assert default_settings(512, 4, 64, 16) == (4, 1)  # big batch: no combine step
-    assert default_settings(2, 1, 1, 128) == (1, 1)  # tiny table
-    assert default_settings(1, 4, 24, 16) == (4, 1)  # batch-1 latency context (384): one pass, no combine kernels
-    assert default_settings(1, 4, 40, 16) == (4, 5)  # 10 blocks: split again
+def test_default_settings_follow_their_rules():
+    """default_settings' docstring, checked over a grid of shapes (its constants are sweep results; how they are
+    applied is what is checked): a compute block holds at most _BLOCK_BYTES of K and _MAX_BLOCK_TOKENS tokens and is
+    the largest such block a power-of-two cover of the table allows; tables of at most _SINGLE_PASS_BLOCKS blocks run
+    in one pass; otherwise splits are added until K x S x C reaches the program target, while each split keeps
+    _MIN_BLOCKS_PER_SPLIT blocks."""
+    for batch, heads, max_pages, page, head_dim, dtype in itertools.product(
+            (1, 2, 64, 512), (1, 4), (1, 5, 24, 40, 256, 2048), (16, 64, 256), (64, 128), (BF16, F32, E5M2)):
+        ppcb, splits = default_settings(batch, heads, max_pages, page, head_dim, dtype)
+        itemsize = jnp.dtype(dtype).itemsize
+        target = pa._TARGET_PROGRAMS_FP8 if itemsize == 1 else pa._TARGET_PROGRAMS
+
+        def block_ok(n):
+            return (n * page * head_dim * itemsize <= pa._BLOCK_BYTES and n * page <= pa._MAX_BLOCK_TOKENS
+                    and n <= 1 << (max_pages - 1).bit_length())
+
+        case = (batch, heads, max_pages, page, head_dim, dtype, ppcb, splits)
+        assert ppcb >= 1 and (ppcb == 1 or block_ok(ppcb)) and not block_ok(ppcb + 1), case
+        blocks = -(-max_pages // ppcb)
+        if blocks <= pa._SINGLE_PASS_BLOCKS:
+            assert splits == 1, case
+            continue
+        assert splits == 1 or splits * pa._MIN_BLOCKS_PER_SPLIT <= blocks, case
+        enough = batch * heads * splits >= target
+        assert enough or (splits + 1) * pa._MIN_BLOCKS_PER_SPLIT > blocks, case  # more programs, if they fit
+        assert splits == 1 or batch * heads * (splits - 1) < target, case  # no more than the target needs
+    # What the rules are for: one long sequence is split wide; a big batch fills the GPU without a combine step;
+    # batch-1 latency's 384-token context (24 pages of 16) runs in one pass.
+    assert default_settings(1, 4, 2048, 16)[1] > 8
+    assert default_settings(512, 4, 256, 16)[1] == 1
+    assert default_settings(1, 4, 24, 16)[1] == 1
 
 
 def _spec(shape, dtype):

@@ -36,24 +36,34 @@ def test_quantized_model_names_resolve():
         model_specs.resolve_model("no-such-model")
 
 
+def packed_layer_bytes(cfg, bits: int, group: int) -> tuple[int, int]:
+    """(weights, packed bytes) of every layer's q k v o gate up down, worked out from the config: per projection of
+    i inputs and o outputs, i x o weights packed at bits / 8 bytes each, and per group of `group` input rows one
+    bf16 scale and one packed zero per output."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (D // cfg.num_attention_heads)
+    per_layer = [(D, D), (D, kv), (D, kv), (D, D), (D, F), (D, F), (F, D)]
+    weights = L * sum(i * o for i, o in per_layer)
+    packed = L * sum(i * o * bits // 8 + (i // group) * o * 2 + (i // group) * o * bits // 8 for i, o in per_layer)
+    return weights, packed
+
+
 def test_decode_floor_counts_packed_bytes():
     cfg = model_specs.model_config(model_specs.resolve_model("qwen2-7b-instruct"))
     q4 = model_specs.resolve_model("qwen2-7b-instruct-awq").config["quantization_config"]
-    D, F, L = 3584, 18944, 28
-    per_layer = [(D, D), (D, 512), (D, 512), (D, D), (D, F), (D, F), (F, D)]
-    weights = L * sum(i * o for i, o in per_layer)
-    packed = L * sum(i * o // 2 + (i // 128) * o * 2 + (i // 128) * o // 2 for i, o in per_layer)
-    want = floors.decode_weight_bytes(cfg) - 2 * weights + packed
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == \
+        (3584, 18944, 28, 4)
+    weights, packed = packed_layer_bytes(cfg, 4, 128)
+    want = floors.decode_weight_bytes(cfg) - 2 * weights + packed  # the rest (lm_head, norms, biases) stays bf16
     assert floors.decode_weight_bytes(cfg, quant=q4) == want
-    assert abs(want / 1e9 - 4.48) < 0.01  # 3.39 GB of packed layers + lm_head, norms, biases in bf16
     q8 = model_specs.resolve_model("qwen2-7b-instruct-gptq-int8").config["quantization_config"]
-    assert floors.decode_weight_bytes(cfg, quant=q8) - want == L * sum(i * o // 2 + (i // 128) * o // 2
-                                                                        for i, o in per_layer)
+    assert floors.decode_weight_bytes(cfg, quant=q8) - want == packed_layer_bytes(cfg, 8, 128)[1] - packed
     floor = floors.decode_floor_seconds(cfg, [200], 2.0, quant=q4)
     assert floor == (want + 200 * floors.kv_bytes_per_token(cfg)) / 2e12
     big = model_specs.model_config(model_specs.resolve_model("qwen2-72b-instruct"))
     q72 = model_specs.resolve_model("qwen2-72b-instruct-awq").config["quantization_config"]
-    assert abs(floors.decode_weight_bytes(big, quant=q72) / 1e9 - 38.97) < 0.01
+    weights72, packed72 = packed_layer_bytes(big, 4, q72["group_size"])
+    assert floors.decode_weight_bytes(big, quant=q72) == floors.decode_weight_bytes(big) - 2 * weights72 + packed72
 
 
 def test_72b_awq_fits_one_80gb_h100():

@@ -5,6 +5,7 @@ parallel or expert parallel, agrees with one device and with transformers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenjax.config import ModelConfig
 from qwenjax.models.loader import load_model_config
 from qwenjax.models.sharding import param_spec
-from tests.moe_checkpoints import hf_moe_model, write_moe_checkpoint
+from tests.moe_checkpoints import hf_moe_model, hf_param_counts, write_moe_checkpoint
 from tests.test_model_vs_hf import ATOL, _our_logits
 
 # name -> writer arguments: shared expert on/off, norm_topk_prob on/off, dense layers by step and by list
@@ -47,15 +48,19 @@ def test_config_reads_moe_fields(moe_ckpts):
 
 
 def test_57b_config_parses():
-    from pathlib import Path
-
-    p = Path(__file__).resolve().parents[2] / "shared/assets/configs/qwen2-57b-a14b-instruct.json"
-    if not p.is_file():
-        pytest.skip("the shared 57B config is not present")
-    cfg = ModelConfig.from_file(str(p))
-    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (64, 8, 2560)
-    assert cfg.shared_expert_intermediate_size == 20480 and not cfg.norm_topk_prob
-    assert 56e9 < cfg.num_params() < 58.5e9
+    """The tracked Qwen2-57B-A14B config (the one the benchmarks resolve): its MoE fields, and its parameter count
+    equal to transformers' own model built from the same file."""
+    path = Path(__file__).resolve().parents[1] / "qwenjax/assets/configs/qwen2-57b-a14b-instruct.json"
+    raw = json.loads(path.read_text())
+    cfg = ModelConfig.from_file(str(path))
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == \
+        (raw["num_experts"], raw["num_experts_per_tok"], raw["moe_intermediate_size"]) == (64, 8, 2560)
+    assert cfg.shared_expert_intermediate_size == raw["shared_expert_intermediate_size"] == 20480
+    assert not cfg.norm_topk_prob
+    hf = hf_param_counts(path)
+    assert cfg.num_params() == hf["total"]
+    assert cfg.num_params(include_embedding=False) == hf["total"] - hf["embedding"]
+    assert 56e9 < cfg.num_params() < 58.5e9  # "57B"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -103,9 +103,45 @@ def _force_sampled_tokens(llm: LLMEngine) -> None:
     llm.runner.execute = execute
 
 
+def _install_step_gate(llm: LLMEngine) -> None:
+    """engine_setup hook (runs in the engine process): a gate on the engine's steps, worked through engine.call()
+    commands, which the engine process applies in order with adds and aborts. While the gate is shut the engine
+    reports no unfinished request to its loop, so the loop runs no step but still applies every command (adds wait,
+    aborts free their pages). open_gate / shut_gate; run_to_3_tokens: steps run until every request holds 3 known
+    output tokens, then the gate shuts; count_requests: the requests in the engine."""
+    real = llm.has_unfinished_requests
+    gate = {"shut": False, "until": None}
+
+    def has_unfinished_requests() -> bool:
+        if not real() or gate["shut"]:
+            return False
+        until = gate["until"]
+        if until is not None and all(s.finished or s.num_known_outputs >= until
+                                     for r in llm.requests.values() for s in r.seqs):
+            gate.update(shut=True, until=None)
+            return False
+        return True
+
+    llm.has_unfinished_requests = has_unfinished_requests
+    llm.open_gate = lambda: gate.update(shut=False, until=None)
+    llm.shut_gate = lambda: gate.update(shut=True, until=None)
+    llm.run_to_3_tokens = lambda: gate.update(shut=False, until=3)
+    llm.count_requests = lambda: len(llm.requests)
+
+
+def _engine_setup(llm: LLMEngine) -> None:
+    _force_sampled_tokens(llm)
+    _install_step_gate(llm)
+
+
+def _engine_call(engine: AsyncLLMEngine, name: str):
+    """LLMEngine.<name>() in the engine process, after every command submitted before it."""
+    return engine.engine._client.call(name)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    eng = AsyncLLMEngine(ENGINE_ARGS, engine_setup=_force_sampled_tokens)  # an engine core process
+    eng = AsyncLLMEngine(ENGINE_ARGS, engine_setup=_engine_setup)  # an engine core process
     assert eng.multiprocess and eng.engine_pid is not None
     yield eng
     eng.shutdown()
@@ -206,9 +242,19 @@ def test_chat_logprobs_greedy(client):
         assert entry.top_logprobs[0].token == entry.token
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
-    text = r.choices[0].message.content
-    if "\ufffd" not in text:
-        assert bytes(b for e in content for b in e.bytes).decode("utf-8") == text
+
+
+def test_chat_logprobs_bytes_spell_the_text(client, tok):
+    """Each logprobs entry's bytes are its token's UTF-8 bytes, also for tokens holding part of a character: a
+    known text whose CJK characters and emoji are split over single-byte tokens comes back whole from the bytes."""
+    text = FORCED_TEXTS[777]
+    script = byte_tokens(tok, text)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], seed=777,
+                                       max_tokens=len(script), temperature=0, logprobs=True, top_logprobs=1)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == text and len(content) == len(script)
+    assert all(len(e.bytes) == 1 for e in content)  # one byte per token (byte_tokens)
+    assert bytes(b for e in content for b in e.bytes).decode("utf-8") == text
 
 
 def test_completions_n_seed_logprobs(client):
@@ -266,6 +312,37 @@ def test_chinese_and_emoji_stream_without_broken_characters(client, tok, endpoin
     assert all("\ufffd" not in p for p in pieces), pieces
     assert "".join(pieces) == text
     assert len([p for p in pieces if p]) > 10
+
+
+def test_eos_ends_a_request_with_stop(eos_chain):
+    """Served from a checkpoint whose greedy continuation of any prompt is " one two three" then EOS
+    (tests/checkpoints.py): completions and chat, whole and streamed, end with finish_reason "stop" after exactly 4
+    completion tokens (EOS counted, as vLLM counts it), the EOS itself not in the text."""
+    from tests.checkpoints import EOS_CHAIN_WORDS
+    from tests.conftest import SMALL_ENGINE
+
+    path, chain = eos_chain
+    text = "".join(EOS_CHAIN_WORDS)
+    eng = AsyncLLMEngine(EngineArgs(model=str(path), skip_warmup=True, **SMALL_ENGINE))
+    try:
+        with ServerThread(create_app(eng, served_model_names=["eos"])) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+            kw = dict(model="eos", max_tokens=20, temperature=0)
+            r = c.completions.create(prompt="Hello world", **kw)
+            assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "stop")
+            assert r.choices[0].model_extra["stop_reason"] is None and r.usage.completion_tokens == len(chain) + 1
+            r = c.chat.completions.create(messages=[{"role": "user", "content": "Count"}], **kw)
+            assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, "stop")
+            assert r.usage.completion_tokens == len(chain) + 1
+            chunks = list(c.chat.completions.create(messages=[{"role": "user", "content": "Count"}], stream=True,
+                                                    stream_options={"include_usage": True}, **kw))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+            assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+            assert chunks[-1].usage.completion_tokens == len(chain) + 1
+            r = c.completions.create(prompt="Hello world", **{**kw, "max_tokens": len(chain)})
+            assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
+    finally:
+        eng.shutdown()
 
 
 def test_guide_curl_request(server):
@@ -476,7 +553,19 @@ def test_200_concurrent_streams_batch_together(server, engine):
 
 
 def test_100_disconnecting_clients_free_every_page(server, engine):
+    """50 streaming clients hang up after their first chunk, 50 waiting for a whole response hang up while it runs:
+    each request is aborted (none reaches its 200 tokens) and every page is freed. The engine's step gate orders it:
+    no step runs until all 100 requests are in, then steps run until each holds 3 tokens, and none runs again until
+    every hang-up has been applied as an abort."""
     llm = engine.engine  # the engine process's counters, as of its newest step message
+    abort_key = "vllm:request_success_total{finished_reason=abort}"
+    before = metrics_of(server.url).get(abort_key, 0)
+
+    def wait_for(cond, what):
+        deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
 
     async def leave_streaming(c, i):
         body = {"model": MODEL, "prompt": f"leave {i}", "max_tokens": 200, "ignore_eos": True, "temperature": 0,
@@ -485,28 +574,40 @@ def test_100_disconnecting_clients_free_every_page(server, engine):
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
-                    break  # one chunk, then hang up
+                    return  # one chunk, then hang up
 
-    async def leave_waiting(c, i):
+    async def wait_whole(c, i):
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"leave {i}"}], "max_tokens": 200,
                 "ignore_eos": True, "temperature": 0}
-        with pytest.raises(httpx.ReadTimeout):
-            await c.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+        await c.post(server.url + "/v1/chat/completions", json=body)
+        raise AssertionError("a response came back: the request was not aborted")
 
     async def main():
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
-        async with httpx.AsyncClient(limits=limits, timeout=120) as c:
-            await asyncio.gather(*(leave_streaming(c, i) for i in range(50)), *(leave_waiting(c, i) for i in range(50)))
+        async with httpx.AsyncClient(limits=limits, timeout=300) as c:
+            streaming = [asyncio.ensure_future(leave_streaming(c, i)) for i in range(50)]
+            waiting = [asyncio.ensure_future(wait_whole(c, i)) for i in range(50)]
+            await asyncio.to_thread(wait_for, lambda: _engine_call(engine, "count_requests") == 100,
+                                    "the 100 requests did not all reach the engine")
+            await asyncio.to_thread(_engine_call, engine, "run_to_3_tokens")
+            await asyncio.gather(*streaming)  # each read its first chunk and hung up
+            assert not any(t.done() for t in waiting)
+            for t in waiting:
+                t.cancel()  # hang up: the connection closes
+            ended = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(isinstance(e, asyncio.CancelledError) for e in ended), ended
+            await asyncio.to_thread(wait_for, lambda: _engine_call(engine, "count_requests") == 0,
+                                    "the hung-up requests were not all aborted")
 
-    before = metrics_of(server.url).get("vllm:request_success_total{finished_reason=abort}", 0)
-    asyncio.run(main())
-    deadline = time.monotonic() + 120
-    while llm.blocks.num_free != llm.blocks.num_pages or llm.has_unfinished_requests():
-        assert time.monotonic() < deadline, (llm.blocks.num_free, llm.blocks.num_pages, llm.num_requests)
-        time.sleep(0.05)
+    _engine_call(engine, "shut_gate")
+    try:
+        asyncio.run(main())
+    finally:
+        _engine_call(engine, "open_gate")
+    wait_for(lambda: llm.blocks.num_free == llm.blocks.num_pages and not llm.has_unfinished_requests(),
+             (llm.blocks.num_free, llm.blocks.num_pages, llm.num_requests))
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "still alive?", "max_tokens": 3,
                                                          "temperature": 0}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(server.url + "/health").status_code == 200
-    # every one of them was aborted (none ran to its 200 tokens)
-    assert metrics_of(server.url)["vllm:request_success_total{finished_reason=abort}"] - before == 100
+    assert metrics_of(server.url)[abort_key] - before == 100  # every one of them was aborted

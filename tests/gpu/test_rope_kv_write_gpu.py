@@ -99,9 +99,8 @@ def test_donated_pages_are_written_in_place():
     ptrs = kp.unsafe_buffer_pointer(), vp.unsafe_buffer_pointer()
     _, kp2, vp2 = step(q, kp, vp)
     assert (kp2.unsafe_buffer_pointer(), vp2.unsafe_buffer_pointer()) == ptrs
-    mem = step.lower(q, kp2, vp2).compile().memory_analysis()
-    if mem is not None:
-        assert mem.temp_size_in_bytes < pages.nbytes // 4, mem
+    mem = step.lower(q, kp2, vp2).compile().memory_analysis()  # XLA GPU reports it (tests/gpu/test_moe_gpu.py)
+    assert mem is not None and mem.temp_size_in_bytes < pages.nbytes // 4, mem
 
 
 @pytest.mark.parametrize("page_dtype, scales", [(BF16, (None, None)), (E5M2, (None, None)), (E4M3, (0.37, 1.9))])
