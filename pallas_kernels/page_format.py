@@ -49,6 +49,13 @@ def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, scale: jax.Arra
     """
     K, P, S, H = pages.shape
     flat = pages.reshape(K, P * S, H)
-    vals = to_pages(new.reshape(-1, K, H), pages.dtype, scale).transpose(1, 0, 2)
-    flat = flat.at[:, slots.reshape(-1), :].set(vals, mode="drop", unique_indices=True)
+    vals = to_pages(new.reshape(-1, K, H), pages.dtype, scale)
+    slots = slots.reshape(-1)
+    if slots.shape[0] == 1:
+        # XLA rewrites a one-index scatter into a fusion over the whole page array, which copies the donated cache
+        # every step (CPU, built-in model: a 1-row decode step took 600 ms against 4 ms). A second index, out of
+        # range and so dropped, keeps it a scatter in place.
+        vals = jnp.concatenate([vals, vals])
+        slots = jnp.concatenate([slots, jnp.full((1,), P * S, slots.dtype)])
+    flat = flat.at[:, slots, :].set(vals.transpose(1, 0, 2), mode="drop", unique_indices=True)
     return flat.reshape(K, P, S, H)
