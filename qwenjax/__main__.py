@@ -6,7 +6,6 @@ With no --model it runs the built-in default model (random weights, real Qwen2 t
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 from qwenjax import LLM, SamplingParams
@@ -25,7 +24,6 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tensor-parallel-size", "--mesh", type=int, default=1, dest="tensor_parallel_size")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               tensor_parallel_size=args.tensor_parallel_size)

@@ -191,7 +191,13 @@ class EngineArgs:
     distributed_coordinator: str | None = None  # "host:port" of process 0 for multi-host runs (jax.distributed)
     num_processes: int = 1
     process_id: int = 0
-    skip_warmup: bool = False
+    # None: warm up (compile every bucket at start-up) on accelerators, and on a CPU compile each bucket on first use
+    # (a CPU start-up would otherwise compile dozens of programs a request never needs); True / False force it.
+    skip_warmup: bool | None = None
+    # JAX's persistent compilation cache, so a second start loads its compiled buckets instead of compiling them:
+    # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...), a directory, or None (off). A cache
+    # directory JAX was already given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
+    compilation_cache_dir: str | None = "auto"
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
     usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults

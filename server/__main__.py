@@ -98,7 +98,11 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     e.add_argument("--trust-remote-code", action="store_true")
-    e.add_argument("--skip-warmup", action="store_true")
+    e.add_argument("--skip-warmup", action="store_true", default=None,
+                   help="compile each bucket on first use instead of at start-up (the default on a CPU)")
+    e.add_argument("--compilation-cache-dir", default="auto",
+                   help="JAX's persistent compilation cache, so a restart loads its compiled buckets: 'auto' "
+                        "(~/.cache/qwenjax/jax-compilation-cache), a directory, or 'none'")
     e.add_argument("--distributed-coordinator", default=None,
                    help="host:port of process 0 when one model spans several hosts (jax.distributed)")
     e.add_argument("--num-processes", type=int, default=1, help="processes (hosts) in a multi-host run")
@@ -115,12 +119,14 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
                 "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel",
-                "num_scheduler_steps")
+                "num_scheduler_steps", "compilation_cache_dir")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
     kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS}
     kwargs["served_model_name"] = tuple(ns.served_model_name) if ns.served_model_name else None
+    if str(kwargs["compilation_cache_dir"]).lower() in ("none", "off", ""):
+        kwargs["compilation_cache_dir"] = None
     return EngineArgs(**kwargs, usage_context="server")
 
 
@@ -132,7 +138,6 @@ def served_names(ns: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ns = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = engine_args(ns)
     except ValueError as e:

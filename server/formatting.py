@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from qwenjax.core.detokenizer import byte_decoder
 from qwenjax.core.stop_checker import StopChecker
 from qwenjax.outputs import CompletionOutput, RequestOutput
 
@@ -19,25 +20,12 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON; OpenAI clients get this instead
 _JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in character -> the byte it encodes (the GPT-2 / Qwen2 mapping)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
-
-
 class TokenText:
     """Token id -> its text and its exact bytes, cached (for logprobs)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._decoder = _gpt2_byte_decoder()
+        self._decoder = byte_decoder()
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
 

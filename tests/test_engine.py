@@ -14,7 +14,7 @@ from tests.conftest import SMALL_ENGINE
 
 @pytest.fixture(scope="module")
 def llm(real_vocab):
-    return LLM(str(real_vocab), **SMALL_ENGINE)
+    return LLM(str(real_vocab), **SMALL_ENGINE, skip_warmup=False)  # test_no_compiles_after_warmup needs it
 
 
 def _all_pages_free(llm):

@@ -46,6 +46,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it encodes."""
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
 _TABLES: dict[int, tuple] = {}  # id(backend tokenizer) -> (backend tokenizer, pieces, special ids)
 
 
@@ -62,7 +67,7 @@ def byte_table(tokenizer) -> tuple[list[bytes], frozenset[int]] | None:
     hit = _TABLES.get(id(backend))
     if hit is not None and hit[0] is backend:
         return hit[1], hit[2]
-    decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    decoder = byte_decoder()
     added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
     pieces = []
     for i in range(len(tokenizer)):

@@ -60,7 +60,7 @@ class OutputProcessor:
                     entry.setdefault(int(tid), Logprob(float(val), r))
                 if p.detokenize:
                     for tid, l in entry.items():
-                        l.decoded_token = self.tokenizer.convert_ids_to_tokens(tid)
+                        l.decoded_token = self.tokenizer.decode([tid])  # its text, not its byte-level symbols
                 seq.logprobs.append(entry)
         delta = ""
         if text:  # else the text is decoded once at the end: the deltas concatenate to it

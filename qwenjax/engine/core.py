@@ -326,9 +326,10 @@ def run_engine_core(args, cmd_conn, out_conn, options: dict) -> None:
     """The child process's entry point (multiprocessing "spawn"): builds the LLMEngine, then runs its loop."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=options.get("log_level", logging.INFO),
-                            format=options.get("log_format") or "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The parent's root format when its application configured logging (root level untouched: JAX's INFO lines stay
+    # quiet); otherwise the "qwenjax" logger's own handler (qwenjax/logger.py) prints, as in the parent.
+    if options.get("log_format") and not logging.getLogger().handlers:
+        logging.basicConfig(format=options["log_format"])
     logging.getLogger("qwenjax").setLevel(options.get("log_level", logging.INFO))
     widen_pipe(out_conn)
     try:

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import os
 import time
 from typing import Callable, Iterable
 
@@ -38,6 +39,12 @@ logger = logging.getLogger("qwenjax")
 
 _GREEDY = SamplingParams(temperature=0.0)
 _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
+
+
+def default_compilation_cache_dir() -> str:
+    """compilation_cache_dir="auto": under the user's cache directory, beside the built-in model."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "qwenjax", "jax-compilation-cache")
 
 
 def freeze_gc_heap() -> None:
@@ -94,6 +101,11 @@ class LLMEngine:
             logger.warning("JAX was initialised before the engine, so gpu_memory_utilization=%.2f cannot set its "
                            "memory pool; start the engine before other JAX work", args.gpu_memory_utilization)
         self.args = args
+        if args.compilation_cache_dir:
+            where = compat.enable_compilation_cache(default_compilation_cache_dir()
+                                                    if args.compilation_cache_dir == "auto" else
+                                                    os.path.expanduser(args.compilation_cache_dir))
+            logger.info("compiled programs are cached in %s (compilation_cache_dir=None turns it off)", where)
         if args.num_processes > 1:
             lockstep.initialize(args.distributed_coordinator, args.num_processes, args.process_id)
         self.model: LoadedModel = load_model(args, memory_source=memory_source)
@@ -192,7 +204,7 @@ class LLMEngine:
             for rank, (t, lp) in enumerate(zip(top_ids[i][:k], top_lps[i][:k]), 1):
                 entry.setdefault(int(t), Logprob(float(lp), rank))
             for t, l in entry.items():
-                l.decoded_token = self.tokenizer.convert_ids_to_tokens(t)
+                l.decoded_token = self.tokenizer.decode([t])  # the text (' Perry'), as the server shows
             out.append(entry)
         return out
 

@@ -2,6 +2,11 @@
 
 It lets `LLM()` and `python -m server` run with no download. Its text is gibberish by construction (the weights are
 random); it exists to exercise the whole engine. Written once, with numpy only, into the user's cache directory.
+
+Random weights never choose EOS, so a request without max_tokens would run to the 2,048-token context (the
+deployment guide's requests set none: minutes each on a CPU). Its generation_config.json (Qwen2-Instruct's) therefore
+carries `max_new_tokens` = DEFAULT_MAX_NEW_TOKENS, which the engine and the server take as the default max_tokens, as
+vLLM reads a checkpoint's max_new_tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from qwenjax.tokenizer import default_tokenizer_dir
 
 DEFAULT_MODEL_NAME = "qwenjax/tiny-random-qwen2"
+DEFAULT_MAX_NEW_TOKENS = 128
 CONFIG = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
     "bos_token_id": 151643, "eos_token_id": 151645, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
@@ -28,7 +34,7 @@ CONFIG = {
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(root) / "qwenjax" / "tiny-random-qwen2-v1"
+    return Path(root) / "qwenjax" / "tiny-random-qwen2-v2"  # v2: max_new_tokens in generation_config.json
 
 
 def default_model_dir() -> Path:
@@ -42,6 +48,9 @@ def default_model_dir() -> Path:
     write_random_checkpoint(tmp, CONFIG, seed=0)
     for f in Path(default_tokenizer_dir()).iterdir():
         shutil.copy(f, tmp / f.name)
+    generation = json.loads((tmp / "generation_config.json").read_text())
+    generation["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     try:
         tmp.rename(path)
     except OSError:  # another process made it first

@@ -54,7 +54,7 @@ def resolve_model_path(model: str) -> Path:
         raise ModelNotFoundError(
             f"model {model!r} is not available offline: it is not a local directory and not in the Hugging Face "
             f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it first "
-            f"(`huggingface-cli download {model}`) or pass a local checkpoint path. ({type(e).__name__})") from None
+            f"(`hf download {model}`) or pass a local checkpoint path. ({type(e).__name__})") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:

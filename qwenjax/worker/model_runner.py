@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from qwenjax.core.scheduler import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata, segments
@@ -126,7 +127,8 @@ class ModelRunner:
                 for mode in modes:
                     self.execute_steps(inp, tensors, mode, num_steps).token_ids.block_until_ready()
         sampler_rows = sorted({d + b for b, _, _, d in buckets})
-        for b, q, ctx, d in buckets:
+        # A progress bar on a terminal (tqdm hides itself elsewhere): a first start on a CPU compiles for a while.
+        for b, q, ctx, d in tqdm(buckets, desc="Compiling step buckets", unit="bucket", disable=None, leave=False):
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
                               has_context=ctx, decode_rows=d)
             self._run_step(inp, ctx)

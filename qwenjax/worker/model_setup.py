@@ -115,8 +115,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                 num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
                 cache_dtype.name)
     warm = 0.0
-    if not args.skip_warmup:
-
+    skip = args.skip_warmup if args.skip_warmup is not None else jax.default_backend() == "cpu"
+    if skip and args.skip_warmup is None:
+        logger.info("warm-up skipped on CPU: each step bucket compiles on first use (skip_warmup=False compiles "
+                    "all %d at start-up)", len(buckets))
+    if not skip:
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
             warm = runner.warmup(buckets, list(WARMUP_MODES), num_steps=sc.num_scheduler_steps)
