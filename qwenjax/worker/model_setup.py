@@ -51,7 +51,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         path, cfg = None, random_weights
     else:
         model = args.model or DEFAULT_MODEL_NAME
-        path = default_model_dir() if model == DEFAULT_MODEL_NAME else resolve_model_path(model)
+        if model == DEFAULT_MODEL_NAME and args.revision is not None:
+            raise ValueError(f"revision={args.revision!r} picks a revision of a hub id in the Hugging Face cache; "
+                             f"the built-in model {DEFAULT_MODEL_NAME} has none: pass model= a hub id")
+        path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
+            resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
         cfg = load_model_config(path)
     dtype = resolve_dtype(args.dtype, cfg)
     tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
@@ -115,7 +119,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                 num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
                 cache_dtype.name)
     warm = 0.0
-    if not args.skip_warmup:
+    if args.enforce_eager:
+        logger.info("enforce_eager: no start-up warm-up; each of the %d step buckets compiles the first time a step "
+                    "needs it (XLA always compiles: there is no eager mode, and no CUDA graphs to leave out)",
+                    len(buckets))
+    if not (args.skip_warmup or args.enforce_eager):
 
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
