@@ -53,7 +53,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         model = args.model or DEFAULT_MODEL_NAME
         if model == DEFAULT_MODEL_NAME and args.revision is not None:
             raise ValueError(f"revision={args.revision!r} picks a revision of a hub id in the Hugging Face cache; "
-                             f"the built-in model {DEFAULT_MODEL_NAME} has none: pass model= a hub id")
+                             f"the built-in model {DEFAULT_MODEL_NAME} has none: give a hub id as the model")
         path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
             resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
         cfg = load_model_config(path)
