@@ -21,6 +21,11 @@ _FALSE = ("0", "false", "no", "off")
 
 
 class ServerArgumentParser(argparse.ArgumentParser):
+    _reading: str | None = None  # the --config file whose flags are being parsed, named in their errors
+
+    def error(self, message):
+        super().error(f"--config {self._reading}: {message}" if self._reading else message)
+
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(self._spelled_out_switches(args), namespace)
@@ -31,7 +36,12 @@ class ServerArgumentParser(argparse.ArgumentParser):
         if getattr(ns, "config", None):
             # Defaults, then the file's values, then the command line's: argparse sets a default only where the
             # namespace it is given lacks the attribute, so the second parse keeps what the file set.
-            from_file = super().parse_args(self.config_file_args(ns.config))
+            file_args = self.config_file_args(ns.config)
+            self._reading = ns.config
+            try:
+                from_file = super().parse_args(file_args)
+            finally:
+                self._reading = None
             ns = super().parse_args(args, namespace=from_file)
         if getattr(ns, "model_tag", None) is not None:
             ns.model = ns.model_tag

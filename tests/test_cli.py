@@ -86,6 +86,8 @@ def test_config_file_merges_under_the_command_line(tmp_path):
     ("- port\n", "expected a mapping of flag names to values"),
     ("enforce-eager: 3\n", "'enforce-eager' is a switch: give it true or false"),
     ("port: [\n", "not valid YAML"),
+    ("port: eighty\n", "argument --port: invalid int value: 'eighty'"),
+    ("enable-prefix-caching: maybe\n", "'enable-prefix-caching' is a switch"),
 ])
 def test_config_file_errors_name_the_file_and_key(tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.yaml"
