@@ -198,6 +198,12 @@ class EngineArgs:
     # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...), a directory, or None (off). A cache
     # directory JAX was already given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
     compilation_cache_dir: str | None = "auto"
+    # vLLM's enforce_eager (no CUDA graphs); here: no start-up compile of every bucket, as skip_warmup=True (XLA always
+    # compiles, there is no eager mode): each bucket compiles the first time a step needs it.
+    enforce_eager: bool = False
+    revision: str | None = None               # a hub id's revision (branch, tag, commit) in the Hugging Face cache
+    download_dir: str | None = None           # the Hugging Face cache to find a hub id in (nothing is downloaded)
+    pipeline_parallel_size: int = 1           # only 1: pipeline parallelism is not implemented (unsupported())
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
     usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults
@@ -218,6 +224,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -237,6 +245,10 @@ class EngineArgs:
                            f"from the checkpoint's config.json)")
         if self.trust_remote_code:
             missing.append("trust_remote_code=True")
+        if self.pipeline_parallel_size > 1:
+            missing.append(f"pipeline_parallel_size={self.pipeline_parallel_size} (pipeline parallelism; shard the "
+                           f"model over {self.pipeline_parallel_size} devices with tensor parallelism instead: "
+                           f"tensor_parallel_size, --tensor-parallel-size / --mesh)")
         if self.num_scheduler_steps > 1 and self.num_processes > 1:
             missing.append(f"num_scheduler_steps={self.num_scheduler_steps} with num_processes={self.num_processes} "
                            f"(multi-step decode is not replayed on follower hosts yet; use 1 there)")

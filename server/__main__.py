@@ -1,4 +1,6 @@
-"""python -m server [--model PATH_OR_HUB_ID] [--mesh N] ...: the OpenAI-compatible server (vLLM's flags).
+"""python -m server [MODEL] [--model PATH_OR_HUB_ID] [--mesh N] ...: the OpenAI-compatible server (vLLM's flags).
+
+`qwenjax serve MODEL [flags]` is the same (vLLM's `vllm serve`); `--config FILE.yaml` reads flags from a file.
 
 Loads and compiles the model before binding the port, then serves until interrupted. With no --model it serves the
 built-in default model (random weights, real Qwen2 tokenizer). The engine runs in its own process (the engine core:
@@ -14,6 +16,8 @@ import logging
 import sys
 
 from qwenjax.config import EngineArgs
+from server.arg_parser import ServerArgumentParser
+from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
 
 # Python's gen-0 collection threshold in the serving process (its default is 700). Streaming makes many short-lived
 # objects per token (chunk strings, deltas, events); on the H100 host the default ran ~390 gen-0 collections in a
@@ -29,17 +33,13 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,64,256, got {text!r}") from None
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+    p = ServerArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as --model (vLLM's `vllm serve MODEL`); wins over --model")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="read flags from a YAML file (keys: long flag names without '--'); the command line "
+                        "overrides it")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="localhost", help="address to bind")
     s.add_argument("--port", type=int, default=8000)
@@ -80,18 +80,18 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--generation-config", default="auto",
                    help="'auto': the model's generation_config.json; 'vllm': none; or a directory holding one")
     e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    e.add_argument("--enable-prefix-caching", nargs="?", const=True, default=True, type=_bool,
-                   help="automatic prefix caching (on by default, as in vLLM); pass false to turn it off")
-    e.add_argument("--enable-chunked-prefill", nargs="?", const=True, default=None, type=_bool,
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching (on by default, as in vLLM)")
+    e.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt chunks (at most 512 tokens) ride along with running decodes (on by default, as in "
-                        "vLLM); pass false to give every prefill a step of its own")
+                        "vLLM); off gives every prefill a step of its own")
     e.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models: split the experts over the mesh (whole experts per device) instead of "
                         "splitting every expert's width")
     e.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority, spf (shortest prompt first), fair")
-    e.add_argument("--async-scheduling", nargs="?", const=True, default=True, type=_bool,
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap host scheduling with the device: step N+1 is dispatched before step N's tokens "
-                        "are read (on by default); pass false to run steps one at a time")
+                        "are read (on by default); off runs steps one at a time")
     e.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps one dispatch runs on the device (multi-step decode): fewer host round trips "
                         "a token, tokens stream in groups of this many; 1 (the default) runs one step a dispatch")
@@ -110,7 +110,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="this process's index; process 0 serves HTTP, the others replay its steps")
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
+    add_vllm_engine_flags(e)
+    add_http_flags(s)
     return p
+
+
+def add_vllm_engine_flags(e) -> None:
+    """Engine flags of vLLM's that vLLM command lines carry; what each does here is in its help."""
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="vLLM: no CUDA graphs. Here: no start-up compile of every step shape (as --skip-warmup); "
+                        "each shape compiles the first time a step needs it (start-up is faster, the first "
+                        "requests of each shape wait for the compile). XLA always compiles: there is no eager mode")
+    e.add_argument("--revision", default=None,
+                   help="the revision (branch, tag or commit) of a hub id to take from the Hugging Face cache; "
+                        "refused for a local directory")
+    e.add_argument("--download-dir", default=None,
+                   help="the Hugging Face cache directory to find a hub id in (default: HF_HOME's); nothing is "
+                        "downloaded")
+    e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="only 1: pipeline parallelism is not implemented (use --tensor-parallel-size / --mesh)")
 
 
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
@@ -122,12 +140,20 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "num_scheduler_steps", "compilation_cache_dir")
 
 
+VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size")
+
+
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
-    kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS}
+    """The engine's arguments; ValueError for a bad value or a feature not built yet (named), before any loading."""
+    kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS + VLLM_ENGINE_FLAGS}
     kwargs["served_model_name"] = tuple(ns.served_model_name) if ns.served_model_name else None
     if str(kwargs["compilation_cache_dir"]).lower() in ("none", "off", ""):
         kwargs["compilation_cache_dir"] = None
-    return EngineArgs(**kwargs, usage_context="server")
+    args = EngineArgs(**kwargs, usage_context="server")
+    missing = args.unsupported()
+    if missing:
+        raise ValueError(f"not implemented yet in qwenjax: {', '.join(missing)}")
+    return args
 
 
 def served_names(ns: argparse.Namespace) -> list[str]:
@@ -136,10 +162,11 @@ def served_names(ns: argparse.Namespace) -> list[str]:
     return list(ns.served_model_name or [ns.model or DEFAULT_MODEL_NAME])
 
 
-def main(argv: list[str] | None = None) -> None:
-    ns = make_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
+    ns = make_parser(prog).parse_args(argv)
     try:
         args = engine_args(ns)
+        check_http_options(ns)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -163,14 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
         sys.exit(f"error: {e}")
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
+    add_cors(app, ns)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
-    logging.getLogger("qwenjax.server").info("serving %s on http://%s:%d/v1", ", ".join(served_names(ns)), ns.host,
-                                             ns.port)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_keep_alive=5)
+    logging.getLogger("qwenjax.server").info("serving %s on %s://%s:%d/v1", ", ".join(served_names(ns)),
+                                             "https" if ns.ssl_certfile else "http", ns.host, ns.port)
+    uvicorn.run(app, **uvicorn_options(ns))
 
 
 if __name__ == "__main__":

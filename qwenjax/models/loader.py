@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,17 +30,26 @@ from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import repack
 from qwenjax.quantization.config import QuantConfig
 
+logger = logging.getLogger("qwenjax")
+
 
 class ModelNotFoundError(FileNotFoundError):
     pass
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory, or a hub id resolved offline through the huggingface_hub cache."""
+def resolve_model_path(model: str, *, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local directory, or a hub id resolved offline through the huggingface_hub cache (`download_dir`, else
+    HF_HOME's), at `revision` (a branch, tag or commit of the cache; default: main). Nothing is downloaded."""
     path = Path(os.path.expanduser(model))
     if path.is_file() and path.name.endswith(".json"):
         raise ModelNotFoundError(f"model {model!r} is a file; pass the checkpoint directory that holds config.json")
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} picks a revision of a hub id in the Hugging Face cache, but model "
+                             f"{model!r} is a local directory, which has no revisions: drop the revision, or pass "
+                             f"the hub id")
+        if download_dir is not None:
+            logger.warning("download_dir=%r is not used: model %r is a local directory", download_dir, model)
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json")
         return path
@@ -49,12 +59,16 @@ def resolve_model_path(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True))
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir, local_files_only=True))
     except Exception as e:  # the hub's own errors differ across versions; ours says what to do
+        cache = download_dir or os.environ.get("HF_HOME", "~/.cache/huggingface")
+        at = f" at revision {revision!r}" if revision is not None else ""
+        flags = (f" --revision {revision}" if revision is not None else "") + \
+            (f" --cache-dir {download_dir}" if download_dir is not None else "")
         raise ModelNotFoundError(
-            f"model {model!r} is not available offline: it is not a local directory and not in the Hugging Face "
-            f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it first "
-            f"(`hf download {model}`) or pass a local checkpoint path. ({type(e).__name__})") from None
+            f"model {model!r}{at} is not available offline: it is not a local directory and not in the Hugging Face "
+            f"cache ({cache}). Download it first (`hf download {model}{flags}`) or pass a local "
+            f"checkpoint path. ({type(e).__name__})") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -51,7 +51,11 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         path, cfg = None, random_weights
     else:
         model = args.model or DEFAULT_MODEL_NAME
-        path = default_model_dir() if model == DEFAULT_MODEL_NAME else resolve_model_path(model)
+        if model == DEFAULT_MODEL_NAME and args.revision is not None:
+            raise ValueError(f"revision={args.revision!r} picks a revision of a hub id in the Hugging Face cache; "
+                             f"the built-in model {DEFAULT_MODEL_NAME} has none: give a hub id as the model")
+        path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
+            resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
         cfg = load_model_config(path)
     dtype = resolve_dtype(args.dtype, cfg)
     tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
@@ -116,7 +120,12 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                 cache_dtype.name)
     warm = 0.0
     skip = args.skip_warmup if args.skip_warmup is not None else jax.default_backend() == "cpu"
-    if skip and args.skip_warmup is None:
+    if args.enforce_eager:
+        skip = True
+        logger.info("enforce_eager: no start-up warm-up; each of the %d step buckets compiles the first time a step "
+                    "needs it (XLA always compiles: there is no eager mode, and no CUDA graphs to leave out)",
+                    len(buckets))
+    elif skip and args.skip_warmup is None:
         logger.info("warm-up skipped on CPU: each step bucket compiles on first use (skip_warmup=False compiles "
                     "all %d at start-up)", len(buckets))
     if not skip:
