@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -69,6 +71,15 @@ _CONFIG = None
 def pytest_configure(config):
     global _CONFIG
     _CONFIG = config
+    # The run's own cache directory (the built-in model, JAX's persistent compilation cache), inherited by every
+    # subprocess: nothing is read from a previous run's cache, and tests that read compiled programs see them compiled.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwenjax-test-cache-")
+
+
+def pytest_unconfigure(config):
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if "qwenjax-test-cache-" in cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 from tests.checkpoints import write_checkpoint  # noqa: E402
