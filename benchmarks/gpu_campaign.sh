@@ -10,6 +10,7 @@
 #                    (0.5b: throughput profiled for device_busy; 7b: also when PROFILE_7B=1)
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
 #   latency-M        latency alone, profiled (device_busy and the top kernels)
+#   startup-M        startup.py: process start to first token, cold and with a warm compilation cache
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
 #                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
@@ -209,6 +210,11 @@ for s in "${STAGES[@]}"; do
             need=90; [ "$s" = multistep-7b ] && need=240
             step "throughput-fixed-steps-$m" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 --profile "${ms[@]}" "${COMMON[@]}"
+            ;;
+        startup-*)
+            # benchmarks/startup.py: `python` to the first token, a cold and a warm compilation cache (own temp dir)
+            m=$(model_of "${s#startup-}")
+            step "$s" 120 0 "$PY" benchmarks/startup.py --model "$m" --results-dir "$RESULTS" --out "$OUT"
             ;;
         latency-*)
             m=$(model_of "${s#latency-}")
