@@ -192,6 +192,8 @@ class EngineArgs:
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
     usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults
+    max_logprobs: int = 20                   # most logprobs / prompt_logprobs a request may ask (vLLM's; -1: vocab)
+    max_n: int = 128                          # most completions (n) one request may ask (OpenAI's limit for n)
 
     def __post_init__(self):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -218,6 +220,10 @@ class EngineArgs:
                              f"got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the vocabulary size) or at least 0, got {self.max_logprobs}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")

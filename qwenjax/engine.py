@@ -120,6 +120,9 @@ class LLMEngine:
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: _InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
+        # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
+        # drained by the loop that runs step() (take_failed) and reported to their callers.
+        self.failed: list[tuple[str, BaseException]] = []
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
         self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
@@ -144,6 +147,8 @@ class LLMEngine:
         """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input."""
         params = (params or SamplingParams()).apply_generation_defaults(self.generation_defaults) \
             if self.generation_defaults else (params or SamplingParams())
+        params = params.verified(vocab_size=self.model_config.vocab_size, max_logprobs=self.args.max_logprobs,
+                                 max_n=self.args.max_n)
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
@@ -258,28 +263,25 @@ class LLMEngine:
         self.stats.prefix_cache_hits = self.blocks.hit_tokens
         now = time.monotonic()
         B = out.num_rows
-        rows = []
+        try:
+            rows = [self._sampling_row(r) for r in out.rows]
+            if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
+                rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
+            inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
+                                   max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
+                                   scratch_slot=self.runner.scratch_slot)
+            mode = choose_mode(rows)
+            tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
+        except Exception as e:  # noqa: BLE001 - one request's rows must not end the loop
+            self._fail_culprits(out, e)
+            return None
         for r in out.rows:
             req = self.requests[r.seq.request_id]
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            if r.samples:
-                s = r.seq
-                rows.append(SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
-                                        banned_ids=s.params.banned_token_ids(len(s.output_token_ids),
-                                                                             self.eos_token_ids)))
-            else:
-                rows.append(_GREEDY_ROW)
-        if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
-            rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
-        inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
-                               max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
-                               scratch_slot=self.runner.scratch_slot)
-        mode = choose_mode(rows)
         # Penalties always on (see WARMUP_MODES); a row asking for logprobs, even 0 top ones, gets ranks too.
         wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
         mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
-        tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
         K = out.num_steps
         if K > 1 and mode not in WARMUP_MODES:
             K = 1  # a multi-step program per sampler mode compiles the whole model: only the warmed-up modes get one
@@ -312,6 +314,53 @@ class LLMEngine:
                 seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
         return _InFlight(res, ranks, wants_lp, samples, K)
 
+    def _sampling_row(self, r) -> SamplingRow:
+        if not r.samples:
+            return _GREEDY_ROW
+        s = r.seq
+        return SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
+                           banned_ids=s.params.banned_token_ids(len(s.output_token_ids), self.eos_token_ids))
+
+    def _fail_culprits(self, out: SchedulerOutput, exc: Exception) -> None:
+        """Building a step's inputs raised: fails the requests whose rows raise on their own (their pages are
+        freed, the step is not dispatched, the next step schedules the others again). Re-raises `exc` when no single
+        row does: the fault is not one request's."""
+        culprits = {}
+        for r in out.rows:
+            try:
+                row = self._sampling_row(r)
+                choose_mode([row])
+                build_tensors([row], num_rows=1, vocab_size=self.model_config.vocab_size, with_history=False)
+            except Exception as e:  # noqa: BLE001 - this row is the fault
+                culprits.setdefault(r.seq.request_id, e)
+        if not culprits:
+            raise exc
+        for rid, e in culprits.items():
+            self.fail_request(rid, e)
+
+    def fail_request(self, request_id: str, exc: BaseException) -> None:
+        """Ends a request that a step could not handle: its sequences finish with reason "error", their pages are
+        freed, and (request id, exc) goes to `failed` for the caller. Touches nothing that could raise again."""
+        logger.error("request %s failed in the engine and was dropped: %s: %s", request_id, type(exc).__name__, exc)
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        req.error = exc
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                if seq.num_pending:
+                    del seq.output_token_ids[-seq.num_pending:]
+                    seq.num_pending = 0
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+        self.failed.append((request_id, exc))
+
+    def take_failed(self) -> list[tuple[str, BaseException]]:
+        """The requests failed since the last call: (request id, exception)."""
+        failed, self.failed = self.failed, []
+        return failed
+
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
@@ -327,18 +376,23 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for b, seq, index in step.samples:
             if seq.finished:
-                continue  # ended (stop, abort) after this step was dispatched: its tokens are discarded
-            if step.wants_lp or self._needs_text(seq):
-                for k, token in enumerate(by_row[b]):
-                    if seq.finished:
-                        break
-                    seq.output_token_ids[index + k] = token
-                    seq.num_pending -= 1
-                    i = k * B + b
-                    lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
-                    self._append_token(seq, token, index + k, lp)
-            else:
-                self._append_tokens(seq, by_row[b], index)
+                continue  # ended (stop, abort, error) after this step was dispatched: its tokens are discarded
+            try:
+                if step.wants_lp or self._needs_text(seq):
+                    for k, token in enumerate(by_row[b]):
+                        if seq.finished:
+                            break
+                        seq.output_token_ids[index + k] = token
+                        seq.num_pending -= 1
+                        i = k * B + b
+                        lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
+                        self._append_token(seq, token, index + k, lp)
+                else:
+                    self._append_tokens(seq, by_row[b], index)
+            except Exception as e:  # noqa: BLE001 - finishing one request's row must not end the loop
+                touched.pop(seq.request_id, None)
+                self.fail_request(seq.request_id, e)
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
 

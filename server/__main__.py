@@ -104,6 +104,11 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-processes", type=int, default=1, help="processes (hosts) in a multi-host run")
     e.add_argument("--process-id", type=int, default=0,
                    help="this process's index; process 0 serves HTTP, the others replay its steps")
+    e.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / prompt_logprobs (and top_logprobs) a request may ask, as in vLLM; -1: the "
+                        "vocabulary size")
+    e.add_argument("--max-n", type=int, default=128,
+                   help="most completions (n) one request may ask (OpenAI's limit for n); a larger n is a 400")
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     return p
@@ -115,7 +120,7 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
                 "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel",
-                "num_scheduler_steps")
+                "num_scheduler_steps", "max_logprobs", "max_n")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:

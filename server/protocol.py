@@ -17,7 +17,7 @@ from qwenjax.sampling_params import SamplingParams
 
 logger = logging.getLogger("qwenjax.server")
 
-MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default max_logprobs
+MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default max_logprobs (the server's --max-logprobs)
 
 
 class APIError(Exception):
@@ -100,7 +100,7 @@ class _Request(BaseModel):
         try:
             return SamplingParams(**given)
         except ValueError as e:
-            raise APIError(str(e), param=_param_of(str(e))) from None
+            raise APIError(str(e), param=param_of(str(e))) from None
 
 
 class ChatCompletionRequest(_Request):
@@ -118,13 +118,13 @@ class ChatCompletionRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def num_logprobs(self) -> int | None:
+    def num_logprobs(self, max_logprobs: int = MAX_LOGPROBS) -> int | None:
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
-            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise APIError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
-                               param="top_logprobs")
+            if not 0 <= self.top_logprobs <= max_logprobs:
+                raise APIError(f"top_logprobs must be in [0, {max_logprobs}] (max_logprobs), got "
+                               f"{self.top_logprobs}", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self) -> None:
@@ -162,15 +162,16 @@ class CompletionRequest(_Request):
             return [list(p)]
         return list(p)
 
-    def check(self) -> None:
+    def check(self, max_logprobs: int = MAX_LOGPROBS) -> None:
         self.check_common()
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(f"best_of different from n is not supported yet, got best_of={self.best_of}, "
                            f"n={self.n}", param="best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise APIError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise APIError(f"logprobs must be in [0, {max_logprobs}] (max_logprobs), got {self.logprobs}",
+                           param="logprobs")
         if self.echo and self.logprobs is not None:
             raise APIError("echo with logprobs needs prompt logprobs, which are not supported yet; drop one of "
                            "them", param="echo")
@@ -196,7 +197,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(...)
 
 
-def _param_of(message: str) -> str | None:
+def param_of(message: str) -> str | None:
     """The field a SamplingParams error names (its messages start with the field name)."""
     word = message.split(" ", 1)[0]
     return word if word in {f for f in SamplingParams.__dataclass_fields__} else None
@@ -211,6 +212,6 @@ def sampling_params_from_dict(body: dict) -> SamplingParams:
     try:
         return SamplingParams(**body)
     except (ValueError, TypeError) as e:
-        raise APIError(str(e), param=_param_of(str(e))) from None
+        raise APIError(str(e), param=param_of(str(e))) from None
 
 

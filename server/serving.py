@@ -24,7 +24,10 @@ from qwenjax.tokenizer import apply_chat_template
 from server.errors import parse_json, parse_model
 from server.formatting import ChatFormatter, CompletionFormatter, TokenText
 from server.metrics import ServerMetrics
-from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, sampling_params_from_dict
+from qwenjax.config import EngineArgs
+from qwenjax.sampling_params import SamplingParams
+from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, param_of,
+                             sampling_params_from_dict)
 
 
 class Prompt(NamedTuple):
@@ -119,6 +122,9 @@ class Job:
             raise _dead(e) from None
         except (ValueError, TypeError, NotImplementedError) as e:
             raise APIError(str(e)) from None
+        except RuntimeError as e:  # the engine failed this request alone (it keeps serving the others)
+            raise APIError(f"the engine failed this request: {e}", status=500, type="server_error",
+                           code=500) from None
         finally:
             self.abort()  # a no-op for finished requests
 
@@ -145,6 +151,9 @@ class OpenAIServing:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.vocab_size = llm.model_config.vocab_size
+        args = getattr(llm, "args", None) or EngineArgs()
+        self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
+        self.max_n = args.max_n
         self.default_max_tokens = (getattr(llm, "generation_defaults", None) or {}).get("max_tokens")
         self.model_names = model_names
         self.metrics = metrics
@@ -177,6 +186,13 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return requested
 
+    def verify(self, params: SamplingParams) -> SamplingParams:
+        """The engine's own bounds (vocabulary, max_logprobs, max_n), checked here so they answer 400 at once."""
+        try:
+            return params.verified(vocab_size=self.vocab_size, max_logprobs=self.max_logprobs, max_n=self.max_n)
+        except ValueError as e:
+            raise APIError(str(e), param=param_of(str(e))) from None
+
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -203,8 +219,8 @@ class OpenAIServing:
         prompt = self.chat_prompt(req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens(), what="messages", param=param)
-        num_lp = req.num_logprobs()
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=num_lp)
+        num_lp = req.num_logprobs(self.max_logprobs)
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=num_lp))
         so = req.stream_options
         fmt = ChatFormatter(request_id=f"chatcmpl-{uuid.uuid4().hex}", model=model, params=params,
                             prompt_lens=[len(prompt.ids)], token_text=self.token_text, num_logprobs=num_lp,
@@ -216,7 +232,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         req = parse_model(CompletionRequest, await request.body())
         req.warn_ignored("/v1/completions")
-        req.check()
+        req.check(self.max_logprobs)
         model = self.check_model(req.model)
         prompts = []
         for k, p in enumerate(req.prompts()):
@@ -233,7 +249,7 @@ class OpenAIServing:
                 raise APIError(f"{where} must be a non-empty string or a non-empty list of token ids", param="prompt")
         lens = [len(p.ids) for p in prompts]
         max_tokens = min(self.max_tokens(n, req.max_tokens, what="prompt", param="max_tokens") for n in lens)
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs)
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs))
         echo = [p.text if p.text is not None else self.tokenizer.decode(p.ids) for p in prompts] if req.echo else None
         so = req.stream_options
         fmt = CompletionFormatter(request_id=f"cmpl-{uuid.uuid4().hex}", model=model, params=params,
@@ -255,7 +271,7 @@ class OpenAIServing:
         if not isinstance(stream, bool):
             raise APIError(f"stream must be true or false, got {stream!r}", param="stream")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        params = sampling_params_from_dict(body)
+        params = self.verify(sampling_params_from_dict(body))
         self.max_tokens(len(ids), params.max_tokens, what="prompt", param="max_tokens")
         job = Job(self.engine, self.metrics, [Prompt(prompt, ids)], params, f"gen-{uuid.uuid4().hex}", arrival)
         texts = lambda out: {"text": [prompt + c.text for c in out.outputs]}  # noqa: E731

@@ -48,6 +48,9 @@ class FakeEngine:
         self.unfinished_checks += 1
         return bool(self.requests)
 
+    def take_failed(self):
+        return []
+
     def add_request(self, rid, prompt, params, *, prompt_token_ids=None, arrival_time=None, priority=0):
         if prompt == "bad":
             raise ValueError("the prompt is bad")
