@@ -33,6 +33,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# chat_template_kwargs that would change what rendering the template returns, or override what the request's own
+# fields decide (the server needs the prompt as one string, rendered from `messages` with its own template).
+RESERVED_TEMPLATE_KWARGS = ("tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+                            "truncation", "max_length", "tokenizer_kwargs", "chat_template", "conversation",
+                            "messages", "add_generation_prompt", "tools", "documents")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's extension: usage in every chunk
@@ -138,6 +145,12 @@ class ChatCompletionRequest(_Request):
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(f"response_format {self.response_format.get('type')!r} is not supported yet; only "
                            "'text'", param="response_format")
+        reserved = sorted(set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise APIError(f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: it changes what the "
+                           f"chat template returns or what the request's own fields decide; template variables other "
+                           f"than {', '.join(RESERVED_TEMPLATE_KWARGS)} are allowed (e.g. enable_thinking)",
+                           param="chat_template_kwargs")
         if self.continue_final_message and self.add_generation_prompt:
             raise APIError("continue_final_message and add_generation_prompt cannot both be true",
                            param="continue_final_message")

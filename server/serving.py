@@ -15,7 +15,6 @@ import time
 import uuid
 from typing import AsyncIterator, NamedTuple
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -205,8 +204,9 @@ class OpenAIServing:
         try:
             text = apply_chat_template(self.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
                                        chat_template=self.chat_template, **kwargs)
-        except (ValueError, TypeError, jinja2.TemplateError) as e:
-            raise APIError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - rendering fails only on what the request sent
+            raise APIError(f"cannot apply the chat template to these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
         return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------------ endpoints

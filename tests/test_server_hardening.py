@@ -160,3 +160,60 @@ def test_streamed_fault_ends_with_an_error_event(server, engine):
         lines = [x for x in r.iter_lines() if x]
     assert r.status_code == 500 or any("OverflowError" in x for x in lines), lines
     assert_serves_and_pages_back(server, engine)
+
+
+# ---------------------------------------------------------------------------------------------- malformed text
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+MALFORMED = [  # (route, raw JSON body, param, a fragment of the message)
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}',
+     "messages", "lone UTF-16 surrogate \\ud800 at character 1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "us\\udfffer", "content": "hi"}], "max_tokens": 2}',
+     "messages", "messages[0].role"),
+    ("/v1/chat/completions", '{"model": "m\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+     "model", "surrogate"),
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt", "surrogate"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udc00"], "max_tokens": 2}', "prompt", "prompt[1]"),
+    ("/tokenize", '{"prompt": "a\\ud800b"}', "prompt", "surrogate"),
+    ("/generate", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt", "surrogate"),
+    ("/v1/chat/completions", '{"messages": ' + deep(990) + '}', None, "at most 64 levels"),
+    ("/v1/completions", deep(100000), None, "at most 64 levels"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": '
+     + deep(500) + '}}', "chat_template_kwargs", "at most 64 levels"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+     '"chat_template_kwargs": {"tokenize": true}}', "chat_template_kwargs", "may not set 'tokenize'"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+     '"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}', "chat_template_kwargs", "'chat_template'"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None,
+     "NaN is not a JSON number"),
+    ("/generate", '{"prompt": "hi", "top_p": Infinity}', None, "Infinity is not a JSON number"),
+]
+
+
+@pytest.mark.parametrize("route,raw,param,fragment", MALFORMED, ids=[f"{m[0]}:{m[3][:24]}" for m in MALFORMED])
+def test_malformed_text_is_a_400_and_keeps_the_connection(server, route, raw, param, fragment):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        conn.request("POST", route, body=raw.encode(), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 400, body
+        assert body["error"]["param"] == param and fragment in body["error"]["message"], body
+        assert r.getheader("connection", "").lower() != "close"
+        sock = conn.sock
+        assert sock is not None  # http.client drops its socket when the server closes the connection
+        conn.request("GET", "/health")
+        r2 = conn.getresponse()
+        r2.read()
+        assert r2.status == 200 and conn.sock is sock  # the same connection answered
+    finally:
+        conn.close()
+
+
+def test_engine_serves_after_the_malformed(server, engine):
+    for route, raw, _, _ in MALFORMED:
+        httpx.post(server.url + route, content=raw.encode(), headers={"Content-Type": "application/json"},
+                   timeout=120)
+    assert_serves_and_pages_back(server, engine)
