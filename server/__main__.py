@@ -14,6 +14,7 @@ import logging
 import sys
 
 from qwenjax.config import EngineArgs
+from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 # Python's gen-0 collection threshold in the serving process (its default is 700). Streaming makes many short-lived
 # objects per token (chunk strings, deltas, events); on the H100 host the default ran ~390 gen-0 collections in a
@@ -54,6 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="send each stream's new text every N engine steps (first and last at once); >1 lightens "
                         "the server's per-token work under heavy load")
     s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
+    s.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="a request body larger than this gets 413 before it is read or parsed (16 MiB)")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="run the engine in a thread of the server's process instead of its own process (the "
                         "engine's host work then shares one GIL with the HTTP event loop: slower under load)")
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
         sys.exit(f"error: {e}")
-    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
+    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
+                     max_request_body_bytes=ns.max_request_body_bytes)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.
     gc.collect()

@@ -23,10 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import qwenjax
 from qwenjax.async_engine import AsyncLLMEngine
-from qwenjax.tokenizer import apply_chat_template, load_chat_template
-from server.errors import error_response, parse_model, validation_error
+from qwenjax.tokenizer import load_chat_template
+from server.errors import error_response, validation_error
+from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES, BodyLimit
 from server.metrics import ServerMetrics
-from server.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from server.protocol import APIError
 from server.serving import ClientGone, OpenAIServing
 
 logger = logging.getLogger("qwenjax.server")
@@ -36,12 +37,14 @@ OPEN_PATHS = ("/health", "/version", "/metrics")
 
 def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[str, ...] | None = None,
                api_key: str | None = None, chat_template: str | None = None, model_root: str | None = None,
-               shutdown_engine: bool = False) -> FastAPI:
+               shutdown_engine: bool = False,
+               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The server's app over a running AsyncLLMEngine.
 
     served_model_names: the names clients may send as `model` (the first is the one reported); default: the
     engine's served_model_name or model argument. chat_template: a Jinja template or a path to one, overriding the
-    tokenizer's (default: the engine arguments' chat_template).
+    tokenizer's (default: the engine arguments' chat_template). max_request_body_bytes: larger bodies get 413
+    before anything reads them.
     """
     llm = engine.engine
     args = getattr(llm, "args", None)
@@ -57,11 +60,13 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        serving.preparer.shutdown()
         if shutdown_engine:
             engine.shutdown()
 
     app = FastAPI(title="qwenjax OpenAI-compatible server", version=qwenjax.__version__, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+    app.add_middleware(BodyLimit, max_bytes=max_request_body_bytes)
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -136,33 +141,11 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request):
-        req = parse_model(TokenizeRequest, await request.body())
-        serving.check_model(req.model)
-        tok = serving.tokenizer
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError("send exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            if not req.messages:
-                raise APIError("messages is empty", param="messages")
-            try:
-                text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
-                                           chat_template=template)
-            except ValueError as e:
-                raise APIError(str(e), param="messages") from None
-            ids = tok.encode(text, add_special_tokens=False)
-        else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        body = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
-        if req.return_token_strs:
-            body["token_strs"] = tok.convert_ids_to_tokens(ids)
-        return body
+        return await serving.tokenize(request)
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request):
-        req = parse_model(DetokenizeRequest, await request.body())
-        serving.check_model(req.model)
-        serving.check_ids(req.tokens, "tokens")
-        return {"prompt": serving.tokenizer.decode(req.tokens)}
+        return await serving.detokenize(request)
 
     return app
 

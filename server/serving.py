@@ -25,8 +25,9 @@ from server.formatting import ChatFormatter, CompletionFormatter, TokenText
 from server.metrics import ServerMetrics
 from qwenjax.config import EngineArgs
 from qwenjax.sampling_params import SamplingParams
-from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, param_of,
-                             sampling_params_from_dict)
+from server.limits import Preparer
+from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                             param_of, sampling_params_from_dict)
 
 
 class Prompt(NamedTuple):
@@ -158,6 +159,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.chat_template = chat_template
         self.token_text = TokenText(self.tokenizer)
+        self.preparer = Preparer()
 
     # ------------------------------------------------------------------ validation
     def check_model(self, name: str | None) -> str:
@@ -210,9 +212,26 @@ class OpenAIServing:
         return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------------ endpoints
+    # Each endpoint reads the raw body on the event loop, then parses, validates, templates and tokenizes it on the
+    # preparer's thread (server/limits.py): the loop keeps serving everyone else while a large prompt is prepared.
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_model(ChatCompletionRequest, await request.body())
+        fmt, prompts, params, stream = await self.preparer.run(self._prepare_chat, await request.body())
+        return await self._respond(request, fmt, prompts, params, stream, arrival)
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        fmt, prompts, params, stream = await self.preparer.run(self._prepare_completions, await request.body())
+        return await self._respond(request, fmt, prompts, params, stream, arrival)
+
+    async def tokenize(self, request: Request) -> dict:
+        return await self.preparer.run(self._tokenize, await request.body())
+
+    async def detokenize(self, request: Request) -> dict:
+        return await self.preparer.run(self._detokenize, await request.body())
+
+    def _prepare_chat(self, raw: bytes):
+        req = parse_model(ChatCompletionRequest, raw)
         req.warn_ignored("/v1/chat/completions")
         req.check()
         model = self.check_model(req.model)
@@ -226,11 +245,10 @@ class OpenAIServing:
                             prompt_lens=[len(prompt.ids)], token_text=self.token_text, num_logprobs=num_lp,
                             include_usage=bool(so and so.include_usage),
                             continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return await self._respond(request, fmt, [prompt], params, req.stream, arrival)
+        return fmt, [prompt], params, req.stream
 
-    async def completions(self, request: Request) -> Response:
-        arrival = time.monotonic()
-        req = parse_model(CompletionRequest, await request.body())
+    def _prepare_completions(self, raw: bytes):
+        req = parse_model(CompletionRequest, raw)
         req.warn_ignored("/v1/completions")
         req.check(self.max_logprobs)
         model = self.check_model(req.model)
@@ -256,12 +274,39 @@ class OpenAIServing:
                                   prompt_lens=lens, token_text=self.token_text, num_logprobs=req.logprobs,
                                   include_usage=bool(so and so.include_usage), echo_texts=echo,
                                   continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return await self._respond(request, fmt, prompts, params, req.stream, arrival)
+        return fmt, prompts, params, req.stream
 
-    async def generate(self, request: Request) -> Response:
-        """vLLM's demo server: {"prompt": str, "stream": bool, <SamplingParams fields>} -> {"text": [prompt + out]}."""
-        arrival = time.monotonic()
-        body = parse_json(await request.body())
+    def _tokenize(self, raw: bytes) -> dict:
+        req = parse_model(TokenizeRequest, raw)
+        self.check_model(req.model)
+        tok = self.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("send exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise APIError("messages is empty", param="messages")
+            try:
+                text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
+                                           chat_template=self.chat_template)
+            except Exception as e:  # noqa: BLE001 - rendering fails only on what the request sent
+                raise APIError(f"cannot apply the chat template to these messages: {type(e).__name__}: {e}",
+                               param="messages") from None
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return body
+
+    def _detokenize(self, raw: bytes) -> dict:
+        req = parse_model(DetokenizeRequest, raw)
+        self.check_model(req.model)
+        self.check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _prepare_generate(self, raw: bytes):
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
         prompt = body.pop("prompt", None)
@@ -273,8 +318,14 @@ class OpenAIServing:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         params = self.verify(sampling_params_from_dict(body))
         self.max_tokens(len(ids), params.max_tokens, what="prompt", param="max_tokens")
-        job = Job(self.engine, self.metrics, [Prompt(prompt, ids)], params, f"gen-{uuid.uuid4().hex}", arrival)
-        texts = lambda out: {"text": [prompt + c.text for c in out.outputs]}  # noqa: E731
+        return Prompt(prompt, ids), params, stream
+
+    async def generate(self, request: Request) -> Response:
+        """vLLM's demo server: {"prompt": str, "stream": bool, <SamplingParams fields>} -> {"text": [prompt + out]}."""
+        arrival = time.monotonic()
+        prompt, params, stream = await self.preparer.run(self._prepare_generate, await request.body())
+        job = Job(self.engine, self.metrics, [prompt], params, f"gen-{uuid.uuid4().hex}", arrival)
+        texts = lambda out: {"text": [prompt.text + c.text for c in out.outputs]}  # noqa: E731
         if not stream:
             (final,) = await race_disconnect(request, job.collect(), job.abort)
             return JSONResponse(texts(final))

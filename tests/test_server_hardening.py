@@ -217,3 +217,71 @@ def test_engine_serves_after_the_malformed(server, engine):
         httpx.post(server.url + route, content=raw.encode(), headers={"Content-Type": "application/json"},
                    timeout=120)
     assert_serves_and_pages_back(server, engine)
+
+
+# ---------------------------------------------------------------------------------------------- size and the loop
+@pytest.fixture(scope="module")
+def small_server(engine):
+    """An app over the same engine whose bodies may be at most 4096 bytes."""
+    with ServerThread(create_app(engine, max_request_body_bytes=4096)) as s:
+        yield s
+
+
+def test_body_past_the_limit_is_413_before_parsing(small_server, engine):
+    prompt = "x" * 5000
+    r = httpx.post(small_server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=120)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert "at most 4096 bytes" in err["message"] and str(len(r.request.content)) in err["message"], err
+    # a chunked body (no Content-Length) is cut off once it passes the limit
+    def chunks():
+        for _ in range(10):
+            yield b" " * 1000
+    r = httpx.post(small_server.url + "/generate", content=chunks(), timeout=120)
+    assert r.status_code == 413 and "more than 4096 bytes" in r.json()["error"]["message"], r.text
+    # not-JSON junk past the limit is refused by size: nothing parsed it
+    r = httpx.post(small_server.url + "/v1/chat/completions", content=b"{" * 5000, timeout=120)
+    assert r.status_code == 413
+    r = httpx.post(small_server.url + "/v1/completions", json={"prompt": "fits", "max_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+class GatedTokenizer:
+    """The frontend's tokenizer, except that encoding a text starting with GATED waits for `gate` (recording the
+    order of events); a timeout is only the failure path (an encode on the event loop would block /health)."""
+
+    def __init__(self, tok, events: list, gate):
+        self._tok, self.events, self.gate = tok, events, gate
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text, **kw):
+        if isinstance(text, str) and text.startswith("GATED"):
+            self.events.append("encode started")
+            self.events.append("encode released" if self.gate.wait(60) else "encode gave up waiting")
+        return self._tok.encode(text, **kw)
+
+
+def test_health_answers_while_a_large_request_is_prepared(engine):
+    import threading
+
+    app = create_app(engine)
+    events, gate = [], threading.Event()
+    serving = app.state.serving
+    serving.tokenizer = GatedTokenizer(serving.tokenizer, events, gate)
+    big = "GATED " + "lorem ipsum " * 200_000  # 2.4 MB
+    with ServerThread(app) as s:
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+            s.url + "/v1/completions", json={"prompt": big, "max_tokens": 2}, timeout=180)))
+        t.start()
+        while "encode started" not in events:
+            assert t.is_alive()
+            time.sleep(0.01)
+        r = httpx.get(s.url + "/health", timeout=120)
+        events.append(f"health {r.status_code}")
+        gate.set()
+        t.join(180)
+    assert events == ["encode started", "health 200", "encode released"]
+    assert result["r"].status_code == 400 and "context_length_exceeded" in result["r"].text  # it was prepared
