@@ -57,6 +57,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
     s.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                    help="a request body larger than this gets 413 before it is read or parsed (16 MiB)")
+    s.add_argument("--keep-alive-on-engine-death", action="store_true",
+                   help="keep serving (every request 503, /health 503) after the engine dies, instead of exiting "
+                        "non-zero within seconds so that a supervisor restarts the server (vLLM's default; vLLM's "
+                        "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="run the engine in a thread of the server's process instead of its own process (the "
                         "engine's host work then shares one GIL with the HTTP event loop: slower under load)")
@@ -165,8 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
         sys.exit(f"error: {e}")
+    server = None
+
+    def stop_server() -> None:  # the engine died: exit so that a supervisor restarts us (vLLM's behaviour)
+        server.should_exit = True
+
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
-                     max_request_body_bytes=ns.max_request_body_bytes)
+                     max_request_body_bytes=ns.max_request_body_bytes,
+                     on_engine_death=None if ns.keep_alive_on_engine_death else stop_server)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.
     gc.collect()
@@ -174,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
     logging.getLogger("qwenjax.server").info("serving %s on http://%s:%d/v1", ", ".join(served_names(ns)), ns.host,
                                              ns.port)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_keep_alive=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                                           timeout_keep_alive=5))
+    server.run()
+    if app.state.engine_died:
+        sys.exit(f"error: the engine died ({engine.error}); the server stopped so that it can be restarted "
+                 f"(--keep-alive-on-engine-death keeps it serving 503s instead)")
 
 
 if __name__ == "__main__":

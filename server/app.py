@@ -10,10 +10,12 @@ The app does not own the engine unless `shutdown_engine=True` (python -m server)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import time
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,18 +35,24 @@ from server.serving import ClientGone, OpenAIServing
 logger = logging.getLogger("qwenjax.server")
 
 OPEN_PATHS = ("/health", "/version", "/metrics")
+ENGINE_WATCH_INTERVAL_S = 0.2  # how often the server looks whether the engine loop is still alive
+ENGINE_DEATH_GRACE_S = 1.0     # from noticing the engine's death to on_engine_death: streams send their errors
 
 
 def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[str, ...] | None = None,
                api_key: str | None = None, chat_template: str | None = None, model_root: str | None = None,
                shutdown_engine: bool = False,
-               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+               on_engine_death: Callable[[], None] | None = None) -> FastAPI:
     """The server's app over a running AsyncLLMEngine.
 
     served_model_names: the names clients may send as `model` (the first is the one reported); default: the
     engine's served_model_name or model argument. chat_template: a Jinja template or a path to one, overriding the
     tokenizer's (default: the engine arguments' chat_template). max_request_body_bytes: larger bodies get 413
-    before anything reads them.
+    before anything reads them. on_engine_death: called on the event loop ENGINE_DEATH_GRACE_S after the engine
+    loop died (streams in flight have had their error events by then); python -m server stops there and exits
+    non-zero, as vLLM does, unless --keep-alive-on-engine-death (then: None, and every request answers 503).
+    `app.state.engine_died` is True once it was called.
     """
     llm = engine.engine
     args = getattr(llm, "args", None)
@@ -59,13 +67,26 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        watcher = asyncio.ensure_future(watch_engine()) if on_engine_death is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         serving.preparer.shutdown()
         if shutdown_engine:
             engine.shutdown()
 
+    async def watch_engine():
+        while not engine.dead:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        logger.error("the engine loop died (%s); the server stops in %.0f s (pass --keep-alive-on-engine-death to "
+                     "keep it answering 503 instead)", engine.error, ENGINE_DEATH_GRACE_S)
+        await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+        app.state.engine_died = True
+        on_engine_death()
+
     app = FastAPI(title="qwenjax OpenAI-compatible server", version=qwenjax.__version__, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+    app.state.engine_died = False
     app.add_middleware(BodyLimit, max_bytes=max_request_body_bytes)
 
     async def check_key(request: Request) -> None:

@@ -229,6 +229,28 @@ def test_engine_death_mid_request_is_an_http_error():
     assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_engine_death_stops_the_server_after_streams_had_their_errors():
+    """create_app(on_engine_death=...) (python -m server's default): once the loop died, the callback runs after the
+    open requests got their errors; without it (--keep-alive-on-engine-death) the app keeps answering 503."""
+    tok = load_tokenizer(default_tokenizer_dir())
+    eng = AsyncLLMEngine(FakeEngine(tok, fail_at_step=3))
+    events = []
+    app = create_app(eng, served_model_names=["m"], on_engine_death=lambda: events.append("stop the server"))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            stream = eng.add_request("d", "z" * 50, SamplingParams())
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            events.append("request failed")
+            while "stop the server" not in events:
+                await asyncio.sleep(0.05)
+
+    run(asyncio.wait_for(main(), 120))  # the timeout is only the failure path
+    assert events == ["request failed", "stop the server"] and app.state.engine_died
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_flags_map_onto_engine_args():
     ns = make_parser().parse_args([
