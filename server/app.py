@@ -29,7 +29,9 @@ from qwenjax.tokenizer import load_chat_template
 from server.errors import error_response, validation_error
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES, BodyLimit
 from server.metrics import ServerMetrics
-from server.protocol import APIError
+from server.openapi import body, install
+from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                             TokenizeRequest)
 from server.serving import ClientGone, OpenAIServing
 
 logger = logging.getLogger("qwenjax.server")
@@ -88,6 +90,7 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
     app.state.engine_died = False
     app.add_middleware(BodyLimit, max_bytes=max_request_body_bytes)
+    install(app)
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -148,23 +151,23 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
                  "parent": None, "max_model_len": serving.max_model_len, "permission": []} for n in names]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=body(ChatCompletionRequest))
     async def chat(request: Request):
         return await serving.chat(request)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, openapi_extra=body(CompletionRequest))
     async def completions(request: Request):
         return await serving.completions(request)
 
-    @app.post("/generate", dependencies=auth)
+    @app.post("/generate", dependencies=auth, openapi_extra=body(GenerateRequest))
     async def generate(request: Request):
         return await serving.generate(request)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request):
         return await serving.tokenize(request)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request):
         return await serving.detokenize(request)
 

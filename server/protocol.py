@@ -210,6 +210,37 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(...)
 
 
+class GenerateRequest(BaseModel):
+    """vLLM's demo /generate body: the prompt, `stream`, and SamplingParams' fields by name (its schema; the route
+    validates through SamplingParams itself, see sampling_params_from_dict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    stream: bool = False
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
+    priority: int = 0
+
+
 def param_of(message: str) -> str | None:
     """The field a SamplingParams error names (its messages start with the field name)."""
     word = message.split(" ", 1)[0]
