@@ -183,6 +183,12 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs = []
             seqs.append(seq)
+        if len(seqs) > 1 and self._leader is None and jax.process_count() == 1:
+            # The copies fork from the first one's computed prompt (Scheduler._fork_waiting); multi-host runs do
+            # not replay forks on their followers yet, so there every copy prefills as its own sequence.
+            for seq in seqs[1:]:
+                seq.parent = seqs[0]
+            seqs[0].num_unforked = len(seqs) - 1
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                       seqs=seqs, arrival_time=arrival)
         if params.prompt_logprobs is not None:
@@ -261,6 +267,8 @@ class LLMEngine:
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = self.blocks.query_tokens
         self.stats.prefix_cache_hits = self.blocks.hit_tokens
+        if out.forks:  # copies started this step: their pages and penalty rows, before the step reads them
+            self.runner.fork(out.forks)
         now = time.monotonic()
         B = out.num_rows
         try:

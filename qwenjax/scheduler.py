@@ -54,6 +54,19 @@ class ScheduledSeq:
     samples: bool            # the step reaches the end of the sequence, so its last logits are sampled
 
 
+@dataclasses.dataclass(frozen=True)
+class Fork:
+    """A copy of an n > 1 request started from its parent's computed prompt (Scheduler._fork_waiting): on the device,
+    page `src` (the parent's page holding the positions before the prompt's last token, None when that page starts
+    at the last token) is copied to `dst`, and the copy's penalty row `slot` is rebuilt from `prompt` (its prompt
+    tokens; no outputs yet)."""
+
+    src: int | None
+    dst: int
+    slot: int
+    prompt: list[int]
+
+
 @dataclasses.dataclass
 class SchedulerOutput:
     kind: str                          # "prefill" | "decode" | "mixed"
@@ -64,6 +77,8 @@ class SchedulerOutput:
     decode_bucket: int = 0             # mixed: D, the decode segment's padded rows (rows[:num_decode] fill the first)
     num_decode: int = 0                # mixed: decode rows scheduled
     num_steps: int = 1                 # decode: steps the dispatch runs (multi-step); each row samples one per step
+    forks: list["Fork"] = dataclasses.field(default_factory=list)  # copies started this step: the engine forks
+                                                                    # their device state before the step runs
 
     @property
     def packed(self) -> bool:
@@ -104,6 +119,8 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of the queues (finished or aborted) and returns its pages."""
+        if seq.parent is not None and self._copy_state(seq) is not None:
+            self._copy_started(seq.parent)  # a copy that never started leaves: it needs no fork
         if seq in self.running:
             self._name_pages(seq)
             self.running.remove(seq)
@@ -121,6 +138,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         for seq in self.running:  # pages the previous step filled get their names
             self._name_pages(seq)
+        forks = self._fork_waiting()
         out = self._schedule_mixed() if self.config.mixed_chunks else None
         if out is None:
             out = self._schedule_prefill()
@@ -128,7 +146,69 @@ class Scheduler:
             out = self._schedule_decode(self.config.num_scheduler_steps)
         if out is not None:
             self.policy.on_scheduled(out.rows)
+            out.forks = forks
+            for r in out.rows:  # a parent whose prompt this step computes pins its pages for its copies
+                p = r.seq
+                if p.num_unforked and p.fork_pages is None and \
+                        p.num_computed + r.num_new_tokens >= len(p.prompt_token_ids) - 1:
+                    n = -(-(len(p.prompt_token_ids) - 1) // self.blocks.page_size)
+                    p.fork_pages = self.blocks.share(p.block_table[:n])
         return out
+
+    # ---- n > 1: copies forked from the parent's prompt
+    def _copy_state(self, seq: Sequence) -> str | None:
+        """For a copy (index > 0 of an n > 1 request) that never ran: "wait" while its parent's prompt is not
+        computed, "fork" once its pages are pinned; None for every other sequence (they start the usual way)."""
+        p = seq.parent
+        if p is None or seq.num_computed or seq.block_table or seq.num_preemptions or seq.output_token_ids:
+            return None
+        if p.fork_pages is not None:
+            return "fork"
+        return None if p.finished else "wait"
+
+    def _copy_started(self, parent: Sequence) -> None:
+        parent.num_unforked -= 1
+        if parent.num_unforked == 0 and parent.fork_pages is not None:
+            self.blocks.release(parent.fork_pages)
+            parent.fork_pages = None
+
+    def _fork_waiting(self) -> list[Fork]:
+        """Starts waiting copies whose parent's prompt is computed, in queue order, while slots and pages last: each
+        shares the parent's prompt pages (one more reference each), gets one page of its own for the prompt's last
+        token (a device copy of the parent's page where that page holds earlier prompt positions), and starts at
+        num_computed = prompt length - 1, so its next step is a decode row that samples its first token. No prefill
+        runs per copy, and all the copies decode together.
+
+        Fairness: forking stops at the first waiting sequence that is not a copy (it is admitted the usual way,
+        first), and a request's copies that did not fit go to the back of the queue, so a later request waits for at
+        most one round of another request's copies, not for all n of them."""
+        forks: list[Fork] = []
+        rotated: set[int] = set()
+        ps = self.blocks.page_size
+        for seq in self.policy.order(self.waiting):
+            state = self._copy_state(seq)
+            if state is None:
+                break
+            if state == "wait":
+                continue
+            if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_admit(1):
+                break
+            p, L = seq.parent, len(seq.prompt_token_ids)
+            keep = (L - 1) // ps  # pages wholly before the last prompt token: shared as they are
+            table = self.blocks.share(p.fork_pages[:keep])
+            self.blocks.grow(table, keep * ps + 1)
+            seq.block_table = table
+            seq.block_hashes = list(p.block_hashes[:keep])
+            seq.num_computed = L - 1
+            self._start(seq)
+            forks.append(Fork(p.fork_pages[keep] if (L - 1) % ps else None, table[keep], seq.slot,
+                              seq.prompt_token_ids))
+            rotated.add(id(p))
+            self._copy_started(p)
+        for seq in [s for s in self.waiting if s.parent is not None and id(s.parent) in rotated]:
+            self.waiting.remove(seq)  # the copies that did not fit wait behind everyone queued now
+            self.waiting.append(seq)
+        return forks
 
     # ---- prefix caching
     def _name_pages(self, seq: Sequence) -> None:
@@ -184,6 +264,8 @@ class Scheduler:
         for seq in self.policy.order(self.waiting):
             if len(self.running) + len(rows) >= self.config.max_num_seqs:
                 break
+            if self._copy_state(seq) is not None:
+                continue  # a copy of an n > 1 request: forked from its parent (_fork_waiting), never prefilled
             hit = self._prefix_hit(seq)
             pages = hit or []
             if pages and rows:
@@ -225,10 +307,11 @@ class Scheduler:
         partial = next((s for s in self.running if s.num_uncomputed > 1), None)
         candidate = None
         if partial is None:
-            free = min(self.config.max_num_seqs - len(self.running), len(self.waiting))
+            startable = [s for s in self.policy.order(self.waiting) if self._copy_state(s) is None]
+            free = min(self.config.max_num_seqs - len(self.running), len(startable))
             if free == 0 or free > 1:
                 return None  # nothing to start, or a burst: a prefill step of many rows
-            candidate = next(iter(self.policy.order(self.waiting)))
+            candidate = startable[0]
         decode = self._schedule_decode()
         if decode is None or decode.preempted:
             return decode  # pages ran short: no prefill joins (the preempted wait at the front of the queue)
