@@ -167,7 +167,7 @@ class ModelRunner:
         """Log-probabilities the model gives each prompt token after the ones before it, plus the top `k`.
 
         One extra forward over the prompt (dense causal attention, a one-page scratch cache whose writes are all
-        dropped), compiled once per power-of-two prompt length on first use. Returns logprobs [n-1], their ranks
+        dropped), compiled once per power-of-two prompt length and power-of-two k on first use. Returns logprobs [n-1], their ranks
         in the whole vocabulary [n-1], and the top-k ids and logprobs [n-1, k].
         """
         n = len(token_ids)
@@ -184,9 +184,11 @@ class ModelRunner:
                                  slot_mapping=(self.page_size + np.arange(q, dtype=np.int32))[None],
                                  block_tables=np.zeros((1, 1), np.int32), seq_lens=np.array([n], np.int32),
                                  query_lens=np.array([n], np.int32))
+        kk = 1 << max(k - 1, 0).bit_length()  # k to a power of two: few programs whatever k requests ask
         with jax.set_mesh(self.mesh):
-            outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=k)
-        return tuple(np.asarray(x)[:n - 1] for x in outs)
+            outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=kk)
+        chosen, ranks, top_ids, top_lps = (np.asarray(x)[:n - 1] for x in outs)
+        return chosen, ranks, top_ids[:, :k], top_lps[:, :k]
 
 
 
