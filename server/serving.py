@@ -19,13 +19,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from qwenjax.async_engine import AsyncLLMEngine, EngineDeadError
+from qwenjax.config import EngineArgs
+from qwenjax.sampling_params import SamplingParams
 from qwenjax.tokenizer import apply_chat_template
 from server.errors import parse_json, parse_model
 from server.formatting import ChatFormatter, CompletionFormatter, TokenText
-from server.metrics import ServerMetrics
-from qwenjax.config import EngineArgs
-from qwenjax.sampling_params import SamplingParams
 from server.limits import Preparer
+from server.metrics import ServerMetrics
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              param_of, sampling_params_from_dict)
 

@@ -73,7 +73,7 @@ def test_a_huge_n_does_not_hold_back_a_small_request(llm):
     engine.final_only = True
     big = SamplingParams(n=40, temperature=1.0, seed=3, max_tokens=1, ignore_eos=True)
     small = SamplingParams(temperature=0.0, max_tokens=1)
-    done, steps, added = run(engine, ("big", [5, 6, 7, 8, 9] * 4, big),
+    done, _, added = run(engine, ("big", [5, 6, 7, 8, 9] * 4, big),
                              between=(1, ("small", [11, 12, 13], small)))
     assert added == 1
     small_done, big_done = done["small"][1], done["big"][1]
