@@ -28,6 +28,11 @@ Invariants:
   given at the start of `schedule()`, after the engine has counted the previous step's tokens, and before a
   sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
 
+The copies of an n > 1 request (indices 1..n-1) are never prefilled: they wait until the first copy's prompt is
+computed, then fork from it (`_fork_waiting`: its prompt pages shared, one page of their own, a decode row at the
+prompt's last token), in queue order while slots and pages last; copies that do not fit go behind the requests queued
+meanwhile.
+
 A sequence admitted with a prefix hit starts at `num_computed = cached tokens` and reads the cached pages, so it runs
 through the context prefill path, which is compiled for one row: such a row runs alone in its prefill step (or as the
 prefill row of a mixed step). At least its
