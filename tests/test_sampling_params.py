@@ -154,7 +154,9 @@ def test_verified_bounds_every_field_that_reaches_a_device_array():
                              (dict(prompt_logprobs=10**6), "prompt_logprobs must be in [0, 20] (max_logprobs), got"),
                              (dict(n=129, temperature=1.0), "n must be in [1, 128] (max_n), got 129"),
                              (dict(stop_token_ids=[2**31]), "stop_token_ids must be token ids in [0, 1000)"),
-                             (dict(stop_token_ids=[1000]), "got 1000")]:
+                             (dict(stop_token_ids=[1000]), "got 1000"),
+                             (dict(stop_token_ids=list(range(1000)) * 2), "at most 1024 token ids, got 2000"),
+                             (dict(stop=["s"] * 1025), "stop may hold at most 1024 strings, got 1025")]:
         with pytest.raises(ValueError, match=re.escape(fragment)):
             SamplingParams(**kwargs).verified(**v)
     # max_logprobs -1: the vocabulary, as vLLM

@@ -107,6 +107,10 @@ REFUSED = [
     ("/v1/completions", {"prompt": [[1, 2147483648]], "max_tokens": 2}, "prompt", [f"[0, {VOCAB})", "2147483648"]),
     ("/v1/completions", {"prompt": [5, -1], "max_tokens": 2}, "prompt", [f"[0, {VOCAB})", "-1"]),
     ("/detokenize", {"tokens": [2**64]}, "tokens", [f"[0, {VOCAB})", str(2**64)]),
+    ("/generate", {"prompt": "hi", "max_tokens": 2, "min_tokens": 2, "stop_token_ids": list(range(100_000))},
+     "stop_token_ids", ["at most 1024 token ids", "100000"]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": [f"s{i}" for i in range(5000)]}, "stop",
+     ["at most 1024 strings", "5000"]),
 ]
 
 
