@@ -187,7 +187,7 @@ class LLMEngine:
             # The copies fork from the first one's computed prompt (Scheduler._fork_waiting); multi-host runs do
             # not replay forks on their followers yet, so there every copy prefills as its own sequence.
             for seq in seqs[1:]:
-                seq.parent = seqs[0]
+                seq.parent, seq.copy_pending = seqs[0], True
             seqs[0].num_unforked = len(seqs) - 1
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                       seqs=seqs, arrival_time=arrival)

@@ -116,16 +116,19 @@ class Scheduler:
         self.num_preemptions = 0
         # Each running sequence owns one row of the device-side penalty state; at most max_num_seqs run at once.
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.num_waiting_copies = 0  # copies of n > 1 requests not started yet (0: no step looks for them)
 
     # ---- membership
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        if seq.copy_pending:
+            self.num_waiting_copies += 1
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of the queues (finished or aborted) and returns its pages."""
-        if seq.parent is not None and self._copy_state(seq) is not None:
-            self._copy_started(seq.parent)  # a copy that never started leaves: it needs no fork
+        if seq.copy_pending:  # a copy that never started leaves: it needs no fork
+            self._copy_started(seq)
         if seq in self.running:
             self._name_pages(seq)
             self.running.remove(seq)
@@ -164,14 +167,19 @@ class Scheduler:
     def _copy_state(self, seq: Sequence) -> str | None:
         """For a copy (index > 0 of an n > 1 request) that never ran: "wait" while its parent's prompt is not
         computed, "fork" once its pages are pinned; None for every other sequence (they start the usual way)."""
-        p = seq.parent
-        if p is None or seq.num_computed or seq.block_table or seq.num_preemptions or seq.output_token_ids:
+        if not seq.copy_pending:
             return None
+        p = seq.parent
         if p.fork_pages is not None:
             return "fork"
         return None if p.finished else "wait"
 
-    def _copy_started(self, parent: Sequence) -> None:
+    def _copy_started(self, seq: Sequence) -> None:
+        """A copy starts (forked, or the usual way when its parent ended before its prompt was computed) or
+        leaves: one fewer for its parent's pins."""
+        seq.copy_pending = False
+        self.num_waiting_copies -= 1
+        parent = seq.parent
         parent.num_unforked -= 1
         if parent.num_unforked == 0 and parent.fork_pages is not None:
             self.blocks.release(parent.fork_pages)
@@ -188,6 +196,8 @@ class Scheduler:
         first), and a request's copies that did not fit go to the back of the queue, so a later request waits for at
         most one round of another request's copies, not for all n of them."""
         forks: list[Fork] = []
+        if not self.num_waiting_copies:
+            return forks
         rotated: set[int] = set()
         ps = self.blocks.page_size
         for seq in self.policy.order(self.waiting):
@@ -202,14 +212,13 @@ class Scheduler:
             keep = (L - 1) // ps  # pages wholly before the last prompt token: shared as they are
             table = self.blocks.share(p.fork_pages[:keep])
             self.blocks.grow(table, keep * ps + 1)
+            src = p.fork_pages[keep] if (L - 1) % ps else None  # read before _start: the last copy unpins
             seq.block_table = table
             seq.block_hashes = list(p.block_hashes[:keep])
             seq.num_computed = L - 1
             self._start(seq)
-            forks.append(Fork(p.fork_pages[keep] if (L - 1) % ps else None, table[keep], seq.slot,
-                              seq.prompt_token_ids))
+            forks.append(Fork(src, table[keep], seq.slot, seq.prompt_token_ids))
             rotated.add(id(p))
-            self._copy_started(p)
         for seq in [s for s in self.waiting if s.parent is not None and id(s.parent) in rotated]:
             self.waiting.remove(seq)  # the copies that did not fit wait behind everyone queued now
             self.waiting.append(seq)
@@ -312,11 +321,12 @@ class Scheduler:
         partial = next((s for s in self.running if s.num_uncomputed > 1), None)
         candidate = None
         if partial is None:
-            startable = [s for s in self.policy.order(self.waiting) if self._copy_state(s) is None]
+            startable = self.waiting if not self.num_waiting_copies else \
+                [s for s in self.waiting if self._copy_state(s) is None]
             free = min(self.config.max_num_seqs - len(self.running), len(startable))
             if free == 0 or free > 1:
                 return None  # nothing to start, or a burst: a prefill step of many rows
-            candidate = startable[0]
+            candidate = next(iter(self.policy.order(startable)))
         decode = self._schedule_decode()
         if decode is None or decode.preempted:
             return decode  # pages ran short: no prefill joins (the preempted wait at the front of the queue)
@@ -353,6 +363,8 @@ class Scheduler:
         return ScheduledSeq(seq, n, samples=cached + n == seq.num_tokens)
 
     def _start(self, seq: Sequence) -> None:
+        if seq.copy_pending:
+            self._copy_started(seq)
         self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         seq.slot = self._free_slots.pop()

@@ -66,6 +66,7 @@ class Sequence:
     # prompt's pages instead of prefilling (see Scheduler._fork_waiting). On the parent: the pages pinned for the
     # copies (None until pinned), and how many copies have not started yet (the pins go when none is left).
     parent: "Sequence | None" = None
+    copy_pending: bool = False      # a copy that has not started yet (nor left)
     fork_pages: list[int] | None = None
     num_unforked: int = 0
 
