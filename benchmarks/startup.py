@@ -34,6 +34,8 @@ def parse(argv=None):
     p.add_argument("--model", default=BUILTIN, help="'builtin' (the default model) or a config stem (random weights)")
     p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--out", default=None, help="also copy the result file here")
+    p.add_argument("--no-cache", action="store_true",
+                   help="both starts without a compilation cache (two cold starts)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -43,7 +45,7 @@ def child(args) -> dict:
     import qwenjax
 
     import_s = time.perf_counter() - T0
-    kwargs = {"compilation_cache_dir": args.cache_dir}
+    kwargs = {"compilation_cache_dir": args.cache_dir or None}
     if args.model != BUILTIN:
         import model_specs
 
@@ -64,7 +66,7 @@ def child(args) -> dict:
 
 
 def run_child(args, cache_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--cache-dir", cache_dir]
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--cache-dir", "" if args.no_cache else cache_dir]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t
@@ -91,11 +93,13 @@ def main(argv=None) -> dict:
     model = "tiny-random-qwen2" if args.model == BUILTIN else args.model
     result = result_files.make_result(benchmark=BENCHMARK, model=model, dev=dev, config={
         "engine_args": {} if args.model == BUILTIN else {"load_format": "dummy", "max_model_len": 4096},
-        "prompt_len": 16, "output_len": 1, "dtype": "auto"}, ceilings={}, metrics=metrics)
+        "prompt_len": 16, "output_len": 1, "dtype": "auto", "compilation_cache": not args.no_cache},
+        ceilings={}, metrics=metrics)
     path = result_files.write_result(result, devtag=dev["devtag"], out=args.out,
                                      results_dir=args.results_dir or str(repo_paths.RESULTS_DIR))
     rows = [(k, f"{cold[k]:.2f} s / {warm[k]:.2f} s") for k in cold]
-    result_files.print_table(f"startup, {model} on {dev['device']} (cold / warm cache)", rows)
+    runs = "two starts, no cache" if args.no_cache else "cold / warm cache"
+    result_files.print_table(f"startup, {model} on {dev['device']} ({runs})", rows)
     print(f"wrote {path}")
     return result
 

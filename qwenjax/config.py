@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import ml_dtypes
@@ -143,6 +144,15 @@ def resolve_dtype(name: str, model: ModelConfig) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16 if key == "bfloat16" else key)
 
 
+def compilation_cache_path(value: str) -> str:
+    """EngineArgs.compilation_cache_dir as a directory: "auto" is under the user's cache directory, beside the
+    built-in model ($XDG_CACHE_HOME/qwenjax/jax-compilation-cache, ~/.cache when unset)."""
+    if value != "auto":
+        return os.path.expanduser(value)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "qwenjax", "jax-compilation-cache")
+
+
 MAX_SCHEDULER_STEPS = 64  # most decode steps one dispatch runs (num_scheduler_steps)
 
 USAGE_CONTEXTS = ("llm", "server")  # the offline LLM class, the OpenAI server (vLLM's UsageContext)
@@ -195,8 +205,9 @@ class EngineArgs:
     # (a CPU start-up would otherwise compile dozens of programs a request never needs); True / False force it.
     skip_warmup: bool | None = None
     # JAX's persistent compilation cache, so a second start loads its compiled buckets instead of compiling them:
-    # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...), a directory, or None (off). A cache
-    # directory JAX was already given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
+    # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...) on a CPU and off on a GPU (not yet
+    # validated there: see LLMEngine), a directory (on anywhere), or None (off). A cache directory JAX was already
+    # given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
     compilation_cache_dir: str | None = "auto"
     # vLLM's enforce_eager (no CUDA graphs); here: no start-up compile of every bucket, as skip_warmup=True (XLA always
     # compiles, there is no eager mode): each bucket compiles the first time a step needs it.
@@ -207,6 +218,8 @@ class EngineArgs:
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
     usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults
+    max_logprobs: int = 20                   # most logprobs / prompt_logprobs a request may ask (vLLM's; -1: vocab)
+    max_n: int = 128                          # most completions (n) one request may ask (OpenAI's limit for n)
 
     def __post_init__(self):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -233,6 +246,10 @@ class EngineArgs:
                              f"got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the vocabulary size) or at least 0, got {self.max_logprobs}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")

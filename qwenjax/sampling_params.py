@@ -20,6 +20,14 @@ from typing import Any
 # Temperatures below this are greedy decoding (argmax), as in vLLM.
 GREEDY_TEMPERATURE = 1e-5
 
+# A seed is a signed 64-bit integer, as vLLM's protocol bounds it (torch.long).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Most stop token ids and stop strings one request may have (vLLM sets none). Both are checked for every generated
+# token on the engine's host loop, and stop ids are the sampler's banned-id array while min_tokens holds (its width
+# picks a compiled variant): unbounded, one request's list would slow every step of the engine.
+MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_STRINGS = 1024
+
 # Keys of a generation config that may supply defaults; every other key of generation_config.json (bos_token_id,
 # do_sample, ...) is ignored. "max_new_tokens" is Hugging Face's name for max_tokens.
 GENERATION_DEFAULT_KEYS = frozenset(
@@ -172,6 +180,8 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}.")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer), got {self.seed}.")
         if self.stop and not self.detokenize:
             raise ValueError(f"stop strings need detokenize=True, got stop={self.stop} with detokenize=False.")
 
@@ -227,6 +237,35 @@ class SamplingParams:
             if key in GENERATION_DEFAULT_KEYS and value is not None and name not in self.explicitly_set:
                 values[name] = value
         return _build(values, self.explicitly_set)
+
+    def verified(self, *, vocab_size: int, max_logprobs: int, max_n: int) -> SamplingParams:
+        """These parameters checked against one model and engine: every field that reaches a fixed-width device
+        array or a per-token table is bounded here, so no request can break a step.
+
+        top_k at or above the vocabulary is clamped to it (it keeps every token: stored as 0, off), as vLLM does;
+        stop_token_ids must be ids of the vocabulary, at most MAX_STOP_TOKEN_IDS of them (stop: MAX_STOP_STRINGS);
+        logprobs and prompt_logprobs at most `max_logprobs` (-1: the vocabulary size), as vLLM's
+        EngineArgs.max_logprobs; n at most `max_n`. Raises ValueError naming the field, the allowed range and the
+        value. Returns self when nothing changes, else a clone.
+        """
+        limit = vocab_size if max_logprobs == -1 else max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be in [0, {limit}] (max_logprobs), got {value}.")
+        if self.n > max_n:
+            raise ValueError(f"n must be in [1, {max_n}] (max_n), got {self.n}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} token ids, got "
+                             f"{len(self.stop_token_ids)}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
+        bad = next((t for t in self.stop_token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}) (the vocabulary), got {bad}.")
+        if self.top_k >= vocab_size:
+            return self.clone(top_k=0)
+        return self
 
     def stop_token_id_set(self, eos_token_ids: Iterable[int]) -> frozenset[int]:
         """Token ids that end this request: stop_token_ids, plus the model's EOS ids unless ignore_eos."""

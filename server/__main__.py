@@ -18,6 +18,7 @@ import sys
 from qwenjax.config import EngineArgs
 from server.arg_parser import ServerArgumentParser
 from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
+from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 # Python's gen-0 collection threshold in the serving process (its default is 700). Streaming makes many short-lived
 # objects per token (chunk strings, deltas, events); on the H100 host the default ran ~390 gen-0 collections in a
@@ -54,6 +55,12 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
                    help="send each stream's new text every N engine steps (first and last at once); >1 lightens "
                         "the server's per-token work under heavy load")
     s.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility")
+    s.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="a request body larger than this gets 413 before it is read or parsed (16 MiB)")
+    s.add_argument("--keep-alive-on-engine-death", action="store_true",
+                   help="keep serving (every request 503, /health 503) after the engine dies, instead of exiting "
+                        "non-zero within seconds so that a supervisor restarts the server (vLLM's default; vLLM's "
+                        "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="run the engine in a thread of the server's process instead of its own process (the "
                         "engine's host work then shares one GIL with the HTTP event loop: slower under load)")
@@ -108,6 +115,11 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     e.add_argument("--num-processes", type=int, default=1, help="processes (hosts) in a multi-host run")
     e.add_argument("--process-id", type=int, default=0,
                    help="this process's index; process 0 serves HTTP, the others replay its steps")
+    e.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / prompt_logprobs (and top_logprobs) a request may ask, as in vLLM; -1: the "
+                        "vocabulary size")
+    e.add_argument("--max-n", type=int, default=128,
+                   help="most completions (n) one request may ask (OpenAI's limit for n); a larger n is a 400")
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     add_vllm_engine_flags(e)
@@ -137,7 +149,7 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
                 "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel",
-                "num_scheduler_steps", "compilation_cache_dir")
+                "num_scheduler_steps", "compilation_cache_dir", "max_logprobs", "max_n")
 
 
 VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size")
@@ -189,7 +201,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
     except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
         sys.exit(f"error: {e}")
-    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True)
+    server = None
+
+    def stop_server() -> None:  # the engine died: exit so that a supervisor restarts us (vLLM's behaviour)
+        server.should_exit = True
+
+    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
+                     max_request_body_bytes=ns.max_request_body_bytes,
+                     on_engine_death=None if ns.keep_alive_on_engine_death else stop_server)
     add_cors(app, ns)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.
@@ -198,7 +217,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
     logging.getLogger("qwenjax.server").info("serving %s on %s://%s:%d/v1", ", ".join(served_names(ns)),
                                              "https" if ns.ssl_certfile else "http", ns.host, ns.port)
-    uvicorn.run(app, **uvicorn_options(ns))
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(ns)))
+    server.run()
+    if app.state.engine_died:
+        sys.exit(f"error: the engine died ({engine.error}); the server stopped so that it can be restarted "
+                 f"(--keep-alive-on-engine-death keeps it serving 503s instead)")
 
 
 if __name__ == "__main__":

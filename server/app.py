@@ -10,10 +10,12 @@ The app does not own the engine unless `shutdown_engine=True` (python -m server)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import time
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,25 +25,36 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import qwenjax
 from qwenjax.engine.async_llm import AsyncLLMEngine
-from qwenjax.tokenizer import apply_chat_template, load_chat_template
-from server.errors import error_response, parse_model, validation_error
+from qwenjax.tokenizer import load_chat_template
+from server.errors import error_response, validation_error
+from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES, BodyLimit
 from server.metrics import ServerMetrics
-from server.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from server.openapi import body, install
+from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                             TokenizeRequest)
 from server.serving import ClientGone, OpenAIServing
 
 logger = logging.getLogger("qwenjax.server")
 
 OPEN_PATHS = ("/health", "/version", "/metrics")
+ENGINE_WATCH_INTERVAL_S = 0.2  # how often the server looks whether the engine loop is still alive
+ENGINE_DEATH_GRACE_S = 1.0     # from noticing the engine's death to on_engine_death: streams send their errors
 
 
 def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[str, ...] | None = None,
                api_key: str | None = None, chat_template: str | None = None, model_root: str | None = None,
-               shutdown_engine: bool = False) -> FastAPI:
+               shutdown_engine: bool = False,
+               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+               on_engine_death: Callable[[], None] | None = None) -> FastAPI:
     """The server's app over a running AsyncLLMEngine.
 
     served_model_names: the names clients may send as `model` (the first is the one reported); default: the
     engine's served_model_name or model argument. chat_template: a Jinja template or a path to one, overriding the
-    tokenizer's (default: the engine arguments' chat_template).
+    tokenizer's (default: the engine arguments' chat_template). max_request_body_bytes: larger bodies get 413
+    before anything reads them. on_engine_death: called on the event loop ENGINE_DEATH_GRACE_S after the engine
+    loop died (streams in flight have had their error events by then); python -m server stops there and exits
+    non-zero, as vLLM does, unless --keep-alive-on-engine-death (then: None, and every request answers 503).
+    `app.state.engine_died` is True once it was called.
     """
     llm = engine.engine
     args = getattr(llm, "args", None)
@@ -56,12 +69,28 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        watcher = asyncio.ensure_future(watch_engine()) if on_engine_death is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
+        serving.preparer.shutdown()
         if shutdown_engine:
             engine.shutdown()
 
+    async def watch_engine():
+        while not engine.dead:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        logger.error("the engine loop died (%s); the server stops in %.0f s (pass --keep-alive-on-engine-death to "
+                     "keep it answering 503 instead)", engine.error, ENGINE_DEATH_GRACE_S)
+        await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+        app.state.engine_died = True
+        on_engine_death()
+
     app = FastAPI(title="qwenjax OpenAI-compatible server", version=qwenjax.__version__, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+    app.state.engine_died = False
+    app.add_middleware(BodyLimit, max_bytes=max_request_body_bytes)
+    install(app)
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -122,47 +151,25 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
                  "parent": None, "max_model_len": serving.max_model_len, "permission": []} for n in names]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=body(ChatCompletionRequest))
     async def chat(request: Request):
         return await serving.chat(request)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, openapi_extra=body(CompletionRequest))
     async def completions(request: Request):
         return await serving.completions(request)
 
-    @app.post("/generate", dependencies=auth)
+    @app.post("/generate", dependencies=auth, openapi_extra=body(GenerateRequest))
     async def generate(request: Request):
         return await serving.generate(request)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request):
-        req = parse_model(TokenizeRequest, await request.body())
-        serving.check_model(req.model)
-        tok = serving.tokenizer
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError("send exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            if not req.messages:
-                raise APIError("messages is empty", param="messages")
-            try:
-                text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
-                                           chat_template=template)
-            except ValueError as e:
-                raise APIError(str(e), param="messages") from None
-            ids = tok.encode(text, add_special_tokens=False)
-        else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        body = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
-        if req.return_token_strs:
-            body["token_strs"] = tok.convert_ids_to_tokens(ids)
-        return body
+        return await serving.tokenize(request)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request):
-        req = parse_model(DetokenizeRequest, await request.body())
-        serving.check_model(req.model)
-        serving.check_ids(req.tokens, "tokens")
-        return {"prompt": serving.tokenizer.decode(req.tokens)}
+        return await serving.detokenize(request)
 
     return app
 

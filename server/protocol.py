@@ -17,7 +17,7 @@ from qwenjax.sampling_params import SamplingParams
 
 logger = logging.getLogger("qwenjax.server")
 
-MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default max_logprobs
+MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default max_logprobs (the server's --max-logprobs)
 
 
 class APIError(Exception):
@@ -31,6 +31,13 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# chat_template_kwargs that would change what rendering the template returns, or override what the request's own
+# fields decide (the server needs the prompt as one string, rendered from `messages` with its own template).
+RESERVED_TEMPLATE_KWARGS = ("tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+                            "truncation", "max_length", "tokenizer_kwargs", "chat_template", "conversation",
+                            "messages", "add_generation_prompt", "tools", "documents")
 
 
 class StreamOptions(BaseModel):
@@ -100,7 +107,7 @@ class _Request(BaseModel):
         try:
             return SamplingParams(**given)
         except ValueError as e:
-            raise APIError(str(e), param=_param_of(str(e))) from None
+            raise APIError(str(e), param=param_of(str(e))) from None
 
 
 class ChatCompletionRequest(_Request):
@@ -118,13 +125,13 @@ class ChatCompletionRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def num_logprobs(self) -> int | None:
+    def num_logprobs(self, max_logprobs: int = MAX_LOGPROBS) -> int | None:
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
-            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise APIError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
-                               param="top_logprobs")
+            if not 0 <= self.top_logprobs <= max_logprobs:
+                raise APIError(f"top_logprobs must be in [0, {max_logprobs}] (max_logprobs), got "
+                               f"{self.top_logprobs}", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self) -> None:
@@ -138,6 +145,12 @@ class ChatCompletionRequest(_Request):
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(f"response_format {self.response_format.get('type')!r} is not supported yet; only "
                            "'text'", param="response_format")
+        reserved = sorted(set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise APIError(f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: it changes what the "
+                           f"chat template returns or what the request's own fields decide; template variables other "
+                           f"than {', '.join(RESERVED_TEMPLATE_KWARGS)} are allowed (e.g. enable_thinking)",
+                           param="chat_template_kwargs")
         if self.continue_final_message and self.add_generation_prompt:
             raise APIError("continue_final_message and add_generation_prompt cannot both be true",
                            param="continue_final_message")
@@ -162,15 +175,16 @@ class CompletionRequest(_Request):
             return [list(p)]
         return list(p)
 
-    def check(self) -> None:
+    def check(self, max_logprobs: int = MAX_LOGPROBS) -> None:
         self.check_common()
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(f"best_of different from n is not supported yet, got best_of={self.best_of}, "
                            f"n={self.n}", param="best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise APIError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise APIError(f"logprobs must be in [0, {max_logprobs}] (max_logprobs), got {self.logprobs}",
+                           param="logprobs")
         if self.echo and self.logprobs is not None:
             raise APIError("echo with logprobs needs prompt logprobs, which are not supported yet; drop one of "
                            "them", param="echo")
@@ -196,7 +210,38 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(...)
 
 
-def _param_of(message: str) -> str | None:
+class GenerateRequest(BaseModel):
+    """vLLM's demo /generate body: the prompt, `stream`, and SamplingParams' fields by name (its schema; the route
+    validates through SamplingParams itself, see sampling_params_from_dict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    stream: bool = False
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
+    priority: int = 0
+
+
+def param_of(message: str) -> str | None:
     """The field a SamplingParams error names (its messages start with the field name)."""
     word = message.split(" ", 1)[0]
     return word if word in {f for f in SamplingParams.__dataclass_fields__} else None
@@ -211,6 +256,6 @@ def sampling_params_from_dict(body: dict) -> SamplingParams:
     try:
         return SamplingParams(**body)
     except (ValueError, TypeError) as e:
-        raise APIError(str(e), param=_param_of(str(e))) from None
+        raise APIError(str(e), param=param_of(str(e))) from None
 
 

@@ -15,16 +15,19 @@ import time
 import uuid
 from typing import AsyncIterator, NamedTuple
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from qwenjax.engine.async_llm import AsyncLLMEngine, EngineDeadError
+from qwenjax.config import EngineArgs
+from qwenjax.sampling_params import SamplingParams
 from qwenjax.tokenizer import apply_chat_template
 from server.errors import parse_json, parse_model
 from server.formatting import ChatFormatter, CompletionFormatter, TokenText
+from server.limits import Preparer
 from server.metrics import ServerMetrics
-from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, sampling_params_from_dict
+from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                             param_of, sampling_params_from_dict)
 
 
 class Prompt(NamedTuple):
@@ -119,6 +122,9 @@ class Job:
             raise _dead(e) from None
         except (ValueError, TypeError, NotImplementedError) as e:
             raise APIError(str(e)) from None
+        except RuntimeError as e:  # the engine failed this request alone (it keeps serving the others)
+            raise APIError(f"the engine failed this request: {e}", status=500, type="server_error",
+                           code=500) from None
         finally:
             self.abort()  # a no-op for finished requests
 
@@ -145,11 +151,15 @@ class OpenAIServing:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.vocab_size = llm.model_config.vocab_size
+        args = getattr(llm, "args", None) or EngineArgs()
+        self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
+        self.max_n = args.max_n
         self.default_max_tokens = (getattr(llm, "generation_defaults", None) or {}).get("max_tokens")
         self.model_names = model_names
         self.metrics = metrics
         self.chat_template = chat_template
         self.token_text = TokenText(self.tokenizer)
+        self.preparer = Preparer()
 
     # ------------------------------------------------------------------ validation
     def check_model(self, name: str | None) -> str:
@@ -177,6 +187,13 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return requested
 
+    def verify(self, params: SamplingParams) -> SamplingParams:
+        """The engine's own bounds (vocabulary, max_logprobs, max_n), checked here so they answer 400 at once."""
+        try:
+            return params.verified(vocab_size=self.vocab_size, max_logprobs=self.max_logprobs, max_n=self.max_n)
+        except ValueError as e:
+            raise APIError(str(e), param=param_of(str(e))) from None
+
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -189,34 +206,51 @@ class OpenAIServing:
         try:
             text = apply_chat_template(self.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
                                        chat_template=self.chat_template, **kwargs)
-        except (ValueError, TypeError, jinja2.TemplateError) as e:
-            raise APIError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - rendering fails only on what the request sent
+            raise APIError(f"cannot apply the chat template to these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
         return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------------ endpoints
+    # Each endpoint reads the raw body on the event loop, then parses, validates, templates and tokenizes it on the
+    # preparer's thread (server/limits.py): the loop keeps serving everyone else while a large prompt is prepared.
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_model(ChatCompletionRequest, await request.body())
+        fmt, prompts, params, stream = await self.preparer.run(self._prepare_chat, await request.body())
+        return await self._respond(request, fmt, prompts, params, stream, arrival)
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        fmt, prompts, params, stream = await self.preparer.run(self._prepare_completions, await request.body())
+        return await self._respond(request, fmt, prompts, params, stream, arrival)
+
+    async def tokenize(self, request: Request) -> dict:
+        return await self.preparer.run(self._tokenize, await request.body())
+
+    async def detokenize(self, request: Request) -> dict:
+        return await self.preparer.run(self._detokenize, await request.body())
+
+    def _prepare_chat(self, raw: bytes):
+        req = parse_model(ChatCompletionRequest, raw)
         req.warn_ignored("/v1/chat/completions")
         req.check()
         model = self.check_model(req.model)
         prompt = self.chat_prompt(req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens(), what="messages", param=param)
-        num_lp = req.num_logprobs()
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=num_lp)
+        num_lp = req.num_logprobs(self.max_logprobs)
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=num_lp))
         so = req.stream_options
         fmt = ChatFormatter(request_id=f"chatcmpl-{uuid.uuid4().hex}", model=model, params=params,
                             prompt_lens=[len(prompt.ids)], token_text=self.token_text, num_logprobs=num_lp,
                             include_usage=bool(so and so.include_usage),
                             continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return await self._respond(request, fmt, [prompt], params, req.stream, arrival)
+        return fmt, [prompt], params, req.stream
 
-    async def completions(self, request: Request) -> Response:
-        arrival = time.monotonic()
-        req = parse_model(CompletionRequest, await request.body())
+    def _prepare_completions(self, raw: bytes):
+        req = parse_model(CompletionRequest, raw)
         req.warn_ignored("/v1/completions")
-        req.check()
+        req.check(self.max_logprobs)
         model = self.check_model(req.model)
         prompts = []
         for k, p in enumerate(req.prompts()):
@@ -233,19 +267,46 @@ class OpenAIServing:
                 raise APIError(f"{where} must be a non-empty string or a non-empty list of token ids", param="prompt")
         lens = [len(p.ids) for p in prompts]
         max_tokens = min(self.max_tokens(n, req.max_tokens, what="prompt", param="max_tokens") for n in lens)
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs)
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs))
         echo = [p.text if p.text is not None else self.tokenizer.decode(p.ids) for p in prompts] if req.echo else None
         so = req.stream_options
         fmt = CompletionFormatter(request_id=f"cmpl-{uuid.uuid4().hex}", model=model, params=params,
                                   prompt_lens=lens, token_text=self.token_text, num_logprobs=req.logprobs,
                                   include_usage=bool(so and so.include_usage), echo_texts=echo,
                                   continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return await self._respond(request, fmt, prompts, params, req.stream, arrival)
+        return fmt, prompts, params, req.stream
 
-    async def generate(self, request: Request) -> Response:
-        """vLLM's demo server: {"prompt": str, "stream": bool, <SamplingParams fields>} -> {"text": [prompt + out]}."""
-        arrival = time.monotonic()
-        body = parse_json(await request.body())
+    def _tokenize(self, raw: bytes) -> dict:
+        req = parse_model(TokenizeRequest, raw)
+        self.check_model(req.model)
+        tok = self.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("send exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise APIError("messages is empty", param="messages")
+            try:
+                text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
+                                           chat_template=self.chat_template)
+            except Exception as e:  # noqa: BLE001 - rendering fails only on what the request sent
+                raise APIError(f"cannot apply the chat template to these messages: {type(e).__name__}: {e}",
+                               param="messages") from None
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return body
+
+    def _detokenize(self, raw: bytes) -> dict:
+        req = parse_model(DetokenizeRequest, raw)
+        self.check_model(req.model)
+        self.check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _prepare_generate(self, raw: bytes):
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
         prompt = body.pop("prompt", None)
@@ -255,10 +316,16 @@ class OpenAIServing:
         if not isinstance(stream, bool):
             raise APIError(f"stream must be true or false, got {stream!r}", param="stream")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        params = sampling_params_from_dict(body)
+        params = self.verify(sampling_params_from_dict(body))
         self.max_tokens(len(ids), params.max_tokens, what="prompt", param="max_tokens")
-        job = Job(self.engine, self.metrics, [Prompt(prompt, ids)], params, f"gen-{uuid.uuid4().hex}", arrival)
-        texts = lambda out: {"text": [prompt + c.text for c in out.outputs]}  # noqa: E731
+        return Prompt(prompt, ids), params, stream
+
+    async def generate(self, request: Request) -> Response:
+        """vLLM's demo server: {"prompt": str, "stream": bool, <SamplingParams fields>} -> {"text": [prompt + out]}."""
+        arrival = time.monotonic()
+        prompt, params, stream = await self.preparer.run(self._prepare_generate, await request.body())
+        job = Job(self.engine, self.metrics, [prompt], params, f"gen-{uuid.uuid4().hex}", arrival)
+        texts = lambda out: {"text": [prompt.text + c.text for c in out.outputs]}  # noqa: E731
         if not stream:
             (final,) = await race_disconnect(request, job.collect(), job.abort)
             return JSONResponse(texts(final))

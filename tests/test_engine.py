@@ -29,7 +29,19 @@ BAD = [
     (lambda: ("hi",), {"temperature": -1.0}, ValueError, "temperature must be non-negative"),
     (lambda: ("hi",), {"top_p": 0.0}, ValueError, "top_p must be in (0, 1]"),
     (lambda: ("hi",), {"top_p": 1.5}, ValueError, "top_p must be in (0, 1]"),
+    # issue 24: fields that reach fixed-width device arrays are bounded at add_request
+    (lambda: ("hi",), {"stop_token_ids": [2**31]}, ValueError, "stop_token_ids must be token ids in [0, "),
+    (lambda: ("hi",), {"logprobs": 21}, ValueError, "logprobs must be in [0, 20] (max_logprobs), got 21"),
+    (lambda: ("hi",), {"prompt_logprobs": 10**6}, ValueError, "prompt_logprobs must be in [0, 20] (max_logprobs)"),
+    (lambda: ("hi",), {"n": 129, "temperature": 1.0}, ValueError, "n must be in [1, 128] (max_n), got 129"),
 ]
+
+
+def test_top_k_past_the_vocabulary_is_clamped_offline(llm):
+    """vLLM's rule (issue 24: 10**30 once overflowed the sampler's int32 inputs and killed the engine)."""
+    out = llm.generate(["Hello there"], SamplingParams(top_k=10**30, temperature=1.0, seed=1, max_tokens=3),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3 and _all_pages_free(llm)
 
 
 @pytest.mark.parametrize("prompt,kwargs,exc,msg", BAD)

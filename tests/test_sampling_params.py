@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import inspect
 import pickle
+import re
 
 import pytest
 
@@ -137,3 +138,35 @@ def test_stop_ids_and_min_tokens_bans():
     assert p.banned_token_ids(2, eos) == ()
     q = SamplingParams(ignore_eos=True, min_tokens=3, max_tokens=10)
     assert q.stop_token_id_set(eos) == frozenset() and q.banned_token_ids(1, eos) == ()
+
+
+# ---------------------------------------------------------------------------------------------- issue 24: bounds
+def test_verified_bounds_every_field_that_reaches_a_device_array():
+    v = dict(vocab_size=1000, max_logprobs=20, max_n=128)
+    assert SamplingParams(top_k=10**30, temperature=1.0).verified(**v).top_k == 0  # clamped: keeps every token
+    assert SamplingParams(top_k=1000, temperature=1.0).verified(**v).top_k == 0
+    assert SamplingParams(top_k=999, temperature=1.0).verified(**v).top_k == 999
+    p = SamplingParams(top_k=10**30, temperature=1.0)
+    assert "top_k" in p.verified(**v).explicitly_set
+    ok = SamplingParams(logprobs=20, prompt_logprobs=20, n=128, stop_token_ids=[0, 999], temperature=1.0)
+    assert ok.verified(**v) is ok
+    for kwargs, fragment in [(dict(logprobs=21), "logprobs must be in [0, 20] (max_logprobs), got 21"),
+                             (dict(prompt_logprobs=10**6), "prompt_logprobs must be in [0, 20] (max_logprobs), got"),
+                             (dict(n=129, temperature=1.0), "n must be in [1, 128] (max_n), got 129"),
+                             (dict(stop_token_ids=[2**31]), "stop_token_ids must be token ids in [0, 1000)"),
+                             (dict(stop_token_ids=[1000]), "got 1000"),
+                             (dict(stop_token_ids=list(range(1000)) * 2), "at most 1024 token ids, got 2000"),
+                             (dict(stop=["s"] * 1025), "stop may hold at most 1024 strings, got 1025")]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            SamplingParams(**kwargs).verified(**v)
+    # max_logprobs -1: the vocabulary, as vLLM
+    assert SamplingParams(logprobs=1000).verified(vocab_size=1000, max_logprobs=-1, max_n=1).logprobs == 1000
+    with pytest.raises(ValueError, match=re.escape("[0, 1000]")):
+        SamplingParams(logprobs=1001).verified(vocab_size=1000, max_logprobs=-1, max_n=1)
+
+
+def test_seed_is_a_signed_64_bit_integer():
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1 and SamplingParams(seed=-2**63).seed == -2**63
+    for bad in (2**63, -2**63 - 1, 10**30):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be in [{-2**63}, {2**63 - 1}]") + ".*" + str(bad)):
+            SamplingParams(seed=bad)

@@ -300,3 +300,52 @@ def test_no_room_for_the_chunk_leaves_a_decode_step():
     s.add(b)
     out = s.schedule()
     assert out.kind == "decode" and [r.seq for r in out.rows] == [a] and b in s.waiting and not b.block_table
+
+
+def _copies(tokens, n, rid="many"):
+    """An n > 1 request's sequences as LLMEngine.add_request links them: copies 1..n-1 fork from copy 0."""
+    seqs = [_seq(tokens, rid=rid) for _ in range(n)]
+    for i, c in enumerate(seqs):
+        c.index = i
+        if i:
+            c.parent, c.copy_pending = seqs[0], True
+    seqs[0].num_unforked = n - 1
+    return seqs
+
+
+def test_copies_fork_from_the_parents_prompt_pages_with_exact_ids():
+    """A 40-token prompt: the parent prefills once (pages 0, 1, 2); at the next step the 2 copies share pages 0 and 1
+    (positions 0..31), each gets a page of its own for position 39 with a device copy of page 2 (positions 32..38),
+    and both decode with the parent. Pins go once every copy started; all pages come back."""
+    s = _sched(num_pages=16)
+    parent, c1, c2 = _copies(range(100, 140), 3)
+    for q in (parent, c1, c2):
+        s.add(q)
+    out = s.schedule()
+    assert [r.seq for r in out.rows] == [parent] and out.kind == "prefill" and not out.forks
+    assert parent.block_table == [0, 1, 2] and parent.fork_pages == [0, 1, 2]  # pinned: 40 - 1 positions
+    _run(s, out)
+    out = s.schedule()
+    assert [(f.src, f.dst, f.slot) for f in out.forks] == [(2, 3, c1.slot), (2, 4, c2.slot)]
+    assert c1.block_table == [0, 1, 3] and c2.block_table == [0, 1, 4] and c1.num_computed == 39
+    assert out.kind == "decode" and {r.seq for r in out.rows} == {parent, c1, c2}
+    assert parent.fork_pages is None and s.num_waiting_copies == 0  # every copy started: pins released
+    assert [s.blocks.ref_count(p) for p in range(5)] == [3, 3, 1, 1, 1]
+    _run(s, out)
+    for q in (parent, c1, c2):
+        s.remove(q)
+    s.blocks.check()
+    assert s.blocks.num_free == 16
+
+
+def test_copies_that_do_not_fit_go_behind_later_requests():
+    s = _sched(max_num_seqs=2, decode_buckets=(2,))
+    seqs = _copies(range(100, 110), 4)
+    for q in seqs:
+        s.add(q)
+    _run(s, s.schedule())  # the parent's prefill
+    late = _seq(range(200, 205), t=1.0, rid="late")
+    s.add(late)
+    out = s.schedule()  # one slot left: one copy forks, the other two go behind `late`
+    assert [f.slot for f in out.forks] == [seqs[1].slot]
+    assert list(s.waiting) == [late, seqs[2], seqs[3]]

@@ -48,6 +48,9 @@ class FakeEngine:
         self.unfinished_checks += 1
         return bool(self.requests)
 
+    def take_failed(self):
+        return []
+
     def add_request(self, rid, prompt, params, *, prompt_token_ids=None, arrival_time=None, priority=0):
         if prompt == "bad":
             raise ValueError("the prompt is bad")
@@ -224,6 +227,68 @@ def test_engine_death_mid_request_is_an_http_error():
 
     r = run(main())
     assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+class FailingFake(FakeEngine):
+    """A request whose prompt starts with "boom" fails alone in a step, as LLMEngine.fail_request reports it."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = []
+
+    def step(self, on_dispatch=None):
+        for rid, req in list(self.requests.items()):
+            if req.target.startswith("boom") and req.n >= 2:
+                del self.requests[rid]
+                self.failed.append((rid, OverflowError("injected")))
+        return super().step(on_dispatch)
+
+    def take_failed(self):
+        failed, self.failed = self.failed, []
+        return failed
+
+
+def test_a_request_failed_in_a_step_fails_alone_in_thread_mode():
+    eng = AsyncLLMEngine(FailingFake())
+    try:
+        async def main():
+            async def one(prompt):
+                try:
+                    async for out in eng.generate(prompt, SamplingParams(), prompt):
+                        pass
+                    return out.outputs[0].text
+                except OverflowError as e:
+                    return f"failed: {e}"
+
+            # the timeout is only the failure path: an unreported failure leaves its stream waiting forever
+            return await asyncio.wait_for(asyncio.gather(one("boom goes this one"), one("this one is fine")), 60)
+
+        assert run(main()) == ["failed: injected", "this one is fine"]
+        assert not eng.dead
+    finally:
+        eng.shutdown()
+
+
+def test_engine_death_stops_the_server_after_streams_had_their_errors():
+    """create_app(on_engine_death=...) (python -m server's default): once the loop died, the callback runs after the
+    open requests got their errors; without it (--keep-alive-on-engine-death) the app keeps answering 503."""
+    tok = load_tokenizer(default_tokenizer_dir())
+    eng = AsyncLLMEngine(FakeEngine(tok, fail_at_step=3))
+    events = []
+    app = create_app(eng, served_model_names=["m"], on_engine_death=lambda: events.append("stop the server"))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            stream = eng.add_request("d", "z" * 50, SamplingParams())
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            events.append("request failed")
+            while "stop the server" not in events:
+                await asyncio.sleep(0.05)
+
+    run(asyncio.wait_for(main(), 120))  # the timeout is only the failure path
+    assert events == ["request failed", "stop the server"] and app.state.engine_died
 
 
 # ---------------------------------------------------------------------------------------------- CLI

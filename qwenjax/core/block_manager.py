@@ -170,6 +170,15 @@ class BlockManager:
         self.query_tokens += query_tokens
         self.hit_tokens += len(pages) * self.page_size
 
+    def share(self, pages: Sequence[int]) -> list[int]:
+        """A new block table holding one more reference to each of `pages` (held pages: a fork of a sequence's
+        prefix, see Scheduler._fork_waiting)."""
+        for page in pages:
+            if self._ref[page] < 1:
+                raise AssertionError(f"page {page} is shared but not held")
+            self._ref[page] += 1
+        return list(pages)
+
     def commit(self, table: list[int], hashes: Sequence[int], start: int, end: int) -> None:
         """Names pages table[start:end] (full, computed blocks) with hashes[start:end].
 

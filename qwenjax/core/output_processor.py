@@ -11,8 +11,8 @@ import time
 
 from qwenjax.core.detokenizer import IncrementalDetokenizer
 from qwenjax.core.scheduler import Scheduler
-from qwenjax.core.sequence import SeqStatus, Sequence
-from qwenjax.outputs import Logprob
+from qwenjax.core.sequence import Request, SeqStatus, Sequence
+from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 class OutputProcessor:
@@ -85,12 +85,16 @@ class OutputProcessor:
         if n_out >= seq.max_output_tokens:
             self.finish(seq, "length")
 
-    def finish(self, seq: Sequence, reason: str, *, flush: bool = True) -> None:
+    def finish(self, seq: Sequence, reason: str, *, flush: bool = True, text: bool = True) -> None:
+        """Ends `seq` and frees its pages. `text` False (a request that failed in the engine): no text is made, so
+        nothing that could raise again runs."""
         seq.finish_reason = reason
         if seq.num_pending:  # tokens a step in flight samples after the end: never reported
             del seq.output_token_ids[-seq.num_pending:]
             seq.num_pending = 0
-        if flush and seq.detokenizer is not None:
+        if not text:
+            pass
+        elif flush and seq.detokenizer is not None:
             seq.output_text += seq.detokenizer.flush()
         elif seq.detokenizer is None and seq.params.detokenize and seq.output_token_ids:
             seq.output_text = self.tokenizer.decode(
@@ -98,3 +102,30 @@ class OutputProcessor:
                 spaces_between_special_tokens=seq.params.spaces_between_special_tokens)
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
+
+    def prompt_logprobs(self, ids: list[int], k: int, chosen, ranks, top_ids, top_lps) -> list:
+        """vLLM's shape from the runner's arrays: None for the first token, then {token: Logprob} with the token
+        itself and the top k."""
+        out: list = [None]
+        for i, tok in enumerate(ids[1:]):
+            entry = {tok: Logprob(float(chosen[i]), rank=int(ranks[i]))}
+            for rank, (t, lp) in enumerate(zip(top_ids[i][:k], top_lps[i][:k]), 1):
+                entry.setdefault(int(t), Logprob(float(lp), rank))
+            for t, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([t])  # the text (' Perry'), as the server shows
+            out.append(entry)
+        return out
+
+
+def request_output(req: Request) -> RequestOutput:
+    """The RequestOutput of a request as it stands (its sequences' known outputs)."""
+    comps = [CompletionOutput(index=s.index, text=s.output_text, token_ids=s.output_token_ids[:s.num_known_outputs],
+                              cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                              logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+             for s in req.seqs]
+    first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+    metrics = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+                             first_token_time=first, finished_time=req.finished_time,
+                             num_preemptions=sum(s.num_preemptions for s in req.seqs))
+    return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                         prompt_logprobs=req.prompt_logprobs, outputs=comps, finished=req.finished, metrics=metrics)

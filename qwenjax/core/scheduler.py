@@ -28,62 +28,28 @@ Invariants:
   given at the start of `schedule()`, after the engine has counted the previous step's tokens, and before a
   sequence's pages are released (finish, abort, preemption), so a recompute after preemption can hit its own pages.
 
+The copies of an n > 1 request (indices 1..n-1) are never prefilled: they wait until the first copy's prompt is
+computed, then fork from it (`_fork_waiting`: its prompt pages shared, one page of their own, a decode row at the
+prompt's last token), in queue order while slots and pages last; copies that do not fit go behind the requests queued
+meanwhile.
+
 A sequence admitted with a prefix hit starts at `num_computed = cached tokens` and reads the cached pages, so it runs
 through the context prefill path, which is compiled for one row: such a row runs alone in its prefill step (or as the
 prefill row of a mixed step). At least its
 last token is always computed (there must be logits to sample), so a hit covers at most (tokens - 1) // page_size
 blocks and never a page the new row writes into. Penalties see the whole sequence all the same: the step that admits
-a row with a hit rebuilds its device-side penalty history from the skipped tokens (see batch.StepInput.history).
+a row with a hit rebuilds its device-side penalty history from the skipped tokens (see worker/step_input.py: StepInput.history).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 
 from qwenjax.config import SchedulerConfig, packed_len
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
+from qwenjax.core.scheduler_output import Fork, ScheduledSeq, SchedulerOutput
 from qwenjax.core.sequence import SeqStatus, Sequence
-
-
-@dataclasses.dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int      # tokens [seq.num_computed, seq.num_computed + num_new_tokens) run this step
-    samples: bool            # the step reaches the end of the sequence, so its last logits are sampled
-
-
-@dataclasses.dataclass
-class SchedulerOutput:
-    kind: str                          # "prefill" | "decode" | "mixed"
-    rows: list[ScheduledSeq]           # mixed: the decode rows, then the prefill row
-    has_context: bool                  # some prefill row starts after position 0 (reads cached pages)
-    bucket: tuple[int, int]            # (B, Q) static step shape; mixed: of the prefill segment; packed: (R, T)
-    preempted: list[Sequence] = dataclasses.field(default_factory=list)
-    decode_bucket: int = 0             # mixed: D, the decode segment's padded rows (rows[:num_decode] fill the first)
-    num_decode: int = 0                # mixed: decode rows scheduled
-    num_steps: int = 1                 # decode: steps the dispatch runs (multi-step); each row samples one per step
-
-    @property
-    def packed(self) -> bool:
-        """A prefill step of fresh rows (all at position 0): packed on one token axis, bucket (R rows, T slots)."""
-        return self.kind == "prefill" and not self.has_context
-
-    @property
-    def num_slots(self) -> int:
-        """Token slots of the compiled step, padding included."""
-        B, Q = self.bucket
-        return Q if self.packed else self.decode_bucket + B * Q
-
-    @property
-    def num_rows(self) -> int:
-        """Rows of the step's sampler (padding included): a mixed step's prefill rows come after its D."""
-        return self.decode_bucket + self.bucket[0]
-
-    def row_index(self, i: int) -> int:
-        """The sampler / penalty row of `rows[i]`."""
-        return i if i < self.num_decode else self.decode_bucket + i - self.num_decode
 
 
 class Scheduler:
@@ -96,14 +62,19 @@ class Scheduler:
         self.num_preemptions = 0
         # Each running sequence owns one row of the device-side penalty state; at most max_num_seqs run at once.
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.num_waiting_copies = 0  # copies of n > 1 requests not started yet (0: no step looks for them)
 
     # ---- membership
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        if seq.copy_pending:
+            self.num_waiting_copies += 1
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of the queues (finished or aborted) and returns its pages."""
+        if seq.copy_pending:  # a copy that never started leaves: it needs no fork
+            self._copy_started(seq)
         if seq in self.running:
             self._name_pages(seq)
             self.running.remove(seq)
@@ -121,6 +92,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         for seq in self.running:  # pages the previous step filled get their names
             self._name_pages(seq)
+        forks = self._fork_waiting()
         out = self._schedule_mixed() if self.config.mixed_chunks else None
         if out is None:
             out = self._schedule_prefill()
@@ -128,7 +100,75 @@ class Scheduler:
             out = self._schedule_decode(self.config.num_scheduler_steps)
         if out is not None:
             self.policy.on_scheduled(out.rows)
+            out.forks = forks
+            for r in out.rows:  # a parent whose prompt this step computes pins its pages for its copies
+                p = r.seq
+                if p.num_unforked and p.fork_pages is None and \
+                        p.num_computed + r.num_new_tokens >= len(p.prompt_token_ids) - 1:
+                    n = -(-(len(p.prompt_token_ids) - 1) // self.blocks.page_size)
+                    p.fork_pages = self.blocks.share(p.block_table[:n])
         return out
+
+    # ---- n > 1: copies forked from the parent's prompt
+    def _copy_state(self, seq: Sequence) -> str | None:
+        """For a copy (index > 0 of an n > 1 request) that never ran: "wait" while its parent's prompt is not
+        computed, "fork" once its pages are pinned; None for every other sequence (they start the usual way)."""
+        if not seq.copy_pending:
+            return None
+        p = seq.parent
+        if p.fork_pages is not None:
+            return "fork"
+        return None if p.finished else "wait"
+
+    def _copy_started(self, seq: Sequence) -> None:
+        """A copy starts (forked, or the usual way when its parent ended before its prompt was computed) or
+        leaves: one fewer for its parent's pins."""
+        seq.copy_pending = False
+        self.num_waiting_copies -= 1
+        parent = seq.parent
+        parent.num_unforked -= 1
+        if parent.num_unforked == 0 and parent.fork_pages is not None:
+            self.blocks.release(parent.fork_pages)
+            parent.fork_pages = None
+
+    def _fork_waiting(self) -> list[Fork]:
+        """Starts waiting copies whose parent's prompt is computed, in queue order, while slots and pages last: each
+        shares the parent's prompt pages (one more reference each), gets one page of its own for the prompt's last
+        token (a device copy of the parent's page where that page holds earlier prompt positions), and starts at
+        num_computed = prompt length - 1, so its next step is a decode row that samples its first token. No prefill
+        runs per copy, and all the copies decode together.
+
+        Fairness: forking stops at the first waiting sequence that is not a copy (it is admitted the usual way,
+        first), and a request's copies that did not fit go to the back of the queue, so a later request waits for at
+        most one round of another request's copies, not for all n of them."""
+        forks: list[Fork] = []
+        if not self.num_waiting_copies:
+            return forks
+        rotated: set[int] = set()
+        ps = self.blocks.page_size
+        for seq in self.policy.order(self.waiting):
+            state = self._copy_state(seq)
+            if state is None:
+                break
+            if state == "wait":
+                continue
+            if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_admit(1):
+                break
+            p, L = seq.parent, len(seq.prompt_token_ids)
+            keep = (L - 1) // ps  # pages wholly before the last prompt token: shared as they are
+            table = self.blocks.share(p.fork_pages[:keep])
+            self.blocks.grow(table, keep * ps + 1)
+            src = p.fork_pages[keep] if (L - 1) % ps else None  # read before _start: the last copy unpins
+            seq.block_table = table
+            seq.block_hashes = list(p.block_hashes[:keep])
+            seq.num_computed = L - 1
+            self._start(seq)
+            forks.append(Fork(src, table[keep], seq.slot, seq.prompt_token_ids))
+            rotated.add(id(p))
+        for seq in [s for s in self.waiting if s.parent is not None and id(s.parent) in rotated]:
+            self.waiting.remove(seq)  # the copies that did not fit wait behind everyone queued now
+            self.waiting.append(seq)
+        return forks
 
     # ---- prefix caching
     def _name_pages(self, seq: Sequence) -> None:
@@ -184,6 +224,8 @@ class Scheduler:
         for seq in self.policy.order(self.waiting):
             if len(self.running) + len(rows) >= self.config.max_num_seqs:
                 break
+            if self._copy_state(seq) is not None:
+                continue  # a copy of an n > 1 request: forked from its parent (_fork_waiting), never prefilled
             hit = self._prefix_hit(seq)
             pages = hit or []
             if pages and rows:
@@ -225,10 +267,12 @@ class Scheduler:
         partial = next((s for s in self.running if s.num_uncomputed > 1), None)
         candidate = None
         if partial is None:
-            free = min(self.config.max_num_seqs - len(self.running), len(self.waiting))
+            startable = self.waiting if not self.num_waiting_copies else \
+                [s for s in self.waiting if self._copy_state(s) is None]
+            free = min(self.config.max_num_seqs - len(self.running), len(startable))
             if free == 0 or free > 1:
                 return None  # nothing to start, or a burst: a prefill step of many rows
-            candidate = next(iter(self.policy.order(self.waiting)))
+            candidate = next(iter(self.policy.order(startable)))
         decode = self._schedule_decode()
         if decode is None or decode.preempted:
             return decode  # pages ran short: no prefill joins (the preempted wait at the front of the queue)
@@ -265,6 +309,8 @@ class Scheduler:
         return ScheduledSeq(seq, n, samples=cached + n == seq.num_tokens)
 
     def _start(self, seq: Sequence) -> None:
+        if seq.copy_pending:
+            self._copy_started(seq)
         self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         seq.slot = self._free_slots.pop()

@@ -62,6 +62,13 @@ class Sequence:
     num_cached_tokens: int = 0
     num_pending: int = 0            # trailing output ids that are PENDING placeholders
     max_output_tokens: int = sys.maxsize  # outputs at which it ends by length (max_tokens, or max_model_len)
+    # n > 1: copies 1..n-1 are forked from copy 0 (their `parent`) once its prompt is computed: they share its
+    # prompt's pages instead of prefilling (see Scheduler._fork_waiting). On the parent: the pages pinned for the
+    # copies (None until pinned), and how many copies have not started yet (the pins go when none is left).
+    parent: "Sequence | None" = None
+    copy_pending: bool = False      # a copy that has not started yet (nor left)
+    fork_pages: list[int] | None = None
+    num_unforked: int = 0
 
     def __post_init__(self):
         if self.client is None:

@@ -293,6 +293,10 @@ class AsyncLLMEngine:
                     self.num_steps += 1
                     self._flush()  # the step did not dispatch (nothing schedulable)
                     self._pending = self._collect(outs, t)
+                    for rid, exc in engine.take_failed():  # requests the step failed alone
+                        stream = self._streams.pop(rid, None)
+                        if stream is not None:
+                            self._fail([stream], exc)
                     log.step(t)
                     if not engine.has_unfinished_requests():
                         self._flush()
@@ -342,7 +346,9 @@ class AsyncLLMEngine:
                 try:
                     engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
                                        arrival_time=kw["arrival_time"], priority=kw["priority"])
-                except (ValueError, TypeError, NotImplementedError) as e:
+                except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
+                    if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
+                        logger.exception("adding request %s raised; it fails alone", rid)
                     self._fail([stream], e)
                     continue
                 self._streams[rid] = stream

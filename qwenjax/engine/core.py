@@ -265,11 +265,19 @@ class EngineCore:
                 self.num_steps += 1
                 self.dirty = True
                 self._collect(outs, t)
+                self._report_failed()
                 log.step(t)
                 if not engine.has_unfinished_requests():
                     self.flush()
         self.flush()
         engine.shutdown()  # several hosts: release the other processes (nothing otherwise)
+
+    def _report_failed(self) -> None:
+        """Requests the engine failed alone in this step go back as errors (their callers get the exception)."""
+        for rid, exc in self.engine.take_failed():
+            self.errors.append((rid, *error_kind(exc)))
+            self.live.pop(rid, None)
+            self.encoder.forget(rid)
 
     def _collect(self, outs, t: float) -> None:
         """This step's outputs to send: every request's first and last, the others every `stream_interval` steps."""
@@ -281,7 +289,12 @@ class EngineCore:
                 continue
             st[0].append(t)
             if due or o.finished or not st[1]:
-                self.outputs.append((o.request_id, enc.encode_request(o), st[0]))
+                try:
+                    self.outputs.append((o.request_id, enc.encode_request(o), st[0]))
+                except Exception as e:  # noqa: BLE001 - one request's output must not end the loop
+                    self.engine.abort_request(o.request_id)
+                    self.engine.failed.append((o.request_id, e))
+                    continue
                 st[0], st[1] = [], True
             if o.finished:
                 del live[o.request_id]
@@ -297,7 +310,9 @@ class EngineCore:
                 try:
                     engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
                                        arrival_time=kw["arrival_time"], priority=kw["priority"])
-                except (ValueError, TypeError, NotImplementedError) as e:
+                except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
+                    if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
+                        logger.exception("adding request %s raised; it fails alone", rid)
                     self.errors.append((rid, *error_kind(e)))
                     continue
                 self.live[rid] = [[], False]

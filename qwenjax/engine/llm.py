@@ -123,6 +123,10 @@ class LLM:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(f"output {tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
+            failed = [(rid, e) for rid, e in engine.take_failed() if rid in pending]
+            if failed:  # a request the engine could not run (the others were unharmed; generate aborts them)
+                rid, e = failed[0]
+                raise RuntimeError(f"prompt {ids.index(rid)} failed in the engine: {type(e).__name__}: {e}") from e
             if pending and not engine.has_unfinished_requests():
                 raise RuntimeError(f"requests {sorted(pending)[:3]} vanished from the engine")
         if bar is not None:

@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import itertools
 import logging
-import os
 import time
 from typing import Callable, Iterable
 
@@ -20,13 +19,15 @@ import jax
 import numpy as np
 
 from qwenjax import compat
-from qwenjax.config import EngineArgs, SchedulerConfig
+from qwenjax.config import EngineArgs, SchedulerConfig, compilation_cache_path
 from qwenjax.core.block_manager import BlockManager
-from qwenjax.core.output_processor import OutputProcessor
-from qwenjax.core.scheduler import Scheduler, SchedulerOutput
+from qwenjax.core.output_processor import OutputProcessor, request_output
+from qwenjax.core.scheduler import Scheduler
+from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.core.stop_checker import StopChecker
-from qwenjax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from qwenjax.engine.stats import EngineStats
+from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from qwenjax.worker import lockstep
 from qwenjax.worker.lockstep import to_host
@@ -39,12 +40,6 @@ logger = logging.getLogger("qwenjax")
 
 _GREEDY = SamplingParams(temperature=0.0)
 _GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
-
-
-def default_compilation_cache_dir() -> str:
-    """compilation_cache_dir="auto": under the user's cache directory, beside the built-in model."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(root, "qwenjax", "jax-compilation-cache")
 
 
 def freeze_gc_heap() -> None:
@@ -72,26 +67,6 @@ class _InFlight:
     num_steps: int = 1      # K of a multi-step dispatch
 
 
-class EngineStats:
-    """Counters read by the server's /metrics and the tests."""
-
-    def __init__(self):
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.steps = 0
-        self.max_decode_batch = 0
-        self.prefill_steps = 0         # steps of prompt tokens only
-        self.decode_steps = 0          # steps of one new token a row only
-        self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
-        self.multi_steps = 0           # decode dispatches that ran num_scheduler_steps steps (counted once in steps)
-        self.step_rows = 0             # rows over all steps (step_rows / steps: the mean rows a step)
-        self.preemptions = 0
-        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
-        self.host_dispatch_s = 0.0     # seconds in runner.execute(_steps): JAX's dispatch of the step(s) and sampler
-        self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs, *, memory_source=None):
         missing = args.unsupported()
@@ -101,13 +76,13 @@ class LLMEngine:
             logger.warning("JAX was initialised before the engine, so gpu_memory_utilization=%.2f cannot set its "
                            "memory pool; start the engine before other JAX work", args.gpu_memory_utilization)
         self.args = args
-        if args.compilation_cache_dir:
-            where = compat.enable_compilation_cache(default_compilation_cache_dir()
-                                                    if args.compilation_cache_dir == "auto" else
-                                                    os.path.expanduser(args.compilation_cache_dir))
-            logger.info("compiled programs are cached in %s (compilation_cache_dir=None turns it off)", where)
         if args.num_processes > 1:
             lockstep.initialize(args.distributed_coordinator, args.num_processes, args.process_id)
+        # "auto" turns the persistent cache on where it was checked, the CPU (a 7B start-up on an H100 with it on
+        # failed once in the sampler, "Input buffer 1 is not 256-byte aligned"); a directory turns it on anywhere.
+        if args.compilation_cache_dir and (args.compilation_cache_dir != "auto" or jax.default_backend() == "cpu"):
+            where = compat.enable_compilation_cache(compilation_cache_path(args.compilation_cache_dir))
+            logger.info("compiled programs are cached in %s (compilation_cache_dir=None turns it off)", where)
         self.model: LoadedModel = load_model(args, memory_source=memory_source)
         self.model_config = self.model.config
         self.tokenizer = self.model.tokenizer
@@ -128,6 +103,9 @@ class LLMEngine:
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: _InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
+        # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
+        # drained by the loop that runs step() (take_failed) and reported to their callers.
+        self.failed: list[tuple[str, BaseException]] = []
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
         self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
@@ -152,6 +130,8 @@ class LLMEngine:
         """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input."""
         params = (params or SamplingParams()).apply_generation_defaults(self.generation_defaults) \
             if self.generation_defaults else (params or SamplingParams())
+        params = params.verified(vocab_size=self.model_config.vocab_size, max_logprobs=self.args.max_logprobs,
+                                 max_n=self.args.max_n)
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
@@ -186,6 +166,12 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs = []
             seqs.append(seq)
+        if len(seqs) > 1 and self._leader is None and jax.process_count() == 1:
+            # The copies fork from the first one's computed prompt (Scheduler._fork_waiting); multi-host runs do
+            # not replay forks on their followers yet, so there every copy prefills as its own sequence.
+            for seq in seqs[1:]:
+                seq.parent, seq.copy_pending = seqs[0], True
+            seqs[0].num_unforked = len(seqs) - 1
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                       seqs=seqs, arrival_time=arrival)
         if params.prompt_logprobs is not None:
@@ -196,17 +182,7 @@ class LLMEngine:
         return req
 
     def _prompt_logprobs(self, ids: list[int], k: int) -> list:
-        """vLLM's shape: None for the first token, then {token: Logprob} with the token itself and the top k."""
-        chosen, ranks, top_ids, top_lps = self.runner.prompt_logprobs(ids, k)
-        out: list = [None]
-        for i, tok in enumerate(ids[1:]):
-            entry = {tok: Logprob(float(chosen[i]), rank=int(ranks[i]))}
-            for rank, (t, lp) in enumerate(zip(top_ids[i][:k], top_lps[i][:k]), 1):
-                entry.setdefault(int(t), Logprob(float(lp), rank))
-            for t, l in entry.items():
-                l.decoded_token = self.tokenizer.decode([t])  # the text (' Perry'), as the server shows
-            out.append(entry)
-        return out
+        return self.output_processor.prompt_logprobs(ids, k, *self.runner.prompt_logprobs(ids, k))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Ends requests now (finish_reason 'abort') and returns their pages."""
@@ -264,30 +240,29 @@ class LLMEngine:
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = self.blocks.query_tokens
         self.stats.prefix_cache_hits = self.blocks.hit_tokens
+        if out.forks:  # copies started this step: their pages and penalty rows, before the step reads them
+            self.runner.fork(out.forks)
         now = time.monotonic()
         B = out.num_rows
-        rows = []
+        try:
+            rows = [self._sampling_row(r) for r in out.rows]
+            if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
+                rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
+            inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
+                                   max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
+                                   scratch_slot=self.runner.scratch_slot)
+            mode = choose_mode(rows)
+            tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
+        except Exception as e:  # noqa: BLE001 - one request's rows must not end the loop
+            self._fail_culprits(out, e)
+            return None
         for r in out.rows:
             req = self.requests[r.seq.request_id]
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            if r.samples:
-                s = r.seq
-                rows.append(SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
-                                        banned_ids=s.params.banned_token_ids(len(s.output_token_ids),
-                                                                             self.eos_token_ids)))
-            else:
-                rows.append(_GREEDY_ROW)
-        if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
-            rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
-        inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
-                               max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
-                               scratch_slot=self.runner.scratch_slot)
-        mode = choose_mode(rows)
         # Penalties always on (see WARMUP_MODES); a row asking for logprobs, even 0 top ones, gets ranks too.
         wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
         mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
-        tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
         K = out.num_steps
         if K > 1 and mode not in WARMUP_MODES:
             K = 1  # a multi-step program per sampler mode compiles the whole model: only the warmed-up modes get one
@@ -320,6 +295,48 @@ class LLMEngine:
                 seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
         return _InFlight(res, ranks, wants_lp, samples, K)
 
+    def _sampling_row(self, r) -> SamplingRow:
+        if not r.samples:
+            return _GREEDY_ROW
+        s = r.seq
+        return SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
+                           banned_ids=s.params.banned_token_ids(len(s.output_token_ids), self.eos_token_ids))
+
+    def _fail_culprits(self, out: SchedulerOutput, exc: Exception) -> None:
+        """Building a step's inputs raised: fails the requests whose rows raise on their own (their pages are
+        freed, the step is not dispatched, the next step schedules the others again). Re-raises `exc` when no single
+        row does: the fault is not one request's."""
+        culprits = {}
+        for r in out.rows:
+            try:
+                row = self._sampling_row(r)
+                choose_mode([row])
+                build_tensors([row], num_rows=1, vocab_size=self.model_config.vocab_size, with_history=False)
+            except Exception as e:  # noqa: BLE001 - this row is the fault
+                culprits.setdefault(r.seq.request_id, e)
+        if not culprits:
+            raise exc
+        for rid, e in culprits.items():
+            self.fail_request(rid, e)
+
+    def fail_request(self, request_id: str, exc: BaseException) -> None:
+        """Ends a request that a step could not handle: its sequences finish with reason "error", their pages are
+        freed, and (request id, exc) goes to `failed` for the caller. Touches nothing that could raise again."""
+        logger.error("request %s failed in the engine and was dropped: %s: %s", request_id, type(exc).__name__, exc)
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        req.error = exc
+        for seq in req.seqs:
+            if not seq.finished:
+                self.output_processor.finish(seq, "error", flush=False, text=False)
+        self.failed.append((request_id, exc))
+
+    def take_failed(self) -> list[tuple[str, BaseException]]:
+        """The requests failed since the last call: (request id, exception)."""
+        failed, self.failed = self.failed, []
+        return failed
+
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
@@ -335,18 +352,24 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for b, seq, index in step.samples:
             if seq.finished:
-                continue  # ended (stop, abort) after this step was dispatched: its tokens are discarded
-            if step.wants_lp or self._needs_text(seq):
-                for k, token in enumerate(by_row[b]):
-                    if seq.finished:
-                        break
-                    seq.output_token_ids[index + k] = token
-                    seq.num_pending -= 1
-                    i = k * B + b
-                    lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
-                    self.output_processor.append_token(seq, token, index + k, lp, text=self._needs_text(seq))
-            else:
-                self.output_processor.append_tokens(seq, by_row[b], index)
+                continue  # ended (stop, abort, error) after this step was dispatched: its tokens are discarded
+            try:
+                if step.wants_lp or self._needs_text(seq):
+                    for k, token in enumerate(by_row[b]):
+                        if seq.finished:
+                            break
+                        seq.output_token_ids[index + k] = token
+                        seq.num_pending -= 1
+                        i = k * B + b
+                        lp = (float(lps[i]), int(ranks[i]), top_ids[i], top_lps[i]) if step.wants_lp else None
+                        self.output_processor.append_token(seq, token, index + k, lp,
+                                                          text=self._needs_text(seq))
+                else:
+                    self.output_processor.append_tokens(seq, by_row[b], index)
+            except Exception as e:  # noqa: BLE001 - finishing one request's row must not end the loop
+                touched.pop(seq.request_id, None)
+                self.fail_request(seq.request_id, e)
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
 
@@ -369,15 +392,4 @@ class LLMEngine:
         return outs
 
     def request_output(self, req: Request) -> RequestOutput:
-        comps = [CompletionOutput(index=s.index, text=s.output_text,
-                                  token_ids=s.output_token_ids[:s.num_known_outputs],
-                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                                  logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-                 for s in req.seqs]
-        first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
-        metrics = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
-                                 first_token_time=first, finished_time=req.finished_time,
-                                 num_preemptions=sum(s.num_preemptions for s in req.seqs))
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=req.prompt_logprobs, outputs=comps, finished=req.finished,
-                             metrics=metrics)
+        return request_output(req)

@@ -27,7 +27,8 @@ import numpy as np
 from qwenjax.config import SchedulerConfig
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.policies import POLICIES, SchedulingPolicy
-from qwenjax.core.scheduler import Scheduler, SchedulerOutput
+from qwenjax.core.scheduler import Scheduler
+from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import SeqStatus, Sequence
 from qwenjax.sampling_params import SamplingParams
 from qwenjax.sim.step_model import StepTimeModel, step_shape

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qwenjax.core.scheduler import SchedulerOutput
+from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata, segments
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler
@@ -76,6 +76,7 @@ class ModelRunner:
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
                                      out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
+        self._fork = jax.jit(_fork, donate_argnums=(0, 1), out_shardings=(kv_out, pen_out))
 
     @property
     def num_pages(self) -> int:
@@ -105,6 +106,25 @@ class ModelRunner:
                 self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, layout=layout,
                 mode=mode, num_steps=num_steps)
         return out
+
+    def fork(self, forks) -> None:
+        """Starts copies of n > 1 requests (core/scheduler_output.Fork): copies page src to dst where src is set, and rebuilds
+        each copy's penalty row from its prompt (mask) with no outputs (counts 0). Dispatched before the step that
+        first reads them; shapes are padded to powers of two (one small program per size class)."""
+        m = max(8, 1 << (len(forks) - 1).bit_length())
+        width = max(16, 1 << (max(len(f.prompt) for f in forks) - 1).bit_length())
+        src = np.zeros((m,), np.int32)
+        dst = np.full((m,), self.num_pages, np.int32)  # padding: out of range, dropped
+        slots = np.full((m,), self.scratch_slot + 1, np.int32)  # padding: past the last row, dropped
+        tokens = np.full((m, width), self.vocab_size, np.int32)  # padding: past the vocabulary, dropped
+        copies = [f for f in forks if f.src is not None]
+        src[:len(copies)] = [f.src for f in copies]
+        dst[:len(copies)] = [f.dst for f in copies]
+        for i, f in enumerate(forks):
+            slots[i] = f.slot
+            tokens[i, :len(f.prompt)] = f.prompt
+        with jax.set_mesh(self.mesh):
+            self.kv_cache, self.penalties = self._fork(self.kv_cache, self.penalties, src, dst, slots, tokens)
 
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
@@ -149,7 +169,7 @@ class ModelRunner:
         """Log-probabilities the model gives each prompt token after the ones before it, plus the top `k`.
 
         One extra forward over the prompt (dense causal attention, a one-page scratch cache whose writes are all
-        dropped), compiled once per power-of-two prompt length on first use. Returns logprobs [n-1], their ranks
+        dropped), compiled once per power-of-two prompt length and power-of-two k on first use. Returns logprobs [n-1], their ranks
         in the whole vocabulary [n-1], and the top-k ids and logprobs [n-1, k].
         """
         n = len(token_ids)
@@ -166,9 +186,11 @@ class ModelRunner:
                                  slot_mapping=(self.page_size + np.arange(q, dtype=np.int32))[None],
                                  block_tables=np.zeros((1, 1), np.int32), seq_lens=np.array([n], np.int32),
                                  query_lens=np.array([n], np.int32))
+        kk = 1 << max(k - 1, 0).bit_length()  # k to a power of two: few programs whatever k requests ask
         with jax.set_mesh(self.mesh):
-            outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=k)
-        return tuple(np.asarray(x)[:n - 1] for x in outs)
+            outs = self._prompt_lp(self._param_leaves, self._scratch_kv, ids, meta, k=kk)
+        chosen, ranks, top_ids, top_lps = (np.asarray(x)[:n - 1] for x in outs)
+        return chosen, ranks, top_ids[:, :k], top_lps[:, :k]
 
 
 
@@ -261,6 +283,18 @@ def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, me
     ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
     top_lps, top_ids = jax.lax.top_k(logprobs, max(k, 1))
     return chosen, ranks, top_ids, top_lps
+
+
+def _fork(kv_cache, penalties, src, dst, slots, tokens):
+    """ModelRunner.fork's device half: pages src -> dst ([M]; dst out of range: none), penalty rows `slots` ([M])
+    cleared and given their prompt tokens ([M, L], the vocabulary size: none)."""
+    kv_cache = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
+                for k, v in kv_cache]
+    mask = penalties.prompt_mask.at[slots].set(False, mode="drop")
+    rows = jnp.broadcast_to(slots[:, None], tokens.shape)
+    mask = mask.at[rows, tokens].set(True, mode="drop")
+    counts = penalties.output_counts.at[slots].set(0, mode="drop")
+    return kv_cache, penalty_state.PenaltyState(mask, counts)
 
 
 def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):

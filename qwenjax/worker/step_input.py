@@ -10,7 +10,7 @@ import numpy as np
 
 from qwenjax.compat import register_dataclass
 from qwenjax.config import packed_len
-from qwenjax.core.scheduler import SchedulerOutput
+from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, PackedMetadata
 
 

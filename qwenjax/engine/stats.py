@@ -1,0 +1,23 @@
+"""The engine's counters: what /metrics, the offline stats and the benchmarks read."""
+
+from __future__ import annotations
+
+
+class EngineStats:
+    """Counters read by the server's /metrics and the tests."""
+
+    def __init__(self):
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.steps = 0
+        self.max_decode_batch = 0
+        self.prefill_steps = 0         # steps of prompt tokens only
+        self.decode_steps = 0          # steps of one new token a row only
+        self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
+        self.multi_steps = 0           # decode dispatches that ran num_scheduler_steps steps (counted once in steps)
+        self.step_rows = 0             # rows over all steps (step_rows / steps: the mean rows a step)
+        self.preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
+        self.host_dispatch_s = 0.0     # seconds in runner.execute(_steps): JAX's dispatch of the step(s) and sampler
+        self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
