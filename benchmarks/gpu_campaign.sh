@@ -164,9 +164,11 @@ for s in "${STAGES[@]}"; do
             # tests-bg runs it in the background beside the next stages (put it before stages whose timing does
             # not matter, e.g. gputests): the host has 16 cores, the GPU stages use few of them.
             par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TESTS_WORKERS:-12}" --dist loadfile)
+            # TESTS_EXTRA_ARGS: e.g. --ignore for test files whose extra packages were not carried as wheels
+            read -r -a textra <<<"${TESTS_EXTRA_ARGS:-}"
             cmd=(env JAX_PLATFORMS=cpu "$PY" -m pytest -q -ra tests --durations=10 --timeout=400 \
                 -p no:cacheprovider ${par[@]+"${par[@]}"} --ignore=tests/test_notebooks.py \
-                -k "not bash-line23 and not test_every_block_ran")
+                -k "not bash-line23 and not test_every_block_ran" ${textra[@]+"${textra[@]}"})
             if [ "$s" = tests ]; then
                 step tests 60 "${TESTS_TIMEOUT_S:-420}" "${cmd[@]}"
             else
@@ -214,7 +216,9 @@ for s in "${STAGES[@]}"; do
         startup-*)
             # benchmarks/startup.py: `python` to the first token, a cold and a warm compilation cache (own temp dir)
             m=$(model_of "${s#startup-}")
-            step "$s" 120 0 "$PY" benchmarks/startup.py --model "$m" --results-dir "$RESULTS" --out "$OUT"
+            read -r -a sargs <<<"${STARTUP_ARGS:-}"  # e.g. --no-cache
+            step "$s" 120 0 "$PY" benchmarks/startup.py --model "$m" --results-dir "$RESULTS" --out "$OUT" \
+                ${sargs[@]+"${sargs[@]}"}
             ;;
         latency-*)
             m=$(model_of "${s#latency-}")

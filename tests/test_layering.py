@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -18,7 +19,8 @@ def lint(root: pathlib.Path) -> subprocess.CompletedProcess:
     """lint-imports over `root`'s packages (its own copy first on the path, so the installed one is not read)."""
     return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
                            "sys.exit(lint_imports_command())", "--no-cache"], cwd=root, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=300)
+                          text=True, env={"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                                          "PATH": "/usr/bin:/bin"}, timeout=300)
 
 
 def test_the_tree_keeps_its_contracts():

@@ -183,3 +183,17 @@ def test_gpu_mixed_steps_equal_cpu_tokens(model_dir):
     assert runs["gpu"]["tokens"] == runs["cpu"]["tokens"], runs
     np.testing.assert_allclose(np.concatenate(runs["gpu"]["logprobs"]), np.concatenate(runs["cpu"]["logprobs"]),
                                atol=1e-3)
+
+
+def test_n_copies_fork_on_the_gpu(model_dir):
+    """n > 1 copies start from one prefill of the prompt (ModelRunner.fork copies, on the device, the page that holds
+    the prompt's positions before its last token): under greedy decoding every copy is the n = 1 request's tokens,
+    and every page comes back."""
+    llm = LLM(model_dir, dtype="float32", enable_prefix_caching=False, **ENGINE)
+    prompt = list(range(200, 221))  # 21 tokens: the last one sits on page 1 after positions 16..19, so it is copied
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    one = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(**greedy), use_tqdm=False)[0]
+    many = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(n=4, **greedy), use_tqdm=False)[0]
+    assert [c.token_ids for c in many.outputs] == [one.outputs[0].token_ids] * 4
+    blocks = llm.llm_engine.blocks
+    assert blocks.num_free == blocks.num_pages
