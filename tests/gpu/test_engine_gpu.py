@@ -187,13 +187,23 @@ def test_gpu_mixed_steps_equal_cpu_tokens(model_dir):
 
 def test_n_copies_fork_on_the_gpu(model_dir):
     """n > 1 copies start from one prefill of the prompt (ModelRunner.fork copies, on the device, the page that holds
-    the prompt's positions before its last token): under greedy decoding every copy is the n = 1 request's tokens,
-    and every page comes back."""
-    llm = LLM(model_dir, dtype="float32", enable_prefix_caching=False, **ENGINE)
+    the prompt's positions before its last token): each seeded copy's tokens equal the CPU engine's, and every page
+    comes back."""
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: float32 on both sides
     prompt = list(range(200, 221))  # 21 tokens: the last one sits on page 1 after positions 16..19, so it is copied
-    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
-    one = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(**greedy), use_tqdm=False)[0]
-    many = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(n=4, **greedy), use_tqdm=False)[0]
-    assert [c.token_ids for c in many.outputs] == [one.outputs[0].token_ids] * 4
+    engine = {**ENGINE, "enable_prefix_caching": False}
+    sampled = dict(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    llm = LLM(model_dir, dtype="float32", **engine)
+    gpu = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(**sampled), use_tqdm=False)[0]
+    code = ("import json,sys,jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
+            "from qwenjax import LLM, SamplingParams; "
+            f"o = LLM({model_dir!r}, dtype='float32', **{engine!r}).generate(prompt_token_ids=[{prompt!r}], "
+            f"sampling_params=SamplingParams(**{sampled!r}), use_tqdm=False)[0]; "
+            "print(json.dumps([c.token_ids for c in o.outputs]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [c.token_ids for c in gpu.outputs] == json.loads(out.stdout.strip().splitlines()[-1])
+    assert len({tuple(c.token_ids) for c in gpu.outputs}) > 1  # the copies sample apart
     blocks = llm.llm_engine.blocks
     assert blocks.num_free == blocks.num_pages
