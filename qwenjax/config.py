@@ -205,9 +205,8 @@ class EngineArgs:
     # (a CPU start-up would otherwise compile dozens of programs a request never needs); True / False force it.
     skip_warmup: bool | None = None
     # JAX's persistent compilation cache, so a second start loads its compiled buckets instead of compiling them:
-    # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...) on a CPU and off on a GPU (not yet
-    # validated there: see LLMEngine), a directory (on anywhere), or None (off). A cache directory JAX was already
-    # given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
+    # "auto" = $XDG_CACHE_HOME/qwenjax/jax-compilation-cache (~/.cache/...), a directory, or None (off). A cache
+    # directory JAX was already given (jax.config, JAX_COMPILATION_CACHE_DIR) is kept.
     compilation_cache_dir: str | None = "auto"
     # vLLM's enforce_eager (no CUDA graphs); here: no start-up compile of every bucket, as skip_warmup=True (XLA always
     # compiles, there is no eager mode): each bucket compiles the first time a step needs it.

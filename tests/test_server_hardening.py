@@ -29,7 +29,8 @@ FAIL_BUILD, FAIL_FINISH = 1313, 1414
 
 def _inject_faults(llm) -> None:
     """engine_setup hook (runs in the engine process): rows of the FAIL_* seeds raise OverflowError."""
-    build, append, append_many = llm._sampling_row, llm._append_token, llm._append_tokens
+    out = llm.output_processor  # where a row's sampled tokens are finished
+    build, append, append_many = llm._sampling_row, out.append_token, out.append_tokens
 
     def sampling_row(r):
         if r.samples and r.seq.params.seed == FAIL_BUILD:
@@ -37,14 +38,14 @@ def _inject_faults(llm) -> None:
         return build(r)
 
     def finish(original):
-        def wrapped(seq, *args):
+        def wrapped(seq, *args, **kwargs):
             if seq.params.seed == FAIL_FINISH:
                 raise OverflowError("injected while finishing the row")
-            return original(seq, *args)
+            return original(seq, *args, **kwargs)
         return wrapped
 
     llm._sampling_row = sampling_row
-    llm._append_token, llm._append_tokens = finish(append), finish(append_many)
+    out.append_token, out.append_tokens = finish(append), finish(append_many)
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,7 @@ class LLMEngine:
         self.args = args
         if args.num_processes > 1:
             lockstep.initialize(args.distributed_coordinator, args.num_processes, args.process_id)
-        # "auto" turns the persistent cache on where it was checked, the CPU (a 7B start-up on an H100 with it on
-        # failed once in the sampler, "Input buffer 1 is not 256-byte aligned"); a directory turns it on anywhere.
-        if args.compilation_cache_dir and (args.compilation_cache_dir != "auto" or jax.default_backend() == "cpu"):
+        if args.compilation_cache_dir:
             where = compat.enable_compilation_cache(compilation_cache_path(args.compilation_cache_dir))
             logger.info("compiled programs are cached in %s (compilation_cache_dir=None turns it off)", where)
         self.model: LoadedModel = load_model(args, memory_source=memory_source)
