@@ -40,7 +40,7 @@ import threading
 import time
 from typing import AsyncIterator
 
-from qwenjax.engine.core import KNOWN_ERRORS, ThroughputLog
+from qwenjax.engine.core import KNOWN_ERRORS, ThroughputLog, add_or_refuse
 from qwenjax.engine.core_client import EngineCoreClient, RemoteOutput
 from qwenjax.engine.request_stream import EngineDeadError, RequestStream
 from qwenjax.outputs import RequestOutput
@@ -343,13 +343,9 @@ class AsyncLLMEngine:
                 if rid in self._streams:
                     self._fail([stream], ValueError(f"request id {rid!r} is already in use"))
                     continue
-                try:
-                    engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
-                                       arrival_time=kw["arrival_time"], priority=kw["priority"])
-                except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
-                    if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
-                        logger.exception("adding request %s raised; it fails alone", rid)
-                    self._fail([stream], e)
+                refused = add_or_refuse(engine, rid, kw)
+                if refused is not None:
+                    self._fail([stream], refused)
                     continue
                 self._streams[rid] = stream
             else:

@@ -81,6 +81,19 @@ def ready_info(engine) -> dict:
             "num_pages": engine.blocks.num_pages, "page_size": engine.blocks.page_size, "stats": snapshot(engine)}
 
 
+
+def add_or_refuse(engine, rid: str, kw: dict) -> Exception | None:
+    """Adds a served request (an "add" command's fields) to `engine`. A request the engine refuses, or whose add
+    raises, fails alone: the exception is returned, not raised (an unexpected one is logged with its traceback)."""
+    try:
+        engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
+                           arrival_time=kw["arrival_time"], priority=kw["priority"])
+    except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
+        if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
+            logger.exception("adding request %s raised; it fails alone", rid)
+        return e
+    return None
+
 class ThroughputLog:
     """Logs throughput, queue sizes and KV usage every `interval` seconds while the engine is busy (the loop of
     either mode calls it with the LLMEngine it runs)."""
@@ -307,13 +320,9 @@ class EngineCore:
             kind = cmd[0]
             if kind == "add":
                 rid, kw = cmd[1], cmd[2]
-                try:
-                    engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
-                                       arrival_time=kw["arrival_time"], priority=kw["priority"])
-                except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
-                    if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
-                        logger.exception("adding request %s raised; it fails alone", rid)
-                    self.errors.append((rid, *error_kind(e)))
+                refused = add_or_refuse(engine, rid, kw)
+                if refused is not None:
+                    self.errors.append((rid, *error_kind(refused)))
                     continue
                 self.live[rid] = [[], False]
                 self.encoder.add(rid, send_prompt_ids=kw["prompt_token_ids"] is None)
