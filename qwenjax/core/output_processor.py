@@ -92,16 +92,19 @@ class OutputProcessor:
         if seq.num_pending:  # tokens a step in flight samples after the end: never reported
             del seq.output_token_ids[-seq.num_pending:]
             seq.num_pending = 0
-        if not text:
-            pass
-        elif flush and seq.detokenizer is not None:
+        if text:
+            self._final_text(seq, flush)
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _final_text(self, seq: Sequence, flush: bool) -> None:
+        """The text's last piece: the detokenizer's held-back bytes, or (offline, no text as it grew) all of it."""
+        if flush and seq.detokenizer is not None:
             seq.output_text += seq.detokenizer.flush()
         elif seq.detokenizer is None and seq.params.detokenize and seq.output_token_ids:
             seq.output_text = self.tokenizer.decode(
                 seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens,
                 spaces_between_special_tokens=seq.params.spaces_between_special_tokens)
-        self.scheduler.remove(seq)
-        seq.status = SeqStatus.FINISHED
 
     def prompt_logprobs(self, ids: list[int], k: int, chosen, ranks, top_ids, top_lps) -> list:
         """vLLM's shape from the runner's arrays: None for the first token, then {token: Logprob} with the token
