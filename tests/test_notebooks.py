@@ -1,5 +1,6 @@
 """The notebooks execute top to bottom on CPU (nbclient, the python3 kernel, the repository root as working
-directory), and are committed without outputs."""
+directory), and are committed with the outputs of such a run, so that a reader browsing them sees what they print
+and plot."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ CELL_TIMEOUT_S = 300
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_without_outputs(name):
+def test_committed_with_the_outputs_of_a_whole_run(name):
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, (f"notebooks/{name}: cells {dirty} carry outputs; strip them before committing "
-                       f"(jupyter nbconvert --clear-output --inplace notebooks/{name})")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"notebooks/{name}: execution counts {counts}: commit it as one run top to bottom "
+        f"(jupyter nbconvert --to notebook --execute --inplace notebooks/{name})")
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert any(c.outputs for c in code), f"notebooks/{name} shows no output at all"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
