@@ -91,6 +91,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     priority: int = 0  # for a priority scheduler; lower runs first; not validated beyond being an int
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's); None = all
 
     # The constructor is written out so that it can tell a passed default from an omitted argument; every
     # parameter matches a field above (tests/test_sampling_params.py checks that they stay in step).
@@ -118,6 +119,7 @@ class SamplingParams:
         include_stop_str_in_output: bool = _UNSET,
         detokenize: bool = _UNSET,
         priority: int = _UNSET,
+        truncate_prompt_tokens: int | None = _UNSET,
     ) -> None:
         # Must stay the first statement: at this point locals() holds exactly the parameters.
         given = {name: value for name, value in locals().items() if name != "self" and value is not _UNSET}
@@ -136,7 +138,7 @@ class SamplingParams:
 
         for name in ("n", "min_tokens", "priority"):
             put(name, _as_int(name, getattr(self, name)))
-        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
+        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed", "truncate_prompt_tokens"):
             value = getattr(self, name)
             put(name, None if value is None else _as_int(name, value))
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
@@ -168,6 +170,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be at least 1 (or None: the whole prompt), got "
+                             f"{self.truncate_prompt_tokens}.")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

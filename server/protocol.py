@@ -72,6 +72,7 @@ class _Request(BaseModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
 
     def warn_ignored(self, endpoint: str) -> None:
         if self.model_extra:
@@ -80,6 +81,9 @@ class _Request(BaseModel):
     def check_common(self) -> None:
         if self.logit_bias:
             raise APIError("logit_bias is not supported yet", param="logit_bias")
+        for name in ("allowed_token_ids", "bad_words"):  # vLLM's extra fields that qwenjax does not have yet
+            if (self.model_extra or {}).get(name):
+                raise APIError(f"{name} is not supported yet", param=name)
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -90,7 +94,7 @@ class _Request(BaseModel):
         """
         given: dict[str, Any] = {"max_tokens": max_tokens}
         for name in ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
-                     "min_p", "repetition_penalty", "stop_token_ids"):
+                     "min_p", "repetition_penalty", "stop_token_ids", "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and name in self.model_fields_set:
                 given[name] = value

@@ -35,6 +35,14 @@ class Prompt(NamedTuple):
     ids: list[int]
 
 
+def truncated(prompt: Prompt, k: int | None) -> Prompt:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (its text then no longer applies). The engine cuts
+    the same way; the server cuts first so that max_tokens and usage count the tokens that run."""
+    if k is None or k < 1 or len(prompt.ids) <= k:
+        return prompt  # k < 1 is refused by SamplingParams, naming the field
+    return Prompt(None, prompt.ids[-k:])
+
+
 class ClientGone(Exception):
     """The client closed the connection before the response was ready."""
 
@@ -235,7 +243,7 @@ class OpenAIServing:
         req.warn_ignored("/v1/chat/completions")
         req.check()
         model = self.check_model(req.model)
-        prompt = self.chat_prompt(req)
+        prompt = truncated(self.chat_prompt(req), req.truncate_prompt_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens(), what="messages", param=param)
         num_lp = req.num_logprobs(self.max_logprobs)
@@ -265,6 +273,7 @@ class OpenAIServing:
                 prompts.append(Prompt(None, p))
             else:
                 raise APIError(f"{where} must be a non-empty string or a non-empty list of token ids", param="prompt")
+        prompts = [truncated(p, req.truncate_prompt_tokens) for p in prompts]
         lens = [len(p.ids) for p in prompts]
         max_tokens = min(self.max_tokens(n, req.max_tokens, what="prompt", param="max_tokens") for n in lens)
         params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs))

@@ -93,3 +93,15 @@ def test_second_start_loads_compiled_programs_from_the_cache(tmp_path):
     assert cold["programs"] > 0 and cold["from_cache"] == 0 and any((tmp_path / "jax-cache").iterdir())
     # (JAX reports a backend compile for a program it loads from the cache too, with a retrieval beside it.)
     assert warm == {"programs": cold["programs"], "from_cache": cold["programs"]}
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(builtin):
+    ids = list(range(1000, 1040))
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    cut = builtin.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(truncate_prompt_tokens=8, **greedy),
+                           use_tqdm=False)[0]
+    last = builtin.generate(prompt_token_ids=[ids[-8:]], sampling_params=SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-8:]
+    assert cut.outputs[0].token_ids == last.outputs[0].token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be at least 1"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -112,6 +112,11 @@ REFUSED = [
      "stop_token_ids", ["at most 1024 token ids", "100000"]),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": [f"s{i}" for i in range(5000)]}, "stop",
      ["at most 1024 strings", "5000"]),
+    # vLLM's fields that qwenjax does not have yet are refused by name, never silently ignored
+    ("/v1/chat/completions", {**CHAT, "allowed_token_ids": [1, 2]}, "allowed_token_ids", ["not supported"]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "bad_words": ["x"]}, "bad_words", ["not supported"]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens",
+     ["at least 1", "got 0"]),
 ]
 
 
@@ -290,3 +295,14 @@ def test_health_answers_while_a_large_request_is_prepared(engine):
         t.join(180)
     assert events == ["encode started", "health 200", "encode released"]
     assert result["r"].status_code == 400 and "context_length_exceeded" in result["r"].text  # it was prepared
+
+
+def test_truncate_prompt_tokens_counts_the_tokens_that_ran(server, engine):
+    """vLLM's truncate_prompt_tokens: only the prompt's last k tokens run, and usage counts them."""
+    ids = list(range(1000, 1040))
+    r = post(server, "/v1/completions", {"prompt": ids, "max_tokens": 2, "temperature": 0,
+                                         "truncate_prompt_tokens": 8})
+    assert r.status_code == 200, r.text
+    cut = post(server, "/v1/completions", {"prompt": ids[-8:], "max_tokens": 2, "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] == 8
+    assert r.json()["choices"][0]["text"] == cut.json()["choices"][0]["text"]

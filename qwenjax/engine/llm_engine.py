@@ -137,6 +137,8 @@ class LLMEngine:
                 raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if params.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens only
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it must have at least 1 token")
         n = len(prompt_token_ids)
