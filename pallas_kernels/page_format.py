@@ -54,8 +54,8 @@ def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, scale: jax.Arra
     if slots.shape[0] == 1:
         # XLA rewrites a one-index scatter into a fusion over the whole page array, which copies the donated cache
         # every step (CPU, built-in model: a 1-row decode step took 600 ms against 4 ms). A second index, out of
-        # range and so dropped, keeps it a scatter in place.
+        # range and so dropped (and never equal to the first: the indices stay unique), keeps it a scatter in place.
         vals = jnp.concatenate([vals, vals])
-        slots = jnp.concatenate([slots, jnp.full((1,), P * S, slots.dtype)])
+        slots = jnp.concatenate([slots, jnp.where(slots[:1] == P * S, P * S + 1, P * S).astype(slots.dtype)])
     flat = flat.at[:, slots, :].set(vals.transpose(1, 0, 2), mode="drop", unique_indices=True)
     return flat.reshape(K, P, S, H)
