@@ -17,6 +17,8 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qwenjax.structured_outputs import StructuredOutputsParams, as_structured_outputs
+
 # Temperatures below this are greedy decoding (argmax), as in vLLM.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -27,6 +29,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 # picks a compiled variant): unbounded, one request's list would slow every step of the engine.
 MAX_STOP_TOKEN_IDS = 1024
 MAX_STOP_STRINGS = 1024
+
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (a padded per-row array of the sampler)
 
 # Keys of a generation config that may supply defaults; every other key of generation_config.json (bos_token_id,
 # do_sample, ...) is ignored. "max_new_tokens" is Hugging Face's name for max_tokens.
@@ -92,6 +96,10 @@ class SamplingParams:
     detokenize: bool = True
     priority: int = 0  # for a priority scheduler; lower runs first; not validated beyond being an int
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's); None = all
+    logit_bias: dict[int, float] | None = None  # added to the token's logit before penalties; at most MAX_LOGIT_BIAS
+    allowed_token_ids: list[int] | None = None  # only these ids may be drawn
+    bad_words: list[str] | None = None  # words never generated (their last token is banned after the others)
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar constraint
 
     # The constructor is written out so that it can tell a passed default from an omitted argument; every
     # parameter matches a field above (tests/test_sampling_params.py checks that they stay in step).
@@ -120,9 +128,18 @@ class SamplingParams:
         detokenize: bool = _UNSET,
         priority: int = _UNSET,
         truncate_prompt_tokens: int | None = _UNSET,
+        logit_bias: Mapping[int, float] | None = _UNSET,
+        allowed_token_ids: Iterable[int] | None = _UNSET,
+        bad_words: Iterable[str] | None = _UNSET,
+        structured_outputs: StructuredOutputsParams | Mapping[str, Any] | None = _UNSET,
+        guided_decoding: StructuredOutputsParams | None = _UNSET,  # vLLM's older name for structured_outputs
     ) -> None:
         # Must stay the first statement: at this point locals() holds exactly the parameters.
         given = {name: value for name, value in locals().items() if name != "self" and value is not _UNSET}
+        if "guided_decoding" in given:
+            if given.get("structured_outputs") is not None:
+                raise ValueError("pass structured_outputs or its older name guided_decoding, not both.")
+            given["structured_outputs"] = given.pop("guided_decoding")
         self._assign(given, explicit=frozenset(given))
 
     def _assign(self, given: Mapping[str, Any], explicit: frozenset[str]) -> None:
@@ -149,6 +166,11 @@ class SamplingParams:
         put("top_k", _as_int("top_k", self.top_k))
         put("stop", _as_stop_list(self.stop))
         put("stop_token_ids", _as_token_list(self.stop_token_ids))
+        put("logit_bias", _as_logit_bias(self.logit_bias))
+        put("allowed_token_ids", None if self.allowed_token_ids is None
+            else _as_token_list(self.allowed_token_ids, "allowed_token_ids"))
+        put("bad_words", None if self.bad_words is None else _as_strings("bad_words", self.bad_words))
+        put("structured_outputs", as_structured_outputs(self.structured_outputs))
 
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
@@ -187,6 +209,10 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}.")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer), got {self.seed}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must hold at least one token id (None: every token), got [].")
+        if len(self.logit_bias or ()) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}.")
         if self.stop and not self.detokenize:
             raise ValueError(f"stop strings need detokenize=True, got stop={self.stop} with detokenize=False.")
 
@@ -265,9 +291,11 @@ class SamplingParams:
                              f"{len(self.stop_token_ids)}.")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
-        bad = next((t for t in self.stop_token_ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}) (the vocabulary), got {bad}.")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids),
+                          ("logit_bias", self.logit_bias)):
+            bad = next((t for t in ids or () if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} must be token ids in [0, {vocab_size}) (the vocabulary), got {bad}.")
         if self.top_k >= vocab_size:
             return self.clone(top_k=0)
         return self
@@ -319,9 +347,35 @@ def _as_stop_list(stop: Any) -> list[str]:
     return stops
 
 
-def _as_token_list(ids: Any) -> list[int]:
+def _as_token_list(ids: Any, name: str = "stop_token_ids") -> list[int]:
     if ids is None:
         return []
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}.")
-    return [_as_int("stop_token_ids", i) for i in ids]
+        raise ValueError(f"{name} must be a list of integers, got {ids!r}.")
+    return [_as_int(name, i) for i in ids]
+
+
+def _as_strings(name: str, values: Any) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Iterable) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a list of strings, got {values!r}.")
+    return list(values)
+
+
+def _as_logit_bias(bias: Any) -> dict[int, float] | None:
+    """{token id: bias}, ids as ints (the server's JSON keys are strings), biases finite and clamped to [-100, 100]
+    as OpenAI and vLLM do."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}.")
+    out = {}
+    for k, v in bias.items():
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {k!r}.") from None
+        value = _as_float("logit_bias", v)
+        if not math.isfinite(value):
+            raise ValueError(f"logit_bias values must be finite numbers, got {v!r} for token {tid}.")
+        out[tid] = min(100.0, max(-100.0, value))
+    return out

@@ -1,0 +1,138 @@
+"""Structured outputs on the host: constraints compiled by llguidance, one matcher per sequence, token bitmasks.
+
+A constraint (qwenjax.structured_outputs) becomes an llguidance grammar, which is validated and compiled into a
+matcher once per distinct constraint (an LRU cache of pristine matchers); each sequence gets a deep copy, advanced
+token by token as its outputs become known. Before a step samples, `fill_bitmasks` writes each constrained row's
+allowed tokens into an int32 bitmask [rows, ceil(V / 32)] (bit t % 32 of word t // 32 set: token t allowed), in
+parallel threads outside the GIL; the sampler sets the logits of every other token to -inf.
+
+Invariants: a matcher has consumed exactly the sequence's known output tokens; bits past the tokenizer's vocabulary
+(the model's padded rows) are 0, so those ids are never drawn under a constraint.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+
+from qwenjax.structured_outputs import StructuredOutputsParams
+
+logger = logging.getLogger("qwenjax")
+
+CACHE_SIZE = 256  # distinct constraints whose compiled matcher is kept
+# Compact JSON (see qwenjax.structured_outputs): no whitespace between tokens.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def llguidance_grammar(so: StructuredOutputsParams) -> str:
+    """The llguidance grammar text of a constraint (not yet validated)."""
+    import llguidance
+
+    kind = so.kind
+    if kind in ("json", "json_object"):
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(so.schema), defaults=_JSON_OPTIONS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(so.regex)
+    if kind == "choice":
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in so.choice))
+    try:
+        return llguidance.grammar_from("grammar", so.grammar)  # Lark, or GBNF converted to Lark
+    except ValueError as e:
+        raise ValueError(f"structured outputs grammar is neither Lark nor GBNF: {e}") from None
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer and vocabulary size; thread-safe (the server validates requests on
+    worker threads while the engine loop makes matchers)."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids, *, threads: int | None = None):
+        self._hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._threads = threads
+        self._tokenizer = None  # llguidance's, built on first use (~1 s for Qwen2's vocabulary)
+        self._executor = None
+        self._cache: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.compile_seconds: list[float] = []  # wall time of each compile that missed the cache (benchmarks read it)
+
+    @property
+    def bitmask_width(self) -> int:
+        return (self.vocab_size + 31) // 32
+
+    def _ll_tokenizer(self):
+        if self._tokenizer is None:
+            import llguidance
+            import llguidance.hf
+
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                           eos_token=self.eos_token_ids or None)
+            self._executor = llguidance.LLExecutor(self._threads)
+        return self._tokenizer
+
+    def compile(self, so: StructuredOutputsParams):
+        """The pristine matcher of `so` (cached). Raises ValueError naming what is wrong with the constraint."""
+        import llguidance
+
+        key = (so.kind, getattr(so, so.kind))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        t0 = time.perf_counter()
+        try:
+            grammar = llguidance_grammar(so)
+        except ValueError as e:
+            raise ValueError(f"structured outputs {so.kind}: {e}") from None
+        tokenizer = self._ll_tokenizer()
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if is_error:
+            raise ValueError(f"structured outputs {so.kind} is not supported or not valid: {messages[0]}")
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured outputs {so.kind} is not supported or not valid: {matcher.get_error()}")
+        self.compile_seconds.append(time.perf_counter() - t0)
+        with self._lock:
+            self._cache[key] = matcher
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def matcher(self, so: StructuredOutputsParams):
+        """A fresh matcher for one sequence."""
+        return self.compile(so).deep_copy()
+
+    def fill_bitmasks(self, rows: list[tuple[object, int]], bitmask: np.ndarray) -> None:
+        """Writes each (matcher, row) pair's allowed tokens into bitmask[row] (C-contiguous int32 [B, W]); rows not
+        named keep their contents. Runs llguidance's threads outside the GIL."""
+        if not rows:
+            return
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        self._ll_tokenizer()
+        fill_next_token_bitmask_par(self._executor, rows, bitmask)
+
+
+def consume(matcher, tokens: list[int]) -> None:
+    """Advances a sequence's matcher over its newly known output tokens. Raises RuntimeError when one is not allowed
+    (only an engine defect or a min_tokens that forbids the grammar's only way out can cause it)."""
+    for t in tokens:
+        if matcher.is_stopped():
+            return  # the constraint is complete (EOS consumed); later tokens are discarded by the stop
+        if not matcher.consume_token(t):
+            raise RuntimeError(f"structured outputs: token {t} is not allowed by the request's constraint "
+                               f"({matcher.get_error()})")
+
+
+def allowed_bitmask(token_ids, vocab_size: int) -> np.ndarray:
+    """The int32 bitmask [ceil(V / 32)] of a token id list (allowed_token_ids)."""
+    ids = np.unique(np.asarray(list(token_ids), np.int64))
+    words = np.zeros(((vocab_size + 31) // 32,), np.uint32)
+    np.bitwise_or.at(words, ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return words.view(np.int32)
