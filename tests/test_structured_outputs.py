@@ -149,7 +149,7 @@ def test_bad_constraints_are_refused_and_lose_nothing(llm, so, fragment):
     ({"json": "{not json"}, "the text does not parse"),
     ({"json": [1, 2]}, "must be a JSON schema object, got list"),
     ({"choice": "ab"}, "choice must be a non-empty list of strings"),
-    ({"choice": []}, "got none"),
+    ({"choice": []}, "choice must be a non-empty list of strings, got []"),
 ])
 def test_malformed_params_name_the_problem(kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
