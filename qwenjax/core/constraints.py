@@ -13,6 +13,7 @@ first and its sampler after reading the previous step (llm_engine: async schedul
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -61,6 +62,8 @@ class Constraints:
         self.vocab_size = vocab_size
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
         self._eos_mask = allowed_bitmask(eos_token_ids, vocab_size)
+        self.mask_seconds = 0.0  # host time spent building bitmasks (benchmarks read it)
+        self.mask_steps = 0
 
     @property
     def bitmask_width(self) -> int:
@@ -100,6 +103,7 @@ class Constraints:
     def bitmask(self, rows: list[SeqConstraint | None]) -> np.ndarray:
         """The step's bitmask [len(rows), W]: -1 (all allowed) for rows without a mask, allowed_token_ids, and each
         matcher's next-token mask (and-ed with allowed_token_ids when a row has both)."""
+        t0 = time.perf_counter()
         mask = np.full((len(rows), self.bitmask_width), -1, np.int32)
         fills = []
         for i, c in enumerate(rows):
@@ -113,4 +117,6 @@ class Constraints:
         for i, c in enumerate(rows):
             if c is not None and c.request.allowed is not None:
                 mask[i] &= c.request.allowed
+        self.mask_seconds += time.perf_counter() - t0
+        self.mask_steps += 1
         return mask

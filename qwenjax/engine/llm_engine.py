@@ -278,6 +278,7 @@ class LLMEngine:
     def _sample_late(self, step: InFlight) -> InFlight:
         """Dispatches a late step's sampler, now that the outputs its rows' masks need are known."""
         out, inp, logits, num_outputs = step.late
+        self.stats.late_samplers += 1
         try:
             rows = step_rows(out, self.eos_token_ids, num_outputs)
             mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
