@@ -160,7 +160,8 @@ def main(argv=None) -> dict:
                "tpot_ms_constrained": tpot_c, "tpot_ms_unconstrained": tpot_u, "tokenizer_init_ms": tokenizer_ms,
                "mask_ms_per_step": statistics.median(r["mask_ms_per_step"] for r in runs_c)}
     config = {"batch": B, "prompt_len": P, "max_tokens": O, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
-              "seed": args.seed, "repeats": args.repeats, "temperature": 1.0, "schema": SCHEMA, "runs_constrained": runs_c,
+              "seed": args.seed, "repeats": args.repeats, "temperature": 1.0, "schema": SCHEMA,
+              "runs_constrained": runs_c,
               "runs_unconstrained": runs_u, "tpot_ms_constrained": one_c, "tpot_ms_unconstrained": one_u}
     config.update(engine_setup.engine_config(llm, kwargs, startup))
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
