@@ -16,9 +16,9 @@ def main(ckpt: str, coordinator: str, pid: int, out: str) -> None:
 
     assert jax.device_count() == 2 * jax.local_device_count(), (jax.device_count(), jax.local_device_count())
     if pid == 0:
-        prompts = [[5, 9, 13], list(range(20, 60))]
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-            temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        from tests.test_multiprocess import PARAMS, PROMPTS
+
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS, use_tqdm=False)
         llm.shutdown()
         result = {"tokens": [o.outputs[0].token_ids for o in outs], "devices": jax.device_count()}
     else:

@@ -14,6 +14,12 @@ from tests.checkpoints import write_checkpoint
 from tests.conftest import SMALL_ENGINE, pythonpath_with
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[5, 9, 13], list(range(20, 60)), [7, 8, 9]]
+# The third row has per-token controls: a sampler mask and bias in the broadcast step, and a two-token bad word, whose
+# bans need the previous token (a late sampler: the leader announces the step only once its sampler inputs are known).
+PARAMS = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 2 + [
+    SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, allowed_token_ids=list(range(100, 140)),
+                   logit_bias={101: 3.0, 102: -2.0}, bad_words=["hello world"])]
 
 
 def _free_port() -> int:
@@ -44,7 +50,6 @@ def test_two_processes_match_one(tmp_path):
     follower = json.loads((tmp_path / "out1.json").read_text())
     assert leader["devices"] == follower["devices"] == 4 and follower["followed"]
 
-    single = LLM(str(ckpt), **SMALL_ENGINE).generate(
-        prompt_token_ids=[[5, 9, 13], list(range(20, 60))],
-        sampling_params=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    single = LLM(str(ckpt), **SMALL_ENGINE).generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS, use_tqdm=False)
     assert leader["tokens"] == [o.outputs[0].token_ids for o in single]
+    assert set(leader["tokens"][2]) <= set(range(100, 140))

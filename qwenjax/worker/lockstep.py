@@ -22,7 +22,7 @@ logger = logging.getLogger("qwenjax")
 
 _FILTERS = ("none", "topk", "sort")
 _STOP, _STEP = 0, 1
-_HEADER = 17
+_HEADER = 21
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -56,11 +56,13 @@ def _header(cmd: int, inp: StepInput | None = None, tensors: SamplingTensors | N
         h[14] = inp.history.shape[1]
         h[15] = inp.slots.shape[0] - B
         h[16] = packed
+        h[17:21] = [mode.has_mask, mode.has_bias, tensors.bitmask.shape[1], tensors.bias_ids.shape[1]]
     return h
 
 
 def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, bool]:
     B, Q, ctx, greedy, filt, cap, pen, nlp, banned, hp, ho, kb, width, hist, D, packed = (int(x) for x in h[1:17])
+    masked, biased, w_mask, kl = (int(x) for x in h[17:21])
     i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     seg = lambda b, q: AttentionMetadata(positions=i32(b, q), slot_mapping=i32(b, q),  # noqa: E731
@@ -76,9 +78,10 @@ def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, b
                     reset=np.zeros((R,), np.bool_), history=i32(B, hist))
     t = SamplingTensors(temperature=f32(R), top_p=f32(R), top_k=i32(R), min_p=f32(R), repetition_penalty=f32(R),
                         presence_penalty=f32(R), frequency_penalty=f32(R), seeds=np.zeros((R,), np.uint32),
-                        steps=i32(R), prompt_tokens=i32(R, hp), output_tokens=i32(R, ho), banned=i32(R, kb))
+                        steps=i32(R), prompt_tokens=i32(R, hp), output_tokens=i32(R, ho), banned=i32(R, kb),
+                        bitmask=i32(R, w_mask), bias_ids=i32(R, kl), bias_values=f32(R, kl))
     mode = SamplerMode(all_greedy=bool(greedy), filter=_FILTERS[filt], topk_cap=cap, penalties=bool(pen),
-                       num_logprobs=nlp, has_banned=bool(banned))
+                       num_logprobs=nlp, has_banned=bool(banned), has_mask=bool(masked), has_bias=bool(biased))
     return inp, t, mode, bool(ctx)
 
 
