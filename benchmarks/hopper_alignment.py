@@ -32,8 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {"default": "", "cmdbuf-off": "--xla_gpu_enable_command_buffer=",
             "dsf-off": "--xla_gpu_enable_dynamic_slice_fusion=false"}
 # (name, table width in pages, offset of the tables in the int32 buffer, in elements)
-CASES = [("W256-off0", 256, 0), ("W256-off64", 256, 64), ("W256-off645", 256, 645), ("W256-off40", 256, 40),
-         ("W100-off5", 100, 5)]
+CASES = [("W256-off0", 256, 0), ("W256-off64", 256, 64), ("W256-off645", 256, 645), ("W100-off5", 100, 5)]
 
 
 def child() -> list[dict]:
@@ -51,12 +50,14 @@ def child() -> list[dict]:
     v_pages = jnp.asarray(rng.standard_normal((K, P, page, H)), jnp.bfloat16)
     seq_lens = jnp.array([Q + ctx], jnp.int32)
     query_lens = jnp.array([Q], jnp.int32)
-    rows = []
+    rows, refs = [], {}
     for name, W, off in CASES:
-        tables = np.resize(rng.permutation(P), (1, W)).astype(np.int32)
+        tables = np.resize(np.random.default_rng(W).permutation(P), (1, W)).astype(np.int32)
         buf = np.full((off + W + 64,), -1, np.int32)
         buf[off:off + W] = tables[0]
-        ref = hopper_paged_prefill_attention(q, k_pages, v_pages, jnp.asarray(tables), seq_lens, query_lens)
+        if W not in refs:  # the tables as their own argument (an entry parameter: aligned)
+            refs[W] = hopper_paged_prefill_attention(q, k_pages, v_pages, jnp.asarray(tables), seq_lens, query_lens)
+        ref = refs[W]
 
         def f(i_buf, q, k, v, off=off, W=W):
             t = jax.lax.slice(i_buf, (off,), (off + W,)).reshape(1, W)
@@ -95,7 +96,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write hopper_alignment.json and the children's logs here")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--timeout-s", type=int, default=90, help="per variant")
+    p.add_argument("--timeout-s", type=int, default=75, help="per variant")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
