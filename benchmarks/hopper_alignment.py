@@ -111,8 +111,8 @@ def main():
         env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), VARIANTS[v]) if x)
         t = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True,
-                                  timeout=args.timeout_s)
+            proc = subprocess.run([sys.executable, __file__, "--child"], check=False, env=env, capture_output=True,
+                                  text=True, timeout=args.timeout_s)
             text, rc = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             text, rc = f"{e.stdout or ''}{e.stderr or ''}\ntimed out", "timeout"
@@ -129,7 +129,7 @@ def main():
             print(f"{v:11s} child failed (rc {rows['rc']}): {rows['tail'][-300:]!r}")
             continue
         for r in rows:
-            print(f"{v:11s} {r['case']:12s} {r['bytes_off_mod_256']:7d} {str(r.get('dynamic_slice_fusion', '-')):>5s} "
+            print(f"{v:11s} {r['case']:12s} {r['bytes_off_mod_256']:7d} {r.get('dynamic_slice_fusion', '-')!s:>5} "
                   f"{str(r.get('run', r.get('compile_error')))[:40]:40s} {str(r.get('chained', '-'))[-40:]:40s} "
                   f"{r.get('max_abs_diff', '-')}")
 

@@ -7,11 +7,11 @@ the compiled program's key, like the shapes it records.
 
 Every leaf starts at a multiple of ALIGN elements (256 bytes) of its buffer, the alignment XLA gives the buffers it
 allocates. XLA may hand a custom call a static slice of a parameter in place instead of copying it (jax 0.11.2's GPU
-compiler does when the slice's size is a multiple of 256 bytes), so a leaf's offset becomes the kernel operand's
-address: Mosaic GPU kernels refuse an operand that is not 256-byte aligned and Triton kernels assume 16 bytes. With
-leaves at arbitrary offsets, the block tables of a mixed step reached the Hopper prefill kernel at offsets such as
-645 int32s and the 7B engine's warm-up failed with `Input buffer 1 is not 256-byte aligned` (benchmarks/NOTES.md,
-entry 32). The padding costs at most 252 bytes a leaf.
+compiler does, by its dynamic-slice fusion, when the slice's size is a multiple of 256 bytes, whatever its offset), so
+a leaf's offset becomes the kernel operand's address, and Mosaic GPU kernels refuse an operand that is not 256-byte
+aligned. With leaves at arbitrary offsets, the block tables of a mixed step reached the Hopper prefill kernel at
+offsets such as 645 int32s and the 7B engine's warm-up failed with `Input buffer 1 is not 256-byte aligned`
+(benchmarks/NOTES.md, entry 32; benchmarks/hopper_alignment.py). The padding costs at most 252 bytes a leaf.
 """
 
 from __future__ import annotations
