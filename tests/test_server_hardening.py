@@ -32,10 +32,10 @@ def _inject_faults(llm) -> None:
     out = llm.output_processor  # where a row's sampled tokens are finished
     build, append, append_many = llm._sampling_row, out.append_token, out.append_tokens
 
-    def sampling_row(r):
+    def sampling_row(r, *args):
         if r.samples and r.seq.params.seed == FAIL_BUILD:
             raise OverflowError("Python int too large to convert to C long (injected)")
-        return build(r)
+        return build(r, *args)
 
     def finish(original):
         def wrapped(seq, *args, **kwargs):

@@ -229,7 +229,7 @@ class LLMEngine:
                                    max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
                                    scratch_slot=self.runner.scratch_slot)
             if not late:
-                rows = step_rows(out, self.eos_token_ids)
+                rows = step_rows(out, self._sampling_row)
                 mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
         except Exception as e:  # noqa: BLE001 - one request's rows must not end the loop
             self._fail_culprits(out, e)
@@ -275,19 +275,22 @@ class LLMEngine:
         return InFlight(res, ranks, wants_lp, samples, K,
                          late=(out, inp, logits, num_outputs) if late else None)
 
+    def _sampling_row(self, r, num_outputs: int | None = None):
+        return sampling_row(r, self.eos_token_ids, num_outputs)
+
     def _sample_late(self, step: InFlight) -> InFlight:
         """Dispatches a late step's sampler, now that the outputs its rows' masks need are known."""
         out, inp, logits, num_outputs = step.late
         self.stats.late_samplers += 1
         try:
-            rows = step_rows(out, self.eos_token_ids, num_outputs)
+            rows = step_rows(out, lambda r: self._sampling_row(r, num_outputs.get(r.seq.seq_id)))
             mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
         except Exception as e:  # noqa: BLE001 - the model call is on the device: fail the constrained rows'
             for r in out.rows:     # requests (where the new work is) and sample the step without their masks
                 if r.seq.constraint is not None:
                     r.seq.constraint = None
                     self.fail_request(r.seq.request_id, e)
-            rows = step_rows(out, self.eos_token_ids, num_outputs)
+            rows = step_rows(out, lambda r: self._sampling_row(r, num_outputs.get(r.seq.seq_id)))
             mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
         if logits is None:
             self._leader.send_step(inp, tensors, mode, out.has_context)
@@ -303,7 +306,7 @@ class LLMEngine:
         culprits = {}
         for r in out.rows:
             try:
-                row = sampling_row(r, self.eos_token_ids)
+                row = self._sampling_row(r)
                 choose_mode([row])
                 build_tensors([row], num_rows=1, vocab_size=self.model_config.vocab_size, with_history=False)
             except Exception as e:  # noqa: BLE001 - this row is the fault

@@ -8,6 +8,7 @@ then its prefill segment.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from qwenjax.core.constraints import Constraints
 from qwenjax.core.scheduler_output import ScheduledSeq, SchedulerOutput
@@ -38,10 +39,9 @@ def needs_known_outputs(out: SchedulerOutput) -> bool:
                for r in out.rows)
 
 
-def step_rows(out: SchedulerOutput, eos_token_ids, num_outputs: dict[int, int] | None = None) -> list[SamplingRow]:
-    """The step's rows in sampler order. `num_outputs`: {seq_id: outputs before this step's} for a late sampler."""
-    get = (lambda r: None) if num_outputs is None else (lambda r: num_outputs.get(r.seq.seq_id))  # noqa: E731
-    rows = [sampling_row(r, eos_token_ids, get(r)) for r in out.rows]
+def step_rows(out: SchedulerOutput, row: Callable[[ScheduledSeq], SamplingRow]) -> list[SamplingRow]:
+    """The step's rows in sampler order, `row` making each scheduled sequence's."""
+    rows = [row(r) for r in out.rows]
     if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
         rows[out.num_decode:out.num_decode] = [GREEDY_ROW] * (out.decode_bucket - out.num_decode)
     return rows
