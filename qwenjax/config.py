@@ -336,7 +336,8 @@ class SchedulerConfig:
         budget = max_num_batched_tokens
         if decode_buckets is None:
             decode_buckets = [b for b in (1, 8, 16, 32, 64, 128, 256, 512) if b < max_num_seqs] + [max_num_seqs]
-        decode_buckets = tuple(sorted(set(int(b) for b in decode_buckets if b <= max_num_seqs)))
+        # The largest bucket holds max_num_seqs rows: the scheduler decodes every running sequence in one step.
+        decode_buckets = tuple(sorted({int(b) for b in decode_buckets if b < max_num_seqs} | {max_num_seqs}))
         # Prefill rows carry at most `chunk` tokens; longer prompts are prefilled in several chunks.
         chunk = min(pow2_at_least(min(budget, max_model_len), 16), pow2_at_least(max_model_len, 16))
         chunk = min(chunk, budget if budget & (budget - 1) == 0 else pow2_at_least(budget, 16) // 2)

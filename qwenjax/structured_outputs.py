@@ -45,7 +45,8 @@ class StructuredOutputsParams:
             if not isinstance(schema, (dict, bool)):
                 raise ValueError(f"structured outputs json must be a JSON schema object, got "
                                  f"{type(schema).__name__}.")
-            object.__setattr__(self, "json", _json.dumps(schema, separators=(",", ":"), sort_keys=True))
+            # Compact text, key order kept (properties are generated in the schema's order).
+            object.__setattr__(self, "json", _json.dumps(schema, separators=(",", ":")))
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

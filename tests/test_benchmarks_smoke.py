@@ -39,6 +39,7 @@ METRICS = {
     "throughput-fixed": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
     "throughput-random": ("output_tok_s", "total_tok_s", "mfu", "wall_s"),
     "prefill": ("tok_s", "mfu", "speedup_vs_dense_forward"),
+    "structured": ("speedup_vs_unconstrained", "tpot_ratio_batch1", "grammar_compile_ms"),
     "dispatch": ("build_us", "pack_us", "enqueue_step_us", "enqueue_sample_us", "enqueue_noop_us", "roundtrip_us",
                  "pipelined_us"),
 }
@@ -52,7 +53,7 @@ def results(tmp_path_factory):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-        import latency, throughput, prefill, dispatch
+        import latency, throughput, prefill, dispatch, structured
         a = {common_args!r}
         latency.main(a + ["--skip-warmup", "--prompt-len", "12", "--output-len", "6", "--repeats", "2", "--profile"])
         throughput.main(a + ["--skip-warmup", "--num-prompts", "6", "--prompt-len", "40", "--output-len", "5",
@@ -61,6 +62,8 @@ def results(tmp_path_factory):
                              "--output-range", "2,6", "--decode-buckets", "5", "--prefill-buckets", "20"])
         prefill.main(a + ["--skip-warmup", "--batch", "2", "--prompt-len", "24", "--repeats", "2"])
         dispatch.main(a + ["--skip-warmup", "--iters", "5", "--context", "64", "--tag", "smoke"])
+        structured.main(a + ["--skip-warmup", "--batch", "3", "--prompt-len", "8", "--max-tokens", "40",
+                             "--repeats", "1"])
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,

@@ -53,6 +53,7 @@ class Sequence:
     output_text: str = ""
     detokenizer: object = None
     stop_checker: object = None
+    constraint: object = None       # core/constraints.SeqConstraint: structured outputs, allowed ids, bad words
     first_token_time: float | None = None
     client: str | None = None       # who sent it, for fair-share scheduling; defaults to the request id
     # Prefix caching: names of the sequence's full blocks (a hash chain over its tokens, kept across preemption

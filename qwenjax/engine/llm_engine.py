@@ -9,7 +9,6 @@ handles step N's tokens, so the host's work hides under the device's.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import logging
 import time
@@ -21,11 +20,14 @@ import numpy as np
 from qwenjax import compat
 from qwenjax.config import EngineArgs, SchedulerConfig, compilation_cache_path
 from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.constraints import Constraints
 from qwenjax.core.output_processor import OutputProcessor, request_output
 from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.core.stop_checker import StopChecker
+from qwenjax.engine.in_flight import InFlight, freeze_gc_heap
+from qwenjax.engine.sampling_inputs import needs_known_outputs, sampler_inputs, sampling_row, step_rows
 from qwenjax.engine.stats import EngineStats
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
@@ -33,38 +35,10 @@ from qwenjax.worker import lockstep
 from qwenjax.worker.lockstep import to_host
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.model_setup import LoadedModel, load_model
-from qwenjax.worker.sampler import WARMUP_MODES, SamplingRow, build_tensors, choose_mode
+from qwenjax.worker.sampler import WARMUP_MODES, build_tensors, choose_mode
 from qwenjax.worker.step_input import build_step_input
 
 logger = logging.getLogger("qwenjax")
-
-_GREEDY = SamplingParams(temperature=0.0)
-_GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0)
-
-
-def freeze_gc_heap() -> None:
-    """Moves every object alive now (modules, the model, compiled executables) out of reach of Python's cyclic GC.
-
-    A full collection walks every tracked object, millions of them once JAX and transformers are imported; during
-    generation the steps' allocations trigger one every second or so, and it stalls the host for milliseconds
-    while the device waits (measured on CPU: ~9 ms of a 512-row decode step's host time). vLLM's engine core does the
-    same after start-up. Unfreezing first lets an earlier, dropped engine's cycles be collected rather than kept.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-@dataclasses.dataclass(frozen=True)
-class _InFlight:
-    """A dispatched step: its device results, and (row, sequence, first output index) of each row that samples.
-    Row b's tokens are the results' flat entries k * B + b, k < num_steps: its outputs index, index + 1, ..."""
-
-    result: object          # SamplerOutput of device arrays
-    ranks: jax.Array | None
-    wants_lp: bool
-    samples: list[tuple[int, Sequence, int]]
-    num_steps: int = 1      # K of a multi-step dispatch
 
 
 class LLMEngine:
@@ -95,12 +69,13 @@ class LLMEngine:
         self.runner: ModelRunner = self.model.runner
         self.stats = EngineStats()
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.scheduler, self.stats)
+        self.constraints = Constraints(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(args.seed)
         self._ids = itertools.count()
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
-        self._in_flight: _InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
+        self._in_flight: InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
         # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
         # drained by the loop that runs step() (take_failed) and reported to their callers.
         self.failed: list[tuple[str, BaseException]] = []
@@ -152,6 +127,7 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        constraint = self.constraints.prepare(params)  # compiles a grammar; raises ValueError for a bad one
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = []
         # Ends by length at max_tokens outputs, or when prompt + outputs reach max_model_len.
@@ -165,6 +141,8 @@ class LLMEngine:
                 seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
             if params.logprobs is not None:
                 seq.logprobs = []
+            if constraint is not None:
+                seq.constraint = self.constraints.start(constraint)
             seqs.append(seq)
         if len(seqs) > 1 and self._leader is None and jax.process_count() == 1:
             # The copies fork from the first one's computed prompt (Scheduler._fork_waiting); multi-host runs do
@@ -227,13 +205,14 @@ class LLMEngine:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        if done is None:
-            if sched is None and self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
-            return []
-        return self._process(done)
+        outputs = [] if done is None else self._process(done)
+        if launched is not None and launched.late is not None:
+            self._in_flight = self._sample_late(launched)
+        elif done is None and sched is None and self.scheduler.has_work():
+            raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
+        return outputs
 
-    def _dispatch(self, out: SchedulerOutput) -> _InFlight:
+    def _dispatch(self, out: SchedulerOutput) -> InFlight:
         """Puts one scheduled step on the device and does the bookkeeping that does not need its tokens: computed
         counts advance, and each sampling row gets a PENDING output (its value arrives in `_process`)."""
         self.stats.steps += 1
@@ -243,16 +222,15 @@ class LLMEngine:
         if out.forks:  # copies started this step: their pages and penalty rows, before the step reads them
             self.runner.fork(out.forks)
         now = time.monotonic()
-        B = out.num_rows
+        # A row whose mask needs its unread newest output: the model call now, the sampler after reading it.
+        late = self.args.async_scheduling and needs_known_outputs(out)
         try:
-            rows = [self._sampling_row(r) for r in out.rows]
-            if out.decode_bucket > out.num_decode:  # a mixed step: its prefill row follows the D decode rows
-                rows[out.num_decode:out.num_decode] = [_GREEDY_ROW] * (out.decode_bucket - out.num_decode)
             inp = build_step_input(out, page_size=self.blocks.page_size, num_pages=self.blocks.num_pages,
                                    max_pages_per_seq=self.scheduler_config.max_pages_per_seq,
                                    scratch_slot=self.runner.scratch_slot)
-            mode = choose_mode(rows)
-            tensors = build_tensors(rows, num_rows=B, vocab_size=self.model_config.vocab_size, with_history=False)
+            if not late:
+                rows = step_rows(out, self.eos_token_ids)
+                mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
         except Exception as e:  # noqa: BLE001 - one request's rows must not end the loop
             self._fail_culprits(out, e)
             return None
@@ -260,14 +238,14 @@ class LLMEngine:
             req = self.requests[r.seq.request_id]
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-        # Penalties always on (see WARMUP_MODES); a row asking for logprobs, even 0 top ones, gets ranks too.
-        wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
-        mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
         K = out.num_steps
-        if K > 1 and mode not in WARMUP_MODES:
+        if K > 1 and (late or mode not in WARMUP_MODES):
             K = 1  # a multi-step program per sampler mode compiles the whole model: only the warmed-up modes get one
         t0 = time.perf_counter()
-        if K > 1:
+        if late:  # the sampler follows in _sample_late; several processes replay whole steps, so theirs waits too
+            res = ranks = wants_lp = None
+            logits = self.runner.forward(inp, out.has_context) if self._leader is None else None
+        elif K > 1:
             res, ranks = self.runner.execute_steps(inp, tensors, mode, K), None
             self.stats.multi_steps += 1
         else:
@@ -283,6 +261,7 @@ class LLMEngine:
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.rows) - (out.kind == "mixed"))
         samples = []
         pending = [PENDING] * K
+        num_outputs = {r.seq.seq_id: len(r.seq.output_token_ids) for r in out.rows} if late else None
         for i, r in enumerate(out.rows):
             seq = r.seq
             seq.num_computed += r.num_new_tokens
@@ -293,14 +272,29 @@ class LLMEngine:
                 seq.output_token_ids.extend(pending)
                 seq.num_pending += K
                 seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
-        return _InFlight(res, ranks, wants_lp, samples, K)
+        return InFlight(res, ranks, wants_lp, samples, K,
+                         late=(out, inp, logits, num_outputs) if late else None)
 
-    def _sampling_row(self, r) -> SamplingRow:
-        if not r.samples:
-            return _GREEDY_ROW
-        s = r.seq
-        return SamplingRow(params=s.params, seed=s.seed, output_ids=s.output_token_ids,
-                           banned_ids=s.params.banned_token_ids(len(s.output_token_ids), self.eos_token_ids))
+    def _sample_late(self, step: InFlight) -> InFlight:
+        """Dispatches a late step's sampler, now that the outputs its rows' masks need are known."""
+        out, inp, logits, num_outputs = step.late
+        self.stats.late_samplers += 1
+        try:
+            rows = step_rows(out, self.eos_token_ids, num_outputs)
+            mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
+        except Exception as e:  # noqa: BLE001 - the model call is on the device: fail the constrained rows'
+            for r in out.rows:     # requests (where the new work is) and sample the step without their masks
+                if r.seq.constraint is not None:
+                    r.seq.constraint = None
+                    self.fail_request(r.seq.request_id, e)
+            rows = step_rows(out, self.eos_token_ids, num_outputs)
+            mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
+        if logits is None:
+            self._leader.send_step(inp, tensors, mode, out.has_context)
+            res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+        else:
+            res, ranks = self.runner.sample(logits, inp, tensors, mode)
+        return dataclasses.replace(step, result=res, ranks=ranks, wants_lp=wants_lp, late=None)
 
     def _fail_culprits(self, out: SchedulerOutput, exc: Exception) -> None:
         """Building a step's inputs raised: fails the requests whose rows raise on their own (their pages are
@@ -309,7 +303,7 @@ class LLMEngine:
         culprits = {}
         for r in out.rows:
             try:
-                row = self._sampling_row(r)
+                row = sampling_row(r, self.eos_token_ids)
                 choose_mode([row])
                 build_tensors([row], num_rows=1, vocab_size=self.model_config.vocab_size, with_history=False)
             except Exception as e:  # noqa: BLE001 - this row is the fault
@@ -337,7 +331,7 @@ class LLMEngine:
         failed, self.failed = self.failed, []
         return failed
 
-    def _process(self, step: _InFlight) -> list[RequestOutput]:
+    def _process(self, step: InFlight) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended."""
         res = step.result

@@ -21,3 +21,4 @@ class EngineStats:
         self.prefix_cache_hits = 0     # of those, tokens found cached (not computed)
         self.host_dispatch_s = 0.0     # seconds in runner.execute(_steps): JAX's dispatch of the step(s) and sampler
         self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
+        self.late_samplers = 0         # steps whose sampler waited for the previous step's tokens (constraints)

@@ -90,7 +90,16 @@ class ModelRunner:
                 mode: sampler.SamplerMode) -> tuple[sampler.SamplerOutput, jax.Array | None]:
         """Dispatches one step and its sampling; returns device arrays (reading them is the only sync): the sampler's
         output and, when the mode returns logprobs, the sampled tokens' ranks."""
-        logits = self._run_step(inp, has_context)
+        return self.sample(self.forward(inp, has_context), inp, tensors, mode)
+
+    def forward(self, inp: StepInput, has_context: bool) -> jax.Array:
+        """Dispatches the model half of `execute`: the step's logits [R, V] (device, split on V over a mesh)."""
+        return self._run_step(inp, has_context)
+
+    def sample(self, logits: jax.Array, inp: StepInput, tensors: sampler.SamplingTensors,
+               mode: sampler.SamplerMode) -> tuple[sampler.SamplerOutput, jax.Array | None]:
+        """Dispatches the sampling half of `execute` on `forward`'s logits (the engine may build `tensors` in
+        between: a late sampler, see core/constraints.py)."""
         i_buf, f_buf, layout = packing.pack((tensors, inp.slots))
         out, ranks, self.last_tokens = self._sample(logits, self.penalties, self.last_tokens, i_buf, f_buf,
                                                     mode=mode, layout=layout)

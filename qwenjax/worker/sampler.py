@@ -1,11 +1,12 @@
 """On-device sampling over per-row parameter arrays, and the host helpers that build those arrays.
 
-Axis letters: B rows (one per sequence being sampled), V vocabulary, C filter candidates, Hp / Ho prompt / output
-history length, Kb banned ids, L returned top logprobs.
+Axis letters: B rows (one per sequence being sampled), V vocabulary, W = ceil(V / 32) bitmask words, C filter
+candidates, Hp / Ho prompt / output history length, Kb banned ids, Kl logit-bias entries, L returned top logprobs.
 
-Per row, in vLLM's order: penalties on the raw logits (repetition over prompt+output tokens, then frequency and
-presence over output tokens), banned ids -> -inf, temperature, min_p, top-k, then top-p over what top-k kept, then a
-Gumbel-max draw. Greedy rows take the argmax of the penalised logits. Returned logprobs are log_softmax of the raw
+Per row, in vLLM's order: logit_bias added to the raw logits, penalties (repetition over prompt+output tokens, then
+frequency and presence over output tokens), banned ids -> -inf, tokens outside the row's allowed bitmask (structured
+outputs, allowed_token_ids) -> -inf, temperature, min_p, top-k, then top-p over what top-k kept, then a Gumbel-max
+draw. Greedy rows take the argmax of the penalised logits. Returned logprobs are log_softmax of the raw
 logits (vLLM v1's default), whatever the penalties and filters did.
 
 Filters are expressed as one per-row threshold: a token survives iff its scaled logit is >= the threshold. Tokens
@@ -46,7 +47,9 @@ class SamplerMode:
     topk_cap: int  # candidates when filter == "topk"; 0 otherwise
     penalties: bool  # some row has a repetition, presence or frequency penalty
     num_logprobs: int  # L: top logprobs returned per row; 0 returns only the sampled token's logprob
-    has_banned: bool  # some row has banned ids (min_tokens not reached)
+    has_banned: bool  # some row has banned ids (min_tokens not reached, bad_words)
+    has_mask: bool = False  # some row has an allowed-token bitmask (structured outputs, allowed_token_ids)
+    has_bias: bool = False  # some row has a logit_bias
 
     def __post_init__(self):
         if self.filter not in FILTERS:
@@ -77,6 +80,9 @@ class SamplingTensors:
     prompt_tokens: jax.Array  # [B, Hp] i32 prompt ids (for repetition_penalty), padded with V
     output_tokens: jax.Array  # [B, Ho] i32 generated ids (for all three penalties), padded with V
     banned: jax.Array  # [B, Kb] i32 ids forced to -inf this step, padded with V
+    bitmask: jax.Array  # [B, W] i32 allowed tokens (bit t % 32 of word t // 32), -1 words: all; W = 0 without mask
+    bias_ids: jax.Array  # [B, Kl] i32 logit_bias token ids, padded with V
+    bias_values: jax.Array  # [B, Kl] f32 their biases
 
 
 @jax.tree_util.register_dataclass
@@ -107,10 +113,14 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
     """
     raw = logits.astype(jnp.float32)
     x = raw
+    if mode.has_bias:
+        x = x.at[jnp.arange(x.shape[0])[:, None], t.bias_ids].add(t.bias_values, mode="drop")
     if mode.penalties:
         x = apply_penalties(x, t, history)
     if mode.has_banned:
         x = apply_banned(x, t)
+    if mode.has_mask:
+        x = apply_bitmask(x, t.bitmask)
 
     if mode.all_greedy:
         token_ids = jnp.argmax(x, axis=-1)
@@ -155,6 +165,14 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors,
 def apply_banned(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, t.banned].set(-jnp.inf, mode="drop")
+
+
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Logits [B, V] with every token whose bit is 0 in `bitmask` [B, W] set to -inf."""
+    b, v = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]: token w * 32 + i
+    allowed = bits.reshape(b, -1)[:, :v] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def filtered_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> jax.Array:
@@ -277,12 +295,17 @@ def choose_mode(rows: Sequence[SamplingRow]) -> SamplerMode:
         penalties=any(_has_penalty(r.params) for r in rows),
         num_logprobs=num_logprobs,
         has_banned=any(len(r.banned_ids) > 0 for r in rows),
+        has_mask=any(r.params.allowed_token_ids is not None or r.params.structured_outputs is not None for r in rows),
+        has_bias=any(bool(r.params.logit_bias) for r in rows),
     )
 
 
 def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int,
-                  with_history: bool = True) -> SamplingTensors:
+                  with_history: bool = True, bitmask: np.ndarray | None = None) -> SamplingTensors:
     """Numpy SamplingTensors for `rows`, padded to `num_rows` (padding rows are greedy and unpenalised).
+
+    `bitmask` [num_rows, ceil(V / 32)] int32 holds the rows' allowed tokens when the mode has_mask (the host fills
+    it: core/constraints.py); None gives a [num_rows, 0] array (no mask).
 
     History and banned lengths are padded to powers of two (at least MIN_HISTORY) so that few shapes compile;
     token lists are only copied for rows whose penalties read them.
@@ -311,7 +334,12 @@ def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int
     prompts: list[Sequence[int]] = [()] * b
     outputs: list[Sequence[int]] = [()] * b
     banned: list[Sequence[int]] = [()] * b
+    biased: list[Sequence[int]] = [()] * b
+    bias_values = []
     for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            biased[i] = list(r.params.logit_bias)
+            bias_values.append((i, list(r.params.logit_bias.values())))
         p = r.params
         if with_history and p.repetition_penalty != 1.0:
             prompts[i] = r.prompt_ids
@@ -324,6 +352,7 @@ def build_tensors(rows: Sequence[SamplingRow], *, num_rows: int, vocab_size: int
         repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency,
         seeds=seeds, steps=steps,
         prompt_tokens=_pad_ids(prompts, v), output_tokens=_pad_ids(outputs, v), banned=_pad_ids(banned, v),
+        bitmask=np.zeros((b, 0), np.int32) if bitmask is None else bitmask, **_bias(biased, bias_values, v),
     )
 
 
@@ -334,6 +363,15 @@ def history_bucket(length: int) -> int:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _bias(biased: list[Sequence[int]], values: list[tuple[int, list[float]]], vocab_size: int) -> dict:
+    """bias_ids / bias_values of the rows: ids padded with V (dropped), values with 0."""
+    ids = _pad_ids(biased, vocab_size) if values else np.full((len(biased), 0), vocab_size, np.int32)
+    vals = np.zeros(ids.shape, np.float32)
+    for i, v in values:
+        vals[i, :len(v)] = v
+    return dict(bias_ids=ids, bias_values=vals)
 
 
 def _pad_ids(lists: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:

@@ -1,0 +1,122 @@
+"""Per-request token constraints that depend on more than the sampler's parameters: structured outputs (a grammar
+matcher per sequence), allowed_token_ids (a fixed bitmask) and bad_words (ids banned given the outputs so far).
+
+`Constraints.prepare` runs when a request is added and raises ValueError for a bad constraint (nothing is queued);
+each sequence then holds a `SeqConstraint`. Before a step samples, the engine asks each row for its banned ids and
+fills the step's bitmask here; as outputs become known, `advance` feeds them to the row's matcher.
+
+A row whose mask or bans depend on its newest output (a matcher, or a bad word of several tokens) cannot be sampled
+before that output is read: `needs_known_outputs` tells the engine, which then dispatches the step's model call
+first and its sampler after reading the previous step (llm_engine: async scheduling keeps the model's overlap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from qwenjax.core.grammar import GrammarCompiler, allowed_bitmask, consume
+from qwenjax.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestConstraint:
+    """What a request's constraints compile to, shared by its n sequences."""
+
+    structured: object | None  # StructuredOutputsParams (each sequence gets its own matcher)
+    allowed: np.ndarray | None  # [W] int32 bitmask of allowed_token_ids
+    single_bans: tuple[int, ...]  # bad words of one token: always banned
+    multi_bans: tuple[tuple[int, ...], ...]  # longer bad words: last token banned after the others
+
+
+@dataclasses.dataclass
+class SeqConstraint:
+    request: RequestConstraint
+    matcher: object | None  # llguidance.LLMatcher; has consumed every known output of the sequence
+
+    @property
+    def late(self) -> bool:
+        return self.matcher is not None or bool(self.request.multi_bans)
+
+    def banned(self, outputs: list[int]) -> tuple[int, ...]:
+        """Bad-word ids banned at the next step, given the known `outputs`: vLLM's rule, a word's last token when
+        the outputs end with the word's other tokens."""
+        rc = self.request
+        bans = list(rc.single_bans)
+        for word in rc.multi_bans:
+            prefix = word[:-1]
+            if len(outputs) >= len(prefix) and tuple(outputs[len(outputs) - len(prefix):]) == prefix:
+                bans.append(word[-1])
+        return tuple(bans)
+
+    def advance(self, tokens: list[int]) -> None:
+        if self.matcher is not None:
+            consume(self.matcher, tokens)
+
+
+class Constraints:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+        self._eos_mask = allowed_bitmask(eos_token_ids, vocab_size)
+        self.mask_seconds = 0.0  # host time spent building bitmasks (benchmarks read it)
+        self.mask_steps = 0
+
+    @property
+    def bitmask_width(self) -> int:
+        return self.grammars.bitmask_width
+
+    def prepare(self, params: SamplingParams) -> RequestConstraint | None:
+        """Compiles a request's constraints (None: it has none). Raises ValueError naming a bad one."""
+        so, allowed, bad = params.structured_outputs, params.allowed_token_ids, params.bad_words
+        if so is None and allowed is None and not bad:
+            return None
+        if so is not None:
+            self.grammars.compile(so)
+        words = self._bad_word_ids(bad or ())
+        return RequestConstraint(
+            structured=so,
+            allowed=None if allowed is None else allowed_bitmask(allowed, self.vocab_size),
+            single_bans=tuple(sorted({w[0] for w in words if len(w) == 1})),
+            multi_bans=tuple(w for w in words if len(w) > 1),
+        )
+
+    def start(self, rc: RequestConstraint) -> SeqConstraint:
+        return SeqConstraint(rc, None if rc.structured is None else self.grammars.matcher(rc.structured))
+
+    def _bad_word_ids(self, words) -> list[tuple[int, ...]]:
+        """Each word's token ids as generated mid-text (with a leading space) and at the start (without), as
+        vLLM tokenizes bad_words; an empty word is refused."""
+        out: set[tuple[int, ...]] = set()
+        for word in words:
+            if not word.strip():
+                raise ValueError(f"bad_words must be non-empty words, got {word!r}.")
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    out.add(ids)
+        return sorted(out)
+
+    def bitmask(self, rows: list[SeqConstraint | None]) -> np.ndarray:
+        """The step's bitmask [len(rows), W]: -1 (all allowed) for rows without a mask, allowed_token_ids, and each
+        matcher's next-token mask (and-ed with allowed_token_ids when a row has both)."""
+        t0 = time.perf_counter()
+        mask = np.full((len(rows), self.bitmask_width), -1, np.int32)
+        fills = []
+        for i, c in enumerate(rows):
+            if c is None:
+                continue
+            if c.matcher is not None and not c.matcher.is_stopped():
+                fills.append((c.matcher, i))
+            elif c.matcher is not None:  # complete: only an EOS may follow (it ends the sequence)
+                mask[i] = self._eos_mask
+        self.grammars.fill_bitmasks(fills, mask)
+        for i, c in enumerate(rows):
+            if c is not None and c.request.allowed is not None:
+                mask[i] &= c.request.allowed
+        self.mask_seconds += time.perf_counter() - t0
+        self.mask_steps += 1
+        return mask
