@@ -14,6 +14,7 @@ grammar compiles is for the engine (llguidance), whose ValueError the server ans
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from qwenjax.structured_outputs import StructuredOutputsParams, as_structured_outputs
@@ -90,5 +91,12 @@ def request_constraint(req) -> tuple[StructuredOutputsParams | None, str | None]
 
 
 def constraint_error(message: str, param: str | None) -> APIError:
-    """The engine refused a request (ValueError): a 400, naming the constraint's field when it was about it."""
-    return APIError(message, param=param if param and "structured outputs" in message else None)
+    """The engine refused a request (ValueError): a 400, naming the constraint's field when it was about it. For
+    tools (tool_choice "required" / named: a grammar the server built), the schema's own error, not the grammar."""
+    if not param or "structured outputs" not in message:
+        return APIError(message)
+    if param == "tools":
+        found = re.search(r"failed to compile JSON schema: ([^\n]*)", message)
+        message = (f"tools: a function's parameters are not a JSON schema the server can enforce for tool_choice "
+                   f"'required' or a named function: {found.group(1) if found else message}")
+    return APIError(message, param=param)
