@@ -17,7 +17,8 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qwenjax.structured_outputs import StructuredOutputsParams, as_structured_outputs
+from qwenjax.structured_outputs import (  # noqa: F401 - re-exported where vLLM has them
+    GuidedDecodingParams, StructuredOutputsParams, as_structured_outputs)
 
 # Temperatures below this are greedy decoding (argmax), as in vLLM.
 GREEDY_TEMPERATURE = 1e-5
