@@ -43,7 +43,7 @@ class ToolPlan:
 
 def has_tool_tags(tokenizer) -> bool:
     """True when `<tool_call>` and `</tool_call>` are single tokens of the tokenizer (Qwen2.5's added tokens)."""
-    added = tokenizer.get_added_vocab()
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
     return START in added and END in added
 
 

@@ -20,28 +20,13 @@ from test_server import ServerThread
 from qwenjax.config import EngineArgs
 from qwenjax.engine.async_llm import AsyncLLMEngine
 from server.app import create_app
+from tests.test_structured_outputs import PERSON  # nested objects, arrays, enums, bounds, a pattern
 
 MODEL = "qwenjax/tiny-random-qwen2"
 ARGS = EngineArgs(model=None, dtype="float32", max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512,
                   decode_buckets=(16,), prefill_token_buckets=(512,), num_kv_pages=512, generation_config="vllm")
 SEEDS = (1, 2, 3)
 N = 4  # copies per request: SEEDS x N samples per check
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
-                                                     "zip": {"type": "integer", "minimum": 10000, "maximum": 99999}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-        "active": {"type": "boolean"},
-    },
-    "required": ["name", "age", "role", "code", "address"],
-    "additionalProperties": False,
-}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                      "unit": {"enum": ["celsius", "fahrenheit"]},
@@ -206,8 +191,7 @@ BAD = [  # (route, body, param, substring of the message)
      "grammar"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools",
-     "function's parameters are not a JSON schema the server can enforce for tool_choice 'required' or a named "
-     "function: Invalid type: nonsense"),
+     "for tool_choice 'required' or a named function: Invalid type: nonsense"),
 ]
 
 
