@@ -33,6 +33,24 @@ def default_tokenizer_dir() -> str:
     return str(Path(__file__).resolve().parent / "assets" / "qwen2-tokenizer")
 
 
+def qwen25_tokenizer_dir() -> str:
+    """Qwen2.5's tokenizer files over the shared vocabulary: tokenizer_config.json (its chat template, which renders
+    `tools` and tool calls in the hermes format), added_tokens.json (`<tool_call>`, `</tool_call>`, ... as single
+    tokens) and special_tokens_map.json. Not a tokenizer by itself: `write_qwen25_tokenizer` adds the vocabulary."""
+    return str(Path(__file__).resolve().parent / "assets" / "qwen2.5-tokenizer")
+
+
+def write_qwen25_tokenizer(dst: str | os.PathLike[str]) -> None:
+    """Writes a whole Qwen2.5 tokenizer into ``dst``: the packaged Qwen2 vocabulary and merges (the two share them),
+    then Qwen2.5's files over them. generation_config.json is not a tokenizer file and is not written."""
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(Path(default_tokenizer_dir()) / name, Path(dst) / name)
+    for f in Path(qwen25_tokenizer_dir()).iterdir():
+        shutil.copy(f, Path(dst) / f.name)
+
+
 def has_tokenizer_files(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a directory holding at least one file AutoTokenizer loads a tokenizer from."""
     p = Path(path)
@@ -136,13 +154,42 @@ def _validated_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
-        missing = [key for key in ("role", "content") if key not in message]
+        tool_calls = message.get("tool_calls")
+        # An assistant message that calls tools may have no content (OpenAI sends null).
+        missing = [key for key in ("role", "content") if key not in message and not (key == "content" and tool_calls)]
         if missing:
             raise ValueError(f"messages[{i}] lacks {' and '.join(repr(k) for k in missing)}: {dict(message)!r}")
         if not isinstance(message["role"], str) or not message["role"]:
             raise ValueError(f"messages[{i}]['role'] must be a non-empty string, got {message['role']!r}")
-        # Keep extra keys (name, tool_calls, ...) for templates that use them.
-        out.append({**message, "content": _content_text(message["content"], i)})
+        content = message.get("content")
+        # Keep extra keys (name, tool_call_id, ...) for templates that use them.
+        checked = {**message, "content": "" if content is None and tool_calls else _content_text(content, i)}
+        if tool_calls:
+            checked["tool_calls"] = _template_tool_calls(tool_calls, i)
+        out.append(checked)
+    return out
+
+
+def _template_tool_calls(tool_calls: Any, index: int) -> list[dict[str, Any]]:
+    """An assistant message's OpenAI tool calls as templates take them: each function's `arguments`, a JSON string
+    in OpenAI's API, parsed into its object (Qwen2.5's template writes it with `tojson`; vLLM does the same)."""
+    if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, (str, bytes)):
+        raise TypeError(f"messages[{index}]['tool_calls'] must be a list of tool calls, got "
+                         f"{type(tool_calls).__name__}")
+    out = []
+    for j, call in enumerate(tool_calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise TypeError(f"messages[{index}]['tool_calls'][{j}] must be {{'type': 'function', 'function': "
+                            f"{{'name': str, 'arguments': str}}}}, got {call!r}"[:400])
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"messages[{index}]['tool_calls'][{j}]['function']['arguments'] must be a JSON "
+                                 f"text: {e}") from None
+        out.append({**call, "function": {**fn, "arguments": args}})
     return out
 
 

@@ -19,6 +19,7 @@ from qwenjax.config import EngineArgs
 from server.arg_parser import ServerArgumentParser
 from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
+from server.tool_parsers import TOOL_CALL_PARSERS, check_tool_options
 
 # Python's gen-0 collection threshold in the serving process (its default is 700). Streaming makes many short-lived
 # objects per token (chunk strings, deltas, events); on the H100 host the default ran ~390 gen-0 collections in a
@@ -48,6 +49,11 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
                    help="names clients may send as `model` (the first is reported); default: --model")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on every API route")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto" (the default when a request has tools): the model\'s text is parsed '
+                        "into tool calls by --tool-call-parser; without it such requests get a 400")
+    s.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="the format of the model's tool calls: hermes (Qwen2.5: <tool_call>{...}</tool_call>)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
     try:
         args = engine_args(ns)
         check_http_options(ns)
+        check_tool_options(ns.enable_auto_tool_choice, ns.tool_call_parser)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
 
     app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
                      max_request_body_bytes=ns.max_request_body_bytes,
-                     on_engine_death=None if ns.keep_alive_on_engine_death else stop_server)
+                     on_engine_death=None if ns.keep_alive_on_engine_death else stop_server,
+                     enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
     add_cors(app, ns)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.

@@ -33,6 +33,7 @@ from server.openapi import body, install
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                              TokenizeRequest)
 from server.serving import ClientGone, OpenAIServing
+from server.tool_parsers import check_tool_options
 
 logger = logging.getLogger("qwenjax.server")
 
@@ -45,7 +46,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
                api_key: str | None = None, chat_template: str | None = None, model_root: str | None = None,
                shutdown_engine: bool = False,
                max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-               on_engine_death: Callable[[], None] | None = None) -> FastAPI:
+               on_engine_death: Callable[[], None] | None = None, enable_auto_tool_choice: bool = False,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The server's app over a running AsyncLLMEngine.
 
     served_model_names: the names clients may send as `model` (the first is the one reported); default: the
@@ -54,8 +56,11 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     before anything reads them. on_engine_death: called on the event loop ENGINE_DEATH_GRACE_S after the engine
     loop died (streams in flight have had their error events by then); python -m server stops there and exits
     non-zero, as vLLM does, unless --keep-alive-on-engine-death (then: None, and every request answers 503).
-    `app.state.engine_died` is True once it was called.
+    `app.state.engine_died` is True once it was called. enable_auto_tool_choice and tool_call_parser (vLLM's
+    --enable-auto-tool-choice --tool-call-parser hermes): tool_choice "auto" parses the model's text into tool calls
+    (without them it is a 400); "required" and named choices need neither.
     """
+    check_tool_options(enable_auto_tool_choice, tool_call_parser)
     llm = engine.engine
     args = getattr(llm, "args", None)
     names = list(served_model_names or (args.served_model_name if args is not None else None)
@@ -63,7 +68,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     template = chat_template if chat_template is not None else getattr(args, "chat_template", None)
     template = load_chat_template(template) if template is not None else None
     metrics = ServerMetrics(llm, names[0])
-    serving = OpenAIServing(engine, model_names=names, metrics=metrics, chat_template=template)
+    serving = OpenAIServing(engine, model_names=names, metrics=metrics, chat_template=template,
+                            auto_tool_parser=tool_call_parser if enable_auto_tool_choice else None)
     root = model_root or getattr(args, "model", None) or names[0]
     created = int(time.time())
 

@@ -184,17 +184,44 @@ class ChatFormatter(Formatter):
                                              for t, v in tops]})
         return {"content": content}
 
+    def __init__(self, *, tool_parser=None, **kwargs):
+        """tool_parser: a server.tool_parsers.ToolCallParser whose calls come out as tool_calls (None: plain text)."""
+        super().__init__(**kwargs)
+        self.tool_parser = tool_parser
+        self._tool_streams: dict[int, Any] = {}
+
     def stream_choice(self, index, i, comp, delta, a, b, first):
         d: dict[str, Any] = {"role": "assistant"} if first else {}
+        reason, calls = comp.finish_reason, []
+        if self.tool_parser is not None:
+            stream = self._tool_streams.get(index) or self._tool_streams.setdefault(index, self.tool_parser.stream())
+            delta, calls = stream.feed(delta, final=reason is not None)
+            reason = _with_tool_calls(reason, stream.calls)
         if delta or first:
             d["content"] = delta
-        return {"index": index, "delta": d, "logprobs": self.logprobs(comp, a, b),
-                "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
+        if calls:
+            d["tool_calls"] = calls
+        lp = self.logprobs(comp, a, b)
+        if not d and reason is None and lp is None:
+            return None  # the tool parser holds this text back
+        return {"index": index, "delta": d, "logprobs": lp, "finish_reason": reason, "stop_reason": comp.stop_reason}
 
     def full_choice(self, index, i, comp):
-        return {"index": index, "message": {"role": "assistant", "content": comp.text},
-                "logprobs": self.logprobs(comp, 0, len(comp.token_ids)), "finish_reason": comp.finish_reason,
-                "stop_reason": comp.stop_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": comp.text}
+        reason = comp.finish_reason
+        if self.tool_parser is not None:
+            message["content"], calls = self.tool_parser.extract(comp.text)
+            if calls:
+                message["tool_calls"] = calls
+            reason = _with_tool_calls(reason, calls)
+        return {"index": index, "message": message, "logprobs": self.logprobs(comp, 0, len(comp.token_ids)),
+                "finish_reason": reason, "stop_reason": comp.stop_reason}
+
+
+def _with_tool_calls(reason: str | None, calls) -> str | None:
+    """A choice that made calls and then ended on its own finishes with "tool_calls" (OpenAI's); one cut by
+    max_tokens keeps "length"."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 class CompletionFormatter(Formatter):

@@ -9,11 +9,12 @@ Unknown fields are accepted and ignored with a warning, as vLLM does.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenjax.sampling_params import SamplingParams
+from qwenjax.structured_outputs import StructuredOutputsParams
 
 logger = logging.getLogger("qwenjax.server")
 
@@ -38,6 +39,31 @@ class APIError(Exception):
 RESERVED_TEMPLATE_KWARGS = ("tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
                             "truncation", "max_length", "tokenizer_kwargs", "chat_template", "conversation",
                             "messages", "add_generation_prompt", "tools", "documents")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -73,6 +99,13 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+    # output constraints (server/structured_outputs.py): OpenAI's, vLLM's extra field and its older names
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def warn_ignored(self, endpoint: str) -> None:
         if self.model_extra:
@@ -87,7 +120,8 @@ class _Request(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """The request's SamplingParams: only fields the client set, so generation defaults fill the others.
 
         Raises APIError (400) with SamplingParams' message, naming the field, on a value out of range.
@@ -104,6 +138,8 @@ class _Request(BaseModel):
                 given[name] = getattr(self, name)
         if logprobs is not None:
             given["logprobs"] = logprobs
+        if structured_outputs is not None:
+            given["structured_outputs"] = structured_outputs
         if given.get("stop") is not None:
             stops = [given["stop"]] if isinstance(given["stop"], str) else list(given["stop"])
             if any(not s for s in stops):
@@ -122,9 +158,9 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Any = None  # "none" / "auto" / "required" / a NamedToolChoice, checked by server/tools.py
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI's default
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -143,12 +179,6 @@ class ChatCompletionRequest(_Request):
         if not self.messages:
             raise APIError("messages is empty; a chat needs at least one {'role': ..., 'content': ...} message",
                            param="messages")
-        if self.tools:
-            raise APIError("tools are not supported yet (no tool-call parsing); send the conversation without "
-                           "tools", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(f"response_format {self.response_format.get('type')!r} is not supported yet; only "
-                           "'text'", param="response_format")
         reserved = sorted(set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_KWARGS))
         if reserved:
             raise APIError(f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: it changes what the "
@@ -202,6 +232,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[Any] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -28,6 +28,8 @@ from server.limits import Preparer
 from server.metrics import ServerMetrics
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              param_of, sampling_params_from_dict)
+from server.structured_outputs import constraint_error, request_constraint
+from server.tools import chat_constraints, has_tool_tags, template_tools
 
 
 class Prompt(NamedTuple):
@@ -75,8 +77,9 @@ class Job:
     """The engine requests of one HTTP request (one per prompt), their merged outputs and their metrics."""
 
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, prompts: list[Prompt], params, base_id: str,
-                 arrival: float):
+                 arrival: float, constraint_param: str | None = None):
         self.streams = []
+        self.constraint_param = constraint_param  # the request field of params.structured_outputs, for its errors
         self.trackers = [metrics.tracker(arrival, len(p.ids)) for p in prompts]
         try:
             for i, p in enumerate(prompts):
@@ -129,7 +132,7 @@ class Job:
         except EngineDeadError as e:
             raise _dead(e) from None
         except (ValueError, TypeError, NotImplementedError) as e:
-            raise APIError(str(e)) from None
+            raise constraint_error(str(e), self.constraint_param) from None
         except RuntimeError as e:  # the engine failed this request alone (it keeps serving the others)
             raise APIError(f"the engine failed this request: {e}", status=500, type="server_error",
                            code=500) from None
@@ -153,7 +156,8 @@ def sse(obj) -> bytes:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, *, model_names: list[str], metrics: ServerMetrics,
-                 chat_template: str | None):
+                 chat_template: str | None, auto_tool_parser: str | None = None):
+        """auto_tool_parser: the --tool-call-parser of tool_choice "auto" when --enable-auto-tool-choice is set."""
         self.engine = engine
         llm = engine.engine
         self.tokenizer = llm.tokenizer
@@ -168,6 +172,8 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.token_text = TokenText(self.tokenizer)
         self.preparer = Preparer()
+        self.auto_tool_parser = auto_tool_parser
+        self.tool_tags = has_tool_tags(self.tokenizer)
 
     # ------------------------------------------------------------------ validation
     def check_model(self, name: str | None) -> str:
@@ -209,6 +215,8 @@ class OpenAIServing:
 
     def chat_prompt(self, req: ChatCompletionRequest) -> Prompt:
         kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools:
+            kwargs["tools"] = template_tools(req.tools)
         if req.continue_final_message:
             kwargs["continue_final_message"] = True
         try:
@@ -224,13 +232,13 @@ class OpenAIServing:
     # preparer's thread (server/limits.py): the loop keeps serving everyone else while a large prompt is prepared.
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        fmt, prompts, params, stream = await self.preparer.run(self._prepare_chat, await request.body())
-        return await self._respond(request, fmt, prompts, params, stream, arrival)
+        prepared = await self.preparer.run(self._prepare_chat, await request.body())
+        return await self._respond(request, *prepared, arrival)
 
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        fmt, prompts, params, stream = await self.preparer.run(self._prepare_completions, await request.body())
-        return await self._respond(request, fmt, prompts, params, stream, arrival)
+        prepared = await self.preparer.run(self._prepare_completions, await request.body())
+        return await self._respond(request, *prepared, arrival)
 
     async def tokenize(self, request: Request) -> dict:
         return await self.preparer.run(self._tokenize, await request.body())
@@ -243,23 +251,27 @@ class OpenAIServing:
         req.warn_ignored("/v1/chat/completions")
         req.check()
         model = self.check_model(req.model)
+        tools, constraint, constraint_param = chat_constraints(req, auto_parser=self.auto_tool_parser,
+                                                               special_tags=self.tool_tags)
         prompt = truncated(self.chat_prompt(req), req.truncate_prompt_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens(), what="messages", param=param)
         num_lp = req.num_logprobs(self.max_logprobs)
-        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=num_lp))
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=num_lp,
+                                                 structured_outputs=constraint))
         so = req.stream_options
         fmt = ChatFormatter(request_id=f"chatcmpl-{uuid.uuid4().hex}", model=model, params=params,
                             prompt_lens=[len(prompt.ids)], token_text=self.token_text, num_logprobs=num_lp,
-                            include_usage=bool(so and so.include_usage),
+                            include_usage=bool(so and so.include_usage), tool_parser=tools.parser,
                             continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return fmt, [prompt], params, req.stream
+        return fmt, [prompt], params, req.stream, constraint_param
 
     def _prepare_completions(self, raw: bytes):
         req = parse_model(CompletionRequest, raw)
         req.warn_ignored("/v1/completions")
         req.check(self.max_logprobs)
         model = self.check_model(req.model)
+        constraint, constraint_param = request_constraint(req)
         prompts = []
         for k, p in enumerate(req.prompts()):
             where = "prompt" if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else f"prompt[{k}]"
@@ -276,14 +288,15 @@ class OpenAIServing:
         prompts = [truncated(p, req.truncate_prompt_tokens) for p in prompts]
         lens = [len(p.ids) for p in prompts]
         max_tokens = min(self.max_tokens(n, req.max_tokens, what="prompt", param="max_tokens") for n in lens)
-        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs))
+        params = self.verify(req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs,
+                                                 structured_outputs=constraint))
         echo = [p.text if p.text is not None else self.tokenizer.decode(p.ids) for p in prompts] if req.echo else None
         so = req.stream_options
         fmt = CompletionFormatter(request_id=f"cmpl-{uuid.uuid4().hex}", model=model, params=params,
                                   prompt_lens=lens, token_text=self.token_text, num_logprobs=req.logprobs,
                                   include_usage=bool(so and so.include_usage), echo_texts=echo,
                                   continuous_usage=bool(so and so.include_usage and so.continuous_usage_stats))
-        return fmt, prompts, params, req.stream
+        return fmt, prompts, params, req.stream, constraint_param
 
     def _tokenize(self, raw: bytes) -> dict:
         req = parse_model(TokenizeRequest, raw)
@@ -296,7 +309,7 @@ class OpenAIServing:
                 raise APIError("messages is empty", param="messages")
             try:
                 text = apply_chat_template(tok, req.messages, add_generation_prompt=req.add_generation_prompt,
-                                           chat_template=self.chat_template)
+                                           chat_template=self.chat_template, tools=template_tools(req.tools))
             except Exception as e:  # noqa: BLE001 - rendering fails only on what the request sent
                 raise APIError(f"cannot apply the chat template to these messages: {type(e).__name__}: {e}",
                                param="messages") from None
@@ -353,8 +366,8 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ shared
     async def _respond(self, request: Request, fmt, prompts: list[Prompt], params, stream: bool,
-                       arrival: float) -> Response:
-        job = Job(self.engine, self.metrics, prompts, params, fmt.id, arrival)
+                       constraint_param: str | None, arrival: float) -> Response:
+        job = Job(self.engine, self.metrics, prompts, params, fmt.id, arrival, constraint_param)
         if not stream:
             finals = await race_disconnect(request, job.collect(), job.abort)
             return JSONResponse(fmt.response(finals))

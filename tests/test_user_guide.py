@@ -125,6 +125,7 @@ NAME_RE = re.compile(r"Qwen/Qwen[\w.\-]*")
 CHECKPOINT_OF = {  # the guide's names -> which test checkpoint stands in for them
     "Qwen/Qwen2-7B-Instruct": "builtin",
     "Qwen/Qwen2-72B-Instruct": "builtin",
+    "Qwen/Qwen2.5-7B-Instruct": "builtin",
     "Qwen/Qwen2-72B-Instruct-AWQ": "awq",
     "Qwen/Qwen2-72B-Instruct-GPTQ-Int4": "gptq4",
     "Qwen/Qwen2-7B-Instruct-GPTQ-Int8": "gptq8",

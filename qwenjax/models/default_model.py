@@ -1,4 +1,8 @@
-"""The built-in default model: a small Qwen2 with random weights and the real Qwen2 tokenizer.
+"""The built-in default model: a small Qwen2 with random weights and the real Qwen2.5 tokenizer.
+
+Its tokenizer is Qwen2.5's (tokenizer config, added tokens and chat template over the vocabulary that Qwen2 and
+Qwen2.5 share), so that its chat template renders tools and tool calls and `<tool_call>` is one token, as for the
+Qwen2.5 checkpoints most deployments serve; its generation_config.json is Qwen2-Instruct's.
 
 It lets `LLM()` and `python -m server` run with no download. Its text is gibberish by construction (the weights are
 random); it exists to exercise the whole engine. Written once, with numpy only, into the user's cache directory.
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenjax.tokenizer import default_tokenizer_dir
+from qwenjax.tokenizer import default_tokenizer_dir, write_qwen25_tokenizer
 
 DEFAULT_MODEL_NAME = "qwenjax/tiny-random-qwen2"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -34,7 +38,8 @@ CONFIG = {
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(root) / "qwenjax" / "tiny-random-qwen2-v2"  # v2: max_new_tokens in generation_config.json
+    # v2: max_new_tokens in generation_config.json; v3: Qwen2.5's tokenizer files
+    return Path(root) / "qwenjax" / "tiny-random-qwen2-v3"
 
 
 def default_model_dir() -> Path:
@@ -46,9 +51,8 @@ def default_model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_random_checkpoint(tmp, CONFIG, seed=0)
-    for f in Path(default_tokenizer_dir()).iterdir():
-        shutil.copy(f, tmp / f.name)
-    generation = json.loads((tmp / "generation_config.json").read_text())
+    write_qwen25_tokenizer(tmp)
+    generation = json.loads((Path(default_tokenizer_dir()) / "generation_config.json").read_text())
     generation["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     try:
