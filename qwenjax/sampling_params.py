@@ -210,6 +210,9 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}.")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer), got {self.seed}.")
+        bad_word = next((w for w in self.bad_words or () if not w.strip()), None)
+        if bad_word is not None:
+            raise ValueError(f"bad_words must be non-empty words, got {bad_word!r}.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must hold at least one token id (None: every token), got [].")
         if len(self.logit_bias or ()) > MAX_LOGIT_BIAS:

@@ -99,6 +99,8 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be generated
+    bad_words: list[str] | None = None  # vLLM's: words never generated
     # output constraints (server/structured_outputs.py): OpenAI's, vLLM's extra field and its older names
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -112,11 +114,6 @@ class _Request(BaseModel):
             logger.warning("%s: ignoring unknown request fields %s", endpoint, sorted(self.model_extra))
 
     def check_common(self) -> None:
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported yet", param="logit_bias")
-        for name in ("allowed_token_ids", "bad_words"):  # vLLM's extra fields that qwenjax does not have yet
-            if (self.model_extra or {}).get(name):
-                raise APIError(f"{name} is not supported yet", param=name)
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -128,7 +125,8 @@ class _Request(BaseModel):
         """
         given: dict[str, Any] = {"max_tokens": max_tokens}
         for name in ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
-                     "min_p", "repetition_penalty", "stop_token_ids", "truncate_prompt_tokens"):
+                     "min_p", "repetition_penalty", "stop_token_ids", "truncate_prompt_tokens", "logit_bias",
+                     "allowed_token_ids", "bad_words"):
             value = getattr(self, name)
             if value is not None and name in self.model_fields_set:
                 given[name] = value

@@ -112,9 +112,13 @@ REFUSED = [
      "stop_token_ids", ["at most 1024 token ids", "100000"]),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": [f"s{i}" for i in range(5000)]}, "stop",
      ["at most 1024 strings", "5000"]),
-    # vLLM's fields that qwenjax does not have yet are refused by name, never silently ignored
-    ("/v1/chat/completions", {**CHAT, "allowed_token_ids": [1, 2]}, "allowed_token_ids", ["not supported"]),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "bad_words": ["x"]}, "bad_words", ["not supported"]),
+    # vLLM's per-token controls: ids outside the vocabulary and empty words never reach a step
+    ("/v1/chat/completions", {**CHAT, "allowed_token_ids": [1, VOCAB]}, "allowed_token_ids",
+     [f"[0, {VOCAB})", str(VOCAB)]),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {str(VOCAB): 5}}, "logit_bias", [f"[0, {VOCAB})", str(VOCAB)]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"x": 1}}, "logit_bias",
+     ["keys must be token ids", "'x'"]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "bad_words": [" "]}, "bad_words", ["non-empty words"]),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens",
      ["at least 1", "got 0"]),
 ]
@@ -123,6 +127,17 @@ REFUSED = [
 @pytest.mark.parametrize("route,body,param,fragments", REFUSED, ids=[f"{r[0]}:{r[2]}" for r in REFUSED])
 def test_engine_killers_are_400s(server, engine, route, body, param, fragments):
     assert_400(post(server, route, body), param, *fragments)
+
+
+def test_per_token_controls_are_served(server, engine):
+    """logit_bias, allowed_token_ids and bad_words reach the sampler (9707 is "Hello", 1879 " world")."""
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
+    r = post(server, "/v1/completions", {**body, "logit_bias": {"9707": 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello" * 3, r.text
+    r = post(server, "/v1/completions", {**body, "temperature": 1.0, "allowed_token_ids": [1879]})
+    assert r.json()["choices"][0]["text"] == " world" * 3, r.text
+    r = post(server, "/v1/completions", {**body, "logit_bias": {"9707": 100}, "bad_words": ["Hello"]})
+    assert "Hello" not in r.json()["choices"][0]["text"], r.text
 
 
 @pytest.mark.parametrize("route,body", [

@@ -89,11 +89,9 @@ class Constraints:
 
     def _bad_word_ids(self, words) -> list[tuple[int, ...]]:
         """Each word's token ids as generated mid-text (with a leading space) and at the start (without), as
-        vLLM tokenizes bad_words; an empty word is refused."""
+        vLLM tokenizes bad_words."""
         out: set[tuple[int, ...]] = set()
-        for word in words:
-            if not word.strip():
-                raise ValueError(f"bad_words must be non-empty words, got {word!r}.")
+        for word in words:  # non-empty (SamplingParams checks)
             for text in (word.lstrip(), " " + word.lstrip()):
                 ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
                 if ids:
