@@ -11,6 +11,7 @@
 #   bench-MODEL      the same for any --model name (e.g. bench-tiny with CAMPAIGN_EXTRA_ARGS for a CPU dry run)
 #   latency-M        latency alone, profiled (device_busy and the top kernels)
 #   startup-M        startup.py: process start to first token, cold and with a warm compilation cache
+#   warmup-M         warmup_breakdown.py: each bucket's trace / lower / compile, cold then with a warm cache
 #   structured-M     structured.py: 64 requests under a JSON schema against the same unconstrained, and batch 1
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
@@ -220,6 +221,10 @@ for s in "${STAGES[@]}"; do
             read -r -a sargs <<<"${STARTUP_ARGS:-}"  # e.g. --no-cache
             step "$s" 120 0 "$PY" benchmarks/startup.py --model "$m" --results-dir "$RESULTS" --out "$OUT" \
                 ${sargs[@]+"${sargs[@]}"}
+            ;;
+        warmup-*)
+            m=$(model_of "${s#warmup-}")
+            step "$s" 150 0 "$PY" benchmarks/warmup_breakdown.py --model "$m" --results-dir "$RESULTS" --out "$OUT"
             ;;
         structured-*)
             m=$(model_of "${s#structured-}")
