@@ -54,6 +54,17 @@ def hf_model(path: Path):
     return Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
+def hf_greedy(model, prompts: list[list[int]], new: int, **generate_kwargs) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly `new` tokens after each prompt (no EOS stop), one prompt at a
+    time: the oracle's tokens. `generate_kwargs`: e.g. repetition_penalty."""
+    import torch
+
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                               pad_token_id=0, eos_token_id=None, **generate_kwargs)[0, len(p):].tolist()
+                for p in prompts]
+
+
 EOS_CHAIN_WORDS = (" one", " two", " three")
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwenjax import LLM, SamplingParams
-from tests.checkpoints import hf_model, write_checkpoint
+from tests.checkpoints import hf_greedy, hf_model, write_checkpoint
 from tests.conftest import SMALL_ENGINE
 from tests.test_model_vs_hf import ATOL, _our_logits
 
@@ -51,16 +51,6 @@ def hf_scaled(path, kind: str):
     return model
 
 
-def hf_greedy(model, prompts):
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                               pad_token_id=0, eos_token_id=None)
-            outs.append(g[0, len(p):].tolist())
-    return outs
-
-
 def prompts_for(kind: str) -> list[list[int]]:
     """Prompts past the original context, one sharing 96 tokens (6 pages) with another, and (except dynamic) one
     of 58 tokens whose decode crosses position 64."""
@@ -88,7 +78,7 @@ def test_logits_match_hf_across_the_boundary(scaled, kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_greedy_equals_hf_with_chunks_and_prefix_hits(scaled, kind):
     prompts = prompts_for(kind)
-    want = hf_greedy(hf_scaled(scaled[kind], kind), prompts)
+    want = hf_greedy(hf_scaled(scaled[kind], kind), prompts, NEW)
     llm = LLM(str(scaled[kind]), **CHUNKED)
     assert llm.llm_engine.max_model_len == LONGEST
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
@@ -130,7 +120,7 @@ def test_hf_overrides_turn_yarn_on(scaled, plain):
         LLM(str(plain), **engine, max_model_len=LONGEST)
     assert "max_model_len=256" in str(e.value) and "64" in str(e.value) and "hf_overrides=" in str(e.value)
     prompts = prompts_for("yarn")
-    want = hf_greedy(hf_scaled(scaled["yarn"], "yarn"), prompts)
+    want = hf_greedy(hf_scaled(scaled["yarn"], "yarn"), prompts, NEW)
     llm = LLM(str(plain), **engine, hf_overrides=LEGACY_YARN)
     assert llm.llm_engine.max_model_len == LONGEST and llm.llm_engine.model_config.rope_scaling.rope_type == "yarn"
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
