@@ -86,12 +86,12 @@ def rope_parameters(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         params = params["full_attention"]
     theta = params.get("rope_theta", d.get("rope_theta", file_params.get("rope_theta", 10000.0)))
     theta = _number({"rope_theta": theta}, "rope_theta")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None  # transformers' Qwen2 default RoPE ignores partial_rotary_factor too
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise NotImplementedError(f"partial_rotary_factor={partial!r} is not supported (Qwen2 rotates whole heads)")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type in (None, "default"):
-        return theta, None
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise _unsupported(rope_type)
     max_pos = int(d.get("max_position_embeddings", 32768))
