@@ -74,6 +74,7 @@ def dense_forward(cfg, impl: str, shards: int = 1):
     import jax
     import jax.numpy as jnp
 
+    from qwenjax.layers.rotary import rope_cos_sin
     from qwenjax.models.fusion import split_columns
 
     N, K, H, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -101,10 +102,8 @@ def dense_forward(cfg, impl: str, shards: int = 1):
     def fwd(w, ids):
         B, T = ids.shape
         x = w["embed"][ids]
-        inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
-        f = jnp.arange(T, dtype=jnp.float32)[:, None] * inv
-        cos = jnp.cos(jnp.concatenate([f, f], -1))[None, :, None, :]
-        sin = jnp.sin(jnp.concatenate([f, f], -1))[None, :, None, :]
+        cos, sin = rope_cos_sin(jnp.arange(T), H, cfg.rope_theta, cfg.rope_scaling)  # the engine's tables
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
         for lw in w["layers"]:  # unrolled
             h = rms(x, lw["ln1"])
             q, k, v = qkv(h, lw)

@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from qwenjax.rope_scaling import RopeScaling, rope_parameters
+
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16",
            "float32": "float32", "float": "float32", "fp32": "float32"}
 # The names of qwenjax.core.policies.POLICIES (config sits below core, so it keeps the names, not the classes).
@@ -33,6 +35,7 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE (qwenjax/rope_scaling.py reads config.json's forms)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
@@ -68,6 +71,12 @@ class ModelConfig:
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
+    def derived_max_model_len(self) -> int:
+        """The longest max_model_len the model allows, as vLLM derives it: max_position_embeddings, or what RoPE
+        scaling extends it to (yarn: factor x original_max_position_embeddings, e.g. 4 x 32768 = 131072)."""
+        return self.rope_scaling.max_model_len if self.rope_scaling is not None else self.max_position_embeddings
+
+    @property
     def q_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
@@ -77,14 +86,11 @@ class ModelConfig:
         if arch not in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
             raise NotImplementedError(f"architecture {arch!r} is not supported yet; qwenjax serves Qwen2ForCausalLM "
                                       f"and Qwen2MoeForCausalLM")
-        if d.get("rope_scaling"):
-            raise NotImplementedError(f"rope_scaling {d['rope_scaling']!r} is not supported yet")
         if d.get("use_sliding_window"):
             raise NotImplementedError("use_sliding_window=true is not supported yet")
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
-        # transformers 5 writes rope_theta inside rope_parameters
-        rope_theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        rope_theta, rope_scaling = rope_parameters(d)  # legacy rope_scaling or transformers 5's rope_parameters
         moe = {}
         if arch == "Qwen2MoeForCausalLM":
             moe = dict(num_experts=int(d["num_experts"]), num_experts_per_tok=int(d["num_experts_per_tok"]),
@@ -99,7 +105,7 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
-            rope_theta=float(rope_theta), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"), architecture=arch,
             bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, **moe)
@@ -169,6 +175,25 @@ def batch_defaults(usage_context: str, device_bytes: int | None, device_kind: st
     return 256, None
 
 
+def canonical_hf_overrides(value: Any) -> str | None:
+    """hf_overrides (a dict or its JSON text) -> sorted-key JSON text, None when empty; ValueError otherwise."""
+    if callable(value):
+        raise ValueError("hf_overrides as a function (vLLM accepts one) is not supported: give a dict of config.json "
+                         "keys, e.g. {'rope_scaling': {'type': 'yarn', 'factor': 4.0, "
+                         "'original_max_position_embeddings': 32768}}")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"hf_overrides must be a JSON object, got {value!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"hf_overrides must be a dict (a JSON object) of config.json keys, got {value!r}")
+    try:
+        return json.dumps(value, sort_keys=True) if value else None
+    except TypeError as e:
+        raise ValueError(f"hf_overrides must hold JSON values only: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineArgs:
     """User-facing engine arguments, shared by `LLM(...)` and `python -m server` (vLLM's names)."""
@@ -219,8 +244,14 @@ class EngineArgs:
     usage_context: str = "llm"               # USAGE_CONTEXTS: who runs the engine; picks the batch_defaults
     max_logprobs: int = 20                   # most logprobs / prompt_logprobs a request may ask (vLLM's; -1: vocab)
     max_n: int = 128                          # most completions (n) one request may ask (OpenAI's limit for n)
+    # vLLM's hf_overrides: config.json keys replaced before the model config is read, e.g. {"rope_scaling": {"type":
+    # "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}. Given as a dict or its JSON text; kept as
+    # canonical JSON text (sorted keys) so that the arguments stay hashable. Top-level keys replace whole values.
+    hf_overrides: str | None = None
 
     def __post_init__(self):
+        if self.hf_overrides is not None:
+            object.__setattr__(self, "hf_overrides", canonical_hf_overrides(self.hf_overrides))
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -252,6 +283,10 @@ class EngineArgs:
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")
+
+    def hf_overrides_dict(self) -> dict[str, Any]:
+        """The overrides as a dict ({} when none)."""
+        return json.loads(self.hf_overrides) if self.hf_overrides else {}
 
     def unsupported(self) -> list[str]:
         """Arguments whose feature is not built yet: each is refused by name rather than silently ignored."""

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from qwenjax.config import EngineArgs
-from server.arg_parser import ServerArgumentParser
+from server.arg_parser import ServerArgumentParser, json_object
 from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 from server.tool_parsers import TOOL_CALL_PARSERS, check_tool_options
@@ -147,6 +147,10 @@ def add_vllm_engine_flags(e) -> None:
                         "downloaded")
     e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="only 1: pipeline parallelism is not implemented (use --tensor-parallel-size / --mesh)")
+    e.add_argument("--hf-overrides", type=json_object, default=None, metavar="JSON",
+                   help="config.json keys to replace, as a JSON object, e.g. YaRN to 128k tokens: "
+                        "'{\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 32768}}'")
 
 
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
@@ -158,7 +162,7 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "num_scheduler_steps", "compilation_cache_dir", "max_logprobs", "max_n")
 
 
-VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size")
+VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size", "hf_overrides")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:

@@ -6,6 +6,8 @@
   a list fills a flag that takes several values (`served-model-name: [a, b]`) or is joined with commas.
 - A positional model (`qwenjax serve Qwen/Qwen2-7B-Instruct`, vLLM's `model_tag`) sets `--model`, and wins over a
   `--model` from the command line or the config file, as in vLLM.
+- A flag whose value is a JSON object (`--hf-overrides '{"rope_scaling": {...}}'`, type `json_object`) takes a
+  mapping in the file too (`hf-overrides: {rope_scaling: {type: yarn, factor: 4.0}}`).
 - On/off flags are BooleanOptionalAction (`--enable-prefix-caching` / `--no-enable-prefix-caching`); the form this
   server took first, `--enable-prefix-caching false` (or `=false`), still parses.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -93,6 +96,9 @@ class ServerArgumentParser(argparse.ArgumentParser):
                            f"without '--', e.g. max-model-len)")
             if value is None:
                 continue
+            if isinstance(value, dict) and action.type is json_object:
+                args.append(f"{flag}={json.dumps(value)}")
+                continue
             if isinstance(value, dict):
                 self.error(f"--config {path}: {key!r} must be a value or a list, got a mapping")
             if action.nargs == 0:  # a switch: store_true or BooleanOptionalAction
@@ -109,6 +115,17 @@ class ServerArgumentParser(argparse.ArgumentParser):
             else:
                 args.append(f"{flag}={','.join(map(_text, value)) if isinstance(value, list) else _text(value)}")
         return args
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a flag taking a JSON object (vLLM's --hf-overrides)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
 
 
 def _text(value) -> str:

@@ -12,15 +12,20 @@ REAL_VOCAB = 151936
 
 def write_checkpoint(path: Path, *, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
                      num_heads=4, num_kv_heads=2, tie=False, seed=0, max_position_embeddings=512,
-                     shards: int = 1, with_tokenizer: bool = False, rope_theta=10000.0, embed_std=0.5) -> Path:
+                     shards: int = 1, with_tokenizer: bool = False, rope_theta=10000.0, embed_std=0.5,
+                     rope_parameters: dict | None = None) -> Path:
+    """`rope_parameters`: RoPE scaling as transformers 5 takes it (e.g. {"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 64}); config.json then holds it under `rope_parameters`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    rope = {"rope_parameters": {**rope_parameters, "rope_theta": rope_theta}} if rope_parameters else \
+        {"rope_theta": rope_theta}
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie,
-                      rope_theta=rope_theta, rms_norm_eps=1e-6, bos_token_id=151643 if vocab_size > 151645 else 0,
+                      **rope, rms_norm_eps=1e-6, bos_token_id=151643 if vocab_size > 151645 else 0,
                       eos_token_id=151645 if vocab_size > 151645 else 1, torch_dtype="float32")
     model = Qwen2ForCausalLM(cfg).eval()
     # Larger-than-default weights so logits are far from uniform and greedy ties are rare.
@@ -47,6 +52,17 @@ def hf_model(path: Path):
     from transformers import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], new: int, **generate_kwargs) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly `new` tokens after each prompt (no EOS stop), one prompt at a
+    time: the oracle's tokens. `generate_kwargs`: e.g. repetition_penalty."""
+    import torch
+
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                               pad_token_id=0, eos_token_id=None, **generate_kwargs)[0, len(p):].tolist()
+                for p in prompts]
 
 
 EOS_CHAIN_WORDS = (" one", " two", " three")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwenjax import LLM, SamplingParams
-from tests.checkpoints import hf_model
+from tests.checkpoints import hf_greedy, hf_model
 from tests.conftest import SMALL_ENGINE
 
 NEW = 12
@@ -22,14 +22,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def hf_tokens(untied_gqa2, prompts):
-    model = hf_model(untied_gqa2)
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                               pad_token_id=0, eos_token_id=None)
-            outs.append(g[0, len(p):].tolist())
-    return outs
+    return hf_greedy(hf_model(untied_gqa2), prompts, NEW)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
@@ -80,13 +73,7 @@ def test_preemption_keeps_tokens_identical(untied_gqa2, prompts, hf_tokens):
 def test_repetition_penalty_equals_hf(untied_gqa2, prompts):
     """The device-resident penalty history (prompt mask + output counts) matches HF's logits processor, including
     after preemption, where the history is rebuilt by the recompute."""
-    model = hf_model(untied_gqa2)
-    ref = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                               repetition_penalty=1.8, pad_token_id=0, eos_token_id=None)
-            ref.append(g[0, len(p):].tolist())
+    ref = hf_greedy(hf_model(untied_gqa2), prompts, NEW, repetition_penalty=1.8)
     params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, repetition_penalty=1.8)
     for overrides in ({}, {"num_kv_pages": 10, "max_model_len": 96}):
         llm = LLM(str(untied_gqa2), **{**SMALL_ENGINE, **overrides})

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from qwenjax import LLM, SamplingParams
-from tests.checkpoints import hf_model
+from tests.checkpoints import hf_greedy, hf_model
 from tests.conftest import SMALL_ENGINE
 
 NEW = 10
@@ -27,14 +26,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def hf_tokens(untied_gqa2, prompts):
-    model = hf_model(untied_gqa2)
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                               pad_token_id=0, eos_token_id=None)
-            outs.append(g[0, len(p):].tolist())
-    return outs
+    return hf_greedy(hf_model(untied_gqa2), prompts, NEW)
 
 
 def _generate(llm, prompts, params=GREEDY):
@@ -104,11 +96,7 @@ PENALIZED = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, rep
 @pytest.fixture(scope="module")
 def hf_penalized(untied_gqa2, prompts):
     """HF's greedy generate with its repetition penalty (over prompt and output tokens, as vLLM's)."""
-    model = hf_model(untied_gqa2)
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                               repetition_penalty=1.8, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
-                for p in prompts]
+    return hf_greedy(hf_model(untied_gqa2), prompts, NEW, repetition_penalty=1.8)
 
 
 def test_penalized_requests_hit_the_cache_and_still_see_the_whole_prompt(untied_gqa2, prompts, hf_penalized):

@@ -118,8 +118,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty: it must have at least 1 token")
         n = len(prompt_token_ids)
         if n > self.max_model_len:
+            limit = self.model_config.derived_max_model_len  # max_position_embeddings, or what rope_scaling reaches
             raise ValueError(f"the prompt has {n} tokens, longer than max_model_len={self.max_model_len}; shorten "
-                             f"it or raise max_model_len (at most the model's {self.model_config.max_position_embeddings})")
+                             f"it or raise max_model_len (at most the model's {limit})")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -131,7 +132,8 @@ class LLMEngine:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = []
         # Ends by length at max_tokens outputs, or when prompt + outputs reach max_model_len.
-        max_out = self.max_model_len - n if params.max_tokens is None else min(params.max_tokens, self.max_model_len - n)
+        room = self.max_model_len - n
+        max_out = room if params.max_tokens is None else min(params.max_tokens, room)
         for i in range(params.n):
             seed = (params.seed + 0x9E3779B9 * i) & 0xFFFFFFFF if params.seed is not None \
                 else int(self._rng.integers(0, 2**32))

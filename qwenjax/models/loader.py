@@ -215,10 +215,10 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                                      f"quant=QuantConfig.from_checkpoint(path)")
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}"
                                  + (f" quantized with {quant.method}" if quant else ""))
-            if np.issubdtype(wanted[key].dtype, np.integer) != np.issubdtype(arr.dtype, np.integer):
+            wants_int = np.issubdtype(wanted[key].dtype, np.integer)
+            if wants_int != np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"checkpoint tensor {name!r} is {arr.dtype}, the model expects "
-                                 f"{'an integer (packed)' if np.issubdtype(wanted[key].dtype, np.integer) else 'a float'}"
-                                 f" tensor")
+                                 f"{'an integer (packed)' if wants_int else 'a float'} tensor")
             if transpose:
                 arr = arr.T
             shape = tuple(wanted[key].shape)
@@ -370,5 +370,9 @@ def _leaf_init(kind: str, shape: tuple, dtype: np.dtype, sharding):
     return jax.jit(lambda key: fill(shape, dtype), out_shardings=sharding)
 
 
-def load_model_config(path: Path) -> ModelConfig:
-    return ModelConfig.from_file(str(path / "config.json"))
+def load_model_config(path: Path, overrides: dict | None = None) -> ModelConfig:
+    """config.json, with `overrides` (EngineArgs.hf_overrides) replacing its top-level keys first."""
+    if not overrides:
+        return ModelConfig.from_file(str(path / "config.json"))
+    with open(path / "config.json") as f:
+        return ModelConfig.from_dict({**json.load(f), **overrides})

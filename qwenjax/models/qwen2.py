@@ -121,11 +121,11 @@ class Qwen2Model(nnx.Module):
         self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs, quant=quant, fusion=fusion)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.head_dim, self.rope_theta, self.rope_scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
 
     def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, has_context: bool):
         x = self.embed_tokens(input_ids.reshape(-1))  # [T, D]
-        cos, sin = rope_cos_sin(flat_positions(meta), self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(flat_positions(meta), self.head_dim, self.rope_theta, self.rope_scaling)
         new_cache, residual = [], None
         # Python loop: the layers are unrolled into one program (a scan over stacked weights ran 2.2x slower).
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache):

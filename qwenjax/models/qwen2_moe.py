@@ -167,7 +167,7 @@ class Qwen2MoeModel(Qwen2Model):
         self.layers = nnx.List([Qwen2MoeDecoderLayer(cfg, i, dtype=dtype, rngs=rngs, fusion=fusion)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.head_dim, self.rope_theta, self.rope_scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):

@@ -70,13 +70,15 @@ def plan_num_pages(*, cfg: ModelConfig, page_size: int, dtype, max_model_len: in
     pages = max(0, free_bytes // per_page)
     need = -(-max_model_len // page_size)
     if pages < need:
-        gib = 1 << 30
+        gib, itemsize = 1 << 30, jnp.dtype(dtype).itemsize
+        fp8 = (f" One-byte pages (--kv-cache-dtype fp8, kv_cache_dtype='fp8') need {itemsize}x less: "
+               f"{need * per_page / itemsize / gib:.2f} GiB for that sequence.") if itemsize > 1 else ""
         raise KVCacheTooSmallError(
             f"The KV cache has room for {pages * page_size} tokens ({pages} pages of {page_size} tokens, "
             f"{free_bytes / gib:.2f} GiB free for it; {detail}), but one sequence of max_model_len={max_model_len} "
-            f"tokens needs {need} pages ({need * per_page / gib:.2f} GiB). Lower --max-model-len "
-            f"(max_model_len=) to at most {pages * page_size}, or raise --gpu-memory-utilization "
-            f"(gpu_memory_utilization=).")
+            f"tokens needs {need} pages ({need * per_page / gib:.2f} GiB: {per_page / page_size / 1024:g} KiB a "
+            f"token in {jnp.dtype(dtype).name}). Lower --max-model-len (max_model_len=) to at most "
+            f"{pages * page_size}, or raise --gpu-memory-utilization (gpu_memory_utilization=).{fp8}")
     return int(pages)
 
 

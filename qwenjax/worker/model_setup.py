@@ -56,17 +56,14 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                              f"the built-in model {DEFAULT_MODEL_NAME} has none: give a hub id as the model")
         path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
             resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
-        cfg = load_model_config(path)
+        cfg = load_model_config(path, args.hf_overrides_dict())
     dtype = resolve_dtype(args.dtype, cfg)
     tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
         (args.tokenizer or default_tokenizer_dir())
     tokenizer = load_tokenizer(tok_dir)
     defaults = _generation_defaults(args, path)
     eos = tuple(defaults.eos_token_ids) or tuple(x for x in (cfg.eos_token_id, tokenizer.eos_token_id) if x is not None)
-    max_model_len = args.max_model_len or cfg.max_position_embeddings
-    if max_model_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_model_len={max_model_len} is larger than the model's max_position_embeddings="
-                         f"{cfg.max_position_embeddings}")
+    max_model_len = check_max_model_len(args.max_model_len, cfg)
     seqs, budget = batch_defaults(args.usage_context, device_total_bytes((memory_source or device_memory)()),
                                   jax.local_devices()[0].device_kind)
     sc = SchedulerConfig.build(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs or seqs,
@@ -145,6 +142,28 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                        num_pages=num_pages, load_seconds=load_s, warmup_seconds=warm)
 
 
+YARN_EXAMPLE = '{"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}'
+
+
+def check_max_model_len(max_model_len: int | None, cfg: ModelConfig) -> int:
+    """max_model_len (None: the model's longest, as vLLM) after checking it against what the model's positions
+    allow: max_position_embeddings, or what its RoPE scaling extends that to (ModelConfig.derived_max_model_len)."""
+    limit = cfg.derived_max_model_len
+    if max_model_len is None:
+        max_model_len = limit
+    if max_model_len > limit and cfg.rope_scaling is None:
+        raise ValueError(f"max_model_len={max_model_len} is larger than the model's longest context, {limit} "
+                         f"(max_position_embeddings, no rope_scaling); RoPE scaling extends it: e.g. YaRN factor 4 "
+                         f"over a 32768-token original context reaches 131072, with hf_overrides={YARN_EXAMPLE} "
+                         f"(server: --hf-overrides '{YARN_EXAMPLE}')")
+    if max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len} is larger than the model's longest context, {limit} "
+                         f"({cfg.rope_scaling.describe()})")
+    if cfg.rope_scaling is not None:
+        logger.info("RoPE scaling: %s; max_model_len %d", cfg.rope_scaling.describe(), max_model_len)
+    return max_model_len
+
+
 def _generation_defaults(args: EngineArgs, path: Path | None):
     from qwenjax.tokenizer import GenerationDefaults
 
@@ -165,7 +184,8 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
     if mem is None:
         free = args.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
         pages = plan_num_pages(cfg=cfg, page_size=sc.block_size, dtype=cache_dtype, max_model_len=sc.max_model_len,
-                               free_bytes=free, detail="budget from kv_cache_memory_bytes; the device reports no memory")
+                               free_bytes=free,
+                               detail="budget from kv_cache_memory_bytes; the device reports no memory")
         if args.kv_cache_memory_bytes is None:
             # CPU: no more pages than every sequence at full length can use; a larger cache only costs time
             # (the CPU backend copies what GPUs update in place).
