@@ -1,9 +1,11 @@
-"""The engine loop's small pieces: a dispatched step whose tokens are unread, and the GC freeze after start-up."""
+"""The engine loop's small pieces: a prepared step, a dispatched step whose tokens are unread, and the GC freeze
+after start-up."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+from typing import NamedTuple
 
 import jax
 
@@ -36,3 +38,14 @@ class InFlight:
     # A late sampler (core/constraints.py): the model call is on the device, the sampler waits for the previous
     # step's tokens: (scheduler output, step input, its logits; None where the model call waits too)
     late: tuple | None = None
+
+
+class Prepared(NamedTuple):
+    """A scheduled step's numpy inputs, built but not yet on the device (LLMEngine._prepare)."""
+
+    out: object  # SchedulerOutput
+    inp: object  # StepInput
+    late: bool  # the sampler's inputs wait for the previous step's tokens (mode, tensors, wants_lp: None)
+    mode: object
+    tensors: object
+    wants_lp: bool | None

@@ -19,14 +19,14 @@ import numpy as np
 
 from qwenjax import compat
 from qwenjax.config import EngineArgs, SchedulerConfig, compilation_cache_path
+from qwenjax.core.admission import new_sequences
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.constraints import Constraints
 from qwenjax.core.output_processor import OutputProcessor, request_output
 from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
-from qwenjax.core.stop_checker import StopChecker
-from qwenjax.engine.in_flight import InFlight, freeze_gc_heap
+from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
 from qwenjax.engine.sampling_inputs import needs_known_outputs, sampler_inputs, sampling_row, step_rows
 from qwenjax.engine.stats import EngineStats
 from qwenjax.outputs import RequestOutput
@@ -76,6 +76,7 @@ class LLMEngine:
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
+        self._held: InFlight | None = None  # a late step's successor, its model call on the device (see step())
         # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
         # drained by the loop that runs step() (take_failed) and reported to their callers.
         self.failed: list[tuple[str, BaseException]] = []
@@ -130,28 +131,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         constraint = self.constraints.prepare(params)  # compiles a grammar; raises ValueError for a bad one
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        seqs = []
         # Ends by length at max_tokens outputs, or when prompt + outputs reach max_model_len.
         room = self.max_model_len - n
-        max_out = room if params.max_tokens is None else min(params.max_tokens, room)
-        for i in range(params.n):
-            seed = (params.seed + 0x9E3779B9 * i) & 0xFFFFFFFF if params.seed is not None \
-                else int(self._rng.integers(0, 2**32))
-            seq = Sequence(request_id=request_id, index=i, prompt_token_ids=prompt_token_ids, params=params, seed=seed,
-                           arrival_time=arrival, priority=priority, client=client, max_output_tokens=max_out)
-            if params.stop:
-                seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
-            if params.logprobs is not None:
-                seq.logprobs = []
-            if constraint is not None:
-                seq.constraint = self.constraints.start(constraint)
-            seqs.append(seq)
-        if len(seqs) > 1 and self._leader is None and jax.process_count() == 1:
-            # The copies fork from the first one's computed prompt (Scheduler._fork_waiting); multi-host runs do
-            # not replay forks on their followers yet, so there every copy prefills as its own sequence.
-            for seq in seqs[1:]:
-                seq.parent, seq.copy_pending = seqs[0], True
-            seqs[0].num_unforked = len(seqs) - 1
+        seqs = new_sequences(request_id, prompt_token_ids, params, rng=self._rng, arrival=arrival, priority=priority,
+                             client=client, max_output_tokens=room if params.max_tokens is None
+                             else min(params.max_tokens, room), constraints=self.constraints, constraint=constraint,
+                             forkable=self._leader is None and jax.process_count() == 1)
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                       seqs=seqs, arrival_time=arrival)
         if params.prompt_logprobs is not None:
@@ -198,9 +183,12 @@ class LLMEngine:
         and returns N's outputs, so the host's bookkeeping runs while the device computes N+1. Rows whose sequence
         ended at step N (a stop token, an abort) are computed once more by N+1 and discarded. `on_dispatch` is called
         once a step is on the device, before any tokens are awaited (a server hands the previous step's outputs to
-        its event loop there)."""
-        sched = self.scheduler.schedule()
-        launched = self._dispatch(sched) if sched is not None else None
+        its event loop there). A step with a late sampler (constrained rows) holds its successor: see below."""
+        launched, self._held = self._held, None
+        sched = None
+        if launched is None:
+            sched = self.scheduler.schedule()
+            launched = self._dispatch(sched) if sched is not None else None
         if launched is not None and on_dispatch is not None:
             on_dispatch()
         if self.args.async_scheduling:
@@ -209,20 +197,22 @@ class LLMEngine:
             done = launched
         outputs = [] if done is None else self._process(done)
         if launched is not None and launched.late is not None:
+            # Its sampler needs the tokens just read. The next step is scheduled and built first, while this one's
+            # model call runs, so that its model call follows this sampler on the device with no host work between.
+            nxt = self.scheduler.schedule()
+            prepared = self._prepare(nxt) if nxt is not None else None
             self._in_flight = self._sample_late(launched)
-        elif done is None and sched is None and self.scheduler.has_work():
+            self._held = self._launch(prepared) if prepared is not None else None
+        elif done is None and launched is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
         return outputs
 
-    def _dispatch(self, out: SchedulerOutput) -> InFlight:
-        """Puts one scheduled step on the device and does the bookkeeping that does not need its tokens: computed
-        counts advance, and each sampling row gets a PENDING output (its value arrives in `_process`)."""
-        self.stats.steps += 1
-        self.stats.preemptions = self.scheduler.num_preemptions
-        self.stats.prefix_cache_queries = self.blocks.query_tokens
-        self.stats.prefix_cache_hits = self.blocks.hit_tokens
-        if out.forks:  # copies started this step: their pages and penalty rows, before the step reads them
-            self.runner.fork(out.forks)
+    def _dispatch(self, out: SchedulerOutput) -> InFlight | None:
+        prepared = self._prepare(out)
+        return None if prepared is None else self._launch(prepared)
+
+    def _prepare(self, out: SchedulerOutput) -> Prepared | None:
+        """A scheduled step's numpy inputs (host work only; None when a request's rows failed to build)."""
         now = time.monotonic()
         # A row whose mask needs its unread newest output: the model call now, the sampler after reading it.
         late = self.args.async_scheduling and needs_known_outputs(out)
@@ -240,12 +230,26 @@ class LLMEngine:
             req = self.requests[r.seq.request_id]
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+        if late:
+            mode = tensors = wants_lp = None
+        return Prepared(out, inp, late, mode, tensors, wants_lp)
+
+    def _launch(self, p: Prepared) -> InFlight:
+        """Puts a prepared step on the device and does the bookkeeping that does not need its tokens: computed
+        counts advance, and each sampling row gets a PENDING output (its value arrives in `_process`)."""
+        out, inp, late, mode, tensors, wants_lp = p
+        self.stats.steps += 1
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queries = self.blocks.query_tokens
+        self.stats.prefix_cache_hits = self.blocks.hit_tokens
+        if out.forks:  # copies started this step: their pages and penalty rows, before the step reads them
+            self.runner.fork(out.forks)
         K = out.num_steps
         if K > 1 and (late or mode not in WARMUP_MODES):
             K = 1  # a multi-step program per sampler mode compiles the whole model: only the warmed-up modes get one
         t0 = time.perf_counter()
         if late:  # the sampler follows in _sample_late; several processes replay whole steps, so theirs waits too
-            res = ranks = wants_lp = None
+            res = ranks = None
             logits = self.runner.forward(inp, out.has_context) if self._leader is None else None
         elif K > 1:
             res, ranks = self.runner.execute_steps(inp, tensors, mode, K), None
