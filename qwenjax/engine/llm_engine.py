@@ -76,7 +76,6 @@ class LLMEngine:
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
-        self._held: InFlight | None = None  # a late step's successor, its model call on the device (see step())
         # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
         # drained by the loop that runs step() (take_failed) and reported to their callers.
         self.failed: list[tuple[str, BaseException]] = []
@@ -183,12 +182,10 @@ class LLMEngine:
         and returns N's outputs, so the host's bookkeeping runs while the device computes N+1. Rows whose sequence
         ended at step N (a stop token, an abort) are computed once more by N+1 and discarded. `on_dispatch` is called
         once a step is on the device, before any tokens are awaited (a server hands the previous step's outputs to
-        its event loop there). A step with a late sampler (constrained rows) holds its successor: see below."""
-        launched, self._held = self._held, None
-        sched = None
-        if launched is None:
-            sched = self.scheduler.schedule()
-            launched = self._dispatch(sched) if sched is not None else None
+        its event loop there). A step with constrained rows dispatches its model call first and its sampler once the
+        previous step's tokens are read (a late sampler, core/constraints.py)."""
+        sched = self.scheduler.schedule()
+        launched = self._dispatch(sched) if sched is not None else None
         if launched is not None and on_dispatch is not None:
             on_dispatch()
         if self.args.async_scheduling:
@@ -196,14 +193,9 @@ class LLMEngine:
         else:
             done = launched
         outputs = [] if done is None else self._process(done)
-        if launched is not None and launched.late is not None:
-            # Its sampler needs the tokens just read. The next step is scheduled and built first, while this one's
-            # model call runs, so that its model call follows this sampler on the device with no host work between.
-            nxt = self.scheduler.schedule()
-            prepared = self._prepare(nxt) if nxt is not None else None
+        if launched is not None and launched.late is not None:  # its sampler needed the tokens just read
             self._in_flight = self._sample_late(launched)
-            self._held = self._launch(prepared) if prepared is not None else None
-        elif done is None and launched is None and self.scheduler.has_work():
+        elif done is None and sched is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
         return outputs
 
