@@ -35,7 +35,6 @@ import cli_args  # noqa: E402
 import device_ceilings  # noqa: E402
 import engine_setup  # noqa: E402
 import floors  # noqa: E402
-import model_specs  # noqa: E402
 import result_files  # noqa: E402
 import workloads  # noqa: E402
 
@@ -157,10 +156,7 @@ def run_one(args, spec, cfg, *, chunked: bool) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = model_specs.resolve_model(args.model)
-    engine_setup.setup_jax(args)
-    cfg = model_specs.model_config(spec)
-    dev = result_files.device_info()
+    spec, cfg, dev = engine_setup.prepare(args)
     ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"],
                                                 gemm_tokens=engine_kwargs(args, True)["max_num_batched_tokens"])
     runs = {name: run_one(args, spec, cfg, chunked=name == "chunked") for name in RUNS}

@@ -14,6 +14,15 @@ from floors import kv_bytes_per_token
 from model_specs import ModelSpec, model_config_dict
 
 
+def prepare(args):
+    """A benchmark's start: (the model spec of --model, its ModelConfig, this device's info), JAX set up first."""
+    import model_specs
+
+    spec = model_specs.resolve_model(args.model)
+    setup_jax(args)
+    return spec, model_specs.model_config(spec), result_files.device_info()
+
+
 def setup_jax(args) -> None:
     """Process settings that must precede JAX's device initialisation."""
     from qwenjax import compat

@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_args  # noqa: E402
 import device_ceilings  # noqa: E402
 import engine_setup  # noqa: E402
-import model_specs  # noqa: E402
 import result_files  # noqa: E402
 import workloads  # noqa: E402
 
@@ -96,10 +95,7 @@ def main(argv=None) -> dict:
     from qwenjax.structured_outputs import StructuredOutputsParams
 
     args = parse(argv)
-    spec = model_specs.resolve_model(args.model)
-    engine_setup.setup_jax(args)
-    cfg = model_specs.model_config(spec)
-    dev = result_files.device_info()
+    spec, cfg, dev = engine_setup.prepare(args)
     ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"])
     B, P, O = args.batch, args.prompt_len, args.max_tokens
     buckets = tuple(sorted({b for b in (1, 8, 16, 32, 64, 128, 256) if b < B} | {B}))
