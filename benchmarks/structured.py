@@ -128,14 +128,23 @@ def main(argv=None) -> dict:
                 jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
                 valid += 1
         masks = eng.constraints.mask_steps - mask_n0
+        steps = max(st["steps"], 1)
+        # The host's critical path per step: waiting for tokens, handling them, the late sampler (masks included)
         runs_c.append({"tok_s": tok_s, "tokens": sum(lengths), "valid_json": valid, "steps": st["steps"],
                        "late_samplers": st["late_samplers"],
-                       "mask_ms_per_step": (eng.constraints.mask_seconds - mask_s0) / max(masks, 1) * 1e3})
+                       "mask_ms_per_step": (eng.constraints.mask_seconds - mask_s0) / max(masks, 1) * 1e3,
+                       **{f"{k}_ms_per_step": st[f"{k}_s"] / steps * 1e3
+                          for k in ("host_wait", "host_process", "late_sampler", "host_dispatch")}})
     exact = [_params(i, n, exact=True) for i, n in enumerate(lengths)]
     _run(llm, prompts, exact)  # untimed
     for _ in range(args.repeats):
+        before = workloads.stats_snapshot(llm)
         outs, tok_s = _run(llm, prompts, exact)
-        runs_u.append({"tok_s": tok_s, "tokens": sum(len(o.outputs[0].token_ids) for o in outs)})
+        st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
+        steps = max(st["steps"], 1)
+        runs_u.append({"tok_s": tok_s, "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "steps": st["steps"],
+                       **{f"{k}_ms_per_step": st[f"{k}_s"] / steps * 1e3
+                          for k in ("host_wait", "host_process", "host_dispatch")}})
 
     # Batch 1: one constrained request, then one unconstrained request of the same length.
     one_c, one_u = [], []
@@ -169,6 +178,9 @@ def main(argv=None) -> dict:
             ("tpot ms constrained / free (batch 1)", f"{tpot_c:.3f} / {tpot_u:.3f}"),
             ("tpot_ratio_batch1", metrics["tpot_ratio_batch1"]), ("grammar_compile_ms", compile_ms),
             ("mask ms a step", metrics["mask_ms_per_step"]),
+            ("host ms a step, wait / handle / late sampler",
+             " / ".join(f"{statistics.median(r[f'{k}_ms_per_step'] for r in runs_c):.2f}"
+                        for k in ("host_wait", "host_process", "late_sampler"))),
             ("valid JSON (stopped) / requests", f"{runs_c[-1]['valid_json']} / {B}")]
     result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result

@@ -280,6 +280,7 @@ class LLMEngine:
         """Dispatches a late step's sampler, now that the outputs its rows' masks need are known."""
         out, inp, logits, num_outputs = step.late
         self.stats.late_samplers += 1
+        t0 = time.perf_counter()
         try:
             rows = step_rows(out, lambda r: self._sampling_row(r, num_outputs.get(r.seq.seq_id)))
             mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
@@ -295,6 +296,7 @@ class LLMEngine:
             res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
         else:
             res, ranks = self.runner.sample(logits, inp, tensors, mode)
+        self.stats.late_sampler_s += time.perf_counter() - t0
         return dataclasses.replace(step, result=res, ranks=ranks, wants_lp=wants_lp, late=None)
 
     def _fail_culprits(self, out: SchedulerOutput, exc: Exception) -> None:
@@ -338,7 +340,8 @@ class LLMEngine:
         res = step.result
         t0 = time.perf_counter()
         ids = to_host(res.token_ids).reshape(step.num_steps, -1)  # [K, B]: [B] tokens a step
-        self.stats.host_wait_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.host_wait_s += t1 - t0
         B = ids.shape[1]
         by_row = ids.T.tolist()  # row b's K tokens, as Python ints in one pass
         if step.wants_lp:
@@ -366,7 +369,9 @@ class LLMEngine:
                 self.fail_request(seq.request_id, e)
                 continue
             touched[seq.request_id] = self.requests[seq.request_id]
-        return self._outputs(touched.values())
+        outputs = self._outputs(touched.values())
+        self.stats.host_process_s += time.perf_counter() - t1
+        return outputs
 
     def _needs_text(self, seq: Sequence) -> bool:
         """Its text is needed as it grows (stop strings, streaming), so tokens go one by one through the

@@ -22,3 +22,5 @@ class EngineStats:
         self.host_dispatch_s = 0.0     # seconds in runner.execute(_steps): JAX's dispatch of the step(s) and sampler
         self.host_wait_s = 0.0         # seconds blocked reading steps' sampled ids (the device still running)
         self.late_samplers = 0         # steps whose sampler waited for the previous step's tokens (constraints)
+        self.late_sampler_s = 0.0      # seconds building (masks included) and dispatching those samplers
+        self.host_process_s = 0.0      # seconds handling read tokens: append, detokenize, stops (after the wait)
