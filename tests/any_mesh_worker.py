@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
+
+ASSETS = Path(__file__).resolve().parents[1] / "qwenjax" / "assets"
 
 
 def main(out: str, meshes: str, *paths: str) -> None:
@@ -36,5 +39,40 @@ def main(out: str, meshes: str, *paths: str) -> None:
         json.dump(result, f)
 
 
+def layouts(out: str, n: str, *names: str) -> None:
+    """Shapes only: each packaged config's model, padded for a mesh of `n`, as abstract arrays in their shardings,
+    and its KV pages; every split must divide (shard_shape raises otherwise). No weights are made."""
+    from flax import nnx
+
+    from qwenjax.config import ModelConfig
+    from qwenjax.models.fusion import Fusion
+    from qwenjax.models.loader import abstract_model
+    from qwenjax.models.mesh_padding import pad_for_mesh
+    from qwenjax.models.sharding import check_divisible, kv_sharding, make_mesh, param_spec
+
+    n = int(n)
+    mesh = make_mesh(n)
+    result = {}
+    for name in names:
+        real = ModelConfig.from_file(str(ASSETS / "configs" / name))
+        cfg = pad_for_mesh(real, n)
+        check_divisible(cfg, n)
+        model = abstract_model(cfg, jax.numpy.bfloat16, fusion=Fusion.decide(cfg, n))
+        shards = {}
+        for path, var in nnx.to_flat_state(nnx.state(model)):
+            spec = param_spec(path, cfg, n, var.shape)
+            shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(var.shape)
+            if path[:3] == ("model", "layers", 0) or path[0] == "lm_head":
+                shards[".".join(map(str, path))] = [list(spec), list(shard)]
+        kv_shape = (cfg.num_key_value_heads, 4, 16, cfg.head_dim)
+        result[name] = {"shards": shards, "heads": [cfg.num_attention_heads, cfg.num_key_value_heads],
+                        "kv_shard": list(kv_sharding(mesh, cfg).shard_shape(kv_shape))}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *sys.argv[3:])
+    if sys.argv[1] == "layouts":
+        layouts(*sys.argv[2:])
+    else:
+        main(sys.argv[1], sys.argv[2], *sys.argv[3:])
