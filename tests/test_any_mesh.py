@@ -81,12 +81,19 @@ def _assert_same_as_mesh_1(res: dict, path, kv_heads: int) -> None:
 
 
 def test_dense_heads_the_mesh_does_not_divide_give_mesh_1_tokens(tmp_path):
-    """6 / 14 / 28 q heads over 2 / 2 / 4 kv heads at meshes 3, 4 and 8; the FFN width 100 splits neither 3 nor 8."""
+    """6 / 14 / 28 q heads over 2 / 2 / 4 kv heads at meshes 3, 4 and 8; the FFN width 100 splits neither 3 nor 8.
+    The 14-head model's orbax conversion (convert.py: saved unpadded, padded on the devices) gives the same."""
+    from qwenjax.models.convert import convert
+
     ckpts = {(q, kv): write_checkpoint(tmp_path / f"h{q}", hidden_size=8 * q, intermediate_size=100, num_heads=q,
                                        num_kv_heads=kv, seed=q) for q, kv in ((6, 2), (14, 2), (28, 4))}
-    res = _generate(tmp_path, ckpts.values())
+    orbax = tmp_path / "h14-orbax"
+    convert(ckpts[14, 2], orbax)
+    res = _generate(tmp_path, [*ckpts.values(), orbax])
     for (q, kv), path in ckpts.items():
         _assert_same_as_mesh_1(res, path, kv)
+    _assert_same_as_mesh_1(res, orbax, 2)
+    assert res[f"{orbax}|1"]["tokens"] == res[f"{ckpts[14, 2]}|1"]["tokens"]
     assert res[f"{ckpts[14, 2]}|8"]["kv_heads"] == 8 and res[f"{ckpts[14, 2]}|3"]["kv_heads"] == 3
 
 
