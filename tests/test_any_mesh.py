@@ -20,7 +20,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "qwenjax" / "assets" / "
 MESHES = "3,4,8"
 
 
-@pytest.mark.parametrize("quant", [None, QuantConfig("awq", 4, 128, checkpoint_format="gemm")], ids=["float", "awq-g128"])
+AWQ = QuantConfig("awq", 4, 128, checkpoint_format="gemm")
+
+
+@pytest.mark.parametrize("quant", [None, AWQ], ids=["float", "awq-g128"])
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_packaged_config_pads_for_meshes_1_to_8(path, quant):
     real = ModelConfig.from_file(str(path))
