@@ -137,3 +137,34 @@ def test_7b_57b_and_0_5b_sharded_layouts_at_mesh_8(tmp_path):
         assert r["shards"]["model.layers.0.self_attn.o_proj.kernel"][1][0] == 7 * H
     moe = res["qwen2-57b-a14b-instruct.json"]["shards"]
     assert moe["model.layers.0.mlp.experts.gate_proj"][1] == [64, 3584, 2560 // 8]
+
+
+RANDOM_WORKER = """
+import numpy as np, jax
+from flax import nnx
+from qwenjax.config import ModelConfig
+from qwenjax.models.loader import random_params
+from qwenjax.models.sharding import make_mesh
+from qwenjax.quantization.config import QuantConfig
+cfg = ModelConfig(vocab_size=64, hidden_size=112, intermediate_size=100, num_hidden_layers=1, num_attention_heads=14,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+for quant in (None, QuantConfig("awq", 4, 16, checkpoint_format="gemm")):
+    _, state = random_params(cfg, jax.numpy.float32, mesh=make_mesh(8), quant=quant)
+    flat = {".".join(map(str, p[3:])): np.asarray(v[...]) for p, v in nnx.to_flat_state(state) if p[2:3] == (0,)}
+    if quant is None:
+        o, down = flat["self_attn.o_proj.kernel"], flat["mlp.down_proj.kernel"]
+        assert o.shape[0] == 56 * 8 and not o[14 * 8:].any() and o[:14 * 8].all(), o.shape
+        assert down.shape[0] == 128 and not down[100:].any() and down[:100].all(), down.shape
+    else:
+        o, down = flat["self_attn.o_proj.scales"], flat["mlp.down_proj.scales"]
+        assert o.shape[0] == 56 * 8 // 16 and not o[14 * 8 // 16:].any() and o[:14 * 8 // 16].any(), o.shape
+        assert down.shape[0] * 16 > 100 and not down[-(-100 // 16):].any(), down.shape
+print("ok")
+"""
+
+
+def test_random_weights_zero_the_padded_rows():
+    """Benchmarks' random weights on a padded mesh: o_proj / down_proj rows of padded heads and FFN columns are zero
+    (quantized: their groups' scales), so padded parts never reach the residual stream."""
+    proc = run_with_devices(["-c", RANDOM_WORKER])
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
