@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qwenjax.config import ModelConfig
-from qwenjax.models.mesh_padding import ZeroPadded, pad_for_mesh, padded_array
+from qwenjax.models.mesh_padding import ZeroPadded, describe, pad_for_mesh, padded_array
 from qwenjax.models.sharding import check_divisible
 from qwenjax.quantization.config import QuantConfig
 from tests.checkpoints import write_checkpoint
@@ -40,6 +40,16 @@ def test_every_packaged_config_pads_for_meshes_1_to_8(path, quant):
             assert (N * H) % quant.group_size == 0 and cfg.intermediate_size % quant.group_size == 0
         if real.num_attention_heads % n == 0:  # heads the mesh divides are never padded
             assert (N, K) == (real.num_attention_heads, real.num_key_value_heads)
+
+
+def test_start_up_log_says_what_padding_costs():
+    real = ModelConfig.from_file(str(CONFIGS[0].with_name("qwen2-7b-instruct.json")))
+    assert describe(real, pad_for_mesh(real, 4), 4) is None
+    text = describe(real, pad_for_mesh(real, 8), 8)
+    assert "q heads 28 -> 56, kv heads 4 -> 8 (KV cache 2.00x the bytes a token, 1 kv head(s) a device)" in text
+    text = describe(real, pad_for_mesh(real, 7), 7)  # 28 q heads split 7 ways; 152064 tokens and 18944 do not
+    assert "heads" not in text and "intermediate_size 18944 -> 19040" in text
+    assert "vocabulary 152064 does not split 7 ways" in text and "2.03 GiB a device instead of 0.29 GiB" in text
 
 
 def test_zero_padded_reads_only_its_slices():
@@ -101,8 +111,8 @@ def test_dense_heads_the_mesh_does_not_divide_give_mesh_1_tokens(tmp_path):
 
 
 def test_awq_and_moe_at_meshes_that_do_not_divide_them(tmp_path):
-    """AWQ and GPTQ act-order (group 32): 14 q heads pad in whole groups of o_proj rows (mesh 3: 2 -> 6 kv heads), the FFN width 160
-    to 192 at mesh 3. MoE: 6 q heads, experts' width 20 and the shared expert's 40 padded on F."""
+    """AWQ and GPTQ act-order (group 32): 14 q heads pad in whole groups of o_proj rows (mesh 3: 2 -> 6 kv heads),
+    the FFN width 160 to 192 at mesh 3. MoE: 6 q heads, experts' width 20 and the shared expert's 40 padded on F."""
     from tests.moe_checkpoints import write_moe_checkpoint
     from tests.quant_writer import Scheme, write_quantized
 

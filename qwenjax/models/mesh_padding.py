@@ -128,10 +128,9 @@ class ZeroPadded:
         return out if dtype is None else out.astype(dtype)
 
 
-def describe(real: ModelConfig, padded: ModelConfig, n: int) -> str | None:
-    """What padding for a mesh of n devices costs, for the start-up log; None when nothing is padded."""
-    if real == padded:
-        return None
+def describe(real: ModelConfig, padded: ModelConfig, n: int, itemsize: int = 2) -> str | None:
+    """What padding for a mesh of n devices costs, and what a vocabulary it does not divide costs (replicated
+    embeddings), for the start-up log; None when nothing is padded or replicated for want of a split."""
     parts = []
     if padded.num_attention_heads != real.num_attention_heads:
         parts.append(f"q heads {real.num_attention_heads} -> {padded.num_attention_heads}, kv heads "
@@ -141,7 +140,14 @@ def describe(real: ModelConfig, padded: ModelConfig, n: int) -> str | None:
     for name in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if getattr(padded, name) != getattr(real, name):
             parts.append(f"{name} {getattr(real, name)} -> {getattr(padded, name)}")
-    return f"padded for tensor_parallel_size={n} with zero weights (results unchanged): " + "; ".join(parts)
+    text = f"padded for tensor_parallel_size={n} with zero weights (results unchanged): " + "; ".join(parts)
+    if n > 1 and real.vocab_size % n:
+        tables = 1 if real.tie_word_embeddings else 2
+        gib = tables * real.vocab_size * real.hidden_size * itemsize / 2**30
+        note = (f"vocabulary {real.vocab_size} does not split {n} ways: embed_tokens{'' if tables == 1 else '/lm_head'}"
+                f" replicated, {gib:.2f} GiB a device instead of {gib / n:.2f} GiB")
+        return f"{text}; {note}" if parts else note
+    return text if parts else None
 
 
 def zero_padded_rows(path: tuple, value, real: ModelConfig, padded: ModelConfig):

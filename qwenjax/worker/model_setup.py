@@ -82,7 +82,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     # the KV cache and its sizing take the padded one, whose kv heads are the ones stored.
     model_cfg = pad_for_mesh(cfg, args.tensor_parallel_size, quant)
     check_divisible(model_cfg, args.tensor_parallel_size)
-    padding = describe_padding(cfg, model_cfg, args.tensor_parallel_size)
+    padding = describe_padding(cfg, model_cfg, args.tensor_parallel_size, jax.numpy.dtype(dtype).itemsize)
     if padding:
         logger.info("%s", padding)
     if dummy:
