@@ -22,9 +22,10 @@ def main(out: str, meshes: str, *paths: str) -> None:
     prompts = [list(map(int, rng.integers(0, 512, n))) for n in (5, 17, 40)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     result = {}
-    for path in paths:
+    for path in paths:  # "ep:<path>": with enable_expert_parallel
         for n in [1] + [int(m) for m in meshes.split(",")]:
-            llm = LLM(path, **SMALL_ENGINE, tensor_parallel_size=n)
+            llm = LLM(path.removeprefix("ep:"), **SMALL_ENGINE, tensor_parallel_size=n,
+                      enable_expert_parallel=path.startswith("ep:"))
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
             runner = llm.llm_engine.runner
             kv = runner.kv_cache[0][0]
@@ -33,6 +34,7 @@ def main(out: str, meshes: str, *paths: str) -> None:
                 "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                              for o in outs],
                 "kv_heads": kv.shape[0], "kv_shard_heads": kv.addressable_shards[0].data.shape[0],
+                "expert_parallel": llm.llm_engine.model_config.expert_parallel,
             }
             del llm
     with open(out, "w") as f:

@@ -112,7 +112,8 @@ def test_dense_heads_the_mesh_does_not_divide_give_mesh_1_tokens(tmp_path):
 
 def test_awq_and_moe_at_meshes_that_do_not_divide_them(tmp_path):
     """AWQ and GPTQ act-order (group 32): 14 q heads pad in whole groups of o_proj rows (mesh 3: 2 -> 6 kv heads),
-    the FFN width 160 to 192 at mesh 3. MoE: 6 q heads, experts' width 20 and the shared expert's 40 padded on F."""
+    the FFN width 160 to 192 at mesh 3. MoE: 6 q heads, experts' width 20 and the shared expert's 40 padded on F;
+    with enable_expert_parallel too."""
     from tests.moe_checkpoints import write_moe_checkpoint
     from tests.quant_writer import Scheme, write_quantized
 
@@ -123,10 +124,14 @@ def test_awq_and_moe_at_meshes_that_do_not_divide_them(tmp_path):
     write_quantized(src, gptq, None, Scheme("gptq", bits=4, group_size=32, desc_act=True), seed=2)
     moe = write_moe_checkpoint(tmp_path / "moe6", hidden_size=48, intermediate_size=80, num_heads=6, num_kv_heads=2,
                                moe_intermediate_size=20, shared_expert_intermediate_size=40, seed=3)
-    res = _generate(tmp_path, [awq, gptq, moe])
+    res = _generate(tmp_path, [awq, gptq, moe, f"ep:{moe}"])
     _assert_same_as_mesh_1(res, awq, 2)
     _assert_same_as_mesh_1(res, gptq, 2)
     _assert_same_as_mesh_1(res, moe, 2)
+    # enable_expert_parallel: 8 experts split over 4 and 8 devices; over 3 they split on their width instead
+    _assert_same_as_mesh_1(res, f"ep:{moe}", 2)
+    assert res[f"ep:{moe}|1"]["tokens"] == res[f"{moe}|1"]["tokens"]
+    assert [res[f"ep:{moe}|{n}"]["expert_parallel"] for n in (3, 4, 8)] == [False, True, True]
     assert res[f"{awq}|3"]["kv_heads"] == 6 and res[f"{awq}|3"]["kv_shard_heads"] == 2
 
 

@@ -74,7 +74,12 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                                enable_chunked_prefill=args.enable_chunked_prefill,
                                num_scheduler_steps=args.num_scheduler_steps)
     if args.enable_expert_parallel and cfg.num_experts:  # the model and the param specs read it from cfg
-        cfg = dataclasses.replace(cfg, expert_parallel=True)
+        if cfg.num_experts % args.tensor_parallel_size == 0:
+            cfg = dataclasses.replace(cfg, expert_parallel=True)
+        else:  # same results either way; splitting each expert's width works on any mesh (models/mesh_padding.py)
+            logger.warning("enable_expert_parallel: %d experts do not split over %d devices; the experts split on "
+                           "their width instead (tensor parallel, the same results)", cfg.num_experts,
+                           args.tensor_parallel_size)
     mesh = make_mesh(args.tensor_parallel_size)
     dummy = path is None or args.load_format == "dummy"
     quant = resolve_quant_config(args.quantization, path)  # `quantization=` omitted: read from the checkpoint
