@@ -15,14 +15,15 @@ biases) are zero, so their keys and values are zero and their attention output i
 their o_proj rows are zero too.
 
 FFN widths (intermediate_size, Qwen2-MoE's moe_intermediate_size where experts split on F, and
-shared_expert_intermediate_size) not divided by n are padded to a multiple of n: zero gate/up columns give
+shared_expert_intermediate_size) not divided by n are padded to a multiple of 16n: zero gate/up columns give
 silu(0) x 0 = 0, and the down_proj rows are zero.
 
 Quantized checkpoints pad in whole groups: padded widths of row-parallel inputs (o_proj's Np x H, down_proj's F)
 are multiples of the group size, so the padded rows are whole zero groups (scales 0: every dequantized weight 0).
 
 Not padded: the vocabulary (embed_tokens / lm_head stay replicated where n does not divide it, sharding.param_spec's
-fallback, so no padded logit exists to mask) and routed experts under expert parallelism (sharding.check_divisible).
+fallback, so no padded logit exists to mask; `describe` says what that costs) and the experts under expert
+parallelism (where n does not divide them, worker/model_setup.py splits them on their width instead).
 """
 
 from __future__ import annotations
