@@ -58,19 +58,24 @@ def convert(src: Path, dst: Path, *, dtype: str = "auto") -> float:
 
 def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """Restores the saved state with each array placed in its mesh sharding (read shard by shard), then fuses the
-    projections `Fusion.decide` fuses for this mesh, one parameter at a time, on the devices."""
+    projections `Fusion.decide` fuses for this mesh, one parameter at a time, on the devices.
+    `cfg` is the saved model's; where the mesh does not divide its heads or FFN widths, the model built is
+    `mesh_padding.pad_for_mesh(cfg, n)`'s and each such array is zero-padded on the devices after its restore (the
+    saved array restores replicated where its real width does not split)."""
     import orbax.checkpoint as ocp
 
     from qwenjax.models.fusion import Fusion, part_keys
     from qwenjax.models.loader import abstract_model
+    from qwenjax.models.mesh_padding import pad_for_mesh
     from qwenjax.models.sharding import param_spec
 
     n = mesh.shape["tp"]
+    real, cfg = cfg, pad_for_mesh(cfg, n)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.decide(cfg, n)))
-    _, saved = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.none(n)))  # what convert() writes
+    _, saved = nnx.split(abstract_model(real, dtype, fusion=Fusion.none(n)))  # what convert() writes
 
     def with_sharding(p, leaf):
-        sharding = NamedSharding(mesh, param_spec(_path(p), cfg, n, leaf.shape))
+        sharding = NamedSharding(mesh, param_spec(_path(p), real, n, leaf.shape))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     target = jax.tree_util.tree_map_with_path(with_sharding, nnx.to_pure_dict(saved))
@@ -78,6 +83,12 @@ def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.Gr
         restored = ckptr.restore((path / ORBAX_DIR).absolute(), target)
     arrays = {_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
     del restored
+    if real != cfg:  # every part in the padded model's unfused shape, zeros appended, split as that model splits it
+        _, unfused = nnx.split(abstract_model(cfg, dtype, fusion=Fusion.none(n)))
+        for key, var in nnx.to_flat_state(unfused):
+            if arrays[key].shape != var.shape:
+                sharding = NamedSharding(mesh, param_spec(key, cfg, n, var.shape))
+                arrays[key] = _pad_on_devices(tuple(var.shape), sharding)(arrays[key])
     values = []
     for key, var in nnx.to_flat_state(abstract):
         if key in arrays:
@@ -87,6 +98,14 @@ def restore_params(path: Path, cfg: ModelConfig, dtype, *, mesh) -> tuple[nnx.Gr
             value = _fuse_on_devices(n, sharding)([arrays.pop(k) for k in part_keys(key)])
         values.append((key, var.replace(value)))
     return graphdef, nnx.from_flat_state(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _pad_on_devices(shape: tuple, sharding):
+    """A jitted zero-padding to `shape` (zeros after the end of each axis, models/mesh_padding.py) into `sharding`."""
+    import jax.numpy as jnp
+
+    return jax.jit(lambda a: jnp.pad(a, [(0, s - d) for s, d in zip(shape, a.shape)]), out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,6 +25,7 @@ from pallas_kernels import gptq_layout as gptq
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
+from qwenjax.models.mesh_padding import pad_for_mesh, padded_array, zero_padded_rows
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import repack
@@ -167,11 +168,14 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     each layer's KVScale variables when present, 1.0 otherwise; only fp8_e4m3 KV pages use them.
     Projections are fused as `Fusion.decide` says for this mesh; `fuse=False` keeps every projection separate (the
     layout convert.py saves). A GPTQ act-order checkpoint whose fused parts have different g_idx raises ValueError.
+    `cfg` is the checkpoint's config; the model built is `mesh_padding.pad_for_mesh(cfg, n, quant)`'s, its heads and
+    FFN widths zero-padded where the mesh does not divide them.
     """
     from qwenjax.models.sharding import make_mesh, param_spec
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]
+    real, cfg = cfg, pad_for_mesh(cfg, n, quant)
     fusion = Fusion.decide(cfg, n, quant) if fuse else Fusion.none(n)
     model = abstract_model(cfg, dtype, quant, fusion)
     graphdef, abstract = nnx.split(model)
@@ -197,13 +201,13 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             if expert is not None and expert[0] in wanted:
                 key, e = expert
                 want = tuple(wanted[key].shape[1:])
-                if arr.T.shape != want or not 0 <= e < wanted[key].shape[0]:
+                if arr.ndim != 2 or not 0 <= e < wanted[key].shape[0]:
                     raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects "
                                      f"{want[::-1]} for each of {wanted[key].shape[0]} experts")
-                experts.setdefault(key, {})[e] = arr.T
+                experts.setdefault(key, {})[e] = padded_array(name, arr.T, want, key, real, cfg)  # raises if wrong
                 continue
             key, transpose = hf_name_to_path(name)
-            part = None
+            part_path, part = key, None
             fused = fused_key(key) if key not in wanted else None
             if fused is not None and fused[0] in wanted:
                 key, part = fused
@@ -224,6 +228,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             shape = tuple(wanted[key].shape)
             if part is not None:
                 shape = part_shape(key, shape, _submodule(model, key[:-2]), part)
+            arr = padded_array(name, arr, shape, part_path, real, cfg)  # zeros where padded for the mesh, else arr
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
             if part is not None:
@@ -330,6 +335,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
 
     mesh = mesh or make_mesh(1)
     n = mesh.shape["tp"]
+    real, cfg = cfg, pad_for_mesh(cfg, n, quant)  # padded heads / FFN columns: zero o_proj / down_proj rows
     fusion = Fusion.decide(cfg, n, quant)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant, fusion))
     flat = list(nnx.to_flat_state(abstract))
@@ -340,6 +346,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
             sharding = NamedSharding(mesh, param_spec(path, cfg, n, var.shape))
             value = _leaf_init(init_kind(path), tuple(var.shape), np.dtype(var.dtype), sharding)(
                 jax.random.fold_in(base, i))
+            value = zero_padded_rows(path, value, real, cfg)
             values.append(jax.block_until_ready(value))  # one parameter's transient memory at a time
         return graphdef, nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values)])
     shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, n, v.shape))) for p, v in flat])
@@ -348,7 +355,11 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
     def init():
         return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant, fusion=fusion))[1]
 
-    return graphdef, init()
+    state = init()
+    if real == cfg:
+        return graphdef, state
+    return graphdef, nnx.from_flat_state([(p, v.replace(zero_padded_rows(p, v[...], real, cfg)))
+                                          for p, v in nnx.to_flat_state(state)])
 
 
 def init_kind(path: tuple) -> str:

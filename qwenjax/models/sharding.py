@@ -7,8 +7,10 @@ XLA's SPMD partitioner inserts. Embedding and lm_head split the vocabulary. Qwen
 so the work stays balanced whatever the router picks and no all-to-all of tokens is needed. With expert parallelism
 (`cfg.expert_parallel`, EngineArgs.enable_expert_parallel) they split on E instead: each device holds E/n whole
 experts and computes the pairs routed to them (models/qwen2_moe.py, Qwen2MoeExperts). Either way the router and the
-shared expert's gate are replicated and the shared expert splits like the dense MLP. KV pages split on kv heads; when the
-mesh is larger than the kv head count (Qwen2-0.5B has 2), k/v projections and pages are replicated instead.
+shared expert's gate are replicated and the shared expert splits like the dense MLP. KV pages split on kv heads;
+when the mesh divides the q heads but not the kv heads (Qwen2-1.5B's 12 / 2 at mesh 4), k/v projections and pages are
+replicated instead. A mesh that does not divide the q heads or an FFN width gets a model padded until it does
+(models/mesh_padding.py): the configs these functions receive are the padded ones.
 The fused projections qkv_proj and gate_up_proj (models/fusion.py) are column-parallel too: their columns are stored
 in per-shard order, so an even split of their outputs gives each device its own slice of every part. q/k/v are fused
 only where k/v split with q (`Fusion.decide`), so a replicated k/v projection is always a separate one.
@@ -35,7 +37,8 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
 
 
 def check_divisible(cfg: ModelConfig, n: int) -> None:
-    """vLLM's rule: attention heads and the FFN width must split evenly over the mesh."""
+    """The splits must be even. `cfg` is the model padded for the mesh (mesh_padding.pad_for_mesh), whose heads and
+    widths always divide; what padding does not cover (experts under expert parallelism) raises here."""
     if cfg.num_attention_heads % n:
         raise ValueError(f"Total number of attention heads ({cfg.num_attention_heads}) must be divisible by "
                          f"tensor parallel size ({n}).")
@@ -44,7 +47,8 @@ def check_divisible(cfg: ModelConfig, n: int) -> None:
                          f"({n}).")
     if cfg.num_experts and cfg.expert_parallel and cfg.num_experts % n:
         raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by tensor parallel size ({n}) with "
-                         f"expert parallelism.")
+                         f"expert parallelism; without enable_expert_parallel the experts split on their width, "
+                         f"which any mesh size can.")
     moe_split = ("shared_expert_intermediate_size",) if cfg.expert_parallel else \
         ("moe_intermediate_size", "shared_expert_intermediate_size")
     for name in moe_split:

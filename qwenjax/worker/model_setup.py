@@ -14,6 +14,7 @@ from qwenjax.layers.attention import decode_backend
 from qwenjax.layers.fp8_kv import describe_scales, uses_scale
 from qwenjax.models.convert import is_orbax_checkpoint, restore_params
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
+from qwenjax.models.mesh_padding import describe as describe_padding, pad_for_mesh
 from qwenjax.models.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
@@ -73,11 +74,22 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
                                enable_chunked_prefill=args.enable_chunked_prefill,
                                num_scheduler_steps=args.num_scheduler_steps)
     if args.enable_expert_parallel and cfg.num_experts:  # the model and the param specs read it from cfg
-        cfg = dataclasses.replace(cfg, expert_parallel=True)
+        if cfg.num_experts % args.tensor_parallel_size == 0:
+            cfg = dataclasses.replace(cfg, expert_parallel=True)
+        else:  # same results either way; splitting each expert's width works on any mesh (models/mesh_padding.py)
+            logger.warning("enable_expert_parallel: %d experts do not split over %d devices; the experts split on "
+                           "their width instead (tensor parallel, the same results)", cfg.num_experts,
+                           args.tensor_parallel_size)
     mesh = make_mesh(args.tensor_parallel_size)
-    check_divisible(cfg, args.tensor_parallel_size)
     dummy = path is None or args.load_format == "dummy"
     quant = resolve_quant_config(args.quantization, path)  # `quantization=` omitted: read from the checkpoint
+    # The loaders take the checkpoint's config and build the model padded for the mesh (models/mesh_padding.py);
+    # the KV cache and its sizing take the padded one, whose kv heads are the ones stored.
+    model_cfg = pad_for_mesh(cfg, args.tensor_parallel_size, quant)
+    check_divisible(model_cfg, args.tensor_parallel_size)
+    padding = describe_padding(cfg, model_cfg, args.tensor_parallel_size, jax.numpy.dtype(dtype).itemsize)
+    if padding:
+        logger.info("%s", padding)
     if dummy:
         graphdef, params = random_params(cfg, dtype, args.seed, mesh=mesh, quant=quant)
     elif is_orbax_checkpoint(path):
@@ -106,15 +118,17 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(r, t, False, 0) for r, t in sc.packed_buckets] + \
               [(1, q, True, 0) for _, q in sc.prefill_buckets] + \
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
-    num_pages = _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
-    kv = allocate(cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
+    num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
+    kv = allocate(model_cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, model_cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
                          block_table_width=sc.max_pages_per_seq, mesh=mesh)
     logger.info("decode attention: %s (head_dim %d, %s)", decode_backend(cfg.head_dim), cfg.head_dim,
                 jax.default_backend())
-    logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)", num_pages, sc.block_size,
-                num_pages * sc.block_size, num_pages * page_bytes(cfg, sc.block_size, cache_dtype) / 2**30,
-                cache_dtype.name)
+    padded_gib = num_pages * (page_bytes(model_cfg, sc.block_size, cache_dtype) -
+                              page_bytes(cfg, sc.block_size, cache_dtype)) / 2**30
+    logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s)%s", num_pages, sc.block_size,
+                num_pages * sc.block_size, num_pages * page_bytes(model_cfg, sc.block_size, cache_dtype) / 2**30,
+                cache_dtype.name, f"; {padded_gib:.3f} GiB of it for padded kv heads" if padded_gib else "")
     warm = 0.0
     skip = args.skip_warmup if args.skip_warmup is not None else jax.default_backend() == "cpu"
     if args.enforce_eager:
