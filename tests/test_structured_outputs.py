@@ -182,3 +182,25 @@ def test_abort_mid_generation_returns_every_page(llm):
     assert _all_pages_free(llm)
     out = llm.generate(["x"], SamplingParams(temperature=1.0, seed=5, max_tokens=200, structured_outputs=so))[0]
     jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
+
+
+def test_a_constraint_that_cannot_continue_fails_its_request_alone(llm):
+    """choice ["ok"] with min_tokens 4: after "ok" only EOS may follow, and min_tokens bans it, so no token is allowed
+    (the sampler draws some token anyway). The request fails with an error saying so, never returning text outside
+    its constraint; a request beside it completes; pages come back."""
+    eng = llm.llm_engine
+    bad = SamplingParams(temperature=1.0, seed=1, max_tokens=8, min_tokens=4,
+                         structured_outputs=StructuredOutputsParams(choice=["ok"]))
+    good = SamplingParams(temperature=1.0, seed=2, max_tokens=8, ignore_eos=True)
+    eng.add_request("cannot-continue", "x", bad)
+    eng.add_request("beside-it", "x", good)
+    done = {}
+    while eng.has_unfinished_requests() or eng._in_flight is not None:
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    failed = dict(eng.take_failed())
+    assert "only EOS may follow, but token" in str(failed["cannot-continue"])
+    assert "cannot-continue" not in done or done["cannot-continue"].outputs[0].finish_reason == "error"
+    assert len(done["beside-it"].outputs[0].token_ids) == 8
+    assert _all_pages_free(llm)

@@ -12,6 +12,7 @@ first and its sampler after reading the previous step (llm_engine: async schedul
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 
@@ -35,6 +36,7 @@ class RequestConstraint:
 class SeqConstraint:
     request: RequestConstraint
     matcher: object | None  # llguidance.LLMatcher; has consumed every known output of the sequence
+    eos_token_ids: frozenset[int] = frozenset()
 
     @property
     def late(self) -> bool:
@@ -53,7 +55,7 @@ class SeqConstraint:
 
     def advance(self, tokens: list[int]) -> None:
         if self.matcher is not None:
-            consume(self.matcher, tokens)
+            consume(self.matcher, tokens, self.eos_token_ids)
 
 
 class Constraints:
@@ -61,9 +63,29 @@ class Constraints:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+        self._eos_ids = frozenset(eos_token_ids)
         self._eos_mask = allowed_bitmask(eos_token_ids, vocab_size)
         self.mask_seconds = 0.0  # host time spent building bitmasks (benchmarks read it)
         self.mask_steps = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def advance(self, rows, tokens_by_row, on_error) -> None:
+        """Feeds each constrained, unfinished sequence of `rows` ((row, sequence, output index) of a step) its new
+        tokens (`tokens_by_row[row]`); a sequence whose token its constraint refuses goes to `on_error(seq, exc)`.
+        Called as soon as a step's tokens are read, before they are handled, so the next masks can start."""
+        for b, seq, _ in rows:
+            if seq.constraint is not None and not seq.finished:
+                try:
+                    seq.constraint.advance(tokens_by_row[b])
+                except Exception as e:  # noqa: BLE001 - one request's constraint must not end the loop
+                    on_error(seq, e)
+
+    def bitmask_async(self, rows: list[SeqConstraint | None]) -> concurrent.futures.Future:
+        """`bitmask(rows)` on a worker thread: llguidance fills the masks outside the GIL while the caller goes on
+        (handling the step's tokens). The rows' matchers must not advance until the future is done."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwenjax-masks")
+        return self._pool.submit(self.bitmask, rows)
 
     @property
     def bitmask_width(self) -> int:
@@ -85,7 +107,8 @@ class Constraints:
         )
 
     def start(self, rc: RequestConstraint) -> SeqConstraint:
-        return SeqConstraint(rc, None if rc.structured is None else self.grammars.matcher(rc.structured))
+        return SeqConstraint(rc, None if rc.structured is None else self.grammars.matcher(rc.structured),
+                             self._eos_ids)
 
     def _bad_word_ids(self, words) -> list[tuple[int, ...]]:
         """Each word's token ids as generated mid-text (with a leading space) and at the start (without), as

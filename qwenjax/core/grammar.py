@@ -119,12 +119,16 @@ class GrammarCompiler:
         fill_next_token_bitmask_par(self._executor, rows, bitmask)
 
 
-def consume(matcher, tokens: list[int]) -> None:
-    """Advances a sequence's matcher over its newly known output tokens. Raises RuntimeError when one is not allowed
-    (only an engine defect or a min_tokens that forbids the grammar's only way out can cause it)."""
+def consume(matcher, tokens: list[int], eos_token_ids: frozenset[int]) -> None:
+    """Advances a sequence's matcher over its newly known output tokens. Raises RuntimeError when one is not allowed:
+    a token the grammar refuses (an engine defect), or anything but EOS once the constraint is complete (min_tokens
+    or bad_words banning EOS leave no allowed token)."""
     for t in tokens:
         if matcher.is_stopped():
-            return  # the constraint is complete (EOS consumed); later tokens are discarded by the stop
+            if t in eos_token_ids:
+                return  # the sequence ends here; later tokens are discarded with it
+            raise RuntimeError(f"structured outputs: the output is complete and only EOS may follow, but token {t} was "
+                               f"drawn (min_tokens or bad_words ban EOS here)")
         if not matcher.consume_token(t):
             raise RuntimeError(f"structured outputs: token {t} is not allowed by the request's constraint "
                                f"({matcher.get_error()})")

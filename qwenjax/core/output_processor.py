@@ -39,8 +39,6 @@ class OutputProcessor:
                     break
         seq.output_token_ids[index:index + end] = tokens[:end]
         seq.num_pending -= end
-        if seq.constraint is not None:
-            seq.constraint.advance(tokens[:end])
         self.stats.generation_tokens += end
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -51,8 +49,6 @@ class OutputProcessor:
         """Output `index` of `seq` is now known to be `token` (outputs before it are known too)."""
         p = seq.params
         self.stats.generation_tokens += 1
-        if seq.constraint is not None:
-            seq.constraint.advance([token])
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         if lp is not None:

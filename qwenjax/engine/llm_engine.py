@@ -27,7 +27,8 @@ from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
-from qwenjax.engine.sampling_inputs import needs_known_outputs, sampler_inputs, sampling_row, step_rows
+from qwenjax.engine.sampling_inputs import (needs_known_outputs, row_constraints, sampler_inputs, sampling_row,
+                                            step_rows)
 from qwenjax.engine.stats import EngineStats
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
@@ -76,6 +77,7 @@ class LLMEngine:
         self.final_only = False  # True: step() reports only requests that finished (offline generate)
         self.raw_outputs = False  # True: step() returns the advanced Request objects themselves (the engine core)
         self._in_flight: InFlight | None = None  # async scheduling: the dispatched step whose tokens are unread
+        self._masks = None  # a Future of the late step's bitmask, started when the tokens before it were read
         # Requests a step failed alone (an exception building or finishing their rows): (request id, exception),
         # drained by the loop that runs step() (take_failed) and reported to their callers.
         self.failed: list[tuple[str, BaseException]] = []
@@ -159,8 +161,7 @@ class LLMEngine:
                     self.output_processor.finish(seq, "abort")
 
     def reset_prefix_cache(self) -> int:
-        """Drops the names of every free cached page, so no later request hits them (pages held by running
-        sequences keep theirs). Returns the number of pages dropped."""
+        """Drops the names of every free cached page (running sequences' pages keep theirs); returns how many."""
         return self.blocks.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
@@ -185,23 +186,21 @@ class LLMEngine:
         its event loop there). A step with constrained rows dispatches its model call first and its sampler once the
         previous step's tokens are read (a late sampler, core/constraints.py)."""
         sched = self.scheduler.schedule()
-        launched = self._dispatch(sched) if sched is not None else None
+        prepared = self._prepare(sched) if sched is not None else None
+        launched = self._launch(prepared) if prepared is not None else None
         if launched is not None and on_dispatch is not None:
             on_dispatch()
         if self.args.async_scheduling:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        outputs = [] if done is None else self._process(done)
-        if launched is not None and launched.late is not None:  # its sampler needed the tokens just read
-            self._in_flight = self._sample_late(launched)
+        late = launched if launched is not None and launched.late is not None else None
+        outputs = [] if done is None else self._process(done, late)
+        if late is not None:  # its sampler needed the tokens just read
+            self._in_flight = self._sample_late(late)
         elif done is None and sched is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress with work queued (a bug: please report)")
         return outputs
-
-    def _dispatch(self, out: SchedulerOutput) -> InFlight | None:
-        prepared = self._prepare(out)
-        return None if prepared is None else self._launch(prepared)
 
     def _prepare(self, out: SchedulerOutput) -> Prepared | None:
         """A scheduled step's numpy inputs (host work only; None when a request's rows failed to build)."""
@@ -281,9 +280,11 @@ class LLMEngine:
         out, inp, logits, num_outputs = step.late
         self.stats.late_samplers += 1
         t0 = time.perf_counter()
+        masks, self._masks = self._masks, None
         try:
             rows = step_rows(out, lambda r: self._sampling_row(r, num_outputs.get(r.seq.seq_id)))
-            mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size)
+            mode, tensors, wants_lp = sampler_inputs(out, rows, self.constraints, self.model_config.vocab_size,
+                                                     None if masks is None else masks.result())
         except Exception as e:  # noqa: BLE001 - the model call is on the device: fail the constrained rows'
             for r in out.rows:     # requests (where the new work is) and sample the step without their masks
                 if r.seq.constraint is not None:
@@ -334,9 +335,10 @@ class LLMEngine:
         failed, self.failed = self.failed, []
         return failed
 
-    def _process(self, step: InFlight) -> list[RequestOutput]:
+    def _process(self, step: InFlight, late: InFlight | None = None) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
-        stops and lengths, and frees the pages of sequences that ended."""
+        stops and lengths, and frees the pages of sequences that ended. With `late` (a step whose sampler waits for
+        these tokens), its masks are built on a worker thread meanwhile."""
         res = step.result
         t0 = time.perf_counter()
         ids = to_host(res.token_ids).reshape(step.num_steps, -1)  # [K, B]: [B] tokens a step
@@ -344,6 +346,9 @@ class LLMEngine:
         self.stats.host_wait_s += t1 - t0
         B = ids.shape[1]
         by_row = ids.T.tolist()  # row b's K tokens, as Python ints in one pass
+        self.constraints.advance(step.samples, by_row, lambda seq, e: self.fail_request(seq.request_id, e))
+        if late is not None:
+            self._masks = self.constraints.bitmask_async(row_constraints(late.late[0]))
         if step.wants_lp:
             lps, ranks = to_host(res.logprobs).reshape(-1), to_host(step.ranks)
             top_ids, top_lps = to_host(res.top_ids), to_host(res.top_logprobs)

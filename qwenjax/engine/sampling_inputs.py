@@ -47,18 +47,25 @@ def step_rows(out: SchedulerOutput, row: Callable[[ScheduledSeq], SamplingRow]) 
     return rows
 
 
-def sampler_inputs(out: SchedulerOutput, rows: list[SamplingRow], constraints: Constraints,
-                   vocab_size: int) -> tuple[SamplerMode, object, bool]:
+def row_constraints(out: SchedulerOutput) -> list:
+    """Each sampler row's SeqConstraint (None: padding, a row that does not sample, or none)."""
+    by_row = [None] * out.num_rows
+    for i, r in enumerate(out.rows):
+        if r.samples:
+            by_row[out.row_index(i)] = r.seq.constraint
+    return by_row
+
+
+def sampler_inputs(out: SchedulerOutput, rows: list[SamplingRow], constraints: Constraints, vocab_size: int,
+                   bitmask=None) -> tuple[SamplerMode, object, bool]:
     """(mode, numpy SamplingTensors, wants_lp) of a step. Penalties are always on (see WARMUP_MODES); a row asking
-    for logprobs, even 0 top ones, gets ranks too (wants_lp)."""
+    for logprobs, even 0 top ones, gets ranks too (wants_lp). `bitmask`: the rows' masks when already built
+    (constraints.bitmask(row_constraints(out))), else they are built here if the mode needs them."""
     mode = choose_mode(rows)
-    bitmask = None
-    if mode.has_mask:
-        by_row = [None] * out.num_rows
-        for i, r in enumerate(out.rows):
-            if r.samples:
-                by_row[out.row_index(i)] = r.seq.constraint
-        bitmask = constraints.bitmask(by_row)
+    if not mode.has_mask:
+        bitmask = None
+    elif bitmask is None:
+        bitmask = constraints.bitmask(row_constraints(out))
     tensors = build_tensors(rows, num_rows=out.num_rows, vocab_size=vocab_size, with_history=False, bitmask=bitmask)
     wants_lp = any(r.samples and r.seq.params.logprobs is not None for r in out.rows)
     mode = dataclasses.replace(mode, penalties=True, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
