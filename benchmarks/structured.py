@@ -2,7 +2,7 @@
 batch 1 (BENCHMARKS.md).
 
 The constrained run goes first (temperature 1, seeded); the unconstrained run then asks each request for exactly the
-number of tokens its constrained twin produced (ignore_eos), so both runs emit the same tokens counts through the
+number of tokens its constrained twin produced (ignore_eos), so both runs emit the same token counts through the
 same buckets. Figures: speedup_vs_unconstrained = output tok/s constrained / unconstrained at batch 64 (each the
 median of --repeats timed runs after an untimed one); tpot_ratio_batch1 = time per output token of one constrained
 request / one unconstrained request of the same length (medians of --repeats); grammar_compile_ms = the schema's
