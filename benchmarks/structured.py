@@ -64,6 +64,11 @@ def parse(argv=None):
     w.add_argument("--prompt-len", type=int, default=None, help="default 128 (x --scale)")
     w.add_argument("--max-tokens", type=int, default=None, help="cap of a constrained output, default 512")
     w.add_argument("--repeats", type=int, default=3, help="timed runs of each kind; medians are reported")
+    w.add_argument("--mask-variants", default="thread:0,inline:0,inline:4,thread-si:0,inline:1",
+                   help="MODE:THREADS variants run after the main runs: the constrained batch again with the masks "
+                   "built on a worker thread (thread), inline (inline), or on a thread with the GIL switch interval "
+                   "at 0.2 ms (thread-si), by THREADS llguidance workers (0: one per core); each variant also times "
+                   "the batch's masks filled alone (engine idle)")
     args = p.parse_args(argv)
     args.batch = args.batch or cli_args.scaled(64, args.scale, 2)
     args.prompt_len = args.prompt_len or cli_args.scaled(128, args.scale, 4)
@@ -135,6 +140,7 @@ def main(argv=None) -> dict:
                        "mask_ms_per_step": (eng.constraints.mask_seconds - mask_s0) / max(masks, 1) * 1e3,
                        **{f"{k}_ms_per_step": st[f"{k}_s"] / steps * 1e3
                           for k in ("host_wait", "host_process", "late_sampler", "host_dispatch")}})
+    outs_c = outs
     exact = [_params(i, n, exact=True) for i, n in enumerate(lengths)]
     _run(llm, prompts, exact)  # untimed
     for _ in range(args.repeats):
@@ -157,6 +163,8 @@ def main(argv=None) -> dict:
             one_c.append(_tpot_ms(out))
             one_u.append(_tpot_ms(free))
 
+    sweep = _thread_sweep(llm, prompts, constrained, so, outs_c, args)
+
     c_tok_s = statistics.median(r["tok_s"] for r in runs_c)
     u_tok_s = statistics.median(r["tok_s"] for r in runs_u)
     tpot_c, tpot_u = statistics.median(one_c), statistics.median(one_u)
@@ -167,7 +175,8 @@ def main(argv=None) -> dict:
     config = {"batch": B, "prompt_len": P, "max_tokens": O, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "seed": args.seed, "repeats": args.repeats, "temperature": 1.0, "schema": SCHEMA,
               "runs_constrained": runs_c,
-              "runs_unconstrained": runs_u, "tpot_ms_constrained": one_c, "tpot_ms_unconstrained": one_u}
+              "runs_unconstrained": runs_u, "mask_variants": sweep,
+              "tpot_ms_constrained": one_c, "tpot_ms_unconstrained": one_u}
     config.update(engine_setup.engine_config(llm, kwargs, startup))
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
                                       metrics=metrics)
@@ -181,9 +190,78 @@ def main(argv=None) -> dict:
             ("host ms a step, wait / handle / late sampler",
              " / ".join(f"{statistics.median(r[f'{k}_ms_per_step'] for r in runs_c):.2f}"
                         for k in ("host_wait", "host_process", "late_sampler"))),
+            *((f"masks {r['variant']}: fill alone, in run p50/mean / mask / late ms, tok/s",
+               f"{r['fill_ms_alone']:.2f}, {r['fill_ms_in_run']['median']:.2f}/{r['fill_ms_in_run']['mean']:.2f} / "
+               f"{r['mask_ms_per_step']:.2f} / {r['late_sampler_ms_per_step']:.2f}, {r['tok_s']:.0f}") for r in sweep),
             ("valid JSON (stopped) / requests", f"{runs_c[-1]['valid_json']} / {B}")]
     result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
+
+
+def _time_fills(grammars) -> list[float]:
+    """Wraps `grammars.fill_bitmasks` on the instance to record each call's seconds (llguidance's fill alone)."""
+    fills, fill = [], grammars.fill_bitmasks
+
+    def timed(rows, bitmask):
+        t0 = time.perf_counter()
+        fill(rows, bitmask)
+        if rows:
+            fills.append(time.perf_counter() - t0)
+
+    grammars.fill_bitmasks = timed
+    return fills
+
+
+def _thread_sweep(llm, prompts, constrained, so, outs, args) -> list[dict]:
+    """For each variant (where masks are built, by how many llguidance workers): the batch's masks filled alone, on
+    fresh copies of matchers halfway through the outputs of the last constrained run (the median of 20 fills, the
+    engine idle), then the constrained batch run again with each fill timed."""
+    import numpy as np
+
+    eng = llm.llm_engine
+    grammars = eng.constraints.grammars
+    matchers = []
+    for o in outs:
+        m = grammars.matcher(so)
+        ids = list(o.outputs[0].token_ids)
+        m.consume_tokens(ids[:len(ids) // 2])
+        matchers.append(m)
+    live = [(m, i) for i, m in enumerate(matchers) if not m.is_stopped()]
+    mask = np.zeros((len(matchers), grammars.bitmask_width), np.int32)
+    sweep = []
+    switch = sys.getswitchinterval()
+    for variant in (v for v in args.mask_variants.split(",") if v):
+        mode, n = variant.split(":")
+        n = int(n) or None
+        grammars.use_threads(n)
+        eng.constraints.masks_on_thread = mode != "inline"
+        sys.setswitchinterval(2e-4 if mode == "thread-si" else switch)
+        times = []
+        for _ in range(20):
+            rows = [(m.deep_copy(), i) for m, i in live]
+            t0 = time.perf_counter()
+            grammars.fill_bitmasks(rows, mask)
+            times.append(time.perf_counter() - t0)
+        fills = _time_fills(grammars)
+        before = workloads.stats_snapshot(llm)
+        mask_s0, mask_n0 = eng.constraints.mask_seconds, eng.constraints.mask_steps
+        _, tok_s = _run(llm, prompts, constrained)
+        st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
+        steps = max(st["steps"], 1)
+        del grammars.fill_bitmasks  # the class's method again
+        fill_ms = sorted(t * 1e3 for t in fills)
+        sweep.append({"variant": variant, "threads": n, "rows": len(live), "tok_s": tok_s,
+                      "fill_ms_alone": statistics.median(times) * 1e3,
+                      "fill_ms_in_run": {"median": fill_ms[len(fill_ms) // 2], "p90": fill_ms[len(fill_ms) * 9 // 10],
+                                         "mean": statistics.mean(fill_ms), "max": fill_ms[-1]} if fill_ms else None,
+                      "mask_ms_per_step": (eng.constraints.mask_seconds - mask_s0)
+                      / max(eng.constraints.mask_steps - mask_n0, 1) * 1e3,
+                      **{f"{k}_ms_per_step": st[f"{k}_s"] / steps * 1e3
+                         for k in ("host_wait", "host_process", "late_sampler", "host_dispatch")}})
+    grammars.use_threads(None)
+    eng.constraints.masks_on_thread = True
+    sys.setswitchinterval(switch)
+    return sweep
 
 
 if __name__ == "__main__":

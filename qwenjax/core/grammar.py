@@ -108,6 +108,14 @@ class GrammarCompiler:
         """A fresh matcher for one sequence."""
         return self.compile(so).deep_copy()
 
+    def use_threads(self, threads: int | None) -> None:
+        """Fill masks with `threads` llguidance workers from now on (None: llguidance's default, one per core)."""
+        import llguidance
+
+        self._ll_tokenizer()
+        self._threads = threads
+        self._executor = llguidance.LLExecutor(threads)
+
     def fill_bitmasks(self, rows: list[tuple[object, int]], bitmask: np.ndarray) -> None:
         """Writes each (matcher, row) pair's allowed tokens into bitmask[row] (C-contiguous int32 [B, W]); rows not
         named keep their contents. Runs llguidance's threads outside the GIL."""
