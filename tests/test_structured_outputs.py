@@ -69,6 +69,26 @@ def test_json_schema_outputs_validate_over_many_seeds(llm):
     assert _all_pages_free(llm)
 
 
+def test_matchers_are_independent_and_come_back_reset(llm):
+    """Each sequence holds a matcher of its own (never a deep copy sharing another's lexer cache) and hands it back
+    when it ends; a later batch takes those matchers, reset, and its outputs validate again."""
+    grammars = llm.llm_engine.constraints.grammars
+    so = StructuredOutputsParams(json=PERSON)
+    eng = llm.llm_engine
+    for s in range(4):
+        eng.add_request(f"pool-{s}", "Describe a person:", _sampled(so)[s])
+    held = [seq.constraint.matcher for r in eng.requests.values() for seq in r.seqs]
+    assert len({id(m) for m in held}) == 4
+    while eng.has_unfinished_requests() or eng._in_flight is not None:
+        eng.step()
+    pooled = {id(m) for m in grammars._idle[("json", so.json)]}
+    assert {id(m) for m in held} <= pooled  # every ended sequence's matcher came back
+    outs = llm.generate(["Describe a person:"] * 4, _sampled(so)[4:8])
+    for o in outs:
+        jsonschema.validate(json.loads(o.outputs[0].text), PERSON)
+    assert _all_pages_free(llm)
+
+
 def test_regex_choice_and_grammar_outputs_match(llm):
     pattern = r"(cat|dog)-[0-9]{2,4}"
     outs = llm.generate(["x"] * 8, _sampled(StructuredOutputsParams(regex=pattern))[:8])

@@ -37,6 +37,13 @@ class SeqConstraint:
     request: RequestConstraint
     matcher: object | None  # llguidance.LLMatcher; has consumed every known output of the sequence
     eos_token_ids: frozenset[int] = frozenset()
+    pool: GrammarCompiler | None = None  # takes the matcher back when the sequence ends
+
+    def release(self) -> None:
+        """The sequence has ended: its matcher goes back to the pool (called once; later calls do nothing)."""
+        m, self.matcher = self.matcher, None
+        if m is not None and self.pool is not None:
+            self.pool.release(self.request.structured, m)
 
     @property
     def late(self) -> bool:
@@ -114,8 +121,9 @@ class Constraints:
         )
 
     def start(self, rc: RequestConstraint) -> SeqConstraint:
-        return SeqConstraint(rc, None if rc.structured is None else self.grammars.matcher(rc.structured),
-                             self._eos_ids)
+        if rc.structured is None:
+            return SeqConstraint(rc, None, self._eos_ids)
+        return SeqConstraint(rc, self.grammars.matcher(rc.structured), self._eos_ids, self.grammars)
 
     def _bad_word_ids(self, words) -> list[tuple[int, ...]]:
         """Each word's token ids as generated mid-text (with a leading space) and at the start (without), as

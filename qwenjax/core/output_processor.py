@@ -95,6 +95,8 @@ class OutputProcessor:
         if text:
             self._final_text(seq, flush)
         self.scheduler.remove(seq)
+        if seq.constraint is not None:
+            seq.constraint.release()
         seq.status = SeqStatus.FINISHED
 
     def _final_text(self, seq: Sequence, flush: bool) -> None:
