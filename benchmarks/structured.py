@@ -64,7 +64,7 @@ def parse(argv=None):
     w.add_argument("--prompt-len", type=int, default=None, help="default 128 (x --scale)")
     w.add_argument("--max-tokens", type=int, default=None, help="cap of a constrained output, default 512")
     w.add_argument("--repeats", type=int, default=3, help="timed runs of each kind; medians are reported")
-    w.add_argument("--mask-variants", default="thread:0,inline:0,inline:4,thread-si:0,inline:1",
+    w.add_argument("--mask-variants", default="thread:0,inline:4",
                    help="MODE:THREADS variants run after the main runs: the constrained batch again with the masks "
                    "built on a worker thread (thread), inline (inline), or on a thread with the GIL switch interval "
                    "at 0.2 ms (thread-si), by THREADS llguidance workers (0: one per core); each variant also times "
@@ -259,7 +259,7 @@ def _thread_sweep(llm, prompts, constrained, so, outs, args) -> list[dict]:
                       **{f"{k}_ms_per_step": st[f"{k}_s"] / steps * 1e3
                          for k in ("host_wait", "host_process", "late_sampler", "host_dispatch")}})
     grammars.use_threads(None)
-    eng.constraints.masks_on_thread = True
+    eng.constraints.masks_on_thread = False
     sys.setswitchinterval(switch)
     return sweep
 

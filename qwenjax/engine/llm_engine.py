@@ -338,7 +338,7 @@ class LLMEngine:
     def _process(self, step: InFlight, late: InFlight | None = None) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
         stops and lengths, and frees the pages of sequences that ended. With `late` (a step whose sampler waits for
-        these tokens), its masks are built on a worker thread meanwhile."""
+        these tokens), its masks are started as soon as the tokens are read (Constraints.bitmask_async)."""
         res = step.result
         t0 = time.perf_counter()
         ids = to_host(res.token_ids).reshape(step.num_steps, -1)  # [K, B]: [B] tokens a step
