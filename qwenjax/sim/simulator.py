@@ -19,23 +19,21 @@ finish - first arrival).
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Callable, Iterable
 
 import numpy as np
 
 from qwenjax.config import SchedulerConfig
-from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.policies import POLICIES, SchedulingPolicy
-from qwenjax.core.scheduler import Scheduler
+from qwenjax.core.routing import RouteRequest, Router
 from qwenjax.core.scheduler_output import SchedulerOutput
-from qwenjax.core.sequence import SeqStatus, Sequence
+from qwenjax.core.sequence import Sequence
 from qwenjax.sampling_params import SamplingParams
-from qwenjax.sim.step_model import StepTimeModel, step_shape
+from qwenjax.sim.replica import SAMPLED_TOKEN, Replica  # noqa: F401 - SAMPLED_TOKEN: part of this module's API
+from qwenjax.sim.step_model import StepTimeModel
 from qwenjax.sim.traces import NUM_REGULAR_TOKENS, Trace
-
-# The token every sampled row appends: an ordinary id (not an EOS or special token of Qwen2).
-SAMPLED_TOKEN = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +156,8 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
              on_step: Callable[[float, SchedulerOutput], None] | None = None) -> SimReport:
     """Replays `trace` through a fresh Scheduler and BlockManager under `policy` on a clock driven by `model`.
 
-    `policy`: a registered name (qwenjax.core.policies.POLICIES) or a SchedulingPolicy subclass (a fresh instance per run,
-    since policies such as fair share keep state).
+    `policy`: a registered name (qwenjax.core.policies.POLICIES) or a SchedulingPolicy subclass (a fresh instance per
+    run, since policies such as fair share keep state).
     `vocab_size`: prompt ids are drawn below it (Trace.prompt_token_ids), as a replay on an engine draws them.
     `check`: assert the block manager's invariants at the end, with every page back in the free pool.
     `on_step(clock, out)`: called with each step's SchedulerOutput when it is scheduled (before its bookkeeping).
@@ -171,77 +169,59 @@ def simulate(trace: Trace, model: StepTimeModel, config: SimConfig,
     else:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))} or a SchedulingPolicy subclass, "
                          f"got {policy!r}")
+    check_trace(trace, config)
+    records = new_records(trace)
+    replica = Replica(0, model, config, policy_obj, records, on_step=on_step)
+    replay(trace, [replica], None, vocab_size=vocab_size)
+    if check:
+        replica.check()
+    return SimReport(policy=name, metrics=report_metrics(records, [replica]), requests=tuple(records))
+
+
+def check_trace(trace: Trace, config: SimConfig) -> None:
     sc = config.scheduler
     for i, r in enumerate(trace):
         if r.prompt_len > sc.max_model_len:
             raise ValueError(f"trace request {i} has a {r.prompt_len}-token prompt, longer than max_model_len="
                              f"{sc.max_model_len} (the engine would refuse it)")
-    blocks = BlockManager(config.num_kv_pages, sc.block_size, enable_prefix_caching=config.enable_prefix_caching)
-    sched = Scheduler(sc, blocks, policy=policy_obj)
-    records = [RequestRecord(index=i, arrival=r.arrival, prompt_len=r.prompt_len, output_len=r.output_len,
-                             priority=r.priority, client=r.client) for i, r in enumerate(trace)]
+
+
+def replay(trace: Trace, replicas: list[Replica], router: Router | None, *, vocab_size: int = NUM_REGULAR_TOKENS,
+           on_route: Callable[[int, int], None] | None = None) -> None:
+    """Runs the trace's requests through `replicas` in time order: a request arrives once every replica's next
+    schedule() is at or after its arrival (so the router sees each replica as it is then) and goes to the replica
+    `router` chooses (the only one when `router` is None); otherwise the replica whose schedule() comes first runs
+    one iteration. `on_route(trace index, replica index)` is told each choice."""
     n, nxt = len(trace), 0
-    clock = 0.0
-    steps = {"prefill": 0, "decode": 0, "mixed": 0}
-    busy = 0.0
-    decode_rows = 0
-    in_flight = None  # async: (sampling rows, end, duration) of the step whose tokens are not handled yet
-    while nxt < n or sched.has_work() or in_flight is not None:
-        # Async: this schedule() happens while the step in flight runs, schedule_ahead of its time before it ends.
-        cutoff = clock - model.schedule_ahead * in_flight[2] if in_flight is not None else clock
-        while nxt < n and trace[nxt].arrival <= cutoff:
+    while True:
+        first = min(replicas, key=lambda r: r.next_schedule_time())
+        t = first.next_schedule_time()
+        if nxt < n and trace[nxt].arrival <= t:
             r = trace[nxt]
             # seq_id = trace index: policies break ties on it, so ties resolve the same way in every run.
             seq = Sequence(request_id=str(nxt), index=0, prompt_token_ids=trace.prompt_token_ids(nxt, vocab_size),
                            params=_params(r.output_len), seed=0, arrival_time=r.arrival, priority=r.priority,
                            client=r.client, seq_id=nxt,
-                           max_output_tokens=min(r.output_len, sc.max_model_len - r.prompt_len))
-            sched.add(seq)
+                           max_output_tokens=min(r.output_len, replicas[0].sched.config.max_model_len - r.prompt_len))
+            target = replicas[0]
+            if router is not None:
+                req = RouteRequest(r.prompt_len, tuple(replicas[0].blocks.hash_blocks(seq.prompt_token_ids, [])))
+                i = router.choose(req, [rep.load() for rep in replicas])
+                router.on_routed(req, i)
+                target = replicas[i]
+                if on_route is not None:
+                    on_route(nxt, i)
+            target.add(seq, r.arrival)
             nxt += 1
-        out = sched.schedule()
-        launched, dt = None, 0.0
-        if out is not None:  # LLMEngine._dispatch's bookkeeping
-            if on_step is not None:
-                on_step(clock, out)
-            dt = model.time(step_shape(out))
-            sampled = []
-            for row in out.rows:
-                row.seq.num_computed += row.num_new_tokens
-                if row.samples:
-                    row.seq.output_token_ids.append(SAMPLED_TOKEN)
-                    sampled.append(row.seq)
-            clock += dt
-            busy += dt
-            steps[out.kind] += 1
-            if out.kind != "prefill":
-                decode_rows += len(out.rows) - (out.kind == "mixed")
-            launched = (sampled, clock, dt)
-        if config.async_scheduling:
-            done, in_flight = in_flight, launched
+        elif t < math.inf:
+            first.iterate()
         else:
-            done = launched
-        if done is not None:  # LLMEngine._process
-            sampled, end, _ = done
-            for seq in sampled:
-                rec = records[seq.seq_id]
-                rec.token_times.append(end)
-                if len(rec.token_times) >= seq.max_output_tokens:
-                    sched.remove(seq)
-                    seq.status = SeqStatus.FINISHED
-                    rec.preemptions, rec.cached_tokens = seq.num_preemptions, seq.num_cached_tokens
-        elif out is None:
-            if sched.has_work():
-                raise RuntimeError(f"the scheduler made no progress at t={clock:.6f}s with {len(sched.waiting)} "
-                                   f"waiting and {len(sched.running)} running (too few KV pages for one request?)")
-            clock = max(clock, trace[nxt].arrival)  # idle until the next arrival
-    if check:
-        blocks.check()
-        if blocks.num_free != blocks.num_pages:
-            raise AssertionError(f"{blocks.num_pages - blocks.num_free} KV pages still held after the trace")
-    metrics = _metrics(records, blocks, sched, steps, busy)
-    decode_steps = steps["decode"] + steps["mixed"]
-    metrics["decode_batch_mean"] = decode_rows / decode_steps if decode_steps else 0.0
-    return SimReport(policy=name, metrics=metrics, requests=tuple(records))
+            break
+
+
+def new_records(trace: Trace) -> list[RequestRecord]:
+    return [RequestRecord(index=i, arrival=r.arrival, prompt_len=r.prompt_len, output_len=r.output_len,
+                          priority=r.priority, client=r.client) for i, r in enumerate(trace)]
 
 
 def compare_policies(trace: Trace, model: StepTimeModel, config: SimConfig,
@@ -255,8 +235,7 @@ def _params(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
 
 
-def _metrics(records: list[RequestRecord], blocks: BlockManager, sched: Scheduler, steps: dict,
-             busy: float) -> dict:
+def report_metrics(records: list[RequestRecord], replicas: list[Replica]) -> dict:
     if not records:
         return {}
     ttft = [r.ttft for r in records]
@@ -273,9 +252,16 @@ def _metrics(records: list[RequestRecord], blocks: BlockManager, sched: Schedule
         m[f"{name}_ms_mean"] = float(arr.mean()) if len(arr) else None
         m[f"{name}_ms_p50"] = float(np.percentile(arr, 50)) if len(arr) else None
         m[f"{name}_ms_p99"] = float(np.percentile(arr, 99)) if len(arr) else None
-    m.update({"preemptions": sched.num_preemptions, "prefill_steps": steps["prefill"],
-              "decode_steps": steps["decode"], "mixed_steps": steps["mixed"], "busy_s": busy,
-              "prefix_cache_queries": blocks.query_tokens, "prefix_cache_hits": blocks.hit_tokens,
-              "prefix_cache_hit_rate": blocks.hit_tokens / blocks.query_tokens if blocks.query_tokens else 0.0,
-              "kv_pages": blocks.num_pages, "kv_pages_free_at_end": blocks.num_free})
+    total_of = lambda f: sum(f(rep) for rep in replicas)  # noqa: E731
+    queries, hits = total_of(lambda r: r.blocks.query_tokens), total_of(lambda r: r.blocks.hit_tokens)
+    m.update({"preemptions": total_of(lambda r: r.sched.num_preemptions),
+              "prefill_steps": total_of(lambda r: r.steps["prefill"]),
+              "decode_steps": total_of(lambda r: r.steps["decode"]),
+              "mixed_steps": total_of(lambda r: r.steps["mixed"]),
+              "busy_s": total_of(lambda r: r.busy), "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+              "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+              "kv_pages": total_of(lambda r: r.blocks.num_pages),
+              "kv_pages_free_at_end": total_of(lambda r: r.blocks.num_free)})
+    decode_steps = m["decode_steps"] + m["mixed_steps"]
+    m["decode_batch_mean"] = total_of(lambda r: r.decode_rows) / decode_steps if decode_steps else 0.0
     return m
