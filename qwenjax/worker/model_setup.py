@@ -143,6 +143,12 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
             warm = runner.warmup(buckets, list(WARMUP_MODES), num_steps=sc.num_scheduler_steps)
+            spec = args.speculative()
+            if spec is not None:  # the verify step of every decode bucket, in the unpenalised warm-up modes
+                t0 = time.perf_counter()
+                runner.warmup_verify(sc.decode_buckets, spec.num_speculative_tokens + 1,
+                                     [dataclasses.replace(m, penalties=False) for m in WARMUP_MODES])
+                warm += time.perf_counter() - t0
         except Exception as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 raise RuntimeError(
