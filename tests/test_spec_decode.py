@@ -1,0 +1,295 @@
+"""Speculative decoding with n-gram proposals (issue 27): verify steps change how many tokens a step yields, never
+which tokens (greedy: identical to the engine without speculation, under preemption too) nor their distribution
+(sampled: the rejection sampler's output is distributed as the target's, checked by a chi-square test); seeded
+requests repeat; acceptance is counted right; every page comes back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax import LLM, SamplingParams
+from qwenjax.config import EngineArgs
+from qwenjax.core.ngram_proposer import propose_ngram
+from qwenjax.worker.rejection_sampler import rejection_sample
+from qwenjax.worker.sampler import SamplingRow, build_tensors, choose_mode
+from tests.checkpoints import write_checkpoint
+from tests.conftest import SMALL_ENGINE
+
+# Prompts with repetition, so the n-gram proposer finds matches (the tiny random model's greedy outputs loop too).
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], list(range(20, 40)), [9] * 10,
+           [3, 4] * 20, [7, 8, 9] * 9]
+
+
+def _spec(k: int, lo: int = 1, hi: int = 3) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": hi, "prompt_lookup_min": lo}
+
+
+def _params():
+    return [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.2),
+            SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, frequency_penalty=0.3,
+                           presence_penalty=0.2),
+            SamplingParams(temperature=0.0, max_tokens=37, stop_token_ids=[9, 11]),
+            SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True, min_tokens=10)]
+
+
+def _summary(outs):
+    return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+
+
+def _all_pages_back(llm) -> bool:
+    eng = llm.llm_engine
+    eng.blocks.check()
+    return eng.blocks.num_free == eng.blocks.num_pages and not eng.has_unfinished_requests()
+
+
+@pytest.fixture(scope="module")
+def base(untied_gqa2):
+    return LLM(str(untied_gqa2), **SMALL_ENGINE)
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    return base.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_greedy_tokens_identical_with_speculation(untied_gqa2, reference, k):
+    """Batched greedy rows (penalties, logprobs, stop ids, min_tokens among them): the same tokens, finish reasons
+    and logprobs as without speculation, with proposals accepted along the way."""
+    llm = LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config=_spec(k))
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+    assert _summary(outs) == _summary(reference)
+    ref_lp, lp = reference[1].outputs[0], outs[1].outputs[0]
+    for tok, a, b in zip(ref_lp.token_ids, ref_lp.logprobs, lp.logprobs):
+        assert sorted(a) == sorted(b) and a[tok].rank == b[tok].rank
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    st = llm.llm_engine.stats
+    assert st.spec_decode_verify_steps > 0 and st.spec_decode_num_accepted_tokens > 0  # speculation did happen
+    assert st.spec_decode_num_accepted_tokens <= st.spec_decode_num_draft_tokens
+    assert len(st.spec_decode_num_accepted_tokens_per_pos) == k
+    assert sum(st.spec_decode_num_accepted_tokens_per_pos) == st.spec_decode_num_accepted_tokens
+    per_pos = st.spec_decode_num_accepted_tokens_per_pos
+    assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))  # position i + 1 is accepted only after i
+    assert _all_pages_back(llm)
+
+
+def test_greedy_identical_under_preemption(untied_gqa2, reference):
+    """A cache of 14 pages cannot hold the batch: sequences are preempted and recomputed, proposals find fewer pages
+    to spare, and the tokens stay the same."""
+    llm = LLM(str(untied_gqa2), **{**SMALL_ENGINE, "num_kv_pages": 14}, speculative_config=_spec(4))
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+    assert _summary(outs) == _summary(reference)
+    st = llm.llm_engine.stats
+    assert st.preemptions > 0 and st.spec_decode_num_accepted_tokens > 0
+    assert _all_pages_back(llm)
+
+
+@pytest.fixture(scope="module")
+def spec4(untied_gqa2):
+    return LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config=_spec(4))
+
+
+def test_acceptance_counted_right(base, spec4):
+    """One greedy request: the counters equal those of a replay of the n-gram proposer and greedy acceptance over
+    the reference output (a verify step accepts the proposals' longest prefix that matches it, then adds one)."""
+    prompt = [11, 12, 13, 11, 12, 13, 11, 12]
+    p = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    ref = base.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0].outputs[0].token_ids
+    st = spec4.llm_engine.stats
+    before = (st.spec_decode_verify_steps, st.spec_decode_num_drafts, st.spec_decode_num_draft_tokens,
+              st.spec_decode_num_accepted_tokens, list(st.spec_decode_num_accepted_tokens_per_pos))
+    out = spec4.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref
+    steps = drafts = proposed = accepted = 0
+    per_pos = [0] * 4
+    m = 1  # the prefill step sampled the first output
+    while m < len(ref):
+        d = propose_ngram(prompt + ref[:m], k=min(4, len(ref) - m - 1), min_n=1, max_n=3)
+        a = next((i for i, t in enumerate(d) if t != ref[m + i]), len(d))
+        if d:
+            steps, drafts, proposed, accepted = steps + 1, drafts + 1, proposed + len(d), accepted + a
+            for i in range(a):
+                per_pos[i] += 1
+        m += a + 1
+    after = (st.spec_decode_verify_steps, st.spec_decode_num_drafts, st.spec_decode_num_draft_tokens,
+             st.spec_decode_num_accepted_tokens, st.spec_decode_num_accepted_tokens_per_pos)
+    assert accepted > 0
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3]) == \
+        (steps, drafts, proposed, accepted)
+    assert [x - y for x, y in zip(after[4], before[4])] == per_pos
+    assert 0 < st.spec_decode_acceptance_rate <= 1
+    assert _all_pages_back(spec4)
+
+
+def test_seeded_sampling_repeats(spec4):
+    """Sampled rows (temperature, top-k, top-p, min-p, penalties) with seeds: the same outputs on a second run, and
+    a seeded request alone gets the tokens it gets in a batch."""
+    sp = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=s, max_tokens=40, ignore_eos=True,
+                         repetition_penalty=1.1) for s in range(len(PROMPTS))]
+    first = _summary(spec4.generate(prompt_token_ids=PROMPTS, sampling_params=sp, use_tqdm=False))
+    assert _summary(spec4.generate(prompt_token_ids=PROMPTS, sampling_params=sp, use_tqdm=False)) == first
+    alone = _summary(spec4.generate(prompt_token_ids=PROMPTS[4:5], sampling_params=sp[4:5], use_tqdm=False))
+    assert alone == first[4:5]
+    assert _all_pages_back(spec4)
+
+
+def test_constrained_rows_and_prefix_hits(base, spec4):
+    """A row with allowed_token_ids runs without proposals (its steps are plain decode steps) and gets the tokens
+    the engine without speculation gives it; a prompt run again hits the prefix cache (only accepted tokens were
+    named) and gives the same tokens."""
+    p = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, allowed_token_ids=[5, 6, 7, 8, 9]),
+         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
+    prompts = [PROMPTS[0], PROMPTS[4] + PROMPTS[1]]
+    ref = _summary(base.generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False))
+    assert _summary(spec4.generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False)) == ref
+    hits = spec4.llm_engine.blocks.hit_tokens
+    assert _summary(spec4.generate(prompt_token_ids=prompts[1:], sampling_params=p[1:], use_tqdm=False)) == ref[1:]
+    assert spec4.llm_engine.blocks.hit_tokens > hits
+    assert _all_pages_back(spec4)
+
+
+# ------------------------------------------------------------------------------------ start-up validation
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method must be one of 'ngram', 'draft_model'"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, r"num_speculative_tokens must be an integer in \[1, 8\]"),
+    ({"method": "ngram", "num_speculative_tokens": 9}, r"in \[1, 8\], got 9"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     r"prompt_lookup_min \(4\) must be <= prompt_lookup_max \(2\)"),
+    ({"method": "ngram"}, "needs num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, r"unknown keys \['lookahead'\]"),
+    ({"num_speculative_tokens": 2}, "needs 'method'"),
+    ("{not json", "must be a JSON object"),
+])
+def test_bad_speculative_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(speculative_config=cfg)
+
+
+def test_speculative_config_defaults_and_conflicts():
+    args = EngineArgs(speculative_config='{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}')
+    spec = args.speculative()
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == \
+        ("ngram", 3, 4, 4)
+    assert EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 1}).speculative() \
+        .prompt_lookup_min == 5  # vLLM's default for both bounds
+    assert not args.async_scheduling  # speculation runs its steps one at a time
+    with pytest.raises(ValueError, match="num_scheduler_steps=1"):
+        EngineArgs(speculative_config=_spec(2), num_scheduler_steps=4)
+    assert any("speculative_config" in m for m in
+               EngineArgs(speculative_config=_spec(2), num_processes=2).unsupported())
+
+
+def test_draft_model_checked_then_refused(untied_gqa2, tmp_path):
+    other_vocab = write_checkpoint(tmp_path / "draft256", vocab_size=256, hidden_size=32, intermediate_size=32,
+                                   num_layers=1, num_heads=2, num_kv_heads=1)
+    with pytest.raises(ValueError, match="vocab_size 256, the target has 512"):
+        LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={"model": str(other_vocab),
+                                                                  "num_speculative_tokens": 2})
+    same_vocab = write_checkpoint(tmp_path / "draft512", hidden_size=32, intermediate_size=32, num_layers=1,
+                                  num_heads=2, num_kv_heads=1)
+    with pytest.raises(NotImplementedError, match="'draft_model' is not implemented yet.*paged KV cache"):
+        LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={"model": str(same_vocab),
+                                                                  "num_speculative_tokens": 2})
+
+
+# ------------------------------------------------------------------------------------------- the proposer
+
+
+def test_ngram_proposer():
+    assert propose_ngram([1, 2, 3, 4, 1, 2], k=3, min_n=1, max_n=3) == [3, 4, 1]
+    # the longest suffix wins: (1, 2, 3) occurs before 9; the shorter (3,) before 4 is not taken
+    assert propose_ngram([1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3], k=3, min_n=1, max_n=3) == [9, 1, 2]
+    assert propose_ngram([1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3], k=3, min_n=4, max_n=5) == []  # too short a match
+    assert propose_ngram([5] * 8, k=3, min_n=1, max_n=3) == [5, 5, 5]  # an occurrence followed by k tokens
+    assert propose_ngram([5] * 4, k=3, min_n=1, max_n=3) == [5]  # none: the earliest occurrence
+    assert propose_ngram([1, 2, 3], k=3, min_n=1, max_n=3) == []
+    assert propose_ngram([7, 1, 8, 7, 2, 8, 7], k=2, min_n=1, max_n=1) == [2, 8]  # the most recent occurrence
+
+
+# --------------------------------------------------------------------------- rejection sampling's distribution
+
+
+def _chi2_critical(df: int, z: float = 3.719) -> float:
+    """The chi-square quantile at p = 1e-4 (z: the normal's), by Wilson and Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    n = counts.sum()
+    assert np.all(counts[probs == 0] == 0), "a token outside the target's support was drawn"
+    keep = probs > 0
+    expected = probs[keep] * n
+    return float(((counts[keep] - expected) ** 2 / expected).sum()), int(keep.sum()) - 1
+
+
+def _target(logits: np.ndarray, *, temperature: float, top_k: int, presence: np.ndarray) -> np.ndarray:
+    """numpy: presence penalty, temperature, then top-k, renormalised."""
+    x = (logits - presence) / temperature
+    kth = np.sort(x)[::-1][top_k - 1]
+    x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """8-token vocabulary, 2 drafts a row, 40000 rows with their own seeds. Position 0's token (the accepted draft
+    or the residual draw) follows p_0; given draft 1 accepted, position 1's follows p_1, whose presence penalty
+    counts draft 1; draft 1 is accepted with probability p_0(draft 1)."""
+    V, N, rng = 8, 40000, np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (2, V)).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_k=6, presence_penalty=0.8, seed=0)
+    p0 = _target(logits[0], temperature=0.7, top_k=6, presence=np.zeros(V))
+    d1 = int(np.argsort(p0)[-2])  # the second most likely: accepted often, rejected often
+    d2 = int(np.argmax(logits[1]))
+    present = np.zeros(V)
+    present[d1] = 0.8
+    p1 = _target(logits[1], temperature=0.7, top_k=6, presence=present)
+    rows = [SamplingRow(params=params, seed=s, output_ids=range(3 + j)) for s in range(N) for j in range(3)]
+    tensors = build_tensors(rows, num_rows=3 * N, vocab_size=V, with_history=False)
+    mode = choose_mode(rows)
+    assert mode.penalties and not mode.all_greedy
+    full = np.zeros((N, 3, V), np.float32)
+    full[:, :2] = logits
+    history = (jnp.zeros((N, V), bool), jnp.zeros((N, V), jnp.int32))
+    drafts = np.tile(np.array([[d1, d2]], np.int32), (N, 1))
+    out = jax.jit(rejection_sample, static_argnames="mode")(full, jax.tree.map(jnp.asarray, tensors), mode,
+                                                            drafts, np.full((N,), 2, np.int32), history)
+    tokens, accepted = np.asarray(out.token_ids), np.asarray(out.num_accepted)
+    stat, df = _chi2(np.bincount(tokens[:, 0], minlength=V), p0)
+    assert stat < _chi2_critical(df), (stat, df)
+    took = accepted >= 1
+    assert np.array_equal(took, tokens[:, 0] == d1)
+    rate = took.mean()
+    assert abs(rate - p0[d1]) < 4 * math.sqrt(p0[d1] * (1 - p0[d1]) / N)
+    stat, df = _chi2(np.bincount(tokens[took, 1], minlength=V), p1)
+    assert stat < _chi2_critical(df), (stat, df)
+
+
+def test_rejection_sampling_greedy_rows():
+    """Greedy rows accept the drafts' longest prefix that equals the argmax chain, then the argmax after it."""
+    V = 16
+    logits = np.full((3, 4, V), -1.0, np.float32)
+    for j, t in enumerate((3, 5, 7, 9)):
+        logits[:, j, t] = 2.0
+    drafts = np.array([[3, 5, 7], [3, 6, 7], [3, 5, 0]], np.int32)
+    num = np.array([3, 3, 2], np.int32)
+    rows = [SamplingRow(params=SamplingParams(temperature=0.0), seed=0, output_ids=range(j)) for _ in range(3)
+            for j in range(4)]
+    tensors = build_tensors(rows, num_rows=12, vocab_size=V, with_history=False)
+    out = rejection_sample(jnp.asarray(logits), tensors, choose_mode(rows), drafts, num)
+    assert np.asarray(out.num_accepted).tolist() == [3, 1, 2]
+    tok = np.asarray(out.token_ids)
+    assert tok[0].tolist() == [3, 5, 7, 9] and tok[1, :2].tolist() == [3, 5] and tok[2, :3].tolist() == [3, 5, 7]
