@@ -293,3 +293,30 @@ def test_rejection_sampling_greedy_rows():
     assert np.asarray(out.num_accepted).tolist() == [3, 1, 2]
     tok = np.asarray(out.token_ids)
     assert tok[0].tolist() == [3, 5, 7, 9] and tok[1, :2].tolist() == [3, 5] and tok[2, :3].tolist() == [3, 5, 7]
+
+
+# ------------------------------------------------------------------------------------------------- the server
+
+
+def test_server_flag_and_metrics(spec4):
+    """`--speculative-config JSON` reaches EngineArgs; /metrics carries vLLM's spec_decode counters."""
+    from server.__main__ import engine_args, make_parser
+    from server.metrics import ServerMetrics
+
+    ns = make_parser().parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
+                                   '"prompt_lookup_max": 4, "prompt_lookup_min": 2}'])
+    spec = engine_args(ns).speculative()
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == \
+        ("ngram", 3, 4, 2)
+    spec4.generate(prompt_token_ids=PROMPTS[:2], sampling_params=_params()[:2], use_tqdm=False)
+    st = spec4.llm_engine.stats
+    text = ServerMetrics(spec4.llm_engine, "m").render().decode()
+    assert f'vllm:spec_decode_num_drafts_total{{model_name="m"}} {float(st.spec_decode_num_drafts)}' in text
+    assert f'vllm:spec_decode_num_draft_tokens_total{{model_name="m"}} ' \
+           f'{float(st.spec_decode_num_draft_tokens)}' in text
+    assert f'vllm:spec_decode_num_accepted_tokens_total{{model_name="m"}} ' \
+           f'{float(st.spec_decode_num_accepted_tokens)}' in text
+    for i, n in enumerate(st.spec_decode_num_accepted_tokens_per_pos):
+        assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{i}"}} ' \
+               f'{float(n)}' in text
+    assert st.spec_decode_num_accepted_tokens > 0
