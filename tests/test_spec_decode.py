@@ -6,7 +6,13 @@ requests repeat; acceptance is counted right; every page comes back.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +25,9 @@ from qwenjax.core.ngram_proposer import propose_ngram
 from qwenjax.worker.rejection_sampler import rejection_sample
 from qwenjax.worker.sampler import SamplingRow, build_tensors, choose_mode
 from tests.checkpoints import write_checkpoint
-from tests.conftest import SMALL_ENGINE
+from tests.conftest import SMALL_ENGINE, pythonpath_with
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Prompts with repetition, so the n-gram proposer finds matches (the tiny random model's greedy outputs loop too).
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], list(range(20, 40)), [9] * 10,
@@ -157,6 +165,32 @@ def test_constrained_rows_and_prefix_hits(base, spec4):
     assert _summary(spec4.generate(prompt_token_ids=prompts[1:], sampling_params=p[1:], use_tqdm=False)) == ref[1:]
     assert spec4.llm_engine.blocks.hit_tokens > hits
     assert _all_pages_back(spec4)
+
+
+def test_greedy_identical_over_a_mesh(untied_gqa2):
+    """The verify step over a mesh of 2 CPU devices (a subprocess: the device-count flag must not leak): tokens equal
+    those of one device without speculation, and proposals were accepted."""
+    script = textwrap.dedent(f"""
+        import json, jax
+        from qwenjax import LLM
+        from tests.conftest import SMALL_ENGINE
+        from tests.test_spec_decode import PROMPTS, _params, _spec, _summary
+        assert jax.device_count() == 2
+        ref = LLM({str(untied_gqa2)!r}, **SMALL_ENGINE).generate(prompt_token_ids=PROMPTS, sampling_params=_params(),
+                                                                 use_tqdm=False)
+        llm = LLM({str(untied_gqa2)!r}, **SMALL_ENGINE, tensor_parallel_size=2, speculative_config=_spec(3))
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+        print(json.dumps({{"same": _summary(outs) == _summary(ref),
+                          "accepted": llm.llm_engine.stats.spec_decode_num_accepted_tokens,
+                          "free": llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages}}))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": pythonpath_with(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["same"] and res["accepted"] > 0 and res["free"]
 
 
 # ------------------------------------------------------------------------------------ start-up validation
