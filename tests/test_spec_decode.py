@@ -168,8 +168,9 @@ def test_constrained_rows_and_prefix_hits(base, spec4):
 
 
 def test_greedy_identical_over_a_mesh(untied_gqa2):
-    """The verify step over a mesh of 2 CPU devices (a subprocess: the device-count flag must not leak): tokens equal
-    those of one device without speculation, and proposals were accepted."""
+    """The verify step over a mesh of 2 CPU devices (a subprocess: the device-count flag must not leak), with n-gram
+    proposals and with a draft model sharded like the target: tokens equal those of one device without speculation,
+    and proposals were accepted."""
     script = textwrap.dedent(f"""
         import json, jax
         from qwenjax import LLM
@@ -180,9 +181,14 @@ def test_greedy_identical_over_a_mesh(untied_gqa2):
                                                                  use_tqdm=False)
         llm = LLM({str(untied_gqa2)!r}, **SMALL_ENGINE, tensor_parallel_size=2, speculative_config=_spec(3))
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
-        print(json.dumps({{"same": _summary(outs) == _summary(ref),
-                          "accepted": llm.llm_engine.stats.spec_decode_num_accepted_tokens,
-                          "free": llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages}}))
+        draft = LLM({str(untied_gqa2)!r}, **SMALL_ENGINE, tensor_parallel_size=2,
+                    speculative_config={{"model": {str(untied_gqa2)!r}, "num_speculative_tokens": 2}})
+        d_outs = draft.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+        print(json.dumps({{"same": _summary(outs) == _summary(ref) == _summary(d_outs),
+                          "accepted": min(llm.llm_engine.stats.spec_decode_num_accepted_tokens,
+                                          draft.llm_engine.stats.spec_decode_num_accepted_tokens),
+                          "free": all(e.blocks.num_free == e.blocks.num_pages
+                                      for e in (llm.llm_engine, draft.llm_engine))}}))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": pythonpath_with(ROOT)}
@@ -226,17 +232,61 @@ def test_speculative_config_defaults_and_conflicts():
                EngineArgs(speculative_config=_spec(2), num_processes=2).unsupported())
 
 
-def test_draft_model_checked_then_refused(untied_gqa2, tmp_path):
-    other_vocab = write_checkpoint(tmp_path / "draft256", vocab_size=256, hidden_size=32, intermediate_size=32,
+def test_draft_model_must_share_the_vocabulary(untied_gqa2, tmp_path):
+    other_vocab = write_checkpoint(tmp_path / "draft1024", vocab_size=1024, hidden_size=32, intermediate_size=32,
                                    num_layers=1, num_heads=2, num_kv_heads=1)
-    with pytest.raises(ValueError, match="vocab_size 256, the target has 512"):
+    with pytest.raises(ValueError, match="vocab_size 1024, more than the target's 512"):
         LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={"model": str(other_vocab),
                                                                   "num_speculative_tokens": 2})
-    same_vocab = write_checkpoint(tmp_path / "draft512", hidden_size=32, intermediate_size=32, num_layers=1,
-                                  num_heads=2, num_kv_heads=1)
-    with pytest.raises(NotImplementedError, match="'draft_model' is not implemented yet.*paged KV cache"):
-        LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={"model": str(same_vocab),
-                                                                  "num_speculative_tokens": 2})
+
+
+# ------------------------------------------------------------------------------------------- a draft model
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory):
+    """A 1-layer draft with the target's tokenizer and a smaller embedding (500 of the target's 512 ids, as
+    Qwen2-0.5B's 151,936 under Qwen2-7B's 152,064); random, so it rarely agrees with the target."""
+    return write_checkpoint(tmp_path_factory.mktemp("draft") / "d", vocab_size=500, hidden_size=32,
+                            intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=4)
+
+
+@pytest.mark.parametrize("draft, k, pages", [("self", 3, 64), ("small", 2, 64), ("self", 4, 14)],
+                         ids=["self-k3", "small-k2", "self-k4-preempted"])
+def test_draft_model_greedy_identical(untied_gqa2, small_draft, reference, draft, k, pages):
+    """A draft model's proposals (the target itself as its own draft: they agree but for the penalised rows; a small
+    random draft: they rarely agree) change no greedy token, also when a 14-page cache preempts."""
+    path = untied_gqa2 if draft == "self" else small_draft
+    llm = LLM(str(untied_gqa2), **{**SMALL_ENGINE, "num_kv_pages": pages},
+              speculative_config={"model": str(path), "num_speculative_tokens": k})
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=_params(), use_tqdm=False)
+    assert _summary(outs) == _summary(reference)
+    st = llm.llm_engine.stats
+    assert st.spec_decode_num_draft_tokens > 0
+    if draft == "self":  # the draft's cache followed every step: it predicts the target's unpenalised rows
+        assert st.spec_decode_num_accepted_tokens > 0.7 * st.spec_decode_num_draft_tokens
+    if pages == 14:
+        assert st.preemptions > 0
+    assert _all_pages_back(llm)
+
+
+def test_draft_model_prefix_hits_forks_and_seeds(untied_gqa2):
+    """The draft's cache mirrors the target's pages: a prompt run again (prefix-cache hits) and n > 1 copies (forked
+    pages) keep the target-as-draft's proposals accepted; seeded sampled rows repeat."""
+    llm = LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={"model": str(untied_gqa2),
+                                                                    "num_speculative_tokens": 3})
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompt = PROMPTS[2] + PROMPTS[4]
+    first = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy, use_tqdm=False)[0].outputs[0].token_ids
+    st, hits = llm.llm_engine.stats, llm.llm_engine.blocks.hit_tokens
+    drafted, accepted = st.spec_decode_num_draft_tokens, st.spec_decode_num_accepted_tokens
+    again = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == first and llm.llm_engine.blocks.hit_tokens > hits
+    assert st.spec_decode_num_accepted_tokens - accepted > 0.9 * (st.spec_decode_num_draft_tokens - drafted)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, n=3, max_tokens=24, ignore_eos=True)
+    a = _summary(llm.generate(prompt_token_ids=[prompt], sampling_params=sampled, use_tqdm=False))
+    assert _summary(llm.generate(prompt_token_ids=[prompt], sampling_params=sampled, use_tqdm=False)) == a
+    assert _all_pages_back(llm)
 
 
 # ------------------------------------------------------------------------------------------- the proposer

@@ -256,6 +256,8 @@ class LLMEngine:
             if self._leader is not None:
                 self._leader.send_step(inp, tensors, mode, out.has_context)
             res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+            if self.spec is not None:  # a draft model's cache follows the target's steps
+                self.spec.mirror(out, inp)
         self.stats.host_dispatch_s += time.perf_counter() - t0
         self.stats.mixed_steps += out.kind == "mixed"
         self.stats.prefill_steps += out.kind == "prefill"

@@ -17,8 +17,9 @@ the pages of its tokens (the pages of rejected proposals go back). Prefix cachin
 num_computed, so only accepted tokens are ever hashed. Stops, EOS and the length limit are checked token by token
 (truncating inside an accepted run); proposals never reach past the length limit.
 
-Draft-model speculation (`{"model": DRAFT, ...}`) is validated (the draft must share the target's vocabulary and
-tokenizer) and then refused: its own paged KV cache and jitted proposal steps are not built yet.
+Draft-model speculation (`{"model": DRAFT, ...}`): the draft must share the target's vocabulary and tokenizer (checked
+at start-up); its proposals come from engine/draft_model.py, and its cache follows every step the target runs
+(`mirror`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from qwenjax.core.ngram_proposer import propose_ngram
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING
+from qwenjax.engine.draft_model import DraftModel
 from qwenjax.engine.sampling_inputs import GREEDY_ROW
 from qwenjax.speculative_config import SpeculativeConfig
 from qwenjax.worker.lockstep import to_host
@@ -38,39 +40,45 @@ from qwenjax.worker.sampler import SamplingRow, build_tensors, choose_mode
 from qwenjax.worker.spec_verify import build_verify_input
 
 
-def check_draft_model(config: SpeculativeConfig, vocab_size: int, tokenizer) -> None:
-    """A draft must propose in the target's token ids: same vocabulary size and the same tokenizer (ValueError
-    naming the difference). Then NotImplementedError: the draft-model method is not built yet."""
+def check_draft_model(config: SpeculativeConfig, vocab_size: int, tokenizer) -> str:
+    """A draft must propose in the target's token ids: the same tokenizer, and no more ids than the target has (a
+    smaller, less padded embedding is fine: Qwen2-0.5B's 151,936 ids under Qwen2-7B's 152,064). ValueError naming
+    the difference; returns the draft's checkpoint directory."""
     from qwenjax.models.loader import resolve_model_path
     from qwenjax.tokenizer import load_tokenizer, resolve_tokenizer_dir
 
     path = Path(resolve_model_path(config.model))
     with open(path / "config.json") as f:
         draft_vocab = json.load(f).get("vocab_size")
-    if draft_vocab != vocab_size:
-        raise ValueError(f"speculative_config draft model {config.model!r} has vocab_size {draft_vocab}, the target "
-                         f"has {vocab_size}: a draft must share the target's vocabulary (e.g. Qwen2-0.5B for the "
-                         f"Qwen2 family)")
+    if not isinstance(draft_vocab, int) or draft_vocab > vocab_size:
+        raise ValueError(f"speculative_config draft model {config.model!r} has vocab_size {draft_vocab}, more than "
+                         f"the target's {vocab_size}: it could propose ids the target does not have; a draft must "
+                         f"share the target's vocabulary (e.g. Qwen2-0.5B-Instruct for the Qwen2 family)")
     draft_tok = load_tokenizer(resolve_tokenizer_dir(path))
     if draft_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"speculative_config draft model {config.model!r} has another tokenizer than the target "
                          f"(their token -> id maps differ): a draft must share the target's tokenizer")
-    raise NotImplementedError(
-        "speculative_config method 'draft_model' is not implemented yet in qwenjax: the draft's own paged KV cache "
-        "and its jitted proposal steps are missing; use {'method': 'ngram', 'num_speculative_tokens': k}")
+    return str(path)
 
 
 class SpecDecoder:
     """The engine's speculative steps (see the module docstring); `engine` is the LLMEngine it serves."""
 
     def __init__(self, engine, config: SpeculativeConfig):
+        self.draft = None
         if config.method == "draft_model":
-            check_draft_model(config, engine.model_config.vocab_size, engine.tokenizer)
+            path = check_draft_model(config, engine.model_config.vocab_size, engine.tokenizer)
+            self.draft = DraftModel(path, engine.args, engine.model, config.num_speculative_tokens)
         self.engine = engine
         self.config = config
         self.k = config.num_speculative_tokens
         self.num_positions = self.k + 1  # Q of the verify step
         engine.stats.spec_decode_num_accepted_tokens_per_pos = [0] * self.k
+
+    def mirror(self, out: SchedulerOutput, inp) -> None:
+        """A step the target runs without speculating: the draft's cache follows it (draft method only)."""
+        if self.draft is not None:
+            self.draft.mirror(out, inp)
 
     def propose(self, seq) -> list[int]:
         """Up to k proposals for a decoding row, never reaching past its length limit (a + 1 tokens land)."""
@@ -86,13 +94,19 @@ class SpecDecoder:
         if out.kind != "decode" or out.num_steps != 1 or any(r.seq.constraint is not None for r in out.rows):
             return None
         eng = self.engine
-        drafts = []
-        for r in out.rows:
-            d = self.propose(r.seq)
-            if d and not eng.blocks.grow(r.seq.block_table, r.seq.num_tokens + len(d)):
-                d = []  # no pages to spare: this row verifies its newest token alone
-            drafts.append(d)
+        if self.draft is not None:
+            drafts = self.draft.propose(out, eng.blocks)  # grows the rows it proposes for
+        else:
+            drafts = []
+            for r in out.rows:
+                d = self.propose(r.seq)
+                if d and not eng.blocks.grow(r.seq.block_table, r.seq.num_tokens + len(d)):
+                    d = []  # no pages to spare: this row verifies its newest token alone
+                drafts.append(d)
         if not any(drafts):
+            if self.draft is not None:  # the plain decode step runs (and mirrors): the grown pages go back
+                for r in out.rows:
+                    eng.blocks.shrink(r.seq.block_table, r.seq.num_tokens)
             return None
         try:
             inp, draft_ids, num_drafts, tensors, mode, wants_lp = self._inputs(out, drafts)
