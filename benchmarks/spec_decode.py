@@ -6,25 +6,25 @@ In one run, on the engine's own runner (random weights of --model):
                   positions a row (model + on-device acceptance + reading the tokens), k in --ks, at each batch of
                   --batches, every row at --context tokens of context (real rows over distinct pages; the KV values
                   are whatever the pages hold: the work is the same). Medians of --iters round trips.
+  draft step      the draft model's (--draft-model, default the 0.5B shape) one-token decode step, same rows.
   measured        greedy generation of --output-len tokens a row from random prompts, speculation off and on
-                  (n-gram, k = --measure-k, prompt lookup 1..3): output tok/s and the acceptance rate it got (random
-                  weights accept what they accept: the figure is measured, never assumed); and a run whose n-gram
-                  lookup can never match (prompt_lookup_min = 64 > any repeat), whose cost against speculation off is
-                  the proposer's overhead.
+                  (n-gram, k = --measure-k, prompt lookup 1..3; the draft model): output tok/s and the acceptance
+                  rate it got (random weights accept what they accept: the figure is measured, never assumed); and a
+                  run whose n-gram lookup can never match (prompt_lookup_min = 64 > any repeat), whose cost against
+                  speculation off is the proposer's overhead. The runs' engines are built one after another.
   speedup table   from the measured step costs: at acceptance rate a per proposed token (independent positions), a
                   verify step yields E = (1 - a^(k+1)) / (1 - a) tokens a row, so speculation's tokens/s over plain
                   decode's is E * t_decode / t_verify(k). Printed for a = 0.5 / 0.7 / 0.9.
 
-The draft-model method is not built yet (its step time is reported as null).
-
   python benchmarks/spec_decode.py --model qwen2-7b-instruct --out $OUT
-  python benchmarks/spec_decode.py --model tiny --skip-warmup --batches 1,4 --ks 1,2 --iters 3 --context 32 \\
-      --output-len 8      # CPU smoke run
+  python benchmarks/spec_decode.py --model tiny --draft-model tiny --skip-warmup --batches 1,4 --ks 1,2 --iters 3 \\
+      --context 32 --output-len 8      # CPU smoke run
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import sys
 import time
@@ -51,7 +51,13 @@ def parse(argv=None):
     w.add_argument("--prompt-len", type=int, default=128, help="measured generation: prompt tokens")
     w.add_argument("--output-len", type=int, default=256, help="measured generation: new tokens a row")
     w.add_argument("--measure-k", type=int, default=4, help="k of the measured generation")
-    return p.parse_args(argv)
+    w.add_argument("--draft-model", default="qwen2-0.5b-instruct",
+                   help="the draft model's config (as --model; random weights) for the draft run and its step "
+                        "time; 'none' leaves the draft run out")
+    args = p.parse_args(argv)
+    if str(args.draft_model).lower() == "none":
+        args.draft_model = None
+    return args
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -69,7 +75,7 @@ def _median_s(fn, iters: int) -> float:
     return statistics.median(ts)
 
 
-def step_costs(llm, batch: int, ks, context: int, iters: int, vocab: int) -> dict:
+def step_costs(runner, batch: int, ks, context: int, iters: int, vocab: int) -> dict:
     """Seconds of a decode round trip and of each k's verify round trip, `batch` rows at `context` tokens."""
     import numpy as np
 
@@ -83,10 +89,8 @@ def step_costs(llm, batch: int, ks, context: int, iters: int, vocab: int) -> dic
 
     from qwenjax import SamplingParams
 
-    eng = llm.llm_engine
-    runner, ps = eng.runner, eng.blocks.page_size
-    width = eng.scheduler_config.max_pages_per_seq
-    need = -(-(context + max(ks) + 1) // ps)
+    ps, width = runner.page_size, runner.block_table_width
+    need = -(-(context + max(ks, default=0) + 1) // ps)
     rng = np.random.default_rng(0)
     seqs = []
     for b in range(batch):  # distinct pages a row (wrapping if the cache is small: the reads are the same size)
@@ -111,45 +115,41 @@ def step_costs(llm, batch: int, ks, context: int, iters: int, vocab: int) -> dic
     return res
 
 
-SPEC_RUNS = ("off", "ngram", "nomatch")
-
-
-def build_engines(spec, args) -> dict:
-    """One engine per run (speculation off, n-gram, n-gram that never matches), each with every --batches bucket."""
-    P, O, B = args.prompt_len, args.output_len, max(args.batches)
+def run_configs(args) -> dict:
+    """Each measured run's speculative_config: off, n-gram, an n-gram lookup that never matches, a draft model."""
     ngram = {"method": "ngram", "num_speculative_tokens": args.measure_k, "prompt_lookup_max": 3,
              "prompt_lookup_min": 1}
-    configs = {"off": None, "ngram": ngram, "nomatch": dict(ngram, prompt_lookup_max=64, prompt_lookup_min=64)}
+    runs = {"off": None, "ngram": ngram, "nomatch": dict(ngram, prompt_lookup_max=64, prompt_lookup_min=64)}
+    if args.draft_model:
+        runs["draft"] = {"model": model_specs.resolve_model(args.draft_model).dir,
+                         "num_speculative_tokens": args.measure_k}
+    return runs
+
+
+def build_engine(spec, args, speculative_config):
+    """An engine with every --batches bucket (the runs' engines are built one at a time: one model's memory)."""
+    P, O, B = args.prompt_len, args.output_len, max(args.batches)
     mml = cli_args.round_up(max(P + O, args.context) + max(max(args.ks), args.measure_k) + 16, args.block_size)
-    engines = {}
-    for name in SPEC_RUNS:
-        kwargs = engine_setup.engine_kwargs(args, max_model_len=mml, max_num_seqs=B,
-                                            max_num_batched_tokens=max(2048, B * P),
-                                            decode_buckets=tuple(args.batches), prefill_buckets=(16, P))
-        if configs[name] is not None:
-            kwargs["speculative_config"] = configs[name]
-        engines[name] = (*engine_setup.build_llm(spec, kwargs), kwargs)
-    return engines
+    kwargs = engine_setup.engine_kwargs(args, max_model_len=mml, max_num_seqs=B,
+                                        max_num_batched_tokens=max(2048, B * P), decode_buckets=tuple(args.batches),
+                                        prefill_buckets=(16, P))
+    if speculative_config is not None:
+        kwargs["speculative_config"] = speculative_config
+    return (*engine_setup.build_llm(spec, kwargs), kwargs)
 
 
-def measured_generation(engines: dict, args, batch: int, vocab: int) -> dict:
-    """Greedy generation speculation off / n-gram on / n-gram that never matches: output tok/s, acceptance."""
+def measured_generation(llm, args, batch: int, vocab: int, speculates: bool) -> dict:
+    """Greedy generation of --output-len tokens a row at `batch`: output tok/s and, speculating, the acceptance."""
     prompts = workloads.random_prompts(batch, args.prompt_len, seed=args.seed, vocab_size=vocab)
-    res = {}
-    for name in SPEC_RUNS:
-        llm = engines[name][0]
-        workloads.warm_generate(llm, prompts[:2], max_tokens=16)
-        before = workloads.stats_snapshot(llm)
-        outs, wall = workloads.timed_generate(llm, prompts, workloads.greedy(args.output_len))
-        st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
-        res[f"tok_s_{name}"] = sum(len(o.outputs[0].token_ids) for o in outs) / wall
-        res[f"steps_{name}"] = st["steps"]
-        if name != "off":
-            drafted = st["spec_decode_num_draft_tokens"]
-            res[f"acceptance_{name}"] = st["spec_decode_num_accepted_tokens"] / drafted if drafted else 0.0
-            res[f"draft_tokens_{name}"] = drafted
-    res["speedup_ngram"] = res["tok_s_ngram"] / res["tok_s_off"]
-    res["nomatch_slowdown"] = res["tok_s_off"] / res["tok_s_nomatch"] - 1
+    workloads.warm_generate(llm, prompts[:2], max_tokens=16)
+    before = workloads.stats_snapshot(llm)
+    outs, wall = workloads.timed_generate(llm, prompts, workloads.greedy(args.output_len))
+    st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
+    res = {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall, "steps": st["steps"]}
+    if speculates:
+        drafted = st["spec_decode_num_draft_tokens"]
+        res["acceptance"] = st["spec_decode_num_accepted_tokens"] / drafted if drafted else 0.0
+        res["draft_tokens"] = drafted
     return res
 
 
@@ -160,26 +160,39 @@ def main(argv=None) -> dict:
     cfg = model_specs.model_config(spec)
     dev = result_files.device_info()
     V = cfg.vocab_size
-    engines = build_engines(spec, args)
-    llm, startup, kwargs = engines["off"]
     metrics, table = {}, []
     config = {"batches": list(args.batches), "ks": list(args.ks), "context": args.context, "iters": args.iters,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "measure_k": args.measure_k,
-              "draft_step_s": None, "draft_note": "method draft_model is not implemented",
-              **engine_setup.engine_config(llm, kwargs, startup)}
+              "draft_model": args.draft_model}
+    for name, sc in run_configs(args).items():
+        llm, startup, kwargs = build_engine(spec, args, sc)
+        if name == "off":  # the step costs, on the target's runner
+            config.update(engine_setup.engine_config(llm, kwargs, startup))
+            for B in args.batches:
+                costs = step_costs(llm.llm_engine.runner, B, args.ks, args.context, args.iters, V)
+                t_dec = costs["decode_s"]
+                metrics[f"decode_ms_b{B}"] = t_dec * 1e3
+                for k in args.ks:
+                    t_ver = costs[f"verify_k{k}_s"]
+                    metrics[f"verify_ms_b{B}_k{k}"] = t_ver * 1e3
+                    metrics[f"verify_over_decode_b{B}_k{k}"] = t_ver / t_dec
+                    for a in RATES:
+                        E = expected_tokens(a, k)
+                        table.append({"batch": B, "k": k, "rate": a, "tokens_per_step": E,
+                                      "speedup": E * t_dec / t_ver, "tok_s": B * E / t_ver, "tok_s_off": B / t_dec})
+        if name == "draft":  # the draft's own one-token decode step
+            for B in args.batches:
+                draft = llm.llm_engine.spec.draft.runner
+                metrics[f"draft_decode_ms_b{B}"] = step_costs(draft, B, (), args.context, args.iters,
+                                                              draft.vocab_size)["decode_s"] * 1e3
+        for B in args.batches:
+            gen = measured_generation(llm, args, B, V, sc is not None)
+            metrics.update({f"{key}_{name}_b{B}": v for key, v in gen.items()})
+        del llm
+        gc.collect()
     for B in args.batches:
-        costs = step_costs(llm, B, args.ks, args.context, args.iters, V)
-        t_dec = costs["decode_s"]
-        metrics[f"decode_ms_b{B}"] = t_dec * 1e3
-        for k in args.ks:
-            t_ver = costs[f"verify_k{k}_s"]
-            metrics[f"verify_ms_b{B}_k{k}"] = t_ver * 1e3
-            metrics[f"verify_over_decode_b{B}_k{k}"] = t_ver / t_dec
-            for a in RATES:
-                E = expected_tokens(a, k)
-                table.append({"batch": B, "k": k, "rate": a, "tokens_per_step": E, "speedup": E * t_dec / t_ver,
-                              "tok_s": B * E / t_ver, "tok_s_off": B / t_dec})
-        metrics.update({f"{key}_b{B}": v for key, v in measured_generation(engines, args, B, V).items()})
+        metrics[f"speedup_ngram_b{B}"] = metrics[f"tok_s_ngram_b{B}"] / metrics[f"tok_s_off_b{B}"]
+        metrics[f"nomatch_slowdown_b{B}"] = metrics[f"tok_s_off_b{B}"] / metrics[f"tok_s_nomatch_b{B}"] - 1
     config["speedup_table"] = table
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
                                       metrics=metrics)
@@ -190,9 +203,13 @@ def main(argv=None) -> dict:
         for k in args.ks:
             rows.append((f"  verify k={k} ms / x decode", f"{metrics[f'verify_ms_b{B}_k{k}']:.3f} / "
                          f"{metrics[f'verify_over_decode_b{B}_k{k}']:.3f}"))
-        rows.append(("  measured tok/s off / ngram / no-match", f"{metrics[f'tok_s_off_b{B}']:.1f} / "
-                     f"{metrics[f'tok_s_ngram_b{B}']:.1f} / {metrics[f'tok_s_nomatch_b{B}']:.1f}"))
-        rows.append((f"  measured acceptance (k={args.measure_k})", metrics[f"acceptance_ngram_b{B}"]))
+        if args.draft_model:
+            rows.append((f"  draft ({args.draft_model}) step ms", metrics[f"draft_decode_ms_b{B}"]))
+        runs = [n for n in run_configs(args)]
+        rows.append((f"  measured tok/s {' / '.join(runs)}", " / ".join(f"{metrics[f'tok_s_{n}_b{B}']:.1f}"
+                                                                       for n in runs)))
+        rows.append((f"  measured acceptance (k={args.measure_k}) {' / '.join(runs[1:])}",
+                     " / ".join(f"{metrics[f'acceptance_{n}_b{B}']:.3f}" for n in runs[1:])))
     rows.append(("result", str(path)))
     result_files.print_table(f"{BENCHMARK} {spec.name}", rows)
     print("\nspeedup over speculation off from the measured step costs (E = tokens a verify step yields a row)")

@@ -5,6 +5,8 @@ Plain Python (no JAX): core and the engine both read it. Accepted forms, as vLLM
     {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
     {"model": DRAFT, "num_speculative_tokens": k}      (method "draft_model"; "method" may be given too)
 
+The draft is checked against the target (tokenizer, vocabulary) when the engine starts (engine/spec_step.py).
+
 Defaults follow vLLM: with neither prompt_lookup bound given both are 5, with one given the other takes its value.
 """
 

@@ -154,7 +154,8 @@ def add_vllm_engine_flags(e) -> None:
     e.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
                    help="speculative decoding, as vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (n-gram prompt lookup; k in 1..8). "
-                        "Turns async scheduling off; a draft model ({\"model\": DIR, ...}) is not implemented yet")
+                        "Or a draft model: '{\"model\": DIR, \"num_speculative_tokens\": 4}'. Turns async "
+                        "scheduling off")
 
 
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",

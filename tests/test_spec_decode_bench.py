@@ -24,7 +24,8 @@ def test_spec_decode_benchmark_smoke(tmp_path):
         import latency, spec_decode
         a = {common!r}
         spec_decode.main(a + ["--batches", "1,3", "--ks", "1,2", "--iters", "2", "--context", "24",
-                              "--prompt-len", "12", "--output-len", "16", "--measure-k", "2"])
+                              "--prompt-len", "12", "--output-len", "16", "--measure-k", "2", "--draft-model",
+                              "tiny"])
         latency.main(a + ["--prompt-len", "12", "--output-len", "16", "--repeats", "1",
                           "--speculative-config", '{{"method": "ngram", "num_speculative_tokens": 2, '
                           '"prompt_lookup_min": 1, "prompt_lookup_max": 2}}'])
@@ -43,17 +44,21 @@ def test_spec_decode_benchmark_smoke(tmp_path):
         for k in (1, 2):
             assert m[f"verify_ms_b{b}_k{k}"] > 0
             assert abs(m[f"verify_over_decode_b{b}_k{k}"] - m[f"verify_ms_b{b}_k{k}"] / m[f"decode_ms_b{b}"]) < 1e-3
-        for run in ("off", "ngram", "nomatch"):
+        for run in ("off", "ngram", "nomatch", "draft"):
             assert m[f"tok_s_{run}_b{b}"] > 0
-        assert m[f"draft_tokens_ngram_b{b}"] > 0 and 0 <= m[f"acceptance_ngram_b{b}"] <= 1
+        for run in ("ngram", "draft"):
+            assert m[f"draft_tokens_{run}_b{b}"] > 0 and 0 <= m[f"acceptance_{run}_b{b}"] <= 1
         assert m[f"draft_tokens_nomatch_b{b}"] == 0
+        assert m[f"draft_decode_ms_b{b}"] > 0
+        assert abs(m[f"speedup_ngram_b{b}"] - m[f"tok_s_ngram_b{b}"] / m[f"tok_s_off_b{b}"]) < 1e-3 * \
+            m[f"speedup_ngram_b{b}"]
     rows = c["speedup_table"]
     assert {(r["batch"], r["k"], r["rate"]) for r in rows} == {(b, k, a) for b in (1, 3) for k in (1, 2)
                                                                for a in (0.5, 0.7, 0.9)}
     r = next(r for r in rows if (r["batch"], r["k"], r["rate"]) == (3, 2, 0.7))
     assert abs(r["tokens_per_step"] - (1 + 0.7 + 0.49)) < 1e-9
     assert abs(r["speedup"] - r["tokens_per_step"] * m["decode_ms_b3"] / m["verify_ms_b3_k2"]) < 1e-3 * r["speedup"]
-    assert c["draft_step_s"] is None and "not implemented" in c["draft_note"]
+    assert c["draft_model"] == "tiny"
     assert "speedup over speculation off" in proc.stdout
     assert lat["config"]["speculative_config"]["num_speculative_tokens"] == 2
     assert lat["metrics"]["spec_verify_steps"] > 0 and 0 <= lat["metrics"]["spec_acceptance_rate"] <= 1
