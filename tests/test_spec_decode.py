@@ -153,14 +153,18 @@ def test_seeded_sampling_repeats(spec4):
 
 
 def test_constrained_rows_and_prefix_hits(base, spec4):
-    """A row with allowed_token_ids runs without proposals (its steps are plain decode steps) and gets the tokens
-    the engine without speculation gives it; a prompt run again hits the prefix cache (only accepted tokens were
-    named) and gives the same tokens."""
+    """Rows with allowed_token_ids / bad_words get no proposals but share verify steps with rows that do; every row
+    gets the tokens the engine without speculation gives it. A prompt run again hits the prefix cache (only accepted
+    tokens were named) and gives the same tokens."""
     p = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, allowed_token_ids=[5, 6, 7, 8, 9]),
-         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
-    prompts = [PROMPTS[0], PROMPTS[4] + PROMPTS[1]]
+         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+         SamplingParams(temperature=0.9, seed=1, max_tokens=12, ignore_eos=True, bad_words=["the", "a"])]
+    prompts = [PROMPTS[0], PROMPTS[4] + PROMPTS[1], PROMPTS[3]]
     ref = _summary(base.generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False))
+    st = spec4.llm_engine.stats
+    accepted = st.spec_decode_num_accepted_tokens
     assert _summary(spec4.generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False)) == ref
+    assert st.spec_decode_num_accepted_tokens > accepted
     hits = spec4.llm_engine.blocks.hit_tokens
     assert _summary(spec4.generate(prompt_token_ids=prompts[1:], sampling_params=p[1:], use_tqdm=False)) == ref[1:]
     assert spec4.llm_engine.blocks.hit_tokens > hits

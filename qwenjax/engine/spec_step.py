@@ -2,12 +2,12 @@
 (worker/spec_verify.py), acceptance on the device (worker/rejection_sampler.py), and the accepted tokens handed to
 the output processor like any step's.
 
-Which steps speculate: a decode step (every row feeds its one newest token) whose rows carry no constraint. Its rows
-get up to k proposals each (fewer where the proposer finds less, where fewer outputs are left before the length
-limit, or none where the cache cannot spare the pages); when no row got any, the step runs as the plain decode step
-it was (no verify cost). Rows with and without proposals share one verify step. Prefill and mixed steps never
-speculate; neither does a step with a constrained row (structured outputs, allowed_token_ids, bad_words): those
-rows' masks hold for their next token only, so such steps run without proposals, as plain decode steps.
+Which steps speculate: decode steps (every row feeds its one newest token). Their rows get up to k proposals each
+(fewer where the proposer finds less, where fewer outputs are left before the length limit, or none where the cache
+cannot spare the pages); when no row got any, the step runs as the plain decode step it was (no verify cost). Rows
+with and without proposals share one verify step. Prefill and mixed steps never speculate. A constrained row
+(structured outputs, allowed_token_ids, bad_words) never gets proposals, since its mask is known for its next token
+only: it verifies its newest token alone, sampled under its mask and bans, and its matcher advances by that token.
 
 Speculation runs its steps one at a time (EngineArgs turns async_scheduling off): proposals are built from the
 tokens the previous verify step accepted. Host invariants after a verify step, for a row that accepted a of its n
@@ -33,7 +33,7 @@ from qwenjax.core.ngram_proposer import propose_ngram
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING
 from qwenjax.engine.draft_model import DraftModel
-from qwenjax.engine.sampling_inputs import GREEDY_ROW
+from qwenjax.engine.sampling_inputs import GREEDY_ROW, sampling_row
 from qwenjax.speculative_config import SpeculativeConfig
 from qwenjax.worker.lockstep import to_host
 from qwenjax.worker.sampler import SamplingRow, build_tensors, choose_mode
@@ -91,7 +91,7 @@ class SpecDecoder:
 
     def step(self, out: SchedulerOutput, on_dispatch=None) -> list | None:
         """Runs `out` as a verify step and returns its outputs, or None: it does not speculate (the engine runs it)."""
-        if out.kind != "decode" or out.num_steps != 1 or any(r.seq.constraint is not None for r in out.rows):
+        if out.kind != "decode" or out.num_steps != 1:
             return None
         eng = self.engine
         if self.draft is not None:
@@ -128,11 +128,16 @@ class SpecDecoder:
         t1 = time.perf_counter()
         eng.stats.host_wait_s += t1 - t0
         touched = {}
+        runs = [tokens[b][:a + 1] for b, a in enumerate(accepted)]
+        eng.constraints.advance([(b, r.seq, None) for b, r in enumerate(out.rows)], runs,
+                                lambda seq, e: eng.fail_request(seq.request_id, e))
         for b, (r, d) in enumerate(zip(out.rows, drafts)):
             seq, a = r.seq, accepted[b]
+            if seq.finished:
+                continue  # its constraint refused the token (failed above)
             self._count_acceptance(len(d), a)
             try:
-                self._append(seq, tokens[b][:a + 1], lp, b)
+                self._append(seq, runs[b], lp, b)
             except Exception as e:  # noqa: BLE001 - finishing one request's row must not end the loop
                 touched.pop(seq.request_id, None)
                 eng.fail_request(seq.request_id, e)
@@ -154,15 +159,24 @@ class SpecDecoder:
             [r.seq for r in out.rows], drafts, rows=B, num_positions=Q, page_size=eng.blocks.page_size,
             num_pages=eng.blocks.num_pages, max_pages_per_seq=sc.max_pages_per_seq,
             scratch_slot=eng.runner.scratch_slot)
-        rows = []
+        rows, constraints = [], []
         for r in out.rows:
             s, n = r.seq, len(r.seq.output_token_ids)
+            if s.constraint is not None:  # no proposals: position 0 alone counts (its mask and bans), as a decode row
+                rows += [sampling_row(r, eng.eos_token_ids)] * Q
+                constraints += [s.constraint] + [None] * (Q - 1)
+                continue
             # build_tensors reads only the length of output_ids (penalty history lives on the device): a range.
             rows += [SamplingRow(params=s.params, seed=s.seed, output_ids=range(n + j),
                                  banned_ids=s.params.banned_token_ids(n + j, eng.eos_token_ids)) for j in range(Q)]
+            constraints += [None] * Q
         rows += [GREEDY_ROW] * (Q * (B - len(out.rows)))
         mode = choose_mode(rows)
-        tensors = build_tensors(rows, num_rows=B * Q, vocab_size=eng.model_config.vocab_size, with_history=False)
+        mask = None
+        if mode.has_mask:
+            mask = eng.constraints.bitmask(constraints + [None] * (Q * (B - len(out.rows))))
+        tensors = build_tensors(rows, num_rows=B * Q, vocab_size=eng.model_config.vocab_size, with_history=False,
+                                bitmask=mask)
         wants_lp = any(r.seq.params.logprobs is not None for r in out.rows)
         mode = dataclasses.replace(mode, num_logprobs=max(mode.num_logprobs, 5 if wants_lp else 0))
         return inp, draft_ids, num_drafts, tensors, mode, wants_lp
