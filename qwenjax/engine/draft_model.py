@@ -68,6 +68,8 @@ class DraftModel:
     def propose(self, out: SchedulerOutput, blocks) -> list[list[int]]:
         """Up to k greedy proposals for each row of a decode step (rows that cannot take them get none and, missing
         from the draft's call, are marked stale); grows the rows that do to hold k more slots."""
+        if out.forks:  # copies started this step read their forked pages (forking twice, should the plain step
+            self.runner.fork(out.forks)  # run instead and mirror it, copies the same pages again: idempotent)
         eng_rows = out.rows
         live = []
         for r in eng_rows:
