@@ -274,6 +274,20 @@ def test_draft_model_greedy_identical(untied_gqa2, small_draft, reference, draft
     assert _all_pages_back(llm)
 
 
+def test_draft_memory_checked_at_start_up(small_draft, monkeypatch):
+    """On a device with a memory pool, a draft that does not fit beside the target is refused with the numbers."""
+    from qwenjax.engine import draft_model
+    from qwenjax.worker.kv_cache import MemoryInfo
+
+    args = EngineArgs(model=str(small_draft), dtype="float32")
+    almost_full = MemoryInfo(limit=1 << 20, in_use=(1 << 20) - 4096, peak=0)
+    monkeypatch.setattr(draft_model, "device_memory", lambda: almost_full)
+    with pytest.raises(ValueError, match=r"needs 0\.\d+ GiB a device .*target's 64 pages.*gpu_memory_utilization"):
+        draft_model.check_draft_memory(args, 64)
+    monkeypatch.setattr(draft_model, "device_memory", lambda: MemoryInfo(limit=1 << 30, in_use=0, peak=0))
+    draft_model.check_draft_memory(args, 64)  # fits
+
+
 def test_draft_model_prefix_hits_forks_and_seeds(untied_gqa2):
     """The draft's cache mirrors the target's pages: a prompt run again (prefix-cache hits) and n > 1 copies (forked
     pages) keep the target-as-draft's proposals accepted; seeded sampled rows repeat."""

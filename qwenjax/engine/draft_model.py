@@ -23,8 +23,10 @@ import dataclasses
 
 import numpy as np
 
-from qwenjax.config import EngineArgs
+from qwenjax.config import EngineArgs, resolve_dtype
+from qwenjax.models.loader import load_model_config, resolve_model_path
 from qwenjax.core.scheduler_output import SchedulerOutput
+from qwenjax.worker.kv_cache import device_memory, kv_dtype, page_bytes
 from qwenjax.worker.lockstep import to_host
 from qwenjax.worker.model_runner import dummy_input
 from qwenjax.worker.model_setup import LoadedModel, load_model
@@ -32,6 +34,26 @@ from qwenjax.worker.sampler import WARMUP_MODES, build_tensors
 from qwenjax.worker.step_input import build_step_input
 
 GREEDY = dataclasses.replace(WARMUP_MODES[0], penalties=False)  # the draft's proposals: argmax, no penalties
+
+
+def check_draft_memory(draft_args: EngineArgs, num_pages: int) -> None:
+    """Start-up check that the draft's weights and its KV cache (the target's page count) fit in what the target
+    left free on the device (a ValueError with the numbers and the fix, rather than an allocation failure)."""
+    mem = device_memory()
+    if mem is None:  # CPU: no pool to check
+        return
+    path = resolve_model_path(draft_args.model)
+    cfg = load_model_config(path)
+    dtype = resolve_dtype(draft_args.dtype, cfg)
+    per_device = (cfg.num_params() * np.dtype(dtype).itemsize + num_pages * page_bytes(
+        cfg, draft_args.block_size, kv_dtype(draft_args.kv_cache_dtype, dtype))) / draft_args.tensor_parallel_size
+    free = mem.limit - mem.in_use
+    if per_device > free:
+        gib = 1 << 30
+        raise ValueError(f"the draft model {draft_args.model!r} needs {per_device / gib:.2f} GiB a device (weights and "
+                         f"a KV cache of the target's {num_pages} pages), but the target left {free / gib:.2f} GiB "
+                         f"free: lower gpu_memory_utilization (now {draft_args.gpu_memory_utilization}) or set "
+                         f"num_kv_pages to leave room for it")
 
 
 class DraftModel:
@@ -42,6 +64,7 @@ class DraftModel:
             max_model_len=sc.max_model_len, max_num_seqs=sc.max_num_seqs,
             max_num_batched_tokens=sc.max_num_batched_tokens, decode_buckets=sc.decode_buckets,
             num_kv_pages=target.num_pages, generation_config="vllm")
+        check_draft_memory(draft_args, target.num_pages)
         self.model = load_model(draft_args)
         self.runner = self.model.runner
         if (self.runner.num_pages, self.runner.page_size, self.runner.block_table_width) != \
