@@ -155,10 +155,7 @@ def measured_generation(llm, args, batch: int, vocab: int, speculates: bool) -> 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = model_specs.resolve_model(args.model)
-    engine_setup.setup_jax(args)
-    cfg = model_specs.model_config(spec)
-    dev = result_files.device_info()
+    spec, cfg, dev = engine_setup.prepare(args)
     V = cfg.vocab_size
     metrics, table = {}, []
     config = {"batches": list(args.batches), "ks": list(args.ks), "context": args.context, "iters": args.iters,
