@@ -18,7 +18,11 @@ from typing import Any
 
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 8  # k: the verify step scores k + 1 positions a row; one compiled shape per decode bucket
-KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
+# A verify step scores B * (k + 1) positions, each with a [V] row of logits and sampler work: decode buckets B with
+# B * (k + 1) above this run without speculation (at such batches decode is no longer bound by the weight read that
+# speculation shares out, and the logits would outgrow the sampler memory the start-up profile measured).
+MAX_VERIFY_ROWS = 512
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's default for both n-gram bounds when neither is given
 
 
@@ -29,6 +33,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 0    # ngram: longest suffix n-gram looked up in the row's prompt + outputs
     prompt_lookup_min: int = 0    # ngram: shortest one
     model: str | None = None      # draft_model: the draft checkpoint (a directory or hub id)
+    disable_by_batch_size: int | None = None  # vLLM's: steps of more decode rows than this run without speculation
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -38,6 +43,9 @@ class SpeculativeConfig:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer in "
                              f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        d = self.disable_by_batch_size
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"speculative_config disable_by_batch_size must be an integer >= 1, got {d!r}")
         if self.method == "ngram":
             for name in ("prompt_lookup_min", "prompt_lookup_max"):
                 v = getattr(self, name)
@@ -49,6 +57,10 @@ class SpeculativeConfig:
         elif not self.model or not isinstance(self.model, str):
             raise ValueError(f"speculative_config method 'draft_model' needs 'model': the draft checkpoint, got "
                              f"{self.model!r}")
+
+    def verify_batches(self, decode_buckets) -> tuple[int, ...]:
+        """The decode buckets whose steps may speculate (B * (k + 1) <= MAX_VERIFY_ROWS)."""
+        return tuple(b for b in decode_buckets if b * (self.num_speculative_tokens + 1) <= MAX_VERIFY_ROWS)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SpeculativeConfig":
@@ -72,8 +84,10 @@ class SpeculativeConfig:
                 lo = hi = DEFAULT_PROMPT_LOOKUP
             lo = hi if lo is None else lo
             hi = lo if hi is None else hi
-            return cls(method, d["num_speculative_tokens"], prompt_lookup_max=hi, prompt_lookup_min=lo)
-        return cls(method, d["num_speculative_tokens"], model=model)
+            return cls(method, d["num_speculative_tokens"], prompt_lookup_max=hi, prompt_lookup_min=lo,
+                       disable_by_batch_size=d.get("disable_by_batch_size"))
+        return cls(method, d["num_speculative_tokens"], model=model,
+                   disable_by_batch_size=d.get("disable_by_batch_size"))
 
 
 def canonical_speculative_config(value: Any) -> str | None:

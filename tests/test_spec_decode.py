@@ -203,6 +203,17 @@ def test_greedy_identical_over_a_mesh(untied_gqa2):
     assert res["same"] and res["accepted"] > 0 and res["free"]
 
 
+def test_disable_by_batch_size(untied_gqa2):
+    """vLLM's disable_by_batch_size: decode steps of more rows than it run without speculation."""
+    llm = LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config={**_spec(3), "disable_by_batch_size": 2})
+    p = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    st = llm.llm_engine.stats
+    llm.generate(prompt_token_ids=PROMPTS[:3], sampling_params=p, use_tqdm=False)  # 3 rows all along
+    assert st.spec_decode_verify_steps == 0
+    llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p, use_tqdm=False)
+    assert st.spec_decode_verify_steps > 0 and _all_pages_back(llm)
+
+
 # ------------------------------------------------------------------------------------ start-up validation
 
 
@@ -230,6 +241,11 @@ def test_speculative_config_defaults_and_conflicts():
     assert EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 1}).speculative() \
         .prompt_lookup_min == 5  # vLLM's default for both bounds
     assert not args.async_scheduling  # speculation runs its steps one at a time
+    # verify steps of B * (k + 1) <= 512 rows: larger decode buckets run without speculation
+    assert args.speculative().verify_batches((1, 8, 16, 32, 64, 128, 256)) == (1, 8, 16, 32, 64, 128)
+    assert EngineArgs(speculative_config=_spec(7)).speculative().verify_batches((1, 8, 64, 128)) == (1, 8, 64)
+    with pytest.raises(ValueError, match="disable_by_batch_size must be an integer >= 1"):
+        EngineArgs(speculative_config={**_spec(2), "disable_by_batch_size": 0})
     with pytest.raises(ValueError, match="num_scheduler_steps=1"):
         EngineArgs(speculative_config=_spec(2), num_scheduler_steps=4)
     assert any("speculative_config" in m for m in

@@ -2,12 +2,14 @@
 (worker/spec_verify.py), acceptance on the device (worker/rejection_sampler.py), and the accepted tokens handed to
 the output processor like any step's.
 
-Which steps speculate: decode steps (every row feeds its one newest token). Their rows get up to k proposals each
-(fewer where the proposer finds less, where fewer outputs are left before the length limit, or none where the cache
-cannot spare the pages); when no row got any, the step runs as the plain decode step it was (no verify cost). Rows
-with and without proposals share one verify step. Prefill and mixed steps never speculate. A constrained row
-(structured outputs, allowed_token_ids, bad_words) never gets proposals, since its mask is known for its next token
-only: it verifies its newest token alone, sampled under its mask and bans, and its matcher advances by that token.
+Which steps speculate: decode steps (every row feeds its one newest token) of a bucket B with B * (k + 1) <=
+MAX_VERIFY_ROWS and at most disable_by_batch_size rows (vLLM's key; no limit by default). Their rows get up to k
+proposals each (fewer where the proposer finds less, where fewer outputs are left before the length limit, or none
+where the cache cannot spare the pages); when no row got any, the step runs as the plain decode step it was (no
+verify cost). Rows with and without proposals share one verify step. Prefill and mixed steps never speculate. A
+constrained row (structured outputs, allowed_token_ids, bad_words) never gets proposals, since its mask is known for
+its next token only: it verifies its newest token alone, sampled under its mask and bans, and its matcher advances
+by that token.
 
 Speculation runs its steps one at a time (EngineArgs turns async_scheduling off): proposals are built from the
 tokens the previous verify step accepted. Host invariants after a verify step, for a row that accepted a of its n
@@ -73,6 +75,7 @@ class SpecDecoder:
         self.config = config
         self.k = config.num_speculative_tokens
         self.num_positions = self.k + 1  # Q of the verify step
+        self.batches = config.verify_batches(engine.scheduler_config.decode_buckets)  # buckets that may speculate
         engine.stats.spec_decode_num_accepted_tokens_per_pos = [0] * self.k
 
     def mirror(self, out: SchedulerOutput, inp) -> None:
@@ -91,7 +94,9 @@ class SpecDecoder:
 
     def step(self, out: SchedulerOutput, on_dispatch=None) -> list | None:
         """Runs `out` as a verify step and returns its outputs, or None: it does not speculate (the engine runs it)."""
-        if out.kind != "decode" or out.num_steps != 1:
+        limit = self.config.disable_by_batch_size
+        if out.kind != "decode" or out.num_steps != 1 or out.bucket[0] not in self.batches or \
+                (limit is not None and len(out.rows) > limit):
             return None
         eng = self.engine
         if self.draft is not None:
