@@ -79,7 +79,7 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
                 prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
                 kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
-                tensor_parallel_size=args.mesh)
+                tensor_parallel_size=args.mesh, speculative_config=getattr(args, "speculative_config", None))
 
 
 KV_FIT_RESERVE = 8 << 30  # activations of the largest step and what the ceilings leave behind, kept free
@@ -126,7 +126,8 @@ def engine_config(llm, kwargs: dict, startup_s: float) -> dict:
         "max_model_len": sc.max_model_len, "max_num_seqs": sc.max_num_seqs,
         "max_num_batched_tokens": sc.max_num_batched_tokens, "block_size": sc.block_size,
         "decode_buckets": list(sc.decode_buckets), "prefill_buckets": [list(b) for b in sc.prefill_buckets],
-        "packed_buckets": [list(b) for b in sc.packed_buckets], "max_prefill_chunk": sc.max_prefill_chunk, "num_kv_pages": m.num_pages,
+        "packed_buckets": [list(b) for b in sc.packed_buckets], "max_prefill_chunk": sc.max_prefill_chunk,
+        "num_kv_pages": m.num_pages,
         "load_seconds": round(m.load_seconds, 3), "warmup_seconds": round(m.warmup_seconds, 3),
         "startup_seconds": round(startup_s, 3), "quantization": _quantization_config(m.path),
         "device_memory_gib": device_memory_gib(),

@@ -8,10 +8,13 @@ generate) are reported beside them.
 
   python benchmarks/latency.py --model qwen2-7b-instruct [--profile] [--out $OUT]
   python benchmarks/latency.py --model qwen2-7b-instruct --peer transformers   # transformers generate, own call
+  python benchmarks/latency.py --model qwen2-7b-instruct --speculative-config '{"method": "ngram",
+      "num_speculative_tokens": 4}'                                            # n-gram speculation (-spec tag)
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -37,10 +40,15 @@ def parse(argv=None):
     w.add_argument("--prompt-len", type=int, default=None, help="default 128 (x --scale)")
     w.add_argument("--output-len", type=int, default=None, help="default 256 (x --scale)")
     w.add_argument("--repeats", type=int, default=3, help="timed requests; the median is reported")
+    w.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                   help="speculative decoding, as the server's flag: '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4}'; the result gets the acceptance rate and a -spec tag")
     w.add_argument("--peer", choices=("transformers",), default=None,
                    help="run the peer (transformers generate, bf16, random init) instead of qwenjax, in its own "
                         "process, and write its figure where the qwenjax run merges it")
     args = p.parse_args(argv)
+    if args.speculative_config is not None:
+        args.tag = (args.tag + "-" if args.tag else "") + "spec"
     args.prompt_len = args.prompt_len or cli_args.scaled(128, args.scale, 2)
     args.output_len = args.output_len or cli_args.scaled(256, args.scale, 2)
     return args
@@ -48,8 +56,9 @@ def parse(argv=None):
 
 def workload_config(args) -> dict:
     return {"batch": 1, "prompt_len": args.prompt_len, "output_len": args.output_len, "dtype": args.dtype,
-            "kv_cache_dtype": args.kv_cache_dtype, "seed": args.seed, "repeats": args.repeats, "greedy": True, "ignore_eos": True,
-            "standard": (args.prompt_len, args.output_len) == (128, 256)}
+            "kv_cache_dtype": args.kv_cache_dtype, "seed": args.seed, "repeats": args.repeats, "greedy": True,
+            "ignore_eos": True, "standard": (args.prompt_len, args.output_len) == (128, 256),
+            "speculative_config": getattr(args, "speculative_config", None)}
 
 
 def main(argv=None) -> dict:
@@ -97,6 +106,10 @@ def main(argv=None) -> dict:
                "floor_ms_per_token": floor_ms,
                "dispatch_ms_per_step": statistics.median(r["dispatch_ms_per_step"] for r in runs),
                "wait_ms_per_step": statistics.median(r["wait_ms_per_step"] for r in runs)}
+    if args.speculative_config is not None:  # over every timed run (greedy: the same tokens, steps and proposals)
+        st = llm.llm_engine.stats
+        metrics["spec_acceptance_rate"] = st.spec_decode_acceptance_rate
+        metrics["spec_verify_steps"] = st.spec_decode_verify_steps
     config = workload_config(args)
     config.update(engine_setup.engine_config(llm, kwargs, startup))
     config["floor"] = {"decode_weight_bytes": floors.decode_weight_bytes(cfg, quant=quant),

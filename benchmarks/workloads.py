@@ -42,8 +42,17 @@ def timed_generate(llm, prompts, params) -> tuple[list, float]:
 
 
 def stats_snapshot(llm) -> dict:
-    return dict(vars(llm.llm_engine.stats))
+    """The engine's counters now (list counters copied: speculative decoding's accepted tokens by position)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(llm.llm_engine.stats).items()}
 
 
 def stats_delta(before: dict, after: dict) -> dict:
-    return {k: after[k] - before.get(k, 0) if k != "max_decode_batch" else after[k] for k in after}
+    """after - before, counter by counter (lists element by element); max_decode_batch as it is after."""
+    def diff(k, a):
+        if k == "max_decode_batch":
+            return a
+        b = before.get(k)
+        if isinstance(a, list):
+            return [x - y for x, y in zip(a, b)] if b and len(b) == len(a) else list(a)
+        return a - (b or 0)
+    return {k: diff(k, a) for k, a in after.items()}

@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from qwenjax.rope_scaling import RopeScaling, rope_parameters
+from qwenjax.speculative_config import SpeculativeConfig, canonical_speculative_config
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16",
            "float32": "float32", "float": "float32", "fp32": "float32"}
@@ -248,10 +249,20 @@ class EngineArgs:
     # "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}. Given as a dict or its JSON text; kept as
     # canonical JSON text (sorted keys) so that the arguments stay hashable. Top-level keys replace whole values.
     hf_overrides: str | None = None
+    # vLLM's speculative_config (qwenjax/speculative_config.py), kept as canonical JSON text like hf_overrides.
+    # Speculation runs its steps one at a time: it turns async_scheduling off and refuses num_scheduler_steps > 1.
+    speculative_config: str | None = None
 
     def __post_init__(self):
         if self.hf_overrides is not None:
             object.__setattr__(self, "hf_overrides", canonical_hf_overrides(self.hf_overrides))
+        if self.speculative_config is not None:
+            object.__setattr__(self, "speculative_config", canonical_speculative_config(self.speculative_config))
+        if self.speculative_config is not None:
+            object.__setattr__(self, "async_scheduling", False)  # a verify step's tokens decide the next step
+            if self.num_scheduler_steps != 1:
+                raise ValueError(f"speculative_config needs num_scheduler_steps=1 (got {self.num_scheduler_steps}): "
+                                 f"each verify step already yields up to k + 1 tokens a row")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -284,6 +295,11 @@ class EngineArgs:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")
 
+    def speculative(self) -> SpeculativeConfig | None:
+        """The parsed speculative_config (None: speculation off)."""
+        return None if self.speculative_config is None else \
+            SpeculativeConfig.from_dict(json.loads(self.speculative_config))
+
     def hf_overrides_dict(self) -> dict[str, Any]:
         """The overrides as a dict ({} when none)."""
         return json.loads(self.hf_overrides) if self.hf_overrides else {}
@@ -303,6 +319,9 @@ class EngineArgs:
         if self.num_scheduler_steps > 1 and self.num_processes > 1:
             missing.append(f"num_scheduler_steps={self.num_scheduler_steps} with num_processes={self.num_processes} "
                            f"(multi-step decode is not replayed on follower hosts yet; use 1 there)")
+        if self.speculative_config is not None and self.num_processes > 1:
+            missing.append(f"speculative_config with num_processes={self.num_processes} (verify steps are not "
+                           f"replayed on follower hosts yet)")
         return missing
 
 

@@ -151,6 +151,11 @@ def add_vllm_engine_flags(e) -> None:
                    help="config.json keys to replace, as a JSON object, e.g. YaRN to 128k tokens: "
                         "'{\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "
                         "\"original_max_position_embeddings\": 32768}}'")
+    e.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
+                   help="speculative decoding, as vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (n-gram prompt lookup; k in 1..8). "
+                        "Or a draft model: '{\"model\": DIR, \"num_speculative_tokens\": 4}'. Turns async "
+                        "scheduling off")
 
 
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
@@ -162,7 +167,8 @@ ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "
                 "num_scheduler_steps", "compilation_cache_dir", "max_logprobs", "max_n")
 
 
-VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size", "hf_overrides")
+VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size", "hf_overrides",
+                     "speculative_config")
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:

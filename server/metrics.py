@@ -1,7 +1,8 @@
 """Prometheus metrics of one app, in a private registry, under vLLM's metric names so its dashboards work.
 
-Engine state (running / waiting sequences, KV cache usage, preemptions, prefix cache queries and hits in tokens) is
-read from the engine at scrape time.
+Engine state (running / waiting sequences, KV cache usage, preemptions, prefix cache queries and hits in tokens, and
+speculative decoding's drafts, draft tokens and accepted tokens, in all and by position) is read from the engine at
+scrape time.
 Per-request figures are counted by the app as its requests progress: prompt tokens once a request's prompt has been
 processed (its first token exists), generated tokens as they arrive, and time to first token, inter-token latency
 (from the engine's step times) and end-to-end latency, all measured from the request's arrival at the server.
@@ -45,6 +46,27 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(self.labels, value)
             yield c
+        yield from self._spec_decode(e.stats)
+
+    def _spec_decode(self, st):
+        """Speculative decoding's counters (vLLM's names), when the engine speculates (k positions a row)."""
+        per_pos = getattr(st, "spec_decode_num_accepted_tokens_per_pos", None)
+        if not per_pos:
+            return
+        for name, doc, value in (
+                ("vllm:spec_decode_num_drafts", "Rows that verified proposed tokens.", st.spec_decode_num_drafts),
+                ("vllm:spec_decode_num_draft_tokens", "Proposed tokens verified.", st.spec_decode_num_draft_tokens),
+                ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                 st.spec_decode_num_accepted_tokens)):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(self.labels, value)
+            yield c
+        c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                "Proposed tokens accepted, by their position among a row's proposals.",
+                                labels=["model_name", "position"])
+        for i, n in enumerate(per_pos):
+            c.add_metric([*self.labels, str(i)], n)
+        yield c
 
 
 class _Histogram:

@@ -112,6 +112,18 @@ class BlockManager:
             table.append(page)
         return True
 
+    def shrink(self, table: list[int], num_tokens: int) -> None:
+        """Drops the pages of `table` past the ones holding `num_tokens` slots (speculative decoding: the pages of
+        rejected proposals). They must be unnamed pages this table alone holds (its growing tail)."""
+        keep = -(-num_tokens // self.page_size)
+        if len(table) > keep:
+            tail = table[keep:]
+            del table[keep:]
+            for page in tail:
+                if self._ref[page] != 1 or page in self._hash_of:
+                    raise AssertionError(f"page {page} is shared or named: not a tail this table alone holds")
+            self.release(tail)
+
     def release(self, table: list[int]) -> None:
         """Drops one reference to every page of `table` and empties it.
 

@@ -177,6 +177,8 @@ def consume(matcher, tokens: list[int], eos_token_ids: frozenset[int]) -> None:
 def allowed_bitmask(token_ids, vocab_size: int) -> np.ndarray:
     """The int32 bitmask [ceil(V / 32)] of a token id list (allowed_token_ids)."""
     ids = np.unique(np.asarray(list(token_ids), np.int64))
+    # Ids past the vocabulary are never drawn: e.g. the tokenizer's EOS ids (151643..) over a small model's embedding.
+    ids = ids[(ids >= 0) & (ids < vocab_size)]
     words = np.zeros(((vocab_size + 31) // 32,), np.uint32)
     np.bitwise_or.at(words, ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
     return words.view(np.int32)

@@ -70,6 +70,9 @@ class Sequence:
     copy_pending: bool = False      # a copy that has not started yet (nor left)
     fork_pages: list[int] | None = None
     num_unforked: int = 0
+    # Draft-model speculation (engine/draft_model.py): num_preemptions when the draft's cache missed one of its
+    # tokens (-1: never); while it equals num_preemptions the row gets no draft proposals.
+    draft_stale: int = -1
 
     def __post_init__(self):
         if self.client is None:

@@ -29,6 +29,7 @@ from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
 from qwenjax.engine.sampling_inputs import (needs_known_outputs, row_constraints, sampler_inputs, sampling_row,
                                             step_rows)
+from qwenjax.engine.spec_step import SpecDecoder
 from qwenjax.engine.stats import EngineStats
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
@@ -84,6 +85,8 @@ class LLMEngine:
         # Several processes: process 0 leads (schedules, announces each step); the others replay its steps.
         self.is_leader = jax.process_index() == 0
         self._leader = lockstep.Leader() if jax.process_count() > 1 and self.is_leader else None
+        spec = args.speculative()  # speculative decoding's verify steps (engine/spec_step.py), or None
+        self.spec = SpecDecoder(self, spec) if spec is not None else None
         freeze_gc_heap()
 
     def follow(self) -> int:
@@ -186,6 +189,10 @@ class LLMEngine:
         its event loop there). A step with constrained rows dispatches its model call first and its sampler once the
         previous step's tokens are read (a late sampler, core/constraints.py)."""
         sched = self.scheduler.schedule()
+        if self.spec is not None and sched is not None:  # speculation runs steps one at a time: nothing in flight
+            outputs = self.spec.step(sched, on_dispatch)
+            if outputs is not None:
+                return outputs
         prepared = self._prepare(sched) if sched is not None else None
         launched = self._launch(prepared) if prepared is not None else None
         if launched is not None and on_dispatch is not None:
@@ -249,6 +256,8 @@ class LLMEngine:
             if self._leader is not None:
                 self._leader.send_step(inp, tensors, mode, out.has_context)
             res, ranks = self.runner.execute(inp, out.has_context, tensors, mode)
+            if self.spec is not None:  # a draft model's cache follows the target's steps
+                self.spec.mirror(out, inp)
         self.stats.host_dispatch_s += time.perf_counter() - t0
         self.stats.mixed_steps += out.kind == "mixed"
         self.stats.prefill_steps += out.kind == "prefill"

@@ -24,3 +24,15 @@ class EngineStats:
         self.late_samplers = 0         # steps whose sampler waited for the previous step's tokens (constraints)
         self.late_sampler_s = 0.0      # seconds building (masks included) and dispatching those samplers
         self.host_process_s = 0.0      # seconds handling read tokens: append, detokenize, stops (after the wait)
+        # Speculative decoding (engine/spec_step.py), under vLLM's names (vllm:spec_decode_*):
+        self.spec_decode_verify_steps = 0          # verify steps run (each counted once in steps and decode_steps)
+        self.spec_decode_num_drafts = 0            # rows that verified at least one proposed token
+        self.spec_decode_num_draft_tokens = 0      # proposed tokens verified
+        self.spec_decode_num_accepted_tokens = 0   # of those, accepted
+        self.spec_decode_num_accepted_tokens_per_pos: list[int] = []  # [k]: accepted at draft position i
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float | None:
+        """Accepted / proposed tokens (None before any proposal was verified)."""
+        n = self.spec_decode_num_draft_tokens
+        return self.spec_decode_num_accepted_tokens / n if n else None

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata, segments
 from qwenjax.models.sharding import replicated, vocab_sharding
-from qwenjax.worker import packing, penalty_state, sampler
+from qwenjax.worker import packing, penalty_state, sampler, spec_verify
 from qwenjax.worker.step_input import StepInput, build_step_input
 
 logger = logging.getLogger("qwenjax")
@@ -75,6 +75,10 @@ class ModelRunner:
         self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree),
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
                                      out_shardings=(kv_out, pen_out, rep, rep))
+        # Speculative decoding's verify step (worker/spec_verify.py): one program per (B, k + 1, sampler mode).
+        self._verify = jax.jit(functools.partial(spec_verify.verify, graphdef, param_tree),
+                               static_argnames=("layout", "mode"), donate_argnums=(1, 2, 3),
+                               out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
         self._fork = jax.jit(_fork, donate_argnums=(0, 1), out_shardings=(kv_out, pen_out))
 
@@ -116,10 +120,33 @@ class ModelRunner:
                 mode=mode, num_steps=num_steps)
         return out
 
+    def verify(self, inp: StepInput, drafts: np.ndarray, num_drafts: np.ndarray, tensors: sampler.SamplingTensors,
+               mode: sampler.SamplerMode):
+        """Dispatches a verify step (spec_verify.build_verify_input's arrays; `tensors` over its B * Q flattened
+        rows); returns its rejection_sampler.VerifyOutput (device arrays)."""
+        i_buf, f_buf, layout = packing.pack((inp, tensors, drafts, num_drafts))
+        with jax.set_mesh(self.mesh):
+            self.kv_cache, self.penalties, self.last_tokens, out = self._verify(
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, layout=layout,
+                mode=mode)
+        return out
+
+    def warmup_verify(self, decode_buckets, num_positions: int, modes) -> None:
+        """Compiles the verify step of every decode bucket with `num_positions` = k + 1, in each sampler mode."""
+        for b in decode_buckets:
+            inp, drafts, num = spec_verify.build_verify_input([], [], rows=b, num_positions=num_positions,
+                                                              page_size=self.page_size, num_pages=self.num_pages,
+                                                              max_pages_per_seq=self.block_table_width,
+                                                              scratch_slot=self.scratch_slot)
+            tensors = sampler.build_tensors([], num_rows=b * num_positions, vocab_size=self.vocab_size,
+                                            with_history=False)
+            for mode in modes:
+                self.verify(inp, drafts, num, tensors, mode).token_ids.block_until_ready()
+
     def fork(self, forks) -> None:
-        """Starts copies of n > 1 requests (core/scheduler_output.Fork): copies page src to dst where src is set, and rebuilds
-        each copy's penalty row from its prompt (mask) with no outputs (counts 0). Dispatched before the step that
-        first reads them; shapes are padded to powers of two (one small program per size class)."""
+        """Starts copies of n > 1 requests (core/scheduler_output.Fork): copies page src to dst where src is set, and
+        rebuilds each copy's penalty row from its prompt (mask) with no outputs (counts 0). Dispatched before the step
+        that first reads them; shapes are padded to powers of two (one small program per size class)."""
         m = max(8, 1 << (len(forks) - 1).bit_length())
         width = max(16, 1 << (max(len(f.prompt) for f in forks) - 1).bit_length())
         src = np.zeros((m,), np.int32)
@@ -178,8 +205,8 @@ class ModelRunner:
         """Log-probabilities the model gives each prompt token after the ones before it, plus the top `k`.
 
         One extra forward over the prompt (dense causal attention, a one-page scratch cache whose writes are all
-        dropped), compiled once per power-of-two prompt length and power-of-two k on first use. Returns logprobs [n-1], their ranks
-        in the whole vocabulary [n-1], and the top-k ids and logprobs [n-1, k].
+        dropped), compiled once per power-of-two prompt length and power-of-two k on first use. Returns logprobs
+        [n-1], their ranks in the whole vocabulary [n-1], and the top-k ids and logprobs [n-1, k].
         """
         n = len(token_ids)
         q = max(16, 1 << (n - 1).bit_length())

@@ -143,6 +143,12 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
         try:
             warm = runner.warmup(buckets, list(WARMUP_MODES), num_steps=sc.num_scheduler_steps)
+            spec = args.speculative()
+            if spec is not None:  # the verify step of every bucket that speculates, in the unpenalised modes
+                t0 = time.perf_counter()
+                runner.warmup_verify(spec.verify_batches(sc.decode_buckets), spec.num_speculative_tokens + 1,
+                                     [dataclasses.replace(m, penalties=False) for m in WARMUP_MODES])
+                warm += time.perf_counter() - t0
         except Exception as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 raise RuntimeError(
@@ -205,7 +211,8 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
             # (the CPU backend copies what GPUs update in place).
             pages = min(pages, sc.max_num_seqs * sc.max_pages_per_seq)
         return pages
-    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source, mesh)
+    activation = _profile_activations(args, cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source,
+                                      mesh)
     free = mem.limit - mem.in_use - activation
     if args.kv_cache_memory_bytes is not None:
         free = min(free, args.kv_cache_memory_bytes)
@@ -216,8 +223,8 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
                           free_bytes=free, detail=detail)
 
 
-def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo, memory_source,
-                         mesh) -> int:
+def _profile_activations(args, cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo,
+                         memory_source, mesh) -> int:
     """Runs the largest prefill and decode buckets once on a minimal cache; returns the peak extra bytes."""
     pages = sc.max_pages_per_seq + 1
     kv = allocate(cfg, pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
@@ -232,6 +239,10 @@ def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before
     # The sampler's programs too: at 512 rows its [B, V] float32 work is several hundred MB, and once the pages
     # have taken every free byte a warm-up that meets it for the first time runs out of memory.
     runner.warmup(largest, list(WARMUP_MODES))
+    spec = args.speculative()
+    verify = spec.verify_batches(sc.decode_buckets) if spec is not None else ()
+    if verify:  # the largest verify step: B * (k + 1) rows of logits and sampler work, penalties included
+        runner.warmup_verify(verify[-1:], spec.num_speculative_tokens + 1, list(WARMUP_MODES))
     after = (memory_source or device_memory)()
     del runner, kv
     return max(0, after.peak - before.in_use - kv_bytes)

@@ -125,7 +125,7 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
     if mode.all_greedy:
         token_ids = jnp.argmax(x, axis=-1)
     else:
-        scores = filtered_logits(x, t, mode) + _gumbel_noise(t.seeds, t.steps, x.shape[-1])
+        scores = filtered_logits(x, t, mode) + gumbel_noise(t.seeds, t.steps, x.shape[-1])
         greedy = (t.temperature < GREEDY_TEMPERATURE)[:, None]
         token_ids = jnp.argmax(jnp.where(greedy, x, scores), axis=-1)
     token_ids = token_ids.astype(jnp.int32)
@@ -251,7 +251,7 @@ def chunked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values, ids.astype(jnp.int32)
 
 
-def _gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
+def gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
     """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V)."""
 
     def row(seed, step):
