@@ -70,6 +70,11 @@ class Sequence:
     copy_pending: bool = False      # a copy that has not started yet (nor left)
     fork_pages: list[int] | None = None
     num_unforked: int = 0
+    # Multi-LoRA: the adapter (0: none), the device slot it holds while running (core/lora_slots.py; 0: none), and
+    # the root of its block-hash chain (None: the base model's), so two adapters never share prefix-cache pages.
+    lora_int_id: int = 0
+    lora_slot: int = 0
+    hash_root: int | None = None
 
     def __post_init__(self):
         if self.client is None:

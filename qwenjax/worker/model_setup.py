@@ -20,6 +20,7 @@ from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
 from qwenjax.worker.kv_cache import (MemoryInfo, allocate, device_memory, device_total_bytes, kv_dtype, page_bytes,
                                      plan_num_pages)
+from qwenjax.worker.lora_stacks import LoRAStacks
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.sampler import WARMUP_MODES
 
@@ -118,10 +119,18 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(r, t, False, 0) for r, t in sc.packed_buckets] + \
               [(1, q, True, 0) for _, q in sc.prefill_buckets] + \
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
+    lora = None
+    if args.enable_lora:  # the adapter slots take their memory before the KV cache is sized
+        if cfg.num_experts:
+            raise NotImplementedError("enable_lora with a Qwen2-MoE model (LoRA on routed experts) is not "
+                                      "implemented; adapters run on dense Qwen2 / Qwen2.5 models")
+        lora = LoRAStacks(model_cfg, args.lora_config, dtype, mesh)
+        logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB)", args.max_loras, lora.rank,
+                    lora.nbytes / 2**30)
     num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
     kv = allocate(model_cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, model_cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
-                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh, lora=lora)
     logger.info("decode attention: %s (head_dim %d, %s)", decode_backend(cfg.head_dim), cfg.head_dim,
                 jax.default_backend())
     padded_gib = num_pages * (page_bytes(model_cfg, sc.block_size, cache_dtype) -
