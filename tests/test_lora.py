@@ -7,6 +7,8 @@ log-probabilities of those tokens match within float32 tolerance.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,90 @@ def test_mixed_batch_equals_peft(untied_gqa2, adapters, prompts, oracle):
     assert engine.blocks.num_free == engine.blocks.num_pages
     assert engine.lora.slots.num_swaps == 0
     engine.lora.slots.check()
+
+
+def test_slots_swap_under_load_and_chunked_prefill(untied_gqa2, adapters, prompts, oracle):
+    """max_loras=1 with two adapters in flight: a request whose adapter has no free slot waits while the other's
+    run, then its adapter is written over the idle one. Two sequences at a time with different lengths, so a new row
+    joins the other's decodes as a mixed (chunked-prefill) step; 4-step decode dispatches too."""
+    llm = _llm(untied_gqa2, max_loras=1, max_num_seqs=2, decode_buckets=(2,), num_scheduler_steps=4)
+    reqs = [None if m is None else adapters[m] for m in MIX]
+    lengths = [NEW - 3 * (i % 2) for i in range(len(MIX))]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=reqs, use_tqdm=False)
+    for i, (m, out) in enumerate(zip(MIX, outs)):
+        assert out.outputs[0].token_ids == oracle[m][1][i][:lengths[i]], f"row {i} (adapter {m})"
+    engine = llm.llm_engine
+    assert engine.lora.slots.num_swaps >= 2  # a -> b -> a at least
+    assert engine.stats.mixed_steps > 0 and engine.stats.multi_steps > 0
+    assert engine.blocks.num_free == engine.blocks.num_pages
+    assert sum(engine.lora.slots.refs.values()) == 0
+    engine.lora.slots.check()
+
+
+def test_prefix_cache_keys_on_the_adapter(untied_gqa2, adapters, oracle):
+    """One 40-token prompt (2 full pages) under adapter a, then b, then a again, then the base model: only the
+    second a (and never b or the base) finds cached pages, and every run equals PEFT's tokens."""
+    prompt = list(map(int, np.random.default_rng(9).integers(0, 512, 40)))
+    want = {m: peft_greedy(oracle[m][0], [prompt], NEW)[0] for m in (None, "a", "b")}
+    llm = _llm(untied_gqa2)
+    blocks = llm.llm_engine.blocks
+    hits = []
+    for m in ("a", "b", "a", None):
+        before = blocks.hit_tokens
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY,
+                           lora_request=None if m is None else adapters[m], use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == want[m], m
+        hits.append(blocks.hit_tokens - before)
+    assert hits == [0, 0, 32, 0]
+    blocks.check()
+
+
+def test_bad_inputs_fail_alone(untied_gqa2, adapters, prompts, oracle, tmp_path):
+    """Each bad adapter or request raises a clear error naming the problem; nothing is queued, every page stays
+    free, and the engine then serves a good request."""
+    import json
+    import shutil
+
+    from tests.lora_adapters import write_adapter
+
+    big = write_adapter(untied_gqa2, tmp_path / "big", r=32, alpha=32, targets=("q_proj",), seed=3)
+    embed = write_adapter(untied_gqa2, tmp_path / "embed", r=4, alpha=8, targets=("q_proj", "embed_tokens"), seed=3)
+    dora = write_adapter(untied_gqa2, tmp_path / "dora", r=4, alpha=8, targets=("q_proj",), seed=3, use_dora=True)
+    nofile = tmp_path / "nofile"
+    shutil.copytree(adapters["a"].lora_path, nofile)
+    (nofile / "adapter_model.safetensors").unlink()
+    biased = tmp_path / "biased"
+    shutil.copytree(adapters["a"].lora_path, biased)
+    conf = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**conf, "bias": "all"}))
+    llm = _llm(untied_gqa2)
+    cases = [(LoRARequest("big", 3, str(big)), "rank r=32 exceeds max_lora_rank=16"),
+             (LoRARequest("embed", 4, str(embed)), "['embed_tokens'] are not supported"),
+             (LoRARequest("dora", 5, str(dora)), "use_dora=true (DoRA)"),
+             (LoRARequest("nofile", 6, str(nofile)), "missing file"),
+             (LoRARequest("nodir", 7, str(tmp_path / "absent")), "is not a directory"),
+             (LoRARequest("biased", 8, str(biased)), "bias='all'"),
+             (LoRARequest("a", 9, adapters["a"].lora_path), None),  # registered first below: a name reused
+             (LoRARequest("other", 1, adapters["b"].lora_path), None)]
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY, lora_request=adapters["a"], use_tqdm=False)
+    cases[-2] = (cases[-2][0], "lora_name 'a' is already adapter id 1")
+    cases[-1] = (cases[-1][0], "lora_int_id 1 is already adapter 'a'")
+    for req, msg in cases:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            llm.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY, lora_request=[adapters["b"], req],
+                         use_tqdm=False)
+    engine = llm.llm_engine
+    assert not engine.requests and engine.blocks.num_free == engine.blocks.num_pages
+    with pytest.raises(ValueError, match="got 1 lora_request for 2 prompts"):
+        llm.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY, lora_request=[adapters["a"]])
+    with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
+        LoRARequest("zero", 0, "/x")
+    out = llm.generate(prompt_token_ids=prompts[1:2], sampling_params=GREEDY, lora_request=adapters["b"],
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == oracle["b"][1][1]
+    base = LLM(str(untied_gqa2), **SMALL_ENGINE)
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        base.generate(prompt_token_ids=prompts[:1], lora_request=adapters["a"], use_tqdm=False)
+    with pytest.raises(ValueError, match="max_lora_rank must be one of"):
+        LLM(str(untied_gqa2), **{**SMALL_ENGINE, "enable_lora": True, "max_lora_rank": 12})

@@ -33,12 +33,14 @@ class LoRASlots:
         self.num_swaps = 0                          # adapters evicted from a slot for another (metrics, tests)
 
     def can_acquire(self, lora_int_id: int, also: set[int] | frozenset = frozenset()) -> bool:
-        """Whether `acquire(lora_int_id)` finds a slot once the adapters `also` (rows started in the same step,
-        not acquired yet) have theirs."""
-        if lora_int_id == NO_ADAPTER or lora_int_id in self.slot_of:
+        """Whether `acquire` finds slots for `lora_int_id` and the adapters `also` (rows started in the same step,
+        not acquired yet) together: the ones not resident need free slots or idle ones, and an idle adapter one of
+        them uses is not free for another."""
+        if lora_int_id == NO_ADAPTER:
             return True
-        new = {a for a in also if a != NO_ADAPTER and a not in self.slot_of} | {lora_int_id}
-        spare = len(self._free) + sum(1 for a in self.idle if a not in also)
+        wanted = ({a for a in also} | {lora_int_id}) - {NO_ADAPTER}
+        new = [a for a in wanted if a not in self.slot_of]
+        spare = len(self._free) + sum(1 for a in self.idle if a not in wanted)
         return spare >= len(new)
 
     def acquire(self, lora_int_id: int) -> int:
