@@ -156,3 +156,29 @@ def test_bad_inputs_fail_alone(untied_gqa2, adapters, prompts, oracle, tmp_path)
         base.generate(prompt_token_ids=prompts[:1], lora_request=adapters["a"], use_tqdm=False)
     with pytest.raises(ValueError, match="max_lora_rank must be one of"):
         LLM(str(untied_gqa2), **{**SMALL_ENGINE, "enable_lora": True, "max_lora_rank": 12})
+
+
+def test_tensor_parallel_meshes(untied_gqa2, adapters, oracle):
+    """Meshes of 1, 2, 3 and 4 CPU devices (a subprocess): the same tokens as PEFT for each row's adapter, the same
+    logprobs as one device; A / B split like their base weights (B on O for column-parallel projections, A on I
+    for row-parallel ones), and padded to the mesh-padded widths where the mesh does not divide the heads."""
+    import json
+
+    from tests.test_tensor_parallel import run_with_devices
+
+    out = untied_gqa2.parent / "lora_mesh.json"
+    proc = run_with_devices(["-m", "tests.lora_mesh_worker", str(untied_gqa2), adapters["a"].lora_path,
+                             adapters["b"].lora_path, str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    want = [peft_greedy(oracle[m][0], [p], NEW)[0] for m, p in zip(("a", "b", None), res["prompts"])]
+    for n in ("1", "2", "3", "4"):
+        assert res[n]["tokens"] == want, f"mesh {n}"
+        np.testing.assert_allclose(np.concatenate(res[n]["logprobs"]), np.concatenate(res["1"]["logprobs"]),
+                                   atol=1e-4)
+    assert res["2"]["specs"]["q_proj"] == [[], ["None", "None", "tp"]]
+    assert res["2"]["specs"]["k_proj"] == [[], ["None", "None", "tp"]]  # 2 kv heads split over 2
+    assert res["4"]["specs"]["k_proj"] == [[], []]                      # kv heads replicated on 4, as k_proj
+    assert res["2"]["specs"]["o_proj"] == [["None", "tp", "None"], []]
+    assert res["2"]["specs"]["down_proj"] == [["None", "tp", "None"], []]
+    assert res["3"]["q_b_shape"] == [3, 16, 6 * 16]  # 4 q heads padded to 6 for 3 devices

@@ -37,9 +37,9 @@ def stack_shardings(cfg: ModelConfig, mesh, n: int) -> dict[str, tuple[NamedShar
         spec = param_spec(("model", "layers", 0, OWNER[name], name, "kernel"), cfg, n)
         spec = tuple(spec) + (None,) * (2 - len(tuple(spec)))
         if name in ROW_PARALLEL:
-            a, b = P(None, spec[0], None), P()
+            a, b = (P(None, spec[0], None) if spec[0] else P()), P()
         else:
-            a, b = P(), P(None, None, spec[1])
+            a, b = P(), (P(None, None, spec[1]) if spec[1] else P())
         out[name] = (NamedSharding(mesh, a), NamedSharding(mesh, b))
     return out
 
