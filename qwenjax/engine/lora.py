@@ -52,18 +52,3 @@ class EngineLoRA:
                 fail(lora_id, e)
                 continue
             runner.load_lora(slot, weights)
-
-    def remove(self, lora_name: str, in_use: int) -> LoRARequest:
-        """Forgets an adapter by name (vLLM's unload); ValueError if unknown or used by `in_use` > 0 requests."""
-        req = self.registry.by_name(lora_name)
-        if req is None:
-            known = sorted(r.lora_name for r in self.registry.known.values())
-            raise ValueError(f"no LoRA adapter named {lora_name!r}; loaded: {known}")
-        if in_use:
-            raise ValueError(f"LoRA adapter {lora_name!r} is used by {in_use} unfinished request(s); unload it once "
-                             f"they finish")
-        self.slots.evict(req.lora_int_id)
-        return self.registry.remove(req.lora_int_id)
-
-    def list(self) -> list[LoRARequest]:
-        return sorted(self.registry.known.values(), key=lambda r: r.lora_int_id)

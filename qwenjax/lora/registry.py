@@ -28,17 +28,14 @@ class LoRARegistry:
         return list(self._host)
 
     def check(self, req: LoRARequest) -> None:
-        """One id, one adapter: a request may not reuse another adapter's id or name."""
+        """One id, one adapter: a request may not reuse another adapter's id. (Names are the server's: one unloaded
+        and loaded again comes back under a new id.)"""
         if not isinstance(req, LoRARequest):
             raise TypeError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
         old = self.known.get(req.lora_int_id)
         if old is not None and (old.lora_name, old.lora_path) != (req.lora_name, req.lora_path):
             raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter {old.lora_name!r} "
                              f"({old.lora_path!r}); give {req.lora_name!r} an id of its own")
-        for other in self.known.values():
-            if other.lora_name == req.lora_name and other.lora_int_id != req.lora_int_id:
-                raise ValueError(f"lora_name {req.lora_name!r} is already adapter id {other.lora_int_id}; one name, "
-                                 f"one lora_int_id")
 
     def add(self, req: LoRARequest) -> LoRAWeights:
         """Checks `req`, reads it unless a host copy exists, and makes it the most recently used."""
@@ -60,11 +57,3 @@ class LoRARegistry:
         if lora_int_id not in self.known:
             raise KeyError(f"LoRA adapter id {lora_int_id} is not known")
         return self.add(self.known[lora_int_id])
-
-    def remove(self, lora_int_id: int) -> LoRARequest:
-        """Forgets an adapter (the caller made sure no request uses it)."""
-        self._host.pop(lora_int_id, None)
-        return self.known.pop(lora_int_id)
-
-    def by_name(self, lora_name: str) -> LoRARequest | None:
-        return next((r for r in self.known.values() if r.lora_name == lora_name), None)
