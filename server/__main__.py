@@ -130,8 +130,23 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     add_vllm_engine_flags(e)
+    add_lora_flags(p.add_argument_group("LoRA adapters (server/lora.py)"))
     add_http_flags(s)
     return p
+
+
+def add_lora_flags(lo) -> None:
+    """Multi-LoRA serving, vLLM's flags (server/lora.py)."""
+    lo.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the base model")
+    lo.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                    help="adapters to serve, each chosen by its name as a request's model (also vLLM's JSON form "
+                         "'{\"name\": ..., \"path\": ...}')")
+    lo.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once (its slots)")
+    lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (slots are padded to it)")
+    lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept on the host (default max-loras)")
+    lo.add_argument("--allow-runtime-lora-updating", action="store_true",
+                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or the environment's "
+                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, vLLM's switch)")
 
 
 def add_vllm_engine_flags(e) -> None:
@@ -152,17 +167,7 @@ def add_vllm_engine_flags(e) -> None:
                    help="config.json keys to replace, as a JSON object, e.g. YaRN to 128k tokens: "
                         "'{\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "
                         "\"original_max_position_embeddings\": 32768}}'")
-    lo = p.add_argument_group("LoRA adapters (server/lora.py)")
-    lo.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the base model")
-    lo.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                    help="adapters to serve, each chosen by its name as a request's model (also vLLM's JSON form "
-                         "'{\"name\": ..., \"path\": ...}')")
-    lo.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once (its slots)")
-    lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (slots are padded to it)")
-    lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept on the host (default max-loras)")
-    lo.add_argument("--allow-runtime-lora-updating", action="store_true",
-                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or the environment's "
-                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, vLLM's switch)")
+
 
 
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",

@@ -3,9 +3,9 @@
 (vLLM's env switch VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or --allow-runtime-lora-updating), adapters added and
 removed by POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
 
-Each adapter gets the process's next lora_int_id (1, 2, ...; an id is never reused, so a name loaded again after an unload is a
-new adapter to the engine and its prefix cache). An adapter is read and checked here when it is added, so a bad one
-is a start-up error or a 400 naming it, and requests never meet it.
+Each adapter gets the process's next lora_int_id (1, 2, ...; an id is never reused, so a name loaded again after
+an unload is a new adapter to the engine and its prefix cache). An adapter is read and checked here when it is
+added, so a bad one is a start-up error or a 400 naming it, and requests never meet it.
 """
 
 from __future__ import annotations
