@@ -18,6 +18,10 @@ scattered back to the rows' order. Shapes are fixed by T and S, so the mix of ad
 anything. R must be a multiple of 16 (Triton's smallest dot), as the engine's slots are (worker/lora_stacks.py).
 
 The jnp reference gathers each row's A and B and runs the two einsums; it is what the engine uses on CPU.
+`lora_matmul_dense` is the same math without the per-row gathers ([T, I, R] and [T, R, O]: gigabytes for a long
+prefill): the shrink through every slot at once ([T, S, R], small), the rows' own slot kept by a one-hot mask, and the
+expand as one dense matmul over the S x R axis; XLA splits it over a mesh as it splits A and B (the engine's path on
+a GPU mesh, where the kernel would need a shard_map).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import grouped_matmul, supported as grouped_supported
 
 RANK_MULTIPLE = 16  # the kernel's R: a multiple of Triton's smallest dot dimension
 
@@ -36,6 +40,21 @@ def lora_matmul_reference(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Arr
     """jnp reference of the module contract: gather each row's A and B, shrink, expand."""
     h = jnp.einsum("ti,tir->tr", x, a[ids], preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum("tr,tro->to", h, b[ids], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def lora_matmul_dense(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Array:
+    """The module contract through every slot at once, masked to each row's own (no per-row gathers)."""
+    S, _, R = a.shape
+    h = jnp.einsum("ti,sir->tsr", x, a, preferred_element_type=jnp.float32).astype(x.dtype)     # [T, S, R]
+    h = jnp.where((ids[:, None] == jnp.arange(S, dtype=ids.dtype)[None, :])[:, :, None], h, 0)
+    return jnp.einsum("tk,ko->to", h.reshape(h.shape[0], S * R), b.reshape(S * R, -1),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def supported(in_features: int, out_features: int, rank: int, dtype) -> bool:
+    """Whether the kernels take these shapes (else the caller uses a jnp path)."""
+    return (rank % RANK_MULTIPLE == 0 and grouped_supported(in_features, rank, dtype)
+            and grouped_supported(rank, out_features, dtype))
 
 
 def group_by_slot(ids: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:

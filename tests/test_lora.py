@@ -179,3 +179,22 @@ def test_tensor_parallel_meshes(untied_gqa2, adapters, oracle):
     assert res["2"]["specs"]["o_proj"] == [["None", "tp", "None"], []]
     assert res["2"]["specs"]["down_proj"] == [["None", "tp", "None"], []]
     assert res["3"]["q_b_shape"] == [3, 16, 6 * 16]  # 4 q heads padded to 6 for 3 devices
+
+
+def test_preemption_and_n_copies_keep_their_adapter(untied_gqa2, adapters, prompts, oracle):
+    """A KV cache too small for the batch: sequences are preempted (their adapter's slot reference dropped) and
+    recomputed (taken again); n=2 copies fork from their parent and decode with its adapter. Every row still equals
+    PEFT's tokens, and no slot reference or page is left behind."""
+    llm = _llm(untied_gqa2, num_kv_pages=10, max_model_len=64)
+    reqs = [None if m is None else adapters[m] for m in MIX]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, lora_request=reqs, use_tqdm=False)
+    for i, (m, out) in enumerate(zip(MIX, outs)):
+        assert out.outputs[0].token_ids == oracle[m][1][i], f"row {i} (adapter {m})"
+    engine = llm.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    two = SamplingParams(temperature=1.0, top_k=1, max_tokens=NEW, ignore_eos=True, n=2)  # greedy, 2 copies
+    out = llm.generate(prompt_token_ids=prompts[1:2], sampling_params=two, lora_request=adapters["b"],
+                       use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [oracle["b"][1][1]] * 2
+    assert engine.blocks.num_free == engine.blocks.num_pages and sum(engine.lora.slots.refs.values()) == 0
+    engine.lora.slots.check()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_reference
+from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference
 
 CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
     "decode_mix": (8, 64, 96, 16, 4, [2, 0, 1, 3, 2, 2, 0, 1]),
@@ -39,6 +39,7 @@ def test_kernel_matches_reference(name, dtype):
     tol = 1e-4 * max(1.0, np.abs(ref).max()) if dtype == jnp.float32 else 3e-2 * max(1.0, np.abs(ref).max())
     np.testing.assert_allclose(out, ref, atol=tol)
     assert not out[ids == 0].any()  # rows without an adapter get exactly zero
+    np.testing.assert_allclose(np.asarray(lora_matmul_dense(*args), np.float32), ref, atol=tol)
     if dtype == jnp.float32:  # the reference is the per-row math
         loop = np.stack([x[t] @ a[ids[t]] @ b[ids[t]] for t in range(len(ids))])
         np.testing.assert_allclose(ref, loop, atol=1e-4 * max(1.0, np.abs(loop).max()))

@@ -3,8 +3,9 @@
 `LoRAInputs` is what a step gives the model: the stacked slot arrays of every layer (worker/lora_stacks.py: per
 layer a dict projection -> (A [S, I, R], B [S, R, O]), slot 0 all zeros) and the slot of each of the step's T tokens.
 Fused projections (models/fusion.py) get the delta of each part after their output is split, so fusion and LoRA are
-independent. On a GPU of a one-device mesh the Pallas kernels run (pallas_kernels/lora_matmul.py); elsewhere the jnp
-reference (on a mesh, XLA splits it as it splits the base weights: A and B are sharded like them).
+independent. On a GPU the Pallas kernels run (pallas_kernels/lora_matmul.py) where the mesh is one device and they
+take the shapes, else the dense jnp form (over a mesh XLA splits it as it splits the base weights: A and B are sharded
+like them); on CPU the jnp reference.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 
 import jax
 
-from pallas_kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from pallas_kernels.lora_matmul import lora_matmul, lora_matmul_dense, lora_matmul_reference, supported
 from qwenjax import compat
 
 
@@ -24,11 +25,13 @@ class LoRAInputs:
     ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
 
 
-def _use_kernel() -> bool:
+def _matmul(a: jax.Array, b: jax.Array):
+    """The batched LoRA matmul for this backend, mesh and shape (module docstring)."""
     if compat.platform() != "gpu":
-        return False
+        return lora_matmul_reference
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh is None or mesh.empty or mesh.size == 1
+    one_device = mesh is None or mesh.empty or mesh.size == 1
+    return lora_matmul if one_device and supported(a.shape[1], b.shape[2], a.shape[2], a.dtype) else lora_matmul_dense
 
 
 def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:
@@ -37,6 +40,5 @@ def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, na
         return y
     a, b = lora.stacks[layer][name]
     x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
-    fn = lora_matmul if _use_kernel() else lora_matmul_reference
-    delta = fn(x2, a, b, lora.ids)
+    delta = _matmul(a, b)(x2, a, b, lora.ids)
     return y + delta.reshape(y.shape).astype(y.dtype)
