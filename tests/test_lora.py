@@ -57,6 +57,7 @@ def test_mixed_batch_equals_peft(untied_gqa2, adapters, prompts, oracle):
     reqs = [None if m is None else adapters[m] for m in MIX]
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, lora_request=reqs, use_tqdm=False)
     for i, (m, out) in enumerate(zip(MIX, outs)):
+        assert out.lora_request == reqs[i]
         model, tokens = oracle[m]
         got = out.outputs[0].token_ids
         assert got == tokens[i], f"row {i} (adapter {m})"

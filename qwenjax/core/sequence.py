@@ -124,6 +124,7 @@ class Request:
     finished_time: float | None = None
     error: Exception | None = None
     prompt_logprobs: list | None = None   # [None, {token: Logprob}, ...] when params.prompt_logprobs is set
+    lora_request: object = None           # its LoRARequest (multi-LoRA), None: the base model
 
     @property
     def finished(self) -> bool:

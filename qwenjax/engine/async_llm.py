@@ -195,7 +195,8 @@ class AsyncLLMEngine:
                 self._commands.append(("add", stream, kwargs))
                 self._cond.notify()
             return stream
-        stream = RequestStream(rid, loop, self.abort, RemoteOutput(rid, prompt, prompt_token_ids, arrival))
+        stream = RequestStream(rid, loop, self.abort, RemoteOutput(rid, prompt, prompt_token_ids, arrival,
+                                                                 lora_request))
         with self._cond:
             if self._error is not None:
                 raise EngineDeadError(f"the engine loop is not running: {self._error}") from self._error

@@ -147,7 +147,7 @@ class LLMEngine:
                              else min(params.max_tokens, room), constraints=self.constraints, constraint=constraint,
                              forkable=self._leader is None and jax.process_count() == 1)
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
-                      seqs=seqs, arrival_time=arrival)
+                      seqs=seqs, arrival_time=arrival, lora_request=lora_request)
         if lora_request is not None:
             if params.prompt_logprobs is not None:
                 raise NotImplementedError("prompt_logprobs with a lora_request is not implemented yet")
