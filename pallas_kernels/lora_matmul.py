@@ -81,15 +81,18 @@ def _validate(x, a, b, ids):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, *, interpret: bool = False) -> jax.Array:
+def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, grouping=None, *,
+                interpret: bool = False) -> jax.Array:
     """x [T, I] with per-row slots `ids` [T] -> [T, O] in x.dtype (the module contract), as Pallas kernels.
 
     Args:
         x, a, b, ids: see the module docstring.
+        grouping: `group_by_slot(ids, S)` when the caller has it (a model step computes it once for all its
+            projections); None: computed here.
         interpret: run the kernels in Pallas interpret mode (CPU tests).
     """
     _validate(x, a, b, ids)
-    order, sizes = group_by_slot(ids, a.shape[0])
+    order, sizes = group_by_slot(ids, a.shape[0]) if grouping is None else grouping
     xs = x[order]
     h = grouped_matmul(xs, a[1:], sizes, interpret=interpret)        # [T, R] shrink, slot-0 rows 0
     ys = grouped_matmul(h, b[1:], sizes, interpret=interpret)        # [T, O] expand

@@ -58,3 +58,10 @@ def test_bad_shapes_are_refused():
         lora_matmul(jnp.asarray(x), jnp.asarray(a[:, :, :8]), jnp.asarray(b[:, :8]), jnp.asarray(ids), interpret=True)
     with pytest.raises(ValueError, match="shapes disagree"):
         lora_matmul(jnp.asarray(x[:, :32]), jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids), interpret=True)
+
+
+def test_a_precomputed_grouping_gives_the_same_result():
+    x, a, b, ids = (jnp.asarray(v) for v in _inputs("random", jnp.float32))
+    grouping = group_by_slot(ids, a.shape[0])
+    np.testing.assert_array_equal(np.asarray(lora_matmul(x, a, b, ids, grouping, interpret=True)),
+                                  np.asarray(lora_matmul(x, a, b, ids, interpret=True)))

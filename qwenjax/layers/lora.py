@@ -14,7 +14,8 @@ import dataclasses
 
 import jax
 
-from pallas_kernels.lora_matmul import lora_matmul, lora_matmul_dense, lora_matmul_reference, supported
+from pallas_kernels.lora_matmul import (group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference,
+                                        supported)
 from qwenjax import compat
 
 
@@ -23,6 +24,12 @@ from qwenjax import compat
 class LoRAInputs:
     stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}
     ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
+    grouping: tuple | None = None  # (order [T], group sizes [S - 1]) of the kernels, once per step (GPU)
+
+    @classmethod
+    def build(cls, stacks: list, ids: jax.Array) -> "LoRAInputs":
+        S = stacks[0]["q_proj"][0].shape[0]
+        return cls(stacks, ids, group_by_slot(ids, S) if compat.platform() == "gpu" else None)
 
 
 def _matmul(a: jax.Array, b: jax.Array):
@@ -40,5 +47,6 @@ def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, na
         return y
     a, b = lora.stacks[layer][name]
     x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
-    delta = _matmul(a, b)(x2, a, b, lora.ids)
+    fn = _matmul(a, b)
+    delta = fn(x2, a, b, lora.ids, lora.grouping) if fn is lora_matmul else fn(x2, a, b, lora.ids)
     return y + delta.reshape(y.shape).astype(y.dtype)

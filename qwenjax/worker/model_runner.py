@@ -217,7 +217,7 @@ class ModelRunner:
 
 def _lora_kwargs(lora_stacks, inp: StepInput) -> dict:
     """The model's `lora` argument: only when adapters are enabled (Qwen2-MoE takes none)."""
-    return {} if lora_stacks is None else {"lora": LoRAInputs(lora_stacks, inp.lora_ids.reshape(-1))}
+    return {} if lora_stacks is None else {"lora": LoRAInputs.build(lora_stacks, inp.lora_ids.reshape(-1))}
 
 
 def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, lora_stacks=None,
