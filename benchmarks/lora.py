@@ -132,6 +132,7 @@ def main(argv=None) -> dict:
     base_tpot = _tpot_ms(llm, short, O, None, args.repeats)
     base_config = engine_setup.engine_config(llm, kwargs, base_startup)
     del llm
+    gc.unfreeze()  # the engine froze the heap (engine/in_flight.freeze_gc_heap): its cycles must be collectable
     gc.collect()  # the base engine's weights and pages go before the LoRA engine allocates its own
 
     with tempfile.TemporaryDirectory(prefix="qwenjax-lora-bench-") as tmp:
