@@ -77,3 +77,28 @@ def test_peft_loader_folds_scaling_into_b(untied_gqa2, tmp_path):
         assert w.rank == 4 and w.scaling == pytest.approx(scale) and w.target_modules == ("k_proj",)
         np.testing.assert_array_equal(a, raw[f"{pre}.lora_A.weight"].T)
         np.testing.assert_allclose(b, raw[f"{pre}.lora_B.weight"].T * scale, rtol=1e-6)
+
+
+def test_host_copies_are_an_lru_of_max_cpu_loras(untied_gqa2, tmp_path):
+    """max_cpu_loras=2 over three adapters: the least recently used host copy is dropped and read again from its
+    directory when needed; an id may not be reused for another adapter."""
+    from qwenjax.config import LoRAConfig, ModelConfig
+    from qwenjax.lora.registry import LoRARegistry
+    from qwenjax.lora.request import LoRARequest
+    from tests.lora_adapters import write_adapter
+
+    cfg = ModelConfig.from_file(str(untied_gqa2 / "config.json"))
+    reg = LoRARegistry(LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=2), cfg)
+    reqs = [LoRARequest(f"x{i}", i + 1, str(write_adapter(untied_gqa2, tmp_path / f"x{i}", r=4, alpha=8,
+                                                          targets=("o_proj",), seed=i))) for i in range(3)]
+    for r in reqs:
+        reg.add(r)
+    assert reg.host_ids == [2, 3] and reg.loads == 3
+    w = reg.weights(1)                    # dropped: read again, now the most recent
+    assert w.lora_name == "x0" and reg.host_ids == [3, 1] and reg.loads == 4
+    reg.weights(3)
+    assert reg.host_ids == [1, 3] and reg.loads == 4  # a host hit reads nothing
+    with pytest.raises(ValueError, match="lora_int_id 2 is already adapter 'x1'"):
+        reg.add(LoRARequest("other", 2, reqs[0].lora_path))
+    with pytest.raises(ValueError, match="max_cpu_loras \\(1\\) must be at least max_loras \\(2\\)"):
+        LoRAConfig(max_loras=2, max_cpu_loras=1)
