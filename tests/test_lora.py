@@ -146,6 +146,11 @@ def test_bad_inputs_fail_alone(untied_gqa2, adapters, prompts, oracle, tmp_path)
         llm.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY, lora_request=[adapters["a"]])
     with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
         LoRARequest("zero", 0, "/x")
+    with pytest.raises(TypeError, match="lora_request must be a LoRARequest, got str"):
+        llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY, lora_request="a", use_tqdm=False)
+    with pytest.raises(NotImplementedError, match="prompt_logprobs with a lora_request"):
+        llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2, prompt_logprobs=1),
+                     lora_request=adapters["a"], use_tqdm=False)
     out = llm.generate(prompt_token_ids=prompts[1:2], sampling_params=GREEDY, lora_request=adapters["b"],
                        use_tqdm=False)[0]
     assert out.outputs[0].token_ids == oracle["b"][1][1]

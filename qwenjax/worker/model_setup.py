@@ -127,7 +127,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         lora = LoRAStacks(model_cfg, args.lora_config, dtype, mesh)
         logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB)", args.max_loras, lora.rank,
                     lora.nbytes / 2**30)
-    num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
+    num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora)
     kv = allocate(model_cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, model_cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
                          block_table_width=sc.max_pages_per_seq, mesh=mesh, lora=lora)
@@ -196,7 +196,7 @@ def _generation_defaults(args: EngineArgs, path: Path | None):
     return load_generation_defaults(src) if src is not None else GenerationDefaults()
 
 
-def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh) -> int:
+def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora=None) -> int:
     if args.num_kv_pages is not None:
         need = sc.max_pages_per_seq
         if args.num_kv_pages < need:
@@ -214,7 +214,8 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
             # (the CPU backend copies what GPUs update in place).
             pages = min(pages, sc.max_num_seqs * sc.max_pages_per_seq)
         return pages
-    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source, mesh)
+    activation = _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source, mesh,
+                                      lora)
     free = mem.limit - mem.in_use - activation
     if args.kv_cache_memory_bytes is not None:
         free = min(free, args.kv_cache_memory_bytes)
@@ -226,13 +227,13 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
 
 
 def _profile_activations(cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo, memory_source,
-                         mesh) -> int:
+                         mesh, lora=None) -> int:
     """Runs the largest prefill and decode buckets once on a minimal cache; returns the peak extra bytes."""
     pages = sc.max_pages_per_seq + 1
     kv = allocate(cfg, pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
-                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh, lora=lora)  # its steps only read lora
     def slots(b):  # token slots of a bucket: a packed one (Q > 1, no context, no decode rows) has Q
         return b[1] if b[1] > 1 and not b[2] and not b[3] else b[0] * b[1] + b[3]
 
