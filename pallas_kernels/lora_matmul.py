@@ -14,8 +14,10 @@ Kernel (Punica's SGMV, a shrink and an expand over the rows grouped by slot): th
 slot-0 rows last), so each adapter's rows are one contiguous group; the shrink x_sorted @ a[1:] and the expand
 h @ b[1:] are then two grouped matmuls (`grouped_matmul.py`, the MoE kernel: a tile of rows of one group streams
 that group's weights), whose rows past the groups (the slot-0 rows) come out as zeros without a load. The result is
-scattered back to the rows' order. Shapes are fixed by T and S, so the mix of adapters in a batch never recompiles
-anything. R must be a multiple of 16 (Triton's smallest dot), as the engine's slots are (worker/lora_stacks.py).
+gathered back into the rows' order through the inverse permutation (a gather, which XLA fuses into the add that
+follows, where a scatter would write the whole [T, O] once more). Shapes are fixed by T and S, so the mix of
+adapters in a batch never recompiles anything. R must be a multiple of 16 (Triton's smallest dot), as the engine's
+slots are (worker/lora_stacks.py).
 
 The jnp reference gathers each row's A and B and runs the two einsums; it is what the engine uses on CPU.
 `lora_matmul_dense` is the same math without the per-row gathers ([T, I, R] and [T, R, O]: gigabytes for a long
@@ -57,13 +59,15 @@ def supported(in_features: int, out_features: int, rank: int, dtype) -> bool:
             and grouped_supported(rank, out_features, dtype))
 
 
-def group_by_slot(ids: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
-    """(order [T], group_sizes [S - 1]): `x[order]` has the rows of slot 1 first, then slot 2, ..., and the rows of
-    slot 0 (no adapter) last, each group in row order; group_sizes[s - 1] rows use slot s."""
+def group_by_slot(ids: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(order [T], inverse [T], group_sizes [S - 1]): `x[order]` has the rows of slot 1 first, then slot 2, ..., and
+    the rows of slot 0 (no adapter) last, each group in row order; `y[inverse]` puts them back; group_sizes[s - 1]
+    rows use slot s."""
     key = jnp.where(ids == 0, num_slots, ids)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32), unique_indices=True)
     sizes = jnp.sum(ids[None, :] == jnp.arange(1, num_slots, dtype=ids.dtype)[:, None], axis=1).astype(jnp.int32)
-    return order, sizes
+    return order, inverse, sizes
 
 
 def _validate(x, a, b, ids):
@@ -92,8 +96,7 @@ def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, groupi
         interpret: run the kernels in Pallas interpret mode (CPU tests).
     """
     _validate(x, a, b, ids)
-    order, sizes = group_by_slot(ids, a.shape[0]) if grouping is None else grouping
-    xs = x[order]
-    h = grouped_matmul(xs, a[1:], sizes, interpret=interpret)        # [T, R] shrink, slot-0 rows 0
+    order, inverse, sizes = group_by_slot(ids, a.shape[0]) if grouping is None else grouping
+    h = grouped_matmul(x[order], a[1:], sizes, interpret=interpret)  # [T, R] shrink, slot-0 rows 0
     ys = grouped_matmul(h, b[1:], sizes, interpret=interpret)        # [T, O] expand
-    return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+    return ys[inverse]

@@ -47,9 +47,10 @@ def test_kernel_matches_reference(name, dtype):
 
 def test_group_by_slot_orders_rows_by_adapter_with_slot_zero_last():
     ids = jnp.asarray([2, 0, 1, 2, 0, 1, 1], jnp.int32)
-    order, sizes = group_by_slot(ids, 4)
+    order, inverse, sizes = group_by_slot(ids, 4)
     assert np.asarray(order).tolist() == [2, 5, 6, 0, 3, 1, 4]
     assert np.asarray(sizes).tolist() == [3, 2, 0]
+    assert np.asarray(ids)[np.asarray(order)][np.asarray(inverse)].tolist() == np.asarray(ids).tolist()
 
 
 def test_bad_shapes_are_refused():

@@ -24,7 +24,7 @@ from qwenjax import compat
 class LoRAInputs:
     stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}
     ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
-    grouping: tuple | None = None  # (order [T], group sizes [S - 1]) of the kernels, once per step (GPU)
+    grouping: tuple | None = None  # (order, inverse [T], group sizes [S - 1]) of the kernels, once per step (GPU)
 
     @classmethod
     def build(cls, stacks: list, ids: jax.Array) -> "LoRAInputs":
