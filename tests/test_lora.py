@@ -161,6 +161,18 @@ def test_bad_inputs_fail_alone(untied_gqa2, adapters, prompts, oracle, tmp_path)
         LLM(str(untied_gqa2), **{**SMALL_ENGINE, "enable_lora": True, "max_lora_rank": 12})
 
 
+def test_not_built_yet_is_refused_by_name(tmp_path):
+    """LoRA on Qwen2-MoE and over several hosts: NotImplementedError naming what is missing."""
+    from qwenjax import EngineArgs
+    from tests.moe_checkpoints import write_moe_checkpoint
+
+    moe = write_moe_checkpoint(tmp_path / "moe")
+    with pytest.raises(NotImplementedError, match="enable_lora with a Qwen2-MoE model"):
+        LLM(str(moe), **{**SMALL_ENGINE, "enable_lora": True})
+    args = EngineArgs(enable_lora=True, num_processes=2)
+    assert any("enable_lora with num_processes=2" in m for m in args.unsupported())
+
+
 def test_tensor_parallel_meshes(untied_gqa2, adapters, oracle):
     """Meshes of 1, 2, 3 and 4 CPU devices (a subprocess): the same tokens as PEFT for each row's adapter, the same
     logprobs as one device; A / B split like their base weights (B on O for column-parallel projections, A on I

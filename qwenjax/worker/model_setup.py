@@ -59,6 +59,9 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
             resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
         cfg = load_model_config(path, args.hf_overrides_dict())
+    if args.enable_lora and cfg.num_experts:
+        raise NotImplementedError("enable_lora with a Qwen2-MoE model (LoRA on routed experts) is not "
+                                  "implemented; adapters run on dense Qwen2 / Qwen2.5 models")
     dtype = resolve_dtype(args.dtype, cfg)
     tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
         (args.tokenizer or default_tokenizer_dir())
@@ -121,9 +124,6 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
     lora = None
     if args.enable_lora:  # the adapter slots take their memory before the KV cache is sized
-        if cfg.num_experts:
-            raise NotImplementedError("enable_lora with a Qwen2-MoE model (LoRA on routed experts) is not "
-                                      "implemented; adapters run on dense Qwen2 / Qwen2.5 models")
         lora = LoRAStacks(model_cfg, args.lora_config, dtype, mesh)
         logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB)", args.max_loras, lora.rank,
                     lora.nbytes / 2**30)
