@@ -97,6 +97,7 @@ def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, groupi
     """
     _validate(x, a, b, ids)
     order, inverse, sizes = group_by_slot(ids, a.shape[0]) if grouping is None else grouping
-    h = grouped_matmul(x[order], a[1:], sizes, interpret=interpret)  # [T, R] shrink, slot-0 rows 0
-    ys = grouped_matmul(h, b[1:], sizes, interpret=interpret)        # [T, O] expand
-    return ys[inverse]
+    one = x.shape[0] == 1  # batch-1 decode: the order is the identity, no gathers
+    h = grouped_matmul(x if one else x[order], a[1:], sizes, interpret=interpret)  # [T, R] shrink, slot-0 rows 0
+    ys = grouped_matmul(h, b[1:], sizes, interpret=interpret)                      # [T, O] expand
+    return ys if one else ys[inverse]

@@ -15,6 +15,8 @@ CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
     "random": (37, 64, 32, 32, 5, None),
     "no_adapter": (16, 32, 32, 16, 3, [0] * 16),                           # every row on slot 0: all zeros
     "one_slot": (24, 32, 64, 16, 9, [7] * 24),                             # 8 adapters, one used
+    "batch1": (1, 32, 48, 16, 3, [2]),                                     # one decode row
+    "batch1_none": (1, 32, 48, 16, 3, [0]),
 }
 
 
