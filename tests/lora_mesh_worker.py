@@ -30,7 +30,7 @@ def main(path: str, a: str, b: str, out: str) -> None:
             "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                          for o in outs],
             "specs": {name: [[str(x) for x in arr.sharding.spec] for arr in ab] for name, ab in stacks.items()},
-            "q_b_shape": list(stacks["q_proj"][1].shape),
+            "shapes": {name: [list(arr.shape) for arr in ab] for name, ab in stacks.items()},
         }
     with open(out, "w") as f:
         json.dump(result, f)

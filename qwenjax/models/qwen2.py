@@ -16,7 +16,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.layers.attention import attend, rope_and_write
 from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, flat_positions
 from qwenjax.layers.fp8_kv import KVScale
-from qwenjax.layers.lora import LoRAInputs, add_lora
+from qwenjax.layers.lora import LoRAInputs, add_lora, add_lora_parts
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import rope_cos_sin
@@ -62,8 +62,7 @@ class Qwen2Attention(nnx.Module):
             q, k, v = split_columns(self.qkv_proj(x), self.qkv_proj_widths, self.shards)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if lora is not None:  # per part, also of a fused qkv_proj (layers/lora.py)
-            q, k, v = (add_lora(y, x, lora, layer, name) for y, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
+        q, k, v = add_lora_parts((q, k, v), x, lora, layer, "qkv_proj")  # per part, fused or not (layers/lora.py)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -93,7 +92,7 @@ class Qwen2MLP(nnx.Module):
             gate, up = split_columns(self.gate_up_proj(x), self.gate_up_proj_widths, self.shards)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        gate, up = add_lora(gate, x, lora, layer, "gate_proj"), add_lora(up, x, lora, layer, "up_proj")
+        gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj")
         h = jax.nn.silu(gate) * up
         return add_lora(self.down_proj(h), h, lora, layer, "down_proj")
 

@@ -2,10 +2,12 @@
 
 Per layer and target projection (all seven of a Qwen2 layer, whatever the adapters target): A [S, I, R] and
 B [S, R, O], S = max_loras + 1 slots (slot 0 stays all zeros: "no adapter"), R = max_lora_rank rounded up to the
-kernel's multiple of 16; an adapter of lower rank, or one that leaves a projection out, fills the rest with zeros.
-Scaling (lora_alpha / r) is already folded into B on the host (qwenjax/lora/peft.py). I and O are the running model's
-(mesh-padded, models/mesh_padding.py) widths: padded heads and FFN columns are appended, so an adapter's real columns
-come first and the padding is zeros, like the base weights'.
+kernel's multiple of 16; an adapter of lower rank, or one that leaves a projection out, fills the rest with zeros. On
+one device q/k/v and gate/up are held as groups (layers/lora.LORA_GROUPS): A [S, I, G * R] side by side and
+B [S, G * R, sum O] block-diagonal, one shrink and one expand a group. Scaling (lora_alpha / r) is already folded
+into B on the host (qwenjax/lora/peft.py). I and O are the running model's (mesh-padded, models/mesh_padding.py)
+widths: padded heads and FFN columns are appended, so an adapter's real columns come first and the padding is zeros,
+like the base weights'.
 
 Loading an adapter into a slot is one jitted `.at[slot].set` per array into the donated stacks, so the shapes never
 change and no step recompiles when the mix of adapters does. Over a "tp" mesh A and B follow their base weight:
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.lora_matmul import RANK_MULTIPLE
 from qwenjax.config import LoRAConfig, ModelConfig
+from qwenjax.layers.lora import LORA_GROUPS
 from qwenjax.lora.peft import OWNER, TARGET_MODULES, LoRAWeights, projection_shapes
 from qwenjax.models.sharding import ROW_PARALLEL, param_spec
 
@@ -45,19 +48,28 @@ def stack_shardings(cfg: ModelConfig, mesh, n: int) -> dict[str, tuple[NamedShar
 
 
 class LoRAStacks:
-    """The slot arrays of one engine (`stacks`: per layer {projection: (A, B)}) and the writes into them."""
+    """The slot arrays of one engine (`stacks`: per layer {projection or group: (A, B)}) and the writes into them."""
 
     def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype, mesh):
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.num_slots, self.rank = config.max_loras + 1, slot_rank(config)
-        self.shapes = projection_shapes(cfg)  # the running (padded) model's
+        shapes = projection_shapes(cfg)  # the running (padded) model's
         n = mesh.shape.get("tp", 1) if hasattr(mesh, "shape") else 1
-        shard = stack_shardings(cfg, mesh, n)
+        # entry name -> its projections, in column order (a group on one device, else each projection alone)
+        groups = LORA_GROUPS if n == 1 else {}
+        grouped = {p for parts in groups.values() for p in parts}
+        self.entries = {**{g: parts for g, parts in groups.items()},
+                        **{p: (p,) for p in shapes if p not in grouped}}
+        self.shapes = {e: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts)) for e, parts in self.entries.items()}
+        self.part_shapes = shapes
+        shard = stack_shardings(cfg, mesh, n) if n > 1 else \
+            {e: (NamedSharding(mesh, P()),) * 2 for e in self.entries}
         S, R = self.num_slots, self.rank
 
         def zeros():
-            return [{name: (jnp.zeros((S, i, R), self.dtype), jnp.zeros((S, R, o), self.dtype))
-                     for name, (i, o) in self.shapes.items()} for _ in range(cfg.num_hidden_layers)]
+            return [{e: (jnp.zeros((S, i, R * len(self.entries[e])), self.dtype),
+                         jnp.zeros((S, R * len(self.entries[e]), o), self.dtype))
+                     for e, (i, o) in self.shapes.items()} for _ in range(cfg.num_hidden_layers)]
 
         self.shardings = [dict(shard) for _ in range(cfg.num_hidden_layers)]
         self.stacks = jax.jit(zeros, out_shardings=self.shardings)()
@@ -68,17 +80,22 @@ class LoRAStacks:
         return sum(x.nbytes for x in jax.tree.leaves(self.stacks))
 
     def host_slot(self, weights: LoRAWeights | None) -> list[dict]:
-        """One slot's arrays on the host in the stacks' shapes and dtype: the adapter's A / B, zeros elsewhere."""
+        """One slot's arrays on the host in the stacks' shapes and dtype: the adapter's A / B (part g of a group in
+        A's rank columns [g R, g R + r) and B's block of rows [g R, g R + r) x its own columns), zeros elsewhere."""
         R, out = self.rank, []
         for layer in range(len(self.stacks)):
             d = {}
-            for name, (i, o) in self.shapes.items():
-                a, b = np.zeros((i, R), self.dtype), np.zeros((R, o), self.dtype)
-                if weights is not None and (layer, name) in weights.modules:
-                    wa, wb = weights.modules[(layer, name)]
-                    a[:wa.shape[0], :wa.shape[1]] = wa
-                    b[:wb.shape[0], :wb.shape[1]] = wb
-                d[name] = (a, b)
+            for e, (i, o) in self.shapes.items():
+                parts = self.entries[e]
+                a, b = np.zeros((i, R * len(parts)), self.dtype), np.zeros((R * len(parts), o), self.dtype)
+                col = 0
+                for g, name in enumerate(parts):
+                    if weights is not None and (layer, name) in weights.modules:
+                        wa, wb = weights.modules[(layer, name)]
+                        a[:wa.shape[0], g * R:g * R + wa.shape[1]] = wa
+                        b[g * R:g * R + wb.shape[0], col:col + wb.shape[1]] = wb
+                    col += self.part_shapes[name][1]
+                d[e] = (a, b)
             out.append(d)
         return out
 
