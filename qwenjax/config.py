@@ -195,6 +195,33 @@ def canonical_hf_overrides(value: Any) -> str | None:
         raise ValueError(f"hf_overrides must hold JSON values only: {e}") from None
 
 
+# vLLM's allowed max_lora_rank values (LoRAConfig.max_lora_rank).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's LoRAConfig): `max_loras` adapters on the device at once (its slots), each of rank
+    at most `max_lora_rank` (slots are padded to it), and `max_cpu_loras` host copies (None: max_loras)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self):
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, got "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+    @property
+    def host_capacity(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineArgs:
     """User-facing engine arguments, shared by `LLM(...)` and `python -m server` (vLLM's names)."""
@@ -252,6 +279,11 @@ class EngineArgs:
     # vLLM's speculative_config (qwenjax/speculative_config.py), kept as canonical JSON text like hf_overrides.
     # Speculation runs its steps one at a time: it turns async_scheduling off and refuses num_scheduler_steps > 1.
     speculative_config: str | None = None
+    # Multi-LoRA serving (qwenjax/lora/, vLLM's names): LoRAConfig's fields, used when enable_lora is True.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self):
         if self.hf_overrides is not None:
@@ -295,6 +327,16 @@ class EngineArgs:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")
 
+        if self.enable_lora:
+            self.lora_config  # validates max_loras / max_lora_rank / max_cpu_loras
+
+    @property
+    def lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras)
+
     def speculative(self) -> SpeculativeConfig | None:
         """The parsed speculative_config (None: speculation off)."""
         return None if self.speculative_config is None else \
@@ -322,6 +364,9 @@ class EngineArgs:
         if self.speculative_config is not None and self.num_processes > 1:
             missing.append(f"speculative_config with num_processes={self.num_processes} (verify steps are not "
                            f"replayed on follower hosts yet)")
+        if self.enable_lora and self.num_processes > 1:
+            missing.append(f"enable_lora with num_processes={self.num_processes} (adapter slots are not replayed on "
+                           f"follower hosts yet)")
         return missing
 
 

@@ -44,3 +44,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    lora_request: object = None  # the LoRARequest it ran with (None: the base model), as vLLM's

@@ -19,6 +19,7 @@ from qwenjax.config import EngineArgs
 from server.arg_parser import ServerArgumentParser, json_object
 from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
+from server.lora import check_lora_modules
 from server.tool_parsers import TOOL_CALL_PARSERS, check_tool_options
 
 # Python's gen-0 collection threshold in the serving process (its default is 700). Streaming makes many short-lived
@@ -129,8 +130,23 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     e.add_argument("--decode-buckets", type=_int_tuple, default=None, help="e.g. 8,64,256")
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     add_vllm_engine_flags(e)
+    add_lora_flags(p.add_argument_group("LoRA adapters (server/lora.py)"))
     add_http_flags(s)
     return p
+
+
+def add_lora_flags(lo) -> None:
+    """Multi-LoRA serving, vLLM's flags (server/lora.py)."""
+    lo.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the base model")
+    lo.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                    help="adapters to serve, each chosen by its name as a request's model (also vLLM's JSON form "
+                         "'{\"name\": ..., \"path\": ...}')")
+    lo.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once (its slots)")
+    lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (slots are padded to it)")
+    lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept on the host (default max-loras)")
+    lo.add_argument("--allow-runtime-lora-updating", action="store_true",
+                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or the environment's "
+                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, vLLM's switch)")
 
 
 def add_vllm_engine_flags(e) -> None:
@@ -158,13 +174,15 @@ def add_vllm_engine_flags(e) -> None:
                         "scheduling off")
 
 
+
 ENGINE_FLAGS = ("model", "tokenizer", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
                 "quantization", "kv_cache_dtype", "dtype", "seed", "block_size", "max_num_seqs",
                 "max_num_batched_tokens", "generation_config", "load_format", "enable_prefix_caching",
                 "enable_chunked_prefill", "num_kv_pages", "kv_cache_memory_bytes", "trust_remote_code", "skip_warmup",
                 "decode_buckets", "prefill_token_buckets", "chat_template", "distributed_coordinator",
                 "num_processes", "process_id", "scheduling_policy", "async_scheduling", "enable_expert_parallel",
-                "num_scheduler_steps", "compilation_cache_dir", "max_logprobs", "max_n")
+                "num_scheduler_steps", "compilation_cache_dir", "max_logprobs", "max_n", "enable_lora", "max_loras",
+                "max_lora_rank", "max_cpu_loras")
 
 
 VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_parallel_size", "hf_overrides",
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
         args = engine_args(ns)
         check_http_options(ns)
         check_tool_options(ns.enable_auto_tool_choice, ns.tool_call_parser)
+        check_lora_modules(ns.lora_modules, ns.enable_lora)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -223,10 +242,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
     def stop_server() -> None:  # the engine died: exit so that a supervisor restarts us (vLLM's behaviour)
         server.should_exit = True
 
-    app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
-                     max_request_body_bytes=ns.max_request_body_bytes,
-                     on_engine_death=None if ns.keep_alive_on_engine_death else stop_server,
-                     enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
+    try:
+        app = create_app(engine, served_model_names=served_names(ns), api_key=ns.api_key, shutdown_engine=True,
+                         max_request_body_bytes=ns.max_request_body_bytes,
+                         on_engine_death=None if ns.keep_alive_on_engine_death else stop_server,
+                         enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+                         lora_modules=ns.lora_modules or (),
+                         allow_runtime_lora_updating=ns.allow_runtime_lora_updating)
+    except ValueError as e:  # a bad --lora-modules adapter
+        engine.shutdown()
+        sys.exit(f"error: {e}")
     add_cors(app, ns)
     # Everything built so far (JAX, the model, the tokenizer) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall every request while they walk it.

@@ -1,7 +1,8 @@
 """create_app(engine, ...): the FastAPI app of the OpenAI-compatible server.
 
 Routes: POST /v1/chat/completions, /v1/completions, /tokenize, /detokenize, /generate (vLLM's demo server);
-GET /v1/models, /health, /version, /metrics. Every error is OpenAI's JSON shape
+GET /v1/models, /health, /version, /metrics; with LoRA runtime updating, POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter (server/lora.py). Every error is OpenAI's JSON shape
 {"error": {"message", "type", "param", "code"}}; bad input is a 400 (never FastAPI's 422). With `api_key`, every
 route except /health, /version and /metrics needs `Authorization: Bearer <key>`.
 
@@ -19,15 +20,16 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import qwenjax
 from qwenjax.engine.async_llm import AsyncLLMEngine
 from qwenjax.tokenizer import load_chat_template
-from server.errors import error_response, validation_error
+from server.errors import error_response, parse_json, validation_error
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES, BodyLimit
+from server.lora import request_body, runtime_updating_allowed, served_loras
 from server.metrics import ServerMetrics
 from server.openapi import body, install
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
@@ -47,7 +49,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
                shutdown_engine: bool = False,
                max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
                on_engine_death: Callable[[], None] | None = None, enable_auto_tool_choice: bool = False,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, lora_modules: list[str] | tuple[str, ...] = (),
+               allow_runtime_lora_updating: bool = False) -> FastAPI:
     """The server's app over a running AsyncLLMEngine.
 
     served_model_names: the names clients may send as `model` (the first is the one reported); default: the
@@ -58,7 +61,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     non-zero, as vLLM does, unless --keep-alive-on-engine-death (then: None, and every request answers 503).
     `app.state.engine_died` is True once it was called. enable_auto_tool_choice and tool_call_parser (vLLM's
     --enable-auto-tool-choice --tool-call-parser hermes): tool_choice "auto" parses the model's text into tool calls
-    (without them it is a 400); "required" and named choices need neither.
+    (without them it is a 400); "required" and named choices need neither. lora_modules (`name=path`, with the
+    engine's enable_lora) and allow_runtime_lora_updating: see server/lora.py; a bad adapter raises ValueError.
     """
     check_tool_options(enable_auto_tool_choice, tool_call_parser)
     llm = engine.engine
@@ -68,8 +72,9 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     template = chat_template if chat_template is not None else getattr(args, "chat_template", None)
     template = load_chat_template(template) if template is not None else None
     metrics = ServerMetrics(llm, names[0])
+    loras = served_loras(llm, args, names, lora_modules)
     serving = OpenAIServing(engine, model_names=names, metrics=metrics, chat_template=template,
-                            auto_tool_parser=tool_call_parser if enable_auto_tool_choice else None)
+                            auto_tool_parser=tool_call_parser if enable_auto_tool_choice else None, loras=loras)
     root = model_root or getattr(args, "model", None) or names[0]
     created = int(time.time())
 
@@ -155,7 +160,25 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
     async def models():
         data = [{"id": n, "object": "model", "created": created, "owned_by": "qwenjax", "root": root,
                  "parent": None, "max_model_len": serving.max_model_len, "permission": []} for n in names]
+        if loras is not None:
+            data += loras.model_cards(created, serving.max_model_len)
         return {"object": "list", "data": data}
+
+    if loras is not None and runtime_updating_allowed(allow_runtime_lora_updating):
+        @app.post("/v1/load_lora_adapter", dependencies=auth)
+        async def load_lora_adapter(request: Request):
+            name, path = request_body(parse_json(await request.body()), "lora_name", "lora_path")
+            try:
+                await asyncio.to_thread(loras.add, name, path)
+            except ValueError as e:
+                raise APIError(str(e), param="lora_path") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", dependencies=auth)
+        async def unload_lora_adapter(request: Request):
+            (name,) = request_body(parse_json(await request.body()), "lora_name")
+            loras.remove(name)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=body(ChatCompletionRequest))
     async def chat(request: Request):

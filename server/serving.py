@@ -77,7 +77,7 @@ class Job:
     """The engine requests of one HTTP request (one per prompt), their merged outputs and their metrics."""
 
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, prompts: list[Prompt], params, base_id: str,
-                 arrival: float, constraint_param: str | None = None):
+                 arrival: float, constraint_param: str | None = None, lora_request=None):
         self.streams = []
         self.constraint_param = constraint_param  # the request field of params.structured_outputs, for its errors
         self.trackers = [metrics.tracker(arrival, len(p.ids)) for p in prompts]
@@ -85,7 +85,8 @@ class Job:
             for i, p in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
                 self.streams.append(engine.add_request(rid, p.text, params, prompt_token_ids=p.ids,
-                                                       priority=params.priority, arrival_time=arrival))
+                                                       priority=params.priority, arrival_time=arrival,
+                                                       lora_request=lora_request))
         except EngineDeadError as e:
             self.abort()
             raise _dead(e) from None
@@ -156,7 +157,7 @@ def sse(obj) -> bytes:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, *, model_names: list[str], metrics: ServerMetrics,
-                 chat_template: str | None, auto_tool_parser: str | None = None):
+                 chat_template: str | None, auto_tool_parser: str | None = None, loras=None):
         """auto_tool_parser: the --tool-call-parser of tool_choice "auto" when --enable-auto-tool-choice is set."""
         self.engine = engine
         llm = engine.engine
@@ -174,13 +175,25 @@ class OpenAIServing:
         self.preparer = Preparer()
         self.auto_tool_parser = auto_tool_parser
         self.tool_tags = has_tool_tags(self.tokenizer)
+        self.loras = loras  # server/lora.ServedLoRAs (--enable-lora) or None
 
     # ------------------------------------------------------------------ validation
     def check_model(self, name: str | None) -> str:
+        """A request's `model`: a served name of the base model or a LoRA adapter's name; 404 naming them else."""
         if name is None or name in self.model_names:
             return name or self.model_names[0]
-        raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.model_names)}.",
+        if self.loras is not None and name in self.loras.by_name:
+            return name
+        known = self.model_names + (list(self.loras.by_name) if self.loras is not None else [])
+        raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(known)}.",
                        status=404, param="model", code="model_not_found")
+
+    def lora_request(self, model: str):
+        """The LoRARequest of a checked `model` (None: the base model)."""
+        if model in self.model_names:
+            return None
+        self.check_model(model)  # unloaded since it was checked: 404
+        return self.loras.by_name[model]
 
     def max_tokens(self, prompt_len: int, requested: int | None, *, what: str, param: str) -> int:
         """The completion budget: what the client asked, checked against max_model_len, or all that is left."""
@@ -367,7 +380,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------ shared
     async def _respond(self, request: Request, fmt, prompts: list[Prompt], params, stream: bool,
                        constraint_param: str | None, arrival: float) -> Response:
-        job = Job(self.engine, self.metrics, prompts, params, fmt.id, arrival, constraint_param)
+        job = Job(self.engine, self.metrics, prompts, params, fmt.id, arrival, constraint_param,
+                  lora_request=self.lora_request(fmt.model))
         if not stream:
             finals = await race_disconnect(request, job.collect(), job.abort)
             return JSONResponse(fmt.response(finals))

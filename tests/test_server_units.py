@@ -51,7 +51,8 @@ class FakeEngine:
     def take_failed(self):
         return []
 
-    def add_request(self, rid, prompt, params, *, prompt_token_ids=None, arrival_time=None, priority=0):
+    def add_request(self, rid, prompt, params, *, prompt_token_ids=None, arrival_time=None, priority=0,
+                    lora_request=None):
         if prompt == "bad":
             raise ValueError("the prompt is bad")
         if prompt is None:

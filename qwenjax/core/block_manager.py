@@ -35,6 +35,12 @@ def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def root_hash(key: str) -> int:
+    """The parent of a chain's first block for sequences whose KV differs from the base model's for the same tokens
+    (a LoRA adapter: `key` names it), so their blocks never share a name with another chain's."""
+    return int.from_bytes(hashlib.blake2b(b"root:" + key.encode(), digest_size=16).digest(), "little")
+
+
 WATERMARK = 0.01  # fraction of the pages kept free when admitting new sequences (vLLM's default watermark)
 
 
@@ -144,11 +150,12 @@ class BlockManager:
         return table[position // self.page_size] * self.page_size + position % self.page_size
 
     # ---- prefix cache
-    def hash_blocks(self, tokens: Sequence[int], known: list[int]) -> list[int]:
-        """Extends `known` (the names of the first len(known) blocks of `tokens`) to every full block; returns it."""
+    def hash_blocks(self, tokens: Sequence[int], known: list[int], root: int | None = None) -> list[int]:
+        """Extends `known` (the names of the first len(known) blocks of `tokens`) to every full block; returns it.
+        `root` (root_hash) is the first block's parent: None for the base model."""
         ps = self.page_size
         for i in range(len(known), len(tokens) // ps):
-            known.append(block_hash(known[-1] if known else None, tokens[i * ps:(i + 1) * ps]))
+            known.append(block_hash(known[-1] if known else root, tokens[i * ps:(i + 1) * ps]))
         return known
 
     def lookup(self, hashes: Sequence[int], max_blocks: int) -> list[int]:

@@ -133,4 +133,5 @@ def request_output(req: Request) -> RequestOutput:
                              first_token_time=first, finished_time=req.finished_time,
                              num_preemptions=sum(s.num_preemptions for s in req.seqs))
     return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                         prompt_logprobs=req.prompt_logprobs, outputs=comps, finished=req.finished, metrics=metrics)
+                         prompt_logprobs=req.prompt_logprobs, outputs=comps, finished=req.finished, metrics=metrics,
+                         lora_request=req.lora_request)

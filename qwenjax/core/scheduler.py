@@ -47,15 +47,19 @@ from collections import deque
 
 from qwenjax.config import SchedulerConfig, packed_len
 from qwenjax.core.block_manager import BlockManager
+from qwenjax.core.lora_slots import LoRASlots
 from qwenjax.core.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
 from qwenjax.core.scheduler_output import Fork, ScheduledSeq, SchedulerOutput
 from qwenjax.core.sequence import SeqStatus, Sequence
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy: str | SchedulingPolicy | None = None):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy: str | SchedulingPolicy | None = None,
+                 loras: LoRASlots | None = None):
         self.config = config
         self.blocks = blocks
+        # Multi-LoRA: a sequence starts only once its adapter holds a device slot (it waits, skipped, meanwhile).
+        self.loras = loras
         self.policy = make_policy(policy)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -80,6 +84,7 @@ class Scheduler:
             self.running.remove(seq)
             self._free_slots.append(seq.slot)
             seq.slot = None
+            self._release_lora(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
@@ -101,6 +106,8 @@ class Scheduler:
         if out is not None:
             self.policy.on_scheduled(out.rows)
             out.forks = forks
+            if self.loras is not None:
+                out.lora_loads = self.loras.take_loads()
             for r in out.rows:  # a parent whose prompt this step computes pins its pages for its copies
                 p = r.seq
                 if p.num_unforked and p.fork_pages is None and \
@@ -154,6 +161,8 @@ class Scheduler:
                 continue
             if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_admit(1):
                 break
+            if not self._lora_ready(seq, []):
+                continue  # its parent ended and the adapter lost its slot: it waits for one
             p, L = seq.parent, len(seq.prompt_token_ids)
             keep = (L - 1) // ps  # pages wholly before the last prompt token: shared as they are
             table = self.blocks.share(p.fork_pages[:keep])
@@ -180,7 +189,7 @@ class Scheduler:
         if full <= seq.num_named_pages:
             return
         if len(seq.block_hashes) < full:
-            blocks.hash_blocks(seq.tokens(0, full * blocks.page_size), seq.block_hashes)
+            blocks.hash_blocks(seq.tokens(0, full * blocks.page_size), seq.block_hashes, seq.hash_root)
         blocks.commit(seq.block_table, seq.block_hashes, seq.num_named_pages, full)
         seq.num_named_pages = full
 
@@ -191,7 +200,7 @@ class Scheduler:
             return None
         max_blocks = (seq.num_tokens - 1) // blocks.page_size  # the last token is always computed
         if len(seq.block_hashes) < max_blocks:
-            blocks.hash_blocks(seq.tokens(0, max_blocks * blocks.page_size), seq.block_hashes)
+            blocks.hash_blocks(seq.tokens(0, max_blocks * blocks.page_size), seq.block_hashes, seq.hash_root)
         return blocks.lookup(seq.block_hashes, max_blocks)
 
     def _prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
@@ -226,6 +235,8 @@ class Scheduler:
                 break
             if self._copy_state(seq) is not None:
                 continue  # a copy of an n > 1 request: forked from its parent (_fork_waiting), never prefilled
+            if not self._lora_ready(seq, rows):
+                continue  # its adapter waits for a device slot
             hit = self._prefix_hit(seq)
             pages = hit or []
             if pages and rows:
@@ -293,6 +304,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, chunk: int) -> ScheduledSeq | None:
         """Starts one waiting sequence with at most `chunk` new tokens (after a prefix hit), or None if its pages do
         not fit now."""
+        if not self._lora_ready(seq, []):
+            return None
         hit = self._prefix_hit(seq)
         pages = hit or []
         cached = len(pages) * self.blocks.page_size
@@ -314,7 +327,21 @@ class Scheduler:
         self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         seq.slot = self._free_slots.pop()
+        if self.loras is not None:  # checked by _lora_ready (a fork's parent holds its adapter already)
+            seq.lora_slot = self.loras.acquire(seq.lora_int_id)
         self.running.append(seq)
+
+    # ---- multi-LoRA
+    def _lora_ready(self, seq: Sequence, rows: list[ScheduledSeq]) -> bool:
+        """Whether `seq`'s adapter can hold a device slot once `rows` (started this step, not yet acquired) do."""
+        if self.loras is None:
+            return True
+        return self.loras.can_acquire(seq.lora_int_id, {r.seq.lora_int_id for r in rows})
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if self.loras is not None:
+            self.loras.release(seq.lora_int_id)
+            seq.lora_slot = 0
 
     def _schedule_decode(self, steps: int = 1) -> SchedulerOutput | None:
         """Every decoding sequence feeds its newest token. With `steps` > 1 (multi-step decode, only when no prefill
@@ -360,6 +387,7 @@ class Scheduler:
         self.running.remove(seq)
         self._free_slots.append(seq.slot)
         seq.slot = None
+        self._release_lora(seq)
         self.blocks.release(seq.block_table)
         seq.num_named_pages = 0
         seq.num_computed = 0

@@ -40,6 +40,9 @@ class SchedulerOutput:
     num_steps: int = 1                 # decode: steps the dispatch runs (multi-step); each row samples one per step
     forks: list["Fork"] = dataclasses.field(default_factory=list)  # copies started this step: the engine forks
                                                                     # their device state before the step runs
+    # Multi-LoRA: (device slot, lora_int_id) of adapters given a slot this step; the engine writes their weights
+    # into the slots before dispatching the step (core/lora_slots.py).
+    lora_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def packed(self) -> bool:

@@ -73,6 +73,11 @@ class Sequence:
     # Draft-model speculation (engine/draft_model.py): num_preemptions when the draft's cache missed one of its
     # tokens (-1: never); while it equals num_preemptions the row gets no draft proposals.
     draft_stale: int = -1
+    # Multi-LoRA: the adapter (0: none), the device slot it holds while running (core/lora_slots.py; 0: none), and
+    # the root of its block-hash chain (None: the base model's), so two adapters never share prefix-cache pages.
+    lora_int_id: int = 0
+    lora_slot: int = 0
+    hash_root: int | None = None
 
     def __post_init__(self):
         if self.client is None:
@@ -122,6 +127,7 @@ class Request:
     finished_time: float | None = None
     error: Exception | None = None
     prompt_logprobs: list | None = None   # [None, {token: Logprob}, ...] when params.prompt_logprobs is set
+    lora_request: object = None           # its LoRARequest (multi-LoRA), None: the base model
 
     @property
     def finished(self) -> bool:

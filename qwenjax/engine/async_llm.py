@@ -177,7 +177,7 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams, *,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> RequestStream:
+                    arrival_time: float | None = None, lora_request=None) -> RequestStream:
         """Queues a request for the engine and returns its stream. Must be called on a running event loop.
 
         Validation errors of the engine (ValueError, TypeError) are raised by the stream's first `__anext__`.
@@ -186,7 +186,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         kwargs = dict(prompt=prompt, params=params, prompt_token_ids=prompt_token_ids, priority=priority,
-                      arrival_time=arrival)
+                      arrival_time=arrival, lora_request=lora_request)
         if self._client is None:
             stream = RequestStream(rid, loop, self.abort)
             with self._cond:
@@ -195,7 +195,8 @@ class AsyncLLMEngine:
                 self._commands.append(("add", stream, kwargs))
                 self._cond.notify()
             return stream
-        stream = RequestStream(rid, loop, self.abort, RemoteOutput(rid, prompt, prompt_token_ids, arrival))
+        stream = RequestStream(rid, loop, self.abort, RemoteOutput(rid, prompt, prompt_token_ids, arrival,
+                                                                 lora_request))
         with self._cond:
             if self._error is not None:
                 raise EngineDeadError(f"the engine loop is not running: {self._error}") from self._error

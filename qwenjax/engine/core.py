@@ -87,7 +87,8 @@ def add_or_refuse(engine, rid: str, kw: dict) -> Exception | None:
     raises, fails alone: the exception is returned, not raised (an unexpected one is logged with its traceback)."""
     try:
         engine.add_request(rid, kw["prompt"], kw["params"], prompt_token_ids=kw["prompt_token_ids"],
-                           arrival_time=kw["arrival_time"], priority=kw["priority"])
+                           arrival_time=kw["arrival_time"], priority=kw["priority"],
+                           lora_request=kw.get("lora_request"))
     except Exception as e:  # noqa: BLE001 - a refused add fails that request alone
         if not isinstance(e, (ValueError, TypeError, NotImplementedError)):
             logger.exception("adding request %s raised; it fails alone", rid)

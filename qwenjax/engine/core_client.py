@@ -32,10 +32,12 @@ class RemoteOutput:
     engine_core.OutputEncoder). Lives on its stream's event loop; `build` makes a fresh RequestOutput."""
 
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "prompt_logprobs", "arrival_time", "comps", "finished",
-                 "metrics")
+                 "metrics", "lora_request")
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None, arrival_time: float):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None, arrival_time: float,
+                 lora_request=None):
         self.request_id, self.prompt, self.arrival_time = request_id, prompt, arrival_time
+        self.lora_request = lora_request
         self.prompt_token_ids = prompt_token_ids
         self.prompt_logprobs = None
         self.comps: list[list] = []  # per completion: [token ids, text, logprobs, cumulative logprob, finish, stop]
@@ -74,7 +76,7 @@ class RemoteOutput:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids or [], prompt_logprobs=self.prompt_logprobs,
                              outputs=comps, finished=self.finished,
-                             metrics=RequestMetrics(self.arrival_time, *self.metrics))
+                             metrics=RequestMetrics(self.arrival_time, *self.metrics), lora_request=self.lora_request)
 
 
 class EngineView:

@@ -59,11 +59,12 @@ class LLM:
 
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 priority: Sequence[int] | None = None, lora_request=None) -> list[RequestOutput]:
         """Generates for every prompt; returns one RequestOutput per prompt, in input order.
 
         A prompt is a string, a dict with `prompt` or `prompt_token_ids`, or (through `prompt_token_ids=`) a list of
-        token ids. If any prompt is invalid, nothing is queued and the error says which one.
+        token ids. If any prompt is invalid, nothing is queued and the error says which one. `lora_request`: a
+        LoRARequest for every prompt, or a list with one per prompt (None: the base model); needs enable_lora=True.
         """
         if not self.llm_engine.is_leader:
             raise RuntimeError("generate() runs on process 0; the other processes replay its steps inside LLM()")
@@ -74,6 +75,9 @@ class LLM:
             [sampling_params] * len(items)
         if len(params) != len(items):
             raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts; pass one or one per prompt")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(items)
+        if len(loras) != len(items):
+            raise ValueError(f"got {len(loras)} lora_request for {len(items)} prompts; pass one or one per prompt")
         engine = self.llm_engine
         ids = []
         try:
@@ -82,7 +86,7 @@ class LLM:
                 self._next_id += 1
                 try:
                     engine.add_request(rid, text, p, prompt_token_ids=toks,
-                                       priority=priority[i] if priority is not None else 0)
+                                       priority=priority[i] if priority is not None else 0, lora_request=loras[i])
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"prompt {i}: {e}") from None
                 ids.append(rid)

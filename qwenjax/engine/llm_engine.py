@@ -27,6 +27,7 @@ from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
+from qwenjax.engine.lora import EngineLoRA
 from qwenjax.engine.sampling_inputs import (needs_known_outputs, row_constraints, sampler_inputs, sampling_row,
                                             step_rows)
 from qwenjax.engine.spec_step import SpecDecoder
@@ -67,7 +68,10 @@ class LLMEngine:
         self.max_model_len = sc.max_model_len
         self.blocks = BlockManager(self.model.num_pages, sc.block_size,
                                    enable_prefix_caching=args.enable_prefix_caching)
-        self.scheduler = Scheduler(sc, self.blocks, policy=args.scheduling_policy)
+        # Multi-LoRA (enable_lora): adapters on the host, their device slots in the scheduler (engine/lora.py).
+        self.lora = EngineLoRA(args.lora_config, self.model_config) if args.enable_lora else None
+        self.scheduler = Scheduler(sc, self.blocks, policy=args.scheduling_policy,
+                                   loras=self.lora.slots if self.lora else None)
         self.runner: ModelRunner = self.model.runner
         self.stats = EngineStats()
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.scheduler, self.stats)
@@ -104,8 +108,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, prompt: str | None, params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
-                    priority: int = 0, client: str | None = None) -> Request:
-        """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input."""
+                    priority: int = 0, client: str | None = None, lora_request=None) -> Request:
+        """Validates and queues a request. Raises ValueError (nothing queued, nothing allocated) on bad input.
+        `lora_request` (a LoRARequest, with enable_lora): the adapter it runs with."""
+        if lora_request is not None and self.lora is None:
+            raise ValueError(f"lora_request {getattr(lora_request, 'lora_name', lora_request)!r} given, but the "
+                             f"engine was started without LoRA: pass enable_lora=True (--enable-lora)")
         params = (params or SamplingParams()).apply_generation_defaults(self.generation_defaults) \
             if self.generation_defaults else (params or SamplingParams())
         params = params.verified(vocab_size=self.model_config.vocab_size, max_logprobs=self.args.max_logprobs,
@@ -142,7 +150,11 @@ class LLMEngine:
                              else min(params.max_tokens, room), constraints=self.constraints, constraint=constraint,
                              forkable=self._leader is None and jax.process_count() == 1)
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
-                      seqs=seqs, arrival_time=arrival)
+                      seqs=seqs, arrival_time=arrival, lora_request=lora_request)
+        if lora_request is not None:
+            if params.prompt_logprobs is not None:
+                raise NotImplementedError("prompt_logprobs with a lora_request is not implemented yet")
+            self.lora.admit(lora_request, seqs)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
         self.requests[request_id] = req
@@ -189,6 +201,8 @@ class LLMEngine:
         its event loop there). A step with constrained rows dispatches its model call first and its sampler once the
         previous step's tokens are read (a late sampler, core/constraints.py)."""
         sched = self.scheduler.schedule()
+        if sched is not None and sched.lora_loads:  # adapters given a slot: written before any step reads them
+            self.lora.load(self.runner, sched.lora_loads, self._fail_lora)
         if self.spec is not None and sched is not None:  # speculation runs steps one at a time: nothing in flight
             outputs = self.spec.step(sched, on_dispatch)
             if outputs is not None:
@@ -338,6 +352,10 @@ class LLMEngine:
             if not seq.finished:
                 self.output_processor.finish(seq, "error", flush=False, text=False)
         self.failed.append((request_id, exc))
+
+    def _fail_lora(self, lora_int_id: int, exc: BaseException) -> None:
+        for rid in [r.request_id for r in self.requests.values() if r.seqs[0].lora_int_id == lora_int_id]:
+            self.fail_request(rid, exc)
 
     def take_failed(self) -> list[tuple[str, BaseException]]:
         """The requests failed since the last call: (request id, exception)."""

@@ -16,6 +16,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.layers.attention import attend, rope_and_write
 from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, flat_positions
 from qwenjax.layers.fp8_kv import KVScale
+from qwenjax.layers.lora import LoRAInputs, add_lora, add_lora_parts
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import rope_cos_sin
@@ -54,20 +55,22 @@ class Qwen2Attention(nnx.Module):
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
 
-    def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool):
+    def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool,
+                 lora: LoRAInputs | None = None, layer: int = 0):
         T = x.shape[0]  # x [T, D], cos / sin [T, H]
         if self.fused_qkv:
             q, k, v = split_columns(self.qkv_proj(x), self.qkv_proj_widths, self.shards)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = add_lora_parts((q, k, v), x, lora, layer, "qkv_proj")  # per part, fused or not (layers/lora.py)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         scales = dict(k_scale=self.k_scale[...], v_scale=self.v_scale[...])
         q, k, v, k_pages, v_pages = rope_and_write(q, k, v, cos, sin, k_pages, v_pages, meta, has_context=has_context,
                                                    **scales)
-        out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, **scales)
-        return self.o_proj(out.reshape(T, -1)), k_pages, v_pages
+        out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, **scales).reshape(T, -1)
+        return add_lora(self.o_proj(out), out, lora, layer, "o_proj"), k_pages, v_pages
 
 
 class Qwen2MLP(nnx.Module):
@@ -84,12 +87,14 @@ class Qwen2MLP(nnx.Module):
             self.up_proj = _linear(D, F, False, dtype, rngs, quant)
         self.down_proj = _linear(F, D, False, dtype, rngs, quant)
 
-    def __call__(self, x):
+    def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0):
         if self.fused_gate_up:
             gate, up = split_columns(self.gate_up_proj(x), self.gate_up_proj_widths, self.shards)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj")
+        h = jax.nn.silu(gate) * up
+        return add_lora(self.down_proj(h), h, lora, layer, "down_proj")
 
 
 class Qwen2DecoderLayer(nnx.Module):
@@ -100,7 +105,7 @@ class Qwen2DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, residual, cos, sin, k_pages, v_pages, meta, has_context):
+    def __call__(self, x, residual, cos, sin, k_pages, v_pages, meta, has_context, lora=None, layer: int = 0):
         """x: the previous layer's MLP output (the embeddings for the first layer, whose `residual` is None), not
         yet added to the residual stream. Returns this layer's MLP output and the stream before it: the sum of the
         two is Hugging Face's hidden state after the layer. Each add is fused with the norm that follows it."""
@@ -108,9 +113,9 @@ class Qwen2DecoderLayer(nnx.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add(x, residual)
-        h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context)
+        h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context, lora, layer)
         h, residual = self.post_attention_layernorm.add(h, residual)
-        return self.mlp(h), residual, k_pages, v_pages
+        return (self.mlp(h) if lora is None else self.mlp(h, lora, layer)), residual, k_pages, v_pages
 
 
 class Qwen2Model(nnx.Module):
@@ -123,13 +128,14 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.head_dim, self.rope_theta, self.rope_scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
 
-    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, has_context: bool):
+    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, has_context: bool,
+                 lora: LoRAInputs | None = None):
         x = self.embed_tokens(input_ids.reshape(-1))  # [T, D]
         cos, sin = rope_cos_sin(flat_positions(meta), self.head_dim, self.rope_theta, self.rope_scaling)
         new_cache, residual = [], None
         # Python loop: the layers are unrolled into one program (a scan over stacked weights ran 2.2x slower).
-        for layer, (k_pages, v_pages) in zip(self.layers, kv_cache):
-            x, residual, k_pages, v_pages = layer(x, residual, cos, sin, k_pages, v_pages, meta, has_context)
+        for i, (layer, (k_pages, v_pages)) in enumerate(zip(self.layers, kv_cache)):
+            x, residual, k_pages, v_pages = layer(x, residual, cos, sin, k_pages, v_pages, meta, has_context, lora, i)
             new_cache.append((k_pages, v_pages))
         out = self.norm(x) if residual is None else self.norm.add(x, residual)[0]
         return out.reshape(*input_ids.shape, -1), new_cache
@@ -146,9 +152,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
-    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, *, has_context: bool):
-        """input_ids [B, Q] (or [T] with MixedMetadata) -> final hidden states [B, Q, D] ([T, D]) and the cache."""
-        return self.model(input_ids, meta, kv_cache, has_context)
+    def __call__(self, input_ids, meta: AttentionMetadata | MixedMetadata, kv_cache: KVCache, *, has_context: bool,
+                 lora: LoRAInputs | None = None):
+        """input_ids [B, Q] (or [T] with MixedMetadata) -> final hidden states [B, Q, D] ([T, D]) and the cache.
+        `lora`: the adapters' slot arrays and each token's slot (multi-LoRA, layers/lora.py)."""
+        return self.model(input_ids, meta, kv_cache, has_context, lora)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (computed in the model dtype, as HF does)."""

@@ -75,7 +75,7 @@ def _template(h: np.ndarray) -> tuple[StepInput, SamplingTensors, SamplerMode, b
     ids = i32(D + B * Q) if D else (i32(Q) if packed else i32(B, Q))
     R = D + B
     inp = StepInput(input_ids=ids, meta=meta, logits_index=i32(R), slots=i32(R), prompt_lens=i32(R),
-                    reset=np.zeros((R,), np.bool_), history=i32(B, hist))
+                    reset=np.zeros((R,), np.bool_), history=i32(B, hist), lora_ids=i32(ids.size))
     t = SamplingTensors(temperature=f32(R), top_p=f32(R), top_k=i32(R), min_p=f32(R), repetition_penalty=f32(R),
                         presence_penalty=f32(R), frequency_penalty=f32(R), seeds=np.zeros((R,), np.uint32),
                         steps=i32(R), prompt_tokens=i32(R, hp), output_tokens=i32(R, ho), banned=i32(R, kb),

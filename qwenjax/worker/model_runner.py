@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata, segments
+from qwenjax.layers.lora import LoRAInputs
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler, spec_verify
 from qwenjax.worker.step_input import StepInput, build_step_input
@@ -48,8 +49,9 @@ MULTI_STEP_UNROLL = int(os.environ.get("QWENJAX_MULTI_STEP_UNROLL", "1"))
 
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, kv_cache: list, *, vocab_size: int,
-                 max_num_seqs: int, block_table_width: int, mesh):
+                 max_num_seqs: int, block_table_width: int, mesh, lora=None):
         self.graphdef = graphdef
+        self.lora = lora  # worker/lora_stacks.LoRAStacks (multi-LoRA) or None
         self.params = params
         # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
         self._param_leaves, param_tree = jax.tree.flatten(params)
@@ -116,8 +118,8 @@ class ModelRunner:
         i_buf, f_buf, layout = packing.pack((inp, tensors))
         with jax.set_mesh(self.mesh):
             self.kv_cache, self.penalties, self.last_tokens, out = self._decode_steps(
-                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, layout=layout,
-                mode=mode, num_steps=num_steps)
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, self._lora_stacks,
+                layout=layout, mode=mode, num_steps=num_steps)
         return out
 
     def verify(self, inp: StepInput, drafts: np.ndarray, num_drafts: np.ndarray, tensors: sampler.SamplingTensors,
@@ -127,8 +129,8 @@ class ModelRunner:
         i_buf, f_buf, layout = packing.pack((inp, tensors, drafts, num_drafts))
         with jax.set_mesh(self.mesh):
             self.kv_cache, self.penalties, self.last_tokens, out = self._verify(
-                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, layout=layout,
-                mode=mode)
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, self._lora_stacks,
+                layout=layout, mode=mode)
         return out
 
     def warmup_verify(self, decode_buckets, num_positions: int, modes) -> None:
@@ -162,11 +164,21 @@ class ModelRunner:
         with jax.set_mesh(self.mesh):
             self.kv_cache, self.penalties = self._fork(self.kv_cache, self.penalties, src, dst, slots, tokens)
 
+    @property
+    def _lora_stacks(self):
+        return None if self.lora is None else self.lora.stacks
+
+    def load_lora(self, slot: int, weights) -> None:
+        """Writes an adapter (qwenjax/lora/peft.LoRAWeights) into device slot `slot`; dispatched in order, so steps
+        dispatched before it read the slot's previous adapter and steps after it this one."""
+        with jax.set_mesh(self.mesh):
+            self.lora.load(slot, weights)
+
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               self.last_tokens, i_buf, f_buf,
+                                                               self.last_tokens, i_buf, f_buf, self._lora_stacks,
                                                                has_context=has_context, layout=layout)
         return logits
 
@@ -230,11 +242,16 @@ class ModelRunner:
 
 
 
-def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *,
-             has_context: bool, layout):
+def _lora_kwargs(lora_stacks, inp: StepInput) -> dict:
+    """The model's `lora` argument: only when adapters are enabled (Qwen2-MoE takes none)."""
+    return {} if lora_stacks is None else {"lora": LoRAInputs.build(lora_stacks, inp.lora_ids.reshape(-1))}
+
+
+def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, lora_stacks=None,
+             *, has_context: bool, layout):
     inp: StepInput = packing.unpack(i_buf, f_buf, layout)
     if isinstance(inp.meta, PackedMetadata):
-        return _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp)
+        return _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp, lora_stacks)
     segs = segments(inp.meta)
     # Placeholders (ids < 0) are the newest tokens of decode rows: read from the device (see the module docstring).
     ids, rows, start = [], 0, 0
@@ -245,7 +262,7 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_token
         rows, start = rows + B, start + B * Q
     flat = jnp.concatenate([x.reshape(-1) for x in ids]) if len(ids) > 1 else ids[0]
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
-    hidden, kv_cache = model(flat, inp.meta, kv_cache, has_context=has_context)
+    hidden, kv_cache = model(flat, inp.meta, kv_cache, has_context=has_context, **_lora_kwargs(lora_stacks, inp))
     last = hidden.reshape(-1, hidden.shape[-1])[inp.logits_index]  # [R, D]: only sampled positions get logits
     rows = 0
     for seg, seg_ids in zip(segs, ids):
@@ -259,21 +276,22 @@ def _forward(graphdef, param_tree, param_leaves, kv_cache, penalties, last_token
     return kv_cache, penalties, model.logits(last)
 
 
-def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp: StepInput):
+def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, inp: StepInput,
+                    lora_stacks=None):
     """`_forward` of a packed prefill step (fresh rows at position 0 on T token slots)."""
     meta: PackedMetadata = inp.meta
     row, real = meta.token_rows()
     ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots[row]], inp.input_ids)
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
-    hidden, kv_cache = model(ids, meta, kv_cache, has_context=False)
+    hidden, kv_cache = model(ids, meta, kv_cache, has_context=False, **_lora_kwargs(lora_stacks, inp))
     last = hidden.reshape(-1, hidden.shape[-1])[inp.logits_index]
     penalties = penalty_state.update_packed(penalties, ids, meta.positions, row, real, inp.prompt_lens, inp.slots,
                                             inp.reset)
     return kv_cache, penalties, model.logits(last)
 
 
-def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *, layout,
-                  mode, num_steps: int):
+def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf,
+                  lora_stacks=None, *, layout, mode, num_steps: int):
     """`num_steps` decode steps in one program (see the module docstring). Returns the cache, the penalty state,
     last_tokens and a SamplerOutput whose token_ids / logprobs are [num_steps, B]."""
     inp, tensors = packing.unpack(i_buf, f_buf, layout)
@@ -290,7 +308,7 @@ def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_
         m = dataclasses.replace(meta, positions=pos,
                                 slot_mapping=jnp.where(live, page * page_size + pos % page_size, meta.slot_mapping),
                                 seq_lens=jnp.where(live[:, 0], meta.seq_lens + k, meta.seq_lens))
-        hidden, kv = model(ids, m, kv, has_context=False)
+        hidden, kv = model(ids, m, kv, has_context=False, **_lora_kwargs(lora_stacks, inp))
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[inp.logits_index])
         pen = penalty_state.update(pen, ids, pos, meta.query_lens, inp.prompt_lens, inp.slots, inp.reset,
                                    inp.history)

@@ -20,6 +20,7 @@ from qwenjax.quantization.config import resolve_quant_config
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
 from qwenjax.worker.kv_cache import (MemoryInfo, allocate, device_memory, device_total_bytes, kv_dtype, page_bytes,
                                      plan_num_pages)
+from qwenjax.worker.lora_stacks import LoRAStacks
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.sampler import WARMUP_MODES
 
@@ -58,6 +59,9 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         path = default_model_dir() if model == DEFAULT_MODEL_NAME else \
             resolve_model_path(model, revision=args.revision, download_dir=args.download_dir)
         cfg = load_model_config(path, args.hf_overrides_dict())
+    if args.enable_lora and cfg.num_experts:
+        raise NotImplementedError("enable_lora with a Qwen2-MoE model (LoRA on routed experts) is not "
+                                  "implemented; adapters run on dense Qwen2 / Qwen2.5 models")
     dtype = resolve_dtype(args.dtype, cfg)
     tok_dir = resolve_tokenizer_dir(path, args.tokenizer) if path is not None else \
         (args.tokenizer or default_tokenizer_dir())
@@ -118,10 +122,15 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     buckets = [(b, 1, False, 0) for b in sc.decode_buckets] + [(r, t, False, 0) for r, t in sc.packed_buckets] + \
               [(1, q, True, 0) for _, q in sc.prefill_buckets] + \
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
-    num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh)
+    lora = None
+    if args.enable_lora:  # the adapter slots take their memory before the KV cache is sized
+        lora = LoRAStacks(model_cfg, args.lora_config, dtype, mesh)
+        logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB)", args.max_loras, lora.rank,
+                    lora.nbytes / 2**30)
+    num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora)
     kv = allocate(model_cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, model_cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
-                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh, lora=lora)
     logger.info("decode attention: %s (head_dim %d, %s)", decode_backend(cfg.head_dim), cfg.head_dim,
                 jax.default_backend())
     padded_gib = num_pages * (page_bytes(model_cfg, sc.block_size, cache_dtype) -
@@ -193,7 +202,7 @@ def _generation_defaults(args: EngineArgs, path: Path | None):
     return load_generation_defaults(src) if src is not None else GenerationDefaults()
 
 
-def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh) -> int:
+def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora=None) -> int:
     if args.num_kv_pages is not None:
         need = sc.max_pages_per_seq
         if args.num_kv_pages < need:
@@ -212,7 +221,7 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
             pages = min(pages, sc.max_num_seqs * sc.max_pages_per_seq)
         return pages
     activation = _profile_activations(args, cfg, sc, cache_dtype, graphdef, params, buckets, mem, memory_source,
-                                      mesh)
+                                      mesh, lora)
     free = mem.limit - mem.in_use - activation
     if args.kv_cache_memory_bytes is not None:
         free = min(free, args.kv_cache_memory_bytes)
@@ -224,13 +233,13 @@ def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_so
 
 
 def _profile_activations(args, cfg, sc, cache_dtype, graphdef, params, buckets, before: MemoryInfo,
-                         memory_source, mesh) -> int:
+                         memory_source, mesh, lora=None) -> int:
     """Runs the largest prefill and decode buckets once on a minimal cache; returns the peak extra bytes."""
     pages = sc.max_pages_per_seq + 1
     kv = allocate(cfg, pages, sc.block_size, cache_dtype, kv_sharding(mesh, cfg))
     kv_bytes = pages * page_bytes(cfg, sc.block_size, cache_dtype)
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
-                         block_table_width=sc.max_pages_per_seq, mesh=mesh)
+                         block_table_width=sc.max_pages_per_seq, mesh=mesh, lora=lora)  # its steps only read lora
     def slots(b):  # token slots of a bucket: a packed one (Q > 1, no context, no decode rows) has Q
         return b[1] if b[1] > 1 and not b[2] and not b[3] else b[0] * b[1] + b[3]
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax.layers.attention_metadata import AttentionMetadata
+from qwenjax.layers.lora import LoRAInputs
 from qwenjax.worker import packing, penalty_state
 from qwenjax.worker.rejection_sampler import VerifyOutput, rejection_sample
 from qwenjax.worker.step_input import StepInput
@@ -45,6 +46,7 @@ def build_verify_input(seqs: Sequence, drafts: Sequence[Sequence[int]], *, rows:
     num_drafts = np.zeros((B,), np.int32)
     slot_rows = np.full((B,), scratch_slot, np.int32)
     prompt_lens = np.zeros((B,), np.int32)
+    lora = np.zeros((B, Q), np.int32)  # each token's LoRA slot (0: none)
     for b, (seq, d) in enumerate(zip(seqs, drafts)):
         n, start = len(d), seq.num_computed
         if n > Q - 1:
@@ -62,21 +64,25 @@ def build_verify_input(seqs: Sequence, drafts: Sequence[Sequence[int]], *, rows:
         num_drafts[b] = n
         slot_rows[b] = seq.slot
         prompt_lens[b] = len(seq.prompt_token_ids)
+        lora[b, :1 + n] = seq.lora_slot
     meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
                              query_lens=q_lens)
     inp = StepInput(input_ids=ids, meta=meta, logits_index=np.arange(B, dtype=np.int32) * Q, slots=slot_rows,
-                    prompt_lens=prompt_lens, reset=np.zeros((B,), np.bool_), history=np.zeros((B, 0), np.int32))
+                    prompt_lens=prompt_lens, reset=np.zeros((B,), np.bool_), history=np.zeros((B, 0), np.int32),
+                    lora_ids=lora.reshape(-1))
     return inp, draft_ids, num_drafts
 
 
-def verify(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, *, layout, mode):
+def verify(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, lora_stacks=None, *,
+           layout, mode):
     """The device half (ModelRunner.verify): (kv_cache, penalties, last_tokens, VerifyOutput)."""
     inp, tensors, drafts, num_drafts = packing.unpack(i_buf, f_buf, layout)
     meta: AttentionMetadata = inp.meta
     B, Q = inp.input_ids.shape
     ids = jnp.where(inp.input_ids < 0, last_tokens[inp.slots][:, None], inp.input_ids)  # a PENDING newest token
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
-    hidden, kv_cache = model(ids, meta, kv_cache, has_context=True)
+    lora = None if lora_stacks is None else LoRAInputs.build(lora_stacks, inp.lora_ids.reshape(-1))
+    hidden, kv_cache = model(ids, meta, kv_cache, has_context=True, lora=lora)
     logits = model.logits(hidden.reshape(B * Q, hidden.shape[-1]))  # [B * Q, V]: every position is scored
     none = jnp.zeros((B, 0), jnp.int32)
     live = jnp.minimum(meta.query_lens, 1)

@@ -26,6 +26,7 @@ class StepInput:
     reset: jax.Array          # [R] bool rebuild the row's penalty state: clear it, then add `history`
     history: jax.Array        # [B, L] int32 tokens at positions [0, start) of a prefill row that starts after 0 in a
                               # slot it just got (a prefix-cache hit), -1 elsewhere; L = 0 in steps without context
+    lora_ids: jax.Array       # [T] int32 LoRA slot of each of the step's tokens (input_ids flattened); 0: no adapter
 # R = B rows, D + B in a mixed step (decode rows first), or a packed step's R. Per-row arrays follow the sampler's
 # row order.
 
@@ -36,6 +37,7 @@ class _Segment:
     def __init__(self, B: int, Q: int, *, page_size: int, num_pages: int, width: int, slot_base: int):
         self.Q, self.page_size = Q, page_size
         self.ids = np.zeros((B, Q), np.int32)
+        self.lora = np.zeros((B, Q), np.int32)
         self.pos = np.zeros((B, Q), np.int32)
         # Padding slots are out of range (their writes are dropped) and distinct, so the scatter's indices stay unique.
         self.slots = (num_pages * page_size + slot_base + np.arange(B * Q, dtype=np.int32)).reshape(B, Q)
@@ -55,6 +57,8 @@ class _Segment:
             self.pos[b, :n] = p
             self.slots[b, :n] = np.asarray(table, np.int32)[p // ps] * ps + p % ps
         self.tables[b, :len(table)] = table
+        if seq.lora_slot:
+            self.lora[b, :n] = seq.lora_slot
         self.seq_lens[b] = start + n
         self.q_lens[b] = n
 
@@ -70,6 +74,7 @@ def _packed_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_p
     R, T = out.bucket
     ps = page_size
     ids = np.zeros((T,), np.int32)
+    lora = np.zeros((T,), np.int32)
     pos = np.zeros((T,), np.int32)
     slots = num_pages * ps + np.arange(T, dtype=np.int32)  # padding: out of range (dropped) and distinct
     tables = np.zeros((R, max_pages_per_seq), np.int32)
@@ -85,6 +90,7 @@ def _packed_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_p
         table = np.asarray(seq.block_table, np.int32)
         p = np.arange(n, dtype=np.int32)
         ids[o:o + n] = seq.tokens(0, n)
+        lora[o:o + n] = seq.lora_slot
         pos[o:o + n] = p
         slots[o:o + n] = table[p // ps] * ps + p % ps
         tables[r, :len(table)] = table
@@ -97,7 +103,7 @@ def _packed_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_p
     meta = PackedMetadata(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
                           query_lens=q_lens, row_starts=starts)
     return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
-                     reset=q_lens > 0, history=np.zeros((R, 0), np.int32))
+                     reset=q_lens > 0, history=np.zeros((R, 0), np.int32), lora_ids=lora)
 
 
 def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, max_pages_per_seq: int,
@@ -134,8 +140,9 @@ def build_step_input(out: SchedulerOutput, *, page_size: int, num_pages: int, ma
         if start == 0 or (r >= D and Q > 1 and start == seq.num_cached_tokens):
             reset[r] = True
     if dec is None:
-        ids, meta = seg.ids, seg.meta()
+        ids, meta, lora = seg.ids, seg.meta(), seg.lora.reshape(-1)
     else:
         ids, meta = np.concatenate([dec.ids.reshape(-1), seg.ids.reshape(-1)]), MixedMetadata(dec.meta(), seg.meta())
+        lora = np.concatenate([dec.lora.reshape(-1), seg.lora.reshape(-1)])
     return StepInput(input_ids=ids, meta=meta, logits_index=last, slots=slot_rows, prompt_lens=prompt_lens,
-                     reset=reset, history=history)
+                     reset=reset, history=history, lora_ids=lora)

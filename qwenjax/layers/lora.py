@@ -1,0 +1,76 @@
+"""LoRA deltas inside the model: y + (x @ A[slot]) @ B[slot] for each token's adapter slot.
+
+`LoRAInputs` is what a step gives the model: the stacked slot arrays of every layer (worker/lora_stacks.py: per layer
+a dict projection -> (A [S, I, R], B [S, R, O]), slot 0 all zeros) and the slot of each of the step's T tokens. On
+one device the projections that read one input share their arrays (LORA_GROUPS: q/k/v, gate/up): A side by side
+[S, I, G * R] and B block-diagonal [S, G * R, sum O], so a group costs one shrink and one expand, not G of each (8
+matmuls a layer instead of 14; the zero blocks cost G x the expand's small FLOPs); the delta is split back into the
+parts. Over a mesh every projection keeps its own arrays, split like its base weight. Fused base projections
+(models/fusion.py) get the delta of each part after their output is split, so fusion and LoRA are independent. On a
+GPU the Pallas kernels run (pallas_kernels/lora_matmul.py) where the mesh is one device and they take the shapes,
+else the dense jnp form (over a mesh XLA splits it as it splits the base weights: A and B are sharded like them); on
+CPU the jnp reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from pallas_kernels.lora_matmul import (group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference,
+                                        supported)
+from qwenjax import compat
+
+
+LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRAInputs:
+    stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}
+    ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
+    grouping: tuple | None = None  # (order, inverse [T], group sizes [S - 1]) of the kernels, once per step (GPU)
+
+    @classmethod
+    def build(cls, stacks: list, ids: jax.Array) -> "LoRAInputs":
+        S = next(iter(stacks[0].values()))[0].shape[0]
+        return cls(stacks, ids, group_by_slot(ids, S) if compat.platform() == "gpu" else None)
+
+
+def _matmul(a: jax.Array, b: jax.Array):
+    """The batched LoRA matmul for this backend, mesh and shape (module docstring)."""
+    if compat.platform() != "gpu":
+        return lora_matmul_reference
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh is None or mesh.empty or mesh.size == 1
+    return lora_matmul if one_device and supported(a.shape[1], b.shape[2], a.shape[2], a.dtype) else lora_matmul_dense
+
+
+def _delta(x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
+    x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
+    fn = _matmul(a, b)
+    return fn(x2, a, b, lora.ids, lora.grouping) if fn is lora_matmul else fn(x2, a, b, lora.ids)
+
+
+def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:
+    """y [T, O] (the base projection of x [T, I]) plus the LoRA delta of projection `name` of `layer`."""
+    if lora is None:
+        return y
+    return y + _delta(x, *lora.stacks[layer][name], lora).reshape(y.shape).astype(y.dtype)
+
+
+def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int, group: str) -> tuple:
+    """The projections ys ([T, O_i], in LORA_GROUPS[group]'s order) of one input x, each plus its LoRA delta: one
+    shrink and one expand where the stacks hold the group's arrays together, else one of each per part."""
+    if lora is None:
+        return ys
+    if group not in lora.stacks[layer]:
+        return tuple(add_lora(y, x, lora, layer, name) for y, name in zip(ys, LORA_GROUPS[group]))
+    delta = _delta(x, *lora.stacks[layer][group], lora)  # [T, sum O_i], the parts side by side
+    out, at = [], 0
+    for y in ys:
+        out.append(y + delta[:, at:at + y.shape[-1]].astype(y.dtype))
+        at += y.shape[-1]
+    return tuple(out)
