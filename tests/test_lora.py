@@ -219,3 +219,21 @@ def test_preemption_and_n_copies_keep_their_adapter(untied_gqa2, adapters, promp
     assert [c.token_ids for c in out.outputs] == [oracle["b"][1][1]] * 2
     assert engine.blocks.num_free == engine.blocks.num_pages and sum(engine.lora.slots.refs.values()) == 0
     engine.lora.slots.check()
+
+
+def test_speculative_decoding_keeps_each_rows_adapter(untied_gqa2, adapters, oracle):
+    """n-gram speculation over a batch mixing two adapters and the base model: the verify steps score each row's
+    proposals under its own adapter, so the tokens are PEFT's greedy tokens row by row, with proposals verified."""
+    prompts = [list(range(10, 18)) * 4, list(range(40, 46)) * 5, list(range(70, 79)) * 3]
+    mix = ["a", "b", None]
+    want = [peft_greedy(oracle[m][0], [p], 12)[0] for m, p in zip(mix, prompts)]
+    llm = _llm(untied_gqa2, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    reqs = [None if m is None else adapters[m] for m in mix]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_tokens=12,
+                                                                                   ignore_eos=True),
+                        lora_request=reqs, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    stats = llm.llm_engine.stats
+    assert stats.spec_decode_verify_steps > 0 and stats.spec_decode_num_draft_tokens > 0
+    assert llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages
