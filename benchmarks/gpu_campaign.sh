@@ -13,6 +13,9 @@
 #   startup-M        startup.py: process start to first token, cold and with a warm compilation cache
 #   warmup-M         warmup_breakdown.py: each bucket's trace / lower / compile, cold then with a warm cache
 #   structured-M     structured.py: 64 requests under a JSON schema against the same unconstrained, and batch 1
+#   spec-M           spec_decode.py (verify vs decode step, draft step, acceptance, speedup table), then latency.py
+#                    with n-gram speculation (k = 4)
+#   lora-M           lora.py: throughput-fixed with 8 adapters against the base model, batch-1 latency with one
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
 #                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
@@ -225,6 +228,20 @@ for s in "${STAGES[@]}"; do
         warmup-*)
             m=$(model_of "${s#warmup-}")
             step "$s" 150 0 "$PY" benchmarks/warmup_breakdown.py --model "$m" --results-dir "$RESULTS" --out "$OUT"
+            ;;
+        spec-*)
+            # spec_decode.py: verify steps at k = 1, 2, 4, 8 against a decode step (batch 1 and 32), the draft's step
+            # (default draft qwen2-0.5b-instruct), measured acceptance and tok/s; then latency with n-gram k = 4.
+            m=$(model_of "${s#spec-}")
+            step "$s" 240 0 "$PY" benchmarks/spec_decode.py --model "$m" "${COMMON[@]}"
+            step "latency-ngram-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" \
+                --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' "${COMMON[@]}"
+            ;;
+        lora-*)
+            # lora.py: throughput-fixed with 8 rank-16 adapters on all seven projections against the base model, and
+            # batch-1 latency with one adapter, in one run.
+            m=$(model_of "${s#lora-}")
+            step "$s" 240 0 "$PY" benchmarks/lora.py --model "$m" "${COMMON[@]}"
             ;;
         structured-*)
             m=$(model_of "${s#structured-}")
