@@ -19,6 +19,8 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "ha
            "float32": "float32", "float": "float32", "fp32": "float32"}
 # The names of qwenjax.core.policies.POLICIES (config sits below core, so it keeps the names, not the classes).
 SCHEDULING_POLICIES = ("fcfs", "priority", "spf", "fair")
+# vLLM's --distributed-executor-backend: "mp" (engine processes on this host) or "ray" (Ray actors); None: "mp".
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -248,6 +250,10 @@ class EngineArgs:
     # "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}. Given as a dict or its JSON text; kept as
     # canonical JSON text (sorted keys) so that the arguments stay hashable. Top-level keys replace whole values.
     hf_overrides: str | None = None
+    # Data parallelism (qwenjax/engine/data_parallel.py): this many engine replicas behind one server, each with its
+    # own devices and its own tensor_parallel_size; placed as processes of this host ("mp") or as Ray actors ("ray").
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # DISTRIBUTED_EXECUTOR_BACKENDS; None: "mp"
 
     def __post_init__(self):
         if self.hf_overrides is not None:
@@ -280,6 +286,12 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be -1 (the vocabulary size) or at least 0, got {self.max_logprobs}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
+        if self.distributed_executor_backend not in (None, *DISTRIBUTED_EXECUTOR_BACKENDS):
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{', '.join(map(repr, DISTRIBUTED_EXECUTOR_BACKENDS))}, got "
+                             f"{self.distributed_executor_backend!r}")
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")
@@ -303,6 +315,13 @@ class EngineArgs:
         if self.num_scheduler_steps > 1 and self.num_processes > 1:
             missing.append(f"num_scheduler_steps={self.num_scheduler_steps} with num_processes={self.num_processes} "
                            f"(multi-step decode is not replayed on follower hosts yet; use 1 there)")
+        if self.usage_context == "llm" and (self.data_parallel_size > 1 or self.distributed_executor_backend):
+            missing.append(f"data_parallel_size={self.data_parallel_size} / distributed_executor_backend="
+                           f"{self.distributed_executor_backend!r} in the offline LLM (replicas are served: python -m "
+                           f"server --data-parallel-size N [--distributed-executor-backend ray])")
+        if self.distributed_executor_backend == "ray" and self.num_processes > 1:
+            missing.append(f"num_processes={self.num_processes} with distributed_executor_backend='ray' (a multi-host "
+                           f"mesh placed as Ray actors; start one process per host with --num-processes instead)")
         return missing
 
 
