@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import os
 import signal
+import sys
 import time
 
 import httpx
@@ -66,6 +67,19 @@ def test_device_groups_split_the_visible_gpus_and_refuse_too_few():
 def test_offline_llm_refuses_data_parallel_by_name():
     with pytest.raises(NotImplementedError, match="data_parallel_size=2 .* in the offline LLM .*--data-parallel-size"):
         LLM(**{k: getattr(ARGS, k) for k in ("dtype", "max_model_len")}, data_parallel_size=2)
+
+
+def test_ray_backend_without_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(RuntimeError, match=r"needs Ray, which is not installed: pip install ray"):
+        DataParallelEngine(dataclasses.replace(ARGS, distributed_executor_backend="ray"))
+
+
+def test_a_mesh_over_hosts_as_ray_actors_is_refused_by_name():
+    missing = EngineArgs(num_processes=2, distributed_executor_backend="ray", usage_context="server").unsupported()
+    assert any("multi-host mesh placed as Ray actors" in m for m in missing), missing
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of 'mp', 'ray', got 'slurm'"):
+        EngineArgs(distributed_executor_backend="slurm")
 
 
 def test_two_replicas_give_each_request_the_tokens_of_one_engine(server, dp):
