@@ -66,6 +66,20 @@ def test_device_groups_split_the_visible_gpus_and_refuse_too_few():
         device_env(1, 2, {"CUDA_VISIBLE_DEVICES": "0,1,2"})
 
 
+def test_server_flags_build_data_parallel_engine_args_and_refuse_a_thread_engine():
+    from server.__main__ import engine_args, make_parser
+    from server.data_parallel import check_data_parallel
+
+    ns = make_parser().parse_args(["--data-parallel-size", "2", "--data-parallel-routing", "prefix_aware",
+                                   "--distributed-executor-backend", "ray"])
+    args = engine_args(ns)
+    assert (args.data_parallel_size, args.distributed_executor_backend) == (2, "ray")
+    check_data_parallel(ns)
+    ns = make_parser().parse_args(["--data-parallel-size", "2", "--disable-frontend-multiprocessing"])
+    with pytest.raises(ValueError, match="each run in their own process"):
+        check_data_parallel(ns)
+
+
 def test_offline_llm_refuses_data_parallel_by_name():
     with pytest.raises(NotImplementedError, match="data_parallel_size=2 .* in the offline LLM .*--data-parallel-size"):
         LLM(**{k: getattr(ARGS, k) for k in ("dtype", "max_model_len")}, data_parallel_size=2)

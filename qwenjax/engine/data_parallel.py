@@ -205,17 +205,23 @@ class DataParallelEngine:
             ids = self.engine.tokenizer.encode(prompt or "", add_special_tokens=False)
         request = self.route_request(list(ids))
         with self._lock:
-            try:
-                index = self.router.choose(request, self.loads())
-            except RuntimeError as e:  # no healthy replica
-                raise EngineDeadError(f"the engine is not running: {e} ({self.error})") from None
-            self.router.on_routed(request, index)
-            replica = self.replicas[index]
-            stream = replica.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids,
-                                                priority=priority, arrival_time=arrival_time)
-            replica.inflight[str(request_id)] = (stream, (len(ids), params.n * (params.max_tokens or 0)))
-            stream.replica = index  # which replica serves it (tests, logs)
-        return stream
+            for _ in self.replicas:  # a replica that died since its load was read is passed over
+                try:
+                    index = self.router.choose(request, self.loads())
+                except RuntimeError as e:  # no healthy replica
+                    raise EngineDeadError(f"the engine is not running: {e} ({self.error})") from None
+                replica = self.replicas[index]
+                try:
+                    stream = replica.engine.add_request(request_id, prompt, params,
+                                                        prompt_token_ids=prompt_token_ids, priority=priority,
+                                                        arrival_time=arrival_time)
+                except EngineDeadError:
+                    continue
+                self.router.on_routed(request, index)
+                replica.inflight[str(request_id)] = (stream, (len(ids), params.n * (params.max_tokens or 0)))
+                stream.replica = index  # which replica serves it (tests, logs)
+                return stream
+        raise EngineDeadError(f"the engine is not running: every replica is down ({self.error})")
 
     async def generate(self, prompt, params, request_id: str, prompt_token_ids=None, *, priority: int = 0):
         stream = self.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids, priority=priority)
