@@ -319,9 +319,10 @@ class EngineArgs:
             missing.append(f"data_parallel_size={self.data_parallel_size} / distributed_executor_backend="
                            f"{self.distributed_executor_backend!r} in the offline LLM (replicas are served: python -m "
                            f"server --data-parallel-size N [--distributed-executor-backend ray])")
-        if self.distributed_executor_backend == "ray" and self.num_processes > 1:
-            missing.append(f"num_processes={self.num_processes} with distributed_executor_backend='ray' (a multi-host "
-                           f"mesh placed as Ray actors; start one process per host with --num-processes instead)")
+        if self.data_parallel_size > 1 and self.num_processes > 1 and self.distributed_executor_backend != "ray":
+            missing.append(f"data_parallel_size={self.data_parallel_size} with num_processes={self.num_processes} "
+                           f"on this host's processes (replicas that span hosts are placed by Ray: "
+                           f"distributed_executor_backend='ray')")
         return missing
 
 

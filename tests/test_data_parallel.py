@@ -52,6 +52,14 @@ def complete(url: str, ids: list[int], max_tokens: int = 8) -> httpx.Response:
                                                      "temperature": 0}, timeout=300)
 
 
+def one_engine_texts() -> list[str]:
+    """The oracle: PROMPTS' greedy completions (8 tokens) from one offline engine with the replicas' arguments."""
+    llm = LLM(**{f.name: getattr(ARGS, f.name) for f in dataclasses.fields(EngineArgs)
+                 if f.name not in ("data_parallel_size", "usage_context")})
+    return [o.outputs[0].text for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
+        max_tokens=8, temperature=0), use_tqdm=False)]
+
+
 def per_engine(url: str, name: str) -> list[float]:
     m = metrics_of(url)
     return [m[f"vllm:{name}_total{{engine={i}}}"] for i in range(2)]
@@ -91,18 +99,17 @@ def test_ray_backend_without_ray_says_how_to_install_it(monkeypatch):
         DataParallelEngine(dataclasses.replace(ARGS, distributed_executor_backend="ray"))
 
 
-def test_a_mesh_over_hosts_as_ray_actors_is_refused_by_name():
-    missing = EngineArgs(num_processes=2, distributed_executor_backend="ray", usage_context="server").unsupported()
-    assert any("multi-host mesh placed as Ray actors" in m for m in missing), missing
+def test_replicas_spanning_hosts_need_ray_and_are_refused_by_name_otherwise():
+    missing = EngineArgs(num_processes=2, data_parallel_size=2, usage_context="server").unsupported()
+    assert any("replicas that span hosts are placed by Ray" in m for m in missing), missing
+    assert not EngineArgs(num_processes=2, data_parallel_size=2, distributed_executor_backend="ray",
+                          usage_context="server").unsupported()
     with pytest.raises(ValueError, match="distributed_executor_backend must be one of 'mp', 'ray', got 'slurm'"):
         EngineArgs(distributed_executor_backend="slurm")
 
 
 def test_two_replicas_give_each_request_the_tokens_of_one_engine(server, dp):
-    llm = LLM(**{f.name: getattr(ARGS, f.name) for f in dataclasses.fields(EngineArgs)
-                 if f.name not in ("data_parallel_size", "usage_context")})
-    want = [o.outputs[0].text for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
-        max_tokens=8, temperature=0), use_tqdm=False)]
+    want = one_engine_texts()
     before = per_engine(server.url, "prefix_cache_queries")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda ids: complete(server.url, ids), PROMPTS))

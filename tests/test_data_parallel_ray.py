@@ -1,7 +1,8 @@
 """Issue 32: `--distributed-executor-backend ray`: two replicas as Ray actors on a local Ray cluster of two nodes
 (ray.cluster_utils.Cluster, one CPU each, so the placement group's SPREAD puts one replica on each), behind one
 server. One cluster and one pair of replicas serve the whole module (Ray's start-up is slow on two cores); the
-restart test kills a replica, so it runs last.
+restart test kills a replica; the mesh test then stops the pair (the cluster's two CPUs go to the mesh's two
+processes).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from qwenjax import LLM, SamplingParams
 from qwenjax.engine.data_parallel import DataParallelEngine
 from server.app import create_app
-from tests.test_data_parallel import ARGS, PROMPTS, complete, per_engine
+from tests.test_data_parallel import ARGS, PROMPTS, complete, one_engine_texts, per_engine
 from tests.test_server import ServerThread
 
 RAY_ARGS = dataclasses.replace(ARGS, distributed_executor_backend="ray")
@@ -52,10 +52,7 @@ def server(dp):
 def test_two_ray_replicas_on_two_nodes_give_the_tokens_of_one_engine(server, dp):
     nodes = {ray.get(a.where.remote())["node_id"] for a in dp._ray.actors}
     assert len(nodes) == 2  # one replica per node
-    llm = LLM(**{f.name: getattr(ARGS, f.name) for f in dataclasses.fields(ARGS)
-                 if f.name not in ("data_parallel_size", "usage_context")})
-    want = [o.outputs[0].text for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
-        max_tokens=8, temperature=0), use_tqdm=False)]
+    want = one_engine_texts()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda ids: complete(server.url, ids), PROMPTS))
     assert [r.json()["choices"][0]["text"] for r in got] == want
@@ -84,3 +81,19 @@ def test_a_killed_ray_replica_fails_its_requests_is_restarted_and_serves_again(s
     assert [complete(server.url, ids).status_code for ids in PROMPTS[:4]] == [200] * 4
     after = per_engine(server.url, "prefix_cache_queries")
     assert after[1] > before[1]  # the restarted replica serves again (round robin)
+
+
+def test_a_mesh_over_two_nodes_placed_by_ray_gives_mesh_1_greedy_tokens(server, dp):
+    """One replica whose model spans two processes (num_processes 2, jax.distributed, a mesh of 2 CPU devices), one
+    process per node: the greedy tokens of one engine on one device."""
+    dp.shutdown()  # frees the cluster's two CPUs
+    args = dataclasses.replace(RAY_ARGS, data_parallel_size=1, num_processes=2, tensor_parallel_size=2)
+    mesh = DataParallelEngine(args)
+    try:
+        nodes = {ray.get(a.where.remote())["node_id"] for a in mesh._ray.actors + mesh._ray.followers}
+        assert len(nodes) == 2
+        with ServerThread(create_app(mesh, served_model_names=["tiny"])) as s:
+            got = [complete(s.url, ids) for ids in PROMPTS]
+        assert [r.json()["choices"][0]["text"] for r in got] == one_engine_texts()
+    finally:
+        mesh.shutdown()

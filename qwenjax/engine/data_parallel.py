@@ -223,13 +223,7 @@ class DataParallelEngine:
                 return stream
         raise EngineDeadError(f"the engine is not running: every replica is down ({self.error})")
 
-    async def generate(self, prompt, params, request_id: str, prompt_token_ids=None, *, priority: int = 0):
-        stream = self.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids, priority=priority)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
+    generate = AsyncLLMEngine.generate  # the same over this add_request: yields until finished, aborts on leaving
 
     def abort(self, request_id: str) -> None:
         rid = str(request_id)

@@ -13,12 +13,15 @@ purpose when its engine loop dies, so that Ray restarts it); the frontend sees t
 process's (its streams fail with EngineDeadError naming the replica), and DataParallelEngine's watcher polls the
 restarted actor's `ready()` and reconnects once its engine is built again.
 
-A multi-host mesh (jax.distributed, one process per host) placed as Ray actors is not built: EngineArgs.unsupported
-names it.
+A replica that spans hosts (num_processes P > 1: one model over a jax.distributed mesh, one process per host) is P
+actors in a placement group of its own (STRICT_SPREAD: one per node): process 0 is the EngineReplicaActor (it picks
+the coordinator address on its node and serves), processes 1..P-1 are MeshFollowerActors replaying its steps
+(LLMEngine.follow). A mesh is restarted as a whole or not at all, so its actors are created without max_restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -73,7 +76,14 @@ class EngineReplicaActor:
         self._out: queue.Queue = queue.Queue()
         self._ready = None
         self._lock = threading.Lock()
+        if args.num_processes > 1 and args.distributed_coordinator is None:  # process 0 of a mesh over hosts
+            args = dataclasses.replace(args, distributed_coordinator=_coordinator_address())
+        self._coordinator = args.distributed_coordinator
         threading.Thread(target=self._run, args=(args, options), name="qwenjax-engine-core", daemon=True).start()
+
+    def coordinator(self) -> str | None:
+        """host:port of this mesh's jax.distributed coordinator (process 0, here); None for one process."""
+        return self._coordinator
 
     def _run(self, args, options) -> None:
         run_engine_core(args, _QueueEnd(self._cmd), _QueueEnd(self._out), options)
@@ -111,6 +121,40 @@ class EngineReplicaActor:
                 msgs.append(self._out.get_nowait())
             except queue.Empty:
                 return msgs
+
+
+class MeshFollowerActor:
+    """Process k > 0 of a replica's mesh over hosts: builds its shard of the engine, then replays process 0's steps
+    until process 0 stops (LLMEngine.follow), in a thread of the actor."""
+
+    def __init__(self, args, env: dict):
+        os.environ.update(env)
+        self.steps: int | None = None
+        threading.Thread(target=self._run, args=(args,), name="qwenjax-mesh-follower", daemon=True).start()
+
+    def _run(self, args) -> None:
+        from qwenjax.engine.llm_engine import LLMEngine
+
+        self.steps = LLMEngine(args).follow()
+
+    def where(self) -> dict:
+        return EngineReplicaActor.where(self)
+
+    def followed(self) -> int | None:
+        """Steps replayed, once process 0 stopped (None before)."""
+        return self.steps
+
+
+def _coordinator_address() -> str:
+    """This node's address and a free port on it."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"{ray.util.get_node_ip_address()}:{port}"
 
 
 class _ActorProcess:
@@ -206,24 +250,42 @@ class RayReplicas:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         self.args, self.options = args, options
         cpu = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
-        tp = args.tensor_parallel_size
+        nproc = args.num_processes
+        if args.tensor_parallel_size % nproc:
+            raise ValueError(f"tensor_parallel_size ({args.tensor_parallel_size}) must be a multiple of "
+                             f"num_processes ({nproc}): each host of a replica's mesh holds as many devices")
+        tp = args.tensor_parallel_size // nproc  # devices of each process
         bundle = {"CPU": 1} if cpu else {"CPU": 1, "GPU": tp}
-        self.pg = placement_group([dict(bundle) for _ in range(num_replicas)], strategy="SPREAD")
+        # One group for single-process replicas (spread over the nodes); one group per mesh (a process per node).
+        if nproc == 1:
+            shared = placement_group([dict(bundle) for _ in range(num_replicas)], strategy="SPREAD")
+            groups = [(shared, i) for i in range(num_replicas)]  # (group, the replica's bundle)
+        else:
+            groups = [(placement_group([dict(bundle) for _ in range(nproc)], strategy="STRICT_SPREAD"), 0)
+                      for _ in range(num_replicas)]
+        self.pgs = list({id(pg): pg for pg, _ in groups}.values())
         try:
-            ray.get(self.pg.ready(), timeout=300)
+            ray.get([pg.ready() for pg in self.pgs], timeout=300)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"Ray could not place {num_replicas} replicas of {bundle} each within 300 s; the "
-                               f"cluster has {ray.cluster_resources()}") from None
-        cls = ray.remote(EngineReplicaActor)
-        self.actors = []
-        for i in range(num_replicas):
-            # On GPUs Ray sets CUDA_VISIBLE_DEVICES from the bundle; on the CPU the replica gets tp XLA CPU devices.
-            core_options = dict(options, env=device_env(i, tp) if cpu else {},
-                                log_level=logging.getLogger("qwenjax").getEffectiveLevel())
-            self.actors.append(cls.options(
-                num_cpus=1, num_gpus=0 if cpu else tp, max_restarts=max_restarts, max_concurrency=4,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(args, core_options))
+            raise RuntimeError(f"Ray could not place {num_replicas} replicas of {nproc} x {bundle} within 300 s "
+                               f"(a mesh needs {nproc} nodes); the cluster has {ray.cluster_resources()}") from None
+        self.actors, self.followers = [], []
+        env = device_env(0, tp) if cpu else {}  # on GPUs Ray sets CUDA_VISIBLE_DEVICES from the bundle
+        for pg, first in groups:
+            def place(k, cls, restarts, pg=pg):
+                return ray.remote(cls).options(
+                    num_cpus=1, num_gpus=0 if cpu else tp, max_restarts=restarts, max_concurrency=4,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k))
+
+            core_options = dict(options, env=env, log_level=logging.getLogger("qwenjax").getEffectiveLevel())
+            leader = place(first, EngineReplicaActor, max_restarts if nproc == 1 else 0).remote(
+                dataclasses.replace(args, process_id=0), core_options)
+            self.actors.append(leader)
+            if nproc > 1:
+                coordinator = ray.get(leader.coordinator.remote())
+                self.followers += [place(k, MeshFollowerActor, 0).remote(
+                    dataclasses.replace(args, process_id=k, distributed_coordinator=coordinator), env)
+                    for k in range(1, nproc)]
         self._pending: dict[int, object] = {}
 
     def engine(self, index: int) -> AsyncLLMEngine:
@@ -234,7 +296,9 @@ class RayReplicas:
             return RayCoreClient(args, actor=actor, index=index, **kwargs)
 
         opts = self.options
-        return AsyncLLMEngine(self.args, multiprocess=True, core_client=client,
+        # The frontend serves one process's worth of arguments (its engine, and any mesh, live in the actors).
+        front = dataclasses.replace(self.args, num_processes=1, process_id=0, distributed_coordinator=None)
+        return AsyncLLMEngine(front, multiprocess=True, core_client=client,
                               stream_interval=opts["stream_interval"], log_interval_s=opts["log_interval_s"])
 
     def start_engines(self) -> list[AsyncLLMEngine]:
@@ -263,12 +327,13 @@ class RayReplicas:
             return None
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + self.followers:
             try:
                 self.ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        try:
-            self.ray.util.remove_placement_group(self.pg)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        for pg in self.pgs:
+            try:
+                self.ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
