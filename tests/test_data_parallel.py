@@ -177,12 +177,20 @@ def test_routing_real_benchmark_smoke(tmp_path):
     assert sorted(result["config"]["order_real"]) == sorted(result["config"]["order_sim"])
 
 
+def wait_until_streaming(replica, n: int) -> None:
+    """Until `n` requests of `replica` have their first token and are not finished (they have ~120 to go)."""
+    deadline = time.monotonic() + 300
+    while sum(1 for s, _ in list(replica.inflight.values()) if s.first_token_time is not None and not s.finished) < n:
+        assert time.monotonic() < deadline, "the replica's requests did not start"
+        time.sleep(0.005)
+
+
 def test_a_killed_replica_fails_its_requests_clearly_and_the_other_serves_on(server, dp):
     dp.router = make_router("round_robin")
     victim = dp.replicas[1].engine.engine_pid
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(complete, server.url, [5, 6, 7, i], 100) for i in range(4)]
-        time.sleep(1.0)
+        futures = [pool.submit(complete, server.url, [5, 6, 7, i], 120) for i in range(4)]
+        wait_until_streaming(dp.replicas[1], 2)
         os.kill(victim, signal.SIGKILL)
         got = [f.result() for f in futures]
     codes = sorted(r.status_code for r in got)

@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 
 from qwenjax.engine.data_parallel import DataParallelEngine
 from server.app import create_app
-from tests.test_data_parallel import ARGS, PROMPTS, complete, one_engine_texts, per_engine
+from tests.test_data_parallel import ARGS, PROMPTS, complete, one_engine_texts, per_engine, wait_until_streaming
 from tests.test_server import ServerThread
 
 RAY_ARGS = dataclasses.replace(ARGS, distributed_executor_backend="ray")
@@ -62,8 +62,8 @@ def test_two_ray_replicas_on_two_nodes_give_the_tokens_of_one_engine(server, dp)
 def test_a_killed_ray_replica_fails_its_requests_is_restarted_and_serves_again(server, dp):
     old_pid = dp.replicas[1].engine.engine_pid
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(complete, server.url, [5, 6, 7, i], 100) for i in range(4)]
-        time.sleep(1.0)
+        futures = [pool.submit(complete, server.url, [5, 6, 7, i], 120) for i in range(4)]
+        wait_until_streaming(dp.replicas[1], 2)
         os.kill(old_pid, signal.SIGKILL)
         got = [f.result() for f in futures]
     assert sorted(r.status_code for r in got) == [200, 200, 503, 503], [r.text for r in got]
