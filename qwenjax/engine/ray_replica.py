@@ -247,7 +247,7 @@ class RayReplicas:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            ray.init(address=address, ignore_reinit_error=True)
         self.args, self.options = args, options
         cpu = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
         nproc = args.num_processes
