@@ -20,6 +20,8 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "ha
            "float32": "float32", "float": "float32", "fp32": "float32"}
 # The names of qwenjax.core.policies.POLICIES (config sits below core, so it keeps the names, not the classes).
 SCHEDULING_POLICIES = ("fcfs", "priority", "spf", "fair")
+# vLLM's --distributed-executor-backend: "mp" (engine processes on this host) or "ray" (Ray actors); None: "mp".
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -284,6 +286,10 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Data parallelism (qwenjax/engine/data_parallel.py): this many engine replicas behind one server, each with its
+    # own devices and its own tensor_parallel_size; placed as processes of this host ("mp") or as Ray actors ("ray").
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # DISTRIBUTED_EXECUTOR_BACKENDS; None: "mp"
 
     def __post_init__(self):
         if self.hf_overrides is not None:
@@ -323,6 +329,12 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be -1 (the vocabulary size) or at least 0, got {self.max_logprobs}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
+        if self.distributed_executor_backend not in (None, *DISTRIBUTED_EXECUTOR_BACKENDS):
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{', '.join(map(repr, DISTRIBUTED_EXECUTOR_BACKENDS))}, got "
+                             f"{self.distributed_executor_backend!r}")
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
                              f"{self.num_scheduler_steps}")
@@ -367,6 +379,14 @@ class EngineArgs:
         if self.enable_lora and self.num_processes > 1:
             missing.append(f"enable_lora with num_processes={self.num_processes} (adapter slots are not replayed on "
                            f"follower hosts yet)")
+        if self.usage_context == "llm" and (self.data_parallel_size > 1 or self.distributed_executor_backend):
+            missing.append(f"data_parallel_size={self.data_parallel_size} / distributed_executor_backend="
+                           f"{self.distributed_executor_backend!r} in the offline LLM (replicas are served: python -m "
+                           f"server --data-parallel-size N [--distributed-executor-backend ray])")
+        if self.data_parallel_size > 1 and self.num_processes > 1 and self.distributed_executor_backend != "ray":
+            missing.append(f"data_parallel_size={self.data_parallel_size} with num_processes={self.num_processes} "
+                           f"on this host's processes (replicas that span hosts are placed by Ray: "
+                           f"distributed_executor_backend='ray')")
         return missing
 
 

@@ -17,6 +17,8 @@ import sys
 
 from qwenjax.config import EngineArgs
 from server.arg_parser import ServerArgumentParser, json_object
+from server.data_parallel import (DATA_PARALLEL_ENGINE_FLAGS, add_data_parallel_flags, check_data_parallel,
+                                  data_parallel_engine, uses_data_parallel)
 from server.http_options import add_cors, add_http_flags, check_http_options, uvicorn_options
 from server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 from server.lora import check_lora_modules
@@ -131,6 +133,7 @@ def make_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     e.add_argument("--prefill-token-buckets", type=_int_tuple, default=None, help="e.g. 128,512,2048")
     add_vllm_engine_flags(e)
     add_lora_flags(p.add_argument_group("LoRA adapters (server/lora.py)"))
+    add_data_parallel_flags(e)
     add_http_flags(s)
     return p
 
@@ -191,7 +194,7 @@ VLLM_ENGINE_FLAGS = ("enforce_eager", "revision", "download_dir", "pipeline_para
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
     """The engine's arguments; ValueError for a bad value or a feature not built yet (named), before any loading."""
-    kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS + VLLM_ENGINE_FLAGS}
+    kwargs = {k: getattr(ns, k) for k in ENGINE_FLAGS + VLLM_ENGINE_FLAGS + DATA_PARALLEL_ENGINE_FLAGS}
     kwargs["served_model_name"] = tuple(ns.served_model_name) if ns.served_model_name else None
     if str(kwargs["compilation_cache_dir"]).lower() in ("none", "off", ""):
         kwargs["compilation_cache_dir"] = None
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
     try:
         args = engine_args(ns)
         check_http_options(ns)
+        check_data_parallel(ns)
         check_tool_options(ns.enable_auto_tool_choice, ns.tool_call_parser)
         check_lora_modules(ns.lora_modules, ns.enable_lora)
     except ValueError as e:
@@ -230,10 +234,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
         logging.getLogger("qwenjax.server").info("process %d: process 0 stopped after %d steps", args.process_id,
                                                  steps)
         return
+    log_interval_s = float("inf") if ns.disable_log_stats else 5.0
     try:
-        engine = AsyncLLMEngine.from_engine_args(args, multiprocess=not ns.disable_frontend_multiprocessing,
-                                                 log_interval_s=float("inf") if ns.disable_log_stats else 5.0,
-                                                 stream_interval=ns.stream_interval)
+        if uses_data_parallel(args):
+            engine = data_parallel_engine(args, ns, log_interval_s=log_interval_s, stream_interval=ns.stream_interval)
+        else:
+            engine = AsyncLLMEngine.from_engine_args(args, multiprocess=not ns.disable_frontend_multiprocessing,
+                                                     log_interval_s=log_interval_s, stream_interval=ns.stream_interval)
     except (ValueError, NotImplementedError, FileNotFoundError, RuntimeError) as e:
         # Start-up errors a user can fix (bad flags, missing model, out of memory) get one line, not a traceback.
         sys.exit(f"error: {e}")

@@ -20,7 +20,7 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -146,6 +146,10 @@ def create_app(engine: AsyncLLMEngine, *, served_model_names: list[str] | tuple[
         if engine.dead:
             return error_response(APIError(f"the engine loop is not running: {engine.error}", status=503,
                                            type="server_error", code=503))
+        replicas = getattr(engine, "health", None)  # data parallel: each replica's state (200 while one is up)
+        if replicas is not None:
+            states = replicas()
+            return JSONResponse({"engines": states}, status_code=200 if any(r["healthy"] for r in states) else 503)
         return Response(status_code=200)
 
     @app.get("/version")

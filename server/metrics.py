@@ -14,6 +14,7 @@ import bisect
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
 
 from qwenjax.outputs import RequestOutput
 
@@ -26,26 +27,24 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class _EngineCollector:
+    """Engine gauges and counters. Data parallel (an engine view with `replica_views`): one series per replica
+    labelled engine="i" (vLLM's label) and, under the same name without the label, their sum."""
+
     def __init__(self, engine, model_name: str):
-        self.engine = engine  # the LLMEngine; only counters and queue lengths are read
-        self.labels = [model_name]
+        self.engine = engine  # the LLMEngine (or its view); only counters and queue lengths are read
+        self.model_name = model_name
 
     def collect(self):
         e = self.engine
-        for name, doc, value in (
-                ("vllm:num_requests_running", "Sequences in the running batch.", e.num_running),
-                ("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", e.num_waiting),
-                ("vllm:kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = all).", e.blocks.usage)):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(self.labels, value)
-            yield g
-        for name, doc, value in (
-                ("vllm:num_preemptions", "Sequences preempted (their pages taken back).", e.stats.preemptions),
-                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.blocks.query_tokens),
-                ("vllm:prefix_cache_hits", "Of those, tokens found cached (not computed).", e.blocks.hit_tokens)):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(self.labels, value)
-            yield c
+        views = e.replica_views() if hasattr(e, "replica_views") else []
+        for kind, name, doc, read in _ENGINE_SERIES:
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc,
+                                                                                 labels=["model_name", "engine"])
+            value_name = fam.name + ("_total" if kind == "counter" else "")
+            fam.samples.append(Sample(value_name, {"model_name": self.model_name}, read(e)))
+            for index, view in views:
+                fam.add_metric([self.model_name, str(index)], read(view))
+            yield fam
         yield from self._spec_decode(e.stats)
 
     def _spec_decode(self, st):
@@ -59,14 +58,27 @@ class _EngineCollector:
                 ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
                  st.spec_decode_num_accepted_tokens)):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(self.labels, value)
+            c.add_metric([self.model_name], value)
             yield c
         c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
                                 "Proposed tokens accepted, by their position among a row's proposals.",
                                 labels=["model_name", "position"])
         for i, n in enumerate(per_pos):
-            c.add_metric([*self.labels, str(i)], n)
+            c.add_metric([self.model_name, str(i)], n)
         yield c
+
+
+_ENGINE_SERIES = (
+    ("gauge", "vllm:num_requests_running", "Sequences in the running batch.", lambda e: e.num_running),
+    ("gauge", "vllm:num_requests_waiting", "Sequences waiting to be scheduled.", lambda e: e.num_waiting),
+    ("gauge", "vllm:kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = all).", lambda e: e.blocks.usage),
+    ("counter", "vllm:num_preemptions", "Sequences preempted (their pages taken back).",
+     lambda e: e.stats.preemptions),
+    ("counter", "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     lambda e: e.blocks.query_tokens),
+    ("counter", "vllm:prefix_cache_hits", "Of those, tokens found cached (not computed).",
+     lambda e: e.blocks.hit_tokens),
+)
 
 
 class _Histogram:

@@ -63,13 +63,14 @@ class AsyncLLMEngine:
     """
 
     def __init__(self, engine, *, multiprocess: bool | None = None, log_interval_s: float = LOG_INTERVAL_S,
-                 stream_interval: int = 1, start: bool = True, engine_setup=None):
+                 stream_interval: int = 1, start: bool = True, engine_setup=None, core_client=None):
         """multiprocess: run the engine in its own process (default when `engine` is EngineArgs; an LLMEngine
         object always runs in a thread). stream_interval: a request's outputs reach its stream every this many engine
         steps (its first and last output always at once); above 1 it cuts the event loop's per-token work under
         heavy load, at the price of chunks that carry several tokens. engine_setup: a function called with the
         LLMEngine once it is built, in whichever process runs it (picklable in process mode: a module-level
-        function); tests use it to script the sampler."""
+        function); tests use it to script the sampler. core_client: process mode's client class (default
+        EngineCoreClient; qwenjax/engine/ray_replica.py passes one that talks to a Ray actor)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
         from qwenjax.config import EngineArgs
@@ -104,7 +105,7 @@ class AsyncLLMEngine:
         self._client = None
         self.engine = None
         if multiprocess:
-            self._client = EngineCoreClient(engine, on_step=self._on_step, on_exit=self._on_exit,
+            self._client = (core_client or EngineCoreClient)(engine, on_step=self._on_step, on_exit=self._on_exit,
                                             stream_interval=stream_interval, log_interval_s=log_interval_s,
                                             engine_setup=engine_setup)
         else:

@@ -31,7 +31,9 @@ RequestOutputs.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 
 logger = logging.getLogger("qwenjax")
@@ -349,8 +351,12 @@ class EngineCore:
 
 def run_engine_core(args, cmd_conn, out_conn, options: dict) -> None:
     """The child process's entry point (multiprocessing "spawn"): builds the LLMEngine, then runs its loop."""
-    # Ctrl-C in a terminal reaches the whole process group: the parent decides when the engine stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when the engine stops. (A Ray actor
+    # runs this loop in a thread, where signals cannot be set: Ray owns the actor process's signals.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A data-parallel replica's device group (CUDA_VISIBLE_DEVICES, XLA_FLAGS), set before JAX starts its backend.
+    os.environ.update(options.get("env") or {})
     # The parent's root format when its application configured logging (root level untouched: JAX's INFO lines stay
     # quiet); otherwise the "qwenjax" logger's own handler (qwenjax/logger.py) prints, as in the parent.
     if options.get("log_format") and not logging.getLogger().handlers:

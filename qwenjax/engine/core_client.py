@@ -293,6 +293,8 @@ def _dead(reason: str) -> BaseException:
 
 
 def _how_it_ended(p) -> str:
+    if hasattr(p, "describe_exit"):  # a Ray actor standing for the process (qwenjax/engine/ray_replica.py)
+        return p.describe_exit()
     code = p.exitcode
     if code is None:
         return "closed its pipe"
