@@ -58,7 +58,7 @@ def parse(argv=None):
 
 
 def engine_kwargs(args, chunked: bool) -> dict:
-    from qwenjax.config import pow2_at_least
+    from qwenjax.scheduler_config import pow2_at_least
 
     bs = args.block_size
     seqs = args.streams + args.num_long

@@ -80,7 +80,7 @@ def make_trace(args, seed: int):
 
 
 def engine_kwargs(args, enable_prefix_caching: bool) -> dict:
-    from qwenjax.config import pow2_at_least
+    from qwenjax.scheduler_config import pow2_at_least
 
     bs = args.block_size
     prompt = args.prefix_len + args.suffix_len

@@ -47,7 +47,8 @@ import engine_setup  # noqa: E402
 import model_specs  # noqa: E402
 import result_files  # noqa: E402
 import workloads  # noqa: E402
-from qwenjax.config import packed_len  # noqa: E402
+
+from qwenjax.scheduler_config import packed_len  # noqa: E402
 
 BENCHMARK = "step-profile"
 
@@ -74,7 +75,7 @@ def fill_sizing_defaults(args) -> None:
 
 def engine_kwargs(args) -> dict:
     """LLM(...) arguments for the profile and the validation replay alike (explicit engine flags win)."""
-    from qwenjax.config import SchedulerConfig, pow2_at_least
+    from qwenjax.scheduler_config import SchedulerConfig, pow2_at_least
 
     pmax, omax = args.prompt_range[1], args.output_range[1]
     mml = cli_args.round_up(pmax + omax, args.block_size)

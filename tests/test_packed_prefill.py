@@ -11,14 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.config import PACKED_ROW_ALIGN, SchedulerConfig, packed_len
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.sequence import Sequence
-from qwenjax.layers.attention import (packed_attention, paged_attention_reference, prefill_attention_dense,
-                                      sharded_ragged_prefill_kernel, write_kv)
+from qwenjax.layers.attention import (
+    packed_attention,
+    paged_attention_reference,
+    prefill_attention_dense,
+    sharded_ragged_prefill_kernel,
+    write_kv,
+)
 from qwenjax.layers.attention_metadata import AttentionMetadata, PackedMetadata
 from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler_config import PACKED_ROW_ALIGN, SchedulerConfig, packed_len
 from qwenjax.worker import penalty_state
 from qwenjax.worker.step_input import build_step_input
 

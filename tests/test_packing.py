@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from qwenjax.config import SchedulerConfig
+from qwenjax.scheduler_config import SchedulerConfig
 from qwenjax.worker import packing, sampler
 from qwenjax.worker.model_runner import dummy_input
 

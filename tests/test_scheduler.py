@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from qwenjax.config import SCHEDULING_POLICIES, EngineArgs, SchedulerConfig
+from qwenjax.config import SCHEDULING_POLICIES, EngineArgs
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.policies import POLICIES, FairSharePolicy, make_policy
 from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.sequence import Sequence
 from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler_config import SchedulerConfig
 
 PS = 16
 GREEDY = SamplingParams(temperature=0.0)

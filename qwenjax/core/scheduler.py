@@ -45,12 +45,12 @@ from __future__ import annotations
 
 from collections import deque
 
-from qwenjax.config import SchedulerConfig, packed_len
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.lora_slots import LoRASlots
 from qwenjax.core.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
 from qwenjax.core.scheduler_output import Fork, ScheduledSeq, SchedulerOutput
 from qwenjax.core.sequence import SeqStatus, Sequence
+from qwenjax.scheduler_config import SchedulerConfig, packed_len
 
 
 class Scheduler:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from qwenjax import compat
-from qwenjax.config import EngineArgs, SchedulerConfig, compilation_cache_path
+from qwenjax.config import EngineArgs, compilation_cache_path
 from qwenjax.core.admission import new_sequences
 from qwenjax.core.block_manager import BlockManager
 from qwenjax.core.constraints import Constraints
@@ -28,12 +28,12 @@ from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
 from qwenjax.engine.lora import EngineLoRA
-from qwenjax.engine.sampling_inputs import (needs_known_outputs, row_constraints, sampler_inputs, sampling_row,
-                                            step_rows)
+from qwenjax.engine.sampling_inputs import needs_known_outputs, row_constraints, sampler_inputs, sampling_row, step_rows
 from qwenjax.engine.spec_step import SpecDecoder
 from qwenjax.engine.stats import EngineStats
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler_config import SchedulerConfig
 from qwenjax.worker import lockstep
 from qwenjax.worker.lockstep import to_host
 from qwenjax.worker.model_runner import ModelRunner

@@ -217,7 +217,7 @@ def sharded_ragged_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, q
                                   sm_scale: float, k_scale=None, v_scale=None, interpret: bool = False):
     """The Pallas prefill kernel on a packed layout, q [T, N, H], on each device's heads (see `_over_heads`)."""
     from pallas_kernels.paged_prefill import ragged_paged_prefill_attention
-    from qwenjax.config import PACKED_ROW_ALIGN
+    from qwenjax.scheduler_config import PACKED_ROW_ALIGN
 
     def kernel(q, k, v, s, t, sl, ql, rs):
         return ragged_paged_prefill_attention(q, k, v, t, sl, ql, rs, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,

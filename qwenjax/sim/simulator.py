@@ -25,12 +25,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from qwenjax.config import SchedulerConfig
 from qwenjax.core.policies import POLICIES, SchedulingPolicy
-from qwenjax.core.routing import RouteRequest, Router
+from qwenjax.core.routing import Router, RouteRequest
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import Sequence
 from qwenjax.sampling_params import SamplingParams
+from qwenjax.scheduler_config import SchedulerConfig
 from qwenjax.sim.replica import SAMPLED_TOKEN, Replica  # noqa: F401 - SAMPLED_TOKEN: part of this module's API
 from qwenjax.sim.step_model import StepTimeModel
 from qwenjax.sim.traces import NUM_REGULAR_TOKENS, Trace

@@ -9,17 +9,26 @@ from pathlib import Path
 
 import jax
 
-from qwenjax.config import EngineArgs, ModelConfig, SchedulerConfig, batch_defaults, resolve_dtype
+from qwenjax.config import EngineArgs, ModelConfig, batch_defaults, resolve_dtype
 from qwenjax.layers.attention import decode_backend
 from qwenjax.layers.fp8_kv import describe_scales, uses_scale
 from qwenjax.models.convert import is_orbax_checkpoint, restore_params
 from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
-from qwenjax.models.mesh_padding import describe as describe_padding, pad_for_mesh
+from qwenjax.models.mesh_padding import describe as describe_padding
+from qwenjax.models.mesh_padding import pad_for_mesh
 from qwenjax.models.sharding import check_divisible, kv_sharding, make_mesh
 from qwenjax.quantization.config import resolve_quant_config
+from qwenjax.scheduler_config import SchedulerConfig
 from qwenjax.tokenizer import default_tokenizer_dir, load_generation_defaults, load_tokenizer, resolve_tokenizer_dir
-from qwenjax.worker.kv_cache import (MemoryInfo, allocate, device_memory, device_total_bytes, kv_dtype, page_bytes,
-                                     plan_num_pages)
+from qwenjax.worker.kv_cache import (
+    MemoryInfo,
+    allocate,
+    device_memory,
+    device_total_bytes,
+    kv_dtype,
+    page_bytes,
+    plan_num_pages,
+)
 from qwenjax.worker.lora_stacks import LoRAStacks
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.sampler import WARMUP_MODES

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from qwenjax.compat import register_dataclass
-from qwenjax.config import packed_len
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, PackedMetadata
+from qwenjax.scheduler_config import packed_len
 
 
 @register_dataclass
