@@ -195,7 +195,7 @@ class DataParallelEngine:
         return RouteRequest(len(prompt_ids), tuple(hashes))
 
     def add_request(self, request_id: str, prompt: str | None, params, *, prompt_token_ids=None, priority: int = 0,
-                    arrival_time: float | None = None) -> RequestStream:
+                    arrival_time: float | None = None, lora_request=None) -> RequestStream:
         """Routes the request to a healthy replica and queues it there (AsyncLLMEngine.add_request). Raises
         EngineDeadError when no replica is healthy."""
         if self._error is not None:
@@ -214,7 +214,7 @@ class DataParallelEngine:
                 try:
                     stream = replica.engine.add_request(request_id, prompt, params,
                                                         prompt_token_ids=prompt_token_ids, priority=priority,
-                                                        arrival_time=arrival_time)
+                                                        arrival_time=arrival_time, lora_request=lora_request)
                 except EngineDeadError:
                     continue
                 self.router.on_routed(request, index)
