@@ -16,6 +16,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="a config stem from qwenjax/assets/configs, 'tiny' (the built-in default model's shape), "
                         "or a path to a config.json / a directory holding one; weights are random")
     g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: the random weights quantized as quantization='fp8' does (float8_e4m3fn, one scale "
+                        "per output channel; activations per token); the result's model name gains -fp8. AWQ / "
+                        "GPTQ come from --model NAME-awq / NAME-gptq-int4")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the random weights")
     g.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the result JSON is written")
     g.add_argument("--out", default=None, help="also copy the result JSON into this directory (e.g. $OUT)")

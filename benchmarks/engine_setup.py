@@ -4,6 +4,7 @@ configuration for the result file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -18,9 +19,19 @@ def prepare(args):
     """A benchmark's start: (the model spec of --model, its ModelConfig, this device's info), JAX set up first."""
     import model_specs
 
-    spec = model_specs.resolve_model(args.model)
+    spec = model_spec(args)
     setup_jax(args)
     return spec, model_specs.model_config(spec), result_files.device_info()
+
+
+def model_spec(args) -> ModelSpec:
+    """--model's spec; with --quantization (weights quantized at load) its result name gains -<method>."""
+    import model_specs
+
+    spec = model_specs.resolve_model(args.model)
+    if getattr(args, "quantization", None):
+        spec = dataclasses.replace(spec, name=f"{spec.name}-{args.quantization}")
+    return spec
 
 
 def setup_jax(args) -> None:
@@ -79,7 +90,8 @@ def engine_kwargs(args, *, max_model_len: int, max_num_seqs: int, max_num_batche
                 num_kv_pages=pages, decode_buckets=tuple(args.decode_buckets or decode_buckets),
                 prefill_token_buckets=tuple(args.prefill_buckets or prefill_buckets), skip_warmup=args.skip_warmup,
                 kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
-                tensor_parallel_size=args.mesh, speculative_config=getattr(args, "speculative_config", None))
+                tensor_parallel_size=args.mesh, speculative_config=getattr(args, "speculative_config", None),
+                quantization=getattr(args, "quantization", None))
 
 
 KV_FIT_RESERVE = 8 << 30  # activations of the largest step and what the ceilings leave behind, kept free
@@ -146,6 +158,7 @@ def device_memory_gib() -> dict | None:
 
 
 def _quantization_config(path) -> dict | None:
-    """The quantization_config of the engine's model directory (a quantized --model), else None."""
+    """The quantization_config of the engine's model directory (a quantized --model), else None (also with
+    --quantization fp8, which engine_args records)."""
     f = Path(path) / "config.json" if path is not None else None
     return json.loads(f.read_text()).get("quantization_config") if f is not None and f.is_file() else None

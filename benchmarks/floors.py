@@ -51,13 +51,21 @@ def quantized_projection_bytes(cfg, quant: dict, itemsize: int = 2) -> int:
     if cfg.num_experts:
         raise NotImplementedError("packed-byte floors of quantized MoE models are not defined")
     bits, group = int(quant["bits"]), int(quant.get("group_size") or quant.get("q_group_size") or -1)
+    fp8 = quant.get("quant_method") == "fp8"   # one float32 scale per output column (per group of rows), no zeros
+    scale_bytes, zero_bits = (4, 0) if fp8 else (itemsize, bits)
     D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     Nq, Nkv = cfg.num_attention_heads * H, cfg.num_key_value_heads * H
     delta = 0
     for i, o in [(D, Nq), (D, Nkv), (D, Nkv), (Nq, D), (D, F), (D, F), (F, D)]:  # q k v o gate up down: (in, out)
         groups = 1 if group == -1 else -(-i // group)
-        delta += i * o * bits // 8 + groups * o * itemsize + groups * o * bits // 8 - i * o * itemsize
+        delta += i * o * bits // 8 + groups * o * scale_bytes + groups * o * zero_bits // 8 - i * o * itemsize
     return cfg.num_hidden_layers * delta
+
+
+def load_time_quantization(method: str | None) -> dict | None:
+    """--quantization's weights described as a quantization_config for the floors: fp8 is 8 bits a weight, one
+    scale per output column (group -1)."""
+    return {"quant_method": "fp8", "bits": 8, "group_size": -1} if method == "fp8" else None
 
 
 def decode_floor_seconds(cfg, context_lens, copy_tbps: float, *, batch_contexts=None, itemsize: int = 2,

@@ -63,7 +63,7 @@ def workload_config(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    spec = model_specs.resolve_model(args.model)
+    spec = engine_setup.model_spec(args)
     if args.peer:
         return run_peer(args, spec)
     engine_setup.setup_jax(args)
@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     ms = statistics.median(r["ms_per_token"] for r in runs)
     wall = statistics.median(r["wall_s"] for r in runs)
     # Decode step i (1 <= i < O) feeds token P + i - 1 and attends over P + i tokens.
-    quant = spec.config.get("quantization_config")  # packed weights: the floor counts their packed bytes
+    # packed / float8 weights: the floor counts their bytes
+    quant = spec.config.get("quantization_config") or floors.load_time_quantization(args.quantization)
     # Each of the mesh's devices reads its shard: the floor is at `mesh` times one device's bandwidth.
     floor_s = floors.decode_floor_seconds(cfg, [P + i for i in range(1, O)], ceilings["copy_tbps"] * args.mesh,
                                           quant=quant) if ceilings["copy_tbps"] else None

@@ -47,15 +47,18 @@ def parse(argv=None):
 
 def dense_weights(llm) -> dict:
     """The engine's parameter arrays (no copies), by role: q/k/v and gate/up as the engine holds them, fused
-    (`qkv`, `gate_up`: models/fusion.py) or separate."""
+    (`qkv`, `gate_up`: models/fusion.py) or separate. FP8 projections (--quantization fp8) are dequantized to the
+    embedding's dtype: the dense forward is then the bf16 model of the same weights, the peer FP8 is measured
+    against."""
     from flax import nnx
 
     flat = {tuple(k): (v.get_value() if hasattr(v, "get_value") else v.value)
             for k, v in nnx.to_flat_state(llm.llm_engine.runner.params)}
     cfg = llm.llm_engine.model_config
     layers = []
+    dtype = flat[("model", "embed_tokens", "embedding")].dtype
     for i in range(cfg.num_hidden_layers):
-        g = lambda *path: flat[("model", "layers", i) + path]  # noqa: E731
+        g = lambda *path: _dequantized(flat, ("model", "layers", i) + path, dtype)  # noqa: E731
         has = lambda *path: ("model", "layers", i) + path in flat  # noqa: E731
         attn = ("qkv_proj",) if has("self_attn", "qkv_proj", "kernel") else ("q_proj", "k_proj", "v_proj")
         mlp = ("gate_up_proj",) if has("mlp", "gate_up_proj", "kernel") else ("gate_proj", "up_proj")
@@ -66,6 +69,22 @@ def dense_weights(llm) -> dict:
     embed = flat[("model", "embed_tokens", "embedding")]
     head = None if cfg.tie_word_embeddings else flat[("lm_head", "kernel")]  # tied: the table, transposed in jit
     return {"embed": embed, "layers": layers, "norm": flat[("model", "norm", "weight")], "head": head}
+
+
+def _dequantized(flat: dict, path: tuple, dtype):
+    """flat[path]; an FP8 kernel [I, O] (layers/fp8_linear.py) as kernel x weight_scale [G, O] in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    arr = flat[path]
+    if path[-1] != "kernel" or arr.dtype != jnp.float8_e4m3fn:
+        return arr
+    scale = flat[path[:-1] + ("weight_scale",)]
+
+    def deq(k, s):
+        return (k.astype(jnp.float32) * jnp.repeat(s, k.shape[0] // s.shape[0], axis=0)).astype(dtype)
+
+    return jax.jit(deq)(arr, scale)
 
 
 def dense_forward(cfg, impl: str, shards: int = 1):
@@ -131,7 +150,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    spec = model_specs.resolve_model(args.model)
+    spec = engine_setup.model_spec(args)
     cfg = model_specs.model_config(spec)
     dev = result_files.device_info()
     B, P = args.batch, args.prompt_len

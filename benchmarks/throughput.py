@@ -123,7 +123,7 @@ def _pow2(n: int) -> int:
 def main(argv=None) -> dict:
     args = parse(argv)
     bench = WORKLOADS[args.workload]
-    spec = model_specs.resolve_model(args.model)
+    spec = engine_setup.model_spec(args)
     cfg_vocab = spec.config["vocab_size"]
     prompts, olens = make_workload(args, cfg_vocab)
     if args.peer:

@@ -361,8 +361,8 @@ class EngineArgs:
     def unsupported(self) -> list[str]:
         """Arguments whose feature is not built yet: each is refused by name rather than silently ignored."""
         missing = []
-        if self.quantization not in (None, "none", "awq", "gptq"):
-            missing.append(f"quantization={self.quantization!r} (supported: 'awq', 'gptq', or None to read it "
+        if self.quantization not in (None, "none", "awq", "gptq", "fp8"):
+            missing.append(f"quantization={self.quantization!r} (supported: 'awq', 'gptq', 'fp8', or None to read it "
                            f"from the checkpoint's config.json)")
         if self.trust_remote_code:
             missing.append("trust_remote_code=True")

@@ -109,7 +109,7 @@ def test_config_spellings():
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "is_marlin_format": True}, NotImplementedError,
      ["is_marlin_format"]),
     ({"quant_method": "gptq", "bits": 4, "group_size": 0}, ValueError, ["group_size", "-1", "got 0"]),
-    ({"quant_method": "fp8", "bits": 8}, NotImplementedError, ["'fp8'", "'awq', 'gptq'"]),
+    ({"quant_method": "bitsandbytes", "bits": 8}, NotImplementedError, ["'bitsandbytes'", "'awq', 'gptq', 'fp8'"]),
     ({"quant_method": "gptq", "group_size": 128}, ValueError, ["bits"]),
     ({"quant_method": "gptq", "bits": "4", "group_size": 128}, ValueError, ["bits must be an integer"]),
 ])
@@ -321,8 +321,10 @@ def test_quantization_argument_checked_against_checkpoint(quantized, float_ckpt)
         LLM(str(gdir), quantization="awq", **ENGINE)
     with pytest.raises(ValueError, match="not quantized"):
         LLM(str(float_ckpt), quantization="gptq", **ENGINE)
-    with pytest.raises(NotImplementedError, match="quantization='fp8' .*supported: 'awq', 'gptq'"):
+    with pytest.raises(ValueError, match="quantization='fp8' was requested but .* quantized with 'gptq'"):
         LLM(str(gdir), quantization="fp8", **ENGINE)
+    with pytest.raises(NotImplementedError, match="quantization='int8' .*supported: 'awq', 'gptq', 'fp8'"):
+        LLM(str(gdir), quantization="int8", **ENGINE)
     assert resolve_quant_config(None, gdir) == QuantConfig("gptq", 4, 128, sym=True, checkpoint_format="gptq")
     assert resolve_quant_config(None, float_ckpt) is None
     assert resolve_quant_config("awq", None) == QuantConfig.default("awq")

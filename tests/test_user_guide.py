@@ -121,7 +121,7 @@ def small_server_flags() -> list[str]:
     return flags
 
 
-NAME_RE = re.compile(r"Qwen/Qwen[\w.\-]*")
+NAME_RE = re.compile(r"(?:Qwen|neuralmagic)/Qwen[\w.\-]*")
 CHECKPOINT_OF = {  # the guide's names -> which test checkpoint stands in for them
     "Qwen/Qwen2-7B-Instruct": "builtin",
     "Qwen/Qwen2-72B-Instruct": "builtin",
@@ -129,6 +129,7 @@ CHECKPOINT_OF = {  # the guide's names -> which test checkpoint stands in for th
     "Qwen/Qwen2-72B-Instruct-AWQ": "awq",
     "Qwen/Qwen2-72B-Instruct-GPTQ-Int4": "gptq4",
     "Qwen/Qwen2-7B-Instruct-GPTQ-Int8": "gptq8",
+    "neuralmagic/Qwen2-7B-Instruct-FP8": "fp8",
 }
 
 
@@ -199,6 +200,12 @@ class Checkpoints:
         from tests.quant_writer import Scheme
 
         return self._quantized("gptq-int4", Scheme("gptq", bits=4, group_size=128, sym=True))
+
+    def _fp8(self) -> Path:
+        """Per-tensor weight scales and static input scales, as AutoFP8 writes them (tests/fp8_writer.py)."""
+        from tests.fp8_writer import Fp8Scheme, write_fp8
+
+        return write_fp8(self._float(), self.root / "fp8", Fp8Scheme("per_tensor", "static"))
 
     def _gptq8(self) -> Path:
         from tests.quant_writer import Scheme

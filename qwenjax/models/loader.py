@@ -30,6 +30,7 @@ from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import repack
 from qwenjax.quantization.config import QuantConfig
+from qwenjax.quantization.fp8_load import Fp8Loading, is_fp8
 
 logger = logging.getLogger("qwenjax")
 
@@ -170,6 +171,8 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     layout convert.py saves). A GPTQ act-order checkpoint whose fused parts have different g_idx raises ValueError.
     `cfg` is the checkpoint's config; the model built is `mesh_padding.pad_for_mesh(cfg, n, quant)`'s, its heads and
     FFN widths zero-padded where the mesh does not divide them.
+    FP8 (`quant.method == "fp8"`): the projections' tensors go through quantization/fp8_load.py (scales into
+    Fp8Linear's layout, static input scales, float weights quantized on the devices when the checkpoint is float).
     """
     from qwenjax.models.sharding import make_mesh, param_spec
 
@@ -185,6 +188,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     # fused key -> part index -> the part (a memmap view) until every part has been read: parts may sit in different
     # files, and a view holds no host memory of its own.
     pending: dict[tuple, dict[int, np.ndarray]] = {}
+    fp8 = Fp8Loading(quant) if quant is not None and quant.method == "fp8" else None
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -207,6 +211,17 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                 experts.setdefault(key, {})[e] = padded_array(name, arr.T, want, key, real, cfg)  # raises if wrong
                 continue
             key, transpose = hf_name_to_path(name)
+            if fp8 is not None:
+                key = fp8.param_key(name, key)
+                if key[-1] == "input_scale":  # one scale per Fp8Linear, the max over a fused layer's parts
+                    fused = fused_key(key) if key not in wanted else None
+                    target = fused[0] if fused is not None else key
+                    fp8.add_input_scale(target if target in wanted else None, name, arr,
+                                        len(FUSED[target[-2]]) if fused is not None else 1)
+                    continue
+            elif is_fp8(arr):
+                raise ValueError(f"checkpoint tensor {name!r} is {arr.dtype}; float8 weights load only with an fp8 "
+                                 f"quantization_config in config.json (quant_method 'fp8')")
             part_path, part = key, None
             fused = fused_key(key) if key not in wanted else None
             if fused is not None and fused[0] in wanted:
@@ -214,7 +229,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             if key not in wanted:
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                if quant is None and name.endswith(".qweight"):
+                if quant is None and name.endswith((".qweight", ".weight_scale", ".weight_scale_inv", ".input_scale")):
                     raise ValueError(f"checkpoint {str(path)!r} is quantized (it holds {name!r}); load it with "
                                      f"quant=QuantConfig.from_checkpoint(path)")
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}"
@@ -228,6 +243,8 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             shape = tuple(wanted[key].shape)
             if part is not None:
                 shape = part_shape(key, shape, _submodule(model, key[:-2]), part)
+            if fp8 is not None:
+                arr = fp8.host_array(name, key[-1], arr, shape, wanted[key].dtype)
             arr = padded_array(name, arr, shape, part_path, real, cfg)  # zeros where padded for the mesh, else arr
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
@@ -239,7 +256,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                 arr = fused_host_array(key, [parts[i] for i in range(len(parts))], n, quant)
                 del pending[key]
             loaded[key] = place(arr, NamedSharding(mesh, param_spec(key, cfg, n, wanted[key].shape)),
-                                wanted[key].dtype)
+                                fp8.place_dtype(key, wanted[key].dtype, dtype) if fp8 else wanted[key].dtype)
     for key, per_expert in experts.items():
         if len(per_expert) != wanted[key].shape[0]:
             absent = sorted(set(range(wanted[key].shape[0])) - set(per_expert))
@@ -251,6 +268,8 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             if k[-1] == "g_idx" and k not in loaded:
                 loaded[k] = place(gptq.default_g_idx(wanted[k].shape[0], quant.group_size),
                                   NamedSharding(mesh, param_spec(k, cfg, n, wanted[k].shape)), np.int32)
+    if fp8 is not None:
+        loaded = fp8.finish(loaded, wanted, lambda k: NamedSharding(mesh, param_spec(k, cfg, n, wanted[k].shape)))
     loaded = repack.repack_loaded(loaded, quant)  # AWQ words -> the decode kernel's layout, same shapes
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:

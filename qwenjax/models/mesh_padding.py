@@ -44,8 +44,8 @@ def _round_up(x: int, unit: int) -> int:
 def _ffn_unit(n: int, quant: QuantConfig | None) -> int:
     """Padded FFN widths are multiples of this: n devices with 16 columns each (a device's width stays a multiple
     of 16, as real FFN widths are), and whole groups / packed words when quantized."""
-    if quant is None:
-        return 16 * n
+    if quant is None or quant.method == "fp8":  # fp8: whole blocks of block_k rows where block-scaled
+        return math.lcm(16 * n, quant.group_size if quant is not None and quant.group_size > 0 else 1)
     group = quant.group_size if quant.group_size > 0 else 1
     return math.lcm(n, group, quant.pack_factor)
 
@@ -161,7 +161,8 @@ def zero_padded_rows(path: tuple, value, real: ModelConfig, padded: ModelConfig)
     names = [p for p in path if isinstance(p, str)]
     if names[-2:] == ["experts", "down_proj"]:
         axis = 1                                   # [E, F, D]
-    elif len(names) > 1 and names[-2] in ("o_proj", "down_proj") and names[-1] not in ("bias", "g_idx"):
+    elif len(names) > 1 and names[-2] in ("o_proj", "down_proj") and names[-1] not in (
+            "bias", "g_idx", "weight_scale", "input_scale"):  # fp8: zero kernel rows suffice
         axis = 0                                   # kernel [in, D]; qweight / qzeros / scales: rows or groups first
     else:
         return value

@@ -16,6 +16,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.layers.attention import attend, rope_and_write
 from qwenjax.layers.attention_metadata import AttentionMetadata, MixedMetadata, flat_positions
 from qwenjax.layers.fp8_kv import KVScale
+from qwenjax.layers.fp8_linear import Fp8Linear
 from qwenjax.layers.lora import LoRAInputs, add_lora, add_lora_parts
 from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
@@ -27,8 +28,10 @@ KVCache = list  # per layer: (k_pages [K, P, S, H], v_pages [K, P, S, H])
 
 
 def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
-            quant: QuantConfig | None = None) -> nnx.Linear | QuantLinear:
-    """A projection: float nnx.Linear, or QuantLinear (packed AWQ/GPTQ arrays) when the checkpoint is quantized."""
+            quant: QuantConfig | None = None) -> nnx.Linear | QuantLinear | Fp8Linear:
+    """A projection: float nnx.Linear, QuantLinear (packed AWQ/GPTQ arrays) or Fp8Linear (float8 weights)."""
+    if quant is not None and quant.method == "fp8":
+        return Fp8Linear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs)
     if quant is not None:
         return QuantLinear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs)
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,

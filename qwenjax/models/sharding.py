@@ -96,6 +96,9 @@ def _spec(path: tuple, cfg: ModelConfig, n: int) -> P:
     # GPTQ qweight [I/pf, O], qzeros [G, O/pf], scales [G, O] of both keep O last and the input side (rows, or
     # groups of rows) first, so column-parallel splits the last axis and row-parallel the first. GPTQ's g_idx [I]
     # maps input rows to groups: whole for column-parallel, split with the rows for row-parallel.
+    if leaf == "input_scale":
+        return P()                                # an fp8 layer's static activation scale []
+    # FP8 layers (layers/fp8_linear.py): kernel [I, O] float8 like a float kernel; weight_scale [G, O] like scales.
     if owner in COLUMN_PARALLEL:
         if leaf == "bias":
             return P(AXIS)                        # [out]

@@ -5,7 +5,8 @@ Where it comes from, first match wins:
   quant_config.json                   (older AutoAWQ: `w_bit`, `q_group_size`, `zero_point`, `version`) -> awq
   quantize_config.json                (older AutoGPTQ: `bits`, `group_size`, `desc_act`, `sym`)         -> gptq
 
-Supported: AWQ GEMM (4 bits, zero_point true) and GPTQ (4 or 8 bits, checkpoint_format "gptq" or "gptq_v2").
+Supported: AWQ GEMM (4 bits, zero_point true), GPTQ (4 or 8 bits, checkpoint_format "gptq" or "gptq_v2") and FP8
+(vLLM's `fp8` method: per-tensor or block weight scales; or quantized at load from a float checkpoint: fp8_config.py).
 Anything else raises ValueError (a value that is malformed) or NotImplementedError (a valid format not built here),
 naming the field, its value and what is allowed.
 """
@@ -17,7 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHODS = ("awq", "gptq")
+from qwenjax.quantization.fp8_config import check_fp8, describe_fp8, fp8_fields, online_fp8_fields
+
+METHODS = ("awq", "gptq", "fp8")
 AWQ_BITS = (4,)
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -37,6 +40,8 @@ class QuantConfig:
     sym:        GPTQ symmetric quantization (the stored zero is then the mid-point; it is loaded, not assumed).
     zero_point: AWQ asymmetric quantization; only true is supported, as published AWQ checkpoints use.
     checkpoint_format: GPTQ "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (qzeros hold the zero); "gemm" for AWQ.
+    FP8 (fp8_config.py; bits 8, group_size block_k or -1): activation_scheme "static" | "dynamic",
+    weight_block_size (block_n, block_k) or None, is_checkpoint_fp8_serialized False when quantized at load.
     """
 
     method: str
@@ -46,12 +51,17 @@ class QuantConfig:
     sym: bool = True
     zero_point: bool = True
     checkpoint_format: str = "gptq"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] | None = None
+    is_checkpoint_fp8_serialized: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise NotImplementedError(f"quantization method {self.method!r} is not supported; supported: "
                                       f"{', '.join(map(repr, METHODS))}")
-        if self.method == "awq":
+        if self.method == "fp8":
+            check_fp8(self.activation_scheme, self.weight_block_size, self.is_checkpoint_fp8_serialized)
+        elif self.method == "awq":
             if self.bits not in AWQ_BITS:
                 raise NotImplementedError(f"AWQ bits={self.bits} is not supported; supported: {AWQ_BITS}")
             if self.group_size <= 0:
@@ -75,8 +85,14 @@ class QuantConfig:
 
     @property
     def pack_factor(self) -> int:
-        """Quantized values per int32 word."""
-        return 32 // self.bits
+        """Quantized values per int32 word (FP8 weights are one float8 each, not packed: 1)."""
+        return 1 if self.method == "fp8" else 32 // self.bits
+
+    def describe(self) -> str:
+        """For the start-up log."""
+        if self.method == "fp8":
+            return describe_fp8(self.activation_scheme, self.weight_block_size, self.is_checkpoint_fp8_serialized)
+        return f"{self.method} {self.bits}-bit, group {self.group_size}"
 
     def num_groups(self, in_features: int) -> int:
         """Rows of `scales` / `qzeros` for a layer with `in_features` inputs."""
@@ -95,6 +111,8 @@ class QuantConfig:
         if method not in METHODS:
             raise NotImplementedError(f"{source}: quant_method {method!r} is not supported; supported: "
                                       f"{', '.join(map(repr, METHODS))}")
+        if method == "fp8":
+            return cls(**fp8_fields(d, source))
         bits = _int(d, ("bits", "w_bit"), source)
         group = _int(d, ("group_size", "q_group_size"), source)
         if method == "awq":
@@ -132,6 +150,8 @@ class QuantConfig:
         if method not in METHODS:
             raise NotImplementedError(f"quantization={method!r} is not supported; supported: "
                                       f"{', '.join(map(repr, METHODS))}")
+        if method == "fp8":
+            return cls(**online_fp8_fields())
         return cls(method=method, bits=4, group_size=128,
                    checkpoint_format="gemm" if method == "awq" else "gptq")
 
@@ -141,6 +161,7 @@ def resolve_quant_config(requested: str | None, path: str | Path | None) -> Quan
 
     None / "none" -> whatever the checkpoint says (a float checkpoint gives None). A method the checkpoint does not
     use raises ValueError naming both. Without a checkpoint (random weights) the method's default layout is used.
+    "fp8" on a float checkpoint quantizes it at load (vLLM's online FP8); on an FP8 checkpoint it reads its scales.
     """
     if requested is not None:
         requested = requested.lower()
@@ -154,6 +175,8 @@ def resolve_quant_config(requested: str | None, path: str | Path | None) -> Quan
         return found
     if path is None:
         return QuantConfig.default(requested)
+    if found is None and requested == "fp8":
+        return QuantConfig.default("fp8")
     if found is None:
         raise ValueError(f"quantization={requested!r} was requested but the checkpoint at {str(path)!r} is not "
                          f"quantized (no quantization_config in config.json, no quant_config.json or "

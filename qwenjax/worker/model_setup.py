@@ -115,7 +115,7 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     load_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     logger.info("loaded %s: %.2f GiB of %s weights%s in %.1f s", "random weights" if dummy else path,
-                weight_bytes / 2**30, dtype.name, f" ({quant.method} {quant.bits}-bit, group {quant.group_size})"
+                weight_bytes / 2**30, dtype.name, f" ({quant.describe()})"
                 if quant else "", load_s)
 
     cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)

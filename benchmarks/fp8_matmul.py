@@ -1,0 +1,178 @@
+"""fp8-matmul: does XLA take the FP8 tensor-core path? FP8 product forms against bf16 at Qwen2-7B layer shapes.
+
+For each layer shape (qkv 3584->4608, o 3584->3584, gate_up 3584->37888, down 18944->3584: the fused projections
+the model runs on one device) and row count M (default 1, 16, 64, 256, 1024, 4096, 8192), one jitted program per
+form, timed as device_ceilings._time_fn does (median of groups of back-to-back calls, device-synced):
+  bf16        jnp.dot of bf16 operands, bf16 out: the float model's product
+  fp8_plain   jnp.dot of float8_e4m3fn operands with a float32 result, no scales (the issue's first probe)
+  fp8_dot     layers/fp8_matmul.fp8_matmul: dot_general on float8 operands, preferred_element_type float32, then
+              the outer product of per-token and per-channel scales (the model's GEMM, activations pre-quantized)
+  fp8_layer   quantize the bf16 activations per token (quantization/fp8_quant.py) + fp8_dot: Fp8Linear's whole work
+  fp8_xla     XLA's documented FP8 pattern: float8 operands converted to bf16 and multiplied by SCALAR scales,
+              then a dot (gemm_rewriter matches it to cuBLASLt's scaled FP8 GEMM); per-tensor scales only, so it
+              shows what XLA can do rather than a form the per-channel model can use as is
+Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
+call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
+config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
+`_speedup_vs_bf16`. Each form's output is checked against a float32 product of the same values (rel_err, Frobenius;
+above 2e-2 the form is marked wrong).
+
+  python benchmarks/fp8_matmul.py --out $OUT                            # H100: a few minutes
+  python benchmarks/fp8_matmul.py --rows 1,8192 --layers gate_up        # a quick look
+  JAX_PLATFORMS=cpu python benchmarks/fp8_matmul.py --tiny --rows 1,16  # CPU dry run: tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_args  # noqa: E402
+import device_ceilings  # noqa: E402
+import repo_paths  # noqa: E402
+import result_files  # noqa: E402
+
+BENCHMARK = "fp8-matmul"
+SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
+SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
+FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla")
+F8_CALL = "__cublas$lt$matmul$f8"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="qwen2-7b-instruct", help="names the result file; shapes are Qwen2-7B's")
+    p.add_argument("--rows", type=cli_args._int_list, default=(1, 16, 64, 256, 1024, 4096, 8192))
+    p.add_argument("--layers", default=",".join(SHAPES_7B), help="comma-separated subset of " + ",".join(SHAPES_7B))
+    p.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of " + ",".join(FORMS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    p.add_argument("--results-dir", default=str(repo_paths.RESULTS_DIR))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    shapes = SHAPES_TINY if args.tiny else SHAPES_7B
+    args.shapes = {k: shapes[k] for k in args.layers.split(",") if k in shapes} or dict(shapes)
+    args.forms = [f for f in args.forms.split(",") if f in FORMS]
+    if "bf16" not in args.forms:
+        args.forms.insert(0, "bf16")  # every speedup is against it
+    return args
+
+
+def forms():
+    """form -> (jitted function, how to build its arguments from (x bf16, w bf16))."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax.layers.fp8_matmul import fp8_matmul
+    from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
+
+    bf16 = jnp.bfloat16
+
+    def per_channel(x, w):
+        xq, xs = quantize_activations(x)
+        wq, ws = quantize_weight_per_channel(w)
+        return xq, xs, wq, ws
+
+    def per_tensor(x, w):
+        xs = jnp.max(jnp.abs(x.astype(jnp.float32))) / 448
+        ws = jnp.max(jnp.abs(w.astype(jnp.float32))) / 448
+        return ((x.astype(jnp.float32) / xs).astype(jnp.float8_e4m3fn), xs,
+                (w.astype(jnp.float32) / ws).astype(jnp.float8_e4m3fn), ws)
+
+    def xla_pattern(xq, xs, wq, ws):
+        return jnp.dot(xq.astype(bf16) * xs.astype(bf16), wq.astype(bf16) * ws.astype(bf16),
+                       preferred_element_type=jnp.float32).astype(bf16)
+
+    def layer(x, wq, ws):
+        xq, xs = quantize_activations(x)
+        return fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)
+
+    return {
+        "bf16": (jax.jit(lambda x, w: jnp.dot(x, w)), lambda x, w: (x, w)),
+        "fp8_plain": (jax.jit(lambda xq, xs, wq, ws: jnp.dot(xq, wq, preferred_element_type=jnp.float32)),
+                      per_channel),
+        "fp8_dot": (jax.jit(lambda xq, xs, wq, ws: fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)), per_channel),
+        "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel(x, w)[2:]),
+        "fp8_xla": (jax.jit(xla_pattern), per_tensor),
+    }
+
+
+def reference(form: str, args):
+    """float32 product of the same values the form multiplies (scales included, except fp8_plain's none)."""
+    import numpy as np
+
+    f = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    if form == "bf16":
+        return f(args[0]) @ f(args[1])
+    if form == "fp8_layer":
+        from qwenjax.quantization.fp8_quant import quantize_activations
+
+        xq, xs = quantize_activations(args[0])
+        return (f(xq) * f(xs)) @ (f(args[1]) * f(args[2]))
+    xq, xs, wq, ws = args
+    if form == "fp8_plain":
+        return f(xq) @ f(wq)
+    return (f(xq) * f(xs)) @ (f(wq) * f(ws))
+
+
+def custom_calls(hlo: str) -> list[str]:
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+
+
+def main(argv=None):
+    args = parse(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    dev = result_files.device_info()
+    table = forms()
+    metrics, calls, errors = {}, {}, {}
+    print(f"== {BENCHMARK}: rows {list(args.rows)}, layers {list(args.shapes)}, forms {args.forms}", flush=True)
+    for layer, (K, N) in args.shapes.items():
+        w = (jax.random.normal(jax.random.key(1), (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        for m in args.rows:
+            x = jax.random.normal(jax.random.key(m), (m, K), jnp.float32).astype(jnp.bfloat16)
+            flops = 2 * m * K * N
+            for form in args.forms:
+                fn, make = table[form]
+                key = f"{form}_{layer}_m{m}"
+                try:
+                    fargs = jax.block_until_ready(make(x, w))
+                    hlo = fn.lower(*fargs).compile().as_text()
+                    secs = statistics.median(device_ceilings._time_fn(fn, *fargs, reps=args.reps, inner=args.inner))
+                    out = np.asarray(fn(*fargs), np.float32)
+                    ref = reference(form, fargs)
+                    rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+                except Exception as e:  # a form that fails to compile or run is recorded, the probe goes on
+                    errors[key] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"{key}: {errors[key]}", flush=True)
+                    continue
+                calls[key] = custom_calls(hlo)
+                metrics.update({f"{key}_us": secs * 1e6, f"{key}_tflops": flops / secs / 1e12,
+                                f"{key}_cublaslt_f8": F8_CALL in hlo, f"{key}_rel_err": rel})
+                if rel > 2e-2:
+                    errors[key] = f"wrong: rel_err {rel:.3g}"
+                base = metrics.get(f"bf16_{layer}_m{m}_us")
+                metrics[f"{key}_speedup_vs_bf16"] = base / (secs * 1e6) if base else None
+                print(f"{layer:8s} m={m:5d} {form:10s} {secs * 1e6:10.1f} us {flops / secs / 1e12:8.2f} TFLOP/s "
+                      f"x{metrics[f'{key}_speedup_vs_bf16'] or 0:5.2f} vs bf16  f8 GEMM: {F8_CALL in hlo}  "
+                      f"rel_err {rel:.2e}", flush=True)
+    config = {"rows": list(args.rows), "shapes": {k: list(v) for k, v in args.shapes.items()}, "forms": args.forms,
+              "reps": args.reps, "inner": args.inner, "custom_calls": calls, "errors": errors,
+              "method": "benchmarks/fp8_matmul.py docstring"}
+    result = result_files.make_result(benchmark=BENCHMARK, model=args.model + ("-tiny" if args.tiny else ""),
+                                      dev=dev, config=config, ceilings={}, metrics=metrics)
+    path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
+    print(f"result {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

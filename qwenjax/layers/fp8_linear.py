@@ -1,0 +1,58 @@
+"""Fp8Linear: a projection whose weight is float8_e4m3fn, with float32 scales, multiplied as FP8 x FP8.
+
+Parameters (T tokens, I inputs, O outputs, G = quant.num_groups(I): 1, or I / block_k for block-scaled weights):
+  kernel        float8_e4m3fn [I, O]   the checkpoint's `weight` [O, I] transposed, or a float weight quantized at
+                                       load per output channel (qwenjax/quantization/fp8_load.py)
+  weight_scale  float32 [G, O]         W[i, o] = kernel[i, o] x weight_scale[i // block_k, o]: a per-tensor scale
+                                       repeated over O, per-channel scales, or a block's scale repeated over its
+                                       block_n output columns, so every format is one layout and q/k/v or gate/up
+                                       fuse by concatenating columns, as float kernels do (models/fusion.py)
+  input_scale   float32 []             activation_scheme "static" only: x is quantized as x / input_scale (a fused
+                                       layer takes the largest of its parts', as vLLM does)
+  bias          [O]                    in the model dtype (q/k/v)
+Activations are quantized in the step (quantization/fp8_quant.py): static, dynamic per token, or dynamic per token per
+block_k group; the product is layers/fp8_matmul.py's. Tensor parallelism splits weight_scale with its kernel's output
+axis (column-parallel) or its groups (row-parallel), sharding.param_spec; the output is in the model dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.layers.fp8_matmul import fp8_matmul
+from qwenjax.quantization.config import QuantConfig
+from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_activations
+
+_RANDOM_SPREAD = 64.0  # random weights: float8 values of std 64, scale 0.02 / 64 (std 0.02, the float init's)
+
+
+class Fp8Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, quant: QuantConfig, dtype,
+                 rngs: nnx.Rngs):
+        block = quant.weight_block_size
+        if block is not None and in_features % block[1]:
+            raise ValueError(f"fp8 weight_block_size {list(block)}: block_k {block[1]} must divide the layer's "
+                             f"{in_features} inputs (activations are scaled per group of block_k inputs)")
+        self.in_features, self.out_features = in_features, out_features
+        self.quant, self.dtype = quant, jnp.dtype(dtype)
+        G = quant.num_groups(in_features)
+        w = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * _RANDOM_SPREAD
+        self.kernel = nnx.Param(jnp.clip(w, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE))
+        self.weight_scale = nnx.Param(jnp.full((G, out_features), 0.02 / _RANDOM_SPREAD, jnp.float32))
+        if quant.activation_scheme == "static":
+            self.input_scale = nnx.Param(jnp.ones((), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., I] -> [..., O] in the layer dtype."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        block = self.quant.weight_block_size
+        static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
+        xq, x_scale = quantize_activations(x2, group=block[1] if block else None, static_scale=static)
+        y = fp8_matmul(xq, x_scale, self.kernel[...], self.weight_scale[...], out_dtype=self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.reshape(*lead, self.out_features)

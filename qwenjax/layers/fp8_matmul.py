@@ -1,0 +1,49 @@
+"""The FP8 product: float8 activations x float8 weights, float32 accumulation, scales applied after.
+
+Shapes: T tokens, I inputs, O outputs, G scale groups along I (1, or I / block_k for block-scaled checkpoints).
+  xq [T, I] float8_e4m3fn, x_scale [T, G] float32, wq [I, O] float8_e4m3fn, w_scale [G, O] float32
+  y[t, o] = sum_g x_scale[t, g] w_scale[g, o] sum_{i in g} xq[t, i] wq[i, o]
+Every product of two float8 values is exact in float32, so the only rounding is the float32 sum's.
+
+G == 1 (per-channel / per-tensor weight scales, per-token or static activation scales): one `dot_general` on the
+float8 operands with `preferred_element_type=float32`, then the outer product of the scales. This is the form that
+lets XLA on Hopper choose its FP8 GEMM (cuBLASLt `__cublas$lt$matmul$f8`); whether it does at a given shape is what
+benchmarks/fp8_matmul.py measures and reads from the compiled HLO. Tensor parallelism needs nothing here: XLA
+partitions the dot along the weights' shards (a row-parallel split of I gives partial sums, all-reduced before the
+scales, which do not depend on I).
+
+G > 1 (128 x 128 block-scaled checkpoints): the scales change along the contraction, so they cannot be applied after
+one dot. Here both operands are dequantized to float32 (exactly the values above, up to float32 rounding of each
+q x scale) and multiplied in float32: correct on every backend and partitioned like any dot, but not a tensor-core
+FP8 path; a block-scaled FP8 kernel (DeepGEMM-style per-block promotion) is the GPU form still to write.
+
+`fp8_matmul` is the one entry point: swap its body to change the GPU form.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_DIMS = (((1,), (0,)), ((), ()))
+
+
+def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype) -> jax.Array:
+    """[T, O] in out_dtype (module docstring for the shapes)."""
+    G = x_scale.shape[-1]
+    if G != w_scale.shape[0]:
+        raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
+    if G == 1:
+        acc = jax.lax.dot_general(xq, wq, _DIMS, preferred_element_type=jnp.float32)
+        return (acc * x_scale * w_scale).astype(out_dtype)
+    return block_scaled_reference(xq, x_scale, wq, w_scale).astype(out_dtype)
+
+
+def block_scaled_reference(xq, x_scale, wq, w_scale) -> jax.Array:
+    """G > 1: dequantize both operands to float32, one float32 dot (module docstring). Returns float32 [T, O]."""
+    T, I = xq.shape
+    G, O = w_scale.shape
+    x = (xq.astype(jnp.float32).reshape(T, G, I // G) * x_scale[..., None]).reshape(T, I)
+    w = (wq.astype(jnp.float32).reshape(G, I // G, O) * w_scale[:, None, :]).reshape(I, O)
+    return jax.lax.dot_general(x, w, _DIMS, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)

@@ -1,0 +1,58 @@
+"""FP8 weights compiled for the GPU: the FP8 product at Qwen2-7B layer shapes against a float64 product of the same
+float8 values and scales, and every projection of the tiny FP8 checkpoints against transformers' (CPU) reference on
+the same inputs. Tolerance 2^-7 of the output's scale: the output is bf16 in the first test, and Hopper's FP8
+tensor cores may accumulate with fewer bits than float32. Run with `pytest tests/gpu --gpu`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from qwenjax.layers.fp8_matmul import fp8_matmul
+from qwenjax.models.loader import load_model_config, load_params
+from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
+from tests.fp8_writer import reference_model
+from tests.test_fp8_weights import SCHEMES, _quant, float_ckpt, fp8_dir  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("m", [1, 64, 2048])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 3584)])
+@pytest.mark.parametrize("group", [None, 128])
+def test_fp8_matmul_7b_shapes_on_gpu(m, k, n, group):
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02
+    xq, xs = quantize_activations(x, group=group)
+    wq, ws = quantize_weight_per_channel(w)
+    ws = jnp.repeat(ws, xs.shape[1], axis=0)
+    out = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, out_dtype=jnp.bfloat16))(xq, xs, wq, ws), np.float64)
+    G = xs.shape[1]
+    xd = (np.asarray(xq, np.float64).reshape(m, G, -1) * np.asarray(xs, np.float64)[..., None]).reshape(m, k)
+    exact = xd @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64)[:1])
+    np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_projections_on_gpu(scheme, fp8_dir, float_ckpt):  # noqa: F811
+    path = fp8_dir(scheme)
+    cfg = load_model_config(path)
+    model = nnx.merge(*load_params(path, cfg, jnp.float32, quant=_quant(path, scheme), fuse=False))
+    ref = reference_model(float_ckpt, path, scheme)
+    rng = np.random.default_rng(2)
+    for i in range(cfg.num_hidden_layers):
+        for block, names in [("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             ("mlp", ("gate_proj", "up_proj", "down_proj"))]:
+            for p in names:
+                ours, theirs = getattr(getattr(model.model.layers[i], block), p), \
+                    getattr(getattr(ref.model.layers[i], block), p)
+                x = rng.standard_normal((9, theirs.w.shape[1])).astype(np.float32)
+                with torch.no_grad():
+                    want = theirs(torch.tensor(x)).numpy()
+                got = np.asarray(jax.jit(lambda a, mod=ours: mod(a))(jnp.asarray(x)))
+                np.testing.assert_allclose(got, want, atol=2.0 ** -7 * np.abs(want).max(), rtol=0,
+                                           err_msg=f"layer {i} {p}")
