@@ -30,6 +30,8 @@
 #   sim-M            step_profile.py (fits the simulator's step-time model) then sim_validate.py with that model
 #   attnref-M        latency and throughput-fixed with the jnp reference attention (the kernels' end-to-end effect)
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
+#   fp8w-M           FP8 weights (quantization="fp8") against bf16: fp8_matmul.py, then latency, prefill and
+#                    throughput-fixed bf16 then fp8 (FP8W_PARTS: a subset of "matmul latency prefill throughput")
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #                    (PREFIX_ARGS, e.g. --sync-run)
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
@@ -281,6 +283,28 @@ for s in "${STAGES[@]}"; do
             step "latency-fp8-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
             step "throughput-fixed-fp8-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 --kv-cache-dtype fp8_e5m2 "${COMMON[@]}"
+            ;;
+        fp8w-*)
+            # FP8 weights (quantization="fp8", issue 30) against bf16 in one call: the matmul forms (fp8_matmul.py),
+            # then latency, prefill and throughput-fixed, each bf16 first then FP8 (result names gain -fp8).
+            # FP8W_PARTS picks a subset (default: matmul latency prefill throughput).
+            m=$(model_of "${s#fp8w-}")
+            for part in ${FP8W_PARTS:-matmul latency prefill throughput}; do
+                case $part in
+                    matmul) step "fp8-matmul" 60 200 "$PY" benchmarks/fp8_matmul.py --results-dir "$RESULTS" \
+                                --out "$OUT" ;;
+                    latency|prefill)
+                        for q in "" fp8; do
+                            step "$part-${q:-bf16}-$m" 60 0 "$PY" benchmarks/$part.py --model "$m" \
+                                ${q:+--quantization "$q"} "${COMMON[@]}"
+                        done ;;
+                    throughput)
+                        for q in "" fp8; do
+                            step "throughput-fixed-${q:-bf16}-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed \
+                                --model "$m" ${q:+--quantization "$q"} "${COMMON[@]}"
+                        done ;;
+                esac
+            done
             ;;
         attnref-*)
             # latency and throughput-fixed with the jnp reference attention instead of the Pallas kernels (the
