@@ -59,9 +59,12 @@ def hf_greedy(model, prompts: list[list[int]], new: int, **generate_kwargs) -> l
     time: the oracle's tokens. `generate_kwargs`: e.g. repetition_penalty."""
     import torch
 
+    # An explicit all-ones attention mask: without one, generate infers it from pad_token_id and would mask every
+    # prompt token equal to it (token 0 here).
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                               pad_token_id=0, eos_token_id=None, **generate_kwargs)[0, len(p):].tolist()
+        return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=0,
+                               eos_token_id=None, **generate_kwargs)[0, len(p):].tolist()
                 for p in prompts]
 
 

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenjax.config import ModelConfig
 from qwenjax.models.loader import load_model_config
 from qwenjax.models.sharding import param_spec
+from tests.checkpoints import hf_greedy
 from tests.moe_checkpoints import hf_moe_model, hf_param_counts, write_moe_checkpoint
 from tests.test_model_vs_hf import ATOL, _our_logits
 
@@ -150,9 +151,7 @@ def test_batched_greedy_generation_equals_hf(moe_ckpts):
     rng = np.random.default_rng(5)
     prompts = [list(map(int, rng.integers(0, 512, n))) for n in (3, 17, 30)]
     model = hf_moe_model(path)
-    with torch.no_grad():
-        ref = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    ref = hf_greedy(model, prompts, NEW)
     llm = LLM(str(path), **{**SMALL_ENGINE, "prefill_token_buckets": (32,), "skip_warmup": True})
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=NEW,
                         ignore_eos=True), use_tqdm=False)
