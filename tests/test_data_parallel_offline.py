@@ -1,0 +1,147 @@
+"""Issue 32, offline: `LLM(data_parallel_size=2)` spreads a generate() call's prompts over two engine replicas (two
+engine core processes of this host, each with its own XLA CPU devices) and returns what one engine returns.
+
+Oracles: transformers' greedy tokens on the same checkpoint (tests/checkpoints.hf_greedy) and one offline engine
+(`LLM()`, data_parallel_size 1) with the same arguments. One pair of replicas serves the module; the replica-death
+test kills one of them, so it runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qwenjax import LLM, SamplingParams
+from qwenjax.core.routing import make_router
+from qwenjax.engine.offline_data_parallel import ReplicaDiedError
+from tests.checkpoints import hf_greedy, hf_model
+
+ARGS = dict(dtype="float32", max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, block_size=16,
+            decode_buckets=(4,), prefill_token_buckets=(64,), num_kv_pages=32)
+PROMPTS = [list(map(int, np.random.default_rng(i).integers(2, 512, 3 + 5 * i))) for i in range(6)]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm_dp(untied_gqa2):
+    llm = LLM(str(untied_gqa2), **ARGS, data_parallel_size=2)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm_one(untied_gqa2):
+    return LLM(str(untied_gqa2), **ARGS)
+
+
+def replica_prompt_tokens(llm) -> list[int]:
+    return [view.stats.prompt_tokens for _, view in llm.llm_engine.replica_views()]
+
+
+def test_two_replicas_give_the_greedy_tokens_of_one_engine_and_of_transformers(llm_dp, llm_one, untied_gqa2):
+    before = replica_prompt_tokens(llm_dp)
+    got = llm_dp.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
+    want = llm_one.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == hf_greedy(hf_model(untied_gqa2), PROMPTS, 8)
+    for a, b in zip(got, want):  # prompt by prompt, the same RequestOutput (timings aside)
+        assert (a.prompt, a.prompt_token_ids, a.finished, a.prompt_logprobs, a.lora_request) == \
+            (b.prompt, b.prompt_token_ids, b.finished, b.prompt_logprobs, b.lora_request)
+        assert a.outputs == b.outputs
+    after = replica_prompt_tokens(llm_dp)
+    assert all(x > y for x, y in zip(after, before)), (before, after)  # both replicas got prompts
+    assert sum(after) - sum(before) == sum(map(len, PROMPTS))
+    stats = llm_dp.llm_engine.stats  # the replicas' counters summed
+    assert stats.prompt_tokens == sum(after)
+    assert stats.generation_tokens == sum(v.stats.generation_tokens for _, v in llm_dp.llm_engine.replica_views())
+    dropped = llm_dp.reset_prefix_cache()  # every replica's, summed: the pages one engine drops for the same prompts
+    assert dropped == llm_one.reset_prefix_cache() > 0
+    assert not hasattr(llm_dp.llm_engine, "runner")
+    with pytest.raises(NotImplementedError, match="llm_engine.runner is not available with data_parallel_size=2"):
+        llm_dp.llm_engine.runner
+
+
+def test_seeded_sampling_n_and_logprobs_equal_one_engine(llm_dp, llm_one):
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=100 + i, n=2, logprobs=2, max_tokens=6, ignore_eos=True,
+                             prompt_logprobs=1 if i < 2 else None) for i in range(len(PROMPTS))]
+    got = llm_dp.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+    want = llm_one.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+    for a, b in zip(got, want):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        for pa, pb in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                assert pa.keys() == pb.keys()
+                assert [pa[t].logprob for t in pa] == pytest.approx([pb[t].logprob for t in pa], abs=1e-5)
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert ca.cumulative_logprob == pytest.approx(cb.cumulative_logprob, abs=1e-5)
+            for la, lb in zip(ca.logprobs, cb.logprobs):
+                assert la.keys() == lb.keys()
+                assert [la[t].logprob for t in la] == pytest.approx([lb[t].logprob for t in la], abs=1e-5)
+
+
+def test_a_too_long_prompt_raises_one_engines_error_and_the_llm_serves_on(llm_dp, llm_one):
+    prompts = [PROMPTS[0], list(range(2, 2 + ARGS["max_model_len"] + 1)), PROMPTS[1]]
+    with pytest.raises(ValueError) as one:
+        llm_one.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError) as dp:
+        llm_dp.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
+    assert str(dp.value) == str(one.value)
+    assert str(dp.value).startswith("prompt 1: the prompt has 97 tokens, longer than max_model_len=96")
+    got = llm_dp.generate(prompt_token_ids=PROMPTS[:2], sampling_params=GREEDY, use_tqdm=False)
+    want = llm_one.generate(prompt_token_ids=PROMPTS[:2], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs for o in got] == [o.outputs for o in want]
+    engine = llm_dp.llm_engine
+    deadline = time.monotonic() + 60  # the replicas' last snapshots arrive after the outputs (a hang guard only)
+    while engine.has_unfinished_requests() or engine.blocks.num_free != engine.blocks.num_pages:
+        assert time.monotonic() < deadline, (engine.blocks.num_free, engine.blocks.num_pages)
+        time.sleep(0.01)
+
+
+def test_unknown_replica_options_and_memory_source_are_refused_by_name(untied_gqa2):
+    with pytest.raises(ValueError, match=r"\['data_parallel_routing'\] only apply with data_parallel_size > 1"):
+        LLM(str(untied_gqa2), **ARGS, data_parallel_routing="round_robin")
+    with pytest.raises(ValueError, match="router must be one of 'round_robin', 'least_loaded', 'prefix_aware'"):
+        LLM(str(untied_gqa2), **ARGS, data_parallel_size=2, data_parallel_routing="busiest")
+
+
+def test_a_killed_replica_raises_naming_it_keeps_the_others_outputs_and_the_llm_serves_on(llm_dp, llm_one):
+    dp = llm_dp.llm_engine.dp
+    dp.router = make_router("round_robin")
+    victim = dp.replicas[1].engine.engine_pid
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    prompts = [[5, 6, 7, i] for i in range(4)]
+    result = {}
+
+    def run():
+        try:
+            result["outputs"] = llm_dp.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            result["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while sum(1 for s, _ in list(dp.replicas[1].inflight.values()) if s.first_token_time is not None) < 2:
+        assert time.monotonic() < deadline, "replica 1's requests did not start"
+        time.sleep(0.005)
+    os.kill(victim, signal.SIGKILL)
+    worker.join(300)
+    assert not worker.is_alive()
+    err = result.get("error")
+    assert isinstance(err, ReplicaDiedError), result
+    assert "2 prompts lost on data parallel replica 1 (" in str(err)
+    assert "data parallel replica 1: the engine process was killed by signal 9" in str(err)
+    assert "prompts 1, 3" in str(err)  # round robin: prompts 1 and 3 went to replica 1
+    want = llm_one.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o is None for o in err.outputs] == [False, True, False, True]
+    assert [err.outputs[i].outputs for i in (0, 2)] == [want[i].outputs for i in (0, 2)]
+    assert [h["healthy"] for h in llm_dp.llm_engine.health()] == [True, False]
+    got = llm_dp.generate(prompt_token_ids=PROMPTS[:3], sampling_params=GREEDY, use_tqdm=False)  # all on replica 0
+    assert [o.outputs for o in got] == \
+        [o.outputs for o in llm_one.generate(prompt_token_ids=PROMPTS[:3], sampling_params=GREEDY, use_tqdm=False)]
