@@ -16,38 +16,41 @@ import time
 import numpy as np
 import pytest
 
-from qwenjax import LLM, SamplingParams
+from qwenjax import LLM, LoRARequest, SamplingParams
 from qwenjax.core.routing import make_router
 from qwenjax.engine.offline_data_parallel import ReplicaDiedError
+from qwenjax.sampling_params import StructuredOutputsParams
 from tests.checkpoints import hf_greedy, hf_model
+from tests.lora_adapters import write_adapter
 
 ARGS = dict(dtype="float32", max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, block_size=16,
-            decode_buckets=(4,), prefill_token_buckets=(64,), num_kv_pages=32)
+            decode_buckets=(4,), prefill_token_buckets=(64,), num_kv_pages=32, enable_lora=True, max_loras=1,
+            max_lora_rank=8)
 PROMPTS = [list(map(int, np.random.default_rng(i).integers(2, 512, 3 + 5 * i))) for i in range(6)]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm_dp(untied_gqa2):
-    llm = LLM(str(untied_gqa2), **ARGS, data_parallel_size=2)
+def llm_dp(real_vocab):
+    llm = LLM(str(real_vocab), **ARGS, data_parallel_size=2)
     yield llm
     llm.shutdown()
 
 
 @pytest.fixture(scope="module")
-def llm_one(untied_gqa2):
-    return LLM(str(untied_gqa2), **ARGS)
+def llm_one(real_vocab):
+    return LLM(str(real_vocab), **ARGS)
 
 
 def replica_prompt_tokens(llm) -> list[int]:
     return [view.stats.prompt_tokens for _, view in llm.llm_engine.replica_views()]
 
 
-def test_two_replicas_give_the_greedy_tokens_of_one_engine_and_of_transformers(llm_dp, llm_one, untied_gqa2):
+def test_two_replicas_give_the_greedy_tokens_of_one_engine_and_of_transformers(llm_dp, llm_one, real_vocab):
     before = replica_prompt_tokens(llm_dp)
     got = llm_dp.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
     want = llm_one.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == hf_greedy(hf_model(untied_gqa2), PROMPTS, 8)
+    assert [o.outputs[0].token_ids for o in got] == hf_greedy(hf_model(real_vocab), PROMPTS, 8)
     for a, b in zip(got, want):  # prompt by prompt, the same RequestOutput (timings aside)
         assert (a.prompt, a.prompt_token_ids, a.finished, a.prompt_logprobs, a.lora_request) == \
             (b.prompt, b.prompt_token_ids, b.finished, b.prompt_logprobs, b.lora_request)
@@ -103,11 +106,35 @@ def test_a_too_long_prompt_raises_one_engines_error_and_the_llm_serves_on(llm_dp
         time.sleep(0.01)
 
 
-def test_unknown_replica_options_and_memory_source_are_refused_by_name(untied_gqa2):
+def test_per_prompt_lora_requests_structured_outputs_and_chat_equal_one_engine(llm_dp, llm_one, real_vocab,
+                                                                               tmp_path):
+    adapter = LoRARequest("a", 1, str(write_adapter(real_vocab, tmp_path / "a", r=8, alpha=16,
+                                                    targets=("q_proj", "v_proj", "down_proj"), seed=1)))
+    loras = [adapter, None, adapter, None]
+    got = llm_dp.generate(prompt_token_ids=PROMPTS[:4], sampling_params=GREEDY, lora_request=loras, use_tqdm=False)
+    want = llm_one.generate(prompt_token_ids=PROMPTS[:4], sampling_params=GREEDY, lora_request=loras, use_tqdm=False)
+    assert [o.outputs for o in got] == [o.outputs for o in want]
+    assert [o.lora_request for o in got] == loras
+    base = llm_one.generate(prompt_token_ids=[PROMPTS[0], PROMPTS[2]], sampling_params=GREEDY, use_tqdm=False)
+    assert [got[0].outputs, got[2].outputs] != [o.outputs for o in base]  # the adapter changed the tokens
+    choice = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(
+        choice=["yes", "no", "maybe"]))
+    texts = ["Is it raining?", "Is the sky green?", "Shall we?"]
+    got = [o.outputs[0].text for o in llm_dp.generate(texts, choice, use_tqdm=False)]
+    assert got == [o.outputs[0].text for o in llm_one.generate(texts, choice, use_tqdm=False)]
+    assert set(got) <= {"yes", "no", "maybe"}
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    assert [o.outputs for o in llm_dp.chat(chats, GREEDY, use_tqdm=False)] == \
+        [o.outputs for o in llm_one.chat(chats, GREEDY, use_tqdm=False)]
+
+
+def test_unknown_replica_options_and_memory_source_are_refused_by_name(real_vocab):
     with pytest.raises(ValueError, match=r"\['data_parallel_routing'\] only apply with data_parallel_size > 1"):
-        LLM(str(untied_gqa2), **ARGS, data_parallel_routing="round_robin")
+        LLM(str(real_vocab), **ARGS, data_parallel_routing="round_robin")
     with pytest.raises(ValueError, match="router must be one of 'round_robin', 'least_loaded', 'prefix_aware'"):
-        LLM(str(untied_gqa2), **ARGS, data_parallel_size=2, data_parallel_routing="busiest")
+        LLM(str(real_vocab), **ARGS, data_parallel_size=2, data_parallel_routing="busiest")
+    with pytest.raises(NotImplementedError, match="memory_source with data_parallel_size > 1"):
+        LLM(str(real_vocab), **ARGS, data_parallel_size=2, memory_source=object())
 
 
 def test_a_killed_replica_raises_naming_it_keeps_the_others_outputs_and_the_llm_serves_on(llm_dp, llm_one):
