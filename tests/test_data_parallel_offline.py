@@ -21,11 +21,11 @@ from qwenjax.core.routing import make_router
 from qwenjax.engine.offline_data_parallel import ReplicaDiedError
 from qwenjax.sampling_params import StructuredOutputsParams
 from tests.checkpoints import hf_greedy, hf_model
-from tests.lora_adapters import write_adapter
+from tests.lora_adapters import peft_greedy, peft_model, write_adapter
 
 ARGS = dict(dtype="float32", max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, block_size=16,
             decode_buckets=(4,), prefill_token_buckets=(64,), num_kv_pages=32, enable_lora=True, max_loras=1,
-            max_lora_rank=8)
+            max_lora_rank=8, generation_config="vllm")  # no defaults from generation_config.json: plain greedy
 PROMPTS = [list(map(int, np.random.default_rng(i).integers(2, 512, 3 + 5 * i))) for i in range(6)]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -50,7 +50,7 @@ def test_two_replicas_give_the_greedy_tokens_of_one_engine_and_of_transformers(l
     before = replica_prompt_tokens(llm_dp)
     got = llm_dp.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
     want = llm_one.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == hf_greedy(hf_model(real_vocab), PROMPTS, 8)
+    assert [o.outputs[0].token_ids for o in got] == hf_greedy(hf_model(real_vocab), PROMPTS, 8, repetition_penalty=1.0)
     for a, b in zip(got, want):  # prompt by prompt, the same RequestOutput (timings aside)
         assert (a.prompt, a.prompt_token_ids, a.finished, a.prompt_logprobs, a.lora_request) == \
             (b.prompt, b.prompt_token_ids, b.finished, b.prompt_logprobs, b.lora_request)
@@ -115,8 +115,8 @@ def test_per_prompt_lora_requests_structured_outputs_and_chat_equal_one_engine(l
     want = llm_one.generate(prompt_token_ids=PROMPTS[:4], sampling_params=GREEDY, lora_request=loras, use_tqdm=False)
     assert [o.outputs for o in got] == [o.outputs for o in want]
     assert [o.lora_request for o in got] == loras
-    base = llm_one.generate(prompt_token_ids=[PROMPTS[0], PROMPTS[2]], sampling_params=GREEDY, use_tqdm=False)
-    assert [got[0].outputs, got[2].outputs] != [o.outputs for o in base]  # the adapter changed the tokens
+    assert [got[i].outputs[0].token_ids for i in (0, 2)] == \
+        peft_greedy(peft_model(real_vocab, adapter.lora_path), [PROMPTS[0], PROMPTS[2]], 8)
     choice = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(
         choice=["yes", "no", "maybe"]))
     texts = ["Is it raining?", "Is the sky green?", "Shall we?"]

@@ -41,6 +41,9 @@ logger = logging.getLogger("qwenjax")
 
 DEFAULT_ROUTING = "least_loaded"
 HEALTH_INTERVAL_S = 1.0  # how often a down replica is checked for a restart (Ray)
+# What every replica has alike (the same model and arguments): read from the first replica's engine view.
+CONFIG_FIELDS = ("tokenizer", "model_config", "scheduler_config", "max_model_len", "generation_defaults",
+                 "eos_token_ids")
 
 
 def replica_args(args):
@@ -280,8 +283,7 @@ class DataParallelView:
         first = dp.replicas[0].engine.engine
         self._dp = dp
         self.args = dp.args
-        for name in ("tokenizer", "model_config", "scheduler_config", "max_model_len", "generation_defaults",
-                     "eos_token_ids"):
+        for name in CONFIG_FIELDS:
             setattr(self, name, getattr(first, name))
         self.page_size = first.blocks.page_size
 

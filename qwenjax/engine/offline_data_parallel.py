@@ -28,7 +28,7 @@ import asyncio
 import threading
 import time
 
-from qwenjax.engine.data_parallel import DataParallelEngine
+from qwenjax.engine.data_parallel import CONFIG_FIELDS, DataParallelEngine
 from qwenjax.engine.request_stream import EngineDeadError
 from qwenjax.outputs import RequestOutput
 
@@ -64,8 +64,7 @@ class OfflineDataParallel:
                                f"processes, which import the main module again, so a script must build LLM("
                                f"data_parallel_size=...) under `if __name__ == \"__main__\":`") from e
         view = self.dp.engine
-        for name in ("tokenizer", "model_config", "scheduler_config", "max_model_len", "generation_defaults",
-                     "eos_token_ids"):
+        for name in CONFIG_FIELDS:
             setattr(self, name, getattr(view, name))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qwenjax-offline-dp", daemon=True)
