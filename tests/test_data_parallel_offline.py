@@ -3,7 +3,7 @@ engine core processes of this host, each with its own XLA CPU devices) and retur
 
 Oracles: transformers' greedy tokens on the same checkpoint (tests/checkpoints.hf_greedy) and one offline engine
 (`LLM()`, data_parallel_size 1) with the same arguments. One pair of replicas serves the module; the replica-death
-test kills one of them, so it runs last.
+test kills one of them, and the shutdown test stops both: they run last.
 """
 
 from __future__ import annotations
@@ -172,3 +172,14 @@ def test_a_killed_replica_raises_naming_it_keeps_the_others_outputs_and_the_llm_
     got = llm_dp.generate(prompt_token_ids=PROMPTS[:3], sampling_params=GREEDY, use_tqdm=False)  # all on replica 0
     assert [o.outputs for o in got] == \
         [o.outputs for o in llm_one.generate(prompt_token_ids=PROMPTS[:3], sampling_params=GREEDY, use_tqdm=False)]
+
+
+def test_shutdown_stops_every_replica_process(llm_dp):
+    replicas = llm_dp.llm_engine.dp.replicas
+    processes = [r.engine._client.process for r in replicas]
+    assert processes[0].is_alive()
+    llm_dp.shutdown()
+    assert [p.is_alive() for p in processes] == [False, False]
+    assert processes[0].exitcode == 0  # replica 0 stopped cleanly (replica 1 was killed above)
+    with pytest.raises(RuntimeError, match="the LLM was shut down: its data parallel replicas are stopped"):
+        llm_dp.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
