@@ -379,10 +379,6 @@ class EngineArgs:
         if self.enable_lora and self.num_processes > 1:
             missing.append(f"enable_lora with num_processes={self.num_processes} (adapter slots are not replayed on "
                            f"follower hosts yet)")
-        if self.usage_context == "llm" and (self.data_parallel_size > 1 or self.distributed_executor_backend):
-            missing.append(f"data_parallel_size={self.data_parallel_size} / distributed_executor_backend="
-                           f"{self.distributed_executor_backend!r} in the offline LLM (replicas are served: python -m "
-                           f"server --data-parallel-size N [--distributed-executor-backend ray])")
         if self.data_parallel_size > 1 and self.num_processes > 1 and self.distributed_executor_backend != "ray":
             missing.append(f"data_parallel_size={self.data_parallel_size} with num_processes={self.num_processes} "
                            f"on this host's processes (replicas that span hosts are placed by Ray: "

@@ -88,11 +88,6 @@ def test_server_flags_build_data_parallel_engine_args_and_refuse_a_thread_engine
         check_data_parallel(ns)
 
 
-def test_offline_llm_refuses_data_parallel_by_name():
-    with pytest.raises(NotImplementedError, match="data_parallel_size=2 .* in the offline LLM .*--data-parallel-size"):
-        LLM(**{k: getattr(ARGS, k) for k in ("dtype", "max_model_len")}, data_parallel_size=2)
-
-
 def test_ray_backend_without_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(RuntimeError, match=r"needs Ray, which is not installed: pip install ray"):

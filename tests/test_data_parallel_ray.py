@@ -97,3 +97,20 @@ def test_a_mesh_over_two_nodes_placed_by_ray_gives_mesh_1_greedy_tokens(server, 
         assert [r.json()["choices"][0]["text"] for r in got] == one_engine_texts()
     finally:
         mesh.shutdown()
+
+
+def test_offline_llm_over_two_ray_replicas_gives_the_tokens_of_one_engine(cluster):
+    """`LLM(data_parallel_size=2, distributed_executor_backend="ray")`: one generate() through two Ray replicas (after
+    the tests above, whose replicas are stopped: the cluster's two CPUs are free)."""
+    from qwenjax import LLM, SamplingParams
+
+    args = {f.name: getattr(RAY_ARGS, f.name) for f in dataclasses.fields(RAY_ARGS) if f.name != "usage_context"}
+    llm = LLM(**args, data_parallel_routing="round_robin")
+    try:
+        assert llm.llm_engine.dp.backend == "ray"
+        got = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(max_tokens=8, temperature=0),
+                           use_tqdm=False)
+        assert [o.outputs[0].text for o in got] == one_engine_texts()
+        assert all(v.stats.prompt_tokens > 0 for _, v in llm.llm_engine.replica_views())  # both replicas served
+    finally:
+        llm.shutdown()

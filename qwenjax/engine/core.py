@@ -121,7 +121,8 @@ class ThroughputLog:
 
     def idle(self) -> None:
         now = time.monotonic()
-        if self.busy and now - self.t0 >= 1.0:  # the tail of a burst, unless too short to say anything
+        # The tail of a burst, unless too short to say anything (or logging is off: interval inf, offline replicas).
+        if self.busy and now - self.t0 >= 1.0 and self.interval != float("inf"):
             self._emit(now)
         self.busy = False
 

@@ -41,6 +41,9 @@ logger = logging.getLogger("qwenjax")
 
 DEFAULT_ROUTING = "least_loaded"
 HEALTH_INTERVAL_S = 1.0  # how often a down replica is checked for a restart (Ray)
+# What every replica has alike (the same model and arguments): read from the first replica's engine view.
+CONFIG_FIELDS = ("tokenizer", "model_config", "scheduler_config", "max_model_len", "generation_defaults",
+                 "eos_token_ids")
 
 
 def replica_args(args):
@@ -280,8 +283,7 @@ class DataParallelView:
         first = dp.replicas[0].engine.engine
         self._dp = dp
         self.args = dp.args
-        for name in ("tokenizer", "model_config", "scheduler_config", "max_model_len", "generation_defaults",
-                     "eos_token_ids"):
+        for name in CONFIG_FIELDS:
             setattr(self, name, getattr(first, name))
         self.page_size = first.blocks.page_size
 
@@ -302,9 +304,7 @@ class DataParallelView:
 
     @property
     def stats(self):
-        views = self._views()
-        return types.SimpleNamespace(**{k: sum(getattr(v.stats, k) for v in views) for k in vars(views[0].stats)
-                                        if isinstance(getattr(views[0].stats, k), (int, float))})
+        return summed_stats(self._views())
 
     @property
     def blocks(self):
@@ -321,3 +321,23 @@ class DataParallelView:
 
     def reset_prefix_cache(self) -> int:
         return sum(r.engine.engine.reset_prefix_cache() for r in self._dp.replicas if r.healthy)
+
+
+def summed_stats(views) -> types.SimpleNamespace:
+    """Engine counters of several replicas as one: numbers summed (max_decode_batch: the largest), per-position lists
+    summed position by position, spec_decode_acceptance_rate from the summed counts."""
+    first = vars(views[0].stats)
+    total = {}
+    for k, v in first.items():
+        values = [getattr(x.stats, k) for x in views]
+        if k == "max_decode_batch":
+            total[k] = max(values)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            total[k] = sum(values)
+        elif isinstance(v, list):
+            width = max(len(x) for x in values)
+            total[k] = [sum(x[j] for x in values if j < len(x)) for j in range(width)]
+    proposed = total.get("spec_decode_num_draft_tokens", 0)
+    total["spec_decode_acceptance_rate"] = total.get("spec_decode_num_accepted_tokens", 0) / proposed \
+        if proposed else None
+    return types.SimpleNamespace(**total)

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Sequence
 
 from qwenjax.config import EngineArgs
 from qwenjax.engine.llm_engine import LLMEngine
+from qwenjax.engine.offline_data_parallel import OfflineDataParallel
 from qwenjax.outputs import RequestOutput
 from qwenjax.sampling_params import SamplingParams
 from qwenjax.tokenizer import apply_chat_template, load_chat_template
 
 _ARG_NAMES = {f.name for f in dataclasses.fields(EngineArgs)}
+# LLM's arguments for data parallel replicas (the server's --data-parallel-routing, --ray-address,
+# --data-parallel-max-restarts) -> OfflineDataParallel's.
+_REPLICA_ARGS = {"data_parallel_routing": "routing", "ray_address": "ray_address",
+                 "data_parallel_max_restarts": "max_restarts"}
 
 
 class LLM:
@@ -22,21 +28,38 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, block_size, tensor_parallel_size, quantization, kv_cache_dtype, ...).
     `model=None` serves the built-in default model (random weights, real Qwen2 tokenizer). An argument whose feature
     is not built yet raises NotImplementedError naming it; an unknown argument raises TypeError.
+
+    `data_parallel_size=N` (vLLM's; optionally `data_parallel_routing`, `distributed_executor_backend="ray"`,
+    `ray_address`, `data_parallel_max_restarts`) runs N engine replicas, each in its own process on its own devices,
+    and spreads each generate() call's prompts over them (qwenjax/engine/offline_data_parallel.py).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        unknown = sorted(set(kwargs) - _ARG_NAMES - {"memory_source"})
+        unknown = sorted(set(kwargs) - _ARG_NAMES - {"memory_source"} - set(_REPLICA_ARGS))
         if unknown:
-            raise TypeError(f"LLM() got unknown arguments {unknown}; accepted: {sorted(_ARG_NAMES)}")
+            raise TypeError(f"LLM() got unknown arguments {unknown}; accepted: "
+                            f"{sorted(_ARG_NAMES | set(_REPLICA_ARGS))}")
         memory_source = kwargs.pop("memory_source", None)
+        replica_options = {_REPLICA_ARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _REPLICA_ARGS}
         if isinstance(kwargs.get("served_model_name"), str):
             kwargs["served_model_name"] = (kwargs["served_model_name"],)
         for key in ("decode_buckets", "prefill_token_buckets"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
-        self.engine_args = EngineArgs(model=model, **kwargs)
-        self.llm_engine = LLMEngine(self.engine_args, memory_source=memory_source)
+        self.engine_args = args = EngineArgs(model=model, **kwargs)
         self._next_id = 0
+        if args.data_parallel_size > 1 or args.distributed_executor_backend == "ray":
+            # N replicas, each an engine core process (or Ray actor); see qwenjax/engine/offline_data_parallel.py.
+            if memory_source is not None:
+                raise NotImplementedError("memory_source with data_parallel_size > 1 (each replica process "
+                                          "measures its own devices)")
+            self.llm_engine = OfflineDataParallel(args, **replica_options)
+            weakref.finalize(self, self.llm_engine.shutdown)  # also at exit: the replicas' processes stop
+            return
+        if replica_options:
+            raise ValueError(f"{sorted(k for k, v in _REPLICA_ARGS.items() if v in replica_options)} only apply "
+                             f"with data_parallel_size > 1 or distributed_executor_backend='ray'")
+        self.llm_engine = LLMEngine(args, memory_source=memory_source)
         if not self.llm_engine.is_leader:
             # Several hosts: this process serves process 0's steps, then returns once process 0 shuts down.
             self.llm_engine.follow()
@@ -46,7 +69,8 @@ class LLM:
             atexit.register(self.llm_engine.shutdown)
 
     def shutdown(self) -> None:
-        """Releases the other processes of a multi-host run (also done at exit)."""
+        """Releases the other processes of a multi-host run, or stops the data parallel replicas (also done at
+        exit)."""
         self.llm_engine.shutdown()
 
     def get_tokenizer(self):
@@ -54,7 +78,7 @@ class LLM:
 
     def reset_prefix_cache(self) -> int:
         """Forgets the prefix cache's free pages (vLLM's `LLM.reset_prefix_cache`), e.g. between benchmark runs.
-        Returns how many pages it dropped."""
+        Returns how many pages it dropped (over every replica with data_parallel_size > 1)."""
         return self.llm_engine.reset_prefix_cache()
 
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -79,11 +103,14 @@ class LLM:
         if len(loras) != len(items):
             raise ValueError(f"got {len(loras)} lora_request for {len(items)} prompts; pass one or one per prompt")
         engine = self.llm_engine
+        if isinstance(engine, OfflineDataParallel):
+            return engine.generate([dict(request_id=self._new_id(), prompt=text, params=p, prompt_token_ids=toks,
+                                         priority=priority[i] if priority is not None else 0, lora_request=loras[i])
+                                    for i, ((text, toks), p) in enumerate(zip(items, params))], use_tqdm)
         ids = []
         try:
             for i, ((text, toks), p) in enumerate(zip(items, params)):
-                rid = f"offline-{self._next_id}"
-                self._next_id += 1
+                rid = self._new_id()
                 try:
                     engine.add_request(rid, text, p, prompt_token_ids=toks,
                                        priority=priority[i] if priority is not None else 0, lora_request=loras[i])
@@ -106,6 +133,10 @@ class LLM:
         prompts = [apply_chat_template(tok, c, add_generation_prompt=add_generation_prompt, chat_template=template,
                                        **template_kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"offline-{self._next_id - 1}"
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
