@@ -85,16 +85,37 @@ def test_a_killed_ray_replica_fails_its_requests_is_restarted_and_serves_again(s
 
 def test_a_mesh_over_two_nodes_placed_by_ray_gives_mesh_1_greedy_tokens(server, dp):
     """One replica whose model spans two processes (num_processes 2, jax.distributed, a mesh of 2 CPU devices), one
-    process per node: the greedy tokens of one engine on one device."""
+    process per node: the greedy tokens of one engine on one device; after its follower is killed, the mesh is
+    restarted whole and gives them again."""
     dp.shutdown()  # frees the cluster's two CPUs
     args = dataclasses.replace(RAY_ARGS, data_parallel_size=1, num_processes=2, tensor_parallel_size=2)
     mesh = DataParallelEngine(args)
     try:
         nodes = {ray.get(a.where.remote())["node_id"] for a in mesh._ray.actors + mesh._ray.followers}
         assert len(nodes) == 2
+        want = one_engine_texts()
         with ServerThread(create_app(mesh, served_model_names=["tiny"])) as s:
             got = [complete(s.url, ids) for ids in PROMPTS]
-        assert [r.json()["choices"][0]["text"] for r in got] == one_engine_texts()
+            assert [r.json()["choices"][0]["text"] for r in got] == want
+            # The follower process dies mid-request: process 0 would wait in a collective forever, so the replica
+            # is stopped (its requests fail with a clear 503, no hang) and placed again whole (both processes new).
+            old = {ray.get(a.where.remote())["pid"] for a in mesh._ray.actors + mesh._ray.followers}
+            follower_pid = ray.get(mesh._ray.followers[0].where.remote())["pid"]
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(complete, s.url, [5, 6, 7, i], 120) for i in range(2)]
+                wait_until_streaming(mesh.replicas[0], 2)
+                os.kill(follower_pid, signal.SIGKILL)
+                codes = [f.result().status_code for f in futures]
+            assert codes == [503, 503]
+            deadline = time.monotonic() + 300
+            while not mesh.replicas[0].healthy:
+                assert time.monotonic() < deadline, "the mesh was not restarted"
+                time.sleep(0.5)
+            assert mesh._ray.restarts == [1]
+            new = {ray.get(a.where.remote())["pid"] for a in mesh._ray.actors + mesh._ray.followers}
+            assert len(new) == 2 and not new & old
+            got = [complete(s.url, ids) for ids in PROMPTS]
+            assert [r.json()["choices"][0]["text"] for r in got] == want
     finally:
         mesh.shutdown()
 

@@ -236,10 +236,14 @@ class DataParallelEngine:
 
     # ------------------------------------------------------------------ Ray: restarts
     def _watch(self) -> None:
-        """Ray backend: a down replica rejoins once Ray has restarted its actor and its engine is built again."""
+        """Ray backend: a down replica rejoins once Ray has restarted its actor (or its mesh, restarted whole) and its
+        engine is built again."""
         while not self._stopping.wait(HEALTH_INTERVAL_S):
             for r in self.replicas:
-                if r.healthy or self._stopping.is_set():
+                if self._stopping.is_set():
+                    break
+                if r.healthy:
+                    self._ray.check(r.index)  # a mesh whose follower died is stopped (then restarted whole)
                     continue
                 engine = self._ray.reconnect(r.index)
                 if engine is not None:

@@ -16,7 +16,10 @@ restarted actor's `ready()` and reconnects once its engine is built again.
 A replica that spans hosts (num_processes P > 1: one model over a jax.distributed mesh, one process per host) is P
 actors in a placement group of its own (STRICT_SPREAD: one per node): process 0 is the EngineReplicaActor (it picks
 the coordinator address on its node and serves), processes 1..P-1 are MeshFollowerActors replaying its steps
-(LLMEngine.follow). A mesh is restarted as a whole or not at all, so its actors are created without max_restarts.
+(LLMEngine.follow). A mesh is restarted as a whole or not at all, so its actors are created without max_restarts:
+a follower that dies (watched through its `done` call) gets process 0 killed, so the replica's requests fail at once
+instead of waiting in a collective that can never finish; a replica down for either reason is then placed again
+whole (all P actors, a new coordinator) by `reconnect`, at most max_restarts times.
 """
 
 from __future__ import annotations
@@ -130,12 +133,25 @@ class MeshFollowerActor:
     def __init__(self, args, env: dict):
         os.environ.update(env)
         self.steps: int | None = None
+        self._done = threading.Event()
         threading.Thread(target=self._run, args=(args,), name="qwenjax-mesh-follower", daemon=True).start()
 
     def _run(self, args) -> None:
         from qwenjax.engine.llm_engine import LLMEngine
 
-        self.steps = LLMEngine(args).follow()
+        try:
+            self.steps = LLMEngine(args).follow()
+        except BaseException:  # noqa: BLE001 - the mesh is broken: die, so that done() tells the frontend
+            logger.exception("mesh follower %d failed", args.process_id)
+            time.sleep(EXIT_DELAY_S)
+            os._exit(1)
+        self._done.set()
+
+    def done(self) -> int:
+        """Blocks until process 0 stopped and this process followed it out (the steps replayed); a follower that
+        dies makes this call fail instead (RayReplicas.check watches it)."""
+        self._done.wait()
+        return self.steps
 
     def where(self) -> dict:
         return EngineReplicaActor.where(self)
@@ -244,7 +260,6 @@ class RayReplicas:
         """device_env(index, tensor_parallel_size): a replica's environment on the CPU (data_parallel.device_env)."""
         ray = self.ray = import_ray()
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True)
@@ -264,29 +279,85 @@ class RayReplicas:
             groups = [(placement_group([dict(bundle) for _ in range(nproc)], strategy="STRICT_SPREAD"), 0)
                       for _ in range(num_replicas)]
         self.pgs = list({id(pg): pg for pg, _ in groups}.values())
-        try:
-            ray.get([pg.ready() for pg in self.pgs], timeout=300)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"Ray could not place {num_replicas} replicas of {nproc} x {bundle} within 300 s "
-                               f"(a mesh needs {nproc} nodes); the cluster has {ray.cluster_resources()}") from None
-        self.actors, self.followers = [], []
-        env = device_env(0, tp) if cpu else {}  # on GPUs Ray sets CUDA_VISIBLE_DEVICES from the bundle
-        for pg, first in groups:
-            def place(k, cls, restarts, pg=pg):
-                return ray.remote(cls).options(
-                    num_cpus=1, num_gpus=0 if cpu else tp, max_restarts=restarts, max_concurrency=4,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k))
-
-            core_options = dict(options, env=env, log_level=logging.getLogger("qwenjax").getEffectiveLevel())
-            leader = place(first, EngineReplicaActor, max_restarts if nproc == 1 else 0).remote(
-                dataclasses.replace(args, process_id=0), core_options)
-            self.actors.append(leader)
-            if nproc > 1:
-                coordinator = ray.get(leader.coordinator.remote())
-                self.followers += [place(k, MeshFollowerActor, 0).remote(
-                    dataclasses.replace(args, process_id=k, distributed_coordinator=coordinator), env)
-                    for k in range(1, nproc)]
+        self._wait_placed(self.pgs, num_replicas, bundle)
+        self.nproc, self.tp, self.cpu, self.bundle, self.max_restarts = nproc, tp, cpu, bundle, max_restarts
+        self.env = device_env(0, tp) if cpu else {}  # on GPUs Ray sets CUDA_VISIBLE_DEVICES from the bundle
+        self.restarts = [0] * num_replicas  # whole-mesh restarts done, per replica (num_processes > 1)
+        self.actors: list = [None] * num_replicas       # each replica's process 0 (its EngineReplicaActor)
+        self.mesh_followers: list[list] = [[] for _ in range(num_replicas)]  # processes 1..P-1 of each replica
+        self._watches: list[list] = [[] for _ in range(num_replicas)]  # their done() refs
+        self.groups = groups
+        for i in range(num_replicas):
+            self._place(i)
         self._pending: dict[int, object] = {}
+
+    def _wait_placed(self, pgs, num_replicas, bundle) -> None:
+        try:
+            self.ray.get([pg.ready() for pg in pgs], timeout=300)
+        except self.ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"Ray could not place {num_replicas} replicas of {self.args.num_processes} x {bundle} "
+                               f"within 300 s (a mesh needs {self.args.num_processes} nodes); the cluster has "
+                               f"{self.ray.cluster_resources()}") from None
+
+    def _place(self, index: int) -> None:
+        """Creates replica `index`'s actors in its bundle(s): one EngineReplicaActor (restarted by Ray up to
+        max_restarts times), or for a mesh over hosts process 0 and its followers, never restarted by Ray (a mesh is
+        restarted whole, by `reconnect`)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ray, (pg, first) = self.ray, self.groups[index]
+
+        def place(k, cls, restarts):
+            return ray.remote(cls).options(
+                num_cpus=1, num_gpus=0 if self.cpu else self.tp, max_restarts=restarts, max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k))
+
+        core_options = dict(self.options, env=self.env,
+                            log_level=logging.getLogger("qwenjax").getEffectiveLevel())
+        leader = place(first, EngineReplicaActor, self.max_restarts if self.nproc == 1 else 0).remote(
+            dataclasses.replace(self.args, process_id=0), core_options)
+        self.actors[index] = leader
+        if self.nproc > 1:
+            coordinator = ray.get(leader.coordinator.remote())
+            self.mesh_followers[index] = [place(k, MeshFollowerActor, 0).remote(
+                dataclasses.replace(self.args, process_id=k, distributed_coordinator=coordinator), self.env)
+                for k in range(1, self.nproc)]
+            self._watches[index] = [f.done.remote() for f in self.mesh_followers[index]]
+
+    @property
+    def followers(self) -> list:
+        return [f for fs in self.mesh_followers for f in fs]
+
+    def check(self, index: int) -> None:
+        """A healthy mesh replica whose follower died (its process 0 may wait forever in a collective): kill process
+        0 too, so its requests fail now (EngineDeadError) and the replica is restarted whole by `reconnect`."""
+        watches = self._watches[index]
+        if not watches:
+            return
+        done, _ = self.ray.wait(watches, timeout=0)
+        if done:
+            logger.warning("data parallel replica %d: a process of its mesh ended; stopping the replica", index)
+            self._watches[index] = []
+            self._kill([self.actors[index]])
+
+    def _kill(self, actors) -> None:
+        for a in actors:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _replace_mesh(self, index: int) -> bool:
+        """Replica `index` (a mesh over hosts) again from scratch: its actors killed, fresh ones placed in its
+        placement group (the bundles free again once the old actors are gone). False past max_restarts."""
+        if self.restarts[index] >= self.max_restarts:
+            return False
+        self.restarts[index] += 1
+        logger.warning("data parallel replica %d: restarting its mesh of %d processes (restart %d of %d)", index,
+                       self.nproc, self.restarts[index], self.max_restarts)
+        self._kill([self.actors[index], *self.mesh_followers[index]])
+        self._place(index)
+        return True
 
     def engine(self, index: int) -> AsyncLLMEngine:
         """An AsyncLLMEngine over replica `index`'s actor, started (waits for the actor's engine)."""
@@ -309,6 +380,8 @@ class RayReplicas:
         ray = self.ray
         ref = self._pending.get(index)
         if ref is None:
+            if self.nproc > 1 and not self._replace_mesh(index):
+                return None  # restarted max_restarts times already: stays down
             ref = self._pending[index] = self.actors[index].ready.remote()
         done, _ = ray.wait([ref], timeout=0)
         if not done:
@@ -327,11 +400,7 @@ class RayReplicas:
             return None
 
     def shutdown(self) -> None:
-        for a in self.actors + self.followers:
-            try:
-                self.ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        self._kill([a for a in self.actors if a is not None] + self.followers)
         for pg in self.pgs:
             try:
                 self.ray.util.remove_placement_group(pg)
