@@ -160,7 +160,8 @@ def test_routing_real_benchmark_smoke(tmp_path):
     import routing_real
 
     result = routing_real.main(["--num-requests", "8", "--request-rate", "4", "--prefix-groups", "2",
-                                "--prefix-len", "64", "--max-model-len", "256", "--results-dir", str(tmp_path)])
+                                "--prefix-len", "64", "--max-model-len", "256", "--repeats", "2",
+                                "--results-dir", str(tmp_path)])
     written = json.loads(next(tmp_path.glob("routing-real-*-cpu-*.json")).read_text())
     assert written["metrics"] == result["metrics"]
     m = result["metrics"]
@@ -170,6 +171,8 @@ def test_routing_real_benchmark_smoke(tmp_path):
         assert m[f"real_{r}_prefix_cache_hit_rate"] == pytest.approx(m[f"sim_{r}_prefix_cache_hit_rate"], abs=0.02)
     assert m["real_prefix_aware_prefix_cache_hit_rate"] > m["real_round_robin_prefix_cache_hit_rate"]
     assert sorted(result["config"]["order_real"]) == sorted(result["config"]["order_sim"])
+    assert len(result["config"]["traces"]) == 2 and 0 <= m["resolved_pairs"] <= 3
+    assert all(m[f"real_{r}_ttft_ms_mean_se"] >= 0 for r in ("round_robin", "least_loaded", "prefix_aware"))
 
 
 def wait_until_streaming(replica, n: int) -> None:
