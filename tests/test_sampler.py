@@ -357,7 +357,7 @@ def all_eqns(jaxpr):
 
 
 @pytest.mark.parametrize(
-    "m, sorts",
+    "m, bisects",
     [
         (mode(filter="none", penalties=True, has_banned=True, num_logprobs=5), False),
         (mode(filter="topk", topk_cap=64, penalties=True), False),
@@ -365,12 +365,15 @@ def all_eqns(jaxpr):
         (mode(filter="sort"), True),
     ],
 )
-def test_full_sort_only_in_sort_mode(m, sorts):
+def test_no_mode_sorts_and_only_sort_mode_has_the_bisection(m, bisects):
+    """Mode 'sort' falls back (under a cond) to bisecting each row's threshold, never to sorting the vocabulary
+    (a sort cannot keep a vocabulary split over a mesh; vocab_split.VocabSlice.lowest_kept)."""
     v = 1000
     rows = rows_of(SamplingParams(top_k=3, top_p=0.5), SamplingParams(temperature=0.0))
     jaxpr = jax.make_jaxpr(functools.partial(sample, mode=m))(jnp.zeros((2, v)), tensors(rows, v))
     names = primitive_names(jaxpr.jaxpr)
-    assert ("sort" in names) == sorts, sorted(names)
+    assert "sort" not in names, sorted(names)
+    assert ("cond" in names) == bisects and (bool(names & {"while", "scan"})) == bisects, sorted(names)
     assert ("top_k" in names) == (m.filter != "none" or m.num_logprobs > 0)
 
 
