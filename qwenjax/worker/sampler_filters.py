@@ -7,26 +7,21 @@ bisection of the fallback) combine per-shard results with small collectives; not
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE
 from qwenjax.worker.vocab_split import VocabSlice
 
-if TYPE_CHECKING:
-    from qwenjax.worker.sampler import SamplerMode, SamplingTensors
-
 TOPK_CAPS = (64, 256, 1024)  # candidate counts of mode 'topk'; a larger top_k needs mode 'sort'
 
 
-def filtered_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
-                    vs: VocabSlice | None = None) -> jax.Array:
+def filtered_logits(logits: jax.Array, t, mode, vs: VocabSlice | None = None) -> jax.Array:
     """Temperature-scaled logits [B, V] with the tokens min_p, top-k and top-p drop set to -inf.
 
     This is the distribution a non-greedy row samples from (softmax of the result). Greedy rows are scaled by 1.
-    `vs`: the columns `logits` holds (None: whole rows).
+    `t` sampler.SamplingTensors, `mode` sampler.SamplerMode (not imported: the sampler imports this module);
+    `vs` the columns `logits` holds (None: whole rows).
     """
     vs = vs or VocabSlice.whole(logits.shape[-1])
     temperature = jnp.where(t.temperature < GREEDY_TEMPERATURE, 1.0, t.temperature)
@@ -81,7 +76,7 @@ def _threshold(candidates: jax.Array, top_k: jax.Array, top_p: jax.Array, lse: j
     return threshold, top_k_inside & top_p_inside
 
 
-def _bisected_threshold(x: jax.Array, t: SamplingTensors, lse: jax.Array, vs: VocabSlice) -> jax.Array:
+def _bisected_threshold(x: jax.Array, t, lse: jax.Array, vs: VocabSlice) -> jax.Array:
     """_threshold's value over whole rows, without sorting them (VocabSlice.lowest_kept): the k-th largest value,
     then top-p's last kept value among the tokens top-k kept, renormalised."""
     kth = vs.lowest_kept(x, jnp.ones(x.shape, jnp.int32), t.top_k)
