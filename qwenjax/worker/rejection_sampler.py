@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE
 from qwenjax.worker.sampler import (SamplerMode, SamplingTensors, apply_banned, apply_bitmask, apply_penalties,
-                                    chunked_top_k, filtered_logits, gumbel_noise)
+                                    chunked_top_k, filtered_logits, gumbel_noise, split_noise)
 from qwenjax.worker.vocab_split import VocabSlice, over_vocab
 
 ACCEPT_STREAM = 0x5EC  # folded into a position's key for its acceptance uniform (the draw uses the key itself)
@@ -81,13 +81,14 @@ def target_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, draf
 
 def rejection_sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, drafts: jax.Array,
                      num_drafts: jax.Array, history: tuple[jax.Array, jax.Array] | None = None,
-                     vs: VocabSlice | None = None) -> VerifyOutput:
+                     vs: VocabSlice | None = None, noise: jax.Array | None = None) -> VerifyOutput:
     """Accepts each row's leading drafts and draws the token after them (see the module docstring).
 
     logits [B, Q, V] raw; `t` holds R = B * Q rows (row b's position j at b * Q + j: its parameters, seed, and step =
     outputs so far + j); drafts [B, Q - 1] i32 (entries at or past num_drafts [B] are ignored). Pure; call inside jit
     with `mode` static (from choose_mode over the same R rows). `vs`: the vocabulary columns `logits` and `history`
     hold (under rejection_sample_over_mesh: this device's V / n); None: whole rows. The outputs are whole.
+    `noise`: the R rows' gumbel_noise on those columns (None: drawn here).
     """
     B, Q, V = logits.shape
     vs = vs or VocabSlice.whole(V)
@@ -107,7 +108,9 @@ def rejection_sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, d
             t.seeds, t.steps)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
         residual = jnp.where(vs.column_ids()[None, :] == nxt[:, None], -jnp.inf, scaled)  # no draft: none removed
-        drawn = vs.argmax(residual + vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size)))
+        if noise is None:
+            noise = vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size))
+        drawn = vs.argmax(residual + noise)
         greedy = t.temperature < GREEDY_TEMPERATURE
         accept = jnp.where(greedy, nxt == argmax, u < p_draft)
         after = jnp.where(greedy, argmax, drawn)
@@ -135,12 +138,18 @@ def rejection_sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode
                                history: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> VerifyOutput:
     """`rejection_sample` with the vocabulary split over the mesh's "tp" axis (worker/vocab_split.py); `history` as
     sampler.sample_over_mesh's: (prompt_mask [R, V], output_counts [R, V], slots [B]) or None."""
-    split = (logits,) if history is None else (logits, history[0], history[1])
-    whole = (t, drafts, num_drafts, None if history is None else history[2])
+    parts = {"logits": logits}
+    if not mode.all_greedy:
+        parts["noise"] = split_noise(mesh, t, logits.shape[-1])
+    if history is not None:
+        parts["mask"], parts["counts"] = history[0], history[1]
+    names = tuple(parts)
+    slots = None if history is None else history[2]
 
     def body(vs, split, whole):
+        p = dict(zip(names, split))
         t, drafts, num_drafts, slots = whole
-        rows = None if history is None else (split[1][slots], split[2][slots])
-        return rejection_sample(split[0], t, mode, drafts, num_drafts, rows, vs)
+        rows = None if history is None else (p["mask"][slots], p["counts"][slots])
+        return rejection_sample(p["logits"], t, mode, drafts, num_drafts, rows, vs, p.get("noise"))
 
-    return over_vocab(body, mesh, logits.shape[-1], split, whole)
+    return over_vocab(body, mesh, logits.shape[-1], tuple(parts.values()), (t, drafts, num_drafts, slots))

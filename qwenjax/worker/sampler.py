@@ -11,10 +11,14 @@ logits (vLLM v1's default), whatever the penalties and filters did.
 
 Filters are expressed as one per-row threshold: a token survives iff its scaled logit is >= the threshold. Tokens
 tied with the last kept one therefore all survive, and the result depends only on the row's own values, not on
-whether candidates came from a top-k or a full sort.
+whether it came from top-k candidates or the bisection over whole rows (worker/sampler_filters.py).
 
 The Gumbel noise of a row is drawn over the whole vocabulary from fold_in(key(seed), step), indexed by token id, so
-a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode.
+a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode,
+on whichever mesh.
+
+Over a mesh (sample_over_mesh) every [B, V] computation runs on each device's V / n columns under shard_map, with
+per-shard reductions and small collectives (worker/vocab_split.py): no [B, V] array crosses devices.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from qwenjax.worker.sampler_filters import TOPK_CAPS, chunked_top_k, filtered_logits  # noqa: F401 (re-exported)
-from qwenjax.worker.vocab_split import VocabSlice, over_vocab
+from qwenjax.worker.vocab_split import VocabSlice, over_vocab, split_columns
 
 FILTERS = ("none", "topk", "sort")
 LOGPROB_BUCKETS = (0, 5, 20)  # num_logprobs is rounded up to one of these (exact above the last)
@@ -106,12 +110,14 @@ WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=T
                      for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
 
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
-           history: tuple[jax.Array, jax.Array] | None = None, vs: VocabSlice | None = None) -> SamplerOutput:
+           history: tuple[jax.Array, jax.Array] | None = None, vs: VocabSlice | None = None,
+           noise: jax.Array | None = None) -> SamplerOutput:
     """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.
 
     `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
     and with "topk" a row's top-p only sees the topk_cap most likely tokens. `vs`: the vocabulary columns `logits`
     and `history` hold (under sample_over_mesh: this device's V / n); None: whole rows. The outputs are whole.
+    `noise`: the rows' gumbel_noise on those columns (None: drawn here over whole rows, the columns kept).
     """
     vs = vs or VocabSlice.whole(logits.shape[-1])
     raw = logits.astype(jnp.float32)
@@ -128,7 +134,8 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
     if mode.all_greedy:
         token_ids = vs.argmax(x)
     else:
-        noise = vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size))
+        if noise is None:
+            noise = vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size))
         scores = filtered_logits(x, t, mode, vs) + noise
         greedy = (t.temperature < GREEDY_TEMPERATURE)[:, None]
         token_ids = vs.argmax(jnp.where(greedy, x, scores))
@@ -155,19 +162,32 @@ def sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerM
     `history`: (prompt_mask [R, V], output_counts [R, V], slots [B]): the penalty state, whose rows `slots` are
     read on each device's columns (worker/penalty_state.py); None when mode.penalties is off.
     """
-    split = (logits,) if history is None else (logits, history[0], history[1])
-    whole = (t, None if history is None else history[2])
+    parts = {"logits": logits}
+    if not mode.all_greedy:
+        parts["noise"] = split_noise(mesh, t, logits.shape[-1])
+    if history is not None:
+        parts["mask"], parts["counts"] = history[0], history[1]
+    names = tuple(parts)
+    slots = None if history is None else history[2]
 
     def body(vs, split, whole):
+        p = dict(zip(names, split))
         t, slots = whole
-        rows = None if history is None else (split[1][slots], split[2][slots])
-        out = sample(split[0], t, mode, rows, vs)
+        rows = None if history is None else (p["mask"][slots], p["counts"][slots])
+        out = sample(p["logits"], t, mode, rows, vs, p.get("noise"))
         if not with_ranks:
             return out, None
         # Compared on the logits themselves (exact: a logprob + logsumexp round trip can put a token above itself).
-        return out, 1 + vs.count_greater(split[0], vs.take(split[0], out.token_ids))
+        return out, 1 + vs.count_greater(p["logits"], vs.take(p["logits"], out.token_ids))
 
-    return over_vocab(body, mesh, logits.shape[-1], split, whole)
+    return over_vocab(body, mesh, logits.shape[-1], tuple(parts.values()), (t, slots))
+
+
+def split_noise(mesh, t: SamplingTensors, vocab_size: int) -> jax.Array:
+    """The rows' gumbel_noise [B, V], laid out split on V like the logits over `mesh`. A function of the replicated
+    seeds and steps alone, and JAX's threefry is partitionable (bits of element i from the key and i), so each
+    device computes its own columns and nothing crosses the mesh; over no mesh it is the whole noise."""
+    return split_columns(gumbel_noise(t.seeds, t.steps, vocab_size), mesh)
 
 
 def apply_penalties(logits: jax.Array, t: SamplingTensors, history: tuple[jax.Array, jax.Array] | None = None,
@@ -207,8 +227,8 @@ def apply_bitmask(logits: jax.Array, bitmask: jax.Array, vs: VocabSlice | None =
 
 
 def gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
-    """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V). Over a mesh every device draws
-    whole rows and keeps its columns (VocabSlice.local_columns), so a seeded row's draw is the same on any mesh."""
+    """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V), so a seeded row's draw is the
+    same on any mesh (split_noise lays it out over one)."""
 
     def row(seed, step):
         key = jax.random.fold_in(jax.random.key(seed), step)

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenjax.compat import shard_map
 
@@ -158,6 +158,16 @@ def vocab_axis_size(mesh, vocab_size: int) -> int:
         return 1
     n = mesh.shape[AXIS]
     return n if n > 1 and vocab_size % n == 0 else 1
+
+
+def split_columns(x: jax.Array, mesh) -> jax.Array:
+    """x [..., V] constrained to the logits' split on V over `mesh` (sharding.vocab_sharding's rule); x as is where
+    the vocabulary is not split. For arrays computed from replicated values alone (the Gumbel noise): XLA then
+    computes each device's columns there."""
+    n = vocab_axis_size(mesh, x.shape[-1])
+    if n == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*([None] * (x.ndim - 1)), AXIS)))
 
 
 def over_vocab(fn, mesh, vocab_size: int, split: tuple, whole, split_out: bool = False):
