@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE
 from qwenjax.worker.sampler import (SamplerMode, SamplingTensors, apply_banned, apply_bitmask, apply_penalties,
-                                    chunked_top_k, filtered_logits, gumbel_noise, split_noise)
+                                    chunked_top_k, filtered_logits, gumbel_noise, split_inputs,
+                                    vocab_inputs)
 from qwenjax.worker.vocab_split import VocabSlice, over_vocab
 
 ACCEPT_STREAM = 0x5EC  # folded into a position's key for its acceptance uniform (the draw uses the key itself)
@@ -138,18 +139,10 @@ def rejection_sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode
                                history: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> VerifyOutput:
     """`rejection_sample` with the vocabulary split over the mesh's "tp" axis (worker/vocab_split.py); `history` as
     sampler.sample_over_mesh's: (prompt_mask [R, V], output_counts [R, V], slots [B]) or None."""
-    parts = {"logits": logits}
-    if not mode.all_greedy:
-        parts["noise"] = split_noise(mesh, t, logits.shape[-1])
-    if history is not None:
-        parts["mask"], parts["counts"] = history[0], history[1]
-    names = tuple(parts)
-    slots = None if history is None else history[2]
-
     def body(vs, split, whole):
-        p = dict(zip(names, split))
         t, drafts, num_drafts, slots = whole
-        rows = None if history is None else (p["mask"][slots], p["counts"][slots])
-        return rejection_sample(p["logits"], t, mode, drafts, num_drafts, rows, vs, p.get("noise"))
+        logits, noise, rows = split_inputs(split, slots)
+        return rejection_sample(logits, t, mode, drafts, num_drafts, rows, vs, noise)
 
-    return over_vocab(body, mesh, logits.shape[-1], tuple(parts.values()), (t, drafts, num_drafts, slots))
+    split, slots = vocab_inputs(mesh, logits, t, mode, history)
+    return over_vocab(body, mesh, logits.shape[-1], split, (t, drafts, num_drafts, slots))

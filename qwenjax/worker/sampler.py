@@ -162,32 +162,41 @@ def sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerM
     `history`: (prompt_mask [R, V], output_counts [R, V], slots [B]): the penalty state, whose rows `slots` are
     read on each device's columns (worker/penalty_state.py); None when mode.penalties is off.
     """
-    parts = {"logits": logits}
-    if not mode.all_greedy:
-        parts["noise"] = split_noise(mesh, t, logits.shape[-1])
-    if history is not None:
-        parts["mask"], parts["counts"] = history[0], history[1]
-    names = tuple(parts)
-    slots = None if history is None else history[2]
-
     def body(vs, split, whole):
-        p = dict(zip(names, split))
         t, slots = whole
-        rows = None if history is None else (p["mask"][slots], p["counts"][slots])
-        out = sample(p["logits"], t, mode, rows, vs, p.get("noise"))
+        logits, noise, rows = split_inputs(split, slots)
+        out = sample(logits, t, mode, rows, vs, noise)
         if not with_ranks:
             return out, None
         # Compared on the logits themselves (exact: a logprob + logsumexp round trip can put a token above itself).
-        return out, 1 + vs.count_greater(p["logits"], vs.take(p["logits"], out.token_ids))
+        return out, 1 + vs.count_greater(logits, vs.take(logits, out.token_ids))
 
-    return over_vocab(body, mesh, logits.shape[-1], tuple(parts.values()), (t, slots))
+    split, slots = vocab_inputs(mesh, logits, t, mode, history)
+    return over_vocab(body, mesh, logits.shape[-1], split, (t, slots))
 
 
-def split_noise(mesh, t: SamplingTensors, vocab_size: int) -> jax.Array:
-    """The rows' gumbel_noise [B, V], laid out split on V like the logits over `mesh`. A function of the replicated
-    seeds and steps alone, and JAX's threefry is partitionable (bits of element i from the key and i), so each
-    device computes its own columns and nothing crosses the mesh; over no mesh it is the whole noise."""
-    return split_columns(gumbel_noise(t.seeds, t.steps, vocab_size), mesh)
+def vocab_inputs(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
+                 history: tuple[jax.Array, jax.Array, jax.Array] | None) -> tuple[tuple, jax.Array | None]:
+    """(the [.., V] inputs a sampler over the mesh splits: logits, the rows' Gumbel noise unless all greedy, the
+    penalty state when given; the penalty rows' slots or None). split_inputs takes them apart inside the body.
+
+    The noise [B, V] is laid out split on V like the logits: a function of the replicated seeds and steps alone, and
+    JAX's threefry is partitionable (bits of element i from the key and i), so each device computes its own columns
+    and nothing crosses the mesh; over no mesh it is the whole noise."""
+    split = (logits,)
+    if not mode.all_greedy:
+        split += (split_columns(gumbel_noise(t.seeds, t.steps, logits.shape[-1]), mesh),)
+    if history is None:
+        return split, None
+    return split + tuple(history[:2]), history[2]
+
+
+def split_inputs(split: tuple, slots) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
+    """(logits, noise or None, (in_prompt, counts) of the rows `slots` or None) from vocab_inputs' arrays, on the
+    columns this device holds."""
+    logits, rest = split[0], split[1:]
+    noise, rest = (rest[0], rest[1:]) if len(rest) % 2 else (None, rest)
+    return logits, noise, None if slots is None else (rest[0][slots], rest[1][slots])
 
 
 def apply_penalties(logits: jax.Array, t: SamplingTensors, history: tuple[jax.Array, jax.Array] | None = None,
