@@ -62,3 +62,33 @@ def test_no_collective_moves_a_vocabulary_sized_array(split_result, case):
         entry = split_result[case]["meshes"][n]
         assert entry["collectives"] > 0, (case, n)  # the reductions do cross devices
         assert entry["vocab_sized"] == [], (case, n, entry["vocab_sized"])
+
+
+def test_lowest_kept_is_the_kth_value_and_the_top_p_cut():
+    """VocabSlice.lowest_kept on whole rows against numpy: with weight 1 and budget k, the k-th largest value (ties,
+    -inf and k past the finite values included); with probabilities and budget p, the last token whose preceding mass
+    (descending order) is < p; p <= the best token's mass keeps the best only."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax.worker.vocab_split import VocabSlice
+
+    rng = np.random.default_rng(5)
+    x = np.round(rng.normal(size=(4, 300)) * 2, 1).astype(np.float32)  # rounded: many ties
+    x[1, 5:] = -np.inf  # five finite values
+    x[2] = -x[2]
+    vs = VocabSlice.whole(300)
+    k = np.array([1, 7, 150, 300], np.int32)
+    kth = np.asarray(jax.jit(vs.lowest_kept)(jnp.asarray(x), jnp.ones(x.shape, jnp.int32), jnp.asarray(k)))
+    np.testing.assert_array_equal(kth, [np.sort(row)[::-1][i - 1] for row, i in zip(x, k)])
+
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    top_p = np.array([0.9, 0.5, 1e-6, 0.3], np.float32)
+    last = np.asarray(jax.jit(vs.lowest_kept)(jnp.asarray(x), jnp.asarray(p), jnp.asarray(top_p)))
+    for r in range(4):
+        order = np.argsort(-x[r], kind="stable")
+        before = np.cumsum(p[r][order].astype(np.float64)) - p[r][order]
+        want = x[r][order][max(1, int(np.sum(before < top_p[r]))) - 1]
+        assert last[r] == want, (r, last[r], want)
+    assert last[2] == x[2].max()

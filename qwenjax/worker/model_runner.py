@@ -346,11 +346,7 @@ def _fork(kv_cache, penalties, src, dst, slots, tokens):
     cleared and given their prompt tokens ([M, L], the vocabulary size: none)."""
     kv_cache = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
                 for k, v in kv_cache]
-    mask = penalties.prompt_mask.at[slots].set(False, mode="drop")
-    rows = jnp.broadcast_to(slots[:, None], tokens.shape)
-    mask = mask.at[rows, tokens].set(True, mode="drop")
-    counts = penalties.output_counts.at[slots].set(0, mode="drop")
-    return kv_cache, penalty_state.PenaltyState(mask, counts)
+    return kv_cache, penalty_state.fork_rows(penalties, slots, tokens)
 
 
 def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout, mesh):

@@ -77,6 +77,21 @@ def update_packed(state: PenaltyState, input_ids, positions, token_rows, real, p
                       (input_ids, positions, token_rows, real, prompt_lens, slots, reset), split_out=True)
 
 
+def fork_rows(state: PenaltyState, slots, tokens) -> PenaltyState:
+    """Rows `slots` [M] (past the last row: none) cleared and given their prompt `tokens` [M, L] (V: none), on each
+    device's columns over the mesh being traced (ModelRunner.fork)."""
+
+    def body(vs, split, whole):
+        (mask, counts), (slots, tokens) = split, whole
+        mask = mask.at[slots].set(False, mode="drop")
+        rows = jnp.broadcast_to(slots[:, None], tokens.shape)
+        mask = mask.at[rows, vs.local_ids(tokens)].set(True, mode="drop")
+        return PenaltyState(mask, counts.at[slots].set(0, mode="drop"))
+
+    return over_vocab(body, jax.sharding.get_abstract_mesh(), state.prompt_mask.shape[1],
+                      (state.prompt_mask, state.output_counts), (slots, tokens), split_out=True)
+
+
 def _add(vs: VocabSlice, mask, counts, tokens, positions, valid, prompt_lens, slots):
     """Tokens [B, T] at `positions` into their rows: prompt positions to the mask, later ones to the counts; only
     the tokens of the columns `vs` holds land (the others, and invalid ones, are dropped)."""
