@@ -35,7 +35,7 @@ def tp_result(tmp_path_factory):
     dump = d / "hlo"  # the compiled steps and sampler calls of every mesh, as XLA optimized them
     proc = run_with_devices(["-m", "tests.tp_worker", str(ckpt), str(out)],
                             xla_flags=f"--xla_dump_to={dump} --xla_dump_hlo_as_text "
-                                      "--xla_dump_hlo_module_re=.*(decode_steps|forward|sample).*")
+                                      "--xla_dump_hlo_module_re=.*(decode_steps|forward|sample|prompt_logprobs).*")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = {int(k) if k.isdigit() else k: v for k, v in json.loads(out.read_text()).items()}
     result["hlo"] = dump
@@ -65,16 +65,28 @@ def test_meshes_give_the_same_logprobs(tp_result):
         np.testing.assert_allclose(ours, base, atol=1e-4)
 
 
+def test_meshes_give_the_same_prompt_logprobs(tp_result):
+    """prompt_logprobs (chosen and top-2 entries with their ranks) over a mesh: computed on each device's columns."""
+    base = tp_result[1]["prompt_logprobs"]
+    assert all(p[0] is None and len(p) > 1 for p in base)
+    for n in (2, 4, 8):
+        for ours, want in zip(tp_result[n]["prompt_logprobs"], base):
+            for a, b in zip(ours[1:], want[1:]):
+                assert [(t, r) for t, _, r in a] == [(t, r) for t, _, r in b], f"mesh {n}"
+                np.testing.assert_allclose([x for _, x, _ in a], [x for _, x, _ in b], atol=1e-4)
+
+
 def test_steps_keep_vocab_sized_arrays_split(tp_result):
-    """Over a mesh the logits and the penalty state stay split on V (sharding.vocab_sharding) and the sampler runs
-    on each device's columns (worker/vocab_split.py): no compiled step or sampler call all-gathers, all-to-alls or
+    """Over a mesh the logits and the penalty state stay split on V (sharding.vocab_sharding) and the sampler (and
+    prompt_logprobs) runs on each device's columns (worker/vocab_split.py): no compiled step, sampler call or
+    prompt_logprobs program all-gathers, all-to-alls or
     collective-permutes a [rows, V] array. A gathered penalty state costs ~195 MB a dispatch at 256 rows of the real
     vocabulary; gathered logits cost jax 0.11.2's sampler 2.4 ms a token on the 7B (issue 31)."""
     V = tp_result[2]["vocab_size"]
     files = [f for f in Path(tp_result["hlo"]).glob("*after_optimizations.txt")
              if re.search(r"num_partitions=[2-8]\b", f.read_text()[:10000])]
-    assert {name for f in files for name in ("decode_steps", "forward", "sample") if name in f.name} == \
-        {"decode_steps", "forward", "sample"}
+    names = ("decode_steps", "forward", "sample", "prompt_logprobs")
+    assert {name for f in files for name in names if name in f.name} == set(names)
     moves = re.compile(r" (all-gather|all-to-all|collective-permute)(-start)?\(")
     lines = [(f.name, line.strip()) for f in files for line in f.read_text().splitlines() if moves.search(line)]
     assert any(" all-gather" in line for _, line in lines), \

@@ -16,7 +16,7 @@ def main(path: str, out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(0, 512, n))) for n in (5, 17, 40)]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=2)
     result = {}
     for n in (1, 2, 4, 8):
         llm = LLM(path, **SMALL_ENGINE, tensor_parallel_size=n)
@@ -36,6 +36,8 @@ def main(path: str, out: str) -> None:
                  if p[:3] == ("model", "layers", 0) or p[0] == "lm_head" or p[1] == "embed_tokens"}
         result[n] = {
             "tokens": [o.outputs[0].token_ids for o in outs],
+            "prompt_logprobs": [[sorted((t, lp.logprob, lp.rank) for t, lp in d.items()) if d else None
+                                 for d in o.prompt_logprobs] for o in outs],
             "sampled_tokens": [c.token_ids for o in sampled for c in o.outputs],
             "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                          for o in outs],

@@ -39,6 +39,7 @@ from qwenjax.layers.lora import LoRAInputs
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler, spec_verify
 from qwenjax.worker.step_input import StepInput, build_step_input
+from qwenjax.worker.vocab_split import over_vocab
 
 logger = logging.getLogger("qwenjax")
 
@@ -333,12 +334,17 @@ def _decode_steps(graphdef, param_tree, mesh, param_leaves, kv_cache, penalties,
 def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, meta, *, k: int):
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
     hidden, _ = model(input_ids, meta, kv_cache, has_context=False)
-    logprobs = jax.nn.log_softmax(model.logits(hidden[0]), axis=-1)          # [Q, V]: position i predicts i + 1
+    logits = model.logits(hidden[0]).astype(jnp.float32)                      # [Q, V]: position i predicts i + 1
     targets = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])           # last entry is discarded
-    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
-    top_lps, top_ids = jax.lax.top_k(logprobs, max(k, 1))
-    return chosen, ranks, top_ids, top_lps
+
+    def body(vs, split, targets):  # on each device's vocabulary columns over the mesh (worker/vocab_split.py)
+        logits, = split
+        lse = vs.logsumexp(logits)
+        chosen = vs.take(logits, targets)
+        top_vals, top_ids = vs.top_k(logits, max(k, 1), sampler.chunked_top_k)
+        return chosen - lse, 1 + vs.count_greater(logits, chosen), top_ids, top_vals - lse[:, None]
+
+    return over_vocab(body, jax.sharding.get_abstract_mesh(), logits.shape[-1], (logits,), targets)
 
 
 def _fork(kv_cache, penalties, src, dst, slots, tokens):
