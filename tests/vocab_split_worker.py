@@ -81,7 +81,8 @@ def main(out: str) -> None:
             bitmask[2] = np.packbits(allowed.reshape(-1, 32)[:, ::-1], axis=1, bitorder="big").view(">i4")[:, 0]
         t = build_tensors(rs, num_rows=B, vocab_size=V, with_history=False, bitmask=bitmask)
         per_mesh = {}
-        for n in (1, 2, 4, 8):
+        # Mesh 3 does not divide V: the logits and penalty state are replicated and rows are sampled whole there.
+        for n in (1, 2, 4, 8, 3):
             mesh = make_mesh(n) if n > 1 else None
             put = (lambda a: jax.device_put(a, vocab_sharding(mesh, V))) if mesh else jnp.asarray
             state = penalty_state.PenaltyState(put(mask), put(counts))
