@@ -110,10 +110,11 @@ class VocabSlice:
         if self.axis is None:
             return local_top_k(x, k)
         values, ids = local_top_k(x, min(k, self.size))
-        values = jax.lax.all_gather(values, self.axis, axis=1, tiled=True)
-        ids = jax.lax.all_gather(ids + self.offset, self.axis, axis=1, tiled=True)
-        values, pos = jax.lax.top_k(values, k)
-        return values, jnp.take_along_axis(ids, pos, axis=-1)
+        # One all_gather for both: ids as float32 are exact below 2^24 (vocabularies are ~152k).
+        both = jnp.stack([values.astype(jnp.float32), (ids + self.offset).astype(jnp.float32)])  # [2, rows, k]
+        both = jax.lax.all_gather(both, self.axis, axis=2, tiled=True)
+        values, pos = jax.lax.top_k(both[0].astype(x.dtype), k)
+        return values, jnp.take_along_axis(both[1], pos, axis=-1).astype(jnp.int32)
 
     def lowest_kept(self, x: jax.Array, weight: jax.Array, budget: jax.Array) -> jax.Array:
         """[rows] the smallest value v of each row of x with sum(weight[x > v]) < budget[r] (the row's max when none).
@@ -179,6 +180,9 @@ def over_vocab(fn, mesh, vocab_size: int, split: tuple, whole, split_out: bool =
     n = vocab_axis_size(mesh, vocab_size)
     if n == 1:
         return fn(VocabSlice.whole(vocab_size), split, whole)
+    if vocab_size >= 1 << 24:
+        raise NotImplementedError(f"a vocabulary of {vocab_size} tokens split over the mesh: the merged top-k "
+                                  f"carries ids as float32, exact below 2^24 = 16777216 only")
     vs = VocabSlice(vocab_size, vocab_size // n, AXIS)
     split_specs = tuple(P(*([None] * (a.ndim - 1)), AXIS) for a in split)
     whole_specs = jax.tree.map(lambda _: P(), whole)
