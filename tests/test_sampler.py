@@ -282,9 +282,10 @@ def test_chunked_top_k_is_exact_with_ties(k):
     assert len(set(np.asarray(ids[0]).tolist())) == k
 
 
-def test_sort_mode_falls_back_to_a_full_sort_only_when_needed():
+def test_sort_mode_falls_back_to_whole_rows_only_when_needed():
     # Row 0's top-p set is 3 tokens: the 1024 candidates hold it. Row 1 is almost flat, so top_p=0.9 keeps about
-    # 90% of 5000 tokens: only the full sort finds its threshold. Both must match the reference.
+    # 90% of 5000 tokens: only the fallback over whole rows (a bisection, sampler_filters._bisected_threshold) finds
+    # its threshold. Both must match the reference.
     v = 5000
     rng = np.random.default_rng(9)
     peaked = rng.normal(size=v).astype(np.float32)
