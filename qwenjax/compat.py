@@ -91,3 +91,14 @@ def pallas_triton_registration():
         raise RuntimeError(f"jax {jax.__version__} has no jax._src.pallas.triton.pallas_call_registration: "
                            f"kernel_isa.py needs the Pallas Triton lowering ({e})") from None
     return pallas_call_registration
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """jax.shard_map without the varying-manual-axes check (its keyword was check_rep before jax 0.7; the function
+    lived in jax.experimental.shard_map before it was public). Our bodies make replicated outputs from collectives."""
+    fn = getattr(jax, "shard_map", None)
+    if fn is not None:
+        return fn(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

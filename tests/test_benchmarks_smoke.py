@@ -93,6 +93,29 @@ def test_every_benchmark_wrote_a_complete_result(results):
         assert name.endswith(f"-tiny-cpu-{result_files.today()}.json")
 
 
+def test_latency_over_a_mesh_of_two(tmp_path):
+    """benchmarks/latency.py --mesh 2 on two CPU devices, single-step and multi-step decode: the sampler and the
+    K-step program run with the vocabulary split over the mesh (worker/vocab_split.py)."""
+    res = tmp_path / "res"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / 'benchmarks')!r})
+        import latency
+        a = ["--model", "tiny", "--results-dir", {str(res)!r}, "--out", {str(tmp_path / 'out')!r}, "--ceilings",
+             "small", "--mesh", "2", "--skip-warmup", "--prompt-len", "12", "--repeats", "1"]
+        latency.main(a + ["--output-len", "6"])
+        latency.main(a + ["--output-len", "8", "--num-scheduler-steps", "4"])
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    files = [json.loads(p.read_text()) for p in sorted(res.glob("*.json"))]
+    assert len(files) == 2 and all(f["mesh"] == 2 and f["metrics"]["tok_s"] > 0 for f in files)
+    assert sorted(f["config"]["engine_args"].get("num_scheduler_steps", 1) for f in files) == [1, 4]
+
+
 def test_workload_details(results):
     files = results["files"]
     lat = files["latency"]

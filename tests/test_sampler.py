@@ -282,9 +282,10 @@ def test_chunked_top_k_is_exact_with_ties(k):
     assert len(set(np.asarray(ids[0]).tolist())) == k
 
 
-def test_sort_mode_falls_back_to_a_full_sort_only_when_needed():
+def test_sort_mode_falls_back_to_whole_rows_only_when_needed():
     # Row 0's top-p set is 3 tokens: the 1024 candidates hold it. Row 1 is almost flat, so top_p=0.9 keeps about
-    # 90% of 5000 tokens: only the full sort finds its threshold. Both must match the reference.
+    # 90% of 5000 tokens: only the fallback over whole rows (a bisection, sampler_filters._bisected_threshold) finds
+    # its threshold. Both must match the reference.
     v = 5000
     rng = np.random.default_rng(9)
     peaked = rng.normal(size=v).astype(np.float32)
@@ -357,7 +358,7 @@ def all_eqns(jaxpr):
 
 
 @pytest.mark.parametrize(
-    "m, sorts",
+    "m, bisects",
     [
         (mode(filter="none", penalties=True, has_banned=True, num_logprobs=5), False),
         (mode(filter="topk", topk_cap=64, penalties=True), False),
@@ -365,12 +366,15 @@ def all_eqns(jaxpr):
         (mode(filter="sort"), True),
     ],
 )
-def test_full_sort_only_in_sort_mode(m, sorts):
+def test_no_mode_sorts_and_only_sort_mode_has_the_bisection(m, bisects):
+    """Mode 'sort' falls back (under a cond) to bisecting each row's threshold, never to sorting the vocabulary
+    (a sort cannot keep a vocabulary split over a mesh; vocab_split.VocabSlice.lowest_kept)."""
     v = 1000
     rows = rows_of(SamplingParams(top_k=3, top_p=0.5), SamplingParams(temperature=0.0))
     jaxpr = jax.make_jaxpr(functools.partial(sample, mode=m))(jnp.zeros((2, v)), tensors(rows, v))
     names = primitive_names(jaxpr.jaxpr)
-    assert ("sort" in names) == sorts, sorted(names)
+    assert "sort" not in names, sorted(names)
+    assert ("cond" in names) == bisects and (bool(names & {"while", "scan"})) == bisects, sorted(names)
     assert ("top_k" in names) == (m.filter != "none" or m.num_logprobs > 0)
 
 

@@ -18,7 +18,8 @@ from tests.conftest import pythonpath_with
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_with_devices(args: list[str], n: int = 8, timeout: int = 900, xla_flags: str = "") -> subprocess.CompletedProcess:
+def run_with_devices(args: list[str], n: int = 8, timeout: int = 900,
+                     xla_flags: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {xla_flags}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": pythonpath_with(ROOT)}
     return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -34,7 +35,7 @@ def tp_result(tmp_path_factory):
     dump = d / "hlo"  # the compiled steps and sampler calls of every mesh, as XLA optimized them
     proc = run_with_devices(["-m", "tests.tp_worker", str(ckpt), str(out)],
                             xla_flags=f"--xla_dump_to={dump} --xla_dump_hlo_as_text "
-                                      "--xla_dump_hlo_module_re=.*(decode_steps|forward|sample).*")
+                                      "--xla_dump_hlo_module_re=.*(decode_steps|forward|sample|prompt_logprobs).*")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = {int(k) if k.isdigit() else k: v for k, v in json.loads(out.read_text()).items()}
     result["hlo"] = dump
@@ -48,6 +49,15 @@ def test_meshes_give_identical_greedy_tokens(tp_result):
     assert tp_result["multi_step_mesh2_tokens"] == base
 
 
+def test_meshes_give_identical_seeded_samples(tp_result):
+    """Seeded rows with top-k/top-p/min_p, top-p alone, and plain temperature (n=2: a forked penalty row), under
+    penalties: the same draws on every mesh (the Gumbel noise of a row does not depend on the mesh)."""
+    base = tp_result[1]["sampled_tokens"]
+    assert len({tuple(t) for t in base}) == 4 and all(len(t) == 6 for t in base)
+    for n in (2, 4, 8):
+        assert tp_result[n]["sampled_tokens"] == base, f"mesh {n}"
+
+
 def test_meshes_give_the_same_logprobs(tp_result):
     base = np.concatenate([np.asarray(x) for x in tp_result[1]["logprobs"]])
     for n in (2, 4, 8):
@@ -55,25 +65,40 @@ def test_meshes_give_the_same_logprobs(tp_result):
         np.testing.assert_allclose(ours, base, atol=1e-4)
 
 
+def test_meshes_give_the_same_prompt_logprobs(tp_result):
+    """prompt_logprobs (chosen and top-2 entries with their ranks) over a mesh: computed on each device's columns."""
+    base = tp_result[1]["prompt_logprobs"]
+    assert all(p[0] is None and len(p) > 1 for p in base)
+    for n in (2, 4, 8):
+        for ours, want in zip(tp_result[n]["prompt_logprobs"], base):
+            for a, b in zip(ours[1:], want[1:]):
+                assert [(t, r) for t, _, r in a] == [(t, r) for t, _, r in b], f"mesh {n}"
+                np.testing.assert_allclose([x for _, x, _ in a], [x for _, x, _ in b], atol=1e-4)
+
+
 def test_steps_keep_vocab_sized_arrays_split(tp_result):
-    """Over a mesh the logits and the penalty state stay split on V (sharding.vocab_sharding): no compiled step
-    or sampler call all-gathers a [rows, V] array, except the sampler's top-k on this 512-token vocabulary (it calls
-    lax.top_k on whole rows below 4 x k chunks; on Qwen2's vocabulary it gathers only the chunk maxima). A gathered
-    penalty state costs ~195 MB a dispatch at 256 rows of the real vocabulary."""
+    """Over a mesh the logits and the penalty state stay split on V (sharding.vocab_sharding) and the sampler (and
+    prompt_logprobs) runs on each device's columns (worker/vocab_split.py): no compiled step, sampler call or
+    prompt_logprobs program all-gathers, all-to-alls or
+    collective-permutes a [rows, V] array. A gathered penalty state costs ~195 MB a dispatch at 256 rows of the real
+    vocabulary; gathered logits cost jax 0.11.2's sampler 2.4 ms a token on the 7B (issue 31)."""
     V = tp_result[2]["vocab_size"]
     files = [f for f in Path(tp_result["hlo"]).glob("*after_optimizations.txt")
              if re.search(r"num_partitions=[2-8]\b", f.read_text()[:10000])]
-    assert {name for f in files for name in ("decode_steps", "forward", "sample") if name in f.name} == \
-        {"decode_steps", "forward", "sample"}
-    gathers = [(f.name, line.strip()) for f in files for line in f.read_text().splitlines()
-               if " all-gather(" in line or " all-gather-start(" in line]
-    assert gathers, "no all-gather at all over a mesh: the sampler's argmax should gather per-device candidates"
-    def where(line):  # the gather's shape and the JAX op (and source line) it came from
-        meta = re.findall(r'(?:op_name|source_file|source_line)=("[^"]*"|\d+)', line)
-        return re.split(r" all-gather(-start)?\(", line)[0].split("=")[-1].strip(), meta
+    names = ("decode_steps", "forward", "sample", "prompt_logprobs")
+    assert {name for f in files for name in names if name in f.name} == set(names)
+    moves = re.compile(r" (all-gather|all-to-all|collective-permute)(-start)?\(")
+    lines = [(f.name, line.strip()) for f in files for line in f.read_text().splitlines() if moves.search(line)]
+    assert any(" all-gather" in line for _, line in lines), \
+        "no all-gather at all over a mesh: the sampler's logprobs should gather per-device candidates"
 
-    whole_rows = [(name, where(line)) for name, line in gathers
-                  if f",{V}]" in re.split(r" all-gather(-start)?\(", line)[0] and "top_k" not in line]
+    def where(line):  # the collective's shape and the JAX op (and source line) it came from
+        meta = re.findall(r'(?:op_name|source_file|source_line)=("[^"]*"|\d+)', line)
+        return moves.split(line)[0].split("=")[-1].strip(), meta
+
+    # any array of the line (result or operand) with a dimension equal to V
+    whole_rows = [(name, where(line)) for name, line in lines
+                  if any(str(V) in dims.split(",") for dims in re.findall(r"\w+\[([\d,]*)\]", line))]
     assert not whole_rows, whole_rows
     assert tp_result[2]["penalty_spec"] == [None, "tp"] and tp_result[2]["logits_spec"] == [None, "tp"]
 

@@ -39,6 +39,7 @@ from qwenjax.layers.lora import LoRAInputs
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler, spec_verify
 from qwenjax.worker.step_input import StepInput, build_step_input
+from qwenjax.worker.vocab_split import over_vocab
 
 logger = logging.getLogger("qwenjax")
 
@@ -73,12 +74,13 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
                              out_shardings=(kv_out, pen_out, by_vocab))
-        self._sample = jax.jit(_sample, static_argnames=("mode", "layout"), donate_argnums=(2,), out_shardings=rep)
-        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree),
+        self._sample = jax.jit(functools.partial(_sample, mesh=mesh), static_argnames=("mode", "layout"),
+                               donate_argnums=(2,), out_shardings=rep)
+        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree, mesh),
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
                                      out_shardings=(kv_out, pen_out, rep, rep))
         # Speculative decoding's verify step (worker/spec_verify.py): one program per (B, k + 1, sampler mode).
-        self._verify = jax.jit(functools.partial(spec_verify.verify, graphdef, param_tree),
+        self._verify = jax.jit(functools.partial(spec_verify.verify, graphdef, param_tree, mesh),
                                static_argnames=("layout", "mode"), donate_argnums=(1, 2, 3),
                                out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
@@ -290,7 +292,7 @@ def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, las
     return kv_cache, penalties, model.logits(last)
 
 
-def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf,
+def _decode_steps(graphdef, param_tree, mesh, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf,
                   lora_stacks=None, *, layout, mode, num_steps: int):
     """`num_steps` decode steps in one program (see the module docstring). Returns the cache, the penalty state,
     last_tokens and a SamplerOutput whose token_ids / logprobs are [num_steps, B]."""
@@ -312,8 +314,9 @@ def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[inp.logits_index])
         pen = penalty_state.update(pen, ids, pos, meta.query_lens, inp.prompt_lens, inp.slots, inp.reset,
                                    inp.history)
-        history = penalty_state.rows_of(pen, inp.slots) if mode.penalties else None
-        out = sampler.sample(logits, dataclasses.replace(tensors, steps=tensors.steps + k), mode, history=history)
+        history = penalty_state.history_of(pen, inp.slots) if mode.penalties else None
+        out, _ = sampler.sample_over_mesh(mesh, logits, dataclasses.replace(tensors, steps=tensors.steps + k), mode,
+                                          history)
         last = last.at[inp.slots].set(out.token_ids)
         return kv, pen, last, out.token_ids[:, None], tokens.at[k].set(out.token_ids), \
             logprobs.at[k].set(out.logprobs)
@@ -331,12 +334,17 @@ def _decode_steps(graphdef, param_tree, param_leaves, kv_cache, penalties, last_
 def _prompt_logprobs(graphdef, param_tree, param_leaves, kv_cache, input_ids, meta, *, k: int):
     model = nnx.merge(graphdef, jax.tree.unflatten(param_tree, param_leaves))
     hidden, _ = model(input_ids, meta, kv_cache, has_context=False)
-    logprobs = jax.nn.log_softmax(model.logits(hidden[0]), axis=-1)          # [Q, V]: position i predicts i + 1
+    logits = model.logits(hidden[0]).astype(jnp.float32)                      # [Q, V]: position i predicts i + 1
     targets = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])           # last entry is discarded
-    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
-    top_lps, top_ids = jax.lax.top_k(logprobs, max(k, 1))
-    return chosen, ranks, top_ids, top_lps
+
+    def body(vs, split, targets):  # on each device's vocabulary columns over the mesh (worker/vocab_split.py)
+        logits, = split
+        lse = vs.logsumexp(logits)
+        chosen = vs.take(logits, targets)
+        top_vals, top_ids = vs.top_k(logits, max(k, 1), sampler.chunked_top_k)
+        return chosen - lse, 1 + vs.count_greater(logits, chosen), top_ids, top_vals - lse[:, None]
+
+    return over_vocab(body, jax.sharding.get_abstract_mesh(), logits.shape[-1], (logits,), targets)
 
 
 def _fork(kv_cache, penalties, src, dst, slots, tokens):
@@ -344,26 +352,18 @@ def _fork(kv_cache, penalties, src, dst, slots, tokens):
     cleared and given their prompt tokens ([M, L], the vocabulary size: none)."""
     kv_cache = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
                 for k, v in kv_cache]
-    mask = penalties.prompt_mask.at[slots].set(False, mode="drop")
-    rows = jnp.broadcast_to(slots[:, None], tokens.shape)
-    mask = mask.at[rows, tokens].set(True, mode="drop")
-    counts = penalties.output_counts.at[slots].set(0, mode="drop")
-    return kv_cache, penalty_state.PenaltyState(mask, counts)
+    return kv_cache, penalty_state.fork_rows(penalties, slots, tokens)
 
 
-def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout):
+def _sample(logits, penalties, last_tokens, i_buf, f_buf, *, mode, layout, mesh):
     """Returns the SamplerOutput, each sampled token's rank in the vocabulary when logprobs are asked for (else
-    None), and last_tokens with the sampled ids written to the rows' slots (padding rows write the scratch row)."""
+    None), and last_tokens with the sampled ids written to the rows' slots (padding rows write the scratch row).
+    The sampler runs on each device's vocabulary columns over `mesh` (sampler.sample_over_mesh)."""
     tensors, slots = packing.unpack(i_buf, f_buf, layout)
-    history = penalty_state.rows_of(penalties, slots) if mode.penalties else None
-    out = sampler.sample(logits, tensors, mode, history=history)
+    history = penalty_state.history_of(penalties, slots) if mode.penalties else None
+    out, ranks = sampler.sample_over_mesh(mesh, logits, tensors, mode, history, with_ranks=mode.num_logprobs > 0)
     last_tokens = last_tokens.at[slots].set(out.token_ids.astype(jnp.int32))
-    if mode.num_logprobs == 0:
-        return out, None, last_tokens
-    # rank = 1 + tokens with a higher logprob, as vLLM reports it; compared on the logits themselves (exact: a
-    # logprob + logsumexp round trip can put the token above itself).
-    chosen = jnp.take_along_axis(logits, out.token_ids.astype(jnp.int32)[:, None], axis=-1)
-    return out, 1 + jnp.sum(logits > chosen, axis=-1).astype(jnp.int32), last_tokens
+    return out, ranks, last_tokens
 
 
 def dummy_input(b: int, q: int, num_pages: int, page_size: int, width: int, scratch_slot: int, *,

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE
 from qwenjax.worker.sampler import (SamplerMode, SamplingTensors, apply_banned, apply_bitmask, apply_penalties,
-                                    chunked_top_k, filtered_logits, gumbel_noise)
+                                    chunked_top_k, filtered_logits, gumbel_noise, split_inputs,
+                                    vocab_inputs)
+from qwenjax.worker.vocab_split import VocabSlice, over_vocab
 
 ACCEPT_STREAM = 0x5EC  # folded into a position's key for its acceptance uniform (the draw uses the key itself)
 
@@ -45,62 +47,71 @@ class VerifyOutput:
     top_logprobs: jax.Array   # [B, Q, L] f32
 
 
-def draft_counts(drafts: jax.Array, num_drafts: jax.Array, vocab_size: int) -> jax.Array:
-    """[B, Q, V] i32: how often each token occurs among row b's drafts 1..j (position j's extra output counts)."""
+def draft_counts(drafts: jax.Array, num_drafts: jax.Array, vs: VocabSlice) -> jax.Array:
+    """[B, Q, V] i32: how often each token occurs among row b's drafts 1..j (position j's extra output counts), on
+    the columns `vs` holds."""
     B, k = drafts.shape
     valid = jnp.arange(k)[None, :] < num_drafts[:, None]
-    tok = jnp.where(valid, drafts, vocab_size)  # out of range: dropped
-    one = jnp.zeros((B, k + 1, vocab_size), jnp.int32)
+    tok = vs.local_ids(jnp.where(valid, drafts, vs.vocab_size))  # out of range (or another device's): dropped
+    one = jnp.zeros((B, k + 1, vs.size), jnp.int32)
     one = one.at[jnp.arange(B)[:, None], jnp.arange(1, k + 1)[None, :], tok].add(1, mode="drop")
     return jnp.cumsum(one, axis=1)
 
 
 def target_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, drafts: jax.Array,
-                  num_drafts: jax.Array, history: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+                  num_drafts: jax.Array, history: tuple[jax.Array, jax.Array] | None,
+                  vs: VocabSlice | None = None) -> jax.Array:
     """[R, V] logits after bias, penalties, bans and the mask (before temperature): the one-token sampler's `x`.
-    logits [B, Q, V]; `history` (in_prompt [B, V], output counts [B, V] before any draft) when mode.penalties."""
+    logits [B, Q, V]; `history` (in_prompt [B, V], output counts [B, V] before any draft) when mode.penalties;
+    `vs` the vocabulary columns logits and history hold (None: whole rows)."""
     B, Q, V = logits.shape
+    vs = vs or VocabSlice.whole(V)
     x = logits.reshape(B * Q, V).astype(jnp.float32)
     if mode.has_bias:
-        x = x.at[jnp.arange(B * Q)[:, None], t.bias_ids].add(t.bias_values, mode="drop")
+        x = x.at[jnp.arange(B * Q)[:, None], vs.local_ids(t.bias_ids)].add(t.bias_values, mode="drop")
     if mode.penalties:
         in_prompt, counts = history
-        counts = counts[:, None, :] + draft_counts(drafts, num_drafts, V)
-        x = apply_penalties(x, t, (jnp.repeat(in_prompt, Q, axis=0), counts.reshape(B * Q, V)))
+        counts = counts[:, None, :] + draft_counts(drafts, num_drafts, vs)
+        x = apply_penalties(x, t, (jnp.repeat(in_prompt, Q, axis=0), counts.reshape(B * Q, V)), vs)
     if mode.has_banned:
-        x = apply_banned(x, t)
+        x = apply_banned(x, t, vs)
     if mode.has_mask:
-        x = apply_bitmask(x, t.bitmask)
+        x = apply_bitmask(x, t.bitmask, vs)
     return x
 
 
 def rejection_sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, drafts: jax.Array,
-                     num_drafts: jax.Array, history: tuple[jax.Array, jax.Array] | None = None) -> VerifyOutput:
+                     num_drafts: jax.Array, history: tuple[jax.Array, jax.Array] | None = None,
+                     vs: VocabSlice | None = None, noise: jax.Array | None = None) -> VerifyOutput:
     """Accepts each row's leading drafts and draws the token after them (see the module docstring).
 
     logits [B, Q, V] raw; `t` holds R = B * Q rows (row b's position j at b * Q + j: its parameters, seed, and step =
     outputs so far + j); drafts [B, Q - 1] i32 (entries at or past num_drafts [B] are ignored). Pure; call inside jit
-    with `mode` static (from choose_mode over the same R rows).
+    with `mode` static (from choose_mode over the same R rows). `vs`: the vocabulary columns `logits` and `history`
+    hold (under rejection_sample_over_mesh: this device's V / n); None: whole rows. The outputs are whole.
+    `noise`: the R rows' gumbel_noise on those columns (None: drawn here).
     """
     B, Q, V = logits.shape
+    vs = vs or VocabSlice.whole(V)
     raw = logits.reshape(B * Q, V).astype(jnp.float32)
-    x = target_logits(logits, t, mode, drafts, num_drafts, history)
+    x = target_logits(logits, t, mode, drafts, num_drafts, history, vs)
     pos = jnp.arange(Q)[None, :]
     has_draft = pos < num_drafts[:, None]                                           # [B, Q]: a draft follows j
     nxt = jnp.concatenate([drafts, jnp.zeros((B, 1), drafts.dtype)], axis=1)        # [B, Q]: draft j + 1
     nxt = jnp.where(has_draft, nxt, -1).reshape(-1)                                 # [R]; -1: no draft
-    argmax = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    argmax = vs.argmax(x)
     if mode.all_greedy:
         accept, after = nxt == argmax, argmax
     else:
-        scaled = filtered_logits(x, t, mode)
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-        p_draft = jnp.exp(jnp.take_along_axis(logp, jnp.maximum(nxt, 0)[:, None], axis=-1)[:, 0])
+        scaled = filtered_logits(x, t, mode, vs)
+        p_draft = jnp.exp(vs.take(scaled, jnp.maximum(nxt, 0)) - vs.logsumexp(scaled))
         keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), n), ACCEPT_STREAM))(
             t.seeds, t.steps)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-        residual = jnp.where(jnp.arange(V)[None, :] == nxt[:, None], -jnp.inf, scaled)  # no draft: nothing removed
-        drawn = jnp.argmax(residual + gumbel_noise(t.seeds, t.steps, V), axis=-1).astype(jnp.int32)
+        residual = jnp.where(vs.column_ids()[None, :] == nxt[:, None], -jnp.inf, scaled)  # no draft: none removed
+        if noise is None:
+            noise = vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size))
+        drawn = vs.argmax(residual + noise)
         greedy = t.temperature < GREEDY_TEMPERATURE
         accept = jnp.where(greedy, nxt == argmax, u < p_draft)
         after = jnp.where(greedy, argmax, drawn)
@@ -108,12 +119,12 @@ def rejection_sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, d
     num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
     tokens = jnp.where(pos < num_accepted[:, None], nxt.reshape(B, Q), after.reshape(B, Q))
     flat = tokens.reshape(-1)
-    chosen = jnp.take_along_axis(raw, flat[:, None], axis=-1)[:, 0]
-    lse = jax.nn.logsumexp(raw, axis=-1)
+    chosen = vs.take(raw, flat)
+    lse = vs.logsumexp(raw)
     L = mode.num_logprobs
     if L > 0:
-        ranks = (1 + jnp.sum(raw > chosen[:, None], axis=-1)).astype(jnp.int32).reshape(B, Q)
-        top_vals, top_ids = chunked_top_k(raw, L)
+        ranks = (1 + vs.count_greater(raw, chosen)).astype(jnp.int32).reshape(B, Q)
+        top_vals, top_ids = vs.top_k(raw, L, chunked_top_k)
         top_lps = (top_vals - lse[:, None]).reshape(B, Q, L)
         top_ids = top_ids.reshape(B, Q, L)
     else:
@@ -121,3 +132,17 @@ def rejection_sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode, d
         top_ids, top_lps = jnp.zeros((B, Q, 0), jnp.int32), jnp.zeros((B, Q, 0), jnp.float32)
     return VerifyOutput(token_ids=tokens, num_accepted=num_accepted, logprobs=(chosen - lse).reshape(B, Q),
                         ranks=ranks, top_ids=top_ids, top_logprobs=top_lps)
+
+
+def rejection_sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerMode, drafts: jax.Array,
+                               num_drafts: jax.Array,
+                               history: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> VerifyOutput:
+    """`rejection_sample` with the vocabulary split over the mesh's "tp" axis (worker/vocab_split.py); `history` as
+    sampler.sample_over_mesh's: (prompt_mask [R, V], output_counts [R, V], slots [B]) or None."""
+    def body(vs, split, whole):
+        t, drafts, num_drafts, slots = whole
+        logits, noise, rows = split_inputs(split, slots)
+        return rejection_sample(logits, t, mode, drafts, num_drafts, rows, vs, noise)
+
+    split, slots = vocab_inputs(mesh, logits, t, mode, history)
+    return over_vocab(body, mesh, logits.shape[-1], split, (t, drafts, num_drafts, slots))

@@ -11,10 +11,14 @@ logits (vLLM v1's default), whatever the penalties and filters did.
 
 Filters are expressed as one per-row threshold: a token survives iff its scaled logit is >= the threshold. Tokens
 tied with the last kept one therefore all survive, and the result depends only on the row's own values, not on
-whether candidates came from a top-k or a full sort.
+whether it came from top-k candidates or the bisection over whole rows (worker/sampler_filters.py).
 
 The Gumbel noise of a row is drawn over the whole vocabulary from fold_in(key(seed), step), indexed by token id, so
-a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode.
+a seeded row gets the same token whatever else is in the batch, at whatever position, under whichever SamplerMode,
+on whichever mesh.
+
+Over a mesh (sample_over_mesh) every [B, V] computation runs on each device's V / n columns under shard_map, with
+per-shard reductions and small collectives (worker/vocab_split.py): no [B, V] array crosses devices.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from qwenjax.worker.sampler_filters import TOPK_CAPS, chunked_top_k, filtered_logits  # noqa: F401 (re-exported)
+from qwenjax.worker.vocab_split import VocabSlice, over_vocab, split_columns
 
 FILTERS = ("none", "topk", "sort")
-TOPK_CAPS = (64, 256, 1024)  # candidate counts of mode 'topk'; a larger top_k needs mode 'sort'
 LOGPROB_BUCKETS = (0, 5, 20)  # num_logprobs is rounded up to one of these (exact above the last)
 MIN_HISTORY = 16  # smallest padded history / banned-list length; lengths are powers of two from here
 
@@ -105,36 +110,41 @@ WARMUP_MODES = tuple(SamplerMode(all_greedy=g, filter=f, topk_cap=c, penalties=T
                      for g, f, c in ((True, "none", 0), (False, "none", 0), (False, "topk", 64)))
 
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
-           history: tuple[jax.Array, jax.Array] | None = None) -> SamplerOutput:
+           history: tuple[jax.Array, jax.Array] | None = None, vs: VocabSlice | None = None,
+           noise: jax.Array | None = None) -> SamplerOutput:
     """Samples one token per row. logits: [B, V] raw model outputs. Pure; call it inside jit with mode static.
 
     `mode` must come from choose_mode() over the same rows: with filter "none" the rows' top_k/top_p are ignored,
-    and with "topk" a row's top-p only sees the topk_cap most likely tokens.
+    and with "topk" a row's top-p only sees the topk_cap most likely tokens. `vs`: the vocabulary columns `logits`
+    and `history` hold (under sample_over_mesh: this device's V / n); None: whole rows. The outputs are whole.
+    `noise`: the rows' gumbel_noise on those columns (None: drawn here over whole rows, the columns kept).
     """
+    vs = vs or VocabSlice.whole(logits.shape[-1])
     raw = logits.astype(jnp.float32)
     x = raw
     if mode.has_bias:
-        x = x.at[jnp.arange(x.shape[0])[:, None], t.bias_ids].add(t.bias_values, mode="drop")
+        x = x.at[jnp.arange(x.shape[0])[:, None], vs.local_ids(t.bias_ids)].add(t.bias_values, mode="drop")
     if mode.penalties:
-        x = apply_penalties(x, t, history)
+        x = apply_penalties(x, t, history, vs)
     if mode.has_banned:
-        x = apply_banned(x, t)
+        x = apply_banned(x, t, vs)
     if mode.has_mask:
-        x = apply_bitmask(x, t.bitmask)
+        x = apply_bitmask(x, t.bitmask, vs)
 
     if mode.all_greedy:
-        token_ids = jnp.argmax(x, axis=-1)
+        token_ids = vs.argmax(x)
     else:
-        scores = filtered_logits(x, t, mode) + gumbel_noise(t.seeds, t.steps, x.shape[-1])
+        if noise is None:
+            noise = vs.local_columns(gumbel_noise(t.seeds, t.steps, vs.vocab_size))
+        scores = filtered_logits(x, t, mode, vs) + noise
         greedy = (t.temperature < GREEDY_TEMPERATURE)[:, None]
-        token_ids = jnp.argmax(jnp.where(greedy, x, scores), axis=-1)
-    token_ids = token_ids.astype(jnp.int32)
+        token_ids = vs.argmax(jnp.where(greedy, x, scores))
 
     # Logprobs without materialising log_softmax over [B, V]: raw - logsumexp(raw).
-    lse = jax.nn.logsumexp(raw, axis=-1)
-    chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
+    lse = vs.logsumexp(raw)
+    chosen = vs.take(raw, token_ids) - lse
     if mode.num_logprobs > 0:
-        top_vals, top_ids = chunked_top_k(raw, mode.num_logprobs)
+        top_vals, top_ids = vs.top_k(raw, mode.num_logprobs, chunked_top_k)
         top_logprobs = top_vals - lse[:, None]
     else:
         top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
@@ -143,16 +153,63 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
                          top_logprobs=top_logprobs)
 
 
-def apply_penalties(logits: jax.Array, t: SamplingTensors,
-                    history: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def sample_over_mesh(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
+                     history: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                     with_ranks: bool = False) -> tuple[SamplerOutput, jax.Array | None]:
+    """`sample` with the vocabulary split over the mesh's "tp" axis (worker/vocab_split.py), plus, `with_ranks`,
+    each sampled token's rank in the vocabulary (1 + tokens with a larger raw logit, vLLM's rank; else None).
+
+    `history`: (prompt_mask [R, V], output_counts [R, V], slots [B]): the penalty state, whose rows `slots` are
+    read on each device's columns (worker/penalty_state.py); None when mode.penalties is off.
+    """
+    def body(vs, split, whole):
+        t, slots = whole
+        logits, noise, rows = split_inputs(split, slots)
+        out = sample(logits, t, mode, rows, vs, noise)
+        if not with_ranks:
+            return out, None
+        # Compared on the logits themselves (exact: a logprob + logsumexp round trip can put a token above itself).
+        return out, 1 + vs.count_greater(logits, vs.take(logits, out.token_ids))
+
+    split, slots = vocab_inputs(mesh, logits, t, mode, history)
+    return over_vocab(body, mesh, logits.shape[-1], split, (t, slots))
+
+
+def vocab_inputs(mesh, logits: jax.Array, t: SamplingTensors, mode: SamplerMode,
+                 history: tuple[jax.Array, jax.Array, jax.Array] | None) -> tuple[tuple, jax.Array | None]:
+    """(the [.., V] inputs a sampler over the mesh splits: logits, the rows' Gumbel noise unless all greedy, the
+    penalty state when given; the penalty rows' slots or None). split_inputs takes them apart inside the body.
+
+    The noise [B, V] is laid out split on V like the logits: a function of the replicated seeds and steps alone, and
+    JAX's threefry is partitionable (bits of element i from the key and i), so each device computes its own columns
+    and nothing crosses the mesh; over no mesh it is the whole noise."""
+    split = (logits,)
+    if not mode.all_greedy:
+        split += (split_columns(gumbel_noise(t.seeds, t.steps, logits.shape[-1]), mesh),)
+    if history is None:
+        return split, None
+    return split + tuple(history[:2]), history[2]
+
+
+def split_inputs(split: tuple, slots) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
+    """(logits, noise or None, (in_prompt, counts) of the rows `slots` or None) from vocab_inputs' arrays, on the
+    columns this device holds."""
+    logits, rest = split[0], split[1:]
+    noise, rest = (rest[0], rest[1:]) if len(rest) % 2 else (None, rest)
+    return logits, noise, None if slots is None else (rest[0][slots], rest[1][slots])
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors, history: tuple[jax.Array, jax.Array] | None = None,
+                    vs: VocabSlice | None = None) -> jax.Array:
     """Repetition penalty over prompt+output tokens, then frequency and presence penalties over output tokens."""
     b, v = logits.shape
     rows = jnp.arange(b)[:, None]
     if history is not None:
         in_prompt, counts = history  # [B, V] bool, [B, V] int32
     else:
-        counts = jnp.zeros((b, v), jnp.int32).at[rows, t.output_tokens].add(1, mode="drop")  # [B, V]
-        in_prompt = jnp.zeros((b, v), jnp.bool_).at[rows, t.prompt_tokens].set(True, mode="drop")  # [B, V]
+        vs = vs or VocabSlice.whole(v)
+        counts = jnp.zeros((b, v), jnp.int32).at[rows, vs.local_ids(t.output_tokens)].add(1, mode="drop")
+        in_prompt = jnp.zeros((b, v), jnp.bool_).at[rows, vs.local_ids(t.prompt_tokens)].set(True, mode="drop")
     generated = counts > 0
     rep = t.repetition_penalty[:, None]
     # Dividing positive and multiplying negative logits makes a seen token less likely whatever its sign.
@@ -162,97 +219,25 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors,
     return logits - t.presence_penalty[:, None] * generated.astype(jnp.float32)
 
 
-def apply_banned(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+def apply_banned(logits: jax.Array, t: SamplingTensors, vs: VocabSlice | None = None) -> jax.Array:
+    vs = vs or VocabSlice.whole(logits.shape[-1])
     rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, t.banned].set(-jnp.inf, mode="drop")
+    return logits.at[rows, vs.local_ids(t.banned)].set(-jnp.inf, mode="drop")
 
 
-def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
-    """Logits [B, V] with every token whose bit is 0 in `bitmask` [B, W] set to -inf."""
-    b, v = logits.shape
-    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]: token w * 32 + i
-    allowed = bits.reshape(b, -1)[:, :v] != 0
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array, vs: VocabSlice | None = None) -> jax.Array:
+    """Logits [B, V] with every token whose bit is 0 in `bitmask` [B, W] set to -inf (bit t % 32 of word t // 32;
+    the mask covers the whole vocabulary, `vs` says which columns `logits` holds)."""
+    vs = vs or VocabSlice.whole(logits.shape[-1])
+    ids = vs.column_ids()
+    words = jnp.take(bitmask, ids // 32, axis=1)  # [B, V]: each column's word
+    allowed = ((words >> (ids % 32)[None, :]) & 1) != 0
     return jnp.where(allowed, logits, -jnp.inf)
 
 
-def filtered_logits(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> jax.Array:
-    """Temperature-scaled logits [B, V] with the tokens min_p, top-k and top-p drop set to -inf.
-
-    This is the distribution a non-greedy row samples from (softmax of the result). Greedy rows are scaled by 1.
-    """
-    temperature = jnp.where(t.temperature < GREEDY_TEMPERATURE, 1.0, t.temperature)
-    x = logits / temperature[:, None]
-    # min_p: p < min_p * p_max  <=>  x < x_max + log(min_p); log(0) = -inf keeps everything.
-    x_max = jnp.max(x, axis=-1, keepdims=True)
-    x = jnp.where(x < x_max + jnp.log(t.min_p)[:, None], -jnp.inf, x)
-    v = x.shape[-1]
-    if mode.filter == "none":
-        return x
-    if mode.filter == "topk":
-        candidates, _ = chunked_top_k(x, min(mode.topk_cap, v))
-        threshold, _ = _threshold(candidates, t.top_k, t.top_p, lse=None)
-    else:
-        # Top-p without top-k: the TOPK_CAPS[-1] best tokens nearly always hold the top-p set; the full sort runs
-        # (for the whole batch) only when some row's set reaches past them.
-        lse = jax.nn.logsumexp(x, axis=-1)
-        candidates, _ = chunked_top_k(x, min(TOPK_CAPS[-1], v))
-        threshold, contained = _threshold(candidates, t.top_k, t.top_p, lse)
-        full_sort = lambda: _threshold(jnp.sort(x, axis=-1, descending=True), t.top_k, t.top_p, lse)[0]  # noqa
-        threshold = jax.lax.cond(jnp.all(contained), lambda: threshold, full_sort)
-    return jnp.where(x < threshold[:, None], -jnp.inf, x)
-
-
-def _threshold(candidates: jax.Array, top_k: jax.Array, top_p: jax.Array, lse: jax.Array | None):
-    """([B] lowest kept value, [B] bool exact) given each row's best values `candidates` [B, C], descending.
-
-    Top-k keeps values >= the k-th best. Top-p then keeps, within what top-k kept and renormalised, the smallest
-    prefix whose mass reaches top_p: a token stays iff the mass strictly before it is < top_p. `lse` is the row's
-    logsumexp over the whole vocabulary, used for rows without top-k; None when every top-p row has a top_k <= C.
-    `exact` is False for rows whose kept set may reach past the candidates.
-    """
-    c = candidates.shape[-1]
-    kth = jnp.take_along_axis(candidates, (jnp.clip(top_k, 1, c) - 1)[:, None], axis=-1)[:, 0]
-    kth = jnp.where(top_k > 0, kth, -jnp.inf)  # [B]
-    kept = jnp.where(candidates < kth[:, None], -jnp.inf, candidates)
-    kept_lse = jax.nn.logsumexp(kept, axis=-1)
-    if lse is not None:
-        kept_lse = jnp.where(top_k > 0, kept_lse, lse)
-    probs = jnp.exp(kept - kept_lse[:, None])  # the row's renormalised probabilities, best first
-    cumulative = jnp.cumsum(probs, axis=-1)
-    keep = cumulative - probs < top_p[:, None]
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # keep is a prefix: the mass before never decreases
-    last = jnp.take_along_axis(kept, (n_keep - 1)[:, None], axis=-1)[:, 0]
-    # top_p == 1 is off, even where rounding pushes the running mass past 1 before the last candidate.
-    threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, last, -jnp.inf))
-    top_k_inside = (top_k == 0) | (top_k <= c)
-    top_p_inside = (top_p >= 1.0) | (cumulative[:, -1] >= top_p)
-    return threshold, top_k_inside & top_p_inside
-
-
-def chunked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """([B, k] largest values of each row of x [B, V], descending; [B, k] i32 their ids), like lax.top_k.
-
-    XLA lowers lax.top_k on GPU to a full sort of the row. Instead: the k chunks (of `chunk` tokens) with the
-    largest maxima hold the k largest values, ties included (every chunk left out has a maximum <= the k-th value
-    and at least k values >= it lie in the chosen chunks), so one max pass and two small top_k calls suffice.
-    Where a row has fewer than k finite values, the ids of its -inf tail are unspecified (possibly >= V).
-    """
-    b, v = x.shape
-    chunk = 64 if k <= 256 else 16  # fastest on an H100 at B = 256, V = 151936
-    groups = -(-v // chunk)
-    if groups < 4 * k:  # small vocabulary: the direct call is as cheap
-        values, ids = jax.lax.top_k(x, k)
-        return values, ids.astype(jnp.int32)
-    x = jnp.pad(x, ((0, 0), (0, groups * chunk - v)), constant_values=-jnp.inf).reshape(b, groups, chunk)
-    _, group_ids = jax.lax.top_k(jnp.max(x, axis=-1), k)  # [B, k]
-    candidates = jnp.take_along_axis(x, group_ids[:, :, None], axis=1).reshape(b, k * chunk)
-    values, pos = jax.lax.top_k(candidates, k)
-    ids = jnp.take_along_axis(group_ids, pos // chunk, axis=-1) * chunk + pos % chunk
-    return values, ids.astype(jnp.int32)
-
-
 def gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab_size: int) -> jax.Array:
-    """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V)."""
+    """[B, V] f32 Gumbel(0, 1) noise; row b depends only on (seeds[b], steps[b], V), so a seeded row's draw is the
+    same on any mesh (split_noise lays it out over one)."""
 
     def row(seed, step):
         key = jax.random.fold_in(jax.random.key(seed), step)

@@ -26,7 +26,7 @@ from flax import nnx
 from qwenjax.layers.attention_metadata import AttentionMetadata
 from qwenjax.layers.lora import LoRAInputs
 from qwenjax.worker import packing, penalty_state
-from qwenjax.worker.rejection_sampler import VerifyOutput, rejection_sample
+from qwenjax.worker.rejection_sampler import VerifyOutput, rejection_sample_over_mesh
 from qwenjax.worker.step_input import StepInput
 
 
@@ -73,9 +73,10 @@ def build_verify_input(seqs: Sequence, drafts: Sequence[Sequence[int]], *, rows:
     return inp, draft_ids, num_drafts
 
 
-def verify(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf, lora_stacks=None, *,
-           layout, mode):
-    """The device half (ModelRunner.verify): (kv_cache, penalties, last_tokens, VerifyOutput)."""
+def verify(graphdef, param_tree, mesh, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf,
+           lora_stacks=None, *, layout, mode):
+    """The device half (ModelRunner.verify): (kv_cache, penalties, last_tokens, VerifyOutput). The acceptance runs on
+    each device's vocabulary columns over `mesh` (rejection_sampler.rejection_sample_over_mesh)."""
     inp, tensors, drafts, num_drafts = packing.unpack(i_buf, f_buf, layout)
     meta: AttentionMetadata = inp.meta
     B, Q = inp.input_ids.shape
@@ -88,8 +89,9 @@ def verify(graphdef, param_tree, param_leaves, kv_cache, penalties, last_tokens,
     live = jnp.minimum(meta.query_lens, 1)
     penalties = penalty_state.update(penalties, ids[:, :1], meta.positions[:, :1], live, inp.prompt_lens, inp.slots,
                                      inp.reset, none)
-    history = penalty_state.rows_of(penalties, inp.slots) if mode.penalties else None
-    out: VerifyOutput = rejection_sample(logits.reshape(B, Q, -1), tensors, mode, drafts, num_drafts, history)
+    history = penalty_state.history_of(penalties, inp.slots) if mode.penalties else None
+    out: VerifyOutput = rejection_sample_over_mesh(mesh, logits.reshape(B, Q, -1), tensors, mode, drafts, num_drafts,
+                                                   history)
     penalties = penalty_state.update(penalties, ids[:, 1:], meta.positions[:, 1:], out.num_accepted, inp.prompt_lens,
                                      inp.slots, inp.reset, none)
     final = jnp.take_along_axis(out.token_ids, out.num_accepted[:, None], axis=1)[:, 0]
