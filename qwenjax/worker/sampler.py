@@ -229,9 +229,18 @@ def apply_bitmask(logits: jax.Array, bitmask: jax.Array, vs: VocabSlice | None =
     """Logits [B, V] with every token whose bit is 0 in `bitmask` [B, W] set to -inf (bit t % 32 of word t // 32;
     the mask covers the whole vocabulary, `vs` says which columns `logits` holds)."""
     vs = vs or VocabSlice.whole(logits.shape[-1])
-    ids = vs.column_ids()
-    words = jnp.take(bitmask, ids // 32, axis=1)  # [B, V]: each column's word
-    allowed = ((words >> (ids % 32)[None, :]) & 1) != 0
+    b, v = logits.shape
+    if vs.size % 32 == 0:  # columns starting on a word boundary: this device's words, each expanded to 32 bits
+        need = -(-vs.vocab_size // 32)  # (no [B, V] gather); words past the mask's width allow nothing
+        words = jnp.pad(bitmask, ((0, 0), (0, max(0, need - bitmask.shape[1]))))
+        if vs.axis is not None:
+            words = jax.lax.dynamic_slice_in_dim(words, vs.offset // 32, vs.size // 32, axis=1)
+        bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]: token w * 32 + i
+        allowed = bits.reshape(b, -1)[:, :v] != 0
+    else:
+        ids = vs.column_ids()
+        words = jnp.take(bitmask, ids // 32, axis=1)  # [B, V]: each column's word
+        allowed = ((words >> (ids % 32)[None, :]) & 1) != 0
     return jnp.where(allowed, logits, -jnp.inf)
 
 
