@@ -30,20 +30,21 @@ from pallas_kernels.paged_prefill_hopper import HopperPrefillConfig, hopper_ragg
 LENGTHS = (2048, 4096, 8192)
 
 
-def make_case(key, chunk: int, cached: int):
+def make_case(key, chunk: int, cached: int, *, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page=PAGE,
+              dtype=jnp.bfloat16):
     """q [1, chunk, N, H] and pages holding cached + chunk tokens (random order), plus the contiguous K/V."""
     total = cached + chunk
-    pages = -(-total // PAGE)
+    pages = -(-total // page)
     kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (1, chunk, HEADS, HEAD_DIM), jnp.bfloat16)
-    k = jax.random.normal(kk, (1, total, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    v = jax.random.normal(kv, (1, total, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    q = jax.random.normal(kq, (1, chunk, heads, head_dim), dtype)
+    k = jax.random.normal(kk, (1, total, kv_heads, head_dim), dtype)
+    v = jax.random.normal(kv, (1, total, kv_heads, head_dim), dtype)
     perm = np.random.default_rng(0).permutation(pages + 1).astype(np.int32)
     table = perm[:pages]
 
-    def to_pages(x):  # [1, total, K, H] -> [K, P + 1, PAGE, H] with the row's pages at `table`
-        x = jnp.pad(x[0], ((0, pages * PAGE - total), (0, 0), (0, 0))).reshape(pages, PAGE, KV_HEADS, HEAD_DIM)
-        out = jnp.zeros((pages + 1, PAGE, KV_HEADS, HEAD_DIM), x.dtype).at[table].set(x)
+    def to_pages(x):  # [1, total, K, H] -> [K, P + 1, page, H] with the row's pages at `table`
+        x = jnp.pad(x[0], ((0, pages * page - total), (0, 0), (0, 0))).reshape(pages, page, kv_heads, head_dim)
+        out = jnp.zeros((pages + 1, page, kv_heads, head_dim), x.dtype).at[table].set(x)
         return out.transpose(2, 0, 1, 3)
 
     return (q, to_pages(k), to_pages(v), jnp.asarray(table[None]), jnp.asarray([total], jnp.int32),

@@ -37,6 +37,8 @@
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
 #   serve-gc-M       the same with the serving process's gen-0 GC threshold at SERVE_GC_THRESHOLD (default 700)
 #   chunked-M        chunked-prefill: 32 streams decoding while 8k prompts arrive, without then with chunked prefill
+#   long-M           long_context.py: one prompt of 8k / 32k / 128k tokens with YaRN x4 (prefill against the dense
+#                    cuDNN forward up to 32k, the attention kernel against cuDNN, decode MBU); LONG_ARGS go to it
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernels (Triton, Hopper) against cuDNN and
 #                    attention_mgpu; attn-prefill-nosweep without the Triton kernel's sweep
 #   attn-prefill-ablate  attention_prefill.py --ablate: the Hopper kernel with its exponentials as multiplies
@@ -103,7 +105,7 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     m, c = r.get("metrics", {}), r.get("ceilings", {})
     keys = [k for k in ("ms_per_token", "tok_s", "mbu", "output_tok_s", "total_tok_s", "wall_s", "mfu",
                         "speedup_vs_dense_forward", "speedup_vs_transformers", "ttft_ms_p50_uncached",
-                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "speedup_vs_offline", "itl_ms_p99_unchunked", "itl_ms_p99_chunked", "speedup_vs_no_chunked_prefill", "device_busy") if m.get(k) is not None]
+                        "ttft_ms_p50_cached", "speedup_vs_no_prefix_caching", "speedup_vs_offline", "itl_ms_p99_unchunked", "itl_ms_p99_chunked", "speedup_vs_no_chunked_prefill", "prefill_tok_s_128k", "prefill_speedup_vs_dense_32k", "attention_speedup_vs_cudnn_8k", "attention_speedup_vs_cudnn_32k", "decode_mbu_128k", "device_busy") if m.get(k) is not None]
     fig = "  ".join(f"{k}={m[k]:.4g}" for k in keys)
     peer = r.get("config", {}).get("peer")
     rows.append(f"{r['benchmark'] + (' [peer ' + peer + ']' if peer else ''):34s} {r['model']:22s} {fig}  "
@@ -327,6 +329,14 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#chunked-}")
             need=90; [ "$s" = chunked-7b ] && need=240
             step "$s" $need 0 "$PY" benchmarks/chunked_prefill.py --model "$m" "${COMMON[@]}"
+            ;;
+        long-*)
+            # One engine at max_model_len 131072 (YaRN x4): 7B weights 15.2 GB + KV 7.5 GB; ~5 minutes on an H100.
+            m=$(model_of "${s#long-}")
+            need=90; [ "$s" = long-7b ] && need=300
+            read -r -a LONG_EXTRA <<<"${LONG_ARGS:-}"
+            step "$s" $need 0 "$PY" benchmarks/long_context.py --model "$m" ${LONG_EXTRA[@]+"${LONG_EXTRA[@]}"} \
+                "${COMMON[@]}"
             ;;
         attn-decode)
             step attn-decode 120 300 "$PY" benchmarks/attention_decode.py --check --check-deadline-s 150 --out "$OUT"

@@ -14,7 +14,8 @@ fp8 pages hold values directly; true value = stored * scale (per-tensor float32 
 Kernel: grid (K, S, C). A program takes the G q heads of one kv head as a tile of 16 rows (the smallest
 Triton dot): rows G..15 are masked off when q is loaded (read as 0) and when the output is stored, so q and the
 output stay [S, N, H] in memory with no pad or slice around the call (each of those was a kernel of its own in a
-batch-1 decode step). It walks its share of the sequence's pages `pages_per_compute_block` pages at a time with an
+batch-1 decode step). It walks its share of the sequence's pages (split c of C takes the c-th slice of the row's own
+length, so a short row in a wide table still spreads over the splits) `pages_per_compute_block` pages at a time with an
 online softmax in float32 (base-2 exponentials), and either writes the normalized output (C == 1) or a
 float32 partial plus its log-sum-exp, merged by `_combine_splits` in plain jnp.
 """
@@ -87,15 +88,21 @@ def _load_pages(ref, pages, mask):
 
 
 def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs,
-                   page_size, pages_per_block, pages_per_split, max_len, sm_scale, compute_dtype, group):
-    # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [pages_per_split], q_ref [S, N, H] (all of it),
-    # k_ref / v_ref [P, page, H]; out_refs: o [S, N, H] (all of it), or, split, o [16, H] and lse [16] (this
-    # program's tile, rows past `group` unused).
+                   page_size, pages_per_block, num_splits, max_len, sm_scale, compute_dtype, group):
+    # lengths_ref [1], scales_ref [2] (k_scale, v_scale), tables_ref [W] (the row's whole table, padded to a multiple
+    # of pages_per_block), q_ref [S, N, H] (all of it), k_ref / v_ref [P, page, H]; out_refs: o [S, N, H] (all of
+    # it), or, split, o [16, H] and lse [16] (this program's tile, rows past `group` unused).
     rows, head_dim = _GROUP_ROWS, q_ref.shape[-1]
     block_k = pages_per_block * page_size
     length = jnp.clip(lengths_ref[0], 0, max_len)  # clamp: never index past the block table
-    first_page = pl.program_id(2) * pages_per_split
-    num_pages = jnp.minimum(pl.cdiv(length, page_size) - first_page, pages_per_split)
+    # Split-K over the row's own context, not over the table's width: a row of 8k tokens in a table sized for 128k
+    # spreads over all C splits instead of the first 1/16 of them. Each split takes a whole number of compute blocks
+    # (a block never reaches into the next split's pages), at least _MIN_BLOCKS_PER_SPLIT of them (the combine's
+    # cost), so short rows use fewer splits; the rest get no pages (output 0, lse -inf: dropped by the merge).
+    row_pages = pl.cdiv(length, page_size)
+    per_split = split_pages(row_pages, num_splits, pages_per_block)
+    first_page = pl.program_id(2) * per_split
+    num_pages = jnp.minimum(row_pages - first_page, per_split)
     num_blocks = pl.cdiv(jnp.maximum(num_pages, 0), pages_per_block)
 
     # This kv head's q rows: group h * G .. h * G + G - 1 of sequence s; the tile's other rows are masked (the
@@ -113,7 +120,7 @@ def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *ou
 
     def body(i, carry):
         start = (first_page + i * pages_per_block) * page_size
-        pages = tables_ref[page_of_tok + i * pages_per_block]  # [block_k, 1]
+        pages = tables_ref[page_of_tok + first_page + i * pages_per_block]  # [block_k, 1]
         return _attend_block(carry, q, k_ref, v_ref, pages, tok_kv + start < length, tok_s + start < length,
                              qk_scale, compute_dtype)
 
@@ -130,6 +137,14 @@ def _decode_kernel(lengths_ref, scales_ref, tables_ref, q_ref, k_ref, v_ref, *ou
         o_ref, lse_ref = out_refs
         o_ref[...] = out
         lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
+
+
+def split_pages(row_pages, num_splits: int, pages_per_block: int):
+    """Pages each of the `num_splits` splits of a row of `row_pages` pages takes (the last may take fewer, later ones
+    none): an even share rounded up to whole compute blocks, at least _MIN_BLOCKS_PER_SPLIT blocks. Traced in the
+    kernel; plain ints work too (tests)."""
+    share = pl.cdiv(pl.cdiv(row_pages, num_splits), pages_per_block) * pages_per_block
+    return jnp.maximum(share, _MIN_BLOCKS_PER_SPLIT * pages_per_block)
 
 
 def _attend_block(carry, q, k_ref, v_ref, pages, kv_mask, visible, qk_scale, compute_dtype):
@@ -193,19 +208,20 @@ def _paged_attention_kernel_call(q, k_pages, v_pages, block_tables, lengths, sca
     group = num_q_heads // num_kv_heads
     pages_per_split = pl.cdiv(pl.cdiv(max_pages, num_splits), pages_per_block) * pages_per_block
     num_splits = pl.cdiv(max_pages, pages_per_split)  # drop splits that would start past the table
-    if num_splits * pages_per_split != max_pages:
+    width = pl.cdiv(max_pages, pages_per_block) * pages_per_block  # every block a program reads lies in the table
+    if width != max_pages:
         # Padding entries are never dereferenced (their tokens are >= length); 0 keeps them valid.
-        block_tables = jnp.pad(block_tables, ((0, 0), (0, num_splits * pages_per_split - max_pages)))
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, width - max_pages)))
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, pages_per_block=pages_per_block,
-        pages_per_split=pages_per_split, max_len=max_pages * page_size, sm_scale=sm_scale,
+        num_splits=num_splits, max_len=max_pages * page_size, sm_scale=sm_scale,
         compute_dtype=jnp.dtype(compute_dtype or _compute_dtype(q.dtype, k_pages.dtype)), group=group)
     kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, s, c: (h, 0, 0, 0))
     whole_q = pl.BlockSpec(q.shape, lambda h, s, c: (0, 0, 0))  # the kernel picks its rows (masked loads / stores)
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, c: (s,)),  # lengths
         pl.BlockSpec((2,), lambda h, s, c: (0,)),  # scales
-        pl.BlockSpec((None, pages_per_split), lambda h, s, c: (s, c)),  # block tables
+        pl.BlockSpec((None, width), lambda h, s, c: (s, 0)),  # block tables: the row's whole table
         whole_q,
         kv_spec, kv_spec,
     ]

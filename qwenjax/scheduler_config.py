@@ -9,6 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 MIXED_CHUNK = 512  # most prompt tokens a mixed (decode + prefill) step carries
+# A prefill step whose only row is a fresh prompt chunk of more than this many tokens (a long prompt with nothing
+# else to start) runs as a one-row rectangular step (a (1, Q) prefill bucket, the context path) rather than packed:
+# on sm90 with 16-bit pages that path is the Hopper kernel (~1x cuDNN, benchmarks/NOTES.md 28), the packed one the
+# Triton ragged kernel (~0.6x). The (1, Q) buckets are compiled anyway (chunks over cached pages), so no shape is
+# added. Shorter lone rows (chat turns, the latency workload) and bursts of prompts stay packed.
+LONG_PREFILL_ROW = MIXED_CHUNK
 # A packed prefill step lays its rows back to back on one token axis, each row starting at a multiple of this, so
 # the prefill kernel's query tiles (16 tokens x the GQA group, pallas_kernels/paged_prefill.py) never span two rows.
 PACKED_ROW_ALIGN = 16
@@ -33,7 +39,13 @@ class SchedulerConfig:
     Three kinds of prefill shape: a packed step (fresh rows starting at position 0, back to back on one token axis
     of T slots, each row aligned to PACKED_ROW_ALIGN: `packed_buckets` (R, T), R = the sampler's rows); a one-row
     step of Q tokens over cached pages (`prefill_buckets` (1, Q): the next chunk of a long prompt, a prefix-cache
-    hit); and a mixed step's prefill row (`mixed_chunks`).
+    hit, and a lone fresh chunk of more than LONG_PREFILL_ROW tokens); and a mixed step's prefill row
+    (`mixed_chunks`).
+
+    Long prompts: with nothing decoding, a prompt runs in chunks of `max_prefill_chunk` tokens, the largest power of
+    two within max_num_batched_tokens (vLLM's budget) and the compiled prefill_token_buckets; only a step that
+    carries decodes too (mixed) cuts its chunk to MIXED_CHUNK. So the buckets stay a short fixed list (one compile
+    per Q, never one per prompt length) and a 128k prompt on an H100's offline budget (16,384) takes 8 steps.
 
     Invariants: every decode bucket <= max_num_seqs; a packed bucket's R = min(max_num_seqs, T // PACKED_ROW_ALIGN)
     (every row takes at least PACKED_ROW_ALIGN slots, so R rows always fit); the largest packed T holds

@@ -7,7 +7,8 @@ default, as in vLLM), a mixed step: a decode step plus one prefill row of at mos
 A prefill step of rows that all start at position 0 is packed: the rows lie back to back on one token axis, each
 taking its own length rounded up to PACKED_ROW_ALIGN slots, and rows join while those slots stay within
 max_num_batched_tokens (vLLM's budget counts each row's own tokens too). A prefill row that starts after 0 (the
-next chunk of a long prompt, a prefix-cache hit) runs alone over its cached pages.
+next chunk of a long prompt, a prefix-cache hit) runs alone over its cached pages, and so does a lone fresh chunk of
+more than LONG_PREFILL_ROW tokens (one (1, Q) rectangular step: the long-prompt kernel, see scheduler_config).
 
 Which one (chunked prefill on): while sequences are decoding, prefill work that is a single row (the next chunk of
 a long prompt or recompute, or the one request that can start now: a new arrival, a prefix-cache hit) joins the
@@ -38,7 +39,8 @@ through the context prefill path, which is compiled for one row: such a row runs
 prefill row of a mixed step). At least its
 last token is always computed (there must be logits to sample), so a hit covers at most (tokens - 1) // page_size
 blocks and never a page the new row writes into. Penalties see the whole sequence all the same: the step that admits
-a row with a hit rebuilds its device-side penalty history from the skipped tokens (see worker/step_input.py: StepInput.history).
+a row with a hit rebuilds its device-side penalty history from the skipped tokens (see worker/step_input.py:
+StepInput.history).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from qwenjax.core.lora_slots import LoRASlots
 from qwenjax.core.policies import FCFSPolicy, SchedulingPolicy, make_policy  # noqa: F401 (FCFSPolicy re-exported)
 from qwenjax.core.scheduler_output import Fork, ScheduledSeq, SchedulerOutput
 from qwenjax.core.sequence import SeqStatus, Sequence
-from qwenjax.scheduler_config import SchedulerConfig, packed_len
+from qwenjax.scheduler_config import LONG_PREFILL_ROW, SchedulerConfig, packed_len
 
 
 class Scheduler:
@@ -242,7 +244,7 @@ class Scheduler:
             if pages and rows:
                 continue  # a row reading cached pages runs alone (context prefill is compiled for B = 1)
             if hit is not None and len(seq.block_hashes) > len(pages) and seq.block_hashes[len(pages)] in computing:
-                continue  # another row (e.g. a sibling of n > 1) computes its next block now: take it as a hit next step
+                continue  # another row (e.g. a sibling of n > 1) computes its next block now: a hit next step
             cached = len(pages) * ps
             n = min(seq.num_tokens - cached, chunk)
             if rows and (slots + packed_len(n) > budget or self._packed_bucket(len(rows) + 1, slots + packed_len(n))
@@ -265,7 +267,9 @@ class Scheduler:
             return None
         for r in rows:
             self._start(r.seq)
-        if rows[0].seq.num_computed > 0:  # a prefix hit: alone, over its cached pages
+        # A prefix hit runs alone over its cached pages; a long fresh chunk alone (nothing else could start with it)
+        # takes the same rectangular path, whose kernel is the faster one for a long row (see LONG_PREFILL_ROW).
+        if rows[0].seq.num_computed > 0 or (len(rows) == 1 and rows[0].num_new_tokens > LONG_PREFILL_ROW):
             return SchedulerOutput("prefill", rows, True, self._prefill_bucket(1, rows[0].num_new_tokens))
         return SchedulerOutput("prefill", rows, False, self._packed_bucket(len(rows), slots))
 

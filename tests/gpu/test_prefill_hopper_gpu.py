@@ -76,3 +76,16 @@ def test_rectangular_layout_on_gpu(rows):
     real = np.arange(q.shape[1])[None, :] < np.asarray(query_lens)[:, None]
     assert np.isfinite(out).all() and (out[~real] == 0).all()
     np.testing.assert_allclose(out[real], ref[real], atol=1.5e-2, rtol=1.5e-2)
+
+
+@pytest.mark.parametrize("row", [(8192, 0), (4096, 12288)])
+def test_lone_long_chunk_on_gpu(row):
+    """What a long prompt alone now gives the kernel (core/scheduler.py, LONG_PREFILL_ROW): its first chunk as one
+    fresh rectangular row of 8,192 tokens, and a later chunk over a long cached prefix."""
+    q, k, v, tables, seq_lens, query_lens = prefill_case(f"hopper-lone-{row[0]}-{row[1]}", (row,), group=7,
+                                                         head_dim=128, page_size=16, q_dtype=BF16, kv_dtype=BF16)
+    out = np.asarray(hopper_paged_prefill_attention(q, k, v, tables, seq_lens, query_lens), np.float32)
+    ref = np.asarray(paged_prefill_reference(q, k, v, tables, seq_lens, query_lens), np.float32)
+    real = np.arange(q.shape[1])[None, :] < np.asarray(query_lens)[:, None]
+    assert np.isfinite(out).all() and (out[~real] == 0).all()
+    np.testing.assert_allclose(out[real], ref[real], atol=1.5e-2, rtol=1.5e-2)
