@@ -16,6 +16,10 @@ In one run, on the engine's own runner (random weights of --model):
                   verify step yields E = (1 - a^(k+1)) / (1 - a) tokens a row, so speculation's tokens/s over plain
                   decode's is E * t_decode / t_verify(k). Printed for a = 0.5 / 0.7 / 0.9.
 
+With --profile, the decode step and the verify step at k = --measure-k are each traced over --iters round trips at
+every batch (config `profile_decode_b<B>`, `profile_verify_k<k>_b<B>`: the device's busy share and its top kernels in
+ms a step), to show where a verify step's time goes beyond the decode step's.
+
   python benchmarks/spec_decode.py --model qwen2-7b-instruct --out $OUT
   python benchmarks/spec_decode.py --model tiny --draft-model tiny --skip-warmup --batches 1,4 --ks 1,2 --iters 3 \\
       --context 32 --output-len 8      # CPU smoke run
@@ -25,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,8 +81,26 @@ def _median_s(fn, iters: int) -> float:
     return statistics.median(ts)
 
 
-def step_costs(runner, batch: int, ks, context: int, iters: int, vocab: int) -> dict:
-    """Seconds of a decode round trip and of each k's verify round trip, `batch` rows at `context` tokens."""
+def _profiled(fn, iters: int, logdir: str) -> dict:
+    """`iters` round trips of fn under jax.profiler: the device's busy share and its top kernels, in ms a step."""
+    import profiling
+
+    with profiling.quiet_trace(logdir, host_tracer_level=1):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        wall = time.perf_counter() - t0
+    prof = profiling.device_busy_from_trace(logdir, wall, top=15)
+    for kernel in prof.get("top_kernels", []):
+        kernel["ms_per_step"] = round(kernel["ms"] / iters, 4)
+    prof.pop("top_host_events", None)
+    return {"wall_ms_per_step": 1e3 * wall / iters, **prof}
+
+
+def step_costs(runner, batch: int, ks, context: int, iters: int, vocab: int, profile_dir: str | None = None,
+               profile_ks=()) -> dict:
+    """Seconds of a decode round trip and of each k's verify round trip, `batch` rows at `context` tokens; with
+    `profile_dir`, also a trace of the decode step and of the verify steps of `profile_ks` (`profile_<name>`)."""
     import numpy as np
 
     from qwenjax.core.scheduler_output import ScheduledSeq, SchedulerOutput
@@ -103,7 +127,12 @@ def step_costs(runner, batch: int, ks, context: int, iters: int, vocab: int) -> 
                            scratch_slot=runner.scratch_slot)
     mode = dataclasses.replace(WARMUP_MODES[0], penalties=True)  # the engine's greedy decode mode
     tensors = sampler.build_tensors([], num_rows=batch, vocab_size=vocab, with_history=False)
-    res = {"decode_s": _median_s(lambda: to_host(runner.execute(inp, False, tensors, mode)[0].token_ids), iters)}
+    def decode():
+        return to_host(runner.execute(inp, False, tensors, mode)[0].token_ids)
+
+    res = {"decode_s": _median_s(decode, iters)}
+    if profile_dir:
+        res["profile_decode"] = _profiled(decode, iters, os.path.join(profile_dir, f"decode-b{batch}"))
     vmode = dataclasses.replace(WARMUP_MODES[0], penalties=False)  # choose_mode of plain greedy rows
     for k in ks:
         drafts = [rng.integers(0, vocab, k).tolist() for _ in seqs]
@@ -111,7 +140,12 @@ def step_costs(runner, batch: int, ks, context: int, iters: int, vocab: int) -> 
                                        num_pages=runner.num_pages, max_pages_per_seq=width,
                                        scratch_slot=runner.scratch_slot)
         vt = sampler.build_tensors([], num_rows=batch * (k + 1), vocab_size=vocab, with_history=False)
-        res[f"verify_k{k}_s"] = _median_s(lambda: to_host(runner.verify(vin, d, n, vt, vmode).token_ids), iters)
+        def verify(vin=vin, d=d, n=n, vt=vt):
+            return to_host(runner.verify(vin, d, n, vt, vmode).token_ids)
+
+        res[f"verify_k{k}_s"] = _median_s(verify, iters)
+        if profile_dir and k in profile_ks:
+            res[f"profile_verify_k{k}"] = _profiled(verify, iters, os.path.join(profile_dir, f"verify-b{batch}-k{k}"))
     return res
 
 
@@ -158,6 +192,7 @@ def main(argv=None) -> dict:
     spec, cfg, dev = engine_setup.prepare(args)
     V = cfg.vocab_size
     metrics, table = {}, []
+    profile_dir = (args.profile_dir or tempfile.mkdtemp(prefix="qwenjax-spec-profile-")) if args.profile else None
     config = {"batches": list(args.batches), "ks": list(args.ks), "context": args.context, "iters": args.iters,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "measure_k": args.measure_k,
               "draft_model": args.draft_model}
@@ -166,7 +201,9 @@ def main(argv=None) -> dict:
         if name == "off":  # the step costs, on the target's runner
             config.update(engine_setup.engine_config(llm, kwargs, startup))
             for B in args.batches:
-                costs = step_costs(llm.llm_engine.runner, B, args.ks, args.context, args.iters, V)
+                costs = step_costs(llm.llm_engine.runner, B, args.ks, args.context, args.iters, V,
+                                   profile_dir=profile_dir, profile_ks=(args.measure_k,))
+                config.update({f"{key}_b{B}": v for key, v in costs.items() if key.startswith("profile_")})
                 t_dec = costs["decode_s"]
                 metrics[f"decode_ms_b{B}"] = t_dec * 1e3
                 for k in args.ks:

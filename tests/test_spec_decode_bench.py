@@ -25,7 +25,7 @@ def test_spec_decode_benchmark_smoke(tmp_path):
         a = {common!r}
         spec_decode.main(a + ["--batches", "1,3", "--ks", "1,2", "--iters", "2", "--context", "24",
                               "--prompt-len", "12", "--output-len", "16", "--measure-k", "2", "--draft-model",
-                              "tiny"])
+                              "tiny", "--profile", "--profile-dir", {str(tmp_path / 'traces')!r}])
         latency.main(a + ["--prompt-len", "12", "--output-len", "16", "--repeats", "1",
                           "--speculative-config", '{{"method": "ngram", "num_speculative_tokens": 2, '
                           '"prompt_lookup_min": 1, "prompt_lookup_max": 2}}'])
@@ -52,6 +52,11 @@ def test_spec_decode_benchmark_smoke(tmp_path):
         assert m[f"draft_decode_ms_b{b}"] > 0
         assert abs(m[f"speedup_ngram_b{b}"] - m[f"tok_s_ngram_b{b}"] / m[f"tok_s_off_b{b}"]) < 1e-3 * \
             m[f"speedup_ngram_b{b}"]
+    for b in (1, 3):  # the traced decode and verify (k = --measure-k) steps; CPU traces have no device plane
+        for name in ("decode", "verify_k2"):
+            prof = c[f"profile_{name}_b{b}"]
+            assert prof["wall_ms_per_step"] > 0 and "no device plane" in prof["note"], prof
+    assert "profile_verify_k1_b1" not in c
     rows = c["speedup_table"]
     assert {(r["batch"], r["k"], r["rate"]) for r in rows} == {(b, k, a) for b in (1, 3) for k in (1, 2)
                                                                for a in (0.5, 0.7, 0.9)}
