@@ -34,12 +34,12 @@ import time
 from qwenjax.engine.async_llm import AsyncLLMEngine
 from qwenjax.engine.core import run_engine_core
 from qwenjax.engine.core_client import EngineCoreClient
+from qwenjax.engine.ray_mesh import EXIT_DELAY_S, MeshFollowerActor, coordinator_address, where
 
 logger = logging.getLogger("qwenjax")
 
 POLL_S = 0.5            # a reader's long poll: how long the actor waits for a message before answering empty
 READY_TIMEOUT_S = 1800  # a replica's start-up (load, compile) on a busy host
-EXIT_DELAY_S = 2.0      # an actor whose engine loop died lingers so the frontend can read why, then exits
 
 
 def import_ray():
@@ -80,7 +80,7 @@ class EngineReplicaActor:
         self._ready = None
         self._lock = threading.Lock()
         if args.num_processes > 1 and args.distributed_coordinator is None:  # process 0 of a mesh over hosts
-            args = dataclasses.replace(args, distributed_coordinator=_coordinator_address())
+            args = dataclasses.replace(args, distributed_coordinator=coordinator_address())
         self._coordinator = args.distributed_coordinator
         threading.Thread(target=self._run, args=(args, options), name="qwenjax-engine-core", daemon=True).start()
 
@@ -104,9 +104,7 @@ class EngineReplicaActor:
             return self._ready
 
     def where(self) -> dict:
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return where()
 
     def submit(self, batch: list) -> None:
         if any(c[0] == "shutdown" for c in batch):
@@ -124,53 +122,6 @@ class EngineReplicaActor:
                 msgs.append(self._out.get_nowait())
             except queue.Empty:
                 return msgs
-
-
-class MeshFollowerActor:
-    """Process k > 0 of a replica's mesh over hosts: builds its shard of the engine, then replays process 0's steps
-    until process 0 stops (LLMEngine.follow), in a thread of the actor."""
-
-    def __init__(self, args, env: dict):
-        os.environ.update(env)
-        self.steps: int | None = None
-        self._done = threading.Event()
-        threading.Thread(target=self._run, args=(args,), name="qwenjax-mesh-follower", daemon=True).start()
-
-    def _run(self, args) -> None:
-        from qwenjax.engine.llm_engine import LLMEngine
-
-        try:
-            self.steps = LLMEngine(args).follow()
-        except BaseException:  # noqa: BLE001 - the mesh is broken: die, so that done() tells the frontend
-            logger.exception("mesh follower %d failed", args.process_id)
-            time.sleep(EXIT_DELAY_S)
-            os._exit(1)
-        self._done.set()
-
-    def done(self) -> int:
-        """Blocks until process 0 stopped and this process followed it out (the steps replayed); a follower that
-        dies makes this call fail instead (RayReplicas.check watches it)."""
-        self._done.wait()
-        return self.steps
-
-    def where(self) -> dict:
-        return EngineReplicaActor.where(self)
-
-    def followed(self) -> int | None:
-        """Steps replayed, once process 0 stopped (None before)."""
-        return self.steps
-
-
-def _coordinator_address() -> str:
-    """This node's address and a free port on it."""
-    import socket
-
-    import ray
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return f"{ray.util.get_node_ip_address()}:{port}"
 
 
 class _ActorProcess:
