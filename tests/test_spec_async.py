@@ -11,7 +11,7 @@ import pytest
 from qwenjax import LLM, SamplingParams
 from qwenjax.config import EngineArgs
 from tests.conftest import SMALL_ENGINE
-from tests.test_spec_decode import replay_acceptance
+from tests.test_spec_decode import _all_pages_back, replay_acceptance
 
 # No repeats in the prompts: proposals appear only once the (looping) greedy outputs repeat themselves.
 PROMPTS = [list(range(20, 32)), list(range(40, 47)), list(range(60, 80)), [3, 9, 4, 1, 7], list(range(90, 99))]
@@ -31,12 +31,6 @@ def _params():
 
 def _summary(outs):
     return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
-
-
-def _all_pages_back(llm) -> bool:
-    eng = llm.llm_engine
-    eng.blocks.check()
-    return eng.blocks.num_free == eng.blocks.num_pages and not eng.has_unfinished_requests()
 
 
 @pytest.fixture(scope="module")
