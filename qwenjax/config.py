@@ -279,7 +279,8 @@ class EngineArgs:
     # canonical JSON text (sorted keys) so that the arguments stay hashable. Top-level keys replace whole values.
     hf_overrides: str | None = None
     # vLLM's speculative_config (qwenjax/speculative_config.py), kept as canonical JSON text like hf_overrides.
-    # Speculation runs its steps one at a time: it turns async_scheduling off and refuses num_scheduler_steps > 1.
+    # n-gram speculation keeps async_scheduling (engine/spec_step.py drains before a verify step); draft-model
+    # speculation runs its steps one at a time (async_scheduling off). Both refuse num_scheduler_steps > 1.
     speculative_config: str | None = None
     # Multi-LoRA serving (qwenjax/lora/, vLLM's names): LoRAConfig's fields, used when enable_lora is True.
     enable_lora: bool = False
@@ -297,7 +298,8 @@ class EngineArgs:
         if self.speculative_config is not None:
             object.__setattr__(self, "speculative_config", canonical_speculative_config(self.speculative_config))
         if self.speculative_config is not None:
-            object.__setattr__(self, "async_scheduling", False)  # a verify step's tokens decide the next step
+            if self.speculative().method == "draft_model":  # the draft's cache follows each step's known tokens
+                object.__setattr__(self, "async_scheduling", False)
             if self.num_scheduler_steps != 1:
                 raise ValueError(f"speculative_config needs num_scheduler_steps=1 (got {self.num_scheduler_steps}): "
                                  f"each verify step already yields up to k + 1 tokens a row")

@@ -108,9 +108,36 @@ def spec4(untied_gqa2):
     return LLM(str(untied_gqa2), **SMALL_ENGINE, speculative_config=_spec(4))
 
 
+def replay_acceptance(prompt, ref, k, lo, hi, async_scheduling=True):
+    """The counters one greedy request's verify steps give: (verify steps, drafts, proposed, accepted, per position),
+    replaying the n-gram proposer and greedy acceptance (a verify step accepts the proposals' longest prefix that
+    matches `ref`, then adds one) over the engine's states (engine/spec_step.py): with async scheduling, "B" (m
+    outputs known, output m in flight: a match in the known ones drains, else output m + 1 follows in flight) and
+    "A" (nothing in flight: a verify step, or output m goes in flight); without, "A" alone."""
+    steps = drafts = proposed = accepted = 0
+    per_pos = [0] * k
+    m, state = 1, "B" if async_scheduling else "A"  # the prefill step sampled the first output
+    while m < len(ref):
+        room = len(ref) - m - 1 - (state == "B")  # a PENDING output counts against the length limit
+        d = propose_ngram(prompt + ref[:m], k=min(k, room), min_n=lo, max_n=hi) if room >= 1 else []
+        if state == "B":
+            m, state = m + 1, "A" if d else "B"
+            continue
+        if not d:
+            state = "B" if async_scheduling else "A"
+            m += not async_scheduling
+            continue
+        a = next((i for i, t in enumerate(d) if t != ref[m + i]), len(d))
+        steps, drafts, proposed, accepted = steps + 1, drafts + 1, proposed + len(d), accepted + a
+        for i in range(a):
+            per_pos[i] += 1
+        m += a + 1
+    return steps, drafts, proposed, accepted, per_pos
+
+
 def test_acceptance_counted_right(base, spec4):
     """One greedy request: the counters equal those of a replay of the n-gram proposer and greedy acceptance over
-    the reference output (a verify step accepts the proposals' longest prefix that matches it, then adds one)."""
+    the reference output, through the async engine's drains (replay_acceptance)."""
     prompt = [11, 12, 13, 11, 12, 13, 11, 12]
     p = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     ref = base.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0].outputs[0].token_ids
@@ -119,17 +146,7 @@ def test_acceptance_counted_right(base, spec4):
               st.spec_decode_num_accepted_tokens, list(st.spec_decode_num_accepted_tokens_per_pos))
     out = spec4.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ref
-    steps = drafts = proposed = accepted = 0
-    per_pos = [0] * 4
-    m = 1  # the prefill step sampled the first output
-    while m < len(ref):
-        d = propose_ngram(prompt + ref[:m], k=min(4, len(ref) - m - 1), min_n=1, max_n=3)
-        a = next((i for i, t in enumerate(d) if t != ref[m + i]), len(d))
-        if d:
-            steps, drafts, proposed, accepted = steps + 1, drafts + 1, proposed + len(d), accepted + a
-            for i in range(a):
-                per_pos[i] += 1
-        m += a + 1
+    steps, drafts, proposed, accepted, per_pos = replay_acceptance(prompt, ref, 4, 1, 3)
     after = (st.spec_decode_verify_steps, st.spec_decode_num_drafts, st.spec_decode_num_draft_tokens,
              st.spec_decode_num_accepted_tokens, st.spec_decode_num_accepted_tokens_per_pos)
     assert accepted > 0
@@ -240,7 +257,7 @@ def test_speculative_config_defaults_and_conflicts():
         ("ngram", 3, 4, 4)
     assert EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 1}).speculative() \
         .prompt_lookup_min == 5  # vLLM's default for both bounds
-    assert not args.async_scheduling  # speculation runs its steps one at a time
+    assert args.async_scheduling  # n-gram speculation keeps async scheduling (draft-model: tests/test_spec_async.py)
     # verify steps of B * (k + 1) <= 512 rows: larger decode buckets run without speculation
     assert args.speculative().verify_batches((1, 8, 16, 32, 64, 128, 256)) == (1, 8, 16, 32, 64, 128)
     assert EngineArgs(speculative_config=_spec(7)).speculative().verify_batches((1, 8, 64, 128)) == (1, 8, 64)

@@ -38,6 +38,7 @@ class InFlight:
     # A late sampler (core/constraints.py): the model call is on the device, the sampler waits for the previous
     # step's tokens: (scheduler output, step input, its logits; None where the model call waits too)
     late: tuple | None = None
+    out: object = None      # its SchedulerOutput (speculation reads its kind and bucket: engine/spec_step.py)
 
 
 class Prepared(NamedTuple):

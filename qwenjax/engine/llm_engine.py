@@ -199,22 +199,20 @@ class LLMEngine:
         ended at step N (a stop token, an abort) are computed once more by N+1 and discarded. `on_dispatch` is called
         once a step is on the device, before any tokens are awaited (a server hands the previous step's outputs to
         its event loop there). A step with constrained rows dispatches its model call first and its sampler once the
-        previous step's tokens are read (a late sampler, core/constraints.py)."""
+        previous step's tokens are read (a late sampler, core/constraints.py). Speculation: engine/spec_step.py."""
+        if self.spec is not None and (drained := self.spec.drain(on_dispatch)) is not None:
+            return drained  # a row would get proposals: the in-flight step read, nothing new dispatched
         sched = self.scheduler.schedule()
         if sched is not None and sched.lora_loads:  # adapters given a slot: written before any step reads them
             self.lora.load(self.runner, sched.lora_loads, self._fail_lora)
-        if self.spec is not None and sched is not None:  # speculation runs steps one at a time: nothing in flight
-            outputs = self.spec.step(sched, on_dispatch)
-            if outputs is not None:
+        if self.spec is not None and sched is not None and self._in_flight is None:  # verify: every token known
+            if (outputs := self.spec.step(sched, on_dispatch)) is not None:
                 return outputs
         prepared = self._prepare(sched) if sched is not None else None
         launched = self._launch(prepared) if prepared is not None else None
         if launched is not None and on_dispatch is not None:
             on_dispatch()
-        if self.args.async_scheduling:
-            done, self._in_flight = self._in_flight, launched
-        else:
-            done = launched
+        done, self._in_flight = (self._in_flight, launched) if self.args.async_scheduling else (launched, None)
         late = launched if launched is not None and launched.late is not None else None
         outputs = [] if done is None else self._process(done, late)
         if late is not None:  # its sampler needed the tokens just read
@@ -251,6 +249,7 @@ class LLMEngine:
         counts advance, and each sampling row gets a PENDING output (its value arrives in `_process`)."""
         out, inp, late, mode, tensors, wants_lp = p
         self.stats.steps += 1
+        self.stats.async_steps += self._in_flight is not None  # dispatched while the step before is unread
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = self.blocks.query_tokens
         self.stats.prefix_cache_hits = self.blocks.hit_tokens
@@ -292,8 +291,8 @@ class LLMEngine:
                 seq.output_token_ids.extend(pending)
                 seq.num_pending += K
                 seq.num_computed += K - 1  # steps 1..K-1 compute the tokens steps 0..K-2 drew
-        return InFlight(res, ranks, wants_lp, samples, K,
-                         late=(out, inp, logits, num_outputs) if late else None)
+        return InFlight(res, ranks, wants_lp, samples, K, late=(out, inp, logits, num_outputs) if late else None,
+                        out=out)
 
     def _sampling_row(self, r, num_outputs: int | None = None):
         return sampling_row(r, self.eos_token_ids, num_outputs)

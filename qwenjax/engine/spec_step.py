@@ -11,12 +11,25 @@ constrained row (structured outputs, allowed_token_ids, bad_words) never gets pr
 its next token only: it verifies its newest token alone, sampled under its mask and bans, and its matcher advances
 by that token.
 
-Speculation runs its steps one at a time (EngineArgs turns async_scheduling off): proposals are built from the
-tokens the previous verify step accepted. Host invariants after a verify step, for a row that accepted a of its n
-proposals: its outputs grew by a + 1 (accepted drafts, then the corrected or bonus token), num_computed by 1 + a (the
-fed newest token and the accepted drafts have KV; the new newest token has none yet), and its block table holds just
-the pages of its tokens (the pages of rejected proposals go back). Prefix caching names only full pages below
-num_computed, so only accepted tokens are ever hashed. Stops, EOS and the length limit are checked token by token
+Async scheduling (n-gram; draft-model speculation keeps it off) alternates two modes, with these invariants:
+- Async: while no row would get a proposal, decode steps run exactly as without speculation (step N+1 dispatched
+  before step N is read). At the start of each step() with a step in flight, `drain` runs the proposer on each of
+  its rows' KNOWN tokens (outputs through the last read step; the in-flight step's PENDING tail excluded). Nothing
+  it builds is used: it only decides.
+- Drain: when some row that could speculate (a decode step in a bucket that may speculate, unconstrained, room
+  left) finds a match, that step() call dispatches nothing and only reads the in-flight step. Afterwards nothing is
+  in flight and every row's tokens are known.
+- Verify: the engine calls `step` only while nothing is in flight, so proposals are always built from all of a
+  row's tokens, and a verify step is read before step() returns (one at a time). When it finds no proposal, the
+  engine dispatches the plain decode step async and is back in the first mode.
+Proposals and acceptance therefore never see a PENDING token, and which steps verify changes how many tokens a step
+yields, never which (greedy) nor their distribution.
+
+Host invariants after a verify step, for a row that accepted a of its n proposals: its outputs grew by a + 1
+(accepted drafts, then the corrected or bonus token), num_computed by 1 + a (the fed newest token and the accepted
+drafts have KV; the new newest token has none yet), and its block table holds just the pages of its tokens (the
+pages of rejected proposals go back). Prefix caching names only full pages below num_computed, so only accepted
+tokens are ever hashed. Stops, EOS and the length limit are checked token by token
 (truncating inside an accepted run); proposals never reach past the length limit.
 
 Draft-model speculation (`{"model": DRAFT, ...}`): the draft must share the target's vocabulary and tokenizer (checked
@@ -84,19 +97,38 @@ class SpecDecoder:
             self.draft.mirror(out, inp)
 
     def propose(self, seq) -> list[int]:
-        """Up to k proposals for a decoding row, never reaching past its length limit (a + 1 tokens land)."""
+        """Up to k proposals for a decoding row from its known tokens, never reaching past its length limit (a + 1
+        tokens land after its outputs, PENDING ones included)."""
         room = seq.max_output_tokens - len(seq.output_token_ids) - 1
         if room < 1 or seq.constraint is not None:
             return []
         c = self.config
-        return propose_ngram(seq.prompt_token_ids + seq.output_token_ids, k=min(self.k, room),
-                             min_n=c.prompt_lookup_min, max_n=c.prompt_lookup_max)
+        return propose_ngram(seq.prompt_token_ids + seq.output_token_ids[:seq.num_known_outputs],
+                             k=min(self.k, room), min_n=c.prompt_lookup_min, max_n=c.prompt_lookup_max)
+
+    def _speculates(self, out: SchedulerOutput) -> bool:
+        """A step of this shape may verify: decode, one step, a verify bucket, within disable_by_batch_size."""
+        limit = self.config.disable_by_batch_size
+        return out.kind == "decode" and out.num_steps == 1 and out.bucket[0] in self.batches and \
+            (limit is None or len(out.rows) <= limit)
+
+    def drain(self, on_dispatch=None) -> list | None:
+        """Async scheduling: when a row of the in-flight step finds proposals in its known tokens, reads that step,
+        dispatches nothing and returns its outputs (the next step() verifies); None otherwise (the engine steps)."""
+        eng = self.engine
+        step = eng._in_flight
+        if step is None or step.out is None or not self._speculates(step.out) or \
+                not any(not seq.finished and self.propose(seq) for _, seq, _ in step.samples):
+            return None
+        eng._in_flight = None
+        eng.stats.spec_decode_drains += 1
+        if on_dispatch is not None:  # the previous outputs leave while the device finishes the in-flight step
+            on_dispatch()
+        return eng._process(step)
 
     def step(self, out: SchedulerOutput, on_dispatch=None) -> list | None:
         """Runs `out` as a verify step and returns its outputs, or None: it does not speculate (the engine runs it)."""
-        limit = self.config.disable_by_batch_size
-        if out.kind != "decode" or out.num_steps != 1 or out.bucket[0] not in self.batches or \
-                (limit is not None and len(out.rows) > limit):
+        if not self._speculates(out):
             return None
         eng = self.engine
         if self.draft is not None:

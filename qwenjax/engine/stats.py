@@ -14,6 +14,7 @@ class EngineStats:
         self.prefill_steps = 0         # steps of prompt tokens only
         self.decode_steps = 0          # steps of one new token a row only
         self.mixed_steps = 0           # steps whose decodes took a prefill chunk along (chunked prefill)
+        self.async_steps = 0           # steps dispatched while the step before was still unread (async scheduling)
         self.multi_steps = 0           # decode dispatches that ran num_scheduler_steps steps (counted once in steps)
         self.step_rows = 0             # rows over all steps (step_rows / steps: the mean rows a step)
         self.preemptions = 0
@@ -26,6 +27,7 @@ class EngineStats:
         self.host_process_s = 0.0      # seconds handling read tokens: append, detokenize, stops (after the wait)
         # Speculative decoding (engine/spec_step.py), under vLLM's names (vllm:spec_decode_*):
         self.spec_decode_verify_steps = 0          # verify steps run (each counted once in steps and decode_steps)
+        self.spec_decode_drains = 0                # async steps ended early: the next step verifies proposals
         self.spec_decode_num_drafts = 0            # rows that verified at least one proposed token
         self.spec_decode_num_draft_tokens = 0      # proposed tokens verified
         self.spec_decode_num_accepted_tokens = 0   # of those, accepted
