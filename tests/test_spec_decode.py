@@ -354,6 +354,27 @@ def test_ngram_proposer():
     assert propose_ngram([7, 1, 8, 7, 2, 8, 7], k=2, min_n=1, max_n=1) == [2, 8]  # the most recent occurrence
 
 
+def _propose_by_definition(t, k, min_n, max_n):
+    """The proposer's docstring, literally: the longest suffix (min_n..max_n) occurring earlier; the most recent
+    occurrence followed by k whole tokens, else the earliest."""
+    for n in range(min(max_n, len(t) - 1), min_n - 1, -1):
+        hits = [i for i in range(len(t) - n) if t[i:i + n] == t[len(t) - n:]]
+        if hits:
+            full = [i for i in hits if i + n + k <= len(t)]
+            i = full[-1] if full else hits[0]
+            return t[i + n:i + n + k]
+    return []
+
+
+def test_ngram_proposer_matches_its_definition():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        t = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40))).tolist()  # small vocabularies repeat
+        k, lo = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 4))
+        assert propose_ngram(t, k=k, min_n=lo, max_n=hi) == _propose_by_definition(t, k, lo, hi), (t, k, lo, hi)
+
+
 # --------------------------------------------------------------------------- rejection sampling's distribution
 
 

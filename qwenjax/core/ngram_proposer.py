@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def propose_ngram(tokens: Sequence[int] | np.ndarray, *, k: int, min_n: int, max_n: int) -> list[int]:
@@ -23,10 +22,16 @@ def propose_ngram(tokens: Sequence[int] | np.ndarray, *, k: int, min_n: int, max
     L = t.shape[0]
     if k < 1 or L < min_n + 1:
         return []
+    # Every earlier occurrence of a suffix ends where the last token occurs earlier: the candidates, found in one
+    # O(L) pass (a row's search costs O(L + candidates x n), not O(L x n) per n: it runs every step for every row).
+    ends = np.flatnonzero(t[:L - 1] == t[L - 1])
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         # Windows starting at 0 .. L-n-1: each is followed by at least one token, and none is the suffix itself.
-        windows = sliding_window_view(t[:L - 1], n)
-        hits = np.flatnonzero((windows == t[L - n:]).all(axis=1))
+        starts = ends[ends >= n - 1] - (n - 1)
+        if not starts.size:
+            continue
+        same = (t[starts[:, None] + np.arange(n)] == t[L - n:]).all(axis=1)
+        hits = starts[same]
         if hits.size:
             full = hits[hits + n + k <= L]
             i = int(full[-1] if full.size else hits[0])
