@@ -1,6 +1,7 @@
-"""Subprocess with 4 CPU devices: the decode and prefill kernels under shard_map (interpret mode) equal their
+"""Subprocess with 4 CPU devices: the decode, verify and prefill kernels under shard_map (interpret mode) equal their
 references, with float32 pages and with fp8 (e4m3) pages whose per-tensor k/v scales reach every device."""
 
+import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,16 +36,17 @@ for N, K, dtype in ((8, 4, jnp.float32), (8, 2, jnp.float32), (8, 4, E4M3), (8, 
 from pallas_kernels.paged_prefill import paged_prefill_reference  # noqa: E402
 from qwenjax.layers.attention import sharded_prefill_kernel  # noqa: E402
 
-for N, K, dtype in ((8, 4, jnp.float32), (8, 2, E4M3)):
+# Q = 4: 4 tokens x the device's 2 q heads a kv head fit the verify kernel's tile; Q = 40: the prefill kernel.
+for (N, K, dtype), (Q, q_lens) in itertools.product(((8, 4, jnp.float32), (8, 2, E4M3)), ((4, [3, 4]), (40, [5, 20]))):
     mesh = make_mesh(4)
     key = jax.random.split(jax.random.PRNGKey(N * 100 + K), 3)
-    H, pages, page, Q = 64, 12, 16, 24
+    H, pages, page = 64, 12, 16
     k_scale, v_scale = (0.5, 2.0) if dtype == E4M3 else (1.0, 1.0)
     q = jax.random.normal(key[0], (2, Q, N, H), jnp.float32)
     k = (jax.random.normal(key[1], (K, pages, page, H), jnp.float32) / k_scale).astype(dtype)
     v = (jax.random.normal(key[2], (K, pages, page, H), jnp.float32) / v_scale).astype(dtype)
     tables = jnp.asarray(np.random.default_rng(1).permutation(pages)[:8].reshape(2, 4), jnp.int32)
-    seq_lens, q_lens = jnp.asarray([5, 50], jnp.int32), jnp.asarray([5, 20], jnp.int32)
+    seq_lens, q_lens = jnp.asarray([5, 50], jnp.int32), jnp.asarray(q_lens, jnp.int32)
     ref = paged_prefill_reference(q, k, v, tables, seq_lens, q_lens, k_scale=k_scale, v_scale=v_scale)
     kv_spec = P("tp") if K % 4 == 0 else P()
     k, v = (jax.device_put(a, NamedSharding(mesh, kv_spec)) for a in (k, v))
@@ -54,7 +56,7 @@ for N, K, dtype in ((8, 4, jnp.float32), (8, 2, E4M3)):
         q, k, v, tables, seq_lens, q_lens)
     real = np.arange(Q)[None, :] < np.asarray(q_lens)[:, None]
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5, rtol=2e-5)
-    print("ok prefill", N, K, jnp.dtype(dtype).name)
+    print("ok prefill", N, K, Q, jnp.dtype(dtype).name)
 
 # The fused RoPE + page-write kernel under shard_map: q heads split; kv heads (and pages) split when K divides over
 # the mesh, else replicated (every device writes all of them): pages and q equal the jnp path's, bit for bit.

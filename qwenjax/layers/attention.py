@@ -131,6 +131,9 @@ BACKENDS = ("auto", "reference")
 # dtype), else the Triton one; "triton" forces the Triton kernel. Read when a step is traced.
 PREFILL_KERNEL_ENV = "QWENJAX_PREFILL_KERNEL"
 PREFILL_KERNELS = ("auto", "triton")
+# Chunks of a few tokens a row (Q x GQA group <= 64: speculative verify steps) take the verify kernel unless this is
+# "prefill" (then the kernel above: the comparison the verify kernel was measured against). Read when traced.
+VERIFY_KERNEL_ENV = "QWENJAX_VERIFY_KERNEL"
 
 
 def prefill_kernel(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> str:
@@ -195,15 +198,22 @@ def sharded_decode_kernel(q, k_pages, v_pages, block_tables, lengths, *, mesh, s
 
 def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, *, mesh, sm_scale: float,
                            k_scale=None, v_scale=None, interpret: bool = False):
-    """The Pallas prefill-over-pages kernel, q [B, Q, N, H], on each device's heads (see `_over_heads`): the Hopper
-    kernel where `prefill_kernel` picks it (16-bit pages: no scales), else the Triton one."""
+    """The Pallas prefill-over-pages kernel, q [B, Q, N, H], on each device's heads (see `_over_heads`): for a few
+    tokens a row (Q x the device's GQA group <= 64: speculative verify steps) the decode kernel's layout widened to
+    Q tokens (paged_verify_attention.py: the context read once per kv head, not once per q head or query tile);
+    else the Hopper kernel where `prefill_kernel` picks it (16-bit pages: no scales), else the Triton one."""
+    from pallas_kernels import paged_verify_attention
     from pallas_kernels.paged_prefill import paged_prefill_attention
     from pallas_kernels.paged_prefill_hopper import hopper_paged_prefill_attention
 
+    small_q = os.environ.get(VERIFY_KERNEL_ENV, "auto") != "prefill"
     hopper = not interpret and prefill_kernel(q.dtype, k_pages.dtype, q.shape[-1], k_pages.shape[2],
                                               q.shape[-2] // k_pages.shape[0]) == "hopper"
 
     def kernel(q, k, v, s, t, sl, ql):
+        if small_q and paged_verify_attention.supported(q.shape[1], q.shape[2] // k.shape[0]):  # verify steps
+            return paged_verify_attention.paged_verify_attention(q, k, v, t, sl, ql, k_scale=s[0], v_scale=s[1],
+                                                                 sm_scale=sm_scale, interpret=interpret)
         if hopper:
             return hopper_paged_prefill_attention(q, k, v, t, sl, ql, sm_scale=sm_scale)
         return paged_prefill_attention(q, k, v, t, sl, ql, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,

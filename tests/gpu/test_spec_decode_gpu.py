@@ -1,6 +1,7 @@
 """Speculative decoding on the GPU (`pytest tests/gpu --gpu`; deselected elsewhere): the verify step attends its
-k + 1 positions a row through the Pallas prefill kernels (never the jnp reference), and greedy tokens with n-gram
-speculation equal those of plain decoding on the same GPU (float32, no TF32)."""
+k + 1 positions a row through the verify kernel (pallas_kernels/paged_verify_attention.py; never the jnp reference
+nor a prefill kernel), and greedy tokens with n-gram speculation equal those of plain decoding on the same GPU
+(float32, no TF32)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def test_verify_step_attends_through_the_kernels(model_dir):  # noqa: F811
             hlo = runner._verify.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
                                        i_buf, f_buf, layout=layout,
                                        mode=dataclasses.replace(WARMUP_MODES[0], penalties=False)).compile().as_text()
-        calls = sum(("__gpu$xla.gpu.triton" in line and "qwenjax_paged" in line)
-                    or 'custom_call_target="mosaic_gpu' in line for line in hlo.splitlines())
-        assert calls == CONFIG["num_hidden_layers"], f"verify bucket B={b}: {calls} Pallas attention calls"
+        calls = sum("__gpu$xla.gpu.triton" in line and "qwenjax_paged_verify" in line for line in hlo.splitlines())
+        others = sum(("__gpu$xla.gpu.triton" in line and "qwenjax_paged_prefill" in line)
+                     or 'custom_call_target="mosaic_gpu' in line for line in hlo.splitlines())
+        assert (calls, others) == (CONFIG["num_hidden_layers"], 0), f"verify bucket B={b}: {calls} verify kernel " \
+            f"calls, {others} prefill kernel calls"
 
 
 def test_gpu_greedy_tokens_with_and_without_speculation(model_dir):  # noqa: F811
