@@ -344,6 +344,35 @@ def hopper_ragged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens,
     return out[:T]
 
 
+def hopper_ragged_prefill_reference(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *,
+                                    sm_scale=None, config: HopperPrefillConfig = HopperPrefillConfig()):
+    """What the kernel computes, in jnp (float32 math, any dtype): program tiles of 2 * block_q tokens are mapped to
+    rows by the kernel's own `_tile_metadata` and each tile attends as a row of its own (its tokens' positions, its
+    row's pages). So a layout that breaks the kernel's contract (a row starting off a tile boundary) gives what the
+    kernel would give, not the packed reference's answer: the CPU stand-in for the kernel in layout tests. Tiles run
+    one at a time (lax.map): the reference's per-token context gather stays [tile, K, C, H]."""
+    from pallas_kernels.paged_prefill import ragged_paged_prefill_reference
+
+    T, N, H = q.shape
+    tile = config.tile_tokens
+    W = pl.cdiv(T, tile)
+    seq_lens = jnp.clip(seq_lens, 0, block_tables.shape[1] * k_pages.shape[2])
+    query_lens = jnp.clip(query_lens, 0, seq_lens)
+    meta = _tile_metadata(seq_lens, query_lens, row_starts, num_tiles=W, tile=tile)
+    seq, qlen, first, row = (meta[:, i] for i in range(4))
+    n = jnp.clip(qlen - first, 0, tile)  # the tile's tokens of its row; 0: a tile of no row
+    tile_seq = jnp.where(n > 0, seq - qlen + first + n, 0)  # context after the tile's last token
+
+    def one(args):
+        qt, table, s, m = args
+        return ragged_paged_prefill_reference(qt, k_pages, v_pages, table[None], s[None], m[None],
+                                              jnp.zeros((1,), jnp.int32), sm_scale=sm_scale)
+
+    qs = jnp.pad(q, ((0, W * tile - T), (0, 0), (0, 0))).reshape(W, tile, N, H)
+    out = jax.lax.map(one, (qs, block_tables[row], tile_seq, n))
+    return out.reshape(W * tile, N, H)[:T]
+
+
 def supports(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> bool:
     """Whether this kernel takes these shapes and dtypes (else the Triton kernel of `paged_prefill.py` does)."""
     return (jnp.dtype(q_dtype) in map(jnp.dtype, _DTYPES) and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
