@@ -169,3 +169,52 @@ def test_packed_step_lowers_for_cuda_with_both_kernels(monkeypatch):
     for T, kv in ((512, bf16), (2048, jnp.float8_e5m2)):
         text, aligned = lowered(T, kv)
         assert aligned == 0 and "mosaic_gpu" not in text and TRITON in text
+
+
+# ---- the engine with the routing forced on CPU, against transformers ----------------------------------------------
+ENGINE = dict(dtype="float32", max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=2048, block_size=16,
+              decode_buckets=(4,), prefill_token_buckets=(256, 1024), num_kv_pages=2048 // 16 * 2 + 8,
+              enable_chunked_prefill=False)
+LENGTHS = (700, 40, 600, 530)  # 1,904 packed slots: one packed step of T = 2,048, three rows of them long
+
+
+def test_engine_tokens_equal_hf_with_the_routing_forced(ckpt_dir, monkeypatch):
+    """The engine's packed step attends through `routed_ragged_attention` with jnp stand-ins for both kernels (each
+    keeping its layout contract): the long rows on the aligned copy, the short one in place. Greedy tokens equal
+    transformers'."""
+    from qwenjax import LLM, SamplingParams
+    from tests.checkpoints import hf_greedy, hf_model, write_checkpoint
+
+    path = write_checkpoint(ckpt_dir / "packed_hopper", max_position_embeddings=2048, seed=29)
+    prompts = [list(map(int, np.random.default_rng(n).integers(0, 512, n))) for n in LENGTHS]
+    want = hf_greedy(hf_model(path), prompts, 8)
+    traced = []
+
+    def forced(q, k_pages, *, sm_scale, interpret=False):
+        def hopper(*args):
+            traced.append(("hopper", q.shape[0], args[0].shape[0]))
+            return hopper_ragged_prefill_reference(*args[:3], *args[4:], sm_scale=sm_scale)
+
+        def triton(*args):
+            traced.append(("triton", q.shape[0], args[0].shape[0]))
+            return ragged_paged_prefill_reference(*args[:3], *args[4:], sm_scale=sm_scale, piece=PIECE)
+
+        return (hopper, triton, aligned_slots(q.shape[0])) if aligned_slots(q.shape[0]) else (None, triton, 0)
+
+    monkeypatch.setattr(attention, "packed_kernels", forced)
+    llm = LLM(str(path), **ENGINE)
+    sched = llm.llm_engine.scheduler
+    seen, schedule = [], sched.schedule
+
+    def recording():
+        out = schedule()
+        if out is not None and out.kind == "prefill":
+            seen.append((out.packed, out.bucket, [r.num_new_tokens for r in out.rows]))
+        return out
+
+    monkeypatch.setattr(sched, "schedule", recording)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_tokens=8,
+                                                                                ignore_eos=True), use_tqdm=False)
+    assert seen == [(True, (4, 2048), list(LENGTHS))]
+    assert ("hopper", 2048, aligned_slots(2048)) in traced and ("triton", 2048, 2048) in traced
+    assert [o.outputs[0].token_ids for o in outs] == want
