@@ -110,8 +110,9 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Arra
                      meta: PackedMetadata, *, sm_scale: float, k_scale: jax.Array | None = None,
                      v_scale: jax.Array | None = None) -> jax.Array:
     """A packed prefill step's attention, its K/V already in the pages: the Pallas prefill kernels over the pages on
-    GPU (`packed_kernels`: long rows through the Hopper kernel where it applies); elsewhere the jnp reference on the fresh k/v rounded through the page dtype, which is what the
-    kernel reads back (so fp8 pages give both paths the same inputs)."""
+    GPU (`packed_kernels`: long rows through the Hopper kernel where it applies); elsewhere the jnp reference on
+    the fresh k/v rounded through the page dtype, which is what the kernel reads back (so fp8 pages give both paths
+    the same inputs)."""
     kernels = packed_kernels(q, k_pages, sm_scale=sm_scale)
     if kernels is not None:
         return sharded_ragged_prefill_kernel(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_lens,
