@@ -6,8 +6,8 @@ routing's gathers cost), and cuDNN's causal attention on the same rows held cont
 Cases (Qwen2-7B's attention shape: 28 q / 4 kv heads, dim 128, bf16 q and pages, page 16; fresh rows, causal):
 8 x 2,048 packed; one row of 4k, 8k and 32k; a mix of long and short rows (some take the Triton kernel); 32 x 256
 (no row is long: the routed path's overhead when the Hopper kernel has nothing to do). TFLOP/s counts the causal work,
-4 * N * H * n(n+1)/2 a row. `--sweep` times the routed path over the Hopper kernel's configs (block_kv, num_stages;
-block_q is 64: one wgmma M tile a warpgroup).
+4 * N * H * n(n+1)/2 a row. `--sweep` times the routed path over the Hopper kernel's configs (block_kv, num_stages, with
+and without the ping-pong schedule barrier; block_q is 64: one wgmma M tile a warpgroup).
 
     python3 benchmarks/attention_packed.py [--sweep] [--out DIR]
     python3 benchmarks/attention_packed.py --reference --cases tiny   # CPU: jnp stand-ins, checks the plumbing only
@@ -42,7 +42,8 @@ CASES = {
     "32x256": (256,) * 32,
 }
 TINY = {"tiny-mixed": (600, 40, 530, 1), "tiny-short": (64, 30)}  # --reference on CPU
-CONFIGS = ((128, 3), (128, 2), (64, 2), (64, 3))  # (block_kv, num_stages); the first is the kernel's default
+# (block_kv, num_stages, schedule_barrier); the first is the kernel's default
+CONFIGS = ((128, 3, True), (128, 2, True), (64, 2, True), (64, 3, True), (128, 3, False), (128, 2, False))
 
 
 def make_case(key, lens, *, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page=PAGE, dtype=jnp.bfloat16):
@@ -138,17 +139,18 @@ def run_case(name, lens, *, reference=False, sweep=False, iters=10, reps=5, shap
                   jnp.where(hop, query_lens, 0), astarts)
         if sweep:
             row["sweep"] = []
-            for block_kv, stages in CONFIGS:
-                cfg = HopperPrefillConfig(block_kv=block_kv, num_stages=stages)
+            for block_kv, stages, ping_pong in CONFIGS[:2] if reference else CONFIGS:  # stand-ins: plumbing only
+                cfg = HopperPrefillConfig(block_kv=block_kv, num_stages=stages, schedule_barrier=ping_pong)
+                label = dict(block_kv=block_kv, num_stages=stages, schedule_barrier=ping_pong)
                 h, _ = kernels(reference, cfg, sm_scale)
                 try:
                     us = time_us(jax.jit(lambda *a, h=h: routed_ragged_attention(
                         *a, hopper_fn=h, triton_fn=triton, aligned=aligned)), q, k, v, scales, tables, seq_lens,
                         query_lens, starts, iters=iters, reps=reps)
-                    row["sweep"].append(dict(block_kv=block_kv, num_stages=stages, us=us, tflops=f / us / 1e6))
-                    log(f"  sweep block_kv={block_kv} stages={stages}: {us:.1f} us")
+                    row["sweep"].append(dict(label, us=us, tflops=f / us / 1e6))
+                    log(f"  sweep {label}: {us:.1f} us")
                 except Exception as e:  # noqa: BLE001 - a config that fails is recorded, not fatal
-                    row["sweep"].append(dict(block_kv=block_kv, num_stages=stages, error=str(e)[:300]))
+                    row["sweep"].append(dict(label, error=str(e)[:300]))
     qd, kd, vd, lens_ = dense_rows(case)
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     uniform = len(set(lens)) == 1

@@ -62,6 +62,9 @@ class HopperPrefillConfig:
     # 128 / 3 stages: best at 4k, 8k and a 512 chunk after 7,680 cached on an H100 (2k: 2 stages, 3%)
     block_kv: int = 128
     num_stages: int = 3
+    # The ping-pong schedule barrier (FA3): one consumer's softmax runs while the other's matmuls hold the tensor
+    # cores. False drops every wait and arrival on it (the warpgroups run unsynchronized): a sweep setting.
+    schedule_barrier: bool = True
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -136,9 +139,12 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
 
         all_steps = jnp.maximum(wg_steps(0)[0], wg_steps(1)[0])
 
+        ping_pong = config.schedule_barrier
+
         def sync_schedule():
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(schedule)
+            if ping_pong:
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(schedule)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -162,7 +168,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
             def _():
                 plgpu.barrier_wait(k_ready.at[0])
 
-            pl.when(wg == 1)(sync_schedule)  # warpgroup 1 starts one phase behind: the two alternate
+            if ping_pong:
+                pl.when(wg == 1)(sync_schedule)  # warpgroup 1 starts one phase behind: the two alternate
 
             def block(step, carry, masked: bool):
                 acc, m, l = carry
@@ -184,7 +191,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 acc, l, m_next, p16 = lax.optimization_barrier((acc, l, m_next, p16))
-                plgpu.barrier_arrive(schedule)  # softmax done
+                if ping_pong:
+                    plgpu.barrier_arrive(schedule)  # softmax done
                 plgpu.barrier_wait(v_ready.at[slot])
                 if masked:
                     # The row's last block may reach past seq_len: zero those V rows (see the module invariants).
@@ -196,7 +204,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                         v_blk[...] = jnp.where(_iota((bkv, H), 0) < tail, v_blk[...], 0).astype(dtype)
                         plgpu.commit_smem()
 
-                plgpu.barrier_wait(schedule)  # the other warpgroup's matmuls are done
+                if ping_pong:
+                    plgpu.barrier_wait(schedule)  # the other warpgroup's matmuls are done
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -221,7 +230,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                 sync_schedule()
                 sync_schedule()
 
-            pl.when(wg == 0)(sync_schedule)
+            if ping_pong:
+                pl.when(wg == 0)(sync_schedule)
             real = (pos0 + _iota((bq, H), 0) < seq_len) & lax.broadcast_in_dim(l > 0, (bq, H), [0])
             out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), (bq, H), [0])
             my_q[...] = jnp.where(real, out, 0.0).astype(dtype)

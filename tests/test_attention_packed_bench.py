@@ -18,7 +18,7 @@ def test_attention_packed_runs_on_cpu(tmp_path):
         bench = importlib.import_module("attention_packed")
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    result = bench.main(["--reference", "--cases", "tiny", "--out", str(tmp_path)])
+    result = bench.main(["--reference", "--cases", "tiny", "--sweep", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("attention-packed-*.json")
     assert json.loads(path.read_text())["metrics"] == result["metrics"]
     for field in ("benchmark", "model", "device", "mesh", "commit", "config", "ceilings", "metrics", "peers"):
@@ -28,6 +28,9 @@ def test_attention_packed_runs_on_cpu(tmp_path):
     assert (mixed["hopper_rows"], mixed["rows"], mixed["aligned_slots"]) == (2, 4, 1408)
     assert mixed["routed_max_abs_diff_vs_triton"] <= 1e-2
     assert {"routed", "triton", "hopper_aligned", "cudnn"} <= set(mixed)
+    assert [(c["block_kv"], c["num_stages"], c["schedule_barrier"]) for c in mixed["sweep"]] == [(128, 3, True),
+                                                                                              (128, 2, True)]
+    assert all(c["us"] > 0 for c in mixed["sweep"])
     assert mixed["routed"]["speedup_vs_triton"] > 0 and mixed["routed"]["speedup_vs_cudnn"] > 0
     # tiny-short: no long row fits a step of 128 slots: the Triton kernel alone, as before
     assert short["aligned_slots"] == 0 and "routed" not in short and short["triton"]["speedup_vs_cudnn"] > 0
