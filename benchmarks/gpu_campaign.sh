@@ -24,6 +24,7 @@
 #   attn-decode      attention_decode.py --check: the decode kernel against jax's paged_attention (attention-decode,
 #                    attention-decode-fp8) and against the reference over the GQA / head-dim / page / dtype grid
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
+#   prefill-triton-M the same with --prefill-kernel triton (no Hopper kernel: the before of a prefill-M run)
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
 #   peer-latency-M   transformers generate on the latency workload
@@ -265,6 +266,12 @@ for s in "${STAGES[@]}"; do
             need=90; [ "$s" = 7b ] && need=240
             step "throughput-fixed-$s" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 ${prof[@]+"${prof[@]}"} "${COMMON[@]}"
+            ;;
+        prefill-triton-*)
+            # The prefill workload with every prefill shape on the Triton kernel (the path before packed steps took
+            # the Hopper kernel): run beside prefill-M for the end-to-end before / after.
+            m=$(model_of "${s#prefill-triton-}")
+            step "$s" 90 0 "$PY" benchmarks/prefill.py --model "$m" --prefill-kernel triton "${COMMON[@]}"
             ;;
         prefill-*)
             m=$(model_of "${s#prefill-}")

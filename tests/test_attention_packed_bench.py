@@ -35,3 +35,21 @@ def test_attention_packed_runs_on_cpu(tmp_path):
     # tiny-short: no long row fits a step of 128 slots: the Triton kernel alone, as before
     assert short["aligned_slots"] == 0 and "routed" not in short and short["triton"]["speedup_vs_cudnn"] > 0
     assert result["metrics"]["routed_speedup_vs_triton_tiny-mixed"] == mixed["routed"]["speedup_vs_triton"]
+
+
+def test_prefill_benchmark_records_the_prefill_kernel(tmp_path):
+    """`prefill.py --prefill-kernel triton` (campaign stage prefill-triton-M, the before of prefill-M): the engine
+    runs with QWENJAX_PREFILL_KERNEL=triton, the result says so and its file name carries -triton."""
+    import os
+    import subprocess
+
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import prefill; "
+              f"prefill.main(['--model', 'tiny', '--results-dir', {str(tmp_path)!r}, '--ceilings', 'none', "
+              "'--skip-warmup', '--batch', '2', '--prompt-len', '24', '--repeats', '1', '--prefill-kernel', 'triton'])")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("prefill-triton-tiny-*.json")
+    result = json.loads(path.read_text())
+    assert result["config"]["prefill_kernel"] == "triton" and result["metrics"]["tok_s"] > 0
