@@ -129,15 +129,17 @@ KERNEL_HEAD_DIMS = (64, 128)
 # "auto" (unset) picks by platform. Read when a step is traced: set it before the engine starts.
 BACKEND_ENV = "QWENJAX_ATTENTION_BACKEND"
 BACKENDS = ("auto", "reference")
-# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps): "auto" takes the Hopper
-# (Mosaic GPU) kernel on compute capability 9.x where it supports the shapes and dtypes (q and pages one 16-bit
-# dtype), else the Triton one; "triton" forces the Triton kernel. Read when a step is traced.
+# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps) and a packed step's long
+# rows (`packed_kernels`): "auto" takes the Hopper (Mosaic GPU) kernel on compute capability 9.x where it supports the
+# shapes and dtypes (q and pages one 16-bit dtype), else the Triton one; "triton" forces the Triton kernel. Read when
+# a step is traced.
 PREFILL_KERNEL_ENV = "QWENJAX_PREFILL_KERNEL"
 PREFILL_KERNELS = ("auto", "triton")
 
 
 def prefill_kernel(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> str:
-    """"hopper" or "triton": the GPU kernel `sharded_prefill_kernel` runs for these shapes (see PREFILL_KERNEL_ENV)."""
+    """"hopper" or "triton": the GPU kernel `sharded_prefill_kernel` (and `packed_kernels` for long rows) runs for
+    these shapes (see PREFILL_KERNEL_ENV)."""
     from pallas_kernels import paged_prefill_hopper
 
     forced = os.environ.get(PREFILL_KERNEL_ENV, "auto")
