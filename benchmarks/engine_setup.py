@@ -44,6 +44,7 @@ def setup_jax(args) -> None:
     from qwenjax.layers import attention
 
     os.environ[attention.BACKEND_ENV] = getattr(args, "attention_backend", "auto")  # engine processes inherit it
+    os.environ[attention.PREFILL_KERNEL_ENV] = getattr(args, "prefill_kernel", "auto")
     result_files.RUN_TAG = getattr(args, "tag", None)
     import jax
 

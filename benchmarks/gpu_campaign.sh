@@ -24,6 +24,7 @@
 #   attn-decode      attention_decode.py --check: the decode kernel against jax's paged_attention (attention-decode,
 #                    attention-decode-fp8) and against the reference over the GQA / head-dim / page / dtype grid
 #   prefill-M        prefill (8 x 2048) with the dense-forward comparison      (M: 0.5b, 7b or a model name)
+#   prefill-triton-M the same with --prefill-kernel triton (no Hopper kernel: the before of a prefill-M run)
 #   random-M         throughput-random (1000 requests)
 #   peer-M           transformers continuous batching on throughput-fixed (7b: ~6-7 minutes: a call of its own)
 #   peer-latency-M   transformers generate on the latency workload
@@ -42,6 +43,9 @@
 #   attn-prefill     attention_prefill.py --sweep: the paged prefill kernels (Triton, Hopper) against cuDNN and
 #                    attention_mgpu; attn-prefill-nosweep without the Triton kernel's sweep
 #   attn-prefill-ablate  attention_prefill.py --ablate: the Hopper kernel with its exponentials as multiplies
+#   attn-packed      attention_packed.py --sweep: packed prefill steps (8 x 2048, one row of 4k / 8k / 32k, mixed rows,
+#                    32 x 256) through the routed path (long rows on the Hopper kernel) against the Triton kernel
+#                    alone, the Hopper kernel alone on aligned rows, and cuDNN; attn-packed-nosweep without the sweep
 #   attn-decode-fp8  attention_decode.py --fp8-only --sweep: bf16 / fp8_e5m2 KV at context 8192, launch settings too
 #   kernel-isa       kernel_isa.py: wgmma or mma.sync in the prefill / decode kernels' compiled code (XLA dump)
 #   gputests         pytest tests/gpu --gpu: kernels in every compiled bucket, kernel grids on the GPU, GPU = CPU tokens
@@ -263,6 +267,12 @@ for s in "${STAGES[@]}"; do
             step "throughput-fixed-$s" $need 0 "$PY" benchmarks/throughput.py --workload fixed --model "$m" \
                 ${prof[@]+"${prof[@]}"} "${COMMON[@]}"
             ;;
+        prefill-triton-*)
+            # The prefill workload with every prefill shape on the Triton kernel (the path before packed steps took
+            # the Hopper kernel): run beside prefill-M for the end-to-end before / after.
+            m=$(model_of "${s#prefill-triton-}")
+            step "$s" 90 0 "$PY" benchmarks/prefill.py --model "$m" --prefill-kernel triton "${COMMON[@]}"
+            ;;
         prefill-*)
             m=$(model_of "${s#prefill-}")
             step "$s" 90 0 "$PY" benchmarks/prefill.py --model "$m" "${COMMON[@]}"
@@ -350,6 +360,12 @@ for s in "${STAGES[@]}"; do
         attn-prefill-ablate)
             step attn-prefill-ablate 60 200 "$PY" benchmarks/attention_prefill.py --ablate --out "$OUT"
             ;;
+        attn-packed)
+            step attn-packed 60 300 "$PY" benchmarks/attention_packed.py --sweep --out "$OUT"
+            ;;
+        attn-packed-nosweep)
+            step attn-packed 60 200 "$PY" benchmarks/attention_packed.py --out "$OUT"
+            ;;
         attn-decode-fp8)
             step attn-decode-fp8 60 200 "$PY" benchmarks/attention_decode.py --fp8-only --sweep --budget-s 120 \
                 --out "$OUT"
@@ -367,7 +383,7 @@ for s in "${STAGES[@]}"; do
                 par=()
                 case $f in
                     prefill_kernel) cap=200; par=(-n 4) ;;
-                    prefill_hopper) cap=300 ;;
+                    prefill_hopper) cap=450 ;;
                     quant_gemv) cap=150 ;;
                     moe) cap=200 ;;
                     *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;

@@ -73,12 +73,13 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
     commit, dirty = git_commit()
     import jax
 
-    from qwenjax.layers.attention import BACKEND_ENV
+    from qwenjax.layers.attention import BACKEND_ENV, PREFILL_KERNEL_ENV
 
     config = dict(config)
     config.setdefault("dtype", "bfloat16")
     config.setdefault("kv_cache_dtype", "auto")
     config.setdefault("attention_backend", os.environ.get(BACKEND_ENV, "auto"))
+    config.setdefault("prefill_kernel", os.environ.get(PREFILL_KERNEL_ENV, "auto"))
     if RUN_TAG:
         config.setdefault("tag", RUN_TAG)
     config["env"] = {"jax": jax.__version__, "python": _platform.python_version(), "platform": dev["platform"],
@@ -101,6 +102,7 @@ def write_result(result: dict, *, devtag: str, results_dir: str, out: str | None
     cfg = result.get("config", {})
     kv, attn = cfg.get("kv_cache_dtype", "auto"), cfg.get("attention_backend", "auto")
     suffix = ("" if kv == "auto" else f"-kv{kv}") + ("" if attn == "auto" else "-attnref") + \
+        ("" if cfg.get("prefill_kernel", "auto") == "auto" else f"-{cfg['prefill_kernel']}") + \
         (f"-{cfg['tag']}" if cfg.get("tag") else "")
     steps = cfg.get("engine_args", {}).get("num_scheduler_steps", 1)
     suffix += f"-steps{steps}" if steps > 1 else ""

@@ -346,11 +346,23 @@ def paged_prefill_reference(q, k_pages, v_pages, block_tables, seq_lens, query_l
 
 
 def ragged_paged_prefill_reference(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *,
-                                   k_scale=1.0, v_scale=1.0, sm_scale=None):
+                                   k_scale=1.0, v_scale=1.0, sm_scale=None, piece=None):
     """Plain-jnp packed-layout paged prefill attention in float32: each flat token finds its row (the row whose
     tokens q[row_starts[r] : row_starts[r] + query_lens[r]] hold it), gathers that row's pages and attends causally
-    by position; 0 at tokens in no row."""
+    by position; 0 at tokens in no row. piece: tokens at a time (lax.map), so the per-token context gather stays
+    [piece, K, C, H] (None: all T at once)."""
     T, N, H = q.shape
+    if piece is not None and T > piece:
+        W = -(-T // piece)
+
+        def one(args):  # row starts shifted by the piece's first token: membership and positions are unchanged
+            qt, first = args
+            return ragged_paged_prefill_reference(qt, k_pages, v_pages, block_tables, seq_lens, query_lens,
+                                                  row_starts - first, k_scale=k_scale, v_scale=v_scale,
+                                                  sm_scale=sm_scale)
+
+        qs = jnp.pad(q, ((0, W * piece - T), (0, 0), (0, 0))).reshape(W, piece, N, H)
+        return jax.lax.map(one, (qs, jnp.arange(W, dtype=jnp.int32) * piece)).reshape(W * piece, N, H)[:T]
     K, _, page_size, _ = k_pages.shape
     G = N // K
     sm_scale = 1.0 / math.sqrt(H) if sm_scale is None else sm_scale

@@ -59,8 +59,12 @@ class HopperPrefillConfig:
     block_kv: KV tokens per stage; num_stages: KV blocks in flight (shared memory: 2 * num_stages * block_kv * H * 2
     bytes for K and V, plus the q / output tiles)."""
     block_q: int = 64
-    block_kv: int = 128  # 128 / 3 stages: best at 4k, 8k and a 512 chunk after 7,680 cached on an H100 (2k: 2 stages, 3%)
+    # 128 / 3 stages: best at 4k, 8k and a 512 chunk after 7,680 cached on an H100 (2k: 2 stages, 3%)
+    block_kv: int = 128
     num_stages: int = 3
+    # The ping-pong schedule barrier (FA3): one consumer's softmax runs while the other's matmuls hold the tensor
+    # cores. False drops every wait and arrival on it (the warpgroups run unsynchronized): a sweep setting.
+    schedule_barrier: bool = True
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -135,9 +139,12 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
 
         all_steps = jnp.maximum(wg_steps(0)[0], wg_steps(1)[0])
 
+        ping_pong = config.schedule_barrier
+
         def sync_schedule():
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(schedule)
+            if ping_pong:
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(schedule)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -161,7 +168,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
             def _():
                 plgpu.barrier_wait(k_ready.at[0])
 
-            pl.when(wg == 1)(sync_schedule)  # warpgroup 1 starts one phase behind: the two alternate
+            if ping_pong:
+                pl.when(wg == 1)(sync_schedule)  # warpgroup 1 starts one phase behind: the two alternate
 
             def block(step, carry, masked: bool):
                 acc, m, l = carry
@@ -183,7 +191,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 acc, l, m_next, p16 = lax.optimization_barrier((acc, l, m_next, p16))
-                plgpu.barrier_arrive(schedule)  # softmax done
+                if ping_pong:
+                    plgpu.barrier_arrive(schedule)  # softmax done
                 plgpu.barrier_wait(v_ready.at[slot])
                 if masked:
                     # The row's last block may reach past seq_len: zero those V rows (see the module invariants).
@@ -195,7 +204,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                         v_blk[...] = jnp.where(_iota((bkv, H), 0) < tail, v_blk[...], 0).astype(dtype)
                         plgpu.commit_smem()
 
-                plgpu.barrier_wait(schedule)  # the other warpgroup's matmuls are done
+                if ping_pong:
+                    plgpu.barrier_wait(schedule)  # the other warpgroup's matmuls are done
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -220,7 +230,8 @@ def _kernel_call(q, k_pages, v_pages, block_tables, meta, *, sm_scale, config: H
                 sync_schedule()
                 sync_schedule()
 
-            pl.when(wg == 0)(sync_schedule)
+            if ping_pong:
+                pl.when(wg == 0)(sync_schedule)
             real = (pos0 + _iota((bq, H), 0) < seq_len) & lax.broadcast_in_dim(l > 0, (bq, H), [0])
             out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), (bq, H), [0])
             my_q[...] = jnp.where(real, out, 0.0).astype(dtype)
@@ -342,6 +353,35 @@ def hopper_ragged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens,
     out = _kernel_call(jnp.pad(q, ((0, Tp - T), (0, 0), (0, 0))), k_pages, v_pages, tables, meta,
                        sm_scale=float(1.0 / math.sqrt(H) if sm_scale is None else sm_scale), config=config)
     return out[:T]
+
+
+def hopper_ragged_prefill_reference(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *,
+                                    sm_scale=None, config: HopperPrefillConfig = HopperPrefillConfig()):
+    """What the kernel computes, in jnp (float32 math, any dtype): program tiles of 2 * block_q tokens are mapped to
+    rows by the kernel's own `_tile_metadata` and each tile attends as a row of its own (its tokens' positions, its
+    row's pages). So a layout that breaks the kernel's contract (a row starting off a tile boundary) gives what the
+    kernel would give, not the packed reference's answer: the CPU stand-in for the kernel in layout tests. Tiles run
+    one at a time (lax.map): the reference's per-token context gather stays [tile, K, C, H]."""
+    from pallas_kernels.paged_prefill import ragged_paged_prefill_reference
+
+    T, N, H = q.shape
+    tile = config.tile_tokens
+    W = pl.cdiv(T, tile)
+    seq_lens = jnp.clip(seq_lens, 0, block_tables.shape[1] * k_pages.shape[2])
+    query_lens = jnp.clip(query_lens, 0, seq_lens)
+    meta = _tile_metadata(seq_lens, query_lens, row_starts, num_tiles=W, tile=tile)
+    seq, qlen, first, row = (meta[:, i] for i in range(4))
+    n = jnp.clip(qlen - first, 0, tile)  # the tile's tokens of its row; 0: a tile of no row
+    tile_seq = jnp.where(n > 0, seq - qlen + first + n, 0)  # context after the tile's last token
+
+    def one(args):
+        qt, table, s, m = args
+        return ragged_paged_prefill_reference(qt, k_pages, v_pages, table[None], s[None], m[None],
+                                              jnp.zeros((1,), jnp.int32), sm_scale=sm_scale)
+
+    qs = jnp.pad(q, ((0, W * tile - T), (0, 0), (0, 0))).reshape(W, tile, N, H)
+    out = jax.lax.map(one, (qs, block_tables[row], tile_seq, n))
+    return out.reshape(W * tile, N, H)[:T]
 
 
 def supports(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> bool:

@@ -16,6 +16,7 @@ from qwenjax.core.scheduler import Scheduler
 from qwenjax.core.sequence import Sequence
 from qwenjax.layers.attention import (
     packed_attention,
+    packed_kernels,
     paged_attention_reference,
     prefill_attention_dense,
     sharded_ragged_prefill_kernel,
@@ -191,9 +192,9 @@ def test_ragged_kernel_in_engine_layout_equals_reference():
     kp, vp = write_kv(pages, jnp.asarray(k), jnp.asarray(slots)), write_kv(pages, jnp.asarray(v), jnp.asarray(slots))
     meta = PackedMetadata(positions=meta.positions, slot_mapping=jnp.asarray(slots), block_tables=jnp.asarray(tables),
                           seq_lens=meta.seq_lens, query_lens=meta.query_lens, row_starts=meta.row_starts)
+    kernels = packed_kernels(jnp.asarray(q), kp, sm_scale=H ** -0.5, interpret=True)
     out = np.asarray(sharded_ragged_prefill_kernel(jnp.asarray(q), kp, vp, meta.block_tables, meta.seq_lens,
-                                                   meta.query_lens, meta.row_starts, mesh=None, sm_scale=H ** -0.5,
-                                                   interpret=True))
+                                                   meta.query_lens, meta.row_starts, mesh=None, kernels=kernels))
     Q = max(lens)
     rect = AttentionMetadata(positions=jnp.asarray(np.tile(np.arange(Q, dtype=np.int32), (len(lens), 1))),
                              slot_mapping=jnp.zeros((len(lens), Q), jnp.int32), block_tables=jnp.asarray(tables[:-1]),

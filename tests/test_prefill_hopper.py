@@ -42,12 +42,13 @@ def _args(T=256, N=28, K=4, H=128, page=16, pages=64, rows=3, dtype=BF16, kv_dty
             *(jax.ShapeDtypeStruct((rows,), jnp.int32),) * 3)
 
 
-@pytest.mark.parametrize("N,K,H,page,block_kv,stages,dtype", [
-    (28, 4, 128, 16, 128, 2, BF16),   # Qwen2-7B
-    (14, 2, 64, 128, 64, 3, jnp.float16),
+@pytest.mark.parametrize("N,K,H,page,block_kv,stages,dtype,ping_pong", [
+    (28, 4, 128, 16, 128, 2, BF16, True),   # Qwen2-7B
+    (14, 2, 64, 128, 64, 3, jnp.float16, True),
+    (28, 4, 128, 16, 128, 3, BF16, False),  # the sweep's setting without the schedule barrier
 ])
-def test_lowers_for_cuda(N, K, H, page, block_kv, stages, dtype):
-    cfg = HopperPrefillConfig(block_kv=block_kv, num_stages=stages)
+def test_lowers_for_cuda(N, K, H, page, block_kv, stages, dtype, ping_pong):
+    cfg = HopperPrefillConfig(block_kv=block_kv, num_stages=stages, schedule_barrier=ping_pong)
     fn = jax.jit(lambda *a: hopper_ragged_prefill_attention(*a, config=cfg))
     text = fn.trace(*_args(N=N, K=K, H=H, page=page, dtype=dtype)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

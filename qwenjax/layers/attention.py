@@ -15,6 +15,7 @@ scales, on GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -108,13 +109,15 @@ def packed_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, meta: P
 def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                      meta: PackedMetadata, *, sm_scale: float, k_scale: jax.Array | None = None,
                      v_scale: jax.Array | None = None) -> jax.Array:
-    """A packed prefill step's attention, its K/V already in the pages: the ragged Pallas prefill kernel over the
-    pages on GPU; elsewhere the jnp reference on the fresh k/v rounded through the page dtype, which is what the
-    kernel reads back (so fp8 pages give both paths the same inputs)."""
-    if decode_backend(q.shape[-1]) == "pallas":
+    """A packed prefill step's attention, its K/V already in the pages: the Pallas prefill kernels over the pages on
+    GPU (`packed_kernels`: long rows through the Hopper kernel where it applies); elsewhere the jnp reference on
+    the fresh k/v rounded through the page dtype, which is what the kernel reads back (so fp8 pages give both paths
+    the same inputs)."""
+    kernels = packed_kernels(q, k_pages, sm_scale=sm_scale)
+    if kernels is not None:
         return sharded_ragged_prefill_kernel(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_lens,
                                              meta.row_starts, mesh=jax.sharding.get_abstract_mesh(),
-                                             sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+                                             k_scale=k_scale, v_scale=v_scale, kernels=kernels)
     if k_pages.dtype != k.dtype:
         k = from_pages(to_pages(k, k_pages.dtype, k_scale), k_scale)
         v = from_pages(to_pages(v, v_pages.dtype, v_scale), v_scale)
@@ -126,9 +129,10 @@ KERNEL_HEAD_DIMS = (64, 128)
 # "auto" (unset) picks by platform. Read when a step is traced: set it before the engine starts.
 BACKEND_ENV = "QWENJAX_ATTENTION_BACKEND"
 BACKENDS = ("auto", "reference")
-# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps): "auto" takes the Hopper
-# (Mosaic GPU) kernel on compute capability 9.x where it supports the shapes and dtypes (q and pages one 16-bit
-# dtype), else the Triton one; "triton" forces the Triton kernel. Read when a step is traced.
+# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps) and a packed step's long
+# rows (`packed_kernels`): "auto" takes the Hopper (Mosaic GPU) kernel on compute capability 9.x where it supports the
+# shapes and dtypes (q and pages one 16-bit dtype), else the Triton one; "triton" forces the Triton kernel. Read when
+# a step is traced.
 PREFILL_KERNEL_ENV = "QWENJAX_PREFILL_KERNEL"
 PREFILL_KERNELS = ("auto", "triton")
 # Chunks of a few tokens a row (Q x GQA group <= 64: speculative verify steps) take the verify kernel unless this is
@@ -137,7 +141,8 @@ VERIFY_KERNEL_ENV = "QWENJAX_VERIFY_KERNEL"
 
 
 def prefill_kernel(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int) -> str:
-    """"hopper" or "triton": the GPU kernel `sharded_prefill_kernel` runs for these shapes (see PREFILL_KERNEL_ENV)."""
+    """"hopper" or "triton": the GPU kernel `sharded_prefill_kernel` (and `packed_kernels` for long rows) runs for
+    these shapes (see PREFILL_KERNEL_ENV)."""
     from pallas_kernels import paged_prefill_hopper
 
     forced = os.environ.get(PREFILL_KERNEL_ENV, "auto")
@@ -223,16 +228,44 @@ def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_le
                        mesh=mesh)
 
 
-def sharded_ragged_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *, mesh,
-                                  sm_scale: float, k_scale=None, v_scale=None, interpret: bool = False):
-    """The Pallas prefill kernel on a packed layout, q [T, N, H], on each device's heads (see `_over_heads`)."""
+def packed_kernels(q, k_pages, *, sm_scale: float, interpret: bool = False):
+    """The kernels of a packed prefill step, or None off the Pallas path (the jnp reference runs): (hopper, triton,
+    aligned) with triton the ragged Triton kernel and, where `prefill_kernel` picks the Hopper kernel and the step has
+    room for a long row, hopper that kernel and aligned its buffer's slots (qwenjax/layers/packed_routing.py); else
+    hopper None and aligned 0. Each kernel takes (q, k_pages, v_pages, scales [2], block_tables, seq_lens, query_lens,
+    row_starts) on one device's heads. interpret: the Triton kernel alone, in Pallas' interpreter (CPU tests)."""
     from pallas_kernels.paged_prefill import ragged_paged_prefill_attention
+    from pallas_kernels.paged_prefill_hopper import hopper_ragged_prefill_attention
+    from qwenjax.layers.packed_routing import HOPPER_TILE, aligned_slots
     from qwenjax.scheduler_config import PACKED_ROW_ALIGN
 
-    def kernel(q, k, v, s, t, sl, ql, rs):
+    if not interpret and decode_backend(q.shape[-1]) != "pallas":
+        return None
+
+    def triton(q, k, v, s, t, sl, ql, rs):
         return ragged_paged_prefill_attention(q, k, v, t, sl, ql, rs, k_scale=s[0], v_scale=s[1], sm_scale=sm_scale,
                                               row_align=PACKED_ROW_ALIGN, interpret=interpret)
 
+    def hopper(q, k, v, s, t, sl, ql, rs):  # 16-bit pages: no scales
+        return hopper_ragged_prefill_attention(q, k, v, t, sl, ql, rs, sm_scale=sm_scale, row_align=HOPPER_TILE)
+
+    aligned = 0 if interpret else aligned_slots(q.shape[0])
+    if aligned and prefill_kernel(q.dtype, k_pages.dtype, q.shape[-1], k_pages.shape[2],
+                                  q.shape[-2] // k_pages.shape[0]) == "hopper":
+        return hopper, triton, aligned
+    return None, triton, 0
+
+
+def sharded_ragged_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_lens, row_starts, *, mesh,
+                                  k_scale=None, v_scale=None, kernels: tuple):
+    """The Pallas prefill kernels on a packed layout, q [T, N, H], on each device's heads (see `_over_heads`):
+    `kernels` from `packed_kernels`; with a Hopper kernel the rows are split between the two
+    (`packed_routing.routed_ragged_attention`)."""
+    from qwenjax.layers.packed_routing import routed_ragged_attention
+
+    hopper, triton, aligned = kernels
+    kernel = triton if hopper is None else functools.partial(routed_ragged_attention, hopper_fn=hopper,
+                                                             triton_fn=triton, aligned=aligned)
     return _over_heads(kernel, q, k_pages, v_pages, (block_tables, seq_lens, query_lens, row_starts), k_scale,
                        v_scale, mesh=mesh)
 

@@ -21,6 +21,7 @@ import pytest
 
 from qwenjax import LLM, SamplingParams
 from qwenjax.layers import attention
+from qwenjax.layers.packed_routing import aligned_slots
 from qwenjax.worker import packing
 from qwenjax.worker.model_runner import dummy_input
 
@@ -90,7 +91,8 @@ def test_gpu_tokens_equal_cpu_tokens(model_dir):
     # Both prompts start together (a prefill step, never a mixed one): chunked prefill off spares the CPU side
     # compiling the mixed buckets.
     engine = {**ENGINE, "enable_chunked_prefill": False}
-    gpu = LLM(model_dir, dtype="float32", **engine).generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False)
+    gpu = LLM(model_dir, dtype="float32", **engine).generate(prompt_token_ids=prompts, sampling_params=p,
+                                                             use_tqdm=False)
     code = ("import json,sys,jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
             "from qwenjax import LLM, SamplingParams; "
             f"o = LLM({model_dir!r}, dtype='float32', **{engine!r}).generate(prompt_token_ids={prompts!r}, "
@@ -106,7 +108,8 @@ def test_gpu_tokens_equal_cpu_tokens(model_dir):
 
 def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
     """Packed prefill, context-prefill and mixed steps attend through the Pallas prefill kernel (a mixed step also
-    runs the decode kernel): one Pallas custom call per layer and kernel, never the jnp reference."""
+    runs the decode kernel, a packed step with room for a long row the Hopper kernel too): one Pallas custom call per
+    layer and kernel, never the jnp reference."""
     llm = bf16_llm
     runner = llm.llm_engine.runner
     sc = llm.llm_engine.scheduler_config
@@ -125,15 +128,17 @@ def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
                                      i_buf, f_buf, has_context=ctx, layout=layout).compile().as_text()
         n = sum(_kernel_in(line) and "qwenjax_paged" in line for line in hlo.splitlines())
         hopper = sum('custom_call_target="mosaic_gpu' in line for line in hlo.splitlines())
-        # Context and mixed steps attend their chunk with the Hopper (Mosaic GPU) kernel where it applies.
-        want_hopper = ctx and attention.prefill_kernel(jnp.bfloat16, runner.kv_cache[0][0].dtype,
-                                                       CONFIG["hidden_size"] // CONFIG["num_attention_heads"],
-                                                       runner.page_size, CONFIG["num_attention_heads"]
-                                                       // CONFIG["num_key_value_heads"]) == "hopper"
+        # Context and mixed steps attend their chunk with the Hopper (Mosaic GPU) kernel where it applies; packed
+        # steps with room for a long row route those rows to it and keep the Triton kernel for the others.
+        picked = attention.prefill_kernel(jnp.bfloat16, runner.kv_cache[0][0].dtype,
+                                          CONFIG["hidden_size"] // CONFIG["num_attention_heads"], runner.page_size,
+                                          CONFIG["num_attention_heads"] // CONFIG["num_key_value_heads"]) == "hopper"
+        routed = not ctx and picked and aligned_slots(q) > 0
+        want_hopper = (ctx and picked) or routed
         assert hopper == (layers if want_hopper else 0), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {hopper} " \
             f"Mosaic GPU attention calls (Hopper kernel expected: {want_hopper})"
-        assert n + hopper == layers * (2 if d else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {n} Pallas " \
-            f"Triton + {hopper} Mosaic GPU attention calls for {layers} layers"
+        assert n + hopper == layers * (2 if d or routed else 1), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): " \
+            f"{n} Pallas Triton + {hopper} Mosaic GPU attention calls for {layers} layers"
         # RoPE + page writes: the fused kernel where rope_and_write picks it (attention reads the pages alone).
         fused = attention.fused_rope_write(inp.meta, has_context=ctx, head_dim=CONFIG["hidden_size"] // 4)
         ropes = _count(hlo, "qwenjax_rope_kv_write")
