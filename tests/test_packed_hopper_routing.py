@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels.paged_prefill import ragged_paged_prefill_reference
 from pallas_kernels.paged_prefill_hopper import hopper_ragged_prefill_reference
-from qwenjax.layers import attention
+from qwenjax.layers import attention, attention_kernels
 from qwenjax.layers.packed_routing import (HOPPER_MIN_ROW, HOPPER_TILE, aligned_slots, route_rows,
                                            routed_ragged_attention, slot_maps)
 from tests.test_paged_prefill_kernel import _covered, ragged_case
@@ -145,7 +145,7 @@ def test_packed_step_lowers_for_cuda_with_both_kernels(monkeypatch):
     """What the engine traces for a packed bucket of 2,048 slots on an H100 with bf16 pages: the Hopper (Mosaic
     GPU) call on the aligned buffer and the Triton one; a bucket of 512 slots (no long row fits) and fp8 pages keep
     the Triton kernel alone."""
-    monkeypatch.setattr(attention, "decode_backend", lambda head_dim: "pallas")
+    monkeypatch.setattr(attention_kernels, "decode_backend", lambda head_dim: "pallas")
     monkeypatch.setattr(jax, "devices", lambda *a: [_Hopper()])
     bf16 = jnp.bfloat16
 

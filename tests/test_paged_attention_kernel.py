@@ -198,9 +198,9 @@ def test_validation_errors(change, kwargs, match):
 def test_attention_backend_override(monkeypatch):
     """QWENJAX_ATTENTION_BACKEND=reference makes a GPU trace the jnp reference (the benchmarks' end-to-end
     comparison); unset, a GPU picks the kernel; an unknown value is an error naming the allowed ones."""
-    from qwenjax.layers import attention
+    from qwenjax.layers import attention, attention_kernels
 
-    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    monkeypatch.setattr(attention_kernels, "platform", lambda: "gpu")
     monkeypatch.delenv(attention.BACKEND_ENV, raising=False)
     assert attention.decode_backend(128) == "pallas"
     assert attention.decode_backend(96) == "reference"  # no kernel for this head dim
