@@ -3,7 +3,9 @@
 `step` is pure, `(params, kv_cache, penalties, last_tokens, inputs) -> (kv_cache, penalties, logits)`, with the
 cache donated so XLA updates the pages in place; the sampler is a second small jitted call on the logits, dispatched
 without a host sync between. Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the
-sampler's static mode.
+sampler's static mode; with LoRA enabled also by whether the step passes the adapters' stacks: a step in which no
+row has an adapter passes none and runs the base model's program (decided on the host from the step's lora_ids, so
+no device conditional and no cost), and warmup compiles both variants of every bucket.
 
 `execute_steps` runs K decode steps in one jitted call (multi-step decode, `num_scheduler_steps`): a `lax.fori_loop`
 whose body is the model, the penalty update and the sampler, each step feeding the token the one before drew. One
