@@ -125,3 +125,40 @@ def test_decode_kernel_refuses_bad_settings():
         lora_decode_matmul(x, a, b, plan(ids, a.shape[0]), split_k=48, block_k=16, interpret=True)
     with pytest.raises(ValueError, match="block_m must be a power of two"):
         plan(ids, a.shape[0], block_m=24)
+
+
+@pytest.mark.parametrize("max_rows", [1024, 4])  # 7 rows: the decode kernels; past a limit of 4: the grouped pair
+def test_model_side_takes_the_gpu_kernels_by_step_size(monkeypatch, max_rows):
+    """layers/lora.py as on a GPU (kernels in interpret mode): LoRAInputs.build makes the grouping once, and every
+    projection group's delta equals the CPU path's (the reference)."""
+    from qwenjax import compat
+    from qwenjax.layers import lora
+
+    rng = np.random.default_rng(3)
+    S, R, T = 4, 16, 7
+    shapes = {"qkv_proj": (64, 3 * R, 96), "o_proj": (64, R, 64)}
+    stacks = [{g: tuple(jnp.asarray(rng.normal(0, 0.3, s).astype(np.float32)).at[0].set(0)
+                        for s in ((S, i, r), (S, r, o))) for g, (i, r, o) in shapes.items()}]
+    ids = jnp.asarray([2, 0, 1, 3, 2, 0, 1], jnp.int32)
+    x = jnp.asarray(rng.normal(0, 1, (T, 64)).astype(np.float32))
+    ys = (jnp.ones((T, 32)), jnp.ones((T, 32)), jnp.ones((T, 32)))
+
+    def run():
+        inputs = lora.LoRAInputs.build(stacks, ids)
+        return inputs, (*lora.add_lora_parts(ys, x, inputs, 0, "qkv_proj"),
+                        lora.add_lora(jnp.ones((T, 64)), x, inputs, 0, "o_proj"))
+
+    _, want = run()  # CPU: the jnp reference
+    calls = []
+    for name in ("lora_decode_matmul", "lora_matmul"):
+        kernel = getattr(lora, name)
+        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
+                                                                                                     interpret=True))
+    monkeypatch.setattr(compat, "platform", lambda: "gpu")
+    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    inputs, got = run()
+    assert (inputs.plan is not None, inputs.grouping is not None) == ((True, False) if max_rows >= T else
+                                                                      (False, True))
+    assert calls == ["lora_decode_matmul" if max_rows >= T else "lora_matmul"] * 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
