@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.grouped_matmul import tile_table
-from pallas_kernels.lora_matmul import RANK_MULTIPLE, group_by_slot
+from pallas_kernels.lora_matmul import group_by_slot, validate_operands
 
 # --- jax version differences live here only (as in grouped_matmul.py). ---------------------------
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -153,16 +153,7 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, o_ref
 
 
 def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
-    if x.ndim != 2 or a.ndim != 3 or b.ndim != 3:
-        raise ValueError(f"x must be [T, I], a [S, I, R], b [S, R, O]; got x{x.shape}, a{a.shape}, b{b.shape}")
-    if a.shape[1] != x.shape[1] or b.shape[:2] != (a.shape[0], a.shape[2]) or p.ids.shape[0] != x.shape[0]:
-        raise ValueError(f"shapes disagree: x{x.shape}, a{a.shape}, b{b.shape}, the plan's ids{p.ids.shape}")
-    if a.dtype != x.dtype or b.dtype != x.dtype:
-        raise ValueError(f"a and b must have x's dtype {x.dtype}; got {a.dtype}, {b.dtype}")
-    if a.shape[2] % RANK_MULTIPLE:
-        raise ValueError(f"the rank axis R={a.shape[2]} must be a multiple of {RANK_MULTIPLE} (pad with zeros)")
-    if a.shape[0] < 2:
-        raise ValueError(f"a and b need slot 0 (no adapter) and at least one adapter slot; got S={a.shape[0]}")
+    validate_operands(x, a, b, p.ids)
     k, r, o = a.shape[1], a.shape[2], b.shape[2]
     for name, v, dim in (("block_k", bk, ks), ("split_k", ks, k), ("block_r", br, r), ("block_n", bn, o)):
         if v < _MIN_DOT or v & (v - 1) and name != "split_k" or dim % v:

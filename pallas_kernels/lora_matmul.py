@@ -75,7 +75,8 @@ def group_by_slot(ids: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array,
     return order, inverse, sizes
 
 
-def _validate(x, a, b, ids):
+def validate_operands(x, a, b, ids):
+    """The module contract's shape, dtype and rank checks (both kernel pairs'), each error naming what is allowed."""
     if x.ndim != 2 or a.ndim != 3 or b.ndim != 3 or ids.ndim != 1:
         raise ValueError(f"x must be [T, I], a [S, I, R], b [S, R, O], ids [T]; got x{x.shape}, a{a.shape}, "
                          f"b{b.shape}, ids{ids.shape}")
@@ -100,7 +101,7 @@ def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, groupi
             projections); None: computed here.
         interpret: run the kernels in Pallas interpret mode (CPU tests).
     """
-    _validate(x, a, b, ids)
+    validate_operands(x, a, b, ids)
     order, inverse, sizes = group_by_slot(ids, a.shape[0]) if grouping is None else grouping
     one = x.shape[0] == 1  # batch-1 decode: the order is the identity, no gathers
     h = grouped_matmul(x if one else x[order], a[1:], sizes, interpret=interpret)  # [T, R] shrink, slot-0 rows 0
