@@ -16,8 +16,9 @@ decode plan / group_by_slot) precomputed as the engine does once a step; `plan_u
 also records `<impl>_rel_err`, the result's relative error against the float32 dense form (a kernel that is fast
 and wrong shows there; bfloat16 gives ~1e-2).
 
-`--sweep` also times the decode kernel for the tilings in SWEEP (block_m, split_k, block_n, num_warps, num_stages)
-per group and row count (config.sweep, and the best per case), for choosing the defaults on a GPU.
+`--sweep` also times the decode kernel for the tilings in SWEEP (block_m, split_k, block_n, num_warps, num_stages,
+fuse_reduction: the partials summed inside the expand, one kernel fewer) per group and row count (config.sweep, and
+the best per case), for choosing the defaults on a GPU.
 On CPU the Pallas kernels run in interpret mode (a smoke run; the figures mean nothing there).
 
   python benchmarks/lora_kernel.py [--model qwen2-7b-instruct] [--rows 1,8,32,64,256] [--sweep] [--out $OUT]
@@ -38,11 +39,12 @@ import result_files  # noqa: E402
 
 BENCHMARK = "lora-kernel"
 IMPLS = ("decode", "grouped", "dense")
-SWEEP = [  # (block_m, split_k, block_n, num_warps, num_stages); None in a field: the default for the case
-    (None, None, None, None, None),
-    (16, 128, 128, 4, 3), (16, 256, 128, 4, 3), (16, 512, 128, 4, 3), (16, 256, 64, 4, 3), (16, 256, 256, 8, 3),
-    (32, 256, 128, 4, 3), (32, 512, 128, 4, 3), (64, 512, 128, 8, 3), (16, 128, 128, 2, 2), (16, 512, 128, 8, 4),
-    (32, 128, 256, 8, 3), (64, 256, 128, 4, 4),
+SWEEP = [  # (block_m, split_k, block_n, num_warps, num_stages, fuse_reduction); None: the default for the case
+    (None, None, None, None, None, False), (None, None, None, None, None, True),
+    (16, 128, 128, 4, 3, False), (16, 256, 128, 4, 3, False), (16, 512, 128, 4, 3, False), (16, 256, 64, 4, 3, False),
+    (16, 256, 256, 8, 3, False), (32, 256, 128, 4, 3, False), (32, 512, 128, 4, 3, False), (64, 512, 128, 8, 3, False),
+    (16, 128, 128, 2, 2, False), (16, 512, 128, 8, 4, False), (32, 128, 256, 8, 3, False), (64, 256, 128, 4, 4, False),
+    (16, 512, 128, 4, 3, True), (16, 256, 128, 4, 3, True), (32, 512, 128, 4, 3, True), (64, 512, 128, 8, 3, True),
 ]
 
 
@@ -153,13 +155,13 @@ def _sweep(x, a, b, ids, S, name, T, interpret, time_it, limit) -> dict:
 
     out = []
     for tiling in SWEEP[:limit]:
-        bm, ks, bn, warps, stages = tiling
+        bm, ks, bn, warps, stages, fused = tiling
         if (ks and x.shape[1] % ks) or (bn and b.shape[2] % bn):
             continue  # the tiling does not divide this group's shapes
         try:
             p = jax.jit(lambda i, bm=bm: plan(i, S, block_m=bm))(ids)
-            fn = jax.jit(lambda x, a, b, p, ks=ks, bn=bn, w=warps, s=stages: lora_decode_matmul(
-                x, a, b, p, split_k=ks, block_n=bn, num_warps=w, num_stages=s, interpret=interpret))
+            fn = jax.jit(lambda x, a, b, p, ks=ks, bn=bn, w=warps, s=stages, f=fused: lora_decode_matmul(
+                x, a, b, p, split_k=ks, block_n=bn, num_warps=w, num_stages=s, fuse_reduction=f, interpret=interpret))
             out.append({"tiling": tiling, "us": round(time_it(fn, x, a, b, p) * 1e6, 2)})
         except Exception as e:  # a tiling Triton rejects is a row of the sweep, not a failed run
             out.append({"tiling": tiling, "error": f"{type(e).__name__}: {str(e)[:200]}"})

@@ -13,7 +13,8 @@ serially: a few of the GPU's 132 SMs busy, the rest idle (NOTES 38). Here the sh
 vLLM's decode shrink is: grid (NT, I / split_k, R / block_r); a program takes a K-slice of `split_k` inputs for one
 row tile of one adapter, and writes float32 partials [T, KS, R]; XLA sums the KS axis (a [T, KS, R] reduction, a
 few hundred KB) and rounds. The expand (grid (NT, O / block_n)) reads the [T, R] rows of a tile and its adapter's B
-block and stores straight into the rows' original positions.
+block and stores straight into the rows' original positions. `fuse_reduction=True` has the expand sum the partials
+itself (one kernel fewer; an option for the GPU sweep, off by default until measured).
 
 Invariants:
 - The plan's rows are sorted by slot (`lora_matmul.group_by_slot`'s order: slot 1 first, slot-0 rows last); tile i
@@ -130,21 +131,28 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
 
 
 def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, o_ref, *, num_groups, block_m, block_r,
-                   block_n, pad_row, precision):
-    # tables [NT]; order_ref, h_ref [Tp(, R)] in sorted rows; b_ref [S, R, block_n]; o_ref [Tx, block_n] in row order
+                   block_n, pad_row, precision, num_splits):
+    # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
+    # float32 partials [Tp, num_splits * R], summed here; b_ref [S, R, block_n]; o_ref [Tx, block_n] in row order
     i = pl.program_id(0)
     g, r0, r1 = group_ref[i], row0_ref[i], row1_ref[i]
     srows = r0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
     ok = srows < r1
     rows = plgpu.load(order_ref.at[srows], mask=ok, other=pad_row)[:, None]
     cc = lax.broadcasted_iota(jnp.int32, (1, block_r), 1)
-    steps = (g < num_groups).astype(jnp.int32) * (h_ref.shape[1] // block_r)
+    r = b_ref.shape[1]
+    steps = (g < num_groups).astype(jnp.int32) * (r // block_r)
     slot = jnp.minimum(g, num_groups - 1) + 1
+    mask = jnp.broadcast_to(ok[:, None], (block_m, block_r))
 
     def body(s, acc):
         c0 = s * block_r
-        h = plgpu.load(h_ref.at[srows[:, None], c0 + cc], mask=jnp.broadcast_to(ok[:, None], (block_m, block_r)),
-                       other=jnp.zeros((), h_ref.dtype))
+        if num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
+            h = lax.fori_loop(0, num_splits, lambda j, h: h + plgpu.load(
+                h_ref.at[srows[:, None], j * r + c0 + cc], mask=mask, other=jnp.zeros((), jnp.float32)),
+                jnp.zeros((block_m, block_r), jnp.float32)).astype(b_ref.dtype)
+        else:
+            h = plgpu.load(h_ref.at[srows[:, None], c0 + cc], mask=mask, other=jnp.zeros((), h_ref.dtype))
         return acc + _dot(h, b_ref[slot, pl.ds(c0, block_r), :], precision=precision).astype(jnp.float32)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
@@ -162,9 +170,9 @@ def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "split_k", "block_r", "block_n", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "fuse_reduction", "interpret"))
 def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *, block_k=None, split_k=None,
-                       block_r=None, block_n=None, num_warps=None, num_stages=None,
+                       block_r=None, block_n=None, num_warps=None, num_stages=None, fuse_reduction: bool = False,
                        interpret: bool = False) -> jax.Array:
     """x [T, I] with the plan's per-row slots -> [T, O] in x.dtype (the module contract), as two Pallas kernels.
 
@@ -173,6 +181,8 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
         p: `plan(ids, S)` of this step.
         block_k, split_k, block_r, block_n: tiling (static); default from `default_settings`.
         num_warps, num_stages: Triton launch settings (static); default 4 and 3.
+        fuse_reduction: the expand sums the shrink's float32 partials itself (one kernel fewer a call; each of its
+            programs re-reads its rows' partials) instead of XLA summing them first; for the sweep to decide.
         interpret: run the kernels in Pallas interpret mode (CPU tests).
     """
     t, k = x.shape
@@ -207,16 +217,16 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
         name=f"qwenjax_lora_shrink_m{bm}_k{bk}_s{ks}_r{br}",
     )(*tables, xp, a)
     # Rows of no adapter (and the padding) hold whatever was there: they are never read back into a result.
-    h = partials.reshape(tp, nks, r).sum(axis=1).astype(x.dtype)                        # [Tp, R] sorted rows
+    h = partials if fuse_reduction else partials.reshape(tp, nks, r).sum(axis=1).astype(x.dtype)  # [Tp, R] sorted
     out = pl.pallas_call(
-        functools.partial(_expand_kernel, block_n=bn, **kw),
+        functools.partial(_expand_kernel, block_n=bn, num_splits=nks if fuse_reduction else 0, **kw),
         grid=(nt, o // bn),
         in_specs=[table, table, table, pl.BlockSpec((tp,), lambda *_: (0,)),
-                  pl.BlockSpec((tp, r), lambda i, j: (0, 0)),
+                  pl.BlockSpec(h.shape, lambda i, j: (0, 0)),
                   pl.BlockSpec((s_, r, bn), lambda i, j: (0, 0, j))],
         out_specs=pl.BlockSpec((tx, bn), lambda i, j: (0, j)),
         out_shape=jax.ShapeDtypeStruct((tx, o), x.dtype),
         compiler_params=params, interpret=interpret,
-        name=f"qwenjax_lora_expand_m{bm}_r{br}_n{bn}",
+        name=f"qwenjax_lora_expand_m{bm}_r{br}_n{bn}{'_fused' if fuse_reduction else ''}",
     )(*tables, h, b)
     return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), x.dtype))

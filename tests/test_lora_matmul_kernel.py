@@ -89,9 +89,12 @@ def test_decode_kernel_matches_reference(name, dtype):
 
 
 @pytest.mark.parametrize("settings", [dict(split_k=32, block_k=16), dict(split_k=64, block_k=32, block_r=16),
-                                      dict(split_k=16, block_n=16, block_m=32), dict(block_m=64)])
+                                      dict(split_k=16, block_n=16, block_m=32), dict(block_m=64),
+                                      dict(split_k=32, block_k=16, fuse_reduction=True),
+                                      dict(split_k=16, block_r=16, block_m=32, fuse_reduction=True)])
 def test_decode_kernel_tilings(settings):
-    """Several K-slices (partials summed), the rank axis in column blocks, other tile heights: the same result."""
+    """Several K-slices (partials summed by XLA or inside the expand), the rank axis in column blocks, other tile
+    heights: the same result."""
     x, a, b, ids = (jnp.asarray(v) for v in _inputs("qkv_group", jnp.float32))
     kw = dict(settings)
     p = plan(ids, a.shape[0], block_m=kw.pop("block_m", None))
