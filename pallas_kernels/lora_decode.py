@@ -23,7 +23,7 @@ Invariants:
   nothing.
 - The kernels gather x rows and scatter output rows through `order` (inside the kernel), so there is no [T, I]
   permuted copy and no inverse gather of [T, O]; rows without an adapter are never written, and the result is
-  `where(ids > 0, out, 0)` (XLA fuses it into the add that follows).
+  `where(ids > 0, out, 0)`, an elementwise select that XLA can fuse into the add that follows.
 - A is read at slot group[i] + 1 of the whole stack (no a[1:] copy), B likewise.
 - Shapes depend only on T and S: the mix of adapters never recompiles anything.
 
@@ -31,7 +31,10 @@ Settings: `plan(..., block_m)` (one tiling a step: the tile table is shared) and
 block_r, block_n, num_warps, num_stages (static, keyword-only); `default_settings` says how they are chosen, and
 `benchmarks/lora_kernel.py --sweep` times others at the 7B's shapes on a GPU.
 
-Status: built and tested on CPU (Pallas interpret mode) against `lora_matmul_reference`; not yet timed on a GPU.
+The jnp reference is `lora_matmul.lora_matmul_reference` (the same contract).
+
+Status: built and tested on CPU (Pallas interpret mode, both reductions, several tilings) against that reference;
+not yet compiled nor timed on a GPU (tests/gpu/test_lora_gpu.py and benchmarks/lora_kernel.py are written for it).
 """
 
 from __future__ import annotations
