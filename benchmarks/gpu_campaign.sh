@@ -16,6 +16,8 @@
 #   spec-M           spec_decode.py (verify vs decode step, draft step, acceptance, speedup table), then latency.py
 #                    with n-gram speculation (k = 4)
 #   lora-M           lora.py: throughput-fixed with 8 adapters against the base model, batch-1 latency with one
+#   lora-kernel      lora_kernel.py --sweep: the LoRA matmuls of a 7B layer (decode / grouped / dense) at 1..256
+#                    rows, then the decode kernel's tilings (LORA_KERNEL_ARGS go to it)
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
 #   dispatch-M       dispatch.py (a batch-1 decode step's host time, part by part) under the XLA_FLAGS variants
 #                    DISPATCH_VARIANTS (default, cmdbuf-off, cmdbuf-all), then latency under DISPATCH_LATENCY ones
@@ -244,6 +246,13 @@ for s in "${STAGES[@]}"; do
             step "$s" 240 0 "$PY" benchmarks/spec_decode.py --model "$m" "${COMMON[@]}"
             step "latency-ngram-$m" 60 0 "$PY" benchmarks/latency.py --model "$m" \
                 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' "${COMMON[@]}"
+            ;;
+        lora-kernel)
+            # lora_kernel.py: the four LoRA matmuls of a qwen2-7b layer per implementation and row count, then the
+            # decode kernel's tiling sweep (LORA_KERNEL_ARGS, e.g. "--rows 1,256" or "--sweep-configs 6").
+            read -r -a LKARGS <<<"${LORA_KERNEL_ARGS:-}"
+            step "$s" 120 0 "$PY" benchmarks/lora_kernel.py --model qwen2-7b-instruct --sweep \
+                ${LKARGS[@]+"${LKARGS[@]}"} --results-dir "$RESULTS" --out "$OUT"
             ;;
         lora-*)
             # lora.py: throughput-fixed with 8 rank-16 adapters on all seven projections against the base model, and

@@ -72,6 +72,31 @@ def test_mixed_batch_equals_peft(untied_gqa2, adapters, prompts, oracle):
     engine.lora.slots.check()
 
 
+def test_steps_without_an_adapter_run_the_base_program(untied_gqa2, adapters, prompts, oracle):
+    """A step in which no row has an adapter runs the base model's program (the runner passes no LoRA stacks), one
+    with an adapter row the LoRA program; warmup compiled both variants of every bucket, so neither recompiles."""
+    llm = _llm(untied_gqa2, skip_warmup=False, prefill_token_buckets=(128,))  # few buckets: compiled twice
+    runner = llm.llm_engine.runner
+    step, calls = runner._step, []
+
+    def recording(*args, **kw):
+        calls.append(args[6] is not None)  # (params, kv, penalties, last_tokens, i_buf, f_buf, lora_stacks)
+        return step(*args, **kw)
+
+    runner._step = recording
+    compiled = step._cache_size()
+    outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == oracle[None][1][:3]
+    assert calls and not any(calls)  # every step ran without the stacks
+    calls.clear()
+    reqs = [adapters["a"], None, None]
+    outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=GREEDY, lora_request=reqs, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [oracle["a"][1][0], *oracle[None][1][1:3]]
+    assert any(calls)  # the steps holding the adapter's row (a prompt's prefill alone may run without it)
+    assert step._cache_size() == compiled, "a step compiled after warmup"
+    assert llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages
+
+
 def test_slots_swap_under_load_and_chunked_prefill(untied_gqa2, adapters, prompts, oracle):
     """max_loras=1 with two adapters in flight: a request whose adapter has no free slot waits while the other's
     run, then its adapter is written over the idle one. Two sequences at a time with different lengths, so a new row

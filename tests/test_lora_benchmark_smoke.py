@@ -1,4 +1,5 @@
-"""benchmarks/lora.py on CPU with the tiny model's shape: it runs end to end and writes a complete result."""
+"""benchmarks/lora.py and benchmarks/lora_kernel.py on CPU with the tiny model's shape: each runs end to end and
+writes a complete result (the kernels in Pallas interpret mode; the figures mean nothing on CPU)."""
 
 from __future__ import annotations
 
@@ -12,28 +13,49 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_lora_benchmark_writes_its_result(tmp_path):
+def _run(module: str, tmp_path: Path, args: list[str]) -> tuple[dict, str]:
+    """benchmarks/<module>.py's main(args) in a CPU subprocess, writing into tmp_path: (its one result, stdout)."""
     res, out = tmp_path / "results", tmp_path / "out"
-    args = ["--model", "tiny", "--results-dir", str(res), "--out", str(out), "--ceilings", "none", "--skip-warmup",
-            "--num-prompts", "4", "--prompt-len", "24", "--output-len", "4", "--latency-prompt-len", "12",
-            "--num-loras", "2", "--repeats", "1"]
+    args = ["--model", "tiny", "--results-dir", str(res), "--out", str(out), "--ceilings", "none", *args]
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-        import lora
-        lora.main({args!r})
+        import {module}
+        {module}.main({args!r})
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (path,) = res.glob("*.json")
-    result = json.loads(path.read_text())
-    assert result["benchmark"] == "lora" and [p.name for p in out.glob("*.json")] == [path.name]
+    assert [p.name for p in out.glob("*.json")] == [path.name]
+    return json.loads(path.read_text()), proc.stdout
+
+
+def test_lora_benchmark_writes_its_result(tmp_path):
+    result, stdout = _run("lora", tmp_path, ["--skip-warmup", "--num-prompts", "4", "--prompt-len", "24",
+                                             "--output-len", "4", "--latency-prompt-len", "12", "--num-loras", "2",
+                                             "--repeats", "1"])
+    assert result["benchmark"] == "lora"
     m = result["metrics"]
     for key in ("throughput_ratio", "latency_ratio", "base_output_tok_s", "lora_output_tok_s",
                 "lora_engine_no_adapter_tok_s", "base_tpot_ms", "lora_tpot_ms"):
         assert m[key] is not None and m[key] > 0, key
     assert result["config"]["num_loras"] == 2 and result["config"]["engine_args"]["enable_lora"] is True
     assert result["config"]["tokens_per_run"] == 16
-    assert "throughput_ratio (>= 0.85)" in proc.stdout
+    assert "throughput_ratio (>= 0.85)" in stdout
+
+
+def test_lora_kernel_benchmark_writes_its_result(tmp_path):
+    result, _ = _run("lora_kernel", tmp_path, ["--rows", "3", "--num-loras", "2", "--repeats", "1", "--inner", "1",
+                                               "--sweep", "--sweep-configs", "1"])
+    assert result["benchmark"] == "lora-kernel"
+    m, cfg = result["metrics"], result["config"]
+    for impl in ("decode", "grouped", "dense"):
+        assert m[f"step_ms_{impl}_t3"] > 0
+        for group in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            assert m[f"us_{impl}_{group}_t3"] > 0
+            assert cfg["cases"][f"{group}_t3"][f"{impl}_rel_err"] < 2e-2, (impl, group)  # bfloat16 vs float32
+    assert cfg["groups"]["qkv_proj"] == [64, 48, 128]  # tiny: D 64, 3 x rank 16, q 64 + 2 x kv 32
+    assert [(s["group"], s["rows"]) for s in cfg["sweep"]] == [(g, 3) for g in cfg["groups"]]
+    assert all("us" in r for s in cfg["sweep"] for r in s["results"])

@@ -1,5 +1,6 @@
-"""The batched LoRA matmul: its Pallas kernels (interpret mode on CPU) against the jnp reference, and the reference
-against a plain per-row numpy loop (each row through its own slot's A and B)."""
+"""The batched LoRA matmul: both kernel pairs (the grouped one of prefill, the split-K one of decode steps) in Pallas
+interpret mode on CPU against the jnp reference, and the reference against a plain per-row numpy loop (each row
+through its own slot's A and B)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.lora_decode import default_settings, lora_decode_matmul, plan
 from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference
 
 CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
@@ -17,6 +19,7 @@ CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
     "one_slot": (24, 32, 64, 16, 9, [7] * 24),                             # 8 adapters, one used
     "batch1": (1, 32, 48, 16, 3, [2]),                                     # one decode row
     "batch1_none": (1, 32, 48, 16, 3, [0]),
+    "qkv_group": (13, 128, 80, 48, 9, None),                               # G * R = 48: three rank-16 parts
 }
 
 
@@ -68,3 +71,97 @@ def test_a_precomputed_grouping_gives_the_same_result():
     grouping = group_by_slot(ids, a.shape[0])
     np.testing.assert_array_equal(np.asarray(lora_matmul(x, a, b, ids, grouping, interpret=True)),
                                   np.asarray(lora_matmul(x, a, b, ids, interpret=True)))
+
+
+def _tol(ref, dtype):
+    return (1e-4 if dtype == jnp.float32 else 3e-2) * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_kernel_matches_reference(name, dtype):
+    x, a, b, ids = _inputs(name, dtype)
+    args = (jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype))
+    ref = np.asarray(lora_matmul_reference(*args, jnp.asarray(ids)), np.float32)
+    out = np.asarray(lora_decode_matmul(*args, plan(jnp.asarray(ids), a.shape[0]), interpret=True), np.float32)
+    np.testing.assert_allclose(out, ref, atol=_tol(ref, dtype))
+    assert not out[ids == 0].any()  # rows without an adapter get exactly zero (never written, masked)
+
+
+@pytest.mark.parametrize("settings", [dict(split_k=32, block_k=16), dict(split_k=64, block_k=32, block_r=16),
+                                      dict(split_k=16, block_n=16, block_m=32), dict(block_m=64),
+                                      dict(split_k=32, block_k=16, fuse_reduction=True),
+                                      dict(split_k=16, block_r=16, block_m=32, fuse_reduction=True)])
+def test_decode_kernel_tilings(settings):
+    """Several K-slices (partials summed by XLA or inside the expand), the rank axis in column blocks, other tile
+    heights: the same result."""
+    x, a, b, ids = (jnp.asarray(v) for v in _inputs("qkv_group", jnp.float32))
+    kw = dict(settings)
+    p = plan(ids, a.shape[0], block_m=kw.pop("block_m", None))
+    ref = np.asarray(lora_matmul_reference(x, a, b, ids))
+    np.testing.assert_allclose(np.asarray(lora_decode_matmul(x, a, b, p, interpret=True, **kw)), ref,
+                               atol=_tol(ref, jnp.float32))
+
+
+def test_decode_plan_tiles_only_adapter_rows():
+    """Tiles of block_m sorted rows within one adapter's group; the slot-0 rows' tiles are the empty group S - 1."""
+    ids = jnp.asarray([2, 0, 1, 2, 0] + [1] * 17, jnp.int32)  # slot 1: 18 rows, slot 2: 2, slot 0: 2
+    p = plan(ids, 3, block_m=16)
+    assert np.asarray(p.order).tolist()[:20] == [2] + list(range(5, 22)) + [0, 3]
+    real = np.asarray(p.group) < 2
+    assert np.asarray(p.group)[real].tolist() == [0, 0, 1]
+    assert list(zip(np.asarray(p.row0)[real].tolist(), np.asarray(p.row1)[real].tolist())) == [(0, 16), (16, 18),
+                                                                                               (18, 20)]
+
+
+def test_decode_settings_split_k_at_the_7b_shapes():
+    """The split aims at TARGET_PROGRAMS programs: batch 1 splits I as finely as allowed, 256 rows less."""
+    assert default_settings(1, 3584, 48, 4608, 16) == dict(block_k=64, split_k=128, block_r=16, block_n=128)
+    assert default_settings(1, 18944, 16, 3584, 16)["split_k"] == 128
+    assert default_settings(256, 3584, 48, 4608, 32)["split_k"] == 256       # 8 tiles x 14 slices x 3 columns
+    assert default_settings(256, 18944, 16, 3584, 32)["split_k"] == 512      # 8 tiles x 37 slices
+
+
+def test_decode_kernel_refuses_bad_settings():
+    x, a, b, ids = (jnp.asarray(v) for v in _inputs("decode_mix", jnp.float32))
+    with pytest.raises(ValueError, match="split_k=48 must be >= 16 dividing 64"):
+        lora_decode_matmul(x, a, b, plan(ids, a.shape[0]), split_k=48, block_k=16, interpret=True)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        plan(ids, a.shape[0], block_m=24)
+
+
+@pytest.mark.parametrize("max_rows", [1024, 4])  # 7 rows: the decode kernels; past a limit of 4: the grouped pair
+def test_model_side_takes_the_gpu_kernels_by_step_size(monkeypatch, max_rows):
+    """layers/lora.py as on a GPU (kernels in interpret mode): LoRAInputs.build makes the grouping once, and every
+    projection group's delta equals the CPU path's (the reference)."""
+    from qwenjax import compat
+    from qwenjax.layers import lora
+
+    rng = np.random.default_rng(3)
+    S, R, T = 4, 16, 7
+    shapes = {"qkv_proj": (64, 3 * R, 96), "o_proj": (64, R, 64)}
+    stacks = [{g: tuple(jnp.asarray(rng.normal(0, 0.3, s).astype(np.float32)).at[0].set(0)
+                        for s in ((S, i, r), (S, r, o))) for g, (i, r, o) in shapes.items()}]
+    ids = jnp.asarray([2, 0, 1, 3, 2, 0, 1], jnp.int32)
+    x = jnp.asarray(rng.normal(0, 1, (T, 64)).astype(np.float32))
+    ys = (jnp.ones((T, 32)), jnp.ones((T, 32)), jnp.ones((T, 32)))
+
+    def run():
+        inputs = lora.LoRAInputs.build(stacks, ids)
+        return inputs, (*lora.add_lora_parts(ys, x, inputs, 0, "qkv_proj"),
+                        lora.add_lora(jnp.ones((T, 64)), x, inputs, 0, "o_proj"))
+
+    _, want = run()  # CPU: the jnp reference
+    calls = []
+    for name in ("lora_decode_matmul", "lora_matmul"):
+        kernel = getattr(lora, name)
+        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
+                                                                                                     interpret=True))
+    monkeypatch.setattr(compat, "platform", lambda: "gpu")
+    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    inputs, got = run()
+    assert (inputs.plan is not None, inputs.grouping is not None) == ((True, False) if max_rows >= T else
+                                                                      (False, True))
+    assert calls == ["lora_decode_matmul" if max_rows >= T else "lora_matmul"] * 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)

@@ -7,9 +7,15 @@ one device the projections that read one input share their arrays (LORA_GROUPS: 
 matmuls a layer instead of 14; the zero blocks cost G x the expand's small FLOPs); the delta is split back into the
 parts. Over a mesh every projection keeps its own arrays, split like its base weight. Fused base projections
 (models/fusion.py) get the delta of each part after their output is split, so fusion and LoRA are independent. On a
-GPU the Pallas kernels run (pallas_kernels/lora_matmul.py) where the mesh is one device and they take the shapes,
-else the dense jnp form (over a mesh XLA splits it as it splits the base weights: A and B are sharded like them); on
-CPU the jnp reference.
+GPU the Pallas kernels run where the mesh is one device and they take the shapes, else the dense jnp form (over a
+mesh XLA splits it as it splits the base weights: A and B are sharded like them); on CPU the jnp reference.
+
+Which kernels: steps of at most SPLIT_K_MAX_ROWS tokens (decode buckets, mixed and verify steps) run
+pallas_kernels/lora_decode.py (a split-K shrink and an expand: the shrink's output is too narrow for a row-tiled
+grid to fill the GPU), larger ones (prefill) the grouped-matmul pair of pallas_kernels/lora_matmul.py. Either way
+the rows' grouping (and the decode kernels' tile table) is built once a step in `LoRAInputs.build`, not per call.
+A step in which no row has an adapter never reaches this module: the model runner then runs the base model's
+program (worker/model_runner.py, `_lora_stacks_for`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ import dataclasses
 
 import jax
 
+from pallas_kernels.lora_decode import LoRAPlan, lora_decode_matmul, plan as decode_plan
 from pallas_kernels.lora_matmul import (group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference,
                                         supported)
 from qwenjax import compat
 
 
+# Steps of at most this many tokens take the split-K decode kernels on a GPU, larger ones the grouped pair. Prefill
+# row tiles alone fill the GPU (thousands of rows: hundreds of tiles), and a split there only adds partials.
+SPLIT_K_MAX_ROWS = 1024
 LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -31,12 +41,18 @@ LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 class LoRAInputs:
     stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}
     ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
-    grouping: tuple | None = None  # (order, inverse [T], group sizes [S - 1]) of the kernels, once per step (GPU)
+    grouping: tuple | None = None  # (order, inverse [T], group sizes [S - 1]) of the grouped kernels (GPU prefill)
+    plan: LoRAPlan | None = None   # the decode kernels' row grouping and tile table (GPU, T <= SPLIT_K_MAX_ROWS)
 
     @classmethod
     def build(cls, stacks: list, ids: jax.Array) -> "LoRAInputs":
+        """The step's LoRA inputs; on a GPU with the kernels' grouping of the rows, computed here once a step."""
+        if compat.platform() != "gpu":
+            return cls(stacks, ids)
         S = next(iter(stacks[0].values()))[0].shape[0]
-        return cls(stacks, ids, group_by_slot(ids, S) if compat.platform() == "gpu" else None)
+        if ids.shape[0] <= SPLIT_K_MAX_ROWS:
+            return cls(stacks, ids, plan=decode_plan(ids, S))
+        return cls(stacks, ids, group_by_slot(ids, S))
 
 
 def _matmul(a: jax.Array, b: jax.Array):
@@ -51,7 +67,9 @@ def _matmul(a: jax.Array, b: jax.Array):
 def _delta(x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
     x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
     fn = _matmul(a, b)
-    return fn(x2, a, b, lora.ids, lora.grouping) if fn is lora_matmul else fn(x2, a, b, lora.ids)
+    if fn is not lora_matmul:
+        return fn(x2, a, b, lora.ids)
+    return lora_decode_matmul(x2, a, b, lora.plan) if lora.plan is not None else fn(x2, a, b, lora.ids, lora.grouping)
 
 
 def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:

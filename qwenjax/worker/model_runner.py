@@ -3,7 +3,9 @@
 `step` is pure, `(params, kv_cache, penalties, last_tokens, inputs) -> (kv_cache, penalties, logits)`, with the
 cache donated so XLA updates the pages in place; the sampler is a second small jitted call on the logits, dispatched
 without a host sync between. Compiled variants are keyed by the bucket shape (B, Q), `has_context`, and the
-sampler's static mode.
+sampler's static mode; with LoRA enabled also by whether the step passes the adapters' stacks: a step in which no
+row has an adapter passes none and runs the base model's program (decided on the host from the step's lora_ids, so
+no device conditional and no cost), and warmup compiles both variants of every bucket.
 
 `execute_steps` runs K decode steps in one jitted call (multi-step decode, `num_scheduler_steps`): a `lax.fori_loop`
 whose body is the model, the penalty update and the sampler, each step feeding the token the one before drew. One
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import time
@@ -53,6 +56,7 @@ class ModelRunner:
                  max_num_seqs: int, block_table_width: int, mesh, lora=None):
         self.graphdef = graphdef
         self.lora = lora  # worker/lora_stacks.LoRAStacks (multi-LoRA) or None
+        self._force_lora = False  # warmup: compile the LoRA program of a bucket although its dummy rows use none
         self.params = params
         # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
         self._param_leaves, param_tree = jax.tree.flatten(params)
@@ -120,8 +124,8 @@ class ModelRunner:
         i_buf, f_buf, layout = packing.pack((inp, tensors))
         with jax.set_mesh(self.mesh):
             self.kv_cache, self.penalties, self.last_tokens, out = self._decode_steps(
-                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, self._lora_stacks,
-                layout=layout, mode=mode, num_steps=num_steps)
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf,
+                self._lora_stacks_for(inp), layout=layout, mode=mode, num_steps=num_steps)
         return out
 
     def verify(self, inp: StepInput, drafts: np.ndarray, num_drafts: np.ndarray, tensors: sampler.SamplingTensors,
@@ -131,13 +135,13 @@ class ModelRunner:
         i_buf, f_buf, layout = packing.pack((inp, tensors, drafts, num_drafts))
         with jax.set_mesh(self.mesh):
             self.kv_cache, self.penalties, self.last_tokens, out = self._verify(
-                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf, self._lora_stacks,
-                layout=layout, mode=mode)
+                self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf,
+                self._lora_stacks_for(inp), layout=layout, mode=mode)
         return out
 
     def warmup_verify(self, decode_buckets, num_positions: int, modes) -> None:
         """Compiles the verify step of every decode bucket with `num_positions` = k + 1, in each sampler mode."""
-        for b in decode_buckets:
+        for b, self._force_lora in itertools.product(decode_buckets, self._lora_variants()):
             inp, drafts, num = spec_verify.build_verify_input([], [], rows=b, num_positions=num_positions,
                                                               page_size=self.page_size, num_pages=self.num_pages,
                                                               max_pages_per_seq=self.block_table_width,
@@ -146,6 +150,7 @@ class ModelRunner:
                                             with_history=False)
             for mode in modes:
                 self.verify(inp, drafts, num, tensors, mode).token_ids.block_until_ready()
+        self._force_lora = False
 
     def fork(self, forks) -> None:
         """Starts copies of n > 1 requests (core/scheduler_output.Fork): copies page src to dst where src is set, and
@@ -170,6 +175,17 @@ class ModelRunner:
     def _lora_stacks(self):
         return None if self.lora is None else self.lora.stacks
 
+    def _lora_stacks_for(self, inp: StepInput):
+        """The step's `lora_stacks` argument: None where no row of `inp` has an adapter, so that such a step runs the
+        base model's program (its own compiled variant of the bucket) and LoRA costs it nothing; the stacks else."""
+        if self.lora is None or not (self._force_lora or np.any(np.asarray(inp.lora_ids) > 0)):
+            return None
+        return self.lora.stacks
+
+    def _lora_variants(self) -> tuple[bool, ...]:
+        """Warmup compiles every bucket without LoRA and, where adapters are enabled, with it (`_force_lora`)."""
+        return (False,) if self.lora is None else (False, True)
+
     def load_lora(self, slot: int, weights) -> None:
         """Writes an adapter (qwenjax/lora/peft.LoRAWeights) into device slot `slot`; dispatched in order, so steps
         dispatched before it read the slot's previous adapter and steps after it this one."""
@@ -180,8 +196,9 @@ class ModelRunner:
         i_buf, f_buf, layout = packing.pack(inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               self.last_tokens, i_buf, f_buf, self._lora_stacks,
-                                                               has_context=has_context, layout=layout)
+                                                               self.last_tokens, i_buf, f_buf,
+                                                               self._lora_stacks_for(inp), has_context=has_context,
+                                                               layout=layout)
         return logits
 
     def warmup(self, buckets: list[tuple[int, int, bool, int]], modes: list[sampler.SamplerMode],
@@ -191,17 +208,21 @@ class ModelRunner:
         the multi-step decode of every decode bucket in each mode."""
         t0 = time.perf_counter()
         if num_steps > 1:
-            for b in sorted({b for b, q, ctx, d in buckets if q == 1 and not ctx and not d}):
+            decode = sorted({b for b, q, ctx, d in buckets if q == 1 and not ctx and not d})
+            for b, self._force_lora in itertools.product(decode, self._lora_variants()):
                 inp = dummy_input(b, 1, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot)
                 tensors = sampler.build_tensors([], num_rows=b, vocab_size=self.vocab_size, with_history=False)
                 for mode in modes:
                     self.execute_steps(inp, tensors, mode, num_steps).token_ids.block_until_ready()
         sampler_rows = sorted({d + b for b, _, _, d in buckets})
         # A progress bar on a terminal (tqdm hides itself elsewhere): a first start on a CPU compiles for a while.
-        for b, q, ctx, d in tqdm(buckets, desc="Compiling step buckets", unit="bucket", disable=None, leave=False):
+        for (b, q, ctx, d), self._force_lora in tqdm(list(itertools.product(buckets, self._lora_variants())),
+                                                     desc="Compiling step buckets", unit="bucket", disable=None,
+                                                     leave=False):
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
                               has_context=ctx, decode_rows=d)
             self._run_step(inp, ctx)
+        self._force_lora = False
         for b in sampler_rows:
             # Same layout as a real step's logits (split on V over a mesh), or the executable would not be reused.
             logits = jax.device_put(jnp.zeros((b, self.vocab_size), jnp.float32), self.logits_sharding)

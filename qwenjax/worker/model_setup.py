@@ -158,7 +158,9 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
         logger.info("warm-up skipped on CPU: each step bucket compiles on first use (skip_warmup=False compiles "
                     "all %d at start-up)", len(buckets))
     if not skip:
-        logger.info("warm-up: compiling %d step buckets and %d sampler modes", len(buckets), len(WARMUP_MODES))
+        logger.info("warm-up: compiling %d step buckets%s and %d sampler modes", len(buckets),
+                    " (each twice: with the LoRA stacks and, for steps without an adapter, without)"
+                    if runner.lora is not None else "", len(WARMUP_MODES))
         try:
             warm = runner.warmup(buckets, list(WARMUP_MODES), num_steps=sc.num_scheduler_steps)
             spec = args.speculative()

@@ -1,7 +1,8 @@
-"""Multi-LoRA on the GPU (`pytest tests/gpu --gpu`; deselected elsewhere): the decode step runs the Pallas LoRA
-kernels (a shrink and an expand per projection group of every layer, never the dense jnp fallback), the kernel equals
-its jnp reference at the 7B's projection shapes, and a batch mixing two adapters and the base model gives, row by
-row, the greedy tokens of PEFT on transformers (CPU torch) for the same checkpoint (float32 on both sides)."""
+"""Multi-LoRA on the GPU (`pytest tests/gpu --gpu`; deselected elsewhere): the decode step runs the split-K decode
+kernels (pallas_kernels/lora_decode.py: a shrink and an expand per projection group of every layer, never the
+grouped pair nor the dense jnp fallback) and the same bucket without an adapter row runs none; both kernel pairs
+equal the jnp reference at the 7B's projection shapes; and a batch mixing two adapters and the base model gives, row
+by row, the greedy tokens of PEFT on transformers (CPU torch) for the same checkpoint (float32 on both sides)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.lora_decode import lora_decode_matmul, plan
 from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_reference
 from qwenjax import LLM, LoRARequest, SamplingParams
 from qwenjax.worker import packing
@@ -35,33 +37,48 @@ def setup(tmp_path_factory):
     return base, {"a": LoRARequest("a", 1, str(a)), "b": LoRARequest("b", 2, str(b))}, LLM(str(base), **ENGINE)
 
 
-@pytest.mark.parametrize("shape", [(3584, 4608), (3584, 3584), (18944, 3584), (3584, 37888)])
-@pytest.mark.parametrize("rows", [1, 8, 64, 512])
-def test_kernel_matches_reference_at_7b_shapes(shape, rows):
-    i, o = shape
-    S, R = 9, 16  # 8 adapters + the empty slot 0
+@pytest.mark.parametrize("impl", ["decode", "decode_fused", "grouped"])
+@pytest.mark.parametrize("shape", [(3584, 48, 4608), (3584, 16, 3584), (18944, 16, 3584), (3584, 32, 37888)])
+@pytest.mark.parametrize("rows", [1, 8, 64, 257, 512])
+def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
+    i, r, o = shape  # the one-device groups: qkv (3 x rank 16), o, down, gate_up (2 x rank 16)
+    S = 9  # 8 adapters + the empty slot 0
     k = jax.random.split(jax.random.key(rows), 4)
     x = jax.random.normal(k[0], (rows, i), jnp.bfloat16)
-    a = (jax.random.normal(k[1], (S, i, R)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
-    b = (jax.random.normal(k[2], (S, R, o)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
+    a = (jax.random.normal(k[1], (S, i, r)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
+    b = (jax.random.normal(k[2], (S, r, o)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     ids = jax.random.randint(k[3], (rows,), 0, S, jnp.int32)
-    got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
+    if impl.startswith("decode"):  # decode_fused: the partials summed inside the expand
+        got = lora_decode_matmul(x, a, b, plan(ids, S), fuse_reduction=impl == "decode_fused").astype(jnp.float32)
+    else:
+        got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
     ref = lora_matmul_reference(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), ids)
     err = float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-6))
-    assert err < 2e-2, f"rows {rows}, {shape}: relative error {err}"
+    assert err < 2e-2, f"{impl}, rows {rows}, {shape}: relative error {err}"
+    assert not np.asarray(got)[np.asarray(ids) == 0].any()  # rows without an adapter: exactly zero
 
 
-def test_decode_step_runs_the_lora_kernels(setup):
-    runner = setup[2].llm_engine.runner
+def _decode_step_kernels(runner, lora_stacks) -> dict[str, int]:
+    """Pallas kernel calls of the compiled batch-8 decode step, by kernel name prefix."""
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     i_buf, f_buf, layout = packing.pack(inp)
     with jax.set_mesh(runner.mesh):
         lowered = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
-                                     i_buf, f_buf, runner._lora_stacks, has_context=False, layout=layout)
-    hlo = lowered.compile().as_text()
-    calls = sum("__gpu$xla.gpu.triton" in line and "qwenjax_grouped_matmul" in line for line in hlo.splitlines())
+                                     i_buf, f_buf, lora_stacks, has_context=False, layout=layout)
+    lines = [ln for ln in lowered.compile().as_text().splitlines() if "__gpu$xla.gpu.triton" in ln]
+    return {name: sum(f"qwenjax_{name}" in ln for ln in lines) for name in ("lora_shrink", "lora_expand",
+                                                                           "grouped_matmul")}
+
+
+def test_decode_step_runs_the_lora_kernels(setup):
+    runner = setup[2].llm_engine.runner
     # one device: groups qkv_proj, o_proj, gate_up_proj, down_proj (worker/lora_stacks.py), a shrink and an expand each
-    assert calls == 8 * LAYERS, f"{calls} LoRA kernel calls in the decode step"
+    assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 4 * LAYERS,
+                                                                "lora_expand": 4 * LAYERS, "grouped_matmul": 0}
+    # a step with no adapter row gets no stacks (model_runner._lora_stacks_for): the base program, no LoRA kernel
+    inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
+    assert runner._lora_stacks_for(inp) is None
+    assert _decode_step_kernels(runner, None) == {"lora_shrink": 0, "lora_expand": 0, "grouped_matmul": 0}
 
 
 def test_mixed_batch_equals_peft_on_the_gpu(setup):
