@@ -60,6 +60,11 @@ def parse(argv=None):
     w.add_argument("--draft-model", default="qwen2-0.5b-instruct",
                    help="the draft model's config (as --model; random weights) for the draft run and its step "
                         "time; 'none' leaves the draft run out")
+    w.add_argument("--runs", default=None,
+                   help="comma-separated measured runs, a subset of off,ngram,nomatch,draft (default: all of them)")
+    w.add_argument("--repeats", type=int, default=1,
+                   help="timed generations a run and batch; tok_s is their median (each one in tok_s_all)")
+    w.add_argument("--skip-step-costs", action="store_true", help="leave the step timings (and the table) out")
     args = p.parse_args(argv)
     if str(args.draft_model).lower() == "none":
         args.draft_model = None
@@ -157,6 +162,12 @@ def run_configs(args) -> dict:
     if args.draft_model:
         runs["draft"] = {"model": model_specs.resolve_model(args.draft_model).dir,
                          "num_speculative_tokens": args.measure_k}
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = [n for n in wanted if n not in runs]
+        if unknown:
+            raise SystemExit(f"--runs: unknown or unavailable run(s) {unknown}; available: {', '.join(runs)}")
+        runs = {n: runs[n] for n in wanted}
     return runs
 
 
@@ -177,9 +188,14 @@ def measured_generation(llm, args, batch: int, vocab: int, speculates: bool) -> 
     prompts = workloads.random_prompts(batch, args.prompt_len, seed=args.seed, vocab_size=vocab)
     workloads.warm_generate(llm, prompts[:2], max_tokens=16)
     before = workloads.stats_snapshot(llm)
-    outs, wall = workloads.timed_generate(llm, prompts, workloads.greedy(args.output_len))
+    rates = []
+    for _ in range(args.repeats):
+        outs, wall = workloads.timed_generate(llm, prompts, workloads.greedy(args.output_len))
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
     st = workloads.stats_delta(before, workloads.stats_snapshot(llm))
-    res = {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall, "steps": st["steps"]}
+    res = {"tok_s": statistics.median(rates), "steps": st["steps"] // args.repeats}
+    if args.repeats > 1:
+        res["tok_s_all"] = rates
     if speculates:
         drafted = st["spec_decode_num_draft_tokens"]
         res["acceptance"] = st["spec_decode_num_accepted_tokens"] / drafted if drafted else 0.0
@@ -195,10 +211,10 @@ def main(argv=None) -> dict:
     profile_dir = (args.profile_dir or tempfile.mkdtemp(prefix="qwenjax-spec-profile-")) if args.profile else None
     config = {"batches": list(args.batches), "ks": list(args.ks), "context": args.context, "iters": args.iters,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "measure_k": args.measure_k,
-              "draft_model": args.draft_model}
+              "draft_model": args.draft_model, "repeats": args.repeats}
     for name, sc in run_configs(args).items():
         llm, startup, kwargs = build_engine(spec, args, sc)
-        if name == "off":  # the step costs, on the target's runner
+        if name == "off" and not args.skip_step_costs:  # the step costs, on the target's runner
             config.update(engine_setup.engine_config(llm, kwargs, startup))
             for B in args.batches:
                 costs = step_costs(llm.llm_engine.runner, B, args.ks, args.context, args.iters, V,
@@ -225,25 +241,32 @@ def main(argv=None) -> dict:
         del llm
         gc.collect()
     for B in args.batches:
-        metrics[f"speedup_ngram_b{B}"] = metrics[f"tok_s_ngram_b{B}"] / metrics[f"tok_s_off_b{B}"]
-        metrics[f"nomatch_slowdown_b{B}"] = metrics[f"tok_s_off_b{B}"] / metrics[f"tok_s_nomatch_b{B}"] - 1
+        if f"tok_s_off_b{B}" in metrics and f"tok_s_ngram_b{B}" in metrics:
+            metrics[f"speedup_ngram_b{B}"] = metrics[f"tok_s_ngram_b{B}"] / metrics[f"tok_s_off_b{B}"]
+        if f"tok_s_off_b{B}" in metrics and f"tok_s_nomatch_b{B}" in metrics:
+            metrics[f"nomatch_slowdown_b{B}"] = metrics[f"tok_s_off_b{B}"] / metrics[f"tok_s_nomatch_b{B}"] - 1
     config["speedup_table"] = table
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
                                       metrics=metrics)
     path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
     rows = [("model", spec.name), ("device", dev["device"]), ("context", args.context)]
+    runs = list(run_configs(args))
     for B in args.batches:
-        rows.append((f"decode step ms (batch {B})", metrics[f"decode_ms_b{B}"]))
-        for k in args.ks:
-            rows.append((f"  verify k={k} ms / x decode", f"{metrics[f'verify_ms_b{B}_k{k}']:.3f} / "
-                         f"{metrics[f'verify_over_decode_b{B}_k{k}']:.3f}"))
-        if args.draft_model:
+        if f"decode_ms_b{B}" in metrics:
+            rows.append((f"decode step ms (batch {B})", metrics[f"decode_ms_b{B}"]))
+            for k in args.ks:
+                rows.append((f"  verify k={k} ms / x decode", f"{metrics[f'verify_ms_b{B}_k{k}']:.3f} / "
+                             f"{metrics[f'verify_over_decode_b{B}_k{k}']:.3f}"))
+        if f"draft_decode_ms_b{B}" in metrics:
             rows.append((f"  draft ({args.draft_model}) step ms", metrics[f"draft_decode_ms_b{B}"]))
-        runs = [n for n in run_configs(args)]
-        rows.append((f"  measured tok/s {' / '.join(runs)}", " / ".join(f"{metrics[f'tok_s_{n}_b{B}']:.1f}"
-                                                                       for n in runs)))
-        rows.append((f"  measured acceptance (k={args.measure_k}) {' / '.join(runs[1:])}",
-                     " / ".join(f"{metrics[f'acceptance_{n}_b{B}']:.3f}" for n in runs[1:])))
+        rows.append((f"  measured tok/s (batch {B}) {' / '.join(runs)}",
+                     " / ".join(f"{metrics[f'tok_s_{n}_b{B}']:.1f}" for n in runs)))
+        spec_runs = [n for n in runs if n != "off"]
+        if spec_runs:
+            rows.append((f"  measured acceptance (k={args.measure_k}) {' / '.join(spec_runs)}",
+                         " / ".join(f"{metrics[f'acceptance_{n}_b{B}']:.3f}" for n in spec_runs)))
+        if f"nomatch_slowdown_b{B}" in metrics:
+            rows.append(("  no-match slowdown", f"{metrics[f'nomatch_slowdown_b{B}']:.4f}"))
     rows.append(("result", str(path)))
     result_files.print_table(f"{BENCHMARK} {spec.name}", rows)
     print("\nspeedup over speculation off from the measured step costs (E = tokens a verify step yields a row)")

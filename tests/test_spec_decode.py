@@ -21,7 +21,7 @@ import pytest
 
 from qwenjax import LLM, SamplingParams
 from qwenjax.config import EngineArgs
-from qwenjax.core.ngram_proposer import propose_ngram
+from qwenjax.core.ngram_proposer import may_match, propose_ngram
 from qwenjax.worker.rejection_sampler import rejection_sample
 from qwenjax.worker.sampler import SamplingRow, build_tensors, choose_mode
 from tests.checkpoints import write_checkpoint
@@ -373,6 +373,13 @@ def test_ngram_proposer_matches_its_definition():
         k, lo = int(rng.integers(1, 6)), int(rng.integers(1, 4))
         hi = lo + int(rng.integers(0, 4))
         assert propose_ngram(t, k=k, min_n=lo, max_n=hi) == _propose_by_definition(t, k, lo, hi), (t, k, lo, hi)
+        # the engine's filter never drops a row that has a proposal (any split into prompt / known / pending)
+        cut = int(rng.integers(0, len(t) + 1))
+        known = t[cut:] + [-1] * int(rng.integers(0, 3))  # PENDING-like entries past the known outputs
+        if propose_ngram(t, k=k, min_n=1, max_n=len(t)):
+            assert may_match(t[:cut], known, len(t) - cut), (t, cut)
+        else:
+            assert not may_match(t[:cut], known, len(t) - cut), (t, cut)
 
 
 # --------------------------------------------------------------------------- rejection sampling's distribution

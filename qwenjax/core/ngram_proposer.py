@@ -37,3 +37,13 @@ def propose_ngram(tokens: Sequence[int] | np.ndarray, *, k: int, min_n: int, max
             i = int(full[-1] if full.size else hits[0])
             return t[i + n:i + n + k].tolist()
     return []
+
+
+def may_match(prompt: list[int], outputs: list, num_known: int) -> bool:
+    """Whether a row whose known tokens are prompt + outputs[:num_known] can get a proposal at all: its last token
+    occurs earlier (every suffix that occurs earlier ends with it). C-speed list scans, no copies: the engine asks
+    this of every decoding row every step, and most rows of most steps answer no."""
+    if num_known:
+        last = outputs[num_known - 1]
+        return last in prompt or outputs.index(last) < num_known - 1
+    return len(prompt) > 1 and prompt.index(prompt[-1]) < len(prompt) - 1

@@ -44,7 +44,7 @@ import json
 import time
 from pathlib import Path
 
-from qwenjax.core.ngram_proposer import propose_ngram
+from qwenjax.core.ngram_proposer import may_match, propose_ngram
 from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING
 from qwenjax.engine.draft_model import DraftModel
@@ -100,7 +100,8 @@ class SpecDecoder:
         """Up to k proposals for a decoding row from its known tokens, never reaching past its length limit (a + 1
         tokens land after its outputs, PENDING ones included)."""
         room = seq.max_output_tokens - len(seq.output_token_ids) - 1
-        if room < 1 or seq.constraint is not None:
+        if room < 1 or seq.constraint is not None or \
+                not may_match(seq.prompt_token_ids, seq.output_token_ids, seq.num_known_outputs):
             return []
         c = self.config
         return propose_ngram(seq.prompt_token_ids + seq.output_token_ids[:seq.num_known_outputs],
