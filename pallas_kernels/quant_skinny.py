@@ -1,0 +1,337 @@
+"""Weight-only low-bit skinny product for decode batches (M = 1..64 rows): Pallas GPU (Triton lowering) kernel,
+jitted API, jnp reference. The successor of quant_gemv.py (kept for comparison in benchmarks/quant_matmul.py).
+
+Axis letters: M rows of x, K inputs, N outputs, G groups, S K-splits, A column classes, U blocks a program unrolls.
+Layouts: exactly quant_gemv.py's ("gptq", "gptq_v2": the checkpoint's K-packed words [K/pf, N]; "awq_kp": AWQ
+repacked at load in 8 x 8 blocks, words [K, N/8]); out = x @ W, W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n],
+g(k) = k // group_size. Group-ordered weights only: act-order (an arbitrary g_idx) stays on the XLA path.
+
+Why a redesign (found by reading Triton and the Pallas lowering, not yet measured): Pallas lowers `fori_loop` to an
+`scf.for` without a `tt.num_stages` attribute, and Triton's pipeliner (AssignLatencies / loadOpsToIndirectionLevel)
+only software-pipelines loads of such a loop when they feed a `tt.dot`. The old GEMV's loop has no dot, so every
+block of it waited for its own DRAM round trip, whatever its size and whatever num_stages said: the "about 2 us per
+block" measured on the H100. Hence two designs, each with a reason for its loads to be in flight early:
+
+  "fma"   (M <= FMA_MAX_ROWS, default for M <= 4): no loop at all. A program owns bn columns and U consecutive
+          K blocks of bkw words (bk = bkw * pf input rows, inside one group), unrolled in straight-line code, so
+          all of its loads issue before the first use and latency hides behind the many resident programs (K is
+          split into K / (bk * U) programs; float32 partials [S, M, N] that XLA sums, usually fused into the
+          consumer). The tile [bkw, A, bn/A] is loaded once, contiguous along N (Pallas marks every pointer
+          argument divisible by 32 bytes and the column offsets are an arange: Triton's coalescing pass gives each
+          thread 4 consecutive int32, one 128-bit ld.global.v4). Each bit field becomes float32 with no
+          integer-to-float conversion: masked in place, or-ed with the exponent of 2**23, minus 2**23 + zero,
+          which is (q - z) * 2**(bits f) exactly (the power of two moves onto x); M FMAs per weight into
+          element-wise accumulators, reduced over their bkw rows once at the end of the program. x's values for a
+          block arrive as small [bkw] vectors broadcast along N (the slice layout of the tile: no shared memory).
+  "dot"   (M <= 64): x padded to bm = 16, 32 or 64 rows, a K loop over the split's blocks whose weight loads feed
+          a tensor-core `tl.dot` (so Triton pipelines them num_stages deep, cp.async). Per block and bit field:
+          dot(x[:, rows j, j+pf, ...] [bm, bkw], (q_j - z) [bkw, bn/A] in x's dtype (exact: |q - z| <= 255)); the
+          scale multiplies the block's float32 product once. The dequantized tile reaches the tensor cores through
+          Triton's operand layout conversion (registers -> shared memory -> ldmatrix, as any Triton mixed-input
+          GEMM); bm = 16 is an mma.sync m16n8k16 shape, so this is a "skinny GEMM" with few wasted rows.
+  "dot_t" the same product transposed (out^T = W^T x^T, "swap AB"): the weight tile is the dot's left operand, whose
+          M = bn/A >= 64 is a Hopper wgmma shape (A may come from registers), x^T the small right operand.
+The sweep (benchmarks/quant_matmul.py, variant `skinny`) searches mode, block_n, block_kw, unroll / num_splits,
+num_warps and num_stages; `CONFIGS` takes its output, `heuristic` covers the rest.
+
+What the design expects on the H100 (to be measured by the lead): the fma mode streaming gate/up (3584 -> 37888
+fused, 68 MB packed) near the copy bandwidth at M = 1..4 (>= 80% of 2.91 TB/s is <= 29 us for the fused pair), its
+cost growing slowly with M while the FMAs (M per weight) stay under the memory time (M <= 4..8); above that the dot
+modes, whose tensor-core work is free at these row counts and whose cost should stay near the M = 1 time up to 64
+rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import quant_gemv
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+FORMATS = quant_gemv.FORMATS
+MODES = ("fma", "dot", "dot_t")
+MAX_ROWS = 64
+FMA_MAX_ROWS = 8          # the fma mode unrolls over the rows of x (M accumulators of [bkw, bn] float32)
+_MIN_DOT = 16             # Triton's smallest dot dimension
+_X_DTYPES = (jnp.bfloat16, jnp.float16)
+_MAGIC = 0x4B000000       # float32 bits of 2**23: (v | _MAGIC) viewed as float32 is 2**23 + v for 0 <= v < 2**23
+_TWO23 = float(1 << 23)
+_FMA_DEFAULT_ROWS = 4     # the heuristic's fma / dot boundary
+_TARGET_PROGRAMS = 1024   # fma: short programs, many of them (latency hides behind occupancy)
+_TARGET_DOT_PROGRAMS = 264  # dot: two waves of an H100's 132 SMs
+
+# (max rows, K, N) -> (mode, block_n, block_kw, num_splits, num_warps, num_stages). Paste the sweep's output here
+# (benchmarks/quant_matmul.py prints `skinny` entries); an entry for r rows covers the M above the previous row count
+# of SWEEP_ROWS up to r. Empty until measured on the H100.
+CONFIGS: dict[tuple[int, int, int], tuple[str, int, int, int, int, int]] = {}
+SWEEP_ROWS = (1, 4, 16, 64)
+
+
+def settings(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
+    """(mode, block_n, block_kw, num_splits, num_warps, num_stages) for a product: CONFIGS, else `heuristic`."""
+    rows = next((r for r in SWEEP_ROWS if r >= m), None)
+    cfg = CONFIGS.get((rows, k, n))
+    if cfg is not None and _valid(m, k, n, fmt, bits, group_size, *cfg[:4]) is None:
+        return tuple(cfg)
+    return heuristic(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
+
+
+def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
+    """fma for M <= 4: bn 256 over 4 warps, one group's words a block (at most 16 word rows), K split until about
+    1024 programs run (each then reads 16-64 KB, enough bytes in flight per SM). dot above: bm = M padded, bn 128
+    (256 for awq_kp, whose dots are bn / 8 wide), 16 word rows a block (one mma K step per bit field), about two
+    waves of programs, 3 stages. Falls back to fma (M <= FMA_MAX_ROWS) where the group is too small for a dot."""
+    pf = 32 // bits
+    group = k if group_size == -1 else group_size
+    classes = 8 if fmt == "awq_kp" else 1
+    mode = "fma" if m <= _FMA_DEFAULT_ROWS else "dot"
+    if mode == "dot" and (min(group, 128) // pf < _MIN_DOT or n % (_MIN_DOT * classes)):
+        mode = "fma"
+    if mode == "fma":
+        bn, warps, stages, target = 256, 4, 1, _TARGET_PROGRAMS
+        bkw = min(16, group // pf)
+    else:
+        bn, warps, stages, target = 128 * (2 if classes == 8 else 1), 4, 3, _TARGET_DOT_PROGRAMS
+        bkw = _MIN_DOT
+    while bn > classes and n % bn:
+        bn //= 2
+    while bkw > 1 and (group % (bkw * pf) or k % (bkw * pf)):
+        bkw //= 2
+    blocks = k // (bkw * pf)
+    splits = max(1, min(-(-target // (n // bn)), blocks))
+    splits = -(-blocks // -(-blocks // splits))  # the split count that `num_splits` would end with
+    return mode, bn, bkw, splits, warps, stages
+
+
+def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
+    """None when the settings fit the product, else why not."""
+    if mode not in MODES:
+        return f"mode must be one of {MODES}, got {mode!r}"
+    why = quant_gemv._valid(k, n, fmt, bits, group_size, bn, bkw)
+    if why:
+        return why
+    if not (isinstance(splits, int) and splits >= 1):
+        return f"num_splits must be a positive int, got {splits}"
+    if mode == "fma" and m > FMA_MAX_ROWS:
+        return f"mode 'fma' takes at most {FMA_MAX_ROWS} rows, got M={m}"
+    classes = 8 if fmt == "awq_kp" else 1
+    if mode != "fma" and (bkw < _MIN_DOT or bn // classes < _MIN_DOT):
+        return (f"mode {mode!r} needs block_kw >= {_MIN_DOT} (got {bkw}) and block_n{' / 8' if classes > 1 else ''}"
+                f" >= {_MIN_DOT} (got block_n={bn}): Triton's smallest dot")
+    return None
+
+
+def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype) -> bool:
+    """Whether the kernel takes this product with its default settings (else the caller uses another path)."""
+    if jnp.dtype(dtype) not in _X_DTYPES or fmt not in FORMATS or not 1 <= m <= MAX_ROWS:
+        return False
+    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)) or k % (32 // bits) or n % 8:
+        return False
+    if group_size != -1 and (group_size <= 0 or k % group_size):
+        return False
+    return _valid(m, k, n, fmt, bits, group_size, *settings(m, k, n, fmt=fmt, bits=bits,
+                                                                 group_size=group_size)[:4]) is None
+
+
+def _columns(A, cw, pf, bits, a=None):
+    """Output column of each (class a, position b) of a tile [A, cw] (or of class `a` alone, [1, cw]), and where
+    its zero lies in the packed zeros: natural order for gptq (A = 1), 8b + a for awq_kp."""
+    a_idx = lax.broadcasted_iota(jnp.int32, (A, cw), 0) if a is None else a
+    col = lax.broadcasted_iota(jnp.int32, (A if a is None else 1, cw), 1) * A + a_idx
+    return col, col // pf, (col % pf) * bits
+
+
+def _zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, *, bits, zero_offset, natural):
+    """The block's zeros and scales at the columns `col`, float32 (natural: col is 0..bn-1, one plain row load)."""
+    zw = plgpu.load(qz_ref.at[jnp.full(col.shape, g, jnp.int32), zero_word])
+    z = (((zw >> zero_shift) & ((1 << bits) - 1)) + zero_offset).astype(jnp.float32)
+    s = s_ref[pl.ds(g, 1), :] if natural else plgpu.load(s_ref.at[jnp.full(col.shape, g, jnp.int32), col])
+    return z, s.astype(jnp.float32)
+
+
+def _field(words, j, bits, *, in_place: bool):
+    """Bit field j of every word as float32 plus 2**23, exactly: in place (times 2**(bits j)) or shifted down."""
+    if in_place:
+        return lax.bitcast_convert_type((words & (((1 << bits) - 1) << (bits * j))) | _MAGIC, jnp.float32)
+    return lax.bitcast_convert_type(((words >> (bits * j)) & ((1 << bits) - 1)) | _MAGIC, jnp.float32)
+
+
+def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, bkw, group_blocks, unroll):
+    # x_ref [M, K/pf, pf]; qw_ref [K/pf, A, cw]; qz_ref [G, bn/pf]; s_ref [G, bn]; o_ref [M, bn] (f32 when split)
+    pf = 32 // bits
+    low = (23 - bits) // bits + 1  # fields whose bits all lie below bit 23 (4 bits: 5; 8 bits: 2)
+    A, cw = qw_ref.shape[1], qw_ref.shape[2]
+    col, zero_word, zero_shift = _columns(A, cw, pf, bits)
+    accs = [None] * rows
+    for u in range(unroll):  # straight-line code: every block's loads can be in flight at once
+        kb = pl.program_id(1) * unroll + u
+        g = kb // group_blocks if group_blocks else 0
+        words = qw_ref[pl.ds(kb * bkw, bkw), :, :]                       # [bkw, A, cw], 128-bit loads along N
+        high = words >> (bits * low)
+        z, s = _zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, bits=bits, zero_offset=zero_offset,
+                             natural=A == 1)
+        # [A, cw] -> [1, A, cw] before any arithmetic: one small layout conversion each, not one per bit field
+        # (loading them as [1, A, cw] instead made Triton convert every [bkw, A, cw] field tile: 64 shared-memory
+        # round trips in the PTX).
+        z, s = z[None], s[None]
+        parts = [None] * rows
+        for j in range(pf):
+            src, f = (words, j) if j < low else (high, j - low)
+            w = _field(src, f, bits, in_place=True) - (z * float(1 << (bits * f)) + _TWO23)  # (q - z) * 2**(bits f)
+            for m in range(rows):
+                xj = x_ref[m, pl.ds(kb * bkw, bkw), j].astype(jnp.float32)  # input rows k0 + j, k0 + j + pf, ...
+                t = (xj * (1.0 / (1 << (bits * f))) if f else xj)[:, None, None] * w
+                parts[m] = t if parts[m] is None else parts[m] + t
+        for m in range(rows):
+            p = parts[m] * s
+            accs[m] = p if accs[m] is None else accs[m] + p
+    for m in range(rows):
+        out = jnp.sum(accs[m], axis=0)                                   # [A, cw], once per program
+        if A == 1:
+            o_ref[pl.ds(m, 1), :] = out.astype(o_ref.dtype)
+        else:
+            plgpu.store(o_ref.at[jnp.full((A, cw), m, jnp.int32), col], out.astype(o_ref.dtype))
+
+
+def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, group_blocks, blocks_per_split,
+                num_k_blocks, transpose):
+    # x_ref [bm, pf, K/pf] (x_ref[:, j, w] = x[:, w * pf + j]); qw_ref [K/pf, A, cw]; qz_ref [G, bn/pf];
+    # s_ref [G, bn]; o_ref [bm, bn]
+    pf = 32 // bits
+    A, cw = qw_ref.shape[1], qw_ref.shape[2]
+    bm = x_ref.shape[0]
+    cdt = x_ref.dtype
+    cols = [_columns(A, cw, pf, bits, a) for a in range(A)]             # [1, cw] each
+    first = pl.program_id(1) * blocks_per_split
+    count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
+    acc_shape = (cw, bm) if transpose else (bm, cw)
+
+    def body(i, accs):
+        kb = first + i
+        g = kb // group_blocks if group_blocks else 0
+        xs = [x_ref[:, j, pl.ds(kb * bkw, bkw)] for j in range(pf)]     # [bm, bkw]: input rows j, j + pf, ...
+        out = []
+        for a in range(A):  # awq_kp: class a holds output columns 8b + a in its row 8w + a of every 8
+            words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
+            za, sa = _zeros_scales(qz_ref, s_ref, g, *cols[a], bits=bits, zero_offset=zero_offset, natural=A == 1)
+            part = jnp.zeros(acc_shape, jnp.float32)
+            for j in range(pf):
+                w = (_field(words, j, bits, in_place=False) - (za + _TWO23)).astype(cdt)  # q - z, exact
+                part += jnp.dot(w.T, xs[j].T, preferred_element_type=jnp.float32) if transpose else \
+                    jnp.dot(xs[j], w, preferred_element_type=jnp.float32)
+            out.append(accs[a] + part * (sa.T if transpose else sa))
+        return tuple(out)
+
+    accs = lax.fori_loop(0, count, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)))
+    rows = lax.broadcasted_iota(jnp.int32, (bm, cw), 0)
+    for a, acc in enumerate(accs):
+        acc = acc.T if transpose else acc
+        if A == 1:
+            o_ref[...] = acc.astype(o_ref.dtype)
+        else:
+            plgpu.store(o_ref.at[rows, jnp.broadcast_to(cols[a][0], (bm, cw))], acc.astype(o_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "bits", "group_size", "mode", "block_n", "block_kw",
+                                             "num_splits", "num_warps", "num_stages", "interpret"))
+def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int, mode=None, block_n=None,
+                 block_kw=None, num_splits=None, num_warps=None, num_stages=None, interpret=False):
+    """x [M, K] @ the low-bit weight -> [M, N] in x.dtype, for 1 <= M <= MAX_ROWS.
+
+    Args:
+        x: [M, K] bfloat16 / float16 activations.
+        qweight, qzeros, scales: one layer's arrays in `fmt`'s layout (quant_gemv.py's docstring).
+        fmt: "gptq" (v1 zeros: stored + 1), "gptq_v2" or "awq_kp" (static).
+        bits: 4 or 8 (gptq); 4 (awq_kp) (static).
+        group_size: input rows per scale group, or -1 for one group (static).
+        mode: "fma", "dot" or "dot_t" (module docstring) (static); default `settings`.
+        block_n, block_kw: output columns and packed word rows of a block (static).
+        num_splits: K splits (static). fma: programs along K, each unrolling K / (block_kw * pf * num_splits)
+            blocks (rounded so that no split is empty); dot: programs along K, each looping over its blocks.
+        num_warps, num_stages: Triton launch settings (static); num_stages matters to the dot modes' loop only.
+        interpret: run in Pallas interpret mode (CPU tests).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)):
+        raise ValueError(f"{fmt} supports bits {(4,) if fmt == 'awq_kp' else (4, 8)}, got {bits}")
+    if x.ndim != 2 or x.dtype not in _X_DTYPES or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be bfloat16 or float16 [M, K] with 1 <= M <= {MAX_ROWS}, got {x.dtype}{x.shape}")
+    m, k = x.shape
+    pf = 32 // bits
+    n = scales.shape[-1]
+    want_qw = (k, n // 8) if fmt == "awq_kp" else (k // pf, n)
+    if qweight.shape != want_qw or qweight.dtype != jnp.int32:
+        raise ValueError(f"{fmt} qweight must be int32 {want_qw} for x [{m}, {k}] and scales {scales.shape}, got "
+                         f"{qweight.dtype}{qweight.shape}")
+    if group_size != -1 and (group_size <= 0 or k % group_size):
+        raise ValueError(f"group_size must be -1 or divide K={k}, got {group_size}")
+    groups = 1 if group_size == -1 else k // group_size
+    if scales.shape != (groups, n) or qzeros.shape != (groups, n // pf) or qzeros.dtype != jnp.int32:
+        raise ValueError(f"scales must be [{groups}, {n}] and qzeros int32 [{groups}, {n // pf}]; got "
+                         f"{scales.shape} and {qzeros.dtype}{qzeros.shape}")
+    d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
+    mode, bn, bkw, splits, warps, stages = (v if v is not None else dv for v, dv in
+                                            zip((mode, block_n, block_kw, num_splits, num_warps, num_stages), d))
+    why = _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits)
+    if why:
+        raise ValueError(why)
+    classes = 8 if fmt == "awq_kp" else 1
+    num_k_blocks = k // (bkw * pf)
+    per_split = pl.cdiv(num_k_blocks, splits)
+    if mode == "fma":
+        while num_k_blocks % per_split:  # every program unrolls the same whole number of blocks
+            per_split += 1
+    splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K
+    group_blocks = 0 if group_size == -1 else group_size // (bkw * pf)
+    zero_offset = 1 if fmt == "gptq" else 0
+    bm = m if mode == "fma" else max(_MIN_DOT, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x, ((0, bm - m), (0, 0))) if bm != m else x
+    if mode == "fma":
+        kernel = functools.partial(_fma_kernel, rows=m, bits=bits, zero_offset=zero_offset, bkw=bkw,
+                                   group_blocks=group_blocks, unroll=per_split)
+    else:
+        kernel = functools.partial(_dot_kernel, bits=bits, zero_offset=zero_offset, bkw=bkw,
+                                   group_blocks=group_blocks, blocks_per_split=per_split,
+                                   num_k_blocks=num_k_blocks, transpose=mode == "dot_t")
+    # fma: x3 [M, K/pf, pf], a free view. dot: x3 transposed to [bm, pf, K/pf] (a tiny XLA transpose), so that the
+    # [bm, bkw] x operand of a bit field is contiguous rows: pipelined 16-byte cp.async instead of 2-byte loads.
+    x3 = xp.reshape(bm, k // pf, pf)
+    if mode != "fma":
+        x3 = x3.transpose(0, 2, 1)
+    in_specs = [
+        pl.BlockSpec(x3.shape, lambda j, s: (0, 0, 0)),
+        pl.BlockSpec((k // pf, classes, bn // classes), lambda j, s: (0, 0, j)),
+        pl.BlockSpec((groups, bn // pf), lambda j, s: (0, j)),
+        pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
+    ]
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((bm, n), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda j, s: (0, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, bm, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda j, s: (s, 0, j))
+    out = pl.pallas_call(
+        kernel,
+        grid=(n // bn, splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=interpret,
+        name=f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}",
+    )(x3, qweight.reshape(k // pf, classes, n // classes), qzeros, scales)
+    if splits > 1:
+        out = out.sum(axis=0)
+    return out[:m].astype(x.dtype)
+
+
+def quant_skinny_reference(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int):
+    """Plain jnp: dequantize the whole weight in float32, then one float32 matmul; -> [M, N] in x.dtype."""
+    return quant_gemv.quant_gemv_reference(x, qweight, qzeros, scales, fmt=fmt, bits=bits, group_size=group_size)
