@@ -1,7 +1,7 @@
 """Weight-only low-bit skinny product for decode batches (M = 1..64 rows): Pallas GPU (Triton lowering) kernel,
 jitted API, jnp reference. The successor of quant_gemv.py (kept for comparison in benchmarks/quant_matmul.py).
 
-Axis letters: M rows of x, K inputs, N outputs, G groups, S K-splits, A column classes, U blocks a program unrolls.
+Axis letters: M rows of x, K inputs, N outputs, G groups, S K-splits, A column classes, U blocks a program.
 Layouts: exactly quant_gemv.py's ("gptq", "gptq_v2": the checkpoint's K-packed words [K/pf, N]; "awq_kp": AWQ
 repacked at load in 8 x 8 blocks, words [K, N/8]); out = x @ W, W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n],
 g(k) = k // group_size. Group-ordered weights only: act-order (an arbitrary g_idx) stays on the XLA path.
@@ -13,16 +13,17 @@ block of it waited for its own DRAM round trip, whatever its size and whatever n
 block" measured on the H100. Hence two designs, each with a reason for its loads to be in flight early:
 
   "fma"   (M <= FMA_MAX_ROWS, default for M <= 4): no loop at all. A program owns bn columns and U consecutive
-          K blocks of bkw words (bk = bkw * pf input rows, inside one group), unrolled in straight-line code, so
-          all of its loads issue before the first use and latency hides behind the many resident programs (K is
-          split into K / (bk * U) programs; float32 partials [S, M, N] that XLA sums, usually fused into the
-          consumer). The tile [bkw, A, bn/A] is loaded once, contiguous along N (Pallas marks every pointer
-          argument divisible by 32 bytes and the column offsets are an arange: Triton's coalescing pass gives each
-          thread 4 consecutive int32, one 128-bit ld.global.v4). Each bit field becomes float32 with no
-          integer-to-float conversion: masked in place, or-ed with the exponent of 2**23, minus 2**23 + zero,
-          which is (q - z) * 2**(bits f) exactly (the power of two moves onto x); M FMAs per weight into
-          element-wise accumulators, reduced over their bkw rows once at the end of the program. x's values for a
-          block arrive as small [bkw] vectors broadcast along N (the slice layout of the tile: no shared memory).
+          K blocks of bkw words (bk = bkw * pf input rows, inside one group), unrolled in straight-line code with
+          all of its loads written first, so that they are in flight together and latency hides behind the many
+          resident programs (K is split into K / (bk * U) programs; float32 partials [S, M, N] that XLA sums,
+          usually fused into the consumer). The tile [bkw, A, bn/A] is loaded once, contiguous along N (Pallas
+          marks every pointer argument divisible by 32 bytes and the column offsets are an arange: Triton's
+          coalescing pass gives each thread 4 consecutive int32, one 128-bit ld.global.v4). Each bit field
+          becomes float32 with no integer-to-float conversion: masked in place, or-ed with the exponent of
+          2**23, minus 2**23 + zero, which is (q - z) * 2**(bits f) exactly (the power of two moves onto x); M FMAs
+          per weight into element-wise partials, reduced over the block's rows and scaled once per block. x's
+          values for a block arrive as small [bkw] vectors broadcast along N (the slice layout of the tile: no
+          shared memory).
   "dot"   (M <= 64): x padded to bm = 16, 32 or 64 rows, a K loop over the split's blocks whose weight loads feed
           a tensor-core `tl.dot` (so Triton pipelines them num_stages deep, cp.async). Per block and bit field:
           dot(x[:, rows j, j+pf, ...] [bm, bkw], (q_j - z) [bkw, bn/A] in x's dtype (exact: |q - z| <= 255)); the
@@ -33,6 +34,30 @@ block" measured on the H100. Hence two designs, each with a reason for its loads
           M = bn/A >= 64 is a Hopper wgmma shape (A may come from registers), x^T the small right operand.
 The sweep (benchmarks/quant_matmul.py, variant `skinny`) searches mode, block_n, block_kw, unroll / num_splits,
 num_warps and num_stages; `CONFIGS` takes its output, `heuristic` covers the rest.
+
+What the GPU will run, inspected on CPU (the pallas_call lowered for CUDA, its Triton IR compiled for sm_90a by
+Triton 3.9 and ptxas 12.9: `python benchmarks/kernel_isa.py --kernels skinny-fma-m1,...`; per thread, GPTQ 4-bit
+g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
+  fma, M = 1 (bn 512 on 4 warps, 8 word rows a block, 7 blocks a program in the prefetching loop): 16 ld.global.v4
+      of weights (the next block's issued before this block's arithmetic); no shared memory, no bar.sync; 168
+      registers, no spills. x: 64 scalar 2-byte loads per block (every thread needs every x of its rows: L1 hits,
+      one per 4 weight words per row of x). M = 4 (4 word rows): 8 v4, no barrier, 166 registers. The fused qkv
+      (bn 256 on 2 warps, 2 blocks straight-line): 16 v4, no barrier, 254 registers.
+  fma with bn = 256 on 4 warps instead (the first version's default): 7 bar.sync and shared-memory round trips per
+      block (Triton's layout for the [1, bn] zeros and scales differed from the tile's slice: a conversion per
+      block, plus a cross-warp reduction); loading the zeros as [1, A, cw] made Triton convert every field tile
+      instead (64 round trips). With a block's loads written after the previous block's arithmetic they waited
+      behind those barriers: a DRAM round trip per block, as in the old GEMV.
+  fma, awq_kp: the same loads, plus 4 (M = 1) to 10 (M = 4) barriers from the 8 column classes' gathered zeros and
+      scales; about 252 registers, no spills.
+  dot / dot_t, M = 16: weights and x arrive by cp.async (pipelined, 3 stages); the dequantized [bkw, bn] bf16 tile
+      goes to shared memory with 2-byte st.shared (Triton's operand conversion, also for dot_t's wgmma), then
+      mma.sync m16n8k16 (dot, 152 registers) or wgmma m64n16k16 (dot_t, 136). M = 64: wgmma m64n128k16; on 4 warps
+      280 bytes of spills, on 8 (the default) none, 196 registers.
+  The old GEMV (quant_gemv.py, M = 1): a loop without a dot (no cp.async), 4 v4 loads and 16 bar.sync per block.
+Open questions for the H100: whether 2-byte x loads (L1) or the fma arithmetic (about 2 + M instructions a weight)
+bound the fma mode before DRAM does, and what the split-K partials cost (S * M * N * 8 bytes, 4% of the weights at
+gate/up M = 1 and 14% at M = 4 with the defaults; num_splits in the sweep trades them against programs in flight).
 
 What the design expects on the H100 (to be measured by the lead): the fma mode streaming gate/up (3584 -> 37888
 fused, 68 MB packed) near the copy bandwidth at M = 1..4 (>= 80% of 2.91 TB/s is <= 29 us for the fused pair), its
@@ -57,13 +82,15 @@ _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "Trit
 FORMATS = quant_gemv.FORMATS
 MODES = ("fma", "dot", "dot_t")
 MAX_ROWS = 64
-FMA_MAX_ROWS = 8          # the fma mode unrolls over the rows of x (M accumulators of [bkw, bn] float32)
+FMA_MAX_ROWS = 8          # the fma mode unrolls over the rows of x (M partial tiles in registers)
 _MIN_DOT = 16             # Triton's smallest dot dimension
 _X_DTYPES = (jnp.bfloat16, jnp.float16)
 _MAGIC = 0x4B000000       # float32 bits of 2**23: (v | _MAGIC) viewed as float32 is 2**23 + v for 0 <= v < 2**23
 _TWO23 = float(1 << 23)
 _FMA_DEFAULT_ROWS = 4     # the heuristic's fma / dot boundary
-_TARGET_PROGRAMS = 1024   # fma: short programs, many of them (latency hides behind occupancy)
+_TARGET_PROGRAMS = 528    # fma: four programs per SM of an H100 (132)
+_MIN_COLUMN_BLOCKS = 16   # fma: fewer warps (narrower programs) below this many column blocks
+_STRAIGHT_BLOCKS = 2      # fma: up to this many blocks a program in straight-line code, more in a prefetching loop
 _TARGET_DOT_PROGRAMS = 264  # dot: two waves of an H100's 132 SMs
 
 # (max rows, K, N) -> (mode, block_n, block_kw, num_splits, num_warps, num_stages). Paste the sweep's output here
@@ -83,28 +110,39 @@ def settings(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
 
 
 def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
-    """fma for M <= 4: bn 256 over 4 warps, one group's words a block (at most 16 word rows), K split until about
-    1024 programs run (each then reads 16-64 KB, enough bytes in flight per SM). dot above: bm = M padded, bn 128
-    (256 for awq_kp, whose dots are bn / 8 wide), 16 word rows a block (one mma K step per bit field), about two
-    waves of programs, 3 stages. Falls back to fma (M <= FMA_MAX_ROWS) where the group is too small for a dot."""
+    """fma for M <= 4: block_n = 128 * num_warps, the width at which Triton gives each thread 4 adjacent columns
+    (one 128-bit load) of every word row of the block, so that the zeros and scales need no layout change, each
+    thread reduces its own rows and the PTX has no barrier and no shared memory; 4 warps (fewer where N has under
+    16 such column blocks); 8 word rows a block (4 above 2 rows: registers; at M = 1, 168 registers and no spills
+    with two blocks in registers, 16 KB in flight a program); K split until about 528 programs (four per SM) run,
+    no further (the float32 partials cost S * M * N * 8 bytes of traffic: at gate/up, M = 1, S = 8, 4% of the
+    weights'). dot above: bm = M padded, bn 128 (256
+    for awq_kp, whose dots are bn / 8 wide), 16 word rows a block (one mma K step per bit field), 4 warps (8 for
+    bm = 64), about two waves of programs, 3 stages. Falls back to fma (M <= FMA_MAX_ROWS) where the group is too
+    small for a dot."""
     pf = 32 // bits
     group = k if group_size == -1 else group_size
     classes = 8 if fmt == "awq_kp" else 1
     mode = "fma" if m <= _FMA_DEFAULT_ROWS else "dot"
     if mode == "dot" and (min(group, 128) // pf < _MIN_DOT or n % (_MIN_DOT * classes)):
         mode = "fma"
-    if mode == "fma":
-        bn, warps, stages, target = 256, 4, 1, _TARGET_PROGRAMS
-        bkw = min(16, group // pf)
-    else:
-        bn, warps, stages, target = 128 * (2 if classes == 8 else 1), 4, 3, _TARGET_DOT_PROGRAMS
-        bkw = _MIN_DOT
-    while bn > classes and n % bn:
-        bn //= 2
+    bkw = (8 if m <= 2 else 4) if mode == "fma" else _MIN_DOT
     while bkw > 1 and (group % (bkw * pf) or k % (bkw * pf)):
         bkw //= 2
     blocks = k // (bkw * pf)
-    splits = max(1, min(-(-target // (n // bn)), blocks))
+    if mode == "fma":
+        warps = 4
+        while warps > 1 and (n % (128 * warps) or n // (128 * warps) < _MIN_COLUMN_BLOCKS):
+            warps //= 2
+        bn = 128 * warps
+        while bn > classes and n % bn:  # an N no multiple of 128: rows then spread over threads
+            bn //= 2
+        splits = max(1, min(-(-_TARGET_PROGRAMS // (n // bn)), blocks))
+        return mode, bn, bkw, -(-blocks // -(-blocks // splits)), warps, 1  # the count quant_skinny ends with
+    bn, warps, stages = 128 * (2 if classes == 8 else 1), 8 if m > 32 else 4, 3  # 64 rows on 4 warps: spills
+    while bn > classes and n % bn:
+        bn //= 2
+    splits = max(1, min(-(-_TARGET_DOT_PROGRAMS // (n // bn)), blocks))
     splits = -(-blocks // -(-blocks // splits))  # the split count that `num_splits` would end with
     return mode, bn, bkw, splits, warps, stages
 
@@ -162,24 +200,24 @@ def _field(words, j, bits, *, in_place: bool):
     return lax.bitcast_convert_type(((words >> (bits * j)) & ((1 << bits) - 1)) | _MAGIC, jnp.float32)
 
 
-def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, bkw, group_blocks, unroll):
+def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, bkw, group_blocks, unroll,
+                num_k_blocks):
     # x_ref [M, K/pf, pf]; qw_ref [K/pf, A, cw]; qz_ref [G, bn/pf]; s_ref [G, bn]; o_ref [M, bn] (f32 when split)
     pf = 32 // bits
     low = (23 - bits) // bits + 1  # fields whose bits all lie below bit 23 (4 bits: 5; 8 bits: 2)
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
     col, zero_word, zero_shift = _columns(A, cw, pf, bits)
-    accs = [None] * rows
-    for u in range(unroll):  # straight-line code: every block's loads can be in flight at once
-        kb = pl.program_id(1) * unroll + u
+    first = pl.program_id(1) * unroll
+
+    def load(kb):  # a block's words [bkw, A, cw] (128-bit loads along N), zeros and scales [A, cw]
         g = kb // group_blocks if group_blocks else 0
-        words = qw_ref[pl.ds(kb * bkw, bkw), :, :]                       # [bkw, A, cw], 128-bit loads along N
+        return (qw_ref[pl.ds(kb * bkw, bkw), :, :],
+                *_zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, bits=bits, zero_offset=zero_offset,
+                               natural=A == 1))
+
+    def block(kb, words, z, s, accs):
         high = words >> (bits * low)
-        z, s = _zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, bits=bits, zero_offset=zero_offset,
-                             natural=A == 1)
-        # [A, cw] -> [1, A, cw] before any arithmetic: one small layout conversion each, not one per bit field
-        # (loading them as [1, A, cw] instead made Triton convert every [bkw, A, cw] field tile: 64 shared-memory
-        # round trips in the PTX).
-        z, s = z[None], s[None]
+        z = z[None]  # [1, A, cw] before any arithmetic: one layout change for all fields, if any
         parts = [None] * rows
         for j in range(pf):
             src, f = (words, j) if j < low else (high, j - low)
@@ -188,15 +226,33 @@ def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset,
                 xj = x_ref[m, pl.ds(kb * bkw, bkw), j].astype(jnp.float32)  # input rows k0 + j, k0 + j + pf, ...
                 t = (xj * (1.0 / (1 << (bits * f))) if f else xj)[:, None, None] * w
                 parts[m] = t if parts[m] is None else parts[m] + t
-        for m in range(rows):
-            p = parts[m] * s
-            accs[m] = p if accs[m] is None else accs[m] + p
+        # Reduced over the block's rows at once (inside each thread where one thread holds all bkw rows of its
+        # columns: the heuristic's block_n = 128 * num_warps), so only [A, cw] accumulators live across blocks.
+        return tuple(acc + jnp.sum(p, axis=0) * s for acc, p in zip(accs, parts))
+
+    accs = tuple(jnp.zeros((A, cw), jnp.float32) for _ in range(rows))
+    if unroll <= _STRAIGHT_BLOCKS and num_k_blocks % unroll == 0:
+        # Every block's loads first, in program order: ptxas does not move a load across a barrier, so a load
+        # written after the previous block's arithmetic would wait for it wherever that arithmetic has one.
+        for u, blk in enumerate([load(first + u) for u in range(unroll)]):
+            accs = block(first + u, *blk, accs)
+    else:
+        # More blocks: a loop that loads block i + 1 before the arithmetic of block i (double buffering in
+        # registers; the last iteration reloads its own block, a cache hit), so that one block is always in flight
+        # and the registers hold two, whatever the count (the last split's may be shorter).
+        count = jnp.minimum(num_k_blocks - first, unroll)
+
+        def body(i, carry):
+            cur, accs = carry[:3], carry[3:]
+            nxt = load(first + jnp.minimum(i + 1, count - 1))
+            return (*nxt, *block(first + i, *cur, accs))
+
+        accs = lax.fori_loop(0, count, body, (*load(first), *accs))[3:]
     for m in range(rows):
-        out = jnp.sum(accs[m], axis=0)                                   # [A, cw], once per program
         if A == 1:
-            o_ref[pl.ds(m, 1), :] = out.astype(o_ref.dtype)
+            o_ref[pl.ds(m, 1), :] = accs[m].astype(o_ref.dtype)
         else:
-            plgpu.store(o_ref.at[jnp.full((A, cw), m, jnp.int32), col], out.astype(o_ref.dtype))
+            plgpu.store(o_ref.at[jnp.full((A, cw), m, jnp.int32), col], accs[m].astype(o_ref.dtype))
 
 
 def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, group_blocks, blocks_per_split,
@@ -252,8 +308,9 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         group_size: input rows per scale group, or -1 for one group (static).
         mode: "fma", "dot" or "dot_t" (module docstring) (static); default `settings`.
         block_n, block_kw: output columns and packed word rows of a block (static).
-        num_splits: K splits (static). fma: programs along K, each unrolling K / (block_kw * pf * num_splits)
-            blocks (rounded so that no split is empty); dot: programs along K, each looping over its blocks.
+        num_splits: K splits (static): programs along K, each over ceil(blocks / num_splits) blocks (the count
+            rounded so that no split is empty; the last may be shorter). fma: up to 2 blocks in straight-line code,
+            more in a loop that prefetches the next block; dot: a pipelined loop.
         num_warps, num_stages: Triton launch settings (static); num_stages matters to the dot modes' loop only.
         interpret: run in Pallas interpret mode (CPU tests).
     """
@@ -285,17 +342,14 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
     classes = 8 if fmt == "awq_kp" else 1
     num_k_blocks = k // (bkw * pf)
     per_split = pl.cdiv(num_k_blocks, splits)
-    if mode == "fma":
-        while num_k_blocks % per_split:  # every program unrolls the same whole number of blocks
-            per_split += 1
-    splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K
+    splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K (the last may be shorter)
     group_blocks = 0 if group_size == -1 else group_size // (bkw * pf)
     zero_offset = 1 if fmt == "gptq" else 0
     bm = m if mode == "fma" else max(_MIN_DOT, 1 << (m - 1).bit_length())
     xp = jnp.pad(x, ((0, bm - m), (0, 0))) if bm != m else x
     if mode == "fma":
         kernel = functools.partial(_fma_kernel, rows=m, bits=bits, zero_offset=zero_offset, bkw=bkw,
-                                   group_blocks=group_blocks, unroll=per_split)
+                                   group_blocks=group_blocks, unroll=per_split, num_k_blocks=num_k_blocks)
     else:
         kernel = functools.partial(_dot_kernel, bits=bits, zero_offset=zero_offset, bkw=bkw,
                                    group_blocks=group_blocks, blocks_per_split=per_split,

@@ -24,7 +24,9 @@ GPTQ8_64 = Scheme("gptq", bits=8, group_size=64, sym=True, checkpoint_format="gp
 
 CASES = [  # scheme, kernel format, M, K, N, settings ({}: the defaults)
     (GPTQ128, "gptq", 1, 512, 128, {}),                                          # fma, split K
-    (GPTQ64, "gptq", 1, 256, 64, dict(num_splits=1)),                            # fma, 4 blocks unrolled
+    (GPTQ64, "gptq", 1, 256, 64, dict(num_splits=1)),                            # fma, a loop of 4 blocks
+    (GPTQ64, "gptq", 2, 256, 64, dict(num_splits=2)),                            # fma, 2 blocks straight-line
+    (GPTQ128, "gptq", 2, 1024, 64, dict(mode="fma", block_kw=4, num_splits=3)),  # loops of 11, 11 and 10 blocks
     (AWQ128, "awq_kp", 1, 256, 256, {}),
     (AWQ64, "awq_kp", 3, 256, 128, dict(block_n=64, num_splits=2)),
     (GPTQ_V2, "gptq_v2", 3, 256, 128, dict(block_kw=4)),
