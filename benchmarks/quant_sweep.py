@@ -125,10 +125,14 @@ def skinny_neighbours(cfg, param, m, k, n, bits, gfmt):
     if param == 0:
         h = qs.heuristic(max(m, 5), k, n, fmt=gfmt, bits=bits, group_size=GROUP)  # the dot modes' defaults
         outs = [(v, *cfg[1:]) for v in qs.MODES if v != mode] + [(v, *h[1:]) for v in ("dot", "dot_t")]
+    elif param == 5 and mode == "fma":  # num_stages: only the dot modes' loop is pipelined by Triton
+        outs = []
     else:
         vals = {1: (64, 128, 256, 512, 1024), 2: (1, 2, 4, 8, 16, 32),
                 3: sorted({max(1, s // 4), max(1, s // 2), s * 2, s * 4}), 4: (2, 4, 8), 5: (1, 2, 3, 4)}[param]
         outs = [tuple(v if i == param else c for i, c in enumerate(cfg)) for v in vals if v != cfg[param]]
+        if param == 1 and mode == "fma":  # and the warps that keep block_n = 128 * num_warps (heuristic's docstring)
+            outs += [(mode, v, bkw, s, v // 128, st) for v in (128, 256, 512, 1024) if v != bn]
     return [c for c in dict.fromkeys(outs) if c != tuple(cfg) and qs._valid(m, k, n, gfmt, bits, GROUP,
                                                                              *c[:4]) is None]
 
