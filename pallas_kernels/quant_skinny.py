@@ -77,14 +77,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import quant_gemv
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-
 FORMATS = quant_gemv.FORMATS
 MODES = ("fma", "dot", "dot_t")
 MAX_ROWS = 64
 FMA_MAX_ROWS = 8          # the fma mode unrolls over the rows of x (M partial tiles in registers)
 _MIN_DOT = 16             # Triton's smallest dot dimension
-_X_DTYPES = (jnp.bfloat16, jnp.float16)
 _MAGIC = 0x4B000000       # float32 bits of 2**23: (v | _MAGIC) viewed as float32 is 2**23 + v for 0 <= v < 2**23
 _TWO23 = float(1 << 23)
 _FMA_DEFAULT_ROWS = 4     # the heuristic's fma / dot boundary
@@ -167,11 +164,8 @@ def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
 
 def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype) -> bool:
     """Whether the kernel takes this product with its default settings (else the caller uses another path)."""
-    if jnp.dtype(dtype) not in _X_DTYPES or fmt not in FORMATS or not 1 <= m <= MAX_ROWS:
-        return False
-    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)) or k % (32 // bits) or n % 8:
-        return False
-    if group_size != -1 and (group_size <= 0 or k % group_size):
+    if not quant_gemv.layout_fits(m, k, n, fmt=fmt, bits=bits, group_size=group_size, dtype=dtype,
+                                  max_rows=MAX_ROWS):
         return False
     return _valid(m, k, n, fmt, bits, group_size, *settings(m, k, n, fmt=fmt, bits=bits,
                                                                  group_size=group_size)[:4]) is None
@@ -314,25 +308,8 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         num_warps, num_stages: Triton launch settings (static); num_stages matters to the dot modes' loop only.
         interpret: run in Pallas interpret mode (CPU tests).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)):
-        raise ValueError(f"{fmt} supports bits {(4,) if fmt == 'awq_kp' else (4, 8)}, got {bits}")
-    if x.ndim != 2 or x.dtype not in _X_DTYPES or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"x must be bfloat16 or float16 [M, K] with 1 <= M <= {MAX_ROWS}, got {x.dtype}{x.shape}")
-    m, k = x.shape
-    pf = 32 // bits
-    n = scales.shape[-1]
-    want_qw = (k, n // 8) if fmt == "awq_kp" else (k // pf, n)
-    if qweight.shape != want_qw or qweight.dtype != jnp.int32:
-        raise ValueError(f"{fmt} qweight must be int32 {want_qw} for x [{m}, {k}] and scales {scales.shape}, got "
-                         f"{qweight.dtype}{qweight.shape}")
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise ValueError(f"group_size must be -1 or divide K={k}, got {group_size}")
-    groups = 1 if group_size == -1 else k // group_size
-    if scales.shape != (groups, n) or qzeros.shape != (groups, n // pf) or qzeros.dtype != jnp.int32:
-        raise ValueError(f"scales must be [{groups}, {n}] and qzeros int32 [{groups}, {n // pf}]; got "
-                         f"{scales.shape} and {qzeros.dtype}{qzeros.shape}")
+    m, k, n, pf, groups = quant_gemv.check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits,
+                                                  group_size=group_size, max_rows=MAX_ROWS)
     d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
     mode, bn, bkw, splits, warps, stages = (v if v is not None else dv for v, dv in
                                             zip((mode, block_n, block_kw, num_splits, num_warps, num_stages), d))
@@ -359,31 +336,11 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
     x3 = xp.reshape(bm, k // pf, pf)
     if mode != "fma":
         x3 = x3.transpose(0, 2, 1)
-    in_specs = [
-        pl.BlockSpec(x3.shape, lambda j, s: (0, 0, 0)),
-        pl.BlockSpec((k // pf, classes, bn // classes), lambda j, s: (0, 0, j)),
-        pl.BlockSpec((groups, bn // pf), lambda j, s: (0, j)),
-        pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
-    ]
-    if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((bm, n), x.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda j, s: (0, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((splits, bm, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda j, s: (s, 0, j))
-    out = pl.pallas_call(
-        kernel,
-        grid=(n // bn, splits),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
-        interpret=interpret,
-        name=f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}",
-    )(x3, qweight.reshape(k // pf, classes, n // classes), qzeros, scales)
-    if splits > 1:
-        out = out.sum(axis=0)
-    return out[:m].astype(x.dtype)
+    name = f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}"
+    out = quant_gemv.launch(kernel, x3, qweight.reshape(k // pf, classes, n // classes), qzeros, scales, block_n=bn,
+                            num_splits=splits, out_dtype=x.dtype, num_warps=warps, num_stages=stages,
+                            interpret=interpret, name=name)
+    return out[:m]
 
 
 def quant_skinny_reference(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int):
