@@ -29,8 +29,11 @@ quantized weight's bytes (int32 words + zeros + bf16 scales) over the time; `bf1
 
 Output: a table, then `CONFIGS` entries for pallas_kernels/quant_skinny.py and quant_gemv.py, then one JSON
 (benchmark `quant-matmul`):
-metrics `<fmt>_<layer>_m<M>_{us,packed_gbps,speedup_vs_bf16,speedup_vs_xla,best}` and, per format and M, the sum
-over a layer's seven projections (q, k, v, o, gate, up, down): `<fmt>_layer_m<M>_{us,speedup_vs_bf16}`.
+metrics `<fmt>_<layer>_m<M>_{us,packed_gbps,copy_frac,speedup_vs_bf16,speedup_vs_xla,best}`, each kernel's own best
+`<fmt>_<layer>_m<M>_{skinny,gemv}_{us,device_us,packed_gbps,copy_frac}` (copy_frac: of the copy bandwidth measured
+in the same run) and, per format and M, the sums over a layer's seven projections (q, k, v, o, gate, up, down):
+`<fmt>_layer_m<M>_{us,speedup_vs_bf16}`, and over the model's four fused products (qkv, o, gate_up2, down):
+`<fmt>_fused_layer_m<M>_...`.
 The formats, the variants, the weights and the measurement of one variant are in quant_sweep.py.
 
   python benchmarks/quant_matmul.py --budget-s 480 --out $OUT          # H100: about 8-10 minutes without a budget
@@ -60,7 +63,10 @@ BENCHMARK = "quant-matmul"
 # Qwen2-7B: hidden 3584, 28 q heads and 4 kv heads of 128, ffn 18944. (K, N) per layer name.
 SHAPES_7B = {"q_o": (3584, 3584), "kv": (3584, 512), "gate_up": (3584, 18944), "down": (18944, 3584),
              "qkv": (3584, 4608), "gate_up2": (3584, 37888)}
-LAYER_SUM = {"q_o": 2, "kv": 2, "gate_up": 2, "down": 1}  # a decoder layer's seven projections
+# Sums over a decoder layer's products: name -> (layer -> count, label). "layer": the seven projections apart;
+# "fused_layer": the four products the model runs on one device (models/fusion.py).
+LAYER_SUMS = {"layer": ({"q_o": 2, "kv": 2, "gate_up": 2, "down": 1}, "(q, k, v, o, gate, up, down)"),
+              "fused_layer": ({"qkv": 1, "q_o": 1, "gate_up2": 1, "down": 1}, "(qkv, o, gate_up fused, down)")}
 SHAPES_TINY = {"q_o": (256, 256), "kv": (256, 64), "down": (512, 256)}
 
 
@@ -113,11 +119,13 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
     lines.append(hdr)
     for f in formats:
         for m in rows:
-            layer_sum = {"best": 0.0, "bf16": 0.0, "auto": 0.0, "complete": all(x in shapes for x in LAYER_SUM)}
+            sums = {name: {"best": 0.0, "bf16": 0.0, "auto": 0.0, "complete": all(x in shapes for x in counts)}
+                    for name, (counts, _) in LAYER_SUMS.items()}
             for layer, (k, n) in shapes.items():
                 mine = [r for r in ok if r["fmt"] == f and r["layer"] == layer and r["m"] == m]
                 if not mine:
-                    layer_sum["complete"] &= layer not in LAYER_SUM
+                    for name, (counts, _) in LAYER_SUMS.items():
+                        sums[name]["complete"] &= layer not in counts
                     continue
                 by = {}
                 for r in mine:
@@ -136,6 +144,9 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
                                 f"{p}_auto_us": auto, f"{p}_device_us": best.get("device_us")})
                 for kern in ("skinny", "gemv"):  # each kernel's best settings where they beat its defaults (run 1st)
                     kbest = min(by.get(kern, []), key=lambda r: r["us"], default=None)
+                    if kbest is not None:
+                        metrics.update({f"{p}_{kern}_us": kbest["us"], f"{p}_{kern}_device_us": kbest.get("device_us"),
+                                        f"{p}_{kern}_packed_gbps": kbest["packed_bytes"] / kbest["us"] / 1e3})
                     if kbest is not None and kbest is not by[kern][0]:
                         configs.setdefault(kern, {})[(m, kbest["k"], kbest["n"], f)] = tuple(kbest["cfg"])
                 fmt_us = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9s}"
@@ -143,20 +154,23 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
                 lines.append(f"{f:6s} {layer:8s} {m:4d} {fmt_us(b16)} {fmt_us(xla)} {fmt_us(mma)} {fmt_us(auto)} "
                              f"{best['us']:9.2f} {best.get('device_us') or 0:8.2f} {gbps:7.0f} "
                              f"{sp if sp is None else round(sp, 2)!s:>7s}  {name}")
-                if layer in LAYER_SUM:
-                    c = LAYER_SUM[layer]
-                    layer_sum["best"] += c * best["us"]
-                    layer_sum["bf16"] += c * (b16 or math.nan)
-                    layer_sum["auto"] += c * (auto if auto is not None else math.nan)
-            if layer_sum["best"] and layer_sum["complete"]:
-                p = f"{f}_layer_m{m}"
-                metrics.update({f"{p}_us": layer_sum["best"], f"{p}_bf16_us": layer_sum["bf16"],
-                                f"{p}_auto_us": layer_sum["auto"],
-                                f"{p}_speedup_vs_bf16": floors.ratio(layer_sum["bf16"], layer_sum["best"]),
-                                f"{p}_auto_speedup_vs_bf16": floors.ratio(layer_sum["bf16"], layer_sum["auto"])})
-                lines.append(f"{f:6s} {'LAYER':8s} {m:4d} {layer_sum['bf16']:9.2f} {'':9s} {'':9s} "
-                             f"{layer_sum['auto']:9.2f} {layer_sum['best']:9.2f} {'':8s} {'':7s} "
-                             f"{round(layer_sum['bf16'] / layer_sum['best'], 2)!s:>7s}  (q, k, v, o, gate, up, down)")
+                for name, (counts, _) in LAYER_SUMS.items():
+                    c = counts.get(layer, 0)
+                    sums[name]["best"] += c * best["us"]
+                    sums[name]["bf16"] += c * (b16 or math.nan) if c else 0.0
+                    sums[name]["auto"] += c * (auto if auto is not None else math.nan) if c else 0.0
+            for name, (_, label) in LAYER_SUMS.items():
+                ls = sums[name]
+                if not (ls["best"] and ls["complete"]):
+                    continue
+                p = f"{f}_{name}_m{m}"
+                metrics.update({f"{p}_us": ls["best"], f"{p}_bf16_us": ls["bf16"], f"{p}_auto_us": ls["auto"],
+                                f"{p}_speedup_vs_bf16": floors.ratio(ls["bf16"], ls["best"]),
+                                f"{p}_auto_speedup_vs_bf16": floors.ratio(ls["bf16"], ls["auto"])})
+                tag = "LAYER" if name == "layer" else "FUSED"
+                lines.append(f"{f:6s} {tag:8s} {m:4d} {ls['bf16']:9.2f} {'':9s} {'':9s} "
+                             f"{ls['auto']:9.2f} {ls['best']:9.2f} {'':8s} {'':7s} "
+                             f"{round(ls['bf16'] / ls['best'], 2)!s:>7s}  {label}")
     return metrics, lines, configs
 
 
@@ -196,6 +210,9 @@ def main(argv=None) -> dict:
                 for f in args.formats:
                     run_case(sw, f, layer, m, k, n, lkey, phase)
     metrics, lines, configs = summarize(sw.runs, args.formats, args.rows, args.shapes)
+    if ceilings.get("copy_tbps"):  # issue 30's measure: packed bytes per second against the copy bandwidth
+        metrics.update({key[:-len("packed_gbps")] + "copy_frac": v / (ceilings["copy_tbps"] * 1e3)
+                        for key, v in list(metrics.items()) if key.endswith("packed_gbps") and v})
     failed = [r for r in sw.runs if r["status"] in ("failed", "wrong")]
     metrics.update({"variants_ok": sum(r["status"] == "ok" for r in sw.runs), "variants_failed": len(failed),
                     "variants_skipped": sum(r["status"] == "skipped" for r in sw.runs),
