@@ -36,8 +36,8 @@ The sweep (benchmarks/quant_matmul.py, variant `skinny`) searches mode, block_n,
 num_warps and num_stages; `CONFIGS` takes its output, `heuristic` covers the rest.
 
 What the GPU will run, inspected on CPU (the pallas_call lowered for CUDA, its Triton IR compiled for sm_90a by
-Triton 3.9 and ptxas 12.9: `python benchmarks/kernel_isa.py --kernels skinny-fma-m1,...`; per thread, GPTQ 4-bit
-g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
+Triton 3.9 and ptxas 12.9: benchmarks/kernel_isa.py --kernels skinny-fma-m1,... --triton-python PY; per thread,
+GPTQ 4-bit g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
   fma, M = 1 (bn 512 on 4 warps, 8 word rows a block, 7 blocks a program in the prefetching loop): 16 ld.global.v4
       of weights (the next block's issued before this block's arithmetic); no shared memory, no bar.sync; 168
       registers, no spills. x: 64 scalar 2-byte loads per block (every thread needs every x of its rows: L1 hits,
