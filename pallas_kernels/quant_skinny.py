@@ -26,8 +26,10 @@ block" measured on the H100. Hence two designs, each with a reason for its loads
           shared memory).
   "dot"   (M <= 64): x padded to bm = 16, 32 or 64 rows, a K loop over the split's blocks whose weight loads feed
           a tensor-core `tl.dot` (so Triton pipelines them num_stages deep, cp.async). Per block and bit field:
-          dot(x[:, rows j, j+pf, ...] [bm, bkw], (q_j - z) [bkw, bn/A] in x's dtype (exact: |q - z| <= 255)); the
-          scale multiplies the block's float32 product once. The dequantized tile reaches the tensor cores through
+          dot(x[:, rows j, j+pf, ...] [bm, bkw], (q_j - z) * s [bkw, bn/A] rounded once to x's dtype, as XLA's
+          dequantize-then-dot does), accumulated in float32 by the dots themselves (scaling the block's float32
+          product instead cost a layout change of the accumulator and more barriers, and 50 more registers at
+          64 rows). The dequantized tile reaches the tensor cores through
           Triton's operand layout conversion (registers -> shared memory -> ldmatrix, as any Triton mixed-input
           GEMM); bm = 16 is an mma.sync m16n8k16 shape, so this is a "skinny GEMM" with few wasted rows.
   "dot_t" the same product transposed (out^T = W^T x^T, "swap AB"): the weight tile is the dot's left operand, whose
@@ -50,10 +52,11 @@ GPTQ 4-bit g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
       behind those barriers: a DRAM round trip per block, as in the old GEMV.
   fma, awq_kp: the same loads, plus 4 (M = 1) to 10 (M = 4) barriers from the 8 column classes' gathered zeros and
       scales; about 252 registers, no spills.
-  dot / dot_t, M = 16: weights and x arrive by cp.async (pipelined, 3 stages); the dequantized [bkw, bn] bf16 tile
-      goes to shared memory with 2-byte st.shared (Triton's operand conversion, also for dot_t's wgmma), then
-      mma.sync m16n8k16 (dot, 152 registers) or wgmma m64n16k16 (dot_t, 136). M = 64: wgmma m64n128k16; on 4 warps
-      280 bytes of spills, on 8 (the default) none, 196 registers.
+  dot / dot_t, M = 16: weights and x arrive by cp.async (pipelined, 3 stages); each field's dequantized
+      [bkw, bn] bf16 tile goes to shared memory with 2-byte st.shared (Triton's operand conversion, also for
+      dot_t's wgmma; one barrier each, 8 a block), then mma.sync m16n8k16 (dot, 128 registers, 8 bytes of spills)
+      or wgmma m64n16k16 (dot_t, 112 registers). M = 64: wgmma m64n128k16, 8 warps, 147 registers (on 4 warps it
+      spilled). awq_kp's 8 column classes make 8 times the dots and many more barriers (144 at M = 16).
   The old GEMV (quant_gemv.py, M = 1): a loop without a dot (no cp.async), 4 v4 loads and 16 bar.sync per block.
 Open questions for the H100: whether 2-byte x loads (L1) or the fma arithmetic (about 2 + M instructions a weight)
 bound the fma mode before DRAM does, and what the split-K partials cost (S * M * N * 8 bytes, 4% of the weights at
@@ -270,12 +273,15 @@ def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, 
         for a in range(A):  # awq_kp: class a holds output columns 8b + a in its row 8w + a of every 8
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
             za, sa = _zeros_scales(qz_ref, s_ref, g, *cols[a], bits=bits, zero_offset=zero_offset, natural=A == 1)
-            part = jnp.zeros(acc_shape, jnp.float32)
+            acc = accs[a]
             for j in range(pf):
-                w = (_field(words, j, bits, in_place=False) - (za + _TWO23)).astype(cdt)  # q - z, exact
-                part += jnp.dot(w.T, xs[j].T, preferred_element_type=jnp.float32) if transpose else \
+                # (q - z) * s rounded once to x's dtype (as XLA's dequantize-then-dot does): the scale joins the
+                # tile in its own layout, and the dots accumulate straight into acc (no per-block multiply in the
+                # accumulator's layout, which cost a layout change and barriers per block)
+                w = ((_field(words, j, bits, in_place=False) - (za + _TWO23)) * sa).astype(cdt)
+                acc += jnp.dot(w.T, xs[j].T, preferred_element_type=jnp.float32) if transpose else \
                     jnp.dot(xs[j], w, preferred_element_type=jnp.float32)
-            out.append(accs[a] + part * (sa.T if transpose else sa))
+            out.append(acc)
         return tuple(out)
 
     accs = lax.fori_loop(0, count, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)))

@@ -57,8 +57,8 @@ def test_skinny_matches_exact_product(scheme, fmt, m, k, n, settings):
     out = qs.quant_skinny(*args, **kw, **settings, interpret=True)
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     ref = np.asarray(qs.quant_skinny_reference(*args, **kw), np.float64)
-    # fma: float32 sums of exact (q - z) * x products; dot: exact bf16 (q - z) through float32-accumulating dots;
-    # then one rounding of the output to bfloat16
+    # fma: float32 sums of exact (q - z) * x products, scaled per block; dot: (q - z) * s rounded to bfloat16 once,
+    # through float32-accumulating dots; then one rounding of the output to bfloat16
     tol = 2.0 ** -7 * np.abs(exact).max()
     np.testing.assert_allclose(np.asarray(out, np.float64), exact, atol=tol, rtol=0)
     np.testing.assert_allclose(ref, exact, atol=tol, rtol=0)
