@@ -27,7 +27,8 @@ block" measured on the H100. Hence two designs, each with a reason for its loads
   "dot"   (M <= 64): x padded to bm = 16, 32 or 64 rows, a K loop over the split's blocks whose weight loads feed
           a tensor-core `tl.dot` (so Triton pipelines them num_stages deep, cp.async). Per block and bit field:
           dot(x[:, rows j, j+pf, ...] [bm, bkw], (q_j - z) * s [bkw, bn/A] rounded once to x's dtype, as XLA's
-          dequantize-then-dot does), accumulated in float32 by the dots themselves (scaling the block's float32
+          dequantize-then-dot does; where a block spans several smaller groups, z and s are gathered per word
+          row), accumulated in float32 by the dots themselves (scaling the block's float32
           product instead cost a layout change of the accumulator and more barriers, and 50 more registers at
           64 rows). The dequantized tile reaches the tensor cores through
           Triton's operand layout conversion (registers -> shared memory -> ldmatrix, as any Triton mixed-input
@@ -116,18 +117,21 @@ def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
     16 such column blocks); 8 word rows a block (4 above 2 rows: registers; at M = 1, 168 registers and no spills
     with two blocks in registers, 16 KB in flight a program); K split until about 528 programs (four per SM) run,
     no further (the float32 partials cost S * M * N * 8 bytes of traffic: at gate/up, M = 1, S = 8, 4% of the
-    weights'). dot above: bm = M padded, bn 128 (256
-    for awq_kp, whose dots are bn / 8 wide), 16 word rows a block (one mma K step per bit field), 4 warps (8 for
-    bm = 64), about two waves of programs, 3 stages. Falls back to fma (M <= FMA_MAX_ROWS) where the group is too
-    small for a dot."""
+    weights'). dot above: bm = M padded, bn 128 (256 for awq_kp, whose dots are bn / 8 wide), 16 word rows a block
+    (one mma K step per bit field; where that spans several smaller groups, per-row zeros and scales), 4 warps (8
+    for bm = 64), about two waves of programs, 3 stages. Falls back to fma (M <= FMA_MAX_ROWS) where neither the
+    block divides the group nor the group the block (e.g. groups of 96)."""
     pf = 32 // bits
     group = k if group_size == -1 else group_size
     classes = 8 if fmt == "awq_kp" else 1
     mode = "fma" if m <= _FMA_DEFAULT_ROWS else "dot"
-    if mode == "dot" and (min(group, 128) // pf < _MIN_DOT or n % (_MIN_DOT * classes)):
+    bn = 128 * (2 if classes == 8 else 1)  # the dot modes' block_n
+    while bn > classes and n % bn:
+        bn //= 2
+    if mode == "dot" and _valid(m, k, n, fmt, bits, group_size, "dot", bn, _MIN_DOT, 1) is not None:
         mode = "fma"
-    bkw = (8 if m <= 2 else 4) if mode == "fma" else _MIN_DOT
-    while bkw > 1 and (group % (bkw * pf) or k % (bkw * pf)):
+    bkw = (8 if m <= 2 else 4) if mode == "fma" else _MIN_DOT  # the dot block was validated above
+    while mode == "fma" and bkw > 1 and (group % (bkw * pf) or k % (bkw * pf)):
         bkw //= 2
     blocks = k // (bkw * pf)
     if mode == "fma":
@@ -139,9 +143,7 @@ def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
             bn //= 2
         splits = max(1, min(-(-_TARGET_PROGRAMS // (n // bn)), blocks))
         return mode, bn, bkw, -(-blocks // -(-blocks // splits)), warps, 1  # the count quant_skinny ends with
-    bn, warps, stages = 128 * (2 if classes == 8 else 1), 8 if m > 32 else 4, 3  # 64 rows on 4 warps: spills
-    while bn > classes and n % bn:
-        bn //= 2
+    warps, stages = 8 if m > 32 else 4, 3  # 64 rows on 4 warps: spills
     splits = max(1, min(-(-_TARGET_DOT_PROGRAMS // (n // bn)), blocks))
     splits = -(-blocks // -(-blocks // splits))  # the split count that `num_splits` would end with
     return mode, bn, bkw, splits, warps, stages
@@ -151,17 +153,20 @@ def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
     """None when the settings fit the product, else why not."""
     if mode not in MODES:
         return f"mode must be one of {MODES}, got {mode!r}"
-    why = quant_gemv._valid(k, n, fmt, bits, group_size, bn, bkw)
+    classes = 8 if fmt == "awq_kp" else 1
+    if mode != "fma" and (bkw < _MIN_DOT or bn // classes < _MIN_DOT):
+        return (f"mode {mode!r} needs block_kw >= {_MIN_DOT} (got {bkw}) and block_n{' / 8' if classes > 1 else ''}"
+                f" >= {_MIN_DOT} (got block_n={bn}): Triton's smallest dot")
+    pf, group = 32 // bits, k if group_size == -1 else group_size
+    if mode != "fma" and group < bkw * pf and (bkw * pf) % group == 0 and group % pf == 0:
+        group = bkw * pf  # the dot modes gather per-row zeros and scales where a block spans whole groups
+    why = quant_gemv._valid(k, n, fmt, bits, group, bn, bkw)
     if why:
         return why
     if not (isinstance(splits, int) and splits >= 1):
         return f"num_splits must be a positive int, got {splits}"
     if mode == "fma" and m > FMA_MAX_ROWS:
         return f"mode 'fma' takes at most {FMA_MAX_ROWS} rows, got M={m}"
-    classes = 8 if fmt == "awq_kp" else 1
-    if mode != "fma" and (bkw < _MIN_DOT or bn // classes < _MIN_DOT):
-        return (f"mode {mode!r} needs block_kw >= {_MIN_DOT} (got {bkw}) and block_n{' / 8' if classes > 1 else ''}"
-                f" >= {_MIN_DOT} (got block_n={bn}): Triton's smallest dot")
     return None
 
 
@@ -183,10 +188,16 @@ def _columns(A, cw, pf, bits, a=None):
 
 
 def _zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, *, bits, zero_offset, natural):
-    """The block's zeros and scales at the columns `col`, float32 (natural: col is 0..bn-1, one plain row load)."""
-    zw = plgpu.load(qz_ref.at[jnp.full(col.shape, g, jnp.int32), zero_word])
-    z = (((zw >> zero_shift) & ((1 << bits) - 1)) + zero_offset).astype(jnp.float32)
-    s = s_ref[pl.ds(g, 1), :] if natural else plgpu.load(s_ref.at[jnp.full(col.shape, g, jnp.int32), col])
+    """The zeros and scales of group g (a scalar: [1 or A, cw]; a [R, 1] column of groups: [R, cw], gathered) at
+    the columns `col`, float32 (natural: col is 0..bn-1 and g a scalar, one plain row load of the scales)."""
+    shape = (g.shape[0], col.shape[1]) if getattr(g, "ndim", 0) else col.shape
+    gi = jnp.broadcast_to(g, shape).astype(jnp.int32)
+    zw = plgpu.load(qz_ref.at[gi, jnp.broadcast_to(zero_word, shape)])
+    z = (((zw >> jnp.broadcast_to(zero_shift, shape)) & ((1 << bits) - 1)) + zero_offset).astype(jnp.float32)
+    if natural and not getattr(g, "ndim", 0):
+        s = s_ref[pl.ds(g, 1), :]
+    else:
+        s = plgpu.load(s_ref.at[gi, jnp.broadcast_to(col, shape)])
     return z, s.astype(jnp.float32)
 
 
@@ -252,7 +263,7 @@ def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset,
             plgpu.store(o_ref.at[jnp.full((A, cw), m, jnp.int32), col], accs[m].astype(o_ref.dtype))
 
 
-def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, group_blocks, blocks_per_split,
+def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, blocks_per_group, blocks_per_split,
                 num_k_blocks, transpose):
     # x_ref [bm, pf, K/pf] (x_ref[:, j, w] = x[:, w * pf + j]); qw_ref [K/pf, A, cw]; qz_ref [G, bn/pf];
     # s_ref [G, bn]; o_ref [bm, bn]
@@ -267,7 +278,11 @@ def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, 
 
     def body(i, accs):
         kb = first + i
-        g = kb // group_blocks if group_blocks else 0
+        if blocks_per_group < 0:  # a block spans -blocks_per_group groups: each word row w its own (rows w*pf + j)
+            w = lax.broadcasted_iota(jnp.int32, (bkw, 1), 0)
+            g = kb * -blocks_per_group + w * pf // (bkw * pf // -blocks_per_group)
+        else:
+            g = kb // blocks_per_group if blocks_per_group else 0
         xs = [x_ref[:, j, pl.ds(kb * bkw, bkw)] for j in range(pf)]     # [bm, bkw]: input rows j, j + pf, ...
         out = []
         for a in range(A):  # awq_kp: class a holds output columns 8b + a in its row 8w + a of every 8
@@ -334,8 +349,10 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         kernel = functools.partial(_fma_kernel, rows=m, bits=bits, zero_offset=zero_offset, bkw=bkw,
                                    group_blocks=group_blocks, unroll=per_split, num_k_blocks=num_k_blocks)
     else:
+        bk = bkw * pf  # blocks a group (> 0), or minus the groups a block spans (groups smaller than a block)
+        blocks_per_group = 0 if group_size == -1 else group_size // bk if group_size >= bk else -(bk // group_size)
         kernel = functools.partial(_dot_kernel, bits=bits, zero_offset=zero_offset, bkw=bkw,
-                                   group_blocks=group_blocks, blocks_per_split=per_split,
+                                   blocks_per_group=blocks_per_group, blocks_per_split=per_split,
                                    num_k_blocks=num_k_blocks, transpose=mode == "dot_t")
     # fma: x3 [M, K/pf, pf], a free view. dot: x3 transposed to [bm, pf, K/pf] (a tiny XLA transpose), so that the
     # [bm, bkw] x operand of a bit field is contiguous rows: pipelined 16-byte cp.async instead of 2-byte loads.

@@ -42,6 +42,10 @@ CASES = [  # scheme, kernel format, M, K, N, settings ({}: the defaults)
     (GPTQ8, "gptq", 64, 256, 64, {}),
     (AWQ128, "awq_kp", 64, 256, 256, dict(num_splits=1, num_stages=2)),
     (GPTQ128, "gptq", 64, 256, 128, dict(mode="dot_t", block_n=64)),
+    # groups smaller than a dot block (16 words): per-row zeros and scales
+    (GPTQ64, "gptq", 16, 256, 128, {}),
+    (Scheme("gptq", bits=4, group_size=32, sym=False), "gptq", 33, 256, 64, dict(mode="dot_t")),
+    (AWQ64, "awq_kp", 20, 256, 128, dict(mode="dot", num_splits=2)),
 ]
 
 
@@ -66,12 +70,13 @@ def test_skinny_matches_exact_product(scheme, fmt, m, k, n, settings):
 
 
 def test_default_modes_by_rows():
-    """fma up to 4 rows, dot above; fma again above 4 rows where the group is too small for a 16-word dot block."""
+    """fma up to 4 rows, dot above (groups of 32 and 64 too: a dot block then spans several)."""
     mode = lambda m, g=128, bits=4, fmt="gptq": qs.settings(m, 3584, 4608, fmt=fmt, bits=bits,  # noqa: E731
                                                             group_size=g)[0]
     assert [mode(m) for m in (1, 3, 4, 5, 16, 33, 64)] == ["fma"] * 3 + ["dot"] * 4
-    assert mode(5, fmt="awq_kp") == "dot" and mode(5, g=64) == "fma" and mode(5, g=64, bits=8) == "dot"
-    assert not qs.supported(16, 3584, 4608, fmt="gptq", bits=4, group_size=64, dtype=jnp.bfloat16)
+    assert mode(5, fmt="awq_kp") == mode(5, g=64) == mode(5, g=64, bits=8) == mode(64, g=32) == "dot"
+    assert mode(16, g=96) == "fma" and not qs.supported(16, 3456, 4608, fmt="gptq", bits=4, group_size=96,
+                                                        dtype=jnp.bfloat16)  # 96 neither divides nor is 128 / n
     for n in (4608, 37888, 512, 3584):  # Qwen2-7B: fused qkv, fused gate_up, k/v, q/o
         for m in (1, 4, 16, 64):
             for fmt in ("gptq", "awq_kp"):

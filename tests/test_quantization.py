@@ -413,10 +413,10 @@ def test_kernel_path_per_shape(monkeypatch):
             assert ql.kernel_path(x(m), n, gptq) == ql.kernel_path(x(m), n, awq) == "skinny"
     assert ql.kernel_path(x(ql.SKINNY_MAX_ROWS + 1), 3584, gptq) is None
     assert ql.kernel_path(x(512), 3584, awq) is None
-    # 4-bit groups of 64: the skinny kernel's 16-word dot blocks do not fit above 8 rows; the older kernels then
+    # 4-bit groups of 64: a 16-word dot block spans two groups (per-row zeros and scales)
     gptq64, awq64 = QuantConfig("gptq", 4, 64), QuantConfig("awq", 4, 64, checkpoint_format="gemm")
-    assert ql.kernel_path(x(8), 3584, gptq64) == "skinny" and ql.kernel_path(x(9), 3584, gptq64) is None
-    assert ql.kernel_path(x(9), 3584, awq64) is None
+    assert ql.kernel_path(x(8), 3584, gptq64) == ql.kernel_path(x(9), 3584, gptq64) == "skinny"
+    assert ql.kernel_path(x(64), 3584, awq64) == "skinny"
     monkeypatch.setattr(ql, "SKINNY_MAX_ROWS", 0)  # the paths before it, still reachable
     assert ql.kernel_path(x(1), 18944, gptq) == ql.kernel_path(x(ql.GEMV_MAX_ROWS), 512, awq) == "gemv"
     assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, gptq) == "mma"

@@ -89,13 +89,13 @@ def kernel_format(quant: QuantConfig) -> str:
 
 
 # Rows each kernel takes. The skinny kernel (pallas_kernels/quant_skinny.py) takes every decode batch of 1 to 64 rows
-# it supports (4-bit, group-ordered, groups of >= 128 rows above 8 rows): it replaced the GEMV below (whose K loop
-# Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100 measurement;
-# the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check. 8 bits: as the
-# GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
+# it supports (4-bit, group-ordered, groups dividing 128 rows or multiples of it): it replaced the GEMV below (whose
+# K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100
+# measurement; the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check.
+# 8 bits: as the GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
 SKINNY_MAX_ROWS = 64
 _SKINNY_BITS = (4,)
-# The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 64 at 9..16 rows).
+# The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 96 at 9..16 rows).
 # (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
 # 25 us for gate/up (bf16 about 45 us, XLA's dequantize-then-dot about 100 us), and still ahead of XLA at 4 rows
 # (61 us) though behind bf16; at 16 rows 160 us, behind both, with its x loads as measured (see quant_gemv.py). The
