@@ -393,7 +393,7 @@ for s in "${STAGES[@]}"; do
                 case $f in
                     prefill_kernel) cap=200; par=(-n 4) ;;
                     prefill_hopper) cap=450 ;;
-                    quant_gemv) cap=150 ;;
+                    quant_gemv) cap=360; par=(-n 4) ;;  # the GEMV and skinny grids, 7B shapes up to 64 rows
                     moe) cap=200 ;;
                     *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;
                 esac

@@ -6,9 +6,13 @@ lowered here for CUDA (this works on any host: JAX lowers for a platform it does
 debug locations) and launch settings (num_warps, num_stages) are taken from the lowering, and the IR is compiled for
 sm_90 by the standalone Triton compiler (`triton.compile`, the same compiler family XLA bundles; no GPU needed).
 Counts of instructions in the PTX and the MMA layout version in the TTGIR say what limits a compute-bound kernel
-(issue 3: the paged prefill kernel at ~0.55x cuDNN).
+(issue 3: the paged prefill kernel at ~0.55x cuDNN). For the low-bit decode kernels (issue 30: `QUANT`, the skinny
+kernel's modes and the old GEMV at Qwen2-7B's fused gate/up shape) what matters is how the packed words are loaded
+(ld.global.v4 = 128-bit), whether the loop's loads are pipelined (cp.async), and any shared-memory round trip or
+barrier between loads and arithmetic; where Triton ships ptxas, its register and spill counts too (the PTX's
+.version lowered to what that ptxas reads).
 
-    python3 benchmarks/kernel_isa.py [--triton-python PY] [--out DIR]
+    python3 benchmarks/kernel_isa.py [--triton-python PY] [--out DIR] [--kernels prefill,decode,skinny-fma-m1,...]
 
 --triton-python: an interpreter that can `import triton` (default: this one), for hosts whose JAX environment has
 no Triton (e.g. the CPU machines: `pip install triton` into a separate virtual environment).
@@ -30,7 +34,8 @@ sys.path.insert(0, str(HERE))
 N, K, H, S = 28, 4, 128, 16  # Qwen2-7B's attention shape, page 16
 
 COMPILE = r"""
-import json, re, sys, triton
+import json, os, re, subprocess, sys, tempfile, triton
+from pathlib import Path
 from triton.backends.compiler import GPUTarget
 rows = []
 for item in json.loads(sys.argv[1]):
@@ -41,12 +46,51 @@ for item in json.loads(sys.argv[1]):
         item.update(wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
                     mma_layout_versions=sorted(set(re.findall(r"versionMajor = (\d)", ttgir))),
                     cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
-                    tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__)
+                    tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__,
+                    ld_global_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+                    ld_global_b16=len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx)),
+                    shared_ld_st=len(re.findall(r"(?:ld|st)\.shared", ptx)),
+                    bar_sync=len(re.findall(r"bar\.sync", ptx)))
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        if os.path.exists(ptxas):  # registers and spills (its PTX ISA may be older than the one Triton writes)
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "k.ptx").write_text(re.sub(r"^\.version [\d.]+", ".version 8.0", ptx, flags=re.M))
+                out = subprocess.run([ptxas, "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"], cwd=d,
+                                     capture_output=True, text=True).stderr
+            regs, spills = re.search(r"Used (\d+) registers", out), re.search(r"(\d+) bytes spill stores", out)
+            item.update(registers=int(regs.group(1)) if regs else None,
+                        spill_store_bytes=int(spills.group(1)) if spills else None)
     except Exception as e:  # noqa: BLE001 - recorded
         item.update(error=f"{type(e).__name__}: {str(e)[:400]}")
     rows.append(item)
 print(json.dumps(rows))
 """
+
+
+# name -> (kernel, mode, rows): GPTQ 4-bit g128 at Qwen2-7B's fused gate/up, 3584 -> 37888, default settings.
+QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma", 4),
+         "skinny-dot-m16": ("skinny", "dot", 16), "skinny-dot_t-m16": ("skinny", "dot_t", 16),
+         "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1)}
+KERNELS = ("prefill", "decode", *QUANT)
+
+
+def _quant_call(which: str):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import quant_gemv, quant_skinny
+
+    kernel, mode, m = QUANT[which]
+    k, n = 3584, 37888
+    sds = jax.ShapeDtypeStruct
+    args = (sds((m, k), jnp.bfloat16), sds((k // 8, n), jnp.int32), sds((k // 128, n // 8), jnp.int32),
+            sds((k // 128, n), jnp.bfloat16))
+    kw = dict(fmt="gptq", bits=4, group_size=128)
+    if kernel == "gemv":
+        return functools.partial(quant_gemv.quant_gemv, **kw), args
+    return functools.partial(quant_skinny.quant_skinny, mode=mode, **kw), args
 
 
 def lower(which: str, out_dir: str) -> dict:
@@ -57,6 +101,9 @@ def lower(which: str, out_dir: str) -> dict:
     from pallas_kernels.paged_attention import paged_attention
     from pallas_kernels.paged_prefill import paged_prefill_attention
     from qwenjax.compat import pallas_triton_registration
+
+    if which not in KERNELS:
+        raise ValueError(f"unknown kernel {which!r}; known: {', '.join(KERNELS)}")
 
     reg = pallas_triton_registration()
 
@@ -75,6 +122,8 @@ def lower(which: str, out_dir: str) -> dict:
         args = (sds((1, T, N, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16), sds((K, P, S, H), jnp.bfloat16),
                 sds((1, P - 1), jnp.int32), sds((1,), jnp.int32), sds((1,), jnp.int32))
         fn = paged_prefill_attention
+    elif which in QUANT:
+        fn, args = _quant_call(which)
     else:  # decode, batch 64, context 4096
         B, C = 64, 4096
         P = B * C // S + 1
@@ -109,9 +158,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--triton-python", default=sys.executable)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        items = [lower(w, d) for w in ("prefill", "decode")]
+        items = [lower(w, d) for w in a.kernels.split(",") if w]
         run = subprocess.run([a.triton_python, "-c", COMPILE, json.dumps(items)], capture_output=True, text=True,
                              timeout=600)
         if run.returncode:
@@ -128,8 +178,12 @@ def main():
     print("== kernel-isa (sm_90)")
     for r in rows:
         print(f"  {r['kernel']:8s} warps={r['num_warps']} stages={r['num_stages']} dots={r['dots']}")
-        print(f"           wgmma={r.get('wgmma')} mma.sync={r.get('mma_sync')} mma layout v{r.get('mma_layout_versions')}"
-              f" cp.async={r.get('cp_async')} tma={r.get('tma')} {r.get('error', '')}")
+        print(f"           wgmma={r.get('wgmma')} mma.sync={r.get('mma_sync')} "
+              f"mma layout v{r.get('mma_layout_versions')} cp.async={r.get('cp_async')} tma={r.get('tma')} "
+              f"{r.get('error', '')}")
+        print(f"           ld.global.v4={r.get('ld_global_v4')} ld.global.b16={r.get('ld_global_b16')} "
+              f"shared ld/st={r.get('shared_ld_st')} bar.sync={r.get('bar_sync')} registers={r.get('registers')} "
+              f"spill stores={r.get('spill_store_bytes')} B")
 
 
 if __name__ == "__main__":

@@ -7,29 +7,38 @@ runs on one device, models/fusion.py) and format (gptq = GPTQ 4-bit, awq = AWQ 4
   xla      QuantLinear's XLA path: unpack, subtract zeros, scale, dot (what prefill takes)
   auto     QuantLinear.quant_matmul as the model calls it (kernel_path's choice)
   mma      the tensor-core Pallas kernel (pallas_kernels/quant_matmul.py), its default tiles, checkpoint layouts
-  gemv     the GEMV kernel (pallas_kernels/quant_gemv.py), M <= 16: its default settings; then, once every path has
-           run at every M, a greedy search (M = 1 first) over xload, num_splits, block_n, block_kw (--grid greedy;
-           `full` adds num_warps and num_stages; `small`: xload and num_splits; `none`: the defaults only)
+  skinny   the skinny kernel (pallas_kernels/quant_skinny.py), M <= 64, what `auto` takes there: its default
+           settings; then, once every path has run at every M, a greedy search (M = 1 first) over mode (fma / dot /
+           dot_t), num_splits, block_n, block_kw, num_warps, num_stages (--grid greedy; `full` repeats the split at
+           the end; `small`: mode and num_splits; `none`: the defaults only)
+  gemv     the GEMV kernel before it (pallas_kernels/quant_gemv.py), M <= 16, kept for comparison: its defaults;
+           searched (xload, num_splits, block_n, block_kw; `full` adds num_warps and num_stages) where --search
+           names it
   xla_s4   informative: a native int4 [K, N] weight (jnp.int4) dequantized in the dot's producer by XLA
 Method: per variant one jitted program runs the product on 48 distinct weight copies (far more than the 50 MB L2;
-distinct so that XLA can share nothing between products, e.g. a dequantized weight) and returns one scalar (the outputs pass an optimization barrier, so
-nothing is simplified away, and no output buffer costs host time); it is timed as `device_ceilings._time_fn` does
-(median of groups of back-to-back calls, device-synced), divided by 48: `us`, launch gaps inside the program
-included, as in a model step. On a GPU each variant is also profiled: `device_us` = its kernels' time per product
-(gaps excluded) and the top kernels by name (e.g. the Pallas kernel and the fusion that sums split-K partials). Each
-variant's output on copy 0 is
-checked against a float32 dequantize-then-dot of the same arrays (rel_err = |out - ref| / |ref|, Frobenius; above
-2e-2 the variant is marked wrong and never chosen). A variant that fails to compile or run is recorded with its error
+distinct so that XLA can share nothing between products, e.g. a dequantized weight) and returns one scalar (the
+outputs pass an optimization barrier, so nothing is simplified away, and no output buffer costs host time); it is
+timed as `device_ceilings._time_fn` does (median of groups of back-to-back calls, device-synced), divided by 48:
+`us`, launch gaps inside the program included, as in a model step. On a GPU each variant is also profiled:
+`device_us` = its kernels' time per product (gaps excluded) and the top kernels by name (e.g. the Pallas kernel and
+the fusion that sums split-K partials). Each variant's output on copy 0 is checked against a float32
+dequantize-then-dot of the same arrays (rel_err = |out - ref| / |ref|, Frobenius; above 2e-2 the variant is marked
+wrong and never chosen). A variant that fails to compile or run is recorded with its error
 and the sweep goes on; `--budget-s` stops starting new variants in time to write the result. `packed_gbps` = the
 quantized weight's bytes (int32 words + zeros + bf16 scales) over the time; `bf16_gbps` the bf16 weight's.
 
-Output: a table, then `CONFIGS` entries for pallas_kernels/quant_gemv.py, then one JSON (benchmark `quant-matmul`):
-metrics `<fmt>_<layer>_m<M>_{us,packed_gbps,speedup_vs_bf16,speedup_vs_xla,best}` and, per format and M, the sum
-over a layer's seven projections (q, k, v, o, gate, up, down): `<fmt>_layer_m<M>_{us,speedup_vs_bf16}`.
+Output: a table, then `CONFIGS` entries for pallas_kernels/quant_skinny.py and quant_gemv.py, then one JSON
+(benchmark `quant-matmul`):
+metrics `<fmt>_<layer>_m<M>_{us,packed_gbps,copy_frac,speedup_vs_bf16,speedup_vs_xla,best}`, each kernel's own best
+`<fmt>_<layer>_m<M>_{skinny,gemv}_{us,device_us,packed_gbps,copy_frac}` (copy_frac: of the copy bandwidth measured
+in the same run) and, per format and M, the sums over a layer's seven projections (q, k, v, o, gate, up, down):
+`<fmt>_layer_m<M>_{us,speedup_vs_bf16}`, and over the model's four fused products (qkv, o, gate_up2, down):
+`<fmt>_fused_layer_m<M>_...`.
 The formats, the variants, the weights and the measurement of one variant are in quant_sweep.py.
 
   python benchmarks/quant_matmul.py --budget-s 480 --out $OUT          # H100: about 8-10 minutes without a budget
   python benchmarks/quant_matmul.py --rows 1 --formats gptq --grid small  # a quick look
+  python benchmarks/quant_matmul.py --rows 1,4,16,64 --layers qkv,q_o,gate_up2,down --budget-s 420  # issue 30
   JAX_PLATFORMS=cpu python benchmarks/quant_matmul.py --interpret         # CPU dry run: tiny shapes, interpret mode
 """
 
@@ -48,13 +57,16 @@ import floors  # noqa: E402
 import model_specs  # noqa: E402
 import repo_paths  # noqa: E402
 import result_files  # noqa: E402
-from quant_sweep import FORMATS, GRIDS, GROUP, Sweep, run_bf16, run_case  # noqa: E402
+from quant_sweep import FORMATS, GRIDS, GROUP, SEARCHES, Sweep, run_bf16, run_case  # noqa: E402
 
 BENCHMARK = "quant-matmul"
 # Qwen2-7B: hidden 3584, 28 q heads and 4 kv heads of 128, ffn 18944. (K, N) per layer name.
 SHAPES_7B = {"q_o": (3584, 3584), "kv": (3584, 512), "gate_up": (3584, 18944), "down": (18944, 3584),
              "qkv": (3584, 4608), "gate_up2": (3584, 37888)}
-LAYER_SUM = {"q_o": 2, "kv": 2, "gate_up": 2, "down": 1}  # a decoder layer's seven projections
+# Sums over a decoder layer's products: name -> (layer -> count, label). "layer": the seven projections apart;
+# "fused_layer": the four products the model runs on one device (models/fusion.py).
+LAYER_SUMS = {"layer": ({"q_o": 2, "kv": 2, "gate_up": 2, "down": 1}, "(q, k, v, o, gate, up, down)"),
+              "fused_layer": ({"qkv": 1, "q_o": 1, "gate_up2": 1, "down": 1}, "(qkv, o, gate_up fused, down)")}
 SHAPES_TINY = {"q_o": (256, 256), "kv": (256, 64), "down": (512, 256)}
 
 
@@ -69,7 +81,8 @@ def parse(argv=None):
                         "separate ones)")
     p.add_argument("--formats", default="gptq,awq", help="comma-separated subset of " + ",".join(FORMATS))
     p.add_argument("--grid", choices=tuple(GRIDS), default="greedy",
-                   help="the GEMV search, run after every path's defaults at every M (M = 1 first)")
+                   help="the kernels' searches, run after every path's defaults at every M (M = 1 first)")
+    p.add_argument("--search", default="skinny", help="comma-separated kernels to search: " + ",".join(SEARCHES))
     p.add_argument("--budget-s", type=float, default=520.0, help="start no new variant after this many seconds")
     p.add_argument("--device-time", choices=("auto", "on", "off"), default="auto",
                    help="also profile each variant for its kernels' device time (auto: on a GPU)")
@@ -83,6 +96,9 @@ def parse(argv=None):
     shapes = SHAPES_TINY if a.interpret else SHAPES_7B
     a.shapes = {k: v for k, v in shapes.items() if k in a.layers.split(",")}
     a.formats = [f for f in a.formats.split(",") if f]
+    a.search = [k for k in a.search.split(",") if k]
+    if set(a.search) - set(SEARCHES):
+        p.error(f"unknown --search kernels {sorted(set(a.search) - set(SEARCHES))}; known: {list(SEARCHES)}")
     bad = [f for f in a.formats if f not in FORMATS]
     if bad:
         p.error(f"unknown formats {bad}; known: {sorted(FORMATS)}")
@@ -103,11 +119,13 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
     lines.append(hdr)
     for f in formats:
         for m in rows:
-            layer_sum = {"best": 0.0, "bf16": 0.0, "auto": 0.0, "complete": all(x in shapes for x in LAYER_SUM)}
+            sums = {name: {"best": 0.0, "bf16": 0.0, "auto": 0.0, "complete": all(x in shapes for x in counts)}
+                    for name, (counts, _) in LAYER_SUMS.items()}
             for layer, (k, n) in shapes.items():
                 mine = [r for r in ok if r["fmt"] == f and r["layer"] == layer and r["m"] == m]
                 if not mine:
-                    layer_sum["complete"] &= layer not in LAYER_SUM
+                    for name, (counts, _) in LAYER_SUMS.items():
+                        sums[name]["complete"] &= layer not in counts
                     continue
                 by = {}
                 for r in mine:
@@ -124,32 +142,40 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
                                 f"{p}_speedup_vs_bf16": floors.ratio(b16, best["us"]),
                                 f"{p}_speedup_vs_xla": floors.ratio(xla, best["us"]),
                                 f"{p}_auto_us": auto, f"{p}_device_us": best.get("device_us")})
-                if best["variant"] == "gemv":
-                    configs[(m, best["k"], best["n"], f)] = tuple(best["cfg"])
+                for kern in ("skinny", "gemv"):  # each kernel's best settings where they beat its defaults (run 1st)
+                    kbest = min(by.get(kern, []), key=lambda r: r["us"], default=None)
+                    if kbest is not None:
+                        metrics.update({f"{p}_{kern}_us": kbest["us"], f"{p}_{kern}_device_us": kbest.get("device_us"),
+                                        f"{p}_{kern}_packed_gbps": kbest["packed_bytes"] / kbest["us"] / 1e3})
+                    if kbest is not None and kbest is not by[kern][0]:
+                        configs.setdefault(kern, {})[(m, kbest["k"], kbest["n"], f)] = tuple(kbest["cfg"])
                 fmt_us = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9s}"
                 sp = floors.ratio(b16, best["us"])
                 lines.append(f"{f:6s} {layer:8s} {m:4d} {fmt_us(b16)} {fmt_us(xla)} {fmt_us(mma)} {fmt_us(auto)} "
                              f"{best['us']:9.2f} {best.get('device_us') or 0:8.2f} {gbps:7.0f} "
                              f"{sp if sp is None else round(sp, 2)!s:>7s}  {name}")
-                if layer in LAYER_SUM:
-                    c = LAYER_SUM[layer]
-                    layer_sum["best"] += c * best["us"]
-                    layer_sum["bf16"] += c * (b16 or math.nan)
-                    layer_sum["auto"] += c * (auto if auto is not None else math.nan)
-            if layer_sum["best"] and layer_sum["complete"]:
-                p = f"{f}_layer_m{m}"
-                metrics.update({f"{p}_us": layer_sum["best"], f"{p}_bf16_us": layer_sum["bf16"],
-                                f"{p}_auto_us": layer_sum["auto"],
-                                f"{p}_speedup_vs_bf16": floors.ratio(layer_sum["bf16"], layer_sum["best"]),
-                                f"{p}_auto_speedup_vs_bf16": floors.ratio(layer_sum["bf16"], layer_sum["auto"])})
-                lines.append(f"{f:6s} {'LAYER':8s} {m:4d} {layer_sum['bf16']:9.2f} {'':9s} {'':9s} "
-                             f"{layer_sum['auto']:9.2f} {layer_sum['best']:9.2f} {'':8s} {'':7s} "
-                             f"{round(layer_sum['bf16'] / layer_sum['best'], 2)!s:>7s}  (q, k, v, o, gate, up, down)")
+                for name, (counts, _) in LAYER_SUMS.items():
+                    c = counts.get(layer, 0)
+                    sums[name]["best"] += c * best["us"]
+                    sums[name]["bf16"] += c * (b16 or math.nan) if c else 0.0
+                    sums[name]["auto"] += c * (auto if auto is not None else math.nan) if c else 0.0
+            for name, (_, label) in LAYER_SUMS.items():
+                ls = sums[name]
+                if not (ls["best"] and ls["complete"]):
+                    continue
+                p = f"{f}_{name}_m{m}"
+                metrics.update({f"{p}_us": ls["best"], f"{p}_bf16_us": ls["bf16"], f"{p}_auto_us": ls["auto"],
+                                f"{p}_speedup_vs_bf16": floors.ratio(ls["bf16"], ls["best"]),
+                                f"{p}_auto_speedup_vs_bf16": floors.ratio(ls["bf16"], ls["auto"])})
+                tag = "LAYER" if name == "layer" else "FUSED"
+                lines.append(f"{f:6s} {tag:8s} {m:4d} {ls['bf16']:9.2f} {'':9s} {'':9s} "
+                             f"{ls['auto']:9.2f} {ls['best']:9.2f} {'':8s} {'':7s} "
+                             f"{round(ls['bf16'] / ls['best'], 2)!s:>7s}  {label}")
     return metrics, lines, configs
 
 
 def config_lines(configs: dict) -> list[str]:
-    """CONFIGS entries for quant_gemv.py: (max rows, K, N) -> settings, from the format measured first (gptq)."""
+    """CONFIGS entries for one kernel: (max rows, K, N) -> settings, from the format measured first (gptq)."""
     out, seen = [], set()
     for (m, k, n, f), cfg in sorted(configs.items(), key=lambda kv: (kv[0][3] != "gptq", kv[0][:3])):
         if (m, k, n) in seen:
@@ -184,6 +210,9 @@ def main(argv=None) -> dict:
                 for f in args.formats:
                     run_case(sw, f, layer, m, k, n, lkey, phase)
     metrics, lines, configs = summarize(sw.runs, args.formats, args.rows, args.shapes)
+    if ceilings.get("copy_tbps"):  # issue 30's measure: packed bytes per second against the copy bandwidth
+        metrics.update({key[:-len("packed_gbps")] + "copy_frac": v / (ceilings["copy_tbps"] * 1e3)
+                        for key, v in list(metrics.items()) if key.endswith("packed_gbps") and v})
     failed = [r for r in sw.runs if r["status"] in ("failed", "wrong")]
     metrics.update({"variants_ok": sum(r["status"] == "ok" for r in sw.runs), "variants_failed": len(failed),
                     "variants_skipped": sum(r["status"] == "skipped" for r in sw.runs),
@@ -191,8 +220,9 @@ def main(argv=None) -> dict:
     config = {"rows": list(args.rows), "shapes": {k: list(v) for k, v in args.shapes.items()}, "formats": args.formats,
               "group_size": GROUP, "grid": args.grid, "dtype": "bfloat16", "interpret": args.interpret,
               "method": "median of groups of back-to-back calls over C weight copies (>= 256 MB), divided by C",
-              "gemv_configs": config_lines(configs), "runs": [{k: result_files._round(v) for k, v in r.items()}
-                                                              for r in sw.runs]}
+              "gemv_configs": config_lines(configs.get("gemv", {})),
+              "skinny_configs": config_lines(configs.get("skinny", {})), "search": args.search,
+              "runs": [{k: result_files._round(v) for k, v in r.items()} for r in sw.runs]}
     result = result_files.make_result(benchmark=BENCHMARK, model=args.model, dev=dev, config=config, ceilings=ceilings,
                                       metrics=metrics)
     path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)
@@ -202,7 +232,8 @@ def main(argv=None) -> dict:
         for r in failed[:6]:
             print(f"  {r['fmt']} {r['layer']} m={r['m']} {r['variant']} {r.get('cfg', '')}: {r['status']} "
                   f"{r.get('error', '')} rel_err={r.get('rel_err')}")
-    print("\nCONFIGS entries for pallas_kernels/quant_gemv.py:\n" + "\n".join(config["gemv_configs"]))
+    for kern in ("skinny", "gemv"):
+        print(f"\nCONFIGS entries for pallas_kernels/quant_{kern}.py:\n" + "\n".join(config[f"{kern}_configs"]))
     print(f"\ncopy {ceilings.get('copy_tbps')} TB/s; result {path}")
     return result
 

@@ -1,7 +1,8 @@
-"""quant_matmul.py's sweep machinery: the formats, group size and GEMV search grids; the random packed weights; the
-variants of the low-bit product (XLA's dequantize-then-dot, QuantLinear's own choice, the MMA and GEMV Pallas
-kernels) with their references; timing and checking one variant (Sweep.measure) and its kernels' device time from a
-profile; one case's run at default settings or its GEMV search, and the bf16 / native-int4 baselines."""
+"""quant_matmul.py's sweep machinery: the formats, group size and the skinny / GEMV search grids; the random packed
+weights; the variants of the low-bit product (XLA's dequantize-then-dot, QuantLinear's own choice, the MMA, GEMV and
+skinny Pallas kernels) with their references; timing and checking one variant (Sweep.measure) and its kernels'
+device time from a profile; one case's run at default settings or its kernels' searches, and the bf16 / native-int4
+baselines."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ MAX_REL_ERR = 2e-2
 # The GEMV search's settings in the order searched (indices into (block_n, block_kw, num_splits, num_warps,
 # num_stages, xload)): how x is loaded first (the suspected bottleneck), the split, the tile, the split again.
 GRIDS = {"greedy": (5, 2, 0, 1, 2), "full": (5, 2, 0, 1, 2, 3, 4), "small": (5, 2), "none": ()}
+# The skinny kernel's (indices into (mode, block_n, block_kw, num_splits, num_warps, num_stages)): the mode first,
+# then the split (bytes in flight per program), the tile, the warps, the pipeline depth (dot modes).
+SKINNY_GRIDS = {"greedy": (0, 3, 1, 2, 4, 3), "full": (0, 3, 1, 2, 4, 5, 3), "small": (0, 3), "none": ()}
+SEARCHES = ("skinny", "gemv")  # the kernels whose settings --search explores
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -100,6 +105,36 @@ def gemv_ref(gfmt, bits):
 
     return lambda x, qw, qz, s: quant_gemv.quant_gemv_reference(x, qw, qz, s, fmt=gfmt, bits=bits,
                                                                 group_size=GROUP).astype(jnp.float32)
+
+
+def skinny_fn(gfmt, bits, cfg, interpret):
+    from pallas_kernels import quant_skinny
+
+    mode, bn, bkw, s, w, st = cfg
+    return lambda x, qw, qz, sc: quant_skinny.quant_skinny(x, qw, qz, sc, fmt=gfmt, bits=bits, group_size=GROUP,
+                                                           mode=mode, block_n=bn, block_kw=bkw, num_splits=s,
+                                                           num_warps=w, num_stages=st, interpret=interpret)
+
+
+def skinny_neighbours(cfg, param, m, k, n, bits, gfmt):
+    """Values of one skinny setting to try around `cfg` (the greedy search); a new mode starts from its defaults'
+    split and tile (a dot mode's heuristic settings where the current ones do not fit it)."""
+    from pallas_kernels import quant_skinny as qs
+
+    mode, bn, bkw, s, w, st = cfg
+    if param == 0:
+        h = qs.heuristic(max(m, 5), k, n, fmt=gfmt, bits=bits, group_size=GROUP)  # the dot modes' defaults
+        outs = [(v, *cfg[1:]) for v in qs.MODES if v != mode] + [(v, *h[1:]) for v in ("dot", "dot_t")]
+    elif param == 5 and mode == "fma":  # num_stages: only the dot modes' loop is pipelined by Triton
+        outs = []
+    else:
+        vals = {1: (64, 128, 256, 512, 1024), 2: (1, 2, 4, 8, 16, 32),
+                3: sorted({max(1, s // 4), max(1, s // 2), s * 2, s * 4}), 4: (2, 4, 8), 5: (1, 2, 3, 4)}[param]
+        outs = [tuple(v if i == param else c for i, c in enumerate(cfg)) for v in vals if v != cfg[param]]
+        if param == 1 and mode == "fma":  # and the warps that keep block_n = 128 * num_warps (heuristic's docstring)
+            outs += [(mode, v, bkw, s, v // 128, st) for v in (128, 256, 512, 1024) if v != bn]
+    return [c for c in dict.fromkeys(outs) if c != tuple(cfg) and qs._valid(m, k, n, gfmt, bits, GROUP,
+                                                                             *c[:4]) is None]
 
 
 def gemv_neighbours(cfg, param, m, k, n, bits, gfmt):
@@ -225,15 +260,22 @@ def run_case(sw: Sweep, fmt_name, layer, m, k, n, key, phase: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import quant_gemv
+    from pallas_kernels import quant_gemv, quant_skinny
 
     a = sw.args
     fmt, bits = FORMATS[fmt_name]
     vs, gfmt = variants(fmt, bits, m, k, n, a.interpret)
-    gemv_ok = m <= quant_gemv.MAX_ROWS and quant_gemv.supported(m, k, n, fmt=gfmt, bits=bits, group_size=GROUP,
-                                                                dtype=jnp.bfloat16)
-    if phase == "search" and (not gemv_ok or not GRIDS[a.grid] or sw.over_budget()):
-        return
+    kw = dict(fmt=gfmt, bits=bits, group_size=GROUP)
+    kernels = {}  # name -> (default settings, fn of settings, neighbours, grid)
+    if m <= quant_skinny.MAX_ROWS and quant_skinny.supported(m, k, n, dtype=jnp.bfloat16, **kw):
+        kernels["skinny"] = (quant_skinny.settings(m, k, n, **kw), skinny_fn, skinny_neighbours,
+                             SKINNY_GRIDS[a.grid])
+    if m <= quant_gemv.MAX_ROWS and quant_gemv.supported(m, k, n, dtype=jnp.bfloat16, **kw):
+        kernels["gemv"] = (quant_gemv.settings(m, k, n, **kw), gemv_fn, gemv_neighbours, GRIDS[a.grid])
+    if phase == "search":
+        kernels = {name: v for name, v in kernels.items() if name in a.search and v[3]}
+        if not kernels or sw.over_budget():
+            return
     x = jax.random.normal(jax.random.fold_in(key, 7), (m, k), jnp.float32).astype(jnp.bfloat16)
     nb = packed_bytes(k, n, bits)
     weights = make_weights(jax.random.fold_in(key, 1), k, n, fmt, bits, n_copies(nb, a.interpret), jnp.bfloat16)
@@ -242,30 +284,28 @@ def run_case(sw: Sweep, fmt_name, layer, m, k, n, key, phase: str):
     if phase == "base":
         for name, extra, fn, ref in vs:
             sw.measure(dict(base, variant=name, **extra), fn, weights, x, ref)
-    if gemv_ok:
-        ref = gemv_ref(gfmt, bits)
-        mine = [r for r in sw.runs if r.get("variant") == "gemv" and (r["fmt"], r["layer"], r["m"]) ==
+    ref = gemv_ref(gfmt, bits)
+    for name, (default, make_fn, neighbours, grid) in kernels.items():
+        mine = [r for r in sw.runs if r.get("variant") == name and (r["fmt"], r["layer"], r["m"]) ==
                 (fmt_name, layer, m)]
         seen = {tuple(r["cfg"]): (r.get("us") if r["status"] == "ok" else None) for r in mine}
 
-        def trial(c):
+        def trial(c, name=name, make_fn=make_fn, seen=seen):
             if c not in seen:
-                r = sw.measure(dict(base, variant="gemv", cfg=list(c)), gemv_fn(gfmt, bits, c, a.interpret),
+                r = sw.measure(dict(base, variant=name, cfg=list(c)), make_fn(gfmt, bits, c, a.interpret),
                                weights, x, ref)
                 seen[c] = r.get("us") if r["status"] == "ok" else None
             return seen[c]
 
         if phase == "base":
-            trial(tuple(quant_gemv.settings(m, k, n, fmt=gfmt, bits=bits, group_size=GROUP)))
-        else:
-            best, cfg = min(((t, c) for c, t in seen.items() if t is not None), default=(None, None))
-            if cfg is None:
-                cfg = tuple(quant_gemv.settings(m, k, n, fmt=gfmt, bits=bits, group_size=GROUP))
-            for p in GRIDS[a.grid]:
-                for c in gemv_neighbours(cfg, p, m, k, n, bits, gfmt):
-                    t = trial(c)
-                    if t is not None and (best is None or t < best):
-                        best, cfg = t, c
+            trial(tuple(default))
+            continue
+        best, cfg = min(((t, c) for c, t in seen.items() if t is not None), default=(None, tuple(default)))
+        for p in grid:
+            for c in neighbours(cfg, p, m, k, n, bits, gfmt):
+                t = trial(c)
+                if t is not None and (best is None or t < best):
+                    best, cfg = t, c
 
 
 def run_bf16(sw: Sweep, layer, m, k, n, key):

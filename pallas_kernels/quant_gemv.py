@@ -57,9 +57,10 @@ _TWO23 = float(1 << 23)
 
 # (max rows, K, N) -> (block_n, block_kw, num_splits, num_warps, num_stages, xload). Paste benchmarks/quant_matmul.py's
 # output here. The model fuses q/k/v and gate/up (qwenjax/models/fusion.py): at 7B its shapes are qkv 3584 -> 4608
-# and gate/up 3584 -> 37888 (`--layers qkv,q_o,gate_up2,down`), which take the heuristic until swept. The sweep measures the row counts SWEEP_ROWS and writes an entry only where its best beat the
-# heuristic, so an entry for r rows covers only the M above the sweep's previous row count (M = 1 never takes the
-# M = 4 entry: at M = 1 the heuristic won, e.g. gate/up 28.3 us against 31.5 us with the M = 4 settings).
+# and gate/up 3584 -> 37888 (`--layers qkv,q_o,gate_up2,down`), which take the heuristic until swept. The sweep
+# measures the row counts SWEEP_ROWS and writes an entry only where its best beat the heuristic, so an entry for r
+# rows covers only the M above the sweep's previous row count (M = 1 never takes the M = 4 entry: at M = 1 the
+# heuristic won, e.g. gate/up 28.3 us against 31.5 us with the M = 4 settings).
 CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {
     # H100, benchmarks/quant_matmul.py --rows 1,4,16 --budget-s 150 (dad883a; greedy search cut by its budget)
     (1, 3584, 512): (128, 8, 56, 2, 3, 'strided'),     # gptq
@@ -123,13 +124,43 @@ def _valid(k, n, fmt, bits, group_size, bn, bkw) -> str | None:
     return None
 
 
-def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype) -> bool:
-    """Whether the kernel takes this product with its default settings (else the caller uses another path)."""
-    if jnp.dtype(dtype) not in _X_DTYPES or fmt not in FORMATS or not 1 <= m <= MAX_ROWS:
+def layout_fits(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype, max_rows: int) -> bool:
+    """Whether x's dtype, the format, the bits, the rows and the shape fit the K-packed layouts at all (this kernel
+    and quant_skinny.py; each then checks its own tiles)."""
+    if jnp.dtype(dtype) not in _X_DTYPES or fmt not in FORMATS or not 1 <= m <= max_rows:
         return False
     if bits not in ((4,) if fmt == "awq_kp" else (4, 8)) or k % (32 // bits) or n % 8:
         return False
+    return group_size == -1 or (group_size > 0 and k % group_size == 0)
+
+
+def check_arrays(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int, max_rows: int):
+    """Raises ValueError naming what does not fit the K-packed layouts; returns (M, K, N, pf, G)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)):
+        raise ValueError(f"{fmt} supports bits {(4,) if fmt == 'awq_kp' else (4, 8)}, got {bits}")
+    if x.ndim != 2 or x.dtype not in _X_DTYPES or not 1 <= x.shape[0] <= max_rows:
+        raise ValueError(f"x must be bfloat16 or float16 [M, K] with 1 <= M <= {max_rows}, got {x.dtype}{x.shape}")
+    m, k = x.shape
+    pf = 32 // bits
+    n = scales.shape[-1]
+    want_qw = (k, n // 8) if fmt == "awq_kp" else (k // pf, n)
+    if qweight.shape != want_qw or qweight.dtype != jnp.int32:
+        raise ValueError(f"{fmt} qweight must be int32 {want_qw} for x [{m}, {k}] and scales {scales.shape}, got "
+                         f"{qweight.dtype}{qweight.shape}")
     if group_size != -1 and (group_size <= 0 or k % group_size):
+        raise ValueError(f"group_size must be -1 or divide K={k}, got {group_size}")
+    groups = 1 if group_size == -1 else k // group_size
+    if scales.shape != (groups, n) or qzeros.shape != (groups, n // pf) or qzeros.dtype != jnp.int32:
+        raise ValueError(f"scales must be [{groups}, {n}] and qzeros int32 [{groups}, {n // pf}]; got "
+                         f"{scales.shape} and {qzeros.dtype}{qzeros.shape}")
+    return m, k, n, pf, groups
+
+
+def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype) -> bool:
+    """Whether the kernel takes this product with its default settings (else the caller uses another path)."""
+    if not layout_fits(m, k, n, fmt=fmt, bits=bits, group_size=group_size, dtype=dtype, max_rows=MAX_ROWS):
         return False
     bn, bkw, *_ = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
     return _valid(k, n, fmt, bits, group_size, bn, bkw) is None
@@ -212,25 +243,8 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
         unpack: "mask" (fields below bit 23 in place, one shift a word) or "shift" (one shift a field) (static).
         interpret: run in Pallas interpret mode (CPU tests).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    if bits not in ((4,) if fmt == "awq_kp" else (4, 8)):
-        raise ValueError(f"{fmt} supports bits {(4,) if fmt == 'awq_kp' else (4, 8)}, got {bits}")
-    if x.ndim != 2 or x.dtype not in _X_DTYPES or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"x must be bfloat16 or float16 [M, K] with 1 <= M <= {MAX_ROWS}, got {x.dtype}{x.shape}")
-    m, k = x.shape
-    pf = 32 // bits
-    n = scales.shape[-1]
-    want_qw = (k, n // 8) if fmt == "awq_kp" else (k // pf, n)
-    if qweight.shape != want_qw or qweight.dtype != jnp.int32:
-        raise ValueError(f"{fmt} qweight must be int32 {want_qw} for x [{m}, {k}] and scales {scales.shape}, got "
-                         f"{qweight.dtype}{qweight.shape}")
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise ValueError(f"group_size must be -1 or divide K={k}, got {group_size}")
-    groups = 1 if group_size == -1 else k // group_size
-    if scales.shape != (groups, n) or qzeros.shape != (groups, n // pf) or qzeros.dtype != jnp.int32:
-        raise ValueError(f"scales must be [{groups}, {n}] and qzeros int32 [{groups}, {n // pf}]; got "
-                         f"{scales.shape} and {qzeros.dtype}{qzeros.shape}")
+    m, k, n, pf, groups = check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits, group_size=group_size,
+                                       max_rows=MAX_ROWS)
     d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
     bn, bkw, splits, warps, stages, xload = (v if v is not None else dv for v, dv in
                                              zip((block_n, block_kw, num_splits, num_warps, num_stages, xload), d))
@@ -251,31 +265,41 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
     kernel = functools.partial(_kernel, rows=m, bits=bits, zero_offset=1 if fmt == "gptq" else 0, classes=classes,
                                bkw=bkw, group_blocks=group_blocks, blocks_per_split=per_split,
                                num_k_blocks=num_k_blocks, unpack=unpack, xload=xload)
+    return launch(kernel, x.reshape(m, k // pf, pf), qw3, qzeros, scales, block_n=bn, num_splits=splits,
+                  out_dtype=x.dtype, num_warps=warps, num_stages=stages, interpret=interpret,
+                  name=f"qwenjax_{fmt}{bits}_gemv_m{m}_n{bn}_kw{bkw}_s{splits}")  # x3[m, w, j] = x[m, w*pf + j]
+
+
+def launch(kernel, x3, qw3, qzeros, scales, *, block_n, num_splits, out_dtype, num_warps, num_stages, interpret,
+           name):
+    """The pallas_call of a K-packed kernel (this one, quant_skinny.py's): grid (N / block_n, num_splits), x3 [rows,
+    ...] whole to every program, the words qw3 [K/pf, A, N/A], zeros and scales by column block; out [rows, N] in
+    out_dtype, or float32 partials [S, rows, N] summed here when K is split."""
+    rows, bn, (groups, n) = x3.shape[0], block_n, scales.shape
+    pf, classes = n // qzeros.shape[1], qw3.shape[1]
     in_specs = [
-        pl.BlockSpec((m, k // pf, pf), lambda j, s: (0, 0, 0)),
-        pl.BlockSpec((k // pf, classes, bn // classes), lambda j, s: (0, 0, j)),
+        pl.BlockSpec(x3.shape, lambda j, s: (0,) * x3.ndim),
+        pl.BlockSpec((qw3.shape[0], classes, bn // classes), lambda j, s: (0, 0, j)),
         pl.BlockSpec((groups, bn // pf), lambda j, s: (0, j)),
         pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
     ]
-    if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
-        out_spec = pl.BlockSpec((m, bn), lambda j, s: (0, j))
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
+        out_spec = pl.BlockSpec((rows, bn), lambda j, s: (0, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j))
+        out_shape = jax.ShapeDtypeStruct((num_splits, rows, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, rows, bn), lambda j, s: (s, 0, j))
     out = pl.pallas_call(
         kernel,
-        grid=(n // bn, splits),
+        grid=(n // bn, num_splits),
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
+        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"qwenjax_{fmt}{bits}_gemv_m{m}_n{bn}_kw{bkw}_s{splits}",
-    )(x.reshape(m, k // pf, pf), qw3, qzeros, scales)  # free views: x3[m, w, j] = x[m, w*pf + j]
-    if splits > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out
+        name=name,
+    )(x3, qw3, qzeros, scales)
+    return out.sum(axis=0).astype(out_dtype) if num_splits > 1 else out
 
 
 def quant_gemv_reference(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int):

@@ -36,3 +36,24 @@ def test_kernels_lower_to_triton_ir_for_cuda_on_any_host(tmp_path):
     assert "tt.func" in text and text.count("tt.dot") == 2 and "loc(" not in text  # parseable: no debug locations
     decode = kernel_isa.lower("decode", str(tmp_path))
     assert decode["dots"] and all(d.startswith("tensor<16x") for d in decode["dots"]), decode["dots"]
+
+
+def test_quant_kernels_lower_with_the_loop_structure_their_design_needs(tmp_path):
+    """Issue 30's finding, kept true: Triton pipelines a loop's loads only when they feed a tt.dot (a Pallas
+    fori_loop carries no tt.num_stages). The old GEMV loops without a dot; the skinny kernel's fma mode loops with
+    the next block's packed words in its carry (prefetched by hand: 7 blocks of 8 word rows x 512 columns a program
+    at M = 1, of 4 word rows at M = 4); its dot modes loop over dots."""
+    with pytest.raises(ValueError, match="unknown kernel 'skinny'; known: prefill, decode, skinny-fma-m1"):
+        kernel_isa.lower("skinny", str(tmp_path))
+    if _needs_a_gpu_to_lower():
+        with pytest.raises(RuntimeError, match=r"lowers Pallas Triton kernels for CUDA only with a GPU visible"):
+            kernel_isa.lower("skinny-fma-m1", str(tmp_path))
+        return
+    text = {w: Path(kernel_isa.lower(w, str(tmp_path))["ttir"]).read_text()
+            for w in ("gemv-m1", "skinny-fma-m1", "skinny-fma-m4", "skinny-dot-m16")}
+    assert "scf.for" in text["gemv-m1"] and "tt.dot" not in text["gemv-m1"]
+    for w, words in (("skinny-fma-m1", "tensor<8x1x512xi32>"), ("skinny-fma-m4", "tensor<4x1x512xi32>")):
+        loops = [line for line in text[w].splitlines() if "scf.for" in line]
+        assert len(loops) == 1 and f"-> ({words}, " in loops[0] and "tt.dot" not in text[w], (w, loops)
+    dot = text["skinny-dot-m16"]
+    assert "scf.for" in dot and dot.count("tt.dot") == 8  # one per 4-bit field of a block

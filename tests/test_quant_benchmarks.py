@@ -116,5 +116,7 @@ def test_quantized_benchmarks_write_results(results):
     sweep = results[result_files.result_name("quant-matmul", "qwen2-7b-instruct", "cpu")]
     assert sweep["config"]["interpret"] and sweep["metrics"]["variants_failed"] == 0
     ran = {(r["fmt"], r["variant"]) for r in sweep["config"]["runs"] if r["status"] == "ok"}
-    assert {("bf16", "bf16"), ("gptq", "xla"), ("gptq", "gemv"), ("awq", "xla"), ("awq", "gemv")} <= ran
+    assert {("bf16", "bf16"), ("gptq", "xla"), ("gptq", "gemv"), ("awq", "xla"), ("awq", "gemv"),
+            ("gptq", "skinny"), ("awq", "skinny")} <= ran
+    assert sweep["config"]["search"] == ["skinny"] and "skinny_configs" in sweep["config"]
     assert sweep["metrics"]["gptq_kv_m1_us"] > 0

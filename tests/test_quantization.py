@@ -59,12 +59,12 @@ def quantized(float_ckpt, tmp_path_factory):
     return get
 
 
-def _logits(path, ids, quant, *, decode_from: int):
+def _logits(path, ids, quant, *, decode_from: int, dtype=jnp.float32):
     """Logits at every position through the paged cache: one prefill, then one token per decode step."""
     cfg = load_model_config(path)
-    model = nnx.merge(*load_params(path, cfg, jnp.float32, quant=quant))
+    model = nnx.merge(*load_params(path, cfg, dtype, quant=quant))
     page, pages = 16, 8
-    kv = allocate(cfg, pages, page, jnp.float32)
+    kv = allocate(cfg, pages, page, dtype)
     table = np.random.default_rng(0).permutation(pages).astype(np.int32)[None]
     out = []
     for start, end in [(0, decode_from)] + [(i, i + 1) for i in range(decode_from, len(ids))]:
@@ -284,6 +284,44 @@ def test_logits_match_dequantized_float_model(scheme, quantized):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[2]], ids=lambda s: s.name)
+def test_skinny_kernel_in_the_model(scheme, quantized, monkeypatch):
+    """The bfloat16 model with every product the skinny kernel supports routed through it (Pallas interpret mode:
+    the 18-token prefill takes its dot mode, the decode steps its fma mode) against the float32 model of the
+    dequantized checkpoint (the writer's, independent of qwenjax): logits within bfloat16 rounding, as close as the
+    bfloat16 XLA path's, and the same greedy tokens wherever the exact top two are further apart than that rounding
+    (the XLA path itself flips a near tie of this GPTQ case: 2.7996 against 2.7829)."""
+    from pallas_kernels import quant_skinny
+    from qwenjax.layers import quant_linear as ql
+
+    qdir, ddir, _ = quantized(scheme)
+    quant = QuantConfig.from_checkpoint(qdir)
+    ids = list(np.random.default_rng(4).integers(0, 512, 24))
+    exact = _logits(ddir, ids, None, decode_from=18)
+    xla = np.asarray(_logits(qdir, ids, quant, decode_from=18, dtype=jnp.bfloat16), np.float32)
+    rows, kernel = [], quant_skinny.quant_skinny
+
+    def counted(x, *a, **kw):
+        rows.append(x.shape[0])
+        return kernel(x, *a, **kw)
+
+    def skinny_if_supported(x, n, q):
+        m = int(np.prod(x.shape[:-1]))
+        return "skinny" if quant_skinny.supported(m, x.shape[-1], n, fmt=ql.kernel_format(q), bits=q.bits,
+                                                  group_size=q.group_size, dtype=x.dtype) else None
+
+    monkeypatch.setattr(ql, "kernel_path", skinny_if_supported)
+    monkeypatch.setattr(quant_skinny, "quant_skinny", counted)
+    ours = np.asarray(_logits(qdir, ids, quant, decode_from=18, dtype=jnp.bfloat16), np.float32)
+    assert {18, 1} <= set(rows) and len(rows) == 4 * 2 * 7  # 4 products a layer, 2 layers, 7 steps
+    err = np.abs(ours - exact).max()
+    # bfloat16 weights, activations and KV cache over two layers; no worse than the XLA path's own rounding
+    assert err <= max(2.0 ** -5 * np.abs(exact).max(), 1.25 * np.abs(xla - exact).max())
+    top2 = -np.sort(-exact, axis=-1)[:, :2]
+    clear = top2[:, 0] - top2[:, 1] > 2 * err  # where that error cannot flip the top token
+    assert clear.sum() >= len(ids) // 2 and (ours.argmax(-1) == exact.argmax(-1))[clear].all()
+
+
 def test_loading_quantized_checkpoint_without_quant_is_a_clear_error(quantized):
     qdir, _, _ = quantized(SCHEMES[0])
     with pytest.raises(ValueError, match="is quantized"):
@@ -370,10 +408,21 @@ def test_kernel_path_per_shape(monkeypatch):
     x = lambda m: jnp.zeros((m, 3584), jnp.bfloat16)
     assert ql.kernel_path(x(1), 18944, gptq) is None  # CPU: always XLA
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for m in (1, 4, 16, 33, ql.SKINNY_MAX_ROWS):  # decode batches: the skinny kernel, fused shapes included
+        for n in (4608, 37888, 512, 3584):
+            assert ql.kernel_path(x(m), n, gptq) == ql.kernel_path(x(m), n, awq) == "skinny"
+    assert ql.kernel_path(x(ql.SKINNY_MAX_ROWS + 1), 3584, gptq) is None
+    assert ql.kernel_path(x(512), 3584, awq) is None
+    # 4-bit groups of 64: a 16-word dot block spans two groups (per-row zeros and scales)
+    gptq64, awq64 = QuantConfig("gptq", 4, 64), QuantConfig("awq", 4, 64, checkpoint_format="gemm")
+    assert ql.kernel_path(x(8), 3584, gptq64) == ql.kernel_path(x(9), 3584, gptq64) == "skinny"
+    assert ql.kernel_path(x(64), 3584, awq64) == "skinny"
+    monkeypatch.setattr(ql, "SKINNY_MAX_ROWS", 0)  # the paths before it, still reachable
     assert ql.kernel_path(x(1), 18944, gptq) == ql.kernel_path(x(ql.GEMV_MAX_ROWS), 512, awq) == "gemv"
     assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, gptq) == "mma"
     assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, awq) is None
-    assert ql.kernel_path(x(64), 3584, gptq) is None and ql.kernel_path(x(512), 3584, awq) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 4, 128, desc_act=True)) is None
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 8, 128)) is None  # not yet checked on a GPU
     assert ql.kernel_path(x(1).astype(jnp.float32), 3584, gptq) is None

@@ -8,10 +8,11 @@ shapes (qwenjax/quantization/repack.py: every word then holds 8 consecutive inpu
 decode kernel streams; the zeros in natural column order). Invariant: the packed arrays are never dequantized
 outside the jitted matmul; the float weight exists only as a temporary inside `quant_matmul`.
 
-`quant_matmul` is the single entry point of the product; `kernel_path` picks, per shape: the GEMV kernel
-(pallas_kernels/quant_gemv.py) for decode rows, the tensor-core kernel (pallas_kernels/quant_matmul.py) where it was
-measured faster, else the XLA path (unpack with shifts and masks, subtract the zeros, scale, dot in the activation
-dtype), which is what prefill and large batches take.
+`quant_matmul` is the single entry point of the product; `kernel_path` picks, per shape: the skinny kernel
+(pallas_kernels/quant_skinny.py) for decode batches of 1 to 64 rows, else the GEMV kernel
+(pallas_kernels/quant_gemv.py) for a few decode rows, the tensor-core kernel (pallas_kernels/quant_matmul.py) where
+it was measured faster, else the XLA path (unpack with shifts and masks, subtract the zeros, scale, dot in the
+activation dtype), which is what prefill and large batches take.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig) -> ja
     """x [..., I] @ dequantized W [I, O] -> [..., O] in x.dtype. The one place a low-bit product is computed."""
     I, O = x.shape[-1], scales.shape[-1]
     path = kernel_path(x, O, quant)
+    if path == "skinny":
+        from pallas_kernels import quant_skinny
+
+        y = quant_skinny.quant_skinny(x.reshape(-1, I), qweight, qzeros, scales, fmt=kernel_format(quant),
+                                      bits=quant.bits, group_size=quant.group_size,
+                                      interpret=jax.default_backend() != "gpu")
+        return y.reshape(*x.shape[:-1], O)
     if path == "gemv":  # pragma: no cover - GPU only
         from pallas_kernels import quant_gemv
 
@@ -80,7 +88,15 @@ def kernel_format(quant: QuantConfig) -> str:
     return "awq_kp" if quant.method == "awq" else quant.checkpoint_format
 
 
-# Rows each kernel takes (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
+# Rows each kernel takes. The skinny kernel (pallas_kernels/quant_skinny.py) takes every decode batch of 1 to 64 rows
+# it supports (4-bit, group-ordered, groups dividing 128 rows or multiples of it): it replaced the GEMV below (whose
+# K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100
+# measurement; the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check.
+# 8 bits: as the GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
+SKINNY_MAX_ROWS = 64
+_SKINNY_BITS = (4,)
+# The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 96 at 9..16 rows).
+# (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
 # 25 us for gate/up (bf16 about 45 us, XLA's dequantize-then-dot about 100 us), and still ahead of XLA at 4 rows
 # (61 us) though behind bf16; at 16 rows 160 us, behind both, with its x loads as measured (see quant_gemv.py). The
 # tensor-core kernel (GPTQ checkpoint layout, 4 bits) measured 1.4-1.9x faster than XLA for 1-16 rows before the
@@ -95,7 +111,7 @@ _MMA_BITS = (4,)
 
 
 def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
-    """"gemv", "mma" or None (the XLA path) for this product.
+    """"skinny", "gemv", "mma" or None (the XLA path) for this product.
 
     The kernels take bf16/f16 activations on a GPU, group-ordered weights (not GPTQ act-order, whose g_idx is
     arbitrary), in the shapes their tiles fit. Under tensor parallelism (a "tp" mesh axis over more than one device)
@@ -107,6 +123,12 @@ def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
     if not mesh.empty and mesh.shape.get("tp", 1) > 1:
         return None
     m, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+    if 1 <= m <= SKINNY_MAX_ROWS and quant.bits in _SKINNY_BITS:
+        from pallas_kernels import quant_skinny
+
+        if quant_skinny.supported(m, k, out_features, fmt=kernel_format(quant), bits=quant.bits,
+                                  group_size=quant.group_size, dtype=x.dtype):
+            return "skinny"
     if 1 <= m <= GEMV_MAX_ROWS and quant.bits in _GEMV_BITS:
         from pallas_kernels import quant_gemv
 
