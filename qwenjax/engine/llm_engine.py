@@ -28,6 +28,7 @@ from qwenjax.core.scheduler_output import SchedulerOutput
 from qwenjax.core.sequence import PENDING, Request, Sequence
 from qwenjax.engine.in_flight import InFlight, Prepared, freeze_gc_heap
 from qwenjax.engine.lora import EngineLoRA
+from qwenjax.engine.request_failures import RequestFailures
 from qwenjax.engine.sampling_inputs import needs_known_outputs, row_constraints, sampler_inputs, sampling_row, step_rows
 from qwenjax.engine.spec_step import SpecDecoder
 from qwenjax.engine.stats import EngineStats
@@ -38,13 +39,13 @@ from qwenjax.worker import lockstep
 from qwenjax.worker.lockstep import to_host
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.model_setup import LoadedModel, load_model
-from qwenjax.worker.sampler import WARMUP_MODES, build_tensors, choose_mode
+from qwenjax.worker.sampler import WARMUP_MODES
 from qwenjax.worker.step_input import build_step_input
 
 logger = logging.getLogger("qwenjax")
 
 
-class LLMEngine:
+class LLMEngine(RequestFailures):
     def __init__(self, args: EngineArgs, *, memory_source=None):
         missing = args.unsupported()
         if missing:
@@ -321,45 +322,6 @@ class LLMEngine:
             res, ranks = self.runner.sample(logits, inp, tensors, mode)
         self.stats.late_sampler_s += time.perf_counter() - t0
         return dataclasses.replace(step, result=res, ranks=ranks, wants_lp=wants_lp, late=None)
-
-    def _fail_culprits(self, out: SchedulerOutput, exc: Exception) -> None:
-        """Building a step's inputs raised: fails the requests whose rows raise on their own (their pages are
-        freed, the step is not dispatched, the next step schedules the others again). Re-raises `exc` when no single
-        row does: the fault is not one request's."""
-        culprits = {}
-        for r in out.rows:
-            try:
-                row = self._sampling_row(r)
-                choose_mode([row])
-                build_tensors([row], num_rows=1, vocab_size=self.model_config.vocab_size, with_history=False)
-            except Exception as e:  # noqa: BLE001 - this row is the fault
-                culprits.setdefault(r.seq.request_id, e)
-        if not culprits:
-            raise exc
-        for rid, e in culprits.items():
-            self.fail_request(rid, e)
-
-    def fail_request(self, request_id: str, exc: BaseException) -> None:
-        """Ends a request that a step could not handle: its sequences finish with reason "error", their pages are
-        freed, and (request id, exc) goes to `failed` for the caller. Touches nothing that could raise again."""
-        logger.error("request %s failed in the engine and was dropped: %s: %s", request_id, type(exc).__name__, exc)
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        req.error = exc
-        for seq in req.seqs:
-            if not seq.finished:
-                self.output_processor.finish(seq, "error", flush=False, text=False)
-        self.failed.append((request_id, exc))
-
-    def _fail_lora(self, lora_int_id: int, exc: BaseException) -> None:
-        for rid in [r.request_id for r in self.requests.values() if r.seqs[0].lora_int_id == lora_int_id]:
-            self.fail_request(rid, exc)
-
-    def take_failed(self) -> list[tuple[str, BaseException]]:
-        """The requests failed since the last call: (request id, exception)."""
-        failed, self.failed = self.failed, []
-        return failed
 
     def _process(self, step: InFlight, late: InFlight | None = None) -> list[RequestOutput]:
         """Reads a dispatched step's tokens (the only device sync), fills in its PENDING outputs, detokenizes, checks
