@@ -34,7 +34,8 @@ from server.metrics import ServerMetrics
 from server.openapi import body, install
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                              TokenizeRequest)
-from server.serving import ClientGone, OpenAIServing
+from server.jobs import ClientGone
+from server.serving import OpenAIServing
 from server.tool_parsers import check_tool_options
 
 logger = logging.getLogger("qwenjax.server")
