@@ -3,6 +3,7 @@
 Parameters carry Hugging Face's names and shapes, so the loader copies them without translation:
   AWQ   qweight int32 [I, O/8], qzeros int32 [G, O/8], scales [G, O], bias [O] (q/k/v only)
   GPTQ  qweight int32 [I/pf, O], qzeros int32 [G, O/pf], scales [G, O], g_idx int32 [I], bias [O] (q/k/v only)
+        act-order (desc_act) also perm int32 [I]: the rows sorted into group order at load (quantization/act_order.py)
 GPTQ's words keep the checkpoint's bits. AWQ's are repacked once at load, within each 8 x 8 block and in the same
 shapes (qwenjax/quantization/repack.py: every word then holds 8 consecutive input rows of one column, the layout the
 decode kernel streams; the zeros in natural column order). Invariant: the packed arrays are never dequantized
@@ -118,7 +119,8 @@ def kernel_format(quant: QuantConfig) -> str:
 
 
 # Rows each kernel takes. The skinny kernel (pallas_kernels/quant_skinny.py) takes every decode batch of 1 to 64 rows
-# it supports (4-bit, group-ordered, groups dividing 128 rows or multiples of it): it replaced the GEMV below (whose
+# it supports (4-bit, group-ordered or act-order sorted at load, groups dividing 128 rows or multiples of it; on a
+# "tp" mesh per device, quant_sharded.py): it replaced the GEMV below (whose
 # K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100
 # measurement; the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check.
 # 8 bits: as the GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
