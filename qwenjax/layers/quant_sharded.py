@@ -11,7 +11,8 @@ not divide the axis evenly leaves that array replicated):
           and qzeros / scales on groups, x split on I; each device computes a float32 partial of all O columns
           from its K slice, psum-ed over the mesh and then cast (the one-device kernel also sums its K splits in
           float32 and casts once). Act-order layers arrive sorted into group order (quantization/act_order.py),
-          x already gathered through perm, so a device's rows are whole groups as for any other layer.
+          x already gathered through perm, so a device's rows are whole groups as for any other layer; that
+          gather reads columns of x held by other devices (XLA inserts the collective: M x I values a step).
   None    replicated (k/v projections where the kv heads do not split): every device the whole product.
 Where the arrays do not split so that each device holds whole groups of its own rows (e.g. groups straddling two
 devices, or scales of several groups replicated because the groups do not divide over the mesh), or where the

@@ -19,6 +19,8 @@ Every function takes numpy or jax arrays and returns the same kind, except `grou
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pallas_kernels.gptq_layout import default_g_idx
@@ -80,6 +82,14 @@ def act_order_loaded(loaded: dict, wanted: dict, quant, *, place) -> dict:
         out[key] = place(perm, key)
         out[g_key] = place(default_g_idx(perm.shape[0], quant.group_size), g_key)
         qw = loaded[q_key]
-        out[q_key] = jax.jit(lambda q, p: permute_qweight(q, p, quant.bits), out_shardings=qw.sharding)(
-            qw, jax.numpy.asarray(perm))
+        out[q_key] = _permute_on_devices(quant.bits, qw.sharding)(qw, jax.numpy.asarray(perm))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _permute_on_devices(bits: int, sharding):
+    """permute_qweight jitted into `sharding`: one compilation per (bits, sharding, shape), not one per layer. Its
+    transient is the layer's unpacked values (4 bytes a weight), one layer at a time."""
+    import jax
+
+    return jax.jit(functools.partial(permute_qweight, bits=bits), out_shardings=sharding)
