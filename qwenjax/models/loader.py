@@ -278,7 +278,7 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
-    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending]
+    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending and k[-1] != "perm"]
     missing += [".".join(map(str, p)) for k, parts in pending.items() if k not in loaded
                 for i, p in enumerate(part_keys(k)) if i not in parts]   # a fused parameter's absent parts
     if missing:

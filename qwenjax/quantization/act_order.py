@@ -78,6 +78,8 @@ def act_order_loaded(loaded: dict, wanted: dict, quant, *, place) -> dict:
             continue
         owner = key[:-1]
         g_key, q_key = owner + ("g_idx",), owner + ("qweight",)
+        if g_key not in loaded or q_key not in loaded:
+            continue  # the loader's check of missing parameters names them
         perm = group_order(np.asarray(loaded[g_key]), quant.group_size, name=".".join(map(str, owner)))
         out[key] = place(perm, key)
         out[g_key] = place(default_g_idx(perm.shape[0], quant.group_size), g_key)
