@@ -6,6 +6,7 @@ runs on one device, models/fusion.py) and format (gptq = GPTQ 4-bit, awq = AWQ 4
   bf16     jnp.dot with a bf16 weight: the float model's product (once per shape and M)
   xla      QuantLinear's XLA path: unpack, subtract zeros, scale, dot (what prefill takes)
   auto     QuantLinear.quant_matmul as the model calls it (kernel_path's choice)
+  auto_act_order  (gptq formats) the same for an act-order layer as loaded: x's columns gathered through perm first
   mma      the tensor-core Pallas kernel (pallas_kernels/quant_matmul.py), its default tiles, checkpoint layouts
   skinny   the skinny kernel (pallas_kernels/quant_skinny.py), M <= 64, what `auto` takes there: its default
            settings; then, once every path has run at every M, a greedy search (M = 1 first) over mode (fma / dot /

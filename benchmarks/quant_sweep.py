@@ -6,6 +6,7 @@ baselines."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import traceback
@@ -79,6 +80,12 @@ def variants(fmt, bits, m, k, n, interpret):
     if not interpret:
         out.append(("auto", {"path": None}, lambda x, qw, qz, s: quant_linear.quant_matmul(x, qw, qz, s, None,
                                                                                            quant=q), ref_xla))
+    if fmt == "gptq":  # act-order as loaded (rows sorted into group order, quantization/act_order.py): `auto` plus
+        # the gather of x's columns through perm (a fixed random permutation; on CPU the XLA path)
+        qa = dataclasses.replace(q, desc_act=True)
+        perm = jnp.asarray(np.random.default_rng(k).permutation(k).astype(np.int32))
+        out.append(("auto_act_order", {"path": None}, lambda x, qw, qz, s: quant_linear.quant_matmul(
+            x, qw, qz, s, None, quant=qa, perm=perm), lambda x, *a: ref_xla(jnp.take(x, perm, axis=-1), *a)))
     mfmt = "awq" if fmt == "awq" else "gptq"
     if qmm.supported(m, k, n, fmt=mfmt, bits=bits, group_size=GROUP, dtype=jnp.bfloat16):
         out.append(("mma", {}, lambda x, qw, qz, s: qmm.quant_matmul(x, qw, qz, s.astype(x.dtype), fmt=mfmt,

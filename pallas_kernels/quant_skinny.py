@@ -4,7 +4,8 @@ jitted API, jnp reference. The successor of quant_gemv.py (kept for comparison i
 Axis letters: M rows of x, K inputs, N outputs, G groups, S K-splits, A column classes, U blocks a program.
 Layouts: exactly quant_gemv.py's ("gptq", "gptq_v2": the checkpoint's K-packed words [K/pf, N]; "awq_kp": AWQ
 repacked at load in 8 x 8 blocks, words [K, N/8]); out = x @ W, W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n],
-g(k) = k // group_size. Group-ordered weights only: act-order (an arbitrary g_idx) stays on the XLA path.
+g(k) = k // group_size. Group-ordered weights only: act-order layers are sorted into group order at load
+(qwenjax/quantization/act_order.py) and x's columns gathered to match.
 
 Why a redesign (found by reading Triton and the Pallas lowering, not yet measured): Pallas lowers `fori_loop` to an
 `scf.for` without a `tt.num_stages` attribute, and Triton's pipeliner (AssignLatencies / loadOpsToIndirectionLevel)
@@ -310,10 +311,10 @@ def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, 
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "bits", "group_size", "mode", "block_n", "block_kw",
-                                             "num_splits", "num_warps", "num_stages", "interpret"))
+                                             "num_splits", "num_warps", "num_stages", "interpret", "out_dtype"))
 def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int, mode=None, block_n=None,
-                 block_kw=None, num_splits=None, num_warps=None, num_stages=None, interpret=False):
-    """x [M, K] @ the low-bit weight -> [M, N] in x.dtype, for 1 <= M <= MAX_ROWS.
+                 block_kw=None, num_splits=None, num_warps=None, num_stages=None, interpret=False, out_dtype=None):
+    """x [M, K] @ the low-bit weight -> [M, N] in out_dtype (default x.dtype), for 1 <= M <= MAX_ROWS.
 
     Args:
         x: [M, K] bfloat16 / float16 activations.
@@ -328,6 +329,8 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
             more in a loop that prefetches the next block; dot: a pipelined loop.
         num_warps, num_stages: Triton launch settings (static); num_stages matters to the dot modes' loop only.
         interpret: run in Pallas interpret mode (CPU tests).
+        out_dtype: the result's dtype (static); float32 for partial products that are summed before rounding
+            (a row-parallel layer's K slices over a mesh, qwenjax/layers/quant_sharded.py).
     """
     m, k, n, pf, groups = quant_gemv.check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits,
                                                   group_size=group_size, max_rows=MAX_ROWS)
@@ -361,7 +364,7 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         x3 = x3.transpose(0, 2, 1)
     name = f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}"
     out = quant_gemv.launch(kernel, x3, qweight.reshape(k // pf, classes, n // classes), qzeros, scales, block_n=bn,
-                            num_splits=splits, out_dtype=x.dtype, num_warps=warps, num_stages=stages,
+                            num_splits=splits, out_dtype=out_dtype or x.dtype, num_warps=warps, num_stages=stages,
                             interpret=interpret, name=name)
     return out[:m]
 

@@ -117,6 +117,6 @@ def test_quantized_benchmarks_write_results(results):
     assert sweep["config"]["interpret"] and sweep["metrics"]["variants_failed"] == 0
     ran = {(r["fmt"], r["variant"]) for r in sweep["config"]["runs"] if r["status"] == "ok"}
     assert {("bf16", "bf16"), ("gptq", "xla"), ("gptq", "gemv"), ("awq", "xla"), ("awq", "gemv"),
-            ("gptq", "skinny"), ("awq", "skinny")} <= ran
+            ("gptq", "skinny"), ("awq", "skinny"), ("gptq", "auto_act_order")} <= ran
     assert sweep["config"]["search"] == ["skinny"] and "skinny_configs" in sweep["config"]
     assert sweep["metrics"]["gptq_kv_m1_us"] > 0

@@ -55,6 +55,8 @@ def loaded_weights(qdir) -> dict[str, np.ndarray]:
             g_idx = proj.g_idx[...] if quant.method == "gptq" else None
             w = np.asarray(dequantize_weight(proj.qweight[...], proj.qzeros[...], proj.scales[...], g_idx,
                                              quant=quant, dtype=jnp.float32))
+            if quant.desc_act:  # act-order rows held in group order: row k is the checkpoint's row perm[k]
+                w = w[np.argsort(np.asarray(proj.perm[...]))]
             parts = FUSED.get(name, (name,))
             pieces = split_columns(w, widths[name], 1) if name in FUSED else [w]
             for part, piece in zip(parts, pieces):

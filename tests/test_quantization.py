@@ -18,11 +18,11 @@ from qwenjax.layers.attention_metadata import AttentionMetadata
 from qwenjax.layers.quant_linear import QuantLinear, dequantize_weight
 from qwenjax.models.fusion import FUSED, GATE_UP, QKV, FusedColumns, split_columns
 from qwenjax.models.loader import load_model_config, load_params
-from qwenjax.quantization import QuantConfig, repack, resolve_quant_config
+from qwenjax.quantization import QuantConfig, act_order, repack, resolve_quant_config
 from qwenjax.worker.kv_cache import allocate
 from tests.checkpoints import write_checkpoint
 from tests.conftest import SMALL_ENGINE
-from tests.quant_writer import Scheme, write_quantized
+from tests.quant_writer import Scheme, pack_rows, write_quantized
 
 SCHEMES = [
     Scheme("awq", group_size=128),
@@ -163,6 +163,28 @@ def test_awq_repack_is_exact_and_shard_local():
     np.testing.assert_array_equal(repack.awq_zeros_natural(qzeros[:, 2:5]), zn[:, 2:5])
 
 
+def test_act_order_rows_sorted_into_group_order():
+    """An act-order layer's rows in group order (quantization/act_order.py): the writer's packed words of the
+    sorted rows, on host and device, and a g_idx that GPTQ never writes (a group of 17 rows) refused by name."""
+    rng = np.random.default_rng(7)
+    I, O, g = 64, 16, 16
+    g_idx = (np.arange(I) // g)[rng.permutation(I)].astype(np.int32)
+    q = rng.integers(0, 16, (I, O))
+    perm = act_order.group_order(g_idx, g)
+    assert perm.dtype == np.int32 and (g_idx[perm] == np.arange(I) // g).all()
+    assert (np.diff(perm[g_idx[perm] == 1]) > 0).all()  # stable: a group's rows keep their order
+    want = pack_rows(q[perm], 4)
+    np.testing.assert_array_equal(act_order.permute_qweight(pack_rows(q, 4), perm, 4), want)
+    np.testing.assert_array_equal(np.asarray(act_order.permute_qweight(jnp.asarray(pack_rows(q, 4)),
+                                                                       jnp.asarray(perm), 4)), want)
+    np.testing.assert_array_equal(act_order.padded_g_idx(g_idx, 96, g)[I:], [4] * 16 + [5] * 16)
+    bad = g_idx.copy()
+    bad[np.flatnonzero(bad == 2)[0]] = 1
+    with pytest.raises(ValueError, match=r"g_idx of down_proj \(64 rows, group_size 16\).*row 32 is in group 1, "
+                                         r"expected 2"):
+        act_order.group_order(bad, g, name="down_proj")
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_dequantized_weights_equal_grid(scheme, quantized):
     qdir, _, grids = quantized(scheme)
@@ -189,7 +211,7 @@ def test_dequantized_weights_equal_grid(scheme, quantized):
 
 @pytest.mark.parametrize("scheme", [SCHEMES[1], SCHEMES[4]], ids=lambda s: s.name)
 def test_params_hold_packed_int32(scheme, quantized):
-    qdir, _, _ = quantized(scheme)
+    qdir, _, grids = quantized(scheme)
     quant = QuantConfig.from_checkpoint(qdir)
     cfg = load_model_config(qdir)
     graphdef, params = load_params(qdir, cfg, jnp.float32, quant=quant)
@@ -202,6 +224,12 @@ def test_params_hold_packed_int32(scheme, quantized):
                               ("mlp", layer.mlp.gate_up_proj, FUSED[GATE_UP]),
                               ("mlp", layer.mlp.down_proj, ("down_proj",))]:
         assert isinstance(proj, QuantLinear) and not hasattr(proj, "kernel")
+        # act-order: the rows sorted into group order at load (stable, by the checkpoint's g_idx), kept in `perm`
+        g_ckpt = tensors[f"model.layers.1.{name}.{parts[0]}.g_idx"] if scheme.desc_act else None
+        order = np.argsort(g_ckpt, kind="stable") if scheme.desc_act else None
+        if scheme.desc_act:
+            np.testing.assert_array_equal(np.asarray(proj.perm[...]), order)
+            assert proj.perm[...].dtype == jnp.int32
         for leaf in ("qweight", "qzeros") + (("g_idx",) if scheme.method == "gptq" else ()):
             arr = getattr(proj, leaf)[...]
             assert arr.dtype == jnp.int32, (name, leaf, arr.dtype)
@@ -209,6 +237,12 @@ def test_params_hold_packed_int32(scheme, quantized):
             want = want[0] if leaf == "g_idx" else np.concatenate(want, axis=-1)
             if scheme.method == "awq":  # repacked at load within 8 x 8 blocks, same shape (repack.py)
                 want = {"qweight": repack.awq_to_kpacked, "qzeros": repack.awq_zeros_natural}[leaf](want)
+            if scheme.desc_act and leaf == "g_idx":
+                assert (np.diff(want[order]) >= 0).all()
+                want = np.arange(want.shape[0]) // scheme.group_size  # the natural groups, once sorted
+            if scheme.desc_act and leaf == "qweight":  # the writer's grid and packing, rows sorted
+                q = np.concatenate([grids[f"model.layers.1.{name}.{p}"].q for p in parts], axis=1)
+                want = pack_rows(q[order], scheme.bits)
             np.testing.assert_array_equal(np.asarray(arr), want)
         assert proj.scales[...].dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(proj.scales[...]), np.concatenate(
@@ -284,7 +318,7 @@ def test_logits_match_dequantized_float_model(scheme, quantized):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[2]], ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[2], SCHEMES[4]], ids=lambda s: s.name)
 def test_skinny_kernel_in_the_model(scheme, quantized, monkeypatch):
     """The bfloat16 model with every product the skinny kernel supports routed through it (Pallas interpret mode:
     the 18-token prefill takes its dot mode, the decode steps its fma mode) against the float32 model of the
@@ -423,6 +457,7 @@ def test_kernel_path_per_shape(monkeypatch):
     assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, awq) is None
     monkeypatch.undo()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # act-order reaches kernel_path sorted into group order (quant_matmul gathers x through perm); unsorted, never
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 4, 128, desc_act=True)) is None
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 8, 128)) is None  # not yet checked on a GPU
     assert ql.kernel_path(x(1).astype(jnp.float32), 3584, gptq) is None

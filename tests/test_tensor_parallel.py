@@ -261,3 +261,44 @@ def test_quantized_checkpoints_shard_like_float_ones(tmp_path):
         else:
             assert shards["mlp.down_proj.qweight"] == [8, 128] and specs["mlp.down_proj.g_idx"] == ["tp"]
             assert specs["self_attn.q_proj.g_idx"] == []
+
+
+def test_skinny_kernel_per_device_on_meshes(tmp_path):
+    """The int4 skinny kernel (Pallas interpret mode, as a GPU would choose it) on each device's shard under
+    shard_map, AWQ and GPTQ act-order (group 32, rows sorted into group order at load): every product of the decode
+    steps runs it (and the 18-token prefill's where a device's shape fits), column-parallel ones on their local
+    columns, row-parallel ones on
+    their local rows with float32 partials (psum, then bfloat16), and the bfloat16 logits of meshes 2 and 4 equal
+    mesh 1's within bfloat16 rounding, with the same greedy tokens."""
+    from tests.quant_writer import Scheme, write_quantized
+
+    src = write_checkpoint(tmp_path / "float", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                           num_heads=4, num_kv_heads=2, tie=False, seed=21)
+    paths = []
+    for scheme in (Scheme("awq", group_size=32), Scheme("gptq", bits=4, group_size=32, desc_act=True)):
+        write_quantized(src, tmp_path / scheme.name, None, scheme, seed=1)
+        paths.append(str(tmp_path / scheme.name))
+    out = tmp_path / "result.json"
+    proc = run_with_devices(["-m", "tests.tp_quant_kernel_worker", str(out), *paths], n=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for path in paths:
+        one = np.asarray(res[f"{path}|1"]["logits"])
+        for n in (1, 2, 4):
+            r = res[f"{path}|{n}"]
+            # Decode: no product falls back to the XLA path. Prefill (18 rows) does where a device's shape is under
+            # the dot mode's 128-row / 128-column block (the fma mode takes at most 8 rows), as on one device.
+            assert 1 not in r["xla"] and (n > 1 or r["xla"] == []), (path, n, r["xla"])
+            shapes = {tuple(c[:3]) for c in r["calls"]}  # each device's products: (rows, local K, local N)
+            down, o_proj = (1, 256 // n, 128), (1, 128 // n, 128)  # row-parallel: local rows
+            assert {down, o_proj, (1, 128, 512 // n), (18, 128, 512 // n)} <= shapes, (path, n, sorted(shapes))
+            # float32 partials (psum-ed, then rounded) exactly for the row-parallel products, when split
+            partials = {tuple(c[:3]) for c in r["calls"] if c[3] == "float32"}
+            assert (partials == set()) if n == 1 else ({down, o_proj} <= partials <= {
+                (m, k, 128) for m in (1, 18) for k in (256 // n, 128 // n)}), (path, n, sorted(partials))
+            got = np.asarray(r["logits"])
+            err = np.abs(got - one).max()
+            assert err <= 2.0 ** -6 * np.abs(one).max(), (path, n, err)
+            top2 = -np.sort(-one, axis=-1)[:, :2]
+            clear = top2[:, 0] - top2[:, 1] > 2 * err
+            assert clear.sum() >= len(one) // 2 and (got.argmax(-1) == one.argmax(-1))[clear].all(), (path, n)

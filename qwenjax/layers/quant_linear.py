@@ -3,6 +3,7 @@
 Parameters carry Hugging Face's names and shapes, so the loader copies them without translation:
   AWQ   qweight int32 [I, O/8], qzeros int32 [G, O/8], scales [G, O], bias [O] (q/k/v only)
   GPTQ  qweight int32 [I/pf, O], qzeros int32 [G, O/pf], scales [G, O], g_idx int32 [I], bias [O] (q/k/v only)
+        act-order (desc_act) also perm int32 [I]: the rows sorted into group order at load (quantization/act_order.py)
 GPTQ's words keep the checkpoint's bits. AWQ's are repacked once at load, within each 8 x 8 block and in the same
 shapes (qwenjax/quantization/repack.py: every word then holds 8 consecutive input rows of one column, the layout the
 decode kernel streams; the zeros in natural column order). Invariant: the packed arrays are never dequantized
@@ -17,21 +18,28 @@ activation dtype), which is what prefill and large batches take.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pallas_kernels import awq_layout, gptq_layout as gptq
+from qwenjax.layers import quant_sharded
 from qwenjax.quantization import repack
 from qwenjax.quantization.config import QuantConfig
 
 
 class QuantLinear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, quant: QuantConfig, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, split: str | None = None):
+        """split: how tensor parallelism splits the layer, as models/sharding.py does: "out" (column-parallel),
+        "in" (row-parallel) or None (replicated); the decode kernel runs per device accordingly (quant_sharded.py)."""
         _check_shape(in_features, out_features, quant)
-        self.in_features, self.out_features = in_features, out_features
+        if split not in quant_sharded.SPLITS:
+            raise ValueError(f"split must be one of {quant_sharded.SPLITS}, got {split!r}")
+        self.in_features, self.out_features, self.split = in_features, out_features, split
         self.quant, self.dtype = quant, jnp.dtype(dtype)
         G = quant.num_groups(in_features)
         # Random packed values and mid-point zeros: a model of the right shape and scale for dummy-weight runs
@@ -44,21 +52,43 @@ class QuantLinear(nnx.Module):
         self.scales = nnx.Param(jnp.full((G, out_features), 0.02 / spread, self.dtype))
         if quant.method == "gptq":
             self.g_idx = nnx.Param(jnp.asarray(gptq.default_g_idx(in_features, quant.group_size)))
+        if quant.desc_act:  # act-order: rows sorted into group order at load (quantization/act_order.py)
+            self.perm = nnx.Param(jnp.arange(in_features, dtype=jnp.int32))
         self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., I] -> [..., O] in the layer dtype."""
         g_idx = self.g_idx[...] if self.quant.method == "gptq" else None
+        perm = self.perm[...] if self.quant.desc_act else None
         y = quant_matmul(x.astype(self.dtype), self.qweight[...], self.qzeros[...], self.scales[...], g_idx,
-                         quant=self.quant)
+                         quant=self.quant, perm=perm, split=self.split)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
 
-def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig) -> jax.Array:
-    """x [..., I] @ dequantized W [I, O] -> [..., O] in x.dtype. The one place a low-bit product is computed."""
+def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig, perm=None, split=None) -> jax.Array:
+    """x [..., I] @ dequantized W [I, O] -> [..., O] in x.dtype. The one place a low-bit product is computed.
+
+    perm [I] int32: an act-order layer sorted into group order at load (quantization/act_order.py: the weight's
+    row k is the checkpoint's row perm[k], in group k // group_size): x's columns are gathered through it, and the
+    product is then a group-ordered one on every path.
+    split: the layer's tensor-parallel split ("out", "in", None; quant_sharded.py): on a "tp" mesh of several
+    devices, decode products run the skinny kernel on each device's shard where it fits, else the XLA path."""
+    if perm is not None:
+        x = jnp.take(x, perm, axis=-1)  # x @ W == x[:, perm] @ W[perm]
+        quant = dataclasses.replace(quant, desc_act=False)
+    elif quant.desc_act:
+        raise ValueError("an act-order (desc_act) GPTQ product needs `perm`: the layer's rows sorted into group "
+                         "order at load (quantization/act_order.py)")
     I, O = x.shape[-1], scales.shape[-1]
+    if quant_sharded.tp_size() > 1:
+        y = quant_sharded.sharded_skinny(
+            x.reshape(-1, I), qweight, qzeros, scales, split=split, fmt=kernel_format(quant), bits=quant.bits,
+            group_size=quant.group_size, fits=lambda m, k, n, gs: skinny_fits(m, k, n, x.dtype, quant, group_size=gs),
+            interpret=jax.default_backend() != "gpu")
+        if y is not None:
+            return y.reshape(*x.shape[:-1], O)
     path = kernel_path(x, O, quant)
     if path == "skinny":
         from pallas_kernels import quant_skinny
@@ -89,7 +119,8 @@ def kernel_format(quant: QuantConfig) -> str:
 
 
 # Rows each kernel takes. The skinny kernel (pallas_kernels/quant_skinny.py) takes every decode batch of 1 to 64 rows
-# it supports (4-bit, group-ordered, groups dividing 128 rows or multiples of it): it replaced the GEMV below (whose
+# it supports (4-bit, group-ordered or act-order sorted at load, groups dividing 128 rows or multiples of it; on a
+# "tp" mesh per device, quant_sharded.py): it replaced the GEMV below (whose
 # K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100
 # measurement; the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check.
 # 8 bits: as the GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
@@ -113,22 +144,18 @@ _MMA_BITS = (4,)
 def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
     """"skinny", "gemv", "mma" or None (the XLA path) for this product.
 
-    The kernels take bf16/f16 activations on a GPU, group-ordered weights (not GPTQ act-order, whose g_idx is
-    arbitrary), in the shapes their tiles fit. Under tensor parallelism (a "tp" mesh axis over more than one device)
-    the XLA path runs: XLA partitions it along the weights' shards, while a kernel's custom call has no partitioning
-    rule and would gather the whole packed weight onto every device."""
-    if jax.default_backend() != "gpu" or quant.desc_act:
-        return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.shape.get("tp", 1) > 1:
+    The kernels take bf16/f16 activations on a GPU, group-ordered weights (act-order layers arrive here sorted
+    into group order, quant_matmul; an unsorted one never takes a kernel), in the shapes their tiles fit. This is
+    the whole product's path: under tensor parallelism (a "tp" mesh axis over more than one device) it is None, and
+    quant_matmul runs the skinny kernel on each device's shard instead where `skinny_fits` the local shape
+    (quant_sharded.py), else the XLA path, which XLA partitions along the weights' shards."""
+    if quant.desc_act or quant_sharded.tp_size() > 1:
         return None
     m, k = int(np.prod(x.shape[:-1])), x.shape[-1]
-    if 1 <= m <= SKINNY_MAX_ROWS and quant.bits in _SKINNY_BITS:
-        from pallas_kernels import quant_skinny
-
-        if quant_skinny.supported(m, k, out_features, fmt=kernel_format(quant), bits=quant.bits,
-                                  group_size=quant.group_size, dtype=x.dtype):
-            return "skinny"
+    if skinny_fits(m, k, out_features, x.dtype, quant):
+        return "skinny"
+    if jax.default_backend() != "gpu":
+        return None
     if 1 <= m <= GEMV_MAX_ROWS and quant.bits in _GEMV_BITS:
         from pallas_kernels import quant_gemv
 
@@ -142,6 +169,17 @@ def kernel_path(x, out_features: int, quant: QuantConfig) -> str | None:
                          group_size=quant.group_size, dtype=x.dtype):
             return "mma"
     return None
+
+
+def skinny_fits(m: int, k: int, n: int, dtype, quant: QuantConfig, *, group_size: int | None = None) -> bool:
+    """Whether the skinny kernel runs an [m, k] @ [k, n] product of this layout on this backend (a GPU);
+    `group_size` overrides the layer's (a device's rows all in one group, quant_sharded.py)."""
+    if jax.default_backend() != "gpu" or not (1 <= m <= SKINNY_MAX_ROWS and quant.bits in _SKINNY_BITS):
+        return False
+    from pallas_kernels import quant_skinny
+
+    gs = quant.group_size if group_size is None else group_size
+    return quant_skinny.supported(m, k, n, fmt=kernel_format(quant), bits=quant.bits, group_size=gs, dtype=dtype)
 
 
 def dequantize_weight(qweight, qzeros, scales, g_idx, *, quant: QuantConfig, dtype) -> jax.Array:

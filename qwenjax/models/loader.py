@@ -25,10 +25,10 @@ from pallas_kernels import gptq_layout as gptq
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
-from qwenjax.models.mesh_padding import pad_for_mesh, padded_array, zero_padded_rows
+from qwenjax.models.mesh_padding import ZeroPadded, pad_for_mesh, padded_array, zero_padded_rows
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
-from qwenjax.quantization import repack
+from qwenjax.quantization import act_order, repack
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.quantization.fp8_load import Fp8Loading, is_fp8
 
@@ -246,6 +246,8 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
             if fp8 is not None:
                 arr = fp8.host_array(name, key[-1], arr, shape, wanted[key].dtype)
             arr = padded_array(name, arr, shape, part_path, real, cfg)  # zeros where padded for the mesh, else arr
+            if key[-1] == "g_idx" and isinstance(arr, ZeroPadded):  # padded rows (x is 0 there) in padded groups,
+                arr = act_order.padded_g_idx(arr.arr, shape[0], quant.group_size)  # so act-order sorts stay whole
             if arr.shape != shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {arr.shape}, the model expects {shape}")
             if part is not None:
@@ -271,10 +273,12 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     if fp8 is not None:
         loaded = fp8.finish(loaded, wanted, lambda k: NamedSharding(mesh, param_spec(k, cfg, n, wanted[k].shape)))
     loaded = repack.repack_loaded(loaded, quant)  # AWQ words -> the decode kernel's layout, same shapes
+    loaded = act_order.act_order_loaded(loaded, wanted, quant, place=lambda a, k: place(  # GPTQ act-order rows ->
+        a, NamedSharding(mesh, param_spec(k, cfg, n, a.shape)), a.dtype))                 # group order, plus perm
     for k in wanted:  # no KV-cache scales in the checkpoint: fp8 pages hold the values themselves
         if isinstance(wanted[k], KVScale) and k not in loaded:
             loaded[k] = replicated_scalar(np.float32(1.0), mesh)
-    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending]
+    missing = [".".join(map(str, k)) for k in wanted if k not in loaded and k not in pending and k[-1] != "perm"]
     missing += [".".join(map(str, p)) for k, parts in pending.items() if k not in loaded
                 for i, p in enumerate(part_keys(k)) if i not in parts]   # a fused parameter's absent parts
     if missing:

@@ -22,18 +22,20 @@ from qwenjax.layers.norm import RMSNorm
 from qwenjax.layers.quant_linear import QuantLinear
 from qwenjax.layers.rotary import rope_cos_sin
 from qwenjax.models.fusion import Fusion, split_columns
+from qwenjax.models.sharding import kv_heads_sharded
 from qwenjax.quantization.config import QuantConfig
 
 KVCache = list  # per layer: (k_pages [K, P, S, H], v_pages [K, P, S, H])
 
 
 def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
-            quant: QuantConfig | None = None) -> nnx.Linear | QuantLinear | Fp8Linear:
-    """A projection: float nnx.Linear, QuantLinear (packed AWQ/GPTQ arrays) or Fp8Linear (float8 weights)."""
+            quant: QuantConfig | None = None, split: str | None = "out") -> nnx.Linear | QuantLinear | Fp8Linear:
+    """A projection: float nnx.Linear, QuantLinear (packed AWQ/GPTQ arrays) or Fp8Linear (float8 weights).
+    split: its tensor-parallel split as models/sharding.py places it ("out", "in", None: replicated)."""
     if quant is not None and quant.method == "fp8":
         return Fp8Linear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs)
     if quant is not None:
-        return QuantLinear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs)
+        return QuantLinear(din, dout, use_bias=bias, quant=quant, dtype=dtype, rngs=rngs, split=split)
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
@@ -50,9 +52,10 @@ class Qwen2Attention(nnx.Module):
             self.qkv_proj = _linear(D, (N + 2 * K) * H, True, dtype, rngs, quant)
         else:
             self.q_proj = _linear(D, N * H, True, dtype, rngs, quant)
-            self.k_proj = _linear(D, K * H, True, dtype, rngs, quant)
-            self.v_proj = _linear(D, K * H, True, dtype, rngs, quant)
-        self.o_proj = _linear(N * H, D, False, dtype, rngs, quant)
+            kv_split = "out" if kv_heads_sharded(cfg, fusion.shards) else None  # else replicated kv heads
+            self.k_proj = _linear(D, K * H, True, dtype, rngs, quant, kv_split)
+            self.v_proj = _linear(D, K * H, True, dtype, rngs, quant, kv_split)
+        self.o_proj = _linear(N * H, D, False, dtype, rngs, quant, "in")
         # fp8_e4m3 KV pages hold K / k_scale and V / v_scale: the checkpoint's per-tensor scales, else 1.0.
         self.k_scale = KVScale(jnp.ones((), jnp.float32))
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
@@ -88,7 +91,7 @@ class Qwen2MLP(nnx.Module):
         else:
             self.gate_proj = _linear(D, F, False, dtype, rngs, quant)
             self.up_proj = _linear(D, F, False, dtype, rngs, quant)
-        self.down_proj = _linear(F, D, False, dtype, rngs, quant)
+        self.down_proj = _linear(F, D, False, dtype, rngs, quant, "in")
 
     def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0):
         if self.fused_gate_up:

@@ -98,6 +98,8 @@ def _spec(path: tuple, cfg: ModelConfig, n: int) -> P:
     # maps input rows to groups: whole for column-parallel, split with the rows for row-parallel.
     if leaf == "input_scale":
         return P()                                # an fp8 layer's static activation scale []
+    if leaf == "perm":
+        return P()                                # an act-order layer's row order [I] (quantization/act_order.py)
     # FP8 layers (layers/fp8_linear.py): kernel [I, O] float8 like a float kernel; weight_scale [G, O] like scales.
     if owner in COLUMN_PARALLEL:
         if leaf == "bias":

@@ -84,3 +84,94 @@ def test_skinny_7b_shapes_on_gpu(scheme, fmt, m, k, n):
     out = np.asarray(qs.quant_skinny(x[:m], *arrays, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size),
                      np.float64)
     np.testing.assert_allclose(out, exact[:m], atol=2.0 ** -7 * np.abs(exact[:m]).max(), rtol=0)
+
+
+# ------------------------------------------------------------- act-order and tensor parallelism (QuantLinear's paths)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from qwenjax.layers import quant_linear as ql, quant_sharded  # noqa: E402
+from qwenjax.models.sharding import make_mesh  # noqa: E402
+from qwenjax.quantization import QuantConfig, act_order, repack  # noqa: E402
+from tests.quant_writer import layer_tensors, quantize  # noqa: E402
+
+ACT_ORDER = Scheme("gptq", bits=4, group_size=128, sym=True, desc_act=True)
+AWQ = Scheme("awq", group_size=128)
+
+
+def _layer(scheme, k, n, seed):
+    """A [k, n] layer quantized by the test writer, in QuantLinear's layout (act-order sorted, AWQ repacked, as the
+    loader leaves them): (qweight, qzeros, scales bf16, g_idx, perm, quant), and its exact dequantized weight."""
+    rng = np.random.default_rng(seed)
+    grid = quantize(rng.normal(0, 0.02, (k, n)), scheme, rng)
+    t, perm = layer_tensors(grid, scheme), None
+    if scheme.method == "awq":
+        t["qweight"], t["qzeros"] = repack.awq_to_kpacked(t["qweight"]), repack.awq_zeros_natural(t["qzeros"])
+        quant = QuantConfig("awq", 4, scheme.group_size, checkpoint_format="gemm")
+    else:
+        quant = QuantConfig("gptq", 4, scheme.group_size, desc_act=scheme.desc_act, sym=scheme.sym)
+        if scheme.desc_act:
+            perm = act_order.group_order(t["g_idx"], scheme.group_size)
+            t["qweight"] = act_order.permute_qweight(t["qweight"], perm, 4)
+            t["g_idx"] = np.arange(k, dtype=np.int32) // scheme.group_size
+    arrays = (t["qweight"], t["qzeros"], t["scales"].astype(jnp.bfloat16), t.get("g_idx"), perm)
+    return arrays, quant, grid.dequantized()
+
+
+def _counted(monkeypatch):
+    calls, kernel = [], qs.quant_skinny
+
+    def counted(x, qw, qz, s, **kw):
+        calls.append((x.shape[0], x.shape[1], s.shape[-1]))
+        return kernel(x, qw, qz, s, **kw)
+
+    monkeypatch.setattr(qs, "quant_skinny", counted)
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 3584)])
+def test_act_order_takes_the_skinny_kernel_on_gpu(k, n, m, monkeypatch):
+    (qw, qz, s, g_idx, perm), quant, w = _layer(ACT_ORDER, k, n, seed=k + m)
+    calls = _counted(monkeypatch)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    y = jax.jit(lambda x, *a: ql.quant_matmul(x, *a, quant=quant, perm=perm))(x, qw, qz, s, g_idx)
+    assert calls == [(m, k, n)]
+    exact = np.asarray(x, np.float64) @ w
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+
+
+def _fits_on_device(m, k, n, gs, *, dtype, quant):
+    assert ql.skinny_fits(m, k, n, dtype, quant, group_size=gs), (m, k, n, gs)  # the GPU's own choice
+    return True
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("scheme", [ACT_ORDER, AWQ], ids=lambda s: s.name)
+@pytest.mark.parametrize("split, k, n", [("out", 3584, 4608), ("in", 18944, 3584)])
+def test_skinny_kernel_per_device_on_gpus(split, k, n, scheme, m, monkeypatch):
+    """quant_sharded.py on a mesh of every GPU present (one GPU: a mesh of one, the shard_map and float32 psum
+    compiled all the same; QuantLinear takes this path only on several): the kernel on each device's columns / rows
+    (act-order: x gathered through perm first, as QuantLinear does), equal to the exact product."""
+    devices = jax.device_count()
+    mesh = make_mesh(devices)
+    (qw, qz, s, g_idx, perm), quant, w = _layer(scheme, k, n, seed=k + m)
+    spec = P(None, "tp") if split == "out" else P("tp", None)
+    qw, qz, s = (jax.device_put(a, NamedSharding(mesh, spec)) for a in (qw, qz, s))
+    calls = _counted(monkeypatch)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    fits = functools.partial(_fits_on_device, dtype=x.dtype, quant=quant)
+
+    def product(x, qw, qz, s):  # QuantLinear's order: x's columns gathered through perm, then the sharded kernel
+        x = x if perm is None else jnp.take(x, perm, axis=-1)
+        return quant_sharded.sharded_skinny(x, qw, qz, s, split=split, fmt=ql.kernel_format(quant), bits=4,
+                                            group_size=quant.group_size, fits=fits,
+                                            interpret=jax.default_backend() != "gpu")
+
+    with jax.set_mesh(mesh):
+        y = jax.jit(product)(x, qw, qz, s)
+    assert calls == [(m, k, n // devices) if split == "out" else (m, k // devices, n)]
+    exact = np.asarray(x, np.float64) @ w
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
