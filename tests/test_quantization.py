@@ -442,6 +442,10 @@ def test_kernel_path_per_shape(monkeypatch):
     x = lambda m: jnp.zeros((m, 3584), jnp.bfloat16)
     assert ql.kernel_path(x(1), 18944, gptq) is None  # CPU: always XLA
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv(ql.SKINNY_ENV, raising=False)  # by default the measured kernels, not the skinny one
+    assert ql.kernel_path(x(1), 18944, gptq) == ql.kernel_path(x(ql.GEMV_MAX_ROWS), 512, awq) == "gemv"
+    assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, gptq) == "mma"
+    monkeypatch.setenv(ql.SKINNY_ENV, "1")
     for m in (1, 4, 16, 33, ql.SKINNY_MAX_ROWS):  # decode batches: the skinny kernel, fused shapes included
         for n in (4608, 37888, 512, 3584):
             assert ql.kernel_path(x(m), n, gptq) == ql.kernel_path(x(m), n, awq) == "skinny"
@@ -457,6 +461,7 @@ def test_kernel_path_per_shape(monkeypatch):
     assert ql.kernel_path(x(ql.GEMV_MAX_ROWS + 1), 3584, awq) is None
     monkeypatch.undo()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv(ql.SKINNY_ENV, "1")
     # act-order reaches kernel_path sorted into group order (quant_matmul gathers x through perm); unsorted, never
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 4, 128, desc_act=True)) is None
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 8, 128)) is None  # not yet checked on a GPU

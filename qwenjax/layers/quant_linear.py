@@ -19,6 +19,7 @@ activation dtype), which is what prefill and large batches take.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -120,11 +121,15 @@ def kernel_format(quant: QuantConfig) -> str:
 
 # Rows each kernel takes. The skinny kernel (pallas_kernels/quant_skinny.py) takes every decode batch of 1 to 64 rows
 # it supports (4-bit, group-ordered or act-order sorted at load, groups dividing 128 rows or multiples of it; on a
-# "tp" mesh per device, quant_sharded.py): it replaced the GEMV below (whose
-# K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring), before an H100
-# measurement; the sweep's `auto` column (this choice) against its `gemv`, `mma` and `skinny` columns is the check.
+# "tp" mesh per device, quant_sharded.py) where SKINNY_ENV switches it on: it is built to replace the GEMV below
+# (whose K loop Triton never pipelined) on the strength of its design and its PTX (see its docstring); the sweep's
+# `skinny` column against its `gemv`, `mma` and `auto` (this choice) columns is the check that would make it default.
 # 8 bits: as the GEMV, once checked on a GPU (tests/gpu/test_quant_gemv_gpu.py covers both kernels' 8-bit cases).
 SKINNY_MAX_ROWS = 64
+# The skinny kernel is taken only with QWENJAX_QUANT_SKINNY=1 until an H100 run has compiled and measured it (it has
+# run in Pallas' interpreter and as offline-compiled PTX only): unset, decode keeps the GEMV / tensor-core / XLA
+# paths measured on the H100 (AWQ 3.67 ms, GPTQ-Int4 3.21 ms a token at 7476a1c). Read when a step is traced.
+SKINNY_ENV = "QWENJAX_QUANT_SKINNY"
 _SKINNY_BITS = (4,)
 # The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 96 at 9..16 rows).
 # (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
@@ -175,6 +180,8 @@ def skinny_fits(m: int, k: int, n: int, dtype, quant: QuantConfig, *, group_size
     """Whether the skinny kernel runs an [m, k] @ [k, n] product of this layout on this backend (a GPU);
     `group_size` overrides the layer's (a device's rows all in one group, quant_sharded.py)."""
     if jax.default_backend() != "gpu" or not (1 <= m <= SKINNY_MAX_ROWS and quant.bits in _SKINNY_BITS):
+        return False
+    if os.environ.get(SKINNY_ENV, "0") != "1":
         return False
     from pallas_kernels import quant_skinny
 

@@ -16,6 +16,15 @@ from tests.test_quant_matmul_kernel import GEMV_CASES, _gemv_args
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _skinny_on(monkeypatch):
+    """QuantLinear takes the skinny kernel only where QWENJAX_QUANT_SKINNY=1 (quant_linear.SKINNY_ENV): on here,
+    since these tests check the GPU's own choice of it."""
+    from qwenjax.layers.quant_linear import SKINNY_ENV
+
+    monkeypatch.setenv(SKINNY_ENV, "1")
+
+
 def _check(scheme, fmt, m, k, n, settings, seed):
     args, exact = _gemv_args(scheme, fmt, m, k, n, seed=seed)
     out = np.asarray(qg.quant_gemv(*args, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size, **settings),
