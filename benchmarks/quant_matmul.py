@@ -9,9 +9,9 @@ runs on one device, models/fusion.py) and format (gptq = GPTQ 4-bit, awq = AWQ 4
   auto_act_order  (gptq formats) the same for an act-order layer as loaded: x's columns gathered through perm first
   mma      the tensor-core Pallas kernel (pallas_kernels/quant_matmul.py), its default tiles, checkpoint layouts
   skinny   the skinny kernel (pallas_kernels/quant_skinny.py), M <= 64 (`auto` with QWENJAX_QUANT_SKINNY=1): its
-           default settings; then, once every path has run at every M, a greedy search (M = 1 first) over mode (fma / dot /
-           dot_t), num_splits, block_n, block_kw, num_warps, num_stages (--grid greedy; `full` repeats the split at
-           the end; `small`: mode and num_splits; `none`: the defaults only)
+           default settings; then, once every path has run at every M, a greedy search (M = 1 first) over mode
+           (fma / dot / dot_t), num_splits, block_n, block_kw, num_warps, num_stages (--grid greedy; `full` repeats
+           the split at the end; `small`: mode and num_splits; `none`: the defaults only)
   gemv     the GEMV kernel before it (pallas_kernels/quant_gemv.py), M <= 16, kept for comparison: its defaults;
            searched (xload, num_splits, block_n, block_kw; `full` adds num_warps and num_stages) where --search
            names it
