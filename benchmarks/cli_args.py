@@ -47,9 +47,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", choices=("auto", "reference"), default="auto",
                    help="reference: the jnp paged attention even on GPU (the kernels' end-to-end effect); result "
                         "files get an -attnref suffix")
-    e.add_argument("--prefill-kernel", choices=("auto", "triton"), default="auto",
+    e.add_argument("--prefill-kernel", choices=("auto", "triton", "routed"), default="auto",
                    help="triton: every prefill shape through the Triton kernel, also where the Hopper kernel would "
-                        "run (sm90, 16-bit pages): the path before it; result files get a -triton suffix")
+                        "run (sm90, 16-bit pages): the path before it; routed: a packed step's long rows through the "
+                        "Hopper kernel too (QWENJAX_PREFILL_KERNEL); result files get a -triton / -routed suffix")
     e.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps one dispatch runs (multi-step decode); result files get a -steps<K> suffix")
     e.add_argument("--skip-warmup", action="store_true",

@@ -203,6 +203,22 @@ def measured_generation(llm, args, batch: int, vocab: int, speculates: bool) -> 
     return res
 
 
+def _named_metrics(metrics: dict, table: list, k: int) -> dict:
+    """BENCHMARKS.md's names for the spec-decode figures, beside this script's own: verify_cost_k4_b<B> (verify over
+    decode step time), ngram_nomatch_slowdown_b<B> (tok/s off / on with no match), projected_speedup_a07 (the table's
+    0.7 row at batch 1), for k = measure_k."""
+    named = {}
+    for key, v in metrics.items():
+        if key.startswith("verify_over_decode_b") and key.endswith(f"_k{k}"):
+            named[f"verify_cost_k{k}_b{key[len('verify_over_decode_b'):-len(f'_k{k}')]}"] = v
+        if key.startswith("nomatch_slowdown_b"):
+            named[f"ngram_{key}"] = v + 1
+    for row in table:
+        if row["batch"] == 1 and row["k"] == k and row["rate"] == 0.7:
+            named["projected_speedup_a07"] = row["speedup"]
+    return named
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     spec, cfg, dev = engine_setup.prepare(args)
@@ -245,6 +261,7 @@ def main(argv=None) -> dict:
             metrics[f"speedup_ngram_b{B}"] = metrics[f"tok_s_ngram_b{B}"] / metrics[f"tok_s_off_b{B}"]
         if f"tok_s_off_b{B}" in metrics and f"tok_s_nomatch_b{B}" in metrics:
             metrics[f"nomatch_slowdown_b{B}"] = metrics[f"tok_s_off_b{B}"] / metrics[f"tok_s_nomatch_b{B}"] - 1
+    metrics.update(_named_metrics(metrics, table, args.measure_k))
     config["speedup_table"] = table
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings={},
                                       metrics=metrics)

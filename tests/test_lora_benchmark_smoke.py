@@ -41,6 +41,7 @@ def test_lora_benchmark_writes_its_result(tmp_path):
     for key in ("throughput_ratio", "latency_ratio", "base_output_tok_s", "lora_output_tok_s",
                 "lora_engine_no_adapter_tok_s", "base_tpot_ms", "lora_tpot_ms"):
         assert m[key] is not None and m[key] > 0, key
+    assert (m["speedup_vs_base"], m["latency_ratio_vs_base"]) == (m["throughput_ratio"], m["latency_ratio"])
     assert result["config"]["num_loras"] == 2 and result["config"]["engine_args"]["enable_lora"] is True
     assert result["config"]["tokens_per_run"] == 16
     assert "throughput_ratio (>= 0.85)" in stdout

@@ -142,9 +142,10 @@ class _Hopper:
 
 
 def test_packed_step_lowers_for_cuda_with_both_kernels(monkeypatch):
-    """What the engine traces for a packed bucket of 2,048 slots on an H100 with bf16 pages: the Hopper (Mosaic
-    GPU) call on the aligned buffer and the Triton one; a bucket of 512 slots (no long row fits) and fp8 pages keep
-    the Triton kernel alone."""
+    """What the engine traces for a packed bucket of 2,048 slots on an H100 with bf16 pages: by default the Triton
+    kernel alone (the routing is opt-in); under QWENJAX_PREFILL_KERNEL=routed the Hopper (Mosaic GPU) call on the
+    aligned buffer and the Triton one, while a bucket of 512 slots (no long row fits) and fp8 pages keep the Triton
+    kernel alone."""
     monkeypatch.setattr(attention_kernels, "decode_backend", lambda head_dim: "pallas")
     monkeypatch.setattr(jax, "devices", lambda *a: [_Hopper()])
     bf16 = jnp.bfloat16
@@ -162,6 +163,10 @@ def test_packed_step_lowers_for_cuda_with_both_kernels(monkeypatch):
         aligned = attention.packed_kernels(args[0], args[1], sm_scale=1.0)[2]
         return jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text(), aligned
 
+    monkeypatch.delenv(attention.PREFILL_KERNEL_ENV, raising=False)
+    text, aligned = lowered(2048)
+    assert aligned == 0 and "mosaic_gpu" not in text and TRITON in text
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "routed")
     text, aligned = lowered(2048)
     assert aligned == 2048 + 128
     assert "mosaic_gpu" in text and TRITON in text

@@ -90,10 +90,13 @@ def test_engine_picks_the_hopper_kernel_only_where_it_applies(monkeypatch):
     assert attention.prefill_kernel(BF16, jnp.float8_e5m2, 128, 16, 7) == "triton"  # fp8 pages
     assert attention.prefill_kernel(jnp.float32, jnp.float32, 128, 16, 7) == "triton"
     assert attention.prefill_kernel(BF16, BF16, 96, 16, 7) == "triton"
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "routed")  # rectangular chunks as under auto
+    assert attention.prefill_kernel(*bf16_shape) == "hopper"
+    assert attention.prefill_kernel(BF16, jnp.float8_e5m2, 128, 16, 7) == "triton"
     monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "triton")
     assert attention.prefill_kernel(*bf16_shape) == "triton"
     monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cudnn")
-    with pytest.raises(ValueError, match="QWENJAX_PREFILL_KERNEL='cudnn': expected one of auto, triton"):
+    with pytest.raises(ValueError, match="QWENJAX_PREFILL_KERNEL='cudnn': expected one of auto, triton, routed"):
         attention.prefill_kernel(*bf16_shape)
 
 

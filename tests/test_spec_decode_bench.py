@@ -63,6 +63,13 @@ def test_spec_decode_benchmark_smoke(tmp_path):
     r = next(r for r in rows if (r["batch"], r["k"], r["rate"]) == (3, 2, 0.7))
     assert abs(r["tokens_per_step"] - (1 + 0.7 + 0.49)) < 1e-9
     assert abs(r["speedup"] - r["tokens_per_step"] * m["decode_ms_b3"] / m["verify_ms_b3_k2"]) < 1e-3 * r["speedup"]
+    # BENCHMARKS.md's names, for k = --measure-k (2 here)
+    r1 = next(r for r in rows if (r["batch"], r["k"], r["rate"]) == (1, 2, 0.7))
+    assert abs(m["projected_speedup_a07"] - r1["speedup"]) < 1e-4 * r1["speedup"]  # the result file rounds
+    for b in (1, 3):
+        assert m[f"verify_cost_k2_b{b}"] == m[f"verify_over_decode_b{b}_k2"]
+        ratio = m[f"tok_s_off_b{b}"] / m[f"tok_s_nomatch_b{b}"]
+        assert abs(m[f"ngram_nomatch_slowdown_b{b}"] - ratio) < 1e-4 * ratio
     assert c["draft_model"] == "tiny"
     assert "speedup over speculation off" in proc.stdout
     assert lat["config"]["speculative_config"]["num_speculative_tokens"] == 2

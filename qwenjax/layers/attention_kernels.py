@@ -19,12 +19,15 @@ KERNEL_HEAD_DIMS = (64, 128)
 # "auto" (unset) picks by platform. Read when a step is traced: set it before the engine starts.
 BACKEND_ENV = "QWENJAX_ATTENTION_BACKEND"
 BACKENDS = ("auto", "reference")
-# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps) and a packed step's long
-# rows (`packed_kernels`): "auto" takes the Hopper (Mosaic GPU) kernel on compute capability 9.x where it supports the
-# shapes and dtypes (q and pages one 16-bit dtype), else the Triton one; "triton" forces the Triton kernel. Read when
-# a step is traced.
+# Which GPU kernel attends a rectangular chunk over pages (context-prefill and mixed steps, a lone long prompt's
+# chunks) and a packed step's rows (`packed_kernels`): "auto" takes the Hopper (Mosaic GPU) kernel for rectangular
+# chunks on compute capability 9.x where it supports the shapes and dtypes (q and pages one 16-bit dtype), else the
+# Triton one, and the Triton kernel for packed steps; "routed" also sends a packed step's long rows to the Hopper
+# kernel (packed_routing.py: measured slower than the Triton kernel alone on 8 x 2,048 and 32 x 256 steps on an H100
+# at 411731a, benchmarks/NOTES.md entry 45, so not the default); "triton" forces the Triton kernel everywhere. Read
+# when a step is traced.
 PREFILL_KERNEL_ENV = "QWENJAX_PREFILL_KERNEL"
-PREFILL_KERNELS = ("auto", "triton")
+PREFILL_KERNELS = ("auto", "triton", "routed")
 # Chunks of a few tokens a row (Q x GQA group <= 64: speculative verify steps) take the verify kernel unless this is
 # "prefill" (then the kernel above: the comparison the verify kernel was measured against). Read when traced.
 VERIFY_KERNEL_ENV = "QWENJAX_VERIFY_KERNEL"
@@ -39,7 +42,7 @@ def prefill_kernel(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int)
     if forced not in PREFILL_KERNELS:
         raise ValueError(f"{PREFILL_KERNEL_ENV}={forced!r}: expected one of {', '.join(PREFILL_KERNELS)}")
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-    if forced == "auto" and capability.startswith("9.") and paged_prefill_hopper.supports(
+    if forced != "triton" and capability.startswith("9.") and paged_prefill_hopper.supports(
             q_dtype, kv_dtype, head_dim, page_size, group):
         return "hopper"
     return "triton"
@@ -96,10 +99,11 @@ def sharded_prefill_kernel(q, k_pages, v_pages, block_tables, seq_lens, query_le
 
 def packed_kernels(q, k_pages, *, sm_scale: float, interpret: bool = False):
     """The kernels of a packed prefill step, or None off the Pallas path (the jnp reference runs): (hopper, triton,
-    aligned) with triton the ragged Triton kernel and, where `prefill_kernel` picks the Hopper kernel and the step has
-    room for a long row, hopper that kernel and aligned its buffer's slots (qwenjax/layers/packed_routing.py); else
-    hopper None and aligned 0. Each kernel takes (q, k_pages, v_pages, scales [2], block_tables, seq_lens, query_lens,
-    row_starts) on one device's heads. interpret: the Triton kernel alone, in Pallas' interpreter (CPU tests)."""
+    aligned) with triton the ragged Triton kernel and, under QWENJAX_PREFILL_KERNEL=routed where `prefill_kernel`
+    picks the Hopper kernel and the step has room for a long row, hopper that kernel and aligned its buffer's slots
+    (qwenjax/layers/packed_routing.py); else hopper None and aligned 0. Each kernel takes (q, k_pages, v_pages,
+    scales [2], block_tables, seq_lens, query_lens, row_starts) on one device's heads. interpret: the Triton kernel
+    alone, in Pallas' interpreter (CPU tests)."""
     from pallas_kernels.paged_prefill import ragged_paged_prefill_attention
     from pallas_kernels.paged_prefill_hopper import hopper_ragged_prefill_attention
     from qwenjax.layers.packed_routing import HOPPER_TILE, aligned_slots
@@ -115,7 +119,8 @@ def packed_kernels(q, k_pages, *, sm_scale: float, interpret: bool = False):
     def hopper(q, k, v, s, t, sl, ql, rs):  # 16-bit pages: no scales
         return hopper_ragged_prefill_attention(q, k, v, t, sl, ql, rs, sm_scale=sm_scale, row_align=HOPPER_TILE)
 
-    aligned = 0 if interpret else aligned_slots(q.shape[0])
+    routed = os.environ.get(PREFILL_KERNEL_ENV, "auto") == "routed"
+    aligned = aligned_slots(q.shape[0]) if routed and not interpret else 0
     if aligned and prefill_kernel(q.dtype, k_pages.dtype, q.shape[-1], k_pages.shape[2],
                                   q.shape[-2] // k_pages.shape[0]) == "hopper":
         return hopper, triton, aligned

@@ -1,5 +1,9 @@
 """A packed prefill step's rows split between the two GPU prefill kernels: rows of more than HOPPER_MIN_ROW tokens
 attend with the Hopper kernel on an aligned copy of their q, the other rows with the Triton ragged kernel in place.
+Opt-in (QWENJAX_PREFILL_KERNEL=routed, attention_kernels.packed_kernels): on an H100 at 411731a the copies, the merge
+and the two kernels' launches over every slot cost more than the faster kernel saved on bursts (8 x 2,048: 1,035 us a
+layer against the Triton kernel's 955; 32 x 256, no long row: 381 against 215), though a step of one long row gained
+(8k: 1,148 against 1,455 us); benchmarks/NOTES.md entry 45.
 
 Why a copy and not a layout change. The Hopper kernel (pallas_kernels/paged_prefill_hopper.py) needs every row to
 start at a multiple of its program tile, HOPPER_TILE = 128 tokens (a program's two warpgroups share one row's K/V

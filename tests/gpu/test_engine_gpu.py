@@ -128,12 +128,14 @@ def test_prefill_kernel_in_every_packed_context_and_mixed_bucket(bf16_llm):
                                      i_buf, f_buf, has_context=ctx, layout=layout).compile().as_text()
         n = sum(_kernel_in(line) and "qwenjax_paged" in line for line in hlo.splitlines())
         hopper = sum('custom_call_target="mosaic_gpu' in line for line in hlo.splitlines())
-        # Context and mixed steps attend their chunk with the Hopper (Mosaic GPU) kernel where it applies; packed
-        # steps with room for a long row route those rows to it and keep the Triton kernel for the others.
+        # Context and mixed steps attend their chunk with the Hopper (Mosaic GPU) kernel where it applies; under
+        # QWENJAX_PREFILL_KERNEL=routed, packed steps with room for a long row route those rows to it and keep the
+        # Triton kernel for the others (by default packed steps take the Triton kernel alone).
         picked = attention.prefill_kernel(jnp.bfloat16, runner.kv_cache[0][0].dtype,
                                           CONFIG["hidden_size"] // CONFIG["num_attention_heads"], runner.page_size,
                                           CONFIG["num_attention_heads"] // CONFIG["num_key_value_heads"]) == "hopper"
-        routed = not ctx and picked and aligned_slots(q) > 0
+        routed = (not ctx and picked and aligned_slots(q) > 0
+                  and os.environ.get(attention.PREFILL_KERNEL_ENV, "auto") == "routed")
         want_hopper = (ctx and picked) or routed
         assert hopper == (layers if want_hopper else 0), f"bucket (D={d}, B={b}, Q={q}, context={ctx}): {hopper} " \
             f"Mosaic GPU attention calls (Hopper kernel expected: {want_hopper})"

@@ -96,10 +96,13 @@ PACKED = ((601, 0), (37, 0), (1000, 0), (513, 0), (1, 0), (2047, 0), (129, 0), (
 
 
 @pytest.mark.parametrize("spare_tiles", [None, -6])  # the engine's buffer / one too small for the last long rows
-def test_packed_routing_on_gpu(spare_tiles):
+def test_packed_routing_on_gpu(spare_tiles, monkeypatch):
     """`routed_ragged_attention` with the engine's kernels (`attention.packed_kernels` on this sm90 device, bf16
-    pages) on a packed step of rows at 16-token starts, against the jnp reference row by row."""
+    pages, QWENJAX_PREFILL_KERNEL=routed) on a packed step of rows at 16-token starts, against the jnp reference row
+    by row."""
     from qwenjax.layers import attention
+
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "routed")
     from qwenjax.layers.packed_routing import HOPPER_TILE, route_rows, routed_ragged_attention
 
     case = ragged_case("hopper-packed", PACKED, (0,) * len(PACKED), group=7, head_dim=128, page_size=16,
@@ -141,11 +144,11 @@ print(json.dumps({{"tokens": [o.outputs[0].token_ids for o in outs],
 """
 
 
-def test_engine_packed_step_takes_the_hopper_kernel(tmp_path):
-    """A bf16 engine's packed bucket of 2,048 slots holds the Hopper (Mosaic GPU) call and the Triton one in every
-    layer; a packed step of two long prompts and a short one gives the CPU engine's greedy tokens (bf16 on both
-    sides, a checkpoint written by transformers with logits far from uniform), and its prompt logprobs (every
-    position of the long rows' attention) agree to bf16 rounding."""
+def test_engine_packed_step_takes_the_hopper_kernel(tmp_path, monkeypatch):
+    """Under QWENJAX_PREFILL_KERNEL=routed, a bf16 engine's packed bucket of 2,048 slots holds the Hopper (Mosaic
+    GPU) call and the Triton one in every layer; a packed step of two long prompts and a short one gives the CPU
+    engine's greedy tokens (bf16 on both sides, a checkpoint written by transformers with logits far from uniform),
+    and its prompt logprobs (every position of the long rows' attention) agree to bf16 rounding."""
     import json
     import os
     import subprocess
@@ -160,6 +163,9 @@ def test_engine_packed_step_takes_the_hopper_kernel(tmp_path):
     from tests.checkpoints import write_checkpoint
     from tests.gpu.test_engine_gpu import _kernel_in
 
+    from qwenjax.layers import attention
+
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "routed")  # the subprocesses below inherit it
     layers = 2
     model = str(write_checkpoint(tmp_path / "packed", hidden_size=256, intermediate_size=512, num_layers=layers,
                                  num_heads=4, num_kv_heads=2, vocab_size=512, max_position_embeddings=1024, seed=29))
