@@ -15,7 +15,10 @@
 #   structured-M     structured.py: 64 requests under a JSON schema against the same unconstrained, and batch 1
 #   spec-M           spec_decode.py (verify vs decode step, draft step, acceptance, speedup table), then latency.py
 #                    with n-gram speculation (k = 4)
+#   spec-nomatch-M   spec_decode.py's generation alone: speculation off against n-gram that never matches, medians
+#                    of 5 repeats (no step timings, no draft): the no-match slowdown and its noise
 #   lora-M           lora.py: throughput-fixed with 8 adapters against the base model, batch-1 latency with one
+#                    (CAMPAIGN_EXTRA_ARGS=--profile: both throughput runs traced too)
 #   lora-kernel      lora_kernel.py --sweep: the LoRA matmuls of a 7B layer (decode / grouped / dense) at 1..256
 #                    rows, then the decode kernel's tilings (LORA_KERNEL_ARGS go to it)
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
@@ -238,6 +241,11 @@ for s in "${STAGES[@]}"; do
         warmup-*)
             m=$(model_of "${s#warmup-}")
             step "$s" 150 0 "$PY" benchmarks/warmup_breakdown.py --model "$m" --results-dir "$RESULTS" --out "$OUT"
+            ;;
+        spec-nomatch-*)
+            m=$(model_of "${s#spec-nomatch-}")
+            step "$s" 150 0 "$PY" benchmarks/spec_decode.py --model "$m" --runs off,nomatch --repeats 5 \
+                --skip-step-costs --draft-model none "${COMMON[@]}"
             ;;
         spec-*)
             # spec_decode.py: verify steps at k = 1, 2, 4, 8 against a decode step (batch 1 and 32), the draft's step

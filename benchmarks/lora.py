@@ -9,7 +9,9 @@ model and with one adapter. The base engine is built, measured and released firs
 throughput workload with no adapter (what enabling LoRA costs rows that use none).
 
 Figures: throughput_ratio = LoRA output tok/s / base output tok/s (issue 28's target: >= 0.85); latency_ratio =
-time per output token with one adapter / base (target: <= 1.1); the tok/s and ms behind them.
+time per output token with one adapter / base (target: <= 1.1); the tok/s and ms behind them. --profile repeats the
+base and the spread-over-adapters throughput runs under jax.profiler (config profile_base / profile_lora: device_busy
+and the top kernels; metrics device_busy_base / device_busy_lora).
 
   python benchmarks/lora.py --model qwen2-7b-instruct [--out $OUT]
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_args  # noqa: E402
 import device_ceilings  # noqa: E402
 import engine_setup  # noqa: E402
+import profiling  # noqa: E402
 import result_files  # noqa: E402
 import workloads  # noqa: E402
 
@@ -100,6 +103,13 @@ def _tok_s(llm, prompts, olen, loras=None) -> tuple[float, int]:
     return n / wall, n
 
 
+def _profile(llm, prompts, olen, loras, args, name: str, wall_s: float) -> dict:
+    """The throughput run again under jax.profiler (profiling.profile_generate), traced into <profile-dir>/<name>."""
+    d = args.profile_dir and str(Path(args.profile_dir) / name)
+    return profiling.profile_generate(llm, prompts, _greedy(olen), profile_dir=d, unprofiled_wall_s=wall_s,
+                                      lora_request=loras)
+
+
 def _tpot_ms(llm, prompt, olen, lora, repeats: int) -> list[float]:
     out = []
     for r in range(repeats + 1):  # the first is untimed (compiles the batch-1 buckets' remaining programs)
@@ -129,6 +139,9 @@ def main(argv=None) -> dict:
     workloads.warm_generate(llm, prompts)
     _tok_s(llm, prompts, O)  # untimed: every bucket of the run once
     base_tok_s, tokens = _tok_s(llm, prompts, O)
+    profiles = {}
+    if args.profile:
+        profiles["base"] = _profile(llm, prompts, O, None, args, "base", tokens / base_tok_s)
     base_tpot = _tpot_ms(llm, short, O, None, args.repeats)
     base_config = engine_setup.engine_config(llm, kwargs, base_startup)
     del llm
@@ -144,6 +157,8 @@ def main(argv=None) -> dict:
         workloads.warm_generate(llm, prompts)
         _tok_s(llm, prompts, O, spread)  # untimed: loads the adapters into their slots, every bucket once
         lora_tok_s, _ = _tok_s(llm, prompts, O, spread)
+        if args.profile:
+            profiles["lora"] = _profile(llm, prompts, O, spread, args, "lora", tokens / lora_tok_s)
         none_tok_s, _ = _tok_s(llm, prompts, O)
         lora_tpot = _tpot_ms(llm, short, O, loras[0], args.repeats)
         lora_config = engine_setup.engine_config(llm, lkw, lora_startup)
@@ -155,10 +170,12 @@ def main(argv=None) -> dict:
                "lora_engine_no_adapter_tok_s": none_tok_s, "base_tpot_ms": tb, "lora_tpot_ms": tl}
     # BENCHMARKS.md's names for the two figures
     metrics.update(speedup_vs_base=metrics["throughput_ratio"], latency_ratio_vs_base=metrics["latency_ratio"])
+    metrics.update({f"device_busy_{name}": prof.get("device_busy") for name, prof in profiles.items()})
     config = {"num_prompts": N, "prompt_len": P, "output_len": O, "latency_prompt_len": PL, "num_loras": args.num_loras,
               "lora_rank": args.lora_rank, "targets": list(TARGETS), "seed": args.seed, "repeats": args.repeats,
               "dtype": args.dtype, "tokens_per_run": tokens, "slot_swaps": swaps, "base_tpot_ms": base_tpot,
-              "lora_tpot_ms": lora_tpot, "base_engine": base_config, **lora_config}
+              "lora_tpot_ms": lora_tpot, "base_engine": base_config, **lora_config,
+              **{f"profile_{name}": prof for name, prof in profiles.items()}}
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
                                       metrics=metrics)
     path = result_files.write_result(result, devtag=dev["devtag"], results_dir=args.results_dir, out=args.out)

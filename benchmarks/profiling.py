@@ -34,7 +34,7 @@ def quiet_trace(logdir: str, host_tracer_level: int = 0):
 
 
 def profile_generate(llm, prompts, params, *, profile_dir: str | None,
-                     unprofiled_wall_s: float | None = None) -> dict:
+                     unprofiled_wall_s: float | None = None, lora_request=None) -> dict:
     """Repeats a generate under jax.profiler.trace and reports device_busy = device-active time / wall time.
 
     Method: the trace spans only this generate call (started right before it, stopped right after), so no clock
@@ -45,7 +45,8 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
     union of the "XLA Modules" line, one span per executable run, gaps between its kernels included) and
     `device_busy_unprofiled` (the same device-active time over the unprofiled run's wall: CUPTI slows the host's
     launches a little, so the profiled wall is longer). The Python tracer is off. On CPU the trace has no device
-    plane (XLA runs on host threads): device_busy is then None and `note` says why.
+    plane (XLA runs on host threads): device_busy is then None and `note` says why. lora_request goes to generate
+    (one request or one per prompt).
     """
     import jax
 
@@ -58,7 +59,7 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
     before = stats_snapshot(llm)
     with quiet_trace(logdir, host_tracer_level=1):
         t0 = time.perf_counter()
-        llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False, lora_request=lora_request)
         wall = time.perf_counter() - t0
     steps = stats_delta(before, stats_snapshot(llm))  # the profiled run's steps: the timed run's, if it repeats it
     info: dict[str, Any] = {"trace_dir": logdir, "wall_s": round(wall, 4), "device_busy": None,

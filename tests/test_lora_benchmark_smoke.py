@@ -35,7 +35,8 @@ def _run(module: str, tmp_path: Path, args: list[str]) -> tuple[dict, str]:
 def test_lora_benchmark_writes_its_result(tmp_path):
     result, stdout = _run("lora", tmp_path, ["--skip-warmup", "--num-prompts", "4", "--prompt-len", "24",
                                              "--output-len", "4", "--latency-prompt-len", "12", "--num-loras", "2",
-                                             "--repeats", "1"])
+                                             "--repeats", "1", "--profile", "--profile-dir",
+                                             str(tmp_path / "traces")])
     assert result["benchmark"] == "lora"
     m = result["metrics"]
     for key in ("throughput_ratio", "latency_ratio", "base_output_tok_s", "lora_output_tok_s",
@@ -45,6 +46,10 @@ def test_lora_benchmark_writes_its_result(tmp_path):
     assert result["config"]["num_loras"] == 2 and result["config"]["engine_args"]["enable_lora"] is True
     assert result["config"]["tokens_per_run"] == 16
     assert "throughput_ratio (>= 0.85)" in stdout
+    for name in ("base", "lora"):  # the throughput runs repeated under the profiler; CPU traces have no device plane
+        prof = result["config"][f"profile_{name}"]
+        assert prof["trace_dir"] == str(tmp_path / "traces" / name) and "device_busy not computed" in prof["note"], prof
+        assert prof["engine_stats"]["steps"] > 0 and m[f"device_busy_{name}"] is None
 
 
 def test_lora_kernel_benchmark_writes_its_result(tmp_path):
