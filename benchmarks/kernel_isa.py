@@ -10,7 +10,8 @@ Counts of instructions in the PTX and the MMA layout version in the TTGIR say wh
 kernel's modes and the old GEMV at Qwen2-7B's fused gate/up shape) what matters is how the packed words are loaded
 (ld.global.v4 = 128-bit), whether the loop's loads are pipelined (cp.async), and any shared-memory round trip or
 barrier between loads and arithmetic; where Triton ships ptxas, its register and spill counts too (the PTX's
-.version lowered to what that ptxas reads).
+.version lowered to what that ptxas reads), and where it ships cuobjdump, the main loop's SASS instruction mix
+(`sass_loop_mix`: issue slots a warp spends per 128-bit load, against what the bytes allow).
 
     python3 benchmarks/kernel_isa.py [--triton-python PY] [--out DIR] [--kernels prefill,decode,skinny-fma-m1,...]
 
@@ -60,6 +61,11 @@ for item in json.loads(sys.argv[1]):
             regs, spills = re.search(r"Used (\d+) registers", out), re.search(r"(\d+) bytes spill stores", out)
             item.update(registers=int(regs.group(1)) if regs else None,
                         spill_store_bytes=int(spills.group(1)) if spills else None)
+        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+        if os.path.exists(cuobjdump) and "cubin" in k.asm:  # the SASS, for sass_loop_mix in the parent
+            cubin = item["ttir"][:-len(".ttir")] + ".cubin"
+            Path(cubin).write_bytes(k.asm["cubin"])
+            item["sass"] = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
     except Exception as e:  # noqa: BLE001 - recorded
         item.update(error=f"{type(e).__name__}: {str(e)[:400]}")
     rows.append(item)
@@ -72,6 +78,43 @@ QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma
          "skinny-dot-m16": ("skinny", "dot", 16), "skinny-dot_t-m16": ("skinny", "dot_t", 16),
          "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1)}
 KERNELS = ("prefill", "decode", *QUANT)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]*)?")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+
+
+def sass_loop_mix(sass: str) -> dict:
+    """The instruction mix of a kernel's main loop, from `cuobjdump -sass`: the body of the backward branch that
+    spans the most instructions (a Pallas fori_loop is one such loop). Counts by opcode (LDG.E.128 kept apart: the
+    128-bit loads), the body's total, and `loop_instructions_per_ldg128`: issue slots a warp spends per 16 bytes a
+    thread loads, the figure that says whether a low-bit GEMV can issue as fast as its bytes arrive. {} when no
+    backward branch is found."""
+    lines = []  # (address, opcode, suffix)
+    branches = []  # (address of the branch, target)
+    for text in sass.splitlines():
+        m = _SASS_LINE.search(text)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        lines.append((addr, m.group(2), m.group(3) or ""))
+        b = _BRANCH.search(text)
+        if m.group(2) == "BRA" and b and b.group(1):
+            branches.append((addr, int(b.group(1), 16)))
+    back = [(src, dst) for src, dst in branches if dst < src]
+    if not back:
+        return {}
+    src, dst = max(back, key=lambda b: b[0] - b[1])
+    mix: dict[str, int] = {}
+    for addr, op, suffix in lines:
+        if dst <= addr <= src:
+            key = "LDG.128" if op == "LDG" and suffix.endswith(".128") else op
+            mix[key] = mix.get(key, 0) + 1
+    total = sum(mix.values())
+    ldg128 = mix.get("LDG.128", 0)
+    return {"loop_instructions": total, "loop_ldg128": ldg128,
+            "loop_instructions_per_ldg128": round(total / ldg128, 2) if ldg128 else None,
+            "loop_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1]))}
 
 
 def _quant_call(which: str):
@@ -169,6 +212,7 @@ def main():
         rows = json.loads(run.stdout.strip().splitlines()[-1])
     for r in rows:
         r.pop("ttir")
+        r.update(sass_loop_mix(r.pop("sass", "")))
     import attention_decode
 
     result = dict(benchmark="kernel-isa", target="sm_90", commit=attention_decode.commit(), rows=rows,
@@ -184,6 +228,10 @@ def main():
         print(f"           ld.global.v4={r.get('ld_global_v4')} ld.global.b16={r.get('ld_global_b16')} "
               f"shared ld/st={r.get('shared_ld_st')} bar.sync={r.get('bar_sync')} registers={r.get('registers')} "
               f"spill stores={r.get('spill_store_bytes')} B")
+        if r.get("loop_instructions"):
+            top = ", ".join(f"{op} {n}" for op, n in list(r["loop_mix"].items())[:8])
+            print(f"           main loop: {r['loop_instructions']} instructions, {r['loop_ldg128']} LDG.128 "
+                  f"({r['loop_instructions_per_ldg128']} a 128-bit load): {top}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,27 @@ def test_quant_kernels_lower_with_the_loop_structure_their_design_needs(tmp_path
         assert len(loops) == 1 and f"-> ({words}, " in loops[0] and "tt.dot" not in text[w], (w, loops)
     dot = text["skinny-dot-m16"]
     assert "scf.for" in dot and dot.count("tt.dot") == 8  # one per 4-bit field of a block
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                               /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64] ;                     /* 0x0000000402087981 */
+        /*0020*/               @P1 BRA 0x90 ;                                           /* 0x0000003000bc1947 */
+        /*0030*/                   LDG.E.128 R12, desc[UR4][R4.64] ;                    /* 0x0000000404047981 */
+        /*0040*/                   LOP3.LUT R6, R12, 0xf, RZ, 0xc0, !PT ;               /* 0x0000000f0c067812 */
+        /*0050*/                   FADD R7, R6, -8388608 ;                              /* 0x4b00000006077421 */
+        /*0060*/                   FFMA R20, R7, R9, R20 ;                              /* 0x0000000907147223 */
+        /*0070*/                   LDG.E.U16 R9, desc[UR4][R10.64] ;                    /* 0x000000040a097981 */
+        /*0080*/              @!P0 BRA 0x30 ;                                           /* 0xffffffd0002c1947 */
+        /*0090*/                   BRA 0x90;                                            /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_loop_mix_reads_the_main_loop():
+    """The main loop is the longest backward branch's body (0x30..0x80 above: the forward branch and the final
+    self-branch are not loops); 128-bit loads counted apart from the other loads."""
+    mix = kernel_isa.sass_loop_mix(SASS)
+    assert mix["loop_instructions"] == 6 and mix["loop_ldg128"] == 1 and mix["loop_instructions_per_ldg128"] == 6
+    assert mix["loop_mix"] == {"LDG.128": 1, "LOP3": 1, "FADD": 1, "FFMA": 1, "LDG": 1, "BRA": 1}
+    # only forward branches and a self-branch: no loop
+    assert kernel_isa.sass_loop_mix(SASS.replace("BRA 0x30", "BRA 0xa0")) == {}
