@@ -64,7 +64,8 @@ def _dummy_specs(path: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from qwenjax.models.loader import load_model_config, random_params
+    from qwenjax.models.loader import load_model_config
+    from qwenjax.models.random_weights import random_params
     from qwenjax.models.sharding import make_mesh
 
     cfg = dataclasses.replace(load_model_config(Path(path)), expert_parallel=True)

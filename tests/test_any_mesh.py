@@ -158,7 +158,7 @@ RANDOM_WORKER = """
 import numpy as np, jax
 from flax import nnx
 from qwenjax.config import ModelConfig
-from qwenjax.models.loader import random_params
+from qwenjax.models.random_weights import random_params
 from qwenjax.models.sharding import make_mesh
 from qwenjax.quantization.config import QuantConfig
 cfg = ModelConfig(vocab_size=64, hidden_size=112, intermediate_size=100, num_hidden_layers=1, num_attention_heads=14,

@@ -420,7 +420,7 @@ def test_layer_shape_errors_name_the_numbers():
 
 def test_random_quantized_params_run():
     from qwenjax.config import ModelConfig
-    from qwenjax.models.loader import random_params
+    from qwenjax.models.random_weights import random_params
 
     cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from qwenjax.config import ModelConfig
-from qwenjax.models.loader import init_kind, model_class, random_params
+from qwenjax.models.loader import model_class
+from qwenjax.models.random_weights import init_kind, random_params
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)

@@ -8,14 +8,12 @@ from the checkpoint and placed as one parameter, its columns in per-shard order 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -25,7 +23,7 @@ from pallas_kernels import gptq_layout as gptq
 from qwenjax.config import ModelConfig
 from qwenjax.layers.fp8_kv import KVScale
 from qwenjax.models.fusion import FUSED, Fusion, fused_host_array, fused_key, part_keys, part_shape
-from qwenjax.models.mesh_padding import ZeroPadded, pad_for_mesh, padded_array, zero_padded_rows
+from qwenjax.models.mesh_padding import ZeroPadded, pad_for_mesh, padded_array
 from qwenjax.models.qwen2 import Qwen2ForCausalLM
 from qwenjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from qwenjax.quantization import act_order, repack
@@ -342,66 +340,6 @@ class SafetensorsFile:
     def items(self):
         for name in self.keys():
             yield name, self.get(name)
-
-
-def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
-                  quant: QuantConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random weights in the real shapes, initialised on the devices in their shards (no host copy): benchmarks.
-
-    Float models: one parameter at a time, each from its own key, by a jitted initializer shared by every parameter
-    of the same shape, kind and sharding (`_leaf_init`): a 57B model compiles about twenty small programs instead of
-    one that holds every weight, and the memory beyond the weights made so far is one parameter's transient (the
-    largest, a layer's [64, 3584, 2560] bf16 expert stack, is 1.1 GiB). Kinds follow the modules' own initializers
-    (`init_kind`). Quantized models: the modules' constructor in one jit (their packed arrays have their own init).
-    """
-    from qwenjax.models.sharding import make_mesh, param_spec
-
-    mesh = mesh or make_mesh(1)
-    n = mesh.shape["tp"]
-    real, cfg = cfg, pad_for_mesh(cfg, n, quant)  # padded heads / FFN columns: zero o_proj / down_proj rows
-    fusion = Fusion.decide(cfg, n, quant)
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, quant, fusion))
-    flat = list(nnx.to_flat_state(abstract))
-    if quant is None:
-        base = jax.random.key(seed)
-        values = []
-        for i, (path, var) in enumerate(flat):
-            sharding = NamedSharding(mesh, param_spec(path, cfg, n, var.shape))
-            value = _leaf_init(init_kind(path), tuple(var.shape), np.dtype(var.dtype), sharding)(
-                jax.random.fold_in(base, i))
-            value = zero_padded_rows(path, value, real, cfg)
-            values.append(jax.block_until_ready(value))  # one parameter's transient memory at a time
-        return graphdef, nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values)])
-    shardings = nnx.from_flat_state([(p, NamedSharding(mesh, param_spec(p, cfg, n, v.shape))) for p, v in flat])
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.split(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant, fusion=fusion))[1]
-
-    state = init()
-    if real == cfg:
-        return graphdef, state
-    return graphdef, nnx.from_flat_state([(p, v.replace(zero_padded_rows(p, v[...], real, cfg)))
-                                          for p, v in nnx.to_flat_state(state)])
-
-
-def init_kind(path: tuple) -> str:
-    """How the float model's modules initialise the parameter at `path`: "zeros" (biases), "ones" (RMSNorm weights,
-    KV-cache scales) or "normal" (normal(0.02): projection kernels, embeddings, stacked experts, routers)."""
-    leaf = path[-1]
-    if leaf == "bias":
-        return "zeros"
-    if leaf in ("kernel", "embedding") or (len(path) > 1 and path[-2] == "experts"):
-        return "normal"
-    return "ones"
-
-
-@functools.lru_cache(maxsize=None)
-def _leaf_init(kind: str, shape: tuple, dtype: np.dtype, sharding):
-    if kind == "normal":
-        return jax.jit(lambda key: nnx.initializers.normal(0.02)(key, shape, dtype), out_shardings=sharding)
-    fill = jnp.zeros if kind == "zeros" else jnp.ones
-    return jax.jit(lambda key: fill(shape, dtype), out_shardings=sharding)
 
 
 def load_model_config(path: Path, overrides: dict | None = None) -> ModelConfig:

@@ -152,7 +152,7 @@ def describe(real: ModelConfig, padded: ModelConfig, n: int, itemsize: int = 2) 
 
 
 def zero_padded_rows(path: tuple, value, real: ModelConfig, padded: ModelConfig):
-    """A random-initialised parameter (loader.random_params) with the padded input rows of o_proj / down_proj
+    """A random-initialised parameter (random_weights.random_params) with the padded input rows of o_proj / down_proj
     (and of stacked experts' down_proj) set to zero: whatever the padded heads and FFN columns compute then never
     reaches the residual stream, as with a padded checkpoint."""
     import jax

@@ -13,7 +13,8 @@ from qwenjax.config import EngineArgs, ModelConfig, batch_defaults, resolve_dtyp
 from qwenjax.layers.attention import decode_backend
 from qwenjax.layers.fp8_kv import describe_scales, uses_scale
 from qwenjax.models.convert import is_orbax_checkpoint, restore_params
-from qwenjax.models.loader import load_model_config, load_params, random_params, resolve_model_path
+from qwenjax.models.loader import load_model_config, load_params, resolve_model_path
+from qwenjax.models.random_weights import random_params
 from qwenjax.models.mesh_padding import describe as describe_padding
 from qwenjax.models.mesh_padding import pad_for_mesh
 from qwenjax.models.sharding import check_divisible, kv_sharding, make_mesh
