@@ -409,8 +409,10 @@ for s in "${STAGES[@]}"; do
                     *) cap=${GPU_TESTS_TIMEOUT_S:-300}; par=(-n 4) ;;
                 esac
                 "$PY" -c "import xdist" 2>/dev/null || par=()
+                # GPU_TESTS_K: a pytest -k expression, to run part of a file (e.g. "decode_add or mixed_batch")
+                kx=(); [ -n "${GPU_TESTS_K:-}" ] && kx=(-k "$GPU_TESTS_K")
                 step "gputests-$f" 60 "$cap" "$PY" -m pytest -q -ra --gpu -p no:cacheprovider ${par[@]+"${par[@]}"} \
-                    --timeout="$tmo" --durations=10 "tests/gpu/test_${f}_gpu.py"
+                    ${kx[@]+"${kx[@]}"} --timeout="$tmo" --durations=10 "tests/gpu/test_${f}_gpu.py"
             done
             ;;
         serve-gc-*)

@@ -76,7 +76,8 @@ print(json.dumps(rows))
 # name -> (kernel, mode, rows): GPTQ 4-bit g128 at Qwen2-7B's fused gate/up, 3584 -> 37888, default settings.
 QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma", 4),
          "skinny-dot-m16": ("skinny", "dot", 16), "skinny-dot_t-m16": ("skinny", "dot_t", 16),
-         "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1)}
+         "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1),
+         "gemv-window-m1": ("gemv", "window", 1), "gemv-window-m4": ("gemv", "window", 4)}
 KERNELS = ("prefill", "decode", *QUANT)
 
 
@@ -131,8 +132,8 @@ def _quant_call(which: str):
     args = (sds((m, k), jnp.bfloat16), sds((k // 8, n), jnp.int32), sds((k // 128, n // 8), jnp.int32),
             sds((k // 128, n), jnp.bfloat16))
     kw = dict(fmt="gptq", bits=4, group_size=128)
-    if kernel == "gemv":
-        return functools.partial(quant_gemv.quant_gemv, **kw), args
+    if kernel == "gemv":  # mode: the unpack ("mask" where None)
+        return functools.partial(quant_gemv.quant_gemv, unpack=mode or "mask", **kw), args
     return functools.partial(quant_skinny.quant_skinny, mode=mode, **kw), args
 
 

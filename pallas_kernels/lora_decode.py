@@ -13,8 +13,9 @@ serially: a few of the GPU's 132 SMs busy, the rest idle (NOTES 38). Here the sh
 vLLM's decode shrink is: grid (NT, I / split_k, R / block_r); a program takes a K-slice of `split_k` inputs for one
 row tile of one adapter, and writes float32 partials [T, KS, R]; XLA sums the KS axis (a [T, KS, R] reduction, a
 few hundred KB) and rounds. The expand (grid (NT, O / block_n)) reads the [T, R] rows of a tile and its adapter's B
-block and stores straight into the rows' original positions. `fuse_reduction=True` has the expand sum the partials
-itself (one kernel fewer; an option for the GPU sweep, off by default until measured).
+block and stores straight into the rows' original positions. With `fuse_reduction` the expand sums the partials
+itself (one kernel fewer): the default for steps of at most FUSED_REDUCTION_MAX_ROWS rows, where launches are the
+cost (batch-1 latency, issue 28).
 
 Invariants:
 - The plan's rows are sorted by slot (`lora_matmul.group_by_slot`'s order: slot 1 first, slot-0 rows last); tile i
@@ -33,8 +34,13 @@ block_r, block_n, num_warps, num_stages (static, keyword-only); `default_setting
 
 The jnp reference is `lora_matmul.lora_matmul_reference` (the same contract).
 
-Status: built and tested on CPU (Pallas interpret mode, both reductions, several tilings) against that reference;
-not yet compiled nor timed on a GPU (tests/gpu/test_lora_gpu.py and benchmarks/lora_kernel.py are written for it).
+With `base` (the base projection's [T, O]), the expand adds its delta into base's rows in place (an aliased
+output): rows without an adapter keep base's values, and no [T, O] select-and-add follows. The model passes it
+(layers/lora.py), so a decode step's LoRA costs two kernels a projection group at batch 1: shrink and expand.
+
+Status: tested on CPU (Pallas interpret mode, both reductions, several tilings, with and without base) against that
+reference and on an H100 (tests/gpu/test_lora_gpu.py, NOTES 38); measured end to end by benchmarks/lora.py (NOTES 44
+and after).
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ _dot = getattr(plgpu, "dot", None) or pl.dot
 
 _MIN_DOT = 16            # Triton's smallest dot dimension
 TARGET_PROGRAMS = 264    # the shrink's split aims at this many programs: 2 per SM of an H100 (132 SMs)
+# Steps of at most this many rows sum the shrink's partials inside the expand (one kernel fewer a call; batch-1
+# latency is launches). Above it, each expand program re-reading its rows' partials costs more than XLA's one pass:
+# e.g. 512 rows, 32 K-slices, rank 48: ~3 MB summed once against ~90 MB re-read by 28 column programs a tile.
+FUSED_REDUCTION_MAX_ROWS = 16
 
 
 @jax.tree_util.register_dataclass
@@ -133,10 +143,12 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
     plgpu.store(p_ref.at[srows[:, None], cols], acc, mask=jnp.broadcast_to(ok[:, None], (block_m, block_r)))
 
 
-def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, o_ref, *, num_groups, block_m, block_r,
+def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs, num_groups, block_m, block_r,
                    block_n, pad_row, precision, num_splits):
     # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
-    # float32 partials [Tp, num_splits * R], summed here; b_ref [S, R, block_n]; o_ref [Tx, block_n] in row order
+    # float32 partials [Tp, num_splits * R], summed here; b_ref [S, R, block_n]; refs: (o_ref,) or (y_ref, o_ref), y
+    # the base projection [Tx, block_n] aliased to o_ref, both in row order
+    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     i = pl.program_id(0)
     g, r0, r1 = group_ref[i], row0_ref[i], row1_ref[i]
     srows = r0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -160,7 +172,12 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, o_ref
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
     cols = lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
-    plgpu.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=jnp.broadcast_to(ok[:, None], (block_m, block_n)))
+    out_mask = jnp.broadcast_to(ok[:, None], (block_m, block_n))
+    out = acc.astype(o_ref.dtype)  # the delta rounded as the unaliased path rounds it, then added as y + delta adds
+    if y_ref is not None:
+        y = plgpu.load(y_ref.at[rows, cols], mask=out_mask, other=jnp.zeros((), y_ref.dtype))
+        out = (y.astype(jnp.float32) + out.astype(jnp.float32)).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[rows, cols], out, mask=out_mask)
 
 
 def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
@@ -175,9 +192,11 @@ def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
 @functools.partial(jax.jit, static_argnames=("block_k", "split_k", "block_r", "block_n", "num_warps", "num_stages",
                                              "fuse_reduction", "interpret"))
 def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *, block_k=None, split_k=None,
-                       block_r=None, block_n=None, num_warps=None, num_stages=None, fuse_reduction: bool = False,
+                       block_r=None, block_n=None, num_warps=None, num_stages=None,
+                       fuse_reduction: bool | None = None, base: jax.Array | None = None,
                        interpret: bool = False) -> jax.Array:
-    """x [T, I] with the plan's per-row slots -> [T, O] in x.dtype (the module contract), as two Pallas kernels.
+    """x [T, I] with the plan's per-row slots -> [T, O] in x.dtype (the module contract), as two Pallas kernels;
+    with `base`, base + that in one pass (the expand adds into base's buffer).
 
     Args:
         x, a, b: see `lora_matmul.py`'s contract.
@@ -185,7 +204,10 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
         block_k, split_k, block_r, block_n: tiling (static); default from `default_settings`.
         num_warps, num_stages: Triton launch settings (static); default 4 and 3.
         fuse_reduction: the expand sums the shrink's float32 partials itself (one kernel fewer a call; each of its
-            programs re-reads its rows' partials) instead of XLA summing them first; for the sweep to decide.
+            programs re-reads its rows' partials) instead of XLA summing them first; default: at most
+            FUSED_REDUCTION_MAX_ROWS rows (module docstring).
+        base: [T, O] in x.dtype, the base projection: the result is base + delta, rows without an adapter are base
+            untouched (the expand's output aliases base's buffer: no separate select and add over [T, O]).
         interpret: run the kernels in Pallas interpret mode (CPU tests).
     """
     t, k = x.shape
@@ -195,6 +217,11 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
     ks, br, bn = split_k or d["split_k"], block_r or d["block_r"], block_n or d["block_n"]
     bk = block_k or (d["block_k"] if ks % d["block_k"] == 0 else _pow2_divisor(ks, 64))
     _validate(x, a, b, p, bk, ks, br, bn)
+    if base is not None and (base.shape != (t, o) or base.dtype != x.dtype):
+        raise ValueError(f"base must be {x.dtype}[{t}, {o}] (x's rows and dtype, B's columns), got "
+                         f"{base.dtype}{list(base.shape)}")
+    if fuse_reduction is None:
+        fuse_reduction = t <= FUSED_REDUCTION_MAX_ROWS
     bm, ng, nt = p.block_m, s_ - 1, p.group.shape[0]
     # Interpret mode evaluates masked loads and stores on clamped windows: arrays indexed by sorted position get bm
     # rows of padding and those indexed by row one (pad_row = T, the masked lanes' row). A GPU never dereferences a
@@ -221,15 +248,20 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
     )(*tables, xp, a)
     # Rows of no adapter (and the padding) hold whatever was there: they are never read back into a result.
     h = partials if fuse_reduction else partials.reshape(tp, nks, r).sum(axis=1).astype(x.dtype)  # [Tp, R] sorted
+    out_spec = pl.BlockSpec((tx, bn), lambda i, j: (0, j))
+    extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
     out = pl.pallas_call(
         functools.partial(_expand_kernel, block_n=bn, num_splits=nks if fuse_reduction else 0, **kw),
         grid=(nt, o // bn),
         in_specs=[table, table, table, pl.BlockSpec((tp,), lambda *_: (0,)),
                   pl.BlockSpec(h.shape, lambda i, j: (0, 0)),
-                  pl.BlockSpec((s_, r, bn), lambda i, j: (0, 0, j))],
-        out_specs=pl.BlockSpec((tx, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((s_, r, bn), lambda i, j: (0, 0, j))] + [out_spec] * len(extra),
+        out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((tx, o), x.dtype),
+        input_output_aliases={6: 0} if extra else {},
         compiler_params=params, interpret=interpret,
-        name=f"qwenjax_lora_expand_m{bm}_r{br}_n{bn}{'_fused' if fuse_reduction else ''}",
-    )(*tables, h, b)
+        name=f"qwenjax_lora_expand_m{bm}_r{br}_n{bn}{'_fused' if fuse_reduction else ''}{'_add' if extra else ''}",
+    )(*tables, h, b, *extra)
+    if base is not None:
+        return out[:t]  # rows of no adapter were never written: base's values
     return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), x.dtype))

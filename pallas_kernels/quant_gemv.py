@@ -23,6 +23,15 @@ result multiplies into an element-wise float32 accumulator per row of x by x's v
 multiplies a block's partial once; the accumulators are reduced over their bkw rows once, at the end. Per weight
 and row of x: about 1.1 integer ops + 1 FADD + M FMAs. S > 1 writes float32 partials [S, M, N] that XLA sums.
 
+unpack="window" (opt-in, QWENJAX_QUANT_GEMV_UNPACK=window, until measured against "mask" on a GPU): one shift a
+PAIR of 4-bit fields places them at bits 19 and 15 (quant_gemv_window.py; int8: one field a shift, at 15); one and-or
+with the exponent of 2**(23 - b) reads each as 2**(23 - b) + q exactly, and the FMA takes that as it is: no
+per-field subtraction, no per-field zero constant, no scaling of x. The offsets and the zero come out once a block
+per column: acc += s * (P - sum_j x_j (2**(23 - b_j) + z)), the sums over x's values of the block's rows. The masks
+come from a small input array, not immediates (ptxas otherwise re-materializes one before every and-or). Offline
+SASS (Triton 3.9, sm_90, gate/up at one row, default tiles): 562 loop instructions for 128 weights a thread, 4.4 a
+weight, against "mask"'s 757 (5.9): and-or 1, FMA 1, shifts 0.5, and the block's x sums and correction the rest.
+
 How x reaches the tile (`xload`): "strided" loads x's bkw values of input rows k0 + j, k0 + j + pf, ... as a vector
 and broadcasts it over the tile (through a free [M, K/pf, pf] view of x); "bcast" gathers them straight into the
 tile's [bkw, A, bn/A] shape (every column of a row reads the same address: no register-layout conversion, but more
@@ -39,12 +48,16 @@ measured yet. Per-shape settings: `CONFIGS` (paste the sweep's output), else `he
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gemv_tiles import store_rows, tile_columns, zero_and_scale
+from pallas_kernels.quant_gemv_window import window_bits, window_kernel
 
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
@@ -72,6 +85,10 @@ CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int, str]] = {
 SWEEP_ROWS = (1, 4, 16)
 assert all(rows in SWEEP_ROWS for rows, _, _ in CONFIGS), "CONFIGS rows must be sweep row counts (SWEEP_ROWS)"
 XLOADS = ("strided", "bcast", "bcast1")
+UNPACKS = ("mask", "shift", "window")
+# The unpack used when the caller names none: "mask" (measured on the H100) unless this variable names another;
+# read when a product is traced. "window" is the candidate (fewer instructions a weight, module docstring).
+UNPACK_ENV = "QWENJAX_QUANT_GEMV_UNPACK"
 _TARGET_PROGRAMS_M1 = 2048  # M <= 2: short programs, many of them (measured best on an H100 at every 7B shape)
 _TARGET_PROGRAMS = 288      # M > 2: about two waves of an H100's 132 SMs
 
@@ -175,11 +192,7 @@ def _kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, cla
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
-    # Output column of each (class a, position b) of the tile: natural order for gptq, 8b + a for awq_kp.
-    a_idx = lax.broadcasted_iota(jnp.int32, (A, cw), 0)
-    b_idx = lax.broadcasted_iota(jnp.int32, (A, cw), 1)
-    col = b_idx * A + a_idx
-    zero_word, zero_shift = col // pf, (col % pf) * bits
+    cols = tile_columns(A, cw, pf, bits)
 
     def body(i, accs):
         kb = first + i
@@ -189,12 +202,7 @@ def _kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, cla
         if xload != "strided":  # the word row of each tile element, for gathering x in the tile's own shape
             shape = (bkw, A, cw) if xload == "bcast" else (bkw, 1, 1)
             x_rows = kb * bkw + lax.broadcasted_iota(jnp.int32, shape, 0)
-        zw = plgpu.load(qz_ref.at[jnp.full((A, cw), g, jnp.int32), zero_word])   # [A, cw]
-        if A == 1:
-            s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)                       # [1, cw]
-        else:
-            s = plgpu.load(s_ref.at[jnp.full((A, cw), g, jnp.int32), col]).astype(jnp.float32)
-        z = (((zw >> zero_shift) & mask) + zero_offset).astype(jnp.float32)   # [A, cw]
+        z, s = zero_and_scale(qz_ref, s_ref, g, cols, bits=bits, zero_offset=zero_offset)  # [A, cw], [1|A, cw]
         parts = [None] * rows
         for j in range(pf):
             # Field j as float32, exactly: in place (times 2**(bits*f), f = its place in `src`) when it lies below
@@ -216,19 +224,13 @@ def _kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset, cla
         return tuple(acc + p * s[None] for acc, p in zip(accs, parts))
 
     zeros = tuple(jnp.zeros((bkw, A, cw), jnp.float32) for _ in range(rows))
-    accs = lax.fori_loop(0, count, body, zeros)
-    for m in range(rows):
-        out = jnp.sum(accs[m], axis=0)                                          # [A, cw]
-        if A == 1:
-            o_ref[pl.ds(m, 1), :] = out.astype(o_ref.dtype)
-        else:
-            plgpu.store(o_ref.at[jnp.full((A, cw), m, jnp.int32), col], out.astype(o_ref.dtype))
+    store_rows(o_ref, lax.fori_loop(0, count, body, zeros), cols[0])
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "bits", "group_size", "block_n", "block_kw", "num_splits",
                                              "num_warps", "num_stages", "unpack", "xload", "interpret"))
 def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: int, block_n=None, block_kw=None,
-               num_splits=None, num_warps=None, num_stages=None, xload=None, unpack="mask",
+               num_splits=None, num_warps=None, num_stages=None, xload=None, unpack=None,
                interpret=False):
     """x [M, K] @ the low-bit weight -> [M, N] in x.dtype, for M <= MAX_ROWS.
 
@@ -240,7 +242,8 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
         group_size: input rows per scale group, or -1 for one group (static).
         block_n, block_kw, num_splits, num_warps, num_stages, xload: tiling, launch and how x is loaded (module
             docstring) (static); default `settings`.
-        unpack: "mask" (fields below bit 23 in place, one shift a word) or "shift" (one shift a field) (static).
+        unpack: "mask" (fields below bit 23 in place, one shift a word), "shift" (one shift a field) or "window"
+            (module docstring) (static); default: $QWENJAX_QUANT_GEMV_UNPACK, else "mask".
         interpret: run in Pallas interpret mode (CPU tests).
     """
     m, k, n, pf, groups = check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits, group_size=group_size,
@@ -248,8 +251,9 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
     d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
     bn, bkw, splits, warps, stages, xload = (v if v is not None else dv for v, dv in
                                              zip((block_n, block_kw, num_splits, num_warps, num_stages, xload), d))
-    if xload not in XLOADS or unpack not in ("mask", "shift"):
-        raise ValueError(f"xload must be one of {XLOADS} and unpack 'mask' or 'shift', got {xload!r}, {unpack!r}")
+    unpack = unpack or os.environ.get(UNPACK_ENV) or "mask"
+    if xload not in XLOADS or unpack not in UNPACKS:
+        raise ValueError(f"xload must be one of {XLOADS} and unpack one of {UNPACKS}, got {xload!r}, {unpack!r}")
     why = _valid(k, n, fmt, bits, group_size, bn, bkw)
     if why:
         raise ValueError(why)
@@ -262,19 +266,24 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
     splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K
     group_blocks = 0 if group_size == -1 else group_size // bk
     qw3 = qweight.reshape(k // pf, classes, n // classes)  # free: [K/pf, 1, N] or [K/8, 8, N/8]
-    kernel = functools.partial(_kernel, rows=m, bits=bits, zero_offset=1 if fmt == "gptq" else 0, classes=classes,
-                               bkw=bkw, group_blocks=group_blocks, blocks_per_split=per_split,
-                               num_k_blocks=num_k_blocks, unpack=unpack, xload=xload)
-    return launch(kernel, x.reshape(m, k // pf, pf), qw3, qzeros, scales, block_n=bn, num_splits=splits,
+    common = dict(rows=m, bits=bits, zero_offset=1 if fmt == "gptq" else 0, bkw=bkw, group_blocks=group_blocks,
+                  blocks_per_split=per_split, num_k_blocks=num_k_blocks)
+    if unpack == "window":
+        kernel, extra = functools.partial(window_kernel, **common), (
+            jnp.asarray([((1 << bits) - 1) << b for b in window_bits(bits)], jnp.int32),)
+    else:
+        kernel, extra = functools.partial(_kernel, classes=classes, unpack=unpack, xload=xload, **common), ()
+    return launch(kernel, x.reshape(m, k // pf, pf), qw3, qzeros, scales, *extra, block_n=bn, num_splits=splits,
                   out_dtype=x.dtype, num_warps=warps, num_stages=stages, interpret=interpret,
-                  name=f"qwenjax_{fmt}{bits}_gemv_m{m}_n{bn}_kw{bkw}_s{splits}")  # x3[m, w, j] = x[m, w*pf + j]
+                  name=f"qwenjax_{fmt}{bits}_gemv_m{m}_n{bn}_kw{bkw}_s{splits}{'_w' if extra else ''}")
 
 
-def launch(kernel, x3, qw3, qzeros, scales, *, block_n, num_splits, out_dtype, num_warps, num_stages, interpret,
-           name):
+def launch(kernel, x3, qw3, qzeros, scales, *extra, block_n, num_splits, out_dtype, num_warps, num_stages,
+           interpret, name):
     """The pallas_call of a K-packed kernel (this one, quant_skinny.py's): grid (N / block_n, num_splits), x3 [rows,
-    ...] whole to every program, the words qw3 [K/pf, A, N/A], zeros and scales by column block; out [rows, N] in
-    out_dtype, or float32 partials [S, rows, N] summed here when K is split."""
+    ...] whole to every program (x3[m, w, j] = x[m, w * pf + j]), the words qw3 [K/pf, A, N/A], zeros and scales
+    by column block, `extra` small arrays whole; out [rows, N] in out_dtype, or float32 partials [S, rows, N]
+    summed here when K is split."""
     rows, bn, (groups, n) = x3.shape[0], block_n, scales.shape
     pf, classes = n // qzeros.shape[1], qw3.shape[1]
     in_specs = [
@@ -282,7 +291,7 @@ def launch(kernel, x3, qw3, qzeros, scales, *, block_n, num_splits, out_dtype, n
         pl.BlockSpec((qw3.shape[0], classes, bn // classes), lambda j, s: (0, 0, j)),
         pl.BlockSpec((groups, bn // pf), lambda j, s: (0, j)),
         pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
-    ]
+    ] + [pl.BlockSpec(e.shape, lambda j, s, nd=e.ndim: (0,) * nd) for e in extra]  # small arrays, whole
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
         out_spec = pl.BlockSpec((rows, bn), lambda j, s: (0, j))
@@ -298,7 +307,7 @@ def launch(kernel, x3, qw3, qzeros, scales, *, block_n, num_splits, out_dtype, n
         compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
-    )(x3, qw3, qzeros, scales)
+    )(x3, qw3, qzeros, scales, *extra)
     return out.sum(axis=0).astype(out_dtype) if num_splits > 1 else out
 
 

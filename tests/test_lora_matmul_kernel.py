@@ -103,6 +103,23 @@ def test_decode_kernel_tilings(settings):
                                atol=_tol(ref, jnp.float32))
 
 
+@pytest.mark.parametrize("fuse_reduction", [False, True])
+def test_decode_kernel_adds_into_base(fuse_reduction):
+    """With base, the expand adds into base's buffer: rows of an adapter are base + the delta rounded as y + delta
+    rounds it, rows of none are base bit for bit."""
+    x, a, b, ids = _inputs("decode_mix", jnp.bfloat16)
+    args = (jnp.asarray(x, jnp.bfloat16), jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16))
+    p = plan(jnp.asarray(ids), a.shape[0])
+    base = jnp.asarray(np.random.default_rng(3).normal(size=(x.shape[0], b.shape[2])), jnp.bfloat16)
+    delta = lora_decode_matmul(*args, p, fuse_reduction=fuse_reduction, interpret=True)
+    got = lora_decode_matmul(*args, p, fuse_reduction=fuse_reduction, base=base, interpret=True)
+    assert got.dtype == jnp.bfloat16 and got.shape == base.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(base + delta, np.float32))
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[ids == 0], np.asarray(base, np.float32)[ids == 0])
+    with pytest.raises(ValueError, match=r"base must be bfloat16\[\d+, \d+\]"):
+        lora_decode_matmul(*args, p, base=base[:, :-1], interpret=True)
+
+
 def test_decode_plan_tiles_only_adapter_rows():
     """Tiles of block_m sorted rows within one adapter's group; the slot-0 rows' tiles are the empty group S - 1."""
     ids = jnp.asarray([2, 0, 1, 2, 0] + [1] * 17, jnp.int32)  # slot 1: 18 rows, slot 2: 2, slot 0: 2

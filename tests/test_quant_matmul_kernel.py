@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +75,16 @@ GEMV_CASES = [  # scheme, kernel format, M, K, N, settings (None: the defaults)
     (Scheme("gptq", bits=8, group_size=64, sym=True, checkpoint_format="gptq_v2"), "gptq_v2", 3, 256, 32,
      dict(num_splits=2, xload="bcast")),
     (Scheme("gptq", bits=8, group_size=-1, sym=False), "gptq", 16, 128, 32, dict(block_kw=2)),
+    # unpack="window": fields at bits 15..22 read as 2**(23 - b) + q, offsets and zeros out once a block
+    (Scheme("awq", group_size=128), "awq_kp", 1, 256, 128, dict(unpack="window")),
+    (Scheme("awq", group_size=64), "awq_kp", 3, 256, 64, dict(block_n=16, num_splits=2, unpack="window")),
+    (Scheme("gptq", bits=4, group_size=128, sym=True), "gptq", 1, 512, 64, dict(num_splits=3, unpack="window")),
+    (Scheme("gptq", bits=4, group_size=64, sym=False), "gptq", 4, 256, 128, dict(block_n=32, unpack="window")),
+    (Scheme("gptq", bits=4, group_size=-1, sym=False, checkpoint_format="gptq_v2"), "gptq_v2", 2, 256, 32,
+     dict(unpack="window", block_kw=2)),
+    (Scheme("gptq", bits=8, group_size=128, sym=False), "gptq", 1, 256, 64, dict(unpack="window")),
+    (Scheme("gptq", bits=8, group_size=64, sym=True, checkpoint_format="gptq_v2"), "gptq_v2", 3, 256, 32,
+     dict(num_splits=2, unpack="window")),
 ]
 
 
@@ -94,7 +106,8 @@ def _gemv_args(scheme, fmt, m, k, n, seed):
 
 
 @pytest.mark.parametrize("scheme, fmt, m, k, n, settings", GEMV_CASES,
-                         ids=[f"{c[1]}-{c[0].bits}b-g{c[0].group_size}-m{c[2]}" for c in GEMV_CASES])
+                         ids=[f"{c[1]}-{c[0].bits}b-g{c[0].group_size}-m{c[2]}-{c[5].get('unpack', 'mask')}"
+                              for c in GEMV_CASES])
 def test_gemv_matches_exact_product(scheme, fmt, m, k, n, settings):
     args, exact = _gemv_args(scheme, fmt, m, k, n, seed=zlib.crc32(f"{scheme.name}-{fmt}-{m}-{k}-{n}".encode()))
     kw = dict(fmt=fmt, bits=scheme.bits, group_size=scheme.group_size)
@@ -106,6 +119,30 @@ def test_gemv_matches_exact_product(scheme, fmt, m, k, n, settings):
     np.testing.assert_allclose(out, exact, atol=tol, rtol=0)
     np.testing.assert_allclose(ref, exact, atol=tol, rtol=0)
     assert qg.supported(m, k, n, dtype=jnp.bfloat16, **kw)
+
+
+def test_gemv_unpack_default_comes_from_the_environment(monkeypatch):
+    """QWENJAX_QUANT_GEMV_UNPACK picks the unpack a caller leaves unnamed (the engine's path); a bad value is named."""
+    scheme = Scheme("gptq", bits=4, group_size=64, sym=False)
+    args, exact = _gemv_args(scheme, "gptq", 2, 256, 64, seed=11)
+    kw = dict(fmt="gptq", bits=4, group_size=64, interpret=True)
+
+    def kernel_names(**more):  # the pallas_call names in the traced product ("..._w": the window kernel)
+        return re.findall(r"qwenjax_gptq4_gemv\w*", str(jax.make_jaxpr(lambda *a: qg.quant_gemv(*a, **kw, **more))(
+            *args)))
+
+    assert all(n.endswith("_w") for n in kernel_names(unpack="window")) and kernel_names(unpack="window")
+    assert not any(n.endswith("_w") for n in kernel_names())  # unset: "mask"
+    qg.quant_gemv.clear_cache()
+    monkeypatch.setenv(qg.UNPACK_ENV, "window")
+    assert kernel_names() == kernel_names(unpack="window")
+    np.testing.assert_allclose(np.asarray(qg.quant_gemv(*args, **kw), np.float64), exact,
+                               atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+    qg.quant_gemv.clear_cache()
+    monkeypatch.setenv(qg.UNPACK_ENV, "bits")
+    with pytest.raises(ValueError, match="unpack one of .*'window'.*got 'strided', 'bits'"):
+        qg.quant_gemv(*args, **kw)
+    qg.quant_gemv.clear_cache()
 
 
 def test_gemv_settings_and_rejections():

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.lora_decode import LoRAPlan, lora_decode_matmul, plan as decode_plan
 from pallas_kernels.lora_matmul import (group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference,
@@ -64,19 +66,28 @@ def _matmul(a: jax.Array, b: jax.Array):
     return lora_matmul if one_device and supported(a.shape[1], b.shape[2], a.shape[2], a.dtype) else lora_matmul_dense
 
 
-def _delta(x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
+def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
+    """y [T, O] (the base projection of x [T, I]) plus the delta of the slot arrays (a, b), in y.dtype. The decode
+    kernels add into y's buffer themselves (no select-and-add over [T, O] afterwards) when y is in the adapters'
+    dtype; every other path computes the delta, then adds."""
     x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
     fn = _matmul(a, b)
+    if fn is lora_matmul and lora.plan is not None and y.dtype == a.dtype:
+        return lora_decode_matmul(x2, a, b, lora.plan, base=y.reshape(x2.shape[0], -1)).reshape(y.shape)
     if fn is not lora_matmul:
-        return fn(x2, a, b, lora.ids)
-    return lora_decode_matmul(x2, a, b, lora.plan) if lora.plan is not None else fn(x2, a, b, lora.ids, lora.grouping)
+        delta = fn(x2, a, b, lora.ids)
+    elif lora.plan is not None:
+        delta = lora_decode_matmul(x2, a, b, lora.plan)
+    else:
+        delta = fn(x2, a, b, lora.ids, lora.grouping)
+    return y + delta.reshape(y.shape).astype(y.dtype)
 
 
 def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:
     """y [T, O] (the base projection of x [T, I]) plus the LoRA delta of projection `name` of `layer`."""
     if lora is None:
         return y
-    return y + _delta(x, *lora.stacks[layer][name], lora).reshape(y.shape).astype(y.dtype)
+    return _plus_delta(y, x, *lora.stacks[layer][name], lora)
 
 
 def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int, group: str) -> tuple:
@@ -86,9 +97,7 @@ def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int,
         return ys
     if group not in lora.stacks[layer]:
         return tuple(add_lora(y, x, lora, layer, name) for y, name in zip(ys, LORA_GROUPS[group]))
-    delta = _delta(x, *lora.stacks[layer][group], lora)  # [T, sum O_i], the parts side by side
-    out, at = [], 0
-    for y in ys:
-        out.append(y + delta[:, at:at + y.shape[-1]].astype(y.dtype))
-        at += y.shape[-1]
-    return tuple(out)
+    # The parts side by side (when they are slices of one fused projection, this is that projection's output).
+    out = _plus_delta(jnp.concatenate(ys, axis=-1), x, *lora.stacks[layer][group], lora)
+    bounds = np.cumsum([y.shape[-1] for y in ys])[:-1].tolist()
+    return tuple(jnp.split(out, bounds, axis=-1))

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     return base, {"a": LoRARequest("a", 1, str(a)), "b": LoRARequest("b", 2, str(b))}, LLM(str(base), **ENGINE)
 
 
-@pytest.mark.parametrize("impl", ["decode", "decode_fused", "grouped"])
+@pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped"])
 @pytest.mark.parametrize("shape", [(3584, 48, 4608), (3584, 16, 3584), (18944, 16, 3584), (3584, 32, 37888)])
 @pytest.mark.parametrize("rows", [1, 8, 64, 257, 512])
 def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
@@ -48,7 +48,12 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     a = (jax.random.normal(k[1], (S, i, r)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     b = (jax.random.normal(k[2], (S, r, o)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     ids = jax.random.randint(k[3], (rows,), 0, S, jnp.int32)
-    if impl.startswith("decode"):  # decode_fused: the partials summed inside the expand
+    base = (jax.random.normal(k[0], (rows, o)) * 0.05).astype(jnp.bfloat16)
+    if impl == "decode_add":  # the default reduction for these rows, added into base's buffer by the expand
+        y = lora_decode_matmul(x, a, b, plan(ids, S), base=base)
+        assert (np.asarray(y)[np.asarray(ids) == 0] == np.asarray(base)[np.asarray(ids) == 0]).all()
+        got = y.astype(jnp.float32) - base.astype(jnp.float32)
+    elif impl.startswith("decode"):  # decode_fused: the partials summed inside the expand
         got = lora_decode_matmul(x, a, b, plan(ids, S), fuse_reduction=impl == "decode_fused").astype(jnp.float32)
     else:
         got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
