@@ -11,6 +11,9 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
   fp8_xla     XLA's documented FP8 pattern: float8 operands converted to bf16 and multiplied by SCALAR scales,
               then a dot (gemm_rewriter matches it to cuBLASLt's scaled FP8 GEMM); per-tensor scales only, so it
               shows what XLA can do rather than a form the per-channel model can use as is
+  fp8_tn      fp8_dot with the weight stored [N, K] (the checkpoint's [O, I]) and contracted on its last axis: the
+              "TN" operand order cuBLASLt's FP8 GEMM takes; in fp8_dot's [K, N] order XLA must transpose the
+              weight first (at 7B shapes on the H100, fp8_dot at 256-4,096 rows ran 0.34-0.79x bf16, NOTES 47)
 Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
@@ -39,7 +42,7 @@ import result_files  # noqa: E402
 BENCHMARK = "fp8-matmul"
 SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
-FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla")
+FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -89,6 +92,14 @@ def forms():
         return jnp.dot(xq.astype(bf16) * xs.astype(bf16), wq.astype(bf16) * ws.astype(bf16),
                        preferred_element_type=jnp.float32).astype(bf16)
 
+    def tn(xq, xs, wqt, ws):  # the weight stored [N, K] (a checkpoint's own [O, I]): both operands K-contiguous
+        acc = jax.lax.dot_general(xq, wqt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return (acc * xs * ws).astype(bf16)
+
+    def per_channel_tn(x, w):
+        xq, xs, wq, ws = per_channel(x, w)
+        return xq, xs, jnp.asarray(wq.T), ws
+
     def layer(x, wq, ws):
         xq, xs = quantize_activations(x)
         return fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)
@@ -100,6 +111,7 @@ def forms():
         "fp8_dot": (jax.jit(lambda xq, xs, wq, ws: fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)), per_channel),
         "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel(x, w)[2:]),
         "fp8_xla": (jax.jit(xla_pattern), per_tensor),
+        "fp8_tn": (jax.jit(tn), per_channel_tn),
     }
 
 
@@ -118,6 +130,8 @@ def reference(form: str, args):
     xq, xs, wq, ws = args
     if form == "fp8_plain":
         return f(xq) @ f(wq)
+    if form == "fp8_tn":
+        return (f(xq) * f(xs)) @ (f(wq).T * f(ws))
     return (f(xq) * f(xs)) @ (f(wq) * f(ws))
 
 

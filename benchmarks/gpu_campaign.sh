@@ -320,8 +320,10 @@ for s in "${STAGES[@]}"; do
             m=$(model_of "${s#fp8w-}")
             for part in ${FP8W_PARTS:-matmul latency prefill throughput}; do
                 case $part in
-                    matmul) step "fp8-matmul" 60 200 "$PY" benchmarks/fp8_matmul.py --results-dir "$RESULTS" \
-                                --out "$OUT" ;;
+                    # FP8_MATMUL_ARGS go to fp8_matmul.py (e.g. "--rows 256,4096 --forms fp8_dot,fp8_tn")
+                    matmul) read -r -a FMA <<<"${FP8_MATMUL_ARGS:-}"
+                            step "fp8-matmul" 60 200 "$PY" benchmarks/fp8_matmul.py ${FMA[@]+"${FMA[@]}"} \
+                                --results-dir "$RESULTS" --out "$OUT" ;;
                     latency|prefill)
                         for q in "" fp8; do
                             step "$part-${q:-bf16}-$m" 60 0 "$PY" benchmarks/$part.py --model "$m" \
