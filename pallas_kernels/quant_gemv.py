@@ -87,8 +87,11 @@ assert all(rows in SWEEP_ROWS for rows, _, _ in CONFIGS), "CONFIGS rows must be 
 XLOADS = ("strided", "bcast", "bcast1")
 UNPACKS = ("mask", "shift", "window")
 # The unpack used when the caller names none: "mask" (measured on the H100) unless this variable names another;
-# read when a product is traced. "window" is the candidate (fewer instructions a weight, module docstring).
+# read when a product is traced. "window" is the candidate (fewer instructions a weight, module docstring), and
+# only for up to WINDOW_MAX_ROWS rows: its correction is per row of x (offline SASS at gate/up, 4 rows: 1,585 loop
+# instructions against "mask"'s 1,448), where "mask"'s subtraction is shared by all rows.
 UNPACK_ENV = "QWENJAX_QUANT_GEMV_UNPACK"
+WINDOW_MAX_ROWS = 1
 _TARGET_PROGRAMS_M1 = 2048  # M <= 2: short programs, many of them (measured best on an H100 at every 7B shape)
 _TARGET_PROGRAMS = 288      # M > 2: about two waves of an H100's 132 SMs
 
@@ -243,7 +246,8 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
         block_n, block_kw, num_splits, num_warps, num_stages, xload: tiling, launch and how x is loaded (module
             docstring) (static); default `settings`.
         unpack: "mask" (fields below bit 23 in place, one shift a word), "shift" (one shift a field) or "window"
-            (module docstring) (static); default: $QWENJAX_QUANT_GEMV_UNPACK, else "mask".
+            (module docstring) (static); default: $QWENJAX_QUANT_GEMV_UNPACK ("window" only up to WINDOW_MAX_ROWS
+            rows), else "mask".
         interpret: run in Pallas interpret mode (CPU tests).
     """
     m, k, n, pf, groups = check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits, group_size=group_size,
@@ -251,7 +255,9 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
     d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
     bn, bkw, splits, warps, stages, xload = (v if v is not None else dv for v, dv in
                                              zip((block_n, block_kw, num_splits, num_warps, num_stages, xload), d))
-    unpack = unpack or os.environ.get(UNPACK_ENV) or "mask"
+    if unpack is None:
+        unpack = os.environ.get(UNPACK_ENV) or "mask"
+        unpack = "mask" if unpack == "window" and m > WINDOW_MAX_ROWS else unpack
     if xload not in XLOADS or unpack not in UNPACKS:
         raise ValueError(f"xload must be one of {XLOADS} and unpack one of {UNPACKS}, got {xload!r}, {unpack!r}")
     why = _valid(k, n, fmt, bits, group_size, bn, bkw)

@@ -124,7 +124,7 @@ def test_gemv_matches_exact_product(scheme, fmt, m, k, n, settings):
 def test_gemv_unpack_default_comes_from_the_environment(monkeypatch):
     """QWENJAX_QUANT_GEMV_UNPACK picks the unpack a caller leaves unnamed (the engine's path); a bad value is named."""
     scheme = Scheme("gptq", bits=4, group_size=64, sym=False)
-    args, exact = _gemv_args(scheme, "gptq", 2, 256, 64, seed=11)
+    args, exact = _gemv_args(scheme, "gptq", 1, 256, 64, seed=11)
     kw = dict(fmt="gptq", bits=4, group_size=64, interpret=True)
 
     def kernel_names(**more):  # the pallas_call names in the traced product ("..._w": the window kernel)
@@ -136,6 +136,9 @@ def test_gemv_unpack_default_comes_from_the_environment(monkeypatch):
     qg.quant_gemv.clear_cache()
     monkeypatch.setenv(qg.UNPACK_ENV, "window")
     assert kernel_names() == kernel_names(unpack="window")
+    wide = (jnp.concatenate([args[0]] * 2),) + args[1:]  # 2 rows: past WINDOW_MAX_ROWS the default stays "mask"
+    assert not any(n.endswith("_w") for n in re.findall(r"qwenjax_gptq4_gemv\w*", str(jax.make_jaxpr(
+        lambda *a: qg.quant_gemv(*a, **kw))(*wide))))
     np.testing.assert_allclose(np.asarray(qg.quant_gemv(*args, **kw), np.float64), exact,
                                atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
     qg.quant_gemv.clear_cache()
