@@ -36,11 +36,12 @@ The jnp reference is `lora_matmul.lora_matmul_reference` (the same contract).
 
 With `base` (the base projection's [T, O]), the expand adds its delta into base's rows in place (an aliased
 output): rows without an adapter keep base's values, and no [T, O] select-and-add follows. The model passes it
-(layers/lora.py), so a decode step's LoRA costs two kernels a projection group at batch 1: shrink and expand.
+with QWENJAX_LORA_EXPAND_ADD=1 (layers/lora.py; opt-in until checked on a GPU), so that a decode step's LoRA costs
+two kernels a projection group at batch 1: shrink and expand.
 
 Status: tested on CPU (Pallas interpret mode, both reductions, several tilings, with and without base) against that
-reference and on an H100 (tests/gpu/test_lora_gpu.py, NOTES 38); measured end to end by benchmarks/lora.py (NOTES 44
-and after).
+reference; on an H100 (tests/gpu/test_lora_gpu.py, NOTES 38) without `base`, whose GPU cases (decode_add) have not
+run yet; measured end to end by benchmarks/lora.py (NOTES 44 and 47, before the fused reduction became the default).
 """
 
 from __future__ import annotations

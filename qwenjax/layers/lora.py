@@ -21,6 +21,7 @@ program (worker/model_runner.py, `_lora_stacks_for`).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,10 @@ from qwenjax import compat
 # row tiles alone fill the GPU (thousands of rows: hundreds of tiles), and a split there only adds partials.
 SPLIT_K_MAX_ROWS = 1024
 LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# QWENJAX_LORA_EXPAND_ADD=1: decode steps add each delta inside the expand kernel, into the base projection's buffer
+# (lora_decode_matmul's `base`; 2 kernels a projection group at batch 1 instead of 3). Opt-in until a GPU run has
+# checked it (tests/gpu/test_lora_gpu.py's decode_add cases) and timed it (benchmarks/lora.py); read when traced.
+EXPAND_ADD_ENV = "QWENJAX_LORA_EXPAND_ADD"
 
 
 @jax.tree_util.register_dataclass
@@ -66,21 +71,26 @@ def _matmul(a: jax.Array, b: jax.Array):
     return lora_matmul if one_device and supported(a.shape[1], b.shape[2], a.shape[2], a.dtype) else lora_matmul_dense
 
 
-def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
-    """y [T, O] (the base projection of x [T, I]) plus the delta of the slot arrays (a, b), in y.dtype. The decode
-    kernels add into y's buffer themselves (no select-and-add over [T, O] afterwards) when y is in the adapters'
-    dtype; every other path computes the delta, then adds."""
+def _adds_in_expand(y: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> bool:
+    """Whether the decode kernels add this delta into y's buffer themselves (EXPAND_ADD_ENV)."""
+    return (os.environ.get(EXPAND_ADD_ENV) == "1" and lora.plan is not None and y.dtype == a.dtype
+            and _matmul(a, b) is lora_matmul)
+
+
+def _delta(x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
     x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
     fn = _matmul(a, b)
-    if fn is lora_matmul and lora.plan is not None and y.dtype == a.dtype:
-        return lora_decode_matmul(x2, a, b, lora.plan, base=y.reshape(x2.shape[0], -1)).reshape(y.shape)
     if fn is not lora_matmul:
-        delta = fn(x2, a, b, lora.ids)
-    elif lora.plan is not None:
-        delta = lora_decode_matmul(x2, a, b, lora.plan)
-    else:
-        delta = fn(x2, a, b, lora.ids, lora.grouping)
-    return y + delta.reshape(y.shape).astype(y.dtype)
+        return fn(x2, a, b, lora.ids)
+    return lora_decode_matmul(x2, a, b, lora.plan) if lora.plan is not None else fn(x2, a, b, lora.ids, lora.grouping)
+
+
+def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
+    """y [T, O] (the base projection of x [T, I]) plus the delta of the slot arrays (a, b), in y.dtype."""
+    if _adds_in_expand(y, a, b, lora):
+        x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
+        return lora_decode_matmul(x2, a, b, lora.plan, base=y.reshape(x2.shape[0], -1)).reshape(y.shape)
+    return y + _delta(x, a, b, lora).reshape(y.shape).astype(y.dtype)
 
 
 def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:
@@ -97,7 +107,9 @@ def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int,
         return ys
     if group not in lora.stacks[layer]:
         return tuple(add_lora(y, x, lora, layer, name) for y, name in zip(ys, LORA_GROUPS[group]))
-    # The parts side by side (when they are slices of one fused projection, this is that projection's output).
-    out = _plus_delta(jnp.concatenate(ys, axis=-1), x, *lora.stacks[layer][group], lora)
+    a, b = lora.stacks[layer][group]
     bounds = np.cumsum([y.shape[-1] for y in ys])[:-1].tolist()
-    return tuple(jnp.split(out, bounds, axis=-1))
+    if _adds_in_expand(ys[0], a, b, lora):  # the parts side by side (slices of one fused projection: its output)
+        return tuple(jnp.split(_plus_delta(jnp.concatenate(ys, axis=-1), x, a, b, lora), bounds, axis=-1))
+    delta = _delta(x, a, b, lora)  # [T, sum O_i], the parts side by side
+    return tuple(y + d.astype(y.dtype) for y, d in zip(ys, jnp.split(delta, bounds, axis=-1)))

@@ -64,26 +64,29 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
 
 
 def _decode_step_kernels(runner, lora_stacks) -> dict[str, int]:
-    """Pallas kernel calls of the compiled batch-8 decode step, by kernel name prefix."""
+    """Pallas kernel calls of the compiled batch-8 decode step, by kernel name prefix ("lora_expand_add": the
+    expands that add into the base projection's buffer, a subset of "lora_expand")."""
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     i_buf, f_buf, layout = packing.pack(inp)
     with jax.set_mesh(runner.mesh):
         lowered = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
                                      i_buf, f_buf, lora_stacks, has_context=False, layout=layout)
     lines = [ln for ln in lowered.compile().as_text().splitlines() if "__gpu$xla.gpu.triton" in ln]
-    return {name: sum(f"qwenjax_{name}" in ln for ln in lines) for name in ("lora_shrink", "lora_expand",
-                                                                           "grouped_matmul")}
+    counts = {name: sum(f"qwenjax_{name}" in ln for ln in lines) for name in ("lora_shrink", "lora_expand",
+                                                                             "grouped_matmul")}
+    return dict(counts, lora_expand_add=sum("qwenjax_lora_expand" in ln and "_add" in ln for ln in lines))
 
 
 def test_decode_step_runs_the_lora_kernels(setup):
     runner = setup[2].llm_engine.runner
     # one device: groups qkv_proj, o_proj, gate_up_proj, down_proj (worker/lora_stacks.py), a shrink and an expand each
-    assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 4 * LAYERS,
-                                                                "lora_expand": 4 * LAYERS, "grouped_matmul": 0}
+    assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 4 * LAYERS, "lora_expand": 4 * LAYERS,
+                                                                "grouped_matmul": 0, "lora_expand_add": 0}
     # a step with no adapter row gets no stacks (model_runner._lora_stacks_for): the base program, no LoRA kernel
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     assert runner._lora_stacks_for(inp) is None
-    assert _decode_step_kernels(runner, None) == {"lora_shrink": 0, "lora_expand": 0, "grouped_matmul": 0}
+    assert _decode_step_kernels(runner, None) == {"lora_shrink": 0, "lora_expand": 0, "grouped_matmul": 0,
+                                                  "lora_expand_add": 0}
 
 
 def test_mixed_batch_equals_peft_on_the_gpu(setup):
@@ -100,3 +103,24 @@ def test_mixed_batch_equals_peft_on_the_gpu(setup):
         assert out.outputs[0].token_ids == oracle[m][i], f"row {i} (adapter {m})"
     assert oracle["a"] != oracle[None] and oracle["b"] != oracle[None]  # the adapters change the output
     assert llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages
+
+
+def test_expand_add_equals_peft_on_the_gpu(setup, monkeypatch):
+    """QWENJAX_LORA_EXPAND_ADD=1 (layers/lora.py): the expand adds each delta into the base projection's buffer;
+    every expand of the decode step is one that adds, and the mixed batch still gives PEFT's greedy tokens."""
+    from qwenjax.layers.lora import EXPAND_ADD_ENV
+
+    monkeypatch.setenv(EXPAND_ADD_ENV, "1")
+    base, adapters, _ = setup
+    llm = LLM(str(base), **ENGINE)  # traced with the variable set
+    runner = llm.llm_engine.runner
+    k = _decode_step_kernels(runner, runner._lora_stacks)
+    assert k["lora_expand"] == k["lora_expand_add"] == 4 * LAYERS
+    prompts = [[int(t) for t in np.random.default_rng(9).integers(0, 512, n)] for n in (7, 21, 12)]
+    mix = ["b", None, "a"]
+    p = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=p, use_tqdm=False,
+                        lora_request=[None if m is None else adapters[m] for m in mix])
+    for i, (m, out) in enumerate(zip(mix, outs)):
+        want = peft_greedy(peft_model(base, None if m is None else adapters[m].lora_path), [prompts[i]], 8)[0]
+        assert out.outputs[0].token_ids == want, f"row {i} (adapter {m})"
