@@ -13,9 +13,10 @@ serially: a few of the GPU's 132 SMs busy, the rest idle (NOTES 38). Here the sh
 vLLM's decode shrink is: grid (NT, I / split_k, R / block_r); a program takes a K-slice of `split_k` inputs for one
 row tile of one adapter, and writes float32 partials [T, KS, R]; XLA sums the KS axis (a [T, KS, R] reduction, a
 few hundred KB) and rounds. The expand (grid (NT, O / block_n)) reads the [T, R] rows of a tile and its adapter's B
-block and stores straight into the rows' original positions. With `fuse_reduction` the expand sums the partials
-itself (one kernel fewer): the default for steps of at most FUSED_REDUCTION_MAX_ROWS rows, where launches are the
-cost (batch-1 latency, issue 28).
+block and stores straight into the rows' original positions. `fuse_reduction=True` has the expand sum the partials
+itself (one kernel fewer; correct on an H100, not yet timed: each expand program walks all K-slices of its rows'
+partials in a loop of small loads, 28 at I = 3584 and 148 at 18944 at batch 1, which Triton may not pipeline, so it
+stays off by default until `benchmarks/lora_kernel.py --sweep` has timed it).
 
 Invariants:
 - The plan's rows are sorted by slot (`lora_matmul.group_by_slot`'s order: slot 1 first, slot-0 rows last); tile i
@@ -36,12 +37,12 @@ The jnp reference is `lora_matmul.lora_matmul_reference` (the same contract).
 
 With `base` (the base projection's [T, O]), the expand adds its delta into base's rows in place (an aliased
 output): rows without an adapter keep base's values, and no [T, O] select-and-add follows. The model passes it
-with QWENJAX_LORA_EXPAND_ADD=1 (layers/lora.py; opt-in until checked on a GPU), so that a decode step's LoRA costs
-two kernels a projection group at batch 1: shrink and expand.
+with QWENJAX_LORA_EXPAND_ADD=1 (layers/lora.py; opt-in until checked on a GPU): three kernels a projection group
+(shrink, XLA's sum, expand) instead of four, two with the fused reduction.
 
 Status: tested on CPU (Pallas interpret mode, both reductions, several tilings, with and without base) against that
 reference; on an H100 (tests/gpu/test_lora_gpu.py, NOTES 38) without `base`, whose GPU cases (decode_add) have not
-run yet; measured end to end by benchmarks/lora.py (NOTES 44 and 47, before the fused reduction became the default).
+run yet; measured end to end by benchmarks/lora.py (NOTES 44 and 47).
 """
 
 from __future__ import annotations
@@ -65,10 +66,6 @@ _dot = getattr(plgpu, "dot", None) or pl.dot
 
 _MIN_DOT = 16            # Triton's smallest dot dimension
 TARGET_PROGRAMS = 264    # the shrink's split aims at this many programs: 2 per SM of an H100 (132 SMs)
-# Steps of at most this many rows sum the shrink's partials inside the expand (one kernel fewer a call; batch-1
-# latency is launches). Above it, each expand program re-reading its rows' partials costs more than XLA's one pass:
-# e.g. 512 rows, 32 K-slices, rank 48: ~3 MB summed once against ~90 MB re-read by 28 column programs a tile.
-FUSED_REDUCTION_MAX_ROWS = 16
 
 
 @jax.tree_util.register_dataclass
@@ -194,7 +191,7 @@ def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
                                              "fuse_reduction", "interpret"))
 def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *, block_k=None, split_k=None,
                        block_r=None, block_n=None, num_warps=None, num_stages=None,
-                       fuse_reduction: bool | None = None, base: jax.Array | None = None,
+                       fuse_reduction: bool = False, base: jax.Array | None = None,
                        interpret: bool = False) -> jax.Array:
     """x [T, I] with the plan's per-row slots -> [T, O] in x.dtype (the module contract), as two Pallas kernels;
     with `base`, base + that in one pass (the expand adds into base's buffer).
@@ -205,8 +202,7 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
         block_k, split_k, block_r, block_n: tiling (static); default from `default_settings`.
         num_warps, num_stages: Triton launch settings (static); default 4 and 3.
         fuse_reduction: the expand sums the shrink's float32 partials itself (one kernel fewer a call; each of its
-            programs re-reads its rows' partials) instead of XLA summing them first; default: at most
-            FUSED_REDUCTION_MAX_ROWS rows (module docstring).
+            programs re-reads its rows' partials) instead of XLA summing them first; for the sweep to decide.
         base: [T, O] in x.dtype, the base projection: the result is base + delta, rows without an adapter are base
             untouched (the expand's output aliases base's buffer: no separate select and add over [T, O]).
         interpret: run the kernels in Pallas interpret mode (CPU tests).
@@ -221,8 +217,6 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
     if base is not None and (base.shape != (t, o) or base.dtype != x.dtype):
         raise ValueError(f"base must be {x.dtype}[{t}, {o}] (x's rows and dtype, B's columns), got "
                          f"{base.dtype}{list(base.shape)}")
-    if fuse_reduction is None:
-        fuse_reduction = t <= FUSED_REDUCTION_MAX_ROWS
     bm, ng, nt = p.block_m, s_ - 1, p.group.shape[0]
     # Interpret mode evaluates masked loads and stores on clamped windows: arrays indexed by sorted position get bm
     # rows of padding and those indexed by row one (pad_row = T, the masked lanes' row). A GPU never dereferences a

@@ -38,7 +38,7 @@ from qwenjax import compat
 SPLIT_K_MAX_ROWS = 1024
 LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # QWENJAX_LORA_EXPAND_ADD=1: decode steps add each delta inside the expand kernel, into the base projection's buffer
-# (lora_decode_matmul's `base`; 2 kernels a projection group at batch 1 instead of 3). Opt-in until a GPU run has
+# (lora_decode_matmul's `base`; 3 kernels a projection group at batch 1 instead of 4). Opt-in until a GPU run has
 # checked it (tests/gpu/test_lora_gpu.py's decode_add cases) and timed it (benchmarks/lora.py); read when traced.
 EXPAND_ADD_ENV = "QWENJAX_LORA_EXPAND_ADD"
 

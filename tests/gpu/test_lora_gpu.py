@@ -49,7 +49,7 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     b = (jax.random.normal(k[2], (S, r, o)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     ids = jax.random.randint(k[3], (rows,), 0, S, jnp.int32)
     base = (jax.random.normal(k[0], (rows, o)) * 0.05).astype(jnp.bfloat16)
-    if impl == "decode_add":  # the default reduction for these rows, added into base's buffer by the expand
+    if impl == "decode_add":  # the default (XLA-summed) reduction, added into base's buffer by the expand
         y = lora_decode_matmul(x, a, b, plan(ids, S), base=base)
         assert (np.asarray(y)[np.asarray(ids) == 0] == np.asarray(base)[np.asarray(ids) == 0]).all()
         got = y.astype(jnp.float32) - base.astype(jnp.float32)
