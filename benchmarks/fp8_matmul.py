@@ -14,6 +14,11 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
   fp8_tn      fp8_dot with the weight stored [N, K] (the checkpoint's [O, I]) and contracted on its last axis: the
               "TN" operand order cuBLASLt's FP8 GEMM takes; in fp8_dot's [K, N] order XLA must transpose the
               weight first (at 7B shapes on the H100, fp8_dot at 256-4,096 rows ran 0.34-0.79x bf16, NOTES 47)
+  fp8_up      the same values as fp8_dot, multiplied as bf16: both float8 operands converted to bf16 inside the
+              program (exact: every float8 value is a bf16 value, every product of two is exact in float32), a bf16
+              dot with a float32 result, the scales after. XLA can fuse the converts into its GEMM's operand loads
+              (reading 1-byte weights), so at few rows, where the weight read is the time, it may beat both
+  fp8_up_tn   fp8_up with the weight stored [N, K]
 Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
@@ -42,7 +47,7 @@ import result_files  # noqa: E402
 BENCHMARK = "fp8-matmul"
 SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
-FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn")
+FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_up", "fp8_up_tn")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -96,6 +101,11 @@ def forms():
         acc = jax.lax.dot_general(xq, wqt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return (acc * xs * ws).astype(bf16)
 
+    def up(xq, xs, wq, ws, contract=0):
+        acc = jax.lax.dot_general(xq.astype(bf16), wq.astype(bf16), (((1,), (contract,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        return (acc * xs * ws).astype(bf16)
+
     def per_channel_tn(x, w):
         xq, xs, wq, ws = per_channel(x, w)
         return xq, xs, jnp.asarray(wq.T), ws
@@ -112,6 +122,8 @@ def forms():
         "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel(x, w)[2:]),
         "fp8_xla": (jax.jit(xla_pattern), per_tensor),
         "fp8_tn": (jax.jit(tn), per_channel_tn),
+        "fp8_up": (jax.jit(up), per_channel),
+        "fp8_up_tn": (jax.jit(lambda *a: up(*a, contract=1)), per_channel_tn),
     }
 
 
@@ -130,7 +142,7 @@ def reference(form: str, args):
     xq, xs, wq, ws = args
     if form == "fp8_plain":
         return f(xq) @ f(wq)
-    if form == "fp8_tn":
+    if form in ("fp8_tn", "fp8_up_tn"):
         return (f(xq) * f(xs)) @ (f(wq).T * f(ws))
     return (f(xq) * f(xs)) @ (f(wq) * f(ws))
 

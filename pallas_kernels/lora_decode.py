@@ -14,9 +14,10 @@ vLLM's decode shrink is: grid (NT, I / split_k, R / block_r); a program takes a 
 row tile of one adapter, and writes float32 partials [T, KS, R]; XLA sums the KS axis (a [T, KS, R] reduction, a
 few hundred KB) and rounds. The expand (grid (NT, O / block_n)) reads the [T, R] rows of a tile and its adapter's B
 block and stores straight into the rows' original positions. `fuse_reduction=True` has the expand sum the partials
-itself (one kernel fewer; correct on an H100, not yet timed: each expand program walks all K-slices of its rows'
-partials in a loop of small loads, 28 at I = 3584 and 148 at 18944 at batch 1, which Triton may not pipeline, so it
-stays off by default until `benchmarks/lora_kernel.py --sweep` has timed it).
+itself (one kernel fewer): each program loads its rows' partials as [block_m, 16, block_r] tiles of 16 K-slices and
+reduces them (10 tiles at I = 18944 and batch 1, 2 at 3584). The first form, one small load a K-slice, compiled to a
+loop of 148 dependent loads at 18944 (NOTES 47). Off by default (QWENJAX_LORA_FUSE_REDUCTION=1 in the model) until
+benchmarks/lora.py has timed it.
 
 Invariants:
 - The plan's rows are sorted by slot (`lora_matmul.group_by_slot`'s order: slot 1 first, slot-0 rows last); tile i
@@ -65,6 +66,7 @@ _dot = getattr(plgpu, "dot", None) or pl.dot
 # ---------------------------------------------------------------------------------------------------
 
 _MIN_DOT = 16            # Triton's smallest dot dimension
+_SUM_CHUNK = 16         # the fused reduction's K-slices a load: a [bm, 16, br] float32 tile, 32 registers a thread
 TARGET_PROGRAMS = 264    # the shrink's split aims at this many programs: 2 per SM of an H100 (132 SMs)
 
 
@@ -142,7 +144,7 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
 
 
 def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs, num_groups, block_m, block_r,
-                   block_n, pad_row, precision, num_splits):
+                   block_n, pad_row, precision, num_splits, chunk):
     # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
     # float32 partials [Tp, num_splits * R], summed here; b_ref [S, R, block_n]; refs: (o_ref,) or (y_ref, o_ref), y
     # the base projection [Tx, block_n] aliased to o_ref, both in row order
@@ -161,8 +163,8 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs
     def body(s, acc):
         c0 = s * block_r
         if num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
-            h = lax.fori_loop(0, num_splits, lambda j, h: h + plgpu.load(
-                h_ref.at[srows[:, None], j * r + c0 + cc], mask=mask, other=jnp.zeros((), jnp.float32)),
+            h = lax.fori_loop(0, pl.cdiv(num_splits, chunk), functools.partial(
+                _sum_partials, h_ref, srows, ok, c0 + cc, r, num_splits, chunk),
                 jnp.zeros((block_m, block_r), jnp.float32)).astype(b_ref.dtype)
         else:
             h = plgpu.load(h_ref.at[srows[:, None], c0 + cc], mask=mask, other=jnp.zeros((), h_ref.dtype))
@@ -176,6 +178,18 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs
         y = plgpu.load(y_ref.at[rows, cols], mask=out_mask, other=jnp.zeros((), y_ref.dtype))
         out = (y.astype(jnp.float32) + out.astype(jnp.float32)).astype(o_ref.dtype)
     plgpu.store(o_ref.at[rows, cols], out, mask=out_mask)
+
+
+def _sum_partials(h_ref, srows, ok, cols, r, num_splits, chunk, q, h):
+    """h + the sum of K-slices [q * chunk, (q + 1) * chunk) of the rows' partials at columns `cols` [1, br]: one
+    [bm, chunk, br] tile a step (one vectorized masked load and a reduction; a load a K-slice left the loop one
+    dependent load an iteration, NOTES 47). Slices past num_splits are masked to 0."""
+    j = q * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk, 1), 1)                    # [1, chunk, 1]
+    m = ok[:, None, None] & (j < num_splits)                                            # [bm, chunk, 1]
+    idx = j * r + cols[:, None, :]                                                      # [1, chunk, br]
+    m = jnp.broadcast_to(m, (srows.shape[0], chunk, idx.shape[2]))
+    tile = plgpu.load(h_ref.at[srows[:, None, None], idx], mask=m, other=jnp.zeros((), jnp.float32))
+    return h + tile.sum(axis=1)
 
 
 def _validate(x, a, b, p: LoRAPlan, bk, ks, br, bn):
@@ -246,7 +260,8 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
     out_spec = pl.BlockSpec((tx, bn), lambda i, j: (0, j))
     extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
     out = pl.pallas_call(
-        functools.partial(_expand_kernel, block_n=bn, num_splits=nks if fuse_reduction else 0, **kw),
+        functools.partial(_expand_kernel, block_n=bn, num_splits=nks if fuse_reduction else 0,
+                          chunk=min(_SUM_CHUNK, 1 << (nks - 1).bit_length()), **kw),
         grid=(nt, o // bn),
         in_specs=[table, table, table, pl.BlockSpec((tp,), lambda *_: (0,)),
                   pl.BlockSpec(h.shape, lambda i, j: (0, 0)),

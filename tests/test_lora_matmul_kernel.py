@@ -20,6 +20,7 @@ CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
     "batch1": (1, 32, 48, 16, 3, [2]),                                     # one decode row
     "batch1_none": (1, 32, 48, 16, 3, [0]),
     "qkv_group": (13, 128, 80, 48, 9, None),                               # G * R = 48: three rank-16 parts
+    "long_k": (5, 720, 48, 16, 3, None),                                   # 45 K-slices of 16: 3 sum tiles
 }
 
 
@@ -91,12 +92,13 @@ def test_decode_kernel_matches_reference(name, dtype):
 @pytest.mark.parametrize("settings", [dict(split_k=32, block_k=16), dict(split_k=64, block_k=32, block_r=16),
                                       dict(split_k=16, block_n=16, block_m=32), dict(block_m=64),
                                       dict(split_k=32, block_k=16, fuse_reduction=True),
-                                      dict(split_k=16, block_r=16, block_m=32, fuse_reduction=True)])
+                                      dict(split_k=16, block_r=16, block_m=32, fuse_reduction=True),
+                                      dict(case="long_k", split_k=16, block_k=16, fuse_reduction=True)])
 def test_decode_kernel_tilings(settings):
-    """Several K-slices (partials summed by XLA or inside the expand), the rank axis in column blocks, other tile
-    heights: the same result."""
-    x, a, b, ids = (jnp.asarray(v) for v in _inputs("qkv_group", jnp.float32))
+    """Several K-slices (partials summed by XLA or inside the expand, there in tiles of 16 slices, the last one
+    partly masked), the rank axis in column blocks, other tile heights: the same result."""
     kw = dict(settings)
+    x, a, b, ids = (jnp.asarray(v) for v in _inputs(kw.pop("case", "qkv_group"), jnp.float32))
     p = plan(ids, a.shape[0], block_m=kw.pop("block_m", None))
     ref = np.asarray(lora_matmul_reference(x, a, b, ids))
     np.testing.assert_allclose(np.asarray(lora_decode_matmul(x, a, b, p, interpret=True, **kw)), ref,

@@ -41,6 +41,14 @@ LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 # (lora_decode_matmul's `base`; 3 kernels a projection group at batch 1 instead of 4). Opt-in until a GPU run has
 # checked it (tests/gpu/test_lora_gpu.py's decode_add cases) and timed it (benchmarks/lora.py); read when traced.
 EXPAND_ADD_ENV = "QWENJAX_LORA_EXPAND_ADD"
+# QWENJAX_LORA_FUSE_REDUCTION=1: the decode expand sums the shrink's split-K partials itself (lora_decode_matmul's
+# fuse_reduction; one kernel fewer a group). Opt-in until benchmarks/lora.py has timed it; read when traced.
+FUSE_REDUCTION_ENV = "QWENJAX_LORA_FUSE_REDUCTION"
+
+
+def _decode(x2, a, b, lora, base=None):
+    fuse = os.environ.get(FUSE_REDUCTION_ENV) == "1"
+    return lora_decode_matmul(x2, a, b, lora.plan, base=base, fuse_reduction=fuse)
 
 
 @jax.tree_util.register_dataclass
@@ -82,14 +90,14 @@ def _delta(x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Ar
     fn = _matmul(a, b)
     if fn is not lora_matmul:
         return fn(x2, a, b, lora.ids)
-    return lora_decode_matmul(x2, a, b, lora.plan) if lora.plan is not None else fn(x2, a, b, lora.ids, lora.grouping)
+    return _decode(x2, a, b, lora) if lora.plan is not None else fn(x2, a, b, lora.ids, lora.grouping)
 
 
 def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
     """y [T, O] (the base projection of x [T, I]) plus the delta of the slot arrays (a, b), in y.dtype."""
     if _adds_in_expand(y, a, b, lora):
         x2 = x.reshape(-1, x.shape[-1]).astype(a.dtype)
-        return lora_decode_matmul(x2, a, b, lora.plan, base=y.reshape(x2.shape[0], -1)).reshape(y.shape)
+        return _decode(x2, a, b, lora, base=y.reshape(x2.shape[0], -1)).reshape(y.shape)
     return y + _delta(x, a, b, lora).reshape(y.shape).astype(y.dtype)
 
 

@@ -63,15 +63,20 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     assert not np.asarray(got)[np.asarray(ids) == 0].any()  # rows without an adapter: exactly zero
 
 
-def _decode_step_kernels(runner, lora_stacks) -> dict[str, int]:
-    """Pallas kernel calls of the compiled batch-8 decode step, by kernel name prefix ("lora_expand_add": the
-    expands that add into the base projection's buffer, a subset of "lora_expand")."""
+def _step_hlo_lines(runner, lora_stacks) -> list[str]:
+    """The Pallas (Triton) kernel calls of the compiled batch-8 decode step's HLO."""
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     i_buf, f_buf, layout = packing.pack(inp)
     with jax.set_mesh(runner.mesh):
         lowered = runner._step.lower(runner._param_leaves, runner.kv_cache, runner.penalties, runner.last_tokens,
                                      i_buf, f_buf, lora_stacks, has_context=False, layout=layout)
-    lines = [ln for ln in lowered.compile().as_text().splitlines() if "__gpu$xla.gpu.triton" in ln]
+    return [ln for ln in lowered.compile().as_text().splitlines() if "__gpu$xla.gpu.triton" in ln]
+
+
+def _decode_step_kernels(runner, lora_stacks) -> dict[str, int]:
+    """Pallas kernel calls of the compiled batch-8 decode step, by kernel name prefix ("lora_expand_add": the
+    expands that add into the base projection's buffer, a subset of "lora_expand")."""
+    lines = _step_hlo_lines(runner, lora_stacks)
     counts = {name: sum(f"qwenjax_{name}" in ln for ln in lines) for name in ("lora_shrink", "lora_expand",
                                                                              "grouped_matmul")}
     return dict(counts, lora_expand_add=sum("qwenjax_lora_expand" in ln and "_add" in ln for ln in lines))
@@ -105,17 +110,22 @@ def test_mixed_batch_equals_peft_on_the_gpu(setup):
     assert llm.llm_engine.blocks.num_free == llm.llm_engine.blocks.num_pages
 
 
-def test_expand_add_equals_peft_on_the_gpu(setup, monkeypatch):
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_expand_add_equals_peft_on_the_gpu(setup, monkeypatch, fuse):
     """QWENJAX_LORA_EXPAND_ADD=1 (layers/lora.py): the expand adds each delta into the base projection's buffer;
-    every expand of the decode step is one that adds, and the mixed batch still gives PEFT's greedy tokens."""
-    from qwenjax.layers.lora import EXPAND_ADD_ENV
+    every expand of the decode step is one that adds, and the mixed batch still gives PEFT's greedy tokens. With
+    QWENJAX_LORA_FUSE_REDUCTION=1 too, the expand also sums the shrink's partials (tiles of 16 K-slices)."""
+    from qwenjax.layers.lora import EXPAND_ADD_ENV, FUSE_REDUCTION_ENV
 
     monkeypatch.setenv(EXPAND_ADD_ENV, "1")
+    monkeypatch.setenv(FUSE_REDUCTION_ENV, fuse)
     base, adapters, _ = setup
     llm = LLM(str(base), **ENGINE)  # traced with the variable set
     runner = llm.llm_engine.runner
     k = _decode_step_kernels(runner, runner._lora_stacks)
     assert k["lora_expand"] == k["lora_expand_add"] == 4 * LAYERS
+    fused = sum("qwenjax_lora_expand" in ln and "_fused" in ln for ln in _step_hlo_lines(runner, runner._lora_stacks))
+    assert fused == (4 * LAYERS if fuse == "1" else 0)
     prompts = [[int(t) for t in np.random.default_rng(9).integers(0, 512, n)] for n in (7, 21, 12)]
     mix = ["b", None, "a"]
     p = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
