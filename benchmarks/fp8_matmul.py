@@ -19,6 +19,8 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
               dot with a float32 result, the scales after. XLA can fuse the converts into its GEMM's operand loads
               (reading 1-byte weights), so at few rows, where the weight read is the time, it may beat both
   fp8_up_tn   fp8_up with the weight stored [N, K]
+  fp8_gemv    pallas_kernels/fp8_gemv.py (QWENJAX_FP8_GEMV=1 in the model): the same values, the weight read once at
+              1 byte a value by a Pallas GEMV; up to its MAX_ROWS rows (more: not run)
 Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
@@ -47,7 +49,7 @@ import result_files  # noqa: E402
 BENCHMARK = "fp8-matmul"
 SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
-FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_up", "fp8_up_tn")
+FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_up", "fp8_up_tn", "fp8_gemv")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -77,6 +79,7 @@ def forms():
     import jax
     import jax.numpy as jnp
 
+    from pallas_kernels.fp8_gemv import fp8_gemv
     from qwenjax.layers.fp8_matmul import fp8_matmul
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
@@ -124,6 +127,8 @@ def forms():
         "fp8_tn": (jax.jit(tn), per_channel_tn),
         "fp8_up": (jax.jit(up), per_channel),
         "fp8_up_tn": (jax.jit(lambda *a: up(*a, contract=1)), per_channel_tn),
+        "fp8_gemv": (jax.jit(lambda *a: fp8_gemv(*a, out_dtype=bf16, interpret=jax.default_backend() == "cpu")),
+                     per_channel),
     }
 
 
@@ -157,6 +162,8 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
+    from pallas_kernels.fp8_gemv import MAX_ROWS as GEMV_MAX_ROWS
+
     dev = result_files.device_info()
     table = forms()
     metrics, calls, errors = {}, {}, {}
@@ -167,6 +174,8 @@ def main(argv=None):
             x = jax.random.normal(jax.random.key(m), (m, K), jnp.float32).astype(jnp.bfloat16)
             flops = 2 * m * K * N
             for form in args.forms:
+                if form == "fp8_gemv" and m > GEMV_MAX_ROWS:
+                    continue
                 fn, make = table[form]
                 key = f"{form}_{layer}_m{m}"
                 try:

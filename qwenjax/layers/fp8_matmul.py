@@ -17,15 +17,36 @@ one dot. Here both operands are dequantized to float32 (exactly the values above
 q x scale) and multiplied in float32: correct on every backend and partitioned like any dot, but not a tensor-core
 FP8 path; a block-scaled FP8 kernel (DeepGEMM-style per-block promotion) is the GPU form still to write.
 
+Few rows on a GPU (QWENJAX_FP8_GEMV=1, opt-in until measured): pallas_kernels/fp8_gemv.py, the same values read
+once at 1 byte a weight, for steps of at most fp8_gemv.MAX_ROWS tokens (decode), where cuBLASLt's FP8 GEMM cost
+60-110 us a product over bf16's on an H100 (NOTES 47).
+
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import fp8_gemv
+from qwenjax.compat import platform
+
 _DIMS = (((1,), (0,)), ((), ()))
+# QWENJAX_FP8_GEMV=1: steps of few rows take the Pallas FP8 GEMV on a GPU (module docstring); read when traced.
+GEMV_ENV = "QWENJAX_FP8_GEMV"
+
+
+def _takes_gemv(xq: jax.Array, wq: jax.Array) -> bool:
+    """GEMV_ENV set, a GPU, a mesh of one device (over several, XLA partitions the dot), and a shape it takes."""
+    if os.environ.get(GEMV_ENV) != "1" or platform() != "gpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh is None or mesh.empty or mesh.size == 1):
+        return False
+    return fp8_gemv.supported(xq.shape[0], xq.shape[1], wq.shape[1], x_dtype=xq.dtype, w_dtype=wq.dtype)
 
 
 def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype) -> jax.Array:
@@ -33,6 +54,8 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
+    if G == 1 and _takes_gemv(xq, wq):
+        return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:
         acc = jax.lax.dot_general(xq, wq, _DIMS, preferred_element_type=jnp.float32)
         return (acc * x_scale * w_scale).astype(out_dtype)

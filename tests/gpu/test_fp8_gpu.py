@@ -25,16 +25,34 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 3584)])
 @pytest.mark.parametrize("group", [None, 128])
 def test_fp8_matmul_7b_shapes_on_gpu(m, k, n, group):
+    _check_7b_shape(m, k, n, group)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
+def test_fp8_gemv_7b_shapes_on_gpu(m, k, n, monkeypatch):
+    """QWENJAX_FP8_GEMV=1: fp8_matmul takes the Pallas GEMV at these rows (its kernel is in the compiled HLO), with
+    the same result."""
+    from qwenjax.layers.fp8_matmul import GEMV_ENV
+
+    monkeypatch.setenv(GEMV_ENV, "1")
+    hlo = _check_7b_shape(m, k, n, None)
+    assert "qwenjax_fp8_gemv" in hlo
+
+
+def _check_7b_shape(m, k, n, group) -> str:
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02
     xq, xs = quantize_activations(x, group=group)
     wq, ws = quantize_weight_per_channel(w)
     ws = jnp.repeat(ws, xs.shape[1], axis=0)
-    out = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, out_dtype=jnp.bfloat16))(xq, xs, wq, ws), np.float64)
+    fn = jax.jit(lambda *a: fp8_matmul(*a, out_dtype=jnp.bfloat16))
+    out = np.asarray(fn(xq, xs, wq, ws), np.float64)
     G = xs.shape[1]
     xd = (np.asarray(xq, np.float64).reshape(m, G, -1) * np.asarray(xs, np.float64)[..., None]).reshape(m, k)
     exact = xd @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64)[:1])
     np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+    return fn.lower(xq, xs, wq, ws).compile().as_text()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
