@@ -5,15 +5,16 @@ the model runs on one device) and row count M (default 1, 16, 64, 256, 1024, 409
 form, timed as device_ceilings._time_fn does (median of groups of back-to-back calls, device-synced):
   bf16        jnp.dot of bf16 operands, bf16 out: the float model's product
   fp8_plain   jnp.dot of float8_e4m3fn operands with a float32 result, no scales (the issue's first probe)
-  fp8_dot     layers/fp8_matmul.fp8_matmul: dot_general on float8 operands, preferred_element_type float32, then
-              the outer product of per-token and per-channel scales (the model's GEMM, activations pre-quantized)
-  fp8_layer   quantize the bf16 activations per token (quantization/fp8_quant.py) + fp8_dot: Fp8Linear's whole work
+  fp8_dot     dot_general on float8 operands with the weight [K, N], preferred_element_type float32, then the
+              outer product of per-token and per-channel scales (the model's GEMM before NOTES 48)
+  fp8_layer   quantize the bf16 activations per token (quantization/fp8_quant.py) + layers/fp8_matmul.fp8_matmul on
+              the weight [N, K]: Fp8Linear's whole work
   fp8_xla     XLA's documented FP8 pattern: float8 operands converted to bf16 and multiplied by SCALAR scales,
               then a dot (gemm_rewriter matches it to cuBLASLt's scaled FP8 GEMM); per-tensor scales only, so it
               shows what XLA can do rather than a form the per-channel model can use as is
-  fp8_tn      fp8_dot with the weight stored [N, K] (the checkpoint's [O, I]) and contracted on its last axis: the
-              "TN" operand order cuBLASLt's FP8 GEMM takes; in fp8_dot's [K, N] order XLA must transpose the
-              weight first (at 7B shapes on the H100, fp8_dot at 256-4,096 rows ran 0.34-0.79x bf16, NOTES 47)
+  fp8_tn      layers/fp8_matmul.fp8_matmul: the weight stored [N, K] (the checkpoint's [O, I], the model's since
+              NOTES 48) and contracted on its last axis: the "TN" operand order cuBLASLt's FP8 GEMM takes; in
+              fp8_dot's [K, N] order XLA transposes the weight first (NOTES 47, 48)
   fp8_up      the same values as fp8_dot, multiplied as bf16: both float8 operands converted to bf16 inside the
               program (exact: every float8 value is a bf16 value, every product of two is exact in float32), a bf16
               dot with a float32 result, the scales after. XLA can fuse the converts into its GEMM's operand loads
@@ -100,8 +101,8 @@ def forms():
         return jnp.dot(xq.astype(bf16) * xs.astype(bf16), wq.astype(bf16) * ws.astype(bf16),
                        preferred_element_type=jnp.float32).astype(bf16)
 
-    def tn(xq, xs, wqt, ws):  # the weight stored [N, K] (a checkpoint's own [O, I]): both operands K-contiguous
-        acc = jax.lax.dot_general(xq, wqt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    def kn(xq, xs, wq, ws):  # the weight stored [K, N]
+        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (acc * xs * ws).astype(bf16)
 
     def up(xq, xs, wq, ws, contract=0):
@@ -113,22 +114,22 @@ def forms():
         xq, xs, wq, ws = per_channel(x, w)
         return xq, xs, jnp.asarray(wq.T), ws
 
-    def layer(x, wq, ws):
+    def layer(x, wqt, ws):
         xq, xs = quantize_activations(x)
-        return fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)
+        return fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16)
 
     return {
         "bf16": (jax.jit(lambda x, w: jnp.dot(x, w)), lambda x, w: (x, w)),
         "fp8_plain": (jax.jit(lambda xq, xs, wq, ws: jnp.dot(xq, wq, preferred_element_type=jnp.float32)),
                       per_channel),
-        "fp8_dot": (jax.jit(lambda xq, xs, wq, ws: fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)), per_channel),
-        "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel(x, w)[2:]),
+        "fp8_dot": (jax.jit(kn), per_channel),
+        "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel_tn(x, w)[2:]),
         "fp8_xla": (jax.jit(xla_pattern), per_tensor),
-        "fp8_tn": (jax.jit(tn), per_channel_tn),
+        "fp8_tn": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16)), per_channel_tn),
         "fp8_up": (jax.jit(up), per_channel),
         "fp8_up_tn": (jax.jit(lambda *a: up(*a, contract=1)), per_channel_tn),
         "fp8_gemv": (jax.jit(lambda *a: fp8_gemv(*a, out_dtype=bf16, interpret=jax.default_backend() == "cpu")),
-                     per_channel),
+                     per_channel_tn),
     }
 
 
@@ -143,11 +144,11 @@ def reference(form: str, args):
         from qwenjax.quantization.fp8_quant import quantize_activations
 
         xq, xs = quantize_activations(args[0])
-        return (f(xq) * f(xs)) @ (f(args[1]) * f(args[2]))
+        return (f(xq) * f(xs)) @ (f(args[1]).T * f(args[2]))
     xq, xs, wq, ws = args
     if form == "fp8_plain":
         return f(xq) @ f(wq)
-    if form in ("fp8_tn", "fp8_up_tn"):
+    if form in ("fp8_tn", "fp8_up_tn", "fp8_gemv"):
         return (f(xq) * f(xs)) @ (f(wq).T * f(ws))
     return (f(xq) * f(xs)) @ (f(wq) * f(ws))
 

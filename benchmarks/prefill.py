@@ -59,9 +59,9 @@ def dense_weights(llm) -> dict:
     dtype = flat[("model", "embed_tokens", "embedding")].dtype
     for i in range(cfg.num_hidden_layers):
         g = lambda *path: _dequantized(flat, ("model", "layers", i) + path, dtype)  # noqa: E731
-        has = lambda *path: ("model", "layers", i) + path in flat  # noqa: E731
-        attn = ("qkv_proj",) if has("self_attn", "qkv_proj", "kernel") else ("q_proj", "k_proj", "v_proj")
-        mlp = ("gate_up_proj",) if has("mlp", "gate_up_proj", "kernel") else ("gate_proj", "up_proj")
+        has = lambda *path: any(("model", "layers", i) + path + (w,) in flat for w in ("kernel", "weight"))  # noqa
+        attn = ("qkv_proj",) if has("self_attn", "qkv_proj") else ("q_proj", "k_proj", "v_proj")
+        mlp = ("gate_up_proj",) if has("mlp", "gate_up_proj") else ("gate_proj", "up_proj")
         layers.append({n: g("self_attn", n, "kernel") for n in attn + ("o_proj",)} |
                       {n + "_b": g("self_attn", n, "bias") for n in attn} |
                       {n: g("mlp", n, "kernel") for n in mlp + ("down_proj",)} |
@@ -72,19 +72,21 @@ def dense_weights(llm) -> dict:
 
 
 def _dequantized(flat: dict, path: tuple, dtype):
-    """flat[path]; an FP8 kernel [I, O] (layers/fp8_linear.py) as kernel x weight_scale [G, O] in `dtype`."""
+    """flat[path]; for a `kernel` path of an FP8 layer (layers/fp8_linear.py: `weight` [O, I] float8), its weight
+    transposed to [I, O] times weight_scale [G, O], in `dtype`."""
     import jax
     import jax.numpy as jnp
 
-    arr = flat[path]
-    if path[-1] != "kernel" or arr.dtype != jnp.float8_e4m3fn:
-        return arr
+    fp8 = path[:-1] + ("weight",)
+    if path[-1] != "kernel" or fp8 not in flat or flat[fp8].dtype != jnp.float8_e4m3fn:
+        return flat[path]
     scale = flat[path[:-1] + ("weight_scale",)]
 
-    def deq(k, s):
+    def deq(w, s):
+        k = w.T
         return (k.astype(jnp.float32) * jnp.repeat(s, k.shape[0] // s.shape[0], axis=0)).astype(dtype)
 
-    return jax.jit(deq)(arr, scale)
+    return jax.jit(deq)(flat[fp8], scale)
 
 
 def dense_forward(cfg, impl: str, shards: int = 1):

@@ -2,24 +2,28 @@
 
 Axis letters: M rows of x (tokens), K inputs, N outputs, S K-splits.
 
-Contract (layers/fp8_matmul.py's, one scale group): xq [M, K] float8_e4m3fn, x_scale [M, 1] float32, wq [K, N]
-float8_e4m3fn, w_scale [1, N] float32 -> y[m, n] = x_scale[m] w_scale[n] sum_k xq[m, k] wq[k, n], in out_dtype.
+Contract (layers/fp8_matmul.py's, one scale group): xq [M, K] float8_e4m3fn, x_scale [M, 1] float32, wq [N, K]
+float8_e4m3fn (the model's [O, I]), w_scale [1, N] float32 -> y[m, n] = x_scale[m] w_scale[n] sum_k xq[m, k] wq[n, k],
+in out_dtype.
 Every float8 value is exact in float32 and so is every product of two, so this equals XLA's FP8 GEMM up to the
 order of the float32 sum: the same values, not an approximation of them.
 
 Why: at a few rows the product is a read of the weight (K x N bytes) and nothing else; cuBLASLt's FP8 GEMM, which XLA
 takes for the float8 dot, cost 60-110 us over bf16's at 7B shapes up to 4,096 rows on an H100 (NOTES 47), so a
-decode step on FP8 weights was slower than on bf16 ones. Here the weight is read once, 1 byte a value.
+decode step on FP8 weights was slower than on bf16 ones. Here the weight is read once, 1 byte a value. (Measured
+since, NOTES 48: with the weight [N, K] cuBLASLt's GEMM no longer transposes it and beat this kernel at gate/up, one
+row, 85 against 99 us; so it stays opt-in.)
 
 Kernel: no tensor-core dot (bandwidth, not FMA rate, is the limit). Grid (N / block_n, S); a program owns block_n
-columns and one K-split and walks it in [block_k, block_n] tiles of the weight: one coalesced load, converted to
-float32 by the hardware's float8 conversion (tt.fp_to_fp: sm_89 and later), multiplied by x's block_k values of each
-row broadcast along the columns, and added into an element-wise float32 accumulator [block_k, block_n] per row of x
-(summed over its block_k rows once, at the end). x comes in as float32 (xq converted outside: exact, M x K values).
+rows of the weight and one K-split and walks it in [block_n, block_k] tiles (contiguous along K): one coalesced load,
+converted to float32 by the hardware's float8 conversion (tt.fp_to_fp: sm_89 and later), multiplied by x's block_k
+values of each row broadcast over the tile's rows, and added into an element-wise float32 accumulator [block_n,
+block_k] per row of x (summed over its block_k columns once, at the end). x comes in as float32 (xq converted
+outside: exact, M x K values).
 S > 1 writes float32 partials [S, M, N] that XLA sums; the scales multiply that sum (one small fusion).
 
-Status: tested on CPU in interpret mode against the float32 reference; not yet run on a GPU (opt-in from the model,
-layers/fp8_matmul.py's GEMV_ENV, until benchmarks/fp8_matmul.py's fp8_gemv form has been measured).
+Status: tested on CPU in interpret mode against the float32 reference; on an H100 (tests/gpu/test_fp8_gpu.py) in its
+first, [K, N] form, which the [N, K] form has not run as yet. Opt-in from the model (layers/fp8_matmul.py's GEMV_ENV).
 """
 from __future__ import annotations
 
@@ -39,13 +43,14 @@ _TARGET_PROGRAMS = 528   # four programs per SM of an H100 (132 SMs): short prog
 
 
 def heuristic(m: int, k: int, n: int) -> tuple[int, int, int, int, int]:
-    """(block_n, block_k, num_splits, num_warps, num_stages). A [block_k, block_n] float32 accumulator per row of x
-    over 128 threads: 256 x 32 at one row (64 registers a thread), block_k halved per doubling of the rows so the
-    accumulators stay at 64 registers; K split until about _TARGET_PROGRAMS programs run. Untuned (no GPU run yet)."""
-    bn = 256
+    """(block_n, block_k, num_splits, num_warps, num_stages). A [block_n, block_k] float32 accumulator per row of x
+    over 128 threads: 64 x 128 at one row (64 registers a thread; each weight row's 128 bytes one line), block_k
+    halved per doubling of the rows so the accumulators stay at 64 registers; K split until about _TARGET_PROGRAMS
+    programs run. Untuned."""
+    bn = 64
     while bn > 16 and n % bn:
         bn //= 2
-    bk = max(2, 32 // (1 << (m - 1).bit_length()))
+    bk = max(2, 128 // (1 << (m - 1).bit_length()))
     while bk > 2 and k % bk:
         bk //= 2
     blocks = k // bk
@@ -72,18 +77,19 @@ def supported(m: int, k: int, n: int, *, x_dtype=_FP8, w_dtype=_FP8) -> bool:
 
 
 def _kernel(x_ref, w_ref, o_ref, *, rows, block_k, blocks_per_split, num_k_blocks):
-    # x_ref [M, K] float32 (whole); w_ref [K, bn] float8 (this column block); o_ref [M, bn] float32 (this split's)
+    # x_ref [M, K] float32 (whole); w_ref [bn, K] float8 (this block of weight rows); o_ref [M, bn] float32 (this
+    # split's)
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
 
     def body(i, accs):
         k0 = (first + i) * block_k
-        w = w_ref[pl.ds(k0, block_k), :].astype(jnp.float32)                  # [bk, bn]: one load, converted
-        return tuple(acc + x_ref[m, pl.ds(k0, block_k)][:, None] * w for m, acc in enumerate(accs))
+        w = w_ref[:, pl.ds(k0, block_k)].astype(jnp.float32)                  # [bn, bk]: one load, converted
+        return tuple(acc + x_ref[m, pl.ds(k0, block_k)][None, :] * w for m, acc in enumerate(accs))
 
-    zeros = tuple(jnp.zeros((block_k, w_ref.shape[1]), jnp.float32) for _ in range(rows))
+    zeros = tuple(jnp.zeros((w_ref.shape[0], block_k), jnp.float32) for _ in range(rows))
     for m, acc in enumerate(lax.fori_loop(0, count, body, zeros)):
-        o_ref[pl.ds(m, 1), :] = jnp.sum(acc, axis=0)[None]
+        o_ref[pl.ds(m, 1), :] = jnp.sum(acc, axis=1)[None]
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "num_splits", "num_warps",
@@ -91,9 +97,9 @@ def _kernel(x_ref, w_ref, o_ref, *, rows, block_k, blocks_per_split, num_k_block
 def fp8_gemv(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype, block_n=None,
              block_k=None, num_splits=None, num_warps=None, num_stages=None, interpret: bool = False) -> jax.Array:
     """[M, N] in out_dtype (module docstring for the operands); tiles and launch default to `heuristic`."""
-    (m, k), n = xq.shape, wq.shape[1]
-    if wq.shape[0] != k or x_scale.shape != (m, 1) or w_scale.shape != (1, n):
-        raise ValueError(f"fp8 GEMV operands: xq [M, K], x_scale [M, 1], wq [K, N], w_scale [1, N]; got "
+    (m, k), n = xq.shape, wq.shape[0]
+    if wq.shape[1] != k or x_scale.shape != (m, 1) or w_scale.shape != (1, n):
+        raise ValueError(f"fp8 GEMV operands: xq [M, K], x_scale [M, 1], wq [N, K], w_scale [1, N]; got "
                          f"{list(xq.shape)}, {list(x_scale.shape)}, {list(wq.shape)}, {list(w_scale.shape)}")
     d = heuristic(m, k, n) if 1 <= m <= MAX_ROWS else (0, 0, 1, 4, 3)
     bn, bk, splits, warps, stages = (v if v is not None else dv for v, dv in
@@ -107,7 +113,7 @@ def fp8_gemv(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Arra
     partials = pl.pallas_call(
         functools.partial(_kernel, rows=m, block_k=bk, blocks_per_split=per_split, num_k_blocks=num_k_blocks),
         grid=(n // bn, splits),
-        in_specs=[pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, bn), lambda j, s: (0, j))],
+        in_specs=[pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((bn, k), lambda j, s: (j, 0))],
         out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),

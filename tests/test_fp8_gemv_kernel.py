@@ -15,7 +15,7 @@ def _operands(m, k, n, seed=0):
         v = np.clip(rng.normal(0, 1, shape) * np.exp2(rng.integers(-9, 8, shape)), -448, 448)
         return jnp.asarray(v, jnp.float32).astype(F8)
 
-    xq, wq = values((m, k)), values((k, n))
+    xq, wq = values((m, k)), values((n, k))  # the weight [N, K], the model's [O, I]
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.001, 0.01, (1, n)), jnp.float32)
     return xq, xs, wq, ws
@@ -23,7 +23,7 @@ def _operands(m, k, n, seed=0):
 
 def _reference(xq, xs, wq, ws):
     f = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    return (f(xq) @ f(wq)) * f(xs) * f(ws)
+    return (f(xq) @ f(wq).T) * f(xs) * f(ws)
 
 
 @pytest.mark.parametrize("m,k,n,kw", [

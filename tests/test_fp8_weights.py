@@ -118,7 +118,7 @@ def test_fp8_matmul_is_the_dequantized_product():
         assert xs.shape == (5, 1 if group is None else 2)
         x_deq = (np.asarray(xq, np.float32).reshape(5, xs.shape[1], -1) * np.asarray(xs)[..., None]).reshape(5, 256)
         w_scale = jnp.repeat(ws, xs.shape[1], axis=0)   # the same weights as [G, O] scales
-        got = fp8_matmul(xq, xs, wq, w_scale, out_dtype=jnp.float32)
+        got = fp8_matmul(xq, xs, wq.T, w_scale, out_dtype=jnp.float32)  # the model's weight [O, I]
         want = x_deq @ (np.asarray(wq, np.float32) * np.asarray(ws))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
         # The rounding itself: within half an e4m3 step (2^-4 relative) of the float product's inputs.
@@ -149,7 +149,7 @@ def test_every_projection_matches_reference(scheme, fp8_dir, float_ckpt):
             with torch.no_grad():
                 want = {p: getattr(theirs, p)(torch.tensor(x)).numpy() for p in parts}
             for p in parts:
-                assert isinstance(getattr(ours, p), Fp8Linear) and getattr(ours, p).kernel[...].dtype == FP8_DTYPE
+                assert isinstance(getattr(ours, p), Fp8Linear) and getattr(ours, p).weight[...].dtype == FP8_DTYPE
                 np.testing.assert_allclose(np.asarray(getattr(ours, p)(jnp.asarray(x))), want[p], atol=LAYER_ATOL,
                                            rtol=1e-5, err_msg=f"layer {i} {p}")
             if fused_name is not None:
@@ -251,16 +251,17 @@ def test_tensor_parallel_and_fp8_kv_cache(fp8_dir):
     for a, b in [(0, 1), (2, 3), (4, 5)]:
         assert res[runs[a]]["tokens"] == res[runs[b]]["tokens"], (runs[a], runs[b])
     two = res[runs[1]]
-    assert two["dtypes"]["self_attn.qkv_proj.kernel"] == "float8_e4m3fn"
-    assert two["specs"]["self_attn.qkv_proj.kernel"] == two["specs"]["self_attn.qkv_proj.weight_scale"] == [None, "tp"]
+    assert two["dtypes"]["self_attn.qkv_proj.weight"] == "float8_e4m3fn"   # [O, I]: split on its first axis
+    assert two["specs"]["self_attn.qkv_proj.weight"] == ["tp", None]
+    assert two["specs"]["self_attn.qkv_proj.weight_scale"] == [None, "tp"]
     assert two["shard_shapes"]["self_attn.qkv_proj.weight_scale"] == [1, 256]   # (256 + 2 x 128) / 2
-    assert two["specs"]["mlp.down_proj.kernel"] == ["tp", None] and two["specs"]["mlp.down_proj.weight_scale"] == []
+    assert two["specs"]["mlp.down_proj.weight"] == [None, "tp"] and two["specs"]["mlp.down_proj.weight_scale"] == []
     assert two["specs"]["self_attn.qkv_proj.input_scale"] == []
     three = res[runs[3]]  # 4 q / 2 kv heads on 3 devices: padded to 6 / 3 (o_proj's 384 inputs: whole 128-blocks)
-    assert three["shard_shapes"]["self_attn.o_proj.kernel"] == [128, 256]
+    assert three["shard_shapes"]["self_attn.o_proj.weight"] == [256, 128]
     assert three["shard_shapes"]["self_attn.o_proj.weight_scale"] == [1, 256]
     assert res[runs[5]]["kv_dtype"] == "float8_e4m3fn"
-    assert res[runs[5]]["dtypes"]["mlp.gate_up_proj.kernel"] == "float8_e4m3fn"
+    assert res[runs[5]]["dtypes"]["mlp.gate_up_proj.weight"] == "float8_e4m3fn"
 
 
 # ------------------------------------------------------------------ refusals
@@ -338,3 +339,19 @@ def test_fp8_moe_and_mismatched_requests_are_refused(fp8_dir, float_ckpt):
         LLM(str(fp8_dir(SCHEMES[0])), quantization="awq", **ENGINE)
     assert resolve_quant_config("fp8", float_ckpt) == QuantConfig.default("fp8")
     assert resolve_quant_config(None, float_ckpt) is None
+
+
+def test_random_fp8_weights_zero_the_padded_inputs():
+    """Random FP8 weights for a mesh that pads heads (4 q heads on 3 devices: 6): o_proj's weight is [D, in], so
+    the padded heads' inputs are its last columns, set to zero as a padded checkpoint has them; the rest is kept."""
+    from qwenjax.config import ModelConfig
+    from qwenjax.models.mesh_padding import pad_for_mesh, zero_padded_rows
+
+    real = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    padded = pad_for_mesh(real, 3)
+    assert padded.num_attention_heads == 6
+    w = jnp.ones((128, 6 * 32), FP8_DTYPE)
+    out = np.asarray(zero_padded_rows(("model", "layers", 0, "self_attn", "o_proj", "weight"), w, real, padded),
+                     np.float32)
+    assert (out[:, :4 * 32] == 1).all() and (out[:, 4 * 32:] == 0).all()

@@ -1,9 +1,11 @@
 """Fp8Linear: a projection whose weight is float8_e4m3fn, with float32 scales, multiplied as FP8 x FP8.
 
 Parameters (T tokens, I inputs, O outputs, G = quant.num_groups(I): 1, or I / block_k for block-scaled weights):
-  kernel        float8_e4m3fn [I, O]   the checkpoint's `weight` [O, I] transposed, or a float weight quantized at
-                                       load per output channel (qwenjax/quantization/fp8_load.py)
-  weight_scale  float32 [G, O]         W[i, o] = kernel[i, o] x weight_scale[i // block_k, o]: a per-tensor scale
+  weight        float8_e4m3fn [O, I]   the checkpoint's `weight` as it is, or a float weight quantized at load per
+                                       output channel (qwenjax/quantization/fp8_load.py). [O, I], not a float
+                                       kernel's [I, O]: cuBLASLt's FP8 GEMM takes only K-contiguous operands, and
+                                       from [I, O] XLA transposed the weight at every call (NOTES 48)
+  weight_scale  float32 [G, O]         W[o, i] = weight[o, i] x weight_scale[i // block_k, o]: a per-tensor scale
                                        repeated over O, per-channel scales, or a block's scale repeated over its
                                        block_n output columns, so every format is one layout and q/k/v or gate/up
                                        fuse by concatenating columns, as float kernels do (models/fusion.py)
@@ -12,7 +14,9 @@ Parameters (T tokens, I inputs, O outputs, G = quant.num_groups(I): 1, or I / bl
   bias          [O]                    in the model dtype (q/k/v)
 Activations are quantized in the step (quantization/fp8_quant.py): static, dynamic per token, or dynamic per token per
 block_k group; the product is layers/fp8_matmul.py's. Tensor parallelism splits weight_scale with its kernel's output
-axis (column-parallel) or its groups (row-parallel), sharding.param_spec; the output is in the model dtype.
+axis (column-parallel) or its groups (row-parallel), sharding.param_spec; the output is in the model dtype. The loader
+fuses, pads and shards FP8 layers as [I, O] kernels like every other projection and turns them to [O, I] at the end
+(fp8_load.Fp8Loading.loading_view / to_model_layout).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ class Fp8Linear(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant, self.dtype = quant, jnp.dtype(dtype)
         G = quant.num_groups(in_features)
-        w = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * _RANDOM_SPREAD
-        self.kernel = nnx.Param(jnp.clip(w, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE))
+        w = jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32) * _RANDOM_SPREAD
+        self.weight = nnx.Param(jnp.clip(w, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE))
         self.weight_scale = nnx.Param(jnp.full((G, out_features), 0.02 / _RANDOM_SPREAD, jnp.float32))
         if quant.activation_scheme == "static":
             self.input_scale = nnx.Param(jnp.ones((), jnp.float32))
@@ -52,7 +56,7 @@ class Fp8Linear(nnx.Module):
         block = self.quant.weight_block_size
         static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
         xq, x_scale = quantize_activations(x2, group=block[1] if block else None, static_scale=static)
-        y = fp8_matmul(xq, x_scale, self.kernel[...], self.weight_scale[...], out_dtype=self.dtype)
+        y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.reshape(*lead, self.out_features)

@@ -180,13 +180,14 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
     fusion = Fusion.decide(cfg, n, quant) if fuse else Fusion.none(n)
     model = abstract_model(cfg, dtype, quant, fusion)
     graphdef, abstract = nnx.split(model)
-    wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
+    model_wanted = {p: v for p, v in nnx.to_flat_state(abstract)}
+    fp8 = Fp8Loading(quant) if quant is not None and quant.method == "fp8" else None
+    wanted = fp8.loading_view(model_wanted) if fp8 else model_wanted  # FP8 weights read as [I, O] kernels
     loaded: dict[tuple, jax.Array] = {}
     experts: dict[tuple, dict[int, np.ndarray]] = {}   # stacked key -> expert id -> [in, out] (a memmap view)
     # fused key -> part index -> the part (a memmap view) until every part has been read: parts may sit in different
     # files, and a view holds no host memory of its own.
     pending: dict[tuple, dict[int, np.ndarray]] = {}
-    fp8 = Fp8Loading(quant) if quant is not None and quant.method == "fp8" else None
     for file in safetensors_files(path):
         for name, arr in SafetensorsFile(file).items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -281,7 +282,10 @@ def load_params(path: Path, cfg: ModelConfig, dtype, *, mesh=None, quant: QuantC
                 for i, p in enumerate(part_keys(k)) if i not in parts]   # a fused parameter's absent parts
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    state = nnx.from_flat_state([(k, wanted[k].replace(loaded[k])) for k in wanted])
+    if fp8 is not None:  # FP8 kernels [I, O] -> Fp8Linear's weight [O, I]
+        loaded = fp8.to_model_layout(loaded, wanted, lambda k: NamedSharding(
+            mesh, param_spec(k, cfg, n, model_wanted[k].shape)))
+    state = nnx.from_flat_state([(k, model_wanted[k].replace(loaded[k])) for k in model_wanted])
     return graphdef, state
 
 

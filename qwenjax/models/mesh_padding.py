@@ -161,8 +161,10 @@ def zero_padded_rows(path: tuple, value, real: ModelConfig, padded: ModelConfig)
     names = [p for p in path if isinstance(p, str)]
     if names[-2:] == ["experts", "down_proj"]:
         axis = 1                                   # [E, F, D]
+    elif len(names) > 1 and names[-2] in ("o_proj", "down_proj") and names[-1] == "weight":
+        axis = 1                                   # fp8 weight [D, in] (its scales need no zeros)
     elif len(names) > 1 and names[-2] in ("o_proj", "down_proj") and names[-1] not in (
-            "bias", "g_idx", "weight_scale", "input_scale"):  # fp8: zero kernel rows suffice
+            "bias", "g_idx", "weight_scale", "input_scale"):
         axis = 0                                   # kernel [in, D]; qweight / qzeros / scales: rows or groups first
     else:
         return value

@@ -100,14 +100,19 @@ def _spec(path: tuple, cfg: ModelConfig, n: int) -> P:
         return P()                                # an fp8 layer's static activation scale []
     if leaf == "perm":
         return P()                                # an act-order layer's row order [I] (quantization/act_order.py)
-    # FP8 layers (layers/fp8_linear.py): kernel [I, O] float8 like a float kernel; weight_scale [G, O] like scales.
+    # FP8 layers (layers/fp8_linear.py): weight [O, I] float8, split like a float kernel's transpose (while loading,
+    # a kernel [I, O] like a float kernel); weight_scale [G, O] like scales.
     if owner in COLUMN_PARALLEL:
         if leaf == "bias":
             return P(AXIS)                        # [out]
+        if leaf == "weight":
+            return P(AXIS, None)                  # fp8 weight [out, D]
         return P() if leaf == "g_idx" else P(None, AXIS)   # kernel [D, out]; qweight / qzeros / scales
     if owner in ROW_PARALLEL:
         if leaf == "bias":
             return P()
+        if leaf == "weight":
+            return P(None, AXIS)                  # fp8 weight [D, in]
         return P(AXIS) if leaf == "g_idx" else P(AXIS, None)   # kernel [in, D]; qweight / qzeros / scales
     return P()                                    # norms, KV scales
 

@@ -1,7 +1,9 @@
 """Loading FP8 projections (layers/fp8_linear.py): the checkpoint's tensors in Fp8Linear's layout, and float weights
 quantized at load (quantization="fp8" on a float checkpoint).
 
-The loader (models/loader.py) hands each projection tensor here (`Fp8Loading`); the layouts are:
+The loader (models/loader.py) hands each projection tensor here (`Fp8Loading`). It reads, fuses, pads and places FP8
+weights as [I, O] kernels, as it does every projection (`loading_view` shows it Fp8Linear's `weight` [O, I] as such a
+`kernel`), and `to_model_layout` turns them to Fp8Linear's [O, I] at the end, on the devices. The layouts are:
   weight            float8_e4m3fn [O, I] -> kernel [I, O] (the loader transposes); an FP8 checkpoint's must be
                     float8_e4m3fn, a float checkpoint's must not be (it is then placed in the model dtype and
                     quantized per output channel on the devices, in its own sharding, by `finish`)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.quantization.config import QuantConfig
@@ -112,6 +115,30 @@ class Fp8Loading:
                              f"per-tensor input scale")
         self.input_scales.setdefault(key, {})[name] = float(value)
         self.input_parts[key] = parts
+
+    @staticmethod
+    def loading_view(wanted: dict) -> dict:
+        """The model's flat abstract state with each Fp8Linear `weight` [O, I] shown as a `kernel` [I, O] (module
+        docstring): the parameters the loader fills."""
+        out = {}
+        for key, var in wanted.items():
+            if key[-1] == "weight" and np.dtype(var.dtype) == _F8:
+                key, var = key[:-1] + ("kernel",), jax.ShapeDtypeStruct(tuple(var.shape)[::-1], var.dtype)
+            out[key] = var
+        return out
+
+    @staticmethod
+    def to_model_layout(loaded: dict, view: dict, sharding_of) -> dict:
+        """`loaded` (keys of `loading_view`) with every FP8 kernel [I, O] transposed on the devices into Fp8Linear's
+        `weight` [O, I], placed in `sharding_of(weight key)`; one layer at a time, its kernel freed after."""
+        out = {}
+        for key in list(loaded):
+            arr = loaded.pop(key)
+            if key[-1] == "kernel" and np.dtype(view[key].dtype) == _F8:
+                key = key[:-1] + ("weight",)
+                arr = jax.jit(jnp.transpose, out_shardings=sharding_of(key), donate_argnums=0)(arr)
+            out[key] = arr
+        return out
 
     def finish(self, loaded: dict, wanted: dict, sharding_of) -> dict:
         """`loaded` with the static input scales (max over a fused layer's parts) and, for a float checkpoint, every

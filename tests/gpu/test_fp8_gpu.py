@@ -46,13 +46,14 @@ def _check_7b_shape(m, k, n, group) -> str:
     xq, xs = quantize_activations(x, group=group)
     wq, ws = quantize_weight_per_channel(w)
     ws = jnp.repeat(ws, xs.shape[1], axis=0)
+    wt = jnp.asarray(wq.T)  # the model's weight [O, I]
     fn = jax.jit(lambda *a: fp8_matmul(*a, out_dtype=jnp.bfloat16))
-    out = np.asarray(fn(xq, xs, wq, ws), np.float64)
+    out = np.asarray(fn(xq, xs, wt, ws), np.float64)
     G = xs.shape[1]
     xd = (np.asarray(xq, np.float64).reshape(m, G, -1) * np.asarray(xs, np.float64)[..., None]).reshape(m, k)
     exact = xd @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64)[:1])
     np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
-    return fn.lower(xq, xs, wq, ws).compile().as_text()
+    return fn.lower(xq, xs, wt, ws).compile().as_text()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
