@@ -10,19 +10,19 @@ Every product of two float8 values is exact in float32, so the only rounding is 
 
 G == 1 (per-channel / per-tensor weight scales, per-token or static activation scales): one `dot_general` on the
 float8 operands, contracting both on I, with `preferred_element_type=float32`, then the outer product of the
-scales. This is the form that lets XLA on Hopper choose its FP8 GEMM (cuBLASLt `__cublas$lt$matmul$f8`); whether it does at a given shape is what
-benchmarks/fp8_matmul.py measures and reads from the compiled HLO. Tensor parallelism needs nothing here: XLA
-partitions the dot along the weights' shards (a row-parallel split of I gives partial sums, all-reduced before the
-scales, which do not depend on I).
+scales. This is the form that lets XLA on Hopper choose its FP8 GEMM (cuBLASLt `__cublas$lt$matmul$f8`); whether
+it does at a given shape is what benchmarks/fp8_matmul.py measures and reads from the compiled HLO. Tensor
+parallelism needs nothing here: XLA partitions the dot along the weights' shards (a row-parallel split of I gives
+partial sums, all-reduced before the scales, which do not depend on I).
 
 G > 1 (128 x 128 block-scaled checkpoints): the scales change along the contraction, so they cannot be applied after
 one dot. Here both operands are dequantized to float32 (exactly the values above, up to float32 rounding of each
 q x scale) and multiplied in float32: correct on every backend and partitioned like any dot, but not a tensor-core
 FP8 path; a block-scaled FP8 kernel (DeepGEMM-style per-block promotion) is the GPU form still to write.
 
-Few rows on a GPU (QWENJAX_FP8_GEMV=1, opt-in until measured): pallas_kernels/fp8_gemv.py, the same values read
-once at 1 byte a weight, for steps of at most fp8_gemv.MAX_ROWS tokens (decode), where cuBLASLt's FP8 GEMM cost
-60-110 us a product over bf16's on an H100 (NOTES 47).
+Few rows on a GPU (QWENJAX_FP8_GEMV=1, opt-in): pallas_kernels/fp8_gemv.py, the same values read once at 1 byte a
+weight, for steps of at most fp8_gemv.MAX_ROWS tokens (decode). On an H100 it ran behind cuBLASLt's FP8 GEMM on the
+[O, I] weight at gate/up, one row (99 against 85 us, NOTES 48), so it is off unless asked for.
 
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """

@@ -38,8 +38,8 @@ from qwenjax import compat
 SPLIT_K_MAX_ROWS = 1024
 LORA_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # QWENJAX_LORA_EXPAND_ADD=1: decode steps add each delta inside the expand kernel, into the base projection's buffer
-# (lora_decode_matmul's `base`; 3 kernels a projection group at batch 1 instead of 4). Opt-in until a GPU run has
-# checked it (tests/gpu/test_lora_gpu.py's decode_add cases) and timed it (benchmarks/lora.py); read when traced.
+# (lora_decode_matmul's `base`; 3 kernels a projection group at batch 1 instead of 4). Correct on an H100
+# (tests/gpu/test_lora_gpu.py's decode_add cases) but slower end to end there (NOTES 48): opt-in; read when traced.
 EXPAND_ADD_ENV = "QWENJAX_LORA_EXPAND_ADD"
 # QWENJAX_LORA_FUSE_REDUCTION=1: the decode expand sums the shrink's split-K partials itself (lora_decode_matmul's
 # fuse_reduction; one kernel fewer a group). Opt-in until benchmarks/lora.py has timed it; read when traced.

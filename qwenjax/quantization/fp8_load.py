@@ -130,13 +130,14 @@ class Fp8Loading:
     @staticmethod
     def to_model_layout(loaded: dict, view: dict, sharding_of) -> dict:
         """`loaded` (keys of `loading_view`) with every FP8 kernel [I, O] transposed on the devices into Fp8Linear's
-        `weight` [O, I], placed in `sharding_of(weight key)`; one layer at a time, its kernel freed after."""
+        `weight` [O, I], placed in `sharding_of(weight key)`; one layer at a time (its kernel freed once transposed,
+        so the memory beyond the weights is one layer's)."""
         out = {}
         for key in list(loaded):
             arr = loaded.pop(key)
             if key[-1] == "kernel" and np.dtype(view[key].dtype) == _F8:
                 key = key[:-1] + ("weight",)
-                arr = jax.jit(jnp.transpose, out_shardings=sharding_of(key), donate_argnums=0)(arr)
+                arr = jax.jit(jnp.transpose, out_shardings=sharding_of(key))(arr)  # the kernel is dropped here
             out[key] = arr
         return out
 
