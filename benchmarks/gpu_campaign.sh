@@ -18,7 +18,8 @@
 #   spec-nomatch-M   spec_decode.py's generation alone: speculation off against n-gram that never matches, medians
 #                    of 5 repeats (no step timings, no draft): the no-match slowdown and its noise
 #   lora-M           lora.py: throughput-fixed with 8 adapters against the base model, batch-1 latency with one
-#                    (CAMPAIGN_EXTRA_ARGS=--profile: both throughput runs traced too)
+#                    (CAMPAIGN_EXTRA_ARGS=--profile: both throughput runs and a batch-1 request of each traced too;
+#                    LORA_ARGS go to it, e.g. "--latency-only --tag fuse" for one kernel variant's batch-1 figures)
 #   lora-kernel      lora_kernel.py --sweep: the LoRA matmuls of a 7B layer (decode / grouped / dense) at 1..256
 #                    rows, then the decode kernel's tilings (LORA_KERNEL_ARGS go to it)
 #   multistep-M      dispatch.py, latency and throughput-fixed with --num-scheduler-steps MULTI_STEPS (default 8)
@@ -266,7 +267,8 @@ for s in "${STAGES[@]}"; do
             # lora.py: throughput-fixed with 8 rank-16 adapters on all seven projections against the base model, and
             # batch-1 latency with one adapter, in one run.
             m=$(model_of "${s#lora-}")
-            step "$s" 240 0 "$PY" benchmarks/lora.py --model "$m" "${COMMON[@]}"
+            read -r -a LORA_EXTRA <<<"${LORA_ARGS:-}"
+            step "$s" 240 0 "$PY" benchmarks/lora.py --model "$m" ${LORA_EXTRA[@]+"${LORA_EXTRA[@]}"} "${COMMON[@]}"
             ;;
         structured-*)
             m=$(model_of "${s#structured-}")

@@ -11,9 +11,15 @@ throughput workload with no adapter (what enabling LoRA costs rows that use none
 Figures: throughput_ratio = LoRA output tok/s / base output tok/s (issue 28's target: >= 0.85); latency_ratio =
 time per output token with one adapter / base (target: <= 1.1); the tok/s and ms behind them. --profile repeats the
 base and the spread-over-adapters throughput runs under jax.profiler (config profile_base / profile_lora: device_busy
-and the top kernels; metrics device_busy_base / device_busy_lora).
+and the top kernels; metrics device_busy_base / device_busy_lora), and one batch-1 request of each kind (config
+profile_b1_base / profile_b1_lora: the kernels of a one-row decode, device_us_per_token from their device time).
+
+--latency-only measures the batch-1 figures alone (engines sized for one request: decode bucket 1, prefill bucket
+--latency-prompt-len): for comparing LoRA kernel variants (QWENJAX_LORA_* in layers/lora.py) in one call, each
+with --tag.
 
   python benchmarks/lora.py --model qwen2-7b-instruct [--out $OUT]
+  python benchmarks/lora.py --model qwen2-7b-instruct --latency-only --profile --tag fuse   # one variant
 """
 
 from __future__ import annotations
@@ -49,11 +55,14 @@ def parse(argv=None):
     w.add_argument("--num-loras", type=int, default=8, help="adapters the throughput requests spread over")
     w.add_argument("--lora-rank", type=int, default=16)
     w.add_argument("--repeats", type=int, default=3, help="batch-1 requests of each kind (median reported)")
+    w.add_argument("--latency-only", action="store_true", help="the batch-1 figures alone (no throughput runs)")
     args = p.parse_args(argv)
     args.num_prompts = args.num_prompts or cli_args.scaled(512, args.scale, 2)
     args.prompt_len = args.prompt_len or cli_args.scaled(512, args.scale, 4)
     args.output_len = args.output_len or cli_args.scaled(256, args.scale, 2)
     args.latency_prompt_len = args.latency_prompt_len or cli_args.scaled(128, args.scale, 4)
+    if args.latency_only:  # engines sized for the one batch-1 request (its buckets alone compile)
+        args.num_prompts, args.prompt_len = 1, args.latency_prompt_len
     return args
 
 
@@ -110,6 +119,17 @@ def _profile(llm, prompts, olen, loras, args, name: str, wall_s: float) -> dict:
                                       lora_request=loras)
 
 
+def _profile_b1(llm, prompt, olen, lora, args, name: str, tpot_ms: list[float]) -> dict:
+    """One batch-1 request again under jax.profiler: its kernels (top 40) and their device time a token."""
+    d = args.profile_dir and str(Path(args.profile_dir) / name)
+    wall = statistics.median(tpot_ms) * (olen - 1) / 1e3
+    info = profiling.profile_generate(llm, [prompt], _greedy(olen), profile_dir=d, unprofiled_wall_s=wall,
+                                      lora_request=lora, top=40)
+    if info.get("device_active_s") is not None:
+        info["device_us_per_token"] = round(info["device_active_s"] / olen * 1e6, 2)
+    return info
+
+
 def _tpot_ms(llm, prompt, olen, lora, repeats: int) -> list[float]:
     out = []
     for r in range(repeats + 1):  # the first is untimed (compiles the batch-1 buckets' remaining programs)
@@ -135,14 +155,19 @@ def main(argv=None) -> dict:
     prompts = workloads.random_prompts(N, P, seed=args.seed, vocab_size=cfg.vocab_size)
     short = workloads.random_prompts(1, PL, seed=args.seed + 1, vocab_size=cfg.vocab_size)[0]
 
+    thr = not args.latency_only
+    tok_s = {}  # run -> output tok/s of the throughput workload
     llm, base_startup = engine_setup.build_llm(spec, kwargs)
-    workloads.warm_generate(llm, prompts)
-    _tok_s(llm, prompts, O)  # untimed: every bucket of the run once
-    base_tok_s, tokens = _tok_s(llm, prompts, O)
     profiles = {}
-    if args.profile:
-        profiles["base"] = _profile(llm, prompts, O, None, args, "base", tokens / base_tok_s)
+    if thr:
+        workloads.warm_generate(llm, prompts)
+        _tok_s(llm, prompts, O)  # untimed: every bucket of the run once
+        tok_s["base"], tokens = _tok_s(llm, prompts, O)
+        if args.profile:
+            profiles["base"] = _profile(llm, prompts, O, None, args, "base", tokens / tok_s["base"])
     base_tpot = _tpot_ms(llm, short, O, None, args.repeats)
+    if args.profile:
+        profiles["b1_base"] = _profile_b1(llm, short, O, None, args, "b1_base", base_tpot)
     base_config = engine_setup.engine_config(llm, kwargs, base_startup)
     del llm
     gc.unfreeze()  # the engine froze the heap (engine/in_flight.freeze_gc_heap): its cycles must be collectable
@@ -153,28 +178,34 @@ def main(argv=None) -> dict:
         loras = [LoRARequest(f"adapter{k}", k + 1, str(p)) for k, p in enumerate(paths)]
         lkw = dict(kwargs, enable_lora=True, max_loras=args.num_loras, max_lora_rank=args.lora_rank)
         llm, lora_startup = engine_setup.build_llm(spec, lkw)
-        spread = [loras[i % len(loras)] for i in range(N)]
-        workloads.warm_generate(llm, prompts)
-        _tok_s(llm, prompts, O, spread)  # untimed: loads the adapters into their slots, every bucket once
-        lora_tok_s, _ = _tok_s(llm, prompts, O, spread)
-        if args.profile:
-            profiles["lora"] = _profile(llm, prompts, O, spread, args, "lora", tokens / lora_tok_s)
-        none_tok_s, _ = _tok_s(llm, prompts, O)
+        if thr:
+            spread = [loras[i % len(loras)] for i in range(N)]
+            workloads.warm_generate(llm, prompts)
+            _tok_s(llm, prompts, O, spread)  # untimed: loads the adapters into their slots, every bucket once
+            tok_s["lora"], _ = _tok_s(llm, prompts, O, spread)
+            if args.profile:
+                profiles["lora"] = _profile(llm, prompts, O, spread, args, "lora", tokens / tok_s["lora"])
+            tok_s["none"], _ = _tok_s(llm, prompts, O)
         lora_tpot = _tpot_ms(llm, short, O, loras[0], args.repeats)
+        if args.profile:
+            profiles["b1_lora"] = _profile_b1(llm, short, O, loras[0], args, "b1_lora", lora_tpot)
         lora_config = engine_setup.engine_config(llm, lkw, lora_startup)
         swaps = llm.llm_engine.lora.slots.num_swaps
 
     tb, tl = statistics.median(base_tpot), statistics.median(lora_tpot)
-    metrics = {"throughput_ratio": lora_tok_s / base_tok_s, "latency_ratio": tl / tb,
+    base_tok_s, lora_tok_s, none_tok_s = tok_s.get("base"), tok_s.get("lora"), tok_s.get("none")
+    metrics = {"throughput_ratio": lora_tok_s / base_tok_s if thr else None, "latency_ratio": tl / tb,
                "base_output_tok_s": base_tok_s, "lora_output_tok_s": lora_tok_s,
                "lora_engine_no_adapter_tok_s": none_tok_s, "base_tpot_ms": tb, "lora_tpot_ms": tl}
     # BENCHMARKS.md's names for the two figures
     metrics.update(speedup_vs_base=metrics["throughput_ratio"], latency_ratio_vs_base=metrics["latency_ratio"])
     metrics.update({f"device_busy_{name}": prof.get("device_busy") for name, prof in profiles.items()})
+    metrics.update({f"device_us_per_token_{name}": prof.get("device_us_per_token") for name, prof in profiles.items()
+                    if name.startswith("b1_")})
     config = {"num_prompts": N, "prompt_len": P, "output_len": O, "latency_prompt_len": PL, "num_loras": args.num_loras,
               "lora_rank": args.lora_rank, "targets": list(TARGETS), "seed": args.seed, "repeats": args.repeats,
-              "dtype": args.dtype, "tokens_per_run": tokens, "slot_swaps": swaps, "base_tpot_ms": base_tpot,
-              "lora_tpot_ms": lora_tpot, "base_engine": base_config, **lora_config,
+              "dtype": args.dtype, "tokens_per_run": N * O, "latency_only": args.latency_only, "slot_swaps": swaps,
+              "base_tpot_ms": base_tpot, "lora_tpot_ms": lora_tpot, "base_engine": base_config, **lora_config,
               **{f"profile_{name}": prof for name, prof in profiles.items()}}
     result = result_files.make_result(benchmark=BENCHMARK, model=spec.name, dev=dev, config=config, ceilings=ceilings,
                                       metrics=metrics)
@@ -185,6 +216,9 @@ def main(argv=None) -> dict:
             ("LoRA engine, no adapter, tok/s", none_tok_s), ("throughput_ratio (>= 0.85)", metrics["throughput_ratio"]),
             ("batch-1 ms/token base / one adapter", f"{tb:.3f} / {tl:.3f}"),
             ("latency_ratio (<= 1.1)", metrics["latency_ratio"])]
+    if "b1_lora" in profiles:
+        rows.append(("batch-1 device us/token base / one adapter (profiled)",
+                     f"{metrics['device_us_per_token_b1_base']} / {metrics['device_us_per_token_b1_lora']}"))
     result_files.print_result_table(f"{BENCHMARK} {spec.name}", rows, result, False, path)
     return result
 

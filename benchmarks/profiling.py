@@ -34,7 +34,7 @@ def quiet_trace(logdir: str, host_tracer_level: int = 0):
 
 
 def profile_generate(llm, prompts, params, *, profile_dir: str | None,
-                     unprofiled_wall_s: float | None = None, lora_request=None) -> dict:
+                     unprofiled_wall_s: float | None = None, lora_request=None, top: int = 20) -> dict:
     """Repeats a generate under jax.profiler.trace and reports device_busy = device-active time / wall time.
 
     Method: the trace spans only this generate call (started right before it, stopped right after), so no clock
@@ -46,7 +46,7 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
     `device_busy_unprofiled` (the same device-active time over the unprofiled run's wall: CUPTI slows the host's
     launches a little, so the profiled wall is longer). The Python tracer is off. On CPU the trace has no device
     plane (XLA runs on host threads): device_busy is then None and `note` says why. lora_request goes to generate
-    (one request or one per prompt).
+    (one request or one per prompt); `top`: how many kernels (by device time) the result lists.
     """
     import jax
 
@@ -69,7 +69,7 @@ def profile_generate(llm, prompts, params, *, profile_dir: str | None,
         info["note"] = "JAX runs on the CPU (XLA on host threads): device_busy not computed"
         return info
     try:
-        info.update(device_busy_from_trace(logdir, wall))
+        info.update(device_busy_from_trace(logdir, wall, top=top))
         if info.get("device_active_s") is not None and unprofiled_wall_s:
             info["device_busy_unprofiled"] = round(info["device_active_s"] / unprofiled_wall_s, 4)
     except Exception as e:  # a profile that cannot be read must not lose the benchmark's figures

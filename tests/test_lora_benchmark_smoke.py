@@ -52,6 +52,22 @@ def test_lora_benchmark_writes_its_result(tmp_path):
         assert prof["engine_stats"]["steps"] > 0 and m[f"device_busy_{name}"] is None
 
 
+def test_lora_benchmark_latency_only(tmp_path):
+    """--latency-only: the batch-1 figures alone, engines sized for one request; --profile traces a batch-1 request
+    of each kind; --tag names the variant's file."""
+    result, stdout = _run("lora", tmp_path, ["--skip-warmup", "--output-len", "4", "--latency-prompt-len", "12",
+                                             "--num-loras", "2", "--repeats", "1", "--latency-only", "--profile",
+                                             "--tag", "fuse"])
+    m, cfg = result["metrics"], result["config"]
+    assert m["latency_ratio"] > 0 and m["base_tpot_ms"] > 0 and m["lora_tpot_ms"] > 0
+    assert m["throughput_ratio"] is None and m["base_output_tok_s"] is None
+    assert cfg["latency_only"] is True and cfg["tag"] == "fuse" and cfg["num_prompts"] == 1
+    assert cfg["engine_args"]["max_num_seqs"] == 1 and cfg["engine_args"]["decode_buckets"] == [1]
+    assert set(k for k in cfg if k.startswith("profile_")) == {"profile_b1_base", "profile_b1_lora"}
+    assert cfg["profile_b1_lora"]["engine_stats"]["decode_steps"] > 0
+    assert "latency_ratio (<= 1.1)" in stdout
+
+
 def test_lora_kernel_benchmark_writes_its_result(tmp_path):
     result, _ = _run("lora_kernel", tmp_path, ["--rows", "3", "--num-loras", "2", "--repeats", "1", "--inner", "1",
                                                "--sweep", "--sweep-configs", "1"])
