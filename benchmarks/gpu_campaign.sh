@@ -268,7 +268,8 @@ for s in "${STAGES[@]}"; do
             # batch-1 latency with one adapter, in one run.
             m=$(model_of "${s#lora-}")
             read -r -a LORA_EXTRA <<<"${LORA_ARGS:-}"
-            step "$s" 240 0 "$PY" benchmarks/lora.py --model "$m" ${LORA_EXTRA[@]+"${LORA_EXTRA[@]}"} "${COMMON[@]}"
+            need=240; [[ " ${LORA_ARGS:-} " == *" --latency-only "* ]] && need=60
+            step "$s" $need 0 "$PY" benchmarks/lora.py --model "$m" ${LORA_EXTRA[@]+"${LORA_EXTRA[@]}"} "${COMMON[@]}"
             ;;
         structured-*)
             m=$(model_of "${s#structured-}")
