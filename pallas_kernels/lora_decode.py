@@ -144,10 +144,11 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
 
 
 def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs, num_groups, block_m, block_r,
-                   block_n, pad_row, precision, num_splits, chunk):
+                   block_n, pad_row, precision, num_splits, chunk, folded=False):
     # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
-    # float32 partials [Tp, num_splits * R], summed here; b_ref [S, R, block_n]; refs: (o_ref,) or (y_ref, o_ref), y
-    # the base projection [Tx, block_n] aliased to o_ref, both in row order
+    # float32 partials [Tp, num_splits * R], summed here, or with `folded` every slot's shrink in row order
+    # [Tx, (S - 1) * R] (the base projection's extra columns: lora_decode_expand); b_ref [S, R, block_n]; refs:
+    # (o_ref,) or (y_ref, o_ref), y the base projection [Tx, block_n] aliased to o_ref, both in row order
     y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     i = pl.program_id(0)
     g, r0, r1 = group_ref[i], row0_ref[i], row1_ref[i]
@@ -162,7 +163,9 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs
 
     def body(s, acc):
         c0 = s * block_r
-        if num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
+        if folded:  # the row's own slot's R columns of the folded shrink
+            h = plgpu.load(h_ref.at[rows, (slot - 1) * r + c0 + cc], mask=mask, other=jnp.zeros((), h_ref.dtype))
+        elif num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
             h = lax.fori_loop(0, pl.cdiv(num_splits, chunk), functools.partial(
                 _sum_partials, h_ref, srows, ok, c0 + cc, r, num_splits, chunk),
                 jnp.zeros((block_m, block_r), jnp.float32)).astype(b_ref.dtype)
@@ -257,21 +260,60 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
     )(*tables, xp, a)
     # Rows of no adapter (and the padding) hold whatever was there: they are never read back into a result.
     h = partials if fuse_reduction else partials.reshape(tp, nks, r).sum(axis=1).astype(x.dtype)  # [Tp, R] sorted
-    out_spec = pl.BlockSpec((tx, bn), lambda i, j: (0, j))
-    extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
-    out = pl.pallas_call(
-        functools.partial(_expand_kernel, block_n=bn, num_splits=nks if fuse_reduction else 0,
-                          chunk=min(_SUM_CHUNK, 1 << (nks - 1).bit_length()), **kw),
-        grid=(nt, o // bn),
-        in_specs=[table, table, table, pl.BlockSpec((tp,), lambda *_: (0,)),
-                  pl.BlockSpec(h.shape, lambda i, j: (0, 0)),
-                  pl.BlockSpec((s_, r, bn), lambda i, j: (0, 0, j))] + [out_spec] * len(extra),
-        out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((tx, o), x.dtype),
-        input_output_aliases={6: 0} if extra else {},
-        compiler_params=params, interpret=interpret,
-        name=f"qwenjax_lora_expand_m{bm}_r{br}_n{bn}{'_fused' if fuse_reduction else ''}{'_add' if extra else ''}",
-    )(*tables, h, b, *extra)
+    out = _expand(h, b, p, order, t, tx, bn, params, kw, base=base, num_splits=nks if fuse_reduction else 0,
+                  interpret=interpret)
     if base is not None:
         return out[:t]  # rows of no adapter were never written: base's values
     return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), x.dtype))
+
+
+def _expand(h, b, p: LoRAPlan, order, t, tx, bn, params, kw, *, base=None, num_splits=0, folded=False,
+            interpret=False):
+    """The expand's pallas_call: [Tx, O] in b.dtype, rows of an adapter written (plus base's with `base`)."""
+    s_, r, o = b.shape
+    nt = p.group.shape[0]
+    table = pl.BlockSpec((nt,), lambda *_: (0,))
+    out_spec = pl.BlockSpec((tx, bn), lambda i, j: (0, j))
+    extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
+    return pl.pallas_call(
+        functools.partial(_expand_kernel, block_n=bn, num_splits=num_splits, folded=folded,
+                          chunk=min(_SUM_CHUNK, 1 << max(num_splits - 1, 0).bit_length()), **kw),
+        grid=(nt, o // bn),
+        in_specs=[table, table, table, pl.BlockSpec((order.shape[0],), lambda *_: (0,)),
+                  pl.BlockSpec(h.shape, lambda i, j: (0, 0)),
+                  pl.BlockSpec((s_, r, bn), lambda i, j: (0, 0, j))] + [out_spec] * len(extra),
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((tx, o), b.dtype),
+        input_output_aliases={6: 0} if extra else {},
+        compiler_params=params, interpret=interpret,
+        name=f"qwenjax_lora_expand_m{p.block_m}_r{kw['block_r']}_n{bn}{'_fused' if num_splits else ''}"
+             f"{'_add' if extra else ''}{'_folded' if folded else ''}",
+    )(p.group, p.row0, p.row1, order, h, b, *extra)
+
+
+@functools.partial(jax.jit, static_argnames=("block_r", "block_n", "num_warps", "num_stages", "interpret"))
+def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=None, block_n=None, num_warps=None,
+                       num_stages=None, interpret: bool = False) -> jax.Array:
+    """The expand alone, of a shrink already done for every slot: h_all [T, (S - 1) * R] in row order (slot s's
+    R columns at [(s - 1) R, s R), as the base projection's extra columns give it: layers/lora.py's fold) and
+    b [S, R, O] -> [T, O] in b.dtype, row t = h_all[t, its slot's columns] @ b[its slot] accumulated in float32,
+    zeros for rows of slot 0. One kernel: the expand reads each row's own columns straight from h_all."""
+    t = h_all.shape[0]
+    s_, r, o = b.shape
+    if h_all.ndim != 2 or h_all.shape[1] != (s_ - 1) * r or h_all.dtype != b.dtype or p.ids.shape[0] != t:
+        raise ValueError(f"h_all must be {b.dtype}[T, (S - 1) * R] = [{p.ids.shape[0]}, {(s_ - 1) * r}] for b "
+                         f"[S={s_}, R={r}, O={o}] and the plan's rows; got {h_all.dtype}{list(h_all.shape)}")
+    d = default_settings(t, r, r, o, p.block_m)
+    br, bn = block_r or d["block_r"], block_n or d["block_n"]
+    for name, v, dim in (("block_r", br, r), ("block_n", bn, o)):
+        if v < _MIN_DOT or v & (v - 1) or dim % v:
+            raise ValueError(f"{name}={v} must be a power of two >= {_MIN_DOT} dividing {dim}")
+    bm = p.block_m
+    tp, tx = (t + bm, t + 1) if interpret else (t, t)  # interpret mode's padding, as lora_decode_matmul's
+    order = jnp.pad(p.order, (0, tp - t), constant_values=t) if interpret else p.order
+    hp = jnp.pad(h_all, ((0, tx - t), (0, 0))) if interpret else h_all
+    precision = lax.Precision.HIGHEST if b.dtype == jnp.float32 else None
+    params = _CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3)
+    kw = dict(num_groups=s_ - 1, block_m=bm, block_r=br, pad_row=t, precision=precision)
+    out = _expand(hp, b, p, order, t, tx, bn, params, kw, folded=True, interpret=interpret)
+    return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), b.dtype))

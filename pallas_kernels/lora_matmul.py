@@ -58,6 +58,32 @@ def lora_matmul_dense(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) 
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def folded_rows(h_all: jax.Array, ids: jax.Array, rank: int) -> jax.Array:
+    """[T, R]: each row's own slot's R columns of a folded shrink h_all [T, (S - 1) * R] (slot s at columns
+    [(s - 1) R, s R)), zeros for rows of slot 0."""
+    t = h_all.shape[0]
+    h = jnp.take_along_axis(h_all.reshape(t, -1, rank), jnp.maximum(ids - 1, 0)[:, None, None], axis=1)[:, 0]
+    return jnp.where((ids > 0)[:, None], h, jnp.zeros((), h_all.dtype))
+
+
+def folded_expand_reference(h_all: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Array:
+    """The expand of a folded shrink (h_all [T, (S - 1) * R], b [S, R, O] -> [T, O] in b.dtype): each row's own
+    slot's columns @ that slot's B, accumulated in float32; rows of slot 0 zero. Per-row gathers: the CPU path."""
+    h = folded_rows(h_all, ids, b.shape[1])
+    out = jnp.einsum("tr,tro->to", h, b[ids], preferred_element_type=jnp.float32).astype(b.dtype)
+    return jnp.where((ids > 0)[:, None], out, jnp.zeros((), b.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def folded_expand_grouped(h_all: jax.Array, b: jax.Array, ids: jax.Array, grouping, *,
+                          interpret: bool = False) -> jax.Array:
+    """folded_expand_reference's contract as one grouped matmul over the rows sorted by slot (prefill steps): the
+    rows' own columns gathered ([T, R], small), then this module's expand."""
+    order, inverse, sizes = grouping
+    h = folded_rows(h_all, ids, b.shape[1])
+    return grouped_matmul(h[order], b[1:], sizes, interpret=interpret)[inverse]
+
+
 def supported(in_features: int, out_features: int, rank: int, dtype) -> bool:
     """Whether the kernels take these shapes (else the caller uses a jnp path)."""
     return (rank % RANK_MULTIPLE == 0 and grouped_supported(in_features, rank, dtype)

@@ -1,6 +1,7 @@
 """Run in a subprocess with 8 CPU devices: greedy tokens and logprobs of a batch mixing two LoRA adapters and the
 base model on meshes 1, 2, 3 (heads zero-padded for the mesh) and 4 (kv heads replicated), plus the slot arrays'
-shardings. Args: checkpoint, adapter a, adapter b, output json."""
+shardings and shapes (None: A folded into the base weight, whose shape is recorded too). Args: checkpoint, adapter
+a, adapter b, output json."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import sys
 
 import jax
 import numpy as np
+
+
+def _qkv_kernel_shape(params) -> list | None:
+    """The fused qkv_proj kernel's shape of layer 0 (None where q/k/v are separate projections)."""
+    attn = params["model"]["layers"][0]["self_attn"]
+    try:
+        return list(attn["qkv_proj"]["kernel"].shape)
+    except KeyError:
+        return None
 
 
 def main(path: str, a: str, b: str, out: str) -> None:
@@ -29,8 +39,10 @@ def main(path: str, a: str, b: str, out: str) -> None:
             "tokens": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                          for o in outs],
-            "specs": {name: [[str(x) for x in arr.sharding.spec] for arr in ab] for name, ab in stacks.items()},
-            "shapes": {name: [list(arr.shape) for arr in ab] for name, ab in stacks.items()},
+            "specs": {name: [None if arr is None else [str(x) for x in arr.sharding.spec] for arr in ab]
+                      for name, ab in stacks.items()},
+            "shapes": {name: [None if arr is None else list(arr.shape) for arr in ab] for name, ab in stacks.items()},
+            "qkv_kernel": _qkv_kernel_shape(llm.llm_engine.runner.params),
         }
     with open(out, "w") as f:
         json.dump(result, f)

@@ -222,9 +222,11 @@ def test_tensor_parallel_meshes(untied_gqa2, adapters, oracle):
     assert res["2"]["specs"]["o_proj"] == [["None", "tp", "None"], []]
     assert res["2"]["specs"]["down_proj"] == [["None", "tp", "None"], []]
     assert res["3"]["shapes"]["q_proj"][1] == [3, 16, 6 * 16]  # 4 q heads padded to 6 for 3 devices
-    # one device: q/k/v and gate/up as groups, A side by side and B block-diagonal (64 + 2 x 32 q/k/v columns)
+    # one device: q/k/v and gate/up as groups, B block-diagonal (64 + 2 x 32 q/k/v columns); A folded into the
+    # base weight as 2 slots x 3 x 16 extra columns (worker/lora_fold.py); over a mesh A stays in the stacks
     assert sorted(res["1"]["shapes"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    assert res["1"]["shapes"]["qkv_proj"] == [[3, 64, 48], [3, 48, 128]]
+    assert res["1"]["shapes"]["qkv_proj"] == [None, [3, 48, 128]]
+    assert res["1"]["qkv_kernel"] == [64, 128 + 2 * 48] and res["2"]["qkv_kernel"] == [64, 128]
 
 
 def test_preemption_and_n_copies_keep_their_adapter(untied_gqa2, adapters, prompts, oracle):

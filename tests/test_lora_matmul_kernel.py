@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora_decode import default_settings, lora_decode_matmul, plan
+from pallas_kernels.lora_decode import default_settings, lora_decode_expand, lora_decode_matmul, plan
 from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference
 
 CASES = {  # name -> (T, I, O, R, slots, row slot ids or None for random)
@@ -87,6 +87,34 @@ def test_decode_kernel_matches_reference(name, dtype):
     out = np.asarray(lora_decode_matmul(*args, plan(jnp.asarray(ids), a.shape[0]), interpret=True), np.float32)
     np.testing.assert_allclose(out, ref, atol=_tol(ref, dtype))
     assert not out[ids == 0].any()  # rows without an adapter get exactly zero (never written, masked)
+
+
+def _folded_shrink(x, a, dtype):
+    """Every slot's shrink side by side, [T, (S - 1) * R] in row order: what the base projection's extra columns
+    hold in the fold (x @ [A_1 | ... | A_{S-1}], accumulated in float32, rounded to dtype)."""
+    h = np.einsum("ti,sir->tsr", x.astype(np.float64), a[1:].astype(np.float64))
+    return jnp.asarray(h.reshape(x.shape[0], -1), jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("name", ["decode_mix", "random", "no_adapter", "batch1", "qkv_group", "one_slot"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_expand_of_a_folded_shrink(name, dtype):
+    """lora_decode_expand reads each row's own slot's columns of the folded shrink: each row equals its own
+    h @ B[slot] (a numpy loop over rows), rows of slot 0 exactly zero."""
+    x, a, b, ids = _inputs(name, dtype)
+    h_all = _folded_shrink(x, a, dtype)
+    R = a.shape[2]
+    hb = np.asarray(h_all, np.float64)
+    want = np.stack([hb[t, (s - 1) * R:s * R] @ np.asarray(jnp.asarray(b[s], dtype), np.float64) if s else
+                     np.zeros(b.shape[2]) for t, s in enumerate(ids)])
+    bd = jnp.asarray(b, dtype)
+    for kw in ({}, dict(block_r=16, block_n=16)):
+        got = np.asarray(lora_decode_expand(h_all, bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True, **kw),
+                         np.float32)
+        np.testing.assert_allclose(got, want, atol=_tol(want, dtype), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+        assert not got[ids == 0].any()
+    with pytest.raises(ValueError, match=r"h_all must be .*\[T, \(S - 1\) \* R\]"):
+        lora_decode_expand(h_all[:, :-16], bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True)
 
 
 @pytest.mark.parametrize("settings", [dict(split_k=32, block_k=16), dict(split_k=64, block_k=32, block_r=16),
@@ -184,3 +212,36 @@ def test_model_side_takes_the_gpu_kernels_by_step_size(monkeypatch, max_rows):
     assert calls == ["lora_decode_matmul" if max_rows >= T else "lora_matmul"] * 2
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
+
+
+@pytest.mark.parametrize("max_rows", [1024, 4])
+def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
+    """layers/lora.py with the fold's stacks (A None: the shrink came out of the base projection as `folded`
+    columns): on a GPU (kernels in interpret mode) decode-sized steps take lora_decode_expand and larger ones the
+    grouped expand, and both give the CPU path's delta, which is each row's h @ B[slot]."""
+    from qwenjax import compat
+    from qwenjax.layers import lora
+
+    rng = np.random.default_rng(5)
+    S, R, T = 4, 16, 7
+    ids = jnp.asarray([2, 0, 1, 3, 2, 0, 1], jnp.int32)
+    b = jnp.asarray(rng.normal(0, 0.3, (S, 3 * R, 96)).astype(np.float32)).at[0].set(0)
+    stacks = [{"qkv_proj": (None, b)}]
+    folded = jnp.asarray(rng.normal(0, 1, (T, (S - 1) * 3 * R)).astype(np.float32))
+    ys = (jnp.ones((T, 32)), jnp.ones((T, 32)), jnp.ones((T, 32)))
+    h = np.asarray(folded).reshape(T, S - 1, 3 * R)
+    want = np.stack([h[t, s - 1] @ np.asarray(b[s]) if s else np.zeros(96) for t, s in enumerate(np.asarray(ids))])
+
+    def run():
+        return lora.add_lora_parts(ys, None, lora.LoRAInputs.build(stacks, ids), 0, "qkv_proj", folded)
+
+    np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)  # CPU: the jnp reference
+    calls = []
+    for name in ("lora_decode_expand", "folded_expand_grouped"):
+        kernel = getattr(lora, name)
+        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
+                                                                                                     interpret=True))
+    monkeypatch.setattr(compat, "platform", lambda: "gpu")
+    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)
+    assert calls == ["lora_decode_expand" if max_rows >= T else "folded_expand_grouped"]

@@ -16,6 +16,14 @@ grid to fill the GPU), larger ones (prefill) the grouped-matmul pair of pallas_k
 the rows' grouping (and the decode kernels' tile table) is built once a step in `LoRAInputs.build`, not per call.
 A step in which no row has an adapter never reaches this module: the model runner then runs the base model's
 program (worker/model_runner.py, `_lora_stacks_for`).
+
+The fold (one device, float base weights: worker/lora_fold.py). There the shrink of every slot is part of the base
+projection itself: its weight carries the slots' A as extra columns [W | A_1 | ... | A_{S-1}], so the base GEMM
+gives y and every slot's h = x @ A_s at once (rounded to x.dtype, as the contract's shrink). The stacks then hold
+no A (None) and the model passes those extra columns as `folded` [T, (S - 1) * R]; what is left a projection group
+is one expand (lora_decode_expand on a GPU, reading each row's own slot's columns) and the add. At batch 1 on an
+H100 the four shrinks and their split-K sums were ~16.6 us of the LoRA's ~28 us a layer (NOTES 49); the fold costs
+the GEMMs (S - 1) x A's bytes instead.
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.lora_decode import LoRAPlan, lora_decode_matmul, plan as decode_plan
-from pallas_kernels.lora_matmul import (group_by_slot, lora_matmul, lora_matmul_dense, lora_matmul_reference,
-                                        supported)
+from pallas_kernels.lora_decode import LoRAPlan, lora_decode_expand, lora_decode_matmul, plan as decode_plan
+from pallas_kernels.lora_matmul import (folded_expand_grouped, folded_expand_reference, group_by_slot, lora_matmul,
+                                        lora_matmul_dense, lora_matmul_reference, supported)
 from qwenjax import compat
 
 
@@ -54,7 +62,7 @@ def _decode(x2, a, b, lora, base=None):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoRAInputs:
-    stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}
+    stacks: list       # per layer: {projection: (A [S, I, R], B [S, R, O])}; A None where folded (module doc)
     ids: jax.Array     # [T] int32 slot of each token; 0: no adapter
     grouping: tuple | None = None  # (order, inverse [T], group sizes [S - 1]) of the grouped kernels (GPU prefill)
     plan: LoRAPlan | None = None   # the decode kernels' row grouping and tile table (GPU, T <= SPLIT_K_MAX_ROWS)
@@ -64,7 +72,7 @@ class LoRAInputs:
         """The step's LoRA inputs; on a GPU with the kernels' grouping of the rows, computed here once a step."""
         if compat.platform() != "gpu":
             return cls(stacks, ids)
-        S = next(iter(stacks[0].values()))[0].shape[0]
+        S = next(iter(stacks[0].values()))[1].shape[0]
         if ids.shape[0] <= SPLIT_K_MAX_ROWS:
             return cls(stacks, ids, plan=decode_plan(ids, S))
         return cls(stacks, ids, group_by_slot(ids, S))
@@ -101,23 +109,43 @@ def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: Lo
     return y + _delta(x, a, b, lora).reshape(y.shape).astype(y.dtype)
 
 
-def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str) -> jax.Array:
-    """y [T, O] (the base projection of x [T, I]) plus the LoRA delta of projection `name` of `layer`."""
+def _folded_delta(h_all: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
+    """[T, O] in b.dtype: the expand of the folded shrink h_all [T, (S - 1) * R] (module docstring)."""
+    r, o = b.shape[1], b.shape[2]
+    if compat.platform() != "gpu" or r % 16 or o % 16:
+        return folded_expand_reference(h_all, b, lora.ids)
+    if lora.plan is not None:
+        return lora_decode_expand(h_all, b, lora.plan)
+    return folded_expand_grouped(h_all, b, lora.ids, lora.grouping)
+
+
+def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str,
+             folded: jax.Array | None = None) -> jax.Array:
+    """y [T, O] (the base projection of x [T, I]) plus the LoRA delta of projection `name` of `layer`; `folded`:
+    the base projection's extra columns where the stacks fold this projection's A into its weight."""
     if lora is None:
         return y
-    return _plus_delta(y, x, *lora.stacks[layer][name], lora)
+    a, b = lora.stacks[layer][name]
+    if a is None:
+        return y + _folded_delta(folded, b, lora).astype(y.dtype)
+    return _plus_delta(y, x, a, b, lora)
 
 
-def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int, group: str) -> tuple:
+def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int, group: str,
+                   folded: jax.Array | None = None) -> tuple:
     """The projections ys ([T, O_i], in LORA_GROUPS[group]'s order) of one input x, each plus its LoRA delta: one
-    shrink and one expand where the stacks hold the group's arrays together, else one of each per part."""
+    shrink and one expand where the stacks hold the group's arrays together, else one of each per part; `folded`
+    as in add_lora."""
     if lora is None:
         return ys
     if group not in lora.stacks[layer]:
         return tuple(add_lora(y, x, lora, layer, name) for y, name in zip(ys, LORA_GROUPS[group]))
     a, b = lora.stacks[layer][group]
     bounds = np.cumsum([y.shape[-1] for y in ys])[:-1].tolist()
-    if _adds_in_expand(ys[0], a, b, lora):  # the parts side by side (slices of one fused projection: its output)
+    if a is None:
+        delta = _folded_delta(folded, b, lora)
+    elif _adds_in_expand(ys[0], a, b, lora):  # the parts side by side (slices of one fused projection: its output)
         return tuple(jnp.split(_plus_delta(jnp.concatenate(ys, axis=-1), x, a, b, lora), bounds, axis=-1))
-    delta = _delta(x, a, b, lora)  # [T, sum O_i], the parts side by side
+    else:
+        delta = _delta(x, a, b, lora)  # [T, sum O_i], the parts side by side
     return tuple(y + d.astype(y.dtype) for y, d in zip(ys, jnp.split(delta, bounds, axis=-1)))

@@ -40,6 +40,14 @@ def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
 
+def _base_and_folded(y: jax.Array, width: int) -> tuple[jax.Array, jax.Array | None]:
+    """A projection's output split into its `width` base columns and the columns past them: the LoRA slots' shrink
+    where worker/lora_fold.py gave the weight extra columns (None where it has none)."""
+    if y.shape[-1] == width:
+        return y, None
+    return y[..., :width], y[..., width:]
+
+
 class Qwen2Attention(nnx.Module):
     """q/k/v as one `qkv_proj` (columns in per-shard order, models/fusion.py) when `fusion.qkv`, else three
     projections."""
@@ -59,16 +67,18 @@ class Qwen2Attention(nnx.Module):
         # fp8_e4m3 KV pages hold K / k_scale and V / v_scale: the checkpoint's per-tensor scales, else 1.0.
         self.k_scale = KVScale(jnp.ones((), jnp.float32))
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
-        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = N, K, H, D
 
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool,
                  lora: LoRAInputs | None = None, layer: int = 0):
         T = x.shape[0]  # x [T, D], cos / sin [T, H]
+        folded = None  # the LoRA slots' shrink, where the fold gives the weight extra columns (layers/lora.py)
         if self.fused_qkv:
-            q, k, v = split_columns(self.qkv_proj(x), self.qkv_proj_widths, self.shards)
+            y, folded = _base_and_folded(self.qkv_proj(x), sum(self.qkv_proj_widths))
+            q, k, v = split_columns(y, self.qkv_proj_widths, self.shards)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = add_lora_parts((q, k, v), x, lora, layer, "qkv_proj")  # per part, fused or not (layers/lora.py)
+        q, k, v = add_lora_parts((q, k, v), x, lora, layer, "qkv_proj", folded)  # per part, fused or not
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -76,7 +86,8 @@ class Qwen2Attention(nnx.Module):
         q, k, v, k_pages, v_pages = rope_and_write(q, k, v, cos, sin, k_pages, v_pages, meta, has_context=has_context,
                                                    **scales)
         out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, **scales).reshape(T, -1)
-        return add_lora(self.o_proj(out), out, lora, layer, "o_proj"), k_pages, v_pages
+        y, folded = _base_and_folded(self.o_proj(out), self.hidden_size)
+        return add_lora(y, out, lora, layer, "o_proj", folded), k_pages, v_pages
 
 
 class Qwen2MLP(nnx.Module):
@@ -85,7 +96,8 @@ class Qwen2MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None,
                  fusion: Fusion = Fusion()):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_up_proj_widths, self.shards, self.fused_gate_up = (F, F), fusion.shards, fusion.gate_up
+        self.gate_up_proj_widths, self.shards, self.fused_gate_up, self.hidden_size = (F, F), fusion.shards, \
+            fusion.gate_up, D
         if fusion.gate_up:
             self.gate_up_proj = _linear(D, 2 * F, False, dtype, rngs, quant)
         else:
@@ -94,13 +106,16 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = _linear(F, D, False, dtype, rngs, quant, "in")
 
     def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0):
+        folded = None
         if self.fused_gate_up:
-            gate, up = split_columns(self.gate_up_proj(x), self.gate_up_proj_widths, self.shards)
+            y, folded = _base_and_folded(self.gate_up_proj(x), sum(self.gate_up_proj_widths))
+            gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj")
+        gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj", folded)
         h = jax.nn.silu(gate) * up
-        return add_lora(self.down_proj(h), h, lora, layer, "down_proj")
+        y, folded = _base_and_folded(self.down_proj(h), self.hidden_size)
+        return add_lora(y, h, lora, layer, "down_proj", folded)
 
 
 class Qwen2DecoderLayer(nnx.Module):

@@ -10,7 +10,9 @@ widths: padded heads and FFN columns are appended, so an adapter's real columns 
 like the base weights'.
 
 Loading an adapter into a slot is one jitted `.at[slot].set` per array into the donated stacks, so the shapes never
-change and no step recompiles when the mix of adapters does. Over a "tp" mesh A and B follow their base weight:
+change and no step recompiles when the mix of adapters does. With a fold (worker/lora_fold.py: one device, float
+weights) the A of every slot lives in the base projections' extra columns instead: the stacks hold None for A, and
+`load` writes A into the parameter leaves it is given. Over a "tp" mesh A and B follow their base weight:
 column-parallel projections (q/k/v/gate/up) split B on O (A replicated), row-parallel ones (o/down) split A on I
 (B replicated), so each device's shrink and expand read only its own slices.
 """
@@ -27,6 +29,7 @@ from qwenjax.config import LoRAConfig, ModelConfig
 from qwenjax.layers.lora import LORA_GROUPS
 from qwenjax.lora.peft import OWNER, TARGET_MODULES, LoRAWeights, projection_shapes
 from qwenjax.models.sharding import ROW_PARALLEL, param_spec
+from qwenjax.worker.lora_fold import LoRAFold
 
 
 def slot_rank(config: LoRAConfig) -> int:
@@ -50,7 +53,7 @@ def stack_shardings(cfg: ModelConfig, mesh, n: int) -> dict[str, tuple[NamedShar
 class LoRAStacks:
     """The slot arrays of one engine (`stacks`: per layer {projection or group: (A, B)}) and the writes into them."""
 
-    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype, mesh):
+    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype, mesh, fold: LoRAFold | None = None):
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.num_slots, self.rank = config.max_loras + 1, slot_rank(config)
         shapes = projection_shapes(cfg)  # the running (padded) model's
@@ -65,12 +68,17 @@ class LoRAStacks:
         shard = stack_shardings(cfg, mesh, n) if n > 1 else \
             {e: (NamedSharding(mesh, P()),) * 2 for e in self.entries}
         S, R = self.num_slots, self.rank
+        self.fold = fold
+        if fold is not None and fold.columns != self.rank_columns():
+            raise ValueError(f"a LoRA fold of columns {fold.columns} does not match the stacks' {self.rank_columns()}")
 
         def zeros():
-            return [{e: (jnp.zeros((S, i, R * len(self.entries[e])), self.dtype),
+            return [{e: (None if fold is not None else jnp.zeros((S, i, R * len(self.entries[e])), self.dtype),
                          jnp.zeros((S, R * len(self.entries[e]), o), self.dtype))
                      for e, (i, o) in self.shapes.items()} for _ in range(cfg.num_hidden_layers)]
 
+        if fold is not None:  # no A arrays: their shardings are None (an empty subtree) as the stacks' A are
+            shard = {e: (None, sb) for e, (_, sb) in shard.items()}
         self.shardings = [dict(shard) for _ in range(cfg.num_hidden_layers)]
         self.stacks = jax.jit(zeros, out_shardings=self.shardings)()
         self._write = jax.jit(_write_slot, donate_argnums=(0,), out_shardings=self.shardings)
@@ -99,14 +107,25 @@ class LoRAStacks:
             out.append(d)
         return out
 
-    def load(self, slot: int, weights: LoRAWeights | None) -> None:
-        """Writes an adapter (None: zeros) into device slot `slot` (1..max_loras)."""
+    def rank_columns(self) -> dict[str, int]:
+        """Each entry's A columns a slot (G x the slot rank): what a fold adds to its weight per slot."""
+        return {e: self.rank * len(parts) for e, parts in self.entries.items()}
+
+    def load(self, slot: int, weights: LoRAWeights | None, param_leaves: list | None = None) -> list | None:
+        """Writes an adapter (None: zeros) into device slot `slot` (1..max_loras); with a fold, its A into
+        `param_leaves` (the runner's parameters), returned updated (as given without a fold)."""
         if not 1 <= slot < self.num_slots:
             raise ValueError(f"LoRA slot must be in [1, {self.num_slots - 1}], got {slot}")
         if weights is not None and weights.rank > self.config.max_lora_rank:
             raise ValueError(f"LoRA adapter {weights.lora_name!r}: rank {weights.rank} exceeds max_lora_rank="
                              f"{self.config.max_lora_rank}")
-        self.stacks = self._write(self.stacks, np.int32(slot), self.host_slot(weights))
+        host = self.host_slot(weights)
+        if self.fold is None:
+            self.stacks = self._write(self.stacks, np.int32(slot), host)
+            return param_leaves
+        self.stacks = self._write(self.stacks, np.int32(slot), [{e: (None, b) for e, (_, b) in d.items()}
+                                                                for d in host])
+        return self.fold.write(param_leaves, slot, [{e: a for e, (a, _) in d.items()} for d in host])
 
 
 def _write_slot(stacks, slot, new):

@@ -57,7 +57,6 @@ class ModelRunner:
         self.graphdef = graphdef
         self.lora = lora  # worker/lora_stacks.LoRAStacks (multi-LoRA) or None
         self._force_lora = False  # warmup: compile the LoRA program of a bucket although its dummy rows use none
-        self.params = params
         # Flattened once: an NNX State flattens through Python on every call, a list of arrays in JAX's C++ path.
         self._param_leaves, param_tree = jax.tree.flatten(params)
         self._param_tree = param_tree
@@ -186,11 +185,16 @@ class ModelRunner:
         """Warmup compiles every bucket without LoRA and, where adapters are enabled, with it (`_force_lora`)."""
         return (False,) if self.lora is None else (False, True)
 
+    @property
+    def params(self) -> nnx.State:
+        """The model's parameters as they are now (a LoRA fold writes adapters into them: worker/lora_fold.py)."""
+        return jax.tree.unflatten(self._param_tree, self._param_leaves)
+
     def load_lora(self, slot: int, weights) -> None:
         """Writes an adapter (qwenjax/lora/peft.LoRAWeights) into device slot `slot`; dispatched in order, so steps
         dispatched before it read the slot's previous adapter and steps after it this one."""
-        with jax.set_mesh(self.mesh):
-            self.lora.load(slot, weights)
+        with jax.set_mesh(self.mesh):  # with a fold (worker/lora_fold.py) A goes into the parameters themselves
+            self._param_leaves = self.lora.load(slot, weights, self._param_leaves)
 
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)

@@ -30,7 +30,8 @@ from qwenjax.worker.kv_cache import (
     page_bytes,
     plan_num_pages,
 )
-from qwenjax.worker.lora_stacks import LoRAStacks
+from qwenjax.worker.lora_fold import LoRAFold
+from qwenjax.worker.lora_stacks import LoRAStacks, slot_rank
 from qwenjax.worker.model_runner import ModelRunner
 from qwenjax.worker.sampler import WARMUP_MODES
 
@@ -134,9 +135,8 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
               [(b, q, True, d) for d, b, q in sc.mixed_buckets]
     lora = None
     if args.enable_lora:  # the adapter slots take their memory before the KV cache is sized
-        lora = LoRAStacks(model_cfg, args.lora_config, dtype, mesh)
-        logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB)", args.max_loras, lora.rank,
-                    lora.nbytes / 2**30)
+        lora, params = lora_slots(model_cfg, args.lora_config, dtype, mesh, params, args.tensor_parallel_size,
+                                  quant is not None)
     num_pages = _size_cache(args, model_cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora)
     kv = allocate(model_cfg, num_pages, sc.block_size, cache_dtype, kv_sharding(mesh, model_cfg))
     runner = ModelRunner(graphdef, params, kv, vocab_size=cfg.vocab_size, max_num_seqs=sc.max_num_seqs,
@@ -212,6 +212,21 @@ def _generation_defaults(args: EngineArgs, path: Path | None):
         return GenerationDefaults()
     src = path if args.generation_config == "auto" else Path(args.generation_config)
     return load_generation_defaults(src) if src is not None else GenerationDefaults()
+
+
+def lora_slots(model_cfg, lora_config, dtype, mesh, params, tp: int, quantized: bool):
+    """(LoRAStacks, params): the adapters' device slots; where the fold applies (worker/lora_fold.py: one device,
+    float weights) the slots' A become extra columns of the base projections, so params come back widened."""
+    fold = None
+    if LoRAFold.applies(params, model_cfg.num_hidden_layers, tp, quantized):
+        fold = LoRAFold(params, model_cfg.num_hidden_layers, LoRAFold.rank_columns(slot_rank(lora_config)),
+                        lora_config.max_loras + 1)
+        params = fold.extend(params)
+    stacks = LoRAStacks(model_cfg, lora_config, dtype, mesh, fold=fold)
+    logger.info("LoRA: %d slots of rank %d on every projection (%.3f GiB%s)", lora_config.max_loras, stacks.rank,
+                (stacks.nbytes + (fold.nbytes if fold else 0)) / 2**30,
+                "; A as extra columns of the base projections" if fold else "")
+    return stacks, params
 
 
 def _size_cache(args, cfg, sc, cache_dtype, graphdef, params, buckets, memory_source, mesh, lora=None) -> int:

@@ -1,6 +1,7 @@
-"""Multi-LoRA on the GPU (`pytest tests/gpu --gpu`; deselected elsewhere): the decode step runs the split-K decode
-kernels (pallas_kernels/lora_decode.py: a shrink and an expand per projection group of every layer, never the
-grouped pair nor the dense jnp fallback) and the same bucket without an adapter row runs none; both kernel pairs
+"""Multi-LoRA on the GPU (`pytest tests/gpu --gpu`; deselected elsewhere): the decode step runs one expand kernel per
+projection group of every layer (pallas_kernels/lora_decode.py's expand of the shrink folded into the base
+projection, worker/lora_fold.py; never the grouped pair nor the dense jnp fallback) and the same bucket without an
+adapter row runs none; with the fold off, a split-K shrink and an expand; both kernel pairs
 equal the jnp reference at the 7B's projection shapes; and a batch mixing two adapters and the base model gives, row
 by row, the greedy tokens of PEFT on transformers (CPU torch) for the same checkpoint (float32 on both sides)."""
 
@@ -11,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora_decode import lora_decode_matmul, plan
-from pallas_kernels.lora_matmul import group_by_slot, lora_matmul, lora_matmul_reference
+from pallas_kernels.lora_decode import lora_decode_expand, lora_decode_matmul, plan
+from pallas_kernels.lora_matmul import folded_expand_grouped, group_by_slot, lora_matmul, lora_matmul_reference
 from qwenjax import LLM, LoRARequest, SamplingParams
 from qwenjax.worker import packing
 from qwenjax.worker.model_runner import dummy_input
@@ -37,7 +38,7 @@ def setup(tmp_path_factory):
     return base, {"a": LoRARequest("a", 1, str(a)), "b": LoRARequest("b", 2, str(b))}, LLM(str(base), **ENGINE)
 
 
-@pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped"])
+@pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped", "folded", "folded_grouped"])
 @pytest.mark.parametrize("shape", [(3584, 48, 4608), (3584, 16, 3584), (18944, 16, 3584), (3584, 32, 37888)])
 @pytest.mark.parametrize("rows", [1, 8, 64, 257, 512])
 def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
@@ -55,6 +56,11 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
         got = y.astype(jnp.float32) - base.astype(jnp.float32)
     elif impl.startswith("decode"):  # decode_fused: the partials summed inside the expand
         got = lora_decode_matmul(x, a, b, plan(ids, S), fuse_reduction=impl == "decode_fused").astype(jnp.float32)
+    elif impl.startswith("folded"):  # the fold: every slot's shrink as extra columns of the base product
+        h_all = jnp.einsum("ti,sir->tsr", x, a[1:], preferred_element_type=jnp.float32).astype(x.dtype)
+        h_all = h_all.reshape(rows, (S - 1) * r)
+        got = (lora_decode_expand(h_all, b, plan(ids, S)) if impl == "folded" else
+               folded_expand_grouped(h_all, b, ids, group_by_slot(ids, S))).astype(jnp.float32)
     else:
         got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
     ref = lora_matmul_reference(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), ids)
@@ -84,9 +90,12 @@ def _decode_step_kernels(runner, lora_stacks) -> dict[str, int]:
 
 def test_decode_step_runs_the_lora_kernels(setup):
     runner = setup[2].llm_engine.runner
-    # one device: groups qkv_proj, o_proj, gate_up_proj, down_proj (worker/lora_stacks.py), a shrink and an expand each
-    assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 4 * LAYERS, "lora_expand": 4 * LAYERS,
+    # one device: groups qkv_proj, o_proj, gate_up_proj, down_proj (worker/lora_stacks.py), each one expand of the
+    # shrink folded into the base projection (worker/lora_fold.py): no shrink kernel
+    lines = _step_hlo_lines(runner, runner._lora_stacks)
+    assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 0, "lora_expand": 4 * LAYERS,
                                                                 "grouped_matmul": 0, "lora_expand_add": 0}
+    assert sum("qwenjax_lora_expand" in ln and "_folded" in ln for ln in lines) == 4 * LAYERS
     # a step with no adapter row gets no stacks (model_runner._lora_stacks_for): the base program, no LoRA kernel
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     assert runner._lora_stacks_for(inp) is None
@@ -116,14 +125,16 @@ def test_expand_add_equals_peft_on_the_gpu(setup, monkeypatch, fuse):
     every expand of the decode step is one that adds, and the mixed batch still gives PEFT's greedy tokens. With
     QWENJAX_LORA_FUSE_REDUCTION=1 too, the expand also sums the shrink's partials (tiles of 16 K-slices)."""
     from qwenjax.layers.lora import EXPAND_ADD_ENV, FUSE_REDUCTION_ENV
+    from qwenjax.worker.lora_fold import FOLD_ENV
 
     monkeypatch.setenv(EXPAND_ADD_ENV, "1")
     monkeypatch.setenv(FUSE_REDUCTION_ENV, fuse)
+    monkeypatch.setenv(FOLD_ENV, "0")  # A in the stacks: the shrink kernels, whose expand these variables change
     base, adapters, _ = setup
     llm = LLM(str(base), **ENGINE)  # traced with the variable set
     runner = llm.llm_engine.runner
     k = _decode_step_kernels(runner, runner._lora_stacks)
-    assert k["lora_expand"] == k["lora_expand_add"] == 4 * LAYERS
+    assert k["lora_expand"] == k["lora_expand_add"] == k["lora_shrink"] == 4 * LAYERS
     fused = sum("qwenjax_lora_expand" in ln and "_fused" in ln for ln in _step_hlo_lines(runner, runner._lora_stacks))
     assert fused == (4 * LAYERS if fuse == "1" else 0)
     prompts = [[int(t) for t in np.random.default_rng(9).integers(0, 512, n)] for n in (7, 21, 12)]
