@@ -8,7 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qwenjax.config import ModelConfig
 from qwenjax.models.default_model import CONFIG
