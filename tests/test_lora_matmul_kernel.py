@@ -177,11 +177,26 @@ def test_decode_kernel_refuses_bad_settings():
         plan(ids, a.shape[0], block_m=24)
 
 
+def _as_on_a_gpu(monkeypatch, kernels, max_rows) -> list:
+    """layers/lora.py as on a GPU: `kernels` (its names) run in interpret mode and log their calls into the list
+    returned; steps of more than max_rows tokens take the grouped kernels."""
+    from qwenjax import compat
+    from qwenjax.layers import lora
+
+    calls = []
+    for name in kernels:
+        kernel = getattr(lora, name)
+        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
+                                                                                                     interpret=True))
+    monkeypatch.setattr(compat, "platform", lambda: "gpu")
+    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    return calls
+
+
 @pytest.mark.parametrize("max_rows", [1024, 4])  # 7 rows: the decode kernels; past a limit of 4: the grouped pair
 def test_model_side_takes_the_gpu_kernels_by_step_size(monkeypatch, max_rows):
     """layers/lora.py as on a GPU (kernels in interpret mode): LoRAInputs.build makes the grouping once, and every
     projection group's delta equals the CPU path's (the reference)."""
-    from qwenjax import compat
     from qwenjax.layers import lora
 
     rng = np.random.default_rng(3)
@@ -199,13 +214,7 @@ def test_model_side_takes_the_gpu_kernels_by_step_size(monkeypatch, max_rows):
                         lora.add_lora(jnp.ones((T, 64)), x, inputs, 0, "o_proj"))
 
     _, want = run()  # CPU: the jnp reference
-    calls = []
-    for name in ("lora_decode_matmul", "lora_matmul"):
-        kernel = getattr(lora, name)
-        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
-                                                                                                     interpret=True))
-    monkeypatch.setattr(compat, "platform", lambda: "gpu")
-    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    calls = _as_on_a_gpu(monkeypatch, ("lora_decode_matmul", "lora_matmul"), max_rows)
     inputs, got = run()
     assert (inputs.plan is not None, inputs.grouping is not None) == ((True, False) if max_rows >= T else
                                                                       (False, True))
@@ -219,7 +228,6 @@ def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
     """layers/lora.py with the fold's stacks (A None: the shrink came out of the base projection as `folded`
     columns): on a GPU (kernels in interpret mode) decode-sized steps take lora_decode_expand and larger ones the
     grouped expand, and both give the CPU path's delta, which is each row's h @ B[slot]."""
-    from qwenjax import compat
     from qwenjax.layers import lora
 
     rng = np.random.default_rng(5)
@@ -236,12 +244,6 @@ def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
         return lora.add_lora_parts(ys, None, lora.LoRAInputs.build(stacks, ids), 0, "qkv_proj", folded)
 
     np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)  # CPU: the jnp reference
-    calls = []
-    for name in ("lora_decode_expand", "folded_expand_grouped"):
-        kernel = getattr(lora, name)
-        monkeypatch.setattr(lora, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw,
-                                                                                                     interpret=True))
-    monkeypatch.setattr(compat, "platform", lambda: "gpu")
-    monkeypatch.setattr(lora, "SPLIT_K_MAX_ROWS", max_rows)
+    calls = _as_on_a_gpu(monkeypatch, ("lora_decode_expand", "folded_expand_grouped"), max_rows)
     np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)
     assert calls == ["lora_decode_expand" if max_rows >= T else "folded_expand_grouped"]
