@@ -53,6 +53,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -144,11 +145,14 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
 
 
 def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs, num_groups, block_m, block_r,
-                   block_n, pad_row, precision, num_splits, chunk, folded=False):
+                   block_n, pad_row, precision, num_splits, chunk, folded=False, part_starts=(), part_rank=0):
     # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
     # float32 partials [Tp, num_splits * R], summed here, or with `folded` every slot's shrink in row order
     # [Tx, (S - 1) * R] (the base projection's extra columns: lora_decode_expand); b_ref [S, R, block_n]; refs:
-    # (o_ref,) or (y_ref, o_ref), y the base projection [Tx, block_n] aliased to o_ref, both in row order
+    # (o_ref,) or (y_ref, o_ref), y the base projection [Tx, block_n] aliased to o_ref, both in row order.
+    # part_starts (static): B is block-diagonal over a group's parts (part p: rows [p * part_rank, (p + 1) *
+    # part_rank), output columns from part_starts[p - 1]) and block_n divides every part's width, so this program's
+    # columns lie in one part and only that part's part_rank rows of B (and of h) are read: the rest are zeros.
     y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     i = pl.program_id(0)
     g, r0, r1 = group_ref[i], row0_ref[i], row1_ref[i]
@@ -157,12 +161,17 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs
     rows = plgpu.load(order_ref.at[srows], mask=ok, other=pad_row)[:, None]
     cc = lax.broadcasted_iota(jnp.int32, (1, block_r), 1)
     r = b_ref.shape[1]
-    steps = (g < num_groups).astype(jnp.int32) * (r // block_r)
+    if part_starts:
+        col0 = pl.program_id(1) * block_n
+        first = sum((col0 >= c).astype(jnp.int32) for c in part_starts) * part_rank  # this part's first rank row
+        steps = (g < num_groups).astype(jnp.int32) * (part_rank // block_r)
+    else:
+        first, steps = 0, (g < num_groups).astype(jnp.int32) * (r // block_r)
     slot = jnp.minimum(g, num_groups - 1) + 1
     mask = jnp.broadcast_to(ok[:, None], (block_m, block_r))
 
     def body(s, acc):
-        c0 = s * block_r
+        c0 = first + s * block_r
         if folded:  # the row's own slot's R columns of the folded shrink
             h = plgpu.load(h_ref.at[rows, (slot - 1) * r + c0 + cc], mask=mask, other=jnp.zeros((), h_ref.dtype))
         elif num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
@@ -268,15 +277,18 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
 
 
 def _expand(h, b, p: LoRAPlan, order, t, tx, bn, params, kw, *, base=None, num_splits=0, folded=False,
-            interpret=False):
-    """The expand's pallas_call: [Tx, O] in b.dtype, rows of an adapter written (plus base's with `base`)."""
+            parts=(), interpret=False):
+    """The expand's pallas_call: [Tx, O] in b.dtype, rows of an adapter written (plus base's with `base`); `parts`
+    (see `block_diagonal`): the tiles read only their own part's rows of B."""
     s_, r, o = b.shape
+    starts = tuple(int(c) for c in np.cumsum(parts)[:-1]) if parts else ()
     nt = p.group.shape[0]
     table = pl.BlockSpec((nt,), lambda *_: (0,))
     out_spec = pl.BlockSpec((tx, bn), lambda i, j: (0, j))
     extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
     return pl.pallas_call(
-        functools.partial(_expand_kernel, block_n=bn, num_splits=num_splits, folded=folded,
+        functools.partial(_expand_kernel, block_n=bn, num_splits=num_splits, folded=folded, part_starts=starts,
+                          part_rank=r // len(parts) if parts else 0,
                           chunk=min(_SUM_CHUNK, 1 << max(num_splits - 1, 0).bit_length()), **kw),
         grid=(nt, o // bn),
         in_specs=[table, table, table, pl.BlockSpec((order.shape[0],), lambda *_: (0,)),
@@ -287,24 +299,51 @@ def _expand(h, b, p: LoRAPlan, order, t, tx, bn, params, kw, *, base=None, num_s
         input_output_aliases={6: 0} if extra else {},
         compiler_params=params, interpret=interpret,
         name=f"qwenjax_lora_expand_m{p.block_m}_r{kw['block_r']}_n{bn}{'_fused' if num_splits else ''}"
-             f"{'_add' if extra else ''}{'_folded' if folded else ''}",
+             f"{'_add' if extra else ''}{'_folded' if folded else ''}{f'_parts{len(parts)}' if parts else ''}",
     )(p.group, p.row0, p.row1, order, h, b, *extra)
 
 
-@functools.partial(jax.jit, static_argnames=("block_r", "block_n", "num_warps", "num_stages", "interpret"))
+def block_diagonal(parts: tuple, r: int, block_r: int | None = None) -> tuple[tuple, int | None]:
+    """(parts, block_n) for an expand whose B [S, R, O] is block-diagonal over a group's parts of output widths
+    `parts` (q/k/v, gate/up: part p's R / G rank rows feed only its columns): the widest power-of-two block_n <= 128
+    dividing every part, so that a tile's columns lie in one part. ((), None) where no such tiling is there (a
+    width not a multiple of 16, or a part's rank not a multiple of block_r): then every tile reads all R rows."""
+    g = len(parts)
+    if g < 2 or r % g:
+        return (), None
+    width = int(np.gcd.reduce(np.asarray(parts)))
+    bn = _pow2_divisor(width, 128)
+    pr = r // g
+    br = block_r or _pow2_divisor(pr, 64)
+    if width % bn or pr % br or br < _MIN_DOT:
+        return (), None
+    return tuple(int(w) for w in parts), bn
+
+
+@functools.partial(jax.jit, static_argnames=("block_r", "block_n", "num_warps", "num_stages", "parts", "interpret"))
 def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=None, block_n=None, num_warps=None,
-                       num_stages=None, interpret: bool = False) -> jax.Array:
+                       num_stages=None, parts: tuple = (), interpret: bool = False) -> jax.Array:
     """The expand alone, of a shrink already done for every slot: h_all [T, (S - 1) * R] in row order (slot s's
     R columns at [(s - 1) R, s R), as the base projection's extra columns give it: layers/lora.py's fold) and
     b [S, R, O] -> [T, O] in b.dtype, row t = h_all[t, its slot's columns] @ b[its slot] accumulated in float32,
-    zeros for rows of slot 0. One kernel: the expand reads each row's own columns straight from h_all."""
+    zeros for rows of slot 0. One kernel: the expand reads each row's own columns straight from h_all.
+
+    parts: the output widths of a group's parts when b is block-diagonal over them (layers/lora.py's groups); where
+    `block_diagonal` finds a tiling, each tile reads only its part's rank rows (the zero blocks are not read) and
+    block_n defaults to that tiling's."""
     t = h_all.shape[0]
     s_, r, o = b.shape
     if h_all.ndim != 2 or h_all.shape[1] != (s_ - 1) * r or h_all.dtype != b.dtype or p.ids.shape[0] != t:
         raise ValueError(f"h_all must be {b.dtype}[T, (S - 1) * R] = [{p.ids.shape[0]}, {(s_ - 1) * r}] for b "
                          f"[S={s_}, R={r}, O={o}] and the plan's rows; got {h_all.dtype}{list(h_all.shape)}")
+    if parts and sum(parts) != o:
+        raise ValueError(f"parts {list(parts)} must add up to B's {o} output columns")
     d = default_settings(t, r, r, o, p.block_m)
-    br, bn = block_r or d["block_r"], block_n or d["block_n"]
+    parts, part_bn = block_diagonal(parts, r, block_r) if parts else ((), None)
+    if parts and block_n and any(w % block_n for w in parts):
+        raise ValueError(f"block_n={block_n} must divide every part's width {list(parts)} (a tile in one part)")
+    br = block_r or (_pow2_divisor(r // len(parts), 64) if parts else d["block_r"])
+    bn = block_n or part_bn or d["block_n"]
     for name, v, dim in (("block_r", br, r), ("block_n", bn, o)):
         if v < _MIN_DOT or v & (v - 1) or dim % v:
             raise ValueError(f"{name}={v} must be a power of two >= {_MIN_DOT} dividing {dim}")
@@ -315,5 +354,5 @@ def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=N
     precision = lax.Precision.HIGHEST if b.dtype == jnp.float32 else None
     params = _CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3)
     kw = dict(num_groups=s_ - 1, block_m=bm, block_r=br, pad_row=t, precision=precision)
-    out = _expand(hp, b, p, order, t, tx, bn, params, kw, folded=True, interpret=interpret)
+    out = _expand(hp, b, p, order, t, tx, bn, params, kw, folded=True, parts=parts, interpret=interpret)
     return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), b.dtype))

@@ -117,6 +117,35 @@ def test_decode_expand_of_a_folded_shrink(name, dtype):
         lora_decode_expand(h_all[:, :-16], bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True)
 
 
+@pytest.mark.parametrize("parts", [(48, 16, 16), (32, 48), (16, 16, 16)])
+def test_decode_expand_reads_only_each_parts_block(parts):
+    """With `parts`, a group's block-diagonal B: each output column block reads only its part's rank rows. Against
+    a B whose off-diagonal blocks hold values: the result is that of the block-diagonal B (the other blocks are not
+    read), equal to the full expand of the masked B."""
+    from pallas_kernels.lora_decode import block_diagonal
+
+    rng = np.random.default_rng(len(parts))
+    S, R, T, G = 4, 16, 9, len(parts)
+    ids = jnp.asarray(rng.integers(0, S, T), jnp.int32)
+    b = rng.normal(0, 0.3, (S, G * R, sum(parts))).astype(np.float32)
+    b[0] = 0
+    mask = np.zeros_like(b[0])
+    for g, (c0, w) in enumerate(zip(np.cumsum((0,) + parts[:-1]), parts)):
+        mask[g * R:(g + 1) * R, c0:c0 + w] = 1
+    h_all = jnp.asarray(rng.normal(0, 1, (T, (S - 1) * G * R)).astype(np.float32))
+    p = plan(ids, S)
+    got = lora_decode_expand(h_all, jnp.asarray(b), p, parts=parts, interpret=True)
+    want = lora_decode_expand(h_all, jnp.asarray(b * mask), p, interpret=True)
+    full = lora_decode_expand(h_all, jnp.asarray(b), p, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(full), atol=1e-3)  # the off-diagonal blocks were skipped
+    assert block_diagonal(parts, G * R) == (parts, 16)
+    assert block_diagonal((3584, 512, 512), 48) == ((3584, 512, 512), 128)  # the 7B's q/k/v: 128-column tiles
+    assert block_diagonal((40, 8), 32) == ((), None)  # no 16-wide tiling: every tile reads all rows
+    with pytest.raises(ValueError, match=r"parts \[48, 16\] must add up to B's"):
+        lora_decode_expand(h_all, jnp.asarray(b), p, parts=(48, 16), interpret=True)
+
+
 @pytest.mark.parametrize("settings", [dict(split_k=32, block_k=16), dict(split_k=64, block_k=32, block_r=16),
                                       dict(split_k=16, block_n=16, block_m=32), dict(block_m=64),
                                       dict(split_k=32, block_k=16, fuse_reduction=True),
@@ -233,7 +262,8 @@ def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
     rng = np.random.default_rng(5)
     S, R, T = 4, 16, 7
     ids = jnp.asarray([2, 0, 1, 3, 2, 0, 1], jnp.int32)
-    b = jnp.asarray(rng.normal(0, 0.3, (S, 3 * R, 96)).astype(np.float32)).at[0].set(0)
+    diag = np.kron(np.eye(3), np.ones((R, 32)))  # as the stacks hold a group: B block-diagonal over q, k, v
+    b = jnp.asarray(rng.normal(0, 0.3, (S, 3 * R, 96)).astype(np.float32) * diag).at[0].set(0)
     stacks = [{"qkv_proj": (None, b)}]
     folded = jnp.asarray(rng.normal(0, 1, (T, (S - 1) * 3 * R)).astype(np.float32))
     ys = (jnp.ones((T, 32)), jnp.ones((T, 32)), jnp.ones((T, 32)))

@@ -109,13 +109,14 @@ def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: Lo
     return y + _delta(x, a, b, lora).reshape(y.shape).astype(y.dtype)
 
 
-def _folded_delta(h_all: jax.Array, b: jax.Array, lora: LoRAInputs) -> jax.Array:
-    """[T, O] in b.dtype: the expand of the folded shrink h_all [T, (S - 1) * R] (module docstring)."""
+def _folded_delta(h_all: jax.Array, b: jax.Array, lora: LoRAInputs, parts: tuple = ()) -> jax.Array:
+    """[T, O] in b.dtype: the expand of the folded shrink h_all [T, (S - 1) * R] (module docstring); `parts`: a
+    group's output widths (B block-diagonal over them: the decode expand skips the zero blocks)."""
     r, o = b.shape[1], b.shape[2]
     if compat.platform() != "gpu" or r % 16 or o % 16:
         return folded_expand_reference(h_all, b, lora.ids)
     if lora.plan is not None:
-        return lora_decode_expand(h_all, b, lora.plan)
+        return lora_decode_expand(h_all, b, lora.plan, parts=parts)
     return folded_expand_grouped(h_all, b, lora.ids, lora.grouping)
 
 
@@ -143,7 +144,7 @@ def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int,
     a, b = lora.stacks[layer][group]
     bounds = np.cumsum([y.shape[-1] for y in ys])[:-1].tolist()
     if a is None:
-        delta = _folded_delta(folded, b, lora)
+        delta = _folded_delta(folded, b, lora, tuple(y.shape[-1] for y in ys))
     elif _adds_in_expand(ys[0], a, b, lora):  # the parts side by side (slices of one fused projection: its output)
         return tuple(jnp.split(_plus_delta(jnp.concatenate(ys, axis=-1), x, a, b, lora), bounds, axis=-1))
     else:

@@ -38,7 +38,11 @@ def setup(tmp_path_factory):
     return base, {"a": LoRARequest("a", 1, str(a)), "b": LoRARequest("b", 2, str(b))}, LLM(str(base), **ENGINE)
 
 
-@pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped", "folded", "folded_grouped"])
+PARTS = {4608: (3584, 512, 512), 37888: (18944, 18944)}  # the groups' parts (q/k/v, gate/up): B block-diagonal
+
+
+@pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped", "folded", "folded_grouped",
+                                  "folded_parts"])
 @pytest.mark.parametrize("shape", [(3584, 48, 4608), (3584, 16, 3584), (18944, 16, 3584), (3584, 32, 37888)])
 @pytest.mark.parametrize("rows", [1, 8, 64, 257, 512])
 def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
@@ -49,6 +53,10 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     a = (jax.random.normal(k[1], (S, i, r)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     b = (jax.random.normal(k[2], (S, r, o)) * 0.05).astype(jnp.bfloat16).at[0].set(0)
     ids = jax.random.randint(k[3], (rows,), 0, S, jnp.int32)
+    parts = PARTS.get(o, ()) if impl == "folded_parts" else ()
+    if parts:  # as the stacks hold a group: part g's rank rows feed only its columns
+        b = b * jnp.asarray(np.kron(np.eye(len(parts)), np.ones((1, 1))).repeat(r // len(parts), 0).repeat(
+            np.asarray(parts), 1), jnp.bfloat16)
     base = (jax.random.normal(k[0], (rows, o)) * 0.05).astype(jnp.bfloat16)
     if impl == "decode_add":  # the default (XLA-summed) reduction, added into base's buffer by the expand
         y = lora_decode_matmul(x, a, b, plan(ids, S), base=base)
@@ -59,7 +67,7 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     elif impl.startswith("folded"):  # the fold: every slot's shrink as extra columns of the base product
         h_all = jnp.einsum("ti,sir->tsr", x, a[1:], preferred_element_type=jnp.float32).astype(x.dtype)
         h_all = h_all.reshape(rows, (S - 1) * r)
-        got = (lora_decode_expand(h_all, b, plan(ids, S)) if impl == "folded" else
+        got = (lora_decode_expand(h_all, b, plan(ids, S), parts=parts) if impl != "folded_grouped" else
                folded_expand_grouped(h_all, b, ids, group_by_slot(ids, S))).astype(jnp.float32)
     else:
         got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
@@ -96,6 +104,8 @@ def test_decode_step_runs_the_lora_kernels(setup):
     assert _decode_step_kernels(runner, runner._lora_stacks) == {"lora_shrink": 0, "lora_expand": 4 * LAYERS,
                                                                 "grouped_matmul": 0, "lora_expand_add": 0}
     assert sum("qwenjax_lora_expand" in ln and "_folded" in ln for ln in lines) == 4 * LAYERS
+    # q/k/v and gate/up: their tiles read only their own part's block of B (lora_decode.block_diagonal)
+    assert sum("qwenjax_lora_expand" in ln and "_parts" in ln for ln in lines) == 2 * LAYERS
     # a step with no adapter row gets no stacks (model_runner._lora_stacks_for): the base program, no LoRA kernel
     inp = dummy_input(8, 1, runner.num_pages, runner.page_size, runner.block_table_width, runner.scratch_slot)
     assert runner._lora_stacks_for(inp) is None
