@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +128,27 @@ def test_fp8_matmul_is_the_dequantized_product():
     assert np.isfinite(np.asarray(xq, np.float32)).all() and np.abs(np.asarray(xq, np.float32)).max() == 448
     zero, scale = quantize_activations(jnp.zeros((2, 256), jnp.float32))
     assert (np.asarray(scale) == 1).all() and (np.asarray(zero, np.float32) == 0).all()
+
+
+def test_block_scaled_product_keeps_the_float8_rounding_fenced():
+    """Quantization and the block-scaled product in one program: the float8 operands pass an optimization barrier
+    before their conversion back to float32 (XLA's GPU pipeline folds float32 -> float8 -> float32 chains into
+    nothing, which the CPU backend cannot show: fp8_matmul.block_scaled_reference), and the result is still the
+    product of the rounded values."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    wq, ws = quantize_weight_per_channel(jnp.asarray(rng.standard_normal((256, 32)) * 0.05, jnp.float32))
+
+    def layer(x):
+        xq, xs = quantize_activations(x, group=128)
+        return fp8_matmul(xq, xs, wq.T, jnp.repeat(ws, 2, axis=0), out_dtype=jnp.float32)
+
+    hlo = jax.jit(layer).lower(x).as_text()
+    assert "optimization_barrier" in hlo
+    xq, xs = quantize_activations(x, group=128)
+    x_deq = (np.asarray(xq, np.float32).reshape(3, 2, -1) * np.asarray(xs)[..., None]).reshape(3, 256)
+    np.testing.assert_allclose(np.asarray(jax.jit(layer)(x)), x_deq @ (np.asarray(wq, np.float32) * np.asarray(ws)),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
