@@ -15,6 +15,8 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
   fp8_tn      layers/fp8_matmul.fp8_matmul: the weight stored [N, K] (the checkpoint's [O, I], the model's since
               NOTES 48) and contracted on its last axis: the "TN" operand order cuBLASLt's FP8 GEMM takes; in
               fp8_dot's [K, N] order XLA transposes the weight first (NOTES 47, 48)
+  fp8_tn_f32acc  fp8_tn with QWENJAX_FP8_ACCUM=f32: float32 accumulation without cuBLASLt's fast FP8 accumulation
+              (DotAlgorithmPreset.ANY_F8_ANY_F8_F32; on CPU the same as fp8_tn)
   fp8_up      the same values as fp8_dot, multiplied as bf16: both float8 operands converted to bf16 inside the
               program (exact: every float8 value is a bf16 value, every product of two is exact in float32), a bf16
               dot with a float32 result, the scales after. XLA can fuse the converts into its GEMM's operand loads
@@ -26,7 +28,8 @@ Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
 `_speedup_vs_bf16`. Each form's output is checked against a float32 product of the same values (rel_err, Frobenius;
-above 2e-2 the form is marked wrong).
+above 2e-2 the form is marked wrong) and `_max_err` (the largest elementwise error over the reference's largest
+magnitude: tests/gpu/test_fp8_gpu.py allows 2^-7).
 
   python benchmarks/fp8_matmul.py --out $OUT                            # H100: a few minutes
   python benchmarks/fp8_matmul.py --rows 1,8192 --layers gate_up        # a quick look
@@ -50,7 +53,8 @@ import result_files  # noqa: E402
 BENCHMARK = "fp8-matmul"
 SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
-FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_up", "fp8_up_tn", "fp8_gemv")
+FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_tn_f32acc", "fp8_up", "fp8_up_tn",
+         "fp8_gemv")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -126,6 +130,8 @@ def forms():
         "fp8_layer": (jax.jit(layer), lambda x, w: (x,) + per_channel_tn(x, w)[2:]),
         "fp8_xla": (jax.jit(xla_pattern), per_tensor),
         "fp8_tn": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16)), per_channel_tn),
+        "fp8_tn_f32acc": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16, accum="f32")),
+                          per_channel_tn),
         "fp8_up": (jax.jit(up), per_channel),
         "fp8_up_tn": (jax.jit(lambda *a: up(*a, contract=1)), per_channel_tn),
         "fp8_gemv": (jax.jit(lambda *a: fp8_gemv(*a, out_dtype=bf16, interpret=jax.default_backend() == "cpu")),
@@ -148,7 +154,7 @@ def reference(form: str, args):
     xq, xs, wq, ws = args
     if form == "fp8_plain":
         return f(xq) @ f(wq)
-    if form in ("fp8_tn", "fp8_up_tn", "fp8_gemv"):
+    if form in ("fp8_tn", "fp8_tn_f32acc", "fp8_up_tn", "fp8_gemv"):
         return (f(xq) * f(xs)) @ (f(wq).T * f(ws))
     return (f(xq) * f(xs)) @ (f(wq) * f(ws))
 
@@ -186,13 +192,15 @@ def main(argv=None):
                     out = np.asarray(fn(*fargs), np.float32)
                     ref = reference(form, fargs)
                     rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+                    worst = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
                 except Exception as e:  # a form that fails to compile or run is recorded, the probe goes on
                     errors[key] = f"{type(e).__name__}: {str(e)[:300]}"
                     print(f"{key}: {errors[key]}", flush=True)
                     continue
                 calls[key] = custom_calls(hlo)
                 metrics.update({f"{key}_us": secs * 1e6, f"{key}_tflops": flops / secs / 1e12,
-                                f"{key}_cublaslt_f8": F8_CALL in hlo, f"{key}_rel_err": rel})
+                                f"{key}_cublaslt_f8": F8_CALL in hlo, f"{key}_rel_err": rel,
+                                f"{key}_max_err": worst})
                 if rel > 2e-2:
                     errors[key] = f"wrong: rel_err {rel:.3g}"
                 base = metrics.get(f"bf16_{layer}_m{m}_us")

@@ -40,6 +40,20 @@ from qwenjax.compat import platform
 _DIMS = (((1,), (1,)), ((), ()))  # x [T, I] . w [O, I] -> [T, O]
 # QWENJAX_FP8_GEMV=1: steps of few rows take the Pallas FP8 GEMV on a GPU (module docstring); read when traced.
 GEMV_ENV = "QWENJAX_FP8_GEMV"
+# QWENJAX_FP8_ACCUM=f32: on a GPU the G == 1 dot asks XLA for float32 accumulation without cuBLASLt's fast
+# (imprecise) FP8 accumulation (DotAlgorithmPreset.ANY_F8_ANY_F8_F32). At K = 18,944 (down_proj) and 2,048 rows the
+# default form was off the float64 product by up to 1.5x 2^-7 of its scale at 151 of 7.3M outputs on an H100
+# (tests/gpu/test_fp8_gpu.py, NOTES 50): the suspect is fast accumulation. Opt-in until its speed is measured
+# (benchmarks/fp8_matmul.py's fp8_tn_f32acc form); read when traced.
+ACCUM_ENV = "QWENJAX_FP8_ACCUM"
+
+
+def dot_precision(accum: str | None = None):
+    """The G == 1 dot's precision: float32 accumulation without fast accumulation where `accum` (default: ACCUM_ENV)
+    is "f32" on a GPU (the CPU backend takes no algorithm for float8 operands), else XLA's default."""
+    if (accum or os.environ.get(ACCUM_ENV)) == "f32" and platform() == "gpu":
+        return jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
+    return None
 
 
 def _takes_gemv(xq: jax.Array, wq: jax.Array) -> bool:
@@ -52,15 +66,16 @@ def _takes_gemv(xq: jax.Array, wq: jax.Array) -> bool:
     return fp8_gemv.supported(xq.shape[0], xq.shape[1], wq.shape[0], x_dtype=xq.dtype, w_dtype=wq.dtype)
 
 
-def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype) -> jax.Array:
-    """[T, O] in out_dtype (module docstring for the shapes)."""
+def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype,
+               accum: str | None = None) -> jax.Array:
+    """[T, O] in out_dtype (module docstring for the shapes); `accum`: "f32" or None (ACCUM_ENV), see dot_precision."""
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
     if G == 1 and _takes_gemv(xq, wq):
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:
-        acc = jax.lax.dot_general(xq, wq, _DIMS, preferred_element_type=jnp.float32)
+        acc = jax.lax.dot_general(xq, wq, _DIMS, precision=dot_precision(accum), preferred_element_type=jnp.float32)
         return (acc * x_scale * w_scale).astype(out_dtype)
     return block_scaled_reference(xq, x_scale, wq, w_scale).astype(out_dtype)
 

@@ -28,6 +28,18 @@ def test_fp8_matmul_7b_shapes_on_gpu(m, k, n, group):
     _check_7b_shape(m, k, n, group)
 
 
+@pytest.mark.parametrize("m", [64, 2048])
+def test_fp8_matmul_f32_accumulation_at_long_k(m, monkeypatch):
+    """QWENJAX_FP8_ACCUM=f32 (no fast FP8 accumulation) at down_proj's K = 18,944, where the default form missed the
+    tolerance at 2,048 rows on an H100 (NOTES 50): the same check, and at 2,048 rows XLA still takes its FP8
+    GEMM (at few rows it may choose otherwise, with or without the setting: NOTES 47)."""
+    from qwenjax.layers.fp8_matmul import ACCUM_ENV
+
+    monkeypatch.setenv(ACCUM_ENV, "f32")
+    hlo = _check_7b_shape(m, 18944, 3584, None)
+    assert m < 2048 or "__cublas$lt$matmul$f8" in hlo
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
 def test_fp8_gemv_7b_shapes_on_gpu(m, k, n, monkeypatch):
