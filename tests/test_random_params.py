@@ -70,3 +70,32 @@ def test_random_params_are_made_in_the_fused_shapes(name):
         assert flat[("model", "layers", 0, "mlp", "experts", "gate_proj")] == (8, D, 32)
     assert not [p for p in flat if {"q_proj", "k_proj", "v_proj"} & set(p) or
                 ({"gate_proj", "up_proj"} & set(p) and "experts" not in p)]
+
+
+@pytest.mark.parametrize("block", [None, (32, 32)])
+def test_fp8_random_params_are_made_one_parameter_at_a_time_like_the_modules(block):
+    """FP8 models (quantization="fp8", or block-scaled) take the per-parameter path too: the same parameters,
+    shapes and dtypes as Fp8Linear's constructor, float8 weights whose dequantized values have std 0.02 (the float
+    init's), the constructor's scales, zeros and ones exactly."""
+    from qwenjax.quantization.config import QuantConfig
+
+    cfg = CONFIGS["dense"]
+    d = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    quant = QuantConfig.from_dict(dict(d, weight_block_size=list(block)) if block else d)
+    _, state = random_params(cfg, jnp.bfloat16, seed=3, quant=quant)
+    eager = nnx.split(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(3), quant=quant))[1]
+    ours, theirs = list(nnx.to_flat_state(state)), list(nnx.to_flat_state(eager))
+    assert [p for p, _ in ours] == [p for p, _ in theirs]
+    flat = dict(ours)
+    seen = set()
+    for (path, v), (_, e) in zip(ours, theirs):
+        a, b = v[...], e[...]
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        kind = init_kind(path, a.dtype)
+        seen.add(kind)
+        if kind == "fp8_normal":
+            w = np.asarray(a, np.float32) * np.asarray(flat[path[:-1] + ("weight_scale",)][...])[:1].T
+            assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002, path
+        elif kind != "normal":
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=str(path))
+    assert {"fp8_normal", "fp8_scale", "normal", "zeros", "ones"} <= seen

@@ -29,7 +29,7 @@ from qwenjax.layers.fp8_matmul import fp8_matmul
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_activations
 
-_RANDOM_SPREAD = 64.0  # random weights: float8 values of std 64, scale 0.02 / 64 (std 0.02, the float init's)
+RANDOM_SPREAD = 64.0  # random weights: float8 values of std 64, scale 0.02 / 64 (std 0.02, the float init's)
 
 
 class Fp8Linear(nnx.Module):
@@ -42,9 +42,9 @@ class Fp8Linear(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant, self.dtype = quant, jnp.dtype(dtype)
         G = quant.num_groups(in_features)
-        w = jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32) * _RANDOM_SPREAD
+        w = jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32) * RANDOM_SPREAD
         self.weight = nnx.Param(jnp.clip(w, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE))
-        self.weight_scale = nnx.Param(jnp.full((G, out_features), 0.02 / _RANDOM_SPREAD, jnp.float32))
+        self.weight_scale = nnx.Param(jnp.full((G, out_features), 0.02 / RANDOM_SPREAD, jnp.float32))
         if quant.activation_scheme == "static":
             self.input_scale = nnx.Param(jnp.ones((), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None

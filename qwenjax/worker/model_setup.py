@@ -116,9 +116,8 @@ def load_model(args: EngineArgs, *, memory_source=None, random_weights: ModelCon
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    logger.info("loaded %s: %.2f GiB of %s weights%s in %.1f s", "random weights" if dummy else path,
-                weight_bytes / 2**30, dtype.name, f" ({quant.describe()})"
-                if quant else "", load_s)
+    logger.info("loaded %s: %.2f GiB of weights, %s in %.1f s", "random weights" if dummy else path,
+                weight_bytes / 2**30, quant.describe() + f", the rest {dtype.name}" if quant else dtype.name, load_s)
 
     cache_dtype = kv_dtype(args.kv_cache_dtype, dtype)
     if uses_scale(cache_dtype):  # fp8_e4m3 pages: say where their scales come from, as vLLM does
