@@ -224,6 +224,21 @@ def test_no_compiles_after_warmup(llm):
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 
 
+def test_warmup_names_its_slow_buckets(llm, monkeypatch, caplog):
+    """A warm-up bucket over WARMUP_SLOW_S is logged by name (a long start says what it spent its time on); with
+    the threshold at 0 every bucket is, and the engine serves after."""
+    import logging
+
+    from qwenjax.worker import model_runner, sampler
+
+    monkeypatch.setattr(model_runner, "WARMUP_SLOW_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="qwenjax"):
+        llm.llm_engine.runner.warmup([(8, 1, False, 0), (1, 32, False, 0)], list(sampler.WARMUP_MODES[:1]))
+    assert "warm-up: bucket (rows 8, tokens 1) took" in caplog.text
+    assert "warm-up: bucket (rows 1, tokens 32) took" in caplog.text
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_kv_cache_sizing_from_device_memory(real_vocab):
     gib = 1 << 30
     mem = lambda: MemoryInfo(limit=int(0.9 * 2 * gib), in_use=0, peak=0)  # noqa: E731

@@ -45,6 +45,7 @@ from qwenjax.worker.step_input import StepInput, build_step_input
 from qwenjax.worker.vocab_split import over_vocab
 
 logger = logging.getLogger("qwenjax")
+WARMUP_SLOW_S = 5.0  # a warm-up bucket that compiles (and runs once) for longer than this is logged by name
 
 # Multi-step decode's loop: 1 keeps it an XLA while loop (one body, compiled once); an integer k > 1 unrolls k bodies
 # per iteration (a longer program, and more kernels between the loop's host-driven iterations). For measurements.
@@ -225,7 +226,12 @@ class ModelRunner:
                                                      leave=False):
             inp = dummy_input(b, q, self.num_pages, self.page_size, self.block_table_width, self.scratch_slot,
                               has_context=ctx, decode_rows=d)
-            self._run_step(inp, ctx)
+            t1 = time.perf_counter()
+            jax.block_until_ready(self._run_step(inp, ctx))
+            if time.perf_counter() - t1 >= WARMUP_SLOW_S:  # what a start that runs long spends its time on
+                logger.info("warm-up: bucket (rows %d, tokens %d%s%s%s) took %.1f s", b, q, ", cached" if ctx else "",
+                            f", {d} decode rows" if d else "", ", LoRA" if self._force_lora else "",
+                            time.perf_counter() - t1)
         self._force_lora = False
         for b in sampler_rows:
             # Same layout as a real step's logits (split on V over a mesh), or the executable would not be reused.
