@@ -29,7 +29,8 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, *, mesh=None,
     instead of one that holds every weight, and the memory beyond the weights made so far is one parameter's
     transient (the largest, a layer's [64, 3584, 2560] bf16 expert stack, is 1.1 GiB). Kinds follow the modules' own
     initializers (`init_kind`). AWQ / GPTQ models: the modules' constructor in one jit (their packed arrays have their
-    own init). FP8 went that way too until an H100 spent 46 s making the 7B so (NOTES 50).
+    own init). FP8 went that way too: on an H100 the random FP8 7B took 46 s to load so (NOTES 50; the per-parameter
+    path is not yet timed there).
     """
     from qwenjax.models.sharding import make_mesh, param_spec
 
