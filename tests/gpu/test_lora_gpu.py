@@ -55,8 +55,7 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     ids = jax.random.randint(k[3], (rows,), 0, S, jnp.int32)
     parts = PARTS.get(o, ()) if impl == "folded_parts" else ()
     if parts:  # as the stacks hold a group: part g's rank rows feed only its columns
-        b = b * jnp.asarray(np.kron(np.eye(len(parts)), np.ones((1, 1))).repeat(r // len(parts), 0).repeat(
-            np.asarray(parts), 1), jnp.bfloat16)
+        b = b * jnp.asarray(np.eye(len(parts)).repeat(r // len(parts), 0).repeat(np.asarray(parts), 1), jnp.bfloat16)
     base = (jax.random.normal(k[0], (rows, o)) * 0.05).astype(jnp.bfloat16)
     if impl == "decode_add":  # the default (XLA-summed) reduction, added into base's buffer by the expand
         y = lora_decode_matmul(x, a, b, plan(ids, S), base=base)
