@@ -145,10 +145,12 @@ def _shrink_kernel(group_ref, row0_ref, row1_ref, order_ref, x_ref, a_ref, p_ref
 
 
 def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs, num_groups, block_m, block_r,
-                   block_n, pad_row, precision, num_splits, chunk, folded=False, part_starts=(), part_rank=0):
+                   block_n, pad_row, precision, num_splits, chunk, folded=False, part_starts=(), part_rank=0,
+                   h_col0=0):
     # tables [NT]; order_ref [Tp] and h_ref in sorted rows: h [Tp, R] (x.dtype), or with num_splits > 0 the shrink's
     # float32 partials [Tp, num_splits * R], summed here, or with `folded` every slot's shrink in row order
-    # [Tx, (S - 1) * R] (the base projection's extra columns: lora_decode_expand); b_ref [S, R, block_n]; refs:
+    # [Tx, h_col0 + (S - 1) * R] (the base projection's extra columns, from column h_col0: lora_decode_expand);
+    # b_ref [S, R, block_n]; refs:
     # (o_ref,) or (y_ref, o_ref), y the base projection [Tx, block_n] aliased to o_ref, both in row order.
     # part_starts (static): B is block-diagonal over a group's parts (part p: rows [p * part_rank, (p + 1) *
     # part_rank), output columns from part_starts[p - 1]) and block_n divides every part's width, so this program's
@@ -173,7 +175,8 @@ def _expand_kernel(group_ref, row0_ref, row1_ref, order_ref, h_ref, b_ref, *refs
     def body(s, acc):
         c0 = first + s * block_r
         if folded:  # the row's own slot's R columns of the folded shrink
-            h = plgpu.load(h_ref.at[rows, (slot - 1) * r + c0 + cc], mask=mask, other=jnp.zeros((), h_ref.dtype))
+            h = plgpu.load(h_ref.at[rows, h_col0 + (slot - 1) * r + c0 + cc], mask=mask,
+                           other=jnp.zeros((), h_ref.dtype))
         elif num_splits:  # the shrink's K-slices summed in float32, then rounded as the separate reduction does
             h = lax.fori_loop(0, pl.cdiv(num_splits, chunk), functools.partial(
                 _sum_partials, h_ref, srows, ok, c0 + cc, r, num_splits, chunk),
@@ -277,7 +280,7 @@ def lora_decode_matmul(x: jax.Array, a: jax.Array, b: jax.Array, p: LoRAPlan, *,
 
 
 def _expand(h, b, p: LoRAPlan, order, t, tx, bn, params, kw, *, base=None, num_splits=0, folded=False,
-            parts=(), interpret=False):
+            parts=(), h_col0=0, interpret=False):
     """The expand's pallas_call: [Tx, O] in b.dtype, rows of an adapter written (plus base's with `base`); `parts`
     (see `block_diagonal`): the tiles read only their own part's rows of B."""
     s_, r, o = b.shape
@@ -288,7 +291,7 @@ def _expand(h, b, p: LoRAPlan, order, t, tx, bn, params, kw, *, base=None, num_s
     extra = () if base is None else (jnp.pad(base, ((0, tx - t), (0, 0))) if tx > t else base,)
     return pl.pallas_call(
         functools.partial(_expand_kernel, block_n=bn, num_splits=num_splits, folded=folded, part_starts=starts,
-                          part_rank=r // len(parts) if parts else 0,
+                          part_rank=r // len(parts) if parts else 0, h_col0=h_col0,
                           chunk=min(_SUM_CHUNK, 1 << max(num_splits - 1, 0).bit_length()), **kw),
         grid=(nt, o // bn),
         in_specs=[table, table, table, pl.BlockSpec((order.shape[0],), lambda *_: (0,)),
@@ -320,9 +323,10 @@ def block_diagonal(parts: tuple, r: int, block_r: int | None = None) -> tuple[tu
     return tuple(int(w) for w in parts), bn
 
 
-@functools.partial(jax.jit, static_argnames=("block_r", "block_n", "num_warps", "num_stages", "parts", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_r", "block_n", "num_warps", "num_stages", "parts", "col0",
+                                             "interpret"))
 def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=None, block_n=None, num_warps=None,
-                       num_stages=None, parts: tuple = (), interpret: bool = False) -> jax.Array:
+                       num_stages=None, parts: tuple = (), col0: int = 0, interpret: bool = False) -> jax.Array:
     """The expand alone, of a shrink already done for every slot: h_all [T, (S - 1) * R] in row order (slot s's
     R columns at [(s - 1) R, s R), as the base projection's extra columns give it: layers/lora.py's fold) and
     b [S, R, O] -> [T, O] in b.dtype, row t = h_all[t, its slot's columns] @ b[its slot] accumulated in float32,
@@ -330,12 +334,16 @@ def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=N
 
     parts: the output widths of a group's parts when b is block-diagonal over them (layers/lora.py's groups); where
     `block_diagonal` finds a tiling, each tile reads only its part's rank rows (the zero blocks are not read) and
-    block_n defaults to that tiling's."""
+    block_n defaults to that tiling's.
+
+    col0: the slots' columns start at column col0 of h_all ([T, col0 + (S - 1) * R]; the columns before are not
+    read): the base projection's whole output can be passed as it is, with no copy of its tail for the kernel."""
     t = h_all.shape[0]
     s_, r, o = b.shape
-    if h_all.ndim != 2 or h_all.shape[1] != (s_ - 1) * r or h_all.dtype != b.dtype or p.ids.shape[0] != t:
-        raise ValueError(f"h_all must be {b.dtype}[T, (S - 1) * R] = [{p.ids.shape[0]}, {(s_ - 1) * r}] for b "
-                         f"[S={s_}, R={r}, O={o}] and the plan's rows; got {h_all.dtype}{list(h_all.shape)}")
+    if h_all.ndim != 2 or h_all.shape[1] != col0 + (s_ - 1) * r or h_all.dtype != b.dtype or p.ids.shape[0] != t:
+        raise ValueError(f"h_all must be {b.dtype}[T, col0 + (S - 1) * R] = [{p.ids.shape[0]}, {col0 + (s_ - 1) * r}]"
+                         f" for b [S={s_}, R={r}, O={o}], col0={col0} and the plan's rows; got "
+                         f"{h_all.dtype}{list(h_all.shape)}")
     if parts and sum(parts) != o:
         raise ValueError(f"parts {list(parts)} must add up to B's {o} output columns")
     d = default_settings(t, r, r, o, p.block_m)
@@ -354,5 +362,5 @@ def lora_decode_expand(h_all: jax.Array, b: jax.Array, p: LoRAPlan, *, block_r=N
     precision = lax.Precision.HIGHEST if b.dtype == jnp.float32 else None
     params = _CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3)
     kw = dict(num_groups=s_ - 1, block_m=bm, block_r=br, pad_row=t, precision=precision)
-    out = _expand(hp, b, p, order, t, tx, bn, params, kw, folded=True, parts=parts, interpret=interpret)
+    out = _expand(hp, b, p, order, t, tx, bn, params, kw, folded=True, parts=parts, h_col0=col0, interpret=interpret)
     return jnp.where((p.ids > 0)[:, None], out[:t], jnp.zeros((), b.dtype))

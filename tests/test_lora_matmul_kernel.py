@@ -108,12 +108,14 @@ def test_decode_expand_of_a_folded_shrink(name, dtype):
     want = np.stack([hb[t, (s - 1) * R:s * R] @ np.asarray(jnp.asarray(b[s], dtype), np.float64) if s else
                      np.zeros(b.shape[2]) for t, s in enumerate(ids)])
     bd = jnp.asarray(b, dtype)
-    for kw in ({}, dict(block_r=16, block_n=16)):
-        got = np.asarray(lora_decode_expand(h_all, bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True, **kw),
+    # col0: the slots' columns read in place after 24 base columns (the projection's whole output), never those
+    whole = jnp.concatenate([jnp.full((h_all.shape[0], 24), 1e4, dtype), h_all], axis=1)
+    for kw, h in (({}, h_all), (dict(block_r=16, block_n=16), h_all), (dict(col0=24), whole)):
+        got = np.asarray(lora_decode_expand(h, bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True, **kw),
                          np.float32)
         np.testing.assert_allclose(got, want, atol=_tol(want, dtype), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
         assert not got[ids == 0].any()
-    with pytest.raises(ValueError, match=r"h_all must be .*\[T, \(S - 1\) \* R\]"):
+    with pytest.raises(ValueError, match=r"h_all must be .*\[T, col0 \+ \(S - 1\) \* R\]"):
         lora_decode_expand(h_all[:, :-16], bd, plan(jnp.asarray(ids), a.shape[0]), interpret=True)
 
 
@@ -265,9 +267,10 @@ def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
     diag = np.kron(np.eye(3), np.ones((R, 32)))  # as the stacks hold a group: B block-diagonal over q, k, v
     b = jnp.asarray(rng.normal(0, 0.3, (S, 3 * R, 96)).astype(np.float32) * diag).at[0].set(0)
     stacks = [{"qkv_proj": (None, b)}]
-    folded = jnp.asarray(rng.normal(0, 1, (T, (S - 1) * 3 * R)).astype(np.float32))
+    tail = jnp.asarray(rng.normal(0, 1, (T, (S - 1) * 3 * R)).astype(np.float32))
     ys = (jnp.ones((T, 32)), jnp.ones((T, 32)), jnp.ones((T, 32)))
-    h = np.asarray(folded).reshape(T, S - 1, 3 * R)
+    folded = jnp.concatenate(ys + (tail,), axis=1)  # the projection's whole output: base columns, then the slots'
+    h = np.asarray(tail).reshape(T, S - 1, 3 * R)
     want = np.stack([h[t, s - 1] @ np.asarray(b[s]) if s else np.zeros(96) for t, s in enumerate(np.asarray(ids))])
 
     def run():
@@ -277,3 +280,10 @@ def test_model_side_expands_a_folded_shrink(monkeypatch, max_rows):
     calls = _as_on_a_gpu(monkeypatch, ("lora_decode_expand", "folded_expand_grouped"), max_rows)
     np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)
     assert calls == ["lora_decode_expand" if max_rows >= T else "folded_expand_grouped"]
+    # QWENJAX_LORA_FOLD_INPLACE=1: the decode expand reads the slots' columns from the whole output (col0 = 96)
+    monkeypatch.setenv(lora.FOLD_INPLACE_ENV, "1")
+    seen, expand = [], lora.lora_decode_expand
+    monkeypatch.setattr(lora, "lora_decode_expand", lambda h, *a, **kw: seen.append((h.shape, kw.get("col0"))) or
+                        expand(h, *a, **kw))
+    np.testing.assert_allclose(np.concatenate(run(), axis=1) - 1, want, atol=1e-4)
+    assert seen == ([((T, 96 + (S - 1) * 3 * R), 96)] if max_rows >= T else [])

@@ -20,8 +20,9 @@ program (worker/model_runner.py, `_lora_stacks_for`).
 The fold (one device, float base weights: worker/lora_fold.py). There the shrink of every slot is part of the base
 projection itself: its weight carries the slots' A as extra columns [W | A_1 | ... | A_{S-1}], so the base GEMM
 gives y and every slot's h = x @ A_s at once (rounded to x.dtype, as the contract's shrink). The stacks then hold
-no A (None) and the model passes those extra columns as `folded` [T, (S - 1) * R]; what is left a projection group
-is one expand (lora_decode_expand on a GPU, reading each row's own slot's columns) and the add. At batch 1 on an
+no A (None) and the model passes the projection's whole output as `folded` [T, O + (S - 1) * R], the slots'
+columns after its O; what is left a projection group is one expand (lora_decode_expand on a GPU, reading each row's
+own slot's columns; in q/k/v and gate/up each tile only its part's block of B) and the add. At batch 1 on an
 H100 the four shrinks and their split-K sums were ~16.6 us of the LoRA's ~28 us a layer (NOTES 49); the fold costs
 the GEMMs (S - 1) x A's bytes instead.
 """
@@ -52,6 +53,10 @@ EXPAND_ADD_ENV = "QWENJAX_LORA_EXPAND_ADD"
 # QWENJAX_LORA_FUSE_REDUCTION=1: the decode expand sums the shrink's split-K partials itself (lora_decode_matmul's
 # fuse_reduction; one kernel fewer a group). Opt-in until benchmarks/lora.py has timed it; read when traced.
 FUSE_REDUCTION_ENV = "QWENJAX_LORA_FUSE_REDUCTION"
+# QWENJAX_LORA_FOLD_INPLACE=1: with the fold, the decode expand reads the slots' columns from the base projection's
+# whole output (lora_decode_expand's col0) instead of a slice of it, which XLA copies for the Pallas call (an extra
+# slice and a memcpy a layer at batch 1 on an H100, ~59 us a token: NOTES 50). Opt-in until timed; read when traced.
+FOLD_INPLACE_ENV = "QWENJAX_LORA_FOLD_INPLACE"
 
 
 def _decode(x2, a, b, lora, base=None):
@@ -109,12 +114,16 @@ def _plus_delta(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, lora: Lo
     return y + _delta(x, a, b, lora).reshape(y.shape).astype(y.dtype)
 
 
-def _folded_delta(h_all: jax.Array, b: jax.Array, lora: LoRAInputs, parts: tuple = ()) -> jax.Array:
-    """[T, O] in b.dtype: the expand of the folded shrink h_all [T, (S - 1) * R] (module docstring); `parts`: a
-    group's output widths (B block-diagonal over them: the decode expand skips the zero blocks)."""
+def _folded_delta(out: jax.Array, width: int, b: jax.Array, lora: LoRAInputs, parts: tuple = ()) -> jax.Array:
+    """[T, O] in b.dtype: the expand of the folded shrink, columns [width, ...) of the base projection's whole output
+    `out` [T, width + (S - 1) * R] (module docstring); `parts`: a group's output widths (B block-diagonal over them:
+    the decode expand skips the zero blocks)."""
     r, o = b.shape[1], b.shape[2]
+    h_all = out[:, width:]
     if compat.platform() != "gpu" or r % 16 or o % 16:
         return folded_expand_reference(h_all, b, lora.ids)
+    if lora.plan is not None and os.environ.get(FOLD_INPLACE_ENV) == "1":
+        return lora_decode_expand(out, b, lora.plan, parts=parts, col0=width)
     if lora.plan is not None:
         return lora_decode_expand(h_all, b, lora.plan, parts=parts)
     return folded_expand_grouped(h_all, b, lora.ids, lora.grouping)
@@ -123,12 +132,13 @@ def _folded_delta(h_all: jax.Array, b: jax.Array, lora: LoRAInputs, parts: tuple
 def add_lora(y: jax.Array, x: jax.Array, lora: LoRAInputs | None, layer: int, name: str,
              folded: jax.Array | None = None) -> jax.Array:
     """y [T, O] (the base projection of x [T, I]) plus the LoRA delta of projection `name` of `layer`; `folded`:
-    the base projection's extra columns where the stacks fold this projection's A into its weight."""
+    where the stacks fold this projection's A into its weight, the projection's whole output [T, O + (S - 1) R]
+    (y is its first O columns, the slots' shrink the rest)."""
     if lora is None:
         return y
     a, b = lora.stacks[layer][name]
     if a is None:
-        return y + _folded_delta(folded, b, lora).astype(y.dtype)
+        return y + _folded_delta(folded, y.shape[-1], b, lora).astype(y.dtype)
     return _plus_delta(y, x, a, b, lora)
 
 
@@ -144,7 +154,8 @@ def add_lora_parts(ys: tuple, x: jax.Array, lora: LoRAInputs | None, layer: int,
     a, b = lora.stacks[layer][group]
     bounds = np.cumsum([y.shape[-1] for y in ys])[:-1].tolist()
     if a is None:
-        delta = _folded_delta(folded, b, lora, tuple(y.shape[-1] for y in ys))
+        widths = tuple(y.shape[-1] for y in ys)
+        delta = _folded_delta(folded, sum(widths), b, lora, widths)
     elif _adds_in_expand(ys[0], a, b, lora):  # the parts side by side (slices of one fused projection: its output)
         return tuple(jnp.split(_plus_delta(jnp.concatenate(ys, axis=-1), x, a, b, lora), bounds, axis=-1))
     else:

@@ -41,11 +41,11 @@ def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
 
 
 def _base_and_folded(y: jax.Array, width: int) -> tuple[jax.Array, jax.Array | None]:
-    """A projection's output split into its `width` base columns and the columns past them: the LoRA slots' shrink
-    where worker/lora_fold.py gave the weight extra columns (None where it has none)."""
+    """A projection's `width` base columns, and where worker/lora_fold.py gave its weight extra columns (the LoRA
+    slots' shrink, past `width`) the whole output for layers/lora.py to read them from (None where it has none)."""
     if y.shape[-1] == width:
         return y, None
-    return y[..., :width], y[..., width:]
+    return y[..., :width], y
 
 
 class Qwen2Attention(nnx.Module):

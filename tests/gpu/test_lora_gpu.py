@@ -42,7 +42,7 @@ PARTS = {4608: (3584, 512, 512), 37888: (18944, 18944)}  # the groups' parts (q/
 
 
 @pytest.mark.parametrize("impl", ["decode", "decode_fused", "decode_add", "grouped", "folded", "folded_grouped",
-                                  "folded_parts"])
+                                  "folded_parts", "folded_inplace"])
 @pytest.mark.parametrize("shape", [(3584, 48, 4608), (3584, 16, 3584), (18944, 16, 3584), (3584, 32, 37888)])
 @pytest.mark.parametrize("rows", [1, 8, 64, 257, 512])
 def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
@@ -66,8 +66,13 @@ def test_kernel_matches_reference_at_7b_shapes(impl, shape, rows):
     elif impl.startswith("folded"):  # the fold: every slot's shrink as extra columns of the base product
         h_all = jnp.einsum("ti,sir->tsr", x, a[1:], preferred_element_type=jnp.float32).astype(x.dtype)
         h_all = h_all.reshape(rows, (S - 1) * r)
-        got = (lora_decode_expand(h_all, b, plan(ids, S), parts=parts) if impl != "folded_grouped" else
-               folded_expand_grouped(h_all, b, ids, group_by_slot(ids, S))).astype(jnp.float32)
+        if impl == "folded_inplace":  # the slots' columns read from the projection's whole output, after its O
+            got = lora_decode_expand(jnp.concatenate([base, h_all], axis=1), b, plan(ids, S), col0=o)
+        elif impl == "folded_grouped":
+            got = folded_expand_grouped(h_all, b, ids, group_by_slot(ids, S))
+        else:
+            got = lora_decode_expand(h_all, b, plan(ids, S), parts=parts)
+        got = got.astype(jnp.float32)
     else:
         got = lora_matmul(x, a, b, ids, group_by_slot(ids, S)).astype(jnp.float32)
     ref = lora_matmul_reference(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), ids)
