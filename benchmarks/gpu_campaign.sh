@@ -321,6 +321,7 @@ for s in "${STAGES[@]}"; do
             # then latency, prefill and throughput-fixed, each bf16 first then FP8 (result names gain -fp8).
             # FP8W_PARTS picks a subset (default: matmul latency prefill throughput).
             m=$(model_of "${s#fp8w-}")
+            # FP8W_QUANTS: which engines run, of "bf16 fp8" (default both, bf16 first)
             for part in ${FP8W_PARTS:-matmul latency prefill throughput}; do
                 case $part in
                     # FP8_MATMUL_ARGS go to fp8_matmul.py (e.g. "--rows 256,4096 --forms fp8_dot,fp8_tn")
@@ -328,12 +329,12 @@ for s in "${STAGES[@]}"; do
                             step "fp8-matmul" 60 200 "$PY" benchmarks/fp8_matmul.py ${FMA[@]+"${FMA[@]}"} \
                                 --results-dir "$RESULTS" --out "$OUT" ;;
                     latency|prefill)
-                        for q in "" fp8; do
+                        for e in ${FP8W_QUANTS:-bf16 fp8}; do q=${e#bf16}
                             step "$part-${q:-bf16}-$m" 60 0 "$PY" benchmarks/$part.py --model "$m" \
                                 ${q:+--quantization "$q"} "${COMMON[@]}"
                         done ;;
                     throughput)
-                        for q in "" fp8; do
+                        for e in ${FP8W_QUANTS:-bf16 fp8}; do q=${e#bf16}
                             step "throughput-fixed-${q:-bf16}-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed \
                                 --model "$m" ${q:+--quantization "$q"} "${COMMON[@]}"
                         done ;;
