@@ -29,7 +29,8 @@ call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took 
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
 `_speedup_vs_bf16`. Each form's output is checked against a float32 product of the same values (rel_err, Frobenius;
 above 2e-2 the form is marked wrong) and `_max_err` (the largest elementwise error over the reference's largest
-magnitude: tests/gpu/test_fp8_gpu.py allows 2^-7).
+magnitude: tests/gpu/test_fp8_gpu.py allows 2^-7) and `_compile_s` (lowering and compiling, XLA's autotuning
+included: the first call of each form, no persistent cache).
 
   python benchmarks/fp8_matmul.py --out $OUT                            # H100: a few minutes
   python benchmarks/fp8_matmul.py --rows 1,8192 --layers gate_up        # a quick look
@@ -42,6 +43,7 @@ import argparse
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,7 +189,9 @@ def main(argv=None):
                 key = f"{form}_{layer}_m{m}"
                 try:
                     fargs = jax.block_until_ready(make(x, w))
+                    t0 = time.perf_counter()
                     hlo = fn.lower(*fargs).compile().as_text()
+                    compile_s = time.perf_counter() - t0
                     secs = statistics.median(device_ceilings._time_fn(fn, *fargs, reps=args.reps, inner=args.inner))
                     out = np.asarray(fn(*fargs), np.float32)
                     ref = reference(form, fargs)
@@ -200,14 +204,14 @@ def main(argv=None):
                 calls[key] = custom_calls(hlo)
                 metrics.update({f"{key}_us": secs * 1e6, f"{key}_tflops": flops / secs / 1e12,
                                 f"{key}_cublaslt_f8": F8_CALL in hlo, f"{key}_rel_err": rel,
-                                f"{key}_max_err": worst})
+                                f"{key}_max_err": worst, f"{key}_compile_s": compile_s})
                 if rel > 2e-2:
                     errors[key] = f"wrong: rel_err {rel:.3g}"
                 base = metrics.get(f"bf16_{layer}_m{m}_us")
                 metrics[f"{key}_speedup_vs_bf16"] = base / (secs * 1e6) if base else None
                 print(f"{layer:8s} m={m:5d} {form:10s} {secs * 1e6:10.1f} us {flops / secs / 1e12:8.2f} TFLOP/s "
                       f"x{metrics[f'{key}_speedup_vs_bf16'] or 0:5.2f} vs bf16  f8 GEMM: {F8_CALL in hlo}  "
-                      f"rel_err {rel:.2e}", flush=True)
+                      f"rel_err {rel:.2e}  max_err {worst:.2e}  compile {compile_s:.1f} s", flush=True)
     config = {"rows": list(args.rows), "shapes": {k: list(v) for k, v in args.shapes.items()}, "forms": args.forms,
               "reps": args.reps, "inner": args.inner, "custom_calls": calls, "errors": errors,
               "method": "benchmarks/fp8_matmul.py docstring"}

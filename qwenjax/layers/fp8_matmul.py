@@ -43,15 +43,22 @@ GEMV_ENV = "QWENJAX_FP8_GEMV"
 # QWENJAX_FP8_ACCUM=f32: on a GPU the G == 1 dot asks XLA for float32 accumulation without cuBLASLt's fast
 # (imprecise) FP8 accumulation (DotAlgorithmPreset.ANY_F8_ANY_F8_F32). At K = 18,944 (down_proj) and 2,048 rows the
 # default form was off the float64 product by up to 1.5x 2^-7 of its scale at 151 of 7.3M outputs on an H100
-# (tests/gpu/test_fp8_gpu.py, NOTES 50): the suspect is fast accumulation. Opt-in until its speed is measured
-# (benchmarks/fp8_matmul.py's fp8_tn_f32acc form); read when traced.
+# (tests/gpu/test_fp8_gpu.py, NOTES 50): fast accumulation. With the setting that case passes. It stays opt-in: on
+# an H100 at f0fe535 (benchmarks/fp8_matmul.py's fp8_tn_f32acc form) it cost nothing at 2,048 rows of down_proj but
+# ran at 0.81x the default at 256 rows of down, 0.92x at gate/up (NOTES 51); read when traced.
 ACCUM_ENV = "QWENJAX_FP8_ACCUM"
 
 
-def dot_precision(accum: str | None = None):
+# f32 accumulation from this many rows: at 1 row jax 0.11.2's GPU compiler refused the algorithm ("Unsupported dot
+# precision algorithm") on an H100 at f0fe535; at 64 and 2,048 rows it compiled and passed tests/gpu (NOTES 51).
+ACCUM_MIN_ROWS = 64
+
+
+def dot_precision(accum: str | None = None, rows: int = ACCUM_MIN_ROWS):
     """The G == 1 dot's precision: float32 accumulation without fast accumulation where `accum` (default: ACCUM_ENV)
-    is "f32" on a GPU (the CPU backend takes no algorithm for float8 operands), else XLA's default."""
-    if (accum or os.environ.get(ACCUM_ENV)) == "f32" and platform() == "gpu":
+    is "f32" on a GPU for at least ACCUM_MIN_ROWS rows (the CPU backend takes no algorithm for float8 operands),
+    else XLA's default."""
+    if (accum or os.environ.get(ACCUM_ENV)) == "f32" and platform() == "gpu" and rows >= ACCUM_MIN_ROWS:
         return jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
     return None
 
@@ -75,7 +82,8 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     if G == 1 and _takes_gemv(xq, wq):
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:
-        acc = jax.lax.dot_general(xq, wq, _DIMS, precision=dot_precision(accum), preferred_element_type=jnp.float32)
+        acc = jax.lax.dot_general(xq, wq, _DIMS, precision=dot_precision(accum, xq.shape[0]),
+                                  preferred_element_type=jnp.float32)
         return (acc * x_scale * w_scale).astype(out_dtype)
     return block_scaled_reference(xq, x_scale, wq, w_scale).astype(out_dtype)
 

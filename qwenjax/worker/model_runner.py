@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -50,6 +51,19 @@ WARMUP_SLOW_S = 5.0  # a warm-up bucket that compiles (and runs once) for longer
 # Multi-step decode's loop: 1 keeps it an XLA while loop (one body, compiled once); an integer k > 1 unrolls k bodies
 # per iteration (a longer program, and more kernels between the loop's host-driven iterations). For measurements.
 MULTI_STEP_UNROLL = int(os.environ.get("QWENJAX_MULTI_STEP_UNROLL", "1"))
+# QWENJAX_STEP_XLA_OPTIONS: a JSON object of XLA debug options (e.g. {"xla_gpu_enable_triton_gemm": false}) given
+# to the model's step programs (the step, multi-step decode, verify) as jax.jit compiler_options. For measurements.
+STEP_XLA_OPTIONS_ENV = "QWENJAX_STEP_XLA_OPTIONS"
+
+
+def step_compiler_options() -> dict | None:
+    raw = os.environ.get(STEP_XLA_OPTIONS_ENV)
+    if not raw:
+        return None
+    opts = json.loads(raw)
+    if not isinstance(opts, dict):
+        raise ValueError(f"{STEP_XLA_OPTIONS_ENV} must be a JSON object of XLA options, got {raw!r}")
+    return opts
 
 
 class ModelRunner:
@@ -75,18 +89,19 @@ class ModelRunner:
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
+        xla = step_compiler_options()
         self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
                              static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
-                             out_shardings=(kv_out, pen_out, by_vocab))
+                             out_shardings=(kv_out, pen_out, by_vocab), compiler_options=xla)
         self._sample = jax.jit(functools.partial(_sample, mesh=mesh), static_argnames=("mode", "layout"),
                                donate_argnums=(2,), out_shardings=rep)
         self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree, mesh),
                                      static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
-                                     out_shardings=(kv_out, pen_out, rep, rep))
+                                     out_shardings=(kv_out, pen_out, rep, rep), compiler_options=xla)
         # Speculative decoding's verify step (worker/spec_verify.py): one program per (B, k + 1, sampler mode).
         self._verify = jax.jit(functools.partial(spec_verify.verify, graphdef, param_tree, mesh),
                                static_argnames=("layout", "mode"), donate_argnums=(1, 2, 3),
-                               out_shardings=(kv_out, pen_out, rep, rep))
+                               out_shardings=(kv_out, pen_out, rep, rep), compiler_options=xla)
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
         self._fork = jax.jit(_fork, donate_argnums=(0, 1), out_shardings=(kv_out, pen_out))
 

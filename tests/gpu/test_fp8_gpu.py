@@ -1,7 +1,10 @@
 """FP8 weights compiled for the GPU: the FP8 product at Qwen2-7B layer shapes against a float64 product of the same
 float8 values and scales, and every projection of the tiny FP8 checkpoints against transformers' (CPU) reference on
-the same inputs. Tolerance 2^-7 of the output's scale: the output is bf16 in the first test, and Hopper's FP8
-tensor cores may accumulate with fewer bits than float32. Run with `pytest tests/gpu --gpu`."""
+the same inputs. Tolerance 2^-7 of the output's scale (the output is bf16) at K <= 4,096; beyond, the default form's
+bound grows as sqrt(K / 4096): Hopper's FP8 tensor cores accumulate with fewer bits than float32 (about 14, per
+DeepSeek-V3's report) unless asked for float32 (QWENJAX_FP8_ACCUM=f32), and those roundings add up like a random
+walk over K. On an H100 at K = 18,944, 2,048 rows, the worst output was 1.57 x 2^-7 off by default and 0.27 x 2^-7
+with float32 accumulation (NOTES 51). Run with `pytest tests/gpu --gpu`."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def test_fp8_matmul_f32_accumulation_at_long_k(m, monkeypatch):
     from qwenjax.layers.fp8_matmul import ACCUM_ENV
 
     monkeypatch.setenv(ACCUM_ENV, "f32")
-    hlo = _check_7b_shape(m, 18944, 3584, None)
+    hlo = _check_7b_shape(m, 18944, 3584, None, exact_accumulation=True)
     assert m < 2048 or "__cublas$lt$matmul$f8" in hlo
 
 
@@ -52,7 +55,7 @@ def test_fp8_gemv_7b_shapes_on_gpu(m, k, n, monkeypatch):
     assert "qwenjax_fp8_gemv" in hlo
 
 
-def _check_7b_shape(m, k, n, group) -> str:
+def _check_7b_shape(m, k, n, group, exact_accumulation=False) -> str:
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02
     xq, xs = quantize_activations(x, group=group)
@@ -64,7 +67,11 @@ def _check_7b_shape(m, k, n, group) -> str:
     G = xs.shape[1]
     xd = (np.asarray(xq, np.float64).reshape(m, G, -1) * np.asarray(xs, np.float64)[..., None]).reshape(m, k)
     exact = xd @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64)[:1])
-    np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+    # float32 accumulation (or a block-scaled product, float32 after dequantization): 2^-7; fast FP8 accumulation
+    # on the tensor cores: 2^-7 x sqrt(K / 4096) beyond K = 4,096 (module docstring)
+    fast = not exact_accumulation and group is None and k > 4096
+    bound = 2.0 ** -7 * (np.sqrt(k / 4096) if fast else 1.0)
+    np.testing.assert_allclose(out, exact, atol=bound * np.abs(exact).max(), rtol=0)
     return fn.lower(xq, xs, wt, ws).compile().as_text()
 
 
