@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 import time
@@ -43,6 +42,7 @@ from qwenjax.layers.lora import LoRAInputs
 from qwenjax.models.sharding import replicated, vocab_sharding
 from qwenjax.worker import packing, penalty_state, sampler, spec_verify
 from qwenjax.worker.step_input import StepInput, build_step_input
+from qwenjax.worker.step_options import FP8_LARGE_STEP_TOKENS, step_compiler_options
 from qwenjax.worker.vocab_split import over_vocab
 
 logger = logging.getLogger("qwenjax")
@@ -51,19 +51,6 @@ WARMUP_SLOW_S = 5.0  # a warm-up bucket that compiles (and runs once) for longer
 # Multi-step decode's loop: 1 keeps it an XLA while loop (one body, compiled once); an integer k > 1 unrolls k bodies
 # per iteration (a longer program, and more kernels between the loop's host-driven iterations). For measurements.
 MULTI_STEP_UNROLL = int(os.environ.get("QWENJAX_MULTI_STEP_UNROLL", "1"))
-# QWENJAX_STEP_XLA_OPTIONS: a JSON object of XLA debug options (e.g. {"xla_gpu_enable_triton_gemm": false}) given
-# to the model's step programs (the step, multi-step decode, verify) as jax.jit compiler_options. For measurements.
-STEP_XLA_OPTIONS_ENV = "QWENJAX_STEP_XLA_OPTIONS"
-
-
-def step_compiler_options() -> dict | None:
-    raw = os.environ.get(STEP_XLA_OPTIONS_ENV)
-    if not raw:
-        return None
-    opts = json.loads(raw)
-    if not isinstance(opts, dict):
-        raise ValueError(f"{STEP_XLA_OPTIONS_ENV} must be a JSON object of XLA options, got {raw!r}")
-    return opts
 
 
 class ModelRunner:
@@ -90,9 +77,14 @@ class ModelRunner:
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
         xla = step_compiler_options()
-        self._step = jax.jit(functools.partial(_forward, graphdef, param_tree),
-                             static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
-                             out_shardings=(kv_out, pen_out, by_vocab), compiler_options=xla)
+        step = functools.partial(jax.jit, functools.partial(_forward, graphdef, param_tree),
+                                 static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
+                                 out_shardings=(kv_out, pen_out, by_vocab))
+        self._step = step(compiler_options=xla)
+        # An FP8-weight model's steps of FP8_LARGE_STEP_TOKENS tokens or more: their own compiler options
+        fp8 = any(leaf.dtype == jnp.float8_e4m3fn for leaf in self._param_leaves)
+        large = step_compiler_options(fp8_large=fp8)
+        self._step_large = self._step if large == xla else step(compiler_options=large)
         self._sample = jax.jit(functools.partial(_sample, mesh=mesh), static_argnames=("mode", "layout"),
                                donate_argnums=(2,), out_shardings=rep)
         self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree, mesh),
@@ -214,11 +206,11 @@ class ModelRunner:
 
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
+        run = self._step_large if inp.input_ids.size >= FP8_LARGE_STEP_TOKENS else self._step
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
-            self.kv_cache, self.penalties, logits = self._step(self._param_leaves, self.kv_cache, self.penalties,
-                                                               self.last_tokens, i_buf, f_buf,
-                                                               self._lora_stacks_for(inp), has_context=has_context,
-                                                               layout=layout)
+            self.kv_cache, self.penalties, logits = run(self._param_leaves, self.kv_cache, self.penalties,
+                                                        self.last_tokens, i_buf, f_buf, self._lora_stacks_for(inp),
+                                                        has_context=has_context, layout=layout)
         return logits
 
     def warmup(self, buckets: list[tuple[int, int, bool, int]], modes: list[sampler.SamplerMode],
