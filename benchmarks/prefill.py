@@ -156,10 +156,10 @@ def main(argv=None) -> dict:
     cfg = model_specs.model_config(spec)
     dev = result_files.device_info()
     B, P = args.batch, args.prompt_len
-    budget = 16
+    budget = 16  # max_model_len: the prompt and its one new token (a prompt of max_model_len tokens gets none)
     while budget < B * P:
         budget *= 2
-    kwargs = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(P, args.block_size), max_num_seqs=B,
+    kwargs = engine_setup.engine_kwargs(args, max_model_len=cli_args.round_up(P + 1, args.block_size), max_num_seqs=B,
                                         max_num_batched_tokens=budget, decode_buckets=(B,), prefill_buckets=(P,))
     ceilings = device_ceilings.measure_ceilings(cfg, mode=args.ceilings, platform=dev["platform"], gemm_tokens=B * P)
     llm, startup = engine_setup.build_llm(spec, kwargs)

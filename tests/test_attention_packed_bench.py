@@ -45,7 +45,7 @@ def test_prefill_benchmark_records_the_prefill_kernel(tmp_path):
 
     script = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import prefill; "
               f"prefill.main(['--model', 'tiny', '--results-dir', {str(tmp_path)!r}, '--ceilings', 'none', "
-              "'--skip-warmup', '--batch', '2', '--prompt-len', '24', '--repeats', '1', '--prefill-kernel', 'triton'])")
+              "'--skip-warmup', '--batch', '2', '--prompt-len', '32', '--repeats', '1', '--prefill-kernel', 'triton'])")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                          cwd=REPO)
