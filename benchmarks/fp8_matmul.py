@@ -17,6 +17,8 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
               fp8_dot's [K, N] order XLA transposes the weight first (NOTES 47, 48)
   fp8_tn_f32acc  fp8_tn with QWENJAX_FP8_ACCUM=f32: float32 accumulation without cuBLASLt's fast FP8 accumulation
               (DotAlgorithmPreset.ANY_F8_ANY_F8_F32; on CPU the same as fp8_tn)
+  fp8_tn_bf16out  fp8_tn with QWENJAX_FP8_GEMM_OUT=bf16: the GEMM's result in bf16, the scales after (half the
+              bytes of the float32 result written and read back; on CPU the same as fp8_tn)
   fp8_up      the same values as fp8_dot, multiplied as bf16: both float8 operands converted to bf16 inside the
               program (exact: every float8 value is a bf16 value, every product of two is exact in float32), a bf16
               dot with a float32 result, the scales after. XLA can fuse the converts into its GEMM's operand loads
@@ -24,6 +26,8 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
   fp8_up_tn   fp8_up with the weight stored [N, K]
   fp8_gemv    pallas_kernels/fp8_gemv.py (QWENJAX_FP8_GEMV=1 in the model): the same values, the weight read once at
               1 byte a value by a Pallas GEMV; up to its MAX_ROWS rows (more: not run)
+  fp8_skinny  pallas_kernels/fp8_skinny.py (QWENJAX_FP8_SKINNY=1 in the model): the same values on the tensor cores,
+              split over K where the output is narrow; up to its MAX_ROWS rows
 Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
@@ -56,7 +60,7 @@ BENCHMARK = "fp8-matmul"
 SHAPES_7B = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
 FORMS = ("bf16", "fp8_plain", "fp8_dot", "fp8_layer", "fp8_xla", "fp8_tn", "fp8_tn_f32acc", "fp8_up", "fp8_up_tn",
-         "fp8_gemv")
+         "fp8_gemv", "fp8_skinny", "fp8_tn_bf16out")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -87,6 +91,7 @@ def forms():
     import jax.numpy as jnp
 
     from pallas_kernels.fp8_gemv import fp8_gemv
+    from pallas_kernels.fp8_skinny import fp8_skinny
     from qwenjax.layers.fp8_matmul import fp8_matmul
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
@@ -134,10 +139,14 @@ def forms():
         "fp8_tn": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16)), per_channel_tn),
         "fp8_tn_f32acc": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16, accum="f32")),
                           per_channel_tn),
+        "fp8_tn_bf16out": (jax.jit(lambda xq, xs, wqt, ws: fp8_matmul(xq, xs, wqt, ws, out_dtype=bf16,
+                                                                      gemm_out="bf16")), per_channel_tn),
         "fp8_up": (jax.jit(up), per_channel),
         "fp8_up_tn": (jax.jit(lambda *a: up(*a, contract=1)), per_channel_tn),
         "fp8_gemv": (jax.jit(lambda *a: fp8_gemv(*a, out_dtype=bf16, interpret=jax.default_backend() == "cpu")),
                      per_channel_tn),
+        "fp8_skinny": (jax.jit(lambda *a: fp8_skinny(*a, out_dtype=bf16, interpret=jax.default_backend() == "cpu")),
+                       per_channel_tn),
     }
 
 
@@ -156,7 +165,7 @@ def reference(form: str, args):
     xq, xs, wq, ws = args
     if form == "fp8_plain":
         return f(xq) @ f(wq)
-    if form in ("fp8_tn", "fp8_tn_f32acc", "fp8_up_tn", "fp8_gemv"):
+    if form in ("fp8_tn", "fp8_tn_f32acc", "fp8_tn_bf16out", "fp8_up_tn", "fp8_gemv", "fp8_skinny"):
         return (f(xq) * f(xs)) @ (f(wq).T * f(ws))
     return (f(xq) * f(xs)) @ (f(wq) * f(ws))
 
@@ -172,6 +181,7 @@ def main(argv=None):
     import numpy as np
 
     from pallas_kernels.fp8_gemv import MAX_ROWS as GEMV_MAX_ROWS
+    from pallas_kernels.fp8_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 
     dev = result_files.device_info()
     table = forms()
@@ -183,7 +193,7 @@ def main(argv=None):
             x = jax.random.normal(jax.random.key(m), (m, K), jnp.float32).astype(jnp.bfloat16)
             flops = 2 * m * K * N
             for form in args.forms:
-                if form == "fp8_gemv" and m > GEMV_MAX_ROWS:
+                if (form == "fp8_gemv" and m > GEMV_MAX_ROWS) or (form == "fp8_skinny" and m > SKINNY_MAX_ROWS):
                     continue
                 fn, make = table[form]
                 key = f"{form}_{layer}_m{m}"

@@ -78,7 +78,9 @@ QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma
          "skinny-dot-m16": ("skinny", "dot", 16), "skinny-dot_t-m16": ("skinny", "dot_t", 16),
          "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1),
          "gemv-window-m1": ("gemv", "window", 1), "gemv-window-m4": ("gemv", "window", 4)}
-KERNELS = ("prefill", "decode", *QUANT)
+# name -> (kernel, rows): the FP8 decode kernels (issue 30) at the same gate/up shape, the weight [N, K] float8
+FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256)}
+KERNELS = ("prefill", "decode", *QUANT, *FP8)
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]*)?")
@@ -137,6 +139,25 @@ def _quant_call(which: str):
     return functools.partial(quant_skinny.quant_skinny, mode=mode, **kw), args
 
 
+def _fp8_call(which: str):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import fp8_gemv, fp8_skinny
+    from qwenjax.compat import enable_pallas_fp8_wgmma
+
+    enable_pallas_fp8_wgmma()  # as layers/fp8_matmul.py does on import
+    kernel, m = FP8[which]
+    k, n = 3584, 37888
+    sds = jax.ShapeDtypeStruct
+    f8 = jnp.float8_e4m3fn
+    args = (sds((m, k), f8), sds((m, 1), jnp.float32), sds((n, k), f8), sds((1, n), jnp.float32))
+    fn = fp8_gemv.fp8_gemv if kernel == "gemv" else fp8_skinny.fp8_skinny
+    return functools.partial(fn, out_dtype=jnp.bfloat16), args
+
+
 def lower(which: str, out_dir: str) -> dict:
     """Lowers one kernel for CUDA; returns its Triton IR file, dots and launch settings."""
     import jax
@@ -168,6 +189,8 @@ def lower(which: str, out_dir: str) -> dict:
         fn = paged_prefill_attention
     elif which in QUANT:
         fn, args = _quant_call(which)
+    elif which in FP8:
+        fn, args = _fp8_call(which)
     else:  # decode, batch 64, context 4096
         B, C = 64, 4096
         P = B * C // S + 1

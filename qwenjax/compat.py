@@ -93,6 +93,43 @@ def pallas_triton_registration():
     return pallas_call_registration
 
 
+FP8_MAX_IMPRECISE_ACC = 128  # K terms the tensor core sums in its own precision before a float32 add
+
+
+def enable_pallas_fp8_wgmma() -> bool:
+    """Lets Pallas' Triton lowering put float8 x float8 dots on Hopper's FP8 warpgroup MMA. The lowering emits
+    `tt.dot` without `maxNumImpreciseAcc` (0: every partial sum in float32 inside the MMA), and Triton then refuses
+    wgmma for float8 operands and upcasts them to float16 for mma.sync (half the FP8 rate, and conversions:
+    benchmarks/kernel_isa.py, fp8-skinny-m256, NOTES 51). Triton's own frontend sets 2^30 for float8 dots; here
+    FP8_MAX_IMPRECISE_ACC, so at most that many terms are summed before a float32 add. Only dots whose two operands
+    are float8 change. Wraps the lowering module's `tt_dialect.dot` once; returns False (nothing changed, kernels
+    stay correct, only slower) where this JAX's lowering is laid out differently."""
+    try:
+        from jax._src.pallas.triton import lowering
+    except ImportError:
+        return False
+    tt = getattr(lowering, "tt_dialect", None)
+    if tt is None or not hasattr(tt, "dot"):
+        return False
+    if getattr(tt, "_qwenjax_fp8_wgmma", False):
+        return True
+
+    class _Dialect:
+        _qwenjax_fp8_wgmma = True
+
+        def __getattr__(self, name):
+            return getattr(tt, name)
+
+        @staticmethod
+        def dot(a, b, c, **kwargs):
+            if kwargs.get("max_num_imprecise_acc") is None and all("f8E" in str(v.type) for v in (a, b)):
+                kwargs["max_num_imprecise_acc"] = FP8_MAX_IMPRECISE_ACC
+            return tt.dot(a, b, c, **kwargs)
+
+    lowering.tt_dialect = _Dialect()
+    return True
+
+
 def shard_map(f, *, mesh, in_specs, out_specs):
     """jax.shard_map without the varying-manual-axes check (its keyword was check_rep before jax 0.7; the function
     lived in jax.experimental.shard_map before it was public). Our bodies make replicated outputs from collectives."""

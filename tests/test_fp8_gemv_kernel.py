@@ -32,18 +32,28 @@ def _reference(xq, xs, wq, ws):
     (MAX_ROWS, 128, 64, dict(block_n=64, block_k=8, num_splits=1)),
 ])
 def test_matches_float_product(m, k, n, kw):
+    check_matches_float_product(fp8_gemv, m, k, n, kw)
+
+
+def test_output_dtype_and_rounding():
+    check_output_dtype_and_rounding(fp8_gemv, 2, 128, 64)
+
+
+def check_matches_float_product(kernel, m, k, n, kw):
+    """`kernel` (fp8_gemv or fp8_skinny's, same contract) in interpret mode against the float64 product."""
     xq, xs, wq, ws = _operands(m, k, n)
-    got = np.asarray(fp8_gemv(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=True, **kw), np.float64)
+    got = np.asarray(kernel(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=True, **kw), np.float64)
     ref = _reference(xq, xs, wq, ws)
     # the same float8 values, exact products; only the float32 sums' order differs
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_output_dtype_and_rounding():
-    xq, xs, wq, ws = _operands(2, 128, 64, seed=1)
-    got = fp8_gemv(xq, xs, wq, ws, out_dtype=jnp.bfloat16, interpret=True)
-    assert got.dtype == jnp.bfloat16 and got.shape == (2, 64)
-    f32 = fp8_gemv(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=True)
+def check_output_dtype_and_rounding(kernel, m, k, n):
+    """bf16 output is the float32 output rounded once."""
+    xq, xs, wq, ws = _operands(m, k, n, seed=1)
+    got = kernel(xq, xs, wq, ws, out_dtype=jnp.bfloat16, interpret=True)
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+    f32 = kernel(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=True)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
 
 

@@ -151,6 +151,25 @@ def test_block_scaled_product_keeps_the_float8_rounding_fenced():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_only_product_settings(monkeypatch):
+    """The opt-in GPU forms of the product (float32 accumulation from ACCUM_MIN_ROWS rows, a bf16 GEMM result) are
+    chosen on a GPU only, and the traced program says so: the dot's result type and its algorithm."""
+    from qwenjax.layers import fp8_matmul as fm
+
+    for env in (fm.ACCUM_ENV, fm.GEMM_OUT_ENV):
+        monkeypatch.delenv(env, raising=False)
+    xq, xs = quantize_activations(jnp.ones((64, 128), jnp.float32))
+    wq, ws = quantize_weight_per_channel(jnp.full((128, 16), 0.5, jnp.float32))
+    hlo = lambda **kw: jax.jit(lambda *a: fm.fp8_matmul(*a, out_dtype=jnp.bfloat16, **kw)).lower(  # noqa: E731
+        xq, xs, wq.T, ws).as_text()
+    assert "-> tensor<64x16xf32>" in hlo(gemm_out="bf16") and fm.dot_precision("f32") is None  # CPU: unchanged
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    assert fm.gemm_out_dtype("bf16") == jnp.bfloat16 and fm.gemm_out_dtype() == jnp.float32
+    assert "-> tensor<64x16xbf16>" in hlo(gemm_out="bf16")
+    assert fm.dot_precision("f32", rows=64) == jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
+    assert fm.dot_precision("f32", rows=63) is None and fm.dot_precision(None, rows=64) is None
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_every_projection_matches_reference(scheme, fp8_dir, float_ckpt):
     """Each Fp8Linear, unfused and fused (split back into its parts), against the reference's projection on the
@@ -245,6 +264,30 @@ def test_engine_greedy_equals_reference(scheme, fp8_dir, float_ckpt):
     ours = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
                                                          use_tqdm=False)]
     assert ours == _reference_greedy(reference_model(float_ckpt, path, scheme), PROMPTS, 8)
+
+
+def test_large_steps_of_an_fp8_model_run_their_own_program(fp8_dir, float_ckpt, monkeypatch):
+    """worker/step_options with the platform taken for a GPU: an FP8 model's steps of FP8_LARGE_STEP_TOKENS tokens
+    or more (lowered here to 16, so the 64-token prefill steps are large and the 4-row decode steps are not) run the
+    programs compiled with FP8_LARGE_STEP_OPTIONS, the rest the default ones, and the tokens are the reference's."""
+    from qwenjax.worker import model_runner, step_options
+
+    monkeypatch.setattr(step_options, "platform", lambda: "gpu")
+    monkeypatch.setattr(model_runner, "FP8_LARGE_STEP_TOKENS", 16)
+    scheme = SCHEMES[3]
+    llm = LLM(str(fp8_dir(scheme)), **ENGINE, quantization="fp8")
+    r = llm.llm_engine.runner
+    assert r._step_large is not r._step and r._decode_steps_large is not r._decode_steps
+    ran = []
+    for name in ("_step", "_step_large"):
+        jitted = getattr(r, name)
+        monkeypatch.setattr(r, name, lambda *a, _f=jitted, _n=name, **k: ran.append(_n) or _f(*a, **k))
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
+                                                         use_tqdm=False)]
+    assert "_step_large" in ran and "_step" in ran
+    assert ours == _reference_greedy(reference_model(float_ckpt, fp8_dir(scheme), scheme), PROMPTS, 8)
+    bf16 = LLM(str(float_ckpt), **ENGINE).llm_engine.runner  # no float8 parameters: one program
+    assert bf16._step_large is bf16._step
 
 
 def _reference_greedy(model, prompts, new):

@@ -81,3 +81,22 @@ def test_sass_loop_mix_reads_the_main_loop():
     assert mix["loop_mix"] == {"LDG.128": 1, "LOP3": 1, "FADD": 1, "FFMA": 1, "LDG": 1, "BRA": 1}
     # only forward branches and a self-branch: no loop
     assert kernel_isa.sass_loop_mix(SASS.replace("BRA 0x30", "BRA 0xa0")) == {}
+
+
+def test_fp8_skinny_dots_allow_the_fp8_wgmma(tmp_path):
+    """The skinny FP8 kernel's float8 dots carry maxNumImpreciseAcc (compat.enable_pallas_fp8_wgmma, which
+    kernel_isa calls as layers/fp8_matmul.py does): without it Triton refuses Hopper's FP8 wgmma and upcasts to
+    float16 mma.sync (NOTES 51). Below 64 rows the weight tile is the dot's left operand (wgmma's M side)."""
+    if _needs_a_gpu_to_lower():
+        with pytest.raises(RuntimeError, match=r"lowers Pallas Triton kernels for CUDA only with a GPU visible"):
+            kernel_isa.lower("fp8-skinny-m1", str(tmp_path))
+        return
+    from qwenjax.compat import FP8_MAX_IMPRECISE_ACC
+
+    one = kernel_isa.lower("fp8-skinny-m1", str(tmp_path))
+    assert one["dots"] == ["tensor<128x128xf8E4M3FN> * tensor<128x16xf8E4M3FN>"], one["dots"]
+    many = kernel_isa.lower("fp8-skinny-m256", str(tmp_path))
+    assert many["dots"] == ["tensor<128x128xf8E4M3FN> * tensor<128x128xf8E4M3FN>"], many["dots"]
+    for r in (one, many):
+        dots = [line for line in Path(r["ttir"]).read_text().splitlines() if "tt.dot" in line]
+        assert len(dots) == 1 and f"maxNumImpreciseAcc = {FP8_MAX_IMPRECISE_ACC}" in dots[0], dots

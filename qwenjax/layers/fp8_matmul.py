@@ -24,6 +24,10 @@ Few rows on a GPU (QWENJAX_FP8_GEMV=1, opt-in): pallas_kernels/fp8_gemv.py, the 
 weight, for steps of at most fp8_gemv.MAX_ROWS tokens (decode). On an H100 it ran behind cuBLASLt's FP8 GEMM on the
 [O, I] weight at gate/up, one row (99 against 85 us, NOTES 48), so it is off unless asked for.
 
+Few to a few hundred rows on a GPU (QWENJAX_FP8_SKINNY=1, opt-in): pallas_kernels/fp8_skinny.py, a tensor-core
+GEMM split over K where the output is narrow. There cuBLASLt read the weight at 0.7-1.7 TB/s on an H100 (NOTES 51);
+not yet run on a GPU.
+
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """
 
@@ -34,12 +38,16 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fp8_gemv
-from qwenjax.compat import platform
+from pallas_kernels import fp8_gemv, fp8_skinny
+from qwenjax.compat import enable_pallas_fp8_wgmma, platform
 
 _DIMS = (((1,), (1,)), ((), ()))  # x [T, I] . w [O, I] -> [T, O]
+FP8_WGMMA = enable_pallas_fp8_wgmma()  # the skinny kernel's float8 dots on Hopper's FP8 wgmma (compat's docstring)
 # QWENJAX_FP8_GEMV=1: steps of few rows take the Pallas FP8 GEMV on a GPU (module docstring); read when traced.
 GEMV_ENV = "QWENJAX_FP8_GEMV"
+# QWENJAX_FP8_SKINNY=1: steps of at most fp8_skinny.MAX_ROWS tokens take the Pallas tensor-core skinny GEMM with split-K
+# on a GPU (after the GEMV where both are set); read when traced.
+SKINNY_ENV = "QWENJAX_FP8_SKINNY"
 # QWENJAX_FP8_ACCUM=f32: on a GPU the G == 1 dot asks XLA for float32 accumulation without cuBLASLt's fast
 # (imprecise) FP8 accumulation (DotAlgorithmPreset.ANY_F8_ANY_F8_F32). At K = 18,944 (down_proj) and 2,048 rows the
 # default form was off the float64 product by up to 1.5x 2^-7 of its scale at 151 of 7.3M outputs on an H100
@@ -47,6 +55,12 @@ GEMV_ENV = "QWENJAX_FP8_GEMV"
 # an H100 at f0fe535 (benchmarks/fp8_matmul.py's fp8_tn_f32acc form) it cost nothing at 2,048 rows of down_proj but
 # ran at 0.81x the default at 256 rows of down, 0.92x at gate/up (NOTES 51); read when traced.
 ACCUM_ENV = "QWENJAX_FP8_ACCUM"
+# QWENJAX_FP8_GEMM_OUT=bf16: on a GPU the G == 1 dot returns bfloat16 (cuBLASLt still sums in its accumulator), the
+# scales then multiply that. The float32 result is the largest tensor of a wide product: at 2,048 rows gate/up
+# writes 310 MB of it and the scaling reads it back, and there the FP8 product ran 1.26x bf16 against down's 1.63x
+# (down's output is a tenth as wide; NOTES 51). Costs one more rounding (bf16 before the scales). Opt-in, not yet
+# run on a GPU (benchmarks/fp8_matmul.py's fp8_tn_bf16out form); read when traced.
+GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
 
 
 # f32 accumulation from this many rows: at 1 row jax 0.11.2's GPU compiler refused the algorithm ("Unsupported dot
@@ -63,28 +77,40 @@ def dot_precision(accum: str | None = None, rows: int = ACCUM_MIN_ROWS):
     return None
 
 
-def _takes_gemv(xq: jax.Array, wq: jax.Array) -> bool:
-    """GEMV_ENV set, a GPU, a mesh of one device (over several, XLA partitions the dot), and a shape it takes."""
-    if os.environ.get(GEMV_ENV) != "1" or platform() != "gpu":
+def gemm_out_dtype(gemm_out: str | None = None):
+    """The G == 1 dot's result type: bfloat16 where `gemm_out` (default: GEMM_OUT_ENV) is "bf16" on a GPU, else
+    float32 (on CPU the setting changes nothing, so CPU results stay those of the float32 form)."""
+    if (gemm_out or os.environ.get(GEMM_OUT_ENV)) == "bf16" and platform() == "gpu":
+        return jnp.bfloat16
+    return jnp.float32
+
+
+def _takes(kernel, env: str, xq: jax.Array, wq: jax.Array) -> bool:
+    """`env` set to 1, a GPU, a mesh of one device (over several, XLA partitions the dot), and a shape `kernel` (a
+    pallas_kernels module) takes."""
+    if os.environ.get(env) != "1" or platform() != "gpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     if not (mesh is None or mesh.empty or mesh.size == 1):
         return False
-    return fp8_gemv.supported(xq.shape[0], xq.shape[1], wq.shape[0], x_dtype=xq.dtype, w_dtype=wq.dtype)
+    return kernel.supported(xq.shape[0], xq.shape[1], wq.shape[0], x_dtype=xq.dtype, w_dtype=wq.dtype)
 
 
 def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype,
-               accum: str | None = None) -> jax.Array:
-    """[T, O] in out_dtype (module docstring for the shapes); `accum`: "f32" or None (ACCUM_ENV), see dot_precision."""
+               accum: str | None = None, gemm_out: str | None = None) -> jax.Array:
+    """[T, O] in out_dtype (module docstring for the shapes); `accum`: "f32" or None (ACCUM_ENV), see dot_precision;
+    `gemm_out`: "bf16" or None (GEMM_OUT_ENV), see gemm_out_dtype."""
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
-    if G == 1 and _takes_gemv(xq, wq):
+    if G == 1 and _takes(fp8_gemv, GEMV_ENV, xq, wq):
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
+    if G == 1 and _takes(fp8_skinny, SKINNY_ENV, xq, wq):
+        return fp8_skinny.fp8_skinny(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:
         acc = jax.lax.dot_general(xq, wq, _DIMS, precision=dot_precision(accum, xq.shape[0]),
-                                  preferred_element_type=jnp.float32)
-        return (acc * x_scale * w_scale).astype(out_dtype)
+                                  preferred_element_type=gemm_out_dtype(gemm_out))
+        return (acc.astype(jnp.float32) * x_scale * w_scale).astype(out_dtype)
     return block_scaled_reference(xq, x_scale, wq, w_scale).astype(out_dtype)
 
 

@@ -76,24 +76,28 @@ class ModelRunner:
         # Outputs keep their input layouts (the cache its kv-head split), so step N+1 never sees a new sharding.
         kv_out = [tuple(a.sharding for a in layer) for layer in kv_cache]
         pen_out = jax.tree.map(lambda a: a.sharding, self.penalties)
-        xla = step_compiler_options()
-        step = functools.partial(jax.jit, functools.partial(_forward, graphdef, param_tree),
-                                 static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
-                                 out_shardings=(kv_out, pen_out, by_vocab))
-        self._step = step(compiler_options=xla)
-        # An FP8-weight model's steps of FP8_LARGE_STEP_TOKENS tokens or more: their own compiler options
+        # The step programs, each a pair: (fewer than FP8_LARGE_STEP_TOKENS tokens, the rest), which differ only
+        # in an FP8-weight model's XLA options (worker/step_options.py); one jit where the options are the same.
         fp8 = any(leaf.dtype == jnp.float8_e4m3fn for leaf in self._param_leaves)
-        large = step_compiler_options(fp8_large=fp8)
-        self._step_large = self._step if large == xla else step(compiler_options=large)
+        small_opts, large_opts = step_compiler_options(), step_compiler_options(fp8_large=fp8)
+
+        def jit_pair(fn, **kw):
+            small = jax.jit(fn, compiler_options=small_opts, **kw)
+            return small, small if large_opts == small_opts else jax.jit(fn, compiler_options=large_opts, **kw)
+
+        self._step, self._step_large = jit_pair(functools.partial(_forward, graphdef, param_tree),
+                                                static_argnames=("has_context", "layout"), donate_argnums=(1, 2),
+                                                out_shardings=(kv_out, pen_out, by_vocab))
         self._sample = jax.jit(functools.partial(_sample, mesh=mesh), static_argnames=("mode", "layout"),
                                donate_argnums=(2,), out_shardings=rep)
-        self._decode_steps = jax.jit(functools.partial(_decode_steps, graphdef, param_tree, mesh),
-                                     static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
-                                     out_shardings=(kv_out, pen_out, rep, rep), compiler_options=xla)
+        self._decode_steps, self._decode_steps_large = jit_pair(
+            functools.partial(_decode_steps, graphdef, param_tree, mesh),
+            static_argnames=("layout", "mode", "num_steps"), donate_argnums=(1, 2, 3),
+            out_shardings=(kv_out, pen_out, rep, rep))
         # Speculative decoding's verify step (worker/spec_verify.py): one program per (B, k + 1, sampler mode).
-        self._verify = jax.jit(functools.partial(spec_verify.verify, graphdef, param_tree, mesh),
-                               static_argnames=("layout", "mode"), donate_argnums=(1, 2, 3),
-                               out_shardings=(kv_out, pen_out, rep, rep), compiler_options=xla)
+        self._verify, self._verify_large = jit_pair(
+            functools.partial(spec_verify.verify, graphdef, param_tree, mesh), static_argnames=("layout", "mode"),
+            donate_argnums=(1, 2, 3), out_shardings=(kv_out, pen_out, rep, rep))
         self._prompt_lp = None  # compiled on the first request with prompt_logprobs
         self._fork = jax.jit(_fork, donate_argnums=(0, 1), out_shardings=(kv_out, pen_out))
 
@@ -129,8 +133,9 @@ class ModelRunner:
         """Dispatches `num_steps` decode steps of a decode-bucket input as one call (see the module docstring);
         returns the sampler's output with a leading [num_steps] axis (logprobs: the sampled tokens' only)."""
         i_buf, f_buf, layout = packing.pack((inp, tensors))
+        run = _by_size(self._decode_steps, self._decode_steps_large, inp)
         with jax.set_mesh(self.mesh):
-            self.kv_cache, self.penalties, self.last_tokens, out = self._decode_steps(
+            self.kv_cache, self.penalties, self.last_tokens, out = run(
                 self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf,
                 self._lora_stacks_for(inp), layout=layout, mode=mode, num_steps=num_steps)
         return out
@@ -141,7 +146,7 @@ class ModelRunner:
         rows); returns its rejection_sampler.VerifyOutput (device arrays)."""
         i_buf, f_buf, layout = packing.pack((inp, tensors, drafts, num_drafts))
         with jax.set_mesh(self.mesh):
-            self.kv_cache, self.penalties, self.last_tokens, out = self._verify(
+            self.kv_cache, self.penalties, self.last_tokens, out = _by_size(self._verify, self._verify_large, inp)(
                 self._param_leaves, self.kv_cache, self.penalties, self.last_tokens, i_buf, f_buf,
                 self._lora_stacks_for(inp), layout=layout, mode=mode)
         return out
@@ -206,7 +211,7 @@ class ModelRunner:
 
     def _run_step(self, inp: StepInput, has_context: bool) -> jax.Array:
         i_buf, f_buf, layout = packing.pack(inp)
-        run = self._step_large if inp.input_ids.size >= FP8_LARGE_STEP_TOKENS else self._step
+        run = _by_size(self._step, self._step_large, inp)
         with jax.set_mesh(self.mesh):  # traced under the mesh: kernels find it and run under shard_map
             self.kv_cache, self.penalties, logits = run(self._param_leaves, self.kv_cache, self.penalties,
                                                         self.last_tokens, i_buf, f_buf, self._lora_stacks_for(inp),
@@ -328,6 +333,11 @@ def _forward_packed(graphdef, param_tree, param_leaves, kv_cache, penalties, las
     penalties = penalty_state.update_packed(penalties, ids, meta.positions, row, real, inp.prompt_lens, inp.slots,
                                             inp.reset)
     return kv_cache, penalties, model.logits(last)
+
+
+def _by_size(small, large, inp: StepInput):
+    """The program of a jit_pair (ModelRunner.__init__) that a step of inp's tokens runs."""
+    return large if inp.input_ids.size >= FP8_LARGE_STEP_TOKENS else small
 
 
 def _decode_steps(graphdef, param_tree, mesh, param_leaves, kv_cache, penalties, last_tokens, i_buf, f_buf,

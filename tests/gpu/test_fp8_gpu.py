@@ -55,6 +55,31 @@ def test_fp8_gemv_7b_shapes_on_gpu(m, k, n, monkeypatch):
     assert "qwenjax_fp8_gemv" in hlo
 
 
+@pytest.mark.parametrize("m", [64, 2048])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 37888), (18944, 3584)])
+def test_fp8_matmul_bf16_gemm_output(m, k, n, monkeypatch):
+    """QWENJAX_FP8_GEMM_OUT=bf16: the dot's result in bf16 before the scales (one more rounding, within the bound),
+    still XLA's FP8 GEMM at 2,048 rows."""
+    from qwenjax.layers.fp8_matmul import GEMM_OUT_ENV
+
+    monkeypatch.setenv(GEMM_OUT_ENV, "bf16")
+    hlo = _check_7b_shape(m, k, n, None)
+    assert m < 2048 or "__cublas$lt$matmul$f8" in hlo
+
+
+@pytest.mark.parametrize("m", [1, 16, 100, 256, 512])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
+def test_fp8_skinny_7b_shapes_on_gpu(m, k, n, monkeypatch):
+    """QWENJAX_FP8_SKINNY=1: fp8_matmul takes the Pallas skinny GEMM (its kernel is in the compiled HLO), with the
+    same result; it sums at most 128 terms in the tensor core before a float32 add, so the 2^-7 bound holds at
+    every K."""
+    from qwenjax.layers.fp8_matmul import SKINNY_ENV
+
+    monkeypatch.setenv(SKINNY_ENV, "1")
+    hlo = _check_7b_shape(m, k, n, None, exact_accumulation=True)
+    assert "qwenjax_fp8_skinny" in hlo
+
+
 def _check_7b_shape(m, k, n, group, exact_accumulation=False) -> str:
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02
