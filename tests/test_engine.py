@@ -61,6 +61,17 @@ def test_prompt_length_error_gives_both_numbers(llm):
     assert "200 tokens" in str(e.value) and "max_model_len=128" in str(e.value)
 
 
+def test_a_prompt_must_leave_room_for_one_token(llm):
+    """vLLM's rule: a prompt of max_model_len tokens is refused (it once ended by length with no token); one token
+    shorter gets exactly one."""
+    with pytest.raises(ValueError, match=r"128 tokens, as long as max_model_len=128, which leaves no room"):
+        llm.generate(prompt_token_ids=[[5] * 128], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    assert _all_pages_free(llm)
+    out = llm.generate(prompt_token_ids=[[5] * 127], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 1 and out[0].outputs[0].finish_reason == "length"
+    assert _all_pages_free(llm)
+
+
 def test_missing_model_path_is_clear():
     with pytest.raises(ModelNotFoundError, match="not a directory"):
         LLM("/nonexistent/qwen2", **SMALL_ENGINE)

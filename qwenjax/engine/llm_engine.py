@@ -131,10 +131,12 @@ class LLMEngine(RequestFailures):
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it must have at least 1 token")
         n = len(prompt_token_ids)
-        if n > self.max_model_len:
+        if n >= self.max_model_len:  # vLLM's rule: the prompt and at least one output token must fit
             limit = self.model_config.derived_max_model_len  # max_position_embeddings, or what rope_scaling reaches
-            raise ValueError(f"the prompt has {n} tokens, longer than max_model_len={self.max_model_len}; shorten "
-                             f"it or raise max_model_len (at most the model's {limit})")
+            how = "longer than" if n > self.max_model_len else "as long as"
+            raise ValueError(f"the prompt has {n} tokens, {how} max_model_len={self.max_model_len}, which leaves no "
+                             f"room for an output token; shorten it or raise max_model_len (at most the model's "
+                             f"{limit})")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
