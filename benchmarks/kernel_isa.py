@@ -77,7 +77,9 @@ print(json.dumps(rows))
 QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma", 4),
          "skinny-dot-m16": ("skinny", "dot", 16), "skinny-dot_t-m16": ("skinny", "dot_t", 16),
          "skinny-dot-m64": ("skinny", "dot", 64), "gemv-m1": ("gemv", None, 1),
-         "gemv-window-m1": ("gemv", "window", 1), "gemv-window-m4": ("gemv", "window", 4)}
+         "gemv-window-m1": ("gemv", "window", 1), "gemv-window-m4": ("gemv", "window", 4),
+         "skinny-lop3-m1": ("skinny", "lop3", 1), "skinny-lop3_t-m1": ("skinny", "lop3_t", 1),
+         "skinny-lop3-m16": ("skinny", "lop3", 16), "skinny-lop3_t-m64": ("skinny", "lop3_t", 64)}
 # name -> (kernel, rows): the FP8 decode kernels (issue 30) at the same gate/up shape, the weight [N, K] float8
 FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)

@@ -12,6 +12,8 @@ runs on one device, models/fusion.py) and format (gptq = GPTQ 4-bit, awq = AWQ 4
            default settings; then, once every path has run at every M, a greedy search (M = 1 first) over mode
            (fma / dot / dot_t), num_splits, block_n, block_kw, num_warps, num_stages (--grid greedy; `full` repeats
            the split at the end; `small`: mode and num_splits; `none`: the defaults only)
+  lop3     the skinny kernel's lop3_t mode (pallas_kernels/quant_lop3.py: Marlin's dequantization by PTX lop3),
+           4 bits, M <= 64 (`auto` with QWENJAX_QUANT_SKINNY=lop3): its defaults; searched where --search names it
   gemv     the GEMV kernel before it (pallas_kernels/quant_gemv.py), M <= 16, kept for comparison: its defaults;
            searched (xload, num_splits, block_n, block_kw; `full` adds num_warps and num_stages) where --search
            names it
@@ -143,7 +145,7 @@ def summarize(runs: list[dict], formats, rows, shapes) -> tuple[dict, list[str],
                                 f"{p}_speedup_vs_bf16": floors.ratio(b16, best["us"]),
                                 f"{p}_speedup_vs_xla": floors.ratio(xla, best["us"]),
                                 f"{p}_auto_us": auto, f"{p}_device_us": best.get("device_us")})
-                for kern in ("skinny", "gemv"):  # each kernel's best settings where they beat its defaults (run 1st)
+                for kern in ("skinny", "lop3", "gemv"):  # each kernel's best settings where they beat its defaults
                     kbest = min(by.get(kern, []), key=lambda r: r["us"], default=None)
                     if kbest is not None:
                         metrics.update({f"{p}_{kern}_us": kbest["us"], f"{p}_{kern}_device_us": kbest.get("device_us"),

@@ -25,7 +25,7 @@ GRIDS = {"greedy": (5, 2, 0, 1, 2), "full": (5, 2, 0, 1, 2, 3, 4), "small": (5, 
 # The skinny kernel's (indices into (mode, block_n, block_kw, num_splits, num_warps, num_stages)): the mode first,
 # then the split (bytes in flight per program), the tile, the warps, the pipeline depth (dot modes).
 SKINNY_GRIDS = {"greedy": (0, 3, 1, 2, 4, 3), "full": (0, 3, 1, 2, 4, 5, 3), "small": (0, 3), "none": ()}
-SEARCHES = ("skinny", "gemv")  # the kernels whose settings --search explores
+SEARCHES = ("skinny", "lop3", "gemv")  # the kernels whose settings --search explores (lop3: a skinny mode)
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -277,6 +277,10 @@ def run_case(sw: Sweep, fmt_name, layer, m, k, n, key, phase: str):
     if m <= quant_skinny.MAX_ROWS and quant_skinny.supported(m, k, n, dtype=jnp.bfloat16, **kw):
         kernels["skinny"] = (quant_skinny.settings(m, k, n, **kw), skinny_fn, skinny_neighbours,
                              SKINNY_GRIDS[a.grid])
+        # its lop3 modes (pallas_kernels/quant_lop3.py) at their own defaults
+        if quant_skinny.supported(m, k, n, dtype=jnp.bfloat16, mode="lop3_t", **kw):
+            kernels["lop3"] = (quant_skinny.settings(m, k, n, mode="lop3_t", **kw), skinny_fn, skinny_neighbours,
+                               SKINNY_GRIDS[a.grid])
     if m <= quant_gemv.MAX_ROWS and quant_gemv.supported(m, k, n, dtype=jnp.bfloat16, **kw):
         kernels["gemv"] = (quant_gemv.settings(m, k, n, **kw), gemv_fn, gemv_neighbours, GRIDS[a.grid])
     if phase == "search":

@@ -285,11 +285,11 @@ def quant_gemv(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size: i
 
 
 def launch(kernel, x3, qw3, qzeros, scales, *extra, block_n, num_splits, out_dtype, num_warps, num_stages,
-           interpret, name):
+           interpret, name, rows=None):
     """The pallas_call of a K-packed kernel (this one, quant_skinny.py's): grid (N / block_n, num_splits), x3 [rows,
     ...] whole to every program (x3[m, w, j] = x[m, w * pf + j]), the words qw3 [K/pf, A, N/A], zeros and scales
     by column block, `extra` small arrays whole; out [rows, N] in out_dtype, or float32 partials [S, rows, N]
-    summed here when K is split."""
+    summed here when K is split (over the first `rows` rows alone where given: a kernel that writes no others)."""
     rows, bn, (groups, n) = x3.shape[0], block_n, scales.shape
     pf, classes = n // qzeros.shape[1], qw3.shape[1]
     in_specs = [
@@ -314,6 +314,8 @@ def launch(kernel, x3, qw3, qzeros, scales, *extra, block_n, num_splits, out_dty
         interpret=interpret,
         name=name,
     )(x3, qw3, qzeros, scales, *extra)
+    if rows is not None:
+        out = out[..., :rows, :]
     return out.sum(axis=0).astype(out_dtype) if num_splits > 1 else out
 
 

@@ -83,7 +83,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import quant_gemv
 
 FORMATS = quant_gemv.FORMATS
-MODES = ("fma", "dot", "dot_t")
+MODES = ("fma", "dot", "dot_t", "lop3", "lop3_t")  # lop3: quant_lop3.py (4 bits, Marlin's dequantization)
 MAX_ROWS = 64
 FMA_MAX_ROWS = 8          # the fma mode unrolls over the rows of x (M partial tiles in registers)
 _MIN_DOT = 16             # Triton's smallest dot dimension
@@ -102,8 +102,11 @@ CONFIGS: dict[tuple[int, int, int], tuple[str, int, int, int, int, int]] = {}
 SWEEP_ROWS = (1, 4, 16, 64)
 
 
-def settings(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
-    """(mode, block_n, block_kw, num_splits, num_warps, num_stages) for a product: CONFIGS, else `heuristic`."""
+def settings(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, mode: str | None = None):
+    """(mode, block_n, block_kw, num_splits, num_warps, num_stages) for a product: CONFIGS, else `heuristic`
+    (for a lop3 mode asked by name: `lop3_heuristic`)."""
+    if mode in ("lop3", "lop3_t"):
+        return lop3_heuristic(m, k, n, fmt=fmt, group_size=group_size, transpose=mode == "lop3_t")
     rows = next((r for r in SWEEP_ROWS if r >= m), None)
     cfg = CONFIGS.get((rows, k, n))
     if cfg is not None and _valid(m, k, n, fmt, bits, group_size, *cfg[:4]) is None:
@@ -145,9 +148,28 @@ def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
         splits = max(1, min(-(-_TARGET_PROGRAMS // (n // bn)), blocks))
         return mode, bn, bkw, -(-blocks // -(-blocks // splits)), warps, 1  # the count quant_skinny ends with
     warps, stages = 8 if m > 32 else 4, 3  # 64 rows on 4 warps: spills
-    splits = max(1, min(-(-_TARGET_DOT_PROGRAMS // (n // bn)), blocks))
-    splits = -(-blocks // -(-blocks // splits))  # the split count that `num_splits` would end with
-    return mode, bn, bkw, splits, warps, stages
+    return mode, bn, bkw, _dot_splits(blocks, n // bn), warps, stages
+
+
+def _dot_splits(blocks: int, column_blocks: int) -> int:
+    """K splits for about two waves of dot programs: the count that `num_splits` ends with (none empty)."""
+    splits = max(1, min(-(-_TARGET_DOT_PROGRAMS // max(1, column_blocks)), blocks))
+    return -(-blocks // -(-blocks // splits))
+
+
+def lop3_heuristic(m: int, k: int, n: int, *, fmt: str, group_size: int, transpose: bool = False):
+    """The lop3 modes: 16 word rows a block (128 input rows: four dots of K = 32), block_n 128 (256 for awq_kp),
+    K split until about two waves of programs, 4 warps (8 for 64 rows), 3 stages. A group smaller than the block
+    gives per-row zeros and scales (as the dot modes); one that neither divides nor is a multiple of 128 rows falls
+    to 8 word rows."""
+    classes = 8 if fmt == "awq_kp" else 1
+    bn = 128 * (2 if classes == 8 else 1)
+    while bn > 16 * classes and n % bn:
+        bn //= 2
+    group = k if group_size == -1 else group_size
+    bkw = 16 if k % 128 == 0 and (group % 128 == 0 or 128 % group == 0) else 8
+    splits = _dot_splits(k // (bkw * 8), n // bn)
+    return "lop3_t" if transpose else "lop3", bn, bkw, splits, 8 if m > 32 else 4, 3
 
 
 def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
@@ -155,7 +177,13 @@ def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
     if mode not in MODES:
         return f"mode must be one of {MODES}, got {mode!r}"
     classes = 8 if fmt == "awq_kp" else 1
-    if mode != "fma" and (bkw < _MIN_DOT or bn // classes < _MIN_DOT):
+    if mode in ("lop3", "lop3_t"):
+        if bits != 4:
+            return f"mode {mode!r} takes 4-bit weights only, got bits={bits}"
+        if bkw < 8 or bn // classes < _MIN_DOT:
+            return (f"mode {mode!r} needs block_kw >= 8 (got {bkw}: its dots' K is 2 * block_kw) and "
+                    f"block_n{' / 8' if classes > 1 else ''} >= {_MIN_DOT} (got block_n={bn})")
+    elif mode != "fma" and (bkw < _MIN_DOT or bn // classes < _MIN_DOT):
         return (f"mode {mode!r} needs block_kw >= {_MIN_DOT} (got {bkw}) and block_n{' / 8' if classes > 1 else ''}"
                 f" >= {_MIN_DOT} (got block_n={bn}): Triton's smallest dot")
     pf, group = 32 // bits, k if group_size == -1 else group_size
@@ -171,13 +199,14 @@ def _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits) -> str | None:
     return None
 
 
-def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype) -> bool:
-    """Whether the kernel takes this product with its default settings (else the caller uses another path)."""
+def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, dtype, mode=None) -> bool:
+    """Whether the kernel takes this product with its default settings (in `mode`, where named), else the caller
+    uses another path."""
     if not quant_gemv.layout_fits(m, k, n, fmt=fmt, bits=bits, group_size=group_size, dtype=dtype,
                                   max_rows=MAX_ROWS):
         return False
-    return _valid(m, k, n, fmt, bits, group_size, *settings(m, k, n, fmt=fmt, bits=bits,
-                                                                 group_size=group_size)[:4]) is None
+    return _valid(m, k, n, fmt, bits, group_size, *settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size,
+                                                                 mode=mode)[:4]) is None
 
 
 def _columns(A, cw, pf, bits, a=None):
@@ -334,7 +363,7 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
     """
     m, k, n, pf, groups = quant_gemv.check_arrays(x, qweight, qzeros, scales, fmt=fmt, bits=bits,
                                                   group_size=group_size, max_rows=MAX_ROWS)
-    d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size)
+    d = settings(m, k, n, fmt=fmt, bits=bits, group_size=group_size, mode=mode)
     mode, bn, bkw, splits, warps, stages = (v if v is not None else dv for v, dv in
                                             zip((mode, block_n, block_kw, num_splits, num_warps, num_stages), d))
     why = _valid(m, k, n, fmt, bits, group_size, mode, bn, bkw, splits)
@@ -354,18 +383,27 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
     else:
         bk = bkw * pf  # blocks a group (> 0), or minus the groups a block spans (groups smaller than a block)
         blocks_per_group = 0 if group_size == -1 else group_size // bk if group_size >= bk else -(bk // group_size)
-        kernel = functools.partial(_dot_kernel, bits=bits, zero_offset=zero_offset, bkw=bkw,
-                                   blocks_per_group=blocks_per_group, blocks_per_split=per_split,
-                                   num_k_blocks=num_k_blocks, transpose=mode == "dot_t")
+        common = dict(zero_offset=zero_offset, bkw=bkw, blocks_per_group=blocks_per_group,
+                      blocks_per_split=per_split, num_k_blocks=num_k_blocks, transpose=mode.endswith("_t"))
+        if mode.startswith("lop3"):
+            from pallas_kernels import quant_lop3
+
+            kernel = functools.partial(quant_lop3.kernel, rows=m, interpret=interpret, **common)
+        else:
+            kernel = functools.partial(_dot_kernel, bits=bits, **common)
     # fma: x3 [M, K/pf, pf], a free view. dot: x3 transposed to [bm, pf, K/pf] (a tiny XLA transpose), so that the
     # [bm, bkw] x operand of a bit field is contiguous rows: pipelined 16-byte cp.async instead of 2-byte loads.
+    # lop3: [bm, 4, K/4] in the K order of its dequantized pairs (quant_lop3.arrange_x).
     x3 = xp.reshape(bm, k // pf, pf)
-    if mode != "fma":
+    if mode.startswith("lop3"):
+        x3 = quant_lop3.arrange_x(xp)
+    elif mode != "fma":
         x3 = x3.transpose(0, 2, 1)
     name = f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}"
+    # lop3 writes the first m rows alone (its padded rows hold no values): the partials are summed over those
     out = quant_gemv.launch(kernel, x3, qweight.reshape(k // pf, classes, n // classes), qzeros, scales, block_n=bn,
                             num_splits=splits, out_dtype=out_dtype or x.dtype, num_warps=warps, num_stages=stages,
-                            interpret=interpret, name=name)
+                            interpret=interpret, name=name, rows=m if mode.startswith("lop3") else None)
     return out[:m]
 
 

@@ -46,6 +46,14 @@ CASES = [  # scheme, kernel format, M, K, N, settings ({}: the defaults)
     (GPTQ64, "gptq", 16, 256, 128, {}),
     (Scheme("gptq", bits=4, group_size=32, sym=False), "gptq", 33, 256, 64, dict(mode="dot_t")),
     (AWQ64, "awq_kp", 20, 256, 128, dict(mode="dot", num_splits=2)),
+    # lop3 (quant_lop3.py): the asm's arithmetic emulated in jnp, the K order and the masked rows are the kernel's
+    (GPTQ128, "gptq", 1, 512, 128, dict(mode="lop3_t")),                         # split K: only row 0 summed
+    (GPTQ64, "gptq", 3, 256, 64, dict(mode="lop3", num_splits=1)),               # a block spans 2 groups
+    (GPTQ_V2, "gptq_v2", 5, 256, 128, dict(mode="lop3_t", block_kw=8)),          # dots of K = 16
+    (GPTQ_V2_ONE, "gptq_v2", 16, 256, 64, dict(mode="lop3_t", num_splits=1)),
+    (AWQ128, "awq_kp", 2, 256, 256, dict(mode="lop3_t")),
+    (AWQ64, "awq_kp", 33, 256, 128, dict(mode="lop3")),
+    (Scheme("gptq", bits=4, group_size=32, sym=False), "gptq", 64, 256, 64, dict(mode="lop3_t")),
 ]
 
 
@@ -96,6 +104,11 @@ def test_skinny_rejections_name_the_numbers():
         qs.quant_skinny(x[:9], qw, qz, s, mode="dot", block_kw=8, **kw)
     with pytest.raises(ValueError, match="mode must be one of"):
         qs.quant_skinny(x[:2], qw, qz, s, mode="wgmma", **kw)
+    with pytest.raises(ValueError, match="mode 'lop3_t' needs block_kw >= 8 \\(got 4"):
+        qs.quant_skinny(x[:2], qw, qz, s, mode="lop3_t", block_kw=4, **kw)
+    with pytest.raises(ValueError, match="mode 'lop3' takes 4-bit weights only, got bits=8"):
+        qs.quant_skinny(x[:2], jnp.zeros((64, 64), jnp.int32), jnp.zeros((2, 16), jnp.int32), s, mode="lop3",
+                        **dict(kw, bits=8))
     with pytest.raises(ValueError, match="block_n=48 must be a power of two"):
         qs.quant_skinny(x[:2], qw, qz, s, block_n=48, **kw)
     with pytest.raises(ValueError, match=r"qweight must be int32 \(32, 64\)"):

@@ -87,7 +87,7 @@ def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig, perm=
         y = quant_sharded.sharded_skinny(
             x.reshape(-1, I), qweight, qzeros, scales, split=split, fmt=kernel_format(quant), bits=quant.bits,
             group_size=quant.group_size, fits=lambda m, k, n, gs: skinny_fits(m, k, n, x.dtype, quant, group_size=gs),
-            interpret=jax.default_backend() != "gpu")
+            interpret=jax.default_backend() != "gpu", mode=skinny_mode())
         if y is not None:
             return y.reshape(*x.shape[:-1], O)
     path = kernel_path(x, O, quant)
@@ -95,7 +95,7 @@ def quant_matmul(x, qweight, qzeros, scales, g_idx, *, quant: QuantConfig, perm=
         from pallas_kernels import quant_skinny
 
         y = quant_skinny.quant_skinny(x.reshape(-1, I), qweight, qzeros, scales, fmt=kernel_format(quant),
-                                      bits=quant.bits, group_size=quant.group_size,
+                                      bits=quant.bits, group_size=quant.group_size, mode=skinny_mode(),
                                       interpret=jax.default_backend() != "gpu")
         return y.reshape(*x.shape[:-1], O)
     if path == "gemv":  # pragma: no cover - GPU only
@@ -130,6 +130,7 @@ SKINNY_MAX_ROWS = 64
 # run in Pallas' interpreter and as offline-compiled PTX only): unset, decode keeps the GEMV / tensor-core / XLA
 # paths measured on the H100 (AWQ 3.67 ms, GPTQ-Int4 3.21 ms a token at 7476a1c). Read when a step is traced.
 SKINNY_ENV = "QWENJAX_QUANT_SKINNY"
+SKINNY_ENV_VALUES = ("0", "1", "lop3")  # off, on (modes by rows), on in the lop3_t mode (not yet timed on a GPU)
 _SKINNY_BITS = (4,)
 # The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 96 at 9..16 rows).
 # (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
@@ -181,12 +182,22 @@ def skinny_fits(m: int, k: int, n: int, dtype, quant: QuantConfig, *, group_size
     `group_size` overrides the layer's (a device's rows all in one group, quant_sharded.py)."""
     if jax.default_backend() != "gpu" or not (1 <= m <= SKINNY_MAX_ROWS and quant.bits in _SKINNY_BITS):
         return False
-    if os.environ.get(SKINNY_ENV, "0") != "1":
+    if os.environ.get(SKINNY_ENV, "0") == "0":
         return False
     from pallas_kernels import quant_skinny
 
     gs = quant.group_size if group_size is None else group_size
-    return quant_skinny.supported(m, k, n, fmt=kernel_format(quant), bits=quant.bits, group_size=gs, dtype=dtype)
+    return quant_skinny.supported(m, k, n, fmt=kernel_format(quant), bits=quant.bits, group_size=gs, dtype=dtype,
+                                  mode=skinny_mode())
+
+
+def skinny_mode() -> str | None:
+    """The skinny kernel's mode that SKINNY_ENV asks for: "lop3" -> "lop3_t" (Marlin's dequantization,
+    pallas_kernels/quant_lop3.py), "1" -> None (the kernel's own choice by rows). Anything else is refused by name."""
+    v = os.environ.get(SKINNY_ENV, "0")
+    if v not in SKINNY_ENV_VALUES:
+        raise ValueError(f"{SKINNY_ENV}={v!r}: allowed {', '.join(SKINNY_ENV_VALUES)}")
+    return "lop3_t" if v == "lop3" else None
 
 
 def dequantize_weight(qweight, qzeros, scales, g_idx, *, quant: QuantConfig, dtype) -> jax.Array:

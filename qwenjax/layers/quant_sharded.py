@@ -61,7 +61,7 @@ def local_product(split, n: int, in_features: int, qweight, qzeros, scales, *, g
 
 
 def sharded_skinny(x2, qweight, qzeros, scales, *, split, fmt: str, bits: int, group_size: int, fits,
-                   interpret: bool):
+                   interpret: bool, mode: str | None = None):
     """x2 [M, I] @ the layer's packed weight on each device of the "tp" mesh -> [M, O] in x2.dtype, or None where
     the kernel cannot run per device (module docstring). `fits(m, k, n)` says whether the kernel takes a device's
     product (quant_linear.skinny_fits)."""
@@ -78,7 +78,7 @@ def sharded_skinny(x2, qweight, qzeros, scales, *, split, fmt: str, bits: int, g
 
     def body(x, qw, qz, s):
         y = quant_skinny.quant_skinny(x, qw, qz, s, fmt=fmt, bits=bits, group_size=gs, interpret=interpret,
-                                      out_dtype=jnp.float32 if reduce else None)
+                                      mode=mode, out_dtype=jnp.float32 if reduce else None)
         return jax.lax.psum(y, AXIS).astype(x.dtype) if reduce else y
 
     return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=(x_spec, w_spec, z_spec, s_spec),

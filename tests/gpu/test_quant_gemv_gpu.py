@@ -62,7 +62,7 @@ def _check_skinny(scheme, fmt, m, k, n, settings, seed):
 
 def _fits(case, mode):
     scheme, fmt, m, k, n, settings = case
-    d = qs.settings(m, k, n, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size)
+    d = qs.settings(m, k, n, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size, mode=mode)
     bn, bkw, splits = (settings.get(key, dflt) for key, dflt in zip(("block_n", "block_kw", "num_splits"), d[1:4]))
     return qs._valid(m, k, n, fmt, scheme.bits, scheme.group_size, mode, bn, bkw, splits) is None
 
@@ -87,11 +87,13 @@ def _layer_64_rows(scheme, fmt, k, n):
 @pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 37888), (3584, 512), (18944, 3584)])
 @pytest.mark.parametrize("scheme, fmt", [(Scheme("gptq", bits=4, group_size=128, sym=True), "gptq"),
                                          (Scheme("awq", group_size=128), "awq_kp")], ids=["gptq", "awq_kp"])
-def test_skinny_7b_shapes_on_gpu(scheme, fmt, m, k, n):
-    """Qwen2-7B's fused qkv and gate_up, k/v and down at the default settings (what the model runs)."""
+@pytest.mark.parametrize("mode", [None, "lop3_t"], ids=["default", "lop3_t"])
+def test_skinny_7b_shapes_on_gpu(scheme, fmt, m, k, n, mode):
+    """Qwen2-7B's fused qkv and gate_up, k/v and down at the default settings (what the model runs), and in the lop3_t
+    mode (QWENJAX_QUANT_SKINNY=lop3): its inline PTX runs only here."""
     (x, *arrays), exact = _layer_64_rows(scheme, fmt, k, n)
-    out = np.asarray(qs.quant_skinny(x[:m], *arrays, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size),
-                     np.float64)
+    out = np.asarray(qs.quant_skinny(x[:m], *arrays, fmt=fmt, bits=scheme.bits, group_size=scheme.group_size,
+                                     mode=mode), np.float64)
     np.testing.assert_allclose(out, exact[:m], atol=2.0 ** -7 * np.abs(exact[:m]).max(), rtol=0)
 
 

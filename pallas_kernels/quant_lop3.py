@@ -1,0 +1,111 @@
+"""Int4 skinny products with Marlin's dequantization: the "lop3" / "lop3_t" modes of quant_skinny.py.
+
+The dot modes of quant_skinny.py turn each 4-bit field into a float with an and-or into float32's exponent, a
+subtract, a multiply and a conversion, field by field (~5 instructions a weight, entry 46 of benchmarks/NOTES.md,
+which bound the kernels by instruction issue at about half the copy bandwidth). Here one PTX `lop3` turns two fields
+of a word into two 16-bit floats at once, as Marlin does: (word & 0x000f000f) | MAGIC reads, as a pair of float16
+(MAGIC 0x64006400) or bfloat16 (0x43004300) values, (BASE + field j, BASE + field j + 4) with BASE = 1024 or 128,
+the power of two whose unit in the last place is 1. One packed subtract of (BASE + zero) and one packed multiply by
+the scale, both exact but the multiply's one rounding, give ((q - z) * s) in x's dtype, two weights per
+instruction; the pair then feeds the tensor cores as it sits in its register (Triton lays the dot operand out with
+two consecutive K values a register, kWidth = 2, which is the pair): ~2 instructions a weight.
+
+Layouts: quant_skinny.py's K-packed words, 4 bits only ("gptq", "gptq_v2" [K/8, N]; "awq_kp" [K, N/8] seen as
+[K/8, 8 classes, N/8]). The word tile [bkw, cw] is shifted by 4j (j = 0..3) and stacked with itself along a new
+minor axis of 2 (`jnp.stack` lowers to Triton's join, whose pair sits in one thread's consecutive registers); one asm
+instance takes the pair and writes the fields (j, j + 4) of its word. Reshaped to [2 bkw, cw], the tile's row 2w + e
+is input row 8w + j + 4e, so x is laid out in advance as x4 [bm, 4, K/4] with x4[:, j, 2w + e] = x[:, 8w + j + 4e]
+(`arrange_x`, a small XLA transpose): four dots of K = 2 bkw a block, one per shift j.
+
+Invariants: the asm's two outputs of an instance must be the (e = 0, e = 1) elements of one word; Triton's
+ElementwiseInlineAsm groups an instance's `pack` elements by consecutive registers, so this holds while the tile's
+layout keeps the stacked axis innermost in registers (the GPU test checks the product, tests/gpu/). Interpret mode
+(CPU) cannot run PTX: the same pairs are computed with jnp integer and float operations of identical results.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import quant_skinny as qs
+
+BITS = 4
+MODES = ("lop3", "lop3_t")
+MIN_BLOCK_KW = 8  # a dot's K is 2 * block_kw: Triton's smallest is 16
+# x's dtype -> (the pair's exponent bits, BASE, the PTX type of the packed subtract and multiply)
+_PAIR = {jnp.dtype(jnp.bfloat16): (0x43004300, 128.0, "bf16x2"), jnp.dtype(jnp.float16): (0x64006400, 1024.0, "f16x2")}
+
+
+def arrange_x(x):
+    """x [bm, K] -> [bm, K] permuted within each 8 inputs: column 8w + 2j + e holds x[:, 8w + j + 4e], the K order
+    of the dequantized tile (word w, shift j, pair element e)."""
+    bm, k = x.shape
+    return x.reshape(bm, k // 8, 2, 4).transpose(0, 1, 3, 2).reshape(bm, k)
+
+
+def _pairs(words, shifts, zc, s, *, dtype, interpret):
+    """words [.., 2] int32 (a word in both elements of the minor axis), shifts (4j), zc = BASE + zero and s the
+    scale, all [.., 2] -> [.., 2] in x's dtype: (q_j - z) * s at element 0 and (q_{j+4} - z) * s at element 1, q_j
+    the word's bits 4j..4j+3."""
+    magic, base, ptx = _PAIR[jnp.dtype(dtype)]
+    if interpret:  # the asm's arithmetic: exact subtraction, one rounding of the product to x's dtype
+        e = lax.broadcasted_iota(jnp.int32, words.shape, words.ndim - 1)
+        q = ((words >> (shifts + 16 * e)) & 0xF).astype(jnp.float32)
+        return ((q - (zc.astype(jnp.float32) - base)) * s.astype(jnp.float32)).astype(dtype)
+    asm = ("{\n\t.reg .b32 t;\n\tshr.u32 t, $1, $5;\n\t"
+           f"lop3.b32 $0, t, 0x000f000f, {magic:#010x}, 0xea;\n\t"
+           f"sub.{ptx} $0, $0, $3;\n\tmul.{ptx} $0, $0, $4;\n\t}}")
+    # An instance takes two elements of each argument: $1, $2 the words (the same word) and $5, $6 the shifts (the
+    # same), one 32-bit register each; $3 and $4 the (BASE + z) and s pairs, one register each (16-bit pairs).
+    (out,) = plgpu.elementwise_inline_asm(asm, args=[words, zc, s, shifts], constraints="=r,r,r,r,r,r,r", pack=2,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)])
+    return out
+
+
+def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, blocks_per_group, blocks_per_split,
+           num_k_blocks, transpose, interpret):
+    # x_ref [bm, K] (arrange_x); qw_ref [K/8, A, cw]; qz_ref [G, bn/8]; s_ref [G, bn]; o_ref [bm, bn]: only its
+    # first `rows` rows are written (the rest of x is padding; the caller reads those rows alone)
+    A, cw = qw_ref.shape[1], qw_ref.shape[2]
+    bm, cdt = x_ref.shape[0], x_ref.dtype
+    base = _PAIR[jnp.dtype(cdt)][1]
+    cols = [qs._columns(A, cw, 8, BITS, a) for a in range(A)]           # [1, cw] each
+    first = pl.program_id(1) * blocks_per_split
+    count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
+    acc_shape = (cw, bm) if transpose else (bm, cw)
+    tile = (bkw, cw, 2)                                                 # word row w, column, element e
+    def body(i, accs):
+        kb = first + i
+        if blocks_per_group < 0:  # a block spans -blocks_per_group groups: each word row w its own (rows 8w + j)
+            w = lax.broadcasted_iota(jnp.int32, (bkw, 1), 0)
+            g = kb * -blocks_per_group + w * 8 // (bkw * 8 // -blocks_per_group)
+        else:
+            g = kb // blocks_per_group if blocks_per_group else 0
+        xb = x_ref[:, pl.ds(kb * 8 * bkw, 8 * bkw)]                     # [bm, 8 bkw], column 8w + 2j + e
+        out = []
+        for a in range(A):  # awq_kp: class a holds output columns 8b + a
+            words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
+            za, sa = qs._zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset, natural=A == 1)
+            spread = lambda v: jnp.broadcast_to(v[:, :, None], tile)  # noqa: E731
+            zc, sc = spread((za + base).astype(cdt)), spread(sa.astype(cdt))  # BASE + z: exact in x's dtype
+            # per shift j: [bkw, cw, 2] (fields j, j + 4); joined into [bkw, cw, e, j % 2, j // 2]
+            h = [_pairs(jnp.stack([words, words], axis=-1), jnp.full(tile, 4 * j, jnp.int32), zc, sc, dtype=cdt,
+                        interpret=interpret) for j in range(4)]
+            h = jnp.stack([jnp.stack([h[0], h[1]], axis=-1), jnp.stack([h[2], h[3]], axis=-1)], axis=-1)
+            if transpose:  # out^T = W^T x^T: the weight is the left operand, [cw, 8 bkw], column 8w + 2j + e
+                out.append(accs[a] + jnp.dot(h.transpose(1, 0, 4, 3, 2).reshape(cw, 8 * bkw), xb.T,
+                                             preferred_element_type=jnp.float32))
+            else:          # [8 bkw, cw]
+                out.append(accs[a] + jnp.dot(xb, h.transpose(0, 4, 3, 2, 1).reshape(8 * bkw, cw),
+                                             preferred_element_type=jnp.float32))
+        return tuple(out)
+
+    accs = lax.fori_loop(0, count, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)))
+    r = lax.broadcasted_iota(jnp.int32, (bm, cw), 0)
+    for a, acc in enumerate(accs):
+        acc = (acc.T if transpose else acc).astype(o_ref.dtype)
+        c = lax.broadcasted_iota(jnp.int32, (bm, cw), 1) if A == 1 else jnp.broadcast_to(cols[a][0], (bm, cw))
+        plgpu.store(o_ref.at[r, c], acc, mask=r < rows)
