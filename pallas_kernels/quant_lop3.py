@@ -48,19 +48,21 @@ def arrange_x(x):
 
 def _pairs(words, shifts, zc, s, *, dtype, interpret):
     """words [.., 2] int32 (a word in both elements of the minor axis), shifts (4j), zc = BASE + zero and s the
-    scale, all [.., 2] -> [.., 2] in x's dtype: (q_j - z) * s at element 0 and (q_{j+4} - z) * s at element 1, q_j
-    the word's bits 4j..4j+3."""
+    scale (None: no scale), all [.., 2] -> [.., 2] in x's dtype: (q_j - z) * s at element 0 and (q_{j+4} - z) * s at
+    element 1, q_j the word's bits 4j..4j+3."""
     magic, base, ptx = _PAIR[jnp.dtype(dtype)]
     if interpret:  # the asm's arithmetic: exact subtraction, one rounding of the product to x's dtype
         e = lax.broadcasted_iota(jnp.int32, words.shape, words.ndim - 1)
-        q = ((words >> (shifts + 16 * e)) & 0xF).astype(jnp.float32)
-        return ((q - (zc.astype(jnp.float32) - base)) * s.astype(jnp.float32)).astype(dtype)
-    asm = ("{\n\t.reg .b32 t;\n\tshr.u32 t, $1, $5;\n\t"
-           f"lop3.b32 $0, t, 0x000f000f, {magic:#010x}, 0xea;\n\t"
-           f"sub.{ptx} $0, $0, $3;\n\tmul.{ptx} $0, $0, $4;\n\t}}")
-    # An instance takes two elements of each argument: $1, $2 the words (the same word) and $5, $6 the shifts (the
-    # same), one 32-bit register each; $3 and $4 the (BASE + z) and s pairs, one register each (16-bit pairs).
-    (out,) = plgpu.elementwise_inline_asm(asm, args=[words, zc, s, shifts], constraints="=r,r,r,r,r,r,r", pack=2,
+        q = ((words >> (shifts + 16 * e)) & 0xF).astype(jnp.float32) - (zc.astype(jnp.float32) - base)
+        return (q if s is None else q * s.astype(jnp.float32)).astype(dtype)
+    # An instance takes two elements of each argument: the words (the same word) and the shifts (the same), one
+    # 32-bit register each, then (BASE + z) and s as pairs, one register each (16-bit pairs).
+    n = 2 if s is None else 3
+    asm = ("{\n\t.reg .b32 t;\n\t"
+           f"shr.u32 t, $1, ${n + 2};\n\tlop3.b32 $0, t, 0x000f000f, {magic:#010x}, 0xea;\n\t"
+           f"sub.{ptx} $0, $0, $3;\n\t" + ("" if s is None else f"mul.{ptx} $0, $0, $4;\n\t") + "}")
+    (out,) = plgpu.elementwise_inline_asm(asm, args=[words, zc, *([] if s is None else [s]), shifts],
+                                          constraints="=r" + ",r" * (n + 3), pack=2,
                                           result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)])
     return out
 
@@ -76,6 +78,7 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
     acc_shape = (cw, bm) if transpose else (bm, cw)
+    scale_after = blocks_per_group >= 0  # every block inside one group (the zeros and scales one row a block)
     tile = (bkw, cw, 2)                                                 # word row w, column, element e
     def body(i, accs):
         kb = first + i
@@ -90,17 +93,20 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
             za, sa = qs._zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset, natural=A == 1)
             spread = lambda v: jnp.broadcast_to(v[:, :, None], tile)  # noqa: E731
-            zc, sc = spread((za + base).astype(cdt)), spread(sa.astype(cdt))  # BASE + z: exact in x's dtype
+            zc = spread((za + base).astype(cdt))  # BASE + z: exact in x's dtype
+            # the block in one group: the exact (q - z) in the dots, the block's float32 product scaled after
+            sc = None if scale_after else spread(sa.astype(cdt))
             # per shift j: [bkw, cw, 2] (fields j, j + 4); joined into [bkw, cw, e, j % 2, j // 2]
             h = [_pairs(jnp.stack([words, words], axis=-1), jnp.full(tile, 4 * j, jnp.int32), zc, sc, dtype=cdt,
                         interpret=interpret) for j in range(4)]
             h = jnp.stack([jnp.stack([h[0], h[1]], axis=-1), jnp.stack([h[2], h[3]], axis=-1)], axis=-1)
             if transpose:  # out^T = W^T x^T: the weight is the left operand, [cw, 8 bkw], column 8w + 2j + e
-                out.append(accs[a] + jnp.dot(h.transpose(1, 0, 4, 3, 2).reshape(cw, 8 * bkw), xb.T,
-                                             preferred_element_type=jnp.float32))
+                d = jnp.dot(h.transpose(1, 0, 4, 3, 2).reshape(cw, 8 * bkw), xb.T, preferred_element_type=jnp.float32)
+                d = d * sa.reshape(cw, 1) if scale_after else d
             else:          # [8 bkw, cw]
-                out.append(accs[a] + jnp.dot(xb, h.transpose(0, 4, 3, 2, 1).reshape(8 * bkw, cw),
-                                             preferred_element_type=jnp.float32))
+                d = jnp.dot(xb, h.transpose(0, 4, 3, 2, 1).reshape(8 * bkw, cw), preferred_element_type=jnp.float32)
+                d = d * sa if scale_after else d
+            out.append(accs[a] + d)
         return tuple(out)
 
     accs = lax.fori_loop(0, count, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)))
