@@ -48,10 +48,7 @@ GPTQ 4-bit g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
       one per 4 weight words per row of x). M = 4 (4 word rows): 8 v4, no barrier, 166 registers. The fused qkv
       (bn 256 on 2 warps, 2 blocks straight-line): 16 v4, no barrier, 254 registers.
   fma with bn = 256 on 4 warps instead (the first version's default): 7 bar.sync and shared-memory round trips per
-      block (Triton's layout for the [1, bn] zeros and scales differed from the tile's slice: a conversion per
-      block, plus a cross-warp reduction); loading the zeros as [1, A, cw] made Triton convert every field tile
-      instead (64 round trips). With a block's loads written after the previous block's arithmetic they waited
-      behind those barriers: a DRAM round trip per block, as in the old GEMV.
+      block (the [1, bn] zeros and scales in another layout than the tile's slice), a DRAM round trip per block.
   fma, awq_kp: the same loads, plus 4 (M = 1) to 10 (M = 4) barriers from the 8 column classes' gathered zeros and
       scales; about 252 registers, no spills.
   dot / dot_t, M = 16: weights and x arrive by cp.async (pipelined, 3 stages); each field's dequantized
@@ -60,15 +57,8 @@ GPTQ 4-bit g128 at the fused gate/up 3584 -> 37888, the heuristic's settings):
       or wgmma m64n16k16 (dot_t, 112 registers). M = 64: wgmma m64n128k16, 8 warps, 147 registers (on 4 warps it
       spilled). awq_kp's 8 column classes make 8 times the dots and many more barriers (144 at M = 16).
   The old GEMV (quant_gemv.py, M = 1): a loop without a dot (no cp.async), 4 v4 loads and 16 bar.sync per block.
-Open questions for the H100: whether 2-byte x loads (L1) or the fma arithmetic (about 2 + M instructions a weight)
-bound the fma mode before DRAM does, and what the split-K partials cost (S * M * N * 8 bytes, 4% of the weights at
-gate/up M = 1 and 14% at M = 4 with the defaults; num_splits in the sweep trades them against programs in flight).
-
-What the design expects on the H100 (to be measured by the lead): the fma mode streaming gate/up (3584 -> 37888
-fused, 68 MB packed) near the copy bandwidth at M = 1..4 (>= 80% of 2.91 TB/s is <= 29 us for the fused pair), its
-cost growing slowly with M while the FMAs (M per weight) stay under the memory time (M <= 4..8); above that the dot
-modes, whose tensor-core work is free at these row counts and whose cost should stay near the M = 1 time up to 64
-rows.
+Measured on the H100 (benchmarks/NOTES.md entry 46): no faster than the GEMV, both bound by instruction issue at
+~5.5 loop instructions a weight. The lop3 modes (quant_lop3.py) dequantize two fields per PTX instruction instead.
 """
 from __future__ import annotations
 

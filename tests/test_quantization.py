@@ -467,3 +467,11 @@ def test_kernel_path_per_shape(monkeypatch):
     assert ql.kernel_path(x(1), 3584, QuantConfig("gptq", 8, 128)) is None  # not yet checked on a GPU
     assert ql.kernel_path(x(1).astype(jnp.float32), 3584, gptq) is None
     assert ql.kernel_format(awq) == "awq_kp" and ql.kernel_format(gptq) == "gptq"
+    assert ql.skinny_mode() is None
+    monkeypatch.setenv(ql.SKINNY_ENV, "lop3")  # the lop3_t mode: 4 bits, block_n / 8 >= 16 for AWQ
+    assert ql.skinny_mode() == "lop3_t"
+    assert ql.kernel_path(x(1), 37888, gptq) == ql.kernel_path(x(64), 3584, awq) == "skinny"
+    assert ql.kernel_path(x(1), 64, awq) != "skinny"  # 64 columns: 8 a class, under the dot's 16
+    monkeypatch.setenv(ql.SKINNY_ENV, "yes")
+    with pytest.raises(ValueError, match="QWENJAX_QUANT_SKINNY='yes': allowed 0, 1, lop3"):
+        ql.kernel_path(x(1), 3584, gptq)
