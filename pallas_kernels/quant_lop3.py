@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import quant_skinny as qs
+from pallas_kernels import gemv_tiles
 
 BITS = 4
 MODES = ("lop3", "lop3_t")
@@ -74,7 +74,7 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
     bm, cdt = x_ref.shape[0], x_ref.dtype
     base = _PAIR[jnp.dtype(cdt)][1]
-    cols = [qs._columns(A, cw, 8, BITS, a) for a in range(A)]           # [1, cw] each
+    cols = [gemv_tiles.skinny_columns(A, cw, 8, BITS, a) for a in range(A)]           # [1, cw] each
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
     acc_shape = (cw, bm) if transpose else (bm, cw)
@@ -91,7 +91,8 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
         out = []
         for a in range(A):  # awq_kp: class a holds output columns 8b + a
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
-            za, sa = qs._zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset, natural=A == 1)
+            za, sa = gemv_tiles.skinny_zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset,
+                                                    natural=A == 1)
             spread = lambda v: jnp.broadcast_to(v[:, :, None], tile)  # noqa: E731
             zc = spread((za + base).astype(cdt))  # BASE + z: exact in x's dtype
             # the block in one group: the exact (q - z) in the dots, the block's float32 product scaled after

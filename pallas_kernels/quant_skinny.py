@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import quant_gemv
+from pallas_kernels import gemv_tiles, quant_gemv, quant_lop3
 
 FORMATS = quant_gemv.FORMATS
 MODES = ("fma", "dot", "dot_t", "lop3", "lop3_t")  # lop3: quant_lop3.py (4 bits, Marlin's dequantization)
@@ -199,28 +199,6 @@ def supported(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int, d
                                                                  mode=mode)[:4]) is None
 
 
-def _columns(A, cw, pf, bits, a=None):
-    """Output column of each (class a, position b) of a tile [A, cw] (or of class `a` alone, [1, cw]), and where
-    its zero lies in the packed zeros: natural order for gptq (A = 1), 8b + a for awq_kp."""
-    a_idx = lax.broadcasted_iota(jnp.int32, (A, cw), 0) if a is None else a
-    col = lax.broadcasted_iota(jnp.int32, (A if a is None else 1, cw), 1) * A + a_idx
-    return col, col // pf, (col % pf) * bits
-
-
-def _zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, *, bits, zero_offset, natural):
-    """The zeros and scales of group g (a scalar: [1 or A, cw]; a [R, 1] column of groups: [R, cw], gathered) at
-    the columns `col`, float32 (natural: col is 0..bn-1 and g a scalar, one plain row load of the scales)."""
-    shape = (g.shape[0], col.shape[1]) if getattr(g, "ndim", 0) else col.shape
-    gi = jnp.broadcast_to(g, shape).astype(jnp.int32)
-    zw = plgpu.load(qz_ref.at[gi, jnp.broadcast_to(zero_word, shape)])
-    z = (((zw >> jnp.broadcast_to(zero_shift, shape)) & ((1 << bits) - 1)) + zero_offset).astype(jnp.float32)
-    if natural and not getattr(g, "ndim", 0):
-        s = s_ref[pl.ds(g, 1), :]
-    else:
-        s = plgpu.load(s_ref.at[gi, jnp.broadcast_to(col, shape)])
-    return z, s.astype(jnp.float32)
-
-
 def _field(words, j, bits, *, in_place: bool):
     """Bit field j of every word as float32 plus 2**23, exactly: in place (times 2**(bits j)) or shifted down."""
     if in_place:
@@ -234,14 +212,14 @@ def _fma_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, bits, zero_offset,
     pf = 32 // bits
     low = (23 - bits) // bits + 1  # fields whose bits all lie below bit 23 (4 bits: 5; 8 bits: 2)
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
-    col, zero_word, zero_shift = _columns(A, cw, pf, bits)
+    col, zero_word, zero_shift = gemv_tiles.skinny_columns(A, cw, pf, bits)
     first = pl.program_id(1) * unroll
 
     def load(kb):  # a block's words [bkw, A, cw] (128-bit loads along N), zeros and scales [A, cw]
         g = kb // group_blocks if group_blocks else 0
         return (qw_ref[pl.ds(kb * bkw, bkw), :, :],
-                *_zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, bits=bits, zero_offset=zero_offset,
-                               natural=A == 1))
+                *gemv_tiles.skinny_zeros_scales(qz_ref, s_ref, g, col, zero_word, zero_shift, bits=bits,
+                                                zero_offset=zero_offset, natural=A == 1))
 
     def block(kb, words, z, s, accs):
         high = words >> (bits * low)
@@ -291,7 +269,7 @@ def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, 
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
     bm = x_ref.shape[0]
     cdt = x_ref.dtype
-    cols = [_columns(A, cw, pf, bits, a) for a in range(A)]             # [1, cw] each
+    cols = [gemv_tiles.skinny_columns(A, cw, pf, bits, a) for a in range(A)]             # [1, cw] each
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
     acc_shape = (cw, bm) if transpose else (bm, cw)
@@ -307,7 +285,8 @@ def _dot_kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, bits, zero_offset, bkw, 
         out = []
         for a in range(A):  # awq_kp: class a holds output columns 8b + a in its row 8w + a of every 8
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
-            za, sa = _zeros_scales(qz_ref, s_ref, g, *cols[a], bits=bits, zero_offset=zero_offset, natural=A == 1)
+            za, sa = gemv_tiles.skinny_zeros_scales(qz_ref, s_ref, g, *cols[a], bits=bits, zero_offset=zero_offset,
+                                                    natural=A == 1)
             acc = accs[a]
             for j in range(pf):
                 # (q - z) * s rounded once to x's dtype (as XLA's dequantize-then-dot does): the scale joins the
@@ -376,8 +355,6 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         common = dict(zero_offset=zero_offset, bkw=bkw, blocks_per_group=blocks_per_group,
                       blocks_per_split=per_split, num_k_blocks=num_k_blocks, transpose=mode.endswith("_t"))
         if mode.startswith("lop3"):
-            from pallas_kernels import quant_lop3
-
             kernel = functools.partial(quant_lop3.kernel, rows=m, interpret=interpret, **common)
         else:
             kernel = functools.partial(_dot_kernel, bits=bits, **common)
