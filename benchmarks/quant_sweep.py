@@ -25,6 +25,8 @@ GRIDS = {"greedy": (5, 2, 0, 1, 2), "full": (5, 2, 0, 1, 2, 3, 4), "small": (5, 
 # The skinny kernel's (indices into (mode, block_n, block_kw, num_splits, num_warps, num_stages)): the mode first,
 # then the split (bytes in flight per program), the tile, the warps, the pipeline depth (dot modes).
 SKINNY_GRIDS = {"greedy": (0, 3, 1, 2, 4, 3), "full": (0, 3, 1, 2, 4, 5, 3), "small": (0, 3), "none": ()}
+# The lop3 modes' (their mode kept): the pipeline depth first (bytes in flight per program), then the tile and split.
+LOP3_GRIDS = {"greedy": (5, 2, 3, 1, 4), "full": (5, 2, 3, 1, 4, 5), "small": (5, 3), "none": ()}
 SEARCHES = ("skinny", "lop3", "gemv")  # the kernels whose settings --search explores (lop3: a skinny mode)
 
 
@@ -136,7 +138,7 @@ def skinny_neighbours(cfg, param, m, k, n, bits, gfmt):
         outs = []
     else:
         vals = {1: (64, 128, 256, 512, 1024), 2: (1, 2, 4, 8, 16, 32),
-                3: sorted({max(1, s // 4), max(1, s // 2), s * 2, s * 4}), 4: (2, 4, 8), 5: (1, 2, 3, 4)}[param]
+                3: sorted({max(1, s // 4), max(1, s // 2), s * 2, s * 4}), 4: (2, 4, 8), 5: (1, 2, 3, 4, 5, 6)}[param]
         outs = [tuple(v if i == param else c for i, c in enumerate(cfg)) for v in vals if v != cfg[param]]
         if param == 1 and mode == "fma":  # and the warps that keep block_n = 128 * num_warps (heuristic's docstring)
             outs += [(mode, v, bkw, s, v // 128, st) for v in (128, 256, 512, 1024) if v != bn]
@@ -280,7 +282,7 @@ def run_case(sw: Sweep, fmt_name, layer, m, k, n, key, phase: str):
         # its lop3 modes (pallas_kernels/quant_lop3.py) at their own defaults
         if quant_skinny.supported(m, k, n, dtype=jnp.bfloat16, mode="lop3_t", **kw):
             kernels["lop3"] = (quant_skinny.settings(m, k, n, mode="lop3_t", **kw), skinny_fn, skinny_neighbours,
-                               SKINNY_GRIDS[a.grid])
+                               LOP3_GRIDS[a.grid])
     if m <= quant_gemv.MAX_ROWS and quant_gemv.supported(m, k, n, dtype=jnp.bfloat16, **kw):
         kernels["gemv"] = (quant_gemv.settings(m, k, n, **kw), gemv_fn, gemv_neighbours, GRIDS[a.grid])
     if phase == "search":
