@@ -85,6 +85,9 @@ def make_result(*, benchmark: str, model: str, dev: dict, config: dict, ceilings
     config["env"] = {"jax": jax.__version__, "python": _platform.python_version(), "platform": dev["platform"],
                      "host_cpus": os.cpu_count(), "dirty_tree": dirty, "date": today(),
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                     # the kernel switches read from the environment (e.g. QWENJAX_QUANT_SKINNY=lop3)
+                     "qwenjax_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QWENJAX_")
+                                     and k != "QWENJAX_COMMIT"},
                      "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     mesh = config.get("engine_args", {}).get("tensor_parallel_size", 1)
     return {"benchmark": benchmark, "model": model, "device": dev["device"], "mesh": mesh,

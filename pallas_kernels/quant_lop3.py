@@ -74,12 +74,13 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
     bm, cdt = x_ref.shape[0], x_ref.dtype
     base = _PAIR[jnp.dtype(cdt)][1]
-    cols = [gemv_tiles.skinny_columns(A, cw, 8, BITS, a) for a in range(A)]           # [1, cw] each
+    cols = [gemv_tiles.skinny_columns(A, cw, 8, BITS, a) for a in range(A)]  # [1, cw] each
     first = pl.program_id(1) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
     acc_shape = (cw, bm) if transpose else (bm, cw)
     scale_after = blocks_per_group >= 0  # every block inside one group (the zeros and scales one row a block)
     tile = (bkw, cw, 2)                                                 # word row w, column, element e
+
     def body(i, accs):
         kb = first + i
         if blocks_per_group < 0:  # a block spans -blocks_per_group groups: each word row w its own (rows 8w + j)
