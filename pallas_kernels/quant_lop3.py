@@ -5,22 +5,25 @@ subtract, a multiply and a conversion, field by field (~5 instructions a weight,
 which bound the kernels by instruction issue at about half the copy bandwidth). Here one PTX `lop3` turns two fields
 of a word into two 16-bit floats at once, as Marlin does: (word & 0x000f000f) | MAGIC reads, as a pair of float16
 (MAGIC 0x64006400) or bfloat16 (0x43004300) values, (BASE + field j, BASE + field j + 4) with BASE = 1024 or 128,
-the power of two whose unit in the last place is 1. One packed subtract of (BASE + zero) and one packed multiply by
-the scale, both exact but the multiply's one rounding, give ((q - z) * s) in x's dtype, two weights per
-instruction; the pair then feeds the tensor cores as it sits in its register (Triton lays the dot operand out with
-two consecutive K values a register, kWidth = 2, which is the pair): ~2 instructions a weight.
+the power of two whose unit in the last place is 1 (the word shifted right by 4j first). One packed subtract of
+(BASE + zero) gives the exact (q - z). Where a block of 8 * block_kw input rows lies inside one group, the dot takes
+(q - z) and the block's float32 product is scaled after it; where a block spans groups, a packed multiply by the
+scale joins the asm (one rounding, as XLA's dequantize-then-dot). ~1.5 instructions a weight of dequantization
+(entry 52: 2.9 in the whole loop, against the GEMV's 5.9).
 
 Layouts: quant_skinny.py's K-packed words, 4 bits only ("gptq", "gptq_v2" [K/8, N]; "awq_kp" [K, N/8] seen as
-[K/8, 8 classes, N/8]). The word tile [bkw, cw] is shifted by 4j (j = 0..3) and stacked with itself along a new
-minor axis of 2 (`jnp.stack` lowers to Triton's join, whose pair sits in one thread's consecutive registers); one asm
-instance takes the pair and writes the fields (j, j + 4) of its word. Reshaped to [2 bkw, cw], the tile's row 2w + e
-is input row 8w + j + 4e, so x is laid out in advance as x4 [bm, 4, K/4] with x4[:, j, 2w + e] = x[:, 8w + j + 4e]
-(`arrange_x`, a small XLA transpose): four dots of K = 2 bkw a block, one per shift j.
+[K/8, 8 classes, N/8]). The word tile [bkw, cw] is stacked with itself along a new minor axis of 2 (`jnp.stack`
+lowers to Triton's join, whose pair sits in one thread's consecutive registers); per shift j one asm instance takes
+the pair and writes the fields (j, j + 4) of its word. The four shifts' tiles are joined into [bkw, cw, e, j % 2,
+j // 2] and reshaped into one [8 bkw, cw] operand (lop3_t: its transpose, the weight as wgmma's left operand)
+whose row 8w + 2j + e is input row 8w + j + 4e; x is permuted to match in advance (`arrange_x`, a small XLA
+transpose), so a block is one dot of K = 8 bkw.
 
 Invariants: the asm's two outputs of an instance must be the (e = 0, e = 1) elements of one word; Triton's
 ElementwiseInlineAsm groups an instance's `pack` elements by consecutive registers, so this holds while the tile's
-layout keeps the stacked axis innermost in registers (the GPU test checks the product, tests/gpu/). Interpret mode
-(CPU) cannot run PTX: the same pairs are computed with jnp integer and float operations of identical results.
+layout keeps the stacked axis innermost in registers (checked by the GPU tests, tests/gpu/test_quant_gemv_gpu.py:
+94 passed on an H100 at 29dc2fe). Interpret mode (CPU) cannot run PTX: the same pairs are computed with jnp
+integer and float operations of identical results.
 """
 from __future__ import annotations
 
@@ -33,8 +36,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import gemv_tiles
 
 BITS = 4
-MODES = ("lop3", "lop3_t")
-MIN_BLOCK_KW = 8  # a dot's K is 2 * block_kw: Triton's smallest is 16
 # x's dtype -> (the pair's exponent bits, BASE, the PTX type of the packed subtract and multiply)
 _PAIR = {jnp.dtype(jnp.bfloat16): (0x43004300, 128.0, "bf16x2"), jnp.dtype(jnp.float16): (0x64006400, 1024.0, "f16x2")}
 

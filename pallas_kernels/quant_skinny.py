@@ -148,7 +148,7 @@ def _dot_splits(blocks: int, column_blocks: int) -> int:
 
 
 def lop3_heuristic(m: int, k: int, n: int, *, fmt: str, group_size: int, transpose: bool = False):
-    """The lop3 modes: 16 word rows a block (128 input rows: four dots of K = 32), block_n 128 (256 for awq_kp),
+    """The lop3 modes: 16 word rows a block (128 input rows: one dot of K = 128), block_n 128 (256 for awq_kp),
     K split until about two waves of programs, 4 warps (8 for 64 rows), 3 stages. A group smaller than the block
     gives per-row zeros and scales (as the dot modes); one that neither divides nor is a multiple of 128 rows falls
     to 8 word rows."""
