@@ -49,7 +49,7 @@ CASES = [  # scheme, kernel format, M, K, N, settings ({}: the defaults)
     # lop3 (quant_lop3.py): the asm's arithmetic emulated in jnp, the K order and the masked rows are the kernel's
     (GPTQ128, "gptq", 1, 512, 128, dict(mode="lop3_t")),                         # split K: only row 0 summed
     (GPTQ64, "gptq", 3, 256, 64, dict(mode="lop3", num_splits=1)),               # a block spans 2 groups
-    (GPTQ_V2, "gptq_v2", 5, 256, 128, dict(mode="lop3_t", block_kw=8)),          # dots of K = 16
+    (GPTQ_V2, "gptq_v2", 5, 256, 128, dict(mode="lop3_t", block_kw=8)),          # blocks of 64 inputs
     (GPTQ_V2_ONE, "gptq_v2", 16, 256, 64, dict(mode="lop3_t", num_splits=1)),
     (AWQ128, "awq_kp", 2, 256, 256, dict(mode="lop3_t")),
     (AWQ64, "awq_kp", 33, 256, 128, dict(mode="lop3")),

@@ -130,7 +130,8 @@ SKINNY_MAX_ROWS = 64
 # run in Pallas' interpreter and as offline-compiled PTX only): unset, decode keeps the GEMV / tensor-core / XLA
 # paths measured on the H100 (AWQ 3.67 ms, GPTQ-Int4 3.21 ms a token at 7476a1c). Read when a step is traced.
 SKINNY_ENV = "QWENJAX_QUANT_SKINNY"
-SKINNY_ENV_VALUES = ("0", "1", "lop3")  # off, on (modes by rows), on in the lop3_t mode (not yet timed on a GPU)
+# off, on (modes by rows), on in the lop3_t mode (correct on an H100 but slower than bf16 at 29dc2fe: NOTES 52)
+SKINNY_ENV_VALUES = ("0", "1", "lop3")
 _SKINNY_BITS = (4,)
 # The paths before the skinny kernel, still taken where it does not fit (e.g. 4-bit groups of 96 at 9..16 rows).
 # (benchmarks/quant_matmul.py on an H100, Qwen2-7B shapes, group 128, bf16). GEMV: at 1 row
