@@ -65,6 +65,8 @@
 #                    throughput-fixed with the KV cache sized from free memory, QUANT_72B_ARGS); if the call runs short,
 #                    run the two halves in two calls (the second finds the first's compiled init in .jaxcache)
 #   quant-matmul     benchmarks/quant_matmul.py: the low-bit matmul paths at 7B layer shapes (QUANT_MATMUL_ARGS)
+#   ncu-probe        Nsight Compute over benchmarks/ncu_probe.py (the int4 GEMV, lop3 and FP8 skinny kernels at the
+#                    7B's widest shapes; NCU_PROBE_ARGS go to it): ncu-probe.ncu-rep, its details page and its SASS
 #
 # Everything lands in $OUT (at most 8 files): the result JSONs, summary.txt, logs.tar.gz. Results are also kept
 # in build/bench-results/ (ignored by git, kept while the machine stays warm), where a peer run finds the main
@@ -469,6 +471,20 @@ for s in "${STAGES[@]}"; do
         quant-matmul)
             read -r -a QM_ARGS <<<"${QUANT_MATMUL_ARGS:---budget-s 400}"
             step quant-matmul 120 480 "$PY" benchmarks/quant_matmul.py "${QM_ARGS[@]}" "${COMMON[@]}"
+            ;;
+        ncu-probe)
+            ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+            read -r -a NP_ARGS <<<"${NCU_PROBE_ARGS:-}"
+            # --clock-control none: the clocks stay as the machine sets them (the device README's METHOD.md)
+            step ncu-probe 120 420 "$ncu" --clock-control none --kernel-name regex:qwenjax_ --set full \
+                --import-source no -f -o "$OUT/ncu-probe" "$PY" benchmarks/ncu_probe.py ${NP_ARGS[@]+"${NP_ARGS[@]}"}
+            if [ -f "$OUT/ncu-probe.ncu-rep" ]; then
+                "$ncu" -i "$OUT/ncu-probe.ncu-rep" --page details > "$OUT/ncu-probe-details.txt" 2>&1
+                "$ncu" -i "$OUT/ncu-probe.ncu-rep" --page source --print-source sass --csv \
+                    > "$LOGS/ncu-probe-sass.csv" 2>&1
+                grep -E "^  [a-z_]+ *\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Block Limit|Grid Size|Waves Per" \
+                    "$OUT/ncu-probe-details.txt" | head -n 200
+            fi
             ;;
         quant-7b)
             # Random packed 4-bit weights in the published checkpoints' layouts, through the whole engine.
