@@ -476,7 +476,7 @@ for s in "${STAGES[@]}"; do
             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
             read -r -a NP_ARGS <<<"${NCU_PROBE_ARGS:-}"
             # --clock-control none: the clocks stay as the machine sets them (the device README's METHOD.md)
-            step ncu-probe 120 420 "$ncu" --clock-control none --kernel-name regex:qwenjax_ --set full \
+            step ncu-probe 120 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$ncu" --clock-control none --kernel-name regex:qwenjax_ --set full \
                 --import-source no -f -o "$OUT/ncu-probe" "$PY" benchmarks/ncu_probe.py ${NP_ARGS[@]+"${NP_ARGS[@]}"}
             if [ -f "$OUT/ncu-probe.ncu-rep" ]; then
                 "$ncu" -i "$OUT/ncu-probe.ncu-rep" --page details > "$OUT/ncu-probe-details.txt" 2>&1
