@@ -19,6 +19,13 @@ j // 2] and reshaped into one [8 bkw, cw] operand (lop3_t: its transpose, the we
 whose row 8w + 2j + e is input row 8w + j + 4e; x is permuted to match in advance (`arrange_x`, a small XLA
 transpose), so a block is one dot of K = 8 bkw.
 
+Split dots (`split_dots`: one warpgroup, num_warps 4): instead of the joined tile, one dot of K = 2 bkw per shift j,
+its x the row j of x arranged [bm, 4, K/4]. On an H100 (ncu, entry 53 of benchmarks/NOTES.md) the joined tile on 4
+warps went through shared memory with a 29-way bank conflict on its stores (86% of the store wavefronts, the L1 85%
+busy, DRAM at 15%: 148 us at gate/up, one row); compiled offline (Triton 3.9, sm_90) the split form has no shared
+store in its loop (the tile goes to wgmma from registers), for 48 more FADD a loop (Pallas does not fuse `acc +
+dot`). On 8 warps the joined tile needs no such round trip offline and the split one does (32 STS), so it stays.
+
 Invariants: the asm's two outputs of an instance must be the (e = 0, e = 1) elements of one word; Triton's
 ElementwiseInlineAsm groups an instance's `pack` elements by consecutive registers, so this holds while the tile's
 layout keeps the stacked axis innermost in registers (checked by the GPU tests, tests/gpu/test_quant_gemv_gpu.py:
@@ -40,11 +47,18 @@ BITS = 4
 _PAIR = {jnp.dtype(jnp.bfloat16): (0x43004300, 128.0, "bf16x2"), jnp.dtype(jnp.float16): (0x64006400, 1024.0, "f16x2")}
 
 
-def arrange_x(x):
-    """x [bm, K] -> [bm, K] permuted within each 8 inputs: column 8w + 2j + e holds x[:, 8w + j + 4e], the K order
-    of the dequantized tile (word w, shift j, pair element e)."""
+def arrange_x(x, *, split: bool = False):
+    """x [bm, K] in the K order of the dequantized pairs (word w, shift j, pair element e: input row 8w + j + 4e).
+    Joined: [bm, K], column 8w + 2j + e. Split: [bm, 4, K/4], [m, j, 2w + e] (shift j's dot reads one row)."""
     bm, k = x.shape
+    if split:
+        return x.reshape(bm, k // 8, 2, 4).transpose(0, 3, 1, 2).reshape(bm, 4, k // 4)
     return x.reshape(bm, k // 8, 2, 4).transpose(0, 1, 3, 2).reshape(bm, k)
+
+
+def split_dots(num_warps: int) -> bool:
+    """One dot per shift (module docstring) on one warpgroup; the joined tile on more."""
+    return num_warps <= 4
 
 
 def _pairs(words, shifts, zc, s, *, dtype, interpret):
@@ -69,7 +83,7 @@ def _pairs(words, shifts, zc, s, *, dtype, interpret):
 
 
 def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, blocks_per_group, blocks_per_split,
-           num_k_blocks, transpose, interpret):
+           num_k_blocks, transpose, interpret, split=False):
     # x_ref [bm, K] (arrange_x); qw_ref [K/8, A, cw]; qz_ref [G, bn/8]; s_ref [G, bn]; o_ref [bm, bn]: only its
     # first `rows` rows are written (the rest of x is padding; the caller reads those rows alone)
     A, cw = qw_ref.shape[1], qw_ref.shape[2]
@@ -89,7 +103,7 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
             g = kb * -blocks_per_group + w * 8 // (bkw * 8 // -blocks_per_group)
         else:
             g = kb // blocks_per_group if blocks_per_group else 0
-        xb = x_ref[:, pl.ds(kb * 8 * bkw, 8 * bkw)]                     # [bm, 8 bkw], column 8w + 2j + e
+        xb = None if split else x_ref[:, pl.ds(kb * 8 * bkw, 8 * bkw)]  # [bm, 8 bkw], column 8w + 2j + e
         out = []
         for a in range(A):  # awq_kp: class a holds output columns 8b + a
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
@@ -99,16 +113,30 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
             zc = spread((za + base).astype(cdt))  # BASE + z: exact in x's dtype
             # the block in one group: the exact (q - z) in the dots, the block's float32 product scaled after
             sc = None if scale_after else spread(sa.astype(cdt))
-            # per shift j: [bkw, cw, 2] (fields j, j + 4); joined into [bkw, cw, e, j % 2, j // 2]
+            # per shift j: [bkw, cw, 2] (fields j, j + 4)
             h = [_pairs(jnp.stack([words, words], axis=-1), jnp.full(tile, 4 * j, jnp.int32), zc, sc, dtype=cdt,
                         interpret=interpret) for j in range(4)]
-            h = jnp.stack([jnp.stack([h[0], h[1]], axis=-1), jnp.stack([h[2], h[3]], axis=-1)], axis=-1)
-            if transpose:  # out^T = W^T x^T: the weight is the left operand, [cw, 8 bkw], column 8w + 2j + e
-                d = jnp.dot(h.transpose(1, 0, 4, 3, 2).reshape(cw, 8 * bkw), xb.T, preferred_element_type=jnp.float32)
-                d = d * sa.reshape(cw, 1) if scale_after else d
-            else:          # [8 bkw, cw]
-                d = jnp.dot(xb, h.transpose(0, 4, 3, 2, 1).reshape(8 * bkw, cw), preferred_element_type=jnp.float32)
-                d = d * sa if scale_after else d
+            if split:  # one dot per shift j, K = 2 bkw in the order (w, e): the tile goes to the MMA from registers
+                d = None
+                for j in range(4):
+                    xj = x_ref[:, j, pl.ds(kb * 2 * bkw, 2 * bkw)]                # [bm, 2 bkw]
+                    if transpose:
+                        dj = jnp.dot(h[j].transpose(1, 0, 2).reshape(cw, 2 * bkw), xj.T,
+                                     preferred_element_type=jnp.float32)
+                    else:
+                        dj = jnp.dot(xj, h[j].transpose(0, 2, 1).reshape(2 * bkw, cw),
+                                     preferred_element_type=jnp.float32)
+                    d = dj if d is None else d + dj
+            else:  # joined: [bkw, cw, e, j % 2, j // 2], one dot of K = 8 bkw
+                h = jnp.stack([jnp.stack([h[0], h[1]], axis=-1), jnp.stack([h[2], h[3]], axis=-1)], axis=-1)
+                if transpose:  # out^T = W^T x^T: the weight is the left operand, [cw, 8 bkw], column 8w + 2j + e
+                    d = jnp.dot(h.transpose(1, 0, 4, 3, 2).reshape(cw, 8 * bkw), xb.T,
+                                preferred_element_type=jnp.float32)
+                else:          # [8 bkw, cw]
+                    d = jnp.dot(xb, h.transpose(0, 4, 3, 2, 1).reshape(8 * bkw, cw),
+                                preferred_element_type=jnp.float32)
+            if scale_after:
+                d = d * (sa.reshape(cw, 1) if transpose else sa)
             out.append(accs[a] + d)
         return tuple(out)
 

@@ -355,15 +355,16 @@ def quant_skinny(x, qweight, qzeros, scales, *, fmt: str, bits: int, group_size:
         common = dict(zero_offset=zero_offset, bkw=bkw, blocks_per_group=blocks_per_group,
                       blocks_per_split=per_split, num_k_blocks=num_k_blocks, transpose=mode.endswith("_t"))
         if mode.startswith("lop3"):
-            kernel = functools.partial(quant_lop3.kernel, rows=m, interpret=interpret, **common)
+            kernel = functools.partial(quant_lop3.kernel, rows=m, interpret=interpret,
+                                       split=quant_lop3.split_dots(warps), **common)
         else:
             kernel = functools.partial(_dot_kernel, bits=bits, **common)
     # fma: x3 [M, K/pf, pf], a free view. dot: x3 transposed to [bm, pf, K/pf] (a tiny XLA transpose), so that the
     # [bm, bkw] x operand of a bit field is contiguous rows: pipelined 16-byte cp.async instead of 2-byte loads.
-    # lop3: [bm, 4, K/4] in the K order of its dequantized pairs (quant_lop3.arrange_x).
+    # lop3: in the K order of its dequantized pairs (quant_lop3.arrange_x: [bm, K], or [bm, 4, K/4] for split dots).
     x3 = xp.reshape(bm, k // pf, pf)
     if mode.startswith("lop3"):
-        x3 = quant_lop3.arrange_x(xp)
+        x3 = quant_lop3.arrange_x(xp, split=quant_lop3.split_dots(warps))
     elif mode != "fma":
         x3 = x3.transpose(0, 2, 1)
     name = f"qwenjax_{fmt}{bits}_skinny_{mode}_m{bm}_n{bn}_kw{bkw}_s{splits}"
