@@ -26,8 +26,9 @@ form, timed as device_ceilings._time_fn does (median of groups of back-to-back c
   fp8_up_tn   fp8_up with the weight stored [N, K]
   fp8_gemv    pallas_kernels/fp8_gemv.py (QWENJAX_FP8_GEMV=1 in the model): the same values, the weight read once at
               1 byte a value by a Pallas GEMV; up to its MAX_ROWS rows (more: not run)
-  fp8_skinny  pallas_kernels/fp8_skinny.py (QWENJAX_FP8_SKINNY=1 in the model): the same values on the tensor cores,
-              split over K where the output is narrow; up to its MAX_ROWS rows
+  fp8_skinny  pallas_kernels/fp8_skinny.py (the model's default up to its MAX_ROWS rows): the same values on the
+              tensor cores, split over K where the output is narrow; up to its MAX_ROWS rows
+fp8_layer and the fp8_tn forms run with QWENJAX_FP8_SKINNY=0 (unless set otherwise): XLA's dot, as they are named.
 Each form's compiled HLO (jit(f).lower(...).compile().as_text()) is searched for `__cublas$lt$matmul$f8`, the custom
 call of XLA's FP8 GEMM: `<form>_<layer>_m<M>_cublaslt_f8` says whether XLA took the FP8 tensor-core path, and the
 config lists every custom-call target per form and shape. Metrics also: `_us`, `_tflops` (2 M K N / time) and
@@ -44,6 +45,7 @@ included: the first call of each form, no persistent cache).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -92,9 +94,10 @@ def forms():
 
     from pallas_kernels.fp8_gemv import fp8_gemv
     from pallas_kernels.fp8_skinny import fp8_skinny
-    from qwenjax.layers.fp8_matmul import fp8_matmul
+    from qwenjax.layers.fp8_matmul import SKINNY_ENV, fp8_matmul
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
+    os.environ.setdefault(SKINNY_ENV, "0")  # the model's forms on XLA's dot (module docstring); read when traced
     bf16 = jnp.bfloat16
 
     def per_channel(x, w):

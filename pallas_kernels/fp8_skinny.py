@@ -31,8 +31,10 @@ does not set: without qwenjax.compat.enable_pallas_fp8_wgmma (called by layers/f
 upcasts both tiles to float16 for mma.sync. Compiled offline for sm_90 (benchmarks/kernel_isa.py, Triton 3.9):
 with it, wgmma with instruction shape [16, 128, 32] at 128 x 128 tiles.
 
-Status: tested on CPU in interpret mode against the float32 reference; not yet compiled or timed on a GPU. Opt-in
-from the model (layers/fp8_matmul.py's SKINNY_ENV).
+Status: on an H100 (jax 0.11.2, NOTES 53) its GPU grid passes (tests/gpu/test_fp8_gpu.py: the four 7B shapes at 1-512
+rows, 2^-7 of the output's scale) and ncu measured gate/up (3,584 -> 37,888) at one row in 54 us, 2.55 TB/s, and
+down_proj in 31 us, 2.2 TB/s (its warps wait on the pipeline's barrier: the bytes bound it). The model takes it by
+default on one GPU (layers/fp8_matmul.py's SKINNY_ENV=0 turns it off).
 """
 from __future__ import annotations
 

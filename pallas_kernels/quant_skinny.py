@@ -141,24 +141,26 @@ def heuristic(m: int, k: int, n: int, *, fmt: str, bits: int, group_size: int):
     return mode, bn, bkw, _dot_splits(blocks, n // bn), warps, stages
 
 
-def _dot_splits(blocks: int, column_blocks: int) -> int:
-    """K splits for about two waves of dot programs: the count that `num_splits` ends with (none empty)."""
-    splits = max(1, min(-(-_TARGET_DOT_PROGRAMS // max(1, column_blocks)), blocks))
+def _dot_splits(blocks: int, column_blocks: int, target: int = _TARGET_DOT_PROGRAMS) -> int:
+    """K splits for about `target` programs (default two waves of dot programs): the count that `num_splits` ends
+    with (none empty)."""
+    splits = max(1, min(-(-target // max(1, column_blocks)), blocks))
     return -(-blocks // -(-blocks // splits))
 
 
 def lop3_heuristic(m: int, k: int, n: int, *, fmt: str, group_size: int, transpose: bool = False):
     """The lop3 modes: 16 word rows a block (128 input rows: one dot of K = 128), block_n 128 (256 for awq_kp),
-    K split until about two waves of programs, 4 warps (8 for 64 rows), 3 stages. A group smaller than the block
-    gives per-row zeros and scales (as the dot modes); one that neither divides nor is a multiple of 128 rows falls
-    to 8 word rows."""
+    K split until about four programs an SM up to 32 rows (on an H100 the split-dot form used 95 registers, room for
+    5 programs an SM, and with gate/up's 296 programs, 0.45 waves, its warps waited on memory: ncu, NOTES 53), two
+    waves above, 4 warps (8 above 32 rows), 3 stages. A group smaller than the block gives per-row zeros and scales
+    (as the dot modes); one that neither divides nor is a multiple of 128 rows falls to 8 word rows."""
     classes = 8 if fmt == "awq_kp" else 1
     bn = 128 * (2 if classes == 8 else 1)
     while bn > 16 * classes and n % bn:
         bn //= 2
     group = k if group_size == -1 else group_size
     bkw = 16 if k % 128 == 0 and (group % 128 == 0 or 128 % group == 0) else 8
-    splits = _dot_splits(k // (bkw * 8), n // bn)
+    splits = _dot_splits(k // (bkw * 8), n // bn, _TARGET_PROGRAMS if m <= 32 else _TARGET_DOT_PROGRAMS)
     return "lop3_t" if transpose else "lop3", bn, bkw, splits, 8 if m > 32 else 4, 3
 
 

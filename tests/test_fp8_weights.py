@@ -170,6 +170,26 @@ def test_gpu_only_product_settings(monkeypatch):
     assert fm.dot_precision("f32", rows=63) is None and fm.dot_precision(None, rows=64) is None
 
 
+def test_gpu_kernel_choice(monkeypatch):
+    """On one GPU a product of at most fp8_skinny.MAX_ROWS rows takes the skinny kernel unless QWENJAX_FP8_SKINNY=0;
+    the GEMV only when QWENJAX_FP8_GEMV=1; more rows, or a CPU, take XLA's dot."""
+    from pallas_kernels import fp8_skinny
+    from qwenjax.layers import fp8_matmul as fm
+
+    for env in (fm.GEMV_ENV, fm.SKINNY_ENV):
+        monkeypatch.delenv(env, raising=False)
+    wq = jnp.zeros((256, 128), FP8_DTYPE)
+    rows = lambda m: jnp.zeros((m, 128), FP8_DTYPE)  # noqa: E731
+    assert fm.kernel_for(rows(1), wq) is None  # CPU
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    assert fm.kernel_for(rows(1), wq) == "skinny" and fm.kernel_for(rows(fp8_skinny.MAX_ROWS), wq) == "skinny"
+    assert fm.kernel_for(rows(fp8_skinny.MAX_ROWS + 1), wq) is None
+    monkeypatch.setenv(fm.SKINNY_ENV, "0")
+    assert fm.kernel_for(rows(1), wq) is None
+    monkeypatch.setenv(fm.GEMV_ENV, "1")
+    assert fm.kernel_for(rows(1), wq) == "gemv"
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_every_projection_matches_reference(scheme, fp8_dir, float_ckpt):
     """Each Fp8Linear, unfused and fused (split back into its parts), against the reference's projection on the

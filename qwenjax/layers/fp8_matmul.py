@@ -24,9 +24,10 @@ Few rows on a GPU (QWENJAX_FP8_GEMV=1, opt-in): pallas_kernels/fp8_gemv.py, the 
 weight, for steps of at most fp8_gemv.MAX_ROWS tokens (decode). On an H100 it ran behind cuBLASLt's FP8 GEMM on the
 [O, I] weight at gate/up, one row (99 against 85 us, NOTES 48), so it is off unless asked for.
 
-Few to a few hundred rows on a GPU (QWENJAX_FP8_SKINNY=1, opt-in): pallas_kernels/fp8_skinny.py, a tensor-core
-GEMM split over K where the output is narrow. There cuBLASLt read the weight at 0.7-1.7 TB/s on an H100 (NOTES 51);
-not yet run on a GPU.
+Few to a few hundred rows on a GPU (the default; QWENJAX_FP8_SKINNY=0 turns it off): pallas_kernels/fp8_skinny.py,
+a tensor-core GEMM split over K where the output is narrow. There cuBLASLt read the weight at 0.7-1.7 TB/s on an
+H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu), and the 7B FP8 engine went from
+12,641 to 14,025 output tok/s on throughput-fixed and to 3.76 ms a token at batch 1 (NOTES 53).
 
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """
@@ -45,8 +46,8 @@ _DIMS = (((1,), (1,)), ((), ()))  # x [T, I] . w [O, I] -> [T, O]
 FP8_WGMMA = enable_pallas_fp8_wgmma()  # the skinny kernel's float8 dots on Hopper's FP8 wgmma (compat's docstring)
 # QWENJAX_FP8_GEMV=1: steps of few rows take the Pallas FP8 GEMV on a GPU (module docstring); read when traced.
 GEMV_ENV = "QWENJAX_FP8_GEMV"
-# QWENJAX_FP8_SKINNY=1: steps of at most fp8_skinny.MAX_ROWS tokens take the Pallas tensor-core skinny GEMM with split-K
-# on a GPU (after the GEMV where both are set); read when traced.
+# QWENJAX_FP8_SKINNY: steps of at most fp8_skinny.MAX_ROWS tokens take the Pallas tensor-core skinny GEMM with split-K
+# on a GPU unless it is "0" (after the GEMV where that is asked for); read when traced.
 SKINNY_ENV = "QWENJAX_FP8_SKINNY"
 # QWENJAX_FP8_ACCUM=f32: on a GPU the G == 1 dot asks XLA for float32 accumulation without cuBLASLt's fast
 # (imprecise) FP8 accumulation (DotAlgorithmPreset.ANY_F8_ANY_F8_F32). At K = 18,944 (down_proj) and 2,048 rows the
@@ -85,10 +86,20 @@ def gemm_out_dtype(gemm_out: str | None = None):
     return jnp.float32
 
 
-def _takes(kernel, env: str, xq: jax.Array, wq: jax.Array) -> bool:
-    """`env` set to 1, a GPU, a mesh of one device (over several, XLA partitions the dot), and a shape `kernel` (a
+def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
+    """The Pallas kernel a G == 1 product takes: "gemv" (GEMV_ENV=1), "skinny" (unless SKINNY_ENV=0), or None
+    (XLA's dot). Read when traced."""
+    if _takes(fp8_gemv, os.environ.get(GEMV_ENV, "0"), xq, wq):
+        return "gemv"
+    if _takes(fp8_skinny, os.environ.get(SKINNY_ENV, "1"), xq, wq):
+        return "skinny"
+    return None
+
+
+def _takes(kernel, switch: str, xq: jax.Array, wq: jax.Array) -> bool:
+    """The switch "1", a GPU, a mesh of one device (over several, XLA partitions the dot), and a shape `kernel` (a
     pallas_kernels module) takes."""
-    if os.environ.get(env) != "1" or platform() != "gpu":
+    if switch != "1" or platform() != "gpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     if not (mesh is None or mesh.empty or mesh.size == 1):
@@ -103,9 +114,10 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
-    if G == 1 and _takes(fp8_gemv, GEMV_ENV, xq, wq):
+    kernel = kernel_for(xq, wq) if G == 1 else None
+    if kernel == "gemv":
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
-    if G == 1 and _takes(fp8_skinny, SKINNY_ENV, xq, wq):
+    if kernel == "skinny":
         return fp8_skinny.fp8_skinny(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:
         acc = jax.lax.dot_general(xq, wq, _DIMS, precision=dot_precision(accum, xq.shape[0]),

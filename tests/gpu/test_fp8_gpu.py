@@ -27,7 +27,11 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 64, 2048])
 @pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 3584)])
 @pytest.mark.parametrize("group", [None, 128])
-def test_fp8_matmul_7b_shapes_on_gpu(m, k, n, group):
+def test_fp8_matmul_7b_shapes_on_gpu(m, k, n, group, monkeypatch):
+    """XLA's FP8 dot (the skinny kernel, taken by default up to 512 rows, switched off)."""
+    from qwenjax.layers.fp8_matmul import SKINNY_ENV
+
+    monkeypatch.setenv(SKINNY_ENV, "0")
     _check_7b_shape(m, k, n, group)
 
 
@@ -36,9 +40,10 @@ def test_fp8_matmul_f32_accumulation_at_long_k(m, monkeypatch):
     """QWENJAX_FP8_ACCUM=f32 (no fast FP8 accumulation) at down_proj's K = 18,944, where the default form missed the
     tolerance at 2,048 rows on an H100 (NOTES 50): the same check, and at 2,048 rows XLA still takes its FP8
     GEMM (at few rows it may choose otherwise, with or without the setting: NOTES 47)."""
-    from qwenjax.layers.fp8_matmul import ACCUM_ENV
+    from qwenjax.layers.fp8_matmul import ACCUM_ENV, SKINNY_ENV
 
     monkeypatch.setenv(ACCUM_ENV, "f32")
+    monkeypatch.setenv(SKINNY_ENV, "0")  # XLA's dot at 64 rows too
     hlo = _check_7b_shape(m, 18944, 3584, None, exact_accumulation=True)
     assert m < 2048 or "__cublas$lt$matmul$f8" in hlo
 
@@ -60,9 +65,10 @@ def test_fp8_gemv_7b_shapes_on_gpu(m, k, n, monkeypatch):
 def test_fp8_matmul_bf16_gemm_output(m, k, n, monkeypatch):
     """QWENJAX_FP8_GEMM_OUT=bf16: the dot's result in bf16 before the scales (one more rounding, within the bound),
     still XLA's FP8 GEMM at 2,048 rows."""
-    from qwenjax.layers.fp8_matmul import GEMM_OUT_ENV
+    from qwenjax.layers.fp8_matmul import GEMM_OUT_ENV, SKINNY_ENV
 
     monkeypatch.setenv(GEMM_OUT_ENV, "bf16")
+    monkeypatch.setenv(SKINNY_ENV, "0")  # XLA's dot at 64 rows too
     hlo = _check_7b_shape(m, k, n, None)
     assert m < 2048 or "__cublas$lt$matmul$f8" in hlo
 
@@ -70,12 +76,12 @@ def test_fp8_matmul_bf16_gemm_output(m, k, n, monkeypatch):
 @pytest.mark.parametrize("m", [1, 16, 100, 256, 512])
 @pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
 def test_fp8_skinny_7b_shapes_on_gpu(m, k, n, monkeypatch):
-    """QWENJAX_FP8_SKINNY=1: fp8_matmul takes the Pallas skinny GEMM (its kernel is in the compiled HLO), with the
-    same result; it sums at most 128 terms in the tensor core before a float32 add, so the 2^-7 bound holds at
-    every K."""
+    """By default (QWENJAX_FP8_SKINNY unset) fp8_matmul takes the Pallas skinny GEMM up to 512 rows (its kernel is in
+    the compiled HLO), with the same result; it sums at most 128 terms in the tensor core before a float32 add, so
+    the 2^-7 bound holds at every K."""
     from qwenjax.layers.fp8_matmul import SKINNY_ENV
 
-    monkeypatch.setenv(SKINNY_ENV, "1")
+    monkeypatch.delenv(SKINNY_ENV, raising=False)
     hlo = _check_7b_shape(m, k, n, None, exact_accumulation=True)
     assert "qwenjax_fp8_skinny" in hlo
 
