@@ -25,6 +25,8 @@ warps went through shared memory with a 29-way bank conflict on its stores (86% 
 busy, DRAM at 15%: 148 us at gate/up, one row); compiled offline (Triton 3.9, sm_90) the split form has no shared
 store in its loop (the tile goes to wgmma from registers), for 48 more FADD a loop (Pallas does not fuse `acc +
 dot`). On 8 warps the joined tile needs no such round trip offline and the split one does (32 STS), so it stays.
+A block's zeros and scales are loaded one block ahead, in the loop's carry (in the split form on the H100 the
+scales' plain load was the top stall; the prefetch is not yet measured).
 
 Invariants: the asm's two outputs of an instance must be the (e = 0, e = 1) elements of one word; Triton's
 ElementwiseInlineAsm groups an instance's `pack` elements by consecutive registers, so this holds while the tile's
@@ -96,19 +98,28 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
     scale_after = blocks_per_group >= 0  # every block inside one group (the zeros and scales one row a block)
     tile = (bkw, cw, 2)                                                 # word row w, column, element e
 
-    def body(i, accs):
-        kb = first + i
+    def zeros_scales(kb):
+        """Block kb's zeros and scales, one (z, s) per class, float32 [1 or bkw, cw] (kb clamped into K)."""
+        kb = jnp.minimum(kb, num_k_blocks - 1)
         if blocks_per_group < 0:  # a block spans -blocks_per_group groups: each word row w its own (rows 8w + j)
             w = lax.broadcasted_iota(jnp.int32, (bkw, 1), 0)
             g = kb * -blocks_per_group + w * 8 // (bkw * 8 // -blocks_per_group)
         else:
             g = kb // blocks_per_group if blocks_per_group else 0
+        return tuple(gemv_tiles.skinny_zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset,
+                                                    natural=A == 1) for a in range(A))
+
+    def body(i, carry):
+        # The block's zeros and scales come in the carry, loaded one block ahead: a plain load (they feed the asm
+        # and the multiply, not the dot, so Triton's pipeliner leaves them) waited in the loop (ncu, entry 53).
+        accs, zs = carry
+        kb = first + i
+        zs_next = zeros_scales(kb + 1)
         xb = None if split else x_ref[:, pl.ds(kb * 8 * bkw, 8 * bkw)]  # [bm, 8 bkw], column 8w + 2j + e
         out = []
         for a in range(A):  # awq_kp: class a holds output columns 8b + a
             words = qw_ref[pl.ds(kb * bkw, bkw), a, :]                   # [bkw, cw]
-            za, sa = gemv_tiles.skinny_zeros_scales(qz_ref, s_ref, g, *cols[a], bits=BITS, zero_offset=zero_offset,
-                                                    natural=A == 1)
+            za, sa = zs[a]
             spread = lambda v: jnp.broadcast_to(v[:, :, None], tile)  # noqa: E731
             zc = spread((za + base).astype(cdt))  # BASE + z: exact in x's dtype
             # the block in one group: the exact (q - z) in the dots, the block's float32 product scaled after
@@ -138,9 +149,10 @@ def kernel(x_ref, qw_ref, qz_ref, s_ref, o_ref, *, rows, zero_offset, bkw, block
             if scale_after:
                 d = d * (sa.reshape(cw, 1) if transpose else sa)
             out.append(accs[a] + d)
-        return tuple(out)
+        return tuple(out), zs_next
 
-    accs = lax.fori_loop(0, count, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)))
+    accs, _ = lax.fori_loop(0, count, body, (tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(A)),
+                                             zeros_scales(first)))
     r = lax.broadcasted_iota(jnp.int32, (bm, cw), 0)
     for a, acc in enumerate(accs):
         acc = (acc.T if transpose else acc).astype(o_ref.dtype)
