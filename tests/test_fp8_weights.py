@@ -188,6 +188,9 @@ def test_gpu_kernel_choice(monkeypatch):
     assert fm.kernel_for(rows(1), wq) is None
     monkeypatch.setenv(fm.GEMV_ENV, "1")
     assert fm.kernel_for(rows(1), wq) == "gemv"
+    monkeypatch.setenv(fm.SKINNY_ENV, "yes")
+    with pytest.raises(ValueError, match="QWENJAX_FP8_SKINNY must be 0 or 1, got 'yes'"):
+        fm.kernel_for(rows(1), wq)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)

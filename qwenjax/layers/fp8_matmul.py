@@ -89,9 +89,13 @@ def gemm_out_dtype(gemm_out: str | None = None):
 def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
     """The Pallas kernel a G == 1 product takes: "gemv" (GEMV_ENV=1), "skinny" (unless SKINNY_ENV=0), or None
     (XLA's dot). Read when traced."""
-    if _takes(fp8_gemv, os.environ.get(GEMV_ENV, "0"), xq, wq):
+    switches = {env: os.environ.get(env, default) for env, default in ((GEMV_ENV, "0"), (SKINNY_ENV, "1"))}
+    for env, value in switches.items():
+        if value not in ("0", "1"):
+            raise ValueError(f"{env} must be 0 or 1, got {value!r}")
+    if _takes(fp8_gemv, switches[GEMV_ENV], xq, wq):
         return "gemv"
-    if _takes(fp8_skinny, os.environ.get(SKINNY_ENV, "1"), xq, wq):
+    if _takes(fp8_skinny, switches[SKINNY_ENV], xq, wq):
         return "skinny"
     return None
 
