@@ -7,7 +7,7 @@ its defaults), `lop3` (quant_skinny's lop3_t mode, its defaults), `fp8` (pallas_
 (--layers) gate_up2 (3,584 -> 37,888, gate and up fused) and down (18,944 -> 3,584); rows (--rows) 1 and 16.
 Each (kernel, layer, rows) is compiled and run --calls times with fresh inputs; nothing is timed here.
 
-  ncu --clock-control none --kernel-name regex:qwenjax_ --launch-count 12 --set full -o $OUT/probe \\
+  ncu --clock-control none --kernel-name regex:qwenjax_ --set full -o $OUT/probe \\
       python benchmarks/ncu_probe.py                                  # H100 (benchmarks/gpu_campaign.sh ncu-probe)
   JAX_PLATFORMS=cpu python benchmarks/ncu_probe.py --interpret        # CPU dry run: tiny shapes, interpret mode
 """
