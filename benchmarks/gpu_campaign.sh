@@ -65,6 +65,8 @@
 #                    throughput-fixed with the KV cache sized from free memory, QUANT_72B_ARGS); if the call runs short,
 #                    run the two halves in two calls (the second finds the first's compiled init in .jaxcache)
 #   quant-matmul     benchmarks/quant_matmul.py: the low-bit matmul paths at 7B layer shapes (QUANT_MATMUL_ARGS)
+#   fp8-sweep        benchmarks/fp8_skinny_sweep.py: the FP8 skinny kernel's settings searched at the 7B's fused
+#                    products (FP8_SWEEP_ARGS, e.g. "--rows 1 --budget-s 200")
 #   ncu-probe        Nsight Compute over benchmarks/ncu_probe.py (the int4 GEMV, lop3 and FP8 skinny kernels at the
 #                    7B's widest shapes; NCU_PROBE_ARGS go to it): ncu-probe.ncu-rep, its details page and its SASS
 #
@@ -471,6 +473,11 @@ for s in "${STAGES[@]}"; do
         quant-matmul)
             read -r -a QM_ARGS <<<"${QUANT_MATMUL_ARGS:---budget-s 400}"
             step quant-matmul 120 480 "$PY" benchmarks/quant_matmul.py "${QM_ARGS[@]}" "${COMMON[@]}"
+            ;;
+        fp8-sweep)
+            read -r -a FS_ARGS <<<"${FP8_SWEEP_ARGS:---budget-s 200}"
+            step fp8-sweep 90 420 "$PY" benchmarks/fp8_skinny_sweep.py "${FS_ARGS[@]}" --results-dir "$RESULTS" \
+                --out "$OUT"
             ;;
         ncu-probe)
             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)

@@ -32,7 +32,7 @@ def test_fp8_benchmarks_write_results(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-        import latency, throughput, prefill, fp8_matmul
+        import latency, throughput, prefill, fp8_matmul, fp8_skinny_sweep
         a = ["--model", "tiny", "--quantization", "fp8", "--results-dir", {str(res)!r}, "--ceilings", "small",
              "--skip-warmup"]
         latency.main(a + ["--prompt-len", "12", "--output-len", "5", "--repeats", "1"])
@@ -40,6 +40,8 @@ def test_fp8_benchmarks_write_results(tmp_path):
         prefill.main(a + ["--batch", "2", "--prompt-len", "24", "--repeats", "1"])
         fp8_matmul.main(["--tiny", "--rows", "1,16", "--layers", "qkv", "--reps", "1", "--inner", "1",
                          "--results-dir", {str(res)!r}])
+        fp8_skinny_sweep.main(["--interpret", "--layers", "qkv", "--budget-s", "30", "--reps", "1", "--inner", "1",
+                               "--results-dir", {str(res)!r}])
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", QWENJAX_COMMIT="smoke-test")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -64,3 +66,13 @@ def test_fp8_benchmarks_write_results(tmp_path):
             assert m[f"{key}_cublaslt_f8"] is False   # no cuBLASLt on a CPU: the probe reads the compiled HLO
             assert isinstance(probe["config"]["custom_calls"][key], list)
     assert probe["config"]["errors"] == {}
+    sweep = results[result_files.result_name("fp8-skinny-sweep", "qwen2-7b-instruct-tiny", "cpu")]
+    runs = {(r["variant"], tuple(r.get("cfg", ()))): r for r in sweep["config"]["runs"]}
+    assert all(r["status"] in ("ok", "skipped") for r in runs.values()), runs
+    for variant in ("bf16", "xla"):   # the baselines run before the budget can stop anything
+        assert runs[(variant, ())]["status"] == "ok" and runs[(variant, ())]["us"] > 0
+    default = [r for r in sweep["config"]["runs"] if r["variant"] == "skinny"][0]
+    assert default["status"] == "ok" and default["rel_err"] < 2e-2   # the kernel against the float32 product
+    sm = sweep["metrics"]
+    assert abs(sm["skinny_qkv_m1_default_us"] - default["us"]) < 1e-2   # metrics keep 3 decimals
+    assert sm["skinny_qkv_m1_best_us"] <= default["us"] + 1e-2
