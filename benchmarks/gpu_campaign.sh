@@ -313,6 +313,11 @@ for s in "${STAGES[@]}"; do
             step "sim-validate-$m" 90 0 "$PY" benchmarks/sim_validate.py --model "$m" ${prof:+--step-model "$prof"} \
                 "${COMMON[@]}"
             ;;
+        fp8-sweep)  # before fp8-M, which the name would match
+            read -r -a FS_ARGS <<<"${FP8_SWEEP_ARGS:---budget-s 200}"
+            step fp8-sweep 90 420 "$PY" benchmarks/fp8_skinny_sweep.py "${FS_ARGS[@]}" --results-dir "$RESULTS" \
+                --out "$OUT"
+            ;;
         fp8-*)
             # latency and throughput-fixed with the fp8_e5m2 KV cache (result files get a -kvfp8_e5m2 suffix)
             m=$(model_of "${s#fp8-}")
@@ -473,11 +478,6 @@ for s in "${STAGES[@]}"; do
         quant-matmul)
             read -r -a QM_ARGS <<<"${QUANT_MATMUL_ARGS:---budget-s 400}"
             step quant-matmul 120 480 "$PY" benchmarks/quant_matmul.py "${QM_ARGS[@]}" "${COMMON[@]}"
-            ;;
-        fp8-sweep)
-            read -r -a FS_ARGS <<<"${FP8_SWEEP_ARGS:---budget-s 200}"
-            step fp8-sweep 90 420 "$PY" benchmarks/fp8_skinny_sweep.py "${FS_ARGS[@]}" --results-dir "$RESULTS" \
-                --out "$OUT"
             ;;
         ncu-probe)
             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
