@@ -6,9 +6,10 @@ down 18944->3584), in quant_matmul.py's way (quant_sweep.Sweep: one jitted progr
 weight copies, far more than the L2, median of device-synced groups, divided by 48: `us`, launch gaps included; on a
 GPU also `device_us` from a profile, the kernels alone, and the top kernels by name):
   bf16      jnp.dot with a bf16 [K, N] weight: the float model's product
-  fp8_xla   Fp8Linear's work on XLA's path (QWENJAX_FP8_SKINNY=0): the activations quantized per token, then
-            layers/fp8_matmul's dot (cuBLASLt's FP8 GEMM where XLA takes it)
-  skinny    the same activation quantization, then pallas_kernels/fp8_skinny.py at given settings (block_n, block_k,
+  fp8_xla   Fp8Linear's work on XLA's path (QWENJAX_FP8_SKINNY=0): the activations quantized per token by XLA,
+            then layers/fp8_matmul's dot (cuBLASLt's FP8 GEMM where XLA takes it)
+  skinny    the activations quantized as the model does (layers/fp8_matmul.quantize_for: one Pallas kernel), then
+            pallas_kernels/fp8_skinny.py at given settings (block_n, block_k,
             num_splits, num_warps, num_stages): first its heuristic's, then a greedy search, one setting at a time
             in that order (coordinate descent from the best so far; --budget-s bounds it)
 Every variant's output on copy 0 is checked against a float32 product of the same quantized values (above 2e-2 of
@@ -101,7 +102,7 @@ def main(argv=None):
     import numpy as np
 
     from pallas_kernels import fp8_skinny
-    from qwenjax.layers.fp8_matmul import SKINNY_ENV, fp8_matmul
+    from qwenjax.layers.fp8_matmul import SKINNY_ENV, fp8_matmul, quantize_for
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
     dev = result_files.device_info()
@@ -111,7 +112,7 @@ def main(argv=None):
 
     def layer_fn(cfg):
         def fn(x, wq, ws):
-            xq, xs = quantize_activations(x)
+            xq, xs = quantize_for(x, wq)  # as Fp8Linear: the Pallas kernel where the skinny kernel takes the product
             if cfg is None:  # XLA's path: the switch is read when traced
                 return fp8_matmul(xq, xs, wq, ws, out_dtype=bf16)
             bn, bk, s, w, st = cfg
@@ -120,8 +121,10 @@ def main(argv=None):
         return fn
 
     def ref(x, wq, ws):
-        xq, xs = quantize_activations(x)
-        return (xq.astype(jnp.float32) * xs) @ (wq.astype(jnp.float32).T * ws)
+        # the barrier keeps the float8 rounding (XLA folds float32 -> float8 -> float32 otherwise: fp8_matmul.py's
+        # block_scaled_reference); highest precision: no TF32 on the GPU
+        xq, xs = jax.lax.optimization_barrier(quantize_activations(x))
+        return jnp.dot(xq.astype(jnp.float32) * xs, wq.astype(jnp.float32).T * ws, precision="highest")
 
     summary, lines = {}, []
     print(f"== {BENCHMARK}: rows {list(a.rows)}, layers {list(a.shapes)}, copy {copy_tbps} TB/s", flush=True)

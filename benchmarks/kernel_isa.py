@@ -81,7 +81,8 @@ QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma
          "skinny-lop3-m1": ("skinny", "lop3", 1), "skinny-lop3_t-m1": ("skinny", "lop3_t", 1),
          "skinny-lop3-m16": ("skinny", "lop3", 16), "skinny-lop3_t-m64": ("skinny", "lop3_t", 64)}
 # name -> (kernel, rows): the FP8 decode kernels (issue 30) at the same gate/up shape, the weight [N, K] float8
-FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256)}
+FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256),
+       "fp8-act-quant-m1": ("act_quant", 1)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)
 
 
@@ -147,13 +148,15 @@ def _fp8_call(which: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import fp8_gemv, fp8_skinny
+    from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny
     from qwenjax.compat import enable_pallas_fp8_wgmma
 
     enable_pallas_fp8_wgmma()  # as layers/fp8_matmul.py does on import
     kernel, m = FP8[which]
     k, n = 3584, 37888
     sds = jax.ShapeDtypeStruct
+    if kernel == "act_quant":  # down_proj's input row
+        return fp8_act_quant.quantize_rows, (sds((m, 18944), jnp.bfloat16),)
     f8 = jnp.float8_e4m3fn
     args = (sds((m, k), f8), sds((m, 1), jnp.float32), sds((n, k), f8), sds((1, n), jnp.float32))
     fn = fp8_gemv.fp8_gemv if kernel == "gemv" else fp8_skinny.fp8_skinny

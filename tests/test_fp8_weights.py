@@ -443,3 +443,32 @@ def test_random_fp8_weights_zero_the_padded_inputs():
     out = np.asarray(zero_padded_rows(("model", "layers", 0, "self_attn", "o_proj", "weight"), w, real, padded),
                      np.float32)
     assert (out[:, :4 * 32] == 1).all() and (out[:, 4 * 32:] == 0).all()
+
+
+def test_activation_quantization_choice(monkeypatch):
+    """quantize_for: the Pallas kernel (pallas_kernels/fp8_act_quant.py) where the skinny kernel takes a product of
+    dynamic per-token activations on a GPU, unless QWENJAX_FP8_ACT_KERNEL=0; XLA's form everywhere else. The kernel
+    is faked here (this is the choice; its values are tests/test_fp8_act_quant_kernel.py's)."""
+    from pallas_kernels import fp8_act_quant
+    from qwenjax.layers import fp8_matmul as fm
+
+    for env in (fm.GEMV_ENV, fm.SKINNY_ENV, fm.ACT_KERNEL_ENV):
+        monkeypatch.delenv(env, raising=False)
+    calls = []
+    monkeypatch.setattr(fp8_act_quant, "quantize_rows", lambda x: calls.append(x.shape) or quantize_activations(x))
+    wq = jnp.zeros((256, 128), FP8_DTYPE)
+    x = jnp.ones((3, 128), jnp.bfloat16)
+    fm.quantize_for(x, wq)
+    assert calls == []  # CPU
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    fm.quantize_for(x, wq)
+    assert calls == [(3, 128)]
+    fm.quantize_for(x, wq, group=64)                                  # per-group scales: XLA's form
+    fm.quantize_for(x, wq, static_scale=jnp.float32(0.1))             # a static scale: nothing to reduce
+    fm.quantize_for(jnp.ones((513, 128), jnp.bfloat16), wq)           # past the skinny kernel's rows
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "0")
+    fm.quantize_for(x, wq)
+    assert calls == [(3, 128)]
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "on")
+    with pytest.raises(ValueError, match="QWENJAX_FP8_ACT_KERNEL must be 0 or 1, got 'on'"):
+        fm.quantize_for(x, wq)

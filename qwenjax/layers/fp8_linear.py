@@ -12,9 +12,10 @@ Parameters (T tokens, I inputs, O outputs, G = quant.num_groups(I): 1, or I / bl
   input_scale   float32 []             activation_scheme "static" only: x is quantized as x / input_scale (a fused
                                        layer takes the largest of its parts', as vLLM does)
   bias          [O]                    in the model dtype (q/k/v)
-Activations are quantized in the step (quantization/fp8_quant.py): static, dynamic per token, or dynamic per token per
-block_k group; the product is layers/fp8_matmul.py's. Tensor parallelism splits weight_scale with its kernel's output
-axis (column-parallel) or its groups (row-parallel), sharding.param_spec; the output is in the model dtype. The loader
+Activations are quantized in the step (quantization/fp8_quant.py's rule; layers/fp8_matmul.quantize_for): static,
+dynamic per token, or dynamic per token per block_k group; the product is layers/fp8_matmul.py's. Tensor parallelism
+splits weight_scale with its kernel's output axis (column-parallel) or its groups (row-parallel),
+sharding.param_spec; the output is in the model dtype. The loader
 fuses, pads and shards FP8 layers as [I, O] kernels like every other projection and turns them to [O, I] at the end
 (fp8_load.Fp8Loading.loading_view / to_model_layout).
 """
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenjax.layers.fp8_matmul import fp8_matmul
+from qwenjax.layers.fp8_matmul import fp8_matmul, quantize_for
 from qwenjax.quantization.config import QuantConfig
-from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_activations
+from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX
 
 RANDOM_SPREAD = 64.0  # random weights: float8 values of std 64, scale 0.02 / 64 (std 0.02, the float init's)
 
@@ -55,7 +56,7 @@ class Fp8Linear(nnx.Module):
         x2 = x.reshape(-1, self.in_features)
         block = self.quant.weight_block_size
         static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
-        xq, x_scale = quantize_activations(x2, group=block[1] if block else None, static_scale=static)
+        xq, x_scale = quantize_for(x2, self.weight[...], group=block[1] if block else None, static_scale=static)
         y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)

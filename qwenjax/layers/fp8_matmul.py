@@ -29,6 +29,10 @@ a tensor-core GEMM split over K where the output is narrow. There cuBLASLt read 
 H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu), and the 7B FP8 engine went from
 12,641 to 14,025 output tok/s on throughput-fixed and to 3.76 ms a token at batch 1 (NOTES 53).
 
+Where the skinny kernel takes the product, the activations are quantized by pallas_kernels/fp8_act_quant.py (one
+kernel a product, the same values as quantization/fp8_quant.py's XLA form, which takes two; QWENJAX_FP8_ACT_KERNEL=0
+turns it off): `quantize_for`.
+
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """
 
@@ -39,8 +43,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fp8_gemv, fp8_skinny
+from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny
 from qwenjax.compat import enable_pallas_fp8_wgmma, platform
+from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations
 
 _DIMS = (((1,), (1,)), ((), ()))  # x [T, I] . w [O, I] -> [T, O]
 FP8_WGMMA = enable_pallas_fp8_wgmma()  # the skinny kernel's float8 dots on Hopper's FP8 wgmma (compat's docstring)
@@ -62,6 +67,9 @@ ACCUM_ENV = "QWENJAX_FP8_ACCUM"
 # (down's output is a tenth as wide; NOTES 51). Costs one more rounding (bf16 before the scales). Opt-in, not yet
 # run on a GPU (benchmarks/fp8_matmul.py's fp8_tn_bf16out form); read when traced.
 GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
+# QWENJAX_FP8_ACT_KERNEL: "1" (default) or "0": dynamic per-token activation quantization by one Pallas kernel where
+# the skinny kernel takes the product (module docstring); read when traced.
+ACT_KERNEL_ENV = "QWENJAX_FP8_ACT_KERNEL"
 
 
 # f32 accumulation from this many rows: at 1 row jax 0.11.2's GPU compiler refused the algorithm ("Unsupported dot
@@ -98,6 +106,20 @@ def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
     if _takes(fp8_skinny, switches[SKINNY_ENV], xq, wq):
         return "skinny"
     return None
+
+
+def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
+                 static_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """quantize_activations(x, group, static_scale) for a product with the weight wq [O, I]: by
+    pallas_kernels/fp8_act_quant.py where the activations are dynamic per token and the skinny kernel takes the
+    product (and ACT_KERNEL_ENV is not "0"), else XLA's form. The same values either way."""
+    value = os.environ.get(ACT_KERNEL_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ACT_KERNEL_ENV} must be 0 or 1, got {value!r}")
+    if (value == "1" and group is None and static_scale is None and fp8_act_quant.why_not(x) is None
+            and kernel_for(jax.ShapeDtypeStruct(x.shape, FP8_DTYPE), wq) == "skinny"):
+        return fp8_act_quant.quantize_rows(x)
+    return quantize_activations(x, group=group, static_scale=static_scale)
 
 
 def _takes(kernel, switch: str, xq: jax.Array, wq: jax.Array) -> bool:
