@@ -8,7 +8,7 @@ GPU also `device_us` from a profile, the kernels alone, and the top kernels by n
   bf16      jnp.dot with a bf16 [K, N] weight: the float model's product
   fp8_xla   Fp8Linear's work on XLA's path (QWENJAX_FP8_SKINNY=0): the activations quantized per token by XLA,
             then layers/fp8_matmul's dot (cuBLASLt's FP8 GEMM where XLA takes it)
-  skinny    the activations quantized as the model does (layers/fp8_matmul.quantize_for: one Pallas kernel), then
+  skinny    the activations quantized as the model does (layers/fp8_matmul.quantize_for), then
             pallas_kernels/fp8_skinny.py at given settings (block_n, block_k,
             num_splits, num_warps, num_stages): first its heuristic's, then a greedy search, one setting at a time
             in that order (coordinate descent from the best so far; --budget-s bounds it)

@@ -94,25 +94,20 @@ def supported(m: int, k: int, n: int, *, x_dtype=_FP8, w_dtype=_FP8) -> bool:
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_k, blocks_per_split, num_k_blocks, swap):
-    # x_ref [M, K] float8 (all of x, unpadded: this program's rows are block i's, those past M read as zeros, so
-    # they add zero partials and no XLA pad runs before the kernel); w_ref [bn, K] float8 (this block of weight rows);
-    # o_ref [bm, bn] float32 (this split's partial). swap: the product as w . x^T ([bn, bm]), so the weight tile is
-    # the MMA's M side (a multiple of 64, as wgmma needs) and the few rows of x its N side (16 is enough), stored
-    # transposed.
+    # x_ref [bm, K] float8 (this row block); w_ref [bn, K] float8 (this block of weight rows); o_ref [bm, bn] float32
+    # (this split's partial). swap: the product as w . x^T ([bn, bm]), so the weight tile is the MMA's M side (a
+    # multiple of 64, as wgmma needs) and the few rows of x its N side (16 is enough), stored transposed.
     first = pl.program_id(2) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
-    bm, bn = o_ref.shape
-    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, block_k), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (bm, block_k), 1)
-    real = rows < x_ref.shape[0]
 
     def body(i, acc):
         k0 = pl.multiple_of((first + i) * block_k, block_k)
-        x = plgpu.load(x_ref.at[rows, k0 + cols], mask=real, other=jnp.zeros((), x_ref.dtype))  # [bm, bk] float8
+        x = x_ref[:, pl.ds(k0, block_k)]                                       # [bm, bk] float8
         w = w_ref[:, pl.ds(k0, block_k)]                                       # [bn, bk] float8: one load a row
         a, b = (w, x) if swap else (x, w)
         return acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.float32)
 
+    bm, bn = x_ref.shape[0], w_ref.shape[0]
     acc = lax.fori_loop(0, count, body, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
     o_ref[...] = acc.T if swap else acc
 
@@ -134,6 +129,7 @@ def fp8_skinny(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     if why:
         raise ValueError(why)
     mp = -(-m // bm) * bm
+    xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq                # zero rows: zero partials, dropped
     num_k_blocks = k // bk
     per_split = pl.cdiv(num_k_blocks, splits)
     splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K
@@ -141,12 +137,12 @@ def fp8_skinny(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
         functools.partial(_kernel, block_k=bk, blocks_per_split=per_split, num_k_blocks=num_k_blocks,
                           swap=bm < 64),
         grid=(mp // bm, n // bn, splits),
-        in_specs=[pl.BlockSpec((m, k), lambda i, j, s: (0, 0)), pl.BlockSpec((bn, k), lambda i, j, s: (j, 0))],
+        in_specs=[pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)), pl.BlockSpec((bn, k), lambda i, j, s: (j, 0))],
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
         compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name=f"qwenjax_fp8_skinny_m{bm}_n{bn}_k{bk}_s{splits}",
-    )(xq, wq)
+    )(xp, wq)
     acc = partials.sum(axis=0) if splits > 1 else partials[0]
     return (acc[:m] * x_scale * w_scale).astype(out_dtype)

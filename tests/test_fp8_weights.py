@@ -446,9 +446,9 @@ def test_random_fp8_weights_zero_the_padded_inputs():
 
 
 def test_activation_quantization_choice(monkeypatch):
-    """quantize_for: the Pallas kernel (pallas_kernels/fp8_act_quant.py) where the skinny kernel takes a product of
-    dynamic per-token activations on a GPU, unless QWENJAX_FP8_ACT_KERNEL=0; XLA's form everywhere else. The kernel
-    is faked here (this is the choice; its values are tests/test_fp8_act_quant_kernel.py's)."""
+    """quantize_for: the Pallas kernel (pallas_kernels/fp8_act_quant.py) where QWENJAX_FP8_ACT_KERNEL=1 and the skinny
+    kernel takes a product of dynamic per-token activations on a GPU; XLA's form everywhere else, and by default.
+    The kernel is faked here (this is the choice; its values are tests/test_fp8_act_quant_kernel.py's)."""
     from pallas_kernels import fp8_act_quant
     from qwenjax.layers import fp8_matmul as fm
 
@@ -459,7 +459,13 @@ def test_activation_quantization_choice(monkeypatch):
     wq = jnp.zeros((256, 128), FP8_DTYPE)
     x = jnp.ones((3, 128), jnp.bfloat16)
     fm.quantize_for(x, wq)
-    assert calls == []  # CPU
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    fm.quantize_for(x, wq)
+    assert calls == []  # the CPU, then the default (off)
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "1")
+    monkeypatch.setattr(fm, "platform", lambda: "cpu")
+    fm.quantize_for(x, wq)
+    assert calls == []  # the CPU
     monkeypatch.setattr(fm, "platform", lambda: "gpu")
     fm.quantize_for(x, wq)
     assert calls == [(3, 128)]

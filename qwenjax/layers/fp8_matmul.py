@@ -29,9 +29,10 @@ a tensor-core GEMM split over K where the output is narrow. There cuBLASLt read 
 H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu), and the 7B FP8 engine went from
 12,641 to 14,025 output tok/s on throughput-fixed and to 3.76 ms a token at batch 1 (NOTES 53).
 
-Where the skinny kernel takes the product, the activations are quantized by pallas_kernels/fp8_act_quant.py (one
-kernel a product, the same values as quantization/fp8_quant.py's XLA form, which takes two; QWENJAX_FP8_ACT_KERNEL=0
-turns it off): `quantize_for`.
+With QWENJAX_FP8_ACT_KERNEL=1 (opt-in), where the skinny kernel takes the product, the activations are quantized by
+pallas_kernels/fp8_act_quant.py (one kernel a product where XLA's form takes two): `quantize_for`. On an H100 its
+values are quantization/fp8_quant.py's rule exactly (IEEE division), while XLA's GPU form rounds 0.011% of them
+differently (NOTES 54); its speed is not yet measured.
 
 `fp8_matmul` is the one entry point: swap its body to change the GPU form.
 """
@@ -67,7 +68,7 @@ ACCUM_ENV = "QWENJAX_FP8_ACCUM"
 # (down's output is a tenth as wide; NOTES 51). Costs one more rounding (bf16 before the scales). Opt-in, not yet
 # run on a GPU (benchmarks/fp8_matmul.py's fp8_tn_bf16out form); read when traced.
 GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
-# QWENJAX_FP8_ACT_KERNEL: "1" (default) or "0": dynamic per-token activation quantization by one Pallas kernel where
+# QWENJAX_FP8_ACT_KERNEL: "0" (default) or "1": dynamic per-token activation quantization by one Pallas kernel where
 # the skinny kernel takes the product (module docstring); read when traced.
 ACT_KERNEL_ENV = "QWENJAX_FP8_ACT_KERNEL"
 
@@ -111,9 +112,9 @@ def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
 def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
                  static_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """quantize_activations(x, group, static_scale) for a product with the weight wq [O, I]: by
-    pallas_kernels/fp8_act_quant.py where the activations are dynamic per token and the skinny kernel takes the
-    product (and ACT_KERNEL_ENV is not "0"), else XLA's form. The same values either way."""
-    value = os.environ.get(ACT_KERNEL_ENV, "1")
+    pallas_kernels/fp8_act_quant.py where ACT_KERNEL_ENV is "1", the activations are dynamic per token and the
+    skinny kernel takes the product, else XLA's form (the same rule; on a GPU XLA's division is not IEEE-rounded)."""
+    value = os.environ.get(ACT_KERNEL_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{ACT_KERNEL_ENV} must be 0 or 1, got {value!r}")
     if (value == "1" and group is None and static_scale is None and fp8_act_quant.why_not(x) is None

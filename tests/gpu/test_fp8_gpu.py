@@ -89,17 +89,21 @@ def test_fp8_skinny_7b_shapes_on_gpu(m, k, n, monkeypatch):
 @pytest.mark.parametrize("m", [1, 16, 512])
 @pytest.mark.parametrize("k", [3584, 18944])
 def test_fp8_act_quant_on_gpu(m, k):
-    """The activation-quantization kernel (pallas_kernels/fp8_act_quant.py) compiled for the GPU: the same float8
-    values and scales as XLA's form compiled for the GPU, bit for bit (counted, so a failure says how many differ)."""
+    """The activation-quantization kernel (pallas_kernels/fp8_act_quant.py) compiled for the GPU: the scales of XLA's
+    form compiled for the GPU, and the float8 values of the rule computed by numpy on the host (IEEE float32
+    division), bit for bit (counted, so a failure says how many differ). Not XLA's GPU values: its division is not
+    IEEE-rounded (at 512 x 18,944 it differed at 1,049 values on an H100, NOTES 54)."""
+    import ml_dtypes
+
     from pallas_kernels.fp8_act_quant import quantize_rows
 
     x = (jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32) *
          jnp.exp2(jax.random.randint(jax.random.key(k), (m, k), -12, 8).astype(jnp.float32))).astype(jnp.bfloat16)
     q, s = jax.jit(quantize_rows)(x)
-    want_q, want_s = jax.jit(quantize_activations)(x)
-    bits = lambda a, t: np.asarray(jax.lax.bitcast_convert_type(a, t))  # noqa: E731
-    assert (bits(s, jnp.uint32) != bits(want_s, jnp.uint32)).sum() == 0
-    assert (bits(q, jnp.uint8) != bits(want_q, jnp.uint8)).sum() == 0
+    _, want_s = jax.jit(quantize_activations)(x)
+    assert (np.asarray(s).view(np.uint32) != np.asarray(want_s).view(np.uint32)).sum() == 0
+    want_q = np.clip(np.asarray(x, np.float32) / np.asarray(want_s), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    assert (np.asarray(q).view(np.uint8) != want_q.view(np.uint8)).sum() == 0
 
 
 def _check_7b_shape(m, k, n, group, exact_accumulation=False) -> str:
