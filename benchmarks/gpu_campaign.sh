@@ -38,7 +38,8 @@
 #   attnref-M        latency and throughput-fixed with the jnp reference attention (the kernels' end-to-end effect)
 #   fp8-M            latency and throughput-fixed with kv_cache_dtype=fp8_e5m2
 #   fp8w-M           FP8 weights (quantization="fp8") against bf16: fp8_matmul.py, then latency, prefill and
-#                    throughput-fixed bf16 then fp8 (FP8W_PARTS: a subset of "matmul latency prefill throughput")
+#                    throughput-fixed bf16 then fp8 (FP8W_PARTS: a subset of "matmul latency prefill throughput";
+#                    FP8W_VARIANTS: more fp8 runs under other settings, e.g. "act:QWENJAX_FP8_ACT_KERNEL=1")
 #   prefix-M         prefix-caching: 200 requests (1024 shared + 64 own tokens) at 8 req/s, without then with caching
 #                    (PREFIX_ARGS, e.g. --sync-run)
 #   serve-M          serve.py --compare-offline: the OpenAI server at max concurrency 512 against the offline engine
@@ -330,7 +331,9 @@ for s in "${STAGES[@]}"; do
             # then latency, prefill and throughput-fixed, each bf16 first then FP8 (result names gain -fp8).
             # FP8W_PARTS picks a subset (default: matmul latency prefill throughput).
             m=$(model_of "${s#fp8w-}")
-            # FP8W_QUANTS: which engines run, of "bf16 fp8" (default both, bf16 first)
+            # FP8W_QUANTS: which engines run, of "bf16 fp8" (default both, bf16 first). FP8W_VARIANTS: more FP8 runs
+            # after them, each "TAG:VAR=VALUE[,VAR=VALUE]" (e.g. "act:QWENJAX_FP8_ACT_KERNEL=1"), run with those
+            # variables set and --tag TAG, so a switch's before and after come from one call
             for part in ${FP8W_PARTS:-matmul latency prefill throughput}; do
                 case $part in
                     # FP8_MATMUL_ARGS go to fp8_matmul.py (e.g. "--rows 256,4096 --forms fp8_dot,fp8_tn")
@@ -341,11 +344,19 @@ for s in "${STAGES[@]}"; do
                         for e in ${FP8W_QUANTS:-bf16 fp8}; do q=${e#bf16}
                             step "$part-${q:-bf16}-$m" 60 0 "$PY" benchmarks/$part.py --model "$m" \
                                 ${q:+--quantization "$q"} "${COMMON[@]}"
+                        done
+                        for v in ${FP8W_VARIANTS:-}; do
+                            step "$part-fp8-${v%%:*}-$m" 60 0 env $(tr , " " <<<"${v#*:}") "$PY" benchmarks/$part.py --model "$m" \
+                                --quantization fp8 --tag "${v%%:*}" "${COMMON[@]}"
                         done ;;
                     throughput)
                         for e in ${FP8W_QUANTS:-bf16 fp8}; do q=${e#bf16}
                             step "throughput-fixed-${q:-bf16}-$m" 150 0 "$PY" benchmarks/throughput.py --workload fixed \
                                 --model "$m" ${q:+--quantization "$q"} "${COMMON[@]}"
+                        done
+                        for v in ${FP8W_VARIANTS:-}; do
+                            step "throughput-fixed-fp8-${v%%:*}-$m" 150 0 env $(tr , " " <<<"${v#*:}") "$PY" benchmarks/throughput.py \
+                                --workload fixed --model "$m" --quantization fp8 --tag "${v%%:*}" "${COMMON[@]}"
                         done ;;
                 esac
             done
