@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli_args  # noqa: E402
 import device_ceilings  # noqa: E402
-import repo_paths  # noqa: E402
 import result_files  # noqa: E402
-from quant_sweep import Sweep, n_copies  # noqa: E402
+from quant_sweep import Sweep, add_sweep_args, n_copies  # noqa: E402
 
 BENCHMARK = "fp8-skinny-sweep"
 SHAPES_7B = {"gate_up": (3584, 37888), "down": (18944, 3584), "qkv": (3584, 4608), "o": (3584, 3584)}
@@ -50,14 +49,7 @@ def parse(argv=None):
     p.add_argument("--model", default="qwen2-7b-instruct", help="names the result file; shapes are Qwen2-7B's")
     p.add_argument("--rows", type=cli_args._int_list, default=(1, 256))
     p.add_argument("--layers", default=",".join(SHAPES_7B), help="comma-separated subset of " + ",".join(SHAPES_7B))
-    p.add_argument("--budget-s", type=float, default=200.0, help="start no new variant after this many seconds")
-    p.add_argument("--device-time", choices=("auto", "on", "off"), default="auto",
-                   help="also profile each variant for its kernels' device time (auto: on a GPU)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--inner", type=int, default=2)
-    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode, tiny shapes (CPU dry run)")
-    p.add_argument("--results-dir", default=str(repo_paths.RESULTS_DIR))
-    p.add_argument("--out", default=None)
+    add_sweep_args(p, budget_s=200.0)
     a = p.parse_args(argv)
     shapes = SHAPES_TINY if a.interpret else SHAPES_7B
     a.shapes = {k: v for k, v in shapes.items() if k in a.layers.split(",")} or dict(shapes)

@@ -58,9 +58,8 @@ import cli_args  # noqa: E402
 import device_ceilings  # noqa: E402
 import floors  # noqa: E402
 import model_specs  # noqa: E402
-import repo_paths  # noqa: E402
 import result_files  # noqa: E402
-from quant_sweep import FORMATS, GRIDS, GROUP, SEARCHES, Sweep, run_bf16, run_case  # noqa: E402
+from quant_sweep import FORMATS, GRIDS, GROUP, SEARCHES, Sweep, add_sweep_args, run_bf16, run_case  # noqa: E402
 
 BENCHMARK = "quant-matmul"
 # Qwen2-7B: hidden 3584, 28 q heads and 4 kv heads of 128, ffn 18944. (K, N) per layer name.
@@ -86,14 +85,7 @@ def parse(argv=None):
     p.add_argument("--grid", choices=tuple(GRIDS), default="greedy",
                    help="the kernels' searches, run after every path's defaults at every M (M = 1 first)")
     p.add_argument("--search", default="skinny", help="comma-separated kernels to search: " + ",".join(SEARCHES))
-    p.add_argument("--budget-s", type=float, default=520.0, help="start no new variant after this many seconds")
-    p.add_argument("--device-time", choices=("auto", "on", "off"), default="auto",
-                   help="also profile each variant for its kernels' device time (auto: on a GPU)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--inner", type=int, default=2)
-    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode, tiny shapes (CPU dry run)")
-    p.add_argument("--results-dir", default=str(repo_paths.RESULTS_DIR))
-    p.add_argument("--out", default=None)
+    add_sweep_args(p, budget_s=520.0)
     p.add_argument("--ceilings", choices=("auto", "full", "small", "none"), default="auto")
     a = p.parse_args(argv)
     shapes = SHAPES_TINY if a.interpret else SHAPES_7B

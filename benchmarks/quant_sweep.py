@@ -175,6 +175,20 @@ def gemv_neighbours(cfg, param, m, k, n, bits, gfmt):
 # ----------------------------------------------------------------------------------------------- measurement
 
 
+def add_sweep_args(p, *, budget_s: float) -> None:
+    """The options Sweep reads (budget, device time, timing repeats, interpret mode) and where results go."""
+    import repo_paths
+
+    p.add_argument("--budget-s", type=float, default=budget_s, help="start no new variant after this many seconds")
+    p.add_argument("--device-time", choices=("auto", "on", "off"), default="auto",
+                   help="also profile each variant for its kernels' device time (auto: on a GPU)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--inner", type=int, default=2)
+    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode, tiny shapes (CPU dry run)")
+    p.add_argument("--results-dir", default=str(repo_paths.RESULTS_DIR))
+    p.add_argument("--out", default=None)
+
+
 class Sweep:
     def __init__(self, args):
         self.args = args
