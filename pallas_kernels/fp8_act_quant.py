@@ -4,7 +4,7 @@ qwenjax/quantization/fp8_quant.py's rule for one token's row v (float8_e4m3fn, F
   scale = max|v| x float32(1 / 448) (1 where max|v| is 0),  q = float8(clip(v / scale, -448, 448))   (round to
   nearest even)
 XLA runs it as two kernels a product, the row's max reduction and the divide-and-convert; at a decode step of a few
-rows each is a ~1.3-1.6 us launch-bound kernel, 8 of them a layer of the FP8 7B (H100 profile, NOTES 54). Here one
+rows each is a ~1.2-1.6 us launch-bound kernel, up to 8 of them a layer of the FP8 7B (H100 profile, NOTES 54). Here one
 program a row reads the row once, reduces it in registers and writes q and the scale.
 
 Values: the rule's exactly: the maximum is exact, the scale one float32 multiplication, the division IEEE-rounded
