@@ -8,7 +8,7 @@ rows each is a ~1.2-1.6 us launch-bound kernel, up to 8 of them a layer of the F
 program a row reads the row once, reduces it in registers and writes q and the scale.
 
 Values: the rule's exactly: the maximum is exact, the scale one float32 multiplication, the division IEEE-rounded
-(`div.rn.f32` by inline PTX: Triton lowers a float32 `/` to the approximate `div.full.f32`), and the conversion
+(`div.rn.f32` by inline PTX, so the rounding does not hang on how Triton lowers a float32 `/`), and the conversion
 rounds to nearest even (`cvt.rn.satfinite` after the clip, as XLA's convert). On an H100 (jax 0.11.2) at 512 x
 18,944 its float8 values equal numpy's IEEE form at every element and its scales equal XLA's, while XLA's GPU form
 (`jax.jit(quantize_activations)`) differed from the IEEE form at 1,049 of 9.7M values (its float32 division is not
@@ -40,7 +40,7 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 
 
 def _div_rn(a, b, interpret: bool):
-    """a / b in float32, IEEE round-to-nearest (Triton's own float32 division is approximate)."""
+    """a / b in float32, IEEE round-to-nearest (PTX `div.rn.f32`; interpret mode: jnp's division, IEEE on CPU)."""
     if interpret:
         return a / b
     (out,) = plgpu.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
