@@ -12,6 +12,11 @@ GPU also `device_us` from a profile, the kernels alone, and the top kernels by n
             pallas_kernels/fp8_skinny.py at given settings (block_n, block_k,
             num_splits, num_warps, num_stages): first its heuristic's, then a greedy search, one setting at a time
             in that order (coordinate descent from the best so far; --budget-s bounds it)
+  act       the heuristic's skinny kernel after pallas_kernels/fp8_act_quant.py's one-kernel quantization
+            (QWENJAX_FP8_ACT_KERNEL=1's form for o_proj; the model's other inputs come quantized by the kernels that
+            write them, which this does not time)
+  fused     pallas_kernels/fp8_skinny_dynamic.py at the heuristic's settings: x quantized inside the GEMM
+            (QWENJAX_FP8_ACT_KERNEL=fused)
 Every variant's output on copy 0 is checked against a float32 product of the same quantized values (above 2e-2 of
 relative error it is marked wrong and never chosen). The result: per (layer, M) the heuristic's time, the best
 settings and their time, and `copy_frac` (the FP8 weight's bytes over the time, against the copy bandwidth measured
@@ -93,8 +98,8 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels import fp8_skinny
-    from qwenjax.layers.fp8_matmul import SKINNY_ENV, fp8_matmul, quantize_for
+    from pallas_kernels import fp8_skinny, fp8_skinny_dynamic
+    from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV, SKINNY_ENV, fp8_matmul, quantize_for
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
     dev = result_files.device_info()
@@ -138,6 +143,12 @@ def main(argv=None):
             os.environ[SKINNY_ENV] = "0"
             sw.measure(dict(base, variant="xla"), jax.jit(layer_fn(None)), ws_fp8, x, ref)
             os.environ.pop(SKINNY_ENV)
+            default = tuple(fp8_skinny.heuristic(m, k, n)[1:])
+            os.environ[ACT_KERNEL_ENV] = "1"  # quantize_for takes the kernel (read when traced)
+            sw.measure(dict(base, variant="act"), jax.jit(layer_fn(default)), ws_fp8, x, ref)
+            os.environ.pop(ACT_KERNEL_ENV)
+            sw.measure(dict(base, variant="fused"), jax.jit(lambda x, wq, ws: fp8_skinny_dynamic.fp8_skinny_dynamic(
+                x, wq, ws, out_dtype=bf16, interpret=a.interpret)), ws_fp8, x, ref)
             seen = {}
 
             def trial(c):
@@ -146,7 +157,6 @@ def main(argv=None):
                     seen[c] = r.get("us") if r["status"] == "ok" else None
                 return seen[c]
 
-            default = tuple(fp8_skinny.heuristic(m, k, n)[1:])
             best, cfg = trial(default), default
             for p in ORDER:
                 for c in neighbours(cfg, p, m, k, n):
@@ -158,13 +168,14 @@ def main(argv=None):
             times = {r["variant"]: r.get("us") for r in sw.runs if (r["layer"], r["m"]) == (layer, m)
                      and r["variant"] != "skinny" and r["status"] == "ok"}
             summary.update({f"skinny_{tag}_default_us": seen.get(default), f"skinny_{tag}_best_us": best,
-                            f"bf16_{tag}_us": times.get("bf16"), f"xla_{tag}_us": times.get("xla")})
+                            f"bf16_{tag}_us": times.get("bf16"), f"xla_{tag}_us": times.get("xla"),
+                            f"act_{tag}_us": times.get("act"), f"fused_{tag}_us": times.get("fused")})
             summary[f"skinny_{tag}_best_cfg"] = list(cfg)
             if best and copy_tbps:
                 summary[f"skinny_{tag}_best_copy_frac"] = k * n / (best * 1e-6) / (copy_tbps * 1e12)
             lines.append(f"{layer:8s} m={m:<4d} bf16 {times.get('bf16') or 0:8.2f}  xla {times.get('xla') or 0:8.2f}  "
                          f"skinny default {seen.get(default) or 0:8.2f} {list(default)}  best {best or 0:8.2f} "
-                         f"{list(cfg)} us")
+                         f"{list(cfg)}  act {times.get('act') or 0:8.2f}  fused {times.get('fused') or 0:8.2f} us")
     print("== fp8 skinny settings (us a product, launch gaps included)")
     print("\n".join(lines))
     config = {"rows": list(a.rows), "shapes": {k: list(v) for k, v in a.shapes.items()}, "budget_s": a.budget_s,

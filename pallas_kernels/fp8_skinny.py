@@ -74,11 +74,14 @@ def heuristic(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
     return bm, bn, bk, splits, 8 if bm == 128 else 4, 4
 
 
-def why_not(m: int, k: int, n: int, *, x_dtype, w_dtype, block_n: int, block_k: int) -> str | None:
-    """None when the product and the tiles fit the kernel, else why not (with the numbers)."""
-    if jnp.dtype(w_dtype) != _FP8 or jnp.dtype(x_dtype) != _FP8:
-        return f"the fp8 skinny GEMM takes float8_e4m3fn x and weights, got {jnp.dtype(x_dtype)} and " \
-               f"{jnp.dtype(w_dtype)}"
+def why_not(m: int, k: int, n: int, *, x_dtype, w_dtype, block_n: int, block_k: int,
+            x_dtypes=(_FP8,)) -> str | None:
+    """None when the product and the tiles fit the kernel (x in one of x_dtypes: float8 here, the model dtype for
+    fp8_skinny_dynamic.py), else why not (with the numbers)."""
+    if jnp.dtype(w_dtype) != _FP8 or jnp.dtype(x_dtype) not in x_dtypes:
+        takes = "float8_e4m3fn x and weights" if x_dtypes == (_FP8,) else \
+            f"{' / '.join(str(jnp.dtype(d)) for d in x_dtypes)} x and float8_e4m3fn weights"
+        return f"the fp8 skinny GEMM takes {takes}, got {jnp.dtype(x_dtype)} and {jnp.dtype(w_dtype)}"
     if not 1 <= m <= MAX_ROWS:
         return f"the fp8 skinny GEMM takes 1 to {MAX_ROWS} rows of x, got {m}"
     for name, v, dim in (("block_n", block_n, n), ("block_k", block_k, k)):
@@ -87,10 +90,24 @@ def why_not(m: int, k: int, n: int, *, x_dtype, w_dtype, block_n: int, block_k: 
     return None
 
 
-def supported(m: int, k: int, n: int, *, x_dtype=_FP8, w_dtype=_FP8) -> bool:
+def supported(m: int, k: int, n: int, *, x_dtype=_FP8, w_dtype=_FP8, x_dtypes=(_FP8,)) -> bool:
     """Whether the kernel takes this product with its default tiles (else the caller uses another path)."""
     _, bn, bk, *_ = heuristic(max(m, 1), k, n)
-    return why_not(m, k, n, x_dtype=x_dtype, w_dtype=w_dtype, block_n=bn, block_k=bk) is None
+    return why_not(m, k, n, x_dtype=x_dtype, w_dtype=w_dtype, block_n=bn, block_k=bk, x_dtypes=x_dtypes) is None
+
+
+def launch(m: int, k: int, n: int, given: tuple, *, x_dtype, w_dtype, x_dtypes=(_FP8,)):
+    """The settings of one call: `given` (block_m, block_n, block_k, num_splits, num_warps, num_stages), None for
+    the heuristic's, checked (ValueError naming what is wrong). Returns (block_m, block_n, block_k, splits,
+    blocks_per_split, num_k_blocks, num_warps, num_stages), the splits trimmed so that none starts past K."""
+    d = heuristic(max(m, 1), k, n)
+    bm, bn, bk, splits, warps, stages = (v if v is not None else dv for v, dv in zip(given, d))
+    why = why_not(m, k, n, x_dtype=x_dtype, w_dtype=w_dtype, block_n=bn, block_k=bk, x_dtypes=x_dtypes)
+    if why:
+        raise ValueError(why)
+    num_k_blocks = k // bk
+    per_split = pl.cdiv(num_k_blocks, splits)
+    return bm, bn, bk, pl.cdiv(num_k_blocks, per_split), per_split, num_k_blocks, warps, stages
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_k, blocks_per_split, num_k_blocks, swap):
@@ -122,17 +139,10 @@ def fp8_skinny(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     if wq.shape[1] != k or x_scale.shape != (m, 1) or w_scale.shape != (1, n):
         raise ValueError(f"fp8 skinny GEMM operands: xq [M, K], x_scale [M, 1], wq [N, K], w_scale [1, N]; got "
                          f"{list(xq.shape)}, {list(x_scale.shape)}, {list(wq.shape)}, {list(w_scale.shape)}")
-    d = heuristic(max(m, 1), k, n)
-    bm, bn, bk, splits, warps, stages = (v if v is not None else dv for v, dv in
-                                         zip((block_m, block_n, block_k, num_splits, num_warps, num_stages), d))
-    why = why_not(m, k, n, x_dtype=xq.dtype, w_dtype=wq.dtype, block_n=bn, block_k=bk)
-    if why:
-        raise ValueError(why)
+    bm, bn, bk, splits, per_split, num_k_blocks, warps, stages = launch(
+        m, k, n, (block_m, block_n, block_k, num_splits, num_warps, num_stages), x_dtype=xq.dtype, w_dtype=wq.dtype)
     mp = -(-m // bm) * bm
     xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq                # zero rows: zero partials, dropped
-    num_k_blocks = k // bk
-    per_split = pl.cdiv(num_k_blocks, splits)
-    splits = pl.cdiv(num_k_blocks, per_split)  # no split starts past K
     partials = pl.pallas_call(
         functools.partial(_kernel, block_k=bk, blocks_per_split=per_split, num_k_blocks=num_k_blocks,
                           swap=bm < 64),

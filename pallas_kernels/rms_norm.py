@@ -10,7 +10,9 @@ dtype; y = weight * (s in float32 * rsqrt(mean(s^2) + eps)) rounded to the model
 Only the order of the float32 sum of squares differs from XLA's.
 
 Shapes: x, residual [T, D] (T tokens, D the model width, any size: the row is padded to a power of two inside the
-kernel and masked), weight [D]. Returns (y [T, D], s [T, D]) in x's dtype.
+kernel and masked), weight [D]. Returns (y [T, D], s [T, D]) in x's dtype; with fp8=True also y's rows quantized for
+an FP8 product (per-token dynamic scales, fp8_act_quant.py's rule): the row is in registers, so the two kernels of
+XLA's quantization (or fp8_act_quant's one) before qkv_proj and gate_up_proj go.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.fp8_act_quant import FP8, quantize_row, rounded
 from pallas_kernels.paged_attention import _CompilerParams
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, eps: float, width: int):
-    # x_ref / r_ref / y_ref / s_ref [T, D] (all of them; this program's row is program_id(0)), w_ref [D].
+def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *fp8_refs, eps: float, width: int, interpret: bool):
+    # x_ref / r_ref / y_ref / s_ref [T, D] (all of them; this program's row is program_id(0)), w_ref [D]; fp8_refs:
+    # none, or q [T, D] float8 and its scales [T, 1] (y's row quantized for an FP8 product, fp8_act_quant's rule)
     t = pl.program_id(0)
     cols = pl.ds(0, pl.next_power_of_2(width))
     valid = lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(width),), 0) < width
@@ -42,6 +46,8 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, eps: float, width: int):
     y = w * (s32 * inv).astype(x_ref.dtype)
     plgpu.store(s_ref.at[t, cols], s, mask=valid)
     plgpu.store(y_ref.at[t, cols], y.astype(y_ref.dtype), mask=valid)
+    if fp8_refs:
+        quantize_row(rounded(y.astype(jnp.float32), y_ref.dtype, interpret), *fp8_refs, t, cols, valid, interpret)
 
 
 def _validate(x, residual, weight):
@@ -54,23 +60,26 @@ def _validate(x, residual, weight):
         raise ValueError(f"weight must be [D={x.shape[-1]}]; got {weight.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def add_rms_norm(x, residual, weight, *, eps: float, interpret: bool = False):
-    """(weight * rmsnorm(x + residual), x + residual), both [T, D] in x's dtype. One program a row."""
+@functools.partial(jax.jit, static_argnames=("eps", "fp8", "interpret"))
+def add_rms_norm(x, residual, weight, *, eps: float, fp8: bool = False, interpret: bool = False):
+    """(weight * rmsnorm(x + residual), x + residual), both [T, D] in x's dtype. One program a row. fp8: also the
+    normalized rows quantized for an FP8 product, (q [T, D] float8_e4m3fn, scale [T, 1] float32), by
+    fp8_act_quant.py's rule from the rows as written (the model dtype's values): (y, s, q, scale)."""
     _validate(x, residual, weight)
     T, D = x.shape
     whole = pl.BlockSpec((T, D), lambda t: (0, 0))
-    y, s = pl.pallas_call(
-        functools.partial(_kernel, eps=float(eps), width=D),
+    fp8_specs = [whole, pl.BlockSpec((T, 1), lambda t: (0, 0))] if fp8 else []
+    fp8_shapes = [jax.ShapeDtypeStruct(x.shape, FP8), jax.ShapeDtypeStruct((T, 1), jnp.float32)] if fp8 else []
+    return tuple(pl.pallas_call(
+        functools.partial(_kernel, eps=float(eps), width=D, interpret=interpret),
         grid=(T,),
         in_specs=[whole, whole, pl.BlockSpec((D,), lambda t: (0,))],
-        out_specs=[whole, whole],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2,
+        out_specs=[whole, whole, *fp8_specs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2 + fp8_shapes,
         compiler_params=_CompilerParams(num_warps=4 if D <= 4096 else 8, num_stages=1),
         interpret=interpret,
-        name="qwenjax_add_rms_norm",
-    )(x, residual, weight)
-    return y, s
+        name="qwenjax_add_rms_norm_fp8" if fp8 else "qwenjax_add_rms_norm",
+    )(x, residual, weight))
 
 
 def reference(x, residual, weight, *, eps: float):

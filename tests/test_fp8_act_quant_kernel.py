@@ -40,3 +40,26 @@ def test_bad_input_is_refused_with_the_numbers():
         quantize_rows(jnp.zeros((2, 8), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match=rf"rows of 1 to {MAX_WIDTH} values, got {MAX_WIDTH + 1}"):
         quantize_rows(jnp.zeros((1, MAX_WIDTH + 1), jnp.bfloat16), interpret=True)
+
+
+@pytest.mark.parametrize("t,f,dtype", [(1, 18944, jnp.bfloat16), (3, 100, jnp.float32), (2, 384, jnp.bfloat16)])
+def test_swiglu_rows_are_the_rule_of_torchs_h(t, f, dtype):
+    """swiglu_quantize_rows(y) = the rule applied to h = silu(gate) * up as torch computes it in the model dtype
+    (silu in float32 rounded to the dtype, the product rounded; numpy here), bit for bit."""
+    import ml_dtypes
+
+    from pallas_kernels.fp8_act_quant import swiglu_quantize_rows
+
+    y = (jax.random.normal(jax.random.key(f), (t, 2 * f), jnp.float32) * 3).astype(dtype)
+    q, s = swiglu_quantize_rows(y, interpret=True)
+    assert q.shape == (t, f) and s.shape == (t, 1)
+    rnd = (lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)) if dtype == jnp.bfloat16 else (lambda a: a)
+    gate, up = np.asarray(y[:, :f], np.float32), np.asarray(y[:, f:], np.float32)
+    h = rnd(rnd(gate / (1 + np.exp(-gate))) * up)
+    amax = np.abs(h).max(axis=1, keepdims=True)
+    want_s = np.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
+    want_q = np.clip(h / want_s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    assert (_bits(q) != want_q.view(np.uint8)).sum() == 0
+    np.testing.assert_array_equal(_bits(s), want_s.view(np.uint32))
+    with pytest.raises(ValueError, match="an even width; got 7"):
+        swiglu_quantize_rows(jnp.ones((1, 7), dtype), interpret=True)

@@ -30,6 +30,23 @@ def test_matches_reference(t, d, dtype):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("t, d, dtype", [(1, 3584, BF16), (3, 100, F32), (2, 256, BF16)])
+def test_fp8_rows_are_the_rule_of_the_written_rows(t, d, dtype):
+    """fp8=True: the same (y, s), and y's rows quantized as quantization/fp8_quant.quantize_activations(y) does,
+    bit for bit (the values the kernel wrote, not its unrounded float32 ones)."""
+    from qwenjax.quantization.fp8_quant import quantize_activations
+
+    x, r, w = _inputs(t, d, dtype, seed=d)
+    y, s, q, scale = add_rms_norm(x, r, w, eps=1e-6, fp8=True, interpret=True)
+    y0, s0 = add_rms_norm(x, r, w, eps=1e-6, interpret=True)
+    want_q, want_scale = quantize_activations(y)
+    bits = lambda a, u: np.asarray(jax.lax.bitcast_convert_type(a, u))  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s0, np.float32))
+    np.testing.assert_array_equal(bits(q, jnp.uint8), bits(want_q, jnp.uint8))
+    np.testing.assert_array_equal(bits(scale, jnp.uint32), bits(want_scale, jnp.uint32))
+
+
 def test_rows_are_independent():
     """Each row is normalized by its own statistics: changing one row leaves the others' outputs alone."""
     x, r, w = _inputs(4, 256, F32, seed=7)

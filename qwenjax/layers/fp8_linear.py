@@ -12,7 +12,7 @@ Parameters (T tokens, I inputs, O outputs, G = quant.num_groups(I): 1, or I / bl
   input_scale   float32 []             activation_scheme "static" only: x is quantized as x / input_scale (a fused
                                        layer takes the largest of its parts', as vLLM does)
   bias          [O]                    in the model dtype (q/k/v)
-Activations are quantized in the step (quantization/fp8_quant.py's rule; layers/fp8_matmul.quantize_for): static,
+Activations are quantized in the step (quantization/fp8_quant.py's rule; layers/fp8_matmul.fp8_linear): static,
 dynamic per token, or dynamic per token per block_k group; the product is layers/fp8_matmul.py's. Tensor parallelism
 splits weight_scale with its kernel's output axis (column-parallel) or its groups (row-parallel),
 sharding.param_spec; the output is in the model dtype. The loader
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenjax.layers.fp8_matmul import fp8_matmul, quantize_for
+from pallas_kernels import fp8_act_quant
+from qwenjax.layers.fp8_matmul import fp8_linear, fp8_matmul, kernel_rows
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX
 
@@ -56,8 +57,27 @@ class Fp8Linear(nnx.Module):
         x2 = x.reshape(-1, self.in_features)
         block = self.quant.weight_block_size
         static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
-        xq, x_scale = quantize_for(x2, self.weight[...], group=block[1] if block else None, static_scale=static)
+        y = fp8_linear(x2, self.weight[...], self.weight_scale[...], group=block[1] if block else None,
+                       static_scale=static, out_dtype=self.dtype)
+        return self._biased(y).reshape(*lead, self.out_features)
+
+    def takes_rows(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens gives this layer its input already quantized (fp8_matmul.kernel_rows):
+        dynamic per-token activations (no static scale, no block groups) on the skinny kernel's path."""
+        return (self.quant.activation_scheme == "dynamic" and self.quant.weight_block_size is None
+                and kernel_rows(tokens, self.weight[...]))
+
+    def from_rows(self, xq: jax.Array, x_scale: jax.Array) -> jax.Array:
+        """The product of input rows quantized elsewhere by the same rule: xq [T, I] float8_e4m3fn, x_scale [T, 1]
+        float32 -> [T, O] in the layer dtype (the kernels that write them: takes_rows)."""
         y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return self._biased(y)
+
+    def from_gate_up(self, y: jax.Array) -> jax.Array:
+        """down_proj's product of h = silu(gate) * up, from the fused gate/up output y [T, 2F] on one device (gate's
+        columns, then up's): h's rows quantized by one kernel (pallas_kernels/fp8_act_quant.swiglu_quantize_rows,
+        GPU only; where takes_rows), then from_rows."""
+        return self.from_rows(*fp8_act_quant.swiglu_quantize_rows(y))
+
+    def _biased(self, y: jax.Array) -> jax.Array:
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -32,9 +32,12 @@ H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu),
 With QWENJAX_FP8_ACT_KERNEL=1 (opt-in), where the skinny kernel takes the product, the activations are quantized by
 pallas_kernels/fp8_act_quant.py (one kernel a product where XLA's form takes two): `quantize_for`. On an H100 its
 values are quantization/fp8_quant.py's rule exactly (IEEE division), while XLA's GPU form rounds 0.011% of them
-differently (NOTES 54); its speed is not yet measured.
+differently (NOTES 54); its speed is not yet measured. With QWENJAX_FP8_ACT_KERNEL=fused (opt-in) the skinny kernel
+quantizes the activations itself (pallas_kernels/fp8_skinny_dynamic.py: the same rule, one kernel a product, no
+pad; the scaled output written where K is not split): `fp8_linear`.
 
-`fp8_matmul` is the one entry point: swap its body to change the GPU form.
+`fp8_linear` (x in the model dtype) and `fp8_matmul` (x quantized) are the entry points: swap their bodies to change
+the GPU form.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny
+from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_dynamic
 from qwenjax.compat import enable_pallas_fp8_wgmma, platform
 from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations
 
@@ -68,9 +71,10 @@ ACCUM_ENV = "QWENJAX_FP8_ACCUM"
 # (down's output is a tenth as wide; NOTES 51). Costs one more rounding (bf16 before the scales). Opt-in, not yet
 # run on a GPU (benchmarks/fp8_matmul.py's fp8_tn_bf16out form); read when traced.
 GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
-# QWENJAX_FP8_ACT_KERNEL: "0" (default) or "1": dynamic per-token activation quantization by one Pallas kernel where
-# the skinny kernel takes the product (module docstring); read when traced.
+# QWENJAX_FP8_ACT_KERNEL: where the skinny kernel takes a product of dynamic per-token activations, "0" (default):
+# XLA quantizes them; "1": one Pallas kernel does; "fused": the skinny kernel does (module docstring); read when traced.
 ACT_KERNEL_ENV = "QWENJAX_FP8_ACT_KERNEL"
+ACT_KERNEL_CHOICES = ("0", "1", "fused")
 
 
 # f32 accumulation from this many rows: at 1 row jax 0.11.2's GPU compiler refused the algorithm ("Unsupported dot
@@ -109,18 +113,49 @@ def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
     return None
 
 
+def act_kernel() -> str:
+    """ACT_KERNEL_ENV's value, checked."""
+    value = os.environ.get(ACT_KERNEL_ENV, "0")
+    if value not in ACT_KERNEL_CHOICES:
+        raise ValueError(f"{ACT_KERNEL_ENV} must be one of {', '.join(ACT_KERNEL_CHOICES)}; got {value!r}")
+    return value
+
+
 def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
                  static_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """quantize_activations(x, group, static_scale) for a product with the weight wq [O, I]: by
     pallas_kernels/fp8_act_quant.py where ACT_KERNEL_ENV is "1", the activations are dynamic per token and the
     skinny kernel takes the product, else XLA's form (the same rule; on a GPU XLA's division is not IEEE-rounded)."""
-    value = os.environ.get(ACT_KERNEL_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{ACT_KERNEL_ENV} must be 0 or 1, got {value!r}")
-    if (value == "1" and group is None and static_scale is None and fp8_act_quant.why_not(x) is None
-            and kernel_for(jax.ShapeDtypeStruct(x.shape, FP8_DTYPE), wq) == "skinny"):
+    if (act_kernel() == "1" and _skinny_dynamic(x, wq, group, static_scale)
+            and fp8_act_quant.why_not(x) is None):
         return fp8_act_quant.quantize_rows(x)
     return quantize_activations(x, group=group, static_scale=static_scale)
+
+
+def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | None = None,
+               static_scale: jax.Array | None = None, out_dtype) -> jax.Array:
+    """x [T, I] (the model dtype) times the float8 weight wq [O, I] with scales w_scale [G, O] -> [T, O] in out_dtype:
+    the activations quantized as quantize_activations(x, group, static_scale) says, then fp8_matmul; in one kernel
+    (pallas_kernels/fp8_skinny_dynamic.py) where ACT_KERNEL_ENV is "fused", the activations are dynamic per token and
+    the skinny kernel takes the product."""
+    if (act_kernel() == "fused" and _skinny_dynamic(x, wq, group, static_scale)
+            and fp8_skinny_dynamic.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
+        return fp8_skinny_dynamic.fp8_skinny_dynamic(x, wq, w_scale, out_dtype=out_dtype)
+    xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
+    return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
+
+
+def kernel_rows(tokens: int, wq: jax.Array) -> bool:
+    """Whether kernels that write a product's input rows also quantize them for it (ACT_KERNEL_ENV "1": the add +
+    RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down_proj), for a step of `tokens` tokens with dynamic
+    per-token activations times the weight wq [O, I]: where the skinny kernel takes the product. Read when traced."""
+    return act_kernel() == "1" and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny"
+
+
+def _skinny_dynamic(x, wq, group, static_scale) -> bool:
+    """Dynamic per-token activations (no group, no static scale) for a product the skinny kernel takes."""
+    return (group is None and static_scale is None
+            and kernel_for(jax.ShapeDtypeStruct(x.shape, FP8_DTYPE), wq) == "skinny")
 
 
 def _takes(kernel, switch: str, xq: jax.Array, wq: jax.Array) -> bool:

@@ -33,17 +33,30 @@ class RMSNorm(nnx.Module):
         s = x + residual
         return self(s), s
 
+    def add_fp8(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+        """add's (y, s), and y's rows quantized for an FP8 product ((q [T, D] float8_e4m3fn, scale [T, 1] float32),
+        quantization/fp8_quant.py's per-token rule): on GPU by the same kernel (Fp8Linear.takes_rows says when)."""
+        if platform() == "gpu":
+            y, s, q, scale = fused_add_rms_norm(x, residual, self.weight[...], eps=self.eps,
+                                                mesh=jax.sharding.get_abstract_mesh(), fp8=True)
+            return y, s, (q, scale)
+        from qwenjax.quantization.fp8_quant import quantize_activations
 
-def fused_add_rms_norm(x, residual, weight, *, eps: float, mesh, interpret: bool = False):
+        y, s = self.add(x, residual)
+        return y, s, quantize_activations(y)
+
+
+def fused_add_rms_norm(x, residual, weight, *, eps: float, mesh, fp8: bool = False, interpret: bool = False):
     """The Pallas kernel on each device's copy of the (replicated) activations: under shard_map over the mesh's
-    "tp" axis when it has more than one device, since the custom call has no partitioning rule of its own."""
+    "tp" axis when it has more than one device, since the custom call has no partitioning rule of its own. fp8: the
+    rows quantized too (pallas_kernels/rms_norm.add_rms_norm)."""
     from pallas_kernels.rms_norm import add_rms_norm
 
     def kernel(x, r, w):
-        return add_rms_norm(x, r, w, eps=eps, interpret=interpret)
+        return add_rms_norm(x, r, w, eps=eps, fp8=fp8, interpret=interpret)
 
     n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
     if n == 1:
         return kernel(x, residual, weight)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()),
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(),) * (4 if fp8 else 2),
                          check_vma=False)(x, residual, weight)

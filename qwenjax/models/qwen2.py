@@ -40,6 +40,16 @@ def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
 
+def _takes_rows(layer, tokens: int) -> bool:
+    """Whether this projection takes its input rows quantized by the kernel that writes them (Fp8Linear.takes_rows)."""
+    return isinstance(layer, Fp8Linear) and layer.takes_rows(tokens)
+
+
+def _project(layer, x: jax.Array, rows: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """layer(x), or from x's rows already quantized for an Fp8Linear ((q, scale), the same rule)."""
+    return layer(x) if rows is None else layer.from_rows(*rows)
+
+
 def _base_and_folded(y: jax.Array, width: int) -> tuple[jax.Array, jax.Array | None]:
     """A projection's `width` base columns, and where worker/lora_fold.py gave its weight extra columns (the LoRA
     slots' shrink, past `width`) the whole output for layers/lora.py to read them from (None where it has none)."""
@@ -69,15 +79,20 @@ class Qwen2Attention(nnx.Module):
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
         self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = N, K, H, D
 
+    def takes_rows(self, tokens: int) -> bool:
+        """Whether q/k/v take x's rows quantized by the norm before them (Fp8Linear.takes_rows)."""
+        return _takes_rows(self.qkv_proj if self.fused_qkv else self.q_proj, tokens)
+
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool,
-                 lora: LoRAInputs | None = None, layer: int = 0):
+                 lora: LoRAInputs | None = None, layer: int = 0, rows=None):
+        """rows: x quantized for FP8 q/k/v ((q, scale), where takes_rows), else None."""
         T = x.shape[0]  # x [T, D], cos / sin [T, H]
         folded = None  # the LoRA slots' shrink, where the fold gives the weight extra columns (layers/lora.py)
         if self.fused_qkv:
-            y, folded = _base_and_folded(self.qkv_proj(x), sum(self.qkv_proj_widths))
+            y, folded = _base_and_folded(_project(self.qkv_proj, x, rows), sum(self.qkv_proj_widths))
             q, k, v = split_columns(y, self.qkv_proj_widths, self.shards)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (_project(p, x, rows) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = add_lora_parts((q, k, v), x, lora, layer, "qkv_proj", folded)  # per part, fused or not
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
@@ -105,13 +120,20 @@ class Qwen2MLP(nnx.Module):
             self.up_proj = _linear(D, F, False, dtype, rngs, quant)
         self.down_proj = _linear(F, D, False, dtype, rngs, quant, "in")
 
-    def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0):
+    def takes_rows(self, tokens: int) -> bool:
+        """Whether gate/up take x's rows quantized by the norm before them (Fp8Linear.takes_rows)."""
+        return _takes_rows(self.gate_up_proj if self.fused_gate_up else self.gate_proj, tokens)
+
+    def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0, rows=None):
+        """rows: x quantized for FP8 gate/up ((q, scale), where takes_rows), else None."""
         folded = None
         if self.fused_gate_up:
-            y, folded = _base_and_folded(self.gate_up_proj(x), sum(self.gate_up_proj_widths))
+            y, folded = _base_and_folded(_project(self.gate_up_proj, x, rows), sum(self.gate_up_proj_widths))
+            if lora is None and folded is None and self.shards == 1 and _takes_rows(self.down_proj, x.shape[0]):
+                return self.down_proj.from_gate_up(y)  # h = silu(gate) * up quantized for it by one kernel
             gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = _project(self.gate_proj, x, rows), _project(self.up_proj, x, rows)
         gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj", folded)
         h = jax.nn.silu(gate) * up
         y, folded = _base_and_folded(self.down_proj(h), self.hidden_size)
@@ -130,13 +152,20 @@ class Qwen2DecoderLayer(nnx.Module):
         """x: the previous layer's MLP output (the embeddings for the first layer, whose `residual` is None), not
         yet added to the residual stream. Returns this layer's MLP output and the stream before it: the sum of the
         two is Hugging Face's hidden state after the layer. Each add is fused with the norm that follows it."""
+        T, rows = x.shape[0], None
         if residual is None:
             residual, h = x, self.input_layernorm(x)
+        elif self.self_attn.takes_rows(T):  # FP8: the norm's kernel also quantizes its rows for q/k/v
+            h, residual, rows = self.input_layernorm.add_fp8(x, residual)
         else:
             h, residual = self.input_layernorm.add(x, residual)
-        h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context, lora, layer)
-        h, residual = self.post_attention_layernorm.add(h, residual)
-        return (self.mlp(h) if lora is None else self.mlp(h, lora, layer)), residual, k_pages, v_pages
+        h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context, lora, layer, rows)
+        if isinstance(self.mlp, Qwen2MLP) and self.mlp.takes_rows(T):  # not a MoE block (no FP8 MoE)
+            h, residual, rows = self.post_attention_layernorm.add_fp8(h, residual)
+        else:
+            (h, residual), rows = self.post_attention_layernorm.add(h, residual), None
+        mlp = self.mlp(h) if lora is None and rows is None else self.mlp(h, lora, layer, rows)
+        return mlp, residual, k_pages, v_pages
 
 
 class Qwen2Model(nnx.Module):

@@ -106,6 +106,34 @@ def test_fp8_act_quant_on_gpu(m, k):
     assert (np.asarray(q).view(np.uint8) != want_q.view(np.uint8)).sum() == 0
 
 
+@pytest.mark.parametrize("m", [1, 16, 100, 512])
+@pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
+def test_fp8_skinny_dynamic_7b_shapes_on_gpu(m, k, n, monkeypatch):
+    """QWENJAX_FP8_ACT_KERNEL=fused: fp8_linear takes the skinny kernel that quantizes x itself
+    (pallas_kernels/fp8_skinny_dynamic.py; its kernel is in the compiled HLO), against the rule computed by numpy on
+    the host (IEEE float32 division) and a float64 product of those values, within 2^-7 of the output's scale (it sums
+    at most 128 terms in the tensor core before a float32 add)."""
+    import ml_dtypes
+
+    from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV, SKINNY_ENV, fp8_linear
+
+    monkeypatch.setenv(ACT_KERNEL_ENV, "fused")
+    monkeypatch.delenv(SKINNY_ENV, raising=False)
+    x = (jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32) *
+         jnp.exp2(jax.random.randint(jax.random.key(k), (m, k), -12, 8).astype(jnp.float32))).astype(jnp.bfloat16)
+    wq, ws = quantize_weight_per_channel(jax.random.normal(jax.random.key(n), (k, n), jnp.float32) * 0.02)
+    wt = jnp.asarray(wq.T)  # the model's weight [O, I]
+    fn = jax.jit(lambda *a: fp8_linear(*a, out_dtype=jnp.bfloat16))
+    out = np.asarray(fn(x, wt, ws), np.float64)
+    xf = np.asarray(x, np.float32)
+    amax = np.abs(xf).max(axis=1, keepdims=True)
+    xs = np.where(amax > 0, amax * np.float32(1 / 448), np.float32(1)).astype(np.float32)
+    xq = np.clip(xf / xs, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    exact = (np.asarray(xq, np.float64) * xs) @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64))
+    np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
+    assert "qwenjax_fp8_skinny_dyn" in fn.lower(x, wt, ws).compile().as_text()
+
+
 def _check_7b_shape(m, k, n, group, exact_accumulation=False) -> str:
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02
@@ -145,3 +173,67 @@ def test_projections_on_gpu(scheme, fp8_dir, float_ckpt):  # noqa: F811
                 got = np.asarray(jax.jit(lambda a, mod=ours: mod(a))(jnp.asarray(x)))
                 np.testing.assert_allclose(got, want, atol=2.0 ** -7 * np.abs(want).max(), rtol=0,
                                            err_msg=f"layer {i} {p}")
+
+
+@pytest.mark.parametrize("t, d", [(1, 3584), (16, 3584), (512, 3584)])
+def test_rms_norm_fp8_rows_on_gpu(t, d):
+    """The add + RMSNorm kernel's float8 rows compiled for the GPU: the rule applied by numpy (IEEE division) to the
+    rows the kernel wrote, bit for bit; its y and s those of the kernel without them."""
+    import ml_dtypes
+
+    from pallas_kernels.rms_norm import add_rms_norm
+
+    keys = jax.random.split(jax.random.key(t + d), 3)
+    x = (jax.random.normal(keys[0], (t, d), jnp.float32) * 3).astype(jnp.bfloat16)
+    r = (jax.random.normal(keys[1], (t, d), jnp.float32) * 10).astype(jnp.bfloat16)
+    w = (1 + 0.1 * jax.random.normal(keys[2], (d,), jnp.float32)).astype(jnp.bfloat16)
+    y, s, q, scale = jax.jit(lambda *a: add_rms_norm(*a, eps=1e-6, fp8=True))(x, r, w)
+    y0, s0 = jax.jit(lambda *a: add_rms_norm(*a, eps=1e-6))(x, r, w)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s0, np.float32))
+    yf = np.asarray(y, np.float32)
+    amax = np.abs(yf).max(axis=1, keepdims=True)
+    want_s = np.where(amax > 0, amax * np.float32(1 / 448), np.float32(1)).astype(np.float32)
+    want_q = np.clip(yf / want_s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    assert (np.asarray(scale).view(np.uint32) != want_s.view(np.uint32)).sum() == 0
+    assert (np.asarray(q).view(np.uint8) != want_q.view(np.uint8)).sum() == 0
+
+
+@pytest.mark.parametrize("t", [1, 16, 512])
+def test_swiglu_quantize_rows_on_gpu(t):
+    """The SwiGLU + quantization kernel compiled for the GPU at the 7B's width (F = 18,944) against torch's h in
+    bf16 (silu in float32 rounded, the product rounded) quantized by numpy. The GPU's exp is not correctly rounded,
+    so an h may differ by a bf16 ulp and its float8 value by one step: counted, at most 0.1% of values, and every
+    dequantized value within one float8 step (1/8 of itself, 2^-9 of the row's scale for subnormals)."""
+    import ml_dtypes
+
+    from pallas_kernels.fp8_act_quant import swiglu_quantize_rows
+
+    f = 18944
+    y = (jax.random.normal(jax.random.key(t), (t, 2 * f), jnp.float32) * 3).astype(jnp.bfloat16)
+    q, s = jax.jit(swiglu_quantize_rows)(y)
+    rnd = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+    g, u = np.asarray(y[:, :f], np.float32), np.asarray(y[:, f:], np.float32)
+    h = rnd(rnd(g / (1 + np.exp(-g))) * u)
+    amax = np.abs(h).max(axis=1, keepdims=True)
+    want_s = np.where(amax > 0, amax * np.float32(1 / 448), np.float32(1)).astype(np.float32)
+    want_q = np.clip(h / want_s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    differ = (np.asarray(q).view(np.uint8) != want_q.view(np.uint8)).sum()
+    assert differ <= 1e-3 * q.size, differ
+    got, want = np.asarray(q, np.float32), want_q.astype(np.float32)
+    assert (np.abs(got - want) <= np.maximum(np.abs(want) / 8, 2.0 ** -9) + 1e-12).all()
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=2.0 ** -7)
+
+
+@pytest.mark.parametrize("act_kernel", ["0", "1", "fused"])
+def test_logits_with_kernel_quantized_rows_on_gpu(act_kernel, fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+    """A tiny FP8 model (dynamic per-token activations) through prefill and decode on the GPU under each
+    QWENJAX_FP8_ACT_KERNEL setting, against transformers on the same FP8 values: FLIP_ATOL everywhere, the same
+    argmax at 90% of positions (tests/test_fp8_weights.py's model-level criteria, less the float32 median: the
+    tensor cores sum float8 products with fewer bits)."""
+    from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV
+    from tests.fp8_writer import Fp8Scheme
+    from tests.test_fp8_kernel_rows import check_logits
+
+    monkeypatch.setenv(ACT_KERNEL_ENV, act_kernel)
+    check_logits(fp8_dir(Fp8Scheme("online")), Fp8Scheme("online"), float_ckpt)

@@ -1,0 +1,118 @@
+"""FP8 activations quantized by Pallas kernels instead of XLA (layers/fp8_matmul.py's QWENJAX_FP8_ACT_KERNEL): which
+path each setting takes, and a whole tiny FP8 model run on the kernel path (the kernels in Pallas interpret mode on
+CPU, the GPU's choices forced) against transformers computing with the same FP8 values, as
+tests/test_fp8_weights.py checks XLA's path."""
+from __future__ import annotations
+
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations
+from tests.fp8_writer import Fp8Scheme, reference_model
+from tests.test_fp8_weights import FLIP_ATOL, _quant, float_ckpt, fp8_dir  # noqa: F401 (fixtures)
+from tests.test_quantization import _logits
+
+
+def check_logits(path, scheme, float_ckpt) -> np.ndarray:  # noqa: F811 (a path, not the fixture)
+    """A 24-token prompt, prefill of 18 then decode, against transformers on the same FP8 values: FLIP_ATOL at every
+    position and the same argmax at 90% of them; returns each position's largest logit error."""
+    ref = reference_model(float_ckpt, path, scheme)
+    ids = list(np.random.default_rng(4).integers(0, 512, 24))
+    ours = _logits(path, ids, _quant(path, scheme), decode_from=18)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, want, atol=FLIP_ATOL, rtol=0)
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    return np.abs(ours - want).max(-1)
+
+
+def _fake_gpu(monkeypatch, act_kernel: str) -> dict[str, int]:
+    """The GPU's choices on CPU: the platform read as "gpu" by fp8_matmul and norm, every Pallas kernel those
+    choices take run in interpret mode. Returns the count of calls per kernel (at trace time, by name)."""
+    from pallas_kernels import fp8_act_quant, fp8_skinny, rms_norm
+    from qwenjax.layers import fp8_matmul as fm
+    from qwenjax.layers import norm
+
+    calls: dict[str, int] = {}
+
+    def counted(module, name, **fixed):
+        real = getattr(module, name)
+
+        def run(*a, **k):
+            key = name + ("_fp8" if k.get("fp8") else "")
+            calls[key] = calls.get(key, 0) + 1
+            return real(*a, **{**k, **fixed})
+        monkeypatch.setattr(module, name, run)
+
+    for env in (fm.GEMV_ENV, fm.SKINNY_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, act_kernel)
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    monkeypatch.setattr(norm, "platform", lambda: "gpu")
+    counted(fp8_skinny, "fp8_skinny", interpret=True)
+    counted(fp8_act_quant, "quantize_rows", interpret=True)
+    counted(fp8_act_quant, "swiglu_quantize_rows", interpret=True)
+    counted(rms_norm, "add_rms_norm", interpret=True)
+    return calls
+
+
+@pytest.mark.parametrize("scheme", [Fp8Scheme("per_tensor", "dynamic"), Fp8Scheme("online")], ids=lambda s: s.name)
+def test_kernel_quantized_rows_match_reference(scheme, fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+    """QWENJAX_FP8_ACT_KERNEL=1 on the GPU's path: the add + RMSNorm kernel writes qkv's and gate/up's float8 rows,
+    the SwiGLU kernel down_proj's, fp8_act_quant o_proj's (and the first layer's qkv, which has no add): prefill and
+    decode logits as test_fp8_weights.test_logits_match_reference asks of XLA's path (float32 agreement at most
+    positions, FLIP_ATOL at all, the same argmax at 90%)."""
+    calls = _fake_gpu(monkeypatch, "1")
+    errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
+    assert np.median(errors) < 1e-4, errors
+    # 7 steps (one prefill, six decodes) x 2 layers: layer 0's qkv input has no add (fp8_act_quant), layer 1's the
+    # fused norm; every gate/up input the fused norm; every o_proj input fp8_act_quant; every down_proj input swiglu
+    steps, layers = 7, 2
+    assert calls == {"add_rms_norm_fp8": steps * (2 * layers - 1), "add_rms_norm": steps,  # the final norm
+                     "quantize_rows": steps * (layers + 1), "swiglu_quantize_rows": steps * layers,
+                     "fp8_skinny": steps * layers * 4}, calls
+
+
+def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+    """A static input scale is not the kernels' rule: with QWENJAX_FP8_ACT_KERNEL=1 the norms write no float8 rows and
+    no quantization kernel runs; the skinny kernel still takes the products."""
+    path = fp8_dir(Fp8Scheme("per_tensor", "static"))
+    calls = _fake_gpu(monkeypatch, "1")
+    _logits(path, list(range(5)), _quant(path, Fp8Scheme("per_tensor", "static")), decode_from=4)
+    assert calls == {"add_rms_norm": 2 * 4, "fp8_skinny": 2 * 2 * 4}, calls
+
+
+def test_fused_activation_quantization_choice(monkeypatch):
+    """fp8_linear: the skinny kernel that quantizes x itself (pallas_kernels/fp8_skinny_dynamic.py) where
+    QWENJAX_FP8_ACT_KERNEL=fused and the skinny kernel takes a product of dynamic per-token activations on a GPU;
+    quantize_for + fp8_matmul everywhere else. The kernels are faked here (this is the choice; their values are
+    tests/test_fp8_skinny_dynamic_kernel.py's); the fallback's result is the real XLA form's."""
+    from pallas_kernels import fp8_act_quant, fp8_skinny, fp8_skinny_dynamic
+    from qwenjax.layers import fp8_matmul as fm
+
+    for env in (fm.GEMV_ENV, fm.SKINNY_ENV, fm.ACT_KERNEL_ENV):
+        monkeypatch.delenv(env, raising=False)
+    fused, skinny = [], []
+    fake = lambda calls: lambda x, *a, out_dtype: calls.append(x.shape) or jnp.zeros((x.shape[0], a[-2].shape[0]))  # noqa: E731
+    monkeypatch.setattr(fp8_skinny_dynamic, "fp8_skinny_dynamic", fake(fused))
+    monkeypatch.setattr(fp8_skinny, "fp8_skinny", fake(skinny))
+    wq = jnp.full((256, 128), 2, FP8_DTYPE)
+    ws = jnp.full((1, 256), 0.5, jnp.float32)
+    x = jnp.ones((3, 128), jnp.bfloat16)
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "fused")
+    y = fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)                # the CPU: XLA's form, the real product
+    np.testing.assert_array_equal(np.asarray(y), np.full((3, 256), 128.0))
+    assert fused == [] and skinny == []
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
+    assert fused == [(3, 128)] and skinny == []
+    fm.fp8_linear(x, wq, jnp.concatenate([ws, ws]), group=64, out_dtype=jnp.float32)  # per-group: not skinny
+    fm.fp8_linear(x, wq, ws, static_scale=jnp.float32(0.1), out_dtype=jnp.float32)  # static: the skinny kernel
+    assert fused == [(3, 128)] and skinny == [(3, 128)]
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "1")                        # the quantizer kernel, then the skinny one
+    monkeypatch.setattr(fp8_act_quant, "quantize_rows", lambda x: quantize_activations(x))
+    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
+    assert fused == [(3, 128)] and skinny == [(3, 128)] * 2

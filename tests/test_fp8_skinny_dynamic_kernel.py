@@ -1,0 +1,70 @@
+"""pallas_kernels/fp8_skinny_dynamic.py in Pallas interpret mode: the activations quantized by XLA's CPU form of the
+rule (quantization/fp8_quant.py, IEEE division on CPU), then a float64 product of those float8 values and scales."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8_skinny import MAX_ROWS
+from pallas_kernels.fp8_skinny_dynamic import fp8_skinny_dynamic, supported
+from qwenjax.quantization.fp8_quant import quantize_activations
+
+F8 = jnp.float8_e4m3fn
+
+
+def _operands(m, k, n, seed=0, x_dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    # rows over many magnitudes (float8 subnormals after scaling included), one row all zeros (scale 1)
+    x = rng.normal(0, 1, (m, k)) * np.exp2(rng.integers(-12, 8, (m, k)))
+    x[m // 2] = 0
+    wq = jnp.asarray(np.clip(rng.normal(0, 64, (n, k)), -448, 448), jnp.float32).astype(F8)
+    ws = jnp.asarray(rng.uniform(0.001, 0.01, (1, n)), jnp.float32)
+    return jnp.asarray(x, x_dtype), wq, ws
+
+
+def _reference(x, wq, ws):
+    xq, xs = quantize_activations(x)
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    return (f(xq) @ f(wq).T) * f(xs) * f(ws)
+
+
+@pytest.mark.parametrize("m,k,n,kw", [
+    (1, 512, 256, {}),                                                   # the heuristic's tiles: K split
+    (20, 384, 96, dict(block_m=16, block_n=32, block_k=64, num_splits=4)),  # two row blocks; splits of 2, 2, 2, 0
+    (33, 256, 128, dict(block_m=64, block_n=64, block_k=32, num_splits=1)),  # no split: the scaled output written
+    (3, 256, 64, dict(block_m=16, block_n=64, block_k=64, num_splits=1)),    # no split, swapped dot
+])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_matches_quantized_float_product(m, k, n, kw, x_dtype):
+    x, wq, ws = _operands(m, k, n, x_dtype=x_dtype)
+    got = np.asarray(fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, interpret=True, **kw), np.float64)
+    ref = _reference(x, wq, ws)
+    assert got.shape == (m, n) and (got[m // 2] == 0).all()
+    # the same float8 values and scales (a value off by one float8 step would move its output far past this),
+    # exact products; only the float32 sums' order and the split partials' scaling differ
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_output_dtype_and_rounding(splits):
+    """bf16 output is the float32 output rounded once, in the kernel (no split) or after XLA's sum."""
+    x, wq, ws = _operands(2, 256, 128, seed=1)
+    kw = dict(block_k=64, num_splits=splits, interpret=True)
+    got = fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.bfloat16, **kw)
+    assert got.dtype == jnp.bfloat16 and got.shape == (2, 128)
+    f32 = fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
+
+
+def test_bad_operands_are_refused_with_the_numbers():
+    x, wq, ws = _operands(2, 128, 64)
+    with pytest.raises(ValueError, match=rf"1 to {MAX_ROWS} rows of x, got {MAX_ROWS + 1}"):
+        fp8_skinny_dynamic(jnp.zeros((MAX_ROWS + 1, 128), jnp.bfloat16), wq, ws, out_dtype=jnp.float32,
+                           interpret=True)
+    with pytest.raises(ValueError, match=r"takes bfloat16 / float16 / float32 x and float8_e4m3fn weights, got "
+                                         r"float8_e4m3fn and float8_e4m3fn"):
+        fp8_skinny_dynamic(x.astype(F8), wq, ws, out_dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match=r"block_k=48 must be a power of two >= 16 dividing 128"):
+        fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, block_k=48, interpret=True)
+    with pytest.raises(ValueError, match=r"w_scale \[1, N\].*\[1, 32\]"):
+        fp8_skinny_dynamic(x, wq, jnp.ones((1, 32)), out_dtype=jnp.float32, interpret=True)
+    assert supported(1, 18944, 3584) and not supported(MAX_ROWS + 1, 3584, 3584)
