@@ -12,10 +12,10 @@ GPU also `device_us` from a profile, the kernels alone, and the top kernels by n
             pallas_kernels/fp8_skinny.py at given settings (block_n, block_k,
             num_splits, num_warps, num_stages): first its heuristic's, then a greedy search, one setting at a time
             in that order (coordinate descent from the best so far; --budget-s bounds it)
-  act       the heuristic's skinny kernel after pallas_kernels/fp8_act_quant.py's one-kernel quantization
-            (QWENJAX_FP8_ACT_KERNEL=1's form for o_proj; the model's other inputs come quantized by the kernels that
-            write them, which this does not time)
-  fused     pallas_kernels/fp8_skinny_dynamic.py at the heuristic's settings: x quantized inside the GEMM
+  act       QWENJAX_FP8_ACT_KERNEL=1's product for o_proj: pallas_kernels/fp8_act_quant.py's one-kernel
+            quantization, then fp8_skinny_rows.py at the heuristic's settings (x's rows under a mask, the scaled
+            output written); the model's other inputs come quantized by the kernels that write them, not timed here
+  fused     pallas_kernels/fp8_skinny_rows.py at the heuristic's settings with x quantized inside
             (QWENJAX_FP8_ACT_KERNEL=fused)
 Every variant's output on copy 0 is checked against a float32 product of the same quantized values (above 2e-2 of
 relative error it is marked wrong and never chosen). The result: per (layer, M) the heuristic's time, the best
@@ -98,7 +98,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels import fp8_skinny, fp8_skinny_dynamic
+    from pallas_kernels import fp8_skinny, fp8_skinny_rows
     from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV, SKINNY_ENV, fp8_matmul, quantize_for
     from qwenjax.quantization.fp8_quant import quantize_activations, quantize_weight_per_channel
 
@@ -116,6 +116,10 @@ def main(argv=None):
             return fp8_skinny.fp8_skinny(xq, xs, wq, ws, out_dtype=bf16, block_n=bn, block_k=bk, num_splits=s,
                                          num_warps=w, num_stages=st, interpret=a.interpret)
         return fn
+
+    def rows_fn(x, wq, ws):  # QWENJAX_FP8_ACT_KERNEL=1's o_proj (quantize_for reads the switch when traced)
+        xq, xs = quantize_for(x, wq)
+        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, ws, xs, out_dtype=bf16, interpret=a.interpret)
 
     def ref(x, wq, ws):
         # the barrier keeps the float8 rounding (XLA folds float32 -> float8 -> float32 otherwise: fp8_matmul.py's
@@ -145,9 +149,9 @@ def main(argv=None):
             os.environ.pop(SKINNY_ENV)
             default = tuple(fp8_skinny.heuristic(m, k, n)[1:])
             os.environ[ACT_KERNEL_ENV] = "1"  # quantize_for takes the kernel (read when traced)
-            sw.measure(dict(base, variant="act"), jax.jit(layer_fn(default)), ws_fp8, x, ref)
+            sw.measure(dict(base, variant="act"), jax.jit(rows_fn), ws_fp8, x, ref)
             os.environ.pop(ACT_KERNEL_ENV)
-            sw.measure(dict(base, variant="fused"), jax.jit(lambda x, wq, ws: fp8_skinny_dynamic.fp8_skinny_dynamic(
+            sw.measure(dict(base, variant="fused"), jax.jit(lambda x, wq, ws: fp8_skinny_rows.fp8_skinny_rows(
                 x, wq, ws, out_dtype=bf16, interpret=a.interpret)), ws_fp8, x, ref)
             seen = {}
 

@@ -82,8 +82,9 @@ QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma
          "skinny-lop3-m16": ("skinny", "lop3", 16), "skinny-lop3_t-m64": ("skinny", "lop3_t", 64)}
 # name -> (kernel, rows): the FP8 decode kernels (issue 30) at the same gate/up shape, the weight [N, K] float8
 FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256),
-       "fp8-act-quant-m1": ("act_quant", 1), "fp8-skinny-dyn-m1": ("skinny_dynamic", 1),
-       "fp8-skinny-dyn-down-m1": ("skinny_dynamic_down", 1), "fp8-swiglu-quant-m1": ("swiglu_quant", 1),
+       "fp8-act-quant-m1": ("act_quant", 1), "fp8-skinny-rows-m1": ("skinny_rows", 1),
+       "fp8-skinny-rows-q-m1": ("skinny_rows_q", 1), "fp8-skinny-rows-q-down-m1": ("skinny_rows_q_down", 1),
+       "fp8-swiglu-quant-m1": ("swiglu_quant", 1),
        "rms-norm-fp8-m1": ("rms_norm_fp8", 1)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)
 
@@ -150,7 +151,7 @@ def _fp8_call(which: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_dynamic
+    from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_rows
     from qwenjax.compat import enable_pallas_fp8_wgmma
 
     enable_pallas_fp8_wgmma()  # as layers/fp8_matmul.py does on import
@@ -167,11 +168,13 @@ def _fp8_call(which: str):
         x = sds((m, k), jnp.bfloat16)
         return functools.partial(add_rms_norm, eps=1e-6, fp8=True), (x, x, sds((k,), jnp.bfloat16))
     f8 = jnp.float8_e4m3fn
-    if kernel.startswith("skinny_dynamic"):  # gate/up, or down_proj (K split): x in bf16, quantized in the kernel
-        if kernel.endswith("down"):
+    if kernel.startswith("skinny_rows"):  # x's rows under a mask, scaled output; _q: x in bf16, quantized inside
+        if kernel.endswith("down"):  # down_proj: K split
             k, n = 18944, 3584
-        args = (sds((m, k), jnp.bfloat16), sds((n, k), f8), sds((1, n), jnp.float32))
-        return functools.partial(fp8_skinny_dynamic.fp8_skinny_dynamic, out_dtype=jnp.bfloat16), args
+        fn = functools.partial(fp8_skinny_rows.fp8_skinny_rows, out_dtype=jnp.bfloat16)
+        if "_q" in kernel:
+            return fn, (sds((m, k), jnp.bfloat16), sds((n, k), f8), sds((1, n), jnp.float32))
+        return fn, (sds((m, k), f8), sds((n, k), f8), sds((1, n), jnp.float32), sds((m, 1), jnp.float32))
     args = (sds((m, k), f8), sds((m, 1), jnp.float32), sds((n, k), f8), sds((1, n), jnp.float32))
     fn = fp8_gemv.fp8_gemv if kernel == "gemv" else fp8_skinny.fp8_skinny
     return functools.partial(fn, out_dtype=jnp.bfloat16), args

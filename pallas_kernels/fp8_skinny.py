@@ -77,7 +77,7 @@ def heuristic(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
 def why_not(m: int, k: int, n: int, *, x_dtype, w_dtype, block_n: int, block_k: int,
             x_dtypes=(_FP8,)) -> str | None:
     """None when the product and the tiles fit the kernel (x in one of x_dtypes: float8 here, the model dtype for
-    fp8_skinny_dynamic.py), else why not (with the numbers)."""
+    fp8_skinny_rows.py), else why not (with the numbers)."""
     if jnp.dtype(w_dtype) != _FP8 or jnp.dtype(x_dtype) not in x_dtypes:
         takes = "float8_e4m3fn x and weights" if x_dtypes == (_FP8,) else \
             f"{' / '.join(str(jnp.dtype(d)) for d in x_dtypes)} x and float8_e4m3fn weights"

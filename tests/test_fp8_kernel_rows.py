@@ -32,7 +32,7 @@ def check_logits(path, scheme, float_ckpt) -> np.ndarray:  # noqa: F811 (a path,
 def _fake_gpu(monkeypatch, act_kernel: str) -> dict[str, int]:
     """The GPU's choices on CPU: the platform read as "gpu" by fp8_matmul and norm, every Pallas kernel those
     choices take run in interpret mode. Returns the count of calls per kernel (at trace time, by name)."""
-    from pallas_kernels import fp8_act_quant, fp8_skinny, rms_norm
+    from pallas_kernels import fp8_act_quant, fp8_skinny, fp8_skinny_rows, rms_norm
     from qwenjax.layers import fp8_matmul as fm
     from qwenjax.layers import norm
 
@@ -53,6 +53,7 @@ def _fake_gpu(monkeypatch, act_kernel: str) -> dict[str, int]:
     monkeypatch.setattr(fm, "platform", lambda: "gpu")
     monkeypatch.setattr(norm, "platform", lambda: "gpu")
     counted(fp8_skinny, "fp8_skinny", interpret=True)
+    counted(fp8_skinny_rows, "fp8_skinny_rows", interpret=True)
     counted(fp8_act_quant, "quantize_rows", interpret=True)
     counted(fp8_act_quant, "swiglu_quantize_rows", interpret=True)
     counted(rms_norm, "add_rms_norm", interpret=True)
@@ -73,7 +74,7 @@ def test_kernel_quantized_rows_match_reference(scheme, fp8_dir, float_ckpt, monk
     steps, layers = 7, 2
     assert calls == {"add_rms_norm_fp8": steps * (2 * layers - 1), "add_rms_norm": steps,  # the final norm
                      "quantize_rows": steps * (layers + 1), "swiglu_quantize_rows": steps * layers,
-                     "fp8_skinny": steps * layers * 4}, calls
+                     "fp8_skinny_rows": steps * layers * 4}, calls
 
 
 def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
@@ -82,37 +83,41 @@ def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypat
     path = fp8_dir(Fp8Scheme("per_tensor", "static"))
     calls = _fake_gpu(monkeypatch, "1")
     _logits(path, list(range(5)), _quant(path, Fp8Scheme("per_tensor", "static")), decode_from=4)
-    assert calls == {"add_rms_norm": 2 * 4, "fp8_skinny": 2 * 2 * 4}, calls
+    assert calls == {"add_rms_norm": 2 * 4, "fp8_skinny_rows": 2 * 2 * 4}, calls
 
 
 def test_fused_activation_quantization_choice(monkeypatch):
-    """fp8_linear: the skinny kernel that quantizes x itself (pallas_kernels/fp8_skinny_dynamic.py) where
-    QWENJAX_FP8_ACT_KERNEL=fused and the skinny kernel takes a product of dynamic per-token activations on a GPU;
-    quantize_for + fp8_matmul everywhere else. The kernels are faked here (this is the choice; their values are
-    tests/test_fp8_skinny_dynamic_kernel.py's); the fallback's result is the real XLA form's."""
-    from pallas_kernels import fp8_act_quant, fp8_skinny, fp8_skinny_dynamic
+    """fp8_linear: pallas_kernels/fp8_skinny_rows.py quantizing x itself where QWENJAX_FP8_ACT_KERNEL=fused and the
+    skinny kernel takes a product of dynamic per-token activations on a GPU, the same kernel on float8 rows with =1,
+    quantize_for + fp8_matmul (fp8_skinny.py on the GPU) otherwise. The kernels are faked here (this is the choice;
+    their values are tests/test_fp8_skinny_rows_kernel.py's); the fallback's result is the real XLA form's."""
+    from pallas_kernels import fp8_act_quant, fp8_skinny, fp8_skinny_rows
     from qwenjax.layers import fp8_matmul as fm
 
     for env in (fm.GEMV_ENV, fm.SKINNY_ENV, fm.ACT_KERNEL_ENV):
         monkeypatch.delenv(env, raising=False)
-    fused, skinny = [], []
-    fake = lambda calls: lambda x, *a, out_dtype: calls.append(x.shape) or jnp.zeros((x.shape[0], a[-2].shape[0]))  # noqa: E731
-    monkeypatch.setattr(fp8_skinny_dynamic, "fp8_skinny_dynamic", fake(fused))
-    monkeypatch.setattr(fp8_skinny, "fp8_skinny", fake(skinny))
+    rows, skinny = [], []   # fp8_skinny_rows' calls (x's dtype), fp8_skinny's
+    monkeypatch.setattr(fp8_skinny_rows, "fp8_skinny_rows", lambda x, wq, ws, xs=None, out_dtype=None:
+                        rows.append(jnp.dtype(x.dtype).name) or jnp.zeros((x.shape[0], wq.shape[0])))
+    monkeypatch.setattr(fp8_skinny, "fp8_skinny", lambda xq, xs, wq, ws, out_dtype:
+                        skinny.append(xq.shape) or jnp.zeros((xq.shape[0], wq.shape[0])))
     wq = jnp.full((256, 128), 2, FP8_DTYPE)
     ws = jnp.full((1, 256), 0.5, jnp.float32)
     x = jnp.ones((3, 128), jnp.bfloat16)
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, "fused")
     y = fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)                # the CPU: XLA's form, the real product
     np.testing.assert_array_equal(np.asarray(y), np.full((3, 256), 128.0))
-    assert fused == [] and skinny == []
+    assert rows == [] and skinny == []
     monkeypatch.setattr(fm, "platform", lambda: "gpu")
-    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
-    assert fused == [(3, 128)] and skinny == []
+    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)                   # x quantized inside
+    assert rows == ["bfloat16"] and skinny == []
     fm.fp8_linear(x, wq, jnp.concatenate([ws, ws]), group=64, out_dtype=jnp.float32)  # per-group: not skinny
     fm.fp8_linear(x, wq, ws, static_scale=jnp.float32(0.1), out_dtype=jnp.float32)  # static: the skinny kernel
-    assert fused == [(3, 128)] and skinny == [(3, 128)]
-    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "1")                        # the quantizer kernel, then the skinny one
+    assert rows == ["bfloat16"] and skinny == [(3, 128)]
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "1")                        # the quantizer kernel, then the rows kernel
     monkeypatch.setattr(fp8_act_quant, "quantize_rows", lambda x: quantize_activations(x))
     fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
-    assert fused == [(3, 128)] and skinny == [(3, 128)] * 2
+    assert rows == ["bfloat16", "float8_e4m3fn"] and skinny == [(3, 128)]
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "0")                        # the default: XLA's quantization, fp8_skinny
+    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
+    assert rows == ["bfloat16", "float8_e4m3fn"] and skinny == [(3, 128)] * 2

@@ -32,9 +32,11 @@ H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu),
 With QWENJAX_FP8_ACT_KERNEL=1 (opt-in), where the skinny kernel takes the product, the activations are quantized by
 pallas_kernels/fp8_act_quant.py (one kernel a product where XLA's form takes two): `quantize_for`. On an H100 its
 values are quantization/fp8_quant.py's rule exactly (IEEE division), while XLA's GPU form rounds 0.011% of them
-differently (NOTES 54); its speed is not yet measured. With QWENJAX_FP8_ACT_KERNEL=fused (opt-in) the skinny kernel
-quantizes the activations itself (pallas_kernels/fp8_skinny_dynamic.py: the same rule, one kernel a product, no
-pad; the scaled output written where K is not split): `fp8_linear`.
+differently (NOTES 54). With =1 the products' inputs also come quantized from the kernels that write them where they
+can (the add + RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down: Fp8Linear.takes_rows, kernel_rows), and
+the skinny product is pallas_kernels/fp8_skinny_rows.py: x's rows read under a mask (no XLA pad), the scaled output
+written where K is not split. With QWENJAX_FP8_ACT_KERNEL=fused (opt-in) that kernel quantizes float activations
+itself (the same rule, one kernel a product): `fp8_linear`. Neither has run on a GPU yet (NOTES 55).
 
 `fp8_linear` (x in the model dtype) and `fp8_matmul` (x quantized) are the entry points: swap their bodies to change
 the GPU form.
@@ -47,7 +49,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_dynamic
+from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_rows
 from qwenjax.compat import enable_pallas_fp8_wgmma, platform
 from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations
 
@@ -126,7 +128,7 @@ def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
     """quantize_activations(x, group, static_scale) for a product with the weight wq [O, I]: by
     pallas_kernels/fp8_act_quant.py where ACT_KERNEL_ENV is "1", the activations are dynamic per token and the
     skinny kernel takes the product, else XLA's form (the same rule; on a GPU XLA's division is not IEEE-rounded)."""
-    if (act_kernel() == "1" and _skinny_dynamic(x, wq, group, static_scale)
+    if (act_kernel() == "1" and _skinny_per_token(x, wq, group, static_scale)
             and fp8_act_quant.why_not(x) is None):
         return fp8_act_quant.quantize_rows(x)
     return quantize_activations(x, group=group, static_scale=static_scale)
@@ -136,11 +138,11 @@ def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | 
                static_scale: jax.Array | None = None, out_dtype) -> jax.Array:
     """x [T, I] (the model dtype) times the float8 weight wq [O, I] with scales w_scale [G, O] -> [T, O] in out_dtype:
     the activations quantized as quantize_activations(x, group, static_scale) says, then fp8_matmul; in one kernel
-    (pallas_kernels/fp8_skinny_dynamic.py) where ACT_KERNEL_ENV is "fused", the activations are dynamic per token and
-    the skinny kernel takes the product."""
-    if (act_kernel() == "fused" and _skinny_dynamic(x, wq, group, static_scale)
-            and fp8_skinny_dynamic.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
-        return fp8_skinny_dynamic.fp8_skinny_dynamic(x, wq, w_scale, out_dtype=out_dtype)
+    (pallas_kernels/fp8_skinny_rows.py with float x) where ACT_KERNEL_ENV is "fused", the activations are dynamic
+    per token and the skinny kernel takes the product."""
+    if (act_kernel() == "fused" and _skinny_per_token(x, wq, group, static_scale)
+            and fp8_skinny_rows.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
+        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype)
     xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
     return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
 
@@ -152,7 +154,7 @@ def kernel_rows(tokens: int, wq: jax.Array) -> bool:
     return act_kernel() == "1" and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny"
 
 
-def _skinny_dynamic(x, wq, group, static_scale) -> bool:
+def _skinny_per_token(x, wq, group, static_scale) -> bool:
     """Dynamic per-token activations (no group, no static scale) for a product the skinny kernel takes."""
     return (group is None and static_scale is None
             and kernel_for(jax.ShapeDtypeStruct(x.shape, FP8_DTYPE), wq) == "skinny")
@@ -179,6 +181,8 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     kernel = kernel_for(xq, wq) if G == 1 else None
     if kernel == "gemv":
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
+    if kernel == "skinny" and act_kernel() == "1":  # x's real rows, no pad; the scaled output where K is not split
+        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype)
     if kernel == "skinny":
         return fp8_skinny.fp8_skinny(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:

@@ -108,30 +108,36 @@ def test_fp8_act_quant_on_gpu(m, k):
 
 @pytest.mark.parametrize("m", [1, 16, 100, 512])
 @pytest.mark.parametrize("k, n", [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)])
-def test_fp8_skinny_dynamic_7b_shapes_on_gpu(m, k, n, monkeypatch):
-    """QWENJAX_FP8_ACT_KERNEL=fused: fp8_linear takes the skinny kernel that quantizes x itself
-    (pallas_kernels/fp8_skinny_dynamic.py; its kernel is in the compiled HLO), against the rule computed by numpy on
-    the host (IEEE float32 division) and a float64 product of those values, within 2^-7 of the output's scale (it sums
-    at most 128 terms in the tensor core before a float32 add)."""
+@pytest.mark.parametrize("act_kernel", ["1", "fused"])
+def test_fp8_skinny_rows_7b_shapes_on_gpu(m, k, n, act_kernel, monkeypatch):
+    """pallas_kernels/fp8_skinny_rows.py compiled for the GPU (its kernel in the compiled HLO): with
+    QWENJAX_FP8_ACT_KERNEL=1 fp8_matmul takes it for float8 rows quantized elsewhere (here by numpy), with =fused
+    fp8_linear takes it to quantize x itself. Against the rule computed by numpy on the host (IEEE float32 division)
+    and a float64 product of those values, within 2^-7 of the output's scale (it sums at most 128 terms in the tensor
+    core before a float32 add)."""
     import ml_dtypes
 
     from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV, SKINNY_ENV, fp8_linear
 
-    monkeypatch.setenv(ACT_KERNEL_ENV, "fused")
+    monkeypatch.setenv(ACT_KERNEL_ENV, act_kernel)
     monkeypatch.delenv(SKINNY_ENV, raising=False)
     x = (jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32) *
          jnp.exp2(jax.random.randint(jax.random.key(k), (m, k), -12, 8).astype(jnp.float32))).astype(jnp.bfloat16)
     wq, ws = quantize_weight_per_channel(jax.random.normal(jax.random.key(n), (k, n), jnp.float32) * 0.02)
     wt = jnp.asarray(wq.T)  # the model's weight [O, I]
-    fn = jax.jit(lambda *a: fp8_linear(*a, out_dtype=jnp.bfloat16))
-    out = np.asarray(fn(x, wt, ws), np.float64)
     xf = np.asarray(x, np.float32)
     amax = np.abs(xf).max(axis=1, keepdims=True)
     xs = np.where(amax > 0, amax * np.float32(1 / 448), np.float32(1)).astype(np.float32)
     xq = np.clip(xf / xs, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    if act_kernel == "1":
+        fn, args = jax.jit(lambda *a: fp8_matmul(*a, out_dtype=jnp.bfloat16)), (jnp.asarray(xq), xs, wt, ws)
+    else:
+        fn, args = jax.jit(lambda *a: fp8_linear(*a, out_dtype=jnp.bfloat16)), (x, wt, ws)
+    out = np.asarray(fn(*args), np.float64)
     exact = (np.asarray(xq, np.float64) * xs) @ (np.asarray(wq, np.float64) * np.asarray(ws, np.float64))
     np.testing.assert_allclose(out, exact, atol=2.0 ** -7 * np.abs(exact).max(), rtol=0)
-    assert "qwenjax_fp8_skinny_dyn" in fn.lower(x, wt, ws).compile().as_text()
+    name = "qwenjax_fp8_skinny_rows_q_" if act_kernel == "fused" else "qwenjax_fp8_skinny_rows_m"
+    assert name in fn.lower(*args).compile().as_text()
 
 
 def _check_7b_shape(m, k, n, group, exact_accumulation=False) -> str:

@@ -1,11 +1,12 @@
-"""pallas_kernels/fp8_skinny_dynamic.py in Pallas interpret mode: the activations quantized by XLA's CPU form of the
-rule (quantization/fp8_quant.py, IEEE division on CPU), then a float64 product of those float8 values and scales."""
+"""pallas_kernels/fp8_skinny_rows.py in Pallas interpret mode against a float64 product of the activations quantized
+by XLA's CPU form of the rule (quantization/fp8_quant.py, IEEE division on CPU): x given as those float8 values and
+scales, or as the float values for the kernel to quantize."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.fp8_skinny import MAX_ROWS
-from pallas_kernels.fp8_skinny_dynamic import fp8_skinny_dynamic, supported
+from pallas_kernels.fp8_skinny_rows import fp8_skinny_rows, supported
 from qwenjax.quantization.fp8_quant import quantize_activations
 
 F8 = jnp.float8_e4m3fn
@@ -33,10 +34,13 @@ def _reference(x, wq, ws):
     (33, 256, 128, dict(block_m=64, block_n=64, block_k=32, num_splits=1)),  # no split: the scaled output written
     (3, 256, 64, dict(block_m=16, block_n=64, block_k=64, num_splits=1)),    # no split, swapped dot
 ])
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32, "float8"])
 def test_matches_quantized_float_product(m, k, n, kw, x_dtype):
-    x, wq, ws = _operands(m, k, n, x_dtype=x_dtype)
-    got = np.asarray(fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, interpret=True, **kw), np.float64)
+    """float x quantized inside, or the float8 rows and scales XLA's form gave (x_dtype "float8")."""
+    x, wq, ws = _operands(m, k, n, x_dtype=jnp.bfloat16 if x_dtype == "float8" else x_dtype)
+    given = quantize_activations(x) if x_dtype == "float8" else (x,)
+    got = np.asarray(fp8_skinny_rows(given[0], wq, ws, *given[1:], out_dtype=jnp.float32, interpret=True, **kw),
+                     np.float64)
     ref = _reference(x, wq, ws)
     assert got.shape == (m, n) and (got[m // 2] == 0).all()
     # the same float8 values and scales (a value off by one float8 step would move its output far past this),
@@ -49,22 +53,31 @@ def test_output_dtype_and_rounding(splits):
     """bf16 output is the float32 output rounded once, in the kernel (no split) or after XLA's sum."""
     x, wq, ws = _operands(2, 256, 128, seed=1)
     kw = dict(block_k=64, num_splits=splits, interpret=True)
-    got = fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.bfloat16, **kw)
+    got = fp8_skinny_rows(x, wq, ws, out_dtype=jnp.bfloat16, **kw)
     assert got.dtype == jnp.bfloat16 and got.shape == (2, 128)
-    f32 = fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, **kw)
+    f32 = fp8_skinny_rows(x, wq, ws, out_dtype=jnp.float32, **kw)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
 
 
 def test_bad_operands_are_refused_with_the_numbers():
     x, wq, ws = _operands(2, 128, 64)
+    xq, xs = quantize_activations(x)
     with pytest.raises(ValueError, match=rf"1 to {MAX_ROWS} rows of x, got {MAX_ROWS + 1}"):
-        fp8_skinny_dynamic(jnp.zeros((MAX_ROWS + 1, 128), jnp.bfloat16), wq, ws, out_dtype=jnp.float32,
-                           interpret=True)
-    with pytest.raises(ValueError, match=r"takes bfloat16 / float16 / float32 x and float8_e4m3fn weights, got "
-                                         r"float8_e4m3fn and float8_e4m3fn"):
-        fp8_skinny_dynamic(x.astype(F8), wq, ws, out_dtype=jnp.float32, interpret=True)
+        fp8_skinny_rows(jnp.zeros((MAX_ROWS + 1, 128), jnp.bfloat16), wq, ws, out_dtype=jnp.float32,
+                        interpret=True)
+    with pytest.raises(ValueError, match=r"float8_e4m3fn / bfloat16 / float16 / float32 x and float8_e4m3fn "
+                                         r"weights, got int8 and float8_e4m3fn"):
+        fp8_skinny_rows(x.astype(jnp.int8), wq, ws, out_dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match=r"float8 x comes with its x_scale \[M, 1\], float x \(quantized inside\) "
+                                         r"without; got x float8_e4m3fn and x_scale none"):
+        fp8_skinny_rows(xq, wq, ws, out_dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match=r"got x bfloat16 and x_scale given"):
+        fp8_skinny_rows(x, wq, ws, xs, out_dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match=r"block_k=48 must be a power of two >= 16 dividing 128"):
-        fp8_skinny_dynamic(x, wq, ws, out_dtype=jnp.float32, block_k=48, interpret=True)
+        fp8_skinny_rows(x, wq, ws, out_dtype=jnp.float32, block_k=48, interpret=True)
     with pytest.raises(ValueError, match=r"w_scale \[1, N\].*\[1, 32\]"):
-        fp8_skinny_dynamic(x, wq, jnp.ones((1, 32)), out_dtype=jnp.float32, interpret=True)
-    assert supported(1, 18944, 3584) and not supported(MAX_ROWS + 1, 3584, 3584)
+        fp8_skinny_rows(x, wq, jnp.ones((1, 32)), out_dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match=r"x_scale \[M, 1\] or none; got .*\[3, 1\]"):
+        fp8_skinny_rows(xq, wq, ws, jnp.ones((3, 1)), out_dtype=jnp.float32, interpret=True)
+    assert supported(1, 18944, 3584) and supported(1, 3584, 3584, x_dtype=jnp.float8_e4m3fn)
+    assert not supported(MAX_ROWS + 1, 3584, 3584)

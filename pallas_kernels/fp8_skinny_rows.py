@@ -1,0 +1,141 @@
+"""FP8 skinny GEMM over x's real rows: no pad before it, the scaled output written by it, and optionally the
+activations' per-token quantization inside it. Pallas GPU (Triton lowering) kernel and its jitted API.
+
+Contract: wq [N, K] float8_e4m3fn (the model's [O, I]), w_scale [1, N] float32, and either
+  x [M, K] float8_e4m3fn with x_scale [M, 1] float32 (quantized elsewhere), or
+  x [M, K] bfloat16 / float16 / float32 with x_scale None: (x, x_scale) = fp8_quant.quantize_activations(x) inside
+-> y[m, n] = x_scale[m] w_scale[n] sum_k xq[m, k] wq[n, k], in out_dtype: fp8_skinny.py's product.
+
+Why: at a decode step of a few rows, pallas_kernels/fp8_skinny.py needs x padded to 16 rows and leaves the scales
+and the cast (or the split-K sum) to XLA, and XLA's quantization of x costs two more kernels a product: with the
+padding fused into the cast, ~14 small kernels a layer of the FP8 7B on an H100, ~0.55 ms of its 3.75 ms token
+(NOTES 54). Here x's rows are read under a mask (rows past M read as zeros and are never stored), and where K is not
+split the kernel writes the scaled output in out_dtype: one kernel a product (where K is split, XLA adds the
+already-scaled float32 partials and casts). With float x the quantization is inside too
+(QWENJAX_FP8_ACT_KERNEL=fused); with float8 x the rows come from the kernel that wrote them (=1: rms_norm.py,
+fp8_act_quant.py).
+
+Kernel: fp8_skinny's grid, tiles and heuristic (grid (row blocks, N / block_n, S), a program owns block_n weight rows
+and one K-split, tensor-core dots of [block_m, block_k] tiles, swapped below 64 rows). To quantize, each program
+first walks all of x's K for its rows' maxima (x is a few KB to tens of KB, read from L2 by every program of the row
+block; the elementwise maximum is carried and reduced once at the end), then quantizes each x tile in registers before
+its dot.
+
+Values: the rule's exactly (fp8_act_quant.py's): the maximum is exact, scale = max|v| x float32(1/448) (1 where the
+row is zero), q = float8(clip(v / scale, -448, 448)) with the division IEEE-rounded (`div.rn.f32`). The products are
+exact in float32; the sums run block_k terms in the tensor core, then in a float32 accumulator. Where K is split,
+each split's partial is scaled before XLA adds them (fp8_skinny scales the sum): float32 rounding apart, the same.
+
+Status: opt-in (layers/fp8_matmul.py's QWENJAX_FP8_ACT_KERNEL); CPU interpret mode tested, compiled offline for sm_90
+(benchmarks/kernel_isa.py: wgmma with cp.async, no spills; with the quantization inside, 450 instructions in the main
+loop against fp8_skinny's 126, mostly the IEEE division), not yet run on a GPU (NOTES 55).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import fp8_skinny
+from pallas_kernels.fp8_act_quant import FP8, FP8_MAX, INV_FP8_MAX, div_rn
+from pallas_kernels.fp8_skinny import _DIMS, _CompilerParams
+
+FLOAT_X = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))  # quantized inside
+
+
+def supported(m: int, k: int, n: int, *, x_dtype=jnp.bfloat16, w_dtype=FP8) -> bool:
+    """Whether the kernel takes this product with its default tiles (x float8, or float to quantize inside)."""
+    return fp8_skinny.supported(m, k, n, x_dtype=x_dtype, w_dtype=w_dtype, x_dtypes=(FP8, *FLOAT_X))
+
+
+def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap, interpret):
+    # x_ref [M, K] (all of x, unpadded: this program's rows are block i's, those past M read as zeros and are never
+    # stored); refs: x_scale [M, 1] float32 (float8 x only), w [bn, K] float8 (this block of weight rows), w_scale
+    # [1, bn] float32, out [M, bn]: the output in out_dtype (no K split) or this split's float32 partial. swap: the
+    # product as w . x^T ([bn, bm]), as in fp8_skinny (wgmma's M side a multiple of 64).
+    quantize = x_ref.dtype != FP8
+    xs_ref, w_ref, ws_ref, o_ref = (None, *refs) if quantize else refs
+    bm, bk, bn = block_m, block_k, w_ref.shape[0]
+    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, bk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (bm, bk), 1)
+    real = rows < x_ref.shape[0]
+
+    def x_tile(k0):  # [bm, bk] in x's dtype
+        return plgpu.load(x_ref.at[rows, k0 + cols], mask=real, other=jnp.zeros((), x_ref.dtype))
+
+    if quantize:  # every row's maximum over all of K (an elementwise maximum carried, reduced once), its scale
+        widest = lax.fori_loop(0, num_k_blocks, lambda b, mx: jnp.maximum(mx, jnp.abs(x_tile(b * bk).astype(
+            jnp.float32))), jnp.zeros((bm, bk), jnp.float32))
+        amax = jnp.max(widest, axis=1, keepdims=True)                          # [bm, 1]
+        scale = jnp.where(amax > 0, amax * jnp.float32(INV_FP8_MAX), 1.0)      # the rule's, fp8_act_quant's
+        scale_tile = jnp.broadcast_to(scale, (bm, bk))
+    else:
+        scale_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        scale = plgpu.load(xs_ref.at[scale_rows, jnp.zeros((bm, 1), jnp.int32)], mask=scale_rows < x_ref.shape[0],
+                           other=jnp.ones((), jnp.float32))                    # [bm, 1]
+
+    def quantized(tile):
+        if not quantize:
+            return tile
+        return jnp.clip(div_rn(tile.astype(jnp.float32), scale_tile, interpret), -FP8_MAX, FP8_MAX).astype(FP8)
+
+    first = pl.program_id(2) * blocks_per_split
+    count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
+
+    def body(i, acc):
+        k0 = pl.multiple_of((first + i) * bk, bk)
+        xq = quantized(x_tile(k0))                                             # [bm, bk] float8
+        w = w_ref[:, pl.ds(k0, bk)]                                            # [bn, bk] float8: one load a row
+        a, b = (w, xq) if swap else (xq, w)
+        return acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, count, body, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
+    y = (acc.T if swap else acc) * scale * ws_ref[...]                         # [bm, bn]: (acc x_s) w_s, as XLA's
+    out_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
+    out_cols = lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
+    plgpu.store(o_ref.at[out_rows, out_cols], y.astype(o_ref.dtype), mask=out_rows < o_ref.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "interpret"))
+def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: jax.Array | None = None, *,
+                    out_dtype, block_m=None, block_n=None, block_k=None, num_splits=None, num_warps=None,
+                    num_stages=None, interpret: bool = False) -> jax.Array:
+    """[M, N] in out_dtype (module docstring: x float8 with x_scale, or float x quantized inside); tiles and launch
+    default to fp8_skinny.heuristic."""
+    (m, k), n = x.shape, wq.shape[0]
+    if wq.shape[1] != k or w_scale.shape != (1, n) or (x_scale is not None and x_scale.shape != (m, 1)):
+        raise ValueError(f"fp8 skinny GEMM operands: x [M, K], wq [N, K], w_scale [1, N], x_scale [M, 1] or none; "
+                         f"got {list(x.shape)}, {list(wq.shape)}, {list(w_scale.shape)}, "
+                         f"{None if x_scale is None else list(x_scale.shape)}")
+    bm, bn, bk, splits, per_split, num_k_blocks, warps, stages = fp8_skinny.launch(
+        m, k, n, (block_m, block_n, block_k, num_splits, num_warps, num_stages), x_dtype=x.dtype, w_dtype=wq.dtype,
+        x_dtypes=(FP8, *FLOAT_X))
+    if (x_scale is None) != (jnp.dtype(x.dtype) in FLOAT_X):
+        raise ValueError(f"fp8 skinny GEMM: float8 x comes with its x_scale [M, 1], float x (quantized inside) "
+                         f"without; got x {jnp.dtype(x.dtype)} and x_scale {'none' if x_scale is None else 'given'}")
+    if splits == 1:
+        out_spec = pl.BlockSpec((m, bn), lambda i, j, s: (0, j))
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:
+        out_spec = pl.BlockSpec((None, m, bn), lambda i, j, s: (s, 0, j))
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
+    whole = pl.BlockSpec((m, k), lambda i, j, s: (0, 0))
+    scales = [] if x_scale is None else [pl.BlockSpec((m, 1), lambda i, j, s: (0, 0))]
+    out = pl.pallas_call(
+        functools.partial(_kernel, block_m=bm, block_k=bk, blocks_per_split=per_split, num_k_blocks=num_k_blocks,
+                          swap=bm < 64, interpret=interpret),
+        grid=(-(-m // bm), n // bn, splits),
+        in_specs=[whole, *scales, pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)),
+                  pl.BlockSpec((1, bn), lambda i, j, s: (0, j))],
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=interpret,
+        name=f"qwenjax_fp8_skinny_rows{'_q' if x_scale is None else ''}_m{bm}_n{bn}_k{bk}_s{splits}",
+    )(x, *([] if x_scale is None else [x_scale.astype(jnp.float32)]), wq, w_scale.astype(jnp.float32))
+    return out if splits == 1 else out.sum(axis=0).astype(out_dtype)
