@@ -83,7 +83,8 @@ QUANT = {"skinny-fma-m1": ("skinny", "fma", 1), "skinny-fma-m4": ("skinny", "fma
 # name -> (kernel, rows): the FP8 decode kernels (issue 30) at the same gate/up shape, the weight [N, K] float8
 FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m256": ("skinny", 256),
        "fp8-act-quant-m1": ("act_quant", 1), "fp8-skinny-rows-m1": ("skinny_rows", 1),
-       "fp8-skinny-rows-q-m1": ("skinny_rows_q", 1), "fp8-skinny-rows-q-down-m1": ("skinny_rows_q_down", 1),
+       "fp8-skinny-rows-m256": ("skinny_rows", 256), "fp8-skinny-rows-q-m1": ("skinny_rows_q", 1),
+       "fp8-skinny-rows-q-down-m1": ("skinny_rows_q_down", 1),
        "fp8-swiglu-quant-m1": ("swiglu_quant", 1),
        "rms-norm-fp8-m1": ("rms_norm_fp8", 1)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)

@@ -18,8 +18,8 @@ fp8_act_quant.py).
 Kernel: fp8_skinny's grid, tiles and heuristic (grid (row blocks, N / block_n, S), a program owns block_n weight rows
 and one K-split, tensor-core dots of [block_m, block_k] tiles, swapped below 64 rows). To quantize, each program
 first walks all of x's K for its rows' maxima (x is a few KB to tens of KB, read from L2 by every program of the row
-block; the elementwise maximum is carried and reduced once at the end), then quantizes each x tile in registers before
-its dot.
+block, in chunks of up to 4,096 columns for one row; the elementwise maximum is carried and reduced once at the end),
+then quantizes each x tile in registers before its dot (for one row, the row's tile once, widened with zero rows).
 
 Values: the rule's exactly (fp8_act_quant.py's): the maximum is exact, scale = max|v| x float32(1/448) (1 where the
 row is zero), q = float8(clip(v / scale, -448, 448)) with the division IEEE-rounded (`div.rn.f32`). The products are
@@ -27,8 +27,8 @@ exact in float32; the sums run block_k terms in the tensor core, then in a float
 each split's partial is scaled before XLA adds them (fp8_skinny scales the sum): float32 rounding apart, the same.
 
 Status: opt-in (layers/fp8_matmul.py's QWENJAX_FP8_ACT_KERNEL); CPU interpret mode tested, compiled offline for sm_90
-(benchmarks/kernel_isa.py: wgmma with cp.async, no spills; with the quantization inside, 450 instructions in the main
-loop against fp8_skinny's 126, mostly the IEEE division), not yet run on a GPU (NOTES 55).
+(benchmarks/kernel_isa.py: wgmma with cp.async, no spills; main loop 129 instructions against fp8_skinny's 126, 148
+quantizing one row), not yet run on a GPU (NOTES 55).
 """
 from __future__ import annotations
 
@@ -60,28 +60,47 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
     quantize = x_ref.dtype != FP8
     xs_ref, w_ref, ws_ref, o_ref = (None, *refs) if quantize else refs
     bm, bk, bn = block_m, block_k, w_ref.shape[0]
-    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, bk), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (bm, bk), 1)
+    # x's tiles are loaded as [lr, bk]: lr = bm, or 1 where x is one row to quantize (batch-1 decode), whose tile
+    # is then widened to the dot's [bm, bk] with zero rows, so the loads, maxima and divisions are done once a
+    # column instead of bm times (offline, sm_90: 148 main-loop instructions against 450). Float8 x keeps bm: its
+    # tiles then go to shared memory by cp.async, pipelined, where a widened tile would pass through registers.
+    lr = 1 if quantize and x_ref.shape[0] == 1 else bm
+    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (lr, bk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (lr, bk), 1)
     real = rows < x_ref.shape[0]
 
-    def x_tile(k0):  # [bm, bk] in x's dtype
+    def x_tile(k0):  # [lr, bk] in x's dtype
         return plgpu.load(x_ref.at[rows, k0 + cols], mask=real, other=jnp.zeros((), x_ref.dtype))
 
     if quantize:  # every row's maximum over all of K (an elementwise maximum carried, reduced once), its scale
-        widest = lax.fori_loop(0, num_k_blocks, lambda b, mx: jnp.maximum(mx, jnp.abs(x_tile(b * bk).astype(
-            jnp.float32))), jnp.zeros((bm, bk), jnp.float32))
-        amax = jnp.max(widest, axis=1, keepdims=True)                          # [bm, 1]
-        scale = jnp.where(amax > 0, amax * jnp.float32(INV_FP8_MAX), 1.0)      # the rule's, fp8_act_quant's
-        scale_tile = jnp.broadcast_to(scale, (bm, bk))
-    else:
-        scale_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-        scale = plgpu.load(xs_ref.at[scale_rows, jnp.zeros((bm, 1), jnp.int32)], mask=scale_rows < x_ref.shape[0],
-                           other=jnp.ones((), jnp.float32))                    # [bm, 1]
+        # in chunks of `width` columns: up to 4,096 for one row (down_proj's 18,944 in 5 loads), bk for more
+        k = x_ref.shape[1]
+        width = min(pl.next_power_of_2(k), 4096) if lr == 1 else bk
+        wrows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (lr, width), 0)
+        wcols = lax.broadcasted_iota(jnp.int32, (lr, width), 1)
 
-    def quantized(tile):
-        if not quantize:
+        def widest(b, mx):
+            c = b * width + wcols
+            v = plgpu.load(x_ref.at[wrows, c], mask=(wrows < x_ref.shape[0]) & (c < k),
+                           other=jnp.zeros((), x_ref.dtype))
+            return jnp.maximum(mx, jnp.abs(v.astype(jnp.float32)))
+
+        amax = jnp.max(lax.fori_loop(0, pl.cdiv(k, width), widest, jnp.zeros((lr, width), jnp.float32)), axis=1,
+                       keepdims=True)                                          # [lr, 1]
+        scale = jnp.where(amax > 0, amax * jnp.float32(INV_FP8_MAX), 1.0)      # the rule's, fp8_act_quant's
+        scale_tile = jnp.broadcast_to(scale, (lr, bk))
+    else:
+        scale_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (lr, 1), 0)
+        scale = plgpu.load(xs_ref.at[scale_rows, jnp.zeros((lr, 1), jnp.int32)], mask=scale_rows < x_ref.shape[0],
+                           other=jnp.ones((), jnp.float32))                    # [lr, 1]
+
+    def quantized(tile):  # [lr, bk] -> [bm, bk] float8
+        if quantize:
+            tile = jnp.clip(div_rn(tile.astype(jnp.float32), scale_tile, interpret), -FP8_MAX, FP8_MAX).astype(FP8)
+        if lr == bm:
             return tile
-        return jnp.clip(div_rn(tile.astype(jnp.float32), scale_tile, interpret), -FP8_MAX, FP8_MAX).astype(FP8)
+        first_row = lax.broadcasted_iota(jnp.int32, (bm, bk), 0) == 0
+        return jnp.where(first_row, jnp.broadcast_to(tile, (bm, bk)), jnp.zeros((), FP8))
 
     first = pl.program_id(2) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
@@ -95,6 +114,7 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
 
     acc = lax.fori_loop(0, count, body, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
     y = (acc.T if swap else acc) * scale * ws_ref[...]                         # [bm, bn]: (acc x_s) w_s, as XLA's
+    # (where lr = 1 the rows past the first carry the first row's scale: they are zero and never stored)
     out_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
     out_cols = lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
     plgpu.store(o_ref.at[out_rows, out_cols], y.astype(o_ref.dtype), mask=out_rows < o_ref.shape[0])

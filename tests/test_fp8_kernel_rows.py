@@ -77,6 +77,17 @@ def test_kernel_quantized_rows_match_reference(scheme, fp8_dir, float_ckpt, monk
                      "fp8_skinny_rows": steps * layers * 4}, calls
 
 
+def test_fused_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+    """QWENJAX_FP8_ACT_KERNEL=fused on the GPU's path: every product's activations quantized inside
+    pallas_kernels/fp8_skinny_rows.py (one row at a time in decode, 18 in the prefill): the same criteria."""
+    scheme = Fp8Scheme("online")
+    calls = _fake_gpu(monkeypatch, "fused")
+    errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
+    assert np.median(errors) < 1e-4, errors
+    steps, layers = 7, 2   # the norms write no float8 rows; no quantization kernel of its own runs
+    assert calls == {"add_rms_norm": steps * 2 * layers, "fp8_skinny_rows": steps * layers * 4}, calls
+
+
 def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
     """A static input scale is not the kernels' rule: with QWENJAX_FP8_ACT_KERNEL=1 the norms write no float8 rows and
     no quantization kernel runs; the skinny kernel still takes the products."""
