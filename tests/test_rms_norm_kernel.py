@@ -86,3 +86,25 @@ def test_decoder_uses_the_kernel_path_with_the_same_result(monkeypatch):
     got = layer.add(x, r)
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+def test_add_fp8_kernel_path_matches_the_jnp_path(monkeypatch):
+    """RMSNorm.add_fp8 on the GPU path (the kernel, interpreted) against its jnp path (add, then
+    quantize_activations): the same (y, s), and float8 rows within one float8 step of each other (the two sums of
+    squares differ in order, so a y near a rounding boundary may round to the neighbouring value)."""
+    from qwenjax.layers import norm
+
+    x, r, w = _inputs(3, 128, F32, seed=5)
+    layer = norm.RMSNorm(128, 1e-6, dtype=F32)
+    layer.weight[...] = w
+    want_y, want_s, (want_q, want_scale) = layer.add_fp8(x, r)  # CPU: jnp
+    monkeypatch.setattr(norm, "platform", lambda: "gpu")
+    real = norm.fused_add_rms_norm
+    monkeypatch.setattr(norm, "fused_add_rms_norm", lambda *a, **k: real(*a, **{**k, "interpret": True}))
+    y, s, (q, scale) = layer.add_fp8(x, r)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+    np.testing.assert_allclose(np.asarray(scale), np.asarray(want_scale), rtol=1e-5)
+    got, want = np.asarray(q.astype(F32)), np.asarray(want_q.astype(F32))
+    assert (np.abs(got - want) <= np.maximum(np.abs(want) / 8, 2.0 ** -9)).all()
+    assert (got == want).mean() > 0.99
