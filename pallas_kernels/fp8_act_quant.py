@@ -54,7 +54,8 @@ def div_rn(a, b, interpret: bool):
 def rounded(v, dtype, interpret: bool):
     """float32 v rounded to `dtype`'s precision, kept in float32: the model-dtype values a kernel writes, for its own
     quantization. In interpret mode XLA's CPU compiler folds a float32 -> bfloat16 -> float32 round trip (it allows
-    excess precision), so there the rounding is `reduce_precision`, which it keeps; Triton keeps the casts."""
+    excess precision), so there the rounding is `reduce_precision`, which it keeps. On the GPU the casts are expected
+    to stay (MLIR folds an exact round trip, not a lossy one); tests/gpu/test_fp8_gpu.py's rows tests check it."""
     if interpret:
         info = jnp.finfo(dtype)
         return lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
