@@ -11,9 +11,9 @@ and the cast (or the split-K sum) to XLA, and XLA's quantization of x costs two 
 padding fused into the cast, ~14 small kernels a layer of the FP8 7B on an H100, ~0.55 ms of its 3.75 ms token
 (NOTES 54). Here x's rows are read under a mask (rows past M read as zeros and are never stored), and where K is not
 split the kernel writes the scaled output in out_dtype: one kernel a product (where K is split, XLA adds the
-already-scaled float32 partials and casts). With float x the quantization is inside too
-(QWENJAX_FP8_ACT_KERNEL=fused); with float8 x the rows come from the kernel that wrote them (=1: rms_norm.py,
-fp8_act_quant.py).
+already-scaled float32 partials and casts, or with `partials` the add + RMSNorm kernel after the product does).
+With float x the quantization is inside too (QWENJAX_FP8_ACT_KERNEL=fused); with float8 x the rows come from the
+kernel that wrote them (=1: rms_norm.py, fp8_act_quant.py).
 
 Kernel: fp8_skinny's grid, tiles and heuristic (grid (row blocks, N / block_n, S), a program owns block_n weight rows
 and one K-split, tensor-core dots of [block_m, block_k] tiles, swapped below 64 rows). To quantize, each program
@@ -121,12 +121,13 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret", "partials"))
 def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: jax.Array | None = None, *,
                     out_dtype, block_m=None, block_n=None, block_k=None, num_splits=None, num_warps=None,
-                    num_stages=None, interpret: bool = False) -> jax.Array:
+                    num_stages=None, interpret: bool = False, partials: bool = False) -> jax.Array:
     """[M, N] in out_dtype (module docstring: x float8 with x_scale, or float x quantized inside); tiles and launch
-    default to fp8_skinny.heuristic."""
+    default to fp8_skinny.heuristic. partials: where K is split, the splits' scaled float32 partials [S, M, N]
+    instead of their sum, for a consumer that adds them itself (rms_norm.add_rms_norm)."""
     (m, k), n = x.shape, wq.shape[0]
     if wq.shape[1] != k or w_scale.shape != (1, n) or (x_scale is not None and x_scale.shape != (m, 1)):
         raise ValueError(f"fp8 skinny GEMM operands: x [M, K], wq [N, K], w_scale [1, N], x_scale [M, 1] or none; "
@@ -158,4 +159,4 @@ def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: ja
         interpret=interpret,
         name=f"qwenjax_fp8_skinny_rows{'_q' if x_scale is None else ''}_m{bm}_n{bn}_k{bk}_s{splits}",
     )(x, *([] if x_scale is None else [x_scale.astype(jnp.float32)]), wq, w_scale.astype(jnp.float32))
-    return out if splits == 1 else out.sum(axis=0).astype(out_dtype)
+    return out if splits == 1 or partials else out.sum(axis=0).astype(out_dtype)

@@ -31,7 +31,8 @@ def check_logits(path, scheme, float_ckpt) -> np.ndarray:  # noqa: F811 (a path,
 
 def _fake_gpu(monkeypatch, act_kernel: str) -> dict[str, int]:
     """The GPU's choices on CPU: the platform read as "gpu" by fp8_matmul and norm, every Pallas kernel those
-    choices take run in interpret mode. Returns the count of calls per kernel (at trace time, by name)."""
+    choices take run in interpret mode. Returns the count of calls per kernel (at trace time, by name; "_partials":
+    the product returned its K splits' float32 partials [S, T, N], or the norm took them as x)."""
     from pallas_kernels import fp8_act_quant, fp8_skinny, fp8_skinny_rows, rms_norm
     from qwenjax.layers import fp8_matmul as fm
     from qwenjax.layers import norm
@@ -42,9 +43,11 @@ def _fake_gpu(monkeypatch, act_kernel: str) -> dict[str, int]:
         real = getattr(module, name)
 
         def run(*a, **k):
-            key = name + ("_fp8" if k.get("fp8") else "")
+            out = real(*a, **{**k, **fixed})
+            partial = (out if name == "fp8_skinny_rows" else a[0] if name == "add_rms_norm" else out[0]).ndim == 3
+            key = name + ("_fp8" if k.get("fp8") else "") + ("_partials" if partial else "")
             calls[key] = calls.get(key, 0) + 1
-            return real(*a, **{**k, **fixed})
+            return out
         monkeypatch.setattr(module, name, run)
 
     for env in (fm.GEMV_ENV, fm.SKINNY_ENV):
@@ -70,11 +73,16 @@ def test_kernel_quantized_rows_match_reference(scheme, fp8_dir, float_ckpt, monk
     errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
     assert np.median(errors) < 1e-4, errors
     # 7 steps (one prefill, six decodes) x 2 layers: layer 0's qkv input has no add (fp8_act_quant), layer 1's the
-    # fused norm; every gate/up input the fused norm; every o_proj input fp8_act_quant; every down_proj input swiglu
-    steps, layers = 7, 2
-    assert calls == {"add_rms_norm_fp8": steps * (2 * layers - 1), "add_rms_norm": steps,  # the final norm
+    # fused norm; every gate/up input the fused norm; every o_proj input fp8_act_quant; every down_proj input swiglu.
+    # A decode step's one row splits K in two at o (K 256) and down (384): their partials go to the next norm, which
+    # adds them (the post-attention norms, layer 1's input norm, the final norm); a prefill's 18 rows split nothing.
+    steps, layers, decodes = 7, 2, 6
+    assert calls == {"add_rms_norm_fp8": steps * (2 * layers - 1) - decodes * (2 * layers - 1),
+                     "add_rms_norm_fp8_partials": decodes * (2 * layers - 1),
+                     "add_rms_norm": steps - decodes, "add_rms_norm_partials": decodes,  # the final norm
                      "quantize_rows": steps * (layers + 1), "swiglu_quantize_rows": steps * layers,
-                     "fp8_skinny_rows": steps * layers * 4}, calls
+                     "fp8_skinny_rows": steps * layers * 4 - decodes * layers * 2,
+                     "fp8_skinny_rows_partials": decodes * layers * 2}, calls
 
 
 def test_fused_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
@@ -84,8 +92,12 @@ def test_fused_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):
     calls = _fake_gpu(monkeypatch, "fused")
     errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
     assert np.median(errors) < 1e-4, errors
-    steps, layers = 7, 2   # the norms write no float8 rows; no quantization kernel of its own runs
-    assert calls == {"add_rms_norm": steps * 2 * layers, "fp8_skinny_rows": steps * layers * 4}, calls
+    # the norms write no float8 rows; no quantization kernel of its own runs; o's and down's partials as with =1
+    steps, layers, decodes = 7, 2, 6
+    assert calls == {"add_rms_norm": steps * 2 * layers - decodes * 2 * layers,
+                     "add_rms_norm_partials": decodes * 2 * layers,  # the final norm's in decode too
+                     "fp8_skinny_rows": steps * layers * 4 - decodes * layers * 2,
+                     "fp8_skinny_rows_partials": decodes * layers * 2}, calls
 
 
 def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
@@ -94,7 +106,10 @@ def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypat
     path = fp8_dir(Fp8Scheme("per_tensor", "static"))
     calls = _fake_gpu(monkeypatch, "1")
     _logits(path, list(range(5)), _quant(path, Fp8Scheme("per_tensor", "static")), decode_from=4)
-    assert calls == {"add_rms_norm": 2 * 4, "fp8_skinny_rows": 2 * 2 * 4}, calls
+    # 2 steps (4 rows, then 1): at both, o's K (256) and down's (384) split in two and the next norm adds the
+    # partials (the post-attention norms, layer 1's input norm, the final norm); qkv and gate/up are summed by XLA
+    assert calls == {"add_rms_norm_partials": 2 * 4, "fp8_skinny_rows": 2 * 2 * 2,
+                     "fp8_skinny_rows_partials": 2 * 2 * 2}, calls
 
 
 def test_fused_activation_quantization_choice(monkeypatch):
@@ -108,7 +123,8 @@ def test_fused_activation_quantization_choice(monkeypatch):
     for env in (fm.GEMV_ENV, fm.SKINNY_ENV, fm.ACT_KERNEL_ENV):
         monkeypatch.delenv(env, raising=False)
     rows, skinny = [], []   # fp8_skinny_rows' calls (x's dtype), fp8_skinny's
-    monkeypatch.setattr(fp8_skinny_rows, "fp8_skinny_rows", lambda x, wq, ws, xs=None, out_dtype=None:
+    monkeypatch.setattr(fp8_skinny_rows, "fp8_skinny_rows", lambda x, wq, ws, xs=None, out_dtype=None,
+                        partials=False:
                         rows.append(jnp.dtype(x.dtype).name) or jnp.zeros((x.shape[0], wq.shape[0])))
     monkeypatch.setattr(fp8_skinny, "fp8_skinny", lambda xq, xs, wq, ws, out_dtype:
                         skinny.append(xq.shape) or jnp.zeros((xq.shape[0], wq.shape[0])))

@@ -57,7 +57,8 @@ def test_rows_are_independent():
 
 
 @pytest.mark.parametrize("shapes, match", [
-    (((2, 8), (2, 9), (8,)), "x and residual must both be"),
+    (((2, 8), (2, 9), (8,)), r"x must be \[T, D\] or float32 partials \[S, T, D\], residual \[T, D\]"),
+    (((3, 2, 8), (2, 9), (8,)), r"x must be \[T, D\] or float32 partials"),
     (((2, 8), (2, 8), (9,)), r"weight must be \[D=8\]"),
 ])
 def test_validation(shapes, match):
@@ -67,8 +68,32 @@ def test_validation(shapes, match):
 
 
 def test_dtype_mismatch_is_refused():
-    with pytest.raises(ValueError, match="must share a dtype"):
+    with pytest.raises(ValueError, match="x's the same"):
         add_rms_norm(jnp.ones((2, 8), BF16), jnp.ones((2, 8), F32), jnp.ones((8,), BF16), eps=1e-6, interpret=True)
+    with pytest.raises(ValueError, match=r"float32 \(partials"):  # partials in the model dtype
+        add_rms_norm(jnp.ones((2, 2, 8), BF16), jnp.ones((2, 8), BF16), jnp.ones((8,), BF16), eps=1e-6,
+                     interpret=True)
+
+
+@pytest.mark.parametrize("splits, t, d, fp8", [(2, 1, 3584, False), (5, 3, 896, True), (1, 2, 256, False)])
+def test_partials_are_summed_then_rounded(splits, t, d, fp8):
+    """x given as a K-split product's float32 partials [S, T, D]: the result is the kernel's on their float32 sum
+    (split 0 first) rounded to the model dtype, bit for bit, fp8 rows included; and not that of any one split."""
+    _, r, w = _inputs(t, d, BF16, seed=splits)
+    parts = jax.random.normal(jax.random.key(splits), (splits, t, d), F32) * 2
+    total = np.zeros((t, d), np.float32)
+    for p in np.asarray(parts):  # numpy's float32 adds, in the kernel's order
+        total = total + p
+    got = add_rms_norm(parts, r, w, eps=1e-6, fp8=fp8, interpret=True)
+    want = add_rms_norm(jnp.asarray(total).astype(BF16), r, w, eps=1e-6, fp8=fp8, interpret=True)
+    assert len(got) == len(want) == (4 if fp8 else 2) and got[0].dtype == BF16
+    for g, h in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g.astype(F32)), np.asarray(h.astype(F32)))
+    y_ref, s_ref = reference(parts, r, w, eps=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(s_ref, np.float32), rtol=1e-2, atol=1e-2)
+    if splits > 1:
+        alone = add_rms_norm(parts[0].astype(BF16), r, w, eps=1e-6, interpret=True)[1]
+        assert not np.allclose(np.asarray(alone, np.float32), np.asarray(got[1], np.float32), atol=1e-2)
 
 
 def test_decoder_uses_the_kernel_path_with_the_same_result(monkeypatch):

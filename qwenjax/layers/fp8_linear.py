@@ -54,11 +54,7 @@ class Fp8Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., I] -> [..., O] in the layer dtype."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        block = self.quant.weight_block_size
-        static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
-        y = fp8_linear(x2, self.weight[...], self.weight_scale[...], group=block[1] if block else None,
-                       static_scale=static, out_dtype=self.dtype)
+        y = self._linear(x.reshape(-1, self.in_features), partials=False)
         return self._biased(y).reshape(*lead, self.out_features)
 
     def takes_rows(self, tokens: int) -> bool:
@@ -67,17 +63,35 @@ class Fp8Linear(nnx.Module):
         return (self.quant.activation_scheme == "dynamic" and self.quant.weight_block_size is None
                 and kernel_rows(tokens, self.weight[...]))
 
-    def from_rows(self, xq: jax.Array, x_scale: jax.Array) -> jax.Array:
+    def to_norm(self, x: jax.Array) -> jax.Array:
+        """__call__ for a layer without bias whose output goes straight into RMSNorm.add: x [T, I] -> [T, O], or
+        where the skinny kernel splits K (fp8_matmul's `partials`) the splits' float32 partials [S, T, O], which
+        the norm's kernel adds (one XLA kernel a product fewer)."""
+        if self.bias is not None:
+            raise ValueError("Fp8Linear.to_norm: the layer has a bias; only a bias-free output goes to the norm as "
+                             "partial sums")
+        return self._linear(x, partials=True)
+
+    def from_rows(self, xq: jax.Array, x_scale: jax.Array, *, partials: bool = False) -> jax.Array:
         """The product of input rows quantized elsewhere by the same rule: xq [T, I] float8_e4m3fn, x_scale [T, 1]
-        float32 -> [T, O] in the layer dtype (the kernels that write them: takes_rows)."""
-        y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype)
+        float32 -> [T, O] in the layer dtype (the kernels that write them: takes_rows). partials (a layer without
+        bias): as to_norm's."""
+        y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype,
+                       partials=partials and self.bias is None)
         return self._biased(y)
 
-    def from_gate_up(self, y: jax.Array) -> jax.Array:
+    def from_gate_up(self, y: jax.Array, *, partials: bool = False) -> jax.Array:
         """down_proj's product of h = silu(gate) * up, from the fused gate/up output y [T, 2F] on one device (gate's
         columns, then up's): h's rows quantized by one kernel (pallas_kernels/fp8_act_quant.swiglu_quantize_rows,
-        GPU only; where takes_rows), then from_rows."""
-        return self.from_rows(*fp8_act_quant.swiglu_quantize_rows(y))
+        GPU only; where takes_rows), then from_rows (partials: as to_norm's)."""
+        return self.from_rows(*fp8_act_quant.swiglu_quantize_rows(y), partials=partials)
+
+    def _linear(self, x2: jax.Array, *, partials: bool) -> jax.Array:
+        """x2 [T, I] -> [T, O] (or partials: fp8_matmul's), before the bias."""
+        block = self.quant.weight_block_size
+        static = self.input_scale[...] if self.quant.activation_scheme == "static" else None
+        return fp8_linear(x2, self.weight[...], self.weight_scale[...], group=block[1] if block else None,
+                          static_scale=static, out_dtype=self.dtype, partials=partials)
 
     def _biased(self, y: jax.Array) -> jax.Array:
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -135,16 +135,16 @@ def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
 
 
 def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | None = None,
-               static_scale: jax.Array | None = None, out_dtype) -> jax.Array:
+               static_scale: jax.Array | None = None, out_dtype, partials: bool = False) -> jax.Array:
     """x [T, I] (the model dtype) times the float8 weight wq [O, I] with scales w_scale [G, O] -> [T, O] in out_dtype:
     the activations quantized as quantize_activations(x, group, static_scale) says, then fp8_matmul; in one kernel
     (pallas_kernels/fp8_skinny_rows.py with float x) where ACT_KERNEL_ENV is "fused", the activations are dynamic
-    per token and the skinny kernel takes the product."""
+    per token and the skinny kernel takes the product. partials: as fp8_matmul's."""
     if (act_kernel() == "fused" and _skinny_per_token(x, wq, group, static_scale)
             and fp8_skinny_rows.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
-        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype)
+        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype, partials=partials)
     xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
-    return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
+    return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype, partials=partials)
 
 
 def kernel_rows(tokens: int, wq: jax.Array) -> bool:
@@ -172,9 +172,11 @@ def _takes(kernel, switch: str, xq: jax.Array, wq: jax.Array) -> bool:
 
 
 def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype,
-               accum: str | None = None, gemm_out: str | None = None) -> jax.Array:
+               accum: str | None = None, gemm_out: str | None = None, partials: bool = False) -> jax.Array:
     """[T, O] in out_dtype (module docstring for the shapes); `accum`: "f32" or None (ACCUM_ENV), see dot_precision;
-    `gemm_out`: "bf16" or None (GEMM_OUT_ENV), see gemm_out_dtype."""
+    `gemm_out`: "bf16" or None (GEMM_OUT_ENV), see gemm_out_dtype. partials: where fp8_skinny_rows splits K, its
+    scaled float32 partials [S, T, O] unsummed, for the add + RMSNorm kernel to add (layers/norm.py); elsewhere the
+    [T, O] output as without it."""
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
@@ -182,7 +184,7 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     if kernel == "gemv":
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if kernel == "skinny" and act_kernel() == "1":  # x's real rows, no pad; the scaled output where K is not split
-        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype)
+        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype, partials=partials)
     if kernel == "skinny":
         return fp8_skinny.fp8_skinny(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:

@@ -1,7 +1,9 @@
 """RMSNorm as Qwen2 computes it: statistics in float32, the weight applied after casting back.
 
 `RMSNorm.add(x, residual)` is the decoder's residual add fused with the norm of the sum: the Pallas kernel
-(pallas_kernels/rms_norm.py, one kernel instead of XLA's three) on GPU, the same math in jnp elsewhere.
+(pallas_kernels/rms_norm.py, one kernel instead of XLA's three) on GPU, the same math in jnp elsewhere. x may also
+be a K-split product's float32 partials [S, T, D] (Fp8Linear.to_norm): their sum, rounded to residual's dtype, is
+the block's output; the kernel adds them itself.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(dtype)
 
     def add(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x, residual [T, D] -> (self(x + residual), x + residual)."""
+        """x [T, D] (or partials [S, T, D]: module docstring), residual [T, D] -> (self(x + residual), x +
+        residual)."""
         if platform() == "gpu":
             return fused_add_rms_norm(x, residual, self.weight[...], eps=self.eps,
                                       mesh=jax.sharding.get_abstract_mesh())
-        s = x + residual
+        s = summed(x, residual.dtype) + residual
         return self(s), s
 
     def add_fp8(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
@@ -44,6 +47,11 @@ class RMSNorm(nnx.Module):
 
         y, s = self.add(x, residual)
         return y, s, quantize_activations(y)
+
+
+def summed(x: jax.Array, dtype) -> jax.Array:
+    """x [T, D] as it is, or partials [S, T, D] added in float32 and rounded to dtype."""
+    return x if x.ndim == 2 else x.sum(axis=0).astype(dtype)
 
 
 def fused_add_rms_norm(x, residual, weight, *, eps: float, mesh, fp8: bool = False, interpret: bool = False):

@@ -50,6 +50,15 @@ def _project(layer, x: jax.Array, rows: tuple[jax.Array, jax.Array] | None) -> j
     return layer(x) if rows is None else layer.from_rows(*rows)
 
 
+def _to_norm(layer, x: jax.Array, width: int, lora: LoRAInputs | None) -> jax.Array | None:
+    """layer(x) for an FP8 projection whose output goes straight into the next RMSNorm.add (no LoRA, no folded
+    columns, no bias): where its kernel splits K, the partials the norm's kernel adds (Fp8Linear.to_norm); None
+    for every other layer."""
+    if lora is None and isinstance(layer, Fp8Linear) and layer.bias is None and layer.out_features == width:
+        return layer.to_norm(x)
+    return None
+
+
 def _base_and_folded(y: jax.Array, width: int) -> tuple[jax.Array, jax.Array | None]:
     """A projection's `width` base columns, and where worker/lora_fold.py gave its weight extra columns (the LoRA
     slots' shrink, past `width`) the whole output for layers/lora.py to read them from (None where it has none)."""
@@ -101,6 +110,9 @@ class Qwen2Attention(nnx.Module):
         q, k, v, k_pages, v_pages = rope_and_write(q, k, v, cos, sin, k_pages, v_pages, meta, has_context=has_context,
                                                    **scales)
         out = attend(q, k, v, k_pages, v_pages, meta, has_context=has_context, **scales).reshape(T, -1)
+        y = _to_norm(self.o_proj, out, self.hidden_size, lora)  # may be [S, T, D] partials: the norm adds them
+        if y is not None:
+            return y, k_pages, v_pages
         y, folded = _base_and_folded(self.o_proj(out), self.hidden_size)
         return add_lora(y, out, lora, layer, "o_proj", folded), k_pages, v_pages
 
@@ -130,12 +142,16 @@ class Qwen2MLP(nnx.Module):
         if self.fused_gate_up:
             y, folded = _base_and_folded(_project(self.gate_up_proj, x, rows), sum(self.gate_up_proj_widths))
             if lora is None and folded is None and self.shards == 1 and _takes_rows(self.down_proj, x.shape[0]):
-                return self.down_proj.from_gate_up(y)  # h = silu(gate) * up quantized for it by one kernel
+                # h = silu(gate) * up quantized for it by one kernel; K-split partials go to the norm after it
+                return self.down_proj.from_gate_up(y, partials=True)
             gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
         else:
             gate, up = _project(self.gate_proj, x, rows), _project(self.up_proj, x, rows)
         gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj", folded)
         h = jax.nn.silu(gate) * up
+        y = _to_norm(self.down_proj, h, self.hidden_size, lora)  # may be [S, T, D] partials: the norm adds them
+        if y is not None:
+            return y
         y, folded = _base_and_folded(self.down_proj(h), self.hidden_size)
         return add_lora(y, h, lora, layer, "down_proj", folded)
 
@@ -152,7 +168,7 @@ class Qwen2DecoderLayer(nnx.Module):
         """x: the previous layer's MLP output (the embeddings for the first layer, whose `residual` is None), not
         yet added to the residual stream. Returns this layer's MLP output and the stream before it: the sum of the
         two is Hugging Face's hidden state after the layer. Each add is fused with the norm that follows it."""
-        T, rows = x.shape[0], None
+        T, rows = x.shape[-2], None  # x: [T, D], or an FP8 down_proj's partials [S, T, D] (_to_norm)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         elif self.self_attn.takes_rows(T):  # FP8: the norm's kernel also quantizes its rows for q/k/v

@@ -205,6 +205,27 @@ def test_rms_norm_fp8_rows_on_gpu(t, d):
     assert (np.asarray(q).view(np.uint8) != want_q.view(np.uint8)).sum() == 0
 
 
+@pytest.mark.parametrize("splits, t", [(2, 1), (7, 1), (4, 16)])
+def test_rms_norm_partials_on_gpu(splits, t):
+    """The add + RMSNorm kernel taking a K-split product's float32 partials [S, T, D] (o / down at the 7B's width),
+    compiled for the GPU: its outputs, float8 rows included, equal the kernel's on the partials' sum rounded to
+    bf16 by numpy (float32 adds, split 0 first), bit for bit: the float32 -> bf16 rounding is kept on the GPU."""
+    from pallas_kernels.rms_norm import add_rms_norm
+
+    d = 3584
+    keys = jax.random.split(jax.random.key(splits * 100 + t), 3)
+    parts = jax.random.normal(keys[0], (splits, t, d), jnp.float32)
+    r = (jax.random.normal(keys[1], (t, d), jnp.float32) * 10).astype(jnp.bfloat16)
+    w = (1 + 0.1 * jax.random.normal(keys[2], (d,), jnp.float32)).astype(jnp.bfloat16)
+    total = np.zeros((t, d), np.float32)
+    for p in np.asarray(parts):
+        total = total + p
+    got = jax.jit(lambda *a: add_rms_norm(*a, eps=1e-6, fp8=True))(parts, r, w)
+    want = jax.jit(lambda *a: add_rms_norm(*a, eps=1e-6, fp8=True))(jnp.asarray(total).astype(jnp.bfloat16), r, w)
+    for g, h in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(h.astype(jnp.float32)))
+
+
 @pytest.mark.parametrize("t", [1, 16, 512])
 def test_swiglu_quantize_rows_on_gpu(t):
     """The SwiGLU + quantization kernel compiled for the GPU at the 7B's width (F = 18,944) against torch's h in
