@@ -86,7 +86,7 @@ FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m
        "fp8-skinny-rows-m256": ("skinny_rows", 256), "fp8-skinny-rows-q-m1": ("skinny_rows_q", 1),
        "fp8-skinny-rows-q-down-m1": ("skinny_rows_q_down", 1),
        "fp8-swiglu-quant-m1": ("swiglu_quant", 1),
-       "rms-norm-fp8-m1": ("rms_norm_fp8", 1)}
+       "rms-norm-fp8-m1": ("rms_norm_fp8", 1), "rms-norm-partials-m1": ("rms_norm_partials", 1)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)
 
 
@@ -168,6 +168,12 @@ def _fp8_call(which: str):
 
         x = sds((m, k), jnp.bfloat16)
         return functools.partial(add_rms_norm, eps=1e-6, fp8=True), (x, x, sds((k,), jnp.bfloat16))
+    if kernel == "rms_norm_partials":  # the same after down_proj: its 7 K-splits' float32 partials added first
+        from pallas_kernels.rms_norm import add_rms_norm
+
+        x = sds((m, k), jnp.bfloat16)
+        return (functools.partial(add_rms_norm, eps=1e-6, fp8=True),
+                (sds((7, m, k), jnp.float32), x, sds((k,), jnp.bfloat16)))
     f8 = jnp.float8_e4m3fn
     if kernel.startswith("skinny_rows"):  # x's rows under a mask, scaled output; _q: x in bf16, quantized inside
         if kernel.endswith("down"):  # down_proj: K split

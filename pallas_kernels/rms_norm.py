@@ -12,9 +12,10 @@ Only the order of the float32 sum of squares differs from XLA's.
 Shapes: x, residual [T, D] (T tokens, D the model width, any size: the row is padded to a power of two inside the
 kernel and masked), weight [D]; or x the float32 partial sums [S, T, D] of a K-split product (a skinny kernel's
 splits), added here in float32 (split 0 first) and rounded to residual's dtype: the sum XLA would run as a kernel of
-its own before this one (one ~1.4 us kernel a product at batch 1). Returns (y [T, D], s [T, D]) in residual's dtype; with fp8=True also y's rows quantized for
-an FP8 product (per-token dynamic scales, fp8_act_quant.py's rule): the row is in registers, so the two kernels of
-XLA's quantization (or fp8_act_quant's one) before qkv_proj and gate_up_proj go.
+its own before this one (one ~1.4 us kernel a product at batch 1). Returns (y [T, D], s [T, D]) in residual's dtype;
+with fp8=True also y's rows quantized for an FP8 product (per-token dynamic scales, fp8_act_quant.py's rule): the
+row is in registers, so the two kernels of XLA's quantization (or fp8_act_quant's one) before qkv_proj and
+gate_up_proj go.
 """
 from __future__ import annotations
 
