@@ -447,7 +447,8 @@ def test_random_fp8_weights_zero_the_padded_inputs():
 
 def test_activation_quantization_choice(monkeypatch):
     """quantize_for: the Pallas kernel (pallas_kernels/fp8_act_quant.py) where QWENJAX_FP8_ACT_KERNEL=1 and the skinny
-    kernel takes a product of dynamic per-token activations on a GPU; XLA's form everywhere else, and by default.
+    kernel takes a product of dynamic per-token activations on a GPU; XLA's form everywhere else, and by default
+    (which fuses the quantization into the product instead where it does, test_fp8_kernel_rows.py).
     The kernel is faked here (this is the choice; its values are tests/test_fp8_act_quant_kernel.py's)."""
     from pallas_kernels import fp8_act_quant
     from qwenjax.layers import fp8_matmul as fm
@@ -476,5 +477,5 @@ def test_activation_quantization_choice(monkeypatch):
     fm.quantize_for(x, wq)
     assert calls == [(3, 128)]
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, "on")
-    with pytest.raises(ValueError, match="QWENJAX_FP8_ACT_KERNEL must be one of 0, 1, fused; got 'on'"):
+    with pytest.raises(ValueError, match="QWENJAX_FP8_ACT_KERNEL must be one of auto, 0, 1, fused; got 'on'"):
         fm.quantize_for(x, wq)

@@ -29,14 +29,18 @@ a tensor-core GEMM split over K where the output is narrow. There cuBLASLt read 
 H100 (NOTES 51); the skinny kernel read gate/up's at 2.55 TB/s at one row (ncu), and the 7B FP8 engine went from
 12,641 to 14,025 output tok/s on throughput-fixed and to 3.76 ms a token at batch 1 (NOTES 53).
 
-With QWENJAX_FP8_ACT_KERNEL=1 (opt-in), where the skinny kernel takes the product, the activations are quantized by
-pallas_kernels/fp8_act_quant.py (one kernel a product where XLA's form takes two): `quantize_for`. On an H100 its
-values are quantization/fp8_quant.py's rule exactly (IEEE division), while XLA's GPU form rounds 0.011% of them
-differently (NOTES 54). With =1 the products' inputs also come quantized from the kernels that write them where they
-can (the add + RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down: Fp8Linear.takes_rows, kernel_rows), and
-the skinny product is pallas_kernels/fp8_skinny_rows.py: x's rows read under a mask (no XLA pad), the scaled output
-written where K is not split. With QWENJAX_FP8_ACT_KERNEL=fused (opt-in) that kernel quantizes float activations
-itself (the same rule, one kernel a product): `fp8_linear`. Neither has run on a GPU yet (NOTES 55).
+Where the skinny kernel takes a product of dynamic per-token activations, QWENJAX_FP8_ACT_KERNEL says who quantizes
+them (ACT_KERNEL_ENV below, with the H100's figures):
+  - "fused" (the default, "auto", for steps of at most AUTO_FUSED_ROWS tokens): pallas_kernels/fp8_skinny_rows.py
+    quantizes the float activations itself (the same rule, one kernel a product): `fp8_linear`.
+  - "0" (the default above that): XLA's form, two small kernels a product.
+  - "1" (opt-in): pallas_kernels/fp8_act_quant.py (one kernel a product: `quantize_for`; its values are
+    quantization/fp8_quant.py's rule exactly, IEEE division, while XLA's GPU form rounds 0.011% of them
+    differently, NOTES 54), or the kernels that write the rows where they can (the add + RMSNorm kernel for qkv /
+    gate_up, the SwiGLU kernel for down: Fp8Linear.takes_rows, kernel_rows); the product is fp8_skinny_rows.py on
+    the float8 rows (x's rows under a mask, no XLA pad; the scaled output written where K is not split).
+With QWENJAX_FP8_NORM_PARTIALS=1 (opt-in), under "1" / "fused", o_proj's and down_proj's K-split partials go to the
+add + RMSNorm kernel unsummed (Fp8Linear.to_norm).
 
 `fp8_linear` (x in the model dtype) and `fp8_matmul` (x quantized) are the entry points: swap their bodies to change
 the GPU form.
@@ -73,10 +77,19 @@ ACCUM_ENV = "QWENJAX_FP8_ACCUM"
 # (down's output is a tenth as wide; NOTES 51). Costs one more rounding (bf16 before the scales). Opt-in, not yet
 # run on a GPU (benchmarks/fp8_matmul.py's fp8_tn_bf16out form); read when traced.
 GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
-# QWENJAX_FP8_ACT_KERNEL: where the skinny kernel takes a product of dynamic per-token activations, "0" (default):
-# XLA quantizes them; "1": one Pallas kernel does; "fused": the skinny kernel does (module docstring); read when traced.
+# QWENJAX_FP8_ACT_KERNEL: where the skinny kernel takes a product of dynamic per-token activations, "auto"
+# (default): "fused" for steps of at most AUTO_FUSED_ROWS tokens, else "0"; "0": XLA quantizes them; "1": the kernels
+# that write the rows (or one Pallas kernel) do; "fused": the skinny kernel does (module docstring); read when traced.
+# On an H100 at 40f6dff (7B, batch 1, NOTES 56): "0" 3.788 ms a token, "1" 4.131 (its one-program-a-row
+# quantizing kernels ran at ~10 us each), "fused" 3.680; but "fused" at the 128-token prefill took a 28.0 ms TTFT
+# against "0"'s 9.1 (every program divides all of its rows' values): hence "auto".
 ACT_KERNEL_ENV = "QWENJAX_FP8_ACT_KERNEL"
-ACT_KERNEL_CHOICES = ("0", "1", "fused")
+ACT_KERNEL_CHOICES = ("auto", "0", "1", "fused")
+AUTO_FUSED_ROWS = 8
+# QWENJAX_FP8_NORM_PARTIALS=1: o_proj's and down_proj's K-split float32 partials go unsummed to the add + RMSNorm
+# kernel after them, which adds them (one XLA kernel a product fewer). Opt-in: on an H100 at 40f6dff (batch 1) that
+# norm took 4.5 us against 2.1 without partials, more than XLA's separate sum (1.25 us) saved; read when traced.
+NORM_PARTIALS_ENV = "QWENJAX_FP8_NORM_PARTIALS"
 
 
 # f32 accumulation from this many rows: at 1 row jax 0.11.2's GPU compiler refused the algorithm ("Unsupported dot
@@ -115,12 +128,22 @@ def kernel_for(xq: jax.Array, wq: jax.Array) -> str | None:
     return None
 
 
-def act_kernel() -> str:
-    """ACT_KERNEL_ENV's value, checked."""
-    value = os.environ.get(ACT_KERNEL_ENV, "0")
+def act_kernel(tokens: int | None = None) -> str:
+    """ACT_KERNEL_ENV's value, checked; "auto" resolved for a step of `tokens` tokens ("0" where None)."""
+    value = os.environ.get(ACT_KERNEL_ENV, "auto")
     if value not in ACT_KERNEL_CHOICES:
         raise ValueError(f"{ACT_KERNEL_ENV} must be one of {', '.join(ACT_KERNEL_CHOICES)}; got {value!r}")
+    if value == "auto":
+        return "fused" if tokens is not None and tokens <= AUTO_FUSED_ROWS else "0"
     return value
+
+
+def norm_partials() -> bool:
+    """NORM_PARTIALS_ENV's value ("0" or "1", default "0"), checked."""
+    value = os.environ.get(NORM_PARTIALS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{NORM_PARTIALS_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
@@ -128,7 +151,7 @@ def quantize_for(x: jax.Array, wq: jax.Array, *, group: int | None = None,
     """quantize_activations(x, group, static_scale) for a product with the weight wq [O, I]: by
     pallas_kernels/fp8_act_quant.py where ACT_KERNEL_ENV is "1", the activations are dynamic per token and the
     skinny kernel takes the product, else XLA's form (the same rule; on a GPU XLA's division is not IEEE-rounded)."""
-    if (act_kernel() == "1" and _skinny_per_token(x, wq, group, static_scale)
+    if (act_kernel(x.shape[0]) == "1" and _skinny_per_token(x, wq, group, static_scale)
             and fp8_act_quant.why_not(x) is None):
         return fp8_act_quant.quantize_rows(x)
     return quantize_activations(x, group=group, static_scale=static_scale)
@@ -140,9 +163,10 @@ def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | 
     the activations quantized as quantize_activations(x, group, static_scale) says, then fp8_matmul; in one kernel
     (pallas_kernels/fp8_skinny_rows.py with float x) where ACT_KERNEL_ENV is "fused", the activations are dynamic
     per token and the skinny kernel takes the product. partials: as fp8_matmul's."""
-    if (act_kernel() == "fused" and _skinny_per_token(x, wq, group, static_scale)
+    if (act_kernel(x.shape[0]) == "fused" and _skinny_per_token(x, wq, group, static_scale)
             and fp8_skinny_rows.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
-        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype, partials=partials)
+        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype,
+                                               partials=partials and norm_partials())
     xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
     return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype, partials=partials)
 
@@ -151,7 +175,8 @@ def kernel_rows(tokens: int, wq: jax.Array) -> bool:
     """Whether kernels that write a product's input rows also quantize them for it (ACT_KERNEL_ENV "1": the add +
     RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down_proj), for a step of `tokens` tokens with dynamic
     per-token activations times the weight wq [O, I]: where the skinny kernel takes the product. Read when traced."""
-    return act_kernel() == "1" and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny"
+    return (act_kernel(tokens) == "1"
+            and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny")
 
 
 def _skinny_per_token(x, wq, group, static_scale) -> bool:
@@ -183,8 +208,10 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     kernel = kernel_for(xq, wq) if G == 1 else None
     if kernel == "gemv":
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
-    if kernel == "skinny" and act_kernel() == "1":  # x's real rows, no pad; the scaled output where K is not split
-        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype, partials=partials)
+    if kernel == "skinny" and act_kernel(xq.shape[0]) == "1":  # x's real rows, no pad; the scaled output where K is
+        # not split
+        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype,
+                                               partials=partials and norm_partials())
     if kernel == "skinny":
         return fp8_skinny.fp8_skinny(xq, x_scale, wq, w_scale, out_dtype=out_dtype)
     if G == 1:

@@ -252,15 +252,19 @@ def test_swiglu_quantize_rows_on_gpu(t):
     np.testing.assert_allclose(np.asarray(s), want_s, rtol=2.0 ** -7)
 
 
-@pytest.mark.parametrize("act_kernel", ["0", "1", "fused"])
-def test_logits_with_kernel_quantized_rows_on_gpu(act_kernel, fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("act_kernel, partials", [("0", "0"), ("1", "0"), ("fused", "0"), ("auto", "0"),
+                                                 ("1", "1"), ("fused", "1")])
+def test_logits_with_kernel_quantized_rows_on_gpu(act_kernel, partials, fp8_dir, float_ckpt,  # noqa: F811
+                                                  monkeypatch):
     """A tiny FP8 model (dynamic per-token activations) through prefill and decode on the GPU under each
-    QWENJAX_FP8_ACT_KERNEL setting, against transformers on the same FP8 values: FLIP_ATOL everywhere, the same
-    argmax at 90% of positions (tests/test_fp8_weights.py's model-level criteria, less the float32 median: the
-    tensor cores sum float8 products with fewer bits)."""
-    from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV
+    QWENJAX_FP8_ACT_KERNEL setting (and QWENJAX_FP8_NORM_PARTIALS: the norm adding o's and down's K-split partials),
+    against transformers on the same FP8 values: FLIP_ATOL everywhere, the same argmax at 90% of positions
+    (tests/test_fp8_weights.py's model-level criteria, less the float32 median: the tensor cores sum float8 products
+    with fewer bits)."""
+    from qwenjax.layers.fp8_matmul import ACT_KERNEL_ENV, NORM_PARTIALS_ENV
     from tests.fp8_writer import Fp8Scheme
     from tests.test_fp8_kernel_rows import check_logits
 
     monkeypatch.setenv(ACT_KERNEL_ENV, act_kernel)
+    monkeypatch.setenv(NORM_PARTIALS_ENV, partials)
     check_logits(fp8_dir(Fp8Scheme("online")), Fp8Scheme("online"), float_ckpt)
