@@ -64,12 +64,14 @@ def rounded(v, dtype, interpret: bool):
 
 def quantize_row(v, q_ref, s_ref, t, cols, valid, interpret: bool):
     """The rule for one row v (float32, masked lanes 0) in registers: its float8 values stored at q_ref[t, cols], its
-    scale at s_ref[t, 0]. Shared with the kernels that produce the row themselves (rms_norm.py's, swiglu below)."""
+    scale at s_ref[t, 0] (q_ref None: the scale alone). Shared with the kernels that produce the row themselves
+    (rms_norm.py's, swiglu below)."""
     # the row's maximum (masked lanes are 0: they never raise it) and its scale, in every lane (no scalar asm)
     amax = jnp.broadcast_to(jnp.max(jnp.abs(v)), v.shape)
     scale = jnp.where(amax > 0, amax * jnp.float32(INV_FP8_MAX), 1.0)
-    q = jnp.clip(div_rn(v, scale, interpret), -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
-    plgpu.store(q_ref.at[t, cols], q, mask=valid)
+    if q_ref is not None:
+        q = jnp.clip(div_rn(v, scale, interpret), -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
+        plgpu.store(q_ref.at[t, cols], q, mask=valid)
     s_ref[t, 0] = jnp.max(scale)
 
 

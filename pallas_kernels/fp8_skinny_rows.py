@@ -3,7 +3,9 @@ activations' per-token quantization inside it. Pallas GPU (Triton lowering) kern
 
 Contract: wq [N, K] float8_e4m3fn (the model's [O, I]), w_scale [1, N] float32, and either
   x [M, K] float8_e4m3fn with x_scale [M, 1] float32 (quantized elsewhere), or
-  x [M, K] bfloat16 / float16 / float32 with x_scale None: (x, x_scale) = fp8_quant.quantize_activations(x) inside
+  x [M, K] bfloat16 / float16 / float32 with x_scale None: (x, x_scale) = fp8_quant.quantize_activations(x) inside,
+  or with x_scale [M, 1] given: x's rows' scales by that rule, found elsewhere (the add + RMSNorm kernel has the row
+  in registers; XLA fuses a row's maximum into the op that makes it), x quantized by them inside
 -> y[m, n] = x_scale[m] w_scale[n] sum_k xq[m, k] wq[n, k], in out_dtype: fp8_skinny.py's product.
 
 Why: at a decode step of a few rows, pallas_kernels/fp8_skinny.py needs x padded to 16 rows and leaves the scales
@@ -20,15 +22,18 @@ and one K-split, tensor-core dots of [block_m, block_k] tiles, swapped below 64 
 first walks all of x's K for its rows' maxima (x is a few KB to tens of KB, read from L2 by every program of the row
 block, in chunks of up to 4,096 columns for one row; the elementwise maximum is carried and reduced once at the end),
 then quantizes each x tile in registers before its dot (for one row, the row's tile once, widened with zero rows).
+With the scales given, the maxima pass is skipped: on an H100 (batch 1, NOTES 56) it cost each product 0.7 us (qkv)
+to 4.8 us (down_proj, K = 18,944) against the same kernel on float8 rows.
 
 Values: the rule's exactly (fp8_act_quant.py's): the maximum is exact, scale = max|v| x float32(1/448) (1 where the
 row is zero), q = float8(clip(v / scale, -448, 448)) with the division IEEE-rounded (`div.rn.f32`). The products are
 exact in float32; the sums run block_k terms in the tensor core, then in a float32 accumulator. Where K is split,
 each split's partial is scaled before XLA adds them (fp8_skinny scales the sum): float32 rounding apart, the same.
 
-Status: opt-in (layers/fp8_matmul.py's QWENJAX_FP8_ACT_KERNEL); CPU interpret mode tested, compiled offline for sm_90
-(benchmarks/kernel_isa.py: wgmma with cp.async, no spills; main loop 129 instructions against fp8_skinny's 126, 148
-quantizing one row), not yet run on a GPU (NOTES 55).
+Status: the default for decode steps of at most 8 rows (layers/fp8_matmul.py's QWENJAX_FP8_ACT_KERNEL "auto"); on an
+H100 correct at the 7B's shapes (tests/gpu/test_fp8_gpu.py) and 3.680 ms a token at batch 1 against 3.788 with
+XLA's quantization (NOTES 56). Offline for sm_90 (benchmarks/kernel_isa.py): wgmma with cp.async, no spills; main
+loop 129 instructions against fp8_skinny's 126, 148 quantizing one row.
 """
 from __future__ import annotations
 
@@ -54,11 +59,12 @@ def supported(m: int, k: int, n: int, *, x_dtype=jnp.bfloat16, w_dtype=FP8) -> b
 
 def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap, interpret):
     # x_ref [M, K] (all of x, unpadded: this program's rows are block i's, those past M read as zeros and are never
-    # stored); refs: x_scale [M, 1] float32 (float8 x only), w [bn, K] float8 (this block of weight rows), w_scale
+    # stored); refs: x_scale [M, 1] float32 (float8 x; float x where its rows' scales were found elsewhere), w [bn, K]
+    # float8 (this block of weight rows), w_scale
     # [1, bn] float32, out [M, bn]: the output in out_dtype (no K split) or this split's float32 partial. swap: the
     # product as w . x^T ([bn, bm]), as in fp8_skinny (wgmma's M side a multiple of 64).
     quantize = x_ref.dtype != FP8
-    xs_ref, w_ref, ws_ref, o_ref = (None, *refs) if quantize else refs
+    xs_ref, w_ref, ws_ref, o_ref = refs if len(refs) == 4 else (None, *refs)  # x_scale: given, or found here
     bm, bk, bn = block_m, block_k, w_ref.shape[0]
     # x's tiles are loaded as [lr, bk]: lr = bm, or 1 where x is one row to quantize (batch-1 decode), whose tile
     # is then widened to the dot's [bm, bk] with zero rows, so the loads, maxima and divisions are done once a
@@ -72,7 +78,7 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
     def x_tile(k0):  # [lr, bk] in x's dtype
         return plgpu.load(x_ref.at[rows, k0 + cols], mask=real, other=jnp.zeros((), x_ref.dtype))
 
-    if quantize:  # every row's maximum over all of K (an elementwise maximum carried, reduced once), its scale
+    if xs_ref is None:  # every row's maximum over all of K (an elementwise maximum carried, reduced once), its scale
         # in chunks of `width` columns: up to 4,096 for one row (down_proj's 18,944 in 5 loads), bk for more
         k = x_ref.shape[1]
         width = min(pl.next_power_of_2(k), 4096) if lr == 1 else bk
@@ -88,11 +94,11 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
         amax = jnp.max(lax.fori_loop(0, pl.cdiv(k, width), widest, jnp.zeros((lr, width), jnp.float32)), axis=1,
                        keepdims=True)                                          # [lr, 1]
         scale = jnp.where(amax > 0, amax * jnp.float32(INV_FP8_MAX), 1.0)      # the rule's, fp8_act_quant's
-        scale_tile = jnp.broadcast_to(scale, (lr, bk))
     else:
         scale_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (lr, 1), 0)
         scale = plgpu.load(xs_ref.at[scale_rows, jnp.zeros((lr, 1), jnp.int32)], mask=scale_rows < x_ref.shape[0],
                            other=jnp.ones((), jnp.float32))                    # [lr, 1]
+    scale_tile = jnp.broadcast_to(scale, (lr, bk))
 
     def quantized(tile):  # [lr, bk] -> [bm, bk] float8
         if quantize:
@@ -136,9 +142,9 @@ def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: ja
     bm, bn, bk, splits, per_split, num_k_blocks, warps, stages = fp8_skinny.launch(
         m, k, n, (block_m, block_n, block_k, num_splits, num_warps, num_stages), x_dtype=x.dtype, w_dtype=wq.dtype,
         x_dtypes=(FP8, *FLOAT_X))
-    if (x_scale is None) != (jnp.dtype(x.dtype) in FLOAT_X):
-        raise ValueError(f"fp8 skinny GEMM: float8 x comes with its x_scale [M, 1], float x (quantized inside) "
-                         f"without; got x {jnp.dtype(x.dtype)} and x_scale {'none' if x_scale is None else 'given'}")
+    if x_scale is None and jnp.dtype(x.dtype) not in FLOAT_X:
+        raise ValueError(f"fp8 skinny GEMM: float8 x comes with its x_scale [M, 1] (float x may: its rows' scales "
+                         f"by the rule, else found inside); got x {jnp.dtype(x.dtype)} and no x_scale")
     if splits == 1:
         out_spec = pl.BlockSpec((m, bn), lambda i, j, s: (0, j))
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -157,6 +163,7 @@ def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: ja
         out_shape=out_shape,
         compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
-        name=f"qwenjax_fp8_skinny_rows{'_q' if x_scale is None else ''}_m{bm}_n{bn}_k{bk}_s{splits}",
+        name=f"qwenjax_fp8_skinny_rows{'_q' if jnp.dtype(x.dtype) in FLOAT_X else ''}"
+             f"{'s' if x_scale is not None and jnp.dtype(x.dtype) in FLOAT_X else ''}_m{bm}_n{bn}_k{bk}_s{splits}",
     )(x, *([] if x_scale is None else [x_scale.astype(jnp.float32)]), wq, w_scale.astype(jnp.float32))
     return out if splits == 1 or partials else out.sum(axis=0).astype(out_dtype)

@@ -57,8 +57,9 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *fp8_refs, eps: float, width: int
     y = w * (s32 * inv).astype(dtype)
     plgpu.store(s_ref.at[t, cols], s, mask=valid)
     plgpu.store(y_ref.at[t, cols], y.astype(y_ref.dtype), mask=valid)
-    if fp8_refs:
-        quantize_row(rounded(y.astype(jnp.float32), y_ref.dtype, interpret), *fp8_refs, t, cols, valid, interpret)
+    if fp8_refs:  # (q, scale), or the scale alone
+        quantize_row(rounded(y.astype(jnp.float32), y_ref.dtype, interpret), *(None, *fp8_refs)[-2:], t, cols, valid,
+                     interpret)
 
 
 def _validate(x, residual, weight):
@@ -73,18 +74,21 @@ def _validate(x, residual, weight):
         raise ValueError(f"weight must be [D={x.shape[-1]}]; got {weight.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "fp8", "interpret"))
-def add_rms_norm(x, residual, weight, *, eps: float, fp8: bool = False, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "fp8", "scale_only", "interpret"))
+def add_rms_norm(x, residual, weight, *, eps: float, fp8: bool = False, scale_only: bool = False,
+                 interpret: bool = False):
     """(weight * rmsnorm(x + residual), x + residual), both [T, D] in residual's dtype (x: [T, D], or the float32
     partials [S, T, D] of a K-split product, summed first: module docstring). One program a row. fp8: also the
     normalized rows quantized for an FP8 product, (q [T, D] float8_e4m3fn, scale [T, 1] float32), by
-    fp8_act_quant.py's rule from the rows as written (the model dtype's values): (y, s, q, scale)."""
+    fp8_act_quant.py's rule from the rows as written (the model dtype's values): (y, s, q, scale); with scale_only
+    the scales alone, (y, s, scale), for a product that quantizes y by them (fp8_skinny_rows.py)."""
     _validate(x, residual, weight)
     T, D = residual.shape
     whole = pl.BlockSpec((T, D), lambda t: (0, 0))
     x_spec = whole if x.ndim == 2 else pl.BlockSpec(x.shape, lambda t: (0, 0, 0))
-    fp8_specs = [whole, pl.BlockSpec((T, 1), lambda t: (0, 0))] if fp8 else []
-    fp8_shapes = [jax.ShapeDtypeStruct((T, D), FP8), jax.ShapeDtypeStruct((T, 1), jnp.float32)] if fp8 else []
+    fp8_specs = ([] if scale_only else [whole]) + [pl.BlockSpec((T, 1), lambda t: (0, 0))] if fp8 else []
+    fp8_shapes = ([] if scale_only else [jax.ShapeDtypeStruct((T, D), FP8)]) + \
+        [jax.ShapeDtypeStruct((T, 1), jnp.float32)] if fp8 else []
     return tuple(pl.pallas_call(
         functools.partial(_kernel, eps=float(eps), width=D, interpret=interpret),
         grid=(T,),
@@ -95,7 +99,8 @@ def add_rms_norm(x, residual, weight, *, eps: float, fp8: bool = False, interpre
         # norm on 7-10 partials at 4.5 us on an H100 against 2.1 without: NOTES 56)
         compiler_params=_CompilerParams(num_warps=4 if D <= 4096 and x.ndim == 2 else 8, num_stages=1),
         interpret=interpret,
-        name="qwenjax_add_rms_norm_fp8" if fp8 else "qwenjax_add_rms_norm",
+        name=("qwenjax_add_rms_norm_fp8_scale" if scale_only else "qwenjax_add_rms_norm_fp8") if fp8 else
+        "qwenjax_add_rms_norm",
     )(x, residual, weight))
 
 

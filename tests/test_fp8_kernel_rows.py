@@ -45,7 +45,8 @@ def _fake_gpu(monkeypatch, act_kernel: str, partials: bool = True) -> dict[str, 
         def run(*a, **k):
             out = real(*a, **{**k, **fixed})
             partial = (out if name == "fp8_skinny_rows" else a[0] if name == "add_rms_norm" else out[0]).ndim == 3
-            key = name + ("_fp8" if k.get("fp8") else "") + ("_partials" if partial else "")
+            key = (name + ("_fp8" if k.get("fp8") else "") + ("_scale" if k.get("scale_only") else "")
+                   + ("_partials" if partial else ""))
             calls[key] = calls.get(key, 0) + 1
             return out
         monkeypatch.setattr(module, name, run)
@@ -99,6 +100,19 @@ def test_fused_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):
     assert calls == {"add_rms_norm": steps * 2 * layers, "fp8_skinny_rows": steps * layers * 4}, calls
 
 
+def test_scaled_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
+    """QWENJAX_FP8_ACT_KERNEL=scaled on the GPU's path: the add + RMSNorm kernel writes its rows' scales alone, and
+    fp8_skinny_rows quantizes the bf16 rows by them (qkv and gate/up past layer 0's qkv); the other products find
+    their scales inside (K under XLA_SCALE_MIN_K): the same criteria."""
+    scheme = Fp8Scheme("online")
+    calls = _fake_gpu(monkeypatch, "scaled", partials=False)
+    errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
+    assert np.median(errors) < 1e-4, errors
+    steps, layers = 7, 2
+    assert calls == {"add_rms_norm_fp8_scale": steps * (2 * layers - 1), "add_rms_norm": steps,  # the final norm
+                     "fp8_skinny_rows": steps * layers * 4}, calls
+
+
 def test_static_activations_keep_xla_quantization(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
     """A static input scale is not the kernels' rule: with QWENJAX_FP8_ACT_KERNEL=1 the norms write no float8 rows and
     no quantization kernel runs; the skinny kernel still takes the products."""
@@ -123,8 +137,9 @@ def test_fused_activation_quantization_choice(monkeypatch):
         monkeypatch.delenv(env, raising=False)
     rows, skinny = [], []   # fp8_skinny_rows' calls (x's dtype), fp8_skinny's
     monkeypatch.setattr(fp8_skinny_rows, "fp8_skinny_rows", lambda x, wq, ws, xs=None, out_dtype=None,
-                        partials=False:
-                        rows.append(jnp.dtype(x.dtype).name) or jnp.zeros((x.shape[0], wq.shape[0])))
+                        partials=False: rows.append(jnp.dtype(x.dtype).name + ("+scale" if xs is not None and
+                                                                                x.dtype != FP8_DTYPE else ""))
+                        or jnp.zeros((x.shape[0], wq.shape[0])))
     monkeypatch.setattr(fp8_skinny, "fp8_skinny", lambda xq, xs, wq, ws, out_dtype:
                         skinny.append(xq.shape) or jnp.zeros((xq.shape[0], wq.shape[0])))
     wq = jnp.full((256, 128), 2, FP8_DTYPE)
@@ -151,6 +166,11 @@ def test_fused_activation_quantization_choice(monkeypatch):
     fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
     fm.fp8_linear(jnp.ones((fm.AUTO_FUSED_ROWS + 1, 128), jnp.bfloat16), wq, ws, out_dtype=jnp.float32)
     assert rows == ["bfloat16", "float8_e4m3fn", "bfloat16"] and skinny == [(3, 128)] * 2 + [(9, 128)]
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "scaled")   # the scales by XLA from XLA_SCALE_MIN_K columns, else inside
+    fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
+    wide = jnp.full((256, fm.XLA_SCALE_MIN_K), 2, FP8_DTYPE)
+    fm.fp8_linear(jnp.ones((3, fm.XLA_SCALE_MIN_K), jnp.bfloat16), wide, ws, out_dtype=jnp.float32)
+    assert rows[-2:] == ["bfloat16", "bfloat16+scale"] and len(skinny) == 3
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, "2")
-    with pytest.raises(ValueError, match="must be one of auto, 0, 1, fused; got '2'"):
+    with pytest.raises(ValueError, match="must be one of auto, 0, 1, fused, scaled; got '2'"):
         fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)

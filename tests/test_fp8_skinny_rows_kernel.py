@@ -38,11 +38,12 @@ def _reference(x, wq, ws):
     (1, 384, 128, dict(block_n=64, num_splits=1)),   # one row: maxima over 512 lanes, 384 real
     (1, 8320, 64, {}),                               # one row: maxima in chunks of 4,096, the last partial
 ])
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32, "float8"])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32, "float8", "scaled"])
 def test_matches_quantized_float_product(m, k, n, kw, x_dtype):
-    """float x quantized inside, or the float8 rows and scales XLA's form gave (x_dtype "float8")."""
-    x, wq, ws = _operands(m, k, n, x_dtype=jnp.bfloat16 if x_dtype == "float8" else x_dtype)
-    given = quantize_activations(x) if x_dtype == "float8" else (x,)
+    """float x quantized inside, or the float8 rows and scales XLA's form gave (x_dtype "float8"), or bf16 x with
+    those scales given ("scaled": quantized inside by them)."""
+    x, wq, ws = _operands(m, k, n, x_dtype=x_dtype if x_dtype == jnp.float32 else jnp.bfloat16)
+    given = {"float8": quantize_activations(x), "scaled": (x, quantize_activations(x)[1])}.get(x_dtype, (x,))
     got = np.asarray(fp8_skinny_rows(given[0], wq, ws, *given[1:], out_dtype=jnp.float32, interpret=True, **kw),
                      np.float64)
     ref = _reference(x, wq, ws)
@@ -50,6 +51,21 @@ def test_matches_quantized_float_product(m, k, n, kw, x_dtype):
     # the same float8 values and scales (a value off by one float8 step would move its output far past this),
     # exact products; only the float32 sums' order and the split partials' scaling differ
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_given_scales_are_used(m):
+    """bf16 x with scales given: x quantized by those scales (here 4x the rule's, so no value saturates), not by the
+    ones its maxima would give: the product of cast_fp8(x, scale), which is not the rule's."""
+    from qwenjax.quantization.fp8_quant import cast_fp8
+
+    x, wq, ws = _operands(m, 512, 128, seed=2)
+    scale = quantize_activations(x)[1] * 4
+    got = np.asarray(fp8_skinny_rows(x, wq, ws, scale, out_dtype=jnp.float32, interpret=True), np.float64)
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    want = (f(cast_fp8(x, scale)) @ f(wq).T) * f(scale) * f(ws)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not np.allclose(got, _reference(x, wq, ws), rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -72,11 +88,9 @@ def test_bad_operands_are_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"float8_e4m3fn / bfloat16 / float16 / float32 x and float8_e4m3fn "
                                          r"weights, got int8 and float8_e4m3fn"):
         fp8_skinny_rows(x.astype(jnp.int8), wq, ws, out_dtype=jnp.float32, interpret=True)
-    with pytest.raises(ValueError, match=r"float8 x comes with its x_scale \[M, 1\], float x \(quantized inside\) "
-                                         r"without; got x float8_e4m3fn and x_scale none"):
+    with pytest.raises(ValueError, match=r"float8 x comes with its x_scale \[M, 1\] \(float x may: its rows' "
+                                         r"scales by the rule, else found inside\); got x float8_e4m3fn and no x_scale"):
         fp8_skinny_rows(xq, wq, ws, out_dtype=jnp.float32, interpret=True)
-    with pytest.raises(ValueError, match=r"got x bfloat16 and x_scale given"):
-        fp8_skinny_rows(x, wq, ws, xs, out_dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match=r"block_k=48 must be a power of two >= 16 dividing 128"):
         fp8_skinny_rows(x, wq, ws, out_dtype=jnp.float32, block_k=48, interpret=True)
     with pytest.raises(ValueError, match=r"w_scale \[1, N\].*\[1, 32\]"):

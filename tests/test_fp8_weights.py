@@ -477,5 +477,5 @@ def test_activation_quantization_choice(monkeypatch):
     fm.quantize_for(x, wq)
     assert calls == [(3, 128)]
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, "on")
-    with pytest.raises(ValueError, match="QWENJAX_FP8_ACT_KERNEL must be one of auto, 0, 1, fused; got 'on'"):
+    with pytest.raises(ValueError, match="QWENJAX_FP8_ACT_KERNEL must be one of auto, 0, 1, fused, scaled; got 'on'"):
         fm.quantize_for(x, wq)

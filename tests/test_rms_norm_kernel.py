@@ -47,6 +47,16 @@ def test_fp8_rows_are_the_rule_of_the_written_rows(t, d, dtype):
     np.testing.assert_array_equal(bits(scale, jnp.uint32), bits(want_scale, jnp.uint32))
 
 
+def test_scale_only_is_the_fp8_rows_scale():
+    """scale_only: (y, s, scale), the same y, s and scale as fp8=True's, no float8 rows."""
+    x, r, w = _inputs(3, 896, BF16, seed=11)
+    y, s, q, scale = add_rms_norm(x, r, w, eps=1e-6, fp8=True, interpret=True)
+    got = add_rms_norm(x, r, w, eps=1e-6, fp8=True, scale_only=True, interpret=True)
+    assert len(got) == 3 and got[2].shape == (3, 1) and got[2].dtype == F32
+    for a, b in zip(got, (y, s, scale)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_rows_are_independent():
     """Each row is normalized by its own statistics: changing one row leaves the others' outputs alone."""
     x, r, w = _inputs(4, 256, F32, seed=7)

@@ -57,11 +57,14 @@ class Fp8Linear(nnx.Module):
         y = self._linear(x.reshape(-1, self.in_features), partials=False)
         return self._biased(y).reshape(*lead, self.out_features)
 
-    def takes_rows(self, tokens: int) -> bool:
-        """Whether a step of `tokens` tokens gives this layer its input already quantized (fp8_matmul.kernel_rows):
-        dynamic per-token activations (no static scale, no block groups) on the skinny kernel's path."""
-        return (self.quant.activation_scheme == "dynamic" and self.quant.weight_block_size is None
-                and kernel_rows(tokens, self.weight[...]))
+    def takes_rows(self, tokens: int) -> str | None:
+        """Whether a step of `tokens` tokens gives this layer its input rows with their scales from the kernel that
+        writes them (fp8_matmul.kernel_rows): "fp8" (float8 rows), "scale" (the rows in the model dtype and their
+        scales), or None; dynamic per-token activations (no static scale, no block groups) on the skinny kernel's
+        path."""
+        if self.quant.activation_scheme == "dynamic" and self.quant.weight_block_size is None:
+            return kernel_rows(tokens, self.weight[...])
+        return None
 
     def to_norm(self, x: jax.Array) -> jax.Array:
         """__call__ for a layer without bias whose output goes straight into RMSNorm.add: x [T, I] -> [T, O], or
@@ -73,9 +76,9 @@ class Fp8Linear(nnx.Module):
         return self._linear(x, partials=True)
 
     def from_rows(self, xq: jax.Array, x_scale: jax.Array, *, partials: bool = False) -> jax.Array:
-        """The product of input rows quantized elsewhere by the same rule: xq [T, I] float8_e4m3fn, x_scale [T, 1]
-        float32 -> [T, O] in the layer dtype (the kernels that write them: takes_rows). partials (a layer without
-        bias): as to_norm's."""
+        """The product of input rows quantized elsewhere by the same rule: xq [T, I] float8_e4m3fn (or the rows in
+        the model dtype, to quantize by the scales given), x_scale [T, 1] float32 -> [T, O] in the layer dtype (the
+        kernels that write them: takes_rows). partials (a layer without bias): as to_norm's."""
         y = fp8_matmul(xq, x_scale, self.weight[...], self.weight_scale[...], out_dtype=self.dtype,
                        partials=partials and self.bias is None)
         return self._biased(y)

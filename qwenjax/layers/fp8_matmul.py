@@ -34,6 +34,7 @@ them (ACT_KERNEL_ENV below, with the H100's figures):
   - "fused" (the default, "auto", for steps of at most AUTO_FUSED_ROWS tokens): pallas_kernels/fp8_skinny_rows.py
     quantizes the float activations itself (the same rule, one kernel a product): `fp8_linear`.
   - "0" (the default above that): XLA's form, two small kernels a product.
+  - "scaled" (opt-in): "fused" with the rows' scales found where cheaper (XLA_SCALE_MIN_K below).
   - "1" (opt-in): pallas_kernels/fp8_act_quant.py (one kernel a product: `quantize_for`; its values are
     quantization/fp8_quant.py's rule exactly, IEEE division, while XLA's GPU form rounds 0.011% of them
     differently, NOTES 54), or the kernels that write the rows where they can (the add + RMSNorm kernel for qkv /
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import fp8_act_quant, fp8_gemv, fp8_skinny, fp8_skinny_rows
 from qwenjax.compat import enable_pallas_fp8_wgmma, platform
-from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations
+from qwenjax.quantization.fp8_quant import FP8_DTYPE, quantize_activations, scale_for
 
 _DIMS = (((1,), (1,)), ((), ()))  # x [T, I] . w [O, I] -> [T, O]
 FP8_WGMMA = enable_pallas_fp8_wgmma()  # the skinny kernel's float8 dots on Hopper's FP8 wgmma (compat's docstring)
@@ -84,8 +85,13 @@ GEMM_OUT_ENV = "QWENJAX_FP8_GEMM_OUT"
 # quantizing kernels ran at ~10 us each), "fused" 3.680; but "fused" at the 128-token prefill took a 28.0 ms TTFT
 # against "0"'s 9.1 (every program divides all of its rows' values): hence "auto".
 ACT_KERNEL_ENV = "QWENJAX_FP8_ACT_KERNEL"
-ACT_KERNEL_CHOICES = ("auto", "0", "1", "fused")
+ACT_KERNEL_CHOICES = ("auto", "0", "1", "fused", "scaled")
 AUTO_FUSED_ROWS = 8
+# "scaled" (opt-in): as "fused", but the rows' scales come from elsewhere where that is cheaper than the kernel's
+# maxima pass (each program of a product reads all of x first): the add + RMSNorm kernel writes qkv's and gate/up's
+# (it has the row in registers; Fp8Linear.row_form "scale"), XLA finds them for inputs of at least XLA_SCALE_MIN_K
+# columns (down_proj's h: the maximum fused into the SwiGLU multiply), the kernel for the rest (o_proj).
+XLA_SCALE_MIN_K = 8192
 # QWENJAX_FP8_NORM_PARTIALS=1: o_proj's and down_proj's K-split float32 partials go unsummed to the add + RMSNorm
 # kernel after them, which adds them (one XLA kernel a product fewer). Opt-in: on an H100 at 40f6dff (batch 1) that
 # norm took 4.5 us against 2.1 without partials, more than XLA's separate sum (1.25 us) saved; read when traced.
@@ -163,20 +169,28 @@ def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | 
     the activations quantized as quantize_activations(x, group, static_scale) says, then fp8_matmul; in one kernel
     (pallas_kernels/fp8_skinny_rows.py with float x) where ACT_KERNEL_ENV is "fused", the activations are dynamic
     per token and the skinny kernel takes the product. partials: as fp8_matmul's."""
-    if (act_kernel(x.shape[0]) == "fused" and _skinny_per_token(x, wq, group, static_scale)
+    mode = act_kernel(x.shape[0])
+    if (mode in ("fused", "scaled") and _skinny_per_token(x, wq, group, static_scale)
             and fp8_skinny_rows.supported(*x.shape, wq.shape[0], x_dtype=x.dtype, w_dtype=wq.dtype)):
-        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype,
+        x_scale = None
+        if mode == "scaled" and x.shape[1] >= XLA_SCALE_MIN_K:  # the rule's scales by XLA (fused into x's producer)
+            x_scale = scale_for(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True))
+        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, x_scale, out_dtype=out_dtype,
                                                partials=partials and norm_partials())
     xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
     return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype, partials=partials)
 
 
-def kernel_rows(tokens: int, wq: jax.Array) -> bool:
-    """Whether kernels that write a product's input rows also quantize them for it (ACT_KERNEL_ENV "1": the add +
-    RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down_proj), for a step of `tokens` tokens with dynamic
-    per-token activations times the weight wq [O, I]: where the skinny kernel takes the product. Read when traced."""
-    return (act_kernel(tokens) == "1"
-            and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny")
+def kernel_rows(tokens: int, wq: jax.Array) -> str | None:
+    """Whether kernels that write a product's input rows also quantize them for it, for a step of `tokens` tokens
+    with dynamic per-token activations times the weight wq [O, I], where the skinny kernel takes the product:
+    "fp8" (ACT_KERNEL_ENV "1": the add + RMSNorm kernel for qkv / gate_up, the SwiGLU kernel for down_proj write
+    float8 rows and scales), "scale" ("scaled": the add + RMSNorm kernel writes the scales alone), else None. Read
+    when traced."""
+    form = {"1": "fp8", "scaled": "scale"}.get(act_kernel(tokens))
+    if form and kernel_for(jax.ShapeDtypeStruct((tokens, wq.shape[1]), FP8_DTYPE), wq) == "skinny":
+        return form
+    return None
 
 
 def _skinny_per_token(x, wq, group, static_scale) -> bool:
@@ -205,6 +219,9 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     G = x_scale.shape[-1]
     if G != w_scale.shape[0]:
         raise ValueError(f"activation scales have {G} groups along the inputs, weight scales {w_scale.shape[0]}")
+    if jnp.dtype(xq.dtype) != FP8_DTYPE:  # float rows with their scales given (kernel_rows "scale"): quantized inside
+        return fp8_skinny_rows.fp8_skinny_rows(xq, wq, w_scale, x_scale, out_dtype=out_dtype,
+                                               partials=partials and norm_partials())
     kernel = kernel_for(xq, wq) if G == 1 else None
     if kernel == "gemv":
         return fp8_gemv.fp8_gemv(xq, x_scale, wq, w_scale, out_dtype=out_dtype)

@@ -40,9 +40,10 @@ def _linear(din: int, dout: int, bias: bool, dtype, rngs: nnx.Rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
 
-def _takes_rows(layer, tokens: int) -> bool:
-    """Whether this projection takes its input rows quantized by the kernel that writes them (Fp8Linear.takes_rows)."""
-    return isinstance(layer, Fp8Linear) and layer.takes_rows(tokens)
+def _takes_rows(layer, tokens: int) -> str | None:
+    """Whether this projection takes its input rows with their FP8 scales from the kernel that writes them, and in
+    which form (Fp8Linear.takes_rows: "fp8", "scale" or None)."""
+    return layer.takes_rows(tokens) if isinstance(layer, Fp8Linear) else None
 
 
 def _project(layer, x: jax.Array, rows: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -88,13 +89,13 @@ class Qwen2Attention(nnx.Module):
         self.v_scale = KVScale(jnp.ones((), jnp.float32))
         self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = N, K, H, D
 
-    def takes_rows(self, tokens: int) -> bool:
-        """Whether q/k/v take x's rows quantized by the norm before them (Fp8Linear.takes_rows)."""
+    def takes_rows(self, tokens: int) -> str | None:
+        """Whether q/k/v take x's rows with their scales from the norm before them (Fp8Linear.takes_rows)."""
         return _takes_rows(self.qkv_proj if self.fused_qkv else self.q_proj, tokens)
 
     def __call__(self, x, cos, sin, k_pages, v_pages, meta: AttentionMetadata | MixedMetadata, has_context: bool,
                  lora: LoRAInputs | None = None, layer: int = 0, rows=None):
-        """rows: x quantized for FP8 q/k/v ((q, scale), where takes_rows), else None."""
+        """rows: x's rows with their FP8 scales for q/k/v ((q or x, scale), where takes_rows), else None."""
         T = x.shape[0]  # x [T, D], cos / sin [T, H]
         folded = None  # the LoRA slots' shrink, where the fold gives the weight extra columns (layers/lora.py)
         if self.fused_qkv:
@@ -132,16 +133,17 @@ class Qwen2MLP(nnx.Module):
             self.up_proj = _linear(D, F, False, dtype, rngs, quant)
         self.down_proj = _linear(F, D, False, dtype, rngs, quant, "in")
 
-    def takes_rows(self, tokens: int) -> bool:
-        """Whether gate/up take x's rows quantized by the norm before them (Fp8Linear.takes_rows)."""
+    def takes_rows(self, tokens: int) -> str | None:
+        """Whether gate/up take x's rows with their scales from the norm before them (Fp8Linear.takes_rows)."""
         return _takes_rows(self.gate_up_proj if self.fused_gate_up else self.gate_proj, tokens)
 
     def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0, rows=None):
-        """rows: x quantized for FP8 gate/up ((q, scale), where takes_rows), else None."""
+        """rows: x's rows with their FP8 scales for gate/up ((q or x, scale), where takes_rows), else None."""
         folded = None
         if self.fused_gate_up:
             y, folded = _base_and_folded(_project(self.gate_up_proj, x, rows), sum(self.gate_up_proj_widths))
-            if lora is None and folded is None and self.shards == 1 and _takes_rows(self.down_proj, x.shape[0]):
+            if (lora is None and folded is None and self.shards == 1
+                    and _takes_rows(self.down_proj, x.shape[0]) == "fp8"):
                 # h = silu(gate) * up quantized for it by one kernel; K-split partials go to the norm after it
                 return self.down_proj.from_gate_up(y, partials=True)
             gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
@@ -171,13 +173,13 @@ class Qwen2DecoderLayer(nnx.Module):
         T, rows = x.shape[-2], None  # x: [T, D], or an FP8 down_proj's partials [S, T, D] (_to_norm)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
-        elif self.self_attn.takes_rows(T):  # FP8: the norm's kernel also quantizes its rows for q/k/v
-            h, residual, rows = self.input_layernorm.add_fp8(x, residual)
+        elif form := self.self_attn.takes_rows(T):  # FP8: the norm's kernel also gives its rows' scales for q/k/v
+            h, residual, rows = self.input_layernorm.add_fp8(x, residual, form)
         else:
             h, residual = self.input_layernorm.add(x, residual)
         h, k_pages, v_pages = self.self_attn(h, cos, sin, k_pages, v_pages, meta, has_context, lora, layer, rows)
-        if isinstance(self.mlp, Qwen2MLP) and self.mlp.takes_rows(T):  # not a MoE block (no FP8 MoE)
-            h, residual, rows = self.post_attention_layernorm.add_fp8(h, residual)
+        if isinstance(self.mlp, Qwen2MLP) and (form := self.mlp.takes_rows(T)):  # not a MoE block (no FP8 MoE)
+            h, residual, rows = self.post_attention_layernorm.add_fp8(h, residual, form)
         else:
             (h, residual), rows = self.post_attention_layernorm.add(h, residual), None
         mlp = self.mlp(h) if lora is None and rows is None else self.mlp(h, lora, layer, rows)

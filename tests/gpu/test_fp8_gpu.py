@@ -253,7 +253,7 @@ def test_swiglu_quantize_rows_on_gpu(t):
 
 
 @pytest.mark.parametrize("act_kernel, partials", [("0", "0"), ("1", "0"), ("fused", "0"), ("auto", "0"),
-                                                 ("1", "1"), ("fused", "1")])
+                                                 ("scaled", "0"), ("1", "1"), ("fused", "1")])
 def test_logits_with_kernel_quantized_rows_on_gpu(act_kernel, partials, fp8_dir, float_ckpt,  # noqa: F811
                                                   monkeypatch):
     """A tiny FP8 model (dynamic per-token activations) through prefill and decode on the GPU under each
