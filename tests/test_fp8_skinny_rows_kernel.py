@@ -89,7 +89,8 @@ def test_bad_operands_are_refused_with_the_numbers():
                                          r"weights, got int8 and float8_e4m3fn"):
         fp8_skinny_rows(x.astype(jnp.int8), wq, ws, out_dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match=r"float8 x comes with its x_scale \[M, 1\] \(float x may: its rows' "
-                                         r"scales by the rule, else found inside\); got x float8_e4m3fn and no x_scale"):
+                                         r"scales by the rule, else found inside\); got x float8_e4m3fn and no "
+                                         r"x_scale"):
         fp8_skinny_rows(xq, wq, ws, out_dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match=r"block_k=48 must be a power of two >= 16 dividing 128"):
         fp8_skinny_rows(x, wq, ws, out_dtype=jnp.float32, block_k=48, interpret=True)

@@ -74,5 +74,6 @@ def fused_add_rms_norm(x, residual, weight, *, eps: float, mesh, fp8: bool = Fal
     n = 1 if mesh is None or mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
     if n == 1:
         return kernel(x, residual, weight)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(),) * (2 + fp8 * (1 if scale_only else 2)),
+    outputs = 2 + (0 if not fp8 else 1 if scale_only else 2)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(),) * outputs,
                          check_vma=False)(x, residual, weight)
