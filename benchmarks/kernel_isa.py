@@ -86,6 +86,7 @@ FP8 = {"fp8-gemv-m1": ("gemv", 1), "fp8-skinny-m1": ("skinny", 1), "fp8-skinny-m
        "fp8-skinny-rows-m256": ("skinny_rows", 256), "fp8-skinny-rows-q-m1": ("skinny_rows_q", 1),
        "fp8-skinny-rows-q-down-m1": ("skinny_rows_q_down", 1),
        "fp8-skinny-rows-qs-down-m1": ("skinny_rows_qs_down", 1),
+       "fp8-skinny-rows-q-swiglu-m1": ("skinny_rows_q_swiglu", 1),
        "fp8-swiglu-quant-m1": ("swiglu_quant", 1),
        "rms-norm-fp8-m1": ("rms_norm_fp8", 1), "rms-norm-partials-m1": ("rms_norm_partials", 1)}
 KERNELS = ("prefill", "decode", *QUANT, *FP8)
@@ -179,7 +180,8 @@ def _fp8_call(which: str):
     if kernel.startswith("skinny_rows"):  # x's rows under a mask, scaled output; _q: x in bf16, quantized inside
         if kernel.endswith("down"):  # down_proj: K split
             k, n = 18944, 3584
-        fn = functools.partial(fp8_skinny_rows.fp8_skinny_rows, out_dtype=jnp.bfloat16)
+        fn = functools.partial(fp8_skinny_rows.fp8_skinny_rows, out_dtype=jnp.bfloat16,
+                               swiglu=kernel.endswith("swiglu"))  # swiglu: gate/up -> h, n = 2F
         if "_qs" in kernel:  # bf16 x with its rows' scales given
             return fn, (sds((m, k), jnp.bfloat16), sds((n, k), f8), sds((1, n), jnp.float32),
                         sds((m, 1), jnp.float32))

@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import fp8_skinny
-from pallas_kernels.fp8_act_quant import FP8, FP8_MAX, INV_FP8_MAX, div_rn
+from pallas_kernels.fp8_act_quant import FP8, FP8_MAX, INV_FP8_MAX, div_rn, rounded
 from pallas_kernels.fp8_skinny import _DIMS, _CompilerParams
 
 FLOAT_X = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))  # quantized inside
@@ -57,15 +57,18 @@ def supported(m: int, k: int, n: int, *, x_dtype=jnp.bfloat16, w_dtype=FP8) -> b
     return fp8_skinny.supported(m, k, n, x_dtype=x_dtype, w_dtype=w_dtype, x_dtypes=(FP8, *FLOAT_X))
 
 
-def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap, interpret):
+def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap, interpret, swiglu=False):
     # x_ref [M, K] (all of x, unpadded: this program's rows are block i's, those past M read as zeros and are never
     # stored); refs: x_scale [M, 1] float32 (float8 x; float x where its rows' scales were found elsewhere), w [bn, K]
     # float8 (this block of weight rows), w_scale
     # [1, bn] float32, out [M, bn]: the output in out_dtype (no K split) or this split's float32 partial. swap: the
-    # product as w . x^T ([bn, bm]), as in fp8_skinny (wgmma's M side a multiple of 64).
+    # product as w . x^T ([bn, bm]), as in fp8_skinny (wgmma's M side a multiple of 64). swiglu: two weight blocks
+    # (gate's rows, up's) and their scales, the output h = silu(gate) * up [M, bn].
     quantize = x_ref.dtype != FP8
-    xs_ref, w_ref, ws_ref, o_ref = refs if len(refs) == 4 else (None, *refs)  # x_scale: given, or found here
-    bm, bk, bn = block_m, block_k, w_ref.shape[0]
+    parts = 2 if swiglu else 1
+    xs_ref = refs[0] if len(refs) == 2 * parts + 2 else None  # x_scale: given, or found here
+    w_refs, ws_refs, o_ref = refs[-2 * parts - 1:-parts - 1], refs[-parts - 1:-1], refs[-1]
+    bm, bk, bn = block_m, block_k, w_refs[0].shape[0]
     # x's tiles are loaded as [lr, bk]: lr = bm, or 1 where x is one row to quantize (batch-1 decode), whose tile
     # is then widened to the dot's [bm, bk] with zero rows, so the loads, maxima and divisions are done once a
     # column instead of bm times (offline, sm_90: 148 main-loop instructions against 450). Float8 x keeps bm: its
@@ -111,59 +114,82 @@ def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap
     first = pl.program_id(2) * blocks_per_split
     count = jnp.clip(num_k_blocks - first, 0, blocks_per_split)
 
-    def body(i, acc):
+    def body(i, accs):
         k0 = pl.multiple_of((first + i) * bk, bk)
         xq = quantized(x_tile(k0))                                             # [bm, bk] float8
-        w = w_ref[:, pl.ds(k0, bk)]                                            # [bn, bk] float8: one load a row
-        a, b = (w, xq) if swap else (xq, w)
-        return acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.float32)
+        out = []
+        for w_ref, acc in zip(w_refs, accs):
+            w = w_ref[:, pl.ds(k0, bk)]                                        # [bn, bk] float8: one load a row
+            a, b = (w, xq) if swap else (xq, w)
+            out.append(acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.float32))
+        return tuple(out)
 
-    acc = lax.fori_loop(0, count, body, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
-    y = (acc.T if swap else acc) * scale * ws_ref[...]                         # [bm, bn]: (acc x_s) w_s, as XLA's
-    # (where lr = 1 the rows past the first carry the first row's scale: they are zero and never stored)
+    accs = lax.fori_loop(0, count, body, (jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32),) * parts)
+    # [bm, bn] each: (acc x_s) w_s, as XLA's (where lr = 1 the rows past the first carry the first row's scale:
+    # they are zero and never stored)
+    ys = [(acc.T if swap else acc) * scale * ws_ref[...] for acc, ws_ref in zip(accs, ws_refs)]
+    y = ys[0]
+    if swiglu:  # h as torch computes it from the projection's outputs in the model dtype (fp8_act_quant's SwiGLU)
+        gate, up = (rounded(v, o_ref.dtype, interpret) for v in ys)
+        y = rounded(gate / (1.0 + jnp.exp(-gate)), o_ref.dtype, interpret) * up
     out_rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
     out_cols = lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
     plgpu.store(o_ref.at[out_rows, out_cols], y.astype(o_ref.dtype), mask=out_rows < o_ref.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret", "partials"))
+                                             "num_warps", "num_stages", "interpret", "partials", "swiglu"))
 def fp8_skinny_rows(x: jax.Array, wq: jax.Array, w_scale: jax.Array, x_scale: jax.Array | None = None, *,
                     out_dtype, block_m=None, block_n=None, block_k=None, num_splits=None, num_warps=None,
-                    num_stages=None, interpret: bool = False, partials: bool = False) -> jax.Array:
+                    num_stages=None, interpret: bool = False, partials: bool = False,
+                    swiglu: bool = False) -> jax.Array:
     """[M, N] in out_dtype (module docstring: x float8 with x_scale, or float x quantized inside); tiles and launch
     default to fp8_skinny.heuristic. partials: where K is split, the splits' scaled float32 partials [S, M, N]
-    instead of their sum, for a consumer that adds them itself (rms_norm.add_rms_norm)."""
+    instead of their sum, for a consumer that adds them itself (rms_norm.add_rms_norm). swiglu: wq [2F, K] and
+    w_scale [1, 2F] are a fused gate/up projection (gate's F rows, then up's) and the result is the MLP's
+    h = silu(gate) * up [M, F] in out_dtype, as torch computes it from the bf16 gate and up (the fused output, its
+    slices and XLA's multiply never written; K is not split)."""
     (m, k), n = x.shape, wq.shape[0]
     if wq.shape[1] != k or w_scale.shape != (1, n) or (x_scale is not None and x_scale.shape != (m, 1)):
         raise ValueError(f"fp8 skinny GEMM operands: x [M, K], wq [N, K], w_scale [1, N], x_scale [M, 1] or none; "
                          f"got {list(x.shape)}, {list(wq.shape)}, {list(w_scale.shape)}, "
                          f"{None if x_scale is None else list(x_scale.shape)}")
+    if swiglu and (n % 2 or (num_splits or 1) != 1):
+        raise ValueError(f"fp8 skinny GEMM with swiglu: gate and up side by side (an even N, got {n}), K not split "
+                         f"(got num_splits={num_splits})")
+    n_out = n // 2 if swiglu else n
+    if swiglu and block_n is None:  # two weight blocks a program: half as wide, as many programs and bytes each
+        block_n = 64 if n_out % 64 == 0 else None
     bm, bn, bk, splits, per_split, num_k_blocks, warps, stages = fp8_skinny.launch(
-        m, k, n, (block_m, block_n, block_k, num_splits, num_warps, num_stages), x_dtype=x.dtype, w_dtype=wq.dtype,
-        x_dtypes=(FP8, *FLOAT_X))
+        m, k, n_out, (block_m, block_n, block_k, 1 if swiglu else num_splits, num_warps, num_stages),
+        x_dtype=x.dtype, w_dtype=wq.dtype, x_dtypes=(FP8, *FLOAT_X))
     if x_scale is None and jnp.dtype(x.dtype) not in FLOAT_X:
         raise ValueError(f"fp8 skinny GEMM: float8 x comes with its x_scale [M, 1] (float x may: its rows' scales "
                          f"by the rule, else found inside); got x {jnp.dtype(x.dtype)} and no x_scale")
     if splits == 1:
         out_spec = pl.BlockSpec((m, bn), lambda i, j, s: (0, j))
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((m, n_out), out_dtype)
     else:
         out_spec = pl.BlockSpec((None, m, bn), lambda i, j, s: (s, 0, j))
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
     whole = pl.BlockSpec((m, k), lambda i, j, s: (0, 0))
     scales = [] if x_scale is None else [pl.BlockSpec((m, 1), lambda i, j, s: (0, 0))]
+    # the weight and its scales once (or twice, gate's block j and up's: the same arrays, blocks F / bn apart)
+    offsets = (0, n_out // bn) if swiglu else (0,)
+    weights = [pl.BlockSpec((bn, k), lambda i, j, s, o=o: (j + o, 0)) for o in offsets]
+    w_scales = [pl.BlockSpec((1, bn), lambda i, j, s, o=o: (0, j + o)) for o in offsets]
     out = pl.pallas_call(
         functools.partial(_kernel, block_m=bm, block_k=bk, blocks_per_split=per_split, num_k_blocks=num_k_blocks,
-                          swap=bm < 64, interpret=interpret),
-        grid=(-(-m // bm), n // bn, splits),
-        in_specs=[whole, *scales, pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)),
-                  pl.BlockSpec((1, bn), lambda i, j, s: (0, j))],
+                          swap=bm < 64, interpret=interpret, swiglu=swiglu),
+        grid=(-(-m // bm), n_out // bn, splits),
+        in_specs=[whole, *scales, *weights, *w_scales],
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=_CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name=f"qwenjax_fp8_skinny_rows{'_q' if jnp.dtype(x.dtype) in FLOAT_X else ''}"
-             f"{'s' if x_scale is not None and jnp.dtype(x.dtype) in FLOAT_X else ''}_m{bm}_n{bn}_k{bk}_s{splits}",
-    )(x, *([] if x_scale is None else [x_scale.astype(jnp.float32)]), wq, w_scale.astype(jnp.float32))
+             f"{'s' if x_scale is not None and jnp.dtype(x.dtype) in FLOAT_X else ''}{'_swiglu' if swiglu else ''}"
+             f"_m{bm}_n{bn}_k{bk}_s{splits}",
+    )(x, *([] if x_scale is None else [x_scale.astype(jnp.float32)]), *[wq] * len(offsets),
+      *[w_scale.astype(jnp.float32)] * len(offsets))
     return out if splits == 1 or partials else out.sum(axis=0).astype(out_dtype)

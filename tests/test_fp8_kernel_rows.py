@@ -29,7 +29,7 @@ def check_logits(path, scheme, float_ckpt) -> np.ndarray:  # noqa: F811 (a path,
     return np.abs(ours - want).max(-1)
 
 
-def _fake_gpu(monkeypatch, act_kernel: str, partials: bool = True) -> dict[str, int]:
+def _fake_gpu(monkeypatch, act_kernel: str, partials: bool = True, swiglu: bool = False) -> dict[str, int]:
     """The GPU's choices on CPU: the platform read as "gpu" by fp8_matmul and norm, every Pallas kernel those
     choices take run in interpret mode. Returns the count of calls per kernel (at trace time, by name; "_partials":
     the product returned its K splits' float32 partials [S, T, N], or the norm took them as x)."""
@@ -46,7 +46,7 @@ def _fake_gpu(monkeypatch, act_kernel: str, partials: bool = True) -> dict[str, 
             out = real(*a, **{**k, **fixed})
             partial = (out if name == "fp8_skinny_rows" else a[0] if name == "add_rms_norm" else out[0]).ndim == 3
             key = (name + ("_fp8" if k.get("fp8") else "") + ("_scale" if k.get("scale_only") else "")
-                   + ("_partials" if partial else ""))
+                   + ("_swiglu" if k.get("swiglu") else "") + ("_partials" if partial else ""))
             calls[key] = calls.get(key, 0) + 1
             return out
         monkeypatch.setattr(module, name, run)
@@ -55,6 +55,7 @@ def _fake_gpu(monkeypatch, act_kernel: str, partials: bool = True) -> dict[str, 
         monkeypatch.delenv(env, raising=False)
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, act_kernel)
     monkeypatch.setenv(fm.NORM_PARTIALS_ENV, "1" if partials else "0")
+    monkeypatch.setenv(fm.SWIGLU_ENV, "1" if swiglu else "0")
     monkeypatch.setattr(fm, "platform", lambda: "gpu")
     monkeypatch.setattr(norm, "platform", lambda: "gpu")
     counted(fp8_skinny, "fp8_skinny", interpret=True)
@@ -89,15 +90,17 @@ def test_kernel_quantized_rows_match_reference(scheme, fp8_dir, float_ckpt, monk
 
 def test_fused_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
     """QWENJAX_FP8_ACT_KERNEL=fused on the GPU's path: every product's activations quantized inside
-    pallas_kernels/fp8_skinny_rows.py (one row at a time in decode, 18 in the prefill): the same criteria."""
+    pallas_kernels/fp8_skinny_rows.py (one row at a time in decode, 18 in the prefill), gate/up's kernel writing the
+    MLP's h itself (QWENJAX_FP8_SWIGLU=1): the same criteria."""
     scheme = Fp8Scheme("online")
-    calls = _fake_gpu(monkeypatch, "fused", partials=False)
+    calls = _fake_gpu(monkeypatch, "fused", partials=False, swiglu=True)
     errors = check_logits(fp8_dir(scheme), scheme, float_ckpt)
     assert np.median(errors) < 1e-4, errors
     # the norms write no float8 rows; no quantization kernel of its own runs; the splits' partials summed by XLA
-    # (QWENJAX_FP8_NORM_PARTIALS unset: its default)
+    # (QWENJAX_FP8_NORM_PARTIALS unset: its default); gate/up's kernel writes h = silu(gate) * up itself
     steps, layers = 7, 2
-    assert calls == {"add_rms_norm": steps * 2 * layers, "fp8_skinny_rows": steps * layers * 4}, calls
+    assert calls == {"add_rms_norm": steps * 2 * layers, "fp8_skinny_rows": steps * layers * 3,
+                     "fp8_skinny_rows_swiglu": steps * layers}, calls
 
 
 def test_scaled_quantization_matches_reference(fp8_dir, float_ckpt, monkeypatch):  # noqa: F811
@@ -174,3 +177,32 @@ def test_fused_activation_quantization_choice(monkeypatch):
     monkeypatch.setenv(fm.ACT_KERNEL_ENV, "2")
     with pytest.raises(ValueError, match="must be one of auto, 0, 1, fused, scaled; got '2'"):
         fm.fp8_linear(x, wq, ws, out_dtype=jnp.float32)
+
+
+def test_swiglu_choice(monkeypatch):
+    """swiglu_linear: h by the kernel only with QWENJAX_FP8_SWIGLU=1 where the step's activations are quantized
+    inside the GEMM on a GPU; None otherwise (the caller's projection, slices and multiply); a bad value refused."""
+    from pallas_kernels import fp8_skinny_rows
+    from qwenjax.layers import fp8_matmul as fm
+
+    for env in (fm.GEMV_ENV, fm.SKINNY_ENV, fm.ACT_KERNEL_ENV, fm.SWIGLU_ENV):
+        monkeypatch.delenv(env, raising=False)
+    calls = []
+    monkeypatch.setattr(fp8_skinny_rows, "fp8_skinny_rows", lambda x, wq, ws, out_dtype=None, swiglu=False:
+                        calls.append(swiglu) or jnp.zeros((x.shape[0], wq.shape[0] // 2)))
+    monkeypatch.setattr(fm, "platform", lambda: "gpu")
+    wq, ws = jnp.full((256, 128), 2, FP8_DTYPE), jnp.full((1, 256), 0.5, jnp.float32)
+    x = jnp.ones((1, 128), jnp.bfloat16)
+    assert fm.swiglu_linear(x, wq, ws, out_dtype=jnp.bfloat16) is None            # off by default
+    monkeypatch.setenv(fm.SWIGLU_ENV, "1")
+    assert fm.swiglu_linear(x, wq, ws, out_dtype=jnp.bfloat16).shape == (1, 128)  # "auto" at one row: fused
+    assert fm.swiglu_linear(jnp.ones((9, 128), jnp.bfloat16), wq, ws, out_dtype=jnp.bfloat16) is None  # "auto": 0
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "1")
+    assert fm.swiglu_linear(x, wq, ws, out_dtype=jnp.bfloat16) is None
+    monkeypatch.setattr(fm, "platform", lambda: "cpu")
+    monkeypatch.setenv(fm.ACT_KERNEL_ENV, "fused")
+    assert fm.swiglu_linear(x, wq, ws, out_dtype=jnp.bfloat16) is None            # no GPU
+    assert calls == [True]
+    monkeypatch.setenv(fm.SWIGLU_ENV, "yes")
+    with pytest.raises(ValueError, match="QWENJAX_FP8_SWIGLU must be 0 or 1, got 'yes'"):
+        fm.swiglu_linear(x, wq, ws, out_dtype=jnp.bfloat16)

@@ -100,3 +100,33 @@ def test_bad_operands_are_refused_with_the_numbers():
         fp8_skinny_rows(xq, wq, ws, jnp.ones((3, 1)), out_dtype=jnp.float32, interpret=True)
     assert supported(1, 18944, 3584) and supported(1, 3584, 3584, x_dtype=jnp.float8_e4m3fn)
     assert not supported(MAX_ROWS + 1, 3584, 3584)
+
+
+@pytest.mark.parametrize("m, x_dtype", [(1, jnp.bfloat16), (3, jnp.bfloat16), (2, "float8")])
+def test_swiglu_is_torchs_h_of_the_fused_output(m, x_dtype):
+    """swiglu=True: h = silu(gate) * up computed by torch (bf16, CPU) from the same kernel's fused gate/up output
+    (gate's F rows of wq, then up's), at every value but a few exp roundings (one bf16 step at most); swapping gate
+    and up is far off."""
+    import torch
+
+    x, wq, ws = _operands(m, 256, 2 * 192, seed=5)
+    given = quantize_activations(x) if x_dtype == "float8" else (x,)
+    kw = dict(out_dtype=jnp.bfloat16, block_n=64, interpret=True)
+    y = fp8_skinny_rows(given[0], wq, ws, *given[1:], num_splits=1, **kw)          # [M, 2F]: gate, then up
+    h = fp8_skinny_rows(given[0], wq, ws, *given[1:], swiglu=True, **kw)            # [M, F]
+    t = torch.from_numpy(np.array(y.astype(jnp.float32))).to(torch.bfloat16)
+    want = (torch.nn.functional.silu(t[:, :192]) * t[:, 192:]).float().numpy()
+    got = np.asarray(h.astype(jnp.float32))
+    assert h.shape == (m, 192) and h.dtype == jnp.bfloat16 and np.abs(want).max() > 0
+    assert (got != want).mean() <= 1e-3, (got != want).sum()
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=0)
+    swapped = (torch.nn.functional.silu(t[:, 192:]) * t[:, :192]).float().numpy()
+    assert not np.allclose(got, swapped, rtol=2 ** -7, atol=0)
+
+
+def test_swiglu_refuses_an_odd_width_and_a_split():
+    x, wq, ws = _operands(1, 256, 130)
+    with pytest.raises(ValueError, match=r"gate and up side by side \(an even N, got 129\)"):
+        fp8_skinny_rows(x, wq[:129], ws[:, :129], out_dtype=jnp.bfloat16, swiglu=True, interpret=True)
+    with pytest.raises(ValueError, match=r"K not split \(got num_splits=2\)"):
+        fp8_skinny_rows(x, wq, ws, out_dtype=jnp.bfloat16, swiglu=True, num_splits=2, interpret=True)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import fp8_act_quant
-from qwenjax.layers.fp8_matmul import fp8_linear, fp8_matmul, kernel_rows
+from qwenjax.layers.fp8_matmul import fp8_linear, fp8_matmul, kernel_rows, swiglu_linear
 from qwenjax.quantization.config import QuantConfig
 from qwenjax.quantization.fp8_quant import FP8_DTYPE, FP8_MAX
 
@@ -88,6 +88,15 @@ class Fp8Linear(nnx.Module):
         columns, then up's): h's rows quantized by one kernel (pallas_kernels/fp8_act_quant.swiglu_quantize_rows,
         GPU only; where takes_rows), then from_rows (partials: as to_norm's)."""
         return self.from_rows(*fp8_act_quant.swiglu_quantize_rows(y), partials=partials)
+
+    def swiglu(self, x: jax.Array) -> jax.Array | None:
+        """For a fused gate/up layer (gate's F outputs, then up's) without bias, dynamic per-token activations and
+        per-channel or per-tensor scales: h = silu(gate) * up [T, F] by one kernel where the step's activations are
+        quantized inside the GEMM (fp8_matmul.swiglu_linear), else None."""
+        if (self.bias is not None or self.quant.activation_scheme != "dynamic"
+                or self.quant.weight_block_size is not None):
+            return None
+        return swiglu_linear(x, self.weight[...], self.weight_scale[...], out_dtype=self.dtype)
 
     def _linear(self, x2: jax.Array, *, partials: bool) -> jax.Array:
         """x2 [T, I] -> [T, O] (or partials: fp8_matmul's), before the bias."""

@@ -42,6 +42,8 @@ them (ACT_KERNEL_ENV below, with the H100's figures):
     the float8 rows (x's rows under a mask, no XLA pad; the scaled output written where K is not split).
 With QWENJAX_FP8_NORM_PARTIALS=1 (opt-in), under "1" / "fused", o_proj's and down_proj's K-split partials go to the
 add + RMSNorm kernel unsummed (Fp8Linear.to_norm).
+With QWENJAX_FP8_SWIGLU=1 (opt-in, not yet run on a GPU), where the activations are quantized inside the GEMM, the
+fused gate/up GEMM writes the MLP's h itself (`swiglu_linear`).
 
 `fp8_linear` (x in the model dtype) and `fp8_matmul` (x quantized) are the entry points: swap their bodies to change
 the GPU form.
@@ -94,6 +96,11 @@ AUTO_FUSED_ROWS = 8
 # H100 at 9b23510 (batch 1, NOTES 56) 3.667 ms a token against "auto"'s 3.619: down_proj gained 2.8 us a layer, but
 # XLA took three kernels for its scales (~4.4 us with the multiply's maximum) and the norm 0.5 us more a call.
 XLA_SCALE_MIN_K = 8192
+# QWENJAX_FP8_SWIGLU=1: where the activations are quantized inside the GEMM ("fused", or "auto" at decode), the fused
+# gate/up GEMM writes the MLP's h = silu(gate) * up itself (swiglu_linear): the fused output's slices and XLA's
+# multiply go (~3.2 us a layer of the 7B at batch 1, NOTES 56). Opt-in: built after the session's last GPU call, not
+# yet run on a GPU; read when traced.
+SWIGLU_ENV = "QWENJAX_FP8_SWIGLU"
 # QWENJAX_FP8_NORM_PARTIALS=1: o_proj's and down_proj's K-split float32 partials go unsummed to the add + RMSNorm
 # kernel after them, which adds them (one XLA kernel a product fewer). Opt-in: on an H100 at 40f6dff (batch 1) that
 # norm took 4.5 us against 2.1 without partials, more than XLA's separate sum (1.25 us) saved; read when traced.
@@ -181,6 +188,24 @@ def fp8_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, group: int | 
                                                partials=partials and norm_partials())
     xq, x_scale = quantize_for(x, wq, group=group, static_scale=static_scale)
     return fp8_matmul(xq, x_scale, wq, w_scale, out_dtype=out_dtype, partials=partials)
+
+
+def swiglu_linear(x: jax.Array, wq: jax.Array, w_scale: jax.Array, *, out_dtype) -> jax.Array | None:
+    """The MLP's h = silu(gate) * up [T, F] from x [T, I] and a fused gate/up weight wq [2F, I] (gate's rows, then
+    up's) with per-channel scales w_scale [1, 2F], in one kernel (pallas_kernels/fp8_skinny_rows.py, swiglu): where
+    SWIGLU_ENV is "1", ACT_KERNEL_ENV resolves to "fused" for the step and the skinny kernel takes the product, else
+    None (the caller
+    runs the projection, the slices and the multiply). h is torch's (silu in float32 of the bf16 gate, rounded, then
+    the product rounded), not XLA's jnp form of it."""
+    f = wq.shape[0] // 2
+    switch = os.environ.get(SWIGLU_ENV, "0")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{SWIGLU_ENV} must be 0 or 1, got {switch!r}")
+    if (switch == "1" and act_kernel(x.shape[0]) == "fused" and wq.shape[0] % 2 == 0 and w_scale.shape[0] == 1
+            and _skinny_per_token(x, wq, None, None)
+            and fp8_skinny_rows.supported(x.shape[0], x.shape[1], f, x_dtype=x.dtype, w_dtype=wq.dtype)):
+        return fp8_skinny_rows.fp8_skinny_rows(x, wq, w_scale, out_dtype=out_dtype, swiglu=True)
+    return None
 
 
 def kernel_rows(tokens: int, wq: jax.Array) -> str | None:

@@ -139,23 +139,35 @@ class Qwen2MLP(nnx.Module):
 
     def __call__(self, x, lora: LoRAInputs | None = None, layer: int = 0, rows=None):
         """rows: x's rows with their FP8 scales for gate/up ((q or x, scale), where takes_rows), else None."""
-        folded = None
-        if self.fused_gate_up:
-            y, folded = _base_and_folded(_project(self.gate_up_proj, x, rows), sum(self.gate_up_proj_widths))
-            if (lora is None and folded is None and self.shards == 1
-                    and _takes_rows(self.down_proj, x.shape[0]) == "fp8"):
-                # h = silu(gate) * up quantized for it by one kernel; K-split partials go to the norm after it
-                return self.down_proj.from_gate_up(y, partials=True)
-            gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
-        else:
-            gate, up = _project(self.gate_proj, x, rows), _project(self.up_proj, x, rows)
-        gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj", folded)
-        h = jax.nn.silu(gate) * up
+        h = self._fp8_swiglu(x, lora, rows)
+        if h is None:
+            folded = None
+            if self.fused_gate_up:
+                y, folded = _base_and_folded(_project(self.gate_up_proj, x, rows), sum(self.gate_up_proj_widths))
+                if (lora is None and folded is None and self.shards == 1
+                        and _takes_rows(self.down_proj, x.shape[0]) == "fp8"):
+                    # h = silu(gate) * up quantized for it by one kernel; K-split partials go to the norm after it
+                    return self.down_proj.from_gate_up(y, partials=True)
+                gate, up = split_columns(y, self.gate_up_proj_widths, self.shards)
+            else:
+                gate, up = _project(self.gate_proj, x, rows), _project(self.up_proj, x, rows)
+            gate, up = add_lora_parts((gate, up), x, lora, layer, "gate_up_proj", folded)
+            h = jax.nn.silu(gate) * up
         y = _to_norm(self.down_proj, h, self.hidden_size, lora)  # may be [S, T, D] partials: the norm adds them
         if y is not None:
             return y
         y, folded = _base_and_folded(self.down_proj(h), self.hidden_size)
         return add_lora(y, h, lora, layer, "down_proj", folded)
+
+    def _fp8_swiglu(self, x, lora, rows) -> jax.Array | None:
+        """h = silu(gate) * up by one FP8 kernel where it applies (Fp8Linear.swiglu: decode steps whose activations
+        are quantized inside the GEMM), for a fused FP8 gate/up on one device without LoRA (no adapter columns folded
+        in) and x not given as rows; else None."""
+        layer = self.gate_up_proj if self.fused_gate_up else None
+        if (isinstance(layer, Fp8Linear) and lora is None and rows is None and self.shards == 1
+                and layer.out_features == sum(self.gate_up_proj_widths)):
+            return layer.swiglu(x)
+        return None
 
 
 class Qwen2DecoderLayer(nnx.Module):
