@@ -60,8 +60,8 @@ def supported(m: int, k: int, n: int, *, x_dtype=jnp.bfloat16, w_dtype=FP8) -> b
 def _kernel(x_ref, *refs, block_m, block_k, blocks_per_split, num_k_blocks, swap, interpret, swiglu=False):
     # x_ref [M, K] (all of x, unpadded: this program's rows are block i's, those past M read as zeros and are never
     # stored); refs: x_scale [M, 1] float32 (float8 x; float x where its rows' scales were found elsewhere), w [bn, K]
-    # float8 (this block of weight rows), w_scale
-    # [1, bn] float32, out [M, bn]: the output in out_dtype (no K split) or this split's float32 partial. swap: the
+    # float8 (this block of weight rows), w_scale [1, bn] float32, out [M, bn]: the output in out_dtype (no K split)
+    # or this split's float32 partial. swap: the
     # product as w . x^T ([bn, bm]), as in fp8_skinny (wgmma's M side a multiple of 64). swiglu: two weight blocks
     # (gate's rows, up's) and their scales, the output h = silu(gate) * up [M, bn].
     quantize = x_ref.dtype != FP8
